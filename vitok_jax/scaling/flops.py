@@ -1,0 +1,131 @@
+"""Analytic FLOP accounting for ViT transformers and the ViTok tokenizer, plus XLA's own count.
+
+Convention (shared/REFERENCE.md, "FLOPs convention"): a matmul [m, k] x [k, n] costs 2·m·n·k
+FLOPs; self-attention costs 4·S²·D per layer and example (QKᵀ and AV, D = heads·head_dim), halved
+for causal attention; a training step costs 3 × the forward pass (forward + 2 × for the backward).
+
+Only matmuls are counted. Norms, biases, activations, RoPE, softmax, residual adds and the
+bottleneck's sampling/KL are elementwise, O(tokens·width) (softmax O(S²·heads)), and left out; they
+are a few percent of the total at ViT widths and vanish relative to the matmuls as width grows.
+All counts are per example, as Python ints (exact, no overflow).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+
+from vitok_jax.errors import ConfigError
+from vitok_jax.models import tokenizer, vit
+
+# Output features of each bottleneck's projection from the encoder width, per latent channel
+# (the Gaussian predicts mean and logvar: 2·c). Add an entry for every new bottleneck.
+BOTTLENECK_OUT_PER_CHANNEL = {"gaussian": 2}
+
+
+def dense_flops(tokens: int, fan_in: int, fan_out: int) -> int:
+  """A Dense layer [tokens, fan_in] x [fan_in, fan_out]: 2·tokens·fan_in·fan_out FLOPs."""
+  return 2 * tokens * fan_in * fan_out
+
+
+def attention_flops(size: vit.ViTSize, tokens: int, causal: bool = False) -> int:
+  """QKᵀ and AV of one layer for one example: 4·S²·D FLOPs (S = tokens, D = heads·head_dim).
+
+  Halved when `causal` (only the lower triangle of the S×S scores is needed).
+  """
+  flops = 4 * tokens * tokens * size.heads * size.head_dim
+  return flops // 2 if causal else flops
+
+
+def mlp_flops(width: int, hidden: int, tokens: int, mlp_kind: str) -> int:
+  """One MLP for one example: two matmuls (in, out) for "gelu", three (gate, up, out) for gated.
+
+  At equal `hidden` a gated MLP costs 1.5 × a plain one; with `vit.mlp_dim`'s hidden widths
+  (≈8/3·width gated vs 4·width plain) both cost ≈16·tokens·width² FLOPs.
+  """
+  if mlp_kind not in vit.MLP_KINDS:
+    raise ConfigError(f"unknown mlp kind {mlp_kind!r}; use one of {vit.MLP_KINDS}")
+  num_matmuls = 2 if mlp_kind == "gelu" else 3
+  return num_matmuls * dense_flops(tokens, width, hidden)
+
+
+def transformer_forward_flops(size: vit.ViTSize, tokens: int, mlp_kind: str,
+                              causal: bool = False) -> int:
+  """Forward FLOPs of a `vit.Transformer` for one example of `tokens` tokens.
+
+  Per layer: q, k, v and out projections (4 × 2·S·D·D), attention scores and AV (4·S²·D) and the
+  MLP (gate included for gated kinds). Norms and other elementwise ops are ignored (see module
+  docstring).
+  """
+  inner = size.heads * size.head_dim
+  projections = 4 * dense_flops(tokens, size.width, inner)
+  mlp = mlp_flops(size.width, vit.mlp_dim(size.width, mlp_kind), tokens, mlp_kind)
+  return size.depth * (projections + attention_flops(size, tokens, causal) + mlp)
+
+
+def _check_pixels(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> tuple[int, ...]:
+  """Validates (H, W, C) / (T, H, W, C) against the model and returns the token grid."""
+  if pixel_shape[-1] != model.pixel_channels:
+    raise ConfigError(f"pixel_shape {tuple(pixel_shape)} has {pixel_shape[-1]} channels but the "
+                      f"model expects pixel_channels={model.pixel_channels}")
+  return tokenizer.token_grid(pixel_shape[:-1], model.patch)
+
+
+def tokens_per_example(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> int:
+  """Number of patch/tubelet tokens N for one example of shape (H, W, C) or (T, H, W, C)."""
+  return math.prod(_check_pixels(model, pixel_shape))
+
+
+def bottleneck_floats(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> int:
+  """E = N·c: floats in the latent of one example (the scaling variable of ViTok)."""
+  return tokens_per_example(model, pixel_shape) * model.latent_channels
+
+
+def tokenizer_forward_flops(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> dict[str, int]:
+  """Forward FLOPs of `model` (encode + decode) for one example of shape (H, W, C) or (T, H, W, C).
+
+  Returns a dict with the parts "patch_embed", "encoder", "bottleneck", "latent_embed", "decoder",
+  "to_pixels" and their sum "total". Bottleneck sampling (sample=True) is elementwise and ignored.
+  """
+  if model.bottleneck not in BOTTLENECK_OUT_PER_CHANNEL:
+    raise ConfigError(f"no FLOP count for bottleneck {model.bottleneck!r}; add it to "
+                      f"BOTTLENECK_OUT_PER_CHANNEL (known: {list(BOTTLENECK_OUT_PER_CHANNEL)})")
+  tokens = tokens_per_example(model, pixel_shape)
+  patch_dim = math.prod(model.patch) * model.pixel_channels
+  latent_out = BOTTLENECK_OUT_PER_CHANNEL[model.bottleneck] * model.latent_channels
+  parts = {
+      "patch_embed": dense_flops(tokens, patch_dim, model.encoder.width),
+      "encoder": transformer_forward_flops(model.encoder, tokens, model.mlp_kind),
+      "bottleneck": dense_flops(tokens, model.encoder.width, latent_out),
+      "latent_embed": dense_flops(tokens, model.latent_channels, model.decoder.width),
+      "decoder": transformer_forward_flops(model.decoder, tokens, model.mlp_kind),
+      "to_pixels": dense_flops(tokens, model.decoder.width, patch_dim),
+  }
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def train_flops_per_example(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> int:
+  """Training FLOPs of one example: 3 × the forward total (backward ≈ 2 × forward).
+
+  Rematerialisation (model.remat) recomputes the forward but is not counted, as MFU conventions go.
+  """
+  return 3 * tokenizer_forward_flops(model, pixel_shape)["total"]
+
+
+def xla_flops(fn: Callable[..., Any], *args) -> float:
+  """FLOPs XLA's cost analysis reports for `jax.jit(fn)` compiled for `args` (whole call).
+
+  `args` may be arrays or `jax.ShapeDtypeStruct`s (nothing is executed). XLA counts 2·m·n·k per dot
+  plus one FLOP per elementwise/reduction op (transcendentals are reported separately), so it sits
+  a few percent above the analytic matmul-only count. Custom calls (e.g. cuDNN fused attention,
+  Pallas kernels) are opaque and count 0: compare against models built with attn_impl="xla"
+  ("auto" resolves to "xla" on CPU and for float32).
+
+  Older jax returns a list of dicts (one per HLO module), newer a dict; the flops are summed.
+  """
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, dict):
+    cost = [cost]
+  return float(sum(c.get("flops", 0.0) for c in cost or ()))
