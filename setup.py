@@ -32,7 +32,7 @@ setuptools.setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5"],
         "video": ["av>=12"],
-        "tensorboard": ["tensorboard>=2.15"],
+        "tensorboard": ["tensorboardX>=2.6"],
     },
     entry_points={"console_scripts": ["vitok=vitok_jax.cli:main"]},
 )

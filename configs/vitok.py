@@ -1,0 +1,116 @@
+r"""ViTok auto-encoder (images and video).
+
+get_config(arg) takes a variant string: model part "ENC-DEC/PATCH" then key=value options.
+  "S-B/16,c=16,res=256,data=imagenet"              image, encoder S, decoder B, 16x16 patches, c=16
+  "S-B/4x8,c=16,frames=16,res=128,data=ucf101"     video, 4x8x8 tubelets over 16 frames
+  "Mu-Mi/4,c=8,res=32,data=mnist,steps=2000"       tiny CPU run on bundled MNIST
+Sizes come from vitok_jax.models.vit.SIZES. Defaults are ViTok's published hyper-parameters
+(REFERENCE.md): L2 1.0, L1 0.1, LPIPS 1.0 (0 until LPIPS weights are configured), KL 1e-3;
+AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, weight decay 1e-4, cosine with warm-up.
+
+  vitok train --config vitok:"Mu-Mi/4,c=8,data=mnist" --workdir runs/mnist --config.total_steps=500
+"""
+import ml_collections
+
+from vitok_jax import config_lib, data
+from vitok_jax.models import vit
+from vitok_jax.train import train_tokenizer
+
+# The embedded default: a tiny tokenizer on bundled MNIST that trains in minutes on 2 CPU cores.
+DEFAULT = "Mu-Mi/4,c=16,res=32,data=mnist,batch=64,steps=2000,lr=1e-3"
+
+# Short variant keys -> config paths.
+OPTIONS = {
+    "c": "model.channels",
+    "res": "data.res",
+    "frames": "data.frames",
+    "data": "data.name",
+    "path": "data.path",
+    "batch": "batch_size",
+    "steps": "total_steps",
+    "lr": "optim.base_lr",
+    "mlp": "model.mlp",
+    "rope": "model.rope",
+    "qk_norm": "model.qk_norm",
+    "dtype": "model.dtype",
+    "seed": "seed",
+    "kl": "loss.kl",
+}
+
+# data=<preset> names for prepared tfds datasets, on top of vitok_jax.data's own source names.
+DATA_PRESETS = {
+    "imagenet": dict(name="tfds", tfds_name="imagenet2012", train_split="train",
+                     eval_split="validation", channels=3),
+    "ucf101": dict(name="tfds", tfds_name="ucf101", train_split="train", eval_split="test",
+                   image_key="video", channels=3),
+}
+GRAYSCALE = ("mnist", "digits", "moving_mnist")
+
+
+def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
+  head, options = config_lib.split_variant(arg)
+  config = ml_collections.ConfigDict()
+  config.variant = arg
+  config.seed = 0
+  config.batch_size = 256          # Global batch.
+  config.total_steps = 100_000
+  config.log_every = 50
+  config.eval_every = 1000
+  config.eval_examples = 512       # Held-out examples for PSNR/SSIM (0 = the whole eval split).
+  config.ckpt_every = 1000
+  config.keep_ckpts = 3
+  config.ema_decay = 0.0           # 0 disables EMA params; e.g. 0.999.
+  config.num_visualize = 8         # Originals vs reconstructions in each eval grid.
+
+  config.model = ml_collections.ConfigDict(dict(
+      encoder="S", decoder="B", patch=(16, 16), channels=16, bottleneck="gaussian",
+      mlp="geglu", rope="1d", qk_norm=False, attn_impl="auto", remat=False, dtype="float32"))
+
+  config.data = data.default_config()
+  config.data.name = "imagenet"
+
+  config.loss = ml_collections.ConfigDict(dict(l2=1.0, l1=0.1, lpips=0.0, kl=1e-3))
+
+  config.optim = ml_collections.ConfigDict(dict(
+      base_lr=1e-4,        # Scaled by batch_size / 256.
+      b1=0.9, b2=0.95, weight_decay=1e-4, warmup_steps=1000, schedule="cosine",
+      min_lr_ratio=0.0, clip_norm=1.0))
+
+  if head:
+    _set_model(config, head, arg)
+  config_lib.apply_options(config, options, OPTIONS, arg)
+  _set_data(config)
+  config.optim.warmup_steps = min(config.optim.warmup_steps, max(config.total_steps // 10, 1))
+  train_tokenizer.validate(config)
+  return config
+
+
+def _set_model(config, head: str, arg: str) -> None:
+  """"S-B/16" or "S-B/4x8" -> encoder, decoder, patch (p, p) or (q, p, p)."""
+  sizes, sep, patch = head.partition("/")
+  encoder, dash, decoder = sizes.partition("-")
+  if not sep or not dash:
+    raise config_lib.ConfigError(
+        f"model part {head!r} of {arg!r} must look like ENC-DEC/PATCH, e.g. S-B/16 or S-B/4x8; "
+        f"sizes are {list(vit.SIZES)}")
+  config.model.encoder, config.model.decoder = encoder, decoder
+  try:
+    dims = [int(d) for d in patch.split("x")]
+  except ValueError:
+    raise config_lib.ConfigError(f"patch {patch!r} in {arg!r} must be P or QxP, e.g. 16 or 4x8") from None
+  if len(dims) == 1:
+    config.model.patch = (dims[0], dims[0])
+  elif len(dims) == 2:
+    config.model.patch = (dims[0], dims[1], dims[1])
+    if config.data.frames == 1:
+      config.data.frames = 16
+  else:
+    raise config_lib.ConfigError(f"patch {patch!r} in {arg!r} must be P or QxP, e.g. 16 or 4x8")
+
+
+def _set_data(config) -> None:
+  preset = DATA_PRESETS.get(config.data.name)
+  if preset:
+    config.data.update(preset)
+  elif config.data.name in GRAYSCALE:
+    config.data.channels = 1

@@ -1,0 +1,74 @@
+"""Variant strings, overrides and the errors a user sees for bad configs."""
+import json
+
+import pytest
+
+from vitok_jax import ConfigError, config_lib
+from vitok_jax.train import train_tokenizer
+
+
+def load(arg):
+  return config_lib.load_config(f"vitok:{arg}")
+
+
+def test_image_variant_decodes_sizes_patch_and_options():
+  c = load("S-B/16,c=16,res=256,data=imagenet")
+  assert (c.model.encoder, c.model.decoder, tuple(c.model.patch)) == ("S", "B", (16, 16))
+  assert c.model.channels == 16 and c.data.res == 256 and c.data.frames == 1
+  assert c.data.name == "tfds" and c.data.tfds_name == "imagenet2012" and c.data.channels == 3
+  # Published defaults (REFERENCE.md).
+  assert (c.loss.l2, c.loss.l1, c.loss.kl) == (1.0, 0.1, 1e-3)
+  assert (c.optim.b1, c.optim.b2, c.optim.base_lr, c.optim.weight_decay) == (0.9, 0.95, 1e-4, 1e-4)
+
+
+def test_video_variant_uses_tubelets():
+  c = load("S-B/4x8,c=16,frames=16,res=128,data=ucf101")
+  assert tuple(c.model.patch) == (4, 8, 8) and c.data.frames == 16 and c.data.image_key == "video"
+
+
+def test_tiny_default_is_grayscale_mnist():
+  c = config_lib.load_config("vitok")
+  assert c.data.name == "mnist" and c.data.channels == 1 and c.model.encoder in ("Mu", "Mi", "Ti")
+
+
+def test_option_values_take_the_field_type():
+  c = load("Mu-Mu/4,c=8,res=32,data=mnist,lr=3e-3,steps=1e3,qk_norm=true")
+  assert c.optim.base_lr == 3e-3 and c.total_steps == 1000 and c.model.qk_norm is True
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("XL-B/16,data=mnist,res=32", r"model.encoder='XL' is not allowed; use one of \['Mu'"),
+    ("S-B/15,res=256,data=imagenet", r"patch size 15 does not divide data.res=256; use one of"),
+    ("S-B/4x8,frames=10,res=128,data=ucf101", r"data.frames=10 is not divisible by the tubelet length 4"),
+    ("S-B/16,colour=3", r"unknown variant option 'colour'"),
+    ("S-B/16,c=sixteen", r"c=sixteen: expected a int"),
+    ("S/16,data=mnist", r"must look like ENC-DEC/PATCH"),
+    ("Mu-Mu/4,c=0,data=mnist,res=32", r"model.channels \(c\) must be >= 1"),
+])
+def test_bad_variants_raise_config_errors_naming_the_field(arg, message):
+  with pytest.raises(ConfigError, match=message):
+    load(arg)
+
+
+def test_overrides_are_revalidated_by_the_trainer():
+  c = load("Mu-Mu/4,c=8,res=32,data=mnist")
+  c.model.patch = (3, 3)
+  with pytest.raises(ConfigError, match="patch size 3 does not divide data.res=32"):
+    train_tokenizer.validate(c)
+  c.model.patch = (4, 4)
+  c.data.frames = 8
+  with pytest.raises(ConfigError, match="is an image patch but data.frames=8"):
+    train_tokenizer.validate(c)
+
+
+def test_unknown_config_file_lists_known_ones():
+  with pytest.raises(ConfigError, match=r"not found; pass a path to a .py config or one of \[.*'vitok'"):
+    config_lib.load_config("vitokk:S-B/16")
+
+
+def test_saved_config_reads_back_equal(tmp_path):
+  c = load("Mu-Mi/4x4,c=8,frames=8,res=32,data=moving_mnist")
+  config_lib.save_config(c, str(tmp_path))
+  back = config_lib.read_config(str(tmp_path))
+  assert back.to_dict() == c.to_dict()
+  assert json.load(open(tmp_path / "config.json"))["model"]["patch"] == [4, 4, 4]

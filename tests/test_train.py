@@ -1,0 +1,135 @@
+"""The tokenizer trainer end to end on bundled data: outputs, exact resume after SIGKILL, divergence."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from vitok_jax import ConfigError, config_lib
+from vitok_jax.scaling import record as record_lib
+from vitok_jax.train import checkpoint, train_tokenizer
+from vitok_jax.train.metrics_writer import read_jsonl
+
+TINY = "Mu-Mu/4,c=8,res=16,data=mnist,batch=16,lr=2e-3"
+
+
+def tiny_config(steps=12, **overrides):
+  config = config_lib.load_config(f"vitok:{TINY},steps={steps}")
+  config.log_every, config.eval_every, config.ckpt_every = 4, 100, 100
+  config.eval_examples = 64
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def final_params(workdir):
+  """Params of the newest checkpoint of a run, as numpy."""
+  config = config_lib.read_config(workdir)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  model = train_tokenizer.build_model(config)
+  from vitok_jax.train import optimizer
+  tx, _ = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  example = np.zeros((1, *train_tokenizer.pixel_shape(config)), np.float32)
+  abstract = jax.eval_shape(lambda x: train_tokenizer.init_state(model, tx, config, x), example)
+  state = ckpt.restore_state(ckpt.latest_step(), abstract)
+  ckpt.close()
+  return int(state.step), jax.tree.map(np.asarray, state.params)
+
+
+def test_training_writes_config_metrics_images_checkpoint_and_record(tmp_path):
+  workdir = str(tmp_path / "run")
+  record = train_tokenizer.train(tiny_config(steps=12), workdir)
+  for name in ("config.json", "metrics.jsonl", "record.json"):
+    assert os.path.exists(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "images"))
+  rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  train_rows = [r for r in rows if "loss" in r]
+  assert [r["step"] for r in train_rows] == [4, 8, 12]
+  assert all(np.isfinite(r["loss"]) and r["examples_per_sec"] > 0 for r in train_rows)
+  # The record: sizes, E = tokens x c, FLOPs cross-checked with XLA, held-out metrics.
+  on_disk = record_lib.read(workdir)
+  assert on_disk["E"] == record["E"] == 16 * 8 and on_disk["tokens_per_example"] == 16
+  assert on_disk["params"]["total"] == sum(on_disk["params"][k] for k in ("encoder", "decoder", "bottleneck"))
+  assert 0.9 < on_disk["flops_per_example"]["analytic_over_xla"] < 1.1
+  assert on_disk["flops_per_example"]["train"] == 3 * on_disk["flops_per_example"]["forward"]
+  assert set(on_disk["metrics"]) == {"eval/psnr", "eval/ssim", "eval/l2"}
+  assert final_params(workdir)[0] == 12
+
+
+def test_loss_decreases_and_ema_tracks_params(tmp_path):
+  config = tiny_config(steps=40, ema_decay=0.9)
+  train_tokenizer.train(config, str(tmp_path))
+  rows = [r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r]
+  assert rows[-1]["l2"] < 0.7 * rows[0]["l2"]
+
+
+def _launch(workdir, steps):
+  cmd = [sys.executable, "-m", "vitok_jax.cli", "train", f"--config=vitok:{TINY},steps={steps}",
+         f"--workdir={workdir}", "--config.ckpt_every=5", "--config.log_every=5",
+         "--config.eval_every=1000", "--config.eval_examples=32"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_and_relaunch_equals_uninterrupted_run(tmp_path):
+  steps = 40
+  reference = tmp_path / "reference"
+  killed = tmp_path / "killed"
+  proc_ref = _launch(reference, steps)
+  proc = _launch(killed, steps)
+  # Kill -9 once a mid-run checkpoint is committed (orbax renames the step dir when complete).
+  deadline = time.time() + 240
+  ckpt_dir = killed / "checkpoints"
+  while time.time() < deadline:
+    done = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.exists() else []
+    done = [d for d in done if d >= 10]
+    if done or proc.poll() is not None:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read()
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  killed_at = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert killed_at < steps
+  relaunch = _launch(killed, steps)
+  out = relaunch.communicate(timeout=300)[0]
+  assert relaunch.returncode == 0, out
+  assert "Resumed from step" in out
+  assert proc_ref.wait(timeout=300) == 0, proc_ref.stdout.read()
+  step_a, params_a = final_params(str(reference))
+  step_b, params_b = final_params(str(killed))
+  assert step_a == step_b == steps
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_a, params_b)
+
+
+def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
+  train_tokenizer.train(tiny_config(steps=8, ckpt_every=4), str(tmp_path))
+  # Relaunch the same run with an exploding learning rate: it resumes at step 8, then diverges.
+  config = tiny_config(steps=40, ckpt_every=4)
+  config.optim.base_lr = 1e12
+  with pytest.raises(train_tokenizer.TrainingDiverged,
+                     match=r"loss is (nan|inf) at step (9|1\d|2\d|3\d|40); last good checkpoint: step \d+ in "):
+    train_tokenizer.train(config, str(tmp_path))
+
+
+def test_resuming_with_a_different_model_is_a_clear_error(tmp_path):
+  train_tokenizer.train(tiny_config(steps=4, ckpt_every=4), str(tmp_path))
+  config = tiny_config(steps=8)
+  config.model.decoder = "Mi"
+  with pytest.raises(ConfigError, match=r"does not match this config.*use a new --workdir"):
+    train_tokenizer.train(config, str(tmp_path))
+
+
+def test_cli_help_and_config_errors():
+  run = lambda *a: subprocess.run([sys.executable, "-m", "vitok_jax.cli", *a], capture_output=True,
+                                  text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  out = run("--help")
+  assert out.returncode == 0 and "train" in out.stdout and "eval" in out.stdout
+  out = run("train", "--help")
+  assert out.returncode == 0 and "--workdir" in out.stdout
+  out = run("train", "--config=vitok:Mu-Mu/5,res=32,data=mnist")
+  assert out.returncode == 2 and "patch size 5 does not divide data.res=32" in out.stderr

@@ -1,0 +1,117 @@
+"""Config plumbing shared by every config file: variant strings, loading by name, saving.
+
+A config file in `configs/` defines `get_config(arg)`; `arg` is a big_vision-style variant string,
+a model part then `key=value` options: "S-B/16,c=16,res=256,data=imagenet".
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+
+import ml_collections
+
+from vitok_jax.errors import ConfigError
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def split_variant(arg: str) -> tuple[str, dict[str, str]]:
+  """"S-B/16,c=16,res=256" -> ("S-B/16", {"c": "16", "res": "256"})."""
+  head, *options = [part.strip() for part in (arg or "").split(",") if part.strip()]
+  if "=" in head:  # Options only, no model part.
+    options, head = [head, *options], ""
+  parsed = {}
+  for option in options:
+    key, sep, value = option.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"variant option {option!r} is not key=value (in {arg!r})")
+    parsed[key.strip()] = value.strip()
+  return head, parsed
+
+
+def apply_options(config: ml_collections.ConfigDict, options: dict[str, str],
+                  aliases: dict[str, str], arg: str) -> None:
+  """Sets config fields from variant options; `aliases` maps short keys to dotted config paths.
+
+  Values are converted to the type of the field they replace.
+  """
+  for key, value in options.items():
+    if key not in aliases:
+      raise ConfigError(f"unknown variant option {key!r} in {arg!r}; use one of {sorted(aliases)}")
+    *parents, leaf = aliases[key].split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    node[leaf] = _convert(value, node[leaf], f"{key}={value}")
+
+
+def _convert(value: str, like, where: str):
+  try:
+    if isinstance(like, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError
+      return value.lower() in ("true", "1")
+    if isinstance(like, int):
+      return int(float(value)) if "e" in value.lower() else int(value)
+    if isinstance(like, float):
+      return float(value)
+  except ValueError:
+    raise ConfigError(f"{where}: expected a {type(like).__name__}") from None
+  return value
+
+
+def resolve_config_path(spec: str) -> str:
+  """"vitok:S-B/16" or "configs/vitok.py:S-B/16" -> "/abs/path/configs/vitok.py:S-B/16"."""
+  path, sep, arg = spec.partition(":")
+  if not path.endswith(".py"):
+    path = str(CONFIGS_DIR / f"{path}.py")
+  if not os.path.exists(path):
+    known = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+    raise ConfigError(f"config file {path} not found; pass a path to a .py config or one of {known}")
+  return os.path.abspath(path) + sep + arg
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Imports the config file of `spec` ("name:arg" or "path.py:arg") and calls get_config(arg)."""
+  path, _, arg = resolve_config_path(spec).partition(":")
+  module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes the resolved config as workdir/config.json; returns the path."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, "config.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The resolved config a run saved in its work directory (tuples come back as tuples)."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise ConfigError(f"{path} not found: {workdir} is not a run directory (no config.json)")
+  with open(path) as f:
+    raw = json.load(f)
+  return ml_collections.ConfigDict(_lists_to_tuples(raw))
+
+
+def _lists_to_tuples(node):
+  if isinstance(node, dict):
+    return {k: _lists_to_tuples(v) for k, v in node.items()}
+  return tuple(node) if isinstance(node, list) else node
+
+
+def require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def require_choice(value, field: str, allowed) -> None:
+  require(value in allowed, f"{field}={value!r} is not allowed; use one of {list(allowed)}")

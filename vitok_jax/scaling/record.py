@@ -1,0 +1,65 @@
+"""record.json: everything a sweep needs about one run, measured rather than asserted."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from vitok_jax.models import vit
+from vitok_jax.scaling import flops
+
+
+def tokenizer_record(config: ml_collections.ConfigDict, model, params, pixel_shape,
+                     *, wall_time: float, metrics: dict, workdir: str,
+                     examples_per_sec: float | None = None) -> dict:
+  """Run record of a tokenizer: sizes, E = tokens × c, FLOPs (analytic and XLA), timing, metrics."""
+  forward = flops.tokenizer_forward_flops(model, pixel_shape)
+  example = jnp.zeros((1, *pixel_shape), jnp.float32)
+  xla_forward = flops.xla_flops(
+      lambda p, x: model.apply({"params": p}, x, sample=False), params, example)
+  tokens = flops.tokens_per_example(model, pixel_shape)
+  return {
+      "workdir": os.path.abspath(workdir),
+      "variant": config.get("variant", ""),
+      "config": config.to_dict(),
+      "params": {
+          "encoder": vit.param_count(params["encoder"]) + vit.param_count(params["patch_embed"]),
+          "decoder": vit.param_count(params["decoder"]) + vit.param_count(params["latent_embed"])
+                     + vit.param_count(params["to_pixels"]),
+          "bottleneck": vit.param_count(params["bottleneck"]),
+          "total": vit.param_count(params),
+      },
+      "tokens_per_example": tokens,
+      "c": model.latent_channels,
+      "E": tokens * model.latent_channels,
+      "flops_per_example": {
+          "forward": forward["total"],
+          "forward_parts": forward,
+          "train": flops.train_flops_per_example(model, pixel_shape),
+          "forward_xla": xla_forward,
+          "analytic_over_xla": forward["total"] / xla_forward if xla_forward else None,
+      },
+      "steps": config.total_steps,
+      "examples_seen": config.total_steps * config.batch_size,
+      "wall_time_s": wall_time,
+      "examples_per_sec": examples_per_sec,
+      "devices": jax.device_count(),
+      "backend": jax.default_backend(),
+      "metrics": metrics,
+  }
+
+
+def write(record: dict, workdir: str) -> str:
+  path = os.path.join(workdir, "record.json")
+  with open(path + ".tmp", "w") as f:
+    json.dump(record, f, indent=1, sort_keys=True, default=str)
+  os.replace(path + ".tmp", path)
+  return path
+
+
+def read(workdir: str) -> dict:
+  with open(os.path.join(workdir, "record.json")) as f:
+    return json.load(f)

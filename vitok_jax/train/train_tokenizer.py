@@ -1,0 +1,275 @@
+"""Trains a tokenizer from a config: config -> mesh -> data -> model -> state -> jitted step -> loop.
+
+  vitok train --config vitok:"Mu-Mi/4,c=16,data=mnist" --workdir runs/mnist
+
+The work directory holds config.json, metrics.jsonl, checkpoints/, images/ and record.json.
+Re-running the same command resumes from the last checkpoint (params, optimizer, step and the
+data iterator's position), so an interrupted run ends exactly where an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vitok_jax import config_lib, data
+from vitok_jax.config_lib import require, require_choice
+from vitok_jax.errors import DataError
+from vitok_jax.eval import reconstruction, visualize
+from vitok_jax.models import bottlenecks, tokenizer, vit
+from vitok_jax.parallel import mesh as mesh_lib
+from vitok_jax.scaling import record as record_lib
+from vitok_jax.train import checkpoint, losses, metrics_writer, optimizer
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema_params: Any  # Same tree as params when config.ema_decay > 0, else an empty dict.
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field of a tokenizer config and what is allowed."""
+  m, d = config.model, config.data
+  for field in ("encoder", "decoder"):
+    require_choice(m[field], f"model.{field}", vit.SIZES)
+  require_choice(m.bottleneck, "model.bottleneck", bottlenecks.BOTTLENECKS)
+  require_choice(m.mlp, "model.mlp", vit.MLP_KINDS)
+  require_choice(m.rope, "model.rope", vit.ROPE_KINDS)
+  require_choice(m.dtype, "model.dtype", ("float32", "bfloat16"))
+  require(m.channels >= 1, f"model.channels (c) must be >= 1, got {m.channels}")
+  require(len(m.patch) in (2, 3) and all(p >= 1 for p in m.patch),
+          f"model.patch={tuple(m.patch)} must be (p, p) for images or (q, p, p) for video")
+  video = len(m.patch) == 3
+  require(video == (d.frames > 1),
+          f"model.patch={tuple(m.patch)} is {'a tubelet' if video else 'an image patch'} but "
+          f"data.frames={d.frames}; use a QxP patch with frames > 1, or P with frames=1")
+  for p in m.patch[-2:]:
+    require(d.res % p == 0, f"model.patch size {p} does not divide data.res={d.res}; use one of "
+            f"{[q for q in (2, 4, 8, 16, 32) if d.res % q == 0]}")
+  if video:
+    require(d.frames % m.patch[0] == 0,
+            f"data.frames={d.frames} is not divisible by the tubelet length {m.patch[0]}; use "
+            f"frames in {[m.patch[0] * k for k in (1, 2, 4, 8)]} or change the tubelet")
+  for size in (m.encoder, m.decoder):
+    width, _, heads = vit.SIZES[size]
+    require(width // heads % 2 == 0, f"size {size}: head_dim {width // heads} must be even for RoPE")
+  require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
+  require(config.total_steps >= 1, f"total_steps must be >= 1, got {config.total_steps}")
+  for field in ("log_every", "eval_every", "ckpt_every"):
+    require(config[field] >= 1, f"{field} must be >= 1, got {config[field]}")
+  require(config.optim.base_lr > 0, f"optim.base_lr must be > 0, got {config.optim.base_lr}")
+  require_choice(config.optim.schedule, "optim.schedule", ("cosine", "constant"))
+  require(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {config.ema_decay}")
+  for name, weight in config.loss.items():
+    require(weight >= 0, f"loss.{name} must be >= 0, got {weight}")
+
+
+def pixel_shape(config) -> tuple[int, ...]:
+  """Shape of one example: (H, W, C) or (T, H, W, C)."""
+  d = config.data
+  hwc = (d.res, d.res, d.channels)
+  return hwc if d.frames == 1 else (d.frames, *hwc)
+
+
+def build_model(config) -> tokenizer.ViTok:
+  return tokenizer.from_config(config.model, pixel_channels=config.data.channels)
+
+
+def init_state(model, tx, config, example_BX) -> TrainState:
+  """Initial params (logical-axis boxes removed), optimizer state and EMA copy."""
+  rngs = {"params": jax.random.key(config.seed), "sample": jax.random.key(config.seed + 1)}
+  params = nn.meta.unbox(model.init(rngs, example_BX, sample=False)["params"])
+  ema = jax.tree.map(jnp.copy, params) if config.ema_decay else {}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=ema)
+
+
+def make_train_step(model, tx, schedule, config):
+  """(state, batch) -> (state, metrics); noise rng = fold_in(seed, step), so resume is exact."""
+  base_key = jax.random.key(config.seed + 2)
+
+  def loss_fn(params, x, rng):
+    recon, aux = model.apply({"params": params}, x, sample=True, rngs={"sample": rng})
+    return losses.tokenizer_loss(x, recon, aux, config.loss)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(base_key, state.step)
+    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch["image"], rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if config.ema_decay:
+      ema = optax.incremental_update(params, ema, step_size=1.0 - config.ema_decay)
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema), metrics
+
+  return train_step
+
+
+def make_eval_step(model):
+  """params, images -> (recon, per-example psnr, ssim, l2) with the posterior mean (no sampling)."""
+  def eval_step(params, x):
+    recon, _ = model.apply({"params": params}, x, sample=False)
+    l2 = jnp.mean((recon - x) ** 2, axis=tuple(range(1, x.ndim)))
+    return recon, reconstruction.psnr(x, recon), reconstruction.ssim(x, recon), l2
+  return eval_step
+
+
+def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None) -> dict:
+  """Held-out PSNR/SSIM/L2 over config.eval_examples examples (all of the eval split if 0)."""
+  local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
+  iterator = data.build_iterator(config.data, split="eval", batch_size=local_batch, seed=config.seed)
+  sums, count, limit = {"psnr": 0.0, "ssim": 0.0, "l2": 0.0}, 0, config.eval_examples or math.inf
+  for batch in iterator:
+    x = batch["image"]
+    recon, *values = jax.device_get(eval_step(params, x))
+    if image_path is not None and count == 0:
+      n = config.num_visualize
+      visualize.save_reconstructions(image_path, x[:n], recon[:n])
+    for name, value in zip(sums, values):
+      sums[name] += float(np.sum(value))
+    count += x.shape[0]
+    if count >= limit:
+      break
+  if not count:
+    raise DataError(f"the eval split of data.name={config.data.name} is empty")
+  return {f"eval/{k}": v / count for k, v in sums.items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) training; returns the run record (also written to workdir/record.json)."""
+  validate(config)
+  start_time = time.time()
+  is_main = jax.process_index() == 0
+  if is_main:
+    config_lib.save_config(config, workdir)
+
+  mesh = mesh_lib.data_parallel_mesh()
+  local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  train_iter = data.build_iterator(config.data, split="train", batch_size=local_batch,
+                                   seed=config.seed)
+
+  model = build_model(config)
+  tx, schedule = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  example = jnp.zeros((1, *pixel_shape(config)), jnp.float32)
+  replicated = mesh_lib.replicated(mesh)
+  state = jax.jit(functools.partial(init_state, model, tx, config),
+                  out_shardings=replicated)(example)
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+  if (latest := ckpt.latest_step()) is not None:
+    state = ckpt.restore(latest, state, train_iter)
+    logging.info("Resumed from step %d in %s", latest, ckpt.directory)
+  first_step = int(state.step)
+
+  train_step = jax.jit(make_train_step(model, tx, schedule, config), donate_argnums=0,
+                       in_shardings=(replicated, batch_sharding), out_shardings=(replicated, None))
+  eval_step = jax.jit(make_eval_step(model))
+  writer = metrics_writer.MetricWriter(workdir) if is_main else None
+  image_dir = os.path.join(workdir, "images")
+
+  def save_checkpoint(step, metrics):
+    if not np.isfinite(float(metrics["loss"])):
+      raise TrainingDiverged(_divergence_message(step, metrics, ckpt))
+    ckpt.save(step, state, train_iter, force=True)
+
+  eval_metrics, last_rate, tick, tick_step = {}, None, time.time(), first_step
+  for step in range(first_step + 1, config.total_steps + 1):
+    batch = mesh_lib.global_batch(next(train_iter), batch_sharding)
+    state, metrics = train_step(state, batch)
+
+    if step % config.log_every == 0 or step == config.total_steps:
+      metrics = jax.device_get(metrics)  # The only host sync: once per log_every steps.
+      if not np.isfinite(metrics["loss"]):
+        raise TrainingDiverged(_divergence_message(step, metrics, ckpt))
+      now = time.time()
+      rate = (step - tick_step) * config.batch_size / (now - tick)
+      eta = (config.total_steps - step) * config.batch_size / max(rate, 1e-9)
+      metrics["examples_per_sec"] = last_rate = rate
+      tick, tick_step = now, step
+      if is_main:
+        writer.write(step, metrics)
+        logging.info("step %d/%d  loss %.4f  l2 %.4f  %.1f ex/s  ETA %s", step, config.total_steps,
+                     metrics["loss"], metrics["l2"], rate, _format_seconds(eta))
+    if step % config.ckpt_every == 0 or step == config.total_steps:
+      save_checkpoint(step, jax.device_get(metrics))
+    if step % config.eval_every == 0 or step == config.total_steps:
+      params = state.ema_params if config.ema_decay else state.params
+      eval_metrics = evaluate(eval_step, params, config, mesh,
+                              image_path=os.path.join(image_dir, f"recon_{step:07d}") if is_main else None)
+      if is_main:
+        writer.write(step, eval_metrics)
+        logging.info("step %d eval: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+  ckpt.wait()
+  ckpt.close()
+
+  if not eval_metrics:  # Nothing left to train (a finished run re-launched): evaluate the final state.
+    params = state.ema_params if config.ema_decay else state.params
+    eval_metrics = evaluate(eval_step, params, config, mesh)
+  record = record_lib.tokenizer_record(
+      config, model, state.params, pixel_shape(config),
+      wall_time=time.time() - start_time, metrics=eval_metrics, workdir=workdir,
+      examples_per_sec=last_rate)
+  if is_main:
+    record_lib.write(record, workdir)
+    writer.close()
+  return record
+
+
+def _divergence_message(step, metrics, ckpt) -> str:
+  last = ckpt.latest_step()
+  where = (f"last good checkpoint: step {last} in {ckpt.directory} (re-running resumes from it; "
+           "lower optim.base_lr or raise optim.warmup_steps first)") if last is not None else (
+               "no checkpoint was written yet; lower optim.base_lr or raise optim.warmup_steps")
+  return f"loss is {metrics['loss']} at step {step}; {where}"
+
+
+def _format_seconds(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict:
+  """Evaluates the latest checkpoint of a run on its held-out split and updates record.json."""
+  if config is None:
+    config = config_lib.read_config(workdir)
+  validate(config)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+  step = ckpt.latest_step()
+  if step is None:
+    raise DataError(f"{workdir} has no checkpoint; train it first with `vitok train "
+                         f"--workdir {workdir}`")
+  mesh = mesh_lib.data_parallel_mesh()
+  model = build_model(config)
+  tx, _ = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  example = jnp.zeros((1, *pixel_shape(config)), jnp.float32)
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx, config), example)
+  state = ckpt.restore_state(step, abstract)
+  params = state.ema_params if config.ema_decay else state.params
+  metrics = evaluate(jax.jit(make_eval_step(model)), params, config, mesh,
+                     image_path=os.path.join(workdir, "images", f"eval_{step:07d}"))
+  if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "record.json")):
+    record = record_lib.read(workdir)
+    record["metrics"].update(metrics)
+    record_lib.write(record, workdir)
+  return {"step": step, **metrics}
