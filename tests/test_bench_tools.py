@@ -1,0 +1,38 @@
+"""tools/bench_train_step.py end to end on the tiniest variant (one compile, 2 + 2 steps, CPU)."""
+import importlib.util
+import json
+import pathlib
+
+BENCH_PATH = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_train_step.py"
+FIELDS = ("variant", "batch", "dtype", "attn_impl", "device_kind", "backend", "device_count",
+          "compile_s", "step_ms_median", "step_ms_p90", "examples_per_sec",
+          "train_flops_per_example_analytic", "train_flops_per_example_xla", "xla_over_analytic",
+          "achieved_tflops", "peak_tflops", "peak_source", "mfu", "final_loss")
+
+
+def _load_bench():
+  spec = importlib.util.spec_from_file_location("bench_train_step", BENCH_PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_bench_train_step_writes_sane_json(tmp_path):
+  bench = _load_bench()
+  out = tmp_path / "results.json"
+  returned = bench.main(["--variants", "Mu-Mu/4,c=16,res=32,data=mnist", "--batch", "8",
+                         "--warmup", "2", "--steps", "2", "--matmul_size", "1024",
+                         "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert report == json.loads(json.dumps(returned))
+  assert report["backend"] == "cpu"
+  assert report["peak"]["source"].startswith("measured matmul peak")
+  (row,) = report["results"]
+  missing = [field for field in FIELDS if field not in row]
+  assert not missing, f"missing fields {missing}"
+  assert row["batch"] == 8 and row["dtype"] == "float32" and row["timed_steps"] == 2
+  assert row["examples_per_sec"] > 0
+  assert row["step_ms_p90"] >= row["step_ms_median"] > 0
+  assert 0.9 <= row["xla_over_analytic"] <= 1.2, row["xla_over_analytic"]
+  assert 0 < row["mfu"] < 1.5, row["mfu"]
+  assert row["mfu"] == row["achieved_tflops"] / row["peak_tflops"]
