@@ -1,5 +1,4 @@
 """The tokenizer trainer end to end on bundled data: outputs, exact resume after SIGKILL, divergence."""
-import json
 import os
 import signal
 import subprocess
@@ -133,3 +132,18 @@ def test_cli_help_and_config_errors():
   assert out.returncode == 0 and "--workdir" in out.stdout
   out = run("train", "--config=vitok:Mu-Mu/5,res=32,data=mnist")
   assert out.returncode == 2 and "patch size 5 does not divide data.res=32" in out.stderr
+
+
+def test_video_tokenizer_trains_on_real_pixel_clips_and_writes_a_strip(tmp_path):
+  config = config_lib.load_config(
+      "vitok:Mu-Mu/2x4,c=8,frames=4,res=16,data=moving_mnist,batch=8,lr=2e-3,steps=16,rope=axial")
+  config.log_every, config.eval_every, config.ckpt_every, config.eval_examples = 8, 16, 16, 16
+  record = train_tokenizer.train(config, str(tmp_path))
+  assert record["tokens_per_example"] == 2 * 4 * 4 and record["E"] == 32 * 8
+  from PIL import Image
+  strip = Image.open(tmp_path / "images" / "recon_0000016.png")
+  gif = Image.open(tmp_path / "images" / "recon_0000016.gif")
+  assert gif.n_frames == 4
+  assert strip.size[1] == 4 * gif.size[1]  # One originals/reconstructions grid per frame.
+  rows = [r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r]
+  assert rows[-1]["l2"] < rows[0]["l2"]

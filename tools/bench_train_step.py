@@ -30,7 +30,6 @@ MFU = achieved FLOP/s (analytic) ÷ peak FLOP/s of all devices. The peak per dev
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -45,7 +44,7 @@ from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import attention
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.scaling import flops
-from vitok_jax.train import optimizer, train_tokenizer
+from vitok_jax.train import train_tokenizer
 
 DEFAULT_VARIANTS = ("Mu-Mu/4,c=16,res=32,data=mnist", "Ti-Ti/8,c=16,res=64,data=photos")
 
@@ -118,12 +117,6 @@ def device_peak(dtype: str, peak_tflops: float | None = None, matmul_size: int =
           "tflops": per_device * jax.device_count() / 1e12, "source": source, "dtype": dtype}
 
 
-def _cost_flops(compiled) -> float:
-  """FLOPs of a compiled executable by XLA's cost analysis (a dict, or a list of module dicts)."""
-  cost = compiled.cost_analysis()
-  return float(sum(c.get("flops", 0.0) for c in ([cost] if isinstance(cost, dict) else cost or ())))
-
-
 def bench_variant(variant: str, *, batch: int | None, dtype: str, attn_impl: str | None,
                   steps: int, warmup: int, peak: dict) -> dict:
   """Builds the trainer's state and jitted step for `variant` and times `steps` steps after warm-up.
@@ -138,32 +131,24 @@ def bench_variant(variant: str, *, batch: int | None, dtype: str, attn_impl: str
     config.model.attn_impl = attn_impl
   train_tokenizer.validate(config)
 
-  # As in train_tokenizer.train: replicated state, batch split over a data-parallel mesh.
+  # Exactly the trainer's set-up: replicated state, batch split over a data-parallel mesh.
   mesh = mesh_lib.data_parallel_mesh()
-  replicated, batch_sharding = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)  # Raises if it does not split.
-  model = train_tokenizer.build_model(config)
-  tx, schedule = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  model, _, state, train_step = train_tokenizer.setup_training(config, mesh)
   shape = train_tokenizer.pixel_shape(config)
-  example = jnp.zeros((1, *shape), jnp.float32)
-  state = jax.jit(functools.partial(train_tokenizer.init_state, model, tx, config),
-                  out_shardings=replicated)(example)
-  train_step = jax.jit(train_tokenizer.make_train_step(model, tx, schedule, config),
-                       donate_argnums=0, in_shardings=(replicated, batch_sharding),
-                       out_shardings=(replicated, None))
   # Synthetic pixels [B, (T,) H, W, C], put on device once, before timing: no data pipeline in the
   # measurement. Each process makes its rows; global_batch assembles them as the trainer does.
   rng = np.random.default_rng(config.seed + jax.process_index())
   pixels = rng.standard_normal((local_batch, *shape), dtype=np.float32)
   batch_arrays = mesh_lib.global_batch({"image": pixels}, batch_sharding)
 
-  # Compiled once, ahead of time: the same executable is timed and cost-analysed. (flops.xla_flops
-  # would compile the step a second time, which costs more than the timed steps on CPU.)
+  # Compiled once, ahead of time: the same executable is timed and cost-analysed.
   start = time.perf_counter()
   compiled = train_step.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - start
   # Cost analysis of an SPMD program counts one device's share; × devices gives the global step.
-  xla_per_example = _cost_flops(compiled) * jax.device_count() / config.batch_size
+  xla_per_example = flops.cost_flops(compiled) * jax.device_count() / config.batch_size
   analytic_per_example = flops.train_flops_per_example(model, shape)
 
   for _ in range(warmup):

@@ -122,10 +122,14 @@ def xla_flops(fn: Callable[..., Any], *args) -> float:
   a few percent above the analytic matmul-only count. Custom calls (e.g. cuDNN fused attention,
   Pallas kernels) are opaque and count 0: compare against models built with attn_impl="xla"
   ("auto" resolves to "xla" on CPU and for float32).
+  """
+  return cost_flops(jax.jit(fn).lower(*args).compile())
+
+
+def cost_flops(compiled) -> float:
+  """FLOPs of an already compiled executable by XLA's cost analysis (one device's share under SPMD).
 
   Older jax returns a list of dicts (one per HLO module), newer a dict; the flops are summed.
   """
-  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-  if isinstance(cost, dict):
-    cost = [cost]
-  return float(sum(c.get("flops", 0.0) for c in cost or ()))
+  cost = compiled.cost_analysis()
+  return float(sum(c.get("flops", 0.0) for c in ([cost] if isinstance(cost, dict) else cost or ())))

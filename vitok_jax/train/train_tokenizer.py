@@ -125,6 +125,20 @@ def make_train_step(model, tx, schedule, config):
   return train_step
 
 
+def setup_training(config, mesh):
+  """Model, optimizer, replicated initial state and the jitted (donating) train step on `mesh`."""
+  model = build_model(config)
+  tx, schedule = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  example = jnp.zeros((1, *pixel_shape(config)), jnp.float32)
+  replicated = mesh_lib.replicated(mesh)
+  state = jax.jit(functools.partial(init_state, model, tx, config),
+                  out_shardings=replicated)(example)
+  train_step = jax.jit(make_train_step(model, tx, schedule, config), donate_argnums=0,
+                       in_shardings=(replicated, mesh_lib.batch_sharding(mesh)),
+                       out_shardings=(replicated, None))
+  return model, tx, state, train_step
+
+
 def make_eval_step(model):
   """params, images -> (recon, per-example psnr, ssim, l2) with the posterior mean (no sampling)."""
   def eval_step(params, x):
@@ -169,12 +183,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = data.build_iterator(config.data, split="train", batch_size=local_batch,
                                    seed=config.seed)
 
-  model = build_model(config)
-  tx, schedule = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
-  example = jnp.zeros((1, *pixel_shape(config)), jnp.float32)
-  replicated = mesh_lib.replicated(mesh)
-  state = jax.jit(functools.partial(init_state, model, tx, config),
-                  out_shardings=replicated)(example)
+  model, _, state, train_step = setup_training(config, mesh)
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   if (latest := ckpt.latest_step()) is not None:
@@ -182,8 +191,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   first_step = int(state.step)
 
-  train_step = jax.jit(make_train_step(model, tx, schedule, config), donate_argnums=0,
-                       in_shardings=(replicated, batch_sharding), out_shardings=(replicated, None))
   eval_step = jax.jit(make_eval_step(model))
   writer = metrics_writer.MetricWriter(workdir) if is_main else None
   image_dir = os.path.join(workdir, "images")
