@@ -1,0 +1,187 @@
+"""Flash attention: the differentiable entry point in front of the Pallas GPU and TPU kernels.
+
+This file holds what both kernels share: argument checks, padding the sequence lengths to whole
+blocks (the padded keys are masked, the padded queries sliced off), the key-block ranges that let
+kernels skip fully masked tiles (`masks.block_ranges`), grouped-query heads, and the custom VJP.
+The kernels themselves (`flash_attention_gpu`, `flash_attention_tpu`) implement
+
+  forward(q, k, v, ids, kv_range, cfg) -> (out_BLHD, lse_BHL)
+  backward(q, k, v, ids, kv_range, q_range, do, lse, delta, cfg) -> (dq, dk, dv)
+
+on padded arrays, with dk/dv per *query* head (this file sums them over each group). No [L, S]
+array exists at any point: scores live in one tile at a time, the backward recomputes them from
+the saved logsumexp (natural log).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from vitok_jax.errors import ConfigError
+from vitok_jax.kernels import masks
+
+# Finite "minus infinity" for masked scores: exp(mask - max) must be 0, never NaN (inf - inf).
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes (tokens). Backward tiles must divide the forward ones (lengths pad to the latter)."""
+  block_q: int
+  block_k: int
+  block_q_bwd: int
+  block_k_bwd: int
+
+
+# Starting points, to be tuned with tools/bench_kernels.py: Triton wants power-of-two tiles that
+# fit shared memory (the backward holds more tiles at once, so smaller); Mosaic wants large tiles
+# to amortise the ~0.35 µs per grid step.
+DEFAULT_BLOCK_SIZES = {
+    "gpu": BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64),
+    "tpu": BlockSizes(block_q=256, block_k=512, block_q_bwd=256, block_k_bwd=256),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Static (hashable) settings the kernels are specialised on."""
+  scale: float
+  causal: bool
+  kv_len: Optional[int]  # True key count when keys were padded to whole blocks, else None.
+  group: int  # Query heads per key/value head.
+  blocks: BlockSizes
+  interpret: bool
+
+
+def _kernel_module(backend: str):
+  # Imported lazily: each module imports its Pallas backend (Triton / Mosaic) at load time.
+  if backend == "gpu":
+    from vitok_jax.kernels import flash_attention_gpu
+    return flash_attention_gpu
+  if backend == "tpu":
+    from vitok_jax.kernels import flash_attention_tpu
+    return flash_attention_tpu
+  raise ConfigError(f"flash attention backend={backend!r} is unknown; use 'gpu' or 'tpu'")
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def _fit_block(block: int, length: int, minimum: int) -> int:
+  """The block, shrunk to the smallest power of two ≥ length (and ≥ minimum) for short inputs."""
+  return min(block, max(minimum, 1 << max(length - 1, 0).bit_length()))
+
+
+def fit_block_sizes(blocks: BlockSizes, q_len: int, kv_len: int, minimum: int) -> BlockSizes:
+  """Shrinks tiles for short sequences, keeping the backward tiles dividing the forward ones."""
+  block_q = _fit_block(blocks.block_q, q_len, minimum)
+  block_k = _fit_block(blocks.block_k, kv_len, minimum)
+  fitted = BlockSizes(block_q, block_k, min(blocks.block_q_bwd, block_q),
+                      min(blocks.block_k_bwd, block_k))
+  if block_q % fitted.block_q_bwd or block_k % fitted.block_k_bwd:
+    raise ConfigError(f"backward blocks must divide forward blocks, got {fitted}")
+  return fitted
+
+
+def _pad_axis(x, axis: int, size: int, mode: str = "constant"):
+  if x is None or x.shape[axis] == size:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, widths, mode=mode)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(backend, cfg, q_BLHD, k_BSHD, v_BSHD, ids, fwd_range, bwd_ranges):
+  return _kernel_module(backend).forward(q_BLHD, k_BSHD, v_BSHD, ids, fwd_range, cfg)
+
+
+def _flash_fwd(backend, cfg, q_BLHD, k_BSHD, v_BSHD, ids, fwd_range, bwd_ranges):
+  out_BLHD, lse_BHL = _flash(backend, cfg, q_BLHD, k_BSHD, v_BSHD, ids, fwd_range, bwd_ranges)
+  residuals = (q_BLHD, k_BSHD, v_BSHD, ids, bwd_ranges, out_BLHD, lse_BHL)
+  return (out_BLHD, lse_BHL), residuals
+
+
+def _flash_bwd(backend, cfg, residuals, cotangents):
+  q_BLHD, k_BSHD, v_BSHD, ids, (kv_range, q_range), out_BLHD, lse_BHL = residuals
+  do_BLHD, dlse_BHL = cotangents
+  # dS = P ∘ (dP − delta) with delta_i = Σ_d o·do; a cotangent on lse adds P·dlse, i.e. −dlse.
+  delta_BHL = jnp.einsum("blhd,blhd->bhl", out_BLHD.astype(jnp.float32),
+                         do_BLHD.astype(jnp.float32)) - dlse_BHL
+  dq_BLHD, dk_BSHD, dv_BSHD = _kernel_module(backend).backward(
+      q_BLHD, k_BSHD, v_BSHD, ids, kv_range, q_range, do_BLHD, lse_BHL, delta_BHL, cfg)
+  # Kernels return dk/dv per query head; grouped-query heads share one key/value head.
+  batch, kv_len, heads, head_dim = dk_BSHD.shape
+  group_sum = lambda x: x.reshape(batch, kv_len, heads // cfg.group, cfg.group, head_dim).sum(3)
+  dk_BSHD, dv_BSHD = group_sum(dk_BSHD), group_sum(dv_BSHD)
+  return (dq_BLHD.astype(q_BLHD.dtype), dk_BSHD.astype(k_BSHD.dtype),
+          dv_BSHD.astype(v_BSHD.dtype), None, None, None)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def default_backend() -> str:
+  """Kernel flavour for this machine: the TPU kernel on TPU, else the Triton one (interpreted on
+  CPU, where it is the faster of the two to interpret)."""
+  return "tpu" if jax.default_backend() == "tpu" else "gpu"
+
+
+def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids=None,
+                    block_ids=None, scale: Optional[float] = None,
+                    block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None,
+                    interpret: Optional[bool] = None, return_lse: bool = False):
+  """softmax(scale·q·kᵀ + mask)·v in tiles, differentiable in q, k and v.
+
+  Args:
+    q_BLHD: [batch, q_len, heads, head_dim]; k_BSHD, v_BSHD: [batch, kv_len, kv_heads, head_dim]
+      with kv_heads dividing heads. float32 or bfloat16 (accumulation is float32).
+    causal: query i sees keys ≤ i.
+    segment_ids: [L] or [B, L] ints (or a (q_ids, kv_ids) pair): only equal ids see each other.
+    block_ids: [L] or [B, L] ints (or a pair): block-causal, key j visible if ids[j] ≤ ids[i].
+    scale: logit scale, default 1/√head_dim.
+    block_sizes: tiles; default `DEFAULT_BLOCK_SIZES[backend]`, shrunk for short sequences.
+    backend: "gpu" (Pallas Triton) or "tpu" (Pallas Mosaic); default `default_backend()`.
+    interpret: run the kernel in the Pallas interpreter; default: on CPU.
+    return_lse: also return the logsumexp [batch, heads, q_len] (float32, natural log).
+  Returns:
+    out_BLHD in q's dtype (0 for a query that sees no key), and lse_BHL if return_lse.
+  """
+  batch, q_len, heads, head_dim = q_BLHD.shape
+  kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
+  if k_BSHD.shape != v_BSHD.shape or k_BSHD.shape[::3] != (batch, head_dim):
+    raise ConfigError(f"flash attention needs k and v of shape [{batch}, S, kv_heads, {head_dim}]; "
+                      f"got q {q_BLHD.shape}, k {k_BSHD.shape}, v {v_BSHD.shape}")
+  if heads % kv_heads:
+    raise ConfigError(f"kv_heads={kv_heads} must divide heads={heads} (grouped-query attention)")
+  backend = backend or default_backend()
+  module = _kernel_module(backend)
+  interpret = jax.default_backend() == "cpu" if interpret is None else interpret
+  blocks = fit_block_sizes(block_sizes or DEFAULT_BLOCK_SIZES[backend], q_len, kv_len,
+                           module.MIN_BLOCK)
+  padded_q, padded_kv = _round_up(q_len, blocks.block_q), _round_up(kv_len, blocks.block_k)
+  padded_dim = module.padded_head_dim(head_dim)
+  cfg = KernelConfig(scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+                     causal=causal, kv_len=None if padded_kv == kv_len else kv_len,
+                     group=heads // kv_heads, blocks=blocks, interpret=interpret)
+
+  # Zero head-dim padding changes no score and adds output columns that are sliced off.
+  pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, padded_dim)
+  q_BLHD, k_BSHD, v_BSHD = pad(q_BLHD, padded_q), pad(k_BSHD, padded_kv), pad(v_BSHD, padded_kv)
+  ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
+  # Padded tokens repeat the last id, so the per-block id ranges (and the skipping) are unchanged.
+  ids = masks.MaskIds(*(_pad_axis(x, 1, padded_q if i % 2 == 0 else padded_kv, mode="edge")
+                        for i, x in enumerate(ids)))
+  ranges = lambda bq, bk: masks.block_ranges(ids, batch, padded_q, padded_kv, bq, bk,
+                                             causal=causal)
+  fwd_range, _ = ranges(blocks.block_q, blocks.block_k)
+  bwd_ranges = ranges(blocks.block_q_bwd, blocks.block_k_bwd)
+  out_BLHD, lse_BHL = _flash(backend, cfg, q_BLHD, k_BSHD, v_BSHD, ids, fwd_range, bwd_ranges)
+  out_BLHD = out_BLHD[:, :q_len, :, :head_dim]
+  return (out_BLHD, lse_BHL[:, :, :q_len]) if return_lse else out_BLHD
