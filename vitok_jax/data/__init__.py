@@ -1,0 +1,12 @@
+"""Data: bundled real images/video, image/video folders and tfds, as checkpointable grain iterators.
+
+  it = data.build_iterator(cfg, "train", batch_size=64, seed=0)
+  batch = next(it)  # {"image": float32 [B, H, W, C] or [B, T, H, W, C] in [-1, 1],
+                    #  "label": int32 [B]}
+"""
+from vitok_jax.data.config import NAMES, default_config, validate
+from vitok_jax.data.pipeline import build_dataset, build_iterator, num_examples
+from vitok_jax.data.sources import make_source, scan_folder
+
+__all__ = ["NAMES", "build_dataset", "build_iterator", "default_config", "make_source",
+           "num_examples", "scan_folder", "validate"]

@@ -1,0 +1,67 @@
+"""The data config: defaults and build-time validation."""
+from __future__ import annotations
+
+import ml_collections
+
+from vitok_jax.errors import ConfigError
+
+IMAGE_NAMES = ("mnist", "digits", "photos", "lfw", "image_folder")
+VIDEO_NAMES = ("moving_mnist", "photo_pans", "video_folder")
+NAMES = IMAGE_NAMES + VIDEO_NAMES + ("tfds",)
+SPLITS = ("train", "eval")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Returns the data config with every field the pipeline reads, at its default."""
+  return ml_collections.ConfigDict(dict(
+      name="mnist",          # One of NAMES.
+      res=32,                # Output height = width, pixels.
+      frames=1,              # 1: images [B, H, W, C]; >1: clips [B, T, H, W, C].
+      channels=3,            # 1 or 3; grayscale is replicated, RGB is converted to luma.
+      path="",               # Folder for image_folder/video_folder; data_dir for tfds and lfw.
+      tfds_name="",          # e.g. "imagenet2012".
+      train_split="train",   # tfds split (or "{split}" in path) read for split="train".
+      eval_split="validation",  # Same for split="eval".
+      image_key="image",     # tfds features key of the image ("video" for video datasets).
+      frame_stride=1,        # Keep every frame_stride-th source frame in a clip.
+      flip=False,            # Random horizontal flip on train.
+      crop="center",         # "random": scale-jittered square crop on train; eval is always center.
+      crop_scale=0.8,        # Smallest crop area, as a fraction of the largest centred square.
+      worker_count=0,        # grain prefetch processes; 0 reads in-process.
+      shuffle=True,          # Shuffle train (a fresh order each epoch).
+      eval_size=0,           # Held-out examples; 0 = the default for the dataset (see sources).
+  ))
+
+
+def validate(cfg: ml_collections.ConfigDict, split: str = "train") -> None:
+  """Raises ConfigError naming the first bad field and the values it accepts."""
+  if cfg.name not in NAMES:
+    raise ConfigError(f"data.name={cfg.name!r} is unknown; choose one of {list(NAMES)}")
+  if split not in SPLITS:
+    raise ConfigError(f"split={split!r} is unknown; choose one of {list(SPLITS)}")
+  if not isinstance(cfg.res, int) or cfg.res <= 0:
+    raise ConfigError(f"data.res={cfg.res!r} must be a positive int (output height = width)")
+  if cfg.channels not in (1, 3):
+    raise ConfigError(f"data.channels={cfg.channels!r} must be 1 (grayscale) or 3 (RGB)")
+  if not isinstance(cfg.frames, int) or cfg.frames < 1:
+    raise ConfigError(f"data.frames={cfg.frames!r} must be an int >= 1 (1 = images)")
+  if cfg.frames > 1 and cfg.name in IMAGE_NAMES:
+    raise ConfigError(
+        f"data.frames={cfg.frames} but data.name={cfg.name!r} holds images; set data.frames=1 "
+        f"or use a video source: {list(VIDEO_NAMES) + ['tfds']}")
+  if not isinstance(cfg.frame_stride, int) or cfg.frame_stride < 1:
+    raise ConfigError(f"data.frame_stride={cfg.frame_stride!r} must be an int >= 1")
+  if cfg.crop not in ("random", "center"):
+    raise ConfigError(f"data.crop={cfg.crop!r} must be 'random' or 'center'")
+  if not 0.0 < cfg.crop_scale <= 1.0:
+    raise ConfigError(
+        f"data.crop_scale={cfg.crop_scale!r} must be in (0, 1] (min crop area fraction)")
+  if not isinstance(cfg.worker_count, int) or cfg.worker_count < 0:
+    raise ConfigError(
+        f"data.worker_count={cfg.worker_count!r} must be an int >= 0 (0 = in-process)")
+  if not isinstance(cfg.eval_size, int) or cfg.eval_size < 0:
+    raise ConfigError(f"data.eval_size={cfg.eval_size!r} must be an int >= 0 (0 = default)")
+  if cfg.name in ("image_folder", "video_folder") and not cfg.path:
+    raise ConfigError(f"data.name={cfg.name!r} needs data.path: the folder to read")
+  if cfg.name == "tfds" and not cfg.tfds_name:
+    raise ConfigError("data.name='tfds' needs data.tfds_name, e.g. 'imagenet2012'")

@@ -1,0 +1,358 @@
+"""Random-access sources (len + getitem) for every data.name, and make_source to pick one.
+
+A source yields records {"image": uint8 [H, W, C] or a clip [frames, H, W, C], "label": int} (tfds
+videos yield "video": [N, H, W, C], clipped by transforms.prepare); crop/resize to
+data.res happens later in transforms.prepare, except for bundled sets, which are resized once here.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from vitok_jax.data import bundled
+from vitok_jax.data import transforms
+from vitok_jax.data import video
+from vitok_jax.errors import ConfigError, DataError
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+PHOTO_CROPS_PER_PHOTO = 1000
+PHOTO_EVAL_CROPS = 500
+_PHOTO_SEED = 5_113
+_MAX_LISTED = 5  # Bad paths named in a warning; the rest are counted.
+
+
+class ArraySource:
+  """In-memory arrays: uint8 images [N, ...] and int labels [N]."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self.images)
+
+  def __getitem__(self, index: int) -> dict:
+    return {"image": self.images[index], "label": int(self.labels[index])}
+
+
+class PhotoCrops:
+  """Square crops of scikit-image photos, a pure function of (split, index), rendered at res.
+
+  Crop sides are log-uniform between res (no upsampling where the photo allows) and the photo's
+  short side, so one epoch mixes textures at many scales. Eval crops come from held-out photos.
+  """
+
+  def __init__(self, split: str, num_crops: int, res: int):
+    self.split, self.num_crops, self.res = split, num_crops, res
+    self.photos = bundled.photos(split)
+
+  def __len__(self) -> int:
+    return self.num_crops
+
+  def __getitem__(self, index: int) -> dict:
+    rng = np.random.default_rng((_PHOTO_SEED, 1 if self.split == "eval" else 0, index))
+    pid, photo = self.photos[index % len(self.photos)]
+    h, w = photo.shape[:2]
+    m = min(h, w)
+    s = np.exp(rng.uniform(np.log(min(self.res, m)), np.log(m)))
+    x0, y0 = rng.uniform(0, w - s), rng.uniform(0, h - s)
+    return {"image": transforms.resize(photo, (x0, y0, x0 + s, y0 + s), self.res), "label": pid}
+
+
+def decode_image(path: str) -> np.ndarray:
+  """An image file -> uint8 [H, W, 1 or 3] (EXIF rotation applied, alpha/palette -> RGB)."""
+  try:
+    with Image.open(path) as img:
+      img = ImageOps.exif_transpose(img)
+      img = img if img.mode in ("L", "RGB") else img.convert("RGB")
+      x = np.asarray(img)
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"{path}: cannot decode image ({e}); fix or remove the file") from None
+  return x[..., None] if x.ndim == 2 else x
+
+
+class ImageFiles:
+  """Image files decoded with PIL on access."""
+
+  def __init__(self, files: list[str], labels: list[int]):
+    self.files, self.labels = files, labels
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def __getitem__(self, index: int) -> dict:
+    return {"image": decode_image(self.files[index]), "label": self.labels[index]}
+
+
+def count_frames(path: str) -> int:
+  """Frames in the first video stream: container metadata, else a demux count (no decoding)."""
+  import av  # pylint: disable=g-import-not-at-top
+  with av.open(path) as container:
+    if not container.streams.video:
+      raise DataError(f"{path}: no video stream")
+    stream = container.streams.video[0]
+    if stream.frames:
+      return stream.frames
+    return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def decode_clip(path: str, start: int, frames: int, stride: int) -> np.ndarray:
+  """Frames start, start + stride, ... of a video file -> uint8 [frames, H, W, 3].
+
+  Seeks to the keyframe before `start` and decodes forward, so the cost is one GOP + the clip.
+  """
+  import av  # pylint: disable=g-import-not-at-top
+  out = []
+  try:
+    with av.open(path) as container:
+      stream = container.streams.video[0]
+      rate, tb = stream.average_rate, stream.time_base
+      t0 = stream.start_time or 0
+      if start and rate and tb:
+        container.seek(t0 + int(start / (rate * tb)), stream=stream, backward=True)
+      for i, frame in enumerate(container.decode(stream)):
+        idx = round(float((frame.pts - t0) * tb * rate)) if frame.pts is not None and rate else i
+        if idx >= start and (idx - start) % stride == 0:
+          out.append(frame.to_ndarray(format="rgb24"))
+          if len(out) == frames:
+            break
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"{path}: cannot decode video ({e}); fix or remove the file") from None
+  if len(out) < frames:
+    raise DataError(f"{path}: decoded {len(out)} of the {frames} frames from frame {start} at "
+                    f"stride {stride}; the file is shorter than its header says, re-encode it")
+  return np.stack(out)
+
+
+class VideoClips:
+  """Non-overlapping clips (path, first frame) of video files, decoded with PyAV on access."""
+
+  def __init__(self, clips: list[tuple[str, int]], labels: list[int], frames: int, stride: int):
+    self.clips, self.labels, self.frames, self.stride = clips, labels, frames, stride
+
+  def __len__(self) -> int:
+    return len(self.clips)
+
+  def __getitem__(self, index: int) -> dict:
+    path, start = self.clips[index]
+    return {"image": decode_clip(path, start, self.frames, self.stride),
+            "label": self.labels[index]}
+
+
+class TfdsRecords:
+  """A tfds ArrayRecord data source; features[image_key] is an image or a list of frames."""
+
+  def __init__(self, source, image_key: str, label_key: str | None):
+    self.source, self.image_key, self.label_key = source, image_key, label_key
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index: int) -> dict:
+    record = self.source[index]
+    x = record[self.image_key]
+    x = np.stack(x) if isinstance(x, (list, tuple)) else np.asarray(x)
+    if x.ndim == x.shape[-1] == 2:  # Grayscale stored without a channel axis.
+      x = x[..., None]
+    label = int(record[self.label_key]) if self.label_key else 0
+    return {"video" if x.ndim == 4 else "image": x, "label": label}
+
+
+def _warn_bad(path: str, bad: list[str], what: str) -> None:
+  if bad:
+    logging.warning("data.path=%s: %d unreadable %s file(s) are skipped, e.g. %s", path, len(bad),
+                    what, bad[:_MAX_LISTED])
+
+
+def _list_files(path: str, kind: str) -> list[str]:
+  exts = IMAGE_EXTS if kind == "image" else VIDEO_EXTS
+  if not os.path.isdir(path):
+    raise DataError(f"data.path={path}: no such folder; point data.path at a folder of {kind}s")
+  files = []
+  for root, dirs, names in os.walk(path):
+    dirs.sort()  # os.walk order is the file system's; sorting makes splits reproducible.
+    files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(exts)]
+  if not files:
+    raise DataError(f"data.path={path}: folder has no {kind}s ({'/'.join(exts)}); "
+                    f"point data.path at a folder of {kind}s")
+  return files
+
+
+def scan_folder(path: str, kind: str = "image") -> tuple[list[str], list[str]]:
+  """(readable files, unreadable files) under `path`, recursively, in sorted order.
+
+  Checks every header (PIL open + verify, or PyAV open + a frame count): about 0.1-1 ms per image
+  and a few ms per video, so minutes for ImageNet-sized folders; use tfds for those. Unreadable
+  files are logged with a count; raises DataError when none is readable.
+  """
+  if kind not in ("image", "video"):
+    raise ConfigError(f"scan_folder kind={kind!r} must be 'image' or 'video'")
+  good, bad = [], []
+  for f in _list_files(path, kind):
+    try:
+      if kind == "image":
+        with Image.open(f) as img:
+          img.verify()
+      elif count_frames(f) < 1:
+        raise DataError(f"{f}: no frames")
+      good.append(f)
+    except Exception:  # pylint: disable=broad-except
+      bad.append(f)
+  _warn_bad(path, bad, kind)
+  if not good:
+    raise DataError(f"data.path={path}: none of its {len(bad)} {kind} files can be decoded, e.g. "
+                    f"{bad[:_MAX_LISTED]}; replace them with readable files")
+  return good, bad
+
+
+def _folder_labels(root: str, files: list[str]) -> list[int]:
+  """Label = rank of the top sub-folder name when every file sits in one, else 0."""
+  tops = [os.path.relpath(f, root).split(os.sep)[0] for f in files]
+  if any(os.path.isfile(os.path.join(root, t)) for t in tops):
+    return [0] * len(files)
+  classes = {c: i for i, c in enumerate(sorted(set(tops)))}
+  return [classes[t] for t in tops]
+
+
+def _folder_split(cfg, split: str, kind: str) -> tuple[str, list[str], list[int]]:
+  """Folder, files, labels of `split`: data.path with "{split}", or a held-out 10% of one folder."""
+  if "{split}" in cfg.path:
+    folder = cfg.path.format(split=cfg.train_split if split == "train" else cfg.eval_split)
+    files, _ = scan_folder(folder, kind)
+    labels = _folder_labels(folder, files)
+    if split == "eval" and cfg.eval_size:
+      files, labels = files[:cfg.eval_size], labels[:cfg.eval_size]
+    return folder, files, labels
+  files, _ = scan_folder(cfg.path, kind)
+  if len(files) < 2:
+    raise DataError(f"data.path={cfg.path}: {len(files)} readable {kind} file; holding out an eval "
+                    "set needs >= 2, or give separate folders with data.path='.../{split}'")
+  labels = _folder_labels(cfg.path, files)
+  idx = bundled.split_indices(len(files), split, cfg.eval_size)
+  return cfg.path, [files[i] for i in idx], [labels[i] for i in idx]
+
+
+def _video_folder(cfg, split: str) -> VideoClips:
+  folder, files, labels = _folder_split(cfg, split, "video")
+  span = (cfg.frames - 1) * cfg.frame_stride + 1
+  clips, clip_labels, short = [], [], []
+  for f, label in zip(files, labels):
+    n = count_frames(f)
+    if n < span:
+      short.append(f"{f} ({n} frames)")
+    starts = range(0, n - span + 1, span)
+    clips += [(f, s) for s in starts]
+    clip_labels += [label] * len(starts)
+  if short:
+    logging.warning("data.path=%s: %d video(s) shorter than the %d frames a clip needs are "
+                    "skipped, e.g. %s", folder, len(short), span, short[:_MAX_LISTED])
+  if not clips:
+    raise DataError(
+        f"data.path={folder}: every {split} video is shorter than data.frames={cfg.frames} at "
+        f"data.frame_stride={cfg.frame_stride} (= {span} frames), e.g. {short[:_MAX_LISTED]}; "
+        "lower data.frames or data.frame_stride, or add longer videos")
+  return VideoClips(clips, clip_labels, cfg.frames, cfg.frame_stride)
+
+
+def _tfds_dir(cfg) -> str:
+  """The data_dir holding cfg.tfds_name ("name[/config][:version]") prepared as ArrayRecord.
+
+  Checked on disk first: tfds.data_source's own errors for a missing dataset are misleading.
+  """
+  data_dir = os.path.expanduser(
+      cfg.path or os.environ.get("TFDS_DATA_DIR", "~/tensorflow_datasets"))
+  name, _, version = cfg.tfds_name.partition(":")
+  # name/version/ or, for builders with configs, name/config/version/.
+  infos = glob.glob(os.path.join(data_dir, name, "**", "dataset_info.json"), recursive=True)
+  version_dirs = [os.path.dirname(f) for f in infos
+                  if not version or os.path.basename(os.path.dirname(f)) == version]
+  if not version_dirs:
+    raise DataError(
+        f"tfds dataset {cfg.tfds_name!r} is not prepared at {data_dir}: prepare it with "
+        f"`tfds build {name} --data_dir={data_dir} --file_format=array_record` or point data.path "
+        "at the data_dir that holds it")
+  if not any(glob.glob(os.path.join(d, "*.array_record-*")) for d in version_dirs):
+    raise DataError(
+        f"tfds dataset {cfg.tfds_name!r} at {data_dir} has no ArrayRecord files (random access "
+        f"needs them); rebuild with `tfds build {name} --data_dir={data_dir} "
+        "--file_format=array_record`")
+  return data_dir
+
+
+def _tfds(cfg, split: str) -> TfdsRecords:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = _tfds_dir(cfg)
+  tfds_split = cfg.train_split if split == "train" else cfg.eval_split
+  if split == "eval" and cfg.eval_size:
+    tfds_split = f"{tfds_split}[:{cfg.eval_size}]"
+  try:
+    source = tfds.data_source(cfg.tfds_name, split=tfds_split, data_dir=data_dir, download=False)
+  except ModuleNotFoundError as e:
+    raise DataError(
+        f"tfds dataset {cfg.tfds_name!r} needs {e.name} to build its features (tfds.features.Video "
+        "does); pip install tensorflow-cpu, or convert the videos to a data.name='video_folder'"
+    ) from None
+  except ValueError as e:
+    if "split" not in str(e).lower():
+      raise DataError(f"tfds dataset {cfg.tfds_name!r} at {data_dir}: {e}") from None
+    field = "data.train_split" if split == "train" else "data.eval_split"
+    raise ConfigError(f"{field}={tfds_split!r}: {e}; set {field} to one of them") from None
+  features = source.dataset_info.features
+  if cfg.image_key not in features:
+    raise ConfigError(f"data.image_key={cfg.image_key!r} is not a feature of {cfg.tfds_name!r}; "
+                      f"choose one of {list(features.keys())}")
+  return TfdsRecords(source, cfg.image_key, "label" if "label" in features else None)
+
+
+def _photos_size(cfg, split: str) -> int:
+  if split == "eval":
+    return cfg.eval_size or PHOTO_EVAL_CROPS
+  return PHOTO_CROPS_PER_PHOTO * bundled.num_photos("train")
+
+
+def _clips_size(cfg, split: str) -> int:
+  return cfg.eval_size if split == "eval" and cfg.eval_size else video.NUM_CLIPS[split]
+
+
+def make_source(cfg, split: str):
+  """The random-access source of `split` ("train" or "eval") for a validated data config."""
+  name, res, ch = cfg.name, cfg.res, cfg.channels
+  if name == "mnist":
+    return ArraySource(*bundled.mnist_resized(split, cfg.eval_size, res, ch))
+  if name == "digits":
+    return ArraySource(*bundled.digits_resized(split, cfg.eval_size, res, ch))
+  if name == "lfw":
+    return ArraySource(*bundled.lfw_resized(cfg.path, split, cfg.eval_size, res, ch))
+  if name == "photos":
+    return PhotoCrops(split, _photos_size(cfg, split), res)
+  if name == "moving_mnist":
+    if res < 8:
+      raise ConfigError(f"data.res={res}: moving_mnist needs res >= 8 for digits to move")
+    return video.MovingMnist(split, _clips_size(cfg, split), res, cfg.frames, cfg.frame_stride)
+  if name == "photo_pans":
+    return video.PhotoPans(split, _clips_size(cfg, split), res, cfg.frames, cfg.frame_stride)
+  if name == "image_folder":
+    _, files, labels = _folder_split(cfg, split, "image")
+    return ImageFiles(files, labels)
+  if name == "video_folder":
+    return _video_folder(cfg, split)
+  if name == "tfds":
+    return _tfds(cfg, split)
+  raise ConfigError(f"data.name={name!r} has no source")
+
+
+def num_examples(cfg, split: str) -> int:
+  """Examples in `split` over all processes, without decoding pixels where the size is known."""
+  if cfg.name == "mnist":
+    return len(bundled.split_indices(bundled.mnist_size(), split, cfg.eval_size))
+  if cfg.name == "digits":
+    return len(bundled.split_indices(bundled.DIGITS_SIZE, split, cfg.eval_size))
+  if cfg.name == "photos":
+    return _photos_size(cfg, split)
+  if cfg.name in ("moving_mnist", "photo_pans"):
+    return _clips_size(cfg, split)
+  return len(make_source(cfg, split))
