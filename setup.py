@@ -14,6 +14,7 @@ setuptools.setup(
         "orbax-checkpoint>=0.11",
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.7",
+        "importlib_resources",  # tfds imports the backport but does not declare it.
         "array-record>=0.7",
         "ml-collections>=1.0",
         "einops>=0.8",
