@@ -1,0 +1,162 @@
+"""Fused binary spherical quantisation (BSQ): one Pallas pass over the latents.
+
+Per tile of tokens the kernel reads z once and writes: the quantised latents sign(u)/√d (u = z/‖z‖),
+the packed codes, and per-tile sums of the soft bit probabilities, their binary entropies and the
+hard bits (the entropy penalty's statistics), which the wrapper adds up. The backward is the
+straight-through estimator through the l2 normalisation plus the exact gradient of the statistics;
+it is elementwise per token, so plain jnp (one XLA fusion) does it in one pass too.
+
+The same kernel lowers to Triton (GPU) and Mosaic (TPU): no in-kernel loops, 2-D blocks whose last
+two dims are whole (codes, stats) or tile multiples. Semantics: `reference.bsq`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from vitok_jax.kernels import reference
+
+DEFAULT_BLOCK_TOKENS = 512
+
+
+def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, bit_sum_ref, *,
+                dim: int, num_tokens: int, logit_scale: float):
+  """z [bn, dp] → quantized [bn, dp], codes [bn, words], sums [1, dp] over this tile's tokens."""
+  block, padded_dim = z_ref.shape
+  z_ND = z_ref[...].astype(jnp.float32)
+  norm_N1 = jnp.sqrt(jnp.sum(z_ND * z_ND, axis=1, keepdims=True))
+  u_ND = z_ND / jnp.maximum(norm_N1, reference.NORM_EPS)
+  bit_ND = u_ND > 0  # sign(0) → −1: a zero coordinate is bit 0, as Infinity's quantiser.
+  inv_sqrt_d = 1.0 / math.sqrt(dim)
+  quantized_ref[...] = jnp.where(bit_ND, inv_sqrt_d, -inv_sqrt_d).astype(quantized_ref.dtype)
+
+  column_ND = jax.lax.broadcasted_iota(jnp.int32, (block, padded_dim), 1)
+  token_ND = pl.program_id(0) * block + jax.lax.broadcasted_iota(jnp.int32, (block, padded_dim), 0)
+  counted_ND = jnp.logical_and(token_ND < num_tokens, column_ND < dim)  # Not padding.
+  x_ND = logit_scale * u_ND
+  p_ND = 1.0 / (1.0 + jnp.exp(-x_ND))
+  softplus_ND = jnp.maximum(x_ND, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(x_ND)))
+  tile_sum = lambda v: jnp.sum(jnp.where(counted_ND, v, 0.0), axis=0, keepdims=True)
+  prob_sum_ref[...] = tile_sum(p_ND)
+  entropy_sum_ref[...] = tile_sum(softplus_ND - x_ND * p_ND)
+  bit_sum_ref[...] = tile_sum(bit_ND.astype(jnp.float32))
+
+  # Pack: word w holds bits 32w.., its first bit most significant. Each 16-bit half is a float sum
+  # of distinct powers of two (exact below 2^24), which every backend reduces natively.
+  bit_f32 = jnp.where(jnp.logical_and(bit_ND, column_ND < dim), 1.0, 0.0)
+  word_of, index_in_word = column_ND // 32, column_ND % 32
+  word_bits = jnp.minimum(32, dim - 32 * word_of)
+  shift = word_bits - 1 - index_in_word
+  for word in range(codes_ref.shape[1]):
+    halves = []
+    for half in range(2):
+      in_half = (word_of == word) & (shift >= 16 * half) & (shift < 16 * half + 16)
+      weight = jnp.left_shift(1, jnp.clip(shift - 16 * half, 0, 15)).astype(jnp.float32)
+      halves.append(jnp.sum(jnp.where(in_half, bit_f32 * weight, 0.0), axis=1, keepdims=True)
+                    .astype(jnp.int32))
+    codes_ref[:, pl.ds(word, 1)] = jnp.left_shift(halves[1], 16) | halves[0]
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+@functools.partial(jax.jit, static_argnames=("inv_temperature", "block_tokens", "interpret",
+                                             "pad_dim_pow2"))
+def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, interpret: bool,
+                 pad_dim_pow2: bool):
+  """z [N, d] → quantized [N, d], codes [N, words] uint32, sums of p, H(p), bits: [d] each."""
+  num_tokens, dim = z_ND.shape
+  words = -(-dim // 32)
+  block = min(block_tokens, max(8, pl.next_power_of_2(num_tokens)))
+  padded_n = _round_up(num_tokens, block)
+  # Triton tiles are powers of two; the extra zero coordinates are excluded from codes and sums.
+  padded_dim = pl.next_power_of_2(dim) if pad_dim_pow2 else dim
+  padded_words = pl.next_power_of_2(words) if pad_dim_pow2 else words
+  z_ND = jnp.pad(z_ND, ((0, padded_n - num_tokens), (0, padded_dim - dim)))
+  tiles = padded_n // block
+  sums_spec = pl.BlockSpec((None, 1, padded_dim), lambda t: (t, 0, 0))
+  sums_shape = jax.ShapeDtypeStruct((tiles, 1, padded_dim), jnp.float32)
+  quantized, codes, prob_sum, entropy_sum, bit_sum = pl.pallas_call(
+      functools.partial(_bsq_kernel, dim=dim, num_tokens=num_tokens,
+                        logit_scale=reference.bsq_logit_scale(dim, inv_temperature)),
+      grid=(tiles,),
+      in_specs=[pl.BlockSpec((block, padded_dim), lambda t: (t, 0))],
+      out_specs=[pl.BlockSpec((block, padded_dim), lambda t: (t, 0)),
+                 pl.BlockSpec((block, padded_words), lambda t: (t, 0)),
+                 sums_spec, sums_spec, sums_spec],
+      out_shape=[jax.ShapeDtypeStruct(z_ND.shape, z_ND.dtype),
+                 jax.ShapeDtypeStruct((padded_n, padded_words), jnp.int32),
+                 sums_shape, sums_shape, sums_shape],
+      interpret=interpret,
+      name="bsq",
+  )(z_ND)
+  total = lambda s: s.sum((0, 1))[:dim]
+  return (quantized[:num_tokens, :dim],
+          jax.lax.bitcast_convert_type(codes[:num_tokens, :words], jnp.uint32),
+          total(prob_sum), total(entropy_sum), total(bit_sum))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _bsq(z_ND, inv_temperature, block_tokens, interpret, pad_dim_pow2):
+  return _bsq_forward(z_ND, inv_temperature=inv_temperature, block_tokens=block_tokens,
+                      interpret=interpret, pad_dim_pow2=pad_dim_pow2)
+
+
+def _bsq_fwd(z_ND, inv_temperature, block_tokens, interpret, pad_dim_pow2):
+  return _bsq(z_ND, inv_temperature, block_tokens, interpret, pad_dim_pow2), z_ND
+
+
+def _bsq_bwd(inv_temperature, block_tokens, interpret, pad_dim_pow2, z_ND, cotangents):
+  """Straight-through to u = z/‖z‖ for the quantised output, exact for the statistics."""
+  del block_tokens, interpret, pad_dim_pow2
+  g_quantized_ND, _, g_prob_sum_D, g_entropy_sum_D, _ = cotangents
+  dim = z_ND.shape[-1]
+  z32_ND = z_ND.astype(jnp.float32)
+  norm_N1 = jnp.maximum(jnp.sqrt(jnp.sum(z32_ND * z32_ND, axis=-1, keepdims=True)),
+                        reference.NORM_EPS)
+  u_ND = z32_ND / norm_N1
+  logit_scale = reference.bsq_logit_scale(dim, inv_temperature)
+  x_ND = logit_scale * u_ND
+  p_ND = jax.nn.sigmoid(x_ND)
+  # dσ(x)/dx = p(1 − p); dH(σ(x))/dx = −x·p(1 − p).
+  g_u_ND = (g_quantized_ND.astype(jnp.float32)
+            + logit_scale * p_ND * (1 - p_ND) * (g_prob_sum_D - x_ND * g_entropy_sum_D))
+  # Jacobian of z/‖z‖ is (I − u·uᵀ)/‖z‖.
+  g_z_ND = (g_u_ND - u_ND * jnp.sum(u_ND * g_u_ND, axis=-1, keepdims=True)) / norm_N1
+  return (g_z_ND.astype(z_ND.dtype),)
+
+
+_bsq.defvjp(_bsq_fwd, _bsq_bwd)
+
+
+def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        interpret: Optional[bool] = None) -> reference.BSQOutput:
+  """Pallas BSQ of z [..., d]: the `reference.BSQOutput` of `reference.bsq`, in one fused pass.
+
+  Args:
+    z_ND: latents [..., d], float32 or bfloat16.
+    inv_temperature: β of the soft bit probability σ(4·β·u/√d) (Infinity uses 100).
+    block_tokens: tokens per tile (shrunk for small inputs).
+    interpret: run in the Pallas interpreter; default: on CPU.
+  """
+  backend = jax.default_backend()
+  interpret = backend == "cpu" if interpret is None else interpret
+  *lead, dim = z_ND.shape
+  quantized, codes, prob_sum, entropy_sum, bit_sum = _bsq(
+      z_ND.reshape(-1, dim), float(inv_temperature), int(block_tokens), bool(interpret),
+      backend == "gpu" and not interpret)
+  num_tokens = max(1, math.prod(lead))
+  bit_prob = prob_sum / num_tokens
+  return reference.BSQOutput(
+      quantized=quantized.reshape(z_ND.shape),
+      codes=codes.reshape(*lead, codes.shape[-1]),
+      bit_prob=bit_prob,
+      token_entropy=entropy_sum.sum() / num_tokens,
+      codebook_entropy=reference.binary_entropy(bit_prob).sum(),
+      bit_usage=jax.lax.stop_gradient(bit_sum) / num_tokens)
