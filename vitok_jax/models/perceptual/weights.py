@@ -61,3 +61,59 @@ def check_shapes(params, reference, what: str) -> None:
     wrong = sorted(k for k in set(got) & set(want) if got[k] != want[k])
     raise ConfigError(f"{what} do not fit the architecture: missing {missing[:5]}, "
                       f"unexpected {extra[:5]}, wrong shapes {[(k, got[k], want[k]) for k in wrong[:5]]}")
+
+
+# PyTorch parameter name (last part) -> (flax collection, flax name), for conv/linear/BatchNorm nets
+# whose flax modules carry the PyTorch module names (Inception, I3D).
+_BN_NAMES = {"running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+
+
+def variables_from_torch(state: dict[str, np.ndarray], batch_norms: set[str]) -> dict:
+  """Flax variables {"params", "batch_stats"} from a state dict of same-named modules.
+
+  Conv weights [O, I, *K] become kernels [*K, I, O], linear [O, I] become [I, O]; BatchNorm
+  weight/bias/running stats become scale/bias/mean/var. `batch_norms` holds the module paths (dotted,
+  as in the state dict) that are BatchNorms, since their 1-D `weight` looks like any other.
+  """
+  variables = {"params": {}, "batch_stats": {}}
+  for key, value in state.items():
+    module, name = key.rsplit(".", 1)
+    value = np.asarray(value, np.float32)
+    if name == "num_batches_tracked":
+      continue
+    if module in batch_norms:
+      collection, name = _BN_NAMES.get(name, ("params", {"weight": "scale"}.get(name, name)))
+    else:
+      collection, name = "params", {"weight": "kernel"}.get(name, name)
+      if name == "kernel":
+        value = value.transpose(*range(2, value.ndim), 1, 0)
+    node = variables[collection]
+    for part in module.split("."):
+      node = node.setdefault(part, {})
+    node[name] = value
+  return variables
+
+
+def variables_to_torch(variables) -> dict[str, np.ndarray]:
+  """Inverse of `variables_from_torch` (for reference checks and round trips)."""
+  inverse_bn = {v: k for k, v in _BN_NAMES.items()}
+  state = {}
+  for collection, tree in variables.items():
+    for path, value in flax.traverse_util.flatten_dict(flax.core.unfreeze(tree)).items():
+      value = np.asarray(value)
+      *module, name = path
+      if collection == "batch_stats":
+        name = inverse_bn[(collection, name)]
+      elif name == "scale":
+        name = "weight"
+      elif name == "kernel":
+        name = "weight"
+        value = value.transpose(value.ndim - 1, value.ndim - 2, *range(value.ndim - 2))
+      state[".".join([*module, name])] = value
+  return state
+
+
+def batch_norm_paths(variables) -> set[str]:
+  """Dotted module paths holding batch statistics (the BatchNorms of a flax variables tree)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get("batch_stats", {})))
+  return {".".join(path[:-1]) for path in flat}
