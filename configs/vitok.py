@@ -17,7 +17,7 @@ from vitok_jax.models import vit
 from vitok_jax.train import train_tokenizer
 
 # The embedded default: a tiny tokenizer on bundled MNIST that trains in minutes on 2 CPU cores.
-DEFAULT = "Mu-Mi/4,c=16,res=32,data=mnist,batch=64,steps=2000,lr=1e-3"
+DEFAULT = "Mu-Mi/4,c=16,res=32,data=mnist,batch=64,steps=500,lr=1e-3"
 
 # Short variant keys -> config paths.
 OPTIONS = {
@@ -55,7 +55,7 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config.batch_size = 256          # Global batch.
   config.total_steps = 100_000
   config.log_every = 50
-  config.eval_every = 1000
+  config.eval_every = 1000         # Also evaluated at the last step.
   config.eval_examples = 512       # Held-out examples for PSNR/SSIM (0 = the whole eval split).
   config.ckpt_every = 1000
   config.keep_ckpts = 3
