@@ -1,42 +1,111 @@
 """Scaled dot-product attention behind one function, so models never pick an implementation.
 
-Implementations: "xla" (plain einsums, portable reference), "cudnn" (jax.nn's cuDNN fused path,
-GPU only) and "auto" (cuDNN on GPU for supported dtypes, else XLA). Pallas kernels plug in here.
+Implementations:
+  "xla"         plain jax.nn.dot_product_attention (materialises the scores; portable reference);
+  "cudnn"       jax.nn's cuDNN fused path (GPU, float16/bfloat16);
+  "pallas"      our flash attention for this backend (`flash_attention`): "pallas_gpu" (Triton)
+                or "pallas_tpu" (Mosaic); on CPU the Triton-style kernel runs interpreted;
+  "pallas_gpu", "pallas_tpu"  a specific kernel (interpreted on CPU: how the tests check both);
+  "auto"        what `resolve_impl` picks for the backend, dtype, length and mask (see `policy`).
+Mask kinds: a dense boolean mask_BHLS (XLA/cuDNN only), is_causal, block_ids (block-causal, VAR) and
+segment_ids (packed sequences); the id masks never build an [L, S] array on the Pallas path.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from vitok_jax.errors import ConfigError
+from vitok_jax.kernels import flash_attention as flash
+from vitok_jax.kernels import masks
+from vitok_jax.kernels import policy
 
-IMPLS = ("auto", "xla", "cudnn")
+IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
+MASK_KINDS = ("none", "causal", "block_causal", "segment", "dense")
+_HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def resolve_impl(impl: str, dtype=jnp.float32) -> str:
-  """Maps "auto" to the concrete implementation for this backend and dtype."""
+def mask_kind(*, mask_BHLS=None, is_causal: bool = False, segment_ids=None,
+              block_ids=None) -> str:
+  """The mask kind that decides the implementation (the most specific one given)."""
+  if mask_BHLS is not None:
+    return "dense"
+  if block_ids is not None:
+    return "block_causal"
+  if segment_ids is not None:
+    return "segment"
+  return "causal" if is_causal else "none"
+
+
+def _cudnn_supports(dtype, head_dim: Optional[int]) -> bool:
+  return jnp.dtype(dtype) in _HALF and (head_dim is None or (head_dim % 8 == 0 and head_dim <= 128))
+
+
+def resolve_impl(impl: str, dtype=jnp.float32, *, q_len: Optional[int] = None,
+                 head_dim: Optional[int] = None, mask: str = "none",
+                 backend: Optional[str] = None) -> str:
+  """The concrete implementation `impl` runs as: "xla", "cudnn", "pallas_gpu" or "pallas_tpu".
+
+  "auto" on CPU is always "xla". On GPU/TPU it is the Pallas kernel where `policy` allows it (the
+  backend is hardware-validated) and it pays: a mask whose empty tiles it skips (block-causal,
+  segments, causal) or a sequence of at least `policy.MIN_FLASH_LEN` tokens; otherwise cuDNN for
+  half precision with head_dim a multiple of 8 up to 128, else XLA.
+  """
   if impl not in IMPLS:
     raise ConfigError(f"attention impl={impl!r} is unknown; use one of {IMPLS}")
+  if mask not in MASK_KINDS:
+    raise ConfigError(f"attention mask kind {mask!r} is unknown; use one of {MASK_KINDS}")
+  backend = backend or policy.backend()
+  if impl == "pallas":
+    return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
   if impl != "auto":
     return impl
-  if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+  if backend in ("gpu", "tpu") and mask != "dense" and policy.pallas_allowed(backend):
+    long_enough = q_len is not None and q_len >= policy.MIN_FLASH_LEN[backend]
+    if long_enough or mask in ("block_causal", "segment", "causal"):
+      return f"pallas_{backend}"
+  if backend == "gpu" and _cudnn_supports(dtype, head_dim):
     return "cudnn"
   return "xla"
 
 
 def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=False,
+                          segment_ids=None, block_ids=None, scale: Optional[float] = None,
                           impl: str = "auto"):
-  """softmax(q·kᵀ/√D + mask)·v.
+  """softmax(scale·q·kᵀ + mask)·v.
 
   Args:
     q_BLHD: queries [batch, q_len, heads, head_dim].
     k_BSHD, v_BSHD: keys/values [batch, kv_len, kv_heads, head_dim]; kv_heads divides heads (GQA).
     mask_BHLS: optional boolean mask broadcastable to [batch, heads, q_len, kv_len]; True = attend.
+      Not accepted by the Pallas kernels (use the id masks).
     is_causal: apply a causal mask (query i sees keys ≤ i).
-    impl: "auto" | "xla" | "cudnn".
+    segment_ids: [L] or [B, L] ints, or a (q_ids, kv_ids) pair: attend within equal ids only.
+    block_ids: [L] or [B, L] ints, or a pair: block-causal, key j visible from query i iff
+      block_ids[j] ≤ block_ids[i] (VAR: the scale index of each token, `masks.var_block_ids`).
+    scale: logit scale, default 1/√head_dim.
+    impl: one of IMPLS.
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype.
   """
-  impl = resolve_impl(impl, q_BLHD.dtype)
+  batch, q_len, _, head_dim = q_BLHD.shape
+  kv_len = k_BSHD.shape[1]
+  kind = mask_kind(mask_BHLS=mask_BHLS, is_causal=is_causal, segment_ids=segment_ids,
+                   block_ids=block_ids)
+  impl = resolve_impl(impl, q_BLHD.dtype, q_len=q_len, head_dim=head_dim, mask=kind)
+  if impl.startswith("pallas"):
+    if mask_BHLS is not None:
+      raise ConfigError(f"attention impl={impl!r} takes no dense mask_BHLS; express the mask as "
+                        "is_causal / segment_ids / block_ids, or use impl='xla'")
+    return flash.flash_attention(q_BLHD, k_BSHD, v_BSHD, causal=is_causal,
+                                 segment_ids=segment_ids, block_ids=block_ids, scale=scale,
+                                 backend=impl.removeprefix("pallas_"))
+  ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
+  id_mask = masks.dense_mask(ids, q_len, kv_len, causal=False)
+  if id_mask is not None:
+    mask_BHLS = id_mask if mask_BHLS is None else jnp.logical_and(mask_BHLS, id_mask)
   return jax.nn.dot_product_attention(
-      q_BLHD, k_BSHD, v_BSHD, mask=mask_BHLS, is_causal=is_causal, implementation=impl)
+      q_BLHD, k_BSHD, v_BSHD, mask=mask_BHLS, is_causal=is_causal, scale=scale,
+      implementation=impl)
