@@ -209,6 +209,20 @@ def test_shards_disjoint_and_cover():
   assert a | b == set(_hashes(data.make_source(cfg, "train").images))
 
 
+def test_train_stream_is_independent_of_process_count_and_resumes_from_a_step():
+  """Global batch k is the same examples whether 1 or 2 processes read it; start_batch skips."""
+  cfg = _cfg(crop="random", flip=True)
+  single = _take(data.build_iterator(cfg, "train", batch_size=8, seed=4, **ONE), 3)
+  halves = [_take(data.build_iterator(cfg, "train", batch_size=4, seed=4, process_index=p,
+                                      process_count=2), 3) for p in range(2)]
+  for k in range(3):
+    rows = np.stack([halves[0][k]["image"], halves[1][k]["image"]], axis=1)  # Interleave p0, p1.
+    np.testing.assert_array_equal(rows.reshape(single[k]["image"].shape), single[k]["image"])
+  resumed = _take(data.build_iterator(cfg, "train", batch_size=4, seed=4, process_index=1,
+                                      process_count=2, start_batch=2), 1)
+  _assert_same(resumed, halves[1][2:])
+
+
 def test_seed_determinism_and_fresh_epochs(image_folder):
   cfg = _cfg(crop="random", flip=True)
   first = _take(data.build_iterator(cfg, "train", batch_size=16, seed=1, **ONE), 2)

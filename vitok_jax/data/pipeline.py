@@ -1,7 +1,10 @@
-"""grain pipelines: source -> process shard -> shuffle/repeat -> preprocess -> batch -> prefetch.
+"""grain pipelines: source -> shuffle/repeat -> preprocess -> process shard -> batch -> prefetch.
 
-Everything random is a function of (seed, process_index, element index), so an iterator restored
-from a checkpoint yields the same batches as one that never stopped, with or without workers.
+Training reads one global stream: a shuffled, repeated order of the examples, each augmented with
+randomness drawn from (seed, its position in the stream). Global batch k is stream positions
+[k·B·P, (k+1)·B·P) and process p of P takes every P-th of them. So the stream, and where a run is
+in it, depend only on (seed, step), never on the number of processes: a run resumes exactly from
+its step alone, also on another topology (`start_batch`).
 """
 from __future__ import annotations
 
@@ -31,8 +34,8 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 
 def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int = 0,
-                  process_index: int | None = None,
-                  process_count: int | None = None) -> grain.IterDataset:
+                  process_index: int | None = None, process_count: int | None = None,
+                  start_batch: int = 0) -> grain.IterDataset:
   """The grain IterDataset of per-process batches (see build_iterator)."""
   config.validate(data_cfg, split)
   if batch_size <= 0:
@@ -44,23 +47,25 @@ def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int 
   source = sources.make_source(data_cfg, split)
 
   ds = grain.MapDataset.source(source)
-  # grain's ShardOptions(drop_remainder=True) semantics (equal shards, so every process runs the
-  # same number of eval steps), but strided rather than contiguous, so each shard of a folder
-  # sorted by class still sees every class.
-  n = len(ds) - len(ds) % process_count
-  ds = ds[:n][process_index::process_count]
-  if len(ds) == 0:  # pylint: disable=g-explicit-length-test
-    raise DataError(f"data.name={data_cfg.name!r} split={split!r} has {len(source)} examples, too "
-                    f"few for {process_count} processes; add data or use fewer processes")
   opt = transforms.Options.from_config(data_cfg)
   if split == "train":
-    shuffle_seed, augment_seed = np.random.SeedSequence([seed, process_index]).generate_state(2)
+    shuffle_seed, augment_seed = np.random.SeedSequence([seed]).generate_state(2)
     if data_cfg.shuffle:
       ds = ds.shuffle(seed=int(shuffle_seed))  # Reseeded with seed + epoch for each epoch.
     ds = ds.repeat()
+    # Augmentation before sharding: its randomness follows the global stream position.
     ds = ds.random_map(transforms.Augment(opt), seed=int(augment_seed))
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)
+    ds = ds[start_batch:]
   else:
+    # grain's ShardOptions(drop_remainder=True) semantics (equal shards, so every process runs
+    # the same number of eval steps), but strided rather than contiguous, so each shard of a
+    # folder sorted by class still sees every class.
+    n = len(ds) - len(ds) % process_count
+    ds = ds[:n][process_index::process_count]
+    if len(ds) == 0:  # pylint: disable=g-explicit-length-test
+      raise DataError(f"data.name={data_cfg.name!r} split={split!r} has {len(source)} examples, "
+                      f"too few for {process_count} processes; add data or use fewer processes")
     ds = ds.map(transforms.Prepare(opt)).batch(batch_size, drop_remainder=False)
   ds = ds.map(transforms.normalize)
 
@@ -76,19 +81,21 @@ def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int 
 
 
 def build_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int = 0,
-                   process_index: int | None = None,
-                   process_count: int | None = None) -> grain.DatasetIterator:
+                   process_index: int | None = None, process_count: int | None = None,
+                   start_batch: int = 0) -> grain.DatasetIterator:
   """A checkpointable iterator of this process's batches.
 
   Yields {"image": float32 [B, H, W, C] (frames == 1) or [B, T, H, W, C] in [-1, 1],
   "label": int32 [B]}. B = batch_size per process; process p of P reads every P-th example.
-  train: endless, reshuffled each epoch, augmented per data.crop/flip, full batches only.
+  train: endless, reshuffled each epoch, augmented per data.crop/flip, full batches only; starts
+  at global batch `start_batch` (the train step to resume from) on any number of processes.
   eval: one pass, no shuffle/augmentation; the last batch is KEPT even if smaller than B, so each
   held-out example is seen exactly once (pad it if a jitted step needs a static batch).
   process_index/count default to jax.process_index()/process_count().
   """
   return iter(build_dataset(data_cfg, split, batch_size=batch_size, seed=seed,
-                            process_index=process_index, process_count=process_count))
+                            process_index=process_index, process_count=process_count,
+                            start_batch=start_batch))
 
 
 def num_examples(data_cfg, split: str = "train") -> int:
