@@ -100,9 +100,9 @@ def pack_bits(bits_ND):
 
 
 def l2_normalize(x, axis=-1):
+  """x / max(‖x‖, eps) in float32; clamping inside the root keeps the gradient at 0 finite."""
   x = x.astype(jnp.float32)
-  norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
-  return x / jnp.maximum(norm, NORM_EPS)
+  return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), NORM_EPS**2))
 
 
 def bsq(z_ND, *, inv_temperature: float = 100.0) -> BSQOutput:

@@ -1,0 +1,247 @@
+"""Pallas kernels (interpret mode on CPU) against the plain-jnp references: outputs and gradients.
+
+Tiny tiles (16) and lengths that are not multiples of them keep the interpreter fast and exercise
+padding, several key blocks per query block and the block skipping of causal / block-causal /
+segment masks. `-m slow` runs the wider grid (head dims 64/128, longer sequences, every mask on both
+kernels, both dtypes).
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitok_jax import kernels
+from vitok_jax.errors import ConfigError
+from vitok_jax.kernels import attention
+from vitok_jax.kernels import bsq_pallas
+from vitok_jax.kernels import flash_attention as flash
+from vitok_jax.kernels import masks
+from vitok_jax.kernels import policy
+from vitok_jax.kernels import reference
+from vitok_jax.kernels import vq_pallas
+
+TINY = flash.BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
+# Relative to the largest reference entry: float32 is exact up to summation order; bfloat16 tiles
+# round probabilities and scores to 8 bits before the matmuls.
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+
+
+def _assert_close(actual, expected, tol, what):
+  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+  err = np.abs(actual - expected).max()
+  assert err <= tol * max(1.0, np.abs(expected).max()), f"{what}: max error {err}"
+
+
+def _qkv(batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (batch, q_len, heads, head_dim), dtype)
+  k = jax.random.normal(keys[1], (batch, kv_len, kv_heads, head_dim), dtype)
+  v = jax.random.normal(keys[2], (batch, kv_len, kv_heads, head_dim), dtype)
+  do = jax.random.normal(keys[3], (batch, q_len, heads, head_dim), dtype)
+  return q, k, v, do
+
+
+def _check_attention(backend, *, batch=2, q_len=50, kv_len=None, heads=4, kv_heads=2,
+                     head_dim=32, dtype=jnp.float32, blocks=TINY, **mask):
+  """Forward, logsumexp and all three gradients (with a cotangent on the lse too) vs reference."""
+  kv_len = q_len if kv_len is None else kv_len
+  q, k, v, do = _qkv(batch, q_len, kv_len, heads, kv_heads, head_dim, dtype)
+  dlse = jax.random.normal(jax.random.key(9), (batch, heads, q_len))
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(fn):
+    (out, lse), vjp = jax.vjp(fn, q, k, v)
+    return out, lse, vjp((do, dlse))
+
+  out, lse, grads = run(lambda q, k, v: flash.flash_attention(
+      q, k, v, block_sizes=blocks, backend=backend, return_lse=True, **mask))
+  ref_out, ref_lse, ref_grads = run(lambda q, k, v: reference.attention(q, k, v, **mask))
+  tol = TOLERANCE[dtype]
+  assert out.dtype == dtype and out.shape == q.shape
+  _assert_close(out, ref_out, tol, "out")
+  _assert_close(lse, ref_lse, tol, "lse")
+  for name, grad, ref_grad, primal in zip("qkv", grads, ref_grads, (q, k, v)):
+    assert grad.dtype == primal.dtype and grad.shape == primal.shape
+    _assert_close(grad, ref_grad, 2 * tol, f"d{name}")
+
+
+VAR_IDS = masks.var_block_ids((1, 2, 3, 4, 5))  # 55 tokens in 5 scales.
+PACKED = np.array([[0] * 20 + [1] * 13 + [2] * 17, [0] * 50])  # Two batch rows, 3 and 1 segments.
+
+FAST_CASES = {
+    "gqa_cross_lengths": dict(kv_len=41),
+    "block_causal_bf16": dict(block_ids=VAR_IDS, q_len=55, dtype=jnp.bfloat16),
+    "segments_causal_hd64": dict(segment_ids=PACKED, causal=True, head_dim=64, heads=2,
+                                 kv_heads=1),
+}
+
+
+@pytest.mark.parametrize("case", FAST_CASES)
+def test_flash_attention_gpu_kernel_matches_reference(case):
+  _check_attention("gpu", **FAST_CASES[case])
+
+
+def test_flash_attention_tpu_kernel_matches_reference():
+  _check_attention("tpu", block_ids=VAR_IDS, q_len=55, heads=2, kv_heads=1)
+
+
+SLOW_MASKS = {
+    "none": dict(),
+    "causal": dict(causal=True),
+    "block_causal": dict(block_ids=masks.var_block_ids((1, 2, 3, 4, 5, 6, 8))),  # 155 tokens.
+    "segments_causal": dict(segment_ids=np.repeat(np.arange(4), [40, 60, 25, 30]), causal=True),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("mask", SLOW_MASKS)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flash_attention_wide_grid(backend, mask, head_dim, dtype):
+  blocks = flash.BlockSizes(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32)
+  _check_attention(backend, batch=1, q_len=155, heads=4, kv_heads=1, head_dim=head_dim,
+                   dtype=dtype, blocks=blocks, **SLOW_MASKS[mask])
+
+
+def test_block_ranges_cover_exactly_the_visible_tiles():
+  """For sorted ids the ranges are tight: a tile is inside iff the dense mask sees in it."""
+  ids = masks.make_ids(1, 64, 64, block_ids=masks.var_block_ids((1, 2, 3, 4, 5, 3)),
+                       segment_ids=np.repeat(np.arange(2), [30, 34]))
+  block_ranges = jax.jit(masks.block_ranges, static_argnums=range(1, 6), static_argnames="causal")
+  (kv_lo, kv_hi), (q_lo, q_hi) = block_ranges(ids, 1, 64, 64, 16, 8, causal=True)
+  dense = np.asarray(masks.dense_mask(ids, 64, 64, causal=True))[0, 0]
+  visible = dense.reshape(4, 16, 8, 8).any((1, 3))
+  for n in range(4):
+    cols = np.flatnonzero(visible[n])
+    assert (kv_lo[0, n], kv_hi[0, n]) == (cols.min(), cols.max() + 1)
+  for m in range(8):
+    rows = np.flatnonzero(visible[:, m])
+    assert (q_lo[0, m], q_hi[0, m]) == (rows.min(), rows.max() + 1)
+
+
+def test_var_block_ids_lengths():
+  assert len(masks.var_block_ids((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))) == 680
+  assert len(masks.var_block_ids((1, 2, 3, 4, 6, 9, 13, 18, 24, 32))) == 2240
+
+
+def test_dispatcher_pallas_matches_xla_with_id_masks():
+  q, k, v, _ = _qkv(1, 55, 55, 2, 1, 32, jnp.float32)
+  mask = dict(block_ids=VAR_IDS, segment_ids=np.repeat([0, 1], [30, 25]), is_causal=True)
+  run = jax.jit(lambda impl: kernels.dot_product_attention(q, k, v, impl=impl, **mask),
+                static_argnums=0)
+  _assert_close(run("pallas"), run("xla"), 2e-5, "pallas vs xla")
+
+
+def test_dispatcher_default_path_is_unchanged_on_cpu():
+  q, k, v, _ = _qkv(1, 20, 20, 2, 2, 16, jnp.float32)
+  expected = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True))
+  ours = jax.jit(lambda q, k, v: kernels.dot_product_attention(q, k, v, is_causal=True))
+  np.testing.assert_array_equal(ours(q, k, v), expected(q, k, v))
+  assert kernels.attention_impl("auto", jnp.float32) == "xla"
+  assert kernels.quantize_impl("auto") == "xla"
+
+
+def test_resolve_impl_policy(monkeypatch):
+  resolve = attention.resolve_impl
+  assert resolve("pallas", backend="cpu") == "pallas_gpu"
+  assert resolve("pallas", backend="tpu") == "pallas_tpu"
+  # Not yet hardware-validated: auto keeps cuDNN / XLA.
+  assert resolve("auto", jnp.bfloat16, q_len=8192, head_dim=128, backend="gpu") == "cudnn"
+  assert resolve("auto", jnp.bfloat16, head_dim=82, backend="gpu") == "xla"  # cuDNN needs 8 | D.
+  assert resolve("auto", q_len=8192, backend="tpu") == "xla"
+  monkeypatch.setattr(policy, "HARDWARE_VALIDATED", frozenset({"gpu", "tpu"}))
+  assert resolve("auto", jnp.bfloat16, q_len=8192, head_dim=128, backend="gpu") == "pallas_gpu"
+  assert resolve("auto", jnp.bfloat16, q_len=256, head_dim=64, backend="gpu") == "cudnn"
+  assert resolve("auto", jnp.bfloat16, q_len=680, mask="block_causal", backend="gpu") == "pallas_gpu"
+  assert resolve("auto", jnp.bfloat16, q_len=8192, mask="dense", backend="gpu") == "cudnn"
+  assert resolve("auto", q_len=1024, backend="tpu") == "pallas_tpu"
+  assert resolve("auto", q_len=1024, backend="cpu") == "xla"
+  with pytest.raises(ConfigError, match="unknown"):
+    resolve("flash")
+
+
+def test_pallas_rejects_a_dense_mask():
+  q, k, v, _ = _qkv(1, 16, 16, 1, 1, 16, jnp.float32)
+  with pytest.raises(ConfigError, match="mask_BHLS"):
+    kernels.dot_product_attention(q, k, v, mask_BHLS=jnp.ones((16, 16), bool), impl="pallas")
+
+
+def _check_bsq(shape, dtype=jnp.float32, inv_temperature=100.0):
+  z = jax.random.normal(jax.random.key(1), shape, dtype)
+  z = z.reshape(-1, shape[-1]).at[0, 3].set(0.0).reshape(shape)  # sign(0) → bit 0.
+  weights = jax.random.normal(jax.random.key(2), shape)
+
+  def stats_and_grad(fn):
+    def loss(z):
+      out = fn(z)
+      return ((out.quantized * weights).sum() + out.token_entropy - 0.5 * out.codebook_entropy
+              + out.bit_prob[0]), out
+    (_, out), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(z)
+    return out, grad
+
+  out, grad = stats_and_grad(lambda z: bsq_pallas.bsq(z, inv_temperature=inv_temperature,
+                                                      block_tokens=16))
+  ref, ref_grad = stats_and_grad(lambda z: reference.bsq(z, inv_temperature=inv_temperature))
+  np.testing.assert_array_equal(out.codes, ref.codes)
+  assert out.codes.dtype == jnp.uint32 and out.quantized.dtype == dtype
+  for name in ("quantized", "bit_prob", "token_entropy", "codebook_entropy", "bit_usage"):
+    _assert_close(getattr(out, name), getattr(ref, name), 1e-5, name)
+  _assert_close(grad, ref_grad, 1e-4 if dtype == jnp.float32 else 2e-2, "grad")
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 16), (50, 40)])  # One word; two words, ragged tail.
+def test_bsq_kernel_matches_reference(shape):
+  _check_bsq(shape)
+
+
+def test_bsq_codes_pack_bit0_most_significant():
+  z = jnp.array([[1.0, -1.0, -1.0, 1.0], [-1.0, 0.0, 1.0, 1.0]])
+  np.testing.assert_array_equal(bsq_pallas.bsq(z).codes[:, 0], [0b1001, 0b0011])
+  np.testing.assert_array_equal(jax.jit(reference.bsq)(z).codes[:, 0], [0b1001, 0b0011])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape,dtype", [((4, 100, 32), jnp.float32), ((300, 64), jnp.bfloat16),
+                                         ((77, 18), jnp.float32)])
+def test_bsq_kernel_wide(shape, dtype):
+  _check_bsq(shape, dtype, inv_temperature=10.0)
+
+
+def _check_vq(num_tokens, num_codes, dim, normalize, block_codes=64):
+  z = jax.random.normal(jax.random.key(1), (num_tokens, dim))
+  codebook = jax.random.normal(jax.random.key(2), (num_codes, dim))
+  # Exact ties: duplicated codes (first and last tile) and a token on one of them.
+  codebook = codebook.at[5].set(codebook[3]).at[num_codes - 1].set(codebook[3])
+  z = z.at[0].set(2.0 * codebook[3])
+  index, dist = vq_pallas.vq_nearest(z, codebook, normalize=normalize, block_tokens=32,
+                                     block_codes=block_codes)
+  ref_index, ref_dist = jax.jit(reference.vq_nearest, static_argnames="normalize")(
+      z, codebook, normalize=normalize)
+  np.testing.assert_array_equal(index, ref_index)
+  assert int(index[0]) == 3
+  _assert_close(dist, ref_dist, 1e-5, "dist")
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_vq_nearest_matches_reference(normalize):
+  _check_vq(100, 300, 8, normalize)
+
+
+@pytest.mark.slow
+def test_vq_nearest_llamagen_codebook():
+  _check_vq(300, 16384, 8, True, block_codes=512)
+
+
+def test_quantize_dispatcher():
+  z = jax.random.normal(jax.random.key(0), (2, 8, 16))
+  codebook = jax.random.normal(jax.random.key(1), (40, 16))
+  vq_index = jax.jit(lambda impl: kernels.vq_nearest(z, codebook, impl=impl)[0],
+                     static_argnums=0)
+  np.testing.assert_array_equal(vq_index("pallas"), vq_index("xla"))
+  codes = jax.jit(lambda impl: kernels.bsq(z, impl=impl).codes, static_argnums=0)
+  np.testing.assert_array_equal(codes("pallas"), codes("auto"))
+  with pytest.raises(ConfigError, match="cuDNN"):
+    kernels.bsq(z, impl="cudnn")
