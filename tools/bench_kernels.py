@@ -1,0 +1,325 @@
+r"""Benchmarks the Pallas kernels against XLA, cuDNN and jax's own Pallas ops, measured in one run.
+
+  PYTHONPATH=. python tools/bench_kernels.py --out kernels.json --plot kernels.png   # GPU / TPU
+  PYTHONPATH=. python tools/bench_kernels.py --tiny                                   # CPU check
+
+Attention (batch × heads × L × head_dim, self-attention): forward and forward+backward TFLOP/s of
+  pallas      ours (`flash_attention`, the kernel for this backend),
+  xla, cudnn  `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
+  jax_pallas  jax's reference Pallas op (GPU: pallas.ops.gpu.attention.mha; TPU:
+              pallas.ops.tpu.flash_attention),
+for every L in --lengths and head_dim in --head_dims, causal or not (--causal), plus block-causal at
+VAR's lengths (680 = 256p, 2240 = 512p) against the same mask given densely to XLA/cuDNN. FLOPs
+are the useful ones: 4·B·H·D per visible (query, key) pair forward, 2.5× that backward (the
+FlashAttention convention), identical for every implementation, so TFLOP/s ratios are speed ratios.
+
+Quantisers: BSQ (N tokens × d) and VQ nearest code (N tokens, K codes × D) as GB/s of the bytes they
+must move (read z and the codebook, write the outputs) against the device's peak memory bandwidth,
+and as speed ratios against the jnp reference (`kernels.reference`, fused by XLA). For VQ the
+compiled memory profile (XLA temp bytes) shows whether a tokens × codebook buffer exists.
+
+Timing: each function is jitted and compiled first, run --warmup times, then the median of --iters
+runs, each ended by block_until_ready. On CPU the Pallas kernels run in interpret mode: the numbers
+test this script, not the kernels (the JSON says so: "interpret": true). Targets (H100, bf16) are
+checked where measurable and reported "pending" otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitok_jax.kernels import bsq_pallas
+from vitok_jax.kernels import flash_attention as flash
+from vitok_jax.kernels import masks
+from vitok_jax.kernels import reference
+from vitok_jax.kernels import vq_pallas
+
+VAR_SCALES = {680: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
+              55: (1, 2, 3, 4, 5)}
+# Peak HBM bandwidth, bytes/s, by device_kind substring (first match wins, specific names first).
+PEAK_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12),
+                  ("TPU v5 lite", 8.19e11), ("TPU v5e", 8.19e11), ("TPU v5", 2.765e12),
+                  ("TPU v4", 1.228e12), ("TPU v6", 1.64e12))
+ATTENTION_IMPLS = ("pallas", "xla", "cudnn", "jax_pallas")
+
+
+def _time(fn, args, warmup: int, iters: int):
+  """Compile seconds and median run seconds of jitted fn(*args)."""
+  start = time.perf_counter()
+  compiled = jax.jit(fn).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return compile_s, statistics.median(times), compiled
+
+
+def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool):
+  """f(q, k, v) -> out in [B, L, H, D] for one implementation."""
+  backend = jax.default_backend()
+  if impl == "pallas":
+    return functools.partial(flash.flash_attention, causal=causal, block_ids=block_ids,
+                             interpret=interpret)
+  if impl in ("xla", "cudnn"):
+    mask = None
+    if block_ids is not None:  # The dense equivalent of the block-causal mask.
+      mask = (block_ids[None, :] <= block_ids[:, None])[None, None]
+    return functools.partial(jax.nn.dot_product_attention, is_causal=causal, mask=mask,
+                             implementation=impl)
+  if impl == "jax_pallas":
+    if block_ids is not None:
+      raise NotImplementedError("jax's Pallas attention has no block-causal mask")
+    if backend == "tpu":
+      from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+      return lambda q, k, v: jnp.swapaxes(tpu_flash.flash_attention(
+          *(jnp.swapaxes(x, 1, 2) for x in (q, k, v)), causal=causal,
+          sm_scale=q.shape[-1] ** -0.5), 1, 2)
+    from jax.experimental.pallas.ops.gpu import attention as gpu_attention
+    return lambda q, k, v: gpu_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5,
+                                             causal=causal, interpret=interpret)
+  raise ValueError(impl)
+
+
+def _fwd_bwd(fn):
+  """Forward + backward of sum(out · do): the work of one training step's attention."""
+  def step(q, k, v, do):
+    out, vjp = jax.vjp(fn, q, k, v)
+    return vjp(do)
+  return step
+
+
+def _visible_pairs(q_len: int, causal: bool, block_ids) -> float:
+  if block_ids is not None:
+    return float(np.sum(block_ids[None, :] <= block_ids[:, None]))
+  return q_len * (q_len + 1) / 2 if causal else float(q_len * q_len)
+
+
+def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, impls, warmup,
+                    iters, interpret):
+  keys = jax.random.split(jax.random.key(0), 4)
+  shape = (batch, q_len, heads, head_dim)
+  q, k, v, do = (jax.random.normal(key, shape, dtype) for key in keys)
+  fwd_flops = 4.0 * batch * heads * head_dim * _visible_pairs(q_len, causal, block_ids)
+  row = {"batch": batch, "heads": heads, "q_len": q_len, "head_dim": head_dim,
+         "dtype": jnp.dtype(dtype).name, "mask": "block_causal" if block_ids is not None else
+         ("causal" if causal else "none"), "fwd_flops": fwd_flops, "impls": {}}
+  ids = None if block_ids is None else jnp.asarray(block_ids)
+  for impl in impls:
+    entry = {}
+    try:
+      fn = _attention_fn(impl, causal=causal, block_ids=ids, interpret=interpret)
+      _, fwd_s, _ = _time(fn, (q, k, v), warmup, iters)
+      _, step_s, _ = _time(_fwd_bwd(fn), (q, k, v, do), warmup, iters)
+      entry = {"fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * step_s,
+               "fwd_tflops": fwd_flops / fwd_s / 1e12,
+               "fwd_bwd_tflops": 3.5 * fwd_flops / step_s / 1e12}
+    except Exception as e:  # noqa: BLE001  An unsupported baseline is reported, not fatal.
+      entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    row["impls"][impl] = entry
+  ours = row["impls"].get("pallas", {})
+  for impl, entry in row["impls"].items():
+    if impl != "pallas" and "fwd_ms" in entry and "fwd_ms" in ours:
+      row[f"speedup_vs_{impl}"] = {"fwd": entry["fwd_ms"] / ours["fwd_ms"],
+                                   "fwd_bwd": entry["fwd_bwd_ms"] / ours["fwd_bwd_ms"]}
+  return row
+
+
+def _peak_bandwidth(device) -> tuple[float, str]:
+  kind = device.device_kind
+  for name, peak in PEAK_BANDWIDTH:
+    if name.lower() in kind.lower():
+      return peak, f"published HBM bandwidth of {name}"
+  x = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB: read once, written once.
+  _, seconds, _ = _time(lambda x: x + 1, (x,), 1, 5)
+  return 2 * x.nbytes / seconds, "measured copy bandwidth (x + 1 on 256 MiB)"
+
+
+def _temp_bytes(compiled):
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # noqa: BLE001  Not every backend reports it.
+    return None
+
+
+def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak):
+  z = jax.random.normal(jax.random.key(0), (tokens, dim), dtype)
+  itemsize = jnp.dtype(dtype).itemsize
+  moved = 2 * tokens * dim * itemsize + tokens * -(-dim // 32) * 4  # z in, quantized + codes out.
+  kernel = lambda z: bsq_pallas.bsq(z, interpret=interpret)
+  result = {"tokens": tokens, "dim": dim, "dtype": jnp.dtype(dtype).name, "bytes": moved}
+  for name, fn in (("pallas", kernel), ("jnp", reference.bsq)):
+    _, seconds, _ = _time(fn, (z,), warmup, iters)
+    result[name] = {"ms": 1e3 * seconds, "gb_per_s": moved / seconds / 1e9,
+                    "fraction_of_peak": moved / seconds / peak}
+  result["speedup_vs_jnp"] = result["jnp"]["ms"] / result["pallas"]["ms"]
+  return result
+
+
+def bench_vq(*, tokens, codes, dim, warmup, iters, interpret, peak):
+  z = jax.random.normal(jax.random.key(0), (tokens, dim))
+  codebook = jax.random.normal(jax.random.key(1), (codes, dim))
+  moved = 4 * (tokens * dim + codes * dim + 2 * tokens)
+  result = {"tokens": tokens, "codes": codes, "dim": dim, "bytes": moved,
+            "tokens_x_codes_bytes": 4 * tokens * codes}
+  kernel = lambda z, e: vq_pallas.vq_nearest(z, e, interpret=interpret)
+  for name, fn in (("pallas", kernel), ("jnp", reference.vq_nearest)):
+    _, seconds, compiled = _time(fn, (z, codebook), warmup, iters)
+    result[name] = {"ms": 1e3 * seconds, "gb_per_s": moved / seconds / 1e9,
+                    "fraction_of_peak": moved / seconds / peak,
+                    "temp_bytes": _temp_bytes(compiled)}
+  result["speedup_vs_jnp"] = result["jnp"]["ms"] / result["pallas"]["ms"]
+  temp = result["pallas"]["temp_bytes"]
+  result["no_tokens_x_codes_buffer"] = None if temp is None else temp < result["tokens_x_codes_bytes"]
+  return result
+
+
+def check_targets(report) -> dict:
+  """The issue's H100 targets: True/False where measured on a GPU, else "pending"."""
+  if report["backend"] != "gpu":
+    return {name: "pending (needs an H100)" for name in (
+        "fwd_bwd_vs_cudnn>=1.0", "fwd_bwd_vs_xla>=2.0", "block_causal_vs_dense>=1.5",
+        "bsq_bandwidth>=0.7", "vq_vs_jnp>=3_and_no_buffer")}
+  big = [r for r in report["attention"] if r["q_len"] >= 4096 and r["head_dim"] == 128
+         and r["dtype"] == "bfloat16" and r["mask"] != "block_causal"]
+  var = [r for r in report["attention"] if r["mask"] == "block_causal"]
+  ratios = lambda rows, impl: [r.get(f"speedup_vs_{impl}", {}).get("fwd_bwd", 0.0) for r in rows]
+  best_dense = lambda r: min(ratios([r], "xla") + ratios([r], "cudnn"), key=lambda x: x or 1e9)
+  return {
+      "fwd_bwd_vs_cudnn>=1.0": bool(big) and min(ratios(big, "cudnn")) >= 1.0,
+      "fwd_bwd_vs_xla>=2.0": bool(big) and min(ratios(big, "xla")) >= 2.0,
+      "block_causal_vs_dense>=1.5": bool(var) and min(best_dense(r) for r in var) >= 1.5,
+      "bsq_bandwidth>=0.7": report["bsq"]["pallas"]["fraction_of_peak"] >= 0.7,
+      "vq_vs_jnp>=3_and_no_buffer": (report["vq"]["speedup_vs_jnp"] >= 3.0
+                                     and bool(report["vq"]["no_tokens_x_codes_buffer"])),
+  }
+
+
+def plot(report, path: str):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  dense = [r for r in report["attention"] if r["mask"] != "block_causal"]
+  head_dims = sorted({r["head_dim"] for r in dense})
+  fig, axes = plt.subplots(1, 2 * len(head_dims) + 1, figsize=(5 * (2 * len(head_dims) + 1), 4))
+  for col, (head_dim, phase) in enumerate((d, p) for d in head_dims for p in ("fwd", "fwd_bwd")):
+    ax = axes[col]
+    rows = [r for r in dense if r["head_dim"] == head_dim]
+    for impl in report["impls"]:
+      points = [(r["q_len"], r["impls"][impl][f"{phase}_tflops"]) for r in rows
+                if f"{phase}_tflops" in r["impls"].get(impl, {})]
+      if points:
+        ax.plot(*zip(*points), marker="o", label=impl)
+    ax.set(xscale="log", xlabel="sequence length", ylabel="TFLOP/s",
+           title=f"{phase}, head_dim {head_dim}")
+    ax.legend()
+  ax = axes[-1]
+  labels, values = [], []
+  for r in report["attention"]:
+    if r["mask"] == "block_causal":
+      for impl, ratio in ((k[len("speedup_vs_"):], v) for k, v in r.items()
+                          if k.startswith("speedup_vs_")):
+        labels.append(f"VAR L={r['q_len']}\nvs {impl}")
+        values.append(ratio["fwd_bwd"])
+  for name in ("bsq", "vq"):
+    labels.append(f"{name.upper()}\nvs jnp")
+    values.append(report[name]["speedup_vs_jnp"])
+  ax.bar(range(len(values)), values)
+  ax.axhline(1.0, color="k", lw=0.5)
+  ax.set_xticks(range(len(values)), labels, fontsize=7)
+  ax.set(ylabel="speed-up of ours (fwd+bwd for attention)", title="block-causal and quantisers")
+  suffix = " (CPU, Pallas interpreted: not kernel speed)" if report["interpret"] else ""
+  fig.suptitle(f"{report['device_kind']}{suffix}")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ints = lambda s: tuple(int(x) for x in s.split(","))
+  parser.add_argument("--tiny", action="store_true",
+                      help="CPU-sized problem (default on CPU): checks the script, not the kernels")
+  parser.add_argument("--lengths", type=ints, default=None, help="default 256,...,16384")
+  parser.add_argument("--head_dims", type=ints, default=None, help="default 64,128")
+  parser.add_argument("--var_lengths", type=ints, default=None, help="default 680,2240")
+  parser.add_argument("--batch", type=int, default=None)
+  parser.add_argument("--heads", type=int, default=None)
+  parser.add_argument("--dtype", default=None, help="default bfloat16 (float32 with --tiny)")
+  parser.add_argument("--causal", action="store_true")
+  parser.add_argument("--impls", default=",".join(ATTENTION_IMPLS))
+  parser.add_argument("--bsq", type=ints, default=None, help="tokens,dim; default 1048576,32")
+  parser.add_argument("--vq", type=ints, default=None,
+                      help="tokens,codes,dim; default 65536,16384,8")
+  parser.add_argument("--warmup", type=int, default=None)
+  parser.add_argument("--iters", type=int, default=None)
+  parser.add_argument("--out", default="bench_kernels.json")
+  parser.add_argument("--plot", default=None, help="PNG path for the plot")
+  args = parser.parse_args(argv)
+  tiny = args.tiny or jax.default_backend() == "cpu"
+  defaults = dict(lengths=(64, 128), head_dims=(32,), var_lengths=(55,), batch=1, heads=2,
+                  dtype="float32", bsq=(2048, 32), vq=(512, 1024, 8), warmup=1, iters=2) if tiny \
+      else dict(lengths=(256, 512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128),
+                var_lengths=(680, 2240), batch=None, heads=16, dtype="bfloat16",
+                bsq=(1 << 20, 32), vq=(65536, 16384, 8), warmup=3, iters=10)
+  for name, value in defaults.items():
+    if getattr(args, name) is None:
+      setattr(args, name, value)
+  args.tiny = tiny
+  return args
+
+
+def main(argv=None):
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  device = jax.devices()[0]
+  interpret = jax.default_backend() == "cpu"
+  impls = tuple(args.impls.split(","))
+  dtype = jnp.dtype(args.dtype)
+  peak, peak_source = _peak_bandwidth(device)
+  report = {"backend": jax.default_backend(), "device_kind": device.device_kind,
+            "interpret": interpret, "tiny": args.tiny, "impls": impls, "dtype": dtype.name,
+            "peak_bandwidth_gb_per_s": peak / 1e9, "peak_bandwidth_source": peak_source,
+            "attention": []}
+  common = dict(heads=args.heads, dtype=dtype, impls=impls, warmup=args.warmup, iters=args.iters,
+                interpret=interpret)
+  # A constant token count per step (16k) keeps every length's work comparable and in memory.
+  batch_for = lambda length: args.batch or max(1, 16384 // length)
+  for head_dim in args.head_dims:
+    for length in args.lengths:
+      row = bench_attention(batch=batch_for(length), q_len=length, head_dim=head_dim,
+                            causal=args.causal, block_ids=None, **common)
+      report["attention"].append(row)
+      print(json.dumps(row), flush=True)
+  for length in args.var_lengths:
+    ids = masks.var_block_ids(VAR_SCALES[length])
+    row = bench_attention(batch=batch_for(length), q_len=length, head_dim=args.head_dims[-1],
+                          causal=False, block_ids=ids,
+                          **{**common, "impls": tuple(i for i in impls if i != "jax_pallas")})
+    report["attention"].append(row)
+    print(json.dumps(row), flush=True)
+  report["bsq"] = bench_bsq(tokens=args.bsq[0], dim=args.bsq[1], dtype=dtype, warmup=args.warmup,
+                            iters=args.iters, interpret=interpret, peak=peak)
+  report["vq"] = bench_vq(tokens=args.vq[0], codes=args.vq[1], dim=args.vq[2],
+                          warmup=args.warmup, iters=args.iters, interpret=interpret, peak=peak)
+  report["targets"] = check_targets(report)
+  print(json.dumps({k: report[k] for k in ("bsq", "vq", "targets")}, indent=1), flush=True)
+  with open(args.out, "w") as f:
+    json.dump(report, f, indent=1)
+  if args.plot:
+    plot(report, args.plot)
+  return report
+
+
+if __name__ == "__main__":
+  main()
