@@ -1,0 +1,62 @@
+"""The embedded-data classifier: accuracy, FID-MNIST ordering (real < blurred < noise), caching."""
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from vitok_jax.data import bundled
+from vitok_jax.eval import mnist_metrics
+from vitok_jax.models.perceptual import mnist_classifier
+
+
+@pytest.fixture(scope="module")
+def trained():
+  # A short run (the default is 600 steps); enough for the ordering below and for > 85% accuracy.
+  return mnist_classifier.train(steps=120)
+
+
+def _digits(split):
+  x, y = bundled.mnist(split)
+  return x.astype(np.float32) / 127.5 - 1.0, y
+
+
+def test_classifier_learns_mnist(trained):
+  _, accuracy = trained
+  assert accuracy > 0.85
+
+
+def test_fid_mnist_orders_real_blurred_noise(trained):
+  params, _ = trained
+  real, _ = _digits("train")
+  held_out, labels = _digits("eval")  # 500 digits the classifier never saw.
+  reference = real[:1500]
+  blurred = ndimage.gaussian_filter(held_out, sigma=(0, 1.5, 1.5, 0))
+  noise = np.random.default_rng(0).uniform(-1, 1, held_out.shape).astype(np.float32)
+  scores = {name: mnist_metrics.fid_mnist(params, reference, images)
+            for name, images in (("real", held_out), ("blurred", blurred), ("noise", noise))}
+  assert scores["real"] < scores["blurred"] < scores["noise"], scores
+  assert scores["real"] < 0.2 * scores["blurred"], scores
+  # Class accuracy of "class-conditional samples": real digits with their labels vs shuffled labels.
+  assert mnist_metrics.class_accuracy(params, held_out, labels) > 0.85
+  assert mnist_metrics.class_accuracy(params, held_out, np.roll(labels, 1)) < 0.3
+
+
+def test_other_resolutions_and_rgb(trained):
+  params, _ = trained
+  x = np.zeros((2, 32, 32, 3), np.float32)
+  assert mnist_classifier.features(params, x).shape == (2, mnist_classifier.FEATURE_DIM)
+
+
+def test_load_or_train_caches(trained, tmp_path, monkeypatch):
+  params, _ = trained
+  path = str(tmp_path / "clf.npz")
+  monkeypatch.setattr(mnist_classifier, "train", lambda steps: (params, 1.0))
+  first = mnist_classifier.load_or_train(path)
+  monkeypatch.setattr(mnist_classifier, "train", lambda steps: pytest.fail("retrained"))
+  second = mnist_classifier.load_or_train(path)
+  np.testing.assert_array_equal(first["conv0"]["kernel"], second["conv0"]["kernel"])
+
+
+@pytest.mark.slow
+def test_default_classifier_is_accurate():
+  _, accuracy = mnist_classifier.train()
+  assert accuracy > 0.97

@@ -1,0 +1,30 @@
+"""Embedded-data generation metrics on MNIST: FID-MNIST and class accuracy of conditional samples.
+
+Both use the small classifier of models/perceptual/mnist_classifier.py (trained once, cached in the
+work dir): FID-MNIST is the Fréchet distance between its 128-d features of real and generated digits;
+class accuracy is how often it reads a class-conditional sample as the class it was asked for.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from vitok_jax.eval import fid
+from vitok_jax.models.perceptual import mnist_classifier
+
+
+def feature_stats(params, images_BHWC, batch_size: int = 500) -> fid.GaussianStats:
+  """Streaming feature statistics of images [N, H, W, C] in [-1, 1]."""
+  stats = fid.StreamingStats(mnist_classifier.FEATURE_DIM)
+  for i in range(0, len(images_BHWC), batch_size):
+    stats.update(mnist_classifier.features(params, images_BHWC[i:i + batch_size]))
+  return stats.finalize()
+
+
+def fid_mnist(params, real_BHWC, fake_BHWC) -> float:
+  """FID-MNIST between real and generated (or reconstructed) digits, both in [-1, 1]."""
+  return fid.fid_from_stats(feature_stats(params, real_BHWC), feature_stats(params, fake_BHWC))
+
+
+def class_accuracy(params, samples_BHWC, labels_B) -> float:
+  """Fraction of samples the classifier assigns to the class they were conditioned on."""
+  return float(np.mean(mnist_classifier.predict_labels(params, samples_BHWC) == np.asarray(labels_B)))
