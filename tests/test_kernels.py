@@ -1,4 +1,7 @@
-"""Pallas kernels (interpret mode on CPU) against the plain-jnp references: outputs and gradients.
+"""Pallas kernels against the plain-jnp references: outputs and gradients.
+
+On CPU the kernels run in interpret mode; on a GPU/TPU the same tests run them compiled (the check
+to pass before adding the backend to `policy.HARDWARE_VALIDATED`).
 
 Tiny tiles (16) and lengths that are not multiples of them keep the interpreter fast and exercise
 padding, several key blocks per query block and the block skipping of causal / block-causal /
@@ -25,7 +28,12 @@ from vitok_jax.kernels import vq_pallas
 TINY = flash.BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 # Relative to the largest reference entry: float32 is exact up to summation order; bfloat16 tiles
 # round probabilities and scores to 8 bits before the matmuls.
-TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
+# On a GPU, float32 kernel matmuls may run as TF32 (10-bit mantissa).
+TOLERANCE = {jnp.float32: 2e-5 if jax.default_backend() == "cpu" else 5e-3, jnp.bfloat16: 3e-2}
+# Interpreted on CPU, each kernel flavour runs; on an accelerator only its own (compiled).
+ON = {backend: pytest.mark.skipif(jax.default_backend() not in ("cpu", backend),
+                                  reason=f"the {backend} kernel does not lower here")
+      for backend in ("gpu", "tpu")}
 
 
 def _assert_close(actual, expected, tol, what):
@@ -78,11 +86,13 @@ FAST_CASES = {
 }
 
 
+@ON["gpu"]
 @pytest.mark.parametrize("case", FAST_CASES)
 def test_flash_attention_gpu_kernel_matches_reference(case):
   _check_attention("gpu", **FAST_CASES[case])
 
 
+@ON["tpu"]
 def test_flash_attention_tpu_kernel_matches_reference():
   _check_attention("tpu", block_ids=VAR_IDS, q_len=55, heads=2, kv_heads=1)
 
@@ -96,7 +106,7 @@ SLOW_MASKS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=ON[b]) for b in ("gpu", "tpu")])
 @pytest.mark.parametrize("mask", SLOW_MASKS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -155,7 +165,8 @@ def test_resolve_impl_policy(monkeypatch):
   monkeypatch.setattr(policy, "HARDWARE_VALIDATED", frozenset({"gpu", "tpu"}))
   assert resolve("auto", jnp.bfloat16, q_len=8192, head_dim=128, backend="gpu") == "pallas_gpu"
   assert resolve("auto", jnp.bfloat16, q_len=256, head_dim=64, backend="gpu") == "cudnn"
-  assert resolve("auto", jnp.bfloat16, q_len=680, mask="block_causal", backend="gpu") == "pallas_gpu"
+  assert resolve("auto", jnp.bfloat16, q_len=680, mask="block_causal",
+                 backend="gpu") == "pallas_gpu"
   assert resolve("auto", jnp.bfloat16, q_len=8192, mask="dense", backend="gpu") == "cudnn"
   assert resolve("auto", q_len=1024, backend="tpu") == "pallas_tpu"
   assert resolve("auto", q_len=1024, backend="cpu") == "xla"

@@ -1,4 +1,4 @@
-"""tools/bench_kernels.py end to end at CPU size (Pallas interpreted): JSON, ratios, targets, plot."""
+"""tools/bench_kernels.py end to end at CPU size (Pallas interpreted): JSON, ratios, plot."""
 import importlib.util
 import json
 import pathlib

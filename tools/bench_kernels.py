@@ -181,7 +181,8 @@ def bench_vq(*, tokens, codes, dim, warmup, iters, interpret, peak):
                     "temp_bytes": _temp_bytes(compiled)}
   result["speedup_vs_jnp"] = result["jnp"]["ms"] / result["pallas"]["ms"]
   temp = result["pallas"]["temp_bytes"]
-  result["no_tokens_x_codes_buffer"] = None if temp is None else temp < result["tokens_x_codes_bytes"]
+  result["no_tokens_x_codes_buffer"] = (None if temp is None
+                                        else temp < result["tokens_x_codes_bytes"])
   return result
 
 

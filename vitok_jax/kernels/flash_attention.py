@@ -31,7 +31,7 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes (tokens). Backward tiles must divide the forward ones (lengths pad to the latter)."""
+  """Tile sizes in tokens. Backward tiles divide the forward ones (lengths pad to the latter)."""
   block_q: int
   block_k: int
   block_q_bwd: int

@@ -6,7 +6,7 @@ the loop runs only over the key blocks `masks.block_ranges` marks as possibly vi
 where causal and block-causal masks save work. Scores use exp2 with log2(e) folded into the scale
 (the GPU's native exponential); the saved logsumexp is converted to natural log for the interface.
 The backward recomputes each score tile from the logsumexp: one kernel per key block accumulates
-dK and dV over its query blocks, one kernel per query block accumulates dQ, so no atomics are needed.
+dK and dV over its query blocks, one kernel per query block accumulates dQ: no atomics needed.
 
 Arrays arrive padded (see `flash_attention`): lengths are multiples of the tiles, head_dim a power
 of two ≥ 16 as Triton's dot requires.

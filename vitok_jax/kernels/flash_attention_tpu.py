@@ -48,7 +48,8 @@ def _scores_and_mask(q_QD, k_KD, q_start, k_start, id_tiles, cfg: KernelConfig):
   mask_QK = masks.tile_mask(
       q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0),
       k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1),
-      causal=cfg.causal, kv_len=cfg.kv_len, q_segment_Q1=col(q_segment), k_segment_1K=row(kv_segment),
+      causal=cfg.causal, kv_len=cfg.kv_len,
+      q_segment_Q1=col(q_segment), k_segment_1K=row(kv_segment),
       q_block_Q1=col(q_block), k_block_1K=row(kv_block))
   if mask_QK is not None:
     s_QK = jnp.where(mask_QK, s_QK, MASK_VALUE)

@@ -1,4 +1,4 @@
-"""When impl="auto" picks a Pallas kernel: the one place to tune after running tools/bench_kernels.py.
+"""When impl="auto" picks a Pallas kernel: the one place to tune after tools/bench_kernels.py.
 
 A Pallas kernel is chosen only on a backend where it has run on the real hardware (its tests pass
 outside interpret mode and the benchmark shows it ahead): until then "auto" keeps the vendor/XLA
@@ -11,7 +11,8 @@ import jax
 
 # Backends where the Pallas kernels have been validated on hardware. Empty so far: this code was
 # written and tested in interpret mode on CPU only. Add "gpu" / "tpu" once
-# `pytest tests/test_kernels.py -m hardware` passes there and bench_kernels.py shows the targets.
+# `pytest tests/test_kernels.py -m "slow or not slow"` passes there (compiled, not interpreted)
+# and tools/bench_kernels.py shows the targets.
 HARDWARE_VALIDATED: frozenset = frozenset()
 
 # Shortest sequence for which flash attention beats materialising the scores (XLA/cuDNN). A guess

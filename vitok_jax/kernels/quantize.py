@@ -1,6 +1,6 @@
 """Quantiser kernels behind one function each, so bottlenecks never pick an implementation.
 
-  bsq(z, ...)                   binary spherical quantisation (Infinity / BSQ), `reference.BSQOutput`;
+  bsq(z, ...)                   binary spherical quantisation (Infinity/BSQ), `reference.BSQOutput`;
   vq_nearest(z, codebook, ...)  nearest codebook entry (LlamaGen / VAR), (index, distance).
 
 impl: "xla" (the jnp reference, fused by XLA), "pallas" (the kernels of bsq_pallas.py and
