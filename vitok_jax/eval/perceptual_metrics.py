@@ -1,0 +1,120 @@
+"""Dataset-level perceptual metrics of a tokenizer or generator: LPIPS, rFID/gFID, IS, FVD, FID-MNIST.
+
+One accumulator walks the eval split once: each batch of real pixels and their reconstructions (or
+generated samples) is pushed through the networks the requested metrics need, and only running
+sums and streaming feature statistics are kept, so memory does not grow with the split.
+
+  nets = load_networks(("lpips", "rfid"), config.eval, workdir)
+  acc = MetricAccumulator(("lpips", "rfid"), nets)
+  for batch: acc.update(real=x, fake=recon)
+  acc.result()  # {"eval/lpips": ..., "eval/rfid": ...}
+
+gFID: push generated samples as `fake` and real images as `real` (or start from saved reference
+statistics with `reference_stats`). Pixels are in [-1, 1]; images [B, H, W, C], video [B, T, H, W, C]
+(image metrics then score frames; FVD scores clips).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import numpy as np
+
+from vitok_jax.errors import ConfigError
+from vitok_jax.eval import fid
+from vitok_jax.models.perceptual import i3d, inception, lpips, mnist_classifier
+
+METRICS = ("lpips", "rfid", "inception_score", "fvd", "fid_mnist")
+# Which network each metric needs, and the config.eval field holding that network's weight file.
+NETWORK_OF = {"lpips": "lpips", "rfid": "inception", "inception_score": "inception", "fvd": "i3d",
+              "fid_mnist": "mnist_classifier"}
+WEIGHTS_FIELD = {"lpips": "lpips_weights", "inception": "inception_weights", "i3d": "i3d_weights",
+                 "mnist_classifier": "mnist_classifier"}
+
+
+def load_networks(names: Sequence[str], eval_cfg, workdir: str | None = None) -> dict[str, Callable]:
+  """Feature functions for the networks that `names` need, from the weight files in eval_cfg.
+
+  The MNIST classifier defaults to <workdir>/mnist_classifier.npz and is trained there if missing.
+  """
+  unknown = [n for n in names if n not in METRICS]
+  if unknown:
+    raise ConfigError(f"unknown metrics {unknown}; use any of {list(METRICS)}")
+  nets = {}
+  for net in sorted({NETWORK_OF[n] for n in names}):
+    path = eval_cfg.get(WEIGHTS_FIELD[net]) if eval_cfg is not None else None
+    if net == "lpips":
+      nets[net] = lpips.load_perceptual_fn(path)
+    elif net == "inception":
+      nets[net] = inception.make_feature_fn(inception.load_variables(path))
+    elif net == "i3d":
+      nets[net] = i3d.make_feature_fn(i3d.load_variables(path))
+    else:
+      path = path or os.path.join(workdir or ".", mnist_classifier.DEFAULT_FILENAME)
+      params = mnist_classifier.load_or_train(path)
+      nets[net] = lambda x, params=params: mnist_classifier.features(params, x)
+  return nets
+
+
+def _frames(x):
+  return x.reshape((-1,) + x.shape[-3:])
+
+
+class MetricAccumulator:
+  """Running sums and feature statistics for `names` over real/fake batches."""
+
+  def __init__(self, names: Sequence[str], networks: dict[str, Callable],
+               reference_stats: dict[str, fid.GaussianStats] | None = None):
+    self.names = tuple(names)
+    self.nets = networks
+    self.lpips_sum, self.lpips_count = 0.0, 0
+    self.logits: list[np.ndarray] = []
+    self.reference = dict(reference_stats or {})  # Precomputed real statistics, by network.
+    self.stats: dict[tuple[str, str], fid.StreamingStats] = {}
+
+  def _push(self, net: str, side: str, features):
+    features = np.asarray(features, np.float64)
+    key = (net, side)
+    if key not in self.stats:
+      self.stats[key] = fid.StreamingStats(features.shape[-1])
+    self.stats[key].update(features)
+
+  def update(self, real=None, fake=None) -> None:
+    """Adds a batch; `real` and `fake` are paired for LPIPS, independent for the distances."""
+    if "lpips" in self.names and real is not None and fake is not None:
+      distances = np.asarray(self.nets["lpips"](real, fake))
+      self.lpips_sum += float(distances.sum())
+      self.lpips_count += distances.shape[0]
+    for side, x in (("real", real), ("fake", fake)):
+      if x is None:
+        continue
+      if {"rfid", "inception_score"} & set(self.names):
+        out = self.nets["inception"](_frames(x))
+        if "rfid" in self.names and not (side == "real" and "inception" in self.reference):
+          self._push("inception", side, out["pool"])
+        if "inception_score" in self.names and side == "fake":
+          self.logits.append(np.asarray(out["logits"]))
+      if "fvd" in self.names and not (side == "real" and "i3d" in self.reference):
+        if x.ndim != 5:
+          raise ConfigError("fvd needs video [B, T, H, W, C]; drop it from the metrics for images")
+        self._push("i3d", side, self.nets["i3d"](x))
+      if "fid_mnist" in self.names and not (side == "real" and "mnist_classifier" in self.reference):
+        self._push("mnist_classifier", side, self.nets["mnist_classifier"](_frames(x)))
+
+  def real_stats(self, net: str) -> fid.GaussianStats:
+    """Statistics of the real side (e.g. to save as reference statistics for later gFID runs)."""
+    return self.reference.get(net) or self.stats[(net, "real")].finalize()
+
+  def result(self) -> dict[str, float]:
+    out = {}
+    if "lpips" in self.names and self.lpips_count:
+      out["eval/lpips"] = self.lpips_sum / self.lpips_count
+    for name in ("rfid", "fvd", "fid_mnist"):
+      if name in self.names:
+        net = NETWORK_OF[name]
+        out[f"eval/{name}"] = fid.fid_from_stats(self.real_stats(net),
+                                                 self.stats[(net, "fake")].finalize())
+    if "inception_score" in self.names and self.logits:
+      splits = min(10, sum(len(l) for l in self.logits))
+      out["eval/inception_score"] = fid.inception_score(np.concatenate(self.logits), splits)[0]
+    return out
