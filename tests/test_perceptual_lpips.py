@@ -33,8 +33,7 @@ def params():
 
 @pytest.fixture(scope="module")
 def fn(params):
-  """One jitted LPIPS shared by the tests (compiling VGG16 costs seconds per input shape)."""
-  return jax.jit(lpips.make_perceptual_fn(params))
+  return lpips.make_perceptual_fn(params)
 
 
 def numpy_lpips(state, x, y):
@@ -142,6 +141,7 @@ def test_converter_round_trips_a_state_dict(params, fn, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # Compiles VGG16 once more for the CLI's self-check (~10 s).
 def test_converter_cli_reads_torch_files(params, tmp_path):
   torch = pytest.importorskip("torch")
   from tools import convert_lpips  # pylint: disable=g-import-not-at-top

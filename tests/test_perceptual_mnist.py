@@ -11,7 +11,7 @@ from vitok_jax.models.perceptual import mnist_classifier
 @pytest.fixture(scope="module")
 def trained():
   # A short run (the default is 600 steps); enough for the ordering below and for > 85% accuracy.
-  return mnist_classifier.train(steps=120)
+  return mnist_classifier.train(steps=60)
 
 
 def _digits(split):

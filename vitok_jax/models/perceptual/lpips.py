@@ -10,6 +10,7 @@ Weights: `tools/convert_lpips.py` turns torchvision's VGG16 file plus the lpips 
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -142,23 +143,26 @@ def load_params(weights_path: str) -> dict:
   return params
 
 
-def make_perceptual_fn(params, dtype=jnp.float32) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """(x, recon) -> per-example LPIPS [B] for images [B, H, W, C] or video [B, T, H, W, C].
+@functools.partial(jax.jit, static_argnames="dtype")
+def lpips_distance(params, x, recon, dtype=jnp.float32):
+  """Per-example LPIPS [B] of images [B, H, W, C] or video [B, T, H, W, C] in [-1, 1].
 
-  Pixels are in [-1, 1]. One-channel inputs are repeated to RGB (LPIPS is an RGB network); video is
-  scored frame by frame and averaged over time. The params are frozen (stop_gradient): gradients
-  flow only into `recon` (and `x`).
+  One-channel inputs are repeated to RGB (LPIPS is an RGB network); video is scored frame by frame
+  and averaged over time. Params get no gradient. Jitted at module level so that every caller with
+  the same shapes shares one compilation (inside a jitted train step it is simply inlined).
   """
-  net = LPIPS(dtype)
-  frozen = jax.tree.map(lambda p: jax.lax.stop_gradient(jnp.asarray(p)), params)
+  batch = x.shape[0]
+  frozen = jax.lax.stop_gradient(params)
+  as_rgb = lambda v: jnp.broadcast_to(v, v.shape[:-1] + (3,)) if v.shape[-1] == 1 else v
+  frames = lambda v: as_rgb(v).reshape((-1,) + v.shape[-3:-1] + (3,))
+  distance = LPIPS(dtype).apply({"params": frozen}, frames(x), frames(recon))
+  return distance.reshape(batch, -1).mean(-1)
 
-  def perceptual_fn(x, recon):
-    batch = x.shape[0]
-    as_rgb = lambda v: jnp.broadcast_to(v, v.shape[:-1] + (3,)) if v.shape[-1] == 1 else v
-    frames = lambda v: as_rgb(v).reshape((-1,) + v.shape[-3:-1] + (3,))
-    return net.apply({"params": frozen}, frames(x), frames(recon)).reshape(batch, -1).mean(-1)
 
-  return perceptual_fn
+def make_perceptual_fn(params, dtype=jnp.float32) -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """(x, recon) -> per-example LPIPS [B] with these params (see `lpips_distance`)."""
+  params = jax.tree.map(jnp.asarray, params)
+  return lambda x, recon: lpips_distance(params, x, recon, dtype=dtype)
 
 
 def load_perceptual_fn(weights_path: str, dtype=jnp.float32):
