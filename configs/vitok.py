@@ -14,6 +14,7 @@ import ml_collections
 
 from vitok_jax import config_lib, data
 from vitok_jax.models import vit
+from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.train import train_tokenizer
 
 # The embedded default: a tiny tokenizer on bundled MNIST that trains in minutes on 2 CPU cores.
@@ -70,6 +71,9 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config.data.name = "imagenet"
 
   config.loss = ml_collections.ConfigDict(dict(l2=1.0, l1=0.1, lpips=0.0, kl=1e-3))
+
+  # Devices per mesh axis (-1 = the rest); dcn_* split across nodes/slices. See parallel/mesh.py.
+  config.mesh = mesh_lib.default_config()
 
   config.optim = ml_collections.ConfigDict(dict(
       base_lr=1e-4,        # Scaled by batch_size / 256.

@@ -11,7 +11,8 @@ import pytest
 
 from vitok_jax import ConfigError, config_lib
 from vitok_jax.scaling import record as record_lib
-from vitok_jax.train import checkpoint, train_tokenizer
+from vitok_jax.parallel import mesh as mesh_lib
+from vitok_jax.train import train_tokenizer
 from vitok_jax.train.metrics_writer import read_jsonl
 
 TINY = "Mu-Mu/4,c=8,res=16,data=mnist,batch=16,lr=2e-3"
@@ -26,17 +27,10 @@ def tiny_config(steps=12, **overrides):
 
 
 def final_params(workdir):
-  """Params of the newest checkpoint of a run, as numpy."""
+  """(step, params) of the newest checkpoint of a run, as numpy."""
   config = config_lib.read_config(workdir)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
-  model = train_tokenizer.build_model(config)
-  from vitok_jax.train import optimizer
-  tx, _ = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
-  example = np.zeros((1, *train_tokenizer.pixel_shape(config)), np.float32)
-  abstract = jax.eval_shape(lambda x: train_tokenizer.init_state(model, tx, config, x), example)
-  state = ckpt.restore_state(ckpt.latest_step(), abstract)
-  ckpt.close()
-  return int(state.step), jax.tree.map(np.asarray, state.params)
+  step, params, _ = train_tokenizer.restore_params(workdir, config, mesh_lib.make_mesh(config.mesh))
+  return step, jax.tree.map(np.asarray, params)
 
 
 def test_training_writes_config_metrics_images_checkpoint_and_record(tmp_path):

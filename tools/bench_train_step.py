@@ -44,6 +44,7 @@ from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import attention
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.scaling import flops
+from vitok_jax.scaling import record as record_lib
 from vitok_jax.train import train_tokenizer
 
 DEFAULT_VARIANTS = ("Mu-Mu/4,c=16,res=32,data=mnist", "Ti-Ti/8,c=16,res=64,data=photos")
@@ -132,10 +133,10 @@ def bench_variant(variant: str, *, batch: int | None, dtype: str, attn_impl: str
   train_tokenizer.validate(config)
 
   # Exactly the trainer's set-up: replicated state, batch split over a data-parallel mesh.
-  mesh = mesh_lib.data_parallel_mesh()
+  mesh = mesh_lib.make_mesh(config.mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)  # Raises if it does not split.
-  model, _, state, train_step = train_tokenizer.setup_training(config, mesh)
+  model, _, state, train_step, _ = train_tokenizer.setup_training(config, mesh)
   shape = train_tokenizer.pixel_shape(config)
   # Synthetic pixels [B, (T,) H, W, C], put on device once, before timing: no data pipeline in the
   # measurement. Each process makes its rows; global_batch assembles them as the trainer does.
@@ -172,7 +173,7 @@ def bench_variant(variant: str, *, batch: int | None, dtype: str, attn_impl: str
       "variant": variant,
       "batch": config.batch_size,
       "dtype": dtype,
-      "attn_impl": attention.resolve_impl(config.model.attn_impl, jnp.dtype(dtype)),
+      "attn_impl": record_lib.attention_impl(model, shape),
       "pixel_shape": list(shape),
       "device_kind": device.device_kind,
       "backend": jax.default_backend(),

@@ -15,7 +15,6 @@ import ml_collections
 
 from vitok_jax.errors import ConfigError
 from vitok_jax.models import bottlenecks, vit
-from vitok_jax.models.vit import partitioned
 
 
 def token_grid(pixel_shape: Sequence[int], patch: Sequence[int]) -> tuple[int, ...]:
@@ -65,10 +64,7 @@ class ViTok(nn.Module):
   def setup(self):
     transformer = lambda size, name: vit.Transformer(
         size, self.mlp_kind, self.rope, self.qk_norm, self.attn_impl, self.remat, self.dtype, name=name)
-    dense = lambda features, axes, name: nn.Dense(
-        features, dtype=self.dtype, name=name,
-        kernel_init=partitioned(nn.initializers.xavier_uniform(), axes),
-        bias_init=partitioned(nn.initializers.zeros, axes[1:]))
+    dense = lambda features, axes, name: vit.dense(features, axes, self.dtype, name)
     patch_dim = math.prod(self.patch) * self.pixel_channels
     self.patch_embed = dense(self.encoder.width, ("patch", "embed"), "patch_embed")
     self.encoder_vit = transformer(self.encoder, "encoder")

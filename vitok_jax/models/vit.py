@@ -62,6 +62,13 @@ def partitioned(init, axes: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(axes))
 
 
+def dense(features: int, axes: Sequence[str], dtype, name: str) -> nn.Dense:
+  """nn.Dense whose kernel carries logical axes `axes` (in, out) and bias axes[1:]."""
+  return nn.Dense(features, dtype=dtype, name=name,
+                  kernel_init=partitioned(nn.initializers.xavier_uniform(), axes),
+                  bias_init=partitioned(nn.initializers.zeros, axes[1:]))
+
+
 def constrain(x, axes: Sequence[str | None]):
   """Activation sharding constraint by logical names (a no-op outside a mesh with rules)."""
   return nn.with_logical_constraint(x, tuple(axes))
@@ -109,24 +116,22 @@ class Attention(nn.Module):
   def __call__(self, x_BLD, rope=None):
     width = x_BLD.shape[-1]
     head_dim = width // self.heads
-    init = nn.initializers.xavier_uniform()
-    proj = lambda name: nn.DenseGeneral(
-        (self.heads, head_dim), dtype=self.dtype, name=name,
-        kernel_init=partitioned(init, ("embed", "heads", "kv")),
-        bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")))
-    q_BLHK, k_BLHK, v_BLHK = proj("query")(x_BLD), proj("key")(x_BLD), proj("value")(x_BLD)
+    # Plain Dense over the flattened (heads · head_dim) axis, named "heads" (its blocks of head_dim
+    # are whole heads, so sharding it over `tensor` splits heads): flax's DenseGeneral inits its
+    # kernel flat, where a 3-axis logical annotation cannot be applied.
+    split = lambda t: t.reshape(*t.shape[:-1], self.heads, head_dim)
+    q_BLHK, k_BLHK, v_BLHK = (split(dense(width, ("embed", "heads"), self.dtype, name)(x_BLD))
+                              for name in ("query", "key", "value"))
     if self.qk_norm:
       norm = lambda name: nn.RMSNorm(dtype=self.dtype, name=name,
                                      scale_init=partitioned(nn.initializers.ones, ("kv",)))
       q_BLHK, k_BLHK = norm("query_norm")(q_BLHK), norm("key_norm")(k_BLHK)
     if rope is not None:
       q_BLHK, k_BLHK = apply_rope(q_BLHK, *rope), apply_rope(k_BLHK, *rope)
-    q_BLHK = constrain(q_BLHK, ("batch", "length", "heads", "kv"))
+    q_BLHK = constrain(q_BLHK, ("batch", "length", "act_heads", "act_kv"))
     out_BLHK = kernels.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, impl=self.attn_impl)
-    return nn.DenseGeneral(
-        width, axis=(-2, -1), dtype=self.dtype, name="out",
-        kernel_init=partitioned(init, ("heads", "kv", "embed")),
-        bias_init=partitioned(nn.initializers.zeros, ("embed",)))(out_BLHK)
+    out_BLD = out_BLHK.reshape(*out_BLHK.shape[:-2], width)
+    return dense(width, ("heads", "embed"), self.dtype, "out")(out_BLD)
 
 
 class MLP(nn.Module):
@@ -138,18 +143,14 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BLD):
     width = x_BLD.shape[-1]
-    dense = lambda features, axes, name: nn.Dense(
-        features, dtype=self.dtype, name=name,
-        kernel_init=partitioned(nn.initializers.xavier_uniform(), axes),
-        bias_init=partitioned(nn.initializers.zeros, axes[1:]))
     if self.kind == "gelu":
-      h_BLF = nn.gelu(dense(self.hidden, ("embed", "mlp"), "wi")(x_BLD))
+      h_BLF = nn.gelu(dense(self.hidden, ("embed", "mlp"), self.dtype, "wi")(x_BLD))
     else:
       act = nn.gelu if self.kind == "geglu" else nn.silu
-      h_BLF = act(dense(self.hidden, ("embed", "mlp"), "wi_gate")(x_BLD))
-      h_BLF = h_BLF * dense(self.hidden, ("embed", "mlp"), "wi_up")(x_BLD)
-    h_BLF = constrain(h_BLF, ("batch", "length", "mlp"))
-    return dense(width, ("mlp", "embed"), "wo")(h_BLF)
+      h_BLF = act(dense(self.hidden, ("embed", "mlp"), self.dtype, "wi_gate")(x_BLD))
+      h_BLF = h_BLF * dense(self.hidden, ("embed", "mlp"), self.dtype, "wi_up")(x_BLD)
+    h_BLF = constrain(h_BLF, ("batch", "length", "act_mlp"))
+    return dense(width, ("mlp", "embed"), self.dtype, "wo")(h_BLF)
 
 
 def layer_norm(dtype, name=None):
@@ -169,7 +170,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BLD, rope=None):
-    x_BLD = constrain(x_BLD, ("batch", "length", "embed"))
+    x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
     y = Attention(self.heads, self.qk_norm, self.attn_impl, self.dtype, name="attn")(
         layer_norm(self.dtype, "norm_attn")(x_BLD), rope)
     x_BLD = x_BLD + y

@@ -1,32 +1,106 @@
-"""Device meshes. For now one `data` axis over every device (pure data parallelism)."""
+"""Device meshes from config: axes (data, fsdp, tensor), each an ICI part times a DCN part.
+
+config.mesh = {data, fsdp, tensor}: devices per axis within a slice/node (ICI; -1 = the rest), and
+{dcn_data, dcn_fsdp, dcn_tensor}: slices/nodes per axis across the data-centre network (DCN). One
+config runs on 1 CPU, 8 fake devices, a GPU node, several nodes or a multi-slice TPU pod.
+"""
 from __future__ import annotations
 
+import math
+
 import jax
+import ml_collections
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vitok_jax.errors import ConfigError
 
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # The batch is split over both (FSDP is data parallel too).
 
-def data_parallel_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.devices()), ("data",))
+
+def default_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                        dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+
+
+def _resolve(sizes: dict[str, int], total: int, what: str) -> tuple[int, ...]:
+  """Fills one -1 so the product is `total`; raises when the sizes cannot fit."""
+  free = [a for a in AXES if sizes[a] == -1]
+  if len(free) > 1 or any(sizes[a] == 0 or sizes[a] < -1 for a in AXES):
+    raise ConfigError(f"mesh {what} sizes {sizes}: each must be >= 1, and at most one -1 (the rest)")
+  fixed = math.prod(sizes[a] for a in AXES if sizes[a] != -1)
+  if total % fixed or (not free and fixed != total):
+    raise ConfigError(
+        f"mesh {what} sizes {sizes} need {fixed} devices{'' if free else ' exactly'}, but there are "
+        f"{total}; make their product {'divide' if free else 'equal'} {total} (or use -1 for one axis)")
+  return tuple(total // fixed if sizes[a] == -1 else sizes[a] for a in AXES)
+
+
+def mesh_shapes(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(ICI shape, DCN shape) over AXES for `num_devices` devices."""
+  dcn = _resolve({a: mesh_cfg.get(f"dcn_{a}", 1) for a in AXES}, _num_granules(mesh_cfg), "dcn")
+  per_granule = num_devices // math.prod(dcn)
+  if num_devices % math.prod(dcn):
+    raise ConfigError(f"{num_devices} devices do not split into {math.prod(dcn)} DCN groups")
+  ici = _resolve({a: mesh_cfg[a] for a in AXES}, per_granule, "ici")
+  return ici, dcn
+
+
+def _num_granules(mesh_cfg) -> int:
+  """Number of DCN groups: the product of the dcn_* sizes (no -1 there means it is given)."""
+  sizes = [mesh_cfg.get(f"dcn_{a}", 1) for a in AXES]
+  if -1 in sizes:
+    return _granules_available()
+  return math.prod(sizes)
+
+
+def _granules_available() -> int:
+  devices = jax.devices()
+  if hasattr(devices[0], "slice_index"):
+    return len({d.slice_index for d in devices})
+  return jax.process_count()
+
+
+def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: all); a hybrid mesh when DCN > 1."""
+  mesh_cfg = mesh_cfg if mesh_cfg is not None else default_config()
+  devices = list(devices if devices is not None else jax.devices())
+  ici, dcn = mesh_shapes(mesh_cfg, len(devices))
+  if math.prod(dcn) > 1:
+    granule_is_process = not hasattr(devices[0], "slice_index")
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                process_is_granule=granule_is_process)
+  else:
+    try:
+      grid = mesh_utils.create_device_mesh(ici, devices)
+    except (NotImplementedError, ValueError, AssertionError):  # Unknown physical topology.
+      grid = np.asarray(devices).reshape(ici)
+  return Mesh(grid, AXES)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """Leading (batch) axis split over `data`, everything else replicated."""
-  return NamedSharding(mesh, P("data"))
+  """Leading (batch) axis split over data × fsdp, everything else replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def batch_shards(mesh: Mesh) -> int:
+  return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
 def per_process_batch(global_batch: int, mesh: Mesh) -> int:
-  """Rows each process loads; raises when the global batch does not split over devices/processes."""
-  devices, processes = mesh.devices.size, jax.process_count()
-  if global_batch % devices:
-    raise ConfigError(f"batch_size={global_batch} must be divisible by the {devices} devices; use "
-                      f"{max(devices, global_batch // devices * devices)}")
+  """Rows each process loads; raises when the global batch does not split over shards/processes."""
+  shards, processes = batch_shards(mesh), jax.process_count()
+  if global_batch % shards or global_batch % processes:
+    step = math.lcm(shards, processes)
+    raise ConfigError(f"batch_size={global_batch} must be divisible by the {shards} batch shards "
+                      f"(mesh data x fsdp) and {processes} processes; use a multiple of {step}, "
+                      f"e.g. {max(step, global_batch // step * step)}")
   return global_batch // processes
 
 

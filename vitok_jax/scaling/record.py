@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from vitok_jax import kernels
 from vitok_jax.models import vit
 from vitok_jax.scaling import flops
 
@@ -15,9 +16,12 @@ from vitok_jax.scaling import flops
 def tokenizer_record(config: ml_collections.ConfigDict, model, params, pixel_shape,
                      *, wall_time: float, metrics: dict, workdir: str,
                      examples_per_sec: float | None = None) -> dict:
-  """Run record of a tokenizer: sizes, E = tokens × c, FLOPs (analytic and XLA), timing, metrics."""
+  """Run record of a tokenizer: sizes, E = tokens × c, FLOPs (analytic and XLA), timing, metrics.
+
+  `params` may be abstract (jax.ShapeDtypeStruct leaves): only shapes are read.
+  """
   forward = flops.tokenizer_forward_flops(model, pixel_shape)
-  example = jnp.zeros((1, *pixel_shape), jnp.float32)
+  example = jax.ShapeDtypeStruct((1, *pixel_shape), jnp.float32)
   xla_forward = flops.xla_flops(
       lambda p, x: model.apply({"params": p}, x, sample=False), params, example)
   tokens = flops.tokens_per_example(model, pixel_shape)
@@ -32,6 +36,7 @@ def tokenizer_record(config: ml_collections.ConfigDict, model, params, pixel_sha
           "bottleneck": vit.param_count(params["bottleneck"]),
           "total": vit.param_count(params),
       },
+      "attention_impl": attention_impl(model, pixel_shape),
       "tokens_per_example": tokens,
       "c": model.latent_channels,
       "E": tokens * model.latent_channels,
@@ -50,6 +55,14 @@ def tokenizer_record(config: ml_collections.ConfigDict, model, params, pixel_sha
       "backend": jax.default_backend(),
       "metrics": metrics,
   }
+
+
+def attention_impl(model, pixel_shape) -> dict[str, str]:
+  """What the encoder's and decoder's attention runs as on this backend (impl="auto" resolved)."""
+  tokens = flops.tokens_per_example(model, pixel_shape)
+  return {part: kernels.attention_impl(model.attn_impl, model.dtype, q_len=tokens,
+                                       head_dim=size.head_dim)
+          for part, size in (("encoder", model.encoder), ("decoder", model.decoder))}
 
 
 def write(record: dict, workdir: str) -> str:

@@ -12,6 +12,7 @@ import functools
 import logging
 import math
 import os
+import signal
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from vitok_jax import config_lib, data
 from vitok_jax.config_lib import require, require_choice
@@ -29,6 +31,7 @@ from vitok_jax.errors import DataError
 from vitok_jax.eval import reconstruction, visualize
 from vitok_jax.models import bottlenecks, tokenizer, vit
 from vitok_jax.parallel import mesh as mesh_lib
+from vitok_jax.parallel import sharding
 from vitok_jax.scaling import record as record_lib
 from vitok_jax.train import checkpoint, losses, metrics_writer, optimizer
 
@@ -95,11 +98,28 @@ def build_model(config) -> tokenizer.ViTok:
 
 def init_state(model, tx, config, example_BX) -> TrainState:
   """Initial params (logical-axis boxes removed), optimizer state and EMA copy."""
-  rngs = {"params": jax.random.key(config.seed), "sample": jax.random.key(config.seed + 1)}
-  params = nn.meta.unbox(model.init(rngs, example_BX, sample=False)["params"])
+  params = nn.meta.unbox(_init_boxed_params(model, config, example_BX))
   ema = jax.tree.map(jnp.copy, params) if config.ema_decay else {}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     ema_params=ema)
+
+
+def _init_boxed_params(model, config, example_BX):
+  rngs = {"params": jax.random.key(config.seed), "sample": jax.random.key(config.seed + 1)}
+  return model.init(rngs, example_BX, sample=False)["params"]
+
+
+def state_shardings(model, tx, config, mesh) -> TrainState:
+  """NamedShardings of every leaf of the train state, from the params' logical axis names."""
+  example = jax.ShapeDtypeStruct((1, *pixel_shape(config)), jnp.float32)
+  param_specs = sharding.param_logical_specs(
+      jax.eval_shape(functools.partial(_init_boxed_params, model, config), example))
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx, config), example)
+  specs = TrainState(
+      step=jax.sharding.PartitionSpec(), params=param_specs,
+      opt_state=sharding.opt_state_logical_specs(tx, abstract.opt_state, param_specs),
+      ema_params=param_specs if config.ema_decay else {})
+  return sharding.logical_to_mesh(specs, mesh)
 
 
 def make_train_step(model, tx, schedule, config):
@@ -126,42 +146,64 @@ def make_train_step(model, tx, schedule, config):
 
 
 def setup_training(config, mesh):
-  """Model, optimizer, replicated initial state and the jitted (donating) train step on `mesh`."""
+  """Model, optimizer, sharded initial state and the jitted (donating) train step on `mesh`.
+
+  The state is initialised directly into its shardings (never whole on one host).
+  Returns (model, tx, state, train_step, state_shardings).
+  """
   model = build_model(config)
   tx, schedule = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  shardings = state_shardings(model, tx, config, mesh)
   example = jnp.zeros((1, *pixel_shape(config)), jnp.float32)
-  replicated = mesh_lib.replicated(mesh)
+  # Not traced under the axis rules: flax's DenseGeneral inits kernels flat, so their logical
+  # constraints would not apply; out_shardings places every leaf.
   state = jax.jit(functools.partial(init_state, model, tx, config),
-                  out_shardings=replicated)(example)
-  train_step = jax.jit(make_train_step(model, tx, schedule, config), donate_argnums=0,
-                       in_shardings=(replicated, mesh_lib.batch_sharding(mesh)),
-                       out_shardings=(replicated, None))
-  return model, tx, state, train_step
+                  out_shardings=shardings)(example)
+  step_fn = make_train_step(model, tx, schedule, config)
+  train_step = jax.jit(sharding.with_rules(step_fn, mesh), donate_argnums=0,
+                       in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                       out_shardings=(shardings, mesh_lib.replicated(mesh)))
+  return model, tx, state, train_step, shardings
 
 
 def make_eval_step(model):
-  """params, images -> (recon, per-example psnr, ssim, l2) with the posterior mean (no sampling)."""
-  def eval_step(params, x):
+  """(params, images, valid) -> (recon, sums of psnr/ssim/l2 over valid rows), posterior mean."""
+  def eval_step(params, x, valid_B):
     recon, _ = model.apply({"params": params}, x, sample=False)
-    l2 = jnp.mean((recon - x) ** 2, axis=tuple(range(1, x.ndim)))
-    return recon, reconstruction.psnr(x, recon), reconstruction.ssim(x, recon), l2
+    l2_B = jnp.mean((recon - x) ** 2, axis=tuple(range(1, x.ndim)))
+    values = {"psnr": reconstruction.psnr(x, recon), "ssim": reconstruction.ssim(x, recon), "l2": l2_B}
+    return recon, {k: jnp.sum(jnp.where(valid_B, v, 0.0)) for k, v in values.items()}
   return eval_step
 
 
+def jit_eval_step(model, mesh, param_shardings):
+  return jax.jit(sharding.with_rules(make_eval_step(model), mesh),
+                 in_shardings=(param_shardings, mesh_lib.batch_sharding(mesh),
+                               mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)))
+
+
 def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None) -> dict:
-  """Held-out PSNR/SSIM/L2 over config.eval_examples examples (all of the eval split if 0)."""
+  """Held-out PSNR/SSIM/L2 over config.eval_examples examples (all of the eval split if 0).
+
+  Every process reads its shard; a short last batch is padded to the static batch and masked.
+  """
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
   iterator = data.build_iterator(config.data, split="eval", batch_size=local_batch, seed=config.seed)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
   sums, count, limit = {"psnr": 0.0, "ssim": 0.0, "l2": 0.0}, 0, config.eval_examples or math.inf
   for batch in iterator:
     x = batch["image"]
-    recon, *values = jax.device_get(eval_step(params, x))
+    rows = x.shape[0]
+    valid = np.arange(local_batch) < rows
+    x = np.concatenate([x, np.zeros((local_batch - rows, *x.shape[1:]), x.dtype)]) if rows < local_batch else x
+    recon, batch_sums = eval_step(params, *mesh_lib.global_batch((x, valid), batch_sharding))
     if image_path is not None and count == 0:
-      n = config.num_visualize
-      visualize.save_reconstructions(image_path, x[:n], recon[:n])
-    for name, value in zip(sums, values):
-      sums[name] += float(np.sum(value))
-    count += x.shape[0]
+      n = min(config.num_visualize, rows)
+      visualize.save_reconstructions(image_path, x[:n], _local_rows(recon)[:n])
+    for name, value in jax.device_get(batch_sums).items():
+      sums[name] += float(value)
+    count += rows * jax.process_count()
     if count >= limit:
       break
   if not count:
@@ -169,72 +211,127 @@ def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None) 
   return {f"eval/{k}": v / count for k, v in sums.items()}
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) training; returns the run record (also written to workdir/record.json)."""
+def _local_rows(x):
+  """This process's rows of a batch-sharded global array, in order."""
+  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+  seen, rows = set(), []
+  for shard in shards:
+    start = shard.index[0].start or 0
+    if start not in seen:
+      seen.add(start)
+      rows.append(np.asarray(shard.data))
+  return np.concatenate(rows)
+
+
+class _Preemption:
+  """SIGTERM (and on TPU jax's pre-emption notice) -> save a checkpoint and stop cleanly.
+
+  With several processes every one must stop at the same step: jax's pre-emption sync point
+  (started by jax.distributed) agrees on it; a single process uses its own SIGTERM handler.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._multi = jax.process_count() > 1
+    self._previous = None
+    if not self._multi:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if self._multi:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """Runs (or resumes) training; returns the run record (also written to workdir/record.json),
+  or None when pre-empted (a checkpoint was saved; the same command resumes)."""
   validate(config)
   start_time = time.time()
   is_main = jax.process_index() == 0
   if is_main:
     config_lib.save_config(config, workdir)
 
-  mesh = mesh_lib.data_parallel_mesh()
+  mesh = mesh_lib.make_mesh(config.mesh)
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  train_iter = data.build_iterator(config.data, split="train", batch_size=local_batch,
-                                   seed=config.seed)
-
-  model, _, state, train_step = setup_training(config, mesh)
+  model, _, state, train_step, shardings = setup_training(config, mesh)
+  logging.info("Mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
+               jax.process_count())
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   if (latest := ckpt.latest_step()) is not None:
-    state = ckpt.restore(latest, state, train_iter)
+    state = ckpt.restore(latest, state)
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   first_step = int(state.step)
+  # The training stream is a function of (seed, global batch index): resume at the step.
+  train_iter = data.build_iterator(config.data, split="train", batch_size=local_batch,
+                                   seed=config.seed, start_batch=first_step)
 
-  eval_step = jax.jit(make_eval_step(model))
+  eval_step = jit_eval_step(model, mesh, shardings.params)
   writer = metrics_writer.MetricWriter(workdir) if is_main else None
   image_dir = os.path.join(workdir, "images")
+  preemption = _Preemption()
 
   def save_checkpoint(step, metrics):
     if not np.isfinite(float(metrics["loss"])):
       raise TrainingDiverged(_divergence_message(step, metrics, ckpt))
-    ckpt.save(step, state, train_iter, force=True)
+    ckpt.save(step, state, force=True)
 
   eval_metrics, last_rate, tick, tick_step = {}, None, time.time(), first_step
-  for step in range(first_step + 1, config.total_steps + 1):
-    batch = mesh_lib.global_batch(next(train_iter), batch_sharding)
-    state, metrics = train_step(state, batch)
+  try:
+    for step in range(first_step + 1, config.total_steps + 1):
+      batch = mesh_lib.global_batch(next(train_iter), batch_sharding)
+      state, metrics = train_step(state, batch)
 
-    if step % config.log_every == 0 or step == config.total_steps:
-      metrics = jax.device_get(metrics)  # The only host sync: once per log_every steps.
-      if not np.isfinite(metrics["loss"]):
-        raise TrainingDiverged(_divergence_message(step, metrics, ckpt))
-      now = time.time()
-      rate = (step - tick_step) * config.batch_size / (now - tick)
-      eta = (config.total_steps - step) * config.batch_size / max(rate, 1e-9)
-      metrics["examples_per_sec"] = last_rate = rate
-      tick, tick_step = now, step
-      if is_main:
-        writer.write(step, metrics)
-        logging.info("step %d/%d  loss %.4f  l2 %.4f  %.1f ex/s  ETA %s", step, config.total_steps,
-                     metrics["loss"], metrics["l2"], rate, _format_seconds(eta))
-    if step % config.ckpt_every == 0 or step == config.total_steps:
-      save_checkpoint(step, jax.device_get(metrics))
-    if step % config.eval_every == 0 or step == config.total_steps:
-      params = state.ema_params if config.ema_decay else state.params
-      eval_metrics = evaluate(eval_step, params, config, mesh,
-                              image_path=os.path.join(image_dir, f"recon_{step:07d}") if is_main else None)
-      if is_main:
-        writer.write(step, eval_metrics)
-        logging.info("step %d eval: %s", step, "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
-  ckpt.wait()
-  ckpt.close()
+      if step % config.log_every == 0 or step == config.total_steps:
+        metrics = jax.device_get(metrics)  # The only host sync: once per log_every steps.
+        if not np.isfinite(metrics["loss"]):
+          raise TrainingDiverged(_divergence_message(step, metrics, ckpt))
+        now = time.time()
+        rate = (step - tick_step) * config.batch_size / (now - tick)
+        eta = (config.total_steps - step) * config.batch_size / max(rate, 1e-9)
+        metrics["examples_per_sec"] = last_rate = rate
+        tick, tick_step = now, step
+        if is_main:
+          writer.write(step, metrics)
+          logging.info("step %d/%d  loss %.4f  l2 %.4f  %.1f ex/s  ETA %s", step,
+                       config.total_steps, metrics["loss"], metrics["l2"], rate, _format_seconds(eta))
+      if step % config.ckpt_every == 0 or step == config.total_steps:
+        save_checkpoint(step, jax.device_get(metrics))
+      if preemption.reached(step):
+        save_checkpoint(step, jax.device_get(metrics))
+        ckpt.wait()
+        logging.info("Pre-empted at step %d: checkpoint saved in %s; the same command resumes",
+                     step, ckpt.directory)
+        return None
+      if step % config.eval_every == 0 or step == config.total_steps:
+        params = state.ema_params if config.ema_decay else state.params
+        eval_metrics = evaluate(eval_step, params, config, mesh, image_path=(
+            os.path.join(image_dir, f"recon_{step:07d}") if is_main else None))
+        if is_main:
+          writer.write(step, eval_metrics)
+          logging.info("step %d eval: %s", step,
+                       "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+  finally:
+    preemption.close()
+    ckpt.wait()
+    ckpt.close()
+    train_iter.close()
 
   if not eval_metrics:  # Nothing left to train (a finished run re-launched): evaluate the final state.
     params = state.ema_params if config.ema_decay else state.params
     eval_metrics = evaluate(eval_step, params, config, mesh)
   record = record_lib.tokenizer_record(
-      config, model, state.params, pixel_shape(config),
+      config, model, jax.eval_shape(lambda p: p, state.params), pixel_shape(config),
       wall_time=time.time() - start_time, metrics=eval_metrics, workdir=workdir,
       examples_per_sec=last_rate)
   if is_main:
@@ -256,24 +353,34 @@ def _format_seconds(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def restore_params(workdir: str, config, mesh):
+  """(step, params) of the latest checkpoint of a run, sharded on `mesh` (EMA params if enabled)."""
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+  step = ckpt.latest_step()
+  if step is None:
+    raise DataError(f"{workdir} has no checkpoint; train it first with `vitok train "
+                    f"--workdir {workdir}`")
+  model = build_model(config)
+  tx, _ = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  shardings = state_shardings(model, tx, config, mesh)
+  example = jax.ShapeDtypeStruct((1, *pixel_shape(config)), jnp.float32)
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx, config), example)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  state = ckpt.restore(step, abstract)
+  ckpt.close()
+  return step, (state.ema_params if config.ema_decay else state.params), shardings
+
+
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict:
   """Evaluates the latest checkpoint of a run on its held-out split and updates record.json."""
   if config is None:
     config = config_lib.read_config(workdir)
   validate(config)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
-  step = ckpt.latest_step()
-  if step is None:
-    raise DataError(f"{workdir} has no checkpoint; train it first with `vitok train "
-                         f"--workdir {workdir}`")
-  mesh = mesh_lib.data_parallel_mesh()
-  model = build_model(config)
-  tx, _ = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
-  example = jnp.zeros((1, *pixel_shape(config)), jnp.float32)
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx, config), example)
-  state = ckpt.restore_state(step, abstract)
-  params = state.ema_params if config.ema_decay else state.params
-  metrics = evaluate(jax.jit(make_eval_step(model)), params, config, mesh,
+  mesh = mesh_lib.make_mesh(config.mesh)
+  step, params, shardings = restore_params(workdir, config, mesh)
+  eval_step = jit_eval_step(build_model(config), mesh, shardings.params)
+  metrics = evaluate(eval_step, params, config, mesh,
                      image_path=os.path.join(workdir, "images", f"eval_{step:07d}"))
   if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "record.json")):
     record = record_lib.read(workdir)

@@ -1,0 +1,82 @@
+"""Sharding by name: the one table mapping logical axis names to mesh axes.
+
+Parameters carry names such as ("embed", "mlp") (see models/vit.py `partitioned`); activations are
+constrained with ("batch", "length", "act_embed"). Parameters are sharded over `fsdp` along
+`embed` (FSDP: weights and optimizer state split, gathered per layer) and over `tensor` along
+`mlp`/`heads` (tensor parallelism); activations along batch over data × fsdp, and along
+heads/mlp over `tensor`.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import flax.linen as nn
+import jax
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+# Logical name -> mesh axis (or axes, or None = replicated). First match wins per dimension;
+# flax skips a mesh axis already used by another dimension of the same array.
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # Parameters.
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("patch", None),
+    ("latent", None),
+    ("vocab", "tensor"),
+    # Activations.
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv", None),
+)
+
+
+def logical_to_mesh(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES):
+  """A tree of logical PartitionSpecs -> a tree of NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def param_logical_specs(boxed_params):
+  """Logical PartitionSpecs of a (possibly abstract) boxed params tree from `model.init`."""
+  return nn.get_partition_spec(boxed_params)
+
+
+def opt_state_logical_specs(tx: optax.GradientTransformation, abstract_opt_state, param_specs):
+  """Optimizer-state specs: moments follow their parameter's spec, counters are replicated."""
+  return optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt_state, param_specs,
+                               transform_non_params=lambda _: P(),
+                               is_leaf=lambda x: isinstance(x, P))
+
+
+def describe(shardings) -> dict[str, str]:
+  """{"path/to/param": "PartitionSpec(...)"}: for golden tests and logs."""
+  flat = jax.tree_util.tree_flatten_with_path(
+      shardings, is_leaf=lambda x: isinstance(x, (NamedSharding, P)))[0]
+  out = {}
+  for path, leaf in flat:
+    spec = leaf.spec if isinstance(leaf, NamedSharding) else leaf
+    out["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)] = str(tuple(spec))
+  return out
+
+
+@contextlib.contextmanager
+def rules(mesh: Mesh, axis_rules=LOGICAL_AXIS_RULES):
+  """Activates `mesh` (abstractly: usable while tracing under jit) and the logical axis rules,
+  so activation constraints in the models resolve to mesh axes."""
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(axis_rules):
+    yield
+
+
+def with_rules(fn, mesh: Mesh, axis_rules=LOGICAL_AXIS_RULES):
+  """`fn` traced under `rules(mesh)`, so activation constraints resolve to mesh axes."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with rules(mesh, axis_rules):
+      return fn(*args, **kwargs)
+  return wrapped
