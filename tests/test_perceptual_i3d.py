@@ -75,7 +75,8 @@ def jax_out(variables):
 
 
 def _check(want, got):
-  np.testing.assert_allclose(got, want, atol=1e-4 * max(np.abs(want).max(), 1.0))
+  assert np.abs(want).max() > 0.5  # The random weights keep activations O(1): a meaningful check.
+  np.testing.assert_allclose(got, want, atol=1e-4)
 
 
 def test_matches_numpy_reference_forward(variables, jax_out):

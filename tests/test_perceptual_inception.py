@@ -96,9 +96,9 @@ def jax_out(variables):
 
 def _check(reference_out, jax_out):
   pool, logits = reference_out
-  scale = np.abs(pool).max()  # Random weights: compare relative to the features' magnitude.
-  np.testing.assert_allclose(jax_out["pool"], pool, atol=1e-4 * max(scale, 1.0))
-  np.testing.assert_allclose(jax_out["logits"], logits, atol=1e-4 * max(np.abs(logits).max(), 1.0))
+  assert np.abs(pool).max() > 0.5  # The random weights keep activations O(1): a meaningful check.
+  np.testing.assert_allclose(jax_out["pool"], pool, atol=1e-4)
+  np.testing.assert_allclose(jax_out["logits"], logits, atol=1e-4)
 
 
 def test_matches_numpy_reference_forward(state, jax_out):
