@@ -83,7 +83,7 @@ def test_matches_numpy_reference_forward(params, fn):
 def test_matches_torch_reference_forward(params, fn):
   torch = pytest.importorskip("torch")
   f = torch.nn.functional
-  state = {k: torch.from_numpy(v) for k, v in lpips.params_to_torch(params).items()}
+  state = {k: torch.from_numpy(np.array(v)) for k, v in lpips.params_to_torch(params).items()}
   x, y = _images(4), _images(5)
 
   def taps(img):
@@ -146,8 +146,8 @@ def test_converter_cli_reads_torch_files(params, tmp_path):
   torch = pytest.importorskip("torch")
   from tools import convert_lpips  # pylint: disable=g-import-not-at-top
   state = lpips.params_to_torch(params)
-  vgg = {k: torch.from_numpy(v) for k, v in state.items() if k.startswith("features")}
-  lin = {k: torch.from_numpy(v) for k, v in state.items() if k.startswith("lin")}
+  vgg = {k: torch.from_numpy(np.array(v)) for k, v in state.items() if k.startswith("features")}
+  lin = {k: torch.from_numpy(np.array(v)) for k, v in state.items() if k.startswith("lin")}
   torch.save(vgg, tmp_path / "vgg16.pth")
   torch.save(lin, tmp_path / "lin.pth")
   convert_lpips.main(["--vgg", str(tmp_path / "vgg16.pth"), "--lin", str(tmp_path / "lin.pth"),
