@@ -29,6 +29,7 @@ setuptools.setup(
         "scikit-image>=0.22",   # ships natural photographs
         "matplotlib>=3.8",
         "tqdm>=4.66",
+        "portpicker>=1.6",      # Free coordinator ports for local multi-process launches.
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3.5"],

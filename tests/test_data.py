@@ -215,9 +215,9 @@ def test_train_stream_is_independent_of_process_count_and_resumes_from_a_step():
   single = _take(data.build_iterator(cfg, "train", batch_size=8, seed=4, **ONE), 3)
   halves = [_take(data.build_iterator(cfg, "train", batch_size=4, seed=4, process_index=p,
                                       process_count=2), 3) for p in range(2)]
-  for k in range(3):
-    rows = np.stack([halves[0][k]["image"], halves[1][k]["image"]], axis=1)  # Interleave p0, p1.
-    np.testing.assert_array_equal(rows.reshape(single[k]["image"].shape), single[k]["image"])
+  for k in range(3):  # Process 0 holds the first half of each global batch, process 1 the second.
+    rows = np.concatenate([halves[0][k]["image"], halves[1][k]["image"]])
+    np.testing.assert_array_equal(rows, single[k]["image"])
   resumed = _take(data.build_iterator(cfg, "train", batch_size=4, seed=4, process_index=1,
                                       process_count=2, start_batch=2), 1)
   _assert_same(resumed, halves[1][2:])

@@ -68,30 +68,41 @@ def _launch(workdir, steps):
   return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigkill_and_relaunch_equals_uninterrupted_run(tmp_path):
-  steps = 40
-  reference = tmp_path / "reference"
-  killed = tmp_path / "killed"
+def _wait_for_checkpoint(ckpt_dir, at_least, proc, timeout=240):
+  """Polls until a committed checkpoint step >= at_least exists (orbax renames it when complete)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.exists() else []
+    if steps and max(steps) >= at_least:
+      return max(steps)
+    time.sleep(0.05)
+  raise AssertionError(f"no checkpoint >= {at_least}; the run ended: {proc.stdout.read()}")
+
+
+def test_sigkill_then_sigterm_and_relaunches_equal_an_uninterrupted_run(tmp_path):
+  """kill -9 mid-run, relaunch; SIGTERM (pre-emption) that run, relaunch: same final params."""
+  steps = 60
+  reference, killed = tmp_path / "reference", tmp_path / "killed"
   proc_ref = _launch(reference, steps)
   proc = _launch(killed, steps)
-  # Kill -9 once a mid-run checkpoint is committed (orbax renames the step dir when complete).
-  deadline = time.time() + 240
-  ckpt_dir = killed / "checkpoints"
-  while time.time() < deadline:
-    done = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if ckpt_dir.exists() else []
-    done = [d for d in done if d >= 10]
-    if done or proc.poll() is not None:
-      break
-    time.sleep(0.05)
-  assert proc.poll() is None, "the run finished before it could be killed: " + proc.stdout.read()
+  killed_at = _wait_for_checkpoint(killed / "checkpoints", 10, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  killed_at = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   assert killed_at < steps
+
   relaunch = _launch(killed, steps)
+  _wait_for_checkpoint(killed / "checkpoints", killed_at + 5, relaunch)
+  relaunch.send_signal(signal.SIGTERM)
   out = relaunch.communicate(timeout=300)[0]
   assert relaunch.returncode == 0, out
-  assert "Resumed from step" in out
+  assert f"Resumed from step {killed_at}" in out
+  preempted_at = int(out.split("Pre-empted at step ")[1].split(":")[0])
+  assert killed_at < preempted_at < steps
+  assert preempted_at in [int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit()]
+
+  final = _launch(killed, steps)
+  out = final.communicate(timeout=300)[0]
+  assert final.returncode == 0 and f"Resumed from step {preempted_at}" in out, out
   assert proc_ref.wait(timeout=300) == 0, proc_ref.stdout.read()
   step_a, params_a = final_params(str(reference))
   step_b, params_b = final_params(str(killed))

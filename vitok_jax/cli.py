@@ -1,7 +1,9 @@
 """The `vitok` command: one entry point, one subcommand per job.
 
-  vitok train --config vitok:"Mu-Mi/4,c=16,data=mnist" --workdir runs/mnist [--config.x.y=value ...]
-  vitok eval  --workdir runs/mnist
+  vitok train   --config vitok:"Mu-Mi/4,c=16,data=mnist" --workdir runs/mnist [--config.x.y=value ...]
+  vitok eval    --workdir runs/mnist
+  vitok compile --config vitok:"L-L/16,c=16,res=256,data=imagenet" --devices 64 --device_memory_gb 16
+  vitok launch  local|slurm|tpu --config ... --workdir ... [--processes N ...] [--dry_run]
 
 --config takes NAME:VARIANT (a file in configs/) or PATH.py:VARIANT; --config.a.b=v overrides a field.
 """
@@ -23,6 +25,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "NAME:VARIANT or PATH.py:VARIANT, e.g. vitok:'Mu-Mi/4,c=16,data=mnist'.",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory: config, checkpoints, metrics, images, record.")
+flags.DEFINE_string("coordinator", None, "host:port of process 0 for multi-process runs "
+                    "(or VITOK_COORDINATOR); SLURM and TPU pods are detected without it.")
+flags.DEFINE_integer("num_processes", None, "Processes in the job (with --coordinator).")
+flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator).")
+flags.DEFINE_enum("distributed", "detect", ["detect", "auto", "off"],
+                  "detect: coordinator flags/env or a SLURM job; auto: jax.distributed.initialize() "
+                  "with jax's own detection (TPU pods); off: single process.")
+flags.DEFINE_string("compilation_cache", os.environ.get("VITOK_COMPILATION_CACHE", ""),
+                    "Persistent XLA compilation cache directory shared across runs.")
+flags.DEFINE_integer("devices", 0, "compile: fake CPU devices to compile for (0 = this machine's).")
+flags.DEFINE_float("device_memory_gb", 0.0, "compile: memory per device to check the config "
+                   "against (0 = skip), e.g. 16 for TPU v5e, 80 for H100.")
 
 DEFAULT_CONFIG = "vitok"
 
@@ -30,9 +44,9 @@ DEFAULT_CONFIG = "vitok"
 def _cmd_train(workdir: str) -> int:
   """Train a tokenizer from --config into --workdir (resumes if the workdir has checkpoints)."""
   from vitok_jax.train import train_tokenizer
-  config = _CONFIG.value
-  record = train_tokenizer.train(config, workdir)
-  print(json.dumps({k: record[k] for k in ("workdir", "metrics", "E", "params")}, indent=1))
+  record = train_tokenizer.train(_CONFIG.value, workdir)
+  if record is not None:
+    print(json.dumps({k: record[k] for k in ("workdir", "metrics", "E", "params")}, indent=1))
   return 0
 
 
@@ -45,7 +59,32 @@ def _cmd_eval(workdir: str) -> int:
   return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval}
+def _cmd_compile(workdir: str) -> int:
+  """Compile the train step for a mesh without running it; report per-device memory (AOT)."""
+  del workdir
+  from vitok_jax.parallel import mesh as mesh_lib
+  from vitok_jax.train import train_tokenizer
+  config = _CONFIG.value
+  report = train_tokenizer.compile_train_step(config, mesh_lib.make_mesh(config.mesh))
+  report["variant"] = config.variant
+  if FLAGS.device_memory_gb:
+    report["device_memory_bytes"] = int(FLAGS.device_memory_gb * 2**30)
+    report["fits"] = report["per_device_bytes"] <= report["device_memory_bytes"]
+  print(json.dumps(report, indent=1))
+  gib = report["per_device_bytes"] / 2**30
+  verdict = "" if "fits" not in report else (
+      "  fits" if report["fits"] else f"  DOES NOT FIT in {FLAGS.device_memory_gb:g} GiB per device")
+  print(f"{config.variant}: {gib:.2f} GiB per device on mesh {report['mesh']}{verdict}")
+  return 0 if report.get("fits", True) else 3
+
+
+def _cmd_launch(argv: list[str]) -> int:
+  """Launch a job on local processes, SLURM or a TPU pod (`vitok launch TARGET --help`)."""
+  from vitok_jax.launch import launch_args
+  return launch_args.main(argv)
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "compile": _cmd_compile, "launch": _cmd_launch}
 
 
 def _usage() -> str:
@@ -72,16 +111,41 @@ def _resolve_config_arg(argv: list[str], default: str | None) -> list[str]:
   return out
 
 
+def _fake_devices_first(argv: list[str]) -> None:
+  """`--devices N` must reach XLA before jax starts: fake N CPU devices."""
+  for arg in argv:
+    if arg.startswith("--devices="):
+      n = int(arg.split("=", 1)[1])
+      if n:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={n}").strip()
+
+
+def _start_runtime() -> None:
+  """Compilation cache and multi-process start-up, before any computation."""
+  import jax
+  from vitok_jax.parallel import distributed
+  if FLAGS.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if FLAGS.distributed == "auto":
+    jax.distributed.initialize()
+  elif FLAGS.distributed == "detect":
+    distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
     print(_usage())
     return 0
-  command = argv[1]
+  command, rest = argv[1], argv[2:]
   if command not in COMMANDS:
     print(f"vitok: unknown subcommand {command!r}\n\n{_usage()}", file=sys.stderr)
     return 2
-  rest = argv[2:]
+  if command == "launch":
+    return _cmd_launch(rest)
   if "--help" in rest or "-h" in rest:
     print(f"vitok {command}: {COMMANDS[command].__doc__}\n")
     print(FLAGS.get_help())
@@ -89,8 +153,10 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  _fake_devices_first(rest)
   try:
-    FLAGS([argv[0], *_resolve_config_arg(rest, DEFAULT_CONFIG if command == "train" else None)])
+    FLAGS([argv[0], *_resolve_config_arg(rest, DEFAULT_CONFIG if command != "eval" else None)])
+    _start_runtime()
     workdir = FLAGS.workdir or os.path.join("runs", "default")
     return COMMANDS[command](workdir)
   except (ConfigError, DataError, flags.Error) as e:

@@ -2,9 +2,10 @@
 
 Training reads one global stream: a shuffled, repeated order of the examples, each augmented with
 randomness drawn from (seed, its position in the stream). Global batch k is stream positions
-[k·B·P, (k+1)·B·P) and process p of P takes every P-th of them. So the stream, and where a run is
-in it, depend only on (seed, step), never on the number of processes: a run resumes exactly from
-its step alone, also on another topology (`start_batch`).
+[k·B·P, (k+1)·B·P) and process p of P takes the p-th block of B of them, so the rows of the global
+array (processes in mesh order) are in stream order. The stream, and where a run is in it, depend
+only on (seed, step), never on the number of processes: a run resumes exactly from its step alone,
+also on another topology (`start_batch`).
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int 
     ds = ds.repeat()
     # Augmentation before sharding: its randomness follows the global stream position.
     ds = ds.random_map(transforms.Augment(opt), seed=int(augment_seed))
-    ds = ds[process_index::process_count].batch(batch_size, drop_remainder=True)
+    # Blocks of B consecutive positions; global batch k = blocks k·P .. k·P + P - 1.
+    ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
     ds = ds[start_batch:]
   else:
     # grain's ShardOptions(drop_remainder=True) semantics (equal shards, so every process runs
@@ -86,7 +88,8 @@ def build_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int
   """A checkpointable iterator of this process's batches.
 
   Yields {"image": float32 [B, H, W, C] (frames == 1) or [B, T, H, W, C] in [-1, 1],
-  "label": int32 [B]}. B = batch_size per process; process p of P reads every P-th example.
+  "label": int32 [B]}. B = batch_size per process. train: process p of P reads block p of each
+  global batch; eval: every P-th example.
   train: endless, reshuffled each epoch, augmented per data.crop/flip, full batches only; starts
   at global batch `start_batch` (the train step to resume from) on any number of processes.
   eval: one pass, no shuffle/augmentation; the last batch is KEPT even if smaller than B, so each

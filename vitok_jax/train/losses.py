@@ -21,7 +21,8 @@ def tokenizer_loss(x, recon, aux: dict, loss_cfg: ml_collections.ConfigDict,
     loss_cfg: weights by term name (l2, l1, lpips, and one per bottleneck term).
     perceptual_fn: (x, recon) -> per-example perceptual distance; needed when loss.lpips > 0.
   Returns:
-    (total scalar, dict of every unweighted term and the total).
+    (total scalar, dict of every unweighted term, the total, and the bottleneck's own
+    diagnostics aux["metrics"] (e.g. codebook usage), which are logged but not optimised).
   """
   diff = recon.astype(jnp.float32) - x.astype(jnp.float32)
   terms = {"l2": jnp.mean(diff**2), "l1": jnp.mean(jnp.abs(diff))}
@@ -34,4 +35,4 @@ def tokenizer_loss(x, recon, aux: dict, loss_cfg: ml_collections.ConfigDict,
   if missing:
     raise ConfigError(f"loss terms {missing} have no weight; add config.loss.<name>")
   total = sum(loss_cfg[name] * value for name, value in terms.items())
-  return total, {**terms, "loss": total}
+  return total, {**terms, **aux.get("metrics", {}), "loss": total}

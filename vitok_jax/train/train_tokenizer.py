@@ -145,6 +145,13 @@ def make_train_step(model, tx, schedule, config):
   return train_step
 
 
+def jit_train_step(model, tx, schedule, config, mesh, shardings):
+  """The train step jitted for `mesh`: state donated, batch split over data × fsdp."""
+  return jax.jit(sharding.with_rules(make_train_step(model, tx, schedule, config), mesh),
+                 donate_argnums=0, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(shardings, mesh_lib.replicated(mesh)))
+
+
 def setup_training(config, mesh):
   """Model, optimizer, sharded initial state and the jitted (donating) train step on `mesh`.
 
@@ -159,11 +166,36 @@ def setup_training(config, mesh):
   # constraints would not apply; out_shardings places every leaf.
   state = jax.jit(functools.partial(init_state, model, tx, config),
                   out_shardings=shardings)(example)
-  step_fn = make_train_step(model, tx, schedule, config)
-  train_step = jax.jit(sharding.with_rules(step_fn, mesh), donate_argnums=0,
-                       in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                       out_shardings=(shardings, mesh_lib.replicated(mesh)))
+  train_step = jit_train_step(model, tx, schedule, config, mesh, shardings)
   return model, tx, state, train_step, shardings
+
+
+def compile_train_step(config, mesh) -> dict:
+  """Lowers and compiles the train step for `mesh` from shapes alone (nothing is allocated).
+
+  Returns XLA's per-device memory analysis in bytes and the compile time: screens a sweep's
+  configs for out-of-memory before anything is launched.
+  """
+  validate(config)
+  model = build_model(config)
+  tx, schedule = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  shardings = state_shardings(model, tx, config, mesh)
+  example = jax.ShapeDtypeStruct((1, *pixel_shape(config)), jnp.float32)
+  abstract = jax.eval_shape(functools.partial(init_state, model, tx, config), example)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, shardings)
+  batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *pixel_shape(config)), jnp.float32,
+                                         sharding=mesh_lib.batch_sharding(mesh))}
+  start = time.time()
+  compiled = jit_train_step(model, tx, schedule, config, mesh, shardings).lower(
+      abstract, batch).compile()
+  memory = compiled.memory_analysis()
+  parts = {name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
+           for name in ("argument", "output", "temp", "alias", "generated_code")}
+  return {"per_device_bytes": parts["argument"] + parts["output"] + parts["temp"] - parts["alias"],
+          **{f"{k}_bytes": v for k, v in parts.items()},
+          "compile_seconds": time.time() - start, "mesh": dict(mesh.shape),
+          "devices": mesh.devices.size, "params": vit.param_count(abstract.params)}
 
 
 def make_eval_step(model):

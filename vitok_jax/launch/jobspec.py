@@ -1,0 +1,64 @@
+"""The one job description every launcher renders: what to run, where, on how many processes."""
+from __future__ import annotations
+
+import dataclasses
+import shlex
+
+from vitok_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+  """A `vitok` job. Processes = nodes × processes_per_node (one per GPU, or one per host)."""
+  config: str                                  # "vitok:VARIANT" or "path.py:VARIANT".
+  workdir: str
+  command: str = "train"                       # The vitok subcommand each process runs.
+  overrides: tuple[str, ...] = ()              # e.g. ("--config.total_steps=1000",).
+  nodes: int = 1
+  processes_per_node: int = 1
+  gpus_per_node: int = 0
+  compilation_cache: str = ""                  # Persistent XLA cache shared by all runs.
+  coordinator_port: int = 12355
+  env: tuple[tuple[str, str], ...] = ()        # Extra environment, (name, value) pairs.
+  # SLURM.
+  job_name: str = "vitok"
+  partition: str = ""
+  account: str = ""
+  time: str = "24:00:00"
+  cpus_per_task: int = 8
+  # TPU VM pods (queued resources).
+  tpu_name: str = ""
+  zone: str = ""
+  project: str = ""
+  accelerator_type: str = ""                   # e.g. "v5litepod-64".
+  runtime_version: str = "v2-alpha-tpuv5-lite"
+  repo_dir: str = "~/vitok_jax"                # Checkout on every TPU worker.
+
+  def __post_init__(self):
+    if self.nodes < 1 or self.processes_per_node < 1:
+      raise ConfigError(f"nodes={self.nodes} and processes_per_node={self.processes_per_node} "
+                        "must be >= 1")
+    if self.gpus_per_node and self.processes_per_node not in (1, self.gpus_per_node):
+      raise ConfigError(f"processes_per_node={self.processes_per_node} must be 1 (one process "
+                        f"drives all {self.gpus_per_node} GPUs) or gpus_per_node (one per GPU)")
+    for override in self.overrides:
+      if not override.startswith("--config."):
+        raise ConfigError(f"override {override!r} must look like --config.a.b=value")
+
+  @property
+  def num_processes(self) -> int:
+    return self.nodes * self.processes_per_node
+
+  def vitok_args(self, *extra: str) -> list[str]:
+    """argv of the job's command (the same on every process)."""
+    return ["vitok", self.command, f"--config={self.config}", f"--workdir={self.workdir}",
+            *self.overrides, *extra]
+
+  def shell_command(self, *extra: str) -> str:
+    return " ".join(shlex.quote(a) for a in self.vitok_args(*extra))
+
+  def base_env(self) -> dict[str, str]:
+    env = dict(self.env)
+    if self.compilation_cache:
+      env["VITOK_COMPILATION_CACHE"] = self.compilation_cache
+    return env

@@ -1,0 +1,73 @@
+"""`vitok launch TARGET ...`: builds a JobSpec from the command line and renders or runs it."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vitok_jax.errors import ConfigError
+from vitok_jax.launch import jobspec, local, slurm, tpu
+
+
+def parse(argv: list[str]) -> tuple[str, jobspec.JobSpec, argparse.Namespace]:
+  parser = argparse.ArgumentParser(
+      prog="vitok launch", description="Run a vitok job on local processes, SLURM or a TPU pod. "
+      "Unknown --config.a.b=v arguments are passed to every process as overrides.")
+  parser.add_argument("target", choices=("local", "slurm", "tpu"))
+  parser.add_argument("--config", required=True, help="NAME:VARIANT or PATH.py:VARIANT")
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--command", default="train", choices=("train", "eval"))
+  parser.add_argument("--processes", type=int, default=1, help="processes per node")
+  parser.add_argument("--nodes", type=int, default=1)
+  parser.add_argument("--gpus_per_node", type=int, default=0)
+  parser.add_argument("--compilation_cache", default=os.environ.get("VITOK_COMPILATION_CACHE", ""))
+  parser.add_argument("--port", type=int, default=12355, help="coordinator port (SLURM)")
+  parser.add_argument("--job_name", default="vitok")
+  parser.add_argument("--partition", default="")
+  parser.add_argument("--account", default="")
+  parser.add_argument("--time", default="24:00:00")
+  parser.add_argument("--tpu_name", default="")
+  parser.add_argument("--zone", default="")
+  parser.add_argument("--project", default="")
+  parser.add_argument("--accelerator_type", default="")
+  parser.add_argument("--repo_dir", default="~/vitok_jax")
+  parser.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
+  parser.add_argument("--submit", action="store_true", help="slurm: sbatch the script")
+  args, overrides = parser.parse_known_args(argv)
+  spec = jobspec.JobSpec(
+      config=args.config, workdir=args.workdir, command=args.command, overrides=tuple(overrides),
+      nodes=args.nodes, processes_per_node=args.processes, gpus_per_node=args.gpus_per_node,
+      compilation_cache=args.compilation_cache, coordinator_port=args.port, job_name=args.job_name,
+      partition=args.partition, account=args.account, time=args.time, tpu_name=args.tpu_name,
+      zone=args.zone, project=args.project, accelerator_type=args.accelerator_type,
+      repo_dir=args.repo_dir)
+  return args.target, spec, args
+
+
+def main(argv: list[str]) -> int:
+  try:
+    target, spec, args = parse(argv)
+    if target == "local":
+      if spec.nodes != 1:
+        raise ConfigError("a local launch runs on this machine: use --nodes=1")
+      return local.launch_local(spec, dry_run=args.dry_run)
+    if target == "slurm":
+      script = slurm.render_sbatch(spec)
+      path = os.path.join(spec.workdir, "launch.sbatch")
+      if args.dry_run or not args.submit:
+        print(script)
+        return 0
+      os.makedirs(spec.workdir, exist_ok=True)
+      with open(path, "w") as f:
+        f.write(script)
+      os.execvp("sbatch", ["sbatch", path])
+    commands = tpu.render_tpu_commands(spec)
+    print("\n".join(commands))
+    if not args.dry_run:
+      for command in commands:
+        if os.system(command):
+          return 1
+    return 0
+  except ConfigError as e:
+    print(f"vitok launch: error: {e}", file=sys.stderr)
+    return 2
