@@ -36,6 +36,8 @@ OPTIONS = {
     "dtype": "model.dtype",
     "seed": "seed",
     "kl": "loss.kl",
+    # Discrete bottlenecks (models/bottlenecks.py): vq, vq1k, bsq, msvq, msbsq; c = code dim / bits.
+    "quantizer": "model.bottleneck",
 }
 
 # data=<preset> names for prepared tfds datasets, on top of vitok_jax.data's own source names.
@@ -70,7 +72,11 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config.data = data.default_config()
   config.data.name = "imagenet"
 
-  config.loss = ml_collections.ConfigDict(dict(l2=1.0, l1=0.1, lpips=0.0, kl=1e-3))
+  # commit/codebook: VQ (LlamaGen, VAR) β = 0.25 and 1; vq_entropy: LlamaGen's entropy loss (off);
+  # bsq_entropy: the BSQ paper's entropy penalty weight 0.1. Unused terms are simply not returned.
+  config.loss = ml_collections.ConfigDict(dict(
+      l2=1.0, l1=0.1, lpips=0.0, kl=1e-3, commit=0.25, codebook=1.0, vq_entropy=0.0,
+      bsq_entropy=0.1))
 
   # Devices per mesh axis (-1 = the rest); dcn_* split across nodes/slices. See parallel/mesh.py.
   config.mesh = mesh_lib.default_config()
