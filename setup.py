@@ -28,6 +28,7 @@ setuptools.setup(
         "scikit-learn>=1.3",    # ships the 8x8 digits
         "scikit-image>=0.22",   # ships natural photographs
         "matplotlib>=3.8",
+        "scipy>=1.11",
         "tqdm>=4.66",
         "portpicker>=1.6",      # Free coordinator ports for local multi-process launches.
     ],
@@ -35,6 +36,8 @@ setuptools.setup(
         "dev": ["pytest>=8", "pytest-xdist>=3.5"],
         "video": ["av>=12"],
         "tensorboard": ["tensorboardX>=2.6"],
+        # Only the weight converters in tools/ need PyTorch (CPU build).
+        "torch": ["torch==2.13.0"],
     },
     entry_points={"console_scripts": ["vitok=vitok_jax.cli:main"]},
 )

@@ -15,7 +15,7 @@ import ml_collections
 from vitok_jax import config_lib, data
 from vitok_jax.models import vit
 from vitok_jax.parallel import mesh as mesh_lib
-from vitok_jax.train import train_tokenizer
+from vitok_jax.train import gan, train_tokenizer
 
 # The embedded default: a tiny tokenizer on bundled MNIST that trains in minutes on 2 CPU cores.
 DEFAULT = "Mu-Mi/4,c=16,res=32,data=mnist,batch=64,steps=500,lr=1e-3"
@@ -72,11 +72,19 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config.data = data.default_config()
   config.data.name = "imagenet"
 
+  # ViTok uses LPIPS 1.0: set loss.lpips=1.0 with perceptual.lpips_weights (tools/convert_lpips.py).
   # commit/codebook: VQ (LlamaGen, VAR) β = 0.25 and 1; vq_entropy: LlamaGen's entropy loss (off);
   # bsq_entropy: the BSQ paper's entropy penalty weight 0.1. Unused terms are simply not returned.
   config.loss = ml_collections.ConfigDict(dict(
       l2=1.0, l1=0.1, lpips=0.0, kl=1e-3, commit=0.25, codebook=1.0, vq_entropy=0.0,
       bsq_entropy=0.1))
+  config.perceptual = ml_collections.ConfigDict(dict(lpips_weights=""))
+  # Stage 2 (ViTok): gan.enabled=True, init_from=<stage-1 workdir>; decoder fine-tuned, encoder frozen.
+  config.gan = gan.default_config()
+  config.init_from = ""
+  # Held-out metrics beyond PSNR/SSIM, e.g. ("fid_mnist", "lpips", "rfid"), and their weight files.
+  config.eval = ml_collections.ConfigDict(dict(
+      metrics=(), lpips_weights="", inception_weights="", i3d_weights="", mnist_classifier=""))
 
   # Devices per mesh axis (-1 = the rest); dcn_* split across nodes/slices. See parallel/mesh.py.
   config.mesh = mesh_lib.default_config()

@@ -7,7 +7,6 @@ import json
 import sys
 
 import jax
-import numpy as np
 
 from vitok_jax import config_lib, data
 from vitok_jax.parallel import mesh as mesh_lib
@@ -27,7 +26,7 @@ def losses(mesh_sizes, steps):
   config.mesh.update(mesh_sizes)
   devices = jax.devices()[:1] if mesh_sizes == MESHES["single"] else jax.devices()
   mesh = mesh_lib.make_mesh(config.mesh, devices)
-  _, _, state, train_step, _ = train_tokenizer.setup_training(config, mesh)
+  _, state, train_step, _ = train_tokenizer.setup_training(config, mesh)
   it = data.build_iterator(config.data, "train", batch_size=config.batch_size, seed=config.seed)
   out = []
   for _ in range(steps):

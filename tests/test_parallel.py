@@ -7,14 +7,13 @@ import sys
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
 from vitok_jax import ConfigError, config_lib
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.parallel import sharding
-from vitok_jax.train import optimizer, train_tokenizer
+from vitok_jax.train import train_tokenizer
 
 HERE = pathlib.Path(__file__).parent
 GOLDEN = HERE / "golden" / "sharding_Mu-Mi.json"
@@ -56,14 +55,13 @@ def test_batch_must_split_over_batch_shards():
 
 def _state_mesh_specs(config):
   """Mesh PartitionSpecs of every train-state leaf, from the logical names and the rule table."""
-  model = train_tokenizer.build_model(config)
-  tx, _ = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  parts = train_tokenizer.build_components(config)
   example = jax.ShapeDtypeStruct((1, *train_tokenizer.pixel_shape(config)), np.float32)
-  boxed = jax.eval_shape(lambda x: model.init(
+  boxed = jax.eval_shape(lambda x: parts.model.init(
       {"params": jax.random.key(0), "sample": jax.random.key(1)}, x, sample=False)["params"], example)
   param_specs = sharding.param_logical_specs(boxed)
-  abstract = jax.eval_shape(lambda x: train_tokenizer.init_state(model, tx, config, x), example)
-  opt_specs = sharding.opt_state_logical_specs(tx, abstract.opt_state, param_specs)
+  abstract = train_tokenizer.abstract_state(parts, config)
+  opt_specs = sharding.opt_state_logical_specs(parts.tx, abstract.opt_state, param_specs)
   to_mesh = lambda specs: nn.logical_to_mesh(specs, sharding.LOGICAL_AXIS_RULES)
   return sharding.describe(to_mesh(param_specs)), sharding.describe(to_mesh(opt_specs)), abstract
 

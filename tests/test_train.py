@@ -152,3 +152,29 @@ def test_video_tokenizer_trains_on_real_pixel_clips_and_writes_a_strip(tmp_path)
   assert strip.size[1] == 4 * gif.size[1]  # One originals/reconstructions grid per frame.
   rows = [r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r]
   assert rows[-1]["l2"] < rows[0]["l2"]
+
+
+def test_gan_stage_fine_tunes_the_decoder_from_stage_one_with_the_encoder_frozen(tmp_path):
+  stage1 = str(tmp_path / "stage1")
+  train_tokenizer.train(tiny_config(steps=6), stage1)
+  config = tiny_config(steps=4, **{"gan.enabled": True, "gan.channels": 8, "gan.max_channels": 16})
+  config.init_from = stage1
+  train_tokenizer.train(config, str(tmp_path / "stage2"))
+  _, before = final_params(stage1)
+  _, after = final_params(str(tmp_path / "stage2"))
+  for frozen in ("patch_embed", "encoder", "bottleneck"):
+    jax.tree.map(np.testing.assert_array_equal, before[frozen], after[frozen])
+  changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b),
+                                         before["decoder"], after["decoder"]))
+  assert all(changed)
+  rows = [r for r in read_jsonl(str(tmp_path / "stage2" / "metrics.jsonl")) if "loss" in r]
+  assert all(np.isfinite(r["d_loss"]) and r["gan_weight"] == pytest.approx(0.1) for r in rows)
+
+
+def test_vitok_eval_adds_fid_mnist_to_the_record(tmp_path):
+  workdir = str(tmp_path)
+  train_tokenizer.train(tiny_config(steps=4), workdir)
+  metrics = train_tokenizer.evaluate_workdir(workdir, metrics=("fid_mnist",))
+  assert metrics["step"] == 4 and metrics["eval/fid_mnist"] > 0
+  assert record_lib.read(workdir)["metrics"]["eval/fid_mnist"] == metrics["eval/fid_mnist"]
+  assert os.path.exists(os.path.join(workdir, "mnist_classifier.npz"))  # Trained once, cached.

@@ -136,7 +136,8 @@ def bench_variant(variant: str, *, batch: int | None, dtype: str, attn_impl: str
   mesh = mesh_lib.make_mesh(config.mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)  # Raises if it does not split.
-  model, _, state, train_step, _ = train_tokenizer.setup_training(config, mesh)
+  parts, state, train_step, _ = train_tokenizer.setup_training(config, mesh)
+  model = parts.model
   shape = train_tokenizer.pixel_shape(config)
   # Synthetic pixels [B, (T,) H, W, C], put on device once, before timing: no data pipeline in the
   # measurement. Each process makes its rows; global_batch assembles them as the trainer does.

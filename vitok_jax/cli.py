@@ -34,6 +34,8 @@ flags.DEFINE_enum("distributed", "detect", ["detect", "auto", "off"],
                   "with jax's own detection (TPU pods); off: single process.")
 flags.DEFINE_string("compilation_cache", os.environ.get("VITOK_COMPILATION_CACHE", ""),
                     "Persistent XLA compilation cache directory shared across runs.")
+flags.DEFINE_list("metrics", [], "eval: dataset-level metrics to add, e.g. fid_mnist,lpips,rfid "
+                  "(weights from config.eval.*; the MNIST classifier is trained once and cached).")
 flags.DEFINE_integer("devices", 0, "compile: fake CPU devices to compile for (0 = this machine's).")
 flags.DEFINE_float("device_memory_gb", 0.0, "compile: memory per device to check the config "
                    "against (0 = skip), e.g. 16 for TPU v5e, 80 for H100.")
@@ -54,7 +56,7 @@ def _cmd_eval(workdir: str) -> int:
   """Evaluate the latest checkpoint of --workdir on its held-out split; updates record.json."""
   from vitok_jax.train import train_tokenizer
   config = _CONFIG.value  # None: use the config saved in the workdir.
-  metrics = train_tokenizer.evaluate_workdir(workdir, config)
+  metrics = train_tokenizer.evaluate_workdir(workdir, config, tuple(FLAGS.metrics))
   print(json.dumps(metrics, indent=1))
   return 0
 

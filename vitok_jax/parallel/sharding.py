@@ -48,10 +48,15 @@ def param_logical_specs(boxed_params):
 
 
 def opt_state_logical_specs(tx: optax.GradientTransformation, abstract_opt_state, param_specs):
-  """Optimizer-state specs: moments follow their parameter's spec, counters are replicated."""
-  return optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt_state, param_specs,
-                               transform_non_params=lambda _: P(),
-                               is_leaf=lambda x: isinstance(x, P))
+  """Optimizer-state specs: moments follow their parameter's spec, counters are replicated.
+
+  Frozen parameters (optax.multi_transform with set_to_zero) hold a MaskedNode, kept as is.
+  """
+  masked = optax.transforms.MaskedNode
+  return optax.tree_map_params(
+      tx, lambda leaf, spec: leaf if isinstance(leaf, masked) else spec, abstract_opt_state,
+      param_specs, transform_non_params=lambda _: P(),
+      is_leaf=lambda x: isinstance(x, (P, masked)))
 
 
 def describe(shardings) -> dict[str, str]:

@@ -8,6 +8,7 @@ data iterator's position), so an interrupted run ends exactly where an uninterru
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -28,12 +29,13 @@ from jax.experimental import multihost_utils
 from vitok_jax import config_lib, data
 from vitok_jax.config_lib import require, require_choice
 from vitok_jax.errors import DataError
-from vitok_jax.eval import reconstruction, visualize
+from vitok_jax.eval import perceptual_metrics, reconstruction, visualize
 from vitok_jax.models import bottlenecks, tokenizer, vit
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.parallel import sharding
 from vitok_jax.scaling import record as record_lib
-from vitok_jax.train import checkpoint, losses, metrics_writer, optimizer
+from vitok_jax.models.perceptual import lpips
+from vitok_jax.train import checkpoint, gan, losses, metrics_writer, optimizer
 
 
 class TrainingDiverged(FloatingPointError):
@@ -46,6 +48,17 @@ class TrainState:
   params: Any
   opt_state: Any
   ema_params: Any  # Same tree as params when config.ema_decay > 0, else an empty dict.
+  disc: Any = flax.struct.field(default_factory=dict)  # gan.DiscState in the GAN stage, else {}.
+
+
+@dataclasses.dataclass(frozen=True)
+class Components:
+  """What a config builds besides the state: the model, its optimizer and the optional losses."""
+  model: tokenizer.ViTok
+  tx: optax.GradientTransformation
+  schedule: Any
+  gan_stage: gan.GANStage | None
+  perceptual_fn: Any  # (x, recon) -> [B] LPIPS, when loss.lpips > 0.
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -96,12 +109,30 @@ def build_model(config) -> tokenizer.ViTok:
   return tokenizer.from_config(config.model, pixel_channels=config.data.channels)
 
 
-def init_state(model, tx, config, example_BX) -> TrainState:
-  """Initial params (logical-axis boxes removed), optimizer state and EMA copy."""
-  params = nn.meta.unbox(_init_boxed_params(model, config, example_BX))
+def build_components(config, *, with_losses: bool = True) -> Components:
+  """Model, optimizer (encoder frozen in the GAN stage when asked), GAN stage, LPIPS loss."""
+  model = build_model(config)
+  tx, schedule = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  stage = gan.build_gan_stage(config.gan) if config.gan.enabled else None
+  if stage is not None and config.gan.freeze_encoder:
+    example = jax.ShapeDtypeStruct((1, *pixel_shape(config)), jnp.float32)
+    params = nn.meta.unbox(jax.eval_shape(functools.partial(_init_boxed_params, model, config), example))
+    tx = gan.freeze_encoder(tx, params)
+  perceptual_fn = None
+  if with_losses and config.loss.lpips > 0:
+    perceptual_fn = lpips.load_perceptual_fn(config.perceptual.lpips_weights)
+  return Components(model, tx, schedule, stage, perceptual_fn)
+
+
+def init_state(parts: Components, config, example_BX) -> TrainState:
+  """Initial params (logical-axis boxes removed), optimizer state, EMA copy, discriminator."""
+  params = nn.meta.unbox(_init_boxed_params(parts.model, config, example_BX))
   ema = jax.tree.map(jnp.copy, params) if config.ema_decay else {}
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    ema_params=ema)
+  disc = {}
+  if parts.gan_stage is not None:
+    disc = parts.gan_stage.init(jax.random.key(config.seed + 3), example_BX)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=parts.tx.init(params),
+                    ema_params=ema, disc=disc)
 
 
 def _init_boxed_params(model, config, example_BX):
@@ -109,65 +140,92 @@ def _init_boxed_params(model, config, example_BX):
   return model.init(rngs, example_BX, sample=False)["params"]
 
 
-def state_shardings(model, tx, config, mesh) -> TrainState:
-  """NamedShardings of every leaf of the train state, from the params' logical axis names."""
+def abstract_state(parts: Components, config) -> TrainState:
+  example = jax.ShapeDtypeStruct((1, *pixel_shape(config)), jnp.float32)
+  return jax.eval_shape(functools.partial(init_state, parts, config), example)
+
+
+def state_shardings(parts: Components, config, mesh) -> TrainState:
+  """NamedShardings of every leaf of the train state, from the params' logical axis names
+  (the small discriminator of the GAN stage is replicated)."""
   example = jax.ShapeDtypeStruct((1, *pixel_shape(config)), jnp.float32)
   param_specs = sharding.param_logical_specs(
-      jax.eval_shape(functools.partial(_init_boxed_params, model, config), example))
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx, config), example)
+      jax.eval_shape(functools.partial(_init_boxed_params, parts.model, config), example))
+  abstract = abstract_state(parts, config)
+  replicated = jax.sharding.PartitionSpec()
   specs = TrainState(
-      step=jax.sharding.PartitionSpec(), params=param_specs,
-      opt_state=sharding.opt_state_logical_specs(tx, abstract.opt_state, param_specs),
-      ema_params=param_specs if config.ema_decay else {})
+      step=replicated, params=param_specs,
+      opt_state=sharding.opt_state_logical_specs(parts.tx, abstract.opt_state, param_specs),
+      ema_params=param_specs if config.ema_decay else {},
+      disc=jax.tree.map(lambda _: replicated, abstract.disc))
   return sharding.logical_to_mesh(specs, mesh)
 
 
-def make_train_step(model, tx, schedule, config):
-  """(state, batch) -> (state, metrics); noise rng = fold_in(seed, step), so resume is exact."""
-  base_key = jax.random.key(config.seed + 2)
+def make_train_step(parts: Components, config):
+  """(state, batch) -> (state, metrics); noise rng = fold_in(seed, step), so resume is exact.
 
-  def loss_fn(params, x, rng):
+  In the GAN stage the tokenizer also gets weight·hinge generator loss and the discriminator
+  takes one step on real vs reconstructed pixels.
+  """
+  base_key = jax.random.key(config.seed + 2)
+  model, tx, stage = parts.model, parts.tx, parts.gan_stage
+
+  def recon_loss_fn(params, x, rng):
     recon, aux = model.apply({"params": params}, x, sample=True, rngs={"sample": rng})
-    return losses.tokenizer_loss(x, recon, aux, config.loss)
+    loss, metrics = losses.tokenizer_loss(x, recon, aux, config.loss, parts.perceptual_fn)
+    return loss, (metrics, recon)
 
   def train_step(state: TrainState, batch):
+    x = batch["image"]
     rng = jax.random.fold_in(base_key, state.step)
-    grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch["image"], rng)
+    loss_fn = lambda p: recon_loss_fn(p, x, rng)
+    disc, disc_metrics = state.disc, {}
+    if stage is None:
+      grads, (metrics, _) = jax.grad(loss_fn, has_aux=True)(state.params)
+    else:
+      grads, metrics, recon = gan.generator_grads(loss_fn, stage, state.params, disc.params,
+                                                  state.step)
+      disc, disc_metrics = stage.discriminator_step(disc, x, recon, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = state.ema_params
     if config.ema_decay:
       ema = optax.incremental_update(params, ema, step_size=1.0 - config.ema_decay)
-    metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+    metrics = {**metrics, **disc_metrics, "grad_norm": optax.global_norm(grads),
+               "lr": parts.schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema_params=ema), metrics
+                         ema_params=ema, disc=disc), metrics
 
   return train_step
 
 
-def jit_train_step(model, tx, schedule, config, mesh, shardings):
+def jit_train_step(parts: Components, config, mesh, shardings):
   """The train step jitted for `mesh`: state donated, batch split over data × fsdp."""
-  return jax.jit(sharding.with_rules(make_train_step(model, tx, schedule, config), mesh),
+  return jax.jit(sharding.with_rules(make_train_step(parts, config), mesh),
                  donate_argnums=0, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                  out_shardings=(shardings, mesh_lib.replicated(mesh)))
 
 
 def setup_training(config, mesh):
-  """Model, optimizer, sharded initial state and the jitted (donating) train step on `mesh`.
+  """Components, sharded initial state and the jitted (donating) train step on `mesh`.
 
-  The state is initialised directly into its shardings (never whole on one host).
-  Returns (model, tx, state, train_step, state_shardings).
+  The state is initialised directly into its shardings (never whole on one host). With
+  config.init_from (a finished run's workdir, e.g. stage 1 before the GAN stage) the params
+  start from that run's latest checkpoint.
+  Returns (components, state, train_step, state_shardings).
   """
-  model = build_model(config)
-  tx, schedule = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
-  shardings = state_shardings(model, tx, config, mesh)
+  parts = build_components(config)
+  shardings = state_shardings(parts, config, mesh)
   example = jnp.zeros((1, *pixel_shape(config)), jnp.float32)
   # Not traced under the axis rules: flax's DenseGeneral inits kernels flat, so their logical
   # constraints would not apply; out_shardings places every leaf.
-  state = jax.jit(functools.partial(init_state, model, tx, config),
-                  out_shardings=shardings)(example)
-  train_step = jit_train_step(model, tx, schedule, config, mesh, shardings)
-  return model, tx, state, train_step, shardings
+  state = jax.jit(functools.partial(init_state, parts, config), out_shardings=shardings)(example)
+  if config.get("init_from"):
+    init_config = config_lib.read_config(config.init_from)
+    _, params, _ = restore_params(config.init_from, init_config, mesh)
+    state = state.replace(params=params,
+                          ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay else {})
+  return parts, state, jit_train_step(parts, config, mesh, shardings), shardings
 
 
 def compile_train_step(config, mesh) -> dict:
@@ -177,18 +235,13 @@ def compile_train_step(config, mesh) -> dict:
   configs for out-of-memory before anything is launched.
   """
   validate(config)
-  model = build_model(config)
-  tx, schedule = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
-  shardings = state_shardings(model, tx, config, mesh)
-  example = jax.ShapeDtypeStruct((1, *pixel_shape(config)), jnp.float32)
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx, config), example)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
+  parts = build_components(config)
+  shardings = state_shardings(parts, config, mesh)
+  abstract = _with_shardings(abstract_state(parts, config), shardings)
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *pixel_shape(config)), jnp.float32,
                                          sharding=mesh_lib.batch_sharding(mesh))}
   start = time.time()
-  compiled = jit_train_step(model, tx, schedule, config, mesh, shardings).lower(
-      abstract, batch).compile()
+  compiled = jit_train_step(parts, config, mesh, shardings).lower(abstract, batch).compile()
   memory = compiled.memory_analysis()
   parts = {name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
            for name in ("argument", "output", "temp", "alias", "generated_code")}
@@ -215,32 +268,49 @@ def jit_eval_step(model, mesh, param_shardings):
                  out_shardings=(mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)))
 
 
-def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None) -> dict:
-  """Held-out PSNR/SSIM/L2 over config.eval_examples examples (all of the eval split if 0).
+def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
+             workdir: str | None = None) -> dict:
+  """Held-out PSNR/SSIM/L2 over config.eval_examples examples (all of the eval split if 0), plus
+  the dataset-level metrics of config.eval.metrics (LPIPS, rFID, FID-MNIST, FVD, ...).
 
   Every process reads its shard; a short last batch is padded to the static batch and masked.
+  Dataset-level metrics are computed from this process's shard.
   """
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
   iterator = data.build_iterator(config.data, split="eval", batch_size=local_batch, seed=config.seed)
   batch_sharding = mesh_lib.batch_sharding(mesh)
+  names = tuple(config.eval.metrics)
+  accumulator = None
+  if names:
+    networks = perceptual_metrics.load_networks(names, config.eval, workdir)
+    accumulator = perceptual_metrics.MetricAccumulator(names, networks)
   sums, count, limit = {"psnr": 0.0, "ssim": 0.0, "l2": 0.0}, 0, config.eval_examples or math.inf
   for batch in iterator:
     x = batch["image"]
     rows = x.shape[0]
     valid = np.arange(local_batch) < rows
-    x = np.concatenate([x, np.zeros((local_batch - rows, *x.shape[1:]), x.dtype)]) if rows < local_batch else x
+    if rows < local_batch:
+      x = np.concatenate([x, np.zeros((local_batch - rows, *x.shape[1:]), x.dtype)])
     recon, batch_sums = eval_step(params, *mesh_lib.global_batch((x, valid), batch_sharding))
-    if image_path is not None and count == 0:
-      n = min(config.num_visualize, rows)
-      visualize.save_reconstructions(image_path, x[:n], _local_rows(recon)[:n])
+    if accumulator is not None or (image_path is not None and count == 0):
+      local_recon = _local_rows(recon)[:rows]
+      if image_path is not None and count == 0:
+        n = config.num_visualize
+        visualize.save_reconstructions(image_path, x[:n], local_recon[:n])
+      if accumulator is not None:
+        accumulator.update(real=x[:rows], fake=local_recon)
     for name, value in jax.device_get(batch_sums).items():
       sums[name] += float(value)
     count += rows * jax.process_count()
     if count >= limit:
       break
+  iterator.close()
   if not count:
     raise DataError(f"the eval split of data.name={config.data.name} is empty")
-  return {f"eval/{k}": v / count for k, v in sums.items()}
+  metrics = {f"eval/{k}": v / count for k, v in sums.items()}
+  if accumulator is not None:
+    metrics.update(accumulator.result())
+  return metrics
 
 
 def _local_rows(x):
@@ -295,7 +365,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   mesh = mesh_lib.make_mesh(config.mesh)
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  model, _, state, train_step, shardings = setup_training(config, mesh)
+  parts, state, train_step, shardings = setup_training(config, mesh)
+  model = parts.model
   logging.info("Mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
@@ -347,7 +418,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
         return None
       if step % config.eval_every == 0 or step == config.total_steps:
         params = state.ema_params if config.ema_decay else state.params
-        eval_metrics = evaluate(eval_step, params, config, mesh, image_path=(
+        eval_metrics = evaluate(eval_step, params, config, mesh, workdir=workdir, image_path=(
             os.path.join(image_dir, f"recon_{step:07d}") if is_main else None))
         if is_main:
           writer.write(step, eval_metrics)
@@ -361,7 +432,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
 
   if not eval_metrics:  # Nothing left to train (a finished run re-launched): evaluate the final state.
     params = state.ema_params if config.ema_decay else state.params
-    eval_metrics = evaluate(eval_step, params, config, mesh)
+    eval_metrics = evaluate(eval_step, params, config, mesh, workdir=workdir)
   record = record_lib.tokenizer_record(
       config, model, jax.eval_shape(lambda p: p, state.params), pixel_shape(config),
       wall_time=time.time() - start_time, metrics=eval_metrics, workdir=workdir,
@@ -385,34 +456,40 @@ def _format_seconds(seconds: float) -> str:
   return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
 def restore_params(workdir: str, config, mesh):
-  """(step, params) of the latest checkpoint of a run, sharded on `mesh` (EMA params if enabled)."""
+  """(step, params, state shardings) of the latest checkpoint of a run, on `mesh` (EMA params if
+  enabled)."""
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   step = ckpt.latest_step()
   if step is None:
     raise DataError(f"{workdir} has no checkpoint; train it first with `vitok train "
                     f"--workdir {workdir}`")
-  model = build_model(config)
-  tx, _ = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
-  shardings = state_shardings(model, tx, config, mesh)
-  example = jax.ShapeDtypeStruct((1, *pixel_shape(config)), jnp.float32)
-  abstract = jax.eval_shape(functools.partial(init_state, model, tx, config), example)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, shardings)
-  state = ckpt.restore(step, abstract)
+  parts = build_components(config, with_losses=False)
+  shardings = state_shardings(parts, config, mesh)
+  state = ckpt.restore(step, _with_shardings(abstract_state(parts, config), shardings))
   ckpt.close()
   return step, (state.ema_params if config.ema_decay else state.params), shardings
 
 
-def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None) -> dict:
-  """Evaluates the latest checkpoint of a run on its held-out split and updates record.json."""
+def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
+                     metrics: tuple[str, ...] = ()) -> dict:
+  """Evaluates the latest checkpoint of a run on its held-out split (PSNR/SSIM/L2 and `metrics`,
+  e.g. ("fid_mnist", "lpips")) and adds the results to its record.json."""
   if config is None:
     config = config_lib.read_config(workdir)
+  if metrics:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.eval.metrics = tuple(metrics)
   validate(config)
   mesh = mesh_lib.make_mesh(config.mesh)
   step, params, shardings = restore_params(workdir, config, mesh)
   eval_step = jit_eval_step(build_model(config), mesh, shardings.params)
-  metrics = evaluate(eval_step, params, config, mesh,
+  metrics = evaluate(eval_step, params, config, mesh, workdir=workdir,
                      image_path=os.path.join(workdir, "images", f"eval_{step:07d}"))
   if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "record.json")):
     record = record_lib.read(workdir)
