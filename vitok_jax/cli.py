@@ -4,6 +4,9 @@
   vitok eval    --workdir runs/mnist
   vitok compile --config vitok:"L-L/16,c=16,res=256,data=imagenet" --devices 64 --device_memory_gb 16
   vitok launch  local|slurm|tpu --config ... --workdir ... [--processes N ...] [--dry_run]
+  vitok sweep   quickstart --sweep_dir runs/quickstart [--parallel N] [--target local|slurm|tpu]
+  vitok results runs/quickstart
+  vitok fit     runs/quickstart [--x E --y eval/psnr [--offset]]
 
 --config takes NAME:VARIANT (a file in configs/) or PATH.py:VARIANT; --config.a.b=v overrides a field.
 """
@@ -39,6 +42,22 @@ flags.DEFINE_list("metrics", [], "eval: dataset-level metrics to add, e.g. fid_m
 flags.DEFINE_integer("devices", 0, "compile: fake CPU devices to compile for (0 = this machine's).")
 flags.DEFINE_float("device_memory_gb", 0.0, "compile: memory per device to check the config "
                    "against (0 = skip), e.g. 16 for TPU v5e, 80 for H100.")
+# sweep / results / fit.
+flags.DEFINE_string("sweep_dir", None, "sweep: where the sweep lives (default runs/SWEEP_NAME).")
+flags.DEFINE_integer("parallel", None, "sweep: runs at once on this machine (default: the sweep's).")
+flags.DEFINE_integer("max_attempts", None, "sweep: tries per run before it counts as failed "
+                     "(default: the sweep's); a re-run with a larger value retries failed runs.")
+flags.DEFINE_enum("target", "local", ["local", "slurm", "tpu"], "sweep: run here, write an sbatch "
+                  "job array (SWEEP_DIR/sweep.sbatch) or print per-run TPU-pod commands.")
+flags.DEFINE_bool("dry_run", False, "sweep: list the runs and their status, run nothing.")
+flags.DEFINE_list("job", [], "sweep --target=slurm/tpu: JobSpec fields as k=v, e.g. "
+                  "partition=gpu,gpus_per_node=8,time=12:00:00 or tpu_name=...,zone=...")
+flags.DEFINE_string("x", None, "fit: column on the x axis (e.g. E, params_total, compute).")
+flags.DEFINE_string("y", None, "fit: metric column (e.g. eval/psnr, eval/l2).")
+flags.DEFINE_bool("offset", False, "fit: also fit an irreducible term, y = c + a·x^b.")
+flags.DEFINE_string("two_variable", None, "fit: N,D columns for L(N, D) = E + A/N^α + B/D^β with "
+                    "--y as L, e.g. params_total,tokens_seen.")
+flags.DEFINE_integer("n_boot", 1000, "fit: bootstrap resamples for the confidence intervals.")
 
 DEFAULT_CONFIG = "vitok"
 
@@ -86,12 +105,97 @@ def _cmd_launch(argv: list[str]) -> int:
   return launch_args.main(argv)
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "compile": _cmd_compile, "launch": _cmd_launch}
+def _cmd_sweep(args: list[str]) -> int:
+  """Run a sweep (configs/sweeps/NAME[:ARG]), skipping finished runs; then results + fit.
+
+  Interrupted runs resume, failed ones are retried up to --max_attempts.
+  """
+  from vitok_jax.launch import jobspec
+  from vitok_jax.scaling import sweep as sweep_lib
+  if len(args) != 1:
+    raise ConfigError("usage: vitok sweep SWEEP [--sweep_dir DIR] (SWEEP: quickstart, "
+                      "bottleneck, encoder_decoder or PATH.py[:ARG])")
+  spec = args[0]
+  sweep = sweep_lib.load(spec)
+  sweep_dir = FLAGS.sweep_dir or os.path.join("runs", sweep.get("name", "sweep"))
+  runs = sweep_lib.prepare(sweep, sweep_dir, spec)
+  max_attempts = FLAGS.max_attempts or sweep.get("max_attempts", 2)
+  status = {run.id: sweep_lib.run_status(run.workdir, max_attempts) for run in runs}
+  pending = [run for run in runs if status[run.id] == sweep_lib.PENDING]
+  if FLAGS.dry_run:
+    for run in runs:
+      print(f"{status[run.id]:9s} {run.id}  {run.point}")
+    return 0
+  job = dict(sweep.get("slurm", None) or {}) if FLAGS.target == "slurm" else {}
+  for item in FLAGS.job:
+    key, _, value = item.partition("=")
+    field = jobspec.JobSpec.__dataclass_fields__.get(key)
+    if field is None:
+      raise ConfigError(f"--job {key}: not a JobSpec field")
+    job[key] = int(value) if field.type == "int" else value
+  if FLAGS.target == "slurm":
+    path = os.path.join(sweep_dir, "sweep.sbatch")
+    with open(path, "w") as f:
+      f.write(sweep_lib.render_slurm_array(pending, sweep_dir, **job))
+    print(f"{len(pending)} of {len(runs)} runs to do: sbatch {path}\n"
+          f"(then `vitok results {sweep_dir}` and `vitok fit {sweep_dir}`)")
+    return 0
+  if FLAGS.target == "tpu":
+    print("\n".join(sweep_lib.tpu_commands(pending, sweep_dir, **job)))
+    return 0
+  status = sweep_lib.run_local(runs, sweep_dir, parallel=FLAGS.parallel or sweep.get("parallel", 1),
+                               max_attempts=max_attempts)
+  code = _cmd_results([sweep_dir])
+  return code or _cmd_fit([sweep_dir]) or (0 if all(
+      s == sweep_lib.DONE for s in status.values()) else 1)
+
+
+def _cmd_results(args: list[str]) -> int:
+  """Gather every record.json of SWEEP_DIR into results.csv / results.md; flag failed runs."""
+  from vitok_jax.scaling import results
+  if len(args) != 1:
+    raise ConfigError("usage: vitok results SWEEP_DIR")
+  rows = results.gather(args[0], FLAGS.max_attempts or 2)
+  results.write_csv(rows, os.path.join(args[0], "results.csv"))
+  table = results.to_markdown(rows)
+  with open(os.path.join(args[0], "results.md"), "w") as f:
+    f.write(table + "\n")
+  print(results.to_markdown(rows, keep=[c for c in results.columns(rows) if c not in (
+      "flops_forward", "params_bottleneck", "tokens_per_example")]))
+  for line in results.flags(rows):
+    print(f"FLAG {line}")
+  print(f"wrote {args[0]}/results.csv and results.md")
+  return 0
+
+
+def _cmd_fit(args: list[str]) -> int:
+  """Power-law fits (with bootstrap CIs) of a sweep's results -> fits.json and plots/."""
+  from vitok_jax.scaling import results
+  if len(args) != 1:
+    raise ConfigError("usage: vitok fit SWEEP_DIR [--x E --y eval/psnr [--offset]]")
+  fits = None
+  if FLAGS.two_variable:
+    n, d = FLAGS.two_variable.split(",")
+    fits = [dict(kind="two_variable", n=n, d=d, y=FLAGS.y or "eval/l2")]
+  elif FLAGS.x or FLAGS.y:
+    fits = [dict(x=FLAGS.x or "E", y=FLAGS.y or "eval/l2", offset=FLAGS.offset)]
+  out = results.report(args[0], fits=fits, n_boot=FLAGS.n_boot, max_attempts=FLAGS.max_attempts or 2)
+  for result in out["fits"]:
+    print("fit:", results.describe_fit(result))
+  print(f"wrote {args[0]}/fits.json" + (f" and {len(out['plots'])} plot files in "
+                                        f"{args[0]}/plots" if out["plots"] else ""))
+  return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "compile": _cmd_compile, "launch": _cmd_launch,
+            "sweep": _cmd_sweep, "results": _cmd_results, "fit": _cmd_fit}
+# Subcommands that take positional arguments (a sweep or sweep directory) instead of --workdir.
+POSITIONAL_COMMANDS = ("sweep", "results", "fit")
 
 
 def _usage() -> str:
   lines = [__doc__.strip(), "", "Subcommands:"]
-  lines += [f"  {name:8s}{fn.__doc__}" for name, fn in COMMANDS.items()]
+  lines += [f"  {name:8s}{fn.__doc__.splitlines()[0]}" for name, fn in COMMANDS.items()]
   lines += ["", "`vitok SUBCOMMAND --help` lists the flags."]
   return "\n".join(lines)
 
@@ -157,7 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   _fake_devices_first(rest)
   try:
-    FLAGS([argv[0], *_resolve_config_arg(rest, DEFAULT_CONFIG if command != "eval" else None)])
+    default = DEFAULT_CONFIG if command not in ("eval", *POSITIONAL_COMMANDS) else None
+    FLAGS.unparse_flags()  # Defaults again when main() is called twice in one process (tests).
+    positional = FLAGS([argv[0], *_resolve_config_arg(rest, default)])[1:]
+    if command in POSITIONAL_COMMANDS:  # Each run is its own process; nothing to start here.
+      return COMMANDS[command](positional)
     _start_runtime()
     workdir = FLAGS.workdir or os.path.join("runs", "default")
     return COMMANDS[command](workdir)

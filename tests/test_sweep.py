@@ -1,0 +1,276 @@
+"""Sweeps: expansion and stable ids, skip/resume/retry with a fake trainer, results, CLI, launchers."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import ml_collections
+import pytest
+
+from vitok_jax import cli
+from vitok_jax.errors import ConfigError
+from vitok_jax.scaling import results, sweep
+
+BASE = "vitok:Mu-Mu/4,res=16,data=mnist,batch=8,steps=2"
+
+# Stands in for `vitok train`: counts launches, honours SIGTERM like the trainer (exit 0, no
+# record), fails while WORKDIR/fail_N files remain, else writes a record whose PSNR rises with E.
+FAKE_TRAINER = textwrap.dedent("""
+    import glob, json, math, os, signal, sys, time
+    workdir, calls, sleep = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with open(calls, "a") as f:
+      f.write(os.path.basename(workdir) + "\\n")
+    time.sleep(sleep)
+    fails = sorted(glob.glob(os.path.join(workdir, "fail_*")))
+    if fails:
+      os.remove(fails[0])
+      sys.exit("TrainingDiverged: loss is nan" if "diverge" in fails[0] else "boom")
+    config = json.load(open(os.path.join(workdir, "config.json")))
+    c = config["model"]["channels"]
+    e = 16 * c
+    record = dict(config=config, variant=config["variant"], E=e, c=c, tokens_per_example=16,
+                  params=dict(encoder=100, decoder=200, bottleneck=10, total=310),
+                  flops_per_example=dict(forward=1000, train=3000), examples_seen=16,
+                  wall_time_s=0.1, metrics={"eval/psnr": 10 * e ** 0.1, "eval/l2": 0.5 * e ** -0.3,
+                                            "eval/ssim": 0.5})
+    json.dump(record, open(os.path.join(workdir, "record.json"), "w"))
+""")
+
+
+def _sweep(channels=(1, 2, 4, 8)):
+  config = ml_collections.ConfigDict()
+  config.name = "test"
+  config.base = BASE
+  config.axes = [("product", {"c": list(channels)})]
+  config.fits = [dict(x="E", y="eval/psnr"), dict(x="E", y="eval/l2")]
+  config.frontier = dict(y="eval/l2")
+  return config
+
+
+@pytest.fixture
+def fake(tmp_path):
+  script = tmp_path / "fake_train.py"
+  script.write_text(FAKE_TRAINER)
+  calls = tmp_path / "calls.txt"
+
+  def command(sleep=0.0):
+    return lambda run: [sys.executable, str(script), run.workdir, str(calls), str(sleep)]
+
+  def launched():
+    return calls.read_text().split() if calls.exists() else []
+  return command, launched
+
+
+def test_points_product_and_zip():
+  axes = [("product", {"a": [1, 2], "b": ["x", "y"]}), ("zip", {"c": [3, 4], "d": [5, 6]})]
+  got = sweep.points(axes)
+  assert len(got) == 8
+  assert got[0] == {"a": 1, "b": "x", "c": 3, "d": 5}
+  assert got[1] == {"a": 1, "b": "x", "c": 4, "d": 6}
+  with pytest.raises(ConfigError, match="equal lengths"):
+    sweep.points([("zip", {"c": [1], "d": [1, 2]})])
+  with pytest.raises(ConfigError, match="product"):
+    sweep.points([("grid", {"c": [1]})])
+
+
+def test_expand_ids_filters_overrides(tmp_path):
+  config = _sweep()
+  config.axes = [("product", {"c": [2, 4], "model.patch": [(4, 4), (8, 8)]})]
+  config.filters = [lambda p: p["c"] * (16 // p["model.patch"][0]) ** 2 >= 16]
+  config.overrides = [lambda p, cfg: {"total_steps": 3 * p["c"]}]
+  runs = sweep.expand(config, str(tmp_path))
+  assert [r.label for r in runs] == ["c2-patch4x4", "c4-patch4x4", "c4-patch8x8"]
+  assert [r.config.total_steps for r in runs] == [6, 12, 12]
+  assert runs[2].config.model.patch == (8, 8) and runs[2].config.model.channels == 4
+  # Ids are a function of the resolved config: stable across expansions, distinct across points.
+  assert [r.id for r in sweep.expand(config, str(tmp_path))] == [r.id for r in runs]
+  assert len({r.id.split("-")[-1] for r in runs}) == 3
+  assert runs[0].workdir == os.path.join(tmp_path, "runs", runs[0].id)
+  with pytest.raises(ConfigError, match="no field"):
+    sweep.resolve(BASE, {"model.nope": 1})
+
+
+def test_canonical_sweeps_expand():
+  quick = sweep.expand(sweep.load("quickstart"))
+  assert [r.config.model.channels for r in quick] == [1, 2, 4, 8, 16]
+  assert len({r.id for r in quick}) == 5
+  assert all(r.config.data.name == "mnist" for r in quick)
+  bottleneck = sweep.expand(sweep.load("bottleneck"))
+  assert len({r.config.model.patch for r in bottleneck}) == 3
+  enc_dec = sweep.expand(sweep.load("encoder_decoder"))
+  assert len(enc_dec) == 9
+  steps = {(r.config.model.encoder, r.config.model.decoder): r.config.total_steps for r in enc_dec}
+  assert steps[("Mu", "Mu")] > steps[("Ti", "Ti")]  # Same compute: smaller models train longer.
+
+
+def test_run_local_skips_finished_runs(tmp_path, fake):
+  command, launched = fake
+  runs = sweep.prepare(_sweep(), str(tmp_path / "s"))
+  lines = []
+  status = sweep.run_local(runs, str(tmp_path / "s"), parallel=2, command=command(),
+                           log=lines.append, poll_s=0.05)
+  assert set(status.values()) == {sweep.DONE}
+  assert sorted(launched()) == sorted(r.id for r in runs)
+  assert "4/4 done" in lines[-1] and "finished" in lines[-1]
+  # The same sweep again: every run is done, nothing is launched.
+  runs = sweep.prepare(_sweep(), str(tmp_path / "s"))
+  sweep.run_local(runs, str(tmp_path / "s"), command=command(), log=lines.append, poll_s=0.05)
+  assert len(launched()) == 4
+  # Adding a point runs only the new one.
+  runs = sweep.prepare(_sweep((1, 2, 4, 8, 16)), str(tmp_path / "s"))
+  sweep.run_local(runs, str(tmp_path / "s"), command=command(), log=lines.append, poll_s=0.05)
+  assert len(launched()) == 5 and launched()[-1].startswith("c16-")
+
+
+def test_retries_are_bounded_and_divergence_is_final(tmp_path, fake):
+  command, launched = fake
+  runs = sweep.prepare(_sweep((1, 2, 4)), str(tmp_path))
+  (tmp_path / "runs" / runs[0].id / "fail_1").touch()   # Fails once, then succeeds.
+  for i in range(2):                                     # Fails both attempts.
+    (tmp_path / "runs" / runs[1].id / f"fail_{i}").touch()
+  (tmp_path / "runs" / runs[2].id / "fail_diverge").touch()
+  status = sweep.run_local(runs, str(tmp_path), max_attempts=2, command=command(),
+                           log=lambda _: None, poll_s=0.05)
+  assert status == {runs[0].id: sweep.DONE, runs[1].id: sweep.FAILED,
+                    runs[2].id: sweep.DIVERGED}
+  counts = {r.id: launched().count(r.id) for r in runs}
+  assert counts == {runs[0].id: 2, runs[1].id: 2, runs[2].id: 1}
+  assert sweep.read_status(runs[1].workdir)["attempts"] == 2
+  # Re-running does not touch them; a larger budget retries only the failed run, which succeeds.
+  sweep.run_local(runs, str(tmp_path), max_attempts=2, command=command(), log=lambda _: None)
+  assert len(launched()) == 5
+  status = sweep.run_local(runs, str(tmp_path), max_attempts=3, command=command(),
+                           log=lambda _: None, poll_s=0.05)
+  assert status[runs[1].id] == sweep.DONE and len(launched()) == 6
+  rows = results.gather(str(tmp_path))
+  assert [r["status"] for r in rows] == [sweep.DONE, sweep.DONE, sweep.DIVERGED]
+  assert results.flags(rows) == [f"{runs[2].id}: diverged (TrainingDiverged: loss is nan)"]
+
+
+def test_interrupted_sweep_finishes_only_missing_runs(tmp_path, fake):
+  """SIGINT a running sweep, then the same command: finished runs are not launched again."""
+  command, launched = fake
+  sweep_dir = str(tmp_path / "s")
+  script = tmp_path / "run_sweep.py"
+  script.write_text(textwrap.dedent(f"""
+      import sys
+      sys.path.insert(0, {os.path.dirname(__file__)!r})
+      import test_sweep
+      from vitok_jax.scaling import sweep
+      command = [sys.executable, {str(tmp_path / 'fake_train.py')!r}]
+      runs = sweep.prepare(test_sweep._sweep(), {sweep_dir!r})
+      sweep.run_local(runs, {sweep_dir!r}, poll_s=0.05,
+                      command=lambda r: command + [r.workdir, {str(tmp_path / 'calls.txt')!r}, "0.4"])
+  """))
+  first = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+  deadline = time.time() + 60
+  while len(launched()) < 2 and time.time() < deadline:  # One run done, the second one running.
+    time.sleep(0.05)
+  first.send_signal(signal.SIGINT)
+  output = first.communicate(timeout=60)[0]
+  assert first.returncode != 0 and "interrupted" in output
+  rows = results.gather(sweep_dir)
+  done = {r["id"] for r in rows if r["status"] == sweep.DONE}
+  assert 1 <= len(done) < 4
+  before = len(launched())
+  second = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+  assert second.returncode == 0, second.stderr
+  relaunched = launched()[before:]
+  assert not done & set(relaunched)
+  assert sorted(relaunched) == sorted({r["id"] for r in rows} - done)
+  assert all(r["status"] == sweep.DONE for r in results.gather(sweep_dir))
+
+
+def test_results_fit_and_plots_via_cli(tmp_path, fake, capsys):
+  command, _ = fake
+  sweep_dir = str(tmp_path / "s")
+  runs = sweep.prepare(_sweep((1, 2, 4, 8, 16)), sweep_dir)
+  sweep.run_local(runs, sweep_dir, command=command(), log=lambda _: None, poll_s=0.05)
+  assert cli.main(["vitok", "results", sweep_dir]) == 0
+  out = capsys.readouterr().out
+  assert "| id | status | c | params_encoder" in out and out.count("| done |") == 5
+  rows = list(open(os.path.join(sweep_dir, "results.csv")))
+  assert len(rows) == 6 and "compute" in rows[0] and "tokens_seen" in rows[0]
+  assert cli.main(["vitok", "fit", sweep_dir, "--n_boot=200"]) == 0
+  out = capsys.readouterr().out
+  assert "fit: eval/psnr" in out
+  fits = json.load(open(os.path.join(sweep_dir, "fits.json")))
+  psnr, l2 = fits
+  assert psnr["b"] == pytest.approx(0.1, rel=1e-3) and l2["b"] == pytest.approx(-0.3, rel=1e-3)
+  plots = sorted(os.listdir(os.path.join(sweep_dir, "plots")))
+  assert plots == sorted(f"{name}.{ext}" for ext in ("png", "svg") for name in (
+      "fit_eval_psnr_vs_E", "fit_eval_l2_vs_E", "frontier_eval_l2"))
+  assert cli.main(["vitok", "fit", sweep_dir, "--x=E", "--y=eval/l2", "--n_boot=50"]) == 0
+  assert "eval/l2 = " in capsys.readouterr().out
+
+
+def test_heatmap(tmp_path):
+  from vitok_jax.scaling import plots
+  rows = [{"status": "done", "enc": e, "dec": d, "eval/psnr": 20 + i + 2 * j}
+          for i, e in enumerate(["Mu", "Mi"]) for j, d in enumerate(["Mu", "Mi", "Ti"])]
+  paths = plots.plot_heatmap(rows, "dec", "enc", "eval/psnr", str(tmp_path))
+  assert all(os.path.getsize(p) > 1000 for p in paths)
+
+
+def test_slurm_array_and_tpu_commands(tmp_path):
+  runs = sweep.prepare(_sweep((1, 2, 4)), str(tmp_path))
+  script = sweep.render_slurm_array(runs[1:], str(tmp_path), max_parallel=2, partition="gpu",
+                                    gpus_per_node=1)
+  assert "#SBATCH --array=0-1%2" in script and "#SBATCH --partition=gpu" in script
+  assert f"#SBATCH --output={tmp_path}/logs/slurm-%A_%a.out" in script
+  assert runs[1].workdir in script and runs[2].workdir in script and runs[0].workdir not in script
+  assert "__VITOK_RUN_DIR__" not in script
+  assert f"export VITOK_COMPILATION_CACHE={tmp_path}/compilation_cache" in script
+  assert "--config=" + sweep.RUN_CONFIG + ":${VITOK_RUN_DIR}" in script
+  result = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+  assert result.returncode == 0, result.stderr
+  lines = sweep.tpu_commands(runs, str(tmp_path), tpu_name="pod", zone="z",
+                             accelerator_type="v5litepod-8")
+  assert len(lines) == 9 and runs[0].workdir in lines[2]
+
+
+def test_cli_sweep_dry_run_and_slurm(tmp_path, capsys):
+  sweep_dir = str(tmp_path / "q")
+  assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--dry_run"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("pending") == 5
+  assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--target=slurm",
+                   "--job=partition=cpu,cpus_per_task=2"]) == 0
+  assert "5 of 5 runs to do" in capsys.readouterr().out
+  assert "--array=0-4" in open(os.path.join(sweep_dir, "sweep.sbatch")).read()
+
+
+@pytest.mark.slow  # ~20 s alone, about a minute on a loaded 2-core machine.
+def test_real_tiny_run_resumes_from_sweep_config(tmp_path):
+  """The real trainer through `vitok train --config=_run.py:WORKDIR`: 2 steps into record.json."""
+  config = _sweep((2,))
+  config.base = BASE + ",res=16"
+  sweep_dir = str(tmp_path)
+  runs = sweep.prepare(config, sweep_dir)
+  for path, value in (("eval_examples", 16), ("log_every", 1)):
+    sweep.set_path(runs[0].config, path, value)
+  from vitok_jax import config_lib
+  config_lib.save_config(runs[0].config, runs[0].workdir)
+  status = sweep.run_local(runs, sweep_dir, log=lambda _: None)
+  assert status == {runs[0].id: sweep.DONE}, open(os.path.join(runs[0].workdir, "sweep.log")).read()
+  row, = results.gather(sweep_dir)
+  assert row["E"] == 2 * 16 and row["examples_seen"] == 16 and row["eval/psnr"] > 0
+  assert os.path.isdir(os.path.join(sweep_dir, "compilation_cache"))
+
+
+@pytest.mark.slow
+def test_quickstart_sweep(tmp_path):
+  """The embedded default: ≥ 4 tokenizers over E on CPU; PSNR rises and L2 falls with E."""
+  sweep_dir = str(tmp_path / "quickstart")
+  start = time.time()
+  assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--n_boot=200"]) == 0
+  assert time.time() - start < 15 * 60
+  rows = results.gather(sweep_dir)
+  assert sum(r["status"] == sweep.DONE for r in rows) >= 4
+  psnr, l2 = json.load(open(os.path.join(sweep_dir, "fits.json")))
+  assert psnr["b"] > 0 and l2["b"] < 0
+  assert os.path.exists(os.path.join(sweep_dir, "plots", "fit_eval_psnr_vs_E.png"))

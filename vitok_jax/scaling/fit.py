@@ -1,0 +1,257 @@
+"""Power-law fits for scaling studies (shared/REFERENCE.md, "Power-law fits").
+
+Single law: y = a·x^b, or y = c + a·x^b with an irreducible term c; both fitted in log space (the
+residual is log y − log ŷ, so every decade of x weighs the same), with a case-resampling bootstrap
+CI and R² of log y.
+
+Two-variable law (Chinchilla form): L(N, D) = E + A/N^α + B/D^β, a Huber loss (δ = 1e-3) on log
+residuals, minimised by L-BFGS (scipy) from the best points of a grid of starts. With compute
+C = k·N·D (k = FLOPs per parameter and sample, 6 for a transformer's train step) the loss-optimal
+split is N*(C) = G·(C/k)^(β/(α+β)), D*(C) = (C/k)/N*, G = (αA / βB)^(1/(α+β)).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+from scipy import optimize, special
+
+HUBER_DELTA = 1e-3
+
+
+def _r2(target: np.ndarray, prediction: np.ndarray) -> float:
+  """Coefficient of determination of `prediction` for `target` (both already in log space)."""
+  total = np.sum((target - target.mean()) ** 2)
+  return float(1.0 - np.sum((target - prediction) ** 2) / total) if total > 0 else float("nan")
+
+
+def _check_positive(**arrays) -> list[np.ndarray]:
+  out = []
+  for name, values in arrays.items():
+    values = np.asarray(values, np.float64).ravel()
+    if not np.all(np.isfinite(values)) or np.any(values <= 0):
+      raise ValueError(f"power-law fits need finite, positive {name}; got {values}")
+    out.append(values)
+  return out
+
+
+def _fit_pure(log_x: np.ndarray, log_y: np.ndarray) -> dict:
+  """log y = log a + b·log x by least squares."""
+  b, log_a = np.polyfit(log_x, log_y, 1)
+  return {"a": float(np.exp(log_a)), "b": float(b)}
+
+
+def _offset_predict(params: dict, x: np.ndarray) -> np.ndarray:
+  return params["c"] + params["a"] * x ** params["b"]
+
+
+def _fit_offset(x: np.ndarray, log_y: np.ndarray, start: dict | None = None) -> dict:
+  """y = c + a·x^b, minimising Σ(log y − log ŷ)² over (c, log|a|, b) for both signs of a.
+
+  a > 0, b < 0 is a loss falling to a floor c; a < 0, b < 0 a score (PSNR) rising to a ceiling c.
+  """
+  y = np.exp(log_y)
+  scale = np.median(x)  # x / scale keeps x^b well conditioned for x ~ 1e9 FLOPs.
+  xs = x / scale
+  best = None
+  # A bootstrap refit keeps the sign of the full fit's a: the two branches are different laws.
+  for sign in ((1.0, -1.0) if start is None else (float(np.sign(start["a"])),)):
+    def residual(theta, sign=sign):
+      c, log_abs_a, b = theta
+      pred = c + sign * np.exp(log_abs_a) * xs ** b
+      return log_y - np.log(np.maximum(pred, 1e-300))
+    if start is not None:
+      starts = [(start["c"], math.log(abs(start["a"]) * scale ** start["b"]), start["b"])]
+    else:  # Floor (ceiling) just below (above) the data; a few exponents.
+      c0 = 0.5 * y.min() if sign > 0 else 1.5 * y.max()
+      starts = [(c0, math.log(max(abs(np.median(y) - c0), 1e-12)), b0)
+                for b0 in (-1.0, -0.3, 0.3, 1.0)]
+    for theta0 in starts:
+      sol = optimize.least_squares(residual, theta0, method="lm" if len(y) > 3 else "trf")
+      if np.all(np.isfinite(sol.fun)) and (best is None or sol.cost < best[0]):
+        c, log_abs_a, b = sol.x
+        best = (sol.cost, {"a": float(sign * np.exp(log_abs_a) / scale ** b), "b": float(b),
+                           "c": float(c)})
+  if best is None:
+    raise ValueError("offset power-law fit failed for every start")
+  return best[1]
+
+
+def fit_power_law(x, y, *, offset: bool = False, n_boot: int = 1000, ci: float = 0.95,
+                  seed: int = 0) -> dict:
+  """Fits y = a·x^b (or y = c + a·x^b with `offset`) in log space.
+
+  Args:
+    x, y: [n] positive values (e.g. x = E, y = eval/l2 or eval/psnr).
+    offset: also fit the irreducible term c (needs ≥ 4 distinct x).
+    n_boot: bootstrap resamples of the (x, y) pairs for the CIs (0 = none); resamples with too few
+      distinct x to identify the law are skipped.
+    ci: the central probability of the percentile intervals.
+  Returns:
+    {"form", "a", "b", ["c"], "r2" (of log y), "n", "ci": {param: [lo, hi]}, "ci_level",
+     "n_boot" (resamples used)}.
+  """
+  x, y = _check_positive(x=x, y=y)
+  if len(x) != len(y):
+    raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
+  min_distinct = 4 if offset else 2
+  if len(np.unique(x)) < min_distinct:
+    raise ValueError(f"need >= {min_distinct} distinct x values, got {np.unique(x)}")
+  log_x, log_y = np.log(x), np.log(y)
+  fit_one = ((lambda ix: _fit_offset(x[ix], log_y[ix], start=best)) if offset
+             else (lambda ix: _fit_pure(log_x[ix], log_y[ix])))
+  best = None
+  best = fit_one(np.arange(len(x)))
+  prediction = _offset_predict(best, x) if offset else best["a"] * x ** best["b"]
+  result = {"form": "c + a*x^b" if offset else "a*x^b", **best,
+            "r2": _r2(log_y, np.log(np.maximum(prediction, 1e-300))), "n": int(len(x)),
+            "ci_level": ci}
+  samples = []
+  rng = np.random.default_rng(seed)
+  for _ in range(n_boot):
+    ix = rng.integers(0, len(x), len(x))
+    if len(np.unique(x[ix])) < min_distinct:
+      continue
+    try:
+      samples.append(fit_one(ix))
+    except (ValueError, np.linalg.LinAlgError):
+      continue
+  tail = 100 * (1 - ci) / 2
+  result["ci"] = {k: [float(v) for v in np.percentile([s[k] for s in samples], [tail, 100 - tail])]
+                  for k in best} if samples else {}
+  result["n_boot"] = len(samples)
+  return result
+
+
+def predict_power_law(fit: dict, x) -> np.ndarray:
+  """ŷ of a `fit_power_law` result at x."""
+  x = np.asarray(x, np.float64)
+  return fit.get("c", 0.0) + fit["a"] * x ** fit["b"]
+
+
+# --- Two-variable law L(N, D) = E + A/N^α + B/D^β ----------------------------------------------
+
+# Starting grid over θ = (log E, log A, log B, α, β); Chinchilla's grid, a little coarser.
+_GRID = dict(log_e=(-2.0, -1.0, 0.0, 1.0), log_a=(0.0, 5.0, 10.0, 15.0, 20.0),
+             log_b=(0.0, 5.0, 10.0, 15.0, 20.0), alpha=(0.1, 0.3, 0.6, 1.0, 1.5),
+             beta=(0.1, 0.3, 0.6, 1.0, 1.5))
+
+
+def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
+  """Huber loss of residuals r and its derivative."""
+  small = np.abs(r) <= delta
+  loss = np.where(small, 0.5 * r * r, delta * (np.abs(r) - 0.5 * delta))
+  return loss, np.clip(r, -delta, delta)
+
+
+def _chinchilla_terms(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray) -> np.ndarray:
+  """[..., 3, n] log of the three terms E, A/N^α, B/D^β for θ of shape [..., 5]."""
+  log_e, log_a, log_b, alpha, beta = np.moveaxis(np.asarray(theta), -1, 0)
+  return np.stack([np.broadcast_to(log_e[..., None], log_a[..., None].shape[:-1] + log_n.shape),
+                   log_a[..., None] - alpha[..., None] * log_n,
+                   log_b[..., None] - beta[..., None] * log_d], axis=-2)
+
+
+def _chinchilla_objective(theta, log_n, log_d, log_l, delta):
+  """Mean Huber loss of log L̂ − log L and its gradient in θ."""
+  terms = _chinchilla_terms(theta, log_n, log_d)                      # [3, n]
+  log_pred = special.logsumexp(terms, axis=0)
+  loss, dloss = _huber(log_pred - log_l, delta)
+  weights = np.exp(terms - log_pred) * dloss / len(log_l)            # d mean / d term, [3, n]
+  grad = np.array([weights[0].sum(), weights[1].sum(), weights[2].sum(),
+                   -(weights[1] * log_n).sum(), -(weights[2] * log_d).sum()])
+  return float(loss.mean()), grad
+
+
+def fit_two_variable(n, d, loss, *, delta: float = HUBER_DELTA, num_starts: int = 8,
+                     n_boot: int = 0, ci: float = 0.95, seed: int = 0) -> dict:
+  """Fits L(N, D) = E + A/N^α + B/D^β (Hoffmann et al. 2022, approach 3).
+
+  Args:
+    n, d, loss: [k] model sizes (parameters), data sizes (examples or tokens seen) and losses.
+    delta: Huber δ on log residuals.
+    num_starts: L-BFGS runs, from the grid points with the lowest objective.
+    n_boot: bootstrap resamples for CIs of every parameter (0 = none).
+  Returns:
+    {"E", "A", "B", "alpha", "beta", "objective", "r2" (of log L), "n", "a_exponent" = β/(α+β)
+     (N* ∝ C^a), "b_exponent" = α/(α+β) (D* ∝ C^b), ["ci": {param: [lo, hi]}]}.
+  """
+  n, d, loss = _check_positive(n=n, d=d, loss=loss)
+  log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
+  grid = np.array(list(itertools.product(*_GRID.values())))           # [G, 5]
+
+  def fit_one(ix, starts):
+    args = (log_n[ix], log_d[ix], log_l[ix], delta)
+    # Rank starts by the objective, vectorised over the whole grid (cheap), then refine the best.
+    log_pred = special.logsumexp(_chinchilla_terms(starts, *args[:2]), axis=-2)
+    ranked = starts[np.argsort(_huber(log_pred - args[2], delta)[0].mean(-1))[:num_starts]]
+    best = None
+    for theta0 in ranked:
+      sol = optimize.minimize(_chinchilla_objective, theta0, args=args, jac=True,
+                              method="L-BFGS-B", options=dict(maxiter=2000, gtol=1e-12,
+                                                             ftol=1e-15))
+      if best is None or sol.fun < best.fun:
+        best = sol
+    return best
+
+  sol = fit_one(np.arange(len(n)), grid)
+  result = _chinchilla_result(sol.x)
+  log_pred = special.logsumexp(_chinchilla_terms(sol.x, log_n, log_d), axis=0)
+  result.update(objective=float(sol.fun), r2=_r2(log_l, log_pred), n=int(len(n)), delta=delta)
+  if n_boot:
+    rng = np.random.default_rng(seed)
+    samples = [_chinchilla_result(fit_one(rng.integers(0, len(n), len(n)), sol.x[None]).x)
+               for _ in range(n_boot)]
+    tail = 100 * (1 - ci) / 2
+    result["ci"] = {k: [float(v) for v in np.percentile([s[k] for s in samples],
+                                                        [tail, 100 - tail])]
+                    for k in ("E", "A", "B", "alpha", "beta")}
+    result["ci_level"] = ci
+  return result
+
+
+def _chinchilla_result(theta: np.ndarray) -> dict:
+  log_e, log_a, log_b, alpha, beta = (float(t) for t in theta)
+  return {"E": math.exp(log_e), "A": math.exp(log_a), "B": math.exp(log_b), "alpha": alpha,
+          "beta": beta, "a_exponent": beta / (alpha + beta), "b_exponent": alpha / (alpha + beta)}
+
+
+def predict_two_variable(fit: dict, n, d) -> np.ndarray:
+  """L̂(N, D) of a `fit_two_variable` result."""
+  n, d = np.asarray(n, np.float64), np.asarray(d, np.float64)
+  return fit["E"] + fit["A"] / n ** fit["alpha"] + fit["B"] / d ** fit["beta"]
+
+
+def compute_optimal(fit: dict, compute, flops_per_param_sample: float = 6.0) -> dict:
+  """The loss-optimal N*, D*, L* at compute C = k·N·D under a two-variable fit.
+
+  Args:
+    compute: [m] training FLOPs.
+    flops_per_param_sample: k; 6 for a transformer (2 forward + 4 backward FLOPs per parameter).
+  Returns:
+    {"compute", "n", "d", "loss"} as [m] arrays; n ∝ C^(β/(α+β)).
+  """
+  compute = np.asarray(compute, np.float64)
+  alpha, beta = fit["alpha"], fit["beta"]
+  g = (alpha * fit["A"] / (beta * fit["B"])) ** (1.0 / (alpha + beta))
+  n = g * (compute / flops_per_param_sample) ** (beta / (alpha + beta))
+  d = compute / flops_per_param_sample / n
+  return {"compute": compute, "n": n, "d": d, "loss": predict_two_variable(fit, n, d)}
+
+
+def pareto_frontier(compute, metric, *, higher_is_better: bool = False) -> np.ndarray:
+  """Indices of the runs on the empirical compute frontier: better than every cheaper run.
+
+  Of runs with equal compute only the best is kept. Returns the indices sorted by compute.
+  """
+  compute, metric = np.asarray(compute, np.float64), np.asarray(metric, np.float64)
+  sign = -1.0 if higher_is_better else 1.0
+  frontier, best = [], math.inf
+  for i in np.argsort(compute, kind="stable"):
+    if np.isfinite(metric[i]) and sign * metric[i] < best:
+      if frontier and compute[frontier[-1]] == compute[i]:
+        frontier.pop()
+      frontier.append(int(i))
+      best = sign * metric[i]
+  return np.array(frontier, dtype=int)

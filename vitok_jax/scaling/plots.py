@@ -1,0 +1,138 @@
+"""Sweep plots (matplotlib, Agg; each figure saved as PNG and SVG).
+
+  metric vs x (log-log) with the fitted power law and its bootstrap CI band;
+  encoder × decoder heat map of a metric;
+  metric vs training compute with the empirical frontier (best run at ≤ C) and its power-law fit.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+import numpy as np
+
+from vitok_jax.scaling import fit as fit_lib
+
+_DONE = "done"
+
+
+def _save(fig, out_dir: str, name: str) -> list[str]:
+  os.makedirs(out_dir, exist_ok=True)
+  paths = [os.path.join(out_dir, f"{name}.{ext}") for ext in ("png", "svg")]
+  for path in paths:
+    fig.savefig(path, dpi=130, bbox_inches="tight")
+  plt.close(fig)
+  return paths
+
+
+def _safe(name: str) -> str:
+  return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+
+
+def _ci_band(result: dict, x_grid: np.ndarray, n_draws: int = 400, seed: int = 0):
+  """Pointwise 95% band of ŷ(x): refits on bootstrap resamples of the fitted points."""
+  xs, ys = np.asarray(result["x_values"]), np.asarray(result["y_values"])
+  offset = "c" in result
+  rng = np.random.default_rng(seed)
+  curves = []
+  for _ in range(n_draws):
+    ix = rng.integers(0, len(xs), len(xs))
+    if len(np.unique(xs[ix])) < (4 if offset else 2):
+      continue
+    try:
+      sample = fit_lib.fit_power_law(xs[ix], ys[ix], offset=offset, n_boot=0)
+    except ValueError:
+      continue
+    curves.append(fit_lib.predict_power_law(sample, x_grid))
+  if len(curves) < 10:
+    return None
+  tail = 100 * (1 - result.get("ci_level", 0.95)) / 2
+  return np.percentile(np.array(curves), [tail, 100 - tail], axis=0)
+
+
+def plot_fit(result: dict, out_dir: str) -> list[str]:
+  """Scatter of the fitted points, the fitted law and its CI band on log-log axes."""
+  spec = result["spec"]
+  xs, ys = np.asarray(result["x_values"]), np.asarray(result["y_values"])
+  fig, ax = plt.subplots(figsize=(5, 3.8))
+  ax.scatter(xs, ys, color="C0", zorder=3, label="runs")
+  grid = np.geomspace(xs.min() / 1.3, xs.max() * 1.3, 100)
+  band = _ci_band(result, grid)
+  if band is not None:
+    ax.fill_between(grid, band[0], band[1], color="C1", alpha=0.25,
+                    label=f"{100 * result.get('ci_level', 0.95):.0f}% CI")
+  offset = f"{result['c']:.3g} + " if "c" in result else ""
+  ax.plot(grid, fit_lib.predict_power_law(result, grid), color="C1",
+          label=f"{offset}{result['a']:.3g}·x^{result['b']:.3f}  (R² {result['r2']:.3f})")
+  ax.set(xscale="log", yscale="log", xlabel=spec["x"], ylabel=spec["y"],
+         title=f"{spec['y']} vs {spec['x']}")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, out_dir, f"fit_{_safe(spec['y'])}_vs_{_safe(spec['x'])}")
+
+
+def plot_heatmap(rows: Sequence[dict], x: str, y: str, value: str, out_dir: str) -> list[str]:
+  """A grid of `value` over two swept keys (e.g. decoder × encoder size), annotated per cell."""
+  done = [r for r in rows if r["status"] == _DONE]
+  xs = list(dict.fromkeys(r.get(x) for r in done))
+  ys = list(dict.fromkeys(r.get(y) for r in done))
+  grid = np.full((len(ys), len(xs)), np.nan)
+  for r in done:
+    if isinstance(r.get(value), (int, float)):
+      grid[ys.index(r.get(y)), xs.index(r.get(x))] = r[value]
+  fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2, 1.0 * len(ys) + 1.5))
+  image = ax.imshow(grid, cmap="viridis", origin="lower")
+  for i in range(len(ys)):
+    for j in range(len(xs)):
+      if np.isfinite(grid[i, j]):
+        ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color="w", fontsize=8)
+  ax.set(xticks=range(len(xs)), xticklabels=xs, yticks=range(len(ys)), yticklabels=ys,
+         xlabel=x, ylabel=y, title=value)
+  fig.colorbar(image, ax=ax)
+  return _save(fig, out_dir, f"heatmap_{_safe(value)}")
+
+
+def plot_frontier(rows: Sequence[dict], y: str, out_dir: str, *, x: str = "compute",
+                  higher_is_better: bool = False) -> list[str]:
+  """`y` vs training compute: every run, the empirical frontier and a power law through it."""
+  done = [r for r in rows if r["status"] == _DONE and isinstance(r.get(y), (int, float))
+          and isinstance(r.get(x), (int, float)) and math.isfinite(r[y])]
+  if not done:
+    return []
+  compute = np.array([r[x] for r in done], np.float64)
+  metric = np.array([r[y] for r in done], np.float64)
+  front = fit_lib.pareto_frontier(compute, metric, higher_is_better=higher_is_better)
+  fig, ax = plt.subplots(figsize=(5, 3.8))
+  ax.scatter(compute, metric, color="C0", alpha=0.7, label="runs")
+  ax.plot(compute[front], metric[front], "o-", color="C3", label="frontier")
+  if len(front) >= 2 and np.all(metric[front] > 0):
+    law = fit_lib.fit_power_law(compute[front], metric[front], n_boot=0)
+    grid = np.geomspace(compute.min(), compute.max(), 50)
+    ax.plot(grid, fit_lib.predict_power_law(law, grid), "--", color="C3", alpha=0.6,
+            label=f"frontier fit ∝ C^{law['b']:.3f}")
+  ax.set(xscale="log", yscale="log", xlabel=f"{x} (training FLOPs)", ylabel=y,
+         title=f"{y} vs compute")
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend(fontsize=8)
+  return _save(fig, out_dir, f"frontier_{_safe(y)}")
+
+
+def plot_sweep(rows: Sequence[dict], fits: Sequence[dict], out_dir: str, *,
+               heatmap: dict | None = None, frontier: dict | None = None) -> list[str]:
+  """Every plot a sweep asks for; returns the written paths."""
+  from vitok_jax.scaling import results  # Only for the metric directions.
+  paths = []
+  for result in fits:
+    if "error" not in result and "x_values" in result:
+      paths += plot_fit(result, out_dir)
+  if heatmap:
+    paths += plot_heatmap(rows, heatmap["x"], heatmap["y"], heatmap["value"], out_dir)
+  if frontier:
+    paths += plot_frontier(rows, frontier["y"], out_dir, x=frontier.get("x", "compute"),
+                           higher_is_better=frontier["y"] in results.HIGHER_IS_BETTER)
+  return paths

@@ -1,0 +1,216 @@
+"""Results of a sweep: one table row per run (CSV, Markdown), flags, and the fits/plots it asks for.
+
+Rows come from every runs/*/record.json (plus runs the manifest lists that have none). Columns:
+  id, status, the swept keys, params_{encoder,decoder,bottleneck,total}, E, c, tokens_per_example,
+  flops_forward (per example), flops_train (per example, 3 × forward), compute (= flops_train ×
+  examples_seen, the run's training FLOPs), examples_seen, tokens_seen, wall_time_s, the metrics.
+A fit or plot names any of these columns, or a dotted config path ("model.decoder").
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import math
+import os
+from typing import Any, Sequence
+
+from vitok_jax.scaling import fit as fit_lib
+from vitok_jax.scaling import sweep as sweep_lib
+
+METRICS = ("eval/psnr", "eval/ssim", "eval/l2")
+# Metrics where larger is better (the frontier and the sign checks need the direction).
+HIGHER_IS_BETTER = {"eval/psnr", "eval/ssim"}
+
+
+def _config_value(config: dict, path: str):
+  node = config
+  for name in path.split("."):
+    if not isinstance(node, dict) or name not in node:
+      return None
+    node = node[name]
+  return node
+
+
+def _row(record: dict, run_id: str, status: str, swept: Sequence[str], point: dict) -> dict:
+  params = record.get("params", {})
+  flops = record.get("flops_per_example", {})
+  seen = record.get("examples_seen")
+  row = {"id": run_id, "status": status}
+  for key in swept:
+    value = point.get(key, _config_value(record.get("config", {}), key))
+    row[key] = "x".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+  row.update({f"params_{k}": params.get(k) for k in ("encoder", "decoder", "bottleneck", "total")})
+  row.update(E=record.get("E"), c=record.get("c"), tokens_per_example=record.get("tokens_per_example"),
+             flops_forward=flops.get("forward"), flops_train=flops.get("train"),
+             compute=flops["train"] * seen if flops.get("train") and seen else None,
+             examples_seen=seen,
+             tokens_seen=record["tokens_per_example"] * seen if seen and record.get(
+                 "tokens_per_example") else None,
+             wall_time_s=record.get("wall_time_s"))
+  metrics = record.get("metrics", {})
+  for name in sorted(set(METRICS) | set(metrics)):
+    row[name] = metrics.get(name)
+  if status == sweep_lib.DONE and any(
+      not isinstance(v, (int, float)) or not math.isfinite(v) for v in metrics.values()):
+    row["status"] = sweep_lib.DIVERGED  # A record with NaN metrics: the run blew up at the end.
+  return row
+
+
+def gather(sweep_dir: str, max_attempts: int = 2) -> list[dict]:
+  """Table rows for every run of a sweep directory (or any directory of run dirs with records)."""
+  manifest_path = os.path.join(sweep_dir, sweep_lib.MANIFEST)
+  if os.path.exists(manifest_path):
+    manifest = sweep_lib.read_manifest(sweep_dir)
+    entries = [(run["id"], os.path.join(sweep_dir, "runs", run["id"]), run["point"])
+               for run in manifest["runs"]]
+    swept = manifest.get("swept", [])
+  else:  # Plain directories of runs: the swept keys are the config fields that differ.
+    dirs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(sweep_dir, "**", "record.json"),
+                                                       recursive=True))
+    entries = [(os.path.relpath(d, sweep_dir), d, {}) for d in dirs]
+    swept = _varying_fields([_read(os.path.join(d, "record.json")).get("config", {}) for d in dirs])
+  rows = []
+  for run_id, workdir, point in entries:
+    status = sweep_lib.run_status(workdir, max_attempts)
+    record = _read(os.path.join(workdir, "record.json")) if status == sweep_lib.DONE else {}
+    row = _row(record, run_id, status, swept, point)
+    if status in (sweep_lib.FAILED, sweep_lib.DIVERGED):
+      row["error"] = sweep_lib.read_status(workdir).get("error", "").strip().splitlines()[-1:]
+    rows.append(row)
+  return rows
+
+
+def _read(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _varying_fields(configs: Sequence[dict], prefix: str = "") -> list[str]:
+  """Dotted config paths whose values differ across `configs` (e.g. "model.channels")."""
+  keys = sorted({k for c in configs for k in c})
+  out = []
+  for key in keys:
+    values = [c.get(key) for c in configs]
+    if all(isinstance(v, dict) for v in values):
+      out += _varying_fields(values, f"{prefix}{key}.")
+    elif len({json.dumps(v, sort_keys=True) for v in values}) > 1 and key != "variant":
+      out.append(prefix + key)
+  return out
+
+
+def columns(rows: Sequence[dict]) -> list[str]:
+  out = []
+  for row in rows:
+    out += [k for k in row if k not in out and k != "error"]
+  return out
+
+
+def write_csv(rows: Sequence[dict], path: str) -> str:
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=columns(rows), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+  return path
+
+
+def _format(value: Any) -> str:
+  if value is None:
+    return ""
+  if isinstance(value, float):
+    return f"{value:.4g}"
+  if isinstance(value, int) and abs(value) >= 10**6:
+    return f"{value:.3g}"
+  return str(value)
+
+
+def to_markdown(rows: Sequence[dict], keep: Sequence[str] | None = None) -> str:
+  """A GitHub Markdown table of `rows` (all columns, or those in `keep`)."""
+  names = [c for c in columns(rows) if keep is None or c in keep]
+  lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+  lines += ["| " + " | ".join(_format(row.get(c)) for c in names) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def flags(rows: Sequence[dict]) -> list[str]:
+  """One line per run that did not finish cleanly (diverged, failed, still pending)."""
+  return [f"{row['id']}: {row['status']}" + (f" ({row['error'][0]})" if row.get("error") else "")
+          for row in rows if row["status"] != sweep_lib.DONE]
+
+
+def value(row: dict, key: str):
+  """A column of a row, or a swept/config value by dotted path."""
+  return row.get(key)
+
+
+def _xy(rows: Sequence[dict], x: str, y: str):
+  pairs = [(value(r, x), value(r, y)) for r in rows if r["status"] == sweep_lib.DONE]
+  pairs = [(a, b) for a, b in pairs if isinstance(a, (int, float)) and isinstance(b, (int, float))
+           and a > 0 and b > 0 and math.isfinite(b)]
+  return [a for a, _ in pairs], [b for _, b in pairs]
+
+
+def fit_rows(rows: Sequence[dict], specs: Sequence[dict], *, n_boot: int = 1000) -> list[dict]:
+  """Runs each fit spec on the finished rows.
+
+  A spec is {"x": column, "y": column, "offset": bool} (single power law) or
+  {"kind": "two_variable", "n": column, "d": column, "y": column} (L(N, D) with the
+  compute-optimal exponents). Returns the fit results with their spec, or {"error": ...}.
+  """
+  out = []
+  for spec in specs:
+    spec = dict(spec)
+    try:
+      if spec.get("kind") == "two_variable":
+        done = [r for r in rows if r["status"] == sweep_lib.DONE]
+        result = fit_lib.fit_two_variable([value(r, spec["n"]) for r in done],
+                                          [value(r, spec["d"]) for r in done],
+                                          [value(r, spec["y"]) for r in done], n_boot=min(n_boot, 100))
+      else:
+        xs, ys = _xy(rows, spec["x"], spec["y"])
+        result = fit_lib.fit_power_law(xs, ys, offset=spec.get("offset", False), n_boot=n_boot)
+        result["x_values"], result["y_values"] = xs, ys
+    except (ValueError, TypeError, KeyError) as e:
+      result = {"error": f"{type(e).__name__}: {e}"}
+    out.append({"spec": spec, **result})
+  return out
+
+
+def describe_fit(result: dict) -> str:
+  """"eval/psnr = 9.1·E^0.094 (b 95% CI [0.08, 0.11], R² 0.98, n=5)"."""
+  spec = result["spec"]
+  if "error" in result:
+    return f"{spec}: fit failed: {result['error']}"
+  if spec.get("kind") == "two_variable":
+    return (f"{spec['y']} = {result['E']:.3g} + {result['A']:.3g}/N^{result['alpha']:.3f} + "
+            f"{result['B']:.3g}/D^{result['beta']:.3f} (N={spec['n']}, D={spec['d']}, "
+            f"R² {result['r2']:.3f}); N* ∝ C^{result['a_exponent']:.3f}")
+  ci = result["ci"].get("b")
+  ci_text = f"b {100 * result['ci_level']:.0f}% CI [{ci[0]:.3g}, {ci[1]:.3g}], " if ci else ""
+  offset = f"{result['c']:.4g} + " if "c" in result else ""
+  return (f"{spec['y']} = {offset}{result['a']:.4g}·{spec['x']}^{result['b']:.4g} "
+          f"({ci_text}R² {result['r2']:.3f}, n={result['n']})")
+
+
+def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = True,
+           n_boot: int = 1000, max_attempts: int = 2) -> dict:
+  """Writes results.csv/.md, fits.json and plots/ into sweep_dir; returns {"rows", "fits", "plots"}.
+
+  `fits` defaults to the sweep manifest's; its heatmap and frontier specs are plotted too.
+  """
+  rows = gather(sweep_dir, max_attempts)
+  write_csv(rows, os.path.join(sweep_dir, "results.csv"))
+  with open(os.path.join(sweep_dir, "results.md"), "w") as f:
+    f.write(to_markdown(rows) + "\n")
+  manifest = (sweep_lib.read_manifest(sweep_dir)
+              if os.path.exists(os.path.join(sweep_dir, sweep_lib.MANIFEST)) else {})
+  specs = list(fits if fits is not None else manifest.get("fits", [dict(x="E", y="eval/l2")]))
+  fit_results = fit_rows(rows, specs, n_boot=n_boot)
+  with open(os.path.join(sweep_dir, "fits.json"), "w") as f:
+    json.dump(fit_results, f, indent=1, default=float)
+  paths = []
+  if plot:
+    from vitok_jax.scaling import plots
+    paths = plots.plot_sweep(rows, fit_results, os.path.join(sweep_dir, "plots"),
+                             heatmap=manifest.get("heatmap"), frontier=manifest.get("frontier"))
+  return {"rows": rows, "fits": fit_results, "plots": paths}

@@ -1,0 +1,377 @@
+"""Sweeps: a base config plus axes, expanded to runs with stable ids, executed anywhere, resumable.
+
+A sweep file in configs/sweeps/ defines get_config(arg) returning a ConfigDict:
+  base       "vitok:Mu-Mu/4,res=32,data=mnist": the config spec every run starts from.
+  axes       [("product", {key: [values]}), ("zip", {key: [values], key2: [values]}), ...];
+             axes combine as a product of their own products/zips. A key without a dot is a variant
+             option of the base config file (appended to its variant string, so derived fields such
+             as warm-up follow); a dotted key is a config path set afterwards ("model.patch").
+  filters    [fn(point) -> bool]: keep only the points every filter accepts.
+  overrides  [fn(point, config) -> {path: value}]: per-point fields, e.g. steps for a compute budget.
+  max_attempts, parallel: failed runs are retried up to max_attempts in all; runs executed at once.
+  fits, heatmap, frontier: what `vitok fit` fits and plots (see scaling/results.py).
+  slurm      JobSpec fields (partition, account, gpus_per_node, time, ...) for --target=slurm.
+
+Layout of a sweep directory:
+  sweep.json                     the manifest: spec, every run's id, label and point, analysis spec.
+  compilation_cache/             one persistent XLA cache for every run (VITOK_COMPILATION_CACHE).
+  runs/ID/config.json            the run's resolved config; ID = label + hash of that config.
+  runs/ID/sweep_status.json      attempts and the last failure; runs/ID/sweep.log its output.
+  runs/ID/record.json            written by the trainer when the run finished: the run is done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import ml_collections
+
+from vitok_jax import config_lib
+from vitok_jax.errors import ConfigError
+
+# `vitok train --config=RUN_CONFIG:WORKDIR` trains from the resolved config a sweep wrote there.
+RUN_CONFIG = str(config_lib.CONFIGS_DIR / "sweeps" / "_run.py")
+MANIFEST = "sweep.json"
+STATUS = "sweep_status.json"
+# Statuses a run can have; "pending" includes runs interrupted part-way (they resume).
+DONE, PENDING, RUNNING, FAILED, DIVERGED = "done", "pending", "running", "failed", "diverged"
+
+
+@dataclasses.dataclass
+class Run:
+  """One point of a sweep."""
+  id: str                     # label-hash; stable while the resolved config is unchanged.
+  label: str                  # Human-readable swept values, e.g. "c4".
+  point: dict[str, Any]       # Swept key -> value.
+  config: ml_collections.ConfigDict
+  workdir: str = ""
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """A sweep by name ("quickstart", a file in configs/sweeps/) or "path.py[:arg]"."""
+  path, sep, arg = spec.partition(":")
+  if not path.endswith(".py"):
+    path = f"sweeps/{path}"
+  sweep = config_lib.load_config(path + sep + arg)
+  for field in ("base", "axes"):
+    if field not in sweep:
+      raise ConfigError(f"sweep {spec!r} has no `{field}`; see vitok_jax/scaling/sweep.py")
+  return sweep
+
+
+def points(axes: Sequence[tuple[str, dict[str, Sequence]]]) -> list[dict[str, Any]]:
+  """The product over axes of each axis's product or zip of values, in axis order."""
+  out = [{}]
+  for kind, values in axes:
+    keys = list(values)
+    if kind == "product":
+      combos = list(itertools.product(*values.values()))
+    elif kind == "zip":
+      lengths = {key: len(v) for key, v in values.items()}
+      if len(set(lengths.values())) > 1:
+        raise ConfigError(f"zip axis needs equal lengths, got {lengths}")
+      combos = list(zip(*values.values()))
+    else:
+      raise ConfigError(f"axis kind {kind!r} must be 'product' or 'zip'")
+    out = [{**p, **dict(zip(keys, combo))} for p in out for combo in combos]
+  return out
+
+
+def set_path(config: ml_collections.ConfigDict, path: str, value) -> None:
+  """config["a"]["b"] = value for path "a.b"; the field must exist."""
+  *parents, leaf = path.split(".")
+  node = config
+  for name in parents:
+    node = node[name]
+  if leaf not in node:
+    raise ConfigError(f"sweep key {path!r}: config has no field {leaf!r} under {parents}")
+  node[leaf] = tuple(value) if isinstance(value, list) else value
+
+
+def resolve(base: str, point: dict[str, Any],
+            overrides: Sequence[Callable] = ()) -> ml_collections.ConfigDict:
+  """The config of one point: base spec + variant options, then config paths, then overrides."""
+  options = [f"{k}={v}" for k, v in point.items() if "." not in k]
+  spec = base
+  if options:
+    spec += ("," if ":" in base and not base.endswith(":") else ":" if ":" not in base else "")
+    spec += ",".join(options)
+  config = config_lib.load_config(spec)
+  for key, value in point.items():
+    if "." in key:
+      set_path(config, key, value)
+  for override in overrides:
+    for path, value in override(point, config).items():
+      set_path(config, path, value)
+  return config
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """Hex digest of the resolved config (sorted JSON): equal configs, equal runs."""
+  text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+  return hashlib.sha1(text.encode()).hexdigest()
+
+
+def label(point: dict[str, Any]) -> str:
+  """{"c": 4, "model.patch": (8, 8)} -> "c4-patch8x8" (safe in paths and shells)."""
+  parts = []
+  for key, value in point.items():
+    value = "x".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+    parts.append(re.sub(r"[^A-Za-z0-9.]+", "_", key.split(".")[-1] + value))
+  return "-".join(parts) or "run"
+
+
+def expand(sweep: ml_collections.ConfigDict, sweep_dir: str = "") -> list[Run]:
+  """The sweep's runs (filters applied, duplicates dropped), with workdirs under sweep_dir/runs."""
+  runs, seen = [], set()
+  filters = list(sweep.get("filters", None) or ())
+  overrides = list(sweep.get("overrides", None) or ())
+  for point in points(sweep.axes):
+    if not all(keep(point) for keep in filters):
+      continue
+    config = resolve(sweep.base, point, overrides)
+    run_id = f"{label(point)}-{config_hash(config)[:10]}"
+    if run_id not in seen:
+      seen.add(run_id)
+      runs.append(Run(run_id, label(point), point, config,
+                      os.path.join(os.path.abspath(sweep_dir), "runs", run_id) if sweep_dir else ""))
+  if not runs:
+    raise ConfigError("the sweep expands to no runs (check its axes and filters)")
+  return runs
+
+
+def analysis_spec(sweep: ml_collections.ConfigDict) -> dict:
+  """The plain-data parts of a sweep that `vitok results`/`vitok fit` read back from sweep.json."""
+  out = {}
+  for key in ("metric", "fits", "heatmap", "frontier"):
+    if key in sweep:
+      value = sweep[key]
+      out[key] = value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value
+  return json.loads(json.dumps(out, default=str))
+
+
+def prepare(sweep: ml_collections.ConfigDict, sweep_dir: str, spec: str = "") -> list[Run]:
+  """Expands the sweep, writes the manifest and every run's config.json; returns the runs."""
+  runs = expand(sweep, sweep_dir)
+  os.makedirs(sweep_dir, exist_ok=True)
+  manifest = {"spec": spec, "name": sweep.get("name", ""), "base": sweep.base,
+              "swept": list(dict.fromkeys(k for run in runs for k in run.point)),
+              "runs": [{"id": r.id, "label": r.label, "point": r.point} for r in runs],
+              **analysis_spec(sweep)}
+  _write_json(os.path.join(sweep_dir, MANIFEST), manifest)
+  for run in runs:
+    if not os.path.exists(os.path.join(run.workdir, "config.json")):
+      config_lib.save_config(run.config, run.workdir)
+  return runs
+
+
+def read_manifest(sweep_dir: str) -> dict:
+  path = os.path.join(sweep_dir, MANIFEST)
+  if not os.path.exists(path):
+    raise ConfigError(f"{path} not found: {sweep_dir} is not a sweep directory")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, value) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(value, f, indent=1, sort_keys=True, default=str)
+  os.replace(path + ".tmp", path)
+
+
+def read_status(workdir: str) -> dict:
+  """The run's sweep bookkeeping: {"attempts", "status", "error"} (empty if never launched)."""
+  path = os.path.join(workdir, STATUS)
+  if not os.path.exists(path):
+    return {"attempts": 0}
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_status(workdir: str, max_attempts: int) -> str:
+  """done (record.json written) / diverged / failed (out of attempts) / pending (to start or resume)."""
+  if os.path.exists(os.path.join(workdir, "record.json")):
+    return DONE
+  status = read_status(workdir)
+  if status.get("status") == DIVERGED:
+    return DIVERGED
+  if status.get("status") == FAILED and status["attempts"] >= max_attempts:
+    return FAILED
+  return PENDING
+
+
+def train_command(run: Run) -> list[str]:
+  """argv that trains (or resumes) a run from the config the sweep wrote into its workdir."""
+  return [sys.executable, "-m", "vitok_jax.cli", "train", f"--config={RUN_CONFIG}:{run.workdir}",
+          f"--workdir={run.workdir}"]
+
+
+def _log_tail(path: str, chars: int = 2000) -> str:
+  with open(path, "rb") as f:
+    f.seek(max(os.path.getsize(path) - chars, 0))
+    return f.read().decode(errors="replace")
+
+
+class _Summary:
+  """One-line live summary: done / running / failed and an ETA from finished-run durations."""
+
+  def __init__(self, total: int, parallel: int, log: Callable[[str], None]):
+    self.total, self.parallel, self.log = total, parallel, log
+    self.durations: list[float] = []
+    self.start = time.time()
+
+  def __call__(self, counts: dict[str, int], event: str) -> None:
+    remaining = counts.get(PENDING, 0) + counts.get(RUNNING, 0)
+    if self.durations and remaining:
+      eta = sum(self.durations) / len(self.durations) * remaining / min(self.parallel, remaining)
+      eta_text = f"ETA {_seconds(eta)}"
+    else:
+      eta_text = "ETA ?" if remaining else "finished"
+    self.log(f"[sweep {_seconds(time.time() - self.start)}] {counts.get(DONE, 0)}/{self.total} done, "
+             f"{counts.get(RUNNING, 0)} running, {counts.get(FAILED, 0)} failed, "
+             f"{counts.get(DIVERGED, 0)} diverged, {counts.get(PENDING, 0)} pending; {eta_text}"
+             f"  ({event})")
+
+
+def _seconds(seconds: float) -> str:
+  minutes, seconds = divmod(int(seconds), 60)
+  return f"{minutes}m{seconds:02d}s"
+
+
+def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_attempts: int = 2,
+              command: Callable[[Run], list[str]] = train_command,
+              log: Callable[[str], None] = print, poll_s: float = 0.5) -> dict[str, str]:
+  """Executes the unfinished runs as subprocesses, `parallel` at a time; returns id -> status.
+
+  Finished runs are skipped; interrupted ones resume (the trainer restarts from its checkpoint);
+  a run that exits non-zero is retried until it has used `max_attempts`, except a diverged one
+  (deterministic: it would diverge again). Ctrl-C / SIGTERM sends SIGTERM to the running trainers,
+  which checkpoint and exit, and the same call later resumes them. Every run shares one compilation
+  cache, sweep_dir/compilation_cache.
+  """
+  env = dict(os.environ, VITOK_COMPILATION_CACHE=os.path.join(os.path.abspath(sweep_dir),
+                                                               "compilation_cache"))
+  status = {run.id: run_status(run.workdir, max_attempts) for run in runs}
+  queue = [run for run in runs if status[run.id] == PENDING]
+  summary = _Summary(len(runs), parallel, log)
+  summary(_counts(status), f"{len(runs) - len(queue)} already finished, {len(queue)} to run")
+  running: dict[str, tuple[subprocess.Popen, Run, float, Any]] = {}
+  previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SLURM/`kill` stop us like Ctrl-C.
+  try:
+    while queue or running:
+      while queue and len(running) < parallel:
+        run = queue.pop(0)
+        logfile = open(os.path.join(run.workdir, "sweep.log"), "ab")
+        # A new session: a Ctrl-C in the terminal reaches only the sweep, which stops the trainers
+        # with SIGTERM (their checkpoint-and-exit path) rather than killing them mid-step.
+        process = subprocess.Popen(command(run), stdout=logfile, stderr=subprocess.STDOUT,
+                                   env=env, start_new_session=True)
+        running[run.id] = (process, run, time.time(), logfile)
+        status[run.id] = RUNNING
+        summary(_counts(status), f"started {run.id}")
+      time.sleep(poll_s)
+      for run_id, (process, run, started, logfile) in list(running.items()):
+        if process.poll() is None:
+          continue
+        logfile.close()
+        del running[run_id]
+        status[run_id] = _finish(run, process.returncode, max_attempts)
+        if status[run_id] == DONE:
+          summary.durations.append(time.time() - started)
+        elif status[run_id] == PENDING:  # Failed with attempts left, or stopped early: again.
+          queue.append(run)
+        summary(_counts(status), f"{run_id} {status[run_id]} (exit {process.returncode})")
+  except KeyboardInterrupt:
+    log(f"[sweep] interrupted: stopping {len(running)} run(s); the same command resumes them")
+    for process, *_ in running.values():
+      process.terminate()
+    for process, run, _, logfile in running.values():
+      try:
+        process.wait(timeout=120)
+      except subprocess.TimeoutExpired:
+        process.kill()
+      logfile.close()
+    raise
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  return status
+
+
+def _raise_interrupt(signum, frame):
+  raise KeyboardInterrupt
+
+
+def _finish(run: Run, returncode: int, max_attempts: int) -> str:
+  """Books a finished subprocess into the run's sweep_status.json; returns its status now."""
+  if os.path.exists(os.path.join(run.workdir, "record.json")):
+    return DONE
+  state = read_status(run.workdir)
+  if returncode == 0:  # Pre-empted: checkpoint saved, no record yet; not a failed attempt.
+    return PENDING
+  tail = _log_tail(os.path.join(run.workdir, "sweep.log"))
+  state["attempts"] = state.get("attempts", 0) + 1
+  state["status"] = DIVERGED if "TrainingDiverged" in tail else FAILED
+  state["error"] = tail[-600:]
+  state["returncode"] = returncode
+  _write_json(os.path.join(run.workdir, STATUS), state)
+  return run_status(run.workdir, max_attempts)
+
+
+def _counts(status: dict[str, str]) -> dict[str, int]:
+  counts: dict[str, int] = {}
+  for value in status.values():
+    counts[value] = counts.get(value, 0) + 1
+  return counts
+
+
+def _job_spec(run_config: str, workdir: str, sweep_dir: str, **fields):
+  from vitok_jax.launch import jobspec
+  return jobspec.JobSpec(config=run_config, workdir=workdir, compilation_cache=os.path.join(
+      os.path.abspath(sweep_dir), "compilation_cache"), **fields)
+
+
+def render_slurm_array(runs: Sequence[Run], sweep_dir: str, *, max_parallel: int = 0,
+                       **job_fields) -> str:
+  """An sbatch script running `runs` as a job array, one task per run (task i trains runs[i]).
+
+  The header and srun line come from the launch JobSpec renderer, written for a placeholder run
+  directory that each array task fills in from its index; requeued tasks resume from checkpoints.
+  """
+  from vitok_jax.launch import slurm
+  placeholder = "__VITOK_RUN_DIR__"
+  spec = _job_spec(f"{RUN_CONFIG}:{placeholder}", placeholder, sweep_dir,
+                   job_name=job_fields.pop("job_name", "vitok-sweep"), **job_fields)
+  script = slurm.render_sbatch(spec)
+  logs = os.path.join(os.path.abspath(sweep_dir), "logs")
+  script = script.replace(f"#SBATCH --output={placeholder}/logs/slurm-%j.out",
+                          f"#SBATCH --output={logs}/slurm-%A_%a.out\n"
+                          f"#SBATCH --array=0-{len(runs) - 1}"
+                          + (f"%{max_parallel}" if max_parallel else ""))
+  dirs = " ".join(shlex.quote(run.workdir) for run in runs)
+  select = (f"run_dirs=({dirs})\n"
+            'export VITOK_RUN_DIR="${run_dirs[$SLURM_ARRAY_TASK_ID]}"\n')
+  script = script.replace("set -euo pipefail\n", "set -euo pipefail\n" + select)
+  # The inner `bash -c '...'` expands the exported variable for every task.
+  return script.replace(placeholder, "${VITOK_RUN_DIR}").replace(
+      f"mkdir -p ${{VITOK_RUN_DIR}}/logs", 'mkdir -p "$VITOK_RUN_DIR/logs"')
+
+
+def tpu_commands(runs: Sequence[Run], sweep_dir: str, **job_fields) -> list[str]:
+  """Per-run TPU-pod commands (queued-resource create + ssh --worker=all ... vitok train)."""
+  from vitok_jax.launch import tpu
+  lines = []
+  for run in runs:
+    lines.append(f"# {run.id}")
+    lines += tpu.render_tpu_commands(_job_spec(f"{RUN_CONFIG}:{run.workdir}", run.workdir,
+                                               sweep_dir, **job_fields))
+  return lines
