@@ -1,14 +1,27 @@
 """Bottlenecks between encoder and decoder: project to `channels` per token and regularise.
 
 Each bottleneck maps h_BND (encoder output) -> (z_BNC, aux); aux["loss_terms"] holds the named
-regulariser terms (scalars) that `train/losses.py` weights by config.loss.<name>.
+regulariser terms (scalars) that `train/losses.py` weights by config.loss.<name>, aux["metrics"]
+scalars that are only logged (codebook health).
+
+Discrete bottlenecks also return aux["codes"] (integers) and have `decode_codes(codes, grid)` ->
+z_BNC, so codes are data: encode -> codes -> store -> decode_codes -> ViTok.decode -> pixels.
+  vq     LlamaGen VQ (16384 × c, cosine lookup); vq1k: 1024 codes.
+  bsq    BSQ: c bits per token, implicit 2^c codebook, codes packed to uint32 words.
+  msvq   VAR multi-scale residual VQ (4096 codes, φ refiners); codes: per-scale maps.
+  msbsq  Infinity multi-scale residual BSQ.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitok_jax.errors import ConfigError
+from vitok_jax.models import multiscale, quantizers
 from vitok_jax.models.vit import partitioned
 
 
@@ -38,4 +51,112 @@ class GaussianBottleneck(nn.Module):
     return z_BNC, {"mean": mean_BNC, "logvar": logvar_BNC, "loss_terms": {"kl": kl}}
 
 
-BOTTLENECKS = {"gaussian": GaussianBottleneck}
+def _to_latent(channels: int, name: str = "to_latent") -> nn.Dense:
+  return nn.Dense(channels, name=name,
+                  kernel_init=partitioned(nn.initializers.xavier_uniform(), ("embed", "latent")),
+                  bias_init=partitioned(nn.initializers.zeros, ("latent",)))
+
+
+def square_grid(num_tokens: int) -> int:
+  """Side of the square token grid of a multi-scale bottleneck (h·h = N)."""
+  side = math.isqrt(num_tokens)
+  if side * side != num_tokens:
+    raise ConfigError(f"multi-scale quantisers need a square token grid, got {num_tokens} tokens")
+  return side
+
+
+class VQBottleneck(nn.Module):
+  """Linear to c channels, then LlamaGen VQ (l2-normalised inputs and codes, straight-through).
+
+  Loss terms: codebook, commit (and vq_entropy when with_entropy). aux["codes"]: [B, N] int32.
+  """
+  channels: int
+  codebook_size: int = 16384
+  normalize: bool = True
+  with_entropy: bool = False
+  impl: str = "auto"
+
+  def setup(self):
+    self.to_latent = _to_latent(self.channels)
+    self.quantizer = quantizers.VectorQuantizer(self.channels, self.codebook_size, self.normalize,
+                                                with_entropy=self.with_entropy, impl=self.impl)
+
+  def __call__(self, h_BND, *, sample: bool):
+    del sample  # Deterministic lookup.
+    z_BNC, index_BN, terms, metrics = self.quantizer(self.to_latent(h_BND.astype(jnp.float32)))
+    return z_BNC, {"codes": index_BN, "loss_terms": terms, "metrics": metrics}
+
+  def decode_codes(self, index_BN, grid=None):
+    del grid
+    return self.quantizer.lookup(index_BN)
+
+
+class BSQBottleneck(nn.Module):
+  """Linear to d = c channels, then BSQ: q = sign(u)/√d, u = z/‖z‖ (straight-through).
+
+  Loss terms: bsq_entropy (BSQ paper: token entropy − γ·codebook entropy), commit.
+  aux["codes"]: [B, N, ceil(d/32)] uint32, bit 0 the most significant.
+  """
+  channels: int
+  inv_temperature: float = 100.0
+  gamma: float = 1.0
+  impl: str = "auto"
+
+  def setup(self):
+    self.to_latent = _to_latent(self.channels)
+
+  def __call__(self, h_BND, *, sample: bool):
+    del sample
+    q_BNC, words_BNW, terms, metrics = quantizers.bsq_quantize(
+        self.to_latent(h_BND.astype(jnp.float32)), inv_temperature=self.inv_temperature,
+        gamma=self.gamma, impl=self.impl)
+    return q_BNC, {"codes": words_BNW, "loss_terms": terms, "metrics": metrics}
+
+  def decode_codes(self, words_BNW, grid=None):
+    del grid
+    return quantizers.bits_to_codes(quantizers.unpack_bits(words_BNW, self.channels))
+
+
+class MultiScaleBottleneck(nn.Module):
+  """Linear to c channels on a square h × h token grid, then `multiscale.ResidualQuantizer`.
+
+  aux["codes"]: tuple of per-scale maps; `decode_codes` accepts any prefix of them.
+  """
+  channels: int
+  quantizer: str = "vq"
+  schedule: str = "var"
+  codebook_size: int = 4096
+  upsample: str = "bicubic"
+  num_phi: int = 4
+  impl: str = "auto"
+
+  def setup(self):
+    self.to_latent = _to_latent(self.channels)
+    self.residual = multiscale.ResidualQuantizer(
+        self.channels, self.quantizer, self.schedule, self.codebook_size, upsample=self.upsample,
+        num_phi=self.num_phi, impl=self.impl)
+
+  def __call__(self, h_BND, *, sample: bool):
+    del sample
+    batch, tokens, _ = h_BND.shape
+    side = square_grid(tokens)
+    f_BHWC = self.to_latent(h_BND.astype(jnp.float32)).reshape(batch, side, side, self.channels)
+    f_hat_BHWC, codes, terms, metrics = self.residual(f_BHWC)
+    return f_hat_BHWC.reshape(batch, tokens, self.channels), {
+        "codes": codes, "loss_terms": terms, "metrics": metrics}
+
+  def decode_codes(self, codes, grid):
+    """codes of the first k scales -> z_BNC on the full token grid (h, w)."""
+    f_hat_BHWC = self.residual.decode_codes(codes, grid[-1])
+    return f_hat_BHWC.reshape(f_hat_BHWC.shape[0], -1, self.channels)
+
+
+BOTTLENECKS = {
+    "gaussian": GaussianBottleneck,
+    "vq": VQBottleneck,
+    "vq1k": functools.partial(VQBottleneck, codebook_size=1024),
+    "bsq": BSQBottleneck,
+    "msvq": MultiScaleBottleneck,
+    "msbsq": functools.partial(MultiScaleBottleneck, quantizer="bsq", schedule="infinity",
+                               upsample="bilinear", num_phi=0),
+}

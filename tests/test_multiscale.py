@@ -1,0 +1,93 @@
+"""Multi-scale residual quantisers (VAR VQ, Infinity BSQ): schedules, torch resizes, prefixes."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitok_jax.models import multiscale
+
+
+def test_schedules():
+  assert multiscale.scale_schedule("var", 16) == (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+  assert multiscale.token_count(multiscale.scale_schedule("var", 16)) == 680
+  assert multiscale.scale_schedule("infinity", 64) == multiscale.SCHEDULES["infinity"]
+  assert multiscale.scale_schedule("var", 8) == (1, 2, 3, 4, 5, 6, 8)
+
+
+def test_area_matrix_overlapping_windows():
+  m = multiscale.area_matrix(3, 16)  # Windows [0, 6), [5, 11), [10, 16).
+  np.testing.assert_allclose(m[0, :6], 1 / 6)
+  np.testing.assert_allclose(m[1, 5:11], 1 / 6)
+  assert m[1, 4] == 0 and m[1, 11] == 0
+  np.testing.assert_allclose(m.sum(1), 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode,sizes", [("area", [(16, 3), (16, 5), (16, 13), (8, 6)]),
+                                        ("bicubic", [(3, 16), (5, 16), (13, 16), (1, 8)]),
+                                        ("bilinear", [(3, 16), (6, 8), (2, 16)])])
+def test_resize_matches_torch(mode, sizes):
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(0)
+  for in_size, out_size in sizes:
+    x = rng.normal(size=(2, in_size, in_size, 3)).astype(np.float32)
+    ours = multiscale.resize(jnp.asarray(x), (out_size, out_size), mode)
+    kw = {} if mode == "area" else {"align_corners": False}
+    ref = torch.nn.functional.interpolate(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()),
+                                          size=(out_size, out_size), mode=mode, **kw)
+    np.testing.assert_allclose(np.asarray(ours), ref.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+
+
+def test_phi_index_var_ticks():
+  # linspace(1/12, 11/12, 4) against k/9: k = 2 and 7 are exact ties in reals; float64 decides.
+  assert [multiscale.phi_index(k, 10) for k in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+
+
+def _quantizer(kind: str, channels: int = 4):
+  if kind == "vq":
+    return multiscale.ResidualQuantizer(channels, "vq", "var", codebook_size=512, num_phi=0)
+  return multiscale.ResidualQuantizer(channels, "bsq", "infinity", upsample="bilinear", num_phi=0)
+
+
+def _smooth_latents(size=16, channels=4):
+  """Low-frequency maps, the kind an encoder's latents are, so coarse scales explain most of it."""
+  coarse = jax.random.normal(jax.random.key(0), (4, 4, 4, channels))
+  fine = 0.2 * jax.random.normal(jax.random.key(1), (4, size, size, channels))
+  return multiscale.resize(coarse, (size, size), "bicubic") + fine
+
+
+def test_var_reconstruction_error_falls_with_each_scale():
+  module = _quantizer("vq")
+  f = _smooth_latents()
+  params = nn.meta.unbox(module.init(jax.random.key(2), f))["params"]
+  # A data-like codebook (samples of the residuals' scale), as training would make it.
+  params["vq"]["codebook"] = jax.random.normal(jax.random.key(3), (512, 4)) * 0.7
+  f_hat, codes, terms, _ = jax.jit(lambda p, f: module.apply({"params": p}, f))(params, f)
+  assert [c.shape[1] for c in codes] == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16]
+  decode = jax.jit(lambda p, c: module.apply({"params": p}, c, 16, method=module.decode_codes))
+  errors = [float(jnp.mean((decode(params, codes[:k]) - f) ** 2)) for k in range(1, len(codes) + 1)]
+  assert all(b < a for a, b in zip(errors, errors[1:])), errors
+  np.testing.assert_allclose(np.asarray(decode(params, codes)), np.asarray(f_hat), atol=1e-5)
+  assert set(terms) == {"commit", "codebook"}
+
+
+def test_var_straight_through_and_phi():
+  module = multiscale.ResidualQuantizer(4, "vq", "var", codebook_size=64)
+  f = _smooth_latents(8)
+  variables = nn.meta.unbox(module.init(jax.random.key(4), f))
+  assert {"phi_0", "phi_1", "phi_2", "phi_3"} <= set(variables["params"])
+  w = jax.random.normal(jax.random.key(5), f.shape)
+  grad = jax.grad(lambda f: jnp.sum(module.apply(variables, f)[0] * w))(f)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(w), atol=1e-6)
+
+
+def test_infinity_bsq_codes_decode_to_f_hat():
+  module = _quantizer("bsq", channels=6)
+  f = _smooth_latents(8, 6)
+  variables = module.init(jax.random.key(6), f)
+  f_hat, codes, terms, metrics = module.apply(variables, f)
+  assert [c.shape[1] for c in codes] == [1, 2, 4, 6, 8]
+  assert all(c.dtype == jnp.uint32 and c.shape[-1] == 1 for c in codes)
+  np.testing.assert_allclose(np.asarray(module.apply(variables, codes, 8, method=module.decode_codes)),
+                             np.asarray(f_hat), atol=1e-5)
+  assert set(terms) == {"commit", "bsq_entropy"} and "bsq/bit_entropy_min" in metrics
