@@ -208,6 +208,21 @@ def test_results_fit_and_plots_via_cli(tmp_path, fake, capsys):
   assert "eval/l2 = " in capsys.readouterr().out
 
 
+def test_results_of_plain_run_dirs_and_running_status(tmp_path, fake):
+  """Without a manifest the swept columns are the config fields that differ across records."""
+  command, _ = fake
+  runs = sweep.prepare(_sweep((2, 4)), str(tmp_path / "s"))
+  sweep.run_local(runs, str(tmp_path / "s"), command=command(), log=lambda _: None, poll_s=0.05)
+  os.remove(tmp_path / "s" / sweep.MANIFEST)
+  rows = results.gather(str(tmp_path / "s"))
+  assert [r["model.channels"] for r in rows] == [2, 4]
+  assert "| runs/" in results.to_markdown(rows)
+  # A live pid file marks a run as running (for a second sweep process or --dry_run).
+  (tmp_path / "s" / "runs" / runs[0].id / "record.json").unlink()
+  (tmp_path / "s" / "runs" / runs[0].id / sweep.PID).write_text(str(os.getpid()))
+  assert sweep.run_status(runs[0].workdir, 2) == sweep.RUNNING
+
+
 def test_heatmap(tmp_path):
   from vitok_jax.scaling import plots
   rows = [{"status": "done", "enc": e, "dec": d, "eval/psnr": 20 + i + 2 * j}

@@ -133,6 +133,9 @@ def _cmd_sweep(args: list[str]) -> int:
     if field is None:
       raise ConfigError(f"--job {key}: not a JobSpec field")
     job[key] = int(value) if field.type == "int" else value
+  if FLAGS.target != "local" and not pending:
+    print(f"all {len(runs)} runs are finished: `vitok results {sweep_dir}`")
+    return 0
   if FLAGS.target == "slurm":
     path = os.path.join(sweep_dir, "sweep.sbatch")
     with open(path, "w") as f:
@@ -143,8 +146,13 @@ def _cmd_sweep(args: list[str]) -> int:
   if FLAGS.target == "tpu":
     print("\n".join(sweep_lib.tpu_commands(pending, sweep_dir, **job)))
     return 0
-  status = sweep_lib.run_local(runs, sweep_dir, parallel=FLAGS.parallel or sweep.get("parallel", 1),
-                               max_attempts=max_attempts)
+  try:
+    status = sweep_lib.run_local(runs, sweep_dir, max_attempts=max_attempts,
+                                 parallel=FLAGS.parallel or sweep.get("parallel", 1))
+  except KeyboardInterrupt:
+    print(f"vitok sweep: interrupted; `vitok sweep {spec} --sweep_dir={sweep_dir}` resumes",
+          file=sys.stderr)
+    return 130
   code = _cmd_results([sweep_dir])
   return code or _cmd_fit([sweep_dir]) or (0 if all(
       s == sweep_lib.DONE for s in status.values()) else 1)
@@ -262,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
   _fake_devices_first(rest)
   try:
     default = DEFAULT_CONFIG if command not in ("eval", *POSITIONAL_COMMANDS) else None
-    FLAGS.unparse_flags()  # Defaults again when main() is called twice in one process (tests).
+    if FLAGS.is_parsed():  # Defaults again when main() is called twice in one process (tests).
+      FLAGS.unparse_flags()
     positional = FLAGS([argv[0], *_resolve_config_arg(rest, default)])[1:]
     if command in POSITIONAL_COMMANDS:  # Each run is its own process; nothing to start here.
       return COMMANDS[command](positional)

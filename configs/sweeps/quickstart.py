@@ -2,7 +2,7 @@ r"""The embedded-default scaling sweep: reconstruction vs bottleneck size E on 2
 
 Five Mu-Mu/4 tokenizers on bundled MNIST at 32x32 (64 tokens), c = 1..16 channels, so
 E = tokens × c = 64..1024 floats per image. ViTok: reconstruction improves with E (PSNR rises,
-L2 falls). About 1 min per run on 2 CPU cores.
+L2 falls). About 1 min per run on 2 idle CPU cores (~5 min in all), ~2.5 min per run when shared.
 
   vitok sweep quickstart --sweep_dir runs/quickstart
 """

@@ -137,6 +137,9 @@ _GRID = dict(log_e=(-2.0, -1.0, 0.0, 1.0), log_a=(0.0, 5.0, 10.0, 15.0, 20.0),
              log_b=(0.0, 5.0, 10.0, 15.0, 20.0), alpha=(0.1, 0.3, 0.6, 1.0, 1.5),
              beta=(0.1, 0.3, 0.6, 1.0, 1.5))
 
+# Box for L-BFGS-B: keeps exp(θ) finite when the data barely constrain a term.
+_BOUNDS = [(-20.0, 20.0), (-40.0, 80.0), (-40.0, 80.0), (0.0, 5.0), (0.0, 5.0)]
+
 
 def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
   """Huber loss of residuals r and its derivative."""
@@ -178,6 +181,9 @@ def fit_two_variable(n, d, loss, *, delta: float = HUBER_DELTA, num_starts: int 
      (N* ∝ C^a), "b_exponent" = α/(α+β) (D* ∝ C^b), ["ci": {param: [lo, hi]}]}.
   """
   n, d, loss = _check_positive(n=n, d=d, loss=loss)
+  if len(np.unique(n)) < 2 or len(np.unique(d)) < 2 or len(n) < 5:
+    raise ValueError(f"L(N, D) needs >= 5 runs spanning >= 2 values of each of N and D; got "
+                     f"N {np.unique(n)}, D {np.unique(d)}")
   log_n, log_d, log_l = np.log(n), np.log(d), np.log(loss)
   grid = np.array(list(itertools.product(*_GRID.values())))           # [G, 5]
 
@@ -189,8 +195,8 @@ def fit_two_variable(n, d, loss, *, delta: float = HUBER_DELTA, num_starts: int 
     best = None
     for theta0 in ranked:
       sol = optimize.minimize(_chinchilla_objective, theta0, args=args, jac=True,
-                              method="L-BFGS-B", options=dict(maxiter=2000, gtol=1e-12,
-                                                             ftol=1e-15))
+                              method="L-BFGS-B", bounds=_BOUNDS,
+                              options=dict(maxiter=2000, gtol=1e-12, ftol=1e-15))
       if best is None or sol.fun < best.fun:
         best = sol
     return best

@@ -110,7 +110,8 @@ def plot_frontier(rows: Sequence[dict], y: str, out_dir: str, *, x: str = "compu
   fig, ax = plt.subplots(figsize=(5, 3.8))
   ax.scatter(compute, metric, color="C0", alpha=0.7, label="runs")
   ax.plot(compute[front], metric[front], "o-", color="C3", label="frontier")
-  if len(front) >= 2 and np.all(metric[front] > 0):
+  # A power law through the frontier only where it spans a real range of compute (≥ 1.5×).
+  if len(front) >= 2 and np.all(metric[front] > 0) and np.ptp(np.log(compute[front])) > 0.4:
     law = fit_lib.fit_power_law(compute[front], metric[front], n_boot=0)
     grid = np.geomspace(compute.min(), compute.max(), 50)
     ax.plot(grid, fit_lib.predict_power_law(law, grid), "--", color="C3", alpha=0.6,

@@ -16,7 +16,8 @@ Layout of a sweep directory:
   sweep.json                     the manifest: spec, every run's id, label and point, analysis spec.
   compilation_cache/             one persistent XLA cache for every run (VITOK_COMPILATION_CACHE).
   runs/ID/config.json            the run's resolved config; ID = label + hash of that config.
-  runs/ID/sweep_status.json      attempts and the last failure; runs/ID/sweep.log its output.
+  runs/ID/sweep_status.json      attempts and the last failure; runs/ID/sweep.log its output;
+  runs/ID/sweep.pid              the trainer's pid while it runs.
   runs/ID/record.json            written by the trainer when the run finished: the run is done.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ from vitok_jax.errors import ConfigError
 RUN_CONFIG = str(config_lib.CONFIGS_DIR / "sweeps" / "_run.py")
 MANIFEST = "sweep.json"
 STATUS = "sweep_status.json"
+PID = "sweep.pid"                # Present while a sweep's trainer runs: another sweep leaves it be.
 # Statuses a run can have; "pending" includes runs interrupted part-way (they resume).
 DONE, PENDING, RUNNING, FAILED, DIVERGED = "done", "pending", "running", "failed", "diverged"
 
@@ -199,15 +201,28 @@ def read_status(workdir: str) -> dict:
 
 
 def run_status(workdir: str, max_attempts: int) -> str:
-  """done (record.json written) / diverged / failed (out of attempts) / pending (to start or resume)."""
+  """done (record.json written) / running (by some sweep) / diverged / failed (out of attempts) /
+  pending (to start or resume)."""
   if os.path.exists(os.path.join(workdir, "record.json")):
     return DONE
+  if _alive(os.path.join(workdir, PID)):
+    return RUNNING
   status = read_status(workdir)
   if status.get("status") == DIVERGED:
     return DIVERGED
   if status.get("status") == FAILED and status["attempts"] >= max_attempts:
     return FAILED
   return PENDING
+
+
+def _alive(pid_path: str) -> bool:
+  """Whether the trainer a sweep recorded in pid_path is still running (signal 0 only probes)."""
+  try:
+    with open(pid_path) as f:
+      os.kill(int(f.read()), 0)
+    return True
+  except (OSError, ValueError):
+    return False
 
 
 def train_command(run: Run) -> list[str]:
@@ -254,8 +269,8 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
   """Executes the unfinished runs as subprocesses, `parallel` at a time; returns id -> status.
 
   Finished runs are skipped; interrupted ones resume (the trainer restarts from its checkpoint);
-  a run that exits non-zero is retried until it has used `max_attempts`, except a diverged one
-  (deterministic: it would diverge again). Ctrl-C / SIGTERM sends SIGTERM to the running trainers,
+  a run that fails (or is stopped from outside) is retried until it has used `max_attempts`,
+  except a diverged one (deterministic: it would diverge again). Ctrl-C / SIGTERM sends SIGTERM to the running trainers,
   which checkpoint and exit, and the same call later resumes them. Every run shares one compilation
   cache, sweep_dir/compilation_cache.
   """
@@ -276,6 +291,8 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
         # with SIGTERM (their checkpoint-and-exit path) rather than killing them mid-step.
         process = subprocess.Popen(command(run), stdout=logfile, stderr=subprocess.STDOUT,
                                    env=env, start_new_session=True)
+        with open(os.path.join(run.workdir, PID), "w") as f:
+          f.write(str(process.pid))
         running[run.id] = (process, run, time.time(), logfile)
         status[run.id] = RUNNING
         summary(_counts(status), f"started {run.id}")
@@ -284,11 +301,12 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
         if process.poll() is None:
           continue
         logfile.close()
+        os.remove(os.path.join(run.workdir, PID))
         del running[run_id]
         status[run_id] = _finish(run, process.returncode, max_attempts)
         if status[run_id] == DONE:
           summary.durations.append(time.time() - started)
-        elif status[run_id] == PENDING:  # Failed with attempts left, or stopped early: again.
+        elif status[run_id] == PENDING:  # Failed or stopped with attempts left: again (resumes).
           queue.append(run)
         summary(_counts(status), f"{run_id} {status[run_id]} (exit {process.returncode})")
   except KeyboardInterrupt:
@@ -316,9 +334,9 @@ def _finish(run: Run, returncode: int, max_attempts: int) -> str:
   if os.path.exists(os.path.join(run.workdir, "record.json")):
     return DONE
   state = read_status(run.workdir)
-  if returncode == 0:  # Pre-empted: checkpoint saved, no record yet; not a failed attempt.
-    return PENDING
   tail = _log_tail(os.path.join(run.workdir, "sweep.log"))
+  if returncode == 0:  # Stopped from outside (SIGTERM): it checkpointed; the retry resumes it.
+    tail += "\nexited 0 without record.json (stopped by SIGTERM?)"
   state["attempts"] = state.get("attempts", 0) + 1
   state["status"] = DIVERGED if "TrainingDiverged" in tail else FAILED
   state["error"] = tail[-600:]
