@@ -239,6 +239,7 @@ def test_slurm_array_and_tpu_commands(tmp_path):
   assert f"#SBATCH --output={tmp_path}/logs/slurm-%A_%a.out" in script
   assert runs[1].workdir in script and runs[2].workdir in script and runs[0].workdir not in script
   assert "__VITOK_RUN_DIR__" not in script
+  assert '"$head_node:$((12355 + SLURM_ARRAY_TASK_ID % 1000))"' in script
   assert f"export VITOK_COMPILATION_CACHE={tmp_path}/compilation_cache" in script
   assert "--config=" + sweep.RUN_CONFIG + ":${VITOK_RUN_DIR}" in script
   result = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)

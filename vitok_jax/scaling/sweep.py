@@ -379,9 +379,13 @@ def render_slurm_array(runs: Sequence[Run], sweep_dir: str, *, max_parallel: int
   select = (f"run_dirs=({dirs})\n"
             'export VITOK_RUN_DIR="${run_dirs[$SLURM_ARRAY_TASK_ID]}"\n')
   script = script.replace("set -euo pipefail\n", "set -euo pipefail\n" + select)
+  # Array tasks sharing a node need distinct coordinator ports.
+  port = spec.coordinator_port
+  script = script.replace(f'"$head_node:{port}"',
+                          f'"$head_node:$(({port} + SLURM_ARRAY_TASK_ID % 1000))"')
   # The inner `bash -c '...'` expands the exported variable for every task.
   return script.replace(placeholder, "${VITOK_RUN_DIR}").replace(
-      f"mkdir -p ${{VITOK_RUN_DIR}}/logs", 'mkdir -p "$VITOK_RUN_DIR/logs"')
+      "mkdir -p ${VITOK_RUN_DIR}/logs", 'mkdir -p "$VITOK_RUN_DIR/logs"')
 
 
 def tpu_commands(runs: Sequence[Run], sweep_dir: str, **job_fields) -> list[str]:
