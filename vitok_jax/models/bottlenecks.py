@@ -6,7 +6,7 @@ scalars that are only logged (codebook health).
 
 Discrete bottlenecks also return aux["codes"] (integers) and have `decode_codes(codes, grid)` ->
 z_BNC, so codes are data: encode -> codes -> store -> decode_codes -> ViTok.decode -> pixels.
-  vq     LlamaGen VQ (16384 × c, cosine lookup); vq1k: 1024 codes.
+  vq     LlamaGen VQ (16384 × c, cosine lookup); vq1k: 1024 codes; vq1k_ent: + entropy loss.
   bsq    BSQ: c bits per token, implicit 2^c codebook, codes packed to uint32 words.
   msvq   VAR multi-scale residual VQ (4096 codes, φ refiners); codes: per-scale maps.
   msbsq  Infinity multi-scale residual BSQ.
@@ -155,6 +155,8 @@ BOTTLENECKS = {
     "gaussian": GaussianBottleneck,
     "vq": VQBottleneck,
     "vq1k": functools.partial(VQBottleneck, codebook_size=1024),
+    # + LlamaGen's entropy loss (weight config.loss.vq_entropy), which spreads tokens over codes.
+    "vq1k_ent": functools.partial(VQBottleneck, codebook_size=1024, with_entropy=True),
     "bsq": BSQBottleneck,
     "msvq": MultiScaleBottleneck,
     "msbsq": functools.partial(MultiScaleBottleneck, quantizer="bsq", schedule="infinity",
