@@ -384,10 +384,15 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   image_dir = os.path.join(workdir, "images")
   preemption = _Preemption()
 
+  saved_step = first_step
+
   def save_checkpoint(step, metrics):
+    nonlocal saved_step
     if not np.isfinite(float(metrics["loss"])):
       raise TrainingDiverged(_divergence_message(step, metrics, ckpt))
-    ckpt.save(step, state, force=True)
+    if step != saved_step:  # A pre-emption can land on a step just saved.
+      ckpt.save(step, state, force=True)
+      saved_step = step
 
   eval_metrics, last_rate, tick, tick_step = {}, None, time.time(), first_step
   try:
