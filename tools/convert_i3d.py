@@ -13,17 +13,12 @@ from __future__ import annotations
 
 import argparse
 
-import jax
-import numpy as np
-
 from vitok_jax.models.perceptual import i3d, weights
 
 
 def convert(pth_path: str, out_path: str) -> dict:
-  variables = i3d.variables_from_torch(weights.read_torch_state_dict(pth_path))
-  weights.check_shapes(variables, jax.eval_shape(i3d.init_variables, jax.random.key(0)), "I3D weights")
-  weights.save(out_path, variables)
-  return variables
+  return weights.convert_torch(weights.read_torch_state_dict(pth_path), i3d.variables_from_torch,
+                               i3d.init_variables, out_path, "I3D weights")
 
 
 def main(argv=None):
@@ -31,8 +26,7 @@ def main(argv=None):
   parser.add_argument("--pth", required=True, help="pytorch-i3d state dict (400 classes)")
   parser.add_argument("--out", required=True, help="output .npz")
   args = parser.parse_args(argv)
-  variables = convert(args.pth, args.out)
-  print(f"wrote {args.out}: {sum(np.size(p) for p in jax.tree.leaves(variables)):,} values")
+  convert(args.pth, args.out)
 
 
 if __name__ == "__main__":

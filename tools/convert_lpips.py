@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 
-import jax
 import numpy as np
 
 from vitok_jax.models.perceptual import lpips, weights
@@ -24,10 +23,8 @@ def convert(vgg_path: str, lin_path: str | None, out_path: str) -> dict:
   state = weights.read_torch_state_dict(vgg_path)
   if lin_path:
     state.update(weights.read_torch_state_dict(lin_path))
-  params = lpips.params_from_torch(state)
-  weights.check_shapes(params, jax.eval_shape(lpips.init_params, jax.random.key(0)), "LPIPS weights")
-  weights.save(out_path, params)
-  return params
+  return weights.convert_torch(state, lpips.params_from_torch, lpips.init_params, out_path,
+                               "LPIPS weights")
 
 
 def main(argv=None):
@@ -36,12 +33,11 @@ def main(argv=None):
   parser.add_argument("--lin", default=None, help="lpips v0.1 vgg.pth (lin heads)")
   parser.add_argument("--out", required=True, help="output .npz")
   args = parser.parse_args(argv)
-  params = convert(args.vgg, args.lin, args.out)
+  convert(args.vgg, args.lin, args.out)
   rng = np.random.default_rng(0)
   x, y = rng.uniform(-1, 1, (2, 1, 32, 32, 3)).astype(np.float32)
   value = float(lpips.make_perceptual_fn(lpips.load_params(args.out))(x, y)[0])
-  print(f"wrote {args.out}: {sum(np.size(p) for p in jax.tree.leaves(params)):,} params; "
-        f"LPIPS(two uniform-noise images) = {value:.4f}")
+  print(f"LPIPS(two uniform-noise images) = {value:.4f}")
 
 
 if __name__ == "__main__":

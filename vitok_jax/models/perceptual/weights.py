@@ -117,3 +117,16 @@ def batch_norm_paths(variables) -> set[str]:
   """Dotted module paths holding batch statistics (the BatchNorms of a flax variables tree)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables.get("batch_stats", {})))
   return {".".join(path[:-1]) for path in flat}
+
+
+def convert_torch(state: dict[str, np.ndarray], from_torch, init_fn, out_path: str, what: str):
+  """Maps a torch state dict with `from_torch`, checks shapes against `init_fn(key)`, writes .npz.
+
+  The shared body of tools/convert_*.py; returns the converted tree.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  tree = from_torch(state)
+  check_shapes(tree, jax.eval_shape(init_fn, jax.random.key(0)), what)
+  save(out_path, tree)
+  print(f"wrote {out_path}: {sum(np.size(p) for p in jax.tree.leaves(tree)):,} values")
+  return tree
