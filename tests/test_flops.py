@@ -120,3 +120,8 @@ def test_attention_scales_quadratically():
   measured_quadratic = measured(2 * tokens) - 2 * measured(tokens)
   print(f"attention S² term: analytic {analytic_quadratic:.4g}, XLA {measured_quadratic:.4g}")
   assert measured_quadratic == pytest.approx(analytic_quadratic, rel=RTOL)
+
+
+def test_every_registered_bottleneck_has_a_flop_count():
+  from vitok_jax.models import bottlenecks
+  assert set(bottlenecks.BOTTLENECKS) <= set(flops.BOTTLENECK_OUT_PER_CHANNEL)

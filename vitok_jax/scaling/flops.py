@@ -21,7 +21,10 @@ from vitok_jax.models import tokenizer, vit
 
 # Output features of each bottleneck's projection from the encoder width, per latent channel
 # (the Gaussian predicts mean and logvar: 2·c). Add an entry for every new bottleneck.
-BOTTLENECK_OUT_PER_CHANNEL = {"gaussian": 2}
+# Outputs of the projection into the bottleneck per latent channel: (mean, logvar) for the Gaussian,
+# one value for the quantisers (codebook distances are not counted: tokens·K·c, small next to the ViTs).
+BOTTLENECK_OUT_PER_CHANNEL = {"gaussian": 2, "vq": 1, "vq1k": 1, "vq1k_ent": 1, "bsq": 1,
+                              "msvq": 1, "msbsq": 1}
 
 
 def dense_flops(tokens: int, fan_in: int, fan_out: int) -> int:
