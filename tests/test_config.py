@@ -72,3 +72,15 @@ def test_saved_config_reads_back_equal(tmp_path):
   back = config_lib.read_config(str(tmp_path))
   assert back.to_dict() == c.to_dict()
   assert json.load(open(tmp_path / "config.json"))["model"]["patch"] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("loss.lpips", 1.0, r"loss.lpips > 0 needs perceptual.lpips_weights"),
+    ("eval.metrics", ("fid",), r"eval.metrics entry='fid' is not allowed; use one of \['lpips'"),
+    ("init_from", "/no/such/run", r"init_from='/no/such/run' is not a run directory"),
+])
+def test_loss_eval_and_stage_two_fields_are_checked(field, value, message):
+  c = load("Mu-Mu/4,c=8,res=32,data=mnist")
+  c.update_from_flattened_dict({field: value})
+  with pytest.raises(ConfigError, match=message):
+    train_tokenizer.validate(c)

@@ -31,10 +31,10 @@ from vitok_jax.config_lib import require, require_choice
 from vitok_jax.errors import DataError
 from vitok_jax.eval import perceptual_metrics, reconstruction, visualize
 from vitok_jax.models import bottlenecks, tokenizer, vit
+from vitok_jax.models.perceptual import lpips
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.parallel import sharding
 from vitok_jax.scaling import record as record_lib
-from vitok_jax.models.perceptual import lpips
 from vitok_jax.train import checkpoint, gan, losses, metrics_writer, optimizer
 
 
@@ -96,6 +96,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {config.ema_decay}")
   for name, weight in config.loss.items():
     require(weight >= 0, f"loss.{name} must be >= 0, got {weight}")
+  require(config.loss.lpips == 0 or config.perceptual.lpips_weights,
+          "loss.lpips > 0 needs perceptual.lpips_weights: a file made by tools/convert_lpips.py")
+  for name in config.eval.metrics:
+    require_choice(name, "eval.metrics entry", perceptual_metrics.METRICS)
+  require(not config.init_from or os.path.isdir(config.init_from),
+          f"init_from={config.init_from!r} is not a run directory; point it at a trained workdir")
 
 
 def pixel_shape(config) -> tuple[int, ...]:
