@@ -33,7 +33,8 @@ setuptools.setup(
         "portpicker>=1.6",      # Free coordinator ports for local multi-process launches.
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3.5"],
+        # The tests cover video folders too, so dev includes the video extra's PyAV.
+        "dev": ["pytest>=8", "pytest-xdist>=3.5", "av>=12"],
         "video": ["av>=12"],
         "tensorboard": ["tensorboardX>=2.6"],
         # Only the weight converters in tools/ need PyTorch (CPU build).
