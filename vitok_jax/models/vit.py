@@ -28,6 +28,18 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "L": (1152, 24, 16),
     "H": (1312, 32, 16),
 }
+# Generators' published tables, same (width, depth, heads) form, plus the tiny CPU sizes.
+GENERATOR_SIZES: dict[str, dict[str, tuple[int, int, int]]] = {
+    # DiT (and SiT) S/B/L/XL.
+    "dit": {"Mu": (64, 2, 2), "Mi": (128, 4, 4), "Ti": (192, 6, 3), "S": (384, 12, 6),
+            "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)},
+    # LlamaGen B 111M, L 343M, XL 775M, XXL 1.4B, 3B.
+    "llamagen": {"Mu": (64, 2, 2), "Mi": (128, 4, 4), "Ti": (192, 6, 3), "B": (768, 12, 12),
+                 "L": (1024, 24, 16), "XL": (1280, 36, 20), "XXL": (1536, 48, 24),
+                 "3B": (3200, 24, 32)},
+    # VAR: width = 64·depth, heads = depth ("d16" … "d30"; d2/d4/d6 for CPU).
+    "var": {f"d{d}": (64 * d, d, d) for d in (2, 4, 6, 16, 20, 24, 30)},
+}
 MLP_KINDS = ("geglu", "swiglu", "gelu")
 ROPE_KINDS = ("1d", "axial", "none")
 
@@ -50,11 +62,17 @@ class ViTSize:
     return self.width // self.heads
 
 
-def decode_size(name: str) -> ViTSize:
-  """"S" -> ViTSize(768, 6, 12). Raises ConfigError for unknown names."""
-  if name not in SIZES:
-    raise ConfigError(f"unknown model size {name!r}; use one of {list(SIZES)}")
-  width, depth, heads = SIZES[name]
+def decode_size(name: str, family: str = "vitok") -> ViTSize:
+  """"S" -> ViTSize(768, 6, 12) (ViTok's table), or from GENERATOR_SIZES[family].
+
+  Raises ConfigError for unknown names.
+  """
+  table = SIZES if family == "vitok" else GENERATOR_SIZES.get(family)
+  if table is None:
+    raise ConfigError(f"unknown size family {family!r}; use 'vitok' or one of {list(GENERATOR_SIZES)}")
+  if name not in table:
+    raise ConfigError(f"unknown {family} size {name!r}; use one of {list(table)}")
+  width, depth, heads = table[name]
   return ViTSize(width, depth, heads)
 
 
