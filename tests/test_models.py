@@ -153,5 +153,5 @@ def test_bf16_compute_is_close_to_f32():
 
 
 def test_decode_size_rejects_unknown_names():
-  with pytest.raises(ConfigError, match="unknown model size 'XXL'"):
+  with pytest.raises(ConfigError, match="unknown vitok size .XXL."):
     vit.decode_size("XXL")
