@@ -12,7 +12,7 @@ import pytest
 from vitok_jax import ConfigError, config_lib
 from vitok_jax.scaling import record as record_lib
 from vitok_jax.parallel import mesh as mesh_lib
-from vitok_jax.train import train_tokenizer
+from vitok_jax.train import loop, train_tokenizer
 from vitok_jax.train.metrics_writer import read_jsonl
 
 TINY = "Mu-Mu/4,c=8,res=16,data=mnist,batch=16,lr=2e-3"
@@ -115,7 +115,7 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
   # Relaunch the same run with an exploding learning rate: it resumes at step 8, then diverges.
   config = tiny_config(steps=40, ckpt_every=4)
   config.optim.base_lr = 1e12
-  with pytest.raises(train_tokenizer.TrainingDiverged,
+  with pytest.raises(loop.TrainingDiverged,
                      match=r"loss is (nan|inf) at step (9|1\d|2\d|3\d|40); last good checkpoint: step \d+ in "):
     train_tokenizer.train(config, str(tmp_path))
 

@@ -13,18 +13,15 @@ import functools
 import logging
 import math
 import os
-import signal
 import time
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
 
 from vitok_jax import config_lib, data
 from vitok_jax.config_lib import require, require_choice
@@ -35,20 +32,8 @@ from vitok_jax.models.perceptual import lpips
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.parallel import sharding
 from vitok_jax.scaling import record as record_lib
-from vitok_jax.train import checkpoint, gan, losses, metrics_writer, optimizer
-
-
-class TrainingDiverged(FloatingPointError):
-  """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ema_params: Any  # Same tree as params when config.ema_decay > 0, else an empty dict.
-  disc: Any = flax.struct.field(default_factory=dict)  # gan.DiscState in the GAN stage, else {}.
+from vitok_jax.train import checkpoint, gan, losses, loop, metrics_writer, optimizer
+from vitok_jax.train.loop import TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +228,7 @@ def compile_train_step(config, mesh) -> dict:
   validate(config)
   parts = build_components(config)
   shardings = state_shardings(parts, config, mesh)
-  abstract = _with_shardings(abstract_state(parts, config), shardings)
+  abstract = loop.with_shardings(abstract_state(parts, config), shardings)
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, *pixel_shape(config)), jnp.float32,
                                          sharding=mesh_lib.batch_sharding(mesh))}
   start = time.time()
@@ -299,7 +284,7 @@ def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
       x = np.concatenate([x, np.zeros((local_batch - rows, *x.shape[1:]), x.dtype)])
     recon, batch_sums = eval_step(params, *mesh_lib.global_batch((x, valid), batch_sharding))
     if accumulator is not None or (image_path is not None and count == 0):
-      local_recon = _local_rows(recon)[:rows]
+      local_recon = loop.local_rows(recon)[:rows]
       if image_path is not None and count == 0:
         n = config.num_visualize
         visualize.save_reconstructions(image_path, x[:n], local_recon[:n])
@@ -317,46 +302,6 @@ def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
   if accumulator is not None:
     metrics.update(accumulator.result())
   return metrics
-
-
-def _local_rows(x):
-  """This process's rows of a batch-sharded global array, in order."""
-  shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-  seen, rows = set(), []
-  for shard in shards:
-    start = shard.index[0].start or 0
-    if start not in seen:
-      seen.add(start)
-      rows.append(np.asarray(shard.data))
-  return np.concatenate(rows)
-
-
-class _Preemption:
-  """SIGTERM (and on TPU jax's pre-emption notice) -> save a checkpoint and stop cleanly.
-
-  With several processes every one must stop at the same step: jax's pre-emption sync point
-  (started by jax.distributed) agrees on it; a single process uses its own SIGTERM handler.
-  """
-
-  def __init__(self):
-    self.requested = False
-    self._multi = jax.process_count() > 1
-    self._previous = None
-    if not self._multi:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def reached(self, step: int) -> bool:
-    if self._multi:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
-
-  def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -388,14 +333,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   eval_step = jit_eval_step(model, mesh, shardings.params)
   writer = metrics_writer.MetricWriter(workdir) if is_main else None
   image_dir = os.path.join(workdir, "images")
-  preemption = _Preemption()
+  preemption = loop.Preemption()
 
   saved_step = first_step
 
   def save_checkpoint(step, metrics):
     nonlocal saved_step
-    if not np.isfinite(float(metrics["loss"])):
-      raise TrainingDiverged(_divergence_message(step, metrics, ckpt))
+    loop.check_finite(step, metrics, ckpt)
     if step != saved_step:  # A pre-emption can land on a step just saved.
       ckpt.save(step, state, force=True)
       saved_step = step
@@ -408,8 +352,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
 
       if step % config.log_every == 0 or step == config.total_steps:
         metrics = jax.device_get(metrics)  # The only host sync: once per log_every steps.
-        if not np.isfinite(metrics["loss"]):
-          raise TrainingDiverged(_divergence_message(step, metrics, ckpt))
+        loop.check_finite(step, metrics, ckpt)
         now = time.time()
         rate = (step - tick_step) * config.batch_size / (now - tick)
         eta = (config.total_steps - step) * config.batch_size / max(rate, 1e-9)
@@ -418,7 +361,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
         if is_main:
           writer.write(step, metrics)
           logging.info("step %d/%d  loss %.4f  l2 %.4f  %.1f ex/s  ETA %s", step,
-                       config.total_steps, metrics["loss"], metrics["l2"], rate, _format_seconds(eta))
+                       config.total_steps, metrics["loss"], metrics["l2"], rate, loop.format_seconds(eta))
       if step % config.ckpt_every == 0 or step == config.total_steps:
         save_checkpoint(step, jax.device_get(metrics))
       if preemption.reached(step):
@@ -454,24 +397,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   return record
 
 
-def _divergence_message(step, metrics, ckpt) -> str:
-  last = ckpt.latest_step()
-  where = (f"last good checkpoint: step {last} in {ckpt.directory} (re-running resumes from it; "
-           "lower optim.base_lr or raise optim.warmup_steps first)") if last is not None else (
-               "no checkpoint was written yet; lower optim.base_lr or raise optim.warmup_steps")
-  return f"loss is {metrics['loss']} at step {step}; {where}"
-
-
-def _format_seconds(seconds: float) -> str:
-  seconds = int(seconds)
-  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
 def restore_params(workdir: str, config, mesh):
   """(step, params, state shardings) of the latest checkpoint of a run, on `mesh` (EMA params if
   enabled)."""
@@ -482,7 +407,7 @@ def restore_params(workdir: str, config, mesh):
                     f"--workdir {workdir}`")
   parts = build_components(config, with_losses=False)
   shardings = state_shardings(parts, config, mesh)
-  state = ckpt.restore(step, _with_shardings(abstract_state(parts, config), shardings))
+  state = ckpt.restore(step, loop.with_shardings(abstract_state(parts, config), shardings))
   ckpt.close()
   return step, (state.ema_params if config.ema_decay else state.params), shardings
 
