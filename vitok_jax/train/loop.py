@@ -6,8 +6,11 @@ a run exactly; SIGTERM (or jax's pre-emption notice) saves a checkpoint and stop
 """
 from __future__ import annotations
 
+import dataclasses
+import logging
 import signal
-from typing import Any
+import time
+from typing import Any, Callable
 
 import flax
 import jax
@@ -91,3 +94,66 @@ def local_rows(x) -> np.ndarray:
       seen.add(start)
       rows.append(np.asarray(shard.data))
   return np.concatenate(rows)
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: Any
+  eval_metrics: dict
+  examples_per_sec: float | None
+  preempted: bool
+
+
+def run(state, *, config, train_step: Callable, next_batch: Callable[[], Any], ckpt, writer,
+        evaluate: Callable[[Any, int], dict], log_name: str = "loss") -> LoopResult:
+  """Steps state.step+1 … config.total_steps: logs every log_every steps (the only host sync),
+  checkpoints every ckpt_every, evaluates every eval_every and at the end, stops cleanly on
+  pre-emption. `evaluate(state, step)` returns eval metrics; `writer` is None off process 0.
+  """
+  first_step = int(state.step)
+  preemption = Preemption()
+  saved_step = first_step
+
+  def save(step, metrics):
+    nonlocal saved_step
+    check_finite(step, metrics, ckpt)
+    if step != saved_step:  # A pre-emption can land on a step just saved.
+      ckpt.save(step, state, force=True)
+      saved_step = step
+
+  eval_metrics, last_rate, tick, tick_step = {}, None, time.time(), first_step
+  try:
+    for step in range(first_step + 1, config.total_steps + 1):
+      state, metrics = train_step(state, next_batch())
+      if step % config.log_every == 0 or step == config.total_steps:
+        metrics = jax.device_get(metrics)
+        check_finite(step, metrics, ckpt)
+        now = time.time()
+        rate = (step - tick_step) * config.batch_size / (now - tick)
+        eta = (config.total_steps - step) * config.batch_size / max(rate, 1e-9)
+        metrics["examples_per_sec"] = last_rate = rate
+        tick, tick_step = now, step
+        if writer is not None:
+          writer.write(step, metrics)
+          logging.info("step %d/%d  loss %.4f  %s %.4f  %.1f ex/s  ETA %s", step,
+                       config.total_steps, metrics["loss"], log_name, metrics[log_name], rate,
+                       format_seconds(eta))
+      if step % config.ckpt_every == 0 or step == config.total_steps:
+        save(step, jax.device_get(metrics))
+      if preemption.reached(step):
+        save(step, jax.device_get(metrics))
+        ckpt.wait()
+        logging.info("Pre-empted at step %d: checkpoint saved in %s; the same command resumes",
+                     step, ckpt.directory)
+        return LoopResult(state, eval_metrics, last_rate, preempted=True)
+      if step % config.eval_every == 0 or step == config.total_steps:
+        eval_metrics = evaluate(state, step)
+        if writer is not None:
+          writer.write(step, eval_metrics)
+          logging.info("step %d eval: %s", step,
+                       "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()
+                                 if isinstance(v, (int, float))))
+  finally:
+    preemption.close()
+    ckpt.wait()
+  return LoopResult(state, eval_metrics, last_rate, preempted=False)

@@ -333,56 +333,23 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   eval_step = jit_eval_step(model, mesh, shardings.params)
   writer = metrics_writer.MetricWriter(workdir) if is_main else None
   image_dir = os.path.join(workdir, "images")
-  preemption = loop.Preemption()
 
-  saved_step = first_step
+  def evaluate_state(state, step):
+    params = state.ema_params if config.ema_decay else state.params
+    return evaluate(eval_step, params, config, mesh, workdir=workdir, image_path=(
+        os.path.join(image_dir, f"recon_{step:07d}") if is_main else None))
 
-  def save_checkpoint(step, metrics):
-    nonlocal saved_step
-    loop.check_finite(step, metrics, ckpt)
-    if step != saved_step:  # A pre-emption can land on a step just saved.
-      ckpt.save(step, state, force=True)
-      saved_step = step
-
-  eval_metrics, last_rate, tick, tick_step = {}, None, time.time(), first_step
   try:
-    for step in range(first_step + 1, config.total_steps + 1):
-      batch = mesh_lib.global_batch(next(train_iter), batch_sharding)
-      state, metrics = train_step(state, batch)
-
-      if step % config.log_every == 0 or step == config.total_steps:
-        metrics = jax.device_get(metrics)  # The only host sync: once per log_every steps.
-        loop.check_finite(step, metrics, ckpt)
-        now = time.time()
-        rate = (step - tick_step) * config.batch_size / (now - tick)
-        eta = (config.total_steps - step) * config.batch_size / max(rate, 1e-9)
-        metrics["examples_per_sec"] = last_rate = rate
-        tick, tick_step = now, step
-        if is_main:
-          writer.write(step, metrics)
-          logging.info("step %d/%d  loss %.4f  l2 %.4f  %.1f ex/s  ETA %s", step,
-                       config.total_steps, metrics["loss"], metrics["l2"], rate, loop.format_seconds(eta))
-      if step % config.ckpt_every == 0 or step == config.total_steps:
-        save_checkpoint(step, jax.device_get(metrics))
-      if preemption.reached(step):
-        save_checkpoint(step, jax.device_get(metrics))
-        ckpt.wait()
-        logging.info("Pre-empted at step %d: checkpoint saved in %s; the same command resumes",
-                     step, ckpt.directory)
-        return None
-      if step % config.eval_every == 0 or step == config.total_steps:
-        params = state.ema_params if config.ema_decay else state.params
-        eval_metrics = evaluate(eval_step, params, config, mesh, workdir=workdir, image_path=(
-            os.path.join(image_dir, f"recon_{step:07d}") if is_main else None))
-        if is_main:
-          writer.write(step, eval_metrics)
-          logging.info("step %d eval: %s", step,
-                       "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()))
+    result = loop.run(
+        state, config=config, train_step=train_step, ckpt=ckpt, writer=writer,
+        next_batch=lambda: mesh_lib.global_batch(next(train_iter), batch_sharding),
+        evaluate=evaluate_state, log_name="l2")
   finally:
-    preemption.close()
-    ckpt.wait()
     ckpt.close()
     train_iter.close()
+  if result.preempted:
+    return None
+  state, eval_metrics, last_rate = result.state, result.eval_metrics, result.examples_per_sec
 
   if not eval_metrics:  # Nothing left to train (a finished run re-launched): evaluate the final state.
     params = state.ema_params if config.ema_decay else state.params
