@@ -34,3 +34,18 @@ def save_reconstructions(path_stem: str, originals, recons) -> list[str]:
   Image.fromarray(frames[0]).save(path_stem + ".gif", save_all=True, loop=0, duration=120,
                                   append_images=[Image.fromarray(f) for f in frames[1:]])
   return [path_stem + ".png", path_stem + ".gif"]
+
+
+def save_sample_grid(path: str, samples, columns: int, pad: int = 2) -> str:
+  """Generated images [N, H, W, C] -> a PNG grid of `columns` per row (e.g. one row per class
+  when the labels cycle through the classes column by column)."""
+  samples = _to_uint8(np.asarray(samples))
+  rows = -(-len(samples) // columns)
+  blank = np.full_like(samples[0], 255)
+  tiles = list(samples) + [blank] * (rows * columns - len(samples))
+  tiles = [np.pad(t, ((pad, 0), (pad, 0), (0, 0)), constant_values=255) for t in tiles]
+  grid = np.concatenate([np.concatenate(tiles[r * columns:(r + 1) * columns], axis=1)
+                         for r in range(rows)], axis=0)
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  Image.fromarray(grid).save(path)
+  return path

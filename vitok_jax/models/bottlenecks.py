@@ -143,7 +143,8 @@ class MultiScaleBottleneck(nn.Module):
     f_BHWC = self.to_latent(h_BND.astype(jnp.float32)).reshape(batch, side, side, self.channels)
     f_hat_BHWC, codes, terms, metrics = self.residual(f_BHWC)
     return f_hat_BHWC.reshape(batch, tokens, self.channels), {
-        "codes": codes, "loss_terms": terms, "metrics": metrics}
+        "codes": codes, "loss_terms": terms, "metrics": metrics,
+        "latent": f_BHWC.reshape(batch, tokens, self.channels)}  # Before quantisation.
 
   def decode_codes(self, codes, grid):
     """codes of the first k scales -> z_BNC on the full token grid (h, w)."""

@@ -1,28 +1,42 @@
-"""Codes as data: tokenize a dataset once with a trained discrete tokenizer into an npz store.
+"""Codes as data: tokenize a dataset once with a trained tokenizer into an npz store.
 
-  python -m vitok_jax.train.codes --workdir runs/mnist_vq --out runs/mnist_vq/codes_eval.npz
+  vitok tokenize --workdir runs/mnist_vq --out runs/mnist_vq/codes_eval.npz --split eval
 
-The store holds `codes` [N, tokens(, words)] (single-scale) or `codes_0 … codes_{K−1}` (per-scale
-maps [N, s, s(, words)]), `labels` [N], `grid` and `bottleneck`. `decode_codes` turns codes back
-into pixels with the same checkpoint.
+The store holds `labels` [N] and what the tokenizer's bottleneck gives a generator:
+  discrete single-scale (vq, bsq): `codes` [N, tokens(, words)];
+  multi-scale (msvq, msbsq): `codes_0 … codes_{K−1}` per-scale maps [N, s, s(, words)];
+  continuous (gaussian): `latents` [N, tokens, c], the posterior mean;
+  msbsq also keeps `latents`, the map before quantisation (Infinity's self-correction re-quantises it);
+plus `grid`, `bottleneck` and the checkpoint `step`. `decode_codes` turns codes back into pixels.
 """
 from __future__ import annotations
 
-import argparse
+import logging
+import os
 from typing import Sequence
 
 import jax
 import numpy as np
 
+from jax.experimental import multihost_utils
+
 from vitok_jax import config_lib, data
+from vitok_jax.errors import DataError
 from vitok_jax.models import quantizers
 from vitok_jax.parallel import mesh as mesh_lib
-from vitok_jax.train import train_tokenizer
+from vitok_jax.train import checkpoint, train_tokenizer
 
 
 def encode_fn(model):
-  """(params, x) -> codes (array or tuple of per-scale arrays), jitted."""
-  return jax.jit(lambda params, x: model.apply({"params": params}, x, method=model.encode)[1]["codes"])
+  """(params, x) -> {"codes": array or per-scale tuple, "latents": [B, N, c]}, jitted (whichever
+  the bottleneck has; see the module docstring)."""
+  def encode(params, x):
+    z_BNC, aux, _ = model.apply({"params": params}, x, method=model.encode)
+    out = {"codes": aux["codes"]} if "codes" in aux else {"latents": z_BNC}
+    if "latent" in aux:
+      out["latents"] = aux["latent"]
+    return out
+  return jax.jit(encode)
 
 
 def decode_fn(model, grid: Sequence[int]):
@@ -34,26 +48,33 @@ def decode_fn(model, grid: Sequence[int]):
 
 def tokenize(config, params, *, split: str = "eval", max_examples: int = 0,
              batch_size: int = 0) -> dict[str, np.ndarray]:
-  """Codes of every example of a split (up to max_examples; 0 = all), as numpy arrays."""
+  """The store of a split (up to max_examples; 0 = all) as numpy arrays: codes and/or latents."""
   model = train_tokenizer.build_model(config)
   encode = encode_fn(model)
   batch_size = batch_size or config.batch_size
   iterator = data.build_iterator(config.data, split=split, batch_size=batch_size, seed=config.seed)
-  parts, labels, count = [], [], 0
+  codes, latents, labels, count = [], [], [], 0
   for batch in iterator:
-    codes = jax.device_get(encode(params, batch["image"]))
-    parts.append(codes if isinstance(codes, tuple) else (codes,))
+    out = jax.device_get(encode(params, batch["image"]))
+    if "codes" in out:
+      codes.append(out["codes"] if isinstance(out["codes"], tuple) else (out["codes"],))
+    if "latents" in out:
+      latents.append(out["latents"])
     labels.append(batch["label"])
     count += len(batch["label"])
     if max_examples and count >= max_examples:
       break
-  merged = [np.concatenate(scale) for scale in zip(*parts)]
+  iterator.close()
   limit = max_examples or count
   store = {"labels": np.concatenate(labels)[:limit]}
-  if len(merged) == 1 and config.model.bottleneck not in ("msvq", "msbsq"):
-    store["codes"] = merged[0][:limit]
-  else:
-    store.update({f"codes_{k}": c[:limit] for k, c in enumerate(merged)})
+  if latents:
+    store["latents"] = np.concatenate(latents)[:limit].astype(np.float32)
+  if codes:
+    merged = [np.concatenate(scale)[:limit] for scale in zip(*codes)]
+    if config.model.bottleneck in ("msvq", "msbsq"):
+      store.update({f"codes_{k}": c for k, c in enumerate(merged)})
+    else:
+      store["codes"] = merged[0]
   return store
 
 
@@ -88,20 +109,31 @@ def tokenize_workdir(workdir: str, out: str, *, split: str = "eval", max_example
   step, params, _ = train_tokenizer.restore_params(workdir, config, mesh)
   store = tokenize(config, params, split=split, max_examples=max_examples)
   grid = train_tokenizer.pixel_shape(config)[:-1]
-  np.savez_compressed(out, **store, step=step, bottleneck=config.model.bottleneck,
-                      grid=np.array([s // p for s, p in zip(grid, config.model.patch)]))
+  tmp = out + ".tmp.npz"
+  np.savez(tmp, **store, step=step, bottleneck=config.model.bottleneck,
+           grid=np.array([s // p for s, p in zip(grid, config.model.patch)]))
+  os.replace(tmp, out)
   return out
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True)
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--split", default="eval")
-  parser.add_argument("--max_examples", type=int, default=0)
-  args = parser.parse_args(argv)
-  print(tokenize_workdir(args.workdir, args.out, split=args.split, max_examples=args.max_examples))
-
-
-if __name__ == "__main__":
-  main()
+def load_or_tokenize(workdir: str, split: str) -> dict[str, np.ndarray]:
+  """The store of `split` cached as WORKDIR/store_SPLIT.npz, (re)made when missing or older than
+  the tokenizer's latest checkpoint. Process 0 writes it; the others wait for it."""
+  path = os.path.join(workdir, f"store_{split}.npz")
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise DataError(f"{workdir} is not a tokenizer run (no checkpoints/); train one first with "
+                    f"`vitok train --workdir {workdir}`")
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  latest = ckpt.latest_step()
+  ckpt.close()
+  if latest is None:
+    raise DataError(f"tokenizer {workdir} has no checkpoint; train it first with `vitok train "
+                    f"--workdir {workdir}`")
+  stale = not os.path.exists(path) or int(np.load(path)["step"]) != latest
+  if stale and jax.process_index() == 0:
+    logging.info("Tokenizing the %s split with %s into %s", split, workdir, path)
+    tokenize_workdir(workdir, path, split=split)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"store {path}")
+  with np.load(path) as store:
+    return dict(store)
