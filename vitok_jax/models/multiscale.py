@@ -199,3 +199,56 @@ class ResidualQuantizer(nn.Module):
         code_BsC = quantizers.bits_to_codes(quantizers.unpack_bits(code, self.channels))
       f_hat = f_hat + self._refine(code_BsC, k, scales)
     return f_hat
+
+  # ------------------------------------------------------------------------------------------
+  # Next-scale prediction inputs (VAR / Infinity transformers).
+
+  def code_vectors(self, code):
+    """One scale's codes -> code vectors [B, s, s, C].
+
+    vq: int32 [B, s, s] -> codebook rows; bsq: uint32 words [B, s, s, W] -> ±1/√C from the bits.
+    """
+    if self.quantizer == "vq":
+      return self.vq.lookup(code)
+    return quantizers.bits_to_codes(quantizers.unpack_bits(code, self.channels))
+
+  def next_scale_input(self, f_hat_BHWC, code, k: int, size: int):
+    """One step of next-scale prediction: adds scale k's codes to f_hat, returns the next input.
+
+    Args:
+      f_hat_BHWC: cumulative f_hat of scales < k, float32 [B, size, size, C] (zeros for k = 0).
+      code: scale k's codes (int32 [B, s_k, s_k] for vq, uint32 [B, s_k, s_k, W] for bsq).
+      k: the scale index (static).
+      size: latent side h (the last scale).
+    Returns:
+      (f_hat_BHWC with scale k added, inputs [B, s_{k+1}², C]): f_hat area-downsampled to scale
+      k + 1, flattened row-major. For the last scale (k = K − 1), as in VAR, the second output is
+      f_hat itself flattened ([B, size², C]).
+    """
+    scales = self.scales(size)
+    if not 0 <= k < len(scales):
+      raise ConfigError(f"scale index k={k} is outside the {len(scales)} scales {scales}")
+    f_hat_BHWC = f_hat_BHWC + self._refine(self.code_vectors(code), k, scales)
+    side = scales[k + 1] if k + 1 < len(scales) else size
+    next_BsC = resize(f_hat_BHWC, (side, side), "area")
+    return f_hat_BHWC, next_BsC.reshape(next_BsC.shape[0], side * side, next_BsC.shape[-1])
+
+  def teacher_inputs(self, codes: Sequence[jax.Array], size: int):
+    """VAR's teacher-forced transformer input from the codes of all K scales.
+
+    For k = 0 … K−2 the cumulative f_hat_k area-downsampled to scale k + 1, flattened row-major and
+    concatenated: [B, Σ_k s_k² − s_0², C] (679 tokens for VAR's 256p schedule).
+    """
+    scales = self.scales(size)
+    if len(codes) != len(scales):
+      raise ConfigError(f"teacher_inputs needs the codes of all {len(scales)} scales {scales}, got "
+                        f"{len(codes)}; pass the full codes tuple of the tokenizer")
+    batch = codes[0].shape[0]
+    f_hat_BHWC = jnp.zeros((batch, size, size, self.channels), jnp.float32)
+    inputs = []
+    for k in range(len(scales) - 1):
+      f_hat_BHWC, next_BsC = self.next_scale_input(f_hat_BHWC, codes[k], k, size)
+      inputs.append(next_BsC)
+    if not inputs:
+      return jnp.zeros((batch, 0, self.channels), jnp.float32)
+    return jnp.concatenate(inputs, axis=1)
