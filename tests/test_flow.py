@@ -1,4 +1,8 @@
 """Rectified flow: SiT's convention, samplers on a learned 2-D mixture, CFG, shortcut few-step sampling."""
+import importlib.util
+import json
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -58,7 +62,7 @@ def _train(shortcut: bool, steps: int, batch: int):
     rng_data, rng_loss = jax.random.split(rng)
     x1 = _sample_mixture(rng_data, batch)
     if shortcut:
-      return flow.shortcut_loss(lambda x, t, d, _: net.apply(params, x, t, d), x1, rng_loss,
+      return flow.shortcut_loss(lambda x, t, d: net.apply(params, x, t, d), x1, rng_loss,
                                 max_steps=SHORTCUT_MAX_STEPS)
     return flow.flow_matching_loss(lambda x, t: net.apply(params, x, t), x1, rng_loss)
 
@@ -84,7 +88,7 @@ def flow_model():
 def shortcut_model():
   net, params, metrics = _train(shortcut=True, steps=1000, batch=512)
   assert np.isfinite(metrics["loss"]).all()
-  return lambda x, t, d, _: net.apply(params, x, t, d)
+  return lambda x, t, d: net.apply(params, x, t, d)
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +140,7 @@ def test_sampler_arguments_are_checked():
   with pytest.raises(ConfigError, match="unknown ODE method"):
     flow.sample_ode(v, jnp.zeros((1, 2)), 4, "rk4")
   with pytest.raises(ConfigError, match="power of two"):
-    flow.sample_shortcut(lambda x, t, d, c: x, jnp.zeros((1, 2)), 2, max_steps=24)
+    flow.sample_shortcut(lambda x, t, d: x, jnp.zeros((1, 2)), 2, max_steps=24)
 
 
 def test_cfg_scale_one_is_the_conditional_model_and_guides_otherwise():
@@ -151,6 +155,14 @@ def test_cfg_scale_one_is_the_conditional_model_and_guides_otherwise():
   np.testing.assert_array_equal(traced(1.0), cond)
   uncond = apply_fn(x, t_B, jnp.full_like(labels_B, 10))
   np.testing.assert_allclose(traced(4.0), uncond + 4.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
+  # Extra per-example inputs (a shortcut step size) are passed on, doubled with the batch.
+  with_d = lambda x, t_B, labels_B, d_B: apply_fn(x, t_B, labels_B) * d_B[:, None]
+  d_B = jnp.array([1.0, 0.5, 0.25, 0.0])
+  guided = flow.cfg_velocity(with_d, labels_B, 10, 4.0)(x, t_B, d_B)
+  np.testing.assert_allclose(guided, (uncond + 4.0 * (cond - uncond)) * d_B[:, None], rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_array_equal(flow.cfg_velocity(with_d, labels_B, 10, 1)(x, t_B, d_B),
+                                cond * d_B[:, None])
 
 
 def test_flow_matching_recovers_the_mixture(flow_model, noise):
@@ -206,9 +218,25 @@ def test_shortcut_loss_targets_and_cond_slicing():
   # Bootstrap target: mean of two equal half-step velocities 2·h_cond = [1, 0]; student 2·d = [2, 1].
   np.testing.assert_allclose(metrics["bootstrap_loss"], 1.0)
   grads = jax.jit(jax.grad(lambda s: flow.shortcut_loss(
-      lambda x, t, d, c: jnp.zeros_like(x) + s * d[:, None], x1, jax.random.key(0), max_steps=4,
+      lambda x, t, d: jnp.zeros_like(x) + s * d[:, None], x1, jax.random.key(0), max_steps=4,
       bootstrap_fraction=1.0)[0]))(2.0)
   # Only the student's s·d depends on s through the loss: d(mean((s·d − sg(target))²))/ds.
   target = np.array([2.0 * 0.5, 2.0 * 0.0] * 4)  # The half-step velocities s·h_cond.
   d = np.array([1.0, 0.5] * 4)
   np.testing.assert_allclose(grads, np.mean(2 * (2.0 * d - target) * d), rtol=1e-5)
+
+
+def test_bench_sampling_smoke(tmp_path):
+  """tools/bench_sampling.py end to end at its smallest (two compiles)."""
+  path = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_sampling.py"
+  spec = importlib.util.spec_from_file_location("bench_sampling", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  out = tmp_path / "sampling.json"
+  result = bench.main(["--size", "Mu", "--latent", "4,4,4", "--batch_sizes", "2", "--ode_steps", "3",
+                       "--ode_methods", "euler", "--shortcut_steps", "1", "--warmup", "0",
+                       "--iters", "1", "--out", str(out)])
+  report = json.loads(out.read_text())
+  assert report == json.loads(json.dumps(result))
+  assert [(r["sampler"], r["nfe"]) for r in report["rows"]] == [("ode_euler", 2), ("shortcut1", 1)]
+  assert report["rows"][0]["speedup"] == 1.0 and all(r["ms_per_sample"] > 0 for r in report["rows"])

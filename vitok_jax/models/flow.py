@@ -9,8 +9,8 @@ Step Diffusion via Shortcut Models", chosen over consistency distillation becaus
 stage from scratch with no teacher and needs only a step-size input on the same network. The model
 s(x_t, t, d) predicts the average velocity over a step of size d, so x_{t+d} ≈ x_t + d·s(x_t, t, d):
   * d = 0 (the finest level, the instantaneous velocity): the flow-matching loss above;
-  * d = 2^-k, k = 0 … K−1 with K = log₂(max_steps), on `bootstrap_fraction` of the batch (¼ as in the
-    paper): the self-consistency target
+  * d = 2^-k, k = 0 … K−1 with K = log₂(max_steps), on `bootstrap_fraction` of the batch
+    (default ¼): the self-consistency target
         s(x_t, t, 2·h) ≈ ½[s(x_t, t, h) + s(x_t + h·s(x_t, t, h), t + h, h)],   h = d/2,
     under stop-gradient, with t on the grid of multiples of d (so t + d ≤ 1). The finest half step
     h = 1/max_steps is queried as d = 0, so level K−1 bootstraps from the flow-matching velocity
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +34,13 @@ from vitok_jax.errors import ConfigError
 
 T_KINDS = ("uniform", "logit_normal")
 ODE_METHODS = ("euler", "heun")
-VelocityFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x_t, t_B) -> v.
-# (x_t, t_B, d_B, cond) -> v, cond a pytree of [B, ...] arrays (e.g. labels) or None.
-ShortcutFn = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
+VelocityFn = Callable[..., jax.Array]  # (x_t, t_B) -> v.
+# (x_t, t_B, d_B) -> v, or (x_t, t_B, d_B, cond) -> v where a pytree cond of [B, ...] arrays is given.
+ShortcutFn = Callable[..., jax.Array]
+
+
+def _call(velocity_fn: ShortcutFn, x, t_B, d_B, cond):
+  return velocity_fn(x, t_B, d_B) if cond is None else velocity_fn(x, t_B, d_B, cond)
 
 
 def sample_t(rng, batch: int, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0):
@@ -106,18 +109,21 @@ def cfg_velocity(apply_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array
                  null_label: int, scale: float) -> VelocityFn:
   """Classifier-free guidance: v = v_uncond + scale·(v_cond − v_uncond) as a velocity_fn.
 
-  apply_fn(x, t_B, labels_B) -> v. Conditional and unconditional rows run as one batch of 2B. A
-  Python scale of 1 returns the conditional model itself (exact, and half the compute); a traced
-  scale is computed as v_cond + (scale − 1)·(v_cond − v_uncond), which is v_cond at scale 1.
-  Guidance acts on every channel (DiT/SiT's demo scripts guide only the first three).
+  apply_fn(x, t_B, labels_B, *extra_B) -> v. The returned velocity_fn(x, t_B, *extra_B) passes
+  further per-example arrays (e.g. a shortcut step size d_B, so it also serves `sample_shortcut`)
+  on to apply_fn. Conditional and unconditional rows run as one batch of 2B. A Python scale of 1
+  returns the conditional model itself (exact, and half the compute); a traced scale is computed
+  as v_cond + (scale − 1)·(v_cond − v_uncond), which is v_cond at scale 1. Guidance acts on every
+  channel (DiT/SiT's demo scripts guide only the first three).
   """
   if isinstance(scale, (int, float)) and scale == 1:
-    return lambda x, t_B: apply_fn(x, t_B, labels_B)
+    return lambda x, t_B, *extra_B: apply_fn(x, t_B, labels_B, *extra_B)
   null_B = jnp.full_like(labels_B, null_label)
+  twice = lambda a: jnp.concatenate([a, a])
 
-  def velocity_fn(x, t_B):
-    v_2B = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t_B, t_B]),
-                    jnp.concatenate([labels_B, null_B]))
+  def velocity_fn(x, t_B, *extra_B):
+    v_2B = apply_fn(twice(x), twice(t_B), jnp.concatenate([labels_B, null_B]),
+                    *[twice(a) for a in extra_B])
     v_cond, v_uncond = jnp.split(v_2B, 2)
     return v_cond + (scale - 1) * (v_cond - v_uncond)
 
@@ -136,11 +142,13 @@ def shortcut_loss(velocity_fn: ShortcutFn, x1, rng, *, cond=None, bootstrap_frac
                   target_velocity_fn: ShortcutFn | None = None):
   """Shortcut-model loss on data x1 [B, ...]: flow matching at d = 0 plus self-consistency.
 
-  velocity_fn(x, t_B, d_B, cond) -> v, with cond a pytree of per-example [B, ...] arrays (labels;
-  None allowed). The first round(bootstrap_fraction·B) rows get self-consistency targets, computed
-  with target_velocity_fn (default velocity_fn) on those rows' cond under stop-gradient; labels that
-  should be dropped for CFG must be dropped in cond beforehand (dit.drop_labels) so the student and
-  its targets see the same ones. Returns (loss, metrics) with the flow and bootstrap parts apart.
+  velocity_fn(x, t_B, d_B) -> v, or velocity_fn(x, t_B, d_B, cond) when cond, a pytree of
+  per-example [B, ...] arrays (labels), is given. The first round(bootstrap_fraction·B) rows get
+  self-consistency targets from target_velocity_fn (default velocity_fn) on just those rows, under
+  stop-gradient, so per-example inputs must come through cond (sliced to those rows), not a closure
+  over [B] arrays. Labels to drop for CFG are dropped in cond beforehand (dit.drop_labels, model in
+  train=False) so the student and its targets see the same ones. Returns (loss, metrics) with the
+  flow and bootstrap parts apart.
   """
   if not 0 <= bootstrap_fraction <= 1:
     raise ConfigError(f"bootstrap_fraction={bootstrap_fraction} must be in [0, 1], e.g. 0.25")
@@ -166,15 +174,15 @@ def shortcut_loss(velocity_fn: ShortcutFn, x1, rng, *, cond=None, bootstrap_frac
     t_boot_B = jnp.floor(jax.random.uniform(rng_grid, (num_boot,)) * steps_B) / steps_B
     x_boot, _ = interpolate(x1[:num_boot], noise[:num_boot], t_boot_B)
     cond_boot = jax.tree_util.tree_map(lambda a: a[:num_boot], cond)
-    s1 = target_fn(x_boot, t_boot_B, half_cond_B, cond_boot)
+    s1 = _call(target_fn, x_boot, t_boot_B, half_cond_B, cond_boot)
     x_mid = x_boot + _bcast(half_B, x_boot) * s1
-    s2 = target_fn(x_mid, t_boot_B + half_B, half_cond_B, cond_boot)
+    s2 = _call(target_fn, x_mid, t_boot_B + half_B, half_cond_B, cond_boot)
     xs.insert(0, x_boot)
     ts.insert(0, t_boot_B)
     ds.insert(0, d_B)
     targets.insert(0, jax.lax.stop_gradient((s1 + s2) / 2))
 
-  v_pred = velocity_fn(jnp.concatenate(xs), jnp.concatenate(ts), jnp.concatenate(ds), cond)
+  v_pred = _call(velocity_fn, jnp.concatenate(xs), jnp.concatenate(ts), jnp.concatenate(ds), cond)
   err_B = jnp.mean(jnp.square(v_pred.astype(jnp.float32)
                               - jnp.concatenate(targets).astype(jnp.float32)),
                    axis=tuple(range(1, x1.ndim)))
@@ -193,6 +201,7 @@ def sample_shortcut(velocity_fn: ShortcutFn, noise, num_steps: int, *, cond=None
 
   Unlike `sample_ode`, num_steps counts steps: 1, 2, 4 … (powers of two up to max_steps are the
   trained step sizes); from n >= max_steps on the model is queried at d = 0, i.e. plain Euler.
+  velocity_fn and cond as in `shortcut_loss`; `cfg_velocity` output works as velocity_fn.
   """
   _num_levels(max_steps)
   if num_steps < 1:
@@ -202,7 +211,7 @@ def sample_shortcut(velocity_fn: ShortcutFn, noise, num_steps: int, *, cond=None
   d_B = jnp.full((batch,), 0.0 if num_steps >= max_steps else d)
 
   def step(i, x):
-    v = velocity_fn(x, jnp.full((batch,), i * d), d_B, cond)
+    v = _call(velocity_fn, x, jnp.full((batch,), i * d), d_B, cond)
     return x + d * v
 
   return jax.lax.fori_loop(0, num_steps, step, noise)
