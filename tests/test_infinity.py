@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitok_jax.models import infinity, multiscale, quantizers, var, vit
+from vitok_jax.models import infinity, multiscale, quantizers, sampling, var, vit
 
 SIZE, BITS, CLASSES = 4, 6, 3
 SCALES = multiscale.scale_schedule("infinity", SIZE)   # (1, 2, 4): 21 tokens.
@@ -48,7 +48,7 @@ def test_bitwise_head_is_interleaved_and_bit0_is_msb(setup):
   # Greedy sampling of bits, packed: bit 0 is the most significant.
   bits = np.random.default_rng(0).integers(0, 2, (2, 4, BITS))
   bit_logits = np.where(np.arange(2) == bits[..., None], 10.0, -10.0)
-  sampled = var.sample_tokens(jax.random.key(0, impl="rbg"), jnp.asarray(bit_logits), top_k=1)
+  sampled = sampling.sample_token(jax.random.key(0, impl="rbg"), jnp.asarray(bit_logits), top_k=1)
   np.testing.assert_array_equal(np.asarray(sampled), bits)
   words = np.asarray(quantizers.pack_bits(sampled.astype(bool)))
   expected = np.array([[int("".join(map(str, b)), 2) for b in row] for row in bits])

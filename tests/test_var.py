@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from vitok_jax.errors import ConfigError
-from vitok_jax.models import multiscale, var, vit
+from vitok_jax.models import multiscale, sampling, var, vit
 
 SIZE = 3                                          # Latent side: VAR schedule (1, 2, 3), 14 tokens.
 SCALES = multiscale.scale_schedule("var", SIZE)
@@ -153,17 +153,12 @@ def test_cfg_ramp_and_scale_zero_is_conditional(setup):
   assert any((np.asarray(a) != np.asarray(b)).any() for a, b in zip(plain[1:], strong[1:]))
 
 
-def test_filter_logits():
+def test_greedy_token_sampling_on_softmax_and_bitwise_logits():
   logits = jnp.log(jnp.array([[0.1, 0.5, 0.15, 0.25]]))
-  top2 = var.filter_logits(logits, top_k=2)
-  assert np.isfinite(np.asarray(top2)).tolist() == [[False, True, False, True]]
-  # top_p 0.7: drop ascending mass ≤ 0.3 (0.1, 0.15); keep 0.25 and 0.5.
-  top_p = var.filter_logits(logits, top_p=0.7)
-  assert np.isfinite(np.asarray(top_p)).tolist() == [[False, True, False, True]]
-  np.testing.assert_array_equal(np.asarray(var.filter_logits(logits, top_p=0.0)),
-                                np.asarray(logits))
-  greedy = var.sample_tokens(jax.random.key(0), jnp.tile(logits, (50, 1)), top_k=1)
+  greedy = sampling.sample_token(jax.random.key(0), jnp.tile(logits, (50, 1)), top_k=1)
   assert (np.asarray(greedy) == 1).all()
+  bits_LD2 = jnp.array([[[0.0, 3.0], [2.0, -1.0]]])      # Bit 0 -> 1, bit 1 -> 0.
+  assert np.asarray(sampling.sample_token(jax.random.key(1), bits_LD2, top_k=1)).tolist() == [[1, 0]]
 
 
 def test_var_loss_matches_numpy():

@@ -92,7 +92,7 @@ def self_correction_inputs(f_BHWC, scales: Sequence[int], rng, flip_prob_max: fl
 
 
 def sample_infinity(model: var.VAR, params, labels_B, rng, next_input_fn: Callable, *,
-                    cfg_scale: float | None = 3.0, top_k: int = 0, top_p: float = 0.0,
+                    cfg_scale: float | None = 3.0, top_k: int = 0, top_p: float = 1.0,
                     temperature: float = 1.0, cfg_schedule: str = "constant"):
   """Samples packed BSQ codes of every scale (uint32 [B, s, s, W] each) with a bitwise VAR.
 

@@ -36,7 +36,7 @@ import optax
 from vitok_jax import kernels
 from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import masks
-from vitok_jax.models import multiscale, quantizers, vit
+from vitok_jax.models import multiscale, quantizers, sampling, vit
 from vitok_jax.models.vit import constrain, dense, partitioned
 
 HEADS = ("softmax", "bitwise")
@@ -330,34 +330,6 @@ def cfg_weights(cfg_scale: float, num_scales: int, schedule: str = "var") -> tup
   return tuple(1.0 + cfg_scale * k / max(num_scales - 1, 1) for k in range(num_scales))
 
 
-def filter_logits(logits_NV, top_k: int = 0, top_p=0.0):
-  """VAR's top-k / top-p filter on the last axis (filtered entries -> −inf).
-
-  top_k > 0 keeps the k largest; 0 < top_p < 1 then drops the smallest logits whose cumulative
-  softmax mass (ascending) is ≤ 1 − top_p, never the largest. top_p may be traced (0 disables).
-  """
-  vocab = logits_NV.shape[-1]
-  if 0 < top_k < vocab:
-    kth_N1 = jax.lax.top_k(logits_NV, top_k)[0][..., -1:]
-    logits_NV = jnp.where(logits_NV < kth_N1, -jnp.inf, logits_NV)
-  sorted_NV = jnp.sort(logits_NV, axis=-1)
-  removed_NV = jnp.cumsum(jax.nn.softmax(sorted_NV, axis=-1), axis=-1) <= 1.0 - top_p
-  num_removed_N1 = jnp.minimum(removed_NV.sum(-1, keepdims=True), vocab - 1)
-  threshold_N1 = jnp.take_along_axis(sorted_NV, num_removed_N1, axis=-1)
-  use_p = jnp.logical_and(top_p > 0, top_p < 1)
-  return jnp.where(use_p & (logits_NV < threshold_N1), -jnp.inf, logits_NV)
-
-
-def sample_tokens(rng, logits_NV, *, top_k: int = 0, top_p=0.0, temperature=1.0):
-  """One sample from softmax(filter(logits / temperature)) over the last axis: int32 [...].
-
-  For bitwise logits [..., d, 2] every bit is drawn from its own 2-way softmax (top_k = 1 is
-  greedy, larger top_k has no effect).
-  """
-  logits_NV = filter_logits(logits_NV.astype(jnp.float32) / temperature, top_k, top_p)
-  return jax.random.categorical(rng, logits_NV, axis=-1).astype(jnp.int32)
-
-
 @functools.lru_cache(maxsize=32)
 def _scale_step(model: VAR, next_input_fn, k: int, guided: bool, top_k: int):
   """The jitted program of scale k: decode, guide, sample, next input."""
@@ -369,7 +341,8 @@ def _scale_step(model: VAR, next_input_fn, k: int, guided: bool, top_k: int):
     if guided:
       cond, uncond = jnp.split(logits, 2, axis=0)
       logits = cond + (weight - 1.0) * (cond - uncond)
-    tokens = sample_tokens(rng, logits, top_k=top_k, top_p=top_p, temperature=temperature)
+    # Bitwise logits [..., d, 2]: each bit from its own 2-way softmax.
+    tokens = sampling.sample_token(rng, logits, temperature, top_k, top_p)
     batch = tokens.shape[0]
     if model.head == "softmax":
       code = tokens.reshape(batch, side, side)
@@ -387,7 +360,7 @@ def _scale_step(model: VAR, next_input_fn, k: int, guided: bool, top_k: int):
 
 
 def sample_var(model: VAR, params, labels_B, rng, next_input_fn: Callable, *,
-               cfg_scale: float | None = 1.5, top_k: int = 0, top_p: float = 0.0,
+               cfg_scale: float | None = 1.5, top_k: int = 0, top_p: float = 1.0,
                temperature: float = 1.0, cfg_schedule: str = "var"):
   """Samples the codes of every scale for class labels [B], coarse to fine with a KV cache.
 
@@ -400,7 +373,7 @@ def sample_var(model: VAR, params, labels_B, rng, next_input_fn: Callable, *,
     cfg_scale: guidance, see `cfg_weights` (VAR: ramps as cfg·k/(K − 1), so the first stage is
       unguided and 0 is the conditional model). None skips the null-class half of the batch.
       With guidance, the batch is doubled with the null class and both halves share the inputs.
-    top_k, top_p, temperature: see `filter_logits`, `sample_tokens` (top_k=1: greedy).
+    top_k, top_p, temperature: see `sampling.sample_token` (top_k=1: greedy; top_p=1 disables).
     cfg_schedule: "var" or "constant" (Infinity).
   Returns:
     tuple of K per-scale codes: int32 [B, s, s] (softmax) or packed uint32 [B, s, s, W] (bitwise).
