@@ -36,7 +36,7 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int = 0,
                   process_index: int | None = None, process_count: int | None = None,
-                  start_batch: int = 0) -> grain.IterDataset:
+                  start_batch: int = 0, one_pass: bool = False) -> grain.IterDataset:
   """The grain IterDataset of per-process batches (see build_iterator)."""
   config.validate(data_cfg, split)
   if batch_size <= 0:
@@ -49,7 +49,7 @@ def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int 
 
   ds = grain.MapDataset.source(source)
   opt = transforms.Options.from_config(data_cfg)
-  if split == "train":
+  if split == "train" and not one_pass:
     shuffle_seed, augment_seed = np.random.SeedSequence([seed]).generate_state(2)
     if data_cfg.shuffle:
       ds = ds.shuffle(seed=int(shuffle_seed))  # Reseeded with seed + epoch for each epoch.
@@ -84,7 +84,7 @@ def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int 
 
 def build_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int = 0,
                    process_index: int | None = None, process_count: int | None = None,
-                   start_batch: int = 0) -> grain.DatasetIterator:
+                   start_batch: int = 0, one_pass: bool = False) -> grain.DatasetIterator:
   """A checkpointable iterator of this process's batches.
 
   Yields {"image": float32 [B, H, W, C] (frames == 1) or [B, T, H, W, C] in [-1, 1],
@@ -94,11 +94,12 @@ def build_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int
   at global batch `start_batch` (the train step to resume from) on any number of processes.
   eval: one pass, no shuffle/augmentation; the last batch is KEPT even if smaller than B, so each
   held-out example is seen exactly once (pad it if a jitted step needs a static batch).
+  one_pass: any split read the eval way (e.g. tokenizing the train split once for a generator).
   process_index/count default to jax.process_index()/process_count().
   """
   return iter(build_dataset(data_cfg, split, batch_size=batch_size, seed=seed,
                             process_index=process_index, process_count=process_count,
-                            start_batch=start_batch))
+                            start_batch=start_batch, one_pass=one_pass))
 
 
 def num_examples(data_cfg, split: str = "train") -> int:

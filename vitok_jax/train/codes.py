@@ -52,7 +52,9 @@ def tokenize(config, params, *, split: str = "eval", max_examples: int = 0,
   model = train_tokenizer.build_model(config)
   encode = encode_fn(model)
   batch_size = batch_size or config.batch_size
-  iterator = data.build_iterator(config.data, split=split, batch_size=batch_size, seed=config.seed)
+  # The whole split on this process (one pass, no augmentation): the store is written once.
+  iterator = data.build_iterator(config.data, split=split, batch_size=batch_size, seed=config.seed,
+                                 one_pass=True, process_index=0, process_count=1)
   codes, latents, labels, count = [], [], [], 0
   for batch in iterator:
     out = jax.device_get(encode(params, batch["image"]))
