@@ -38,6 +38,8 @@ OPTIONS = {
     "kl": "loss.kl",
     # Discrete bottlenecks (models/bottlenecks.py): vq, vq1k, bsq, msvq, msbsq; c = code dim / bits.
     "quantizer": "model.bottleneck",
+    # LARP (quantizer=larp): N learned query tokens, e.g. "Mu-Mi/4,c=8,quantizer=larp,queries=32".
+    "queries": "model.num_queries",
 }
 
 # data=<preset> names for prepared tfds datasets, on top of vitok_jax.data's own source names.
@@ -67,17 +69,19 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
 
   config.model = ml_collections.ConfigDict(dict(
       encoder="S", decoder="B", patch=(16, 16), channels=16, bottleneck="gaussian",
-      mlp="geglu", rope="1d", qk_norm=False, attn_impl="auto", remat=False, dtype="float32"))
+      mlp="geglu", rope="1d", qk_norm=False, attn_impl="auto", remat=False, dtype="float32",
+      num_queries=0))  # LARP's N latent tokens (only with bottleneck="larp").
 
   config.data = data.default_config()
   config.data.name = "imagenet"
 
   # ViTok uses LPIPS 1.0: set loss.lpips=1.0 with perceptual.lpips_weights (tools/convert_lpips.py).
   # commit/codebook: VQ (LlamaGen, VAR) β = 0.25 and 1; vq_entropy: LlamaGen's entropy loss (off);
-  # bsq_entropy: the BSQ paper's entropy penalty weight 0.1. Unused terms are simply not returned.
+  # bsq_entropy: the BSQ paper's entropy penalty weight 0.1; larp_vq (codebook + 0.25·commit) 0.1
+  # and larp_prior (AR prior CE) 0.06 as in LARP. Unused terms are simply not returned.
   config.loss = ml_collections.ConfigDict(dict(
       l2=1.0, l1=0.1, lpips=0.0, kl=1e-3, commit=0.25, codebook=1.0, vq_entropy=0.0,
-      bsq_entropy=0.1))
+      bsq_entropy=0.1, larp_vq=0.1, larp_prior=0.06))
   config.perceptual = ml_collections.ConfigDict(dict(lpips_weights=""))
   # Stage 2 (ViTok): gan.enabled=True, init_from=<stage-1 workdir>; decoder fine-tuned, encoder frozen.
   config.gan = gan.default_config()

@@ -93,7 +93,11 @@ class ViTok(nn.Module):
 
 
 def from_config(model_cfg: ml_collections.ConfigDict, pixel_channels: int) -> ViTok:
-  """Builds the tokenizer of config.model (validated by configs' `validate`)."""
+  """Builds the tokenizer of config.model (validated by configs' `validate`); bottleneck="larp"
+  builds `larp.LARP` (same interface)."""
+  if model_cfg.bottleneck == "larp":
+    from vitok_jax.models import larp  # pylint: disable=g-import-not-at-top  (larp imports us)
+    return larp.from_config(model_cfg, pixel_channels)
   return ViTok(
       encoder=vit.decode_size(model_cfg.encoder),
       decoder=vit.decode_size(model_cfg.decoder),

@@ -76,8 +76,10 @@ def _check_pixels(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> tuple[i
 
 
 def tokens_per_example(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> int:
-  """Number of patch/tubelet tokens N for one example of shape (H, W, C) or (T, H, W, C)."""
-  return math.prod(_check_pixels(model, pixel_shape))
+  """Number of latent tokens N for one example of shape (H, W, C) or (T, H, W, C): the patch/tubelet
+  tokens of ViTok, the learned queries (model.num_queries) of LARP."""
+  grid = _check_pixels(model, pixel_shape)
+  return model.num_queries if model.bottleneck == "larp" else math.prod(grid)
 
 
 def bottleneck_floats(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> int:
@@ -91,6 +93,8 @@ def tokenizer_forward_flops(model: tokenizer.ViTok, pixel_shape: Sequence[int]) 
   Returns a dict with the parts "patch_embed", "encoder", "bottleneck", "latent_embed", "decoder",
   "to_pixels" and their sum "total". Bottleneck sampling (sample=True) is elementwise and ignored.
   """
+  if model.bottleneck == "larp":
+    return larp_forward_flops(model, pixel_shape)
   if model.bottleneck not in BOTTLENECK_OUT_PER_CHANNEL:
     raise ConfigError(f"no FLOP count for bottleneck {model.bottleneck!r}; add it to "
                       f"BOTTLENECK_OUT_PER_CHANNEL (known: {list(BOTTLENECK_OUT_PER_CHANNEL)})")
@@ -104,6 +108,36 @@ def tokenizer_forward_flops(model: tokenizer.ViTok, pixel_shape: Sequence[int]) 
       "latent_embed": dense_flops(tokens, model.latent_channels, model.decoder.width),
       "decoder": transformer_forward_flops(model.decoder, tokens, model.mlp_kind),
       "to_pixels": dense_flops(tokens, model.decoder.width, patch_dim),
+  }
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def larp_forward_flops(model, pixel_shape: Sequence[int]) -> dict[str, int]:
+  """Forward FLOPs of a `larp.LARP` for one example, in the parts of `tokenizer_forward_flops` plus
+  "prior".
+
+  The encoder runs over P patch tokens + N queries, the decoder over N latents + P patch queries;
+  the bottleneck projects the N query outputs to c and scores them against the K codes (N·c·K: with
+  LARP's large codebooks and few tokens this matmul is not small, so unlike the other quantisers it
+  is counted); the prior (causal, SwiGLU) runs over N − 1 codes, then scores them against the K
+  codes ((N − 1)·c·K). Elementwise work over the codebook (normalising it, the softmax over K) is
+  not counted: at tiny sizes it is a noticeable share of XLA's count.
+  """
+  patches = math.prod(_check_pixels(model, pixel_shape))
+  queries, channels, prior = model.num_queries, model.latent_channels, model.prior
+  patch_dim = math.prod(model.patch) * model.pixel_channels
+  parts = {
+      "patch_embed": dense_flops(patches, patch_dim, model.encoder.width),
+      "encoder": transformer_forward_flops(model.encoder, patches + queries, model.mlp_kind),
+      "bottleneck": (dense_flops(queries, model.encoder.width, channels)
+                     + dense_flops(queries, channels, model.codebook_size)),
+      "prior": (2 * dense_flops(queries - 1, channels, prior.width)
+                + transformer_forward_flops(prior, queries - 1, "swiglu", causal=True)
+                + dense_flops(queries - 1, channels, model.codebook_size)),
+      "latent_embed": dense_flops(queries, channels, model.decoder.width),
+      "decoder": transformer_forward_flops(model.decoder, queries + patches, model.mlp_kind),
+      "to_pixels": dense_flops(patches, model.decoder.width, patch_dim),
   }
   parts["total"] = sum(parts.values())
   return parts

@@ -51,7 +51,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
   m, d = config.model, config.data
   for field in ("encoder", "decoder"):
     require_choice(m[field], f"model.{field}", vit.SIZES)
-  require_choice(m.bottleneck, "model.bottleneck", bottlenecks.BOTTLENECKS)
+  require_choice(m.bottleneck, "model.bottleneck", (*bottlenecks.BOTTLENECKS, "larp"))
+  if m.bottleneck == "larp":
+    require(m.get("num_queries", 0) >= 2, f"bottleneck=larp needs model.num_queries >= 2, got "
+            f"{m.get('num_queries', 0)}; set the variant option queries=N, e.g. queries=32")
+  else:
+    require(not m.get("num_queries", 0), f"model.num_queries={m.num_queries} only applies to "
+            f"bottleneck=larp; drop queries=N or set quantizer=larp")
   require_choice(m.mlp, "model.mlp", vit.MLP_KINDS)
   require_choice(m.rope, "model.rope", vit.ROPE_KINDS)
   require_choice(m.dtype, "model.dtype", ("float32", "bfloat16"))
