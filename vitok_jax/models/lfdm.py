@@ -168,12 +168,14 @@ class Encoder(nn.Module):
 class FlowPredictor(nn.Module):
   """(source, driving) [B, H, W, C] -> (grid [B, h, w, 2], occlusion [B, h, w, 1]) at h = H/2^(L−1).
 
-  grid = identity_grid + offset; the offset head starts at zero (grid = identity) and the occlusion
-  logit at `occlusion_bias` (mostly visible).
+  grid = identity_grid + max_offset·tanh(raw offset) (the bound is ours: unbounded offsets made the
+  small LFAE diverge); the offset head starts at zero (grid = identity) and the occlusion logit at
+  `occlusion_bias` (mostly visible).
   """
   features: Sequence[int]
   num_res: int = 2
   occlusion_bias: float = 2.0
+  max_offset: float = 0.5
 
   @nn.compact
   def __call__(self, source_BHWC, driving_BHWC):
@@ -184,7 +186,8 @@ class FlowPredictor(nn.Module):
     for i in range(self.num_res):
       h_BHWF = ResBlock(name=f"mid{i}")(h_BHWF)
     out_Bhw3 = _conv(FLOW_CHANNELS, "head", init=nn.initializers.zeros)(nn.silu(h_BHWF))
-    grid_Bhw2 = identity_grid(*out_Bhw3.shape[1:3])[None] + out_Bhw3[..., :2]
+    offset_Bhw2 = self.max_offset * jnp.tanh(out_Bhw3[..., :2])  # Bounded: keeps training stable.
+    grid_Bhw2 = identity_grid(*out_Bhw3.shape[1:3])[None] + offset_Bhw2
     occlusion_Bhw1 = nn.sigmoid(out_Bhw3[..., 2:] + self.occlusion_bias)
     return grid_Bhw2, occlusion_Bhw1
 
@@ -270,10 +273,14 @@ class LFAE(nn.Module):
     return frames.reshape(b, t, *frames.shape[1:])
 
   def __call__(self, source_BHWC, driving_BHWC):
-    """{"image": reconstructed driving frame, "grid", "occlusion", "deformed": source pixels warped}."""
+    """{"image": reconstructed driving frame, "grid", "occlusion", "deformed": source pixels warped}.
+
+    "deformed" pads with −1 (black in [−1, 1]) outside the frame: grid_sample of source + 1, − 1.
+    """
     grid_Bhw2, occlusion_Bhw1 = self.predict_flow(source_BHWC, driving_BHWC)
     image_BHWC = self.decode(self.encode(source_BHWC), grid_Bhw2, occlusion_Bhw1)
-    deformed_BHWC = grid_sample(source_BHWC, resize_grid(grid_Bhw2, source_BHWC.shape[1:3]))
+    # Pixels in [−1, 1] warped with −1 (black) rather than 0 (grey) outside the frame.
+    deformed_BHWC = grid_sample(source_BHWC + 1, resize_grid(grid_Bhw2, source_BHWC.shape[1:3])) - 1
     return {"image": image_BHWC, "grid": grid_Bhw2, "occlusion": occlusion_Bhw1,
             "deformed": deformed_BHWC}
 
