@@ -186,6 +186,13 @@ def test_prior_ce_and_vq_terms_equal_numpy(tiny):
   np.testing.assert_allclose(float(aux["loss_terms"]["larp_vq"]), 1.25 * mse, rtol=1e-4)
 
 
+def test_codes_decode_through_the_codes_store_decoder(tiny):
+  model, variables, x = tiny
+  recon, aux = jax.jit(lambda v, x: model.apply(v, x, sample=False))(variables, x)
+  decoded = codes_lib.decode_fn(model, (4, 4))(variables["params"], aux["codes"])
+  np.testing.assert_allclose(np.asarray(decoded), np.asarray(recon), atol=1e-5)
+
+
 def test_sincos_table_matches_dit_in_2d():
   np.testing.assert_allclose(larp.sincos_table(32, (3, 5)), dit.pos_embed_2d(32, (3, 5)), atol=1e-6)
   assert larp.sincos_table(64, (2, 2, 2)).shape == (8, 64)
