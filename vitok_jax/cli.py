@@ -1,7 +1,10 @@
 """The `vitok` command: one entry point, one subcommand per job.
 
   vitok train   --config vitok:"Mu-Mi/4,c=16,data=mnist" --workdir runs/mnist [--config.x.y=value ...]
+  vitok train   --config generator:"dit/Mi,tokenizer=runs/mnist" --workdir runs/mnist_dit
   vitok eval    --workdir runs/mnist
+  vitok sample  --workdir runs/mnist_dit --num_samples 100
+  vitok tokenize --workdir runs/mnist_vq --split train --out runs/mnist_vq/store_train.npz
   vitok compile --config vitok:"L-L/16,c=16,res=256,data=imagenet" --devices 64 --device_memory_gb 16
   vitok launch  local|slurm|tpu --config ... --workdir ... [--processes N ...] [--dry_run]
   vitok sweep   quickstart --sweep_dir runs/quickstart [--parallel N] [--target local|slurm|tpu]
@@ -39,6 +42,10 @@ flags.DEFINE_string("compilation_cache", os.environ.get("VITOK_COMPILATION_CACHE
                     "Persistent XLA compilation cache directory shared across runs.")
 flags.DEFINE_list("metrics", [], "eval: dataset-level metrics to add, e.g. fid_mnist,lpips,rfid "
                   "(weights from config.eval.*; the MNIST classifier is trained once and cached).")
+flags.DEFINE_integer("num_samples", 100, "sample: how many (labels cycle over the classes).")
+flags.DEFINE_string("out", "", "sample: PNG path; tokenize: npz path (default in --workdir).")
+flags.DEFINE_string("split", "train", "tokenize: the data split to tokenize.")
+flags.DEFINE_integer("max_examples", 0, "tokenize: stop after this many examples (0 = all).")
 flags.DEFINE_integer("devices", 0, "compile: fake CPU devices to compile for (0 = this machine's).")
 flags.DEFINE_float("device_memory_gb", 0.0, "compile: memory per device to check the config "
                    "against (0 = skip), e.g. 16 for TPU v5e, 80 for H100.")
@@ -63,11 +70,33 @@ DEFAULT_CONFIG = "vitok"
 
 
 def _cmd_train(workdir: str) -> int:
-  """Train a tokenizer from --config into --workdir (resumes if the workdir has checkpoints)."""
-  from vitok_jax.train import train_tokenizer
-  record = train_tokenizer.train(_CONFIG.value, workdir)
+  """Train a tokenizer or a generator from --config into --workdir (resumes from checkpoints)."""
+  config = _CONFIG.value
+  if config.get("kind") == "generator":
+    from vitok_jax.train import train_generator
+    record = train_generator.train(config, workdir)
+    keys = ("workdir", "metrics", "params", "tokenizer")
+  else:
+    from vitok_jax.train import train_tokenizer
+    record = train_tokenizer.train(config, workdir)
+    keys = ("workdir", "metrics", "E", "params")
   if record is not None:
-    print(json.dumps({k: record[k] for k in ("workdir", "metrics", "E", "params")}, indent=1))
+    print(json.dumps({k: record[k] for k in keys}, indent=1))
+  return 0
+
+
+def _cmd_sample(workdir: str) -> int:
+  """Class-conditional samples of a trained generator --workdir as a PNG grid (--out)."""
+  from vitok_jax.train import train_generator
+  print(train_generator.sample_workdir(workdir, FLAGS.num_samples, FLAGS.out))
+  return 0
+
+
+def _cmd_tokenize(workdir: str) -> int:
+  """Tokenize a --split of a tokenizer run's data into an npz store (codes and/or latents)."""
+  from vitok_jax.train import codes
+  out = FLAGS.out or os.path.join(workdir, f"store_{FLAGS.split}.npz")
+  print(codes.tokenize_workdir(workdir, out, split=FLAGS.split, max_examples=FLAGS.max_examples))
   return 0
 
 
@@ -195,7 +224,8 @@ def _cmd_fit(args: list[str]) -> int:
   return 0
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "compile": _cmd_compile, "launch": _cmd_launch,
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample,
+            "tokenize": _cmd_tokenize, "compile": _cmd_compile, "launch": _cmd_launch,
             "sweep": _cmd_sweep, "results": _cmd_results, "fit": _cmd_fit}
 # Subcommands that take positional arguments (a sweep or sweep directory) instead of --workdir.
 POSITIONAL_COMMANDS = ("sweep", "results", "fit")
@@ -269,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   _fake_devices_first(rest)
   try:
-    default = DEFAULT_CONFIG if command not in ("eval", *POSITIONAL_COMMANDS) else None
+    default = DEFAULT_CONFIG if command in ("train", "compile") else None
     if FLAGS.is_parsed():  # Defaults again when main() is called twice in one process (tests).
       FLAGS.unparse_flags()
     positional = FLAGS([argv[0], *_resolve_config_arg(rest, default)])[1:]

@@ -1,0 +1,110 @@
+r"""Generators on the latents or codes of a trained (frozen) tokenizer of this project.
+
+get_config(arg) takes a variant string: "FAMILY/SIZE" then key=value options, e.g.
+  "dit/B,tokenizer=runs/vitok_S-B16"          DiT-B flow matching on a Gaussian (ViTok) tokenizer
+  "llamagen/L,tokenizer=runs/vq16k"           LlamaGen-L next-token AR on VQ codes
+  "var/d16,tokenizer=runs/msvq"               VAR-d16 next-scale prediction on multi-scale VQ codes
+  "infinity/d16,tokenizer=runs/msbsq"         Infinity bitwise AR on multi-scale BSQ (self-correction)
+  "dit/Mi,tokenizer=runs/quickstart,steps=3000,lr=1e-3,batch=64"   tiny CPU run on bundled MNIST
+Sizes: vitok_jax.models.vit.GENERATOR_SIZES. Which tokenizer bottleneck each family needs is in
+vitok_jax.train.generators.FAMILIES. Defaults are the published ones (REFERENCE.md): AdamW
+β=(0.9, 0.95), lr 1e-4 × batch/256; DiT: logit-normal t, label dropout 0.1, Heun sampling, CFG;
+LlamaGen: CFG 2.0; VAR: CFG ramped over the scales; Infinity: bit flips up to 0.3.
+
+  vitok train --config generator:"dit/Mi,tokenizer=runs/quickstart" --workdir runs/dit
+"""
+import os
+
+import ml_collections
+
+from vitok_jax import config_lib
+from vitok_jax.parallel import mesh as mesh_lib
+from vitok_jax.train import train_generator
+
+# The embedded default: DiT-Mi on the quickstart tokenizer (`vitok train --workdir runs/quickstart`).
+DEFAULT = "dit/Mi,tokenizer=runs/quickstart,batch=64,steps=3000,lr=1e-3"
+
+OPTIONS = {
+    "tokenizer": "tokenizer",
+    "batch": "batch_size",
+    "steps": "total_steps",
+    "lr": "optim.base_lr",
+    "seed": "seed",
+    "dropout": "model.class_dropout",
+    "patch": "model.patch",
+    "cfg": "sample.cfg_scale",
+    "sample_steps": "sample.num_steps",
+    "sampler": "sample.method",
+    "shortcut": "objective.shortcut",
+    "flip": "objective.flip_max",
+    "samples": "eval.num_samples",
+    "ema": "ema_decay",
+}
+
+# Per-family published defaults applied before the options.
+FAMILY_DEFAULTS = {
+    "dit": dict(cfg_scale=1.5, weight_decay=0.0),
+    "llamagen": dict(cfg_scale=2.0, weight_decay=0.05),
+    "var": dict(cfg_scale=1.5, weight_decay=0.05),
+    "infinity": dict(cfg_scale=3.0, weight_decay=0.05),
+}
+
+
+def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
+  head, options = config_lib.split_variant(arg)
+  config = ml_collections.ConfigDict()
+  config.kind = "generator"        # `vitok train` dispatches on it.
+  config.variant = arg
+  config.seed = 0
+  config.batch_size = 256
+  config.total_steps = 100_000
+  config.log_every = 50
+  config.eval_every = 5000         # Also evaluated at the last step.
+  config.ckpt_every = 1000
+  config.keep_ckpts = 3
+  config.ema_decay = 0.0           # DiT uses 0.9999 on long runs.
+  config.num_visualize = 40        # Samples in each eval grid (4 per class when 10 classes).
+
+  # The trained tokenizer's workdir; its store (codes / latents) is made once, next to it.
+  config.tokenizer = ""
+  config.model = ml_collections.ConfigDict(dict(
+      family="dit", size="Mi", patch=1, class_dropout=0.1, num_classes=10,
+      mlp_multiple_of=8, attn_impl="auto", dtype="float32"))
+  # dit: t_sampling uniform | logit_normal, shortcut = also train the few-step shortcut objective.
+  # infinity: flip_max = bitwise self-correction's largest flip probability.
+  config.objective = ml_collections.ConfigDict(dict(
+      t_sampling="logit_normal", shortcut=False, flip_max=0.3))
+  config.sample = ml_collections.ConfigDict(dict(
+      num_steps=50, method="heun", cfg_scale=1.5, cfg_schedule="constant", temperature=1.0,
+      top_k=0, top_p=1.0, few_steps=(1, 2, 4)))
+  # Generation metrics of config.eval.num_samples class-conditional samples: class accuracy and
+  # FID-MNIST on MNIST tokenizers (classifier cached in the tokenizer's workdir).
+  config.eval = ml_collections.ConfigDict(dict(num_samples=500, mnist_classifier=""))
+
+  config.mesh = mesh_lib.default_config()
+  config.optim = ml_collections.ConfigDict(dict(
+      base_lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0, warmup_steps=1000, schedule="cosine",
+      min_lr_ratio=0.0, clip_norm=1.0))
+
+  if head:
+    _set_model(config, head, arg)
+  config_lib.apply_options(config, options, OPTIONS, arg)
+  config.optim.warmup_steps = min(config.optim.warmup_steps, max(config.total_steps // 10, 1))
+  if config.tokenizer:  # Absolute, so a launched run finds it from any directory.
+    config.tokenizer = os.path.abspath(config.tokenizer)
+  train_generator.validate(config)
+  return config
+
+
+def _set_model(config, head: str, arg: str) -> None:
+  family, sep, size = head.partition("/")
+  if not sep or family not in FAMILY_DEFAULTS:
+    raise config_lib.ConfigError(
+        f"model part {head!r} of {arg!r} must look like FAMILY/SIZE with FAMILY one of "
+        f"{list(FAMILY_DEFAULTS)}, e.g. dit/B or var/d16")
+  config.model.family, config.model.size = family, size
+  defaults = FAMILY_DEFAULTS[family]
+  config.sample.cfg_scale = defaults["cfg_scale"]
+  config.optim.weight_decay = defaults["weight_decay"]
+  if family == "llamagen":
+    config.model.mlp_multiple_of = 256 if size not in ("Mu", "Mi", "Ti") else 8

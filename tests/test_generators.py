@@ -1,0 +1,140 @@
+"""The generator trainer end to end: every family on a tiny tokenizer of bundled MNIST, the store,
+the data stream, exact resume, the record, `vitok sample` / `vitok tokenize`, config errors."""
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from vitok_jax import ConfigError, cli, config_lib
+from vitok_jax.parallel import mesh as mesh_lib
+from vitok_jax.scaling import record as record_lib
+from vitok_jax.train import codes, train_generator, train_tokenizer
+from vitok_jax.train.metrics_writer import read_jsonl
+
+# quantizer -> the tokenizer each family trains on (8×8 token grid, so multi-scale schedules fit).
+TOKENIZERS = {"gaussian": "", "vq1k": ",quantizer=vq1k", "msvq": ",quantizer=msvq",
+              "msbsq": ",quantizer=msbsq"}
+FAMILY_TOKENIZER = {"dit": "gaussian", "llamagen": "vq1k", "var": "msvq", "infinity": "msbsq"}
+FAMILY_SIZE = {"dit": "Mu", "llamagen": "Mu", "var": "d2", "infinity": "d2"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory):
+  """Tiny tokenizers (12 steps each) of every bottleneck kind a family needs."""
+  root = tmp_path_factory.mktemp("tokenizers")
+  dirs = {}
+  for name, option in TOKENIZERS.items():
+    config = config_lib.load_config(
+        f"vitok:Mu-Mu/4,c=4,res=32,data=mnist,batch=16,steps=12,lr=2e-3{option}")
+    config.log_every, config.eval_every, config.eval_examples = 6, 100, 32
+    dirs[name] = str(root / name)
+    train_tokenizer.train(config, dirs[name])
+  return dirs
+
+
+def generator_config(family, tokenizer_dir, steps=6, **overrides):
+  config = config_lib.load_config(
+      f"generator:{family}/{FAMILY_SIZE[family]},tokenizer={tokenizer_dir},batch=16,"
+      f"steps={steps},lr=1e-3,samples=20,sample_steps=4")
+  config.log_every, config.eval_every, config.ckpt_every = 3, 1000, 1000
+  config.optim.schedule = "constant"
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+@pytest.mark.parametrize("family", list(FAMILY_TOKENIZER))
+def test_every_family_trains_samples_and_writes_its_record(family, tokenizer_dirs, tmp_path):
+  workdir = str(tmp_path / family)
+  config = generator_config(family, tokenizer_dirs[FAMILY_TOKENIZER[family]])
+  record = train_generator.train(config, workdir)
+  rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
+  assert [r["step"] for r in rows] == [3, 6] and all(np.isfinite(r["loss"]) for r in rows)
+  on_disk = record_lib.read(workdir)
+  assert on_disk["kind"] == "generator" and on_disk["family"] == family
+  assert on_disk["params"]["total"] == record["params"]["total"] > 0
+  assert on_disk["flops_per_example"]["train"] == 3 * on_disk["flops_per_example"]["forward_xla"] > 0
+  metrics = on_disk["metrics"]
+  assert np.isfinite(metrics["eval/loss"])
+  assert 0.0 <= metrics["gen/class_accuracy"] <= 1.0 and np.isfinite(metrics["gen/fid_mnist"])
+  assert os.path.exists(os.path.join(workdir, "images", "samples_0000006.png"))
+  assert on_disk["tokenizer"]["bottleneck"] == FAMILY_TOKENIZER[family]
+
+
+def test_store_holds_what_each_family_needs(tokenizer_dirs):
+  gaussian = codes.load_or_tokenize(tokenizer_dirs["gaussian"], "eval")
+  assert gaussian["latents"].shape[1:] == (64, 4) and "codes" not in gaussian
+  assert len(gaussian["labels"]) == len(gaussian["latents"])
+  vq = codes.load_or_tokenize(tokenizer_dirs["vq1k"], "eval")
+  assert vq["codes"].shape[1:] == (64,) and vq["codes"].max() < 1024
+  msbsq = codes.load_or_tokenize(tokenizer_dirs["msbsq"], "eval")
+  sides = [msbsq[f"codes_{k}"].shape[1] for k in range(5)]
+  assert sides == [1, 2, 4, 6, 8] and msbsq["latents"].shape[1:] == (64, 4)
+  # Cached: a second call reads the same file.
+  again = codes.load_or_tokenize(tokenizer_dirs["vq1k"], "eval")
+  np.testing.assert_array_equal(again["codes"], vq["codes"])
+
+
+def test_batches_are_a_function_of_the_batch_index_and_split_over_processes():
+  arrays = {"x": np.arange(10) * 10, "labels": np.arange(10)}
+  stream = train_generator.Batches(arrays, 4, seed=3)
+  seen = [next(stream)["labels"] for _ in range(5)]        # 20 rows = two epochs.
+  assert sorted(np.concatenate(seen[:2]).tolist() + seen[2][:2].tolist()) == list(range(10))
+  np.testing.assert_array_equal(next(stream)["x"], arrays["x"][stream.rows(5)])
+  resumed = train_generator.Batches(arrays, 4, seed=3, start_batch=3)
+  np.testing.assert_array_equal(next(resumed)["labels"], seen[3])
+  halves = [next(train_generator.Batches(arrays, 4, seed=3, start_batch=1, process_index=p,
+                                         process_count=2))["labels"] for p in (0, 1)]
+  np.testing.assert_array_equal(np.concatenate(halves), seen[1])
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tokenizer_dirs, tmp_path):
+  tok = tokenizer_dirs["gaussian"]
+  straight = str(tmp_path / "straight")
+  train_generator.train(generator_config("dit", tok, steps=8, **{"eval.num_samples": 0}), straight)
+  split = str(tmp_path / "split")
+  config = generator_config("dit", tok, steps=8, **{"eval.num_samples": 0, "ckpt_every": 4})
+  first = ml_collections.ConfigDict(config.to_dict())
+  first.total_steps = 4
+  train_generator.train(first, split)                      # Stops at step 4, as if pre-empted.
+  train_generator.train(config, split)                     # Resumes to 8.
+  params = []
+  for workdir in (straight, split):
+    cfg = config_lib.read_config(workdir)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    family, train_arrays, _, state, _, _ = train_generator.setup(cfg, mesh)
+    ckpt = train_generator.checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+    params.append(jax.tree.map(np.asarray, ckpt.restore(ckpt.latest_step(), state).params))
+    ckpt.close()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *params)
+
+
+def test_config_errors_name_the_field(tokenizer_dirs, tmp_path):
+  with pytest.raises(ConfigError, match="FAMILY/SIZE"):
+    config_lib.load_config("generator:gan/B,tokenizer=x")
+  with pytest.raises(ConfigError, match="model.size"):
+    config_lib.load_config("generator:dit/d16,tokenizer=x")
+  with pytest.raises(ConfigError, match="tokenizer is empty"):
+    config_lib.load_config("generator:dit/Mu")
+  with pytest.raises(ConfigError, match="needs a tokenizer with bottleneck in"):
+    train_generator.train(generator_config("llamagen", tokenizer_dirs["gaussian"]), str(tmp_path))
+  with pytest.raises(Exception, match="no checkpoints"):
+    train_generator.train(generator_config("dit", str(tmp_path / "missing")), str(tmp_path / "g"))
+
+
+def test_cli_tokenize_and_sample(tokenizer_dirs, tmp_path, capsys):
+  out = str(tmp_path / "codes.npz")
+  assert cli.main(["vitok", "tokenize", f"--workdir={tokenizer_dirs['vq1k']}", "--split=eval",
+                   f"--out={out}", "--max_examples=20"]) == 0
+  with np.load(out) as store:
+    assert store["codes"].shape == (20, 64) and store["labels"].shape == (20,)
+  workdir = str(tmp_path / "ar")
+  train_generator.train(generator_config("llamagen", tokenizer_dirs["vq1k"], steps=2,
+                                         **{"eval.num_samples": 0}), workdir)
+  png = str(tmp_path / "grid.png")
+  assert cli.main(["vitok", "sample", f"--workdir={workdir}", "--num_samples=20",
+                   f"--out={png}"]) == 0
+  from PIL import Image
+  width, height = Image.open(png).size
+  assert width == 10 * (32 + 2) and height == 2 * (32 + 2)

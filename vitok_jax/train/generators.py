@@ -1,0 +1,332 @@
+"""The generator families and the frozen tokenizer they are trained on.
+
+A family turns the tokenizer's store (train/codes.py) into training arrays, builds its model, and
+gives the loss and the class-conditional sampler (samples come back as pixels through the frozen
+tokenizer). Which tokenizer bottleneck each family needs:
+
+  dit       gaussian        rectified flow on the latent grid (models/dit.py, models/flow.py)
+  llamagen  vq, vq1k(_ent)  next-token AR over raster-order codes (models/ar.py, models/sampling.py)
+  var       msvq            next-scale AR over the multi-scale codes (models/var.py)
+  infinity  msbsq           bitwise next-scale AR with self-correction (models/infinity.py)
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitok_jax import config_lib
+from vitok_jax.errors import ConfigError
+from vitok_jax.models import ar, bottlenecks, dit, flow, infinity, multiscale, sampling, var, vit
+from vitok_jax.parallel import mesh as mesh_lib
+from vitok_jax.train import codes as codes_lib
+from vitok_jax.train import train_tokenizer
+
+
+class FrozenTokenizer:
+  """A trained tokenizer run: config, model, latest params (on `mesh`) and its token grid."""
+
+  def __init__(self, workdir: str, mesh=None):
+    self.workdir = workdir
+    self.config = config_lib.read_config(workdir)
+    self.model = train_tokenizer.build_model(self.config)
+    mesh = mesh or mesh_lib.make_mesh(self.config.mesh)
+    self.step, self.params, _ = train_tokenizer.restore_params(workdir, self.config, mesh)
+    pixels = train_tokenizer.pixel_shape(self.config)
+    self.grid = tuple(s // p for s, p in zip(pixels[:-1], self.config.model.patch))
+    self.channels = self.config.model.channels
+    self.bottleneck = self.config.model.bottleneck
+    # Unbound: its fields (codebook_size, schedule, ...) without the params.
+    self.bottleneck_module = bottlenecks.BOTTLENECKS[self.bottleneck](self.channels)
+    self._decode_latents = jax.jit(lambda params, z: self.model.apply(
+        {"params": params}, z, self.grid, method=self.model.decode))
+    self._decode_codes = codes_lib.decode_fn(self.model, self.grid)
+
+  def store(self, split: str) -> dict[str, np.ndarray]:
+    return codes_lib.load_or_tokenize(self.workdir, split)
+
+  def decode_latents(self, z_BNC):
+    """Continuous latents [B, N, c] -> pixels."""
+    return self._decode_latents(self.params, z_BNC)
+
+  def decode_codes(self, codes):
+    """Codes (array, or the tuple of per-scale maps) -> pixels."""
+    return self._decode_codes(self.params, codes)
+
+  def residual_apply(self, fn: Callable, *args):
+    """fn(residual_quantizer, *args) run with the tokenizer's multi-scale quantiser params."""
+    return self.model.apply({"params": self.params}, *args,
+                            method=lambda m, *a: fn(m.bottleneck_layer.residual, *a))
+
+
+class Family:
+  """Interface: arrays(store) -> dict of [N, ...] numpy; model; loss; sample."""
+  name: str = ""
+  size_family: str = ""
+  bottlenecks: tuple[str, ...] = ()
+
+  def __init__(self, config, tokenizer: FrozenTokenizer, train_store: dict):
+    self.config, self.tokenizer = config, tokenizer
+    self.size = vit.decode_size(config.model.size, self.size_family)
+    self.dtype = jnp.dtype(config.model.dtype)
+    self.model = self.build(train_store)
+
+  def build(self, train_store):
+    raise NotImplementedError
+
+  def arrays(self, store) -> dict[str, np.ndarray]:
+    raise NotImplementedError
+
+  def init_inputs(self, batch) -> tuple:
+    """Positional model inputs for `init` from a batch of arrays."""
+    raise NotImplementedError
+
+  def init(self, rng, batch):
+    """Boxed params (logical axis names kept) from one batch."""
+    rngs = {"params": rng, "dropout": rng}
+    return self.model.init(rngs, *self.init_inputs(batch), train=False)["params"]
+
+  def loss(self, params, batch, rng) -> tuple[jax.Array, dict]:
+    raise NotImplementedError
+
+  def sample(self, params, labels_B, rng, **overrides):
+    """Class-conditional samples as pixels [B, H, W, C] in [-1, 1]."""
+    raise NotImplementedError
+
+  def few_step_samplers(self) -> dict[str, Callable]:
+    """name -> sample-like function for the few-step samplers this family trained (if any)."""
+    return {}
+
+  def forward_fn(self) -> Callable:
+    """(params, batch) -> model outputs: the forward pass whose FLOPs the record reports."""
+    return lambda params, batch: self.model.apply(
+        {"params": params}, *self.init_inputs(batch), train=False)
+
+  @property
+  def null_label(self) -> int:
+    return self.config.model.num_classes
+
+
+class DiTFamily(Family):
+  """DiT on the normalised latent grid [h, w, c]; per-channel mean/std from the train store."""
+  name, size_family, bottlenecks = "dit", "dit", ("gaussian",)
+
+  def build(self, train_store):
+    latents = self._grid(train_store["latents"])
+    self.mean_C = latents.mean(axis=(0, 1, 2))
+    self.std_C = latents.std(axis=(0, 1, 2)) + 1e-6
+    m = self.config.model
+    h, w = self.tokenizer.grid[-2:]
+    if h % m.patch or w % m.patch:
+      raise ConfigError(f"model.patch={m.patch} does not divide the latent grid {h}×{w}; use 1 "
+                        "or a divisor")
+    return dit.DiT(self.size, patch=m.patch, in_channels=self.tokenizer.channels,
+                   num_classes=m.num_classes, class_dropout=m.class_dropout,
+                   use_step_size=self.config.objective.shortcut, attn_impl=m.attn_impl,
+                   dtype=self.dtype)
+
+  def _grid(self, latents_NLC):
+    if len(self.tokenizer.grid) != 2:
+      raise ConfigError("the dit family generates images; its tokenizer must be an image tokenizer "
+                        f"(token grid {self.tokenizer.grid})")
+    return latents_NLC.reshape(latents_NLC.shape[0], *self.tokenizer.grid, -1)
+
+  def arrays(self, store):
+    x = (self._grid(store["latents"]) - self.mean_C) / self.std_C
+    return {"x": x.astype(np.float32), "labels": store["labels"].astype(np.int32)}
+
+  def init_inputs(self, batch):
+    x = batch["x"]
+    return x, jnp.zeros(x.shape[:1]), batch["labels"]
+
+  def init(self, rng, batch):
+    x, t, labels = self.init_inputs(batch)
+    d = t if self.config.objective.shortcut else None
+    return self.model.init({"params": rng}, x, t, labels, train=False, step_size_B=d)["params"]
+
+  def _apply(self, params):
+    """(x, t_B, labels_B[, d_B]) -> v; labels already dropped; d = 0 (the instantaneous velocity)
+    unless given, for a shortcut model."""
+    shortcut = self.config.objective.shortcut
+
+    def apply(x, t_B, labels_B, d_B=None):
+      if shortcut and d_B is None:
+        d_B = jnp.zeros_like(t_B)
+      return self.model.apply({"params": params}, x, t_B, labels_B, train=False, step_size_B=d_B)
+    return apply
+
+  def forward_fn(self):
+    return lambda params, batch: self._apply(params)(*self.init_inputs(batch))
+
+  def loss(self, params, batch, rng):
+    r_drop, r_flow = jax.random.split(rng)
+    m, objective = self.config.model, self.config.objective
+    # Dropped once here, so the shortcut targets see the same labels as the student.
+    labels = dit.drop_labels(r_drop, batch["labels"], m.num_classes, m.class_dropout)
+    apply = self._apply(params)
+    if objective.shortcut:
+      return flow.shortcut_loss(apply, batch["x"], r_flow, cond=labels, t_kind=objective.t_sampling)
+    return flow.flow_matching_loss(lambda x, t: apply(x, t, labels), batch["x"], r_flow,
+                                   objective.t_sampling)
+
+  def _guided(self, params, labels_B, scale):
+    return flow.cfg_velocity(self._apply(params), labels_B, self.null_label, scale)
+
+  def _to_pixels(self, x_BHWC):
+    z = x_BHWC * self.std_C + self.mean_C
+    return self.tokenizer.decode_latents(z.reshape(z.shape[0], -1, z.shape[-1]))
+
+  def _noise(self, rng, batch):
+    return jax.random.normal(rng, (batch, *self.tokenizer.grid, self.tokenizer.channels))
+
+  def sample(self, params, labels_B, rng, **overrides):
+    s = {**self.config.sample.to_dict(), **overrides}
+    velocity = self._guided(params, labels_B, s["cfg_scale"])
+    x = flow.sample_ode(velocity, self._noise(rng, len(labels_B)), s["num_steps"], s["method"])
+    return self._to_pixels(x)
+
+  def few_step_samplers(self):
+    if not self.config.objective.shortcut:
+      return {}
+
+    def sampler(steps, params, labels_B, rng):
+      velocity = self._guided(params, labels_B, self.config.sample.cfg_scale)
+      return self._to_pixels(flow.sample_shortcut(velocity, self._noise(rng, len(labels_B)), steps))
+
+    return {f"shortcut{n}": functools.partial(sampler, n) for n in self.config.sample.few_steps}
+
+
+class LlamaGenFamily(Family):
+  """LlamaGen over raster-order VQ codes [L] with a class-token prefix."""
+  name, size_family, bottlenecks = "llamagen", "llamagen", ("vq", "vq1k", "vq1k_ent")
+
+  def build(self, train_store):
+    m = self.config.model
+    codebook = self.tokenizer.bottleneck_module.codebook_size
+    return ar.LlamaGen(self.size, vocab_size=codebook, num_classes=m.num_classes,
+                       grid=tuple(self.tokenizer.grid), class_dropout=m.class_dropout,
+                       mlp_multiple_of=m.mlp_multiple_of, attn_impl=m.attn_impl, dtype=self.dtype)
+
+  def arrays(self, store):
+    codes = store["codes"]
+    return {"codes": codes.reshape(len(codes), -1).astype(np.int32),
+            "labels": store["labels"].astype(np.int32)}
+
+  def init_inputs(self, batch):
+    return batch["codes"], batch["labels"]
+
+  def loss(self, params, batch, rng):
+    logits = self.model.apply({"params": params}, batch["codes"], batch["labels"], train=True,
+                              rngs={"dropout": rng})
+    return ar.next_token_loss(logits, batch["codes"])
+
+  def sample(self, params, labels_B, rng, **overrides):
+    s = {**self.config.sample.to_dict(), **overrides}
+    codes = sampling.sample_ar(self.model, params, labels_B, rng, temperature=s["temperature"],
+                               top_k=s["top_k"], top_p=s["top_p"], cfg_scale=s["cfg_scale"],
+                               cfg_schedule=s["cfg_schedule"])
+    return self.tokenizer.decode_codes(codes)  # [B, L] raster order, as stored.
+
+
+class VARFamily(Family):
+  """VAR over the per-scale VQ maps; teacher inputs come from the tokenizer's quantiser."""
+  name, size_family, bottlenecks = "var", "var", ("msvq",)
+  head = "softmax"
+
+  def build(self, train_store):
+    side = self.tokenizer.grid[-1]
+    self.scales = multiscale.scale_schedule(self.tokenizer.bottleneck_module.schedule, side)
+    m = self.config.model
+    vocab = dict(vocab_size=self.tokenizer.bottleneck_module.codebook_size)
+    if self.head == "bitwise":
+      vocab = dict(bits=self.tokenizer.channels)
+    return var.VAR(self.size, scales=self.scales, latent_channels=self.tokenizer.channels,
+                   num_classes=m.num_classes, head=self.head, class_dropout=m.class_dropout,
+                   attn_impl=m.attn_impl, **vocab)
+
+  def _per_scale(self, store):
+    return tuple(store[f"codes_{k}"] for k in range(len(self.scales)))
+
+  def arrays(self, store):
+    per_scale = self._per_scale(store)
+    side = self.tokenizer.grid[-1]
+    inputs = []
+    for i in range(0, len(store["labels"]), 500):  # Teacher inputs, once, in chunks.
+      chunk = tuple(jnp.asarray(c[i:i + 500]) for c in per_scale)
+      inputs.append(np.asarray(self.tokenizer.residual_apply(
+          lambda r, c: r.teacher_inputs(c, side), chunk)))
+    return {"inputs": np.concatenate(inputs).astype(np.float32),
+            **{f"codes_{k}": c.astype(np.int32) for k, c in enumerate(per_scale)},
+            "labels": store["labels"].astype(np.int32)}
+
+  def init_inputs(self, batch):
+    return batch["inputs"], batch["labels"]
+
+  def loss(self, params, batch, rng):
+    logits = self.model.apply({"params": params}, batch["inputs"], batch["labels"], train=True,
+                              rngs={"dropout": rng})
+    return var.var_loss(logits, tuple(batch[f"codes_{k}"] for k in range(len(self.scales))))
+
+  def next_input_fn(self):
+    """(f_hat, codes_k, k) -> (f_hat, inputs of scale k+1) with the tokenizer's quantiser; one
+    function object per family, so the samplers' per-scale programs compile once."""
+    if not hasattr(self, "_next_input"):
+      side = self.tokenizer.grid[-1]
+      self._next_input = lambda f_hat, code_k, k: self.tokenizer.residual_apply(
+          lambda r, f, c: r.next_scale_input(f, c, k, side), f_hat, code_k)
+    return self._next_input
+
+  def sample(self, params, labels_B, rng, **overrides):
+    s = {**self.config.sample.to_dict(), **overrides}
+    codes = var.sample_var(self.model, params, labels_B, rng, self.next_input_fn(),
+                           cfg_scale=s["cfg_scale"], top_k=s["top_k"], top_p=s["top_p"],
+                           temperature=s["temperature"])
+    return self.tokenizer.decode_codes(tuple(codes))
+
+
+class InfinityFamily(VARFamily):
+  """Infinity: bitwise head on multi-scale BSQ; teacher inputs re-made each step with bit flips."""
+  name, size_family, bottlenecks = "infinity", "var", ("msbsq",)
+  head = "bitwise"
+
+  def arrays(self, store):
+    f = store["latents"]
+    f = f.reshape(len(f), *self.tokenizer.grid, -1)
+    return {"f": f.astype(np.float32), "labels": store["labels"].astype(np.int32)}
+
+  def init_inputs(self, batch):
+    f = batch["f"]
+    inputs = jnp.zeros((f.shape[0], sum(s * s for s in self.scales) - 1, f.shape[-1]))
+    return inputs, batch["labels"]
+
+  def loss(self, params, batch, rng):
+    r_flip, r_drop = jax.random.split(rng)
+    inputs, bits = infinity.self_correction_inputs(batch["f"], self.scales, r_flip,
+                                                   flip_prob_max=self.config.objective.flip_max)
+    logits = self.model.apply({"params": params}, inputs, batch["labels"], train=True,
+                              rngs={"dropout": r_drop})
+    return var.bitwise_loss(logits, bits)
+
+  def sample(self, params, labels_B, rng, **overrides):
+    s = {**self.config.sample.to_dict(), **overrides}
+    codes = infinity.sample_infinity(self.model, params, labels_B, rng, self.next_input_fn(),
+                                     cfg_scale=s["cfg_scale"], temperature=s["temperature"])
+    return self.tokenizer.decode_codes(tuple(codes))
+
+
+FAMILIES: dict[str, type[Family]] = {
+    f.name: f for f in (DiTFamily, LlamaGenFamily, VARFamily, InfinityFamily)}
+
+
+def check_tokenizer(family: str, bottleneck: str) -> None:
+  """Raises ConfigError when `family` cannot train on a tokenizer with `bottleneck`."""
+  needs = FAMILIES[family].bottlenecks
+  if bottleneck not in needs:
+    fits = [name for name, f in FAMILIES.items() if bottleneck in f.bottlenecks]
+    raise ConfigError(f"model.family={family} needs a tokenizer with bottleneck in {list(needs)}, "
+                      f"but config.tokenizer has bottleneck={bottleneck!r}; train one with "
+                      f"quantizer={needs[0]} or use family {fits or '(none)'}")
+

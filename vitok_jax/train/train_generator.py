@@ -1,0 +1,330 @@
+"""Trains a generator on a frozen tokenizer's store: config -> tokenizer -> store -> family -> loop.
+
+  vitok train --config generator:"dit/Mi,tokenizer=runs/quickstart" --workdir runs/dit
+
+The tokenizer's train/eval splits are tokenized once into WORKDIR_OF_TOKENIZER/store_SPLIT.npz
+(train/codes.py). The loop, checkpoints, pre-emption, metrics and record are the tokenizer
+trainer's (train/loop.py): a re-run resumes exactly. Each eval draws config.eval.num_samples
+class-conditional samples (labels cycling over the classes), decodes them with the tokenizer and,
+on MNIST, scores them with the bundled-data classifier: class accuracy and FID-MNIST; plus the
+held-out loss on the eval store. Samples go to WORKDIR/images/samples_STEP.png.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vitok_jax import config_lib
+from vitok_jax.config_lib import require, require_choice
+from vitok_jax.data import bundled
+from vitok_jax.eval import mnist_metrics, visualize
+from vitok_jax.models import vit
+from vitok_jax.models.perceptual import mnist_classifier
+from vitok_jax.parallel import mesh as mesh_lib
+from vitok_jax.parallel import sharding
+from vitok_jax.scaling import flops
+from vitok_jax.scaling import record as record_lib
+from vitok_jax.train import checkpoint, generators, loop, metrics_writer, optimizer
+from vitok_jax.train.loop import TrainState
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field of a generator config."""
+  m = config.model
+  require_choice(m.family, "model.family", generators.FAMILIES)
+  size_family = generators.FAMILIES[m.family].size_family
+  require_choice(m.size, f"model.size (the {size_family} table)", vit.GENERATOR_SIZES[size_family])
+  require(bool(config.tokenizer), "config.tokenizer is empty; set it to a trained tokenizer's "
+          "workdir, e.g. tokenizer=runs/quickstart")
+  require(m.num_classes >= 1, f"model.num_classes must be >= 1, got {m.num_classes}")
+  require(0.0 <= m.class_dropout < 1.0, f"model.class_dropout must be in [0, 1), got {m.class_dropout}")
+  require(m.patch in (1, 2, 4), f"model.patch must be 1, 2 or 4, got {m.patch}")
+  require_choice(m.dtype, "model.dtype", ("float32", "bfloat16"))
+  require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
+  require(config.total_steps >= 1, f"total_steps must be >= 1, got {config.total_steps}")
+  for field in ("log_every", "eval_every", "ckpt_every"):
+    require(config[field] >= 1, f"{field} must be >= 1, got {config[field]}")
+  require(config.optim.base_lr > 0, f"optim.base_lr must be > 0, got {config.optim.base_lr}")
+  require_choice(config.optim.schedule, "optim.schedule", ("cosine", "constant"))
+  require(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {config.ema_decay}")
+  require_choice(config.objective.t_sampling, "objective.t_sampling", ("uniform", "logit_normal"))
+  require(not config.objective.shortcut or m.family == "dit",
+          f"objective.shortcut is DiT's few-step objective; model.family={m.family}")
+  require(0.0 <= config.objective.flip_max < 1.0,
+          f"objective.flip_max must be in [0, 1), got {config.objective.flip_max}")
+  s = config.sample
+  require_choice(s.method, "sample.method", ("euler", "heun"))
+  require_choice(s.cfg_schedule, "sample.cfg_schedule", ("constant", "linear"))
+  require(s.num_steps >= 2, f"sample.num_steps counts grid points (SiT): >= 2, got {s.num_steps}")
+  require(s.cfg_scale >= 0, f"sample.cfg_scale must be >= 0, got {s.cfg_scale}")
+  require(s.temperature > 0, f"sample.temperature must be > 0, got {s.temperature}")
+  require(0 < s.top_p <= 1, f"sample.top_p must be in (0, 1], got {s.top_p}")
+  require(config.eval.num_samples >= 0, f"eval.num_samples must be >= 0, got {config.eval.num_samples}")
+
+
+class Batches:
+  """The training stream: a pure function of (seed, global batch index), so resume is exact.
+
+  Epoch e visits the rows in permutation(seed, e); global batch b is positions [b·B, (b+1)·B) of
+  the concatenated epochs; process p takes block p of it.
+  """
+
+  def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int, *,
+               start_batch: int = 0, process_index: int = 0, process_count: int = 1):
+    self.arrays, self.global_batch, self.seed = arrays, global_batch, seed
+    self.num_rows = len(next(iter(arrays.values())))
+    self.batch_index = start_batch
+    self.local = global_batch // process_count
+    self.offset = process_index * self.local
+    self._perms: dict[int, np.ndarray] = {}
+
+  def _perm(self, epoch: int) -> np.ndarray:
+    if epoch not in self._perms:
+      self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)}
+    return self._perms[epoch]
+
+  def rows(self, batch_index: int) -> np.ndarray:
+    positions = batch_index * self.global_batch + self.offset + np.arange(self.local)
+    epochs, index = np.divmod(positions, self.num_rows)
+    return np.array([self._perm(int(e))[i] for e, i in zip(epochs, index)])
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rows = self.rows(self.batch_index)
+    self.batch_index += 1
+    return {k: v[rows] for k, v in self.arrays.items()}
+
+
+def build_family(config, mesh) -> tuple[generators.Family, dict, dict]:
+  """The family on the frozen tokenizer, and its train and eval arrays (from the stores)."""
+  tokenizer = generators.FrozenTokenizer(config.tokenizer, mesh)
+  generators.check_tokenizer(config.model.family, tokenizer.bottleneck)
+  train_store = tokenizer.store("train")
+  family = generators.FAMILIES[config.model.family](config, tokenizer, train_store)
+  return family, family.arrays(train_store), family.arrays(tokenizer.store("eval"))
+
+
+def _example(arrays) -> dict:
+  return {k: v[:1] for k, v in arrays.items()}
+
+
+def init_state(family, tx, config, batch) -> TrainState:
+  params = nn.meta.unbox(family.init(jax.random.key(config.seed), batch))
+  ema = jax.tree.map(jnp.copy, params) if config.ema_decay else {}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    ema_params=ema)
+
+
+def state_shardings(family, tx, config, mesh, batch) -> TrainState:
+  param_specs = sharding.param_logical_specs(
+      jax.eval_shape(lambda b: family.init(jax.random.key(0), b), batch))
+  abstract = jax.eval_shape(functools.partial(init_state, family, tx, config), batch)
+  replicated = jax.sharding.PartitionSpec()
+  specs = TrainState(
+      step=replicated, params=param_specs,
+      opt_state=sharding.opt_state_logical_specs(tx, abstract.opt_state, param_specs),
+      ema_params=param_specs if config.ema_decay else {})
+  return sharding.logical_to_mesh(specs, mesh)
+
+
+def make_train_step(family, tx, schedule, config):
+  """(state, batch) -> (state, metrics); rng = fold_in(seed key, step)."""
+  base_key = jax.random.key(config.seed + 2)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(base_key, state.step)
+    (loss, metrics), grads = jax.value_and_grad(lambda p: family.loss(p, batch, rng),
+                                                has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = state.ema_params
+    if config.ema_decay:
+      ema = optax.incremental_update(params, ema, step_size=1.0 - config.ema_decay)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": schedule(state.step)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema), metrics
+
+  return train_step
+
+
+def held_out_loss(family, params, arrays, config, max_examples: int = 2048) -> float:
+  """Mean training loss over the eval store (fixed noise), full batches only."""
+  loss_fn = jax.jit(lambda p, b, r: family.loss(p, b, r)[0])
+  n = min(len(arrays["labels"]), max_examples)
+  batch = min(config.batch_size, n)
+  losses = [loss_fn(params, {k: v[i:i + batch] for k, v in arrays.items()},
+                    jax.random.key(config.seed + 7 + i))
+            for i in range(0, n - batch + 1, batch)]
+  return float(np.mean(jax.device_get(losses)))
+
+
+def sample_labels(num: int, num_classes: int) -> np.ndarray:
+  """0, 1, …, C−1, 0, 1, …: a grid of `num_classes` columns has one class per column."""
+  return (np.arange(num) % num_classes).astype(np.int32)
+
+
+def generate(sample_fn, params, labels, config, rng) -> tuple[np.ndarray, float]:
+  """Samples for `labels` in batches of config.batch_size; returns (pixels, seconds per sample)."""
+  batch = min(config.batch_size, len(labels))
+  fn = jax.jit(sample_fn)
+  out, seconds = [], 0.0
+  for i in range(0, len(labels), batch):
+    chunk = labels[i:i + batch]
+    padded = np.concatenate([chunk, chunk[:batch - len(chunk)]]) if len(chunk) < batch else chunk
+    key = jax.random.fold_in(rng, i)
+    if i == 0:
+      jax.block_until_ready(fn(params, padded, key))  # Compile outside the timing.
+    start = time.time()
+    pixels = jax.block_until_ready(fn(params, padded, key))
+    seconds += time.time() - start
+    out.append(np.asarray(pixels)[:len(chunk)])
+  return np.concatenate(out), seconds / len(labels)
+
+
+def _is_mnist(tokenizer) -> bool:
+  return tokenizer.config.data.name == "mnist"
+
+
+def evaluate(family, params, config, eval_arrays, *, image_path: str | None = None) -> dict:
+  """Held-out loss, and generation metrics of eval.num_samples class-conditional samples."""
+  metrics = {"eval/loss": held_out_loss(family, params, eval_arrays, config)}
+  if not config.eval.num_samples:
+    return metrics
+  labels = sample_labels(config.eval.num_samples, config.model.num_classes)
+  rng = jax.random.key(config.seed + 11)
+  samplers = {"": family.sample, **{f"{k}/": v for k, v in family.few_step_samplers().items()}}
+  classifier = real = None
+  if _is_mnist(family.tokenizer):
+    path = config.eval.mnist_classifier or os.path.join(
+        family.tokenizer.workdir, mnist_classifier.DEFAULT_FILENAME)
+    classifier = mnist_classifier.load_or_train(path)
+    real, _ = bundled.mnist("eval")
+    real = real.astype(np.float32) / 127.5 - 1.0
+  for prefix, sample_fn in samplers.items():
+    pixels, seconds = generate(sample_fn, params, labels, config, rng)
+    metrics[f"gen/{prefix}ms_per_sample"] = 1e3 * seconds
+    if classifier is not None:
+      metrics[f"gen/{prefix}class_accuracy"] = mnist_metrics.class_accuracy(classifier, pixels, labels)
+      metrics[f"gen/{prefix}fid_mnist"] = mnist_metrics.fid_mnist(classifier, real, pixels)
+    if image_path is not None:
+      n = min(config.num_visualize, len(pixels))
+      visualize.save_sample_grid(f"{image_path}{prefix.replace('/', '')}.png", pixels[:n],
+                                 columns=config.model.num_classes)
+  return metrics
+
+
+def setup(config, mesh):
+  """(family, train arrays, eval arrays, tx, schedule, sharded state, jitted step, shardings)."""
+  family, train_arrays, eval_arrays = build_family(config, mesh)
+  tx, schedule = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  example = _example(train_arrays)
+  shardings = state_shardings(family, tx, config, mesh, example)
+  state = jax.jit(functools.partial(init_state, family, tx, config),
+                  out_shardings=shardings)(example)
+  step = jax.jit(sharding.with_rules(make_train_step(family, tx, schedule, config), mesh),
+                 donate_argnums=0, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(shardings, mesh_lib.replicated(mesh)))
+  return family, train_arrays, eval_arrays, state, step, shardings
+
+
+def generator_record(config, family, params, *, wall_time, metrics, workdir, examples_per_sec,
+                     example) -> dict:
+  """Run record of a generator: params, FLOPs per example (XLA count of the forward), metrics."""
+  forward = flops.xla_flops(family.forward_fn(), params, example)
+  tok = family.tokenizer
+  return {
+      "workdir": os.path.abspath(workdir),
+      "kind": "generator",
+      "variant": config.get("variant", ""),
+      "config": config.to_dict(),
+      "family": config.model.family,
+      "params": {"total": vit.param_count(params)},
+      "tokenizer": {"workdir": os.path.abspath(tok.workdir), "bottleneck": tok.bottleneck,
+                    "step": tok.step, "grid": list(tok.grid), "c": tok.channels,
+                    "E": int(np.prod(tok.grid)) * tok.channels},
+      "flops_per_example": {"forward_xla": forward, "train": 3 * forward},
+      "steps": config.total_steps,
+      "examples_seen": config.total_steps * config.batch_size,
+      "wall_time_s": wall_time,
+      "examples_per_sec": examples_per_sec,
+      "devices": jax.device_count(),
+      "backend": jax.default_backend(),
+      "metrics": metrics,
+  }
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+  """Runs (or resumes) generator training; returns the run record, None when pre-empted."""
+  validate(config)
+  start_time = time.time()
+  is_main = jax.process_index() == 0
+  if is_main:
+    config_lib.save_config(config, workdir)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  family, train_arrays, eval_arrays, state, train_step, _ = setup(config, mesh)
+  logging.info("%s/%s: %d params on %s; %d training examples", config.model.family,
+               config.model.size, vit.param_count(state.params), dict(mesh.shape),
+               len(train_arrays["labels"]))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+  if (latest := ckpt.latest_step()) is not None:
+    state = ckpt.restore(latest, state)
+    logging.info("Resumed from step %d in %s", latest, ckpt.directory)
+  batches = Batches(train_arrays, config.batch_size, config.seed, start_batch=int(state.step),
+                    process_index=jax.process_index(), process_count=jax.process_count())
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  writer = metrics_writer.MetricWriter(workdir) if is_main else None
+
+  def params_of(state):
+    return state.ema_params if config.ema_decay else state.params
+
+  def evaluate_state(state, step):
+    return evaluate(family, params_of(state), config, eval_arrays, image_path=(
+        os.path.join(workdir, "images", f"samples_{step:07d}") if is_main else None))
+
+  try:
+    result = loop.run(state, config=config, train_step=train_step, ckpt=ckpt, writer=writer,
+                      next_batch=lambda: mesh_lib.global_batch(next(batches), batch_sharding),
+                      evaluate=evaluate_state, log_name="grad_norm")
+  finally:
+    ckpt.close()
+  if result.preempted:
+    return None
+  eval_metrics = result.eval_metrics or evaluate_state(result.state, int(result.state.step))
+  record = generator_record(config, family, params_of(result.state), wall_time=time.time() - start_time,
+                            metrics=eval_metrics, workdir=workdir,
+                            examples_per_sec=result.examples_per_sec,
+                            example=_example(train_arrays))
+  if is_main:
+    record_lib.write(record, workdir)
+    writer.close()
+  return record
+
+
+def sample_workdir(workdir: str, num_samples: int, out: str = "", **overrides) -> str:
+  """Class-conditional samples of a trained generator run -> a PNG grid (one column per class)."""
+  config = config_lib.read_config(workdir)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  family, train_arrays, _, state, _, shardings = setup(config, mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+  step = ckpt.latest_step()
+  if step is None:
+    raise config_lib.ConfigError(f"{workdir} has no checkpoint; train it first")
+  state = ckpt.restore(step, state)
+  ckpt.close()
+  params = state.ema_params if config.ema_decay else state.params
+  labels = sample_labels(num_samples, config.model.num_classes)
+  sample_fn = lambda p, l, r: family.sample(p, l, r, **overrides)
+  pixels, seconds = generate(sample_fn, params, labels, config, jax.random.key(config.seed + 13))
+  out = out or os.path.join(workdir, "images", f"sample_{step:07d}.png")
+  visualize.save_sample_grid(out, pixels, columns=config.model.num_classes)
+  logging.info("%d samples at %.1f ms each -> %s", num_samples, 1e3 * seconds, out)
+  return out
