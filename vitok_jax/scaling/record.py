@@ -47,6 +47,14 @@ def tokenizer_record(config: ml_collections.ConfigDict, model, params, pixel_sha
           "forward_xla": xla_forward,
           "analytic_over_xla": forward["total"] / xla_forward if xla_forward else None,
       },
+      **run_fields(config, wall_time=wall_time, examples_per_sec=examples_per_sec,
+                   metrics=metrics),
+  }
+
+
+def run_fields(config, *, wall_time: float, examples_per_sec: float | None, metrics: dict) -> dict:
+  """The fields every run record has: steps, examples seen, timing, devices and metrics."""
+  return {
       "steps": config.total_steps,
       "examples_seen": config.total_steps * config.batch_size,
       "wall_time_s": wall_time,

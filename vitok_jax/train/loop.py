@@ -17,6 +17,20 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from vitok_jax.config_lib import require, require_choice
+
+
+def validate_run(config) -> None:
+  """Raises ConfigError for the run fields every trainer's config has (batch, steps, cadences,
+  optimizer, EMA)."""
+  require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
+  require(config.total_steps >= 1, f"total_steps must be >= 1, got {config.total_steps}")
+  for field in ("log_every", "eval_every", "ckpt_every"):
+    require(config[field] >= 1, f"{field} must be >= 1, got {config[field]}")
+  require(config.optim.base_lr > 0, f"optim.base_lr must be > 0, got {config.optim.base_lr}")
+  require_choice(config.optim.schedule, "optim.schedule", ("cosine", "constant"))
+  require(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {config.ema_decay}")
+
 
 class TrainingDiverged(FloatingPointError):
   """The loss became NaN/Inf; the message names the step and the last good checkpoint."""

@@ -49,13 +49,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(0.0 <= m.class_dropout < 1.0, f"model.class_dropout must be in [0, 1), got {m.class_dropout}")
   require(m.patch in (1, 2, 4), f"model.patch must be 1, 2 or 4, got {m.patch}")
   require_choice(m.dtype, "model.dtype", ("float32", "bfloat16"))
-  require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
-  require(config.total_steps >= 1, f"total_steps must be >= 1, got {config.total_steps}")
-  for field in ("log_every", "eval_every", "ckpt_every"):
-    require(config[field] >= 1, f"{field} must be >= 1, got {config[field]}")
-  require(config.optim.base_lr > 0, f"optim.base_lr must be > 0, got {config.optim.base_lr}")
-  require_choice(config.optim.schedule, "optim.schedule", ("cosine", "constant"))
-  require(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {config.ema_decay}")
+  loop.validate_run(config)
   require_choice(config.objective.t_sampling, "objective.t_sampling", ("uniform", "logit_normal"))
   require(not config.objective.shortcut or m.family == "dit",
           f"objective.shortcut is DiT's few-step objective; model.family={m.family}")
@@ -252,13 +246,8 @@ def generator_record(config, family, params, *, wall_time, metrics, workdir, exa
                     "step": tok.step, "grid": list(tok.grid), "c": tok.channels,
                     "E": int(np.prod(tok.grid)) * tok.channels},
       "flops_per_example": {"forward_xla": forward, "train": 3 * forward},
-      "steps": config.total_steps,
-      "examples_seen": config.total_steps * config.batch_size,
-      "wall_time_s": wall_time,
-      "examples_per_sec": examples_per_sec,
-      "devices": jax.device_count(),
-      "backend": jax.default_backend(),
-      "metrics": metrics,
+      **record_lib.run_fields(config, wall_time=wall_time, examples_per_sec=examples_per_sec,
+                              metrics=metrics),
   }
 
 

@@ -78,13 +78,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for size in (m.encoder, m.decoder):
     width, _, heads = vit.SIZES[size]
     require(width // heads % 2 == 0, f"size {size}: head_dim {width // heads} must be even for RoPE")
-  require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
-  require(config.total_steps >= 1, f"total_steps must be >= 1, got {config.total_steps}")
-  for field in ("log_every", "eval_every", "ckpt_every"):
-    require(config[field] >= 1, f"{field} must be >= 1, got {config[field]}")
-  require(config.optim.base_lr > 0, f"optim.base_lr must be > 0, got {config.optim.base_lr}")
-  require_choice(config.optim.schedule, "optim.schedule", ("cosine", "constant"))
-  require(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {config.ema_decay}")
+  loop.validate_run(config)
   for name, weight in config.loss.items():
     require(weight >= 0, f"loss.{name} must be >= 0, got {weight}")
   require(config.loss.lpips == 0 or config.perceptual.lpips_weights,
