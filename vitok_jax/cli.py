@@ -143,7 +143,7 @@ def _cmd_sweep(args: list[str]) -> int:
   from vitok_jax.scaling import sweep as sweep_lib
   if len(args) != 1:
     raise ConfigError("usage: vitok sweep SWEEP [--sweep_dir DIR] (SWEEP: quickstart, "
-                      "bottleneck, encoder_decoder or PATH.py[:ARG])")
+                      "bottleneck, encoder_decoder, generator_size or PATH.py[:ARG])")
   spec = args[0]
   sweep = sweep_lib.load(spec)
   sweep_dir = FLAGS.sweep_dir or os.path.join("runs", sweep.get("name", "sweep"))
