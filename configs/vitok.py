@@ -38,6 +38,9 @@ OPTIONS = {
     "kl": "loss.kl",
     # Discrete bottlenecks (models/bottlenecks.py): vq, vq1k, bsq, msvq, msbsq; c = code dim / bits.
     "quantizer": "model.bottleneck",
+    # VQ dead-code restart: codes unused for N steps move onto batch inputs (0 = off).
+    "restart": "codebook_restart_every",
+    "codebook": "model.codebook_size",
     # LARP (quantizer=larp): N learned query tokens, e.g. "Mu-Mi/4,c=8,quantizer=larp,queries=32".
     "queries": "model.num_queries",
 }
@@ -66,11 +69,13 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config.keep_ckpts = 3
   config.ema_decay = 0.0           # 0 disables EMA params; e.g. 0.999.
   config.num_visualize = 8         # Originals vs reconstructions in each eval grid.
+  config.codebook_restart_every = 0  # VQ/msvq: restart codes unused over this many steps (0 = off).
 
   config.model = ml_collections.ConfigDict(dict(
       encoder="S", decoder="B", patch=(16, 16), channels=16, bottleneck="gaussian",
       mlp="geglu", rope="1d", qk_norm=False, attn_impl="auto", remat=False, dtype="float32",
-      num_queries=0))  # LARP's N latent tokens (only with bottleneck="larp").
+      num_queries=0,
+      codebook_size=0))  # > 0: the learned codebook's size (vq*, msvq, larp) instead of its default.  # LARP's N latent tokens (only with bottleneck="larp").
 
   config.data = data.default_config()
   config.data.name = "imagenet"

@@ -206,6 +206,33 @@ def test_results_fit_and_plots_via_cli(tmp_path, fake, capsys):
       "fit_eval_psnr_vs_E", "fit_eval_l2_vs_E", "frontier_eval_l2"))
   assert cli.main(["vitok", "fit", sweep_dir, "--x=E", "--y=eval/l2", "--n_boot=50"]) == 0
   assert "eval/l2 = " in capsys.readouterr().out
+  # Each `vitok fit` adds its fit to fits.json (same spec replaced), it does not overwrite the rest.
+  for _ in range(2):
+    assert cli.main(["vitok", "fit", sweep_dir, "--x=E", "--y=eval/psnr", "--offset", "--n_boot=50"]) == 0
+  specs = [f["spec"] for f in json.load(open(os.path.join(sweep_dir, "fits.json")))]
+  assert specs[:2] == [dict(x="E", y="eval/psnr"), dict(x="E", y="eval/l2")]
+  assert sorted(map(json.dumps, specs[2:])) == sorted(map(json.dumps, [
+      dict(x="E", y="eval/l2", offset=False), dict(x="E", y="eval/psnr", offset=True)]))
+
+
+def test_generator_rows_name_their_tokenizer(tmp_path):
+  """A generator record's E and c are its frozen tokenizer's; empty columns are dropped."""
+  for size, loss in (("Mu", 0.8), ("Mi", 0.6)):
+    workdir = tmp_path / "g" / size
+    workdir.mkdir(parents=True)
+    record = dict(kind="generator", family="dit", config=dict(model=dict(size=size)),
+                  params=dict(total=1000 if size == "Mu" else 8000),
+                  tokenizer=dict(workdir="/runs/tok_g", bottleneck="gaussian", c=4, E=256,
+                                 grid=[8, 8], step=800),
+                  flops_per_example=dict(forward_xla=10.0, train=30.0), examples_seen=64,
+                  metrics={"eval/loss": loss})
+    (workdir / "record.json").write_text(json.dumps(record))
+  rows = results.gather(str(tmp_path / "g"))
+  assert [(r["tokenizer"], r["bottleneck"], r["E"], r["c"], r["flops_forward"]) for r in rows] == [
+      ("tok_g", "gaussian", 256, 4, 10.0)] * 2
+  names = results.columns(rows)
+  assert "model.size" in names and "eval/loss" in names
+  assert not {"params_encoder", "eval/psnr", "tokens_seen"} & set(names)
 
 
 def test_results_of_plain_run_dirs_and_running_status(tmp_path, fake):

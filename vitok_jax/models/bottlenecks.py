@@ -163,3 +163,15 @@ BOTTLENECKS = {
     "msbsq": functools.partial(MultiScaleBottleneck, quantizer="bsq", schedule="infinity",
                                upsample="bilinear", num_phi=0),
 }
+# Bottlenecks whose codebook is a parameter (dead-code restart applies: train/codebook.py).
+LEARNED_CODEBOOK = ("vq", "vq1k", "vq1k_ent", "msvq")
+
+
+def build(kind: str, channels: int, codebook_size: int = 0, **kwargs) -> nn.Module:
+  """The bottleneck `kind` with c = channels; codebook_size > 0 overrides a learned codebook's size."""
+  if codebook_size:
+    if kind not in LEARNED_CODEBOOK:
+      raise ConfigError(f"codebook_size={codebook_size} applies to a learned codebook "
+                        f"{list(LEARNED_CODEBOOK)} (or larp), not bottleneck={kind!r}")
+    kwargs["codebook_size"] = codebook_size
+  return BOTTLENECKS[kind](channels, **kwargs)

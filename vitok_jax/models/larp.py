@@ -277,4 +277,5 @@ def from_config(model_cfg: ml_collections.ConfigDict, pixel_channels: int) -> LA
       attn_impl=model_cfg.attn_impl,
       remat=model_cfg.remat,
       dtype=jnp.dtype(model_cfg.dtype),
+      **({"codebook_size": model_cfg.codebook_size} if model_cfg.get("codebook_size") else {}),
   )

@@ -158,6 +158,8 @@ class VectorQuantizer(nn.Module):
   def nearest(self, z_NC):
     """(index [...] int32, code vectors [..., C]) of the nearest codes (first index on ties)."""
     index, _ = kernels.vq_nearest(z_NC, self.codebook, normalize=self.normalize, impl=self.impl)
+    # For dead-code restart (train/codebook.py); a no-op unless "intermediates" is mutable.
+    self.sow("intermediates", "code_pool", (z_NC, index))
     return index, self.lookup(index)
 
   def __call__(self, z_NC):

@@ -60,6 +60,7 @@ class ViTok(nn.Module):
   attn_impl: str = "auto"
   remat: bool = False
   dtype: jnp.dtype = jnp.float32
+  codebook_size: int = 0   # > 0: a learned codebook's size instead of the bottleneck's default.
 
   def setup(self):
     transformer = lambda size, name: vit.Transformer(
@@ -68,7 +69,8 @@ class ViTok(nn.Module):
     patch_dim = math.prod(self.patch) * self.pixel_channels
     self.patch_embed = dense(self.encoder.width, ("patch", "embed"), "patch_embed")
     self.encoder_vit = transformer(self.encoder, "encoder")
-    self.bottleneck_layer = bottlenecks.BOTTLENECKS[self.bottleneck](self.latent_channels, name="bottleneck")
+    self.bottleneck_layer = bottlenecks.build(self.bottleneck, self.latent_channels,
+                                              self.codebook_size, name="bottleneck")
     self.latent_embed = dense(self.decoder.width, ("latent", "embed"), "latent_embed")
     self.decoder_vit = transformer(self.decoder, "decoder")
     self.to_pixels = dense(patch_dim, ("embed", "patch"), "to_pixels")
@@ -111,4 +113,5 @@ def from_config(model_cfg: ml_collections.ConfigDict, pixel_channels: int) -> Vi
       attn_impl=model_cfg.attn_impl,
       remat=model_cfg.remat,
       dtype=jnp.dtype(model_cfg.dtype),
+      codebook_size=model_cfg.get("codebook_size", 0),
   )

@@ -33,6 +33,8 @@ def _config_value(config: dict, path: str):
 
 
 def _row(record: dict, run_id: str, status: str, swept: Sequence[str], point: dict) -> dict:
+  """One table row. A generator's record names its frozen tokenizer: its E and c are that
+  tokenizer's, and the row says which tokenizer (workdir name, bottleneck) and family."""
   params = record.get("params", {})
   flops = record.get("flops_per_example", {})
   seen = record.get("examples_seen")
@@ -40,9 +42,15 @@ def _row(record: dict, run_id: str, status: str, swept: Sequence[str], point: di
   for key in swept:
     value = point.get(key, _config_value(record.get("config", {}), key))
     row[key] = "x".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+  tok = record.get("tokenizer") if record.get("kind") == "generator" else None
+  if tok:
+    row.update(family=record.get("family"), tokenizer=os.path.basename(tok["workdir"]),
+               bottleneck=tok["bottleneck"])
   row.update({f"params_{k}": params.get(k) for k in ("encoder", "decoder", "bottleneck", "total")})
-  row.update(E=record.get("E"), c=record.get("c"), tokens_per_example=record.get("tokens_per_example"),
-             flops_forward=flops.get("forward"), flops_train=flops.get("train"),
+  row.update(E=(tok or record).get("E"), c=(tok or record).get("c"),
+             tokens_per_example=record.get("tokens_per_example"),
+             flops_forward=flops.get("forward", flops.get("forward_xla")),
+             flops_train=flops.get("train"),
              compute=flops["train"] * seen if flops.get("train") and seen else None,
              examples_seen=seen,
              tokens_seen=record["tokens_per_example"] * seen if seen and record.get(
@@ -100,10 +108,11 @@ def _varying_fields(configs: Sequence[dict], prefix: str = "") -> list[str]:
 
 
 def columns(rows: Sequence[dict]) -> list[str]:
+  """Every key of the rows in first-seen order, without columns that are empty in every row."""
   out = []
   for row in rows:
     out += [k for k in row if k not in out and k != "error"]
-  return out
+  return [k for k in out if k in ("id", "status") or any(r.get(k) is not None for r in rows)]
 
 
 def write_csv(rows: Sequence[dict], path: str) -> str:
@@ -192,6 +201,19 @@ def describe_fit(result: dict) -> str:
           f"({ci_text}R² {result['r2']:.3f}, n={result['n']})")
 
 
+def save_fits(fit_results: Sequence[dict], path: str) -> list[dict]:
+  """Merges fit results into the JSON list at `path`: a result replaces the earlier one with the
+  same spec, others are kept, so `vitok fit --x … --y …` calls add up. Returns the merged list."""
+  key = lambda result: json.dumps(result["spec"], sort_keys=True)
+  merged = {}
+  if os.path.exists(path):
+    merged = {key(r): r for r in _read(path)}
+  merged.update({key(r): r for r in fit_results})
+  with open(path, "w") as f:
+    json.dump(list(merged.values()), f, indent=1, default=float)
+  return list(merged.values())
+
+
 def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = True,
            n_boot: int = 1000, max_attempts: int = 2) -> dict:
   """Writes results.csv/.md, fits.json and plots/ into sweep_dir; returns {"rows", "fits", "plots"}.
@@ -206,8 +228,7 @@ def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = T
               if os.path.exists(os.path.join(sweep_dir, sweep_lib.MANIFEST)) else {})
   specs = list(fits if fits is not None else manifest.get("fits", [dict(x="E", y="eval/l2")]))
   fit_results = fit_rows(rows, specs, n_boot=n_boot)
-  with open(os.path.join(sweep_dir, "fits.json"), "w") as f:
-    json.dump(fit_results, f, indent=1, default=float)
+  save_fits(fit_results, os.path.join(sweep_dir, "fits.json"))
   paths = []
   if plot:
     from vitok_jax.scaling import plots

@@ -40,7 +40,8 @@ class FrozenTokenizer:
     self.channels = self.config.model.channels
     self.bottleneck = self.config.model.bottleneck
     # Unbound: its fields (codebook_size, schedule, ...) without the params.
-    self.bottleneck_module = bottlenecks.BOTTLENECKS[self.bottleneck](self.channels)
+    self.bottleneck_module = bottlenecks.build(self.bottleneck, self.channels,
+                                               self.config.model.get("codebook_size", 0))
     self._decode_latents = jax.jit(lambda params, z: self.model.apply(
         {"params": params}, z, self.grid, method=self.model.decode))
     self._decode_codes = codes_lib.decode_fn(self.model, self.grid)

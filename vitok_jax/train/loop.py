@@ -43,6 +43,8 @@ class TrainState:
   opt_state: Any
   ema_params: Any  # Same tree as params when config.ema_decay > 0, else an empty dict.
   disc: Any = flax.struct.field(default_factory=dict)  # gan.DiscState in the GAN stage, else {}.
+  # Per-codebook code counts since the last dead-code restart (train/codebook.py), else {}.
+  code_counts: Any = flax.struct.field(default_factory=dict)
 
 
 class Preemption:

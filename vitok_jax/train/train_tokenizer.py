@@ -32,7 +32,7 @@ from vitok_jax.models.perceptual import lpips
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.parallel import sharding
 from vitok_jax.scaling import record as record_lib
-from vitok_jax.train import checkpoint, gan, losses, loop, metrics_writer, optimizer
+from vitok_jax.train import checkpoint, codebook, gan, losses, loop, metrics_writer, optimizer
 from vitok_jax.train.loop import TrainState
 
 
@@ -58,6 +58,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   else:
     require(not m.get("num_queries", 0), f"model.num_queries={m.num_queries} only applies to "
             f"bottleneck=larp; drop queries=N or set quantizer=larp")
+  size = m.get("codebook_size", 0)
+  require(size >= 0, f"model.codebook_size must be >= 0 (0 = the bottleneck's default), got {size}")
+  require(not size or m.bottleneck in (*bottlenecks.LEARNED_CODEBOOK, "larp"),
+          f"model.codebook_size={size} needs a learned codebook (quantizer one of "
+          f"{[*bottlenecks.LEARNED_CODEBOOK, 'larp']}), not {m.bottleneck!r}; drop codebook=N")
   require_choice(m.mlp, "model.mlp", vit.MLP_KINDS)
   require_choice(m.rope, "model.rope", vit.ROPE_KINDS)
   require_choice(m.dtype, "model.dtype", ("float32", "bfloat16"))
@@ -79,6 +84,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     width, _, heads = vit.SIZES[size]
     require(width // heads % 2 == 0, f"size {size}: head_dim {width // heads} must be even for RoPE")
   loop.validate_run(config)
+  restart = config.get("codebook_restart_every", 0)
+  require(restart >= 0, f"codebook_restart_every must be >= 0 (0 = off), got {restart}")
+  require(not restart or m.bottleneck in bottlenecks.LEARNED_CODEBOOK,
+          f"codebook_restart_every={restart} needs a learned codebook (quantizer one of "
+          f"{list(bottlenecks.LEARNED_CODEBOOK)}), not {m.bottleneck!r}; set restart=0")
   for name, weight in config.loss.items():
     require(weight >= 0, f"loss.{name} must be >= 0, got {weight}")
   require(config.loss.lpips == 0 or config.perceptual.lpips_weights,
@@ -122,8 +132,9 @@ def init_state(parts: Components, config, example_BX) -> TrainState:
   disc = {}
   if parts.gan_stage is not None:
     disc = parts.gan_stage.init(jax.random.key(config.seed + 3), example_BX)
+  counts = codebook.init_counts(params) if config.get("codebook_restart_every", 0) else {}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=parts.tx.init(params),
-                    ema_params=ema, disc=disc)
+                    ema_params=ema, disc=disc, code_counts=counts)
 
 
 def _init_boxed_params(model, config, example_BX):
@@ -148,7 +159,8 @@ def state_shardings(parts: Components, config, mesh) -> TrainState:
       step=replicated, params=param_specs,
       opt_state=sharding.opt_state_logical_specs(parts.tx, abstract.opt_state, param_specs),
       ema_params=param_specs if config.ema_decay else {},
-      disc=jax.tree.map(lambda _: replicated, abstract.disc))
+      disc=jax.tree.map(lambda _: replicated, abstract.disc),
+      code_counts=jax.tree.map(lambda _: replicated, abstract.code_counts))
   return sharding.logical_to_mesh(specs, mesh)
 
 
@@ -156,14 +168,19 @@ def make_train_step(parts: Components, config):
   """(state, batch) -> (state, metrics); noise rng = fold_in(seed, step), so resume is exact.
 
   In the GAN stage the tokenizer also gets weight·hinge generator loss and the discriminator
-  takes one step on real vs reconstructed pixels.
+  takes one step on real vs reconstructed pixels. With codebook_restart_every > 0 the VQ codes
+  unused over that many steps move onto inputs of the batch (train/codebook.py).
   """
   base_key = jax.random.key(config.seed + 2)
   model, tx, stage = parts.model, parts.tx, parts.gan_stage
+  restart_every = config.get("codebook_restart_every", 0)
 
   def recon_loss_fn(params, x, rng):
-    recon, aux = model.apply({"params": params}, x, sample=True, rngs={"sample": rng})
+    (recon, aux), sown = model.apply({"params": params}, x, sample=True, rngs={"sample": rng},
+                                     mutable=["intermediates"] if restart_every else [])
     loss, metrics = losses.tokenizer_loss(x, recon, aux, config.loss, parts.perceptual_fn)
+    if restart_every:
+      metrics = {**metrics, "pools": codebook.pools(sown.get("intermediates", {}))}
     return loss, (metrics, recon)
 
   def train_step(state: TrainState, batch):
@@ -179,13 +196,18 @@ def make_train_step(parts: Components, config):
       disc, disc_metrics = stage.discriminator_step(disc, x, recon, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    counts = state.code_counts
+    if restart_every:
+      params, counts, restart_metrics = codebook.restart(
+          params, counts, metrics.pop("pools"), state.step, jax.random.fold_in(rng, 1), restart_every)
+      metrics = {**metrics, **restart_metrics}
     ema = state.ema_params
     if config.ema_decay:
       ema = optax.incremental_update(params, ema, step_size=1.0 - config.ema_decay)
     metrics = {**metrics, **disc_metrics, "grad_norm": optax.global_norm(grads),
                "lr": parts.schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema_params=ema, disc=disc), metrics
+                         ema_params=ema, disc=disc, code_counts=counts), metrics
 
   return train_step
 
