@@ -125,3 +125,28 @@ def test_attention_scales_quadratically():
 def test_every_registered_bottleneck_has_a_flop_count():
   from vitok_jax.models import bottlenecks
   assert set(bottlenecks.BOTTLENECKS) <= set(flops.BOTTLENECK_OUT_PER_CHANNEL)
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("quantizer=vq1k,c=8", 640), ("quantizer=bsq,c=10", 640), ("quantizer=msvq,c=8,codebook=16", 620),
+    ("quantizer=msbsq,c=5", 605), ("quantizer=larp,c=8,queries=64,codebook=1024", 640), ("c=10", None)])
+def test_code_bits_equal_the_bits_of_the_codes_an_encode_returns(variant, expected):
+  """Bits counted from the code arrays of a real encode (entries × log2 K, or BSQ words' bits)."""
+  import math  # pylint: disable=g-import-not-at-top
+  from vitok_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config(f"vitok:Mu-Mu/4,res=32,data=mnist,{variant}")
+  model = tokenizer.from_config(config.model, pixel_channels=1)
+  x = jnp.zeros((1, 32, 32, 1))
+  variables = flax.linen.meta.unbox(model.init(RNGS, x, sample=False))
+  _, aux, _ = model.apply(variables, x, method=model.encode)
+  bits = flops.code_bits_per_example(model, (32, 32, 1))
+  assert bits == expected
+  if "codes" not in aux:
+    return
+  codes = aux["codes"] if isinstance(aux["codes"], tuple) else (aux["codes"],)
+  if "bsq" in variant:  # uint32 words [1, ..., W], c bits per token.
+    counted = sum(math.prod(c.shape[:-1]) for c in codes) * config.model.channels
+  else:
+    codebook = config.model.codebook_size or 1024  # vq1k's default size.
+    counted = sum(c.size for c in codes) * math.log2(codebook)
+  assert counted == bits

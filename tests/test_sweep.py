@@ -105,6 +105,10 @@ def test_canonical_sweeps_expand():
   assert len(enc_dec) == 9
   steps = {(r.config.model.encoder, r.config.model.decoder): r.config.total_steps for r in enc_dec}
   assert steps[("Mu", "Mu")] > steps[("Ti", "Ti")]  # Same compute: smaller models train longer.
+  kinds = sweep.expand(sweep.load("tokenizer_kinds"))
+  assert [r.config.model.bottleneck for r in kinds] == [
+      "gaussian", "vq1k", "bsq", "msvq", "msbsq", "larp"]
+  assert {r.config.model.bottleneck: r.config.codebook_restart_every for r in kinds}["msvq"] == 50
 
 
 def test_run_local_skips_finished_runs(tmp_path, fake):

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import jax
 
 from vitok_jax.errors import ConfigError
-from vitok_jax.models import tokenizer, vit
+from vitok_jax.models import bottlenecks, multiscale, tokenizer, vit
 
 # Output features of each bottleneck's projection from the encoder width, per latent channel
 # (the Gaussian predicts mean and logvar: 2·c). Add an entry for every new bottleneck.
@@ -85,6 +85,25 @@ def tokens_per_example(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> in
 def bottleneck_floats(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> int:
   """E = N·c: floats in the latent of one example (the scaling variable of ViTok)."""
   return tokens_per_example(model, pixel_shape) * model.latent_channels
+
+
+def code_bits_per_example(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> float | None:
+  """Bits in the discrete codes of one example (None for a continuous bottleneck).
+
+  VQ: tokens × log2 K; BSQ: tokens × c; multi-scale: the tokens of every scale of the schedule;
+  LARP: N queries × log2 K. Compares tokenizer kinds at equal bits.
+  """
+  grid = _check_pixels(model, pixel_shape)
+  if model.bottleneck == "larp":
+    return model.num_queries * math.log2(model.codebook_size)
+  if model.bottleneck == "gaussian":
+    return None
+  module = bottlenecks.build(model.bottleneck, model.latent_channels, model.codebook_size)
+  tokens, bsq = math.prod(grid), isinstance(module, bottlenecks.BSQBottleneck)
+  if isinstance(module, bottlenecks.MultiScaleBottleneck):
+    tokens = multiscale.token_count(multiscale.scale_schedule(module.schedule, grid[-1]))
+    bsq = module.quantizer == "bsq"
+  return float(tokens * (model.latent_channels if bsq else math.log2(module.codebook_size)))
 
 
 def tokenizer_forward_flops(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> dict[str, int]:

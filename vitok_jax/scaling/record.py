@@ -40,6 +40,7 @@ def tokenizer_record(config: ml_collections.ConfigDict, model, params, pixel_sha
       "tokens_per_example": tokens,
       "c": model.latent_channels,
       "E": tokens * model.latent_channels,
+      "code_bits": flops.code_bits_per_example(model, pixel_shape),  # None when continuous.
       "flops_per_example": {
           "forward": forward["total"],
           "forward_parts": forward,

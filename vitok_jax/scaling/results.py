@@ -48,6 +48,7 @@ def _row(record: dict, run_id: str, status: str, swept: Sequence[str], point: di
                bottleneck=tok["bottleneck"])
   row.update({f"params_{k}": params.get(k) for k in ("encoder", "decoder", "bottleneck", "total")})
   row.update(E=(tok or record).get("E"), c=(tok or record).get("c"),
+             code_bits=record.get("code_bits"),
              tokens_per_example=record.get("tokens_per_example"),
              flops_forward=flops.get("forward", flops.get("forward_xla")),
              flops_train=flops.get("train"),
