@@ -28,14 +28,13 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitok_jax.eval import timing
 from vitok_jax.kernels import bsq_pallas
 from vitok_jax.kernels import flash_attention as flash
 from vitok_jax.kernels import masks
@@ -49,21 +48,6 @@ PEAK_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("
                   ("TPU v5 lite", 8.19e11), ("TPU v5e", 8.19e11), ("TPU v5", 2.765e12),
                   ("TPU v4", 1.228e12), ("TPU v6", 1.64e12))
 ATTENTION_IMPLS = ("pallas", "xla", "cudnn", "jax_pallas")
-
-
-def _time(fn, args, warmup: int, iters: int):
-  """Compile seconds and median run seconds of jitted fn(*args)."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return compile_s, statistics.median(times), compiled
 
 
 def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool):
@@ -120,8 +104,8 @@ def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, 
     entry = {}
     try:
       fn = _attention_fn(impl, causal=causal, block_ids=ids, interpret=interpret)
-      _, fwd_s, _ = _time(fn, (q, k, v), warmup, iters)
-      _, step_s, _ = _time(_fwd_bwd(fn), (q, k, v, do), warmup, iters)
+      _, fwd_s, _ = timing.time_jitted(fn, (q, k, v), warmup, iters)
+      _, step_s, _ = timing.time_jitted(_fwd_bwd(fn), (q, k, v, do), warmup, iters)
       entry = {"fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * step_s,
                "fwd_tflops": fwd_flops / fwd_s / 1e12,
                "fwd_bwd_tflops": 3.5 * fwd_flops / step_s / 1e12}
@@ -142,7 +126,7 @@ def _peak_bandwidth(device) -> tuple[float, str]:
     if name.lower() in kind.lower():
       return peak, f"published HBM bandwidth of {name}"
   x = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB: read once, written once.
-  _, seconds, _ = _time(lambda x: x + 1, (x,), 1, 5)
+  _, seconds, _ = timing.time_jitted(lambda x: x + 1, (x,), 1, 5)
   return 2 * x.nbytes / seconds, "measured copy bandwidth (x + 1 on 256 MiB)"
 
 
@@ -160,7 +144,7 @@ def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak):
   kernel = lambda z: bsq_pallas.bsq(z, interpret=interpret)
   result = {"tokens": tokens, "dim": dim, "dtype": jnp.dtype(dtype).name, "bytes": moved}
   for name, fn in (("pallas", kernel), ("jnp", reference.bsq)):
-    _, seconds, _ = _time(fn, (z,), warmup, iters)
+    _, seconds, _ = timing.time_jitted(fn, (z,), warmup, iters)
     result[name] = {"ms": 1e3 * seconds, "gb_per_s": moved / seconds / 1e9,
                     "fraction_of_peak": moved / seconds / peak}
   result["speedup_vs_jnp"] = result["jnp"]["ms"] / result["pallas"]["ms"]
@@ -175,7 +159,7 @@ def bench_vq(*, tokens, codes, dim, warmup, iters, interpret, peak):
             "tokens_x_codes_bytes": 4 * tokens * codes}
   kernel = lambda z, e: vq_pallas.vq_nearest(z, e, interpret=interpret)
   for name, fn in (("pallas", kernel), ("jnp", reference.vq_nearest)):
-    _, seconds, compiled = _time(fn, (z, codebook), warmup, iters)
+    _, seconds, compiled = timing.time_jitted(fn, (z, codebook), warmup, iters)
     result[name] = {"ms": 1e3 * seconds, "gb_per_s": moved / seconds / 1e9,
                     "fraction_of_peak": moved / seconds / peak,
                     "temp_bytes": _temp_bytes(compiled)}

@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
-import time
 
 import flax.linen as nn
 import jax
@@ -29,22 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitok_jax.errors import ConfigError
+from vitok_jax.eval import timing
 from vitok_jax.models import dit, flow, vit
-
-
-def _time(fn, args, warmup: int, iters: int):
-  """Compile seconds and median run seconds of jitted fn(*args)."""
-  start = time.perf_counter()
-  compiled = jax.jit(fn).lower(*args).compile()
-  compile_s = time.perf_counter() - start
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return compile_s, statistics.median(times)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -123,8 +107,8 @@ def main(argv=None):
     labels_B = jnp.arange(batch, dtype=jnp.int32) % args.num_classes
     baseline_s = None
     for name, steps, nfe, sampler in _samplers(args):
-      compile_s, run_s = _time(lambda p, n, lab, s=sampler: run(s, p, n, lab),
-                               (params, noise, labels_B), args.warmup, args.iters)
+      compile_s, run_s, _ = timing.time_jitted(lambda p, n, lab, s=sampler: run(s, p, n, lab),
+                                               (params, noise, labels_B), args.warmup, args.iters)
       baseline_s = baseline_s or run_s
       row = {"batch": batch, "sampler": name, "steps": steps, "nfe": nfe,
              "ms_per_batch": 1e3 * run_s, "ms_per_sample": 1e3 * run_s / batch,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import time
 from typing import Any, Callable
@@ -17,7 +18,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from vitok_jax import config_lib
 from vitok_jax.config_lib import require, require_choice
+from vitok_jax.train import checkpoint
 
 
 def validate_run(config) -> None:
@@ -45,6 +48,28 @@ class TrainState:
   disc: Any = flax.struct.field(default_factory=dict)  # gan.DiscState in the GAN stage, else {}.
   # Per-codebook code counts since the last dead-code restart (train/codebook.py), else {}.
   code_counts: Any = flax.struct.field(default_factory=dict)
+
+
+def eval_params(state: TrainState, config):
+  """The params a run evaluates and records: the EMA copy when config.ema_decay > 0."""
+  return state.ema_params if config.ema_decay else state.params
+
+
+def start(config, workdir: str) -> bool:
+  """Writes config.json on the main process (the record of what ran); returns is_main."""
+  is_main = jax.process_index() == 0
+  if is_main:
+    config_lib.save_config(config, workdir)
+  return is_main
+
+
+def resume(workdir: str, state: TrainState, keep: int):
+  """(Checkpointer of workdir/checkpoints, state restored from its latest step if there is one)."""
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
+  if (latest := ckpt.latest_step()) is not None:
+    state = ckpt.restore(latest, state)
+    logging.info("Resumed from step %d in %s", latest, ckpt.directory)
+  return ckpt, state
 
 
 class Preemption:

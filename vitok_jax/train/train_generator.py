@@ -255,28 +255,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Runs (or resumes) generator training; returns the run record, None when pre-empted."""
   validate(config)
   start_time = time.time()
-  is_main = jax.process_index() == 0
-  if is_main:
-    config_lib.save_config(config, workdir)
+  is_main = loop.start(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   family, train_arrays, eval_arrays, state, train_step, _ = setup(config, mesh)
   logging.info("%s/%s: %d params on %s; %d training examples", config.model.family,
                config.model.size, vit.param_count(state.params), dict(mesh.shape),
                len(train_arrays["labels"]))
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
-  if (latest := ckpt.latest_step()) is not None:
-    state = ckpt.restore(latest, state)
-    logging.info("Resumed from step %d in %s", latest, ckpt.directory)
+  ckpt, state = loop.resume(workdir, state, config.keep_ckpts)
   batches = Batches(train_arrays, config.batch_size, config.seed, start_batch=int(state.step),
                     process_index=jax.process_index(), process_count=jax.process_count())
   batch_sharding = mesh_lib.batch_sharding(mesh)
   writer = metrics_writer.MetricWriter(workdir) if is_main else None
 
-  def params_of(state):
-    return state.ema_params if config.ema_decay else state.params
-
   def evaluate_state(state, step):
-    return evaluate(family, params_of(state), config, eval_arrays, image_path=(
+    return evaluate(family, loop.eval_params(state, config), config, eval_arrays, image_path=(
         os.path.join(workdir, "images", f"samples_{step:07d}") if is_main else None))
 
   try:
@@ -288,7 +280,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   if result.preempted:
     return None
   eval_metrics = result.eval_metrics or evaluate_state(result.state, int(result.state.step))
-  record = generator_record(config, family, params_of(result.state), wall_time=time.time() - start_time,
+  record = generator_record(config, family, loop.eval_params(result.state, config), wall_time=time.time() - start_time,
                             metrics=eval_metrics, workdir=workdir,
                             examples_per_sec=result.examples_per_sec,
                             example=_example(train_arrays))
@@ -309,7 +301,7 @@ def sample_workdir(workdir: str, num_samples: int, out: str = "", **overrides) -
     raise config_lib.ConfigError(f"{workdir} has no checkpoint; train it first")
   state = ckpt.restore(step, state)
   ckpt.close()
-  params = state.ema_params if config.ema_decay else state.params
+  params = loop.eval_params(state, config)
   labels = sample_labels(num_samples, config.model.num_classes)
   sample_fn = lambda p, l, r: family.sample(p, l, r, **overrides)
   pixels, seconds = generate(sample_fn, params, labels, config, jax.random.key(config.seed + 13))

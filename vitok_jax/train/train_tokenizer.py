@@ -331,10 +331,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   or None when pre-empted (a checkpoint was saved; the same command resumes)."""
   validate(config)
   start_time = time.time()
-  is_main = jax.process_index() == 0
-  if is_main:
-    config_lib.save_config(config, workdir)
-
+  is_main = loop.start(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -343,10 +340,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   logging.info("Mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
-  if (latest := ckpt.latest_step()) is not None:
-    state = ckpt.restore(latest, state)
-    logging.info("Resumed from step %d in %s", latest, ckpt.directory)
+  ckpt, state = loop.resume(workdir, state, config.keep_ckpts)
   first_step = int(state.step)
   # The training stream is a function of (seed, global batch index): resume at the step.
   train_iter = data.build_iterator(config.data, split="train", batch_size=local_batch,
@@ -357,7 +351,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   image_dir = os.path.join(workdir, "images")
 
   def evaluate_state(state, step):
-    params = state.ema_params if config.ema_decay else state.params
+    params = loop.eval_params(state, config)
     return evaluate(eval_step, params, config, mesh, workdir=workdir, image_path=(
         os.path.join(image_dir, f"recon_{step:07d}") if is_main else None))
 
@@ -374,7 +368,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   state, eval_metrics, last_rate = result.state, result.eval_metrics, result.examples_per_sec
 
   if not eval_metrics:  # Nothing left to train (a finished run re-launched): evaluate the final state.
-    params = state.ema_params if config.ema_decay else state.params
+    params = loop.eval_params(state, config)
     eval_metrics = evaluate(eval_step, params, config, mesh, workdir=workdir)
   record = record_lib.tokenizer_record(
       config, model, jax.eval_shape(lambda p: p, state.params), pixel_shape(config),
@@ -398,7 +392,7 @@ def restore_params(workdir: str, config, mesh):
   shardings = state_shardings(parts, config, mesh)
   state = ckpt.restore(step, loop.with_shardings(abstract_state(parts, config), shardings))
   ckpt.close()
-  return step, (state.ema_params if config.ema_decay else state.params), shardings
+  return step, (loop.eval_params(state, config)), shardings
 
 
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
