@@ -181,3 +181,22 @@ def test_vitok_eval_adds_fid_mnist_to_the_record(tmp_path):
   metrics = train_tokenizer.evaluate_workdir(workdir, metrics=("fid_mnist",))
   assert metrics["step"] == 4 and metrics["eval/fid_mnist"] > 0
   assert record_lib.read(workdir)["metrics"]["eval/fid_mnist"] == metrics["eval/fid_mnist"]
+
+
+def test_checkpoint_from_before_a_new_empty_state_field_restores(tmp_path):
+  """A checkpoint written before TrainState.code_counts existed restores into today's state."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vitok_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  old = dict(step=jnp.int32(7), params={"w": jnp.arange(3.0)}, opt_state=(jnp.zeros(3),),
+             ema_params={}, disc={})
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+  ckpt.save(7, old)
+  target = loop.TrainState(step=jnp.int32(0), params={"w": jnp.zeros(3)},
+                           opt_state=(jnp.ones(3),), ema_params={})
+  restored = ckpt.restore(7, target)
+  assert int(restored.step) == 7 and restored.code_counts == {}
+  np.testing.assert_array_equal(restored.params["w"], [0.0, 1.0, 2.0])
+  # A real mismatch is still the clear error.
+  with pytest.raises(ConfigError, match="does not match this config"):
+    ckpt.restore(7, target.replace(params={"w": jnp.zeros(4)}))
+  ckpt.close()

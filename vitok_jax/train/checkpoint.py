@@ -6,6 +6,7 @@ the data iterator resumes, on any number of processes.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import orbax.checkpoint as ocp
@@ -35,18 +36,34 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state):
     """Restores into the shapes, dtypes and shardings of `abstract_state` (arrays or
-    jax.ShapeDtypeStruct with .sharding), whatever mesh the checkpoint was written from."""
+    jax.ShapeDtypeStruct with .sharding), whatever mesh the checkpoint was written from.
+
+    A state field that is empty in `abstract_state` (e.g. TrainState.code_counts without codebook
+    restart) may be absent from a checkpoint written before the field existed.
+    """
     try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+      return self._restore(step, abstract_state)
     except ValueError as e:
       if "do not match" not in str(e) and "shape" not in str(e):
         raise
+      fields = ({f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
+                if dataclasses.is_dataclass(abstract_state) else {})
+      on_disk = set(self.manager.item_metadata(step).state.keys())
+      missing = [k for k in fields if k not in on_disk]
+      if missing and all(fields[k] == {} for k in missing):
+        try:
+          present = self._restore(step, {k: v for k, v in fields.items() if k in on_disk})
+          return abstract_state.replace(**present)
+        except ValueError:
+          pass
       raise ConfigError(
           f"checkpoint step {step} in {self.directory} does not match this config (model or "
           f"optimizer changed since it was written); use a new --workdir or the run's own config "
           f"({os.path.dirname(self.directory)}/config.json)") from e
-    return restored.state
+
+  def _restore(self, step: int, abstract_state):
+    return self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))).state
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
