@@ -5,13 +5,13 @@ get_config(arg) takes a variant string: "FAMILY/SIZE" then key=value options, e.
   "llamagen/L,tokenizer=runs/vq16k"           LlamaGen-L next-token AR on VQ codes
   "var/d16,tokenizer=runs/msvq"               VAR-d16 next-scale prediction on multi-scale VQ codes
   "infinity/d16,tokenizer=runs/msbsq"         Infinity bitwise AR on multi-scale BSQ (self-correction)
-  "dit/Mi,tokenizer=runs/quickstart,steps=3000,lr=1e-3,batch=64"   tiny CPU run on bundled MNIST
+  "dit/Mi,steps=3000,lr=1e-3,batch=64"   tiny CPU run on the quickstart sweep's c=4 tokenizer
 Sizes: vitok_jax.models.vit.GENERATOR_SIZES. Which tokenizer bottleneck each family needs is in
 vitok_jax.train.generators.FAMILIES. Defaults are the published ones (REFERENCE.md): AdamW
 β=(0.9, 0.95), lr 1e-4 × batch/256; DiT: logit-normal t, label dropout 0.1, Heun sampling, CFG;
 LlamaGen: CFG 2.0; VAR: CFG ramped over the scales; Infinity: bit flips up to 0.3.
 
-  vitok train --config generator:"dit/Mi,tokenizer=runs/quickstart" --workdir runs/dit
+  vitok train --config generator --workdir runs/dit    (after `vitok sweep quickstart`)
 """
 import os
 
@@ -21,8 +21,9 @@ from vitok_jax import config_lib
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.train import train_generator
 
-# The embedded default: DiT-Mi on the quickstart tokenizer (`vitok train --workdir runs/quickstart`).
-DEFAULT = "dit/Mi,tokenizer=runs/quickstart,batch=64,steps=3000,lr=1e-3"
+# The embedded default: DiT-Mi on the c=4 tokenizer of `vitok sweep quickstart` (used whenever no
+# tokenizer=WORKDIR is given).
+DEFAULT = "dit/Mi,batch=64,steps=3000,lr=1e-3"
 
 OPTIONS = {
     "tokenizer": "tokenizer",
@@ -90,8 +91,8 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
     _set_model(config, head, arg)
   config_lib.apply_options(config, options, OPTIONS, arg)
   config.optim.warmup_steps = min(config.optim.warmup_steps, max(config.total_steps // 10, 1))
-  if config.tokenizer:  # Absolute, so a launched run finds it from any directory.
-    config.tokenizer = os.path.abspath(config.tokenizer)
+  # Absolute, so a launched run finds it from any directory.
+  config.tokenizer = os.path.abspath(config.tokenizer or config_lib.quickstart_tokenizer())
   train_generator.validate(config)
   return config
 

@@ -67,6 +67,19 @@ def test_every_family_trains_samples_and_writes_its_record(family, tokenizer_dir
   assert on_disk["tokenizer"]["bottleneck"] == FAMILY_TOKENIZER[family]
 
 
+def test_dit_with_the_shortcut_objective_trains_and_scores_its_few_step_samplers(
+    tokenizer_dirs, tmp_path):
+  config = generator_config("dit", tokenizer_dirs["gaussian"], steps=3,
+                            **{"objective.shortcut": True})
+  config.log_every = 3
+  record = train_generator.train(config, str(tmp_path / "sc"))
+  rows = [r for r in read_jsonl(str(tmp_path / "sc" / "metrics.jsonl")) if "loss" in r]
+  assert np.isfinite(rows[-1]["flow_loss"]) and np.isfinite(rows[-1]["bootstrap_loss"])
+  for steps in config.sample.few_steps:
+    assert 0.0 <= record["metrics"][f"gen/shortcut{steps}/class_accuracy"] <= 1.0
+    assert record["metrics"][f"gen/shortcut{steps}/ms_per_sample"] > 0
+
+
 def test_store_holds_latents_and_is_cached(tokenizer_dirs):
   gaussian = codes.load_or_tokenize(tokenizer_dirs["gaussian"], "eval")
   assert gaussian["latents"].shape[1:] == (64, 4) and "codes" not in gaussian
@@ -118,13 +131,17 @@ def test_resumed_run_equals_an_uninterrupted_one(tokenizer_dirs, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *params)
 
 
-def test_config_errors_name_the_field(tokenizer_dirs, tmp_path):
+def test_config_errors_name_the_field(tokenizer_dirs, tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="FAMILY/SIZE"):
     config_lib.load_config("generator:gan/B,tokenizer=x")
   with pytest.raises(ConfigError, match="model.size"):
     config_lib.load_config("generator:dit/d16,tokenizer=x")
-  with pytest.raises(ConfigError, match="tokenizer is empty"):
+  monkeypatch.chdir(tmp_path)  # No quickstart sweep here: no default tokenizer either.
+  with pytest.raises(ConfigError, match="run `vitok sweep quickstart` first"):
     config_lib.load_config("generator:dit/Mu")
+  c4 = tmp_path / "runs" / "quickstart" / "runs" / "c4-0123456789"
+  c4.mkdir(parents=True)
+  assert config_lib.load_config("generator:dit/Mu").tokenizer == str(c4)
   with pytest.raises(ConfigError, match="needs a tokenizer with bottleneck in"):
     train_generator.train(generator_config("llamagen", tokenizer_dirs["gaussian"]), str(tmp_path))
   with pytest.raises(ConfigError, match="is not a run directory"):

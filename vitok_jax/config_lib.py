@@ -5,6 +5,7 @@ a model part then `key=value` options: "S-B/16,c=16,res=256,data=imagenet".
 """
 from __future__ import annotations
 
+import glob
 import importlib.util
 import json
 import os
@@ -115,3 +116,17 @@ def require(condition: bool, message: str) -> None:
 
 def require_choice(value, field: str, allowed) -> None:
   require(value in allowed, f"{field}={value!r} is not allowed; use one of {list(allowed)}")
+
+
+# The embedded default's tokenizer for generators: the c=4 run of `vitok sweep quickstart`.
+QUICKSTART_TOKENIZER = "runs/quickstart/runs/c4-*"
+
+
+def quickstart_tokenizer() -> str:
+  """The workdir of the quickstart sweep's c=4 tokenizer (relative to the current directory)."""
+  found = sorted(glob.glob(QUICKSTART_TOKENIZER))
+  if not found:
+    raise ConfigError(f"no tokenizer=WORKDIR given and no quickstart tokenizer at "
+                      f"{QUICKSTART_TOKENIZER}: run `vitok sweep quickstart` first, or pass "
+                      f"tokenizer=<a trained tokenizer's workdir>")
+  return found[-1]

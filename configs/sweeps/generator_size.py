@@ -9,24 +9,14 @@ compute), with the class accuracy and FID-MNIST of its samples in the table.
   vitok sweep generator_size --sweep_dir runs/generator_size
   vitok sweep generator_size:runs/my_tokenizer --sweep_dir runs/generator_size_mine
 """
-import glob
-
 import ml_collections
 
-from vitok_jax.errors import ConfigError
-
-QUICKSTART_C4 = "runs/quickstart/runs/c4-*"
+from vitok_jax import config_lib
 
 
 def get_config(arg: str = ""):
   """arg: the tokenizer's workdir (default: the quickstart sweep's c=4 run)."""
-  tokenizer = arg
-  if not tokenizer:
-    found = sorted(glob.glob(QUICKSTART_C4))
-    if not found:
-      raise ConfigError(f"no tokenizer given and none at {QUICKSTART_C4}: run `vitok sweep "
-                        "quickstart` first, or pass one: `vitok sweep generator_size:WORKDIR`")
-    tokenizer = found[-1]
+  tokenizer = arg or config_lib.quickstart_tokenizer()
   sweep = ml_collections.ConfigDict()
   sweep.name = "generator_size"
   sweep.base = (f"generator:dit/Mu,tokenizer={tokenizer},patch=2,batch=64,steps=600,lr=4e-3,"

@@ -169,7 +169,8 @@ class DiTFamily(Family):
     labels = dit.drop_labels(r_drop, batch["labels"], m.num_classes, m.class_dropout)
     apply = self._apply(params)
     if objective.shortcut:
-      return flow.shortcut_loss(apply, batch["x"], r_flow, cond=labels, t_kind=objective.t_sampling)
+      return flow.shortcut_loss(lambda x, t, d, cond: apply(x, t, cond, d), batch["x"], r_flow,
+                                cond=labels, t_kind=objective.t_sampling)
     return flow.flow_matching_loss(lambda x, t: apply(x, t, labels), batch["x"], r_flow,
                                    objective.t_sampling)
 

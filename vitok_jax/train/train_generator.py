@@ -44,7 +44,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   size_family = generators.FAMILIES[m.family].size_family
   require_choice(m.size, f"model.size (the {size_family} table)", vit.GENERATOR_SIZES[size_family])
   require(bool(config.tokenizer), "config.tokenizer is empty; set it to a trained tokenizer's "
-          "workdir, e.g. tokenizer=runs/quickstart")
+          "workdir, e.g. tokenizer=runs/quickstart/runs/c4-…")
   require(m.num_classes >= 1, f"model.num_classes must be >= 1, got {m.num_classes}")
   require(0.0 <= m.class_dropout < 1.0, f"model.class_dropout must be in [0, 1), got {m.class_dropout}")
   require(m.patch in (1, 2, 4), f"model.patch must be 1, 2 or 4, got {m.patch}")
