@@ -86,8 +86,12 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   # and larp_prior (AR prior CE) 0.06 as in LARP. Unused terms are simply not returned.
   config.loss = ml_collections.ConfigDict(dict(
       l2=1.0, l1=0.1, lpips=0.0, kl=1e-3, commit=0.25, codebook=1.0, vq_entropy=0.0,
-      bsq_entropy=0.1, larp_vq=0.1, larp_prior=0.06))
-  config.perceptual = ml_collections.ConfigDict(dict(lpips_weights=""))
+      bsq_entropy=0.1, larp_vq=0.1, larp_prior=0.06, trepa=0.0))
+  # TREPA (LatentSync, video only): loss.trepa = 10 with perceptual.trepa_weights, a VideoMAE-v2
+  # .npz of size trepa_size ("g/14" as LatentSync; "Mu/8" for CPU smoke runs), clips resized to
+  # trepa_resolution (224).
+  config.perceptual = ml_collections.ConfigDict(dict(
+      lpips_weights="", trepa_weights="", trepa_size="g/14", trepa_resolution=224))
   # Stage 2 (ViTok): gan.enabled=True, init_from=<stage-1 workdir>; decoder fine-tuned, encoder frozen.
   config.gan = gan.default_config()
   config.init_from = ""

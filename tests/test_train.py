@@ -154,6 +154,32 @@ def test_video_tokenizer_trains_on_real_pixel_clips_and_writes_a_strip(tmp_path)
   assert rows[-1]["l2"] < rows[0]["l2"]
 
 
+def test_video_tokenizer_trains_with_the_trepa_loss(tmp_path):
+  """TREPA (frozen VideoMAE features of recon vs real clips) in the loss; random small weights."""
+  from vitok_jax.models.perceptual import videomae, weights  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "videomae_mu8.npz")
+  weights.save(path, videomae.init_params(jax.random.key(0), videomae.SIZES["Mu/8"]))
+  spec = "vitok:Mu-Mu/2x4,c=8,frames=4,res=16,data=moving_mnist,batch=8,lr=2e-3,steps=4"
+  config = config_lib.load_config(spec)
+  config.log_every, config.eval_every, config.ckpt_every, config.eval_examples = 2, 100, 100, 16
+  config.loss.trepa = 10.0
+  config.perceptual.update(trepa_weights=path, trepa_size="Mu/8", trepa_resolution=16)
+  train_tokenizer.validate(config)
+  train_tokenizer.train(config, str(tmp_path / "run"))
+  rows = [r for r in read_jsonl(str(tmp_path / "run" / "metrics.jsonl")) if "loss" in r]
+  assert all(np.isfinite(r["trepa"]) and r["trepa"] > 0 for r in rows)
+  for r in rows:  # The total includes 10 × TREPA.
+    rest = r["loss"] - 10.0 * r["trepa"] - r["l2"] - 0.1 * r["l1"] - 1e-3 * r["kl"]
+    assert abs(rest) < 1e-4 * max(1.0, r["loss"])
+  image = config_lib.load_config("vitok:Mu-Mu/4,c=8,res=16,data=mnist")
+  image.loss.trepa, image.perceptual.trepa_weights = 10.0, path
+  with pytest.raises(ConfigError, match="temporal loss for video"):
+    train_tokenizer.validate(image)
+  config.perceptual.trepa_weights = ""
+  with pytest.raises(ConfigError, match="needs perceptual.trepa_weights"):
+    train_tokenizer.validate(config)
+
+
 def test_gan_stage_fine_tunes_the_decoder_from_stage_one_with_the_encoder_frozen(tmp_path):
   stage1 = str(tmp_path / "stage1")
   train_tokenizer.train(tiny_config(steps=6), stage1)

@@ -28,7 +28,7 @@ from vitok_jax.config_lib import require, require_choice
 from vitok_jax.errors import DataError
 from vitok_jax.eval import perceptual_metrics, reconstruction, visualize
 from vitok_jax.models import bottlenecks, tokenizer, vit
-from vitok_jax.models.perceptual import lpips
+from vitok_jax.models.perceptual import lpips, videomae
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.parallel import sharding
 from vitok_jax.scaling import record as record_lib
@@ -44,6 +44,7 @@ class Components:
   schedule: Any
   gan_stage: gan.GANStage | None
   perceptual_fn: Any  # (x, recon) -> [B] LPIPS, when loss.lpips > 0.
+  trepa_fn: Any = None  # (recon, x) -> scalar TREPA on clips, when loss.trepa > 0.
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -93,6 +94,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(weight >= 0, f"loss.{name} must be >= 0, got {weight}")
   require(config.loss.lpips == 0 or config.perceptual.lpips_weights,
           "loss.lpips > 0 needs perceptual.lpips_weights: a file made by tools/convert_lpips.py")
+  if config.loss.get("trepa", 0.0) > 0:
+    require(video, f"loss.trepa > 0 is a temporal loss for video (data.frames > 1), got "
+            f"frames={d.frames}; set loss.trepa=0 for images")
+    require(config.perceptual.trepa_weights, "loss.trepa > 0 needs perceptual.trepa_weights: a "
+            "VideoMAE-v2 .npz (videomae.params_from_torch + weights.save)")
+    require_choice(config.perceptual.trepa_size, "perceptual.trepa_size", videomae.SIZES)
   for name in config.eval.metrics:
     require_choice(name, "eval.metrics entry", perceptual_metrics.METRICS)
   require(not config.init_from or os.path.isdir(config.init_from),
@@ -119,10 +126,14 @@ def build_components(config, *, with_losses: bool = True) -> Components:
     example = jax.ShapeDtypeStruct((1, *pixel_shape(config)), jnp.float32)
     params = nn.meta.unbox(jax.eval_shape(functools.partial(_init_boxed_params, model, config), example))
     tx = gan.freeze_encoder(tx, params)
-  perceptual_fn = None
+  perceptual_fn = trepa_fn = None
   if with_losses and config.loss.lpips > 0:
     perceptual_fn = lpips.load_perceptual_fn(config.perceptual.lpips_weights)
-  return Components(model, tx, schedule, stage, perceptual_fn)
+  if with_losses and config.loss.get("trepa", 0.0) > 0:
+    p = config.perceptual
+    trepa = videomae.load_trepa_fn(p.trepa_weights, p.trepa_size)
+    trepa_fn = lambda recon, x: trepa(recon, x, resolution=p.trepa_resolution)
+  return Components(model, tx, schedule, stage, perceptual_fn, trepa_fn)
 
 
 def init_state(parts: Components, config, example_BX) -> TrainState:
@@ -178,7 +189,8 @@ def make_train_step(parts: Components, config):
   def recon_loss_fn(params, x, rng):
     (recon, aux), sown = model.apply({"params": params}, x, sample=True, rngs={"sample": rng},
                                      mutable=["intermediates"] if restart_every else [])
-    loss, metrics = losses.tokenizer_loss(x, recon, aux, config.loss, parts.perceptual_fn)
+    loss, metrics = losses.tokenizer_loss(x, recon, aux, config.loss, parts.perceptual_fn,
+                                          parts.trepa_fn)
     if restart_every:
       metrics = {**metrics, "pools": codebook.pools(sown.get("intermediates", {}))}
     return loss, (metrics, recon)
