@@ -103,3 +103,17 @@ def test_torch_state_dict_round_trip(params):
   back = videomae.params_from_torch({**state, "head.weight": np.zeros(1)}, SIZE)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(jax.tree.map(np.asarray, params))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_converter_cli_reads_a_nested_torch_checkpoint(params, tmp_path):
+  torch = pytest.importorskip("torch")
+  from tools import convert_videomae  # pylint: disable=g-import-not-at-top
+  state = {k: torch.from_numpy(np.array(v)) for k, v in videomae.params_to_torch(params, SIZE).items()}
+  state["head.weight"] = torch.zeros(3, SIZE.width)  # The classifier head is dropped.
+  torch.save({"module": state}, tmp_path / "videomae.pth")
+  convert_videomae.main(["--pth", str(tmp_path / "videomae.pth"), "--size", "Mu/8",
+                         "--out", str(tmp_path / "videomae.npz")])
+  real = np.random.default_rng(3).uniform(-1, 1, (1, 4, 16, 16, 3)).astype(np.float32)
+  trepa = videomae.load_trepa_fn(str(tmp_path / "videomae.npz"), "Mu/8")
+  want = videomae.trepa_loss(params, SIZE, real * 0.5, real, resolution=16)
+  np.testing.assert_allclose(trepa(real * 0.5, real, resolution=16), want, rtol=1e-6)

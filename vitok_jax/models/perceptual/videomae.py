@@ -29,8 +29,8 @@ from vitok_jax.models.perceptual import resize, weights
 RESOLUTION = 224
 LN_EPS = 1e-6
 TREPA_WEIGHT = 10.0  # LatentSync's trepa_loss_weight.
-HOW_TO_CONVERT = ("no converter yet: map vit_g_hybrid_pt_1200e_ssv2_ft.pth with "
-                  "videomae.params_from_torch and weights.save")
+HOW_TO_CONVERT = ("python tools/convert_videomae.py --pth vit_g_hybrid_pt_1200e_ssv2_ft.pth "
+                  "--size g/14 --out videomae_g14.npz")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,8 +46,10 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   state = torch.load(path, map_location="cpu", weights_only=False)
   if hasattr(state, "state_dict"):  # A pickled or scripted module rather than its state dict.
     state = state.state_dict()
-  if "state_dict" in state:
-    state = state["state_dict"]
+  for key in ("state_dict", "module", "model"):  # Training checkpoints nest the weights.
+    if isinstance(state, dict) and isinstance(state.get(key), dict):
+      state = state[key]
+      break
   return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
 
 
