@@ -41,6 +41,7 @@ OPTIONS = {
     # VQ dead-code restart: codes unused for N steps move onto batch inputs (0 = off).
     "restart": "codebook_restart_every",
     "codebook": "model.codebook_size",
+    "codebook_ema": "codebook_ema",
     # LARP (quantizer=larp): N learned query tokens, e.g. "Mu-Mi/4,c=8,quantizer=larp,queries=32".
     "queries": "model.num_queries",
 }
@@ -70,6 +71,7 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config.ema_decay = 0.0           # 0 disables EMA params; e.g. 0.999.
   config.num_visualize = 8         # Originals vs reconstructions in each eval grid.
   config.codebook_restart_every = 0  # VQ/msvq: restart codes unused over this many steps (0 = off).
+  config.codebook_ema = 0.0          # VQ/msvq: EMA codebook decay, e.g. 0.99 (0 = off).
 
   config.model = ml_collections.ConfigDict(dict(
       encoder="S", decoder="B", patch=(16, 16), channels=16, bottleneck="gaussian",

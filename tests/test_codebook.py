@@ -1,4 +1,4 @@
-"""Dead-code restart (train/codebook.py): counting window, which rows move, and in the trainer."""
+"""Codebook maintenance (train/codebook.py): restart window and rows, EMA updates, in the trainer."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,8 +19,9 @@ def test_restart_moves_only_codes_unused_over_the_window():
   rng = jax.random.key(0)
   used = [jnp.array([0, 0, 1, 1]), jnp.array([2, 0, 0, 0]), jnp.array([0, 1, 0, 0])]
   for step, index in enumerate(used):
-    params, counts, metrics = codebook.restart(params, counts, {"q": (vectors, index)},
-                                               jnp.int32(step), rng, every)
+    params, counts, _, metrics = codebook.update(params, counts, {}, {"q": (vectors, index)},
+                                                 jnp.int32(step), rng, restart_every=every,
+                                                 ema_decay=0.0)
     if step < every - 1:  # Counting only.
       np.testing.assert_array_equal(params["q"]["codebook"], codebook_KD)
       assert float(metrics["q/restarted"]) == 0
@@ -32,6 +33,52 @@ def test_restart_moves_only_codes_unused_over_the_window():
   assert float(metrics["q/restarted"]) == 3 and float(metrics["q/window_usage"]) == 0.5
   np.testing.assert_array_equal(counts["q"], 0)
   np.testing.assert_array_equal(params["other"]["kernel"], 1)
+
+
+def test_ema_update_equals_numpy_and_a_restart_resets_the_ema_sum():
+  K, D, decay = 4, 2, 0.9
+  codebook_KD = jnp.asarray(np.random.default_rng(0).normal(size=(K, D)), jnp.float32)
+  params = {"q": {"codebook": codebook_KD}}
+  z = np.array([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0]], np.float32)
+  index = np.array([0, 0, 2])
+  ema = codebook.init_ema(params)
+  new, counts, ema, metrics = codebook.update(
+      params, codebook.init_counts(params), ema, {"q": (jnp.asarray(z), jnp.asarray(index))},
+      jnp.int32(0), jax.random.key(0), restart_every=1, ema_decay=decay)
+  hist = np.array([2.0, 0.0, 1.0, 0.0])
+  want_counts = (1 - decay) * hist
+  want_sums = decay * np.asarray(codebook_KD) + (1 - decay) * np.stack(
+      [z[:2].sum(0), np.zeros(2), z[2], np.zeros(2)])
+  n, eps = want_counts.sum(), 1e-5
+  smoothed = (want_counts + eps) / (n + K * eps) * n
+  np.testing.assert_allclose(ema["q"]["counts"], want_counts, rtol=1e-6)
+  # Codes 1 and 3 were unused in the window (restart_every=1): they moved onto batch inputs, and
+  # their EMA sums were reset so that sums / smoothed counts is the new code.
+  got = np.asarray(new["q"]["codebook"])
+  for k in (0, 2):
+    np.testing.assert_allclose(got[k], want_sums[k] / smoothed[k], rtol=1e-5)
+    np.testing.assert_allclose(ema["q"]["sums"][k], want_sums[k], rtol=1e-6)
+  for k in (1, 3):
+    assert any(np.allclose(got[k], row) for row in z)
+    np.testing.assert_allclose(np.asarray(ema["q"]["sums"][k]) / smoothed[k], got[k], rtol=1e-5)
+  assert float(metrics["q/restarted"]) == 2
+
+
+def test_trainer_step_sets_the_codebook_to_its_ema_statistics():
+  config = config_lib.load_config("vitok:Mu-Mu/4,c=4,res=16,data=mnist,batch=8,quantizer=vq1k,"
+                                  "codebook=64,codebook_ema=0.9")
+  parts = train_tokenizer.build_components(config)
+  x = jax.random.uniform(jax.random.key(0), (8, 16, 16, 1), minval=-1, maxval=1)
+  state = train_tokenizer.init_state(parts, config, x[:1])
+  step = jax.jit(train_tokenizer.make_train_step(parts, config))
+  for _ in range(2):
+    state, _ = step(state, {"image": x})
+  stats = state.codebook_ema["bottleneck/quantizer"]
+  assert float(stats["counts"].sum()) > 0
+  from vitok_jax.models import quantizers  # pylint: disable=g-import-not-at-top
+  np.testing.assert_allclose(state.params["bottleneck"]["quantizer"]["codebook"],
+                             stats["sums"] / quantizers.laplace_smoothed(stats["counts"])[:, None],
+                             rtol=1e-5)
 
 
 def test_multiscale_vq_sows_every_scale_residual():
@@ -61,5 +108,7 @@ def test_trainer_restarts_a_collapsed_multiscale_codebook(tmp_path):
 def test_restart_and_codebook_size_need_a_learned_codebook():
   with pytest.raises(ConfigError, match="learned codebook"):
     config_lib.load_config("vitok:Mu-Mu/4,c=4,res=16,data=mnist,quantizer=bsq,restart=10")
+  with pytest.raises(ConfigError, match="learned codebook"):
+    config_lib.load_config("vitok:Mu-Mu/4,c=4,res=16,data=mnist,codebook_ema=0.99")
   with pytest.raises(ConfigError, match="learned codebook"):
     config_lib.load_config("vitok:Mu-Mu/4,c=4,res=16,data=mnist,codebook=512")

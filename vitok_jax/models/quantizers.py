@@ -102,12 +102,17 @@ def ema_update(ema_counts_K, ema_sums_KD, z_ND, index_N, decay: float = 0.99, ep
   collection and writes the codebook back instead of a gradient step.
   """
   codebook_size = ema_counts_K.shape[0]
-  onehot_NK = jax.nn.one_hot(index_N, codebook_size, dtype=jnp.float32)
+  onehot_NK = jax.nn.one_hot(index_N.reshape(-1), codebook_size, dtype=jnp.float32)
+  z_ND = z_ND.reshape(-1, z_ND.shape[-1]).astype(jnp.float32)
   counts_K = decay * ema_counts_K + (1 - decay) * onehot_NK.sum(0)
-  sums_KD = decay * ema_sums_KD + (1 - decay) * onehot_NK.T @ z_ND.astype(jnp.float32)
+  sums_KD = decay * ema_sums_KD + (1 - decay) * onehot_NK.T @ z_ND
+  return counts_K, sums_KD, sums_KD / laplace_smoothed(counts_K, eps)[:, None]
+
+
+def laplace_smoothed(counts_K, eps: float = 1e-5):
+  """(counts + ε) / (n + K·ε) · n with n = Σ counts: no code's count is 0 (VQ-VAE-2 / sonnet)."""
   total = counts_K.sum()
-  smoothed_K = (counts_K + eps) / (total + codebook_size * eps) * total
-  return counts_K, sums_KD, sums_KD / smoothed_K[:, None]
+  return (counts_K + eps) / (total + counts_K.shape[0] * eps) * total
 
 
 def restart_dead_codes(codebook_KD, usage_K, z_ND, rng, threshold: float = 1e-3):

@@ -1,10 +1,16 @@
-"""Dead-code restart for learned VQ codebooks (VQ, multi-scale VQ), inside the jitted train step.
+"""Codebook maintenance for learned VQ codebooks (VQ, multi-scale VQ) inside the jitted train step:
+EMA updates (VQ-VAE-2) and dead-code restart.
 
 Every `VectorQuantizer.nearest` call sows its inputs and chosen codes (flax "intermediates",
-name "code_pool") when the step asks for them. The train state keeps, per codebook, a count of how
-often each code was chosen since the last restart; every `every` steps the codes never chosen in
-that window are moved onto random inputs of the current batch (`quantizers.restart_dead_codes`),
-and the counts start again. The window usage is logged as `<path>/window_usage`.
+name "code_pool") when the step asks for them.
+- EMA (config.codebook_ema = decay > 0): per codebook the state keeps EMA code counts and sums of
+  the inputs assigned to each code; after the optimizer step the codebook is set to
+  sums / Laplace-smoothed counts (`quantizers.ema_update`), replacing its gradient update.
+- Restart (config.codebook_restart_every = N > 0): the state counts how often each code was chosen
+  since the last restart; every N steps the codes never chosen in that window move onto random
+  inputs of the current batch (`quantizers.restart_dead_codes`), and the counts start again. With
+  EMA too, a restarted code's EMA sum is set so that sums / counts is the new code.
+Logged per codebook path: `window_usage`, `restarted`.
 """
 from __future__ import annotations
 
@@ -17,16 +23,21 @@ from vitok_jax.models import quantizers
 POOL = "code_pool"
 
 
-def _codebook_paths(params) -> list[tuple[str, ...]]:
+def _codebooks(params) -> dict[str, jax.Array]:
+  """{module path "a/b/c": codebook [K, D]} for every learned codebook in `params`."""
   flat = flax.traverse_util.flatten_dict(params)
-  return [path[:-1] for path in flat if path[-1] == "codebook"]
+  return {"/".join(path[:-1]): value for path, value in flat.items() if path[-1] == "codebook"}
 
 
 def init_counts(params) -> dict:
-  """{module path "a/b/c": float32 [K] zeros} for every learned codebook in `params`."""
-  flat = flax.traverse_util.flatten_dict(params)
-  return {"/".join(path): jnp.zeros(flat[path + ("codebook",)].shape[:1], jnp.float32)
-          for path in _codebook_paths(params)}
+  """Restart window: {path: float32 [K] zeros}."""
+  return {name: jnp.zeros(cb.shape[:1], jnp.float32) for name, cb in _codebooks(params).items()}
+
+
+def init_ema(params) -> dict:
+  """EMA state: {path: {"counts": [K] zeros, "sums": [K, D] the initial codebook}} (VQ-VAE-2)."""
+  return {name: {"counts": jnp.zeros(cb.shape[:1], jnp.float32), "sums": jnp.asarray(cb, jnp.float32)}
+          for name, cb in _codebooks(params).items()}
 
 
 def pools(intermediates) -> dict:
@@ -41,24 +52,34 @@ def pools(intermediates) -> dict:
   return out
 
 
-def restart(params, counts: dict, batch_pools: dict, step, rng, every: int):
-  """Adds this batch's code counts; at steps every−1, 2·every−1, … restarts the unused codes.
-
-  Codebooks without a pool this step (e.g. LARP's stochastic training lookup) are left alone.
-  Returns (params, counts, metrics).
-  """
+def update(params, counts: dict, ema: dict, batch_pools: dict, step, rng, *, restart_every: int,
+           ema_decay: float):
+  """One step of codebook maintenance after the optimizer update; returns (params, counts, ema,
+  metrics). Codebooks without a pool this step (e.g. LARP's stochastic training lookup) are left
+  alone."""
   flat = flax.traverse_util.flatten_dict(params)
-  counts, metrics = dict(counts), {}
-  now = (step + 1) % every == 0
+  counts, ema, metrics = dict(counts), dict(ema), {}
   for i, (name, (vectors_ND, index_N)) in enumerate(sorted(batch_pools.items())):
     key = tuple(name.split("/")) + ("codebook",)
-    codebook_KD = flat[key]
-    window_K = counts[name] + quantizers.code_histogram(index_N, codebook_KD.shape[0])
-    restarted_KD, num = quantizers.restart_dead_codes(
-        codebook_KD, window_K, jax.lax.stop_gradient(vectors_ND), jax.random.fold_in(rng, i),
-        threshold=0.5)
-    flat[key] = jnp.where(now, restarted_KD, codebook_KD)
-    counts[name] = jnp.where(now, jnp.zeros_like(window_K), window_K)
-    metrics[f"{name}/window_usage"] = jnp.mean(window_K > 0)
-    metrics[f"{name}/restarted"] = jnp.where(now, num, 0).astype(jnp.float32)
-  return flax.traverse_util.unflatten_dict(flat), counts, metrics
+    codebook_KD, vectors_ND = flat[key], jax.lax.stop_gradient(vectors_ND)
+    if ema_decay:
+      ema_counts, ema_sums, codebook_KD = quantizers.ema_update(
+          ema[name]["counts"], ema[name]["sums"], vectors_ND, index_N, ema_decay)
+      codebook_KD = codebook_KD.astype(flat[key].dtype)
+    if restart_every:
+      now = (step + 1) % restart_every == 0
+      window_K = counts[name] + quantizers.code_histogram(index_N, codebook_KD.shape[0])
+      restarted_KD, num = quantizers.restart_dead_codes(
+          codebook_KD, window_K, vectors_ND, jax.random.fold_in(rng, i), threshold=0.5)
+      moved_K = now & (window_K < 0.5)
+      codebook_KD = jnp.where(moved_K[:, None], restarted_KD, codebook_KD)
+      if ema_decay:  # sums / smoothed counts = the new code.
+        smoothed_K = quantizers.laplace_smoothed(ema_counts)
+        ema_sums = jnp.where(moved_K[:, None], codebook_KD * smoothed_K[:, None], ema_sums)
+      counts[name] = jnp.where(now, jnp.zeros_like(window_K), window_K)
+      metrics[f"{name}/window_usage"] = jnp.mean(window_K > 0)
+      metrics[f"{name}/restarted"] = jnp.where(now, num, 0).astype(jnp.float32)
+    if ema_decay:
+      ema[name] = {"counts": ema_counts, "sums": ema_sums}
+    flat[key] = codebook_KD
+  return flax.traverse_util.unflatten_dict(flat), counts, ema, metrics

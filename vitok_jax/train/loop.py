@@ -48,6 +48,8 @@ class TrainState:
   disc: Any = flax.struct.field(default_factory=dict)  # gan.DiscState in the GAN stage, else {}.
   # Per-codebook code counts since the last dead-code restart (train/codebook.py), else {}.
   code_counts: Any = flax.struct.field(default_factory=dict)
+  # Per-codebook EMA counts and sums (config.codebook_ema > 0), else {}.
+  codebook_ema: Any = flax.struct.field(default_factory=dict)
 
 
 def eval_params(state: TrainState, config):

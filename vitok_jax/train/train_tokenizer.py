@@ -85,11 +85,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     width, _, heads = vit.SIZES[size]
     require(width // heads % 2 == 0, f"size {size}: head_dim {width // heads} must be even for RoPE")
   loop.validate_run(config)
-  restart = config.get("codebook_restart_every", 0)
+  restart, code_ema = config.get("codebook_restart_every", 0), config.get("codebook_ema", 0.0)
   require(restart >= 0, f"codebook_restart_every must be >= 0 (0 = off), got {restart}")
-  require(not restart or m.bottleneck in bottlenecks.LEARNED_CODEBOOK,
-          f"codebook_restart_every={restart} needs a learned codebook (quantizer one of "
-          f"{list(bottlenecks.LEARNED_CODEBOOK)}), not {m.bottleneck!r}; set restart=0")
+  require(0.0 <= code_ema < 1.0, f"codebook_ema must be in [0, 1) (0 = off), got {code_ema}")
+  for field, value in (("codebook_restart_every", restart), ("codebook_ema", code_ema)):
+    require(not value or m.bottleneck in bottlenecks.LEARNED_CODEBOOK,
+            f"{field}={value} needs a learned codebook (quantizer one of "
+            f"{list(bottlenecks.LEARNED_CODEBOOK)}), not {m.bottleneck!r}; set it to 0")
   for name, weight in config.loss.items():
     require(weight >= 0, f"loss.{name} must be >= 0, got {weight}")
   require(config.loss.lpips == 0 or config.perceptual.lpips_weights,
@@ -144,8 +146,9 @@ def init_state(parts: Components, config, example_BX) -> TrainState:
   if parts.gan_stage is not None:
     disc = parts.gan_stage.init(jax.random.key(config.seed + 3), example_BX)
   counts = codebook.init_counts(params) if config.get("codebook_restart_every", 0) else {}
+  code_ema = codebook.init_ema(params) if config.get("codebook_ema", 0.0) else {}
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=parts.tx.init(params),
-                    ema_params=ema, disc=disc, code_counts=counts)
+                    ema_params=ema, disc=disc, code_counts=counts, codebook_ema=code_ema)
 
 
 def _init_boxed_params(model, config, example_BX):
@@ -171,7 +174,8 @@ def state_shardings(parts: Components, config, mesh) -> TrainState:
       opt_state=sharding.opt_state_logical_specs(parts.tx, abstract.opt_state, param_specs),
       ema_params=param_specs if config.ema_decay else {},
       disc=jax.tree.map(lambda _: replicated, abstract.disc),
-      code_counts=jax.tree.map(lambda _: replicated, abstract.code_counts))
+      code_counts=jax.tree.map(lambda _: replicated, abstract.code_counts),
+      codebook_ema=jax.tree.map(lambda _: replicated, abstract.codebook_ema))
   return sharding.logical_to_mesh(specs, mesh)
 
 
@@ -179,19 +183,22 @@ def make_train_step(parts: Components, config):
   """(state, batch) -> (state, metrics); noise rng = fold_in(seed, step), so resume is exact.
 
   In the GAN stage the tokenizer also gets weight·hinge generator loss and the discriminator
-  takes one step on real vs reconstructed pixels. With codebook_restart_every > 0 the VQ codes
-  unused over that many steps move onto inputs of the batch (train/codebook.py).
+  takes one step on real vs reconstructed pixels. Codebook maintenance (train/codebook.py): with
+  codebook_ema > 0 learned codebooks follow EMA statistics of their inputs, with
+  codebook_restart_every > 0 the codes unused over that many steps move onto inputs of the batch.
   """
   base_key = jax.random.key(config.seed + 2)
   model, tx, stage = parts.model, parts.tx, parts.gan_stage
   restart_every = config.get("codebook_restart_every", 0)
+  code_ema = config.get("codebook_ema", 0.0)
+  maintain = bool(restart_every or code_ema)
 
   def recon_loss_fn(params, x, rng):
     (recon, aux), sown = model.apply({"params": params}, x, sample=True, rngs={"sample": rng},
-                                     mutable=["intermediates"] if restart_every else [])
+                                     mutable=["intermediates"] if maintain else [])
     loss, metrics = losses.tokenizer_loss(x, recon, aux, config.loss, parts.perceptual_fn,
                                           parts.trepa_fn)
-    if restart_every:
+    if maintain:
       metrics = {**metrics, "pools": codebook.pools(sown.get("intermediates", {}))}
     return loss, (metrics, recon)
 
@@ -208,18 +215,20 @@ def make_train_step(parts: Components, config):
       disc, disc_metrics = stage.discriminator_step(disc, x, recon, state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    counts = state.code_counts
-    if restart_every:
-      params, counts, restart_metrics = codebook.restart(
-          params, counts, metrics.pop("pools"), state.step, jax.random.fold_in(rng, 1), restart_every)
-      metrics = {**metrics, **restart_metrics}
+    counts, ema_stats = state.code_counts, state.codebook_ema
+    if maintain:
+      params, counts, ema_stats, code_metrics = codebook.update(
+          params, counts, ema_stats, metrics.pop("pools"), state.step, jax.random.fold_in(rng, 1),
+          restart_every=restart_every, ema_decay=code_ema)
+      metrics = {**metrics, **code_metrics}
     ema = state.ema_params
     if config.ema_decay:
       ema = optax.incremental_update(params, ema, step_size=1.0 - config.ema_decay)
     metrics = {**metrics, **disc_metrics, "grad_norm": optax.global_norm(grads),
                "lr": parts.schedule(state.step)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema_params=ema, disc=disc, code_counts=counts), metrics
+                         ema_params=ema, disc=disc, code_counts=counts,
+                         codebook_ema=ema_stats), metrics
 
   return train_step
 
