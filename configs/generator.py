@@ -80,7 +80,10 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
       top_k=0, top_p=1.0, few_steps=(1, 2, 4)))
   # Generation metrics of config.eval.num_samples class-conditional samples: class accuracy and
   # FID-MNIST on MNIST tokenizers (classifier cached in the tokenizer's workdir).
-  config.eval = ml_collections.ConfigDict(dict(num_samples=500, mnist_classifier=""))
+  # gFID and Inception Score against the tokenizer's held-out images when inception_weights is set
+  # (tools/convert_inception.py), from up to gfid_real_examples real images.
+  config.eval = ml_collections.ConfigDict(dict(num_samples=500, mnist_classifier="",
+                                               inception_weights="", gfid_real_examples=10_000))
 
   config.mesh = mesh_lib.default_config()
   config.optim = ml_collections.ConfigDict(dict(

@@ -80,6 +80,19 @@ def test_dit_with_the_shortcut_objective_trains_and_scores_its_few_step_samplers
     assert record["metrics"][f"gen/shortcut{steps}/ms_per_sample"] > 0
 
 
+@pytest.mark.slow
+def test_gfid_and_inception_score_against_the_tokenizers_held_out_images(tokenizer_dirs, tmp_path):
+  """gFID/IS with (random) Inception weights; the real statistics come from the eval split."""
+  from vitok_jax.models.perceptual import inception, weights  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "inception.npz")
+  weights.save(path, inception.init_variables(jax.random.key(0)))
+  config = generator_config("dit", tokenizer_dirs["gaussian"], steps=2)
+  config.eval.update(inception_weights=path, gfid_real_examples=32)
+  metrics = train_generator.train(config, str(tmp_path / "g"))["metrics"]
+  assert np.isfinite(metrics["gen/fid"]) and metrics["gen/fid"] >= 0
+  assert 1.0 <= metrics["gen/inception_score"] <= 1008
+
+
 def test_store_holds_latents_and_is_cached(tokenizer_dirs):
   gaussian = codes.load_or_tokenize(tokenizer_dirs["gaussian"], "eval")
   assert gaussian["latents"].shape[1:] == (64, 4) and "codes" not in gaussian

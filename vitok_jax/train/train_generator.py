@@ -23,10 +23,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from vitok_jax import config_lib
+from vitok_jax import config_lib, data
 from vitok_jax.config_lib import require, require_choice
 from vitok_jax.data import bundled
-from vitok_jax.eval import mnist_metrics, visualize
+from vitok_jax.eval import mnist_metrics, perceptual_metrics, visualize
 from vitok_jax.models import vit
 from vitok_jax.models.perceptual import mnist_classifier
 from vitok_jax.parallel import mesh as mesh_lib
@@ -188,6 +188,26 @@ def _is_mnist(tokenizer) -> bool:
   return tokenizer.config.data.name == "mnist"
 
 
+GFID_METRICS = ("rfid", "inception_score")
+
+
+def gfid_reference(tokenizer, config):
+  """(Inception networks, {"inception": real statistics}) for gFID: the Inception pool features of
+  the tokenizer's held-out split (up to eval.gfid_real_examples images), computed once per eval."""
+  nets = perceptual_metrics.load_networks(GFID_METRICS, config.eval)
+  acc = perceptual_metrics.MetricAccumulator(("rfid",), nets)
+  data_cfg = tokenizer.config.data
+  iterator = data.build_iterator(data_cfg, split="eval", batch_size=config.batch_size,
+                                 seed=config.seed, one_pass=True)
+  seen = 0
+  for batch in iterator:
+    acc.update(real=batch["image"])
+    seen += len(batch["image"])
+    if seen >= config.eval.get("gfid_real_examples", 10_000):
+      break
+  return nets, {"inception": acc.real_stats("inception")}
+
+
 def evaluate(family, params, config, eval_arrays, *, image_path: str | None = None) -> dict:
   """Held-out loss, and generation metrics of eval.num_samples class-conditional samples."""
   metrics = {"eval/loss": held_out_loss(family, params, eval_arrays, config)}
@@ -203,12 +223,22 @@ def evaluate(family, params, config, eval_arrays, *, image_path: str | None = No
     classifier = mnist_classifier.load_or_train(path)
     real, _ = bundled.mnist("eval")
     real = real.astype(np.float32) / 127.5 - 1.0
+  inception_nets = reference = None
+  if config.eval.get("inception_weights"):
+    inception_nets, reference = gfid_reference(family.tokenizer, config)
   for prefix, sample_fn in samplers.items():
     pixels, seconds = generate(sample_fn, params, labels, config, rng)
     metrics[f"gen/{prefix}ms_per_sample"] = 1e3 * seconds
     if classifier is not None:
       metrics[f"gen/{prefix}class_accuracy"] = mnist_metrics.class_accuracy(classifier, pixels, labels)
       metrics[f"gen/{prefix}fid_mnist"] = mnist_metrics.fid_mnist(classifier, real, pixels)
+    if inception_nets is not None:
+      acc = perceptual_metrics.MetricAccumulator(GFID_METRICS, inception_nets, reference)
+      for i in range(0, len(pixels), config.batch_size):
+        acc.update(fake=pixels[i:i + config.batch_size])
+      result = acc.result()
+      metrics[f"gen/{prefix}fid"] = result["eval/rfid"]
+      metrics[f"gen/{prefix}inception_score"] = result["eval/inception_score"]
     if image_path is not None:
       n = min(config.num_visualize, len(pixels))
       visualize.save_sample_grid(f"{image_path}{prefix.replace('/', '')}.png", pixels[:n],
