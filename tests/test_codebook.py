@@ -110,5 +110,9 @@ def test_restart_and_codebook_size_need_a_learned_codebook():
     config_lib.load_config("vitok:Mu-Mu/4,c=4,res=16,data=mnist,quantizer=bsq,restart=10")
   with pytest.raises(ConfigError, match="learned codebook"):
     config_lib.load_config("vitok:Mu-Mu/4,c=4,res=16,data=mnist,codebook_ema=0.99")
+  stage2 = config_lib.load_config("vitok:Mu-Mu/4,c=4,res=16,data=mnist,quantizer=vq1k,restart=5")
+  stage2.gan.enabled = True
+  with pytest.raises(ConfigError, match="frozen encoder"):
+    train_tokenizer.validate(stage2)
   with pytest.raises(ConfigError, match="learned codebook"):
     config_lib.load_config("vitok:Mu-Mu/4,c=4,res=16,data=mnist,codebook=512")

@@ -92,6 +92,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(not value or m.bottleneck in bottlenecks.LEARNED_CODEBOOK,
             f"{field}={value} needs a learned codebook (quantizer one of "
             f"{list(bottlenecks.LEARNED_CODEBOOK)}), not {m.bottleneck!r}; set it to 0")
+  require(not ((restart or code_ema) and config.gan.enabled and config.gan.freeze_encoder),
+          "codebook_restart_every / codebook_ema would change the codebook of a frozen encoder in "
+          "the GAN stage; set them to 0 for stage 2")
   for name, weight in config.loss.items():
     require(weight >= 0, f"loss.{name} must be >= 0, got {weight}")
   require(config.loss.lpips == 0 or config.perceptual.lpips_weights,
