@@ -78,6 +78,14 @@ def test_dit_with_the_shortcut_objective_trains_and_scores_its_few_step_samplers
   for steps in config.sample.few_steps:
     assert 0.0 <= record["metrics"][f"gen/shortcut{steps}/class_accuracy"] <= 1.0
     assert record["metrics"][f"gen/shortcut{steps}/ms_per_sample"] > 0
+  # `vitok eval` of a generator run re-scores it at another CFG; tagged metrics join the record.
+  assert cli.main(["vitok", "eval", f"--workdir={tmp_path / 'sc'}", "--sample=cfg_scale=2"]) == 0
+  metrics = record_lib.read(str(tmp_path / "sc"))["metrics"]
+  assert metrics["gen/class_accuracy"] == record["metrics"]["gen/class_accuracy"]
+  for name in ("gen/cfg_scale=2/class_accuracy", "gen/cfg_scale=2/shortcut1/class_accuracy"):
+    assert 0.0 <= metrics[name] <= 1.0
+  with pytest.raises(ConfigError, match="not a config.sample field"):
+    train_generator.evaluate_workdir(str(tmp_path / "sc"), {"cfg": 2})
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
   vitok train   --config vitok:"Mu-Mi/4,c=16,data=mnist" --workdir runs/mnist [--config.x.y=value ...]
   vitok train   --config generator:"dit/Mi,tokenizer=runs/mnist" --workdir runs/mnist_dit
-  vitok eval    --workdir runs/mnist
+  vitok eval    --workdir runs/mnist   (a generator run: --sample cfg_scale=3 re-scores its samples)
   vitok sample  --workdir runs/mnist_dit --num_samples 100
   vitok tokenize --workdir runs/mnist_vq --split train --out runs/mnist_vq/store_train.npz
   vitok compile --config vitok:"L-L/16,c=16,res=256,data=imagenet" --devices 64 --device_memory_gb 16
@@ -15,10 +15,12 @@
 """
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
 import sys
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
@@ -42,6 +44,8 @@ flags.DEFINE_string("compilation_cache", os.environ.get("VITOK_COMPILATION_CACHE
                     "Persistent XLA compilation cache directory shared across runs.")
 flags.DEFINE_list("metrics", [], "eval: dataset-level metrics to add, e.g. fid_mnist,lpips,rfid "
                   "(weights from config.eval.*; the MNIST classifier is trained once and cached).")
+flags.DEFINE_list("sample", [], "eval of a generator run: config.sample overrides k=v, e.g. "
+                  "cfg_scale=3,num_steps=20; metrics are tagged gen/cfg_scale=3/...")
 flags.DEFINE_integer("num_samples", 100, "sample: how many (labels cycle over the classes).")
 flags.DEFINE_string("out", "", "sample: PNG path; tokenize: npz path (default in --workdir).")
 flags.DEFINE_string("split", "train", "tokenize: the data split to tokenize.")
@@ -101,12 +105,30 @@ def _cmd_tokenize(workdir: str) -> int:
 
 
 def _cmd_eval(workdir: str) -> int:
-  """Evaluate the latest checkpoint of --workdir on its held-out split; updates record.json."""
-  from vitok_jax.train import train_tokenizer
+  """Evaluate the latest checkpoint of --workdir on its held-out split; updates record.json.
+
+  A generator run is re-sampled and scored, with --sample overrides (e.g. cfg_scale=3).
+  """
+  from vitok_jax.train import train_generator, train_tokenizer
+  if config_lib.read_config(workdir).get("kind") == "generator":
+    overrides = dict(_parse_value(item) for item in FLAGS.sample)
+    print(json.dumps(train_generator.evaluate_workdir(workdir, overrides), indent=1))
+    return 0
   config = _CONFIG.value  # None: use the config saved in the workdir.
   metrics = train_tokenizer.evaluate_workdir(workdir, config, tuple(FLAGS.metrics))
   print(json.dumps(metrics, indent=1))
   return 0
+
+
+def _parse_value(item: str) -> tuple[str, Any]:
+  """"key=value" -> (key, the value as a Python literal when it is one, else the string)."""
+  key, sep, text = item.partition("=")
+  if not sep:
+    raise ConfigError(f"--sample {item!r}: use key=value, e.g. cfg_scale=3")
+  try:
+    return key, ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return key, text
 
 
 def _cmd_compile(workdir: str) -> int:

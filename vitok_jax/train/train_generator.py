@@ -208,14 +208,19 @@ def gfid_reference(tokenizer, config):
   return nets, {"inception": acc.real_stats("inception")}
 
 
-def evaluate(family, params, config, eval_arrays, *, image_path: str | None = None) -> dict:
-  """Held-out loss, and generation metrics of eval.num_samples class-conditional samples."""
+def evaluate(family, params, config, eval_arrays, *, image_path: str | None = None,
+             tag: str = "") -> dict:
+  """Held-out loss, and generation metrics of eval.num_samples class-conditional samples.
+
+  Generation metrics are named gen/[TAG/][SAMPLER/]name (e.g. gen/cfg_scale=3/class_accuracy).
+  """
   metrics = {"eval/loss": held_out_loss(family, params, eval_arrays, config)}
   if not config.eval.num_samples:
     return metrics
   labels = sample_labels(config.eval.num_samples, config.model.num_classes)
   rng = jax.random.key(config.seed + 11)
   samplers = {"": family.sample, **{f"{k}/": v for k, v in family.few_step_samplers().items()}}
+  samplers = {(f"{tag}/" if tag else "") + k: v for k, v in samplers.items()}
   classifier = real = None
   if _is_mnist(family.tokenizer):
     path = config.eval.mnist_classifier or os.path.join(
@@ -241,7 +246,7 @@ def evaluate(family, params, config, eval_arrays, *, image_path: str | None = No
       metrics[f"gen/{prefix}inception_score"] = result["eval/inception_score"]
     if image_path is not None:
       n = min(config.num_visualize, len(pixels))
-      visualize.save_sample_grid(f"{image_path}{prefix.replace('/', '')}.png", pixels[:n],
+      visualize.save_sample_grid(f"{image_path}{prefix.replace('/', '_').rstrip('_')}.png", pixels[:n],
                                  columns=config.model.num_classes)
   return metrics
 
@@ -318,6 +323,37 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     record_lib.write(record, workdir)
     writer.close()
   return record
+
+
+def evaluate_workdir(workdir: str, sample_overrides: dict | None = None) -> dict:
+  """Re-evaluates a trained generator run, e.g. at another CFG scale; adds the metrics to its record.
+
+  sample_overrides: config.sample fields (cfg_scale, num_steps, method, temperature, top_k, ...);
+  the generation metrics are then tagged with them: gen/cfg_scale=3/class_accuracy.
+  """
+  config = config_lib.read_config(workdir)
+  overrides = dict(sample_overrides or {})
+  for key in overrides:
+    require(key in config.sample, f"sample override {key!r} is not a config.sample field; use one "
+            f"of {sorted(config.sample)}")
+  config.sample.update(overrides)
+  validate(config)
+  tag = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+  mesh = mesh_lib.make_mesh(config.mesh)
+  family, _, eval_arrays, state, _, _ = setup(config, mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+  step = ckpt.latest_step()
+  if step is None:
+    raise config_lib.ConfigError(f"{workdir} has no checkpoint; train it first")
+  state = ckpt.restore(step, state)
+  ckpt.close()
+  metrics = evaluate(family, loop.eval_params(state, config), config, eval_arrays, tag=tag,
+                     image_path=os.path.join(workdir, "images", f"eval_{step:07d}_"))
+  if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "record.json")):
+    record = record_lib.read(workdir)
+    record["metrics"].update({k: v for k, v in metrics.items() if k.startswith("gen/")})
+    record_lib.write(record, workdir)
+  return {"step": step, **metrics}
 
 
 def sample_workdir(workdir: str, num_samples: int, out: str = "", **overrides) -> str:
