@@ -246,7 +246,8 @@ def evaluate(family, params, config, eval_arrays, *, image_path: str | None = No
       metrics[f"gen/{prefix}inception_score"] = result["eval/inception_score"]
     if image_path is not None:
       n = min(config.num_visualize, len(pixels))
-      visualize.save_sample_grid(f"{image_path}{prefix.replace('/', '_').rstrip('_')}.png", pixels[:n],
+      name = prefix.replace("/", "_").rstrip("_")
+      visualize.save_sample_grid(f"{image_path}{name}.png", pixels[:n],
                                  columns=config.model.num_classes)
   return metrics
 
@@ -325,6 +326,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   return record
 
 
+def restore_run(workdir: str, config):
+  """(family, train arrays, eval arrays, step, eval params) of a trained generator run's latest
+  checkpoint."""
+  mesh = mesh_lib.make_mesh(config.mesh)
+  family, train_arrays, eval_arrays, state, _, _ = setup(config, mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+  step = ckpt.latest_step()
+  if step is None:
+    raise config_lib.ConfigError(f"{workdir} has no checkpoint; train it first")
+  state = ckpt.restore(step, state)
+  ckpt.close()
+  return family, train_arrays, eval_arrays, step, loop.eval_params(state, config)
+
+
 def evaluate_workdir(workdir: str, sample_overrides: dict | None = None) -> dict:
   """Re-evaluates a trained generator run, e.g. at another CFG scale; adds the metrics to its record.
 
@@ -339,15 +354,8 @@ def evaluate_workdir(workdir: str, sample_overrides: dict | None = None) -> dict
   config.sample.update(overrides)
   validate(config)
   tag = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
-  mesh = mesh_lib.make_mesh(config.mesh)
-  family, _, eval_arrays, state, _, _ = setup(config, mesh)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
-  step = ckpt.latest_step()
-  if step is None:
-    raise config_lib.ConfigError(f"{workdir} has no checkpoint; train it first")
-  state = ckpt.restore(step, state)
-  ckpt.close()
-  metrics = evaluate(family, loop.eval_params(state, config), config, eval_arrays, tag=tag,
+  family, _, eval_arrays, step, params = restore_run(workdir, config)
+  metrics = evaluate(family, params, config, eval_arrays, tag=tag,
                      image_path=os.path.join(workdir, "images", f"eval_{step:07d}_"))
   if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "record.json")):
     record = record_lib.read(workdir)
@@ -359,15 +367,7 @@ def evaluate_workdir(workdir: str, sample_overrides: dict | None = None) -> dict
 def sample_workdir(workdir: str, num_samples: int, out: str = "", **overrides) -> str:
   """Class-conditional samples of a trained generator run -> a PNG grid (one column per class)."""
   config = config_lib.read_config(workdir)
-  mesh = mesh_lib.make_mesh(config.mesh)
-  family, train_arrays, _, state, _, shardings = setup(config, mesh)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
-  step = ckpt.latest_step()
-  if step is None:
-    raise config_lib.ConfigError(f"{workdir} has no checkpoint; train it first")
-  state = ckpt.restore(step, state)
-  ckpt.close()
-  params = loop.eval_params(state, config)
+  family, _, _, step, params = restore_run(workdir, config)
   labels = sample_labels(num_samples, config.model.num_classes)
   sample_fn = lambda p, l, r: family.sample(p, l, r, **overrides)
   pixels, seconds = generate(sample_fn, params, labels, config, jax.random.key(config.seed + 13))
