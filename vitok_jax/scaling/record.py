@@ -82,6 +82,14 @@ def write(record: dict, workdir: str) -> str:
   return path
 
 
+def add_metrics(workdir: str, metrics: dict) -> None:
+  """Merges `metrics` into workdir/record.json (from process 0; nothing when there is no record)."""
+  if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "record.json")):
+    record = read(workdir)
+    record["metrics"].update(metrics)
+    write(record, workdir)
+
+
 def read(workdir: str) -> dict:
   with open(os.path.join(workdir, "record.json")) as f:
     return json.load(f)

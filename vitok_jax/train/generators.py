@@ -106,6 +106,10 @@ class Family:
     return lambda params, batch: self.model.apply(
         {"params": params}, *self.init_inputs(batch), train=False)
 
+  def train_logits(self, params, inputs, labels_B, rng):
+    """The model in train mode on (inputs, labels); `rng` drives its label dropout."""
+    return self.model.apply({"params": params}, inputs, labels_B, train=True, rngs={"dropout": rng})
+
   @property
   def null_label(self) -> int:
     return self.config.model.num_classes
@@ -221,8 +225,7 @@ class LlamaGenFamily(Family):
     return batch["codes"], batch["labels"]
 
   def loss(self, params, batch, rng):
-    logits = self.model.apply({"params": params}, batch["codes"], batch["labels"], train=True,
-                              rngs={"dropout": rng})
+    logits = self.train_logits(params, batch["codes"], batch["labels"], rng)
     return ar.next_token_loss(logits, batch["codes"])
 
   def sample(self, params, labels_B, rng, **overrides):
@@ -268,8 +271,7 @@ class VARFamily(Family):
     return batch["inputs"], batch["labels"]
 
   def loss(self, params, batch, rng):
-    logits = self.model.apply({"params": params}, batch["inputs"], batch["labels"], train=True,
-                              rngs={"dropout": rng})
+    logits = self.train_logits(params, batch["inputs"], batch["labels"], rng)
     return var.var_loss(logits, tuple(batch[f"codes_{k}"] for k in range(len(self.scales))))
 
   def next_input_fn(self):
@@ -308,8 +310,7 @@ class InfinityFamily(VARFamily):
     r_flip, r_drop = jax.random.split(rng)
     inputs, bits = infinity.self_correction_inputs(batch["f"], self.scales, r_flip,
                                                    flip_prob_max=self.config.objective.flip_max)
-    logits = self.model.apply({"params": params}, inputs, batch["labels"], train=True,
-                              rngs={"dropout": r_drop})
+    logits = self.train_logits(params, inputs, batch["labels"], r_drop)
     return var.bitwise_loss(logits, bits)
 
   def sample(self, params, labels_B, rng, **overrides):

@@ -357,10 +357,7 @@ def evaluate_workdir(workdir: str, sample_overrides: dict | None = None) -> dict
   family, _, eval_arrays, step, params = restore_run(workdir, config)
   metrics = evaluate(family, params, config, eval_arrays, tag=tag,
                      image_path=os.path.join(workdir, "images", f"eval_{step:07d}_"))
-  if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "record.json")):
-    record = record_lib.read(workdir)
-    record["metrics"].update({k: v for k, v in metrics.items() if k.startswith("gen/")})
-    record_lib.write(record, workdir)
+  record_lib.add_metrics(workdir, {k: v for k, v in metrics.items() if k.startswith("gen/")})
   return {"step": step, **metrics}
 
 

@@ -434,8 +434,5 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
   eval_step = jit_eval_step(build_model(config), mesh, shardings.params)
   metrics = evaluate(eval_step, params, config, mesh, workdir=workdir,
                      image_path=os.path.join(workdir, "images", f"eval_{step:07d}"))
-  if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "record.json")):
-    record = record_lib.read(workdir)
-    record["metrics"].update(metrics)
-    record_lib.write(record, workdir)
+  record_lib.add_metrics(workdir, metrics)
   return {"step": step, **metrics}
