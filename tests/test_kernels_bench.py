@@ -22,7 +22,7 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   report = json.loads(out.read_text())
   assert report == json.loads(json.dumps(returned))
   assert report["backend"] == "cpu" and report["interpret"] and report["tiny"]
-  dense, var = report["attention"]
+  var, dense = report["attention"]  # Block-causal rows come before the dense sweep.
   assert (dense["mask"], var["mask"], var["q_len"]) == ("none", "block_causal", 55)
   for row in (dense, var):
     assert row["impls"]["pallas"]["fwd_bwd_tflops"] > 0

@@ -47,6 +47,10 @@ VAR_SCALES = {680: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 2240: (1, 2, 3, 4, 6, 9, 1
 PEAK_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12),
                   ("TPU v5 lite", 8.19e11), ("TPU v5e", 8.19e11), ("TPU v5", 2.765e12),
                   ("TPU v4", 1.228e12), ("TPU v6", 1.64e12))
+# Dense bf16 matrix peak, FLOP/s (vendor datasheets, SXM parts), for MFU.
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+                   ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
+                   ("TPU v4", 275e12), ("TPU v6", 918e12))
 ATTENTION_IMPLS = ("pallas", "xla", "cudnn", "jax_pallas")
 
 
@@ -91,7 +95,7 @@ def _visible_pairs(q_len: int, causal: bool, block_ids) -> float:
 
 
 def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, impls, warmup,
-                    iters, interpret):
+                    iters, interpret, peak_flops=None):
   keys = jax.random.split(jax.random.key(0), 4)
   shape = (batch, q_len, heads, head_dim)
   q, k, v, do = (jax.random.normal(key, shape, dtype) for key in keys)
@@ -109,6 +113,9 @@ def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, 
       entry = {"fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * step_s,
                "fwd_tflops": fwd_flops / fwd_s / 1e12,
                "fwd_bwd_tflops": 3.5 * fwd_flops / step_s / 1e12}
+      if peak_flops:
+        entry["fwd_mfu"] = entry["fwd_tflops"] * 1e12 / peak_flops
+        entry["fwd_bwd_mfu"] = entry["fwd_bwd_tflops"] * 1e12 / peak_flops
     except Exception as e:  # noqa: BLE001  An unsupported baseline is reported, not fatal.
       entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     row["impls"][impl] = entry
@@ -120,11 +127,18 @@ def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, 
   return row
 
 
+def _lookup(table, device):
+  """(name, value) of the first table entry whose name is in the device kind, else (None, None)."""
+  for name, value in table:
+    if name.lower() in device.device_kind.lower():
+      return name, value
+  return None, None
+
+
 def _peak_bandwidth(device) -> tuple[float, str]:
-  kind = device.device_kind
-  for name, peak in PEAK_BANDWIDTH:
-    if name.lower() in kind.lower():
-      return peak, f"published HBM bandwidth of {name}"
+  name, peak = _lookup(PEAK_BANDWIDTH, device)
+  if name:
+    return peak, f"published HBM bandwidth of {name}"
   x = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB: read once, written once.
   _, seconds, _ = timing.time_jitted(lambda x: x + 1, (x,), 1, 5)
   return 2 * x.nbytes / seconds, "measured copy bandwidth (x + 1 on 256 MiB)"
@@ -239,6 +253,7 @@ def parse_args(argv):
   parser.add_argument("--lengths", type=ints, default=None, help="default 256,...,16384")
   parser.add_argument("--head_dims", type=ints, default=None, help="default 64,128")
   parser.add_argument("--var_lengths", type=ints, default=None, help="default 680,2240")
+  parser.add_argument("--var_head_dim", type=int, default=None, help="default 64 (VAR's)")
   parser.add_argument("--batch", type=int, default=None)
   parser.add_argument("--heads", type=int, default=None)
   parser.add_argument("--dtype", default=None, help="default bfloat16 (float32 with --tiny)")
@@ -253,10 +268,10 @@ def parse_args(argv):
   parser.add_argument("--plot", default=None, help="PNG path for the plot")
   args = parser.parse_args(argv)
   tiny = args.tiny or jax.default_backend() == "cpu"
-  defaults = dict(lengths=(64, 128), head_dims=(32,), var_lengths=(55,), batch=1, heads=2,
-                  dtype="float32", bsq=(2048, 32), vq=(512, 1024, 8), warmup=1, iters=2) if tiny \
+  defaults = dict(lengths=(64, 128), head_dims=(32,), var_lengths=(55,), var_head_dim=32, batch=1,
+                  heads=2, dtype="float32", bsq=(2048, 32), vq=(512, 1024, 8), warmup=1, iters=2) if tiny \
       else dict(lengths=(256, 512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128),
-                var_lengths=(680, 2240), batch=None, heads=16, dtype="bfloat16",
+                var_lengths=(680, 2240), var_head_dim=64, batch=None, heads=16, dtype="bfloat16",
                 bsq=(1 << 20, 32), vq=(65536, 16384, 8), warmup=3, iters=10)
   for name, value in defaults.items():
     if getattr(args, name) is None:
@@ -265,42 +280,54 @@ def parse_args(argv):
   return args
 
 
+def _save(report, path: str):
+  with open(path, "w") as f:
+    json.dump(report, f, indent=1)
+
+
 def main(argv=None):
+  """Quantisers, then block-causal rows, then the dense sweep; the JSON is rewritten after each
+  result, so a run stopped early keeps what it measured (`plot` also works on a loaded JSON)."""
   args = parse_args(sys.argv[1:] if argv is None else argv)
   device = jax.devices()[0]
   interpret = jax.default_backend() == "cpu"
   impls = tuple(args.impls.split(","))
   dtype = jnp.dtype(args.dtype)
   peak, peak_source = _peak_bandwidth(device)
+  peak_flops = _lookup(PEAK_BF16_FLOPS, device)[1] if dtype == jnp.bfloat16 else None
   report = {"backend": jax.default_backend(), "device_kind": device.device_kind,
-            "interpret": interpret, "tiny": args.tiny, "impls": impls, "dtype": dtype.name,
-            "peak_bandwidth_gb_per_s": peak / 1e9, "peak_bandwidth_source": peak_source,
+            "jax_version": jax.__version__, "interpret": interpret, "tiny": args.tiny,
+            "impls": impls, "dtype": dtype.name, "peak_bandwidth_gb_per_s": peak / 1e9,
+            "peak_bandwidth_source": peak_source, "peak_bf16_tflops": (peak_flops or 0) / 1e12,
             "attention": []}
-  common = dict(heads=args.heads, dtype=dtype, impls=impls, warmup=args.warmup, iters=args.iters,
-                interpret=interpret)
-  # A constant token count per step (16k) keeps every length's work comparable and in memory.
-  batch_for = lambda length: args.batch or max(1, 16384 // length)
-  for head_dim in args.head_dims:
-    for length in args.lengths:
-      row = bench_attention(batch=batch_for(length), q_len=length, head_dim=head_dim,
-                            causal=args.causal, block_ids=None, **common)
-      report["attention"].append(row)
-      print(json.dumps(row), flush=True)
-  for length in args.var_lengths:
-    ids = masks.var_block_ids(VAR_SCALES[length])
-    row = bench_attention(batch=batch_for(length), q_len=length, head_dim=args.head_dims[-1],
-                          causal=False, block_ids=ids,
-                          **{**common, "impls": tuple(i for i in impls if i != "jax_pallas")})
-    report["attention"].append(row)
-    print(json.dumps(row), flush=True)
   report["bsq"] = bench_bsq(tokens=args.bsq[0], dim=args.bsq[1], dtype=dtype, warmup=args.warmup,
                             iters=args.iters, interpret=interpret, peak=peak)
   report["vq"] = bench_vq(tokens=args.vq[0], codes=args.vq[1], dim=args.vq[2],
                           warmup=args.warmup, iters=args.iters, interpret=interpret, peak=peak)
+  print(json.dumps({k: report[k] for k in ("bsq", "vq")}), flush=True)
+  _save(report, args.out)
+  common = dict(heads=args.heads, dtype=dtype, warmup=args.warmup, iters=args.iters,
+                interpret=interpret, peak_flops=peak_flops)
+  # A constant token count per step (16k) keeps every length's work comparable and in memory.
+  batch_for = lambda length: args.batch or max(1, 16384 // length)
+  for length in args.var_lengths:
+    ids = masks.var_block_ids(VAR_SCALES[length])
+    row = bench_attention(batch=batch_for(length), q_len=length, head_dim=args.var_head_dim,
+                          causal=False, block_ids=ids,
+                          impls=tuple(i for i in impls if i != "jax_pallas"), **common)
+    report["attention"].append(row)
+    print(json.dumps(row), flush=True)
+    _save(report, args.out)
+  for head_dim in args.head_dims:
+    for length in args.lengths:
+      row = bench_attention(batch=batch_for(length), q_len=length, head_dim=head_dim,
+                            causal=args.causal, block_ids=None, impls=impls, **common)
+      report["attention"].append(row)
+      print(json.dumps(row), flush=True)
+      _save(report, args.out)
   report["targets"] = check_targets(report)
-  print(json.dumps({k: report[k] for k in ("bsq", "vq", "targets")}, indent=1), flush=True)
-  with open(args.out, "w") as f:
-    json.dump(report, f, indent=1)
+  print(json.dumps(report["targets"], indent=1), flush=True)
+  _save(report, args.out)
   if args.plot:
     plot(report, args.plot)
   return report

@@ -18,6 +18,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from vitok_jax.kernels import reference
 
@@ -67,17 +68,17 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("inv_temperature", "block_tokens", "interpret",
-                                             "pad_dim_pow2"))
+                                             "triton"))
 def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, interpret: bool,
-                 pad_dim_pow2: bool):
+                 triton: bool):
   """z [N, d] → quantized [N, d], codes [N, words] uint32, sums of p, H(p), bits: [d] each."""
   num_tokens, dim = z_ND.shape
   words = -(-dim // 32)
   block = min(block_tokens, max(8, pl.next_power_of_2(num_tokens)))
   padded_n = _round_up(num_tokens, block)
   # Triton tiles are powers of two; the extra zero coordinates are excluded from codes and sums.
-  padded_dim = pl.next_power_of_2(dim) if pad_dim_pow2 else dim
-  padded_words = pl.next_power_of_2(words) if pad_dim_pow2 else words
+  padded_dim = pl.next_power_of_2(dim) if triton else dim
+  padded_words = pl.next_power_of_2(words) if triton else words
   z_ND = jnp.pad(z_ND, ((0, padded_n - num_tokens), (0, padded_dim - dim)))
   tiles = padded_n // block
   sums_spec = pl.BlockSpec((None, 1, padded_dim), lambda t: (t, 0, 0))
@@ -93,6 +94,9 @@ def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, interpret: 
       out_shape=[jax.ShapeDtypeStruct(z_ND.shape, z_ND.dtype),
                  jax.ShapeDtypeStruct((padded_n, padded_words), jnp.int32),
                  sums_shape, sums_shape, sums_shape],
+      # On GPU, Triton explicitly: pallas_call's default GPU lowering (Mosaic GPU) copies at most 256
+      # elements per dimension asynchronously.
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1) if triton else None,
       interpret=interpret,
       name="bsq",
   )(z_ND)
@@ -103,18 +107,18 @@ def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, interpret: 
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _bsq(z_ND, inv_temperature, block_tokens, interpret, pad_dim_pow2):
+def _bsq(z_ND, inv_temperature, block_tokens, interpret, triton):
   return _bsq_forward(z_ND, inv_temperature=inv_temperature, block_tokens=block_tokens,
-                      interpret=interpret, pad_dim_pow2=pad_dim_pow2)
+                      interpret=interpret, triton=triton)
 
 
-def _bsq_fwd(z_ND, inv_temperature, block_tokens, interpret, pad_dim_pow2):
-  return _bsq(z_ND, inv_temperature, block_tokens, interpret, pad_dim_pow2), z_ND
+def _bsq_fwd(z_ND, inv_temperature, block_tokens, interpret, triton):
+  return _bsq(z_ND, inv_temperature, block_tokens, interpret, triton), z_ND
 
 
-def _bsq_bwd(inv_temperature, block_tokens, interpret, pad_dim_pow2, z_ND, cotangents):
+def _bsq_bwd(inv_temperature, block_tokens, interpret, triton, z_ND, cotangents):
   """Straight-through to u = z/‖z‖ for the quantised output, exact for the statistics."""
-  del block_tokens, interpret, pad_dim_pow2
+  del block_tokens, interpret, triton
   g_quantized_ND, _, g_prob_sum_D, g_entropy_sum_D, _ = cotangents
   dim = z_ND.shape[-1]
   z32_ND = z_ND.astype(jnp.float32)

@@ -19,6 +19,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from vitok_jax.kernels import reference
 
@@ -66,16 +67,16 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("normalize", "block_tokens", "block_codes",
-                                             "interpret", "pad_dim_pow2"))
+                                             "interpret", "triton"))
 def _vq_nearest(z_ND, codebook_KD, *, normalize: bool, block_tokens: int, block_codes: int,
-                interpret: bool, pad_dim_pow2: bool):
+                interpret: bool, triton: bool):
   num_tokens, dim = z_ND.shape
   num_codes = codebook_KD.shape[0]
   block = min(block_tokens, max(16, pl.next_power_of_2(num_tokens)))
   block_codes = min(block_codes, max(16, pl.next_power_of_2(num_codes)))
   padded_n, padded_k = _round_up(num_tokens, block), _round_up(num_codes, block_codes)
   # Zero coordinates change no distance; Triton wants power-of-two tiles.
-  padded_dim = max(16, pl.next_power_of_2(dim)) if pad_dim_pow2 else dim
+  padded_dim = max(16, pl.next_power_of_2(dim)) if triton else dim
   e_KD = reference.l2_normalize(codebook_KD) if normalize else codebook_KD.astype(jnp.float32)
   code_sq_1K = jnp.pad(jnp.sum(e_KD * e_KD, axis=-1), (0, padded_k - num_codes),
                        constant_values=jnp.inf)[None]  # Padded codes are never nearest.
@@ -91,6 +92,9 @@ def _vq_nearest(z_ND, codebook_KD, *, normalize: bool, block_tokens: int, block_
       out_specs=[column_spec, column_spec],
       out_shape=[jax.ShapeDtypeStruct((padded_n, 1), jnp.int32),
                  jax.ShapeDtypeStruct((padded_n, 1), jnp.float32)],
+      # On GPU, Triton explicitly (pallas_call's default GPU lowering is Mosaic GPU, which would
+      # stage the whole codebook in shared memory).
+      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2) if triton else None,
       interpret=interpret,
       name="vq_nearest",
   )(z_ND, e_KD, code_sq_1K)
@@ -111,5 +115,5 @@ def vq_nearest(z_ND, codebook_KD, *, normalize: bool = True,
   index, dist = _vq_nearest(
       jax.lax.stop_gradient(z_ND.reshape(-1, dim)), jax.lax.stop_gradient(codebook_KD),
       normalize=normalize, block_tokens=block_tokens, block_codes=block_codes,
-      interpret=bool(interpret), pad_dim_pow2=backend == "gpu" and not interpret)
+      interpret=bool(interpret), triton=backend == "gpu" and not interpret)
   return index.reshape(lead), dist.reshape(lead)

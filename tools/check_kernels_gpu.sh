@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Validates the Pallas kernels on a GPU in one go: the kernel tests compiled (not interpreted), then
+# tools/bench_kernels.py. Everything lands in OUT_DIR (logs, bench_kernels.json, the plot).
+#   tools/check_kernels_gpu.sh OUT_DIR [extra bench_kernels.py flags]
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds) bound each step; the benchmark's JSON is rewritten after
+# every row, so a step stopped at its limit still leaves what it measured.
+set -u
+cd "$(dirname "$0")/.."
+out=${1:-kernels_gpu}; shift || true
+mkdir -p "$out"
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
+} 2>&1 | tee "$out/device.txt"
+# Tests share the GPU: no preallocation, so several pytest workers fit.
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-240}" \
+  python -m pytest tests/test_kernels.py -m "slow or not slow" -q -rfE --tb=short -n 4 \
+  2>&1 | tee "$out/tests.log"
+echo "tests rc=${PIPESTATUS[0]}" | tee -a "$out/tests.log"
+timeout "${BENCH_TIMEOUT:-300}" python tools/bench_kernels.py --out "$out/bench_kernels.json" \
+  --plot "$out/bench_kernels.png" "$@" 2>&1 | tee "$out/bench.log"
+echo "bench rc=${PIPESTATUS[0]}" | tee -a "$out/bench.log"
