@@ -83,6 +83,11 @@ FAST_CASES = {
     "block_causal_bf16": dict(block_ids=VAR_IDS, q_len=55, dtype=jnp.bfloat16),
     "segments_causal_hd64": dict(segment_ids=PACKED, causal=True, head_dim=64, heads=2,
                                  kv_heads=1),
+    # dK/dV programs of 64 keys over 16 queries (wider than the forward's key tile: the keys pad
+    # to 64); dQ programs of 32 queries over 16 keys.
+    "causal_separate_bwd_tiles": dict(causal=True, heads=2, kv_heads=1, blocks=flash.BlockSizes(
+        block_q=32, block_k=16, block_q_bwd=16, block_k_bwd=64, block_q_dq=32, block_k_dq=16,
+        num_warps=4, num_warps_bwd=4, num_stages=1)),
 }
 
 
@@ -180,6 +185,19 @@ def test_pallas_rejects_a_dense_mask():
     kernels.dot_product_attention(q, k, v, mask_BHLS=jnp.ones((16, 16), bool), impl="pallas")
 
 
+def test_block_sizes_are_checked():
+  q, _, _, _ = _qkv(1, 64, 64, 1, 1, 16, jnp.float32)
+  with pytest.raises(ConfigError, match="no separate dQ tiles"):
+    flash.flash_attention(q, q, q, backend="tpu", block_sizes=flash.BlockSizes(
+        block_q=64, block_k=64, block_q_bwd=32, block_k_bwd=32, block_q_dq=64))
+  with pytest.raises(ConfigError, match="powers of two.*block_k_dq"):
+    flash.fit_block_sizes(flash.BlockSizes(64, 64, 32, 32, block_k_dq=48), 256, 256, 16)
+  # Tiles shrink to short inputs; lengths pad to the largest tile of each side.
+  blocks = flash.fit_block_sizes(flash.BlockSizes(64, 32, 16, 128, block_q_dq=128), 50, 300, 16)
+  assert (blocks.block_q, blocks.block_q_dq, blocks.block_k_bwd) == (64, 64, 128)
+  assert flash.padded_lengths(blocks, 50, 300) == (64, 384)
+
+
 def _check_bsq(shape, dtype=jnp.float32, inv_temperature=100.0):
   z = jax.random.normal(jax.random.key(1), shape, dtype)
   z = z.reshape(-1, shape[-1]).at[0, 3].set(0.0).reshape(shape)  # sign(0) → bit 0.
@@ -221,14 +239,14 @@ def test_bsq_kernel_wide(shape, dtype):
   _check_bsq(shape, dtype, inv_temperature=10.0)
 
 
-def _check_vq(num_tokens, num_codes, dim, normalize, block_codes=64):
+def _check_vq(num_tokens, num_codes, dim, normalize, block_codes=64, fma=None):
   z = jax.random.normal(jax.random.key(1), (num_tokens, dim))
   codebook = jax.random.normal(jax.random.key(2), (num_codes, dim))
   # Exact ties: duplicated codes (first and last tile) and a token on one of them.
   codebook = codebook.at[5].set(codebook[3]).at[num_codes - 1].set(codebook[3])
   z = z.at[0].set(2.0 * codebook[3])
   index, dist = vq_pallas.vq_nearest(z, codebook, normalize=normalize, block_tokens=32,
-                                     block_codes=block_codes)
+                                     block_codes=block_codes, fma=fma)
   ref_index, ref_dist = jax.jit(reference.vq_nearest, static_argnames="normalize")(
       z, codebook, normalize=normalize)
   np.testing.assert_array_equal(index, ref_index)
@@ -237,8 +255,9 @@ def _check_vq(num_tokens, num_codes, dim, normalize, block_codes=64):
 
 
 @pytest.mark.parametrize("normalize", [True, False])
-def test_vq_nearest_matches_reference(normalize):
-  _check_vq(100, 300, 8, normalize)
+@pytest.mark.parametrize("fma", [True, False])  # Multiply-adds (small dims) or a tiled dot.
+def test_vq_nearest_matches_reference(normalize, fma):
+  _check_vq(100, 300, 8, normalize, fma=fma)
 
 
 @pytest.mark.slow

@@ -26,7 +26,9 @@ checked where measurable and reported "pending" otherwise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
+import inspect
 import json
 import sys
 
@@ -54,12 +56,12 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("
 ATTENTION_IMPLS = ("pallas", "xla", "cudnn", "jax_pallas")
 
 
-def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool):
-  """f(q, k, v) -> out in [B, L, H, D] for one implementation."""
+def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool, block_sizes=None):
+  """f(q, k, v) -> out in [B, L, H, D] for one implementation (ours with `block_sizes` if given)."""
   backend = jax.default_backend()
   if impl == "pallas":
     return functools.partial(flash.flash_attention, causal=causal, block_ids=block_ids,
-                             interpret=interpret)
+                             interpret=interpret, block_sizes=block_sizes)
   if impl in ("xla", "cudnn"):
     mask = None
     if block_ids is not None:  # The dense equivalent of the block-causal mask.
@@ -95,7 +97,7 @@ def _visible_pairs(q_len: int, causal: bool, block_ids) -> float:
 
 
 def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, impls, warmup,
-                    iters, interpret, peak_flops=None):
+                    iters, interpret, peak_flops=None, block_sizes=None):
   keys = jax.random.split(jax.random.key(0), 4)
   shape = (batch, q_len, heads, head_dim)
   q, k, v, do = (jax.random.normal(key, shape, dtype) for key in keys)
@@ -107,7 +109,8 @@ def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, 
   for impl in impls:
     entry = {}
     try:
-      fn = _attention_fn(impl, causal=causal, block_ids=ids, interpret=interpret)
+      fn = _attention_fn(impl, causal=causal, block_ids=ids, interpret=interpret,
+                         block_sizes=block_sizes)
       _, fwd_s, _ = timing.time_jitted(fn, (q, k, v), warmup, iters)
       _, step_s, _ = timing.time_jitted(_fwd_bwd(fn), (q, k, v, do), warmup, iters)
       entry = {"fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * step_s,
@@ -151,11 +154,11 @@ def _temp_bytes(compiled):
     return None
 
 
-def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak):
+def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak, params=None):
   z = jax.random.normal(jax.random.key(0), (tokens, dim), dtype)
   itemsize = jnp.dtype(dtype).itemsize
   moved = 2 * tokens * dim * itemsize + tokens * -(-dim // 32) * 4  # z in, quantized + codes out.
-  kernel = lambda z: bsq_pallas.bsq(z, interpret=interpret)
+  kernel = lambda z: bsq_pallas.bsq(z, interpret=interpret, **(params or {}))
   result = {"tokens": tokens, "dim": dim, "dtype": jnp.dtype(dtype).name, "bytes": moved}
   for name, fn in (("pallas", kernel), ("jnp", reference.bsq)):
     _, seconds, _ = timing.time_jitted(fn, (z,), warmup, iters)
@@ -165,13 +168,13 @@ def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak):
   return result
 
 
-def bench_vq(*, tokens, codes, dim, warmup, iters, interpret, peak):
+def bench_vq(*, tokens, codes, dim, warmup, iters, interpret, peak, params=None):
   z = jax.random.normal(jax.random.key(0), (tokens, dim))
   codebook = jax.random.normal(jax.random.key(1), (codes, dim))
   moved = 4 * (tokens * dim + codes * dim + 2 * tokens)
   result = {"tokens": tokens, "codes": codes, "dim": dim, "bytes": moved,
             "tokens_x_codes_bytes": 4 * tokens * codes}
-  kernel = lambda z, e: vq_pallas.vq_nearest(z, e, interpret=interpret)
+  kernel = lambda z, e: vq_pallas.vq_nearest(z, e, interpret=interpret, **(params or {}))
   for name, fn in (("pallas", kernel), ("jnp", reference.vq_nearest)):
     _, seconds, compiled = timing.time_jitted(fn, (z, codebook), warmup, iters)
     result[name] = {"ms": 1e3 * seconds, "gb_per_s": moved / seconds / 1e9,
@@ -264,6 +267,8 @@ def parse_args(argv):
                       help="tokens,codes,dim; default 65536,16384,8")
   parser.add_argument("--warmup", type=int, default=None)
   parser.add_argument("--iters", type=int, default=None)
+  parser.add_argument("--tiles", default=None,
+                      help="tools/tune_kernels.py JSON: its best tiles instead of the defaults")
   parser.add_argument("--out", default="bench_kernels.json")
   parser.add_argument("--plot", default=None, help="PNG path for the plot")
   args = parser.parse_args(argv)
@@ -278,6 +283,20 @@ def parse_args(argv):
       setattr(args, name, value)
   args.tiny = tiny
   return args
+
+
+def load_tiles(path):
+  """(bsq kwargs, vq kwargs, {head_dim: BlockSizes}) of a tune_kernels.py JSON's best entries."""
+  with open(path) as f:
+    tuned = json.load(f)
+  only = lambda best, names: {k: v for k, v in (best or {}).items() if k in names}
+  fields = {f.name for f in dataclasses.fields(flash.BlockSizes)}
+  attention = {int(d): flash.BlockSizes(**only(r["best"], fields))
+               for d, r in tuned.get("attention", {}).items() if r.get("best")}
+  return (only(tuned.get("bsq", {}).get("best"), inspect.signature(bsq_pallas.bsq).parameters),
+          only(tuned.get("vq", {}).get("best"),
+               inspect.signature(vq_pallas.vq_nearest).parameters),
+          attention)
 
 
 def _save(report, path: str):
@@ -300,10 +319,14 @@ def main(argv=None):
             "impls": impls, "dtype": dtype.name, "peak_bandwidth_gb_per_s": peak / 1e9,
             "peak_bandwidth_source": peak_source, "peak_bf16_tflops": (peak_flops or 0) / 1e12,
             "attention": []}
+  bsq_params, vq_params, attention_tiles = load_tiles(args.tiles) if args.tiles else ({}, {}, {})
+  report["tiles"] = {"bsq": bsq_params, "vq": vq_params, "attention": {
+      d: dataclasses.asdict(b) for d, b in attention_tiles.items()}}
   report["bsq"] = bench_bsq(tokens=args.bsq[0], dim=args.bsq[1], dtype=dtype, warmup=args.warmup,
-                            iters=args.iters, interpret=interpret, peak=peak)
+                            iters=args.iters, interpret=interpret, peak=peak, params=bsq_params)
   report["vq"] = bench_vq(tokens=args.vq[0], codes=args.vq[1], dim=args.vq[2],
-                          warmup=args.warmup, iters=args.iters, interpret=interpret, peak=peak)
+                          warmup=args.warmup, iters=args.iters, interpret=interpret, peak=peak,
+                          params=vq_params)
   print(json.dumps({k: report[k] for k in ("bsq", "vq")}), flush=True)
   _save(report, args.out)
   common = dict(heads=args.heads, dtype=dtype, warmup=args.warmup, iters=args.iters,
@@ -314,6 +337,7 @@ def main(argv=None):
     ids = masks.var_block_ids(VAR_SCALES[length])
     row = bench_attention(batch=batch_for(length), q_len=length, head_dim=args.var_head_dim,
                           causal=False, block_ids=ids,
+                          block_sizes=attention_tiles.get(args.var_head_dim),
                           impls=tuple(i for i in impls if i != "jax_pallas"), **common)
     report["attention"].append(row)
     print(json.dumps(row), flush=True)
@@ -321,7 +345,8 @@ def main(argv=None):
   for head_dim in args.head_dims:
     for length in args.lengths:
       row = bench_attention(batch=batch_for(length), q_len=length, head_dim=head_dim,
-                            causal=args.causal, block_ids=None, impls=impls, **common)
+                            causal=args.causal, block_ids=None, impls=impls,
+                            block_sizes=attention_tiles.get(head_dim), **common)
       report["attention"].append(row)
       print(json.dumps(row), flush=True)
       _save(report, args.out)

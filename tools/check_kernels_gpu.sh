@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Validates the Pallas kernels on a GPU in one go: the kernel tests compiled (not interpreted), then
-# tools/bench_kernels.py. Everything lands in OUT_DIR (logs, bench_kernels.json, the plot).
+# Validates the Pallas kernels on a GPU in one go: the kernel tests compiled (not interpreted), the
+# tile sweep tools/tune_kernels.py, then tools/bench_kernels.py with the tiles it found. Everything
+# lands in OUT_DIR (logs, tuned_kernels.json, bench_kernels.json, the plot).
 #   tools/check_kernels_gpu.sh OUT_DIR [extra bench_kernels.py flags]
-# TEST_TIMEOUT / BENCH_TIMEOUT (seconds) bound each step; the benchmark's JSON is rewritten after
-# every row, so a step stopped at its limit still leaves what it measured.
+# TEST_TIMEOUT / TUNE_TIMEOUT / BENCH_TIMEOUT (seconds) bound each step (TUNE_TIMEOUT=0 skips the
+# sweep); both JSONs are rewritten as results come, so a step stopped at its limit keeps them.
 set -u
 cd "$(dirname "$0")/.."
 out=${1:-kernels_gpu}; shift || true
@@ -17,6 +18,13 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-240}" \
   python -m pytest tests/test_kernels.py -m "slow or not slow" -q -rfE --tb=short -n 4 \
   2>&1 | tee "$out/tests.log"
 echo "tests rc=${PIPESTATUS[0]}" | tee -a "$out/tests.log"
+tiles=()
+if [ "${TUNE_TIMEOUT:-300}" != 0 ]; then
+  timeout "${TUNE_TIMEOUT:-300}" python tools/tune_kernels.py --out "$out/tuned_kernels.json" \
+    2>&1 | tee "$out/tune.log"
+  echo "tune rc=${PIPESTATUS[0]}" | tee -a "$out/tune.log"
+  [ -f "$out/tuned_kernels.json" ] && tiles=(--tiles "$out/tuned_kernels.json")
+fi
 timeout "${BENCH_TIMEOUT:-300}" python tools/bench_kernels.py --out "$out/bench_kernels.json" \
-  --plot "$out/bench_kernels.png" "$@" 2>&1 | tee "$out/bench.log"
+  --plot "$out/bench_kernels.png" "${tiles[@]}" "$@" 2>&1 | tee "$out/bench.log"
 echo "bench rc=${PIPESTATUS[0]}" | tee -a "$out/bench.log"

@@ -22,26 +22,36 @@ from jax.experimental.pallas import triton as pltriton
 
 from vitok_jax.kernels import reference
 
-DEFAULT_BLOCK_TOKENS = 512
+# GPU launch from tools/tune_kernels.py (see the note in policy.py for the measurement).
+DEFAULT_BLOCK_TOKENS = 128
+DEFAULT_NUM_WARPS = 4
 
 
 def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, bit_sum_ref, *,
                 dim: int, num_tokens: int, logit_scale: float):
-  """z [bn, dp] → quantized [bn, dp], codes [bn, words], sums [1, dp] over this tile's tokens."""
+  """z [bn, dp] → quantized [bn, dp], codes [bn, words], sums [1, dp] over this tile's tokens.
+
+  Per-column and per-token quantities are built as [1, dp] / [bn, 1] rows and broadcast, so the
+  per-element work is the quantisation, one exp and one log.
+  """
   block, padded_dim = z_ref.shape
   z_ND = z_ref[...].astype(jnp.float32)
-  norm_N1 = jnp.sqrt(jnp.sum(z_ND * z_ND, axis=1, keepdims=True))
-  u_ND = z_ND / jnp.maximum(norm_N1, reference.NORM_EPS)
+  inv_norm_N1 = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(z_ND * z_ND, axis=1, keepdims=True)),
+                                  reference.NORM_EPS)
+  u_ND = z_ND * inv_norm_N1
   bit_ND = u_ND > 0  # sign(0) → −1: a zero coordinate is bit 0, as Infinity's quantiser.
   inv_sqrt_d = 1.0 / math.sqrt(dim)
   quantized_ref[...] = jnp.where(bit_ND, inv_sqrt_d, -inv_sqrt_d).astype(quantized_ref.dtype)
 
-  column_ND = jax.lax.broadcasted_iota(jnp.int32, (block, padded_dim), 1)
-  token_ND = pl.program_id(0) * block + jax.lax.broadcasted_iota(jnp.int32, (block, padded_dim), 0)
-  counted_ND = jnp.logical_and(token_ND < num_tokens, column_ND < dim)  # Not padding.
+  column_1D = jax.lax.broadcasted_iota(jnp.int32, (1, padded_dim), 1)
+  token_N1 = pl.program_id(0) * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
+  counted_ND = jnp.logical_and(token_N1 < num_tokens, column_1D < dim)  # Not padding.
+  # σ(x) and its binary entropy softplus(x) − x·σ(x) from one exp(−|x|).
   x_ND = logit_scale * u_ND
-  p_ND = 1.0 / (1.0 + jnp.exp(-x_ND))
-  softplus_ND = jnp.maximum(x_ND, 0.0) + jnp.log(1.0 + jnp.exp(-jnp.abs(x_ND)))
+  e_ND = jnp.exp(-jnp.abs(x_ND))
+  inv_1pe_ND = 1.0 / (1.0 + e_ND)
+  p_ND = jnp.where(x_ND >= 0, inv_1pe_ND, e_ND * inv_1pe_ND)
+  softplus_ND = jnp.maximum(x_ND, 0.0) + jnp.log(1.0 + e_ND)
   tile_sum = lambda v: jnp.sum(jnp.where(counted_ND, v, 0.0), axis=0, keepdims=True)
   prob_sum_ref[...] = tile_sum(p_ND)
   entropy_sum_ref[...] = tile_sum(softplus_ND - x_ND * p_ND)
@@ -49,16 +59,17 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, 
 
   # Pack: word w holds bits 32w.., its first bit most significant. Each 16-bit half is a float sum
   # of distinct powers of two (exact below 2^24), which every backend reduces natively.
-  bit_f32 = jnp.where(jnp.logical_and(bit_ND, column_ND < dim), 1.0, 0.0)
-  word_of, index_in_word = column_ND // 32, column_ND % 32
-  word_bits = jnp.minimum(32, dim - 32 * word_of)
-  shift = word_bits - 1 - index_in_word
+  word_of_1D, index_in_word_1D = column_1D // 32, column_1D % 32
+  shift_1D = jnp.minimum(32, dim - 32 * word_of_1D) - 1 - index_in_word_1D
   for word in range(codes_ref.shape[1]):
     halves = []
     for half in range(2):
-      in_half = (word_of == word) & (shift >= 16 * half) & (shift < 16 * half + 16)
-      weight = jnp.left_shift(1, jnp.clip(shift - 16 * half, 0, 15)).astype(jnp.float32)
-      halves.append(jnp.sum(jnp.where(in_half, bit_f32 * weight, 0.0), axis=1, keepdims=True)
+      in_half_1D = ((word_of_1D == word) & (column_1D < dim) & (shift_1D >= 16 * half)
+                    & (shift_1D < 16 * half + 16))
+      weight_1D = jnp.where(
+          in_half_1D, jnp.left_shift(1, jnp.clip(shift_1D - 16 * half, 0, 15)).astype(jnp.float32),
+          0.0)
+      halves.append(jnp.sum(jnp.where(bit_ND, weight_1D, 0.0), axis=1, keepdims=True)
                     .astype(jnp.int32))
     codes_ref[:, pl.ds(word, 1)] = jnp.left_shift(halves[1], 16) | halves[0]
 
@@ -67,10 +78,10 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-@functools.partial(jax.jit, static_argnames=("inv_temperature", "block_tokens", "interpret",
-                                             "triton"))
-def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, interpret: bool,
-                 triton: bool):
+@functools.partial(jax.jit, static_argnames=("inv_temperature", "block_tokens", "num_warps",
+                                             "interpret", "triton"))
+def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, num_warps: int,
+                 interpret: bool, triton: bool):
   """z [N, d] → quantized [N, d], codes [N, words] uint32, sums of p, H(p), bits: [d] each."""
   num_tokens, dim = z_ND.shape
   words = -(-dim // 32)
@@ -96,7 +107,8 @@ def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, interpret: 
                  sums_shape, sums_shape, sums_shape],
       # On GPU, Triton explicitly: pallas_call's default GPU lowering (Mosaic GPU) copies at most 256
       # elements per dimension asynchronously.
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1) if triton else None,
+      compiler_params=(pltriton.CompilerParams(num_warps=num_warps, num_stages=1) if triton
+                       else None),
       interpret=interpret,
       name="bsq",
   )(z_ND)
@@ -106,19 +118,19 @@ def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, interpret: 
           total(prob_sum), total(entropy_sum), total(bit_sum))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
-def _bsq(z_ND, inv_temperature, block_tokens, interpret, triton):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _bsq(z_ND, inv_temperature, block_tokens, num_warps, interpret, triton):
   return _bsq_forward(z_ND, inv_temperature=inv_temperature, block_tokens=block_tokens,
-                      interpret=interpret, triton=triton)
+                      num_warps=num_warps, interpret=interpret, triton=triton)
 
 
-def _bsq_fwd(z_ND, inv_temperature, block_tokens, interpret, triton):
-  return _bsq(z_ND, inv_temperature, block_tokens, interpret, triton), z_ND
+def _bsq_fwd(z_ND, inv_temperature, block_tokens, num_warps, interpret, triton):
+  return _bsq(z_ND, inv_temperature, block_tokens, num_warps, interpret, triton), z_ND
 
 
-def _bsq_bwd(inv_temperature, block_tokens, interpret, triton, z_ND, cotangents):
+def _bsq_bwd(inv_temperature, block_tokens, num_warps, interpret, triton, z_ND, cotangents):
   """Straight-through to u = z/‖z‖ for the quantised output, exact for the statistics."""
-  del block_tokens, interpret, triton
+  del block_tokens, num_warps, interpret, triton
   g_quantized_ND, _, g_prob_sum_D, g_entropy_sum_D, _ = cotangents
   dim = z_ND.shape[-1]
   z32_ND = z_ND.astype(jnp.float32)
@@ -140,6 +152,7 @@ _bsq.defvjp(_bsq_fwd, _bsq_bwd)
 
 
 def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        num_warps: int = DEFAULT_NUM_WARPS,
         interpret: Optional[bool] = None) -> reference.BSQOutput:
   """Pallas BSQ of z [..., d]: the `reference.BSQOutput` of `reference.bsq`, in one fused pass.
 
@@ -147,13 +160,15 @@ def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLO
     z_ND: latents [..., d], float32 or bfloat16.
     inv_temperature: β of the soft bit probability σ(4·β·u/√d) (Infinity uses 100).
     block_tokens: tokens per tile (shrunk for small inputs).
+    num_warps: warps per program (GPU).
     interpret: run in the Pallas interpreter; default: on CPU.
   """
   backend = jax.default_backend()
   interpret = backend == "cpu" if interpret is None else interpret
   *lead, dim = z_ND.shape
   quantized, codes, prob_sum, entropy_sum, bit_sum = _bsq(
-      z_ND.reshape(-1, dim), float(inv_temperature), int(block_tokens), bool(interpret),
+      z_ND.reshape(-1, dim), float(inv_temperature), int(block_tokens), int(num_warps),
+      bool(interpret),
       backend == "gpu" and not interpret)
   num_tokens = max(1, math.prod(lead))
   bit_prob = prob_sum / num_tokens

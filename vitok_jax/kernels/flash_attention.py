@@ -31,11 +31,27 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes in tokens. Backward tiles divide the forward ones (lengths pad to the latter)."""
+  """Tile sizes in tokens (powers of two; lengths pad to the largest) and GPU launch settings.
+
+  The forward runs a program per `block_q` queries stepping over `block_k` keys; the dK/dV kernel a
+  program per `block_k_bwd` keys stepping over `block_q_bwd` queries; the dQ kernel a program per
+  `block_q_dq` queries stepping over `block_k_dq` keys (default: the dK/dV pair). The GPU kernels
+  take `num_warps` (forward) / `num_warps_bwd` (default: by tile size) and `num_stages`; the TPU
+  kernel uses none of these, nor separate dQ tiles.
+  """
   block_q: int
   block_k: int
   block_q_bwd: int
   block_k_bwd: int
+  block_q_dq: Optional[int] = None
+  block_k_dq: Optional[int] = None
+  num_warps: Optional[int] = None
+  num_warps_bwd: Optional[int] = None
+  num_stages: int = 2
+
+  @property
+  def dq_tiles(self) -> tuple[int, int]:
+    return (self.block_q_dq or self.block_q_bwd, self.block_k_dq or self.block_k_bwd)
 
 
 # Starting points, to be tuned with tools/bench_kernels.py: Triton wants power-of-two tiles that
@@ -79,14 +95,23 @@ def _fit_block(block: int, length: int, minimum: int) -> int:
 
 
 def fit_block_sizes(blocks: BlockSizes, q_len: int, kv_len: int, minimum: int) -> BlockSizes:
-  """Shrinks tiles for short sequences, keeping the backward tiles dividing the forward ones."""
-  block_q = _fit_block(blocks.block_q, q_len, minimum)
-  block_k = _fit_block(blocks.block_k, kv_len, minimum)
-  fitted = BlockSizes(block_q, block_k, min(blocks.block_q_bwd, block_q),
-                      min(blocks.block_k_bwd, block_k))
-  if block_q % fitted.block_q_bwd or block_k % fitted.block_k_bwd:
-    raise ConfigError(f"backward blocks must divide forward blocks, got {fitted}")
-  return fitted
+  """Checks the tiles are powers of two and shrinks them for short sequences."""
+  block_q_dq, block_k_dq = blocks.dq_tiles
+  tiles = dict(block_q=blocks.block_q, block_q_bwd=blocks.block_q_bwd, block_q_dq=block_q_dq,
+               block_k=blocks.block_k, block_k_bwd=blocks.block_k_bwd, block_k_dq=block_k_dq)
+  bad = {name: size for name, size in tiles.items() if size < 1 or size & (size - 1)}
+  if bad:
+    raise ConfigError(f"flash attention tiles must be powers of two, got {bad}")
+  return dataclasses.replace(blocks, **{
+      name: _fit_block(size, q_len if "_q" in name else kv_len, minimum)
+      for name, size in tiles.items()})
+
+
+def padded_lengths(blocks: BlockSizes, q_len: int, kv_len: int) -> tuple[int, int]:
+  """Lengths rounded up to the largest query / key tile (a multiple of every other one)."""
+  block_q_dq, block_k_dq = blocks.dq_tiles
+  return (_round_up(q_len, max(blocks.block_q, blocks.block_q_bwd, block_q_dq)),
+          _round_up(kv_len, max(blocks.block_k, blocks.block_k_bwd, block_k_dq)))
 
 
 def _pad_axis(x, axis: int, size: int, mode: str = "constant"):
@@ -163,9 +188,11 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   backend = backend or default_backend()
   module = _kernel_module(backend)
   interpret = jax.default_backend() == "cpu" if interpret is None else interpret
-  blocks = fit_block_sizes(block_sizes or DEFAULT_BLOCK_SIZES[backend], q_len, kv_len,
-                           module.MIN_BLOCK)
-  padded_q, padded_kv = _round_up(q_len, blocks.block_q), _round_up(kv_len, blocks.block_k)
+  block_sizes = block_sizes or DEFAULT_BLOCK_SIZES[backend]
+  if backend == "tpu" and block_sizes.dq_tiles != (block_sizes.block_q_bwd, block_sizes.block_k_bwd):
+    raise ConfigError("the TPU kernel has no separate dQ tiles; leave block_q_dq / block_k_dq unset")
+  blocks = fit_block_sizes(block_sizes, q_len, kv_len, module.MIN_BLOCK)
+  padded_q, padded_kv = padded_lengths(blocks, q_len, kv_len)
   padded_dim = module.padded_head_dim(head_dim)
   cfg = KernelConfig(scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
                      causal=causal, kv_len=None if padded_kv == kv_len else kv_len,
@@ -181,7 +208,9 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   ranges = lambda bq, bk: masks.block_ranges(ids, batch, padded_q, padded_kv, bq, bk,
                                              causal=causal)
   fwd_range, _ = ranges(blocks.block_q, blocks.block_k)
-  bwd_ranges = ranges(blocks.block_q_bwd, blocks.block_k_bwd)
+  _, dkdv_q_range = ranges(blocks.block_q_bwd, blocks.block_k_bwd)
+  dq_kv_range, _ = ranges(*blocks.dq_tiles)
+  bwd_ranges = (dq_kv_range, dkdv_q_range)
   out_BLHD, lse_BHL = _flash(backend, cfg, q_BLHD, k_BSHD, v_BSHD, ids, fwd_range, bwd_ranges)
   out_BLHD = out_BLHD[:, :q_len, :, :head_dim]
   return (out_BLHD, lse_BHL[:, :, :q_len]) if return_lse else out_BLHD

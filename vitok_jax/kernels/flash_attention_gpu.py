@@ -8,8 +8,8 @@ where causal and block-causal masks save work. Scores use exp2 with log2(e) fold
 The backward recomputes each score tile from the logsumexp: one kernel per key block accumulates
 dK and dV over its query blocks, one kernel per query block accumulates dQ: no atomics needed.
 
-Arrays arrive padded (see `flash_attention`): lengths are multiples of the tiles, head_dim a power
-of two ≥ 16 as Triton's dot requires.
+Arrays arrive padded (see `flash_attention`): lengths are multiples of every tile, head_dim a
+power of two ≥ 16 as Triton's dot requires.
 """
 from __future__ import annotations
 
@@ -92,9 +92,10 @@ def _range_spec(grid_to_batch_block):
   return pl.BlockSpec((None, 1), grid_to_batch_block)
 
 
-def _compiler_params(block_a: int, block_b: int, head_dim: int):
-  num_warps = 4 if block_a * block_b <= 64 * 64 and head_dim <= 64 else 8
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=2)
+def _compiler_params(num_warps, block_a: int, block_b: int, head_dim: int, num_stages: int):
+  """Triton launch: `num_warps` if given, else 4 for small tiles and head dims, else 8."""
+  num_warps = num_warps or (4 if block_a * block_b <= 64 * 64 and head_dim <= 64 else 8)
+  return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def forward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, cfg: KernelConfig):
@@ -113,7 +114,8 @@ def forward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, cfg: KernelCon
       out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q_BLHD.shape, q_BLHD.dtype),
                  jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)],
-      compiler_params=_compiler_params(block_q, cfg.blocks.block_k, head_dim),
+      compiler_params=_compiler_params(cfg.blocks.num_warps, block_q, cfg.blocks.block_k,
+                                       head_dim, cfg.blocks.num_stages),
       interpret=cfg.interpret,
       name="flash_attention_fwd",
   )(*kv_range, q_BLHD, k_BSHD, v_BSHD, *ids)
@@ -151,7 +153,7 @@ def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
                cfg: KernelConfig):
   """Refs: q/do [bq, D], lse/delta [bq], k/v [S, D], ids; out dq [bq, D]."""
   id_refs, (dq_ref,) = refs[:4], refs[4:]
-  block_q, block_k = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
+  block_q, block_k = cfg.blocks.dq_tiles
   q_start = pl.program_id(0) * block_q
   q_QD, do_QD = q_ref[...], do_ref[...]
   lse_Q, delta_Q = lse_ref[...] * LOG2_E, delta_ref[...]
@@ -176,7 +178,6 @@ def backward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, q_range, do_B
   batch, q_len, heads, head_dim = q_BLHD.shape
   kv_len = k_BSHD.shape[1]
   block_q, block_k, group = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd, cfg.group
-  params = _compiler_params(block_q, block_k, head_dim)
   ids = list(ids)
 
   # dK, dV: one program per (key block, batch, query head) loops over the query blocks.
@@ -193,12 +194,14 @@ def backward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, q_range, do_B
                + _id_specs(ids, lambda j, b, h: b),
       out_specs=[out_block, out_block],
       out_shape=[per_q_head, per_q_head],
-      compiler_params=params,
+      compiler_params=_compiler_params(cfg.blocks.num_warps_bwd, block_q, block_k, head_dim,
+                                       cfg.blocks.num_stages),
       interpret=cfg.interpret,
       name="flash_attention_dkdv",
   )(*q_range, q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *ids)
 
   # dQ: one program per (query block, batch, head) loops over the key blocks.
+  block_q, block_k = cfg.blocks.dq_tiles
   q_block = pl.BlockSpec((None, block_q, None, head_dim), lambda i, b, h: (b, i, h, 0))
   row_block = pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))
   whole_kv = pl.BlockSpec((None, kv_len, None, head_dim), lambda i, b, h: (b, 0, h // group, 0))
@@ -210,7 +213,8 @@ def backward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, q_range, do_B
                + _id_specs(ids, lambda i, b, h: b),
       out_specs=q_block,
       out_shape=jax.ShapeDtypeStruct(q_BLHD.shape, jnp.float32),
-      compiler_params=params,
+      compiler_params=_compiler_params(cfg.blocks.num_warps_bwd, block_q, block_k, head_dim,
+                                       cfg.blocks.num_stages),
       interpret=cfg.interpret,
       name="flash_attention_dq",
   )(*kv_range, q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *ids)

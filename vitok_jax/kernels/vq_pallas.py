@@ -7,9 +7,10 @@ be 4 GiB in float32). Ties go to the first index: within a tile the smallest ind
 minima, across tiles a later tile must be strictly smaller. With `normalize` the tokens are
 l2-normalised inside the kernel and the (small) codebook once outside (cosine lookup).
 
-The same kernel lowers to Triton (GPU) and Mosaic (TPU); the codebook stays resident in on-chip
-memory per program (16384 × 8 float32 is 512 KiB), so very wide codebooks (K·D·4 bytes beyond a few
-MiB) want a grid axis over codes instead. Semantics: `reference.vq_nearest`.
+The same kernel lowers to Triton (GPU) and Mosaic (TPU). On GPU each program streams codebook
+tiles from global memory (the whole codebook is small enough to stay in L2: 16384 × 8 float32 is
+512 KiB); on TPU the codebook block is resident in VMEM, so very wide codebooks (K·D·4 bytes beyond a
+few MiB) would want a grid axis over codes there. Semantics: `reference.vq_nearest`.
 """
 from __future__ import annotations
 
@@ -23,29 +24,48 @@ from jax.experimental.pallas import triton as pltriton
 
 from vitok_jax.kernels import reference
 
-DEFAULT_BLOCK_TOKENS = 256
-DEFAULT_BLOCK_CODES = 512
+# GPU tiles from tools/tune_kernels.py (see the note in policy.py for the measurement).
+DEFAULT_BLOCK_TOKENS = 64
+DEFAULT_BLOCK_CODES = 256
+DEFAULT_NUM_WARPS = 4
+FMA_MAX_DIM = 16  # Code dims up to this use multiply-adds (GPU, interpreter), wider ones a dot.
 
 
 def _vq_kernel(z_ref, codebook_ref, code_sq_ref, index_ref, dist_ref, *, block_codes: int,
-               normalize: bool):
-  """z [bn, D], codebook [Kp, D], |e|² [1, Kp] (+inf on padding) → index, distance [bn, 1]."""
-  block, _ = z_ref.shape
+               normalize: bool, fma: bool):
+  """z [bn, D], |e|² [1, Kp] (+inf on padding) → index, distance [bn, 1].
+
+  codebook: [Kp, D], or [D, Kp] with `fma`, where z·e is D broadcast multiply-adds per tile
+  (no matrix unit: for the small code dims of VQ tokenizers, e.g. LlamaGen's 8, this skips the
+  padding to 16 that a tiled dot needs).
+  """
+  block, dim = z_ref.shape
   z_ND = z_ref[...].astype(jnp.float32)
   z_sq_N1 = jnp.sum(z_ND * z_ND, axis=1, keepdims=True)
+  norm_N1 = 1.0
   if normalize:
-    z_ND = z_ND / jnp.maximum(jnp.sqrt(z_sq_N1), reference.NORM_EPS)
+    norm_N1 = jnp.maximum(jnp.sqrt(z_sq_N1), reference.NORM_EPS)
+    z_ND = z_ND / norm_N1
     z_sq_N1 = jnp.sum(z_ND * z_ND, axis=1, keepdims=True)
   column_NK = jax.lax.broadcasted_iota(jnp.int32, (block, block_codes), 1).astype(jnp.float32)
+
+  def dot(codes):
+    if not fma:
+      e_KD = codebook_ref[codes, :].astype(jnp.float32)
+      return jax.lax.dot_general(z_ND, e_KD, (((1,), (1,)), ((), ())),
+                                 precision=jax.lax.Precision.HIGHEST,
+                                 preferred_element_type=jnp.float32)
+    total_NK = None
+    for d in range(dim):  # Columns of z are reloaded: values cannot be sliced in a kernel.
+      z_N1 = z_ref[:, pl.ds(d, 1)].astype(jnp.float32) / norm_N1
+      term_NK = z_N1 * codebook_ref[pl.ds(d, 1), codes].astype(jnp.float32)
+      total_NK = term_NK if total_NK is None else total_NK + term_NK
+    return total_NK
 
   def body(j, carry):
     best_N1, best_index_N1 = carry
     codes = pl.ds(j * block_codes, block_codes)
-    e_KD = codebook_ref[codes, :].astype(jnp.float32)
-    z_dot_e_NK = jax.lax.dot_general(z_ND, e_KD, (((1,), (1,)), ((), ())),
-                                     precision=jax.lax.Precision.HIGHEST,
-                                     preferred_element_type=jnp.float32)
-    dist_NK = z_sq_N1 + code_sq_ref[:, codes] - 2.0 * z_dot_e_NK
+    dist_NK = z_sq_N1 + code_sq_ref[:, codes] - 2.0 * dot(codes)
     tile_min_N1 = jnp.min(dist_NK, axis=1, keepdims=True)
     # First column attaining the minimum; float indices are exact below 2^24.
     tile_index_N1 = jnp.min(jnp.where(dist_NK == tile_min_N1, column_NK, jnp.inf), axis=1,
@@ -54,7 +74,7 @@ def _vq_kernel(z_ref, codebook_ref, code_sq_ref, index_ref, dist_ref, *, block_c
     return (jnp.where(better_N1, tile_min_N1, best_N1),
             jnp.where(better_N1, tile_index_N1, best_index_N1))
 
-  num_tiles = codebook_ref.shape[0] // block_codes
+  num_tiles = code_sq_ref.shape[1] // block_codes
   best_N1, best_index_N1 = jax.lax.fori_loop(
       0, num_tiles, body, (jnp.full((block, 1), jnp.inf, jnp.float32),
                            jnp.zeros((block, 1), jnp.int32)))
@@ -67,47 +87,52 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("normalize", "block_tokens", "block_codes",
-                                             "interpret", "triton"))
+                                             "num_warps", "fma", "interpret", "triton"))
 def _vq_nearest(z_ND, codebook_KD, *, normalize: bool, block_tokens: int, block_codes: int,
-                interpret: bool, triton: bool):
+                num_warps: int, fma: bool, interpret: bool, triton: bool):
   num_tokens, dim = z_ND.shape
   num_codes = codebook_KD.shape[0]
   block = min(block_tokens, max(16, pl.next_power_of_2(num_tokens)))
   block_codes = min(block_codes, max(16, pl.next_power_of_2(num_codes)))
   padded_n, padded_k = _round_up(num_tokens, block), _round_up(num_codes, block_codes)
-  # Zero coordinates change no distance; Triton wants power-of-two tiles.
-  padded_dim = max(16, pl.next_power_of_2(dim)) if triton else dim
+  # Zero coordinates change no distance; Triton's dot wants power-of-two tiles of at least 16.
+  padded_dim = max(16, pl.next_power_of_2(dim)) if triton and not fma else dim
   e_KD = reference.l2_normalize(codebook_KD) if normalize else codebook_KD.astype(jnp.float32)
   code_sq_1K = jnp.pad(jnp.sum(e_KD * e_KD, axis=-1), (0, padded_k - num_codes),
                        constant_values=jnp.inf)[None]  # Padded codes are never nearest.
   e_KD = jnp.pad(e_KD, ((0, padded_k - num_codes), (0, padded_dim - dim)))
   z_ND = jnp.pad(z_ND, ((0, padded_n - num_tokens), (0, padded_dim - dim)))
+  codebook = e_KD.T if fma else e_KD
   column_spec = pl.BlockSpec((block, 1), lambda t: (t, 0))
   index_N1, dist_N1 = pl.pallas_call(
-      functools.partial(_vq_kernel, block_codes=block_codes, normalize=normalize),
+      functools.partial(_vq_kernel, block_codes=block_codes, normalize=normalize, fma=fma),
       grid=(padded_n // block,),
       in_specs=[pl.BlockSpec((block, padded_dim), lambda t: (t, 0)),
-                pl.BlockSpec((padded_k, padded_dim), lambda t: (0, 0)),
+                pl.BlockSpec(codebook.shape, lambda t: (0, 0)),
                 pl.BlockSpec((1, padded_k), lambda t: (0, 0))],
       out_specs=[column_spec, column_spec],
       out_shape=[jax.ShapeDtypeStruct((padded_n, 1), jnp.int32),
                  jax.ShapeDtypeStruct((padded_n, 1), jnp.float32)],
       # On GPU, Triton explicitly (pallas_call's default GPU lowering is Mosaic GPU, which would
       # stage the whole codebook in shared memory).
-      compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2) if triton else None,
+      compiler_params=(pltriton.CompilerParams(num_warps=num_warps, num_stages=2) if triton
+                       else None),
       interpret=interpret,
       name="vq_nearest",
-  )(z_ND, e_KD, code_sq_1K)
+  )(z_ND, codebook, code_sq_1K)
   return index_N1[:num_tokens, 0], dist_N1[:num_tokens, 0]
 
 
 def vq_nearest(z_ND, codebook_KD, *, normalize: bool = True,
                block_tokens: int = DEFAULT_BLOCK_TOKENS, block_codes: int = DEFAULT_BLOCK_CODES,
+               num_warps: int = DEFAULT_NUM_WARPS, fma: Optional[bool] = None,
                interpret: Optional[bool] = None):
   """Pallas nearest code of z [..., D] in codebook [K, D]: (index [...] int32, dist [...] f32).
 
   Same result as `reference.vq_nearest` (first index on ties). Not differentiable: gather the codes
-  with the index and build the VQ losses from them.
+  with the index and build the VQ losses from them. Tiles: `block_tokens` × `block_codes`;
+  `num_warps` per program (GPU); `fma`: z·e as D multiply-adds instead of a tiled dot (default
+  for D ≤ `FMA_MAX_DIM`).
   """
   backend = jax.default_backend()
   interpret = backend == "cpu" if interpret is None else interpret
@@ -115,5 +140,7 @@ def vq_nearest(z_ND, codebook_KD, *, normalize: bool = True,
   index, dist = _vq_nearest(
       jax.lax.stop_gradient(z_ND.reshape(-1, dim)), jax.lax.stop_gradient(codebook_KD),
       normalize=normalize, block_tokens=block_tokens, block_codes=block_codes,
+      num_warps=num_warps,
+      fma=(dim <= FMA_MAX_DIM and backend != "tpu") if fma is None else bool(fma),
       interpret=bool(interpret), triton=backend == "gpu" and not interpret)
   return index.reshape(lead), dist.reshape(lead)

@@ -1,0 +1,207 @@
+r"""Sweeps the Pallas kernels' tiles and launch settings on this device; keeps the fastest correct.
+
+  PYTHONPATH=. python tools/tune_kernels.py --out tuned.json            # GPU (minutes)
+  PYTHONPATH=. python tools/bench_kernels.py --tiles tuned.json ...     # benchmark with them
+
+Every candidate is first checked against `kernels.reference` on the tuning problem (BSQ: identical
+codes; VQ: identical indices; attention: outputs and gradients within bf16 tolerance) and only
+then timed (median of --iters after --warmup, compile excluded, `eval.timing`). Problems:
+  bsq        1M tokens × 32 bits, bf16 (Infinity's latent);
+  vq         65536 tokens, 16384 codes × 8 (LlamaGen's codebook);
+  attention  batch·L = 16k tokens, 16 heads, L = --length, bf16, per head dim: first the forward
+             tiles (forward time), then the dK/dV tiles and then the dQ tiles (forward+backward
+             time, the forward fixed at its best).
+The JSON holds every candidate's time and the best per kernel; it is rewritten after each kernel,
+so a sweep stopped early keeps what it found. The winners become the defaults in the kernel
+modules (by hand, with the measurement named in the commit).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitok_jax.eval import timing
+from vitok_jax.kernels import bsq_pallas
+from vitok_jax.kernels import flash_attention as flash
+from vitok_jax.kernels import reference
+from vitok_jax.kernels import vq_pallas
+
+BSQ_CANDIDATES = [dict(block_tokens=b, num_warps=w)
+                  for b, w in itertools.product((32, 64, 128, 256, 512), (4, 8))]
+VQ_CANDIDATES = [dict(block_tokens=t, block_codes=c, num_warps=w, fma=f)
+                 for (t, c), w, f in itertools.product(
+                     ((32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128)),
+                     (4, 8), (True, False))]
+# (block_q, block_k, num_warps, num_stages) of the forward.
+FORWARD_CANDIDATES = [(128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),
+                      (64, 64, 4, 2), (128, 128, 8, 3)]
+# (block_q_bwd, block_k_bwd, num_warps_bwd) of dK/dV; then (block_q_dq, block_k_dq) of dQ.
+DKDV_CANDIDATES = [(64, 64, 8), (64, 64, 4), (32, 128, 8), (32, 64, 4), (64, 128, 8),
+                   (16, 128, 8)]
+DQ_CANDIDATES = [(64, 64), (128, 32), (128, 64), (64, 32)]
+
+
+def _time(fn, args, warmup, iters):
+  try:
+    _, seconds, _ = timing.time_jitted(fn, args, warmup, iters)
+    return {"ms": 1e3 * seconds}
+  except Exception as e:  # noqa: BLE001  A candidate that does not compile is reported.
+    return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+
+
+def _best(results):
+  ok = [r for r in results if r.get("correct") and "ms" in r]
+  return min(ok, key=lambda r: r["ms"]) if ok else None
+
+
+def tune_bsq(warmup, iters, candidates, tokens=1 << 20, dim=32):
+  z = jax.random.normal(jax.random.key(0), (tokens, dim), jnp.bfloat16)
+  ref = jax.jit(reference.bsq)(z)
+  results = []
+  for params in candidates:
+    fn = lambda z, p=params: bsq_pallas.bsq(z, **p)
+    try:
+      out = jax.jit(fn)(z)
+      correct = bool(jnp.array_equal(out.codes, ref.codes)) and bool(
+          jnp.allclose(out.bit_prob, ref.bit_prob, atol=1e-4))
+    except Exception as e:  # noqa: BLE001
+      results.append({**params, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+      continue
+    results.append({**params, "correct": correct, **_time(fn, (z,), warmup, iters)})
+    print("bsq", results[-1], flush=True)
+  return {"problem": {"tokens": tokens, "dim": dim, "dtype": "bfloat16"},
+          "reference_ms": _time(reference.bsq, (z,), warmup, iters).get("ms"),
+          "candidates": results, "best": _best(results)}
+
+
+def tune_vq(warmup, iters, candidates, tokens=65536, codes=16384, dim=8):
+  z = jax.random.normal(jax.random.key(0), (tokens, dim))
+  codebook = jax.random.normal(jax.random.key(1), (codes, dim))
+  ref_index, _ = jax.jit(reference.vq_nearest)(z, codebook)
+  results = []
+  for params in candidates:
+    fn = lambda z, e, p=params: vq_pallas.vq_nearest(z, e, **p)
+    try:
+      index, _ = jax.jit(fn)(z, codebook)
+      mismatches = int(jnp.sum(index != ref_index))
+    except Exception as e:  # noqa: BLE001
+      results.append({**params, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+      continue
+    # Float summation order may flip an exact near-tie; more than a handful is a bug.
+    results.append({**params, "mismatches": mismatches, "correct": mismatches <= tokens // 10000,
+                    **_time(fn, (z, codebook), warmup, iters)})
+    print("vq", results[-1], flush=True)
+  return {"problem": {"tokens": tokens, "codes": codes, "dim": dim},
+          "reference_ms": _time(reference.vq_nearest, (z, codebook), warmup, iters).get("ms"),
+          "candidates": results, "best": _best(results)}
+
+
+def _attention_problem(length, head_dim, heads=16, tokens=16384):
+  batch = max(1, tokens // length)
+  keys = jax.random.split(jax.random.key(0), 4)
+  return [jax.random.normal(k, (batch, length, heads, head_dim), jnp.bfloat16) for k in keys]
+
+
+def _fwd_bwd(blocks):
+  def step(q, k, v, do):
+    out, vjp = jax.vjp(lambda q, k, v: flash.flash_attention(q, k, v, block_sizes=blocks), q, k, v)
+    return (out, *vjp(do))
+  return step
+
+
+def _close(actual, expected, tol):
+  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+  return float(np.abs(actual - expected).max()) <= tol * max(1.0, float(np.abs(expected).max()))
+
+
+def tune_attention(head_dim, length, warmup, iters, candidates, tokens=16384):
+  """candidates: (forward, dkdv, dq) lists as FORWARD_/DKDV_/DQ_CANDIDATES."""
+  forward_candidates, dkdv_candidates, dq_candidates = candidates
+  q, k, v, do = _attention_problem(length, head_dim, tokens=tokens)
+  ref = jax.jit(lambda q, k, v, do: (lambda out, vjp: (out, *vjp(do)))(
+      *jax.vjp(lambda q, k, v: reference.attention(q, k, v)[0], q, k, v)))(q, k, v, do)
+
+  def run(blocks, with_backward):
+    """Checks (the forward, or everything) against the reference, then times the same."""
+    entry = dataclasses.asdict(blocks)
+    fn = _fwd_bwd(blocks) if with_backward else (
+        lambda q, k, v, do: (flash.flash_attention(q, k, v, block_sizes=blocks),))
+    try:
+      outs = jax.jit(fn)(q, k, v, do)
+      # The tests' bf16 tolerances: 3e-2 on the output, twice that on the gradients.
+      entry["correct"] = all(_close(a, b, 3e-2 if i == 0 else 6e-2)
+                             for i, (a, b) in enumerate(zip(outs, ref)))
+    except Exception as e:  # noqa: BLE001
+      return {**entry, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+    entry.update(_time(fn, (q, k, v, do), warmup, iters))
+    print(f"attention d={head_dim}", entry, flush=True)
+    return entry
+
+  base = flash.DEFAULT_BLOCK_SIZES["gpu"]
+  forward = [run(dataclasses.replace(base, block_q=bq, block_k=bk, num_warps=w, num_stages=s),
+                 False) for bq, bk, w, s in forward_candidates]
+  best = _best(forward) or dataclasses.asdict(base)
+  fields = {f.name for f in dataclasses.fields(flash.BlockSizes)}
+  best_blocks = flash.BlockSizes(**{k: v for k, v in best.items() if k in fields})
+  dkdv = [run(dataclasses.replace(best_blocks, block_q_bwd=bq, block_k_bwd=bk, num_warps_bwd=w,
+                                  block_q_dq=None, block_k_dq=None), True)
+          for bq, bk, w in dkdv_candidates]
+  best = _best(dkdv) or dataclasses.asdict(best_blocks)
+  best_blocks = flash.BlockSizes(**{k: v for k, v in best.items() if k in fields})
+  dq = [run(dataclasses.replace(best_blocks, block_q_dq=bq, block_k_dq=bk), True)
+        for bq, bk in dq_candidates]
+  return {"problem": {"length": length, "head_dim": head_dim, "heads": 16, "dtype": "bfloat16"},
+          "forward": forward, "dkdv": dkdv, "dq": dq, "best": _best(dq) or _best(dkdv)}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out", default="tuned_kernels.json")
+  parser.add_argument("--kernels", default="bsq,vq,attention")
+  parser.add_argument("--head_dims", default="128,64")
+  parser.add_argument("--length", type=int, default=4096)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--tiny", action="store_true",
+                      help="CPU check of this script: tiny problems, two candidates per kernel")
+  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  pick = (lambda c: c[:2]) if args.tiny else (lambda c: c)
+  bsq_size = dict(tokens=256, dim=32) if args.tiny else {}
+  vq_size = dict(tokens=128, codes=256) if args.tiny else {}
+  attention_size = dict(tokens=128) if args.tiny else {}
+  report = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__}
+
+  def save():
+    with open(args.out, "w") as f:
+      json.dump(report, f, indent=1)
+
+  kernels = args.kernels.split(",")
+  if "bsq" in kernels:
+    report["bsq"] = tune_bsq(args.warmup, args.iters, pick(BSQ_CANDIDATES), **bsq_size)
+    save()
+  if "vq" in kernels:
+    report["vq"] = tune_vq(args.warmup, args.iters, pick(VQ_CANDIDATES), **vq_size)
+    save()
+  if "attention" in kernels:
+    report["attention"] = {}
+    for head_dim in (int(d) for d in args.head_dims.split(",")):
+      report["attention"][str(head_dim)] = tune_attention(
+          head_dim, args.length, args.warmup, args.iters,
+          tuple(pick(c) for c in (FORWARD_CANDIDATES, DKDV_CANDIDATES, DQ_CANDIDATES)),
+          **attention_size)
+      save()
+  print(json.dumps({name: (report[name]["best"] if name != "attention" else
+                           {d: r["best"] for d, r in report[name].items()})
+                    for name in ("bsq", "vq", "attention") if name in report}, indent=1))
+  return report
+
+
+if __name__ == "__main__":
+  main()
