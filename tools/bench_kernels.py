@@ -250,7 +250,7 @@ def plot(report, path: str):
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ints = lambda s: tuple(int(x) for x in s.split(","))
+  ints = lambda s: tuple(int(x) for x in s.split(",") if x)  # "" → none (quantisers only).
   parser.add_argument("--tiny", action="store_true",
                       help="CPU-sized problem (default on CPU): checks the script, not the kernels")
   parser.add_argument("--lengths", type=ints, default=None, help="default 256,...,16384")

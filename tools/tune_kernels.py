@@ -34,10 +34,11 @@ from vitok_jax.kernels import reference
 from vitok_jax.kernels import vq_pallas
 
 BSQ_CANDIDATES = [dict(block_tokens=b, num_warps=w)
-                  for b, w in itertools.product((32, 64, 128, 256, 512), (4, 8))]
+                  for b, w in itertools.product((32, 64, 128, 256), (1, 2, 4, 8))]
 VQ_CANDIDATES = [dict(block_tokens=t, block_codes=c, num_warps=w, fma=f)
                  for (t, c), w, f in itertools.product(
-                     ((32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128)),
+                     ((32, 128), (32, 256), (64, 64), (64, 128), (64, 256), (128, 64),
+                      (128, 128)),
                      (4, 8), (True, False))]
 # (block_q, block_k, num_warps, num_stages) of the forward.
 FORWARD_CANDIDATES = [(128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),

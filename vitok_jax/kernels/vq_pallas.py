@@ -1,10 +1,10 @@
 """Nearest-codebook-entry search in Pallas: tiled distances with a running argmin.
 
 One program per tile of tokens loops over the codebook in tiles of `block_codes`, computing
-|z|² + |e|² − 2·z·eᵀ for one [tokens, codes] tile at a time and keeping the running minimum and
-its index, so the tokens × codebook matrix never exists (LlamaGen's 16384 codes × 65k tokens would
-be 4 GiB in float32). Ties go to the first index: within a tile the smallest index among equal
-minima, across tiles a later tile must be strictly smaller. With `normalize` the tokens are
+|z|² + |e|² − 2·z·eᵀ for one [tokens, codes] tile at a time and keeping an elementwise running
+minimum and its index per (token, column of the tile), reduced over the columns once at the end; the
+tokens × codebook matrix never exists (LlamaGen's 16384 codes × 65k tokens would be 4 GiB in
+float32). Ties go to the first index, as `jnp.argmin`. With `normalize` the tokens are
 l2-normalised inside the kernel and the (small) codebook once outside (cosine lookup).
 
 The same kernel lowers to Triton (GPU) and Mosaic (TPU). On GPU each program streams codebook
@@ -47,7 +47,9 @@ def _vq_kernel(z_ref, codebook_ref, code_sq_ref, index_ref, dist_ref, *, block_c
     norm_N1 = jnp.maximum(jnp.sqrt(z_sq_N1), reference.NORM_EPS)
     z_ND = z_ND / norm_N1
     z_sq_N1 = jnp.sum(z_ND * z_ND, axis=1, keepdims=True)
-  column_NK = jax.lax.broadcasted_iota(jnp.int32, (block, block_codes), 1).astype(jnp.float32)
+  column_NK = jax.lax.broadcasted_iota(jnp.int32, (block, block_codes), 1)
+  if fma:  # Loop-invariant columns of z, [bn, 1] each (values cannot be sliced in a kernel).
+    z_columns = [z_ref[:, pl.ds(d, 1)].astype(jnp.float32) / norm_N1 for d in range(dim)]
 
   def dot(codes):
     if not fma:
@@ -56,29 +58,30 @@ def _vq_kernel(z_ref, codebook_ref, code_sq_ref, index_ref, dist_ref, *, block_c
                                  precision=jax.lax.Precision.HIGHEST,
                                  preferred_element_type=jnp.float32)
     total_NK = None
-    for d in range(dim):  # Columns of z are reloaded: values cannot be sliced in a kernel.
-      z_N1 = z_ref[:, pl.ds(d, 1)].astype(jnp.float32) / norm_N1
+    for d, z_N1 in enumerate(z_columns):
       term_NK = z_N1 * codebook_ref[pl.ds(d, 1), codes].astype(jnp.float32)
       total_NK = term_NK if total_NK is None else total_NK + term_NK
     return total_NK
 
+  # Running minimum per (token, column slot) across code tiles, reduced once after the loop: no
+  # row reduction inside the loop. A later tile must be strictly smaller, so each slot keeps its
+  # first index, and the final reduction takes the smallest index among the slots at the minimum:
+  # the first index of the minimum overall.
   def body(j, carry):
-    best_N1, best_index_N1 = carry
+    best_NK, best_index_NK = carry
     codes = pl.ds(j * block_codes, block_codes)
     dist_NK = z_sq_N1 + code_sq_ref[:, codes] - 2.0 * dot(codes)
-    tile_min_N1 = jnp.min(dist_NK, axis=1, keepdims=True)
-    # First column attaining the minimum; float indices are exact below 2^24.
-    tile_index_N1 = jnp.min(jnp.where(dist_NK == tile_min_N1, column_NK, jnp.inf), axis=1,
-                            keepdims=True).astype(jnp.int32) + j * block_codes
-    better_N1 = tile_min_N1 < best_N1
-    return (jnp.where(better_N1, tile_min_N1, best_N1),
-            jnp.where(better_N1, tile_index_N1, best_index_N1))
+    better_NK = dist_NK < best_NK
+    return (jnp.where(better_NK, dist_NK, best_NK),
+            jnp.where(better_NK, column_NK + j * block_codes, best_index_NK))
 
   num_tiles = code_sq_ref.shape[1] // block_codes
-  best_N1, best_index_N1 = jax.lax.fori_loop(
-      0, num_tiles, body, (jnp.full((block, 1), jnp.inf, jnp.float32),
-                           jnp.zeros((block, 1), jnp.int32)))
-  index_ref[...] = best_index_N1
+  best_NK, best_index_NK = jax.lax.fori_loop(
+      0, num_tiles, body, (jnp.full((block, block_codes), jnp.inf, jnp.float32),
+                           jnp.zeros((block, block_codes), jnp.int32)))
+  best_N1 = jnp.min(best_NK, axis=1, keepdims=True)
+  index_ref[...] = jnp.min(jnp.where(best_NK == best_N1, best_index_NK, jnp.iinfo(jnp.int32).max),
+                           axis=1, keepdims=True)
   dist_ref[...] = best_N1
 
 
