@@ -22,6 +22,7 @@ from vitok_jax.kernels import bsq_pallas
 from vitok_jax.kernels import flash_attention as flash
 from vitok_jax.kernels import masks
 from vitok_jax.kernels import policy
+from vitok_jax.kernels import quantize
 from vitok_jax.kernels import reference
 from vitok_jax.kernels import vq_pallas
 
@@ -160,21 +161,38 @@ def test_dispatcher_default_path_is_unchanged_on_cpu():
 
 
 def test_resolve_impl_policy(monkeypatch):
-  resolve = attention.resolve_impl
+  resolve, bf16 = attention.resolve_impl, jnp.bfloat16
+  monkeypatch.setattr(policy, "device_count", lambda: 1)
   assert resolve("pallas", backend="cpu") == "pallas_gpu"
   assert resolve("pallas", backend="tpu") == "pallas_tpu"
-  # Not yet hardware-validated: auto keeps cuDNN / XLA.
-  assert resolve("auto", jnp.bfloat16, q_len=8192, head_dim=128, backend="gpu") == "cudnn"
-  assert resolve("auto", jnp.bfloat16, head_dim=82, backend="gpu") == "xla"  # cuDNN needs 8 | D.
-  assert resolve("auto", q_len=8192, backend="tpu") == "xla"
-  monkeypatch.setattr(policy, "HARDWARE_VALIDATED", frozenset({"gpu", "tpu"}))
-  assert resolve("auto", jnp.bfloat16, q_len=8192, head_dim=128, backend="gpu") == "pallas_gpu"
-  assert resolve("auto", jnp.bfloat16, q_len=256, head_dim=64, backend="gpu") == "cudnn"
-  assert resolve("auto", jnp.bfloat16, q_len=680, mask="block_causal",
+  # GPU (hardware-validated): cuDNN where the benchmark found it ahead, dense and causal masks in
+  # half precision; ours for the id masks and where cuDNN does not apply.
+  assert resolve("auto", bf16, q_len=8192, head_dim=128, backend="gpu") == "cudnn"
+  assert resolve("auto", bf16, q_len=8192, head_dim=128, mask="causal", backend="gpu") == "cudnn"
+  assert resolve("auto", bf16, q_len=680, head_dim=64, mask="block_causal",
                  backend="gpu") == "pallas_gpu"
-  assert resolve("auto", jnp.bfloat16, q_len=8192, mask="dense", backend="gpu") == "cudnn"
-  assert resolve("auto", q_len=1024, backend="tpu") == "pallas_tpu"
+  assert resolve("auto", bf16, q_len=512, head_dim=64, mask="segment", backend="gpu") == "pallas_gpu"
+  assert resolve("auto", jnp.float32, q_len=4096, head_dim=64, backend="gpu") == "pallas_gpu"
+  assert resolve("auto", jnp.float32, q_len=256, head_dim=64, backend="gpu") == "xla"
+  assert resolve("auto", bf16, q_len=8192, head_dim=82, backend="gpu") == "pallas_gpu"  # 8 ∤ 82.
+  assert resolve("auto", bf16, q_len=256, head_dim=82, backend="gpu") == "xla"
+  assert resolve("auto", bf16, q_len=8192, mask="dense", backend="gpu") == "cudnn"
   assert resolve("auto", q_len=1024, backend="cpu") == "xla"
+  # TPU is not validated yet: XLA; once it is, its kernel.
+  assert resolve("auto", q_len=8192, backend="tpu") == "xla"
+  monkeypatch.setattr(policy, "HARDWARE_VALIDATED", frozenset({"tpu"}))
+  assert resolve("auto", q_len=1024, backend="tpu") == "pallas_tpu"
+  # A backend that is not validated keeps the vendor / XLA path for every mask.
+  assert resolve("auto", bf16, q_len=680, head_dim=64, mask="block_causal", backend="gpu") == "cudnn"
+  assert resolve("auto", jnp.float32, q_len=4096, head_dim=64, backend="gpu") == "xla"
+  # So does a validated one with several devices (no partitioning rule for the kernels yet).
+  monkeypatch.setattr(policy, "HARDWARE_VALIDATED", frozenset({"gpu"}))
+  monkeypatch.setattr(policy, "device_count", lambda: 8)
+  assert resolve("auto", bf16, q_len=680, head_dim=64, mask="block_causal", backend="gpu") == "cudnn"
+  assert quantize.resolve_impl("auto", backend="gpu") == "xla"
+  monkeypatch.setattr(policy, "device_count", lambda: 1)
+  assert quantize.resolve_impl("auto", backend="gpu") == "pallas"
+  assert quantize.resolve_impl("auto", backend="cpu") == "xla"
   with pytest.raises(ConfigError, match="unknown"):
     resolve("flash")
 

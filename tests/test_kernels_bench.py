@@ -33,3 +33,38 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   assert report["bsq"]["speedup_vs_jnp"] > 0
   assert all(str(v).startswith("pending") for v in report["targets"].values())
   assert png.stat().st_size > 10_000
+
+
+def _load_tool(name):
+  path = BENCH_PATH.parent / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_tune_kernels_keeps_the_fastest_correct_tiles_and_bench_uses_them(tmp_path):
+  tune = _load_tool("tune_kernels")
+  tuned = tmp_path / "tuned.json"
+  report = tune.main(["--tiny", "--length", "64", "--head_dims", "32", "--warmup", "0",
+                      "--iters", "1", "--out", str(tuned)])
+  for kernel in ("bsq", "vq"):
+    candidates = report[kernel]["candidates"]
+    assert len(candidates) == 2 and all(c["correct"] for c in candidates)
+    assert report[kernel]["best"]["ms"] == min(c["ms"] for c in candidates)
+  attention = report["attention"]["32"]
+  assert [len(attention[s]) for s in ("forward", "dkdv", "dq")] == [2, 2, 2]
+  assert attention["best"] in attention["dq"] and attention["best"]["correct"]
+  # The dQ stage kept the dK/dV stage's winner.
+  best_dkdv = min(attention["dkdv"], key=lambda c: c["ms"])
+  assert attention["best"]["block_k_bwd"] == best_dkdv["block_k_bwd"]
+
+  bench = _load_bench()
+  out = tmp_path / "bench.json"
+  result = bench.main(["--tiny", "--lengths", "64", "--head_dims", "32", "--var_lengths", "",
+                       "--impls", "pallas", "--bsq", "256,32", "--vq", "128,256,8", "--warmup",
+                       "0", "--iters", "1", "--tiles", str(tuned), "--out", str(out)])
+  assert result["tiles"]["vq"] == {k: report["vq"]["best"][k]
+                                   for k in ("block_tokens", "block_codes", "num_warps", "fma")}
+  assert result["tiles"]["attention"][32]["block_q_dq"] == attention["best"]["block_q_dq"]
+  assert [r["mask"] for r in result["attention"]] == ["none"]

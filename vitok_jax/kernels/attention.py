@@ -48,10 +48,12 @@ def resolve_impl(impl: str, dtype=jnp.float32, *, q_len: Optional[int] = None,
                  backend: Optional[str] = None) -> str:
   """The concrete implementation `impl` runs as: "xla", "cudnn", "pallas_gpu" or "pallas_tpu".
 
-  "auto" on CPU is always "xla". On GPU/TPU it is the Pallas kernel where `policy` allows it (the
-  backend is hardware-validated) and it pays: a mask whose empty tiles it skips (block-causal,
-  segments, causal) or a sequence of at least `policy.MIN_FLASH_LEN` tokens; otherwise cuDNN for
-  half precision with head_dim a multiple of 8 up to 128, else XLA.
+  "auto" on CPU is always "xla". On GPU/TPU, where `policy` allows the Pallas kernel (the backend
+  is hardware-validated): cuDNN for the mask kinds where the benchmark found it ahead
+  (`policy.VENDOR_AHEAD`) if it supports the dtype and head dim; else our kernel for a mask whose
+  empty tiles it skips (block-causal, segments, causal) or a sequence of at least
+  `policy.MIN_FLASH_LEN` tokens. Otherwise cuDNN for half precision with head_dim a multiple of 8
+  up to 128, else XLA.
   """
   if impl not in IMPLS:
     raise ConfigError(f"attention impl={impl!r} is unknown; use one of {IMPLS}")
@@ -62,13 +64,14 @@ def resolve_impl(impl: str, dtype=jnp.float32, *, q_len: Optional[int] = None,
     return "pallas_tpu" if backend == "tpu" else "pallas_gpu"
   if impl != "auto":
     return impl
+  vendor = backend == "gpu" and _cudnn_supports(dtype, head_dim)
   if backend in ("gpu", "tpu") and mask != "dense" and policy.pallas_allowed(backend):
+    if vendor and mask in policy.VENDOR_AHEAD[backend]:
+      return "cudnn"
     long_enough = q_len is not None and q_len >= policy.MIN_FLASH_LEN[backend]
     if long_enough or mask in ("block_causal", "segment", "causal"):
       return f"pallas_{backend}"
-  if backend == "gpu" and _cudnn_supports(dtype, head_dim):
-    return "cudnn"
-  return "xla"
+  return "cudnn" if vendor else "xla"
 
 
 def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=False,

@@ -22,8 +22,9 @@ from jax.experimental.pallas import triton as pltriton
 
 from vitok_jax.kernels import reference
 
-# GPU launch from tools/tune_kernels.py (see the note in policy.py for the measurement).
-DEFAULT_BLOCK_TOKENS = 128
+# GPU launch from tools/tune_kernels.py on an H200 (1M × 32 bf16: 0.31–0.34 ms in two sweeps,
+# docs/kernels/tuned_*_h200.json); larger tiles or more warps were slower or erratic.
+DEFAULT_BLOCK_TOKENS = 64
 DEFAULT_NUM_WARPS = 4
 
 
