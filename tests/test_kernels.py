@@ -171,7 +171,8 @@ def test_resolve_impl_policy(monkeypatch):
   assert resolve("auto", bf16, q_len=8192, head_dim=128, mask="causal", backend="gpu") == "cudnn"
   assert resolve("auto", bf16, q_len=680, head_dim=64, mask="block_causal",
                  backend="gpu") == "pallas_gpu"
-  assert resolve("auto", bf16, q_len=512, head_dim=64, mask="segment", backend="gpu") == "pallas_gpu"
+  assert resolve("auto", bf16, q_len=512, head_dim=64, mask="segment",
+                 backend="gpu") == "pallas_gpu"
   assert resolve("auto", jnp.float32, q_len=4096, head_dim=64, backend="gpu") == "pallas_gpu"
   assert resolve("auto", jnp.float32, q_len=256, head_dim=64, backend="gpu") == "xla"
   assert resolve("auto", bf16, q_len=8192, head_dim=82, backend="gpu") == "pallas_gpu"  # 8 ∤ 82.
@@ -183,12 +184,13 @@ def test_resolve_impl_policy(monkeypatch):
   monkeypatch.setattr(policy, "HARDWARE_VALIDATED", frozenset({"tpu"}))
   assert resolve("auto", q_len=1024, backend="tpu") == "pallas_tpu"
   # A backend that is not validated keeps the vendor / XLA path for every mask.
-  assert resolve("auto", bf16, q_len=680, head_dim=64, mask="block_causal", backend="gpu") == "cudnn"
+  var = dict(q_len=680, head_dim=64, mask="block_causal", backend="gpu")
+  assert resolve("auto", bf16, **var) == "cudnn"
   assert resolve("auto", jnp.float32, q_len=4096, head_dim=64, backend="gpu") == "xla"
   # So does a validated one with several devices (no partitioning rule for the kernels yet).
   monkeypatch.setattr(policy, "HARDWARE_VALIDATED", frozenset({"gpu"}))
   monkeypatch.setattr(policy, "device_count", lambda: 8)
-  assert resolve("auto", bf16, q_len=680, head_dim=64, mask="block_causal", backend="gpu") == "cudnn"
+  assert resolve("auto", bf16, **var) == "cudnn"
   assert quantize.resolve_impl("auto", backend="gpu") == "xla"
   monkeypatch.setattr(policy, "device_count", lambda: 1)
   assert quantize.resolve_impl("auto", backend="gpu") == "pallas"

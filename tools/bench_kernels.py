@@ -274,7 +274,8 @@ def parse_args(argv):
   args = parser.parse_args(argv)
   tiny = args.tiny or jax.default_backend() == "cpu"
   defaults = dict(lengths=(64, 128), head_dims=(32,), var_lengths=(55,), var_head_dim=32, batch=1,
-                  heads=2, dtype="float32", bsq=(2048, 32), vq=(512, 1024, 8), warmup=1, iters=2) if tiny \
+                  heads=2, dtype="float32", bsq=(2048, 32), vq=(512, 1024, 8), warmup=1,
+                  iters=2) if tiny \
       else dict(lengths=(256, 512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128),
                 var_lengths=(680, 2240), var_head_dim=64, batch=None, heads=16, dtype="bfloat16",
                 bsq=(1 << 20, 32), vq=(65536, 16384, 8), warmup=3, iters=10)

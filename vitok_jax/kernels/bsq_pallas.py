@@ -106,8 +106,8 @@ def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, num_warps: 
       out_shape=[jax.ShapeDtypeStruct(z_ND.shape, z_ND.dtype),
                  jax.ShapeDtypeStruct((padded_n, padded_words), jnp.int32),
                  sums_shape, sums_shape, sums_shape],
-      # On GPU, Triton explicitly: pallas_call's default GPU lowering (Mosaic GPU) copies at most 256
-      # elements per dimension asynchronously.
+      # On GPU, Triton explicitly: pallas_call's default GPU lowering (Mosaic GPU) copies at most
+      # 256 elements per dimension asynchronously.
       compiler_params=(pltriton.CompilerParams(num_warps=num_warps, num_stages=1) if triton
                        else None),
       interpret=interpret,

@@ -105,7 +105,7 @@ def fit_block_sizes(blocks: BlockSizes, q_len: int, kv_len: int, minimum: int) -
   if bad:
     raise ConfigError(f"flash attention tiles must be powers of two, got {bad}")
   return dataclasses.replace(blocks, **{
-      name: _fit_block(size, q_len if "_q" in name else kv_len, minimum)
+      name: _fit_block(size, q_len if name.startswith("block_q") else kv_len, minimum)
       for name, size in tiles.items()})
 
 
@@ -191,8 +191,10 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   module = _kernel_module(backend)
   interpret = jax.default_backend() == "cpu" if interpret is None else interpret
   block_sizes = block_sizes or DEFAULT_BLOCK_SIZES[backend]
-  if backend == "tpu" and block_sizes.dq_tiles != (block_sizes.block_q_bwd, block_sizes.block_k_bwd):
-    raise ConfigError("the TPU kernel has no separate dQ tiles; leave block_q_dq / block_k_dq unset")
+  if backend == "tpu" and block_sizes.dq_tiles != (block_sizes.block_q_bwd,
+                                                   block_sizes.block_k_bwd):
+    raise ConfigError("the TPU kernel has no separate dQ tiles; leave block_q_dq / block_k_dq "
+                      "unset")
   blocks = fit_block_sizes(block_sizes, q_len, kv_len, module.MIN_BLOCK)
   padded_q, padded_kv = padded_lengths(blocks, q_len, kv_len)
   padded_dim = module.padded_head_dim(head_dim)

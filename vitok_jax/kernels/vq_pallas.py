@@ -9,8 +9,8 @@ l2-normalised inside the kernel and the (small) codebook once outside (cosine lo
 
 The same kernel lowers to Triton (GPU) and Mosaic (TPU). On GPU each program streams codebook
 tiles from global memory (the whole codebook is small enough to stay in L2: 16384 × 8 float32 is
-512 KiB); on TPU the codebook block is resident in VMEM, so very wide codebooks (K·D·4 bytes beyond a
-few MiB) would want a grid axis over codes there. Semantics: `reference.vq_nearest`.
+512 KiB); on TPU the codebook block is resident in VMEM, so very wide codebooks (K·D·4 bytes
+beyond a few MiB) would want a grid axis over codes there. Semantics: `reference.vq_nearest`.
 """
 from __future__ import annotations
 
