@@ -184,3 +184,21 @@ def test_cli_tokenize_and_sample(tokenizer_dirs, tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   width, height = Image.open(png).size
   assert width == 10 * (32 + 2) and height == 2 * (32 + 2)
+
+
+def test_sampler_takes_the_tokenizer_weights_as_an_argument(tokenizer_dirs):
+  """The compiled sampler reads the frozen tokenizer's weights from its arguments (zeroing them
+  changes the pixels with no retrace), and the tokenizer keeps its concrete weights afterwards."""
+  config = generator_config("dit", tokenizer_dirs["gaussian"], **{"sample.num_steps": 2})
+  family, _, eval_arrays = train_generator.build_family(config, mesh_lib.make_mesh(config.mesh))
+  params = family.init(jax.random.key(0), {k: v[:2] for k, v in eval_arrays.items()})
+  tokenizer = family.tokenizer
+  traces = []
+  sampler = train_generator.make_sampler(
+      lambda p, l, r: traces.append(1) or family.sample(p, l, r), tokenizer)
+  labels, key = np.arange(2, dtype=np.int32), jax.random.key(1)
+  pixels = sampler(params, tokenizer.params, labels, key)
+  zeroed = sampler(params, jax.tree.map(lambda x: x * 0, tokenizer.params), labels, key)
+  assert pixels.shape == (2, 32, 32, 1) and len(traces) == 1
+  assert float(np.abs(np.asarray(pixels) - np.asarray(zeroed)).max()) > 1e-3
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(tokenizer.params))

@@ -11,6 +11,7 @@ tokenizer). Which tokenizer bottleneck each family needs:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -45,6 +46,16 @@ class FrozenTokenizer:
     self._decode_latents = jax.jit(lambda params, z: self.model.apply(
         {"params": params}, z, self.grid, method=self.model.decode))
     self._decode_codes = codes_lib.decode_fn(self.model, self.grid)
+
+  @contextlib.contextmanager
+  def params_as(self, params):
+    """Within the block the methods below use `params`: pass a jit's traced argument so the frozen
+    weights are an input of the compiled sampler, not constants folded into it."""
+    saved, self.params = self.params, params
+    try:
+      yield
+    finally:
+      self.params = saved
 
   def store(self, split: str) -> dict[str, np.ndarray]:
     return codes_lib.load_or_tokenize(self.workdir, split)

@@ -166,10 +166,20 @@ def sample_labels(num: int, num_classes: int) -> np.ndarray:
   return (np.arange(num) % num_classes).astype(np.int32)
 
 
-def generate(sample_fn, params, labels, config, rng) -> tuple[np.ndarray, float]:
+def make_sampler(sample_fn, tokenizer):
+  """jit of (params, tokenizer params, labels, rng) -> pixels: the frozen tokenizer's weights are
+  an argument of the compiled sampler (closing over them would fold them in as constants)."""
+  def run(params, tokenizer_params, labels_B, rng):
+    with tokenizer.params_as(tokenizer_params):
+      return sample_fn(params, labels_B, rng)
+  return jax.jit(run)
+
+
+def generate(sample_fn, params, labels, config, rng, tokenizer) -> tuple[np.ndarray, float]:
   """Samples for `labels` in batches of config.batch_size; returns (pixels, seconds per sample)."""
   batch = min(config.batch_size, len(labels))
-  fn = jax.jit(sample_fn)
+  sampler = make_sampler(sample_fn, tokenizer)
+  fn = lambda params, labels_B, key: sampler(params, tokenizer.params, labels_B, key)
   out, seconds = [], 0.0
   for i in range(0, len(labels), batch):
     chunk = labels[i:i + batch]
@@ -232,7 +242,7 @@ def evaluate(family, params, config, eval_arrays, *, image_path: str | None = No
   if config.eval.get("inception_weights"):
     inception_nets, reference = gfid_reference(family.tokenizer, config)
   for prefix, sample_fn in samplers.items():
-    pixels, seconds = generate(sample_fn, params, labels, config, rng)
+    pixels, seconds = generate(sample_fn, params, labels, config, rng, family.tokenizer)
     metrics[f"gen/{prefix}ms_per_sample"] = 1e3 * seconds
     if classifier is not None:
       metrics[f"gen/{prefix}class_accuracy"] = mnist_metrics.class_accuracy(classifier, pixels, labels)
@@ -367,7 +377,8 @@ def sample_workdir(workdir: str, num_samples: int, out: str = "", **overrides) -
   family, _, _, step, params = restore_run(workdir, config)
   labels = sample_labels(num_samples, config.model.num_classes)
   sample_fn = lambda p, l, r: family.sample(p, l, r, **overrides)
-  pixels, seconds = generate(sample_fn, params, labels, config, jax.random.key(config.seed + 13))
+  pixels, seconds = generate(sample_fn, params, labels, config, jax.random.key(config.seed + 13),
+                             family.tokenizer)
   out = out or os.path.join(workdir, "images", f"sample_{step:07d}.png")
   visualize.save_sample_grid(out, pixels, columns=config.model.num_classes)
   logging.info("%d samples at %.1f ms each -> %s", num_samples, 1e3 * seconds, out)
