@@ -53,7 +53,7 @@ def _time(fn, args, warmup, iters):
   try:
     _, seconds, _ = timing.time_jitted(fn, args, warmup, iters)
     return {"ms": 1e3 * seconds}
-  except Exception as e:  # noqa: BLE001  A candidate that does not compile is reported.
+  except Exception as e:  # noqa: BLE001  Reported, not fatal.
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
 
@@ -62,21 +62,27 @@ def _best(results):
   return min(ok, key=lambda r: r["ms"]) if ok else None
 
 
+def _sweep(name, candidates, kernel, args, check, warmup, iters):
+  """Each candidate's kwargs with its check (`check(outputs)` -> dict with "correct") and time."""
+  results = []
+  for params in candidates:
+    fn = lambda *a, p=params: kernel(*a, **p)
+    try:
+      checked = check(jax.jit(fn)(*args))
+    except Exception as e:  # noqa: BLE001  A candidate that does not compile is reported.
+      results.append({**params, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+      continue
+    results.append({**params, **checked, **_time(fn, args, warmup, iters)})
+    print(name, results[-1], flush=True)
+  return results
+
+
 def tune_bsq(warmup, iters, candidates, tokens=1 << 20, dim=32):
   z = jax.random.normal(jax.random.key(0), (tokens, dim), jnp.bfloat16)
   ref = jax.jit(reference.bsq)(z)
-  results = []
-  for params in candidates:
-    fn = lambda z, p=params: bsq_pallas.bsq(z, **p)
-    try:
-      out = jax.jit(fn)(z)
-      correct = bool(jnp.array_equal(out.codes, ref.codes)) and bool(
-          jnp.allclose(out.bit_prob, ref.bit_prob, atol=1e-4))
-    except Exception as e:  # noqa: BLE001
-      results.append({**params, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-      continue
-    results.append({**params, "correct": correct, **_time(fn, (z,), warmup, iters)})
-    print("bsq", results[-1], flush=True)
+  check = lambda out: {"correct": bool(jnp.array_equal(out.codes, ref.codes)) and bool(
+      jnp.allclose(out.bit_prob, ref.bit_prob, atol=1e-4))}
+  results = _sweep("bsq", candidates, bsq_pallas.bsq, (z,), check, warmup, iters)
   return {"problem": {"tokens": tokens, "dim": dim, "dtype": "bfloat16"},
           "reference_ms": _time(reference.bsq, (z,), warmup, iters).get("ms"),
           "candidates": results, "best": _best(results)}
@@ -86,19 +92,13 @@ def tune_vq(warmup, iters, candidates, tokens=65536, codes=16384, dim=8):
   z = jax.random.normal(jax.random.key(0), (tokens, dim))
   codebook = jax.random.normal(jax.random.key(1), (codes, dim))
   ref_index, _ = jax.jit(reference.vq_nearest)(z, codebook)
-  results = []
-  for params in candidates:
-    fn = lambda z, e, p=params: vq_pallas.vq_nearest(z, e, **p)
-    try:
-      index, _ = jax.jit(fn)(z, codebook)
-      mismatches = int(jnp.sum(index != ref_index))
-    except Exception as e:  # noqa: BLE001
-      results.append({**params, "error": f"{type(e).__name__}: {str(e)[:200]}"})
-      continue
+
+  def check(out):
     # Float summation order may flip an exact near-tie; more than a handful is a bug.
-    results.append({**params, "mismatches": mismatches, "correct": mismatches <= tokens // 10000,
-                    **_time(fn, (z, codebook), warmup, iters)})
-    print("vq", results[-1], flush=True)
+    mismatches = int(jnp.sum(out[0] != ref_index))
+    return {"mismatches": mismatches, "correct": mismatches <= tokens // 10000}
+
+  results = _sweep("vq", candidates, vq_pallas.vq_nearest, (z, codebook), check, warmup, iters)
   return {"problem": {"tokens": tokens, "codes": codes, "dim": dim},
           "reference_ms": _time(reference.vq_nearest, (z, codebook), warmup, iters).get("ms"),
           "candidates": results, "best": _best(results)}
