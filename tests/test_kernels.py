@@ -9,6 +9,10 @@ segment masks. `-m slow` runs the wider grid (head dims 64/128, longer sequences
 kernels, both dtypes).
 """
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -187,16 +191,58 @@ def test_resolve_impl_policy(monkeypatch):
   var = dict(q_len=680, head_dim=64, mask="block_causal", backend="gpu")
   assert resolve("auto", bf16, **var) == "cudnn"
   assert resolve("auto", jnp.float32, q_len=4096, head_dim=64, backend="gpu") == "xla"
-  # So does a validated one with several devices (no partitioning rule for the kernels yet).
+  # Several devices: attention still takes its kernel (run per shard), the quantisers do not.
   monkeypatch.setattr(policy, "HARDWARE_VALIDATED", frozenset({"gpu"}))
   monkeypatch.setattr(policy, "device_count", lambda: 8)
-  assert resolve("auto", bf16, **var) == "cudnn"
+  assert resolve("auto", bf16, **var) == "pallas_gpu"
   assert quantize.resolve_impl("auto", backend="gpu") == "xla"
   monkeypatch.setattr(policy, "device_count", lambda: 1)
   assert quantize.resolve_impl("auto", backend="gpu") == "pallas"
   assert quantize.resolve_impl("auto", backend="cpu") == "xla"
   with pytest.raises(ConfigError, match="unknown"):
     resolve("flash")
+
+
+SHARDED_ATTENTION = """
+import json
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from vitok_jax import kernels
+from vitok_jax.kernels import flash_attention as flash, masks
+from vitok_jax.parallel import mesh as mesh_lib, sharding
+cfg = mesh_lib.default_config()
+cfg.update(dict(data=2, fsdp=2, tensor=2))
+mesh = mesh_lib.make_mesh(cfg, jax.devices())
+keys = jax.random.split(jax.random.key(0), 3)
+shapes = ((4, 55, 4, 16), (4, 55, 2, 16), (4, 55, 2, 16))  # Grouped-query heads.
+q, k, v = (jax.device_put(jax.random.normal(key, shape), NamedSharding(mesh, P(("data", "fsdp"))))
+           for key, shape in zip(keys, shapes))
+seen, kernel = [], flash.flash_attention
+flash.flash_attention = lambda q, *a, **kw: seen.append(q.shape) or kernel(q, *a, **kw)
+def step(impl):
+  def loss(q, k, v):
+    with sharding.rules(mesh):
+      out = kernels.dot_product_attention(q, k, v, block_ids=masks.var_block_ids((1, 2, 3, 4, 5)),
+                                          impl=impl)
+    return (out ** 2).sum(), out
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+(_, out), grads = step("pallas")
+(_, ref_out), ref_grads = step("xla")
+print(json.dumps({"shapes": seen, "out": float(jnp.abs(out - ref_out).max()),
+                  "grads": [float(jnp.abs(a - b).max()) for a, b in zip(grads, ref_grads)]}))
+"""
+
+
+def test_pallas_attention_runs_per_shard_under_a_mesh():
+  """On 8 devices (data 2 × fsdp 2 × tensor 2) the kernel sees its shard, batch 4/4 and heads
+  4/2, and output and gradients equal XLA's on the whole arrays."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+         "JAX_PLATFORMS": "cpu"}
+  run = subprocess.run([sys.executable, "-c", SHARDED_ATTENTION], env=env, capture_output=True,
+                       text=True, timeout=600, check=True)
+  result = json.loads(run.stdout.strip().splitlines()[-1])
+  assert result["shapes"] == [[1, 55, 2, 16]]
+  assert result["out"] < 1e-5 and max(result["grads"]) < 1e-4
 
 
 def test_pallas_rejects_a_dense_mask():

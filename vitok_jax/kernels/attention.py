@@ -12,10 +12,13 @@ segment_ids (packed sequences); the id masks never build an [L, S] array on the 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import flash_attention as flash
@@ -74,6 +77,33 @@ def resolve_impl(impl: str, dtype=jnp.float32, *, q_len: Optional[int] = None,
   return "cudnn" if vendor else "xla"
 
 
+def _divisible_spec(axes, size: int, mesh) -> Optional[object]:
+  """`axes` (a mesh axis, a tuple of them, or None) if their product divides `size`, else None."""
+  names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+  return axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None
+
+
+def per_shard(kernel, q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds):
+  """kernel(q, k, v, ids) on each device's share of the batch and heads.
+
+  A pallas_call has no partitioning rule: under a multi-device jit XLA would gather its operands
+  and run the whole batch everywhere. Inside `parallel.sharding.rules(mesh)` (the trainers trace
+  under it) the kernel runs in a shard_map over the mesh axes the logical rules give "batch" and
+  "act_heads", each kept only where it divides the batch / both head counts; outside a mesh, or
+  on one device, it is called as is.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return kernel(q_BLHD, k_BSHD, v_BSHD, ids)
+  batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(("batch", "length", "act_heads", "act_kv"))
+  batch_axes = _divisible_spec(batch_axes, q_BLHD.shape[0], mesh)
+  head_axes = _divisible_spec(head_axes, math.gcd(q_BLHD.shape[2], k_BSHD.shape[2]), mesh)
+  qkv_spec, id_spec = P(batch_axes, None, head_axes, None), P(batch_axes, None)
+  id_specs = masks.MaskIds(*(None if x is None else id_spec for x in ids))
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, id_specs),
+                       out_specs=qkv_spec, check_vma=False)(q_BLHD, k_BSHD, v_BSHD, ids)
+
+
 def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=False,
                           segment_ids=None, block_ids=None, scale: Optional[float] = None,
                           impl: str = "auto"):
@@ -102,9 +132,12 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=F
     if mask_BHLS is not None:
       raise ConfigError(f"attention impl={impl!r} takes no dense mask_BHLS; express the mask as "
                         "is_causal / segment_ids / block_ids, or use impl='xla'")
-    return flash.flash_attention(q_BLHD, k_BSHD, v_BSHD, causal=is_causal,
-                                 segment_ids=segment_ids, block_ids=block_ids, scale=scale,
-                                 backend=impl.removeprefix("pallas_"))
+    ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
+    kernel = lambda q, k, v, ids: flash.flash_attention(
+        q, k, v, causal=is_causal, scale=scale, backend=impl.removeprefix("pallas_"),
+        segment_ids=None if ids.q_segment_BL is None else (ids.q_segment_BL, ids.kv_segment_BS),
+        block_ids=None if ids.q_block_BL is None else (ids.q_block_BL, ids.kv_block_BS))
+    return per_shard(kernel, q_BLHD, k_BSHD, v_BSHD, ids)
   ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   id_mask = masks.dense_mask(ids, q_len, kv_len, causal=False)
   if id_mask is not None:

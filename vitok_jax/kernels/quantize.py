@@ -20,14 +20,16 @@ IMPLS = ("auto", "pallas", "xla")
 
 
 def resolve_impl(impl: str, *, backend: Optional[str] = None) -> str:
-  """"pallas" or "xla": "auto" takes the kernel on a hardware-validated GPU/TPU (`policy`)."""
+  """"pallas" or "xla": "auto" takes the kernel on a hardware-validated GPU/TPU with one device
+  (`policy.pallas_allowed`)."""
   if impl not in IMPLS:
     hint = " (there is no cuDNN quantiser)" if impl == "cudnn" else ""
     raise ConfigError(f"quantiser impl={impl!r} is unknown{hint}; use one of {IMPLS}")
   if impl != "auto":
     return impl
   backend = backend or policy.backend()
-  return "pallas" if backend in ("gpu", "tpu") and policy.pallas_allowed(backend) else "xla"
+  allowed = policy.pallas_allowed(backend, needs_one_device=True)
+  return "pallas" if backend in ("gpu", "tpu") and allowed else "xla"
 
 
 def bsq(z_ND, *, inv_temperature: float = 100.0, impl: str = "auto") -> reference.BSQOutput:
