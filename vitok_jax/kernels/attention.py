@@ -78,8 +78,11 @@ def resolve_impl(impl: str, dtype=jnp.float32, *, q_len: Optional[int] = None,
 
 
 def _divisible_spec(axes, size: int, mesh) -> Optional[object]:
-  """`axes` (a mesh axis, a tuple of them, or None) if their product divides `size`, else None."""
+  """`axes` (a mesh axis, a tuple of them, or None) if the mesh has them and their product divides
+  `size`, else None (replicated)."""
   names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+  if any(name not in mesh.shape for name in names):
+    return None
   return axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None
 
 
