@@ -145,18 +145,21 @@ def tune_attention(head_dim, length, warmup, iters, candidates, tokens=16384):
     print(f"attention d={head_dim}", entry, flush=True)
     return entry
 
+  def best_blocks(results, fallback):
+    """The BlockSizes of the fastest correct entry (entries are its fields plus results)."""
+    best = _best(results)
+    fields = {f.name for f in dataclasses.fields(flash.BlockSizes)}
+    return flash.BlockSizes(**{k: v for k, v in best.items() if k in fields}) if best else fallback
+
   base = flash.DEFAULT_BLOCK_SIZES["gpu"]
   forward = [run(dataclasses.replace(base, block_q=bq, block_k=bk, num_warps=w, num_stages=s),
                  False) for bq, bk, w, s in forward_candidates]
-  best = _best(forward) or dataclasses.asdict(base)
-  fields = {f.name for f in dataclasses.fields(flash.BlockSizes)}
-  best_blocks = flash.BlockSizes(**{k: v for k, v in best.items() if k in fields})
-  dkdv = [run(dataclasses.replace(best_blocks, block_q_bwd=bq, block_k_bwd=bk, num_warps_bwd=w,
+  after_forward = best_blocks(forward, base)
+  dkdv = [run(dataclasses.replace(after_forward, block_q_bwd=bq, block_k_bwd=bk, num_warps_bwd=w,
                                   block_q_dq=None, block_k_dq=None), True)
           for bq, bk, w in dkdv_candidates]
-  best = _best(dkdv) or dataclasses.asdict(best_blocks)
-  best_blocks = flash.BlockSizes(**{k: v for k, v in best.items() if k in fields})
-  dq = [run(dataclasses.replace(best_blocks, block_q_dq=bq, block_k_dq=bk), True)
+  after_dkdv = best_blocks(dkdv, after_forward)
+  dq = [run(dataclasses.replace(after_dkdv, block_q_dq=bq, block_k_dq=bk), True)
         for bq, bk in dq_candidates]
   return {"problem": {"length": length, "head_dim": head_dim, "heads": 16, "dtype": "bfloat16"},
           "forward": forward, "dkdv": dkdv, "dq": dq, "best": _best(dq) or _best(dkdv)}

@@ -131,17 +131,16 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=F
   kind = mask_kind(mask_BHLS=mask_BHLS, is_causal=is_causal, segment_ids=segment_ids,
                    block_ids=block_ids)
   impl = resolve_impl(impl, q_BLHD.dtype, q_len=q_len, head_dim=head_dim, mask=kind)
+  ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   if impl.startswith("pallas"):
     if mask_BHLS is not None:
       raise ConfigError(f"attention impl={impl!r} takes no dense mask_BHLS; express the mask as "
                         "is_causal / segment_ids / block_ids, or use impl='xla'")
-    ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
     kernel = lambda q, k, v, ids: flash.flash_attention(
         q, k, v, causal=is_causal, scale=scale, backend=impl.removeprefix("pallas_"),
         segment_ids=None if ids.q_segment_BL is None else (ids.q_segment_BL, ids.kv_segment_BS),
         block_ids=None if ids.q_block_BL is None else (ids.q_block_BL, ids.kv_block_BS))
     return per_shard(kernel, q_BLHD, k_BSHD, v_BSHD, ids)
-  ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   id_mask = masks.dense_mask(ids, q_len, kv_len, causal=False)
   if id_mask is not None:
     mask_BHLS = id_mask if mask_BHLS is None else jnp.logical_and(mask_BHLS, id_mask)
