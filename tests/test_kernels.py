@@ -166,7 +166,6 @@ def test_dispatcher_default_path_is_unchanged_on_cpu():
 
 def test_resolve_impl_policy(monkeypatch):
   resolve, bf16 = attention.resolve_impl, jnp.bfloat16
-  monkeypatch.setattr(policy, "device_count", lambda: 1)
   assert resolve("pallas", backend="cpu") == "pallas_gpu"
   assert resolve("pallas", backend="tpu") == "pallas_tpu"
   # GPU (hardware-validated): cuDNN where the benchmark found it ahead, dense and causal masks in
@@ -191,24 +190,19 @@ def test_resolve_impl_policy(monkeypatch):
   var = dict(q_len=680, head_dim=64, mask="block_causal", backend="gpu")
   assert resolve("auto", bf16, **var) == "cudnn"
   assert resolve("auto", jnp.float32, q_len=4096, head_dim=64, backend="gpu") == "xla"
-  # Several devices: attention still takes its kernel (run per shard), the quantisers do not.
   monkeypatch.setattr(policy, "HARDWARE_VALIDATED", frozenset({"gpu"}))
-  monkeypatch.setattr(policy, "device_count", lambda: 8)
-  assert resolve("auto", bf16, **var) == "pallas_gpu"
-  assert quantize.resolve_impl("auto", backend="gpu") == "xla"
-  monkeypatch.setattr(policy, "device_count", lambda: 1)
   assert quantize.resolve_impl("auto", backend="gpu") == "pallas"
   assert quantize.resolve_impl("auto", backend="cpu") == "xla"
   with pytest.raises(ConfigError, match="unknown"):
     resolve("flash")
 
 
-SHARDED_ATTENTION = """
+SHARDED_KERNELS = """
 import json
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from vitok_jax import kernels
-from vitok_jax.kernels import flash_attention as flash, masks
+from vitok_jax.kernels import bsq_pallas, flash_attention as flash, masks, vq_pallas
 from vitok_jax.parallel import mesh as mesh_lib, sharding
 cfg = mesh_lib.default_config()
 cfg.update(dict(data=2, fsdp=2, tensor=2))
@@ -228,21 +222,49 @@ def step(impl):
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 (_, out), grads = step("pallas")
 (_, ref_out), ref_grads = step("xla")
-print(json.dumps({"shapes": seen, "out": float(jnp.abs(out - ref_out).max()),
-                  "grads": [float(jnp.abs(a - b).max()) for a, b in zip(grads, ref_grads)]}))
+result = {"shapes": seen, "out": float(jnp.abs(out - ref_out).max()),
+          "grads": [float(jnp.abs(a - b).max()) for a, b in zip(grads, ref_grads)]}
+
+# Quantisers: per shard of the batch; BSQ's entropies from the statistics of all shards.
+z = jax.device_put(jax.random.normal(keys[0], (4, 37, 24)), NamedSharding(mesh, P(("data", "fsdp"))))
+codebook = jax.random.normal(keys[1], (300, 24))
+bsq_seen, vq_seen, bsq_sums, vq_kernel = [], [], bsq_pallas.bsq_sums, vq_pallas.vq_nearest
+bsq_pallas.bsq_sums = lambda z, **kw: bsq_seen.append(z.shape) or bsq_sums(z, **kw)
+vq_pallas.vq_nearest = lambda z, *a, **kw: vq_seen.append(z.shape) or vq_kernel(z, *a, **kw)
+def quantise(impl):
+  def loss(z):
+    with sharding.rules(mesh):
+      out = kernels.bsq(z, impl=impl)
+      index, dist = kernels.vq_nearest(z, codebook, impl=impl)
+    return (out.quantized.sum() * 0.1 + out.token_entropy - out.codebook_entropy), (out, index, dist)
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))(z)
+(_, (out, index, dist)), grad = quantise("pallas")
+(_, (ref, ref_index, ref_dist)), ref_grad = quantise("xla")
+result.update(bsq_shapes=bsq_seen, vq_shapes=vq_seen,
+              codes_equal=bool((out.codes == ref.codes).all()),
+              bsq=max(float(jnp.abs(getattr(out, f) - getattr(ref, f)).max())
+                      for f in ("quantized", "bit_prob", "token_entropy", "codebook_entropy",
+                                "bit_usage")),
+              bsq_grad=float(jnp.abs(grad - ref_grad).max()),
+              index_equal=bool((index == ref_index).all()), dist=float(jnp.abs(dist - ref_dist).max()))
+print(json.dumps(result))
 """
 
 
-def test_pallas_attention_runs_per_shard_under_a_mesh():
-  """On 8 devices (data 2 × fsdp 2 × tensor 2) the kernel sees its shard, batch 4/4 and heads
-  4/2, and output and gradients equal XLA's on the whole arrays."""
+def test_pallas_kernels_run_per_shard_under_a_mesh():
+  """On 8 devices (data 2 × fsdp 2 × tensor 2) each kernel sees its shard (attention: batch 4/4,
+  heads 4/2; BSQ and VQ: batch 4/4) and outputs and gradients equal XLA's on the whole arrays:
+  BSQ's codebook entropy is a function of the mean over all tokens, not of one shard's."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
          "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run([sys.executable, "-c", SHARDED_ATTENTION], env=env, capture_output=True,
+  run = subprocess.run([sys.executable, "-c", SHARDED_KERNELS], env=env, capture_output=True,
                        text=True, timeout=600, check=True)
   result = json.loads(run.stdout.strip().splitlines()[-1])
   assert result["shapes"] == [[1, 55, 2, 16]]
   assert result["out"] < 1e-5 and max(result["grads"]) < 1e-4
+  assert result["bsq_shapes"] == [[1, 37, 24]] and result["vq_shapes"] == [[1, 37, 24]]
+  assert result["codes_equal"] and result["index_equal"]
+  assert result["bsq"] < 1e-5 and result["bsq_grad"] < 1e-5 and result["dist"] < 1e-5
 
 
 def test_pallas_rejects_a_dense_mask():

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -24,6 +23,7 @@ from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import flash_attention as flash
 from vitok_jax.kernels import masks
 from vitok_jax.kernels import policy
+from vitok_jax.kernels import shard
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
 MASK_KINDS = ("none", "causal", "block_causal", "segment", "dense")
@@ -77,34 +77,18 @@ def resolve_impl(impl: str, dtype=jnp.float32, *, q_len: Optional[int] = None,
   return "cudnn" if vendor else "xla"
 
 
-def _divisible_spec(axes, size: int, mesh) -> Optional[object]:
-  """`axes` (a mesh axis, a tuple of them, or None) if the mesh has them and their product divides
-  `size`, else None (replicated)."""
-  names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
-  if any(name not in mesh.shape for name in names):
-    return None
-  return axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None
-
-
 def per_shard(kernel, q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds):
-  """kernel(q, k, v, ids) on each device's share of the batch and heads.
-
-  A pallas_call has no partitioning rule: under a multi-device jit XLA would gather its operands
-  and run the whole batch everywhere. Inside `parallel.sharding.rules(mesh)` (the trainers trace
-  under it) the kernel runs in a shard_map over the mesh axes the logical rules give "batch" and
-  "act_heads", each kept only where it divides the batch / both head counts; outside a mesh, or
-  on one device, it is called as is.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
+  """kernel(q, k, v, ids) on each device's share of the batch and heads (see `shard`): the mesh
+  axes of "batch" and "act_heads", each kept only where it divides the batch / both head counts."""
+  mesh = shard.current_mesh()
+  if mesh is None:
     return kernel(q_BLHD, k_BSHD, v_BSHD, ids)
-  batch_axes, _, head_axes, _ = nn.logical_to_mesh_axes(("batch", "length", "act_heads", "act_kv"))
-  batch_axes = _divisible_spec(batch_axes, q_BLHD.shape[0], mesh)
-  head_axes = _divisible_spec(head_axes, math.gcd(q_BLHD.shape[2], k_BSHD.shape[2]), mesh)
+  batch_axes = shard.divisible_axes("batch", q_BLHD.shape[0], mesh)
+  head_axes = shard.divisible_axes("act_heads", math.gcd(q_BLHD.shape[2], k_BSHD.shape[2]), mesh)
   qkv_spec, id_spec = P(batch_axes, None, head_axes, None), P(batch_axes, None)
   id_specs = masks.MaskIds(*(None if x is None else id_spec for x in ids))
-  return jax.shard_map(kernel, mesh=mesh, in_specs=(qkv_spec, qkv_spec, qkv_spec, id_specs),
-                       out_specs=qkv_spec, check_vma=False)(q_BLHD, k_BSHD, v_BSHD, ids)
+  return shard.run(kernel, q_BLHD, k_BSHD, v_BSHD, ids, mesh=mesh,
+                   in_specs=(qkv_spec, qkv_spec, qkv_spec, id_specs), out_specs=qkv_spec)
 
 
 def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=False,

@@ -152,6 +152,34 @@ def _bsq_bwd(inv_temperature, block_tokens, num_warps, interpret, triton, z_ND, 
 _bsq.defvjp(_bsq_fwd, _bsq_bwd)
 
 
+def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLOCK_TOKENS,
+             num_warps: int = DEFAULT_NUM_WARPS, interpret: Optional[bool] = None):
+  """The kernel's outputs for z [..., d]: quantized [..., d], codes [..., words] uint32 and the
+  sums over tokens of P(bit = 1), H(P(bit)) and the hard bits, [d] each (differentiable in z).
+
+  Sums rather than means so that shards add up (`quantize.bsq` under a mesh); see `bsq`.
+  """
+  backend = jax.default_backend()
+  interpret = backend == "cpu" if interpret is None else interpret
+  *lead, dim = z_ND.shape
+  quantized, codes, prob_sum, entropy_sum, bit_sum = _bsq(
+      z_ND.reshape(-1, dim), float(inv_temperature), int(block_tokens), int(num_warps),
+      bool(interpret), backend == "gpu" and not interpret)
+  return (quantized.reshape(z_ND.shape), codes.reshape(*lead, codes.shape[-1]), prob_sum,
+          entropy_sum, bit_sum)
+
+
+def output_from_sums(quantized, codes, prob_sum_D, entropy_sum_D, bit_sum_D,
+                     num_tokens: int) -> reference.BSQOutput:
+  """`reference.BSQOutput` from `bsq_sums`' outputs over `num_tokens` tokens in all."""
+  bit_prob = prob_sum_D / max(1, num_tokens)
+  return reference.BSQOutput(
+      quantized=quantized, codes=codes, bit_prob=bit_prob,
+      token_entropy=entropy_sum_D.sum() / max(1, num_tokens),
+      codebook_entropy=reference.binary_entropy(bit_prob).sum(),
+      bit_usage=jax.lax.stop_gradient(bit_sum_D) / max(1, num_tokens))
+
+
 def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLOCK_TOKENS,
         num_warps: int = DEFAULT_NUM_WARPS,
         interpret: Optional[bool] = None) -> reference.BSQOutput:
@@ -164,19 +192,6 @@ def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLO
     num_warps: warps per program (GPU).
     interpret: run in the Pallas interpreter; default: on CPU.
   """
-  backend = jax.default_backend()
-  interpret = backend == "cpu" if interpret is None else interpret
-  *lead, dim = z_ND.shape
-  quantized, codes, prob_sum, entropy_sum, bit_sum = _bsq(
-      z_ND.reshape(-1, dim), float(inv_temperature), int(block_tokens), int(num_warps),
-      bool(interpret),
-      backend == "gpu" and not interpret)
-  num_tokens = max(1, math.prod(lead))
-  bit_prob = prob_sum / num_tokens
-  return reference.BSQOutput(
-      quantized=quantized.reshape(z_ND.shape),
-      codes=codes.reshape(*lead, codes.shape[-1]),
-      bit_prob=bit_prob,
-      token_entropy=entropy_sum.sum() / num_tokens,
-      codebook_entropy=reference.binary_entropy(bit_prob).sum(),
-      bit_usage=jax.lax.stop_gradient(bit_sum) / num_tokens)
+  sums = bsq_sums(z_ND, inv_temperature=inv_temperature, block_tokens=block_tokens,
+                  num_warps=num_warps, interpret=interpret)
+  return output_from_sums(*sums, num_tokens=math.prod(z_ND.shape[:-1]))

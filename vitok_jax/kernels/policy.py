@@ -11,7 +11,7 @@ Measured on an H200 (jax 0.11.2, bf16, docs/kernels/bench_kernels_h200.json, tun
   - block-causal (VAR, 680 / 2240 tokens, head dim 64): 2.06× / 3.45× XLA and 1.01× / 1.14×
     cuDNN given the same mask densely; no [L, S] mask is built;
   - BSQ 1.05–1.73× and VQ (16384 codes) 1.14–1.23× the XLA-fused jnp versions, VQ without the
-    4.3 GB tokens × codes buffer (chosen on one device only, see `pallas_allowed`).
+    4.3 GB tokens × codes buffer.
 TPU: written and checked in interpret mode only.
 """
 from __future__ import annotations
@@ -37,13 +37,6 @@ def backend() -> str:
   return jax.default_backend()
 
 
-def device_count() -> int:
-  return jax.device_count()
-
-
-def pallas_allowed(on_backend: str, *, needs_one_device: bool = False) -> bool:
-  """A validated backend; with `needs_one_device`, also a single device. Attention runs its
-  kernel per shard (`attention.per_shard`); the quantisers have no such wrapper yet (their entropy
-  statistics are sums over every token), and a bare pallas_call under a multi-device jit has its
-  operands gathered to run the whole batch on every device. impl="pallas" still forces them."""
-  return on_backend in HARDWARE_VALIDATED and (not needs_one_device or device_count() == 1)
+def pallas_allowed(on_backend: str) -> bool:
+  """A hardware-validated backend. Under a mesh the kernels run per shard (`kernels.shard`)."""
+  return on_backend in HARDWARE_VALIDATED
