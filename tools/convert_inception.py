@@ -17,8 +17,9 @@ from vitok_jax.models.perceptual import inception, weights
 
 
 def convert(pth_path: str, out_path: str) -> dict:
-  return weights.convert_torch(weights.read_torch_state_dict(pth_path), inception.variables_from_torch,
-                               inception.init_variables, out_path, "FID Inception weights")
+  return weights.convert_and_save(weights.read_torch_state_dict(pth_path),
+                                  inception.variables_from_torch, inception.init_variables,
+                                  out_path, "FID Inception weights")
 
 
 def main(argv=None):

@@ -20,10 +20,10 @@ from vitok_jax.models.perceptual import videomae, weights
 
 def convert(pth_path: str, size: str, out_path: str) -> dict:
   spec = videomae.SIZES[size]
-  return weights.convert_torch(weights.read_torch_state_dict(pth_path),
-                               functools.partial(videomae.params_from_torch, size=spec),
-                               functools.partial(videomae.init_params, size=spec), out_path,
-                               "VideoMAE-v2 weights")
+  return weights.convert_and_save(weights.read_torch_state_dict(pth_path),
+                                  functools.partial(videomae.params_from_torch, size=spec),
+                                  functools.partial(videomae.init_params, size=spec), out_path,
+                                  "VideoMAE-v2 weights")
 
 
 def main(argv=None):

