@@ -73,6 +73,18 @@ def test_identical_zero_symmetric_and_grows_with_noise(fn):
   assert np.all(distances[0] < distances[1]) and np.all(distances[1] < distances[2])
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 6])  # im2col up to 2×2 maps, lax.conv above.
+def test_conv3x3_equals_flax_conv(size):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 5))
+  flax_conv = nn.Conv(7, (3, 3), padding=((1, 1), (1, 1)))
+  variables = jax.tree.map(lambda v: v + 0.1, flax_conv.init(jax.random.key(1), x))  # Bias ≠ 0.
+  ours = lpips.Conv3x3(7)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape,
+                                                                                  variables)
+  np.testing.assert_allclose(ours.apply(variables, x), flax_conv.apply(variables, x), atol=1e-5)
+
+
 def test_matches_numpy_reference_forward(params, fn):
   x, y = _images(2), _images(3)
   got = np.asarray(fn(x, y))
