@@ -180,21 +180,57 @@ def test_video_tokenizer_trains_with_the_trepa_loss(tmp_path):
     train_tokenizer.validate(config)
 
 
-def test_gan_stage_fine_tunes_the_decoder_from_stage_one_with_the_encoder_frozen(tmp_path):
-  stage1 = str(tmp_path / "stage1")
+@pytest.fixture(scope="module")
+def gan_stages(tmp_path_factory):
+  """(stage-1 workdir, stage-2 workdir): 6 plain steps, then 4 GAN steps from them."""
+  root = tmp_path_factory.mktemp("gan")
+  stage1, stage2 = str(root / "stage1"), str(root / "stage2")
   train_tokenizer.train(tiny_config(steps=6), stage1)
   config = tiny_config(steps=4, **{"gan.enabled": True, "gan.channels": 8, "gan.max_channels": 16})
   config.init_from = stage1
-  train_tokenizer.train(config, str(tmp_path / "stage2"))
+  train_tokenizer.train(config, stage2)
+  return stage1, stage2
+
+
+def test_gan_stage_fine_tunes_the_decoder_from_stage_one_with_the_encoder_frozen(gan_stages):
+  stage1, stage2 = gan_stages
   _, before = final_params(stage1)
-  _, after = final_params(str(tmp_path / "stage2"))
+  _, after = final_params(stage2)
   for frozen in ("patch_embed", "encoder", "bottleneck"):
     jax.tree.map(np.testing.assert_array_equal, before[frozen], after[frozen])
   changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b),
                                          before["decoder"], after["decoder"]))
   assert all(changed)
-  rows = [r for r in read_jsonl(str(tmp_path / "stage2" / "metrics.jsonl")) if "loss" in r]
+  rows = [r for r in read_jsonl(os.path.join(stage2, "metrics.jsonl")) if "loss" in r]
   assert all(np.isfinite(r["d_loss"]) and r["gan_weight"] == pytest.approx(0.1) for r in rows)
+
+
+def test_compare_tokenizers_pairs_runs_on_the_same_images(gan_stages, tmp_path):
+  """tools/compare_tokenizers.py: its PSNR means equal each trainer's own final eval over the same
+  64 images; a copy of a run differs from it by exactly 0 and is better on no image."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from tools import compare_tokenizers  # pylint: disable=g-import-not-at-top
+  from vitok_jax.models.perceptual import lpips, weights  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  shapes = jax.eval_shape(lpips.init_params, jax.random.key(0))
+  weights.save(str(tmp_path / "lpips.npz"),
+               jax.tree.map(lambda s: np.abs(rng.normal(size=s.shape) * 0.05).astype(np.float32),
+                            shapes))
+  stage1, stage2 = gan_stages
+  copy = shutil.copytree(stage1, str(tmp_path / "copy"))
+  result = compare_tokenizers.main([f"--workdirs={stage1},{stage2},{copy}", "--examples=64",
+                                    "--batch_size=16", f"--lpips_weights={tmp_path}/lpips.npz"])
+  assert result["examples"] == 64
+  runs = result["runs"]
+  for workdir in (stage1, stage2):
+    want = record_lib.read(workdir)["metrics"]["eval/psnr"]
+    assert runs[workdir]["psnr"]["mean"] == pytest.approx(want, rel=1e-5)
+  assert runs[copy]["minus_first"]["lpips"] == {"mean": 0.0, "sem": 0.0}
+  assert runs[copy]["fraction_better"] == {"lpips": 0.0, "psnr": 0.0}
+  delta = runs[stage2]["minus_first"]["lpips"]["mean"]
+  assert delta != 0.0
+  assert delta == pytest.approx(runs[stage2]["lpips"]["mean"] - runs[stage1]["lpips"]["mean"],
+                                rel=1e-4)
 
 
 def test_vitok_eval_adds_fid_mnist_to_the_record(tmp_path):
