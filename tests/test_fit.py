@@ -83,3 +83,18 @@ def test_pareto_frontier():
   np.testing.assert_array_equal(fit.pareto_frontier(compute, loss), [0, 2, 4])
   np.testing.assert_array_equal(fit.pareto_frontier(compute, loss, higher_is_better=True), [0, 1])
   np.testing.assert_array_equal(fit.pareto_frontier([1, 1, 2], [3.0, 2.0, 1.0]), [1, 2])
+
+
+def test_plotted_band_brackets_the_fit_and_the_true_law():
+  """The CI band of `vitok fit`'s plots: warm-started bootstrap refits around y = c + a·x^b."""
+  from vitok_jax.scaling import plots  # pylint: disable=g-import-not-at-top
+  x = np.geomspace(1e3, 1e6, 12)
+  true = 2.0 + 50.0 * x ** -0.4
+  y = true * np.exp(np.random.default_rng(0).normal(0, 0.02, x.size))
+  result = fit.fit_power_law(x, y, offset=True, n_boot=0)
+  result.update(x_values=list(x), y_values=list(y))
+  lo, hi = plots._ci_band(result, x, n_draws=200)
+  predicted = fit.predict_power_law(result, x)
+  assert np.all(lo <= predicted) and np.all(predicted <= hi)
+  assert np.mean((lo <= true) & (true <= hi)) >= 0.8
+  assert np.all(hi - lo < 0.1 * predicted) and np.all(hi - lo > 0)

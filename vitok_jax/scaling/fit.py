@@ -98,30 +98,43 @@ def fit_power_law(x, y, *, offset: bool = False, n_boot: int = 1000, ci: float =
   min_distinct = 4 if offset else 2
   if len(np.unique(x)) < min_distinct:
     raise ValueError(f"need >= {min_distinct} distinct x values, got {np.unique(x)}")
-  log_x, log_y = np.log(x), np.log(y)
-  fit_one = ((lambda ix: _fit_offset(x[ix], log_y[ix], start=best)) if offset
-             else (lambda ix: _fit_pure(log_x[ix], log_y[ix])))
-  best = None
-  best = fit_one(np.arange(len(x)))
+  best = _fit_once(x, np.log(y), offset=offset)
   prediction = _offset_predict(best, x) if offset else best["a"] * x ** best["b"]
   result = {"form": "c + a*x^b" if offset else "a*x^b", **best,
-            "r2": _r2(log_y, np.log(np.maximum(prediction, 1e-300))), "n": int(len(x)),
+            "r2": _r2(np.log(y), np.log(np.maximum(prediction, 1e-300))), "n": int(len(x)),
             "ci_level": ci}
-  samples = []
-  rng = np.random.default_rng(seed)
-  for _ in range(n_boot):
-    ix = rng.integers(0, len(x), len(x))
-    if len(np.unique(x[ix])) < min_distinct:
-      continue
-    try:
-      samples.append(fit_one(ix))
-    except (ValueError, np.linalg.LinAlgError):
-      continue
+  samples = bootstrap_fits(x, y, best, n_boot=n_boot, seed=seed)
   tail = 100 * (1 - ci) / 2
   result["ci"] = {k: [float(v) for v in np.percentile([s[k] for s in samples], [tail, 100 - tail])]
                   for k in best} if samples else {}
   result["n_boot"] = len(samples)
   return result
+
+
+def _fit_once(x, log_y, *, offset: bool, start: dict | None = None) -> dict:
+  return _fit_offset(x, log_y, start=start) if offset else _fit_pure(np.log(x), log_y)
+
+
+def bootstrap_fits(x, y, fit: dict, *, n_boot: int, seed: int = 0) -> list[dict]:
+  """Refits of `fit` on `n_boot` resamples of the (x, y) pairs, each started from `fit` (an offset
+  fit keeps the sign of its a: the two branches are different laws). Resamples with too few
+  distinct x to identify the law, or whose fit fails, are skipped. Used for the parameter CIs and
+  the plotted prediction band."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  offset = "c" in fit
+  min_distinct = 4 if offset else 2
+  start = {k: fit[k] for k in ("a", "b", "c") if k in fit}
+  rng = np.random.default_rng(seed)
+  samples = []
+  for _ in range(n_boot):
+    ix = rng.integers(0, len(x), len(x))
+    if len(np.unique(x[ix])) < min_distinct:
+      continue
+    try:
+      samples.append(_fit_once(x[ix], np.log(y[ix]), offset=offset, start=start))
+    except (ValueError, np.linalg.LinAlgError):
+      continue
+  return samples
 
 
 def predict_power_law(fit: dict, x) -> np.ndarray:

@@ -35,24 +35,14 @@ def _safe(name: str) -> str:
 
 
 def _ci_band(result: dict, x_grid: np.ndarray, n_draws: int = 400, seed: int = 0):
-  """Pointwise 95% band of ŷ(x): refits on bootstrap resamples of the fitted points."""
-  xs, ys = np.asarray(result["x_values"]), np.asarray(result["y_values"])
-  offset = "c" in result
-  rng = np.random.default_rng(seed)
-  curves = []
-  for _ in range(n_draws):
-    ix = rng.integers(0, len(xs), len(xs))
-    if len(np.unique(xs[ix])) < (4 if offset else 2):
-      continue
-    try:
-      sample = fit_lib.fit_power_law(xs[ix], ys[ix], offset=offset, n_boot=0)
-    except ValueError:
-      continue
-    curves.append(fit_lib.predict_power_law(sample, x_grid))
-  if len(curves) < 10:
+  """Pointwise band of ŷ(x) at the fit's CI level: refits on bootstrap resamples of the points."""
+  samples = fit_lib.bootstrap_fits(result["x_values"], result["y_values"], result,
+                                   n_boot=n_draws, seed=seed)
+  if len(samples) < 10:
     return None
+  curves = np.array([fit_lib.predict_power_law(sample, x_grid) for sample in samples])
   tail = 100 * (1 - result.get("ci_level", 0.95)) / 2
-  return np.percentile(np.array(curves), [tail, 100 - tail], axis=0)
+  return np.percentile(curves, [tail, 100 - tail], axis=0)
 
 
 def plot_fit(result: dict, out_dir: str) -> list[str]:
