@@ -1,7 +1,16 @@
-"""tools/bench_train_step.py end to end on the tiniest variant (one compile, 2 + 2 steps, CPU)."""
+"""tools/bench_train_step.py end to end on the tiniest variant (one compile, 2 + 2 steps, CPU), and
+the timer every benchmark in tools/ uses."""
 import importlib.util
 import json
 import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vitok_jax.eval import timing
 
 BENCH_PATH = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_train_step.py"
 FIELDS = ("variant", "batch", "dtype", "attn_impl", "device_kind", "backend", "device_count",
@@ -36,3 +45,20 @@ def test_bench_train_step_writes_sane_json(tmp_path):
   assert 0.9 <= row["xla_over_analytic"] <= 1.2, row["xla_over_analytic"]
   assert 0 < row["mfu"] < 1.5, row["mfu"]
   assert row["mfu"] == row["achieved_tflops"] / row["peak_tflops"]
+
+
+def test_time_jitted_back_to_back_times_one_call():
+  """A sample of several calls dispatched together is divided by their number, and waits for all
+  of them: a call that sleeps 20 ms times at 20 ms, never at a third or three times that."""
+  def slow(x):
+    def sleep(x):
+      time.sleep(0.02)
+      return x
+    return jax.pure_callback(sleep, jax.ShapeDtypeStruct(x.shape, x.dtype), x) + 1
+
+  x = jnp.ones(4)
+  _, seconds, compiled = timing.time_jitted(slow, (x,), warmup=1, iters=3, back_to_back=3)
+  assert 0.02 <= seconds < 0.04
+  np.testing.assert_array_equal(compiled(x), x + 1)
+  with pytest.raises(ValueError, match="back_to_back"):
+    timing.time_jitted(slow, (x,), warmup=0, iters=1, back_to_back=0)

@@ -126,20 +126,66 @@ def test_flash_attention_wide_grid(backend, mask, head_dim, dtype):
                    dtype=dtype, blocks=blocks, **SLOW_MASKS[mask])
 
 
-def test_block_ranges_cover_exactly_the_visible_tiles():
-  """For sorted ids the ranges are tight: a tile is inside iff the dense mask sees in it."""
+@pytest.mark.parametrize("kv_valid", [None, 60])
+def test_block_ranges_cover_exactly_the_visible_tiles(kv_valid):
+  """For sorted ids the ranges are tight: a tile is visited iff the dense mask shows a pair in it,
+  and left unmasked iff it shows every pair (keys past `kv_valid` are padding, never shown)."""
   ids = masks.make_ids(1, 64, 64, block_ids=masks.var_block_ids((1, 2, 3, 4, 5, 3)),
                        segment_ids=np.repeat(np.arange(2), [30, 34]))
-  block_ranges = jax.jit(masks.block_ranges, static_argnums=range(1, 6), static_argnames="causal")
-  (kv_lo, kv_hi), (q_lo, q_hi) = block_ranges(ids, 1, 64, 64, 16, 8, causal=True)
-  dense = np.asarray(masks.dense_mask(ids, 64, 64, causal=True))[0, 0]
-  visible = dense.reshape(4, 16, 8, 8).any((1, 3))
+  block_ranges = jax.jit(masks.block_ranges, static_argnums=range(1, 6),
+                         static_argnames=("causal", "kv_valid", "skip"))
+  kv, q = block_ranges(ids, 1, 64, 64, 16, 8, causal=True, kv_valid=kv_valid)
+  dense = np.array(masks.dense_mask(ids, 64, 64, causal=True))[0, 0]
+  dense[:, kv_valid or 64:] = False
+  tiles = dense.reshape(4, 16, 8, 8)
+  visible, full = tiles.any((1, 3)), tiles.all((1, 3))
+  assert full.any() and (visible & ~full).any()  # Both kinds of tile occur.
+
+  def check(r, n, shown, whole):
+    lo, hi, full_lo, full_hi = (int(x[0, n]) for x in r)
+    assert (lo, hi) == (np.flatnonzero(shown).min(), np.flatnonzero(shown).max() + 1)
+    expected = np.flatnonzero(whole)
+    if expected.size:  # Sorted ids: the full tiles are one run, all of it found.
+      assert (full_lo, full_hi) == (expected.min(), expected.max() + 1)
+    else:
+      assert full_lo == full_hi
+    assert lo <= full_lo <= full_hi <= hi
+
   for n in range(4):
-    cols = np.flatnonzero(visible[n])
-    assert (kv_lo[0, n], kv_hi[0, n]) == (cols.min(), cols.max() + 1)
+    check(kv, n, visible[n], full[n])
   for m in range(8):
-    rows = np.flatnonzero(visible[:, m])
-    assert (q_lo[0, m], q_hi[0, m]) == (rows.min(), rows.max() + 1)
+    check(q, m, visible[:, m], full[:, m])
+  # Without skipping every tile is visited, none unmasked.
+  kv, q = block_ranges(ids, 1, 64, 64, 16, 8, causal=True, kv_valid=kv_valid, skip=False)
+  for r, size in ((kv, 8), (q, 4)):
+    np.testing.assert_array_equal(np.stack([np.asarray(x) for x in r])[:, 0].T,
+                                  [[0, size, 0, 0]] * r.lo.shape[1])
+
+
+def test_block_ranges_full_tiles_are_one_run_for_unsorted_ids():
+  """Unsorted segments: fully visible tiles need not be contiguous; the run found is the first
+  one, and every tile in it is fully visible."""
+  segments = np.array([0] * 8 + [1] * 8 + [0] * 8 + [0] * 8)  # Key blocks 0, 2, 3 match query 0.
+  ids = masks.make_ids(1, 32, 32, segment_ids=segments)
+  kv, _ = masks.block_ranges(ids, 1, 32, 32, 8, 8, causal=False)
+  assert (int(kv.lo[0, 0]), int(kv.hi[0, 0])) == (0, 4)
+  assert (int(kv.full_lo[0, 0]), int(kv.full_hi[0, 0])) == (0, 1)
+  assert (int(kv.full_lo[0, 2]), int(kv.full_hi[0, 2])) == (0, 1)
+
+
+def test_flash_attention_dense_visit_gives_the_same_result():
+  """skip_blocks=False (every tile visited and masked) equals the default, forward and backward."""
+  q, k, v, do = _qkv(1, 55, 55, 2, 1, 32, jnp.float32)
+  mask = dict(block_ids=VAR_IDS, causal=True)
+
+  @functools.partial(jax.jit, static_argnums=0)
+  def run(skip):
+    out, vjp = jax.vjp(lambda q, k, v: flash.flash_attention(
+        q, k, v, block_sizes=TINY, skip_blocks=skip, **mask), q, k, v)
+    return out, vjp(do)
+
+  for a, b in zip(jax.tree.leaves(run(True)), jax.tree.leaves(run(False))):
+    _assert_close(a, b, TOLERANCE[jnp.float32], "skip vs dense visit")
 
 
 def test_var_block_ids_lengths():
@@ -286,7 +332,7 @@ def test_block_sizes_are_checked():
   assert flash.padded_lengths(blocks, 50, 300) == (64, 384)
 
 
-def _check_bsq(shape, dtype=jnp.float32, inv_temperature=100.0):
+def _check_bsq(shape, dtype=jnp.float32, inv_temperature=100.0, integer_pack=None):
   z = jax.random.normal(jax.random.key(1), shape, dtype)
   z = z.reshape(-1, shape[-1]).at[0, 3].set(0.0).reshape(shape)  # sign(0) → bit 0.
   weights = jax.random.normal(jax.random.key(2), shape)
@@ -300,7 +346,8 @@ def _check_bsq(shape, dtype=jnp.float32, inv_temperature=100.0):
     return out, grad
 
   out, grad = stats_and_grad(lambda z: bsq_pallas.bsq(z, inv_temperature=inv_temperature,
-                                                      block_tokens=16))
+                                                      block_tokens=16,
+                                                      integer_pack=integer_pack))
   ref, ref_grad = stats_and_grad(lambda z: reference.bsq(z, inv_temperature=inv_temperature))
   np.testing.assert_array_equal(out.codes, ref.codes)
   assert out.codes.dtype == jnp.uint32 and out.quantized.dtype == dtype
@@ -309,9 +356,12 @@ def _check_bsq(shape, dtype=jnp.float32, inv_temperature=100.0):
   _assert_close(grad, ref_grad, 1e-4 if dtype == jnp.float32 else 2e-2, "grad")
 
 
-@pytest.mark.parametrize("shape", [(3, 37, 16), (50, 40)])  # One word; two words, ragged tail.
-def test_bsq_kernel_matches_reference(shape):
-  _check_bsq(shape)
+# One word; two words, ragged tail; 32 bits (the first in the int32 sign bit) in whole tiles,
+# where the kernel masks no padding.
+@pytest.mark.parametrize("shape", [(3, 37, 16), (50, 40), (2, 32, 32)])
+@pytest.mark.parametrize("integer_pack", [True, False], ids=["int_pack", "float_pack"])
+def test_bsq_kernel_matches_reference(shape, integer_pack):
+  _check_bsq(shape, integer_pack=integer_pack)
 
 
 def test_bsq_codes_pack_bit0_most_significant():

@@ -4,10 +4,12 @@ r"""Benchmarks the Pallas kernels against XLA, cuDNN and jax's own Pallas ops, m
   PYTHONPATH=. python tools/bench_kernels.py --tiny                                   # CPU check
 
 Attention (batch × heads × L × head_dim, self-attention): forward and forward+backward TFLOP/s of
-  pallas      ours (`flash_attention`, the kernel for this backend),
-  xla, cudnn  `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
-  jax_pallas  jax's reference Pallas op (GPU: pallas.ops.gpu.attention.mha; TPU:
-              pallas.ops.tpu.flash_attention),
+  pallas        ours (`flash_attention`, the kernel for this backend),
+  pallas_dense  ours visiting every tile with the mask (`skip_blocks=False`): block-causal rows
+                only, the saving of skipping measured on one kernel,
+  xla, cudnn    `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
+  jax_pallas    jax's reference Pallas op (GPU: pallas.ops.gpu.attention.mha; TPU:
+                pallas.ops.tpu.flash_attention),
 for every L in --lengths and head_dim in --head_dims, causal or not (--causal), plus block-causal at
 VAR's lengths (680 = 256p, 2240 = 512p) against the same mask given densely to XLA/cuDNN. FLOPs
 are the useful ones: 4·B·H·D per visible (query, key) pair forward, 2.5× that backward (the
@@ -19,7 +21,9 @@ and as speed ratios against the jnp reference (`kernels.reference`, fused by XLA
 compiled memory profile (XLA temp bytes) shows whether a tokens × codebook buffer exists.
 
 Timing: each function is jitted and compiled first, run --warmup times, then the median of --iters
-runs, each ended by block_until_ready. On CPU the Pallas kernels run in interpret mode: the numbers
+samples, each the mean of --back_to_back calls dispatched together and ended by one
+block_until_ready (`eval.timing.time_jitted`): the device's time, not the launch round trip, which
+would dominate a kernel of tens of microseconds. On CPU the Pallas kernels run in interpret mode: the numbers
 test this script, not the kernels (the JSON says so: "interpret": true). Targets (H100, bf16) are
 checked where measurable and reported "pending" otherwise.
 """
@@ -53,15 +57,16 @@ PEAK_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
                    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
                    ("TPU v4", 275e12), ("TPU v6", 918e12))
-ATTENTION_IMPLS = ("pallas", "xla", "cudnn", "jax_pallas")
+ATTENTION_IMPLS = ("pallas", "pallas_dense", "xla", "cudnn", "jax_pallas")
 
 
 def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool, block_sizes=None):
   """f(q, k, v) -> out in [B, L, H, D] for one implementation (ours with `block_sizes` if given)."""
   backend = jax.default_backend()
-  if impl == "pallas":
+  if impl in ("pallas", "pallas_dense"):
     return functools.partial(flash.flash_attention, causal=causal, block_ids=block_ids,
-                             interpret=interpret, block_sizes=block_sizes)
+                             interpret=interpret, block_sizes=block_sizes,
+                             skip_blocks=impl == "pallas")
   if impl in ("xla", "cudnn"):
     mask = None
     if block_ids is not None:  # The dense equivalent of the block-causal mask.
@@ -97,7 +102,7 @@ def _visible_pairs(q_len: int, causal: bool, block_ids) -> float:
 
 
 def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, impls, warmup,
-                    iters, interpret, peak_flops=None, block_sizes=None):
+                    iters, interpret, peak_flops=None, block_sizes=None, back_to_back=1):
   keys = jax.random.split(jax.random.key(0), 4)
   shape = (batch, q_len, heads, head_dim)
   q, k, v, do = (jax.random.normal(key, shape, dtype) for key in keys)
@@ -111,8 +116,9 @@ def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, 
     try:
       fn = _attention_fn(impl, causal=causal, block_ids=ids, interpret=interpret,
                          block_sizes=block_sizes)
-      _, fwd_s, _ = timing.time_jitted(fn, (q, k, v), warmup, iters)
-      _, step_s, _ = timing.time_jitted(_fwd_bwd(fn), (q, k, v, do), warmup, iters)
+      _, fwd_s, _ = timing.time_jitted(fn, (q, k, v), warmup, iters, back_to_back)
+      _, step_s, _ = timing.time_jitted(_fwd_bwd(fn), (q, k, v, do), warmup, iters,
+                                        back_to_back)
       entry = {"fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * step_s,
                "fwd_tflops": fwd_flops / fwd_s / 1e12,
                "fwd_bwd_tflops": 3.5 * fwd_flops / step_s / 1e12}
@@ -154,21 +160,23 @@ def _temp_bytes(compiled):
     return None
 
 
-def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak, params=None):
+def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak, params=None,
+              back_to_back=1):
   z = jax.random.normal(jax.random.key(0), (tokens, dim), dtype)
   itemsize = jnp.dtype(dtype).itemsize
   moved = 2 * tokens * dim * itemsize + tokens * -(-dim // 32) * 4  # z in, quantized + codes out.
   kernel = lambda z: bsq_pallas.bsq(z, interpret=interpret, **(params or {}))
   result = {"tokens": tokens, "dim": dim, "dtype": jnp.dtype(dtype).name, "bytes": moved}
   for name, fn in (("pallas", kernel), ("jnp", reference.bsq)):
-    _, seconds, _ = timing.time_jitted(fn, (z,), warmup, iters)
+    _, seconds, _ = timing.time_jitted(fn, (z,), warmup, iters, back_to_back)
     result[name] = {"ms": 1e3 * seconds, "gb_per_s": moved / seconds / 1e9,
                     "fraction_of_peak": moved / seconds / peak}
   result["speedup_vs_jnp"] = result["jnp"]["ms"] / result["pallas"]["ms"]
   return result
 
 
-def bench_vq(*, tokens, codes, dim, warmup, iters, interpret, peak, params=None):
+def bench_vq(*, tokens, codes, dim, warmup, iters, interpret, peak, params=None,
+             back_to_back=1):
   z = jax.random.normal(jax.random.key(0), (tokens, dim))
   codebook = jax.random.normal(jax.random.key(1), (codes, dim))
   moved = 4 * (tokens * dim + codes * dim + 2 * tokens)
@@ -176,7 +184,7 @@ def bench_vq(*, tokens, codes, dim, warmup, iters, interpret, peak, params=None)
             "tokens_x_codes_bytes": 4 * tokens * codes}
   kernel = lambda z, e: vq_pallas.vq_nearest(z, e, interpret=interpret, **(params or {}))
   for name, fn in (("pallas", kernel), ("jnp", reference.vq_nearest)):
-    _, seconds, compiled = timing.time_jitted(fn, (z, codebook), warmup, iters)
+    _, seconds, compiled = timing.time_jitted(fn, (z, codebook), warmup, iters, back_to_back)
     result[name] = {"ms": 1e3 * seconds, "gb_per_s": moved / seconds / 1e9,
                     "fraction_of_peak": moved / seconds / peak,
                     "temp_bytes": _temp_bytes(compiled)}
@@ -267,6 +275,8 @@ def parse_args(argv):
                       help="tokens,codes,dim; default 65536,16384,8")
   parser.add_argument("--warmup", type=int, default=None)
   parser.add_argument("--iters", type=int, default=None)
+  parser.add_argument("--back_to_back", type=int, default=None,
+                      help="calls per timed sample (default 10; 1 with --tiny)")
   parser.add_argument("--tiles", default=None,
                       help="tools/tune_kernels.py JSON: its best tiles instead of the defaults")
   parser.add_argument("--out", default="bench_kernels.json")
@@ -275,10 +285,11 @@ def parse_args(argv):
   tiny = args.tiny or jax.default_backend() == "cpu"
   defaults = dict(lengths=(64, 128), head_dims=(32,), var_lengths=(55,), var_head_dim=32, batch=1,
                   heads=2, dtype="float32", bsq=(2048, 32), vq=(512, 1024, 8), warmup=1,
-                  iters=2) if tiny \
+                  iters=2, back_to_back=1) if tiny \
       else dict(lengths=(256, 512, 1024, 2048, 4096, 8192, 16384), head_dims=(64, 128),
                 var_lengths=(680, 2240), var_head_dim=64, batch=None, heads=16, dtype="bfloat16",
-                bsq=(1 << 20, 32), vq=(65536, 16384, 8), warmup=3, iters=10)
+                bsq=(1 << 20, 32), vq=(65536, 16384, 8), warmup=3, iters=10,
+                back_to_back=10)
   for name, value in defaults.items():
     if getattr(args, name) is None:
       setattr(args, name, value)
@@ -319,19 +330,20 @@ def main(argv=None):
             "jax_version": jax.__version__, "interpret": interpret, "tiny": args.tiny,
             "impls": impls, "dtype": dtype.name, "peak_bandwidth_gb_per_s": peak / 1e9,
             "peak_bandwidth_source": peak_source, "peak_bf16_tflops": (peak_flops or 0) / 1e12,
-            "attention": []}
+            "timing": {"warmup": args.warmup, "samples": args.iters,
+                       "back_to_back": args.back_to_back}, "attention": []}
   bsq_params, vq_params, attention_tiles = load_tiles(args.tiles) if args.tiles else ({}, {}, {})
   report["tiles"] = {"bsq": bsq_params, "vq": vq_params, "attention": {
       d: dataclasses.asdict(b) for d, b in attention_tiles.items()}}
-  report["bsq"] = bench_bsq(tokens=args.bsq[0], dim=args.bsq[1], dtype=dtype, warmup=args.warmup,
-                            iters=args.iters, interpret=interpret, peak=peak, params=bsq_params)
+  timed = dict(warmup=args.warmup, iters=args.iters, back_to_back=args.back_to_back)
+  report["bsq"] = bench_bsq(tokens=args.bsq[0], dim=args.bsq[1], dtype=dtype,
+                            interpret=interpret, peak=peak, params=bsq_params, **timed)
   report["vq"] = bench_vq(tokens=args.vq[0], codes=args.vq[1], dim=args.vq[2],
-                          warmup=args.warmup, iters=args.iters, interpret=interpret, peak=peak,
-                          params=vq_params)
+                          interpret=interpret, peak=peak, params=vq_params, **timed)
   print(json.dumps({k: report[k] for k in ("bsq", "vq")}), flush=True)
   _save(report, args.out)
-  common = dict(heads=args.heads, dtype=dtype, warmup=args.warmup, iters=args.iters,
-                interpret=interpret, peak_flops=peak_flops)
+  common = dict(heads=args.heads, dtype=dtype, interpret=interpret, peak_flops=peak_flops,
+                **timed)
   # A constant token count per step (16k) keeps every length's work comparable and in memory.
   batch_for = lambda length: args.batch or max(1, 16384 // length)
   for length in args.var_lengths:
@@ -346,7 +358,8 @@ def main(argv=None):
   for head_dim in args.head_dims:
     for length in args.lengths:
       row = bench_attention(batch=batch_for(length), q_len=length, head_dim=head_dim,
-                            causal=args.causal, block_ids=None, impls=impls,
+                            causal=args.causal, block_ids=None,
+                            impls=tuple(i for i in impls if i != "pallas_dense"),
                             block_sizes=attention_tiles.get(head_dim), **common)
       report["attention"].append(row)
       print(json.dumps(row), flush=True)

@@ -5,7 +5,8 @@ r"""Sweeps the Pallas kernels' tiles and launch settings on this device; keeps t
 
 Every candidate is first checked against `kernels.reference` on the tuning problem (BSQ: identical
 codes; VQ: identical indices; attention: outputs and gradients within bf16 tolerance) and only
-then timed (median of --iters after --warmup, compile excluded, `eval.timing`). Problems:
+then timed (median of --iters samples of --back_to_back calls after --warmup, compile excluded,
+`eval.timing.time_jitted`). Problems:
   bsq        1M tokens × 32 bits, bf16 (Infinity's latent);
   vq         65536 tokens, 16384 codes × 8 (LlamaGen's codebook);
   attention  batch·L = 16k tokens, 16 heads, L = --length, bf16, per head dim: first the forward
@@ -33,13 +34,17 @@ from vitok_jax.kernels import flash_attention as flash
 from vitok_jax.kernels import reference
 from vitok_jax.kernels import vq_pallas
 
-BSQ_CANDIDATES = [dict(block_tokens=b, num_warps=w)
-                  for b, w in itertools.product((32, 64, 128, 256), (1, 2, 4, 8))]
-VQ_CANDIDATES = [dict(block_tokens=t, block_codes=c, num_warps=w, fma=f)
-                 for (t, c), w, f in itertools.product(
-                     ((32, 128), (32, 256), (64, 64), (64, 128), (64, 256), (128, 64),
-                      (128, 128)),
-                     (4, 8), (True, False))]
+# Integer packing (the GPU default) over tiles and warps; the float packing once for comparison.
+BSQ_CANDIDATES = ([dict(block_tokens=b, num_warps=w, integer_pack=True)
+                   for b, w in itertools.product((64, 128, 256, 512, 1024), (2, 4, 8))]
+                  + [dict(block_tokens=64, num_warps=4, integer_pack=False)])
+# Multiply-adds (LlamaGen's 8 dims) over tiles and warps; the tiled dot at two tiles.
+VQ_CANDIDATES = ([dict(block_tokens=t, block_codes=c, num_warps=w, fma=True)
+                  for (t, c), w in itertools.product(
+                      ((16, 128), (32, 64), (32, 128), (64, 32), (64, 64), (64, 128), (128, 32)),
+                      (4, 8))]
+                 + [dict(block_tokens=t, block_codes=c, num_warps=4, fma=False)
+                    for t, c in ((64, 64), (32, 256))])
 # (block_q, block_k, num_warps, num_stages) of the forward.
 FORWARD_CANDIDATES = [(128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),
                       (64, 64, 4, 2), (128, 128, 8, 3)]
@@ -49,9 +54,12 @@ DKDV_CANDIDATES = [(64, 64, 8), (64, 64, 4), (32, 128, 8), (32, 64, 4), (64, 128
 DQ_CANDIDATES = [(64, 64), (128, 32), (128, 64), (64, 32)]
 
 
+BACK_TO_BACK = 10  # Calls per timed sample (`timing.time_jitted`); main() may change it.
+
+
 def _time(fn, args, warmup, iters):
   try:
-    _, seconds, _ = timing.time_jitted(fn, args, warmup, iters)
+    _, seconds, _ = timing.time_jitted(fn, args, warmup, iters, BACK_TO_BACK)
     return {"ms": 1e3 * seconds}
   except Exception as e:  # noqa: BLE001  Reported, not fatal.
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
@@ -166,6 +174,7 @@ def tune_attention(head_dim, length, warmup, iters, candidates, tokens=16384):
 
 
 def main(argv=None):
+  global BACK_TO_BACK
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default="tuned_kernels.json")
   parser.add_argument("--kernels", default="bsq,vq,attention")
@@ -173,14 +182,19 @@ def main(argv=None):
   parser.add_argument("--length", type=int, default=4096)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=5)
+  parser.add_argument("--back_to_back", type=int, default=BACK_TO_BACK,
+                      help="calls per timed sample")
   parser.add_argument("--tiny", action="store_true",
                       help="CPU check of this script: tiny problems, two candidates per kernel")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  BACK_TO_BACK = 1 if args.tiny else args.back_to_back
   pick = (lambda c: c[:2]) if args.tiny else (lambda c: c)
   bsq_size = dict(tokens=256, dim=32) if args.tiny else {}
   vq_size = dict(tokens=128, codes=256) if args.tiny else {}
   attention_size = dict(tokens=128) if args.tiny else {}
-  report = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__}
+  report = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
+            "timing": {"warmup": args.warmup, "samples": args.iters,
+                       "back_to_back": BACK_TO_BACK}}
 
   def save():
     with open(args.out, "w") as f:

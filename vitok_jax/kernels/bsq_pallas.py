@@ -29,11 +29,13 @@ DEFAULT_NUM_WARPS = 4
 
 
 def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, bit_sum_ref, *,
-                dim: int, num_tokens: int, logit_scale: float):
+                dim: int, num_tokens: int, padded: bool, logit_scale: float,
+                integer_pack: bool):
   """z [bn, dp] → quantized [bn, dp], codes [bn, words], sums [1, dp] over this tile's tokens.
 
   Per-column and per-token quantities are built as [1, dp] / [bn, 1] rows and broadcast, so the
-  per-element work is the quantisation, one exp and one log.
+  per-element work is the quantisation, one exp and one log. Padding (tokens past `num_tokens`,
+  columns past `dim`) is masked out of the sums only where the shapes have any.
   """
   block, padded_dim = z_ref.shape
   z_ND = z_ref[...].astype(jnp.float32)
@@ -53,16 +55,24 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, 
   inv_1pe_ND = 1.0 / (1.0 + e_ND)
   p_ND = jnp.where(x_ND >= 0, inv_1pe_ND, e_ND * inv_1pe_ND)
   softplus_ND = jnp.maximum(x_ND, 0.0) + jnp.log(1.0 + e_ND)
-  tile_sum = lambda v: jnp.sum(jnp.where(counted_ND, v, 0.0), axis=0, keepdims=True)
+  tile_sum = lambda v: jnp.sum(jnp.where(counted_ND, v, 0.0) if padded else v, axis=0,
+                               keepdims=True)
   prob_sum_ref[...] = tile_sum(p_ND)
   entropy_sum_ref[...] = tile_sum(softplus_ND - x_ND * p_ND)
   bit_sum_ref[...] = tile_sum(bit_ND.astype(jnp.float32))
 
-  # Pack: word w holds bits 32w.., its first bit most significant. Each 16-bit half is a float sum
-  # of distinct powers of two (exact below 2^24), which every backend reduces natively.
+  # Pack: word w holds bits 32w.., its first bit most significant: a sum of distinct powers of two
+  # per row. GPU: one int32 sum per word (2^31 wraps to the sign bit, as the OR would). TPU: a
+  # float sum per 16-bit half (exact below 2^24), which Mosaic reduces natively.
   word_of_1D, index_in_word_1D = column_1D // 32, column_1D % 32
   shift_1D = jnp.minimum(32, dim - 32 * word_of_1D) - 1 - index_in_word_1D
   for word in range(codes_ref.shape[1]):
+    if integer_pack:
+      weight_1D = jnp.where((word_of_1D == word) & (column_1D < dim),
+                            jnp.left_shift(1, jnp.clip(shift_1D, 0, 31)), 0)
+      codes_ref[:, pl.ds(word, 1)] = jnp.sum(jnp.where(bit_ND, weight_1D, 0), axis=1,
+                                             keepdims=True)
+      continue
     halves = []
     for half in range(2):
       in_half_1D = ((word_of_1D == word) & (column_1D < dim) & (shift_1D >= 16 * half)
@@ -80,9 +90,9 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("inv_temperature", "block_tokens", "num_warps",
-                                             "interpret", "triton"))
+                                             "interpret", "triton", "integer_pack"))
 def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, num_warps: int,
-                 interpret: bool, triton: bool):
+                 interpret: bool, triton: bool, integer_pack: bool):
   """z [N, d] → quantized [N, d], codes [N, words] uint32, sums of p, H(p), bits: [d] each."""
   num_tokens, dim = z_ND.shape
   words = -(-dim // 32)
@@ -97,7 +107,9 @@ def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, num_warps: 
   sums_shape = jax.ShapeDtypeStruct((tiles, 1, padded_dim), jnp.float32)
   quantized, codes, prob_sum, entropy_sum, bit_sum = pl.pallas_call(
       functools.partial(_bsq_kernel, dim=dim, num_tokens=num_tokens,
-                        logit_scale=reference.bsq_logit_scale(dim, inv_temperature)),
+                        padded=(padded_n, padded_dim) != (num_tokens, dim),
+                        logit_scale=reference.bsq_logit_scale(dim, inv_temperature),
+                        integer_pack=integer_pack),
       grid=(tiles,),
       in_specs=[pl.BlockSpec((block, padded_dim), lambda t: (t, 0))],
       out_specs=[pl.BlockSpec((block, padded_dim), lambda t: (t, 0)),
@@ -119,19 +131,19 @@ def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, num_warps: 
           total(prob_sum), total(entropy_sum), total(bit_sum))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
-def _bsq(z_ND, inv_temperature, block_tokens, num_warps, interpret, triton):
-  return _bsq_forward(z_ND, inv_temperature=inv_temperature, block_tokens=block_tokens,
-                      num_warps=num_warps, interpret=interpret, triton=triton)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _bsq(z_ND, inv_temperature, launch):
+  """launch: the static keyword arguments of `_bsq_forward` but inv_temperature."""
+  return _bsq_forward(z_ND, inv_temperature=inv_temperature, **dict(launch))
 
 
-def _bsq_fwd(z_ND, inv_temperature, block_tokens, num_warps, interpret, triton):
-  return _bsq(z_ND, inv_temperature, block_tokens, num_warps, interpret, triton), z_ND
+def _bsq_fwd(z_ND, inv_temperature, launch):
+  return _bsq(z_ND, inv_temperature, launch), z_ND
 
 
-def _bsq_bwd(inv_temperature, block_tokens, num_warps, interpret, triton, z_ND, cotangents):
+def _bsq_bwd(inv_temperature, launch, z_ND, cotangents):
   """Straight-through to u = z/‖z‖ for the quantised output, exact for the statistics."""
-  del block_tokens, num_warps, interpret, triton
+  del launch
   g_quantized_ND, _, g_prob_sum_D, g_entropy_sum_D, _ = cotangents
   dim = z_ND.shape[-1]
   z32_ND = z_ND.astype(jnp.float32)
@@ -153,7 +165,8 @@ _bsq.defvjp(_bsq_fwd, _bsq_bwd)
 
 
 def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLOCK_TOKENS,
-             num_warps: int = DEFAULT_NUM_WARPS, interpret: Optional[bool] = None):
+             num_warps: int = DEFAULT_NUM_WARPS, interpret: Optional[bool] = None,
+             integer_pack: Optional[bool] = None):
   """The kernel's outputs for z [..., d]: quantized [..., d], codes [..., words] uint32 and the
   sums over tokens of P(bit = 1), H(P(bit)) and the hard bits, [d] each (differentiable in z).
 
@@ -162,9 +175,11 @@ def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAUL
   backend = jax.default_backend()
   interpret = backend == "cpu" if interpret is None else interpret
   *lead, dim = z_ND.shape
+  launch = dict(block_tokens=int(block_tokens), num_warps=int(num_warps),
+                interpret=bool(interpret), triton=backend == "gpu" and not interpret,
+                integer_pack=backend != "tpu" if integer_pack is None else bool(integer_pack))
   quantized, codes, prob_sum, entropy_sum, bit_sum = _bsq(
-      z_ND.reshape(-1, dim), float(inv_temperature), int(block_tokens), int(num_warps),
-      bool(interpret), backend == "gpu" and not interpret)
+      z_ND.reshape(-1, dim), float(inv_temperature), tuple(sorted(launch.items())))
   return (quantized.reshape(z_ND.shape), codes.reshape(*lead, codes.shape[-1]), prob_sum,
           entropy_sum, bit_sum)
 
@@ -181,8 +196,8 @@ def output_from_sums(quantized, codes, prob_sum_D, entropy_sum_D, bit_sum_D,
 
 
 def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLOCK_TOKENS,
-        num_warps: int = DEFAULT_NUM_WARPS,
-        interpret: Optional[bool] = None) -> reference.BSQOutput:
+        num_warps: int = DEFAULT_NUM_WARPS, interpret: Optional[bool] = None,
+        integer_pack: Optional[bool] = None) -> reference.BSQOutput:
   """Pallas BSQ of z [..., d]: the `reference.BSQOutput` of `reference.bsq`, in one fused pass.
 
   Args:
@@ -191,7 +206,9 @@ def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLO
     block_tokens: tokens per tile (shrunk for small inputs).
     num_warps: warps per program (GPU).
     interpret: run in the Pallas interpreter; default: on CPU.
+    integer_pack: pack the codes with one int32 sum per word (default: except on TPU, which
+      packs with float sums per 16-bit half).
   """
   sums = bsq_sums(z_ND, inv_temperature=inv_temperature, block_tokens=block_tokens,
-                  num_warps=num_warps, interpret=interpret)
+                  num_warps=num_warps, interpret=interpret, integer_pack=integer_pack)
   return output_from_sums(*sums, num_tokens=math.prod(z_ND.shape[:-1]))

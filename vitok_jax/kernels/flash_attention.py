@@ -8,7 +8,8 @@ The kernels themselves (`flash_attention_gpu`, `flash_attention_tpu`) implement
   forward(q, k, v, ids, kv_range, cfg) -> (out_BLHD, lse_BHL)
   backward(q, k, v, ids, kv_range, q_range, do, lse, delta, cfg) -> (dq, dk, dv)
 
-on padded arrays, with dk/dv per *query* head (this file sums them over each group). No [L, S]
+on padded arrays (ranges: `masks.BlockRange`), with dk/dv per *query* head (this file sums them
+over each group). No [L, S]
 array exists at any point: scores live in one tile at a time, the backward recomputes them from
 the saved logsumexp (natural log).
 """
@@ -144,9 +145,11 @@ def _flash_bwd(backend, cfg, residuals, cotangents):
   dq_BLHD, dk_BSHD, dv_BSHD = _kernel_module(backend).backward(
       q_BLHD, k_BSHD, v_BSHD, ids, kv_range, q_range, do_BLHD, lse_BHL, delta_BHL, cfg)
   # Kernels return dk/dv per query head; grouped-query heads share one key/value head.
-  batch, kv_len, heads, head_dim = dk_BSHD.shape
-  group_sum = lambda x: x.reshape(batch, kv_len, heads // cfg.group, cfg.group, head_dim).sum(3)
-  dk_BSHD, dv_BSHD = group_sum(dk_BSHD), group_sum(dv_BSHD)
+  if cfg.group > 1:
+    batch, kv_len, heads, head_dim = dk_BSHD.shape
+    group_sum = lambda x: x.reshape(batch, kv_len, heads // cfg.group, cfg.group,
+                                    head_dim).sum(3)
+    dk_BSHD, dv_BSHD = group_sum(dk_BSHD), group_sum(dv_BSHD)
   return (dq_BLHD.astype(q_BLHD.dtype), dk_BSHD.astype(k_BSHD.dtype),
           dv_BSHD.astype(v_BSHD.dtype), None, None, None)
 
@@ -163,7 +166,8 @@ def default_backend() -> str:
 def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids=None,
                     block_ids=None, scale: Optional[float] = None,
                     block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None,
-                    interpret: Optional[bool] = None, return_lse: bool = False):
+                    interpret: Optional[bool] = None, return_lse: bool = False,
+                    skip_blocks: bool = True):
   """softmax(scale·q·kᵀ + mask)·v in tiles, differentiable in q, k and v.
 
   Args:
@@ -177,6 +181,9 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
     backend: "gpu" (Pallas Triton) or "tpu" (Pallas Mosaic); default `default_backend()`.
     interpret: run the kernel in the Pallas interpreter; default: on CPU.
     return_lse: also return the logsumexp [batch, heads, q_len] (float32, natural log).
+    skip_blocks: skip the tiles the mask hides and build no mask on the tiles it wholly shows
+      (`masks.block_ranges`); False visits every tile masked, the dense-mask baseline of
+      tools/bench_kernels.py (same result, slower).
   Returns:
     out_BLHD in q's dtype (0 for a query that sees no key), and lse_BHL if return_lse.
   """
@@ -210,7 +217,7 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   ids = masks.MaskIds(*(_pad_axis(x, 1, padded_q if i % 2 == 0 else padded_kv, mode="edge")
                         for i, x in enumerate(ids)))
   ranges = lambda bq, bk: masks.block_ranges(ids, batch, padded_q, padded_kv, bq, bk,
-                                             causal=causal)
+                                             causal=causal, kv_valid=kv_len, skip=skip_blocks)
   fwd_range, _ = ranges(blocks.block_q, blocks.block_k)
   _, dkdv_q_range = ranges(blocks.block_q_bwd, blocks.block_k_bwd)
   dq_kv_range, _ = ranges(*blocks.dq_tiles)

@@ -3,7 +3,9 @@
 One program per (query block, batch, head) walks its key blocks with a `fori_loop`, keeping the
 running max, normaliser and output accumulator in registers (online softmax, FlashAttention-2);
 the loop runs only over the key blocks `masks.block_ranges` marks as possibly visible, which is
-where causal and block-causal masks save work. Scores use exp2 with log2(e) folded into the scale
+where causal and block-causal masks save work, and builds a mask only on the tiles that are not
+wholly visible (the causal diagonal, the edges of VAR's scales): a loop over the partial tiles,
+one over the full ones, one over the partial ones after them. Scores use exp2 with log2(e) folded into the scale
 (the GPU's native exponential); the saved logsumexp is converted to natural log for the interface.
 The backward recomputes each score tile from the logsumexp: one kernel per key block accumulates
 dK and dV over its query blocks, one kernel per query block accumulates dQ: no atomics needed.
@@ -32,8 +34,27 @@ def padded_head_dim(head_dim: int) -> int:
   return max(16, pl.next_power_of_2(head_dim))
 
 
-def _tile_mask(cfg: KernelConfig, q_start, block_q: int, k_start, block_k: int, id_refs):
-  """bool [block_q, block_k] (or None) for the tile at (q_start, k_start); ids are whole rows."""
+def _has_mask(cfg: KernelConfig, id_refs) -> bool:
+  return cfg.causal or cfg.kv_len is not None or any(r is not None for r in id_refs)
+
+
+def _visit(range_refs, body, init, *, masked: bool):
+  """carry of body(index, carry, masked=...) over a `masks.BlockRange` [lo, hi): unmasked on its
+  full tiles [full_lo, full_hi), masked on the others (or unmasked everywhere if not `masked`)."""
+  lo, hi, full_lo, full_hi = (ref[0] for ref in range_refs)
+  if not masked:
+    return jax.lax.fori_loop(lo, hi, functools.partial(body, masked=False), init)
+  carry = jax.lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), init)
+  carry = jax.lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+  return jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+
+
+def _tile_mask(cfg: KernelConfig, q_start, block_q: int, k_start, block_k: int, id_refs,
+               masked: bool = True):
+  """bool [block_q, block_k] (or None) for the tile at (q_start, k_start); ids are whole rows.
+  None also for a tile known to be wholly visible (not `masked`)."""
+  if not masked:
+    return None
   q_segment_ref, kv_segment_ref, q_block_ref, kv_block_ref = id_refs
   q_slice, k_slice = pl.ds(q_start, block_q), pl.ds(k_start, block_k)
   col = lambda ref: None if ref is None else ref[q_slice][:, None]
@@ -51,20 +72,22 @@ def _probabilities(s_QK, lse_Q, mask_QK):
   return p_QK if mask_QK is None else jnp.where(mask_QK, p_QK, 0.0)
 
 
-def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, *refs, cfg: KernelConfig):
-  """Refs: q [bq, D], k/v [S, D], 4 id rows [L]/[S] (or None); out o [bq, D], lse [bq]."""
-  id_refs, (o_ref, lse_ref) = refs[:4], refs[4:]
+def _forward_kernel(*refs, cfg: KernelConfig):
+  """Refs: the 4 `BlockRange` entries of this query block, q [bq, D], k/v [S, D], 4 id rows
+  [L]/[S] (or None); out o [bq, D], lse [bq]."""
+  range_refs, (q_ref, k_ref, v_ref), id_refs, (o_ref, lse_ref) = (
+      refs[:4], refs[4:7], refs[7:11], refs[11:])
   block_q, block_k = cfg.blocks.block_q, cfg.blocks.block_k
   q_start = pl.program_id(0) * block_q
   q_QD = q_ref[...]
   score_scale = cfg.scale * LOG2_E
 
-  def body(j, carry):
+  def body(j, carry, masked):
     acc_QD, m_Q, l_Q = carry
     k_start = j * block_k
     k_KD, v_KD = k_ref[pl.ds(k_start, block_k), :], v_ref[pl.ds(k_start, block_k), :]
     s_QK = plgpu.dot(q_QD, k_KD, trans_b=True) * score_scale
-    mask_QK = _tile_mask(cfg, q_start, block_q, k_start, block_k, id_refs)
+    mask_QK = _tile_mask(cfg, q_start, block_q, k_start, block_k, id_refs, masked)
     if mask_QK is not None:
       s_QK = jnp.where(mask_QK, s_QK, MASK_VALUE)
     m_new_Q = jnp.maximum(m_Q, s_QK.max(axis=-1))
@@ -75,7 +98,7 @@ def _forward_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, *refs, cfg: Kerne
 
   init = (jnp.zeros(q_QD.shape, jnp.float32), jnp.full((block_q,), MASK_VALUE, jnp.float32),
           jnp.zeros((block_q,), jnp.float32))
-  acc_QD, m_Q, l_Q = jax.lax.fori_loop(kv_lo_ref[0], kv_hi_ref[0], body, init)
+  acc_QD, m_Q, l_Q = _visit(range_refs, body, init, masked=_has_mask(cfg, id_refs))
   seen_Q = l_Q > 0
   l_Q = jnp.where(seen_Q, l_Q, 1.0)
   o_ref[...] = (acc_QD / l_Q[:, None]).astype(o_ref.dtype)
@@ -109,7 +132,7 @@ def forward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, cfg: KernelCon
   return pl.pallas_call(
       functools.partial(_forward_kernel, cfg=cfg),
       grid=grid,
-      in_specs=[_range_spec(lambda i, b, h: (b, i))] * 2 + [q_spec, kv_spec, kv_spec]
+      in_specs=[_range_spec(lambda i, b, h: (b, i))] * 4 + [q_spec, kv_spec, kv_spec]
                + _id_specs(ids, lambda i, b, h: b),
       out_specs=[q_spec, pl.BlockSpec((None, None, block_q), lambda i, b, h: (b, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q_BLHD.shape, q_BLHD.dtype),
@@ -121,21 +144,27 @@ def forward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, cfg: KernelCon
   )(*kv_range, q_BLHD, k_BSHD, v_BSHD, *ids)
 
 
-def _dkdv_kernel(q_lo_ref, q_hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-                 cfg: KernelConfig):
-  """Refs: q/do [L, D], lse/delta [L], k/v [bk, D], ids; out dk/dv [bk, D] for this query head."""
-  id_refs, (dk_ref, dv_ref) = refs[:4], refs[4:]
+def _backward_refs(refs):
+  """(range refs, q, k, v, do, lse, delta refs, id refs, output refs) of a backward kernel."""
+  return refs[:4], refs[4:10], refs[10:14], refs[14:]
+
+
+def _dkdv_kernel(*refs, cfg: KernelConfig):
+  """Refs: the `BlockRange` of this key block, q/do [L, D], lse/delta [L], k/v [bk, D], ids; out
+  dk/dv [bk, D] for this query head."""
+  range_refs, operands, id_refs, (dk_ref, dv_ref) = _backward_refs(refs)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = operands
   block_q, block_k = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
   k_start = pl.program_id(0) * block_k
   k_KD, v_KD = k_ref[...], v_ref[...]
 
-  def body(i, carry):
+  def body(i, carry, masked):
     dk_KD, dv_KD = carry
     q_start = i * block_q
     q_slice = pl.ds(q_start, block_q)
     q_QD, do_QD = q_ref[q_slice, :], do_ref[q_slice, :]
     s_QK = plgpu.dot(q_QD, k_KD, trans_b=True) * (cfg.scale * LOG2_E)
-    mask_QK = _tile_mask(cfg, q_start, block_q, k_start, block_k, id_refs)
+    mask_QK = _tile_mask(cfg, q_start, block_q, k_start, block_k, id_refs, masked)
     p_QK = _probabilities(s_QK, lse_ref[q_slice] * LOG2_E, mask_QK)
     dv_KD += plgpu.dot(p_QK.astype(do_QD.dtype), do_QD, trans_a=True)
     dp_QK = plgpu.dot(do_QD, v_KD, trans_b=True)
@@ -144,37 +173,39 @@ def _dkdv_kernel(q_lo_ref, q_hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     return dk_KD, dv_KD
 
   zeros = jnp.zeros(k_KD.shape, jnp.float32)
-  dk_KD, dv_KD = jax.lax.fori_loop(q_lo_ref[0], q_hi_ref[0], body, (zeros, zeros))
+  dk_KD, dv_KD = _visit(range_refs, body, (zeros, zeros), masked=_has_mask(cfg, id_refs))
   dk_ref[...] = (dk_KD * cfg.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv_KD.astype(dv_ref.dtype)
 
 
-def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs,
-               cfg: KernelConfig):
-  """Refs: q/do [bq, D], lse/delta [bq], k/v [S, D], ids; out dq [bq, D]."""
-  id_refs, (dq_ref,) = refs[:4], refs[4:]
+def _dq_kernel(*refs, cfg: KernelConfig):
+  """Refs: the `BlockRange` of this query block, q/do [bq, D], lse/delta [bq], k/v [S, D], ids;
+  out dq [bq, D]."""
+  range_refs, operands, id_refs, (dq_ref,) = _backward_refs(refs)
+  q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = operands
   block_q, block_k = cfg.blocks.dq_tiles
   q_start = pl.program_id(0) * block_q
   q_QD, do_QD = q_ref[...], do_ref[...]
   lse_Q, delta_Q = lse_ref[...] * LOG2_E, delta_ref[...]
 
-  def body(j, dq_QD):
+  def body(j, dq_QD, masked):
     k_start = j * block_k
     k_KD, v_KD = k_ref[pl.ds(k_start, block_k), :], v_ref[pl.ds(k_start, block_k), :]
     s_QK = plgpu.dot(q_QD, k_KD, trans_b=True) * (cfg.scale * LOG2_E)
-    mask_QK = _tile_mask(cfg, q_start, block_q, k_start, block_k, id_refs)
+    mask_QK = _tile_mask(cfg, q_start, block_q, k_start, block_k, id_refs, masked)
     p_QK = _probabilities(s_QK, lse_Q, mask_QK)
     ds_QK = p_QK * (plgpu.dot(do_QD, v_KD, trans_b=True) - delta_Q[:, None])
     return dq_QD + plgpu.dot(ds_QK.astype(k_KD.dtype), k_KD)
 
-  dq_QD = jax.lax.fori_loop(kv_lo_ref[0], kv_hi_ref[0], body,
-                            jnp.zeros(q_QD.shape, jnp.float32))
+  dq_QD = _visit(range_refs, body, jnp.zeros(q_QD.shape, jnp.float32),
+                 masked=_has_mask(cfg, id_refs))
   dq_ref[...] = (dq_QD * cfg.scale).astype(dq_ref.dtype)
 
 
 def backward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, q_range, do_BLHD, lse_BHL,
              delta_BHL, cfg: KernelConfig):
-  """dq [B, L, H, D] float32 and dk, dv per query head [B, S, H, D] float32."""
+  """dq [B, L, H, D] in q's dtype and dk, dv per query head [B, S, H, D]: in k's dtype without
+  grouped heads, else float32 for the caller's sum over each group (accumulation is float32)."""
   batch, q_len, heads, head_dim = q_BLHD.shape
   kv_len = k_BSHD.shape[1]
   block_q, block_k, group = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd, cfg.group
@@ -185,11 +216,12 @@ def backward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, q_range, do_B
   whole_row = pl.BlockSpec((None, None, q_len), lambda j, b, h: (b, h, 0))
   kv_block = pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, h: (b, j, h // group, 0))
   out_block = pl.BlockSpec((None, block_k, None, head_dim), lambda j, b, h: (b, j, h, 0))
-  per_q_head = jax.ShapeDtypeStruct((batch, kv_len, heads, head_dim), jnp.float32)
+  per_q_head = jax.ShapeDtypeStruct((batch, kv_len, heads, head_dim),
+                                    k_BSHD.dtype if group == 1 else jnp.float32)
   dk_BSHD, dv_BSHD = pl.pallas_call(
       functools.partial(_dkdv_kernel, cfg=cfg),
       grid=(kv_len // block_k, batch, heads),
-      in_specs=[_range_spec(lambda j, b, h: (b, j))] * 2
+      in_specs=[_range_spec(lambda j, b, h: (b, j))] * 4
                + [whole_q, kv_block, kv_block, whole_q, whole_row, whole_row]
                + _id_specs(ids, lambda j, b, h: b),
       out_specs=[out_block, out_block],
@@ -208,11 +240,11 @@ def backward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, q_range, do_B
   dq_BLHD = pl.pallas_call(
       functools.partial(_dq_kernel, cfg=cfg),
       grid=(q_len // block_q, batch, heads),
-      in_specs=[_range_spec(lambda i, b, h: (b, i))] * 2
+      in_specs=[_range_spec(lambda i, b, h: (b, i))] * 4
                + [q_block, whole_kv, whole_kv, q_block, row_block, row_block]
                + _id_specs(ids, lambda i, b, h: b),
       out_specs=q_block,
-      out_shape=jax.ShapeDtypeStruct(q_BLHD.shape, jnp.float32),
+      out_shape=jax.ShapeDtypeStruct(q_BLHD.shape, q_BLHD.dtype),
       compiler_params=_compiler_params(cfg.blocks.num_warps_bwd, block_q, block_k, head_dim,
                                        cfg.blocks.num_stages),
       interpret=cfg.interpret,

@@ -237,7 +237,7 @@ def forward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, cfg: KernelCon
       [pltpu.VMEM((block_q, LANES), jnp.float32), pltpu.VMEM((block_q, LANES), jnp.float32),
        pltpu.VMEM((block_q, head_dim), jnp.float32)],
       "flash_attention_fwd_tpu",
-  )(*(r.reshape(-1) for r in kv_range), q_BHLD, k_BHSD, v_BHSD, *tpu_ids)
+  )(*(r.reshape(-1) for r in (kv_range.lo, kv_range.hi)), q_BHLD, k_BHSD, v_BHSD, *tpu_ids)
   return jnp.swapaxes(o_BHLD, 1, 2), lse_BHL128[..., 0]
 
 
@@ -265,12 +265,12 @@ def backward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, q_range, do_B
       _dkdv_kernel, cfg, (batch, heads, num_k, num_q), in_specs(dkv_specs), [dk_out, dk_out],
       [per_q_head, per_q_head], [pltpu.VMEM((block_k, head_dim), jnp.float32)] * 2,
       "flash_attention_dkdv_tpu",
-  )(*(r.reshape(-1) for r in q_range), *operands)
+  )(*(r.reshape(-1) for r in (q_range.lo, q_range.hi)), *operands)
 
   dq_specs = _Specs(num_q, q_is_outer=True, group=cfg.group)
   dq_BHLD = _call(
       _dq_kernel, cfg, (batch, heads, num_q, num_k), in_specs(dq_specs),
       dq_specs.q_side(block_q, head_dim), jax.ShapeDtypeStruct(q_BHLD.shape, jnp.float32),
       [pltpu.VMEM((block_q, head_dim), jnp.float32)], "flash_attention_dq_tpu",
-  )(*(r.reshape(-1) for r in kv_range), *operands)
+  )(*(r.reshape(-1) for r in (kv_range.lo, kv_range.hi)), *operands)
   return _heads_major(dq_BHLD, dk_BHSD, dv_BHSD)

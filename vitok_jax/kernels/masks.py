@@ -113,42 +113,69 @@ def _block_summary(ids_BL, block: int, reduce):
   return reduce(ids_BL.reshape(batch, length // block, block), axis=-1)
 
 
-def block_ranges(ids: MaskIds, batch: int, q_len: int, kv_len: int, block_q: int, block_k: int,
-                 *, causal: bool):
-  """Per query block, the key blocks [lo, hi) that may hold a visible key; and per key block, the
-  query blocks that may see it.
+class BlockRange(NamedTuple):
+  """Per block of one axis, which blocks of the other axis a kernel visits, each [B, n] int32:
+  [lo, hi) may hold a visible pair (the rest are skipped) and [full_lo, full_hi), inside it, are
+  visible in every pair (the kernel builds no mask there). lo ≤ full_lo ≤ full_hi ≤ hi."""
+  lo: jax.Array
+  hi: jax.Array
+  full_lo: jax.Array
+  full_hi: jax.Array
 
-  Lengths must be multiples of their blocks (pad first, replicating the last id). The test per block
-  pair is conservative (it compares the min/max id of each block), so a range never drops a visible
-  key and is exact for sorted ids (VAR scales, packed segments, causal). Keys outside a range are
-  masked, so kernels loop from lo to hi only.
+
+def block_ranges(ids: MaskIds, batch: int, q_len: int, kv_len: int, block_q: int, block_k: int,
+                 *, causal: bool, kv_valid: Optional[int] = None, skip: bool = True):
+  """Per query block the key blocks to visit, and per key block the query blocks.
+
+  Lengths must be multiples of their blocks (pad first, replicating the last id); `kv_valid` is the
+  true key count when keys were padded. The tests per block pair compare the min/max id of each
+  block: a skipped tile never holds a visible pair and a "full" tile never a hidden one, and both
+  are exact for sorted ids (VAR scales, packed segments, causal). Full tiles form the first
+  contiguous run of them in the range (all of them for sorted ids). With `skip=False` every tile
+  is visited, masked (the dense-mask baseline of the benchmarks).
 
   Returns:
-    (kv_lo_BN, kv_hi_BN) for the nq = q_len/block_q query blocks and (q_lo_BM, q_hi_BM) for the
-    nk = kv_len/block_k key blocks, all int32.
+    (kv: BlockRange over the nq = q_len/block_q query blocks, q: BlockRange over the
+     nk = kv_len/block_k key blocks).
   """
   num_q, num_k = q_len // block_q, kv_len // block_k
+  q_first_N = jnp.arange(num_q) * block_q
+  k_first_M = jnp.arange(num_k) * block_k
   possible_BNM = jnp.ones((batch, num_q, num_k), bool)
+  full_BNM = jnp.broadcast_to((k_first_M + block_k <= (kv_valid or kv_len))[None, None],
+                              possible_BNM.shape)
   if causal:
-    q_last_N = jnp.arange(num_q) * block_q + block_q - 1
-    k_first_M = jnp.arange(num_k) * block_k
-    possible_BNM &= (k_first_M[None, :] <= q_last_N[:, None])[None]
+    possible_BNM &= (k_first_M[None, :] <= q_first_N[:, None] + block_q - 1)[None]
+    full_BNM &= (k_first_M[None, :] + block_k - 1 <= q_first_N[:, None])[None]
+  summary = lambda ids_BL, block: (_block_summary(ids_BL, block, jnp.min)[:, :, None],
+                                   _block_summary(ids_BL, block, jnp.max)[:, :, None])
   if ids.q_segment_BL is not None:
-    q_min, q_max = (_block_summary(ids.q_segment_BL, block_q, f) for f in (jnp.min, jnp.max))
-    k_min, k_max = (_block_summary(ids.kv_segment_BS, block_k, f) for f in (jnp.min, jnp.max))
-    possible_BNM &= ((k_min[:, None, :] <= q_max[:, :, None]) &
-                     (q_min[:, :, None] <= k_max[:, None, :]))
+    (q_min, q_max), (k_min, k_max) = (summary(ids.q_segment_BL, block_q),
+                                      summary(ids.kv_segment_BS, block_k))
+    k_min, k_max = jnp.swapaxes(k_min, 1, 2), jnp.swapaxes(k_max, 1, 2)
+    possible_BNM &= (k_min <= q_max) & (q_min <= k_max)
+    full_BNM &= (q_min == q_max) & (k_min == k_max) & (k_min == q_min)
   if ids.q_block_BL is not None:
-    q_max = _block_summary(ids.q_block_BL, block_q, jnp.max)
-    k_min = _block_summary(ids.kv_block_BS, block_k, jnp.min)
-    possible_BNM &= k_min[:, None, :] <= q_max[:, :, None]
+    (q_min, q_max), (k_min, k_max) = (summary(ids.q_block_BL, block_q),
+                                      summary(ids.kv_block_BS, block_k))
+    k_min, k_max = jnp.swapaxes(k_min, 1, 2), jnp.swapaxes(k_max, 1, 2)
+    possible_BNM &= k_min <= q_max
+    full_BNM &= k_max <= q_min
+  if not skip:
+    possible_BNM, full_BNM = jnp.ones_like(possible_BNM), jnp.zeros_like(full_BNM)
 
-  def first_last(possible, axis):
-    """[lo, hi) of the True entries along `axis`; (0, 0) for a row without any."""
-    size = possible.shape[axis]
-    any_ = possible.any(axis)
-    lo = jnp.argmax(possible, axis)
-    hi = size - jnp.argmax(jnp.flip(possible, axis), axis)
-    return (jnp.where(any_, lo, 0).astype(jnp.int32), jnp.where(any_, hi, 0).astype(jnp.int32))
+  def ranges(axis):
+    """BlockRange along `axis`; lo = hi = 0 for a row without any possible block."""
+    size = possible_BNM.shape[axis]
+    first = lambda x: jnp.argmax(x, axis)
+    any_, any_full = possible_BNM.any(axis), full_BNM.any(axis)
+    lo = jnp.where(any_, first(possible_BNM), 0)
+    hi = jnp.where(any_, size - first(jnp.flip(possible_BNM, axis)), 0)
+    full_lo = jnp.where(any_full, first(full_BNM), lo)
+    # The full run ends at the first non-full block after its start.
+    index = jax.lax.broadcasted_iota(jnp.int32, full_BNM.shape, axis)
+    after = ~full_BNM & (index >= jnp.expand_dims(full_lo, axis))
+    full_hi = jnp.where(any_full, jnp.where(after.any(axis), first(after), size), lo)
+    return BlockRange(*(x.astype(jnp.int32) for x in (lo, hi, full_lo, full_hi)))
 
-  return first_last(possible_BNM, 2), first_last(possible_BNM, 1)
+  return ranges(2), ranges(1)

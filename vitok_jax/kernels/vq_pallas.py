@@ -1,8 +1,9 @@
 """Nearest-codebook-entry search in Pallas: tiled distances with a running argmin.
 
 One program per tile of tokens loops over the codebook in tiles of `block_codes`, computing
-|z|² + |e|² − 2·z·eᵀ for one [tokens, codes] tile at a time and keeping an elementwise running
-minimum and its index per (token, column of the tile), reduced over the columns once at the end; the
+|e|² − 2·z·eᵀ for one [tokens, codes] tile at a time (|z|², the same for every code, is added to
+the winner at the end) and keeping an elementwise running minimum and the tile it came from per
+(token, column of the tile), reduced over the columns once at the end; the
 tokens × codebook matrix never exists (LlamaGen's 16384 codes × 65k tokens would be 4 GiB in
 float32). Ties go to the first index, as `jnp.argmin`. With `normalize` the tokens are
 l2-normalised inside the kernel and the (small) codebook once outside (cosine lookup).
@@ -36,9 +37,9 @@ def _vq_kernel(z_ref, codebook_ref, code_sq_ref, index_ref, dist_ref, *, block_c
                normalize: bool, fma: bool):
   """z [bn, D], |e|² [1, Kp] (+inf on padding) → index, distance [bn, 1].
 
-  codebook: [Kp, D], or [D, Kp] with `fma`, where z·e is D broadcast multiply-adds per tile
-  (no matrix unit: for the small code dims of VQ tokenizers, e.g. LlamaGen's 8, this skips the
-  padding to 16 that a tiled dot needs).
+  codebook: [Kp, D], or −2·codebook as [D, Kp] with `fma`, where |e|² − 2·z·e is D broadcast
+  multiply-adds per tile onto |e|² (no matrix unit: for the small code dims of VQ tokenizers,
+  e.g. LlamaGen's 8, this skips the padding to 16 that a tiled dot needs).
   """
   block, dim = z_ref.shape
   z_ND = z_ref[...].astype(jnp.float32)
@@ -52,38 +53,37 @@ def _vq_kernel(z_ref, codebook_ref, code_sq_ref, index_ref, dist_ref, *, block_c
   if fma:  # Loop-invariant columns of z, [bn, 1] each (values cannot be sliced in a kernel).
     z_columns = [z_ref[:, pl.ds(d, 1)].astype(jnp.float32) / norm_N1 for d in range(dim)]
 
-  def dot(codes):
+  def code_term(codes):
+    """|e|² − 2·z·e for this tile's codes: [bn, bc]."""
     if not fma:
       e_KD = codebook_ref[codes, :].astype(jnp.float32)
-      return jax.lax.dot_general(z_ND, e_KD, (((1,), (1,)), ((), ())),
-                                 precision=jax.lax.Precision.HIGHEST,
-                                 preferred_element_type=jnp.float32)
-    total_NK = None
+      return code_sq_ref[:, codes] - 2.0 * jax.lax.dot_general(
+          z_ND, e_KD, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
+          preferred_element_type=jnp.float32)
+    total_NK = code_sq_ref[:, codes]
     for d, z_N1 in enumerate(z_columns):
-      term_NK = z_N1 * codebook_ref[pl.ds(d, 1), codes].astype(jnp.float32)
-      total_NK = term_NK if total_NK is None else total_NK + term_NK
+      total_NK = total_NK + z_N1 * codebook_ref[pl.ds(d, 1), codes].astype(jnp.float32)
     return total_NK
 
-  # Running minimum per (token, column slot) across code tiles, reduced once after the loop: no
-  # row reduction inside the loop. A later tile must be strictly smaller, so each slot keeps its
-  # first index, and the final reduction takes the smallest index among the slots at the minimum:
-  # the first index of the minimum overall.
+  # Running minimum per (token, column slot) across code tiles, with the tile it came from,
+  # reduced once after the loop: no row reduction inside the loop. A later tile must be strictly
+  # smaller, so each slot keeps its first index, and the final reduction takes the smallest index
+  # among the slots at the minimum: the first index of the minimum overall.
   def body(j, carry):
-    best_NK, best_index_NK = carry
-    codes = pl.ds(j * block_codes, block_codes)
-    dist_NK = z_sq_N1 + code_sq_ref[:, codes] - 2.0 * dot(codes)
-    better_NK = dist_NK < best_NK
-    return (jnp.where(better_NK, dist_NK, best_NK),
-            jnp.where(better_NK, column_NK + j * block_codes, best_index_NK))
+    best_NK, best_tile_NK = carry
+    term_NK = code_term(pl.ds(j * block_codes, block_codes))
+    better_NK = term_NK < best_NK
+    return jnp.where(better_NK, term_NK, best_NK), jnp.where(better_NK, j, best_tile_NK)
 
   num_tiles = code_sq_ref.shape[1] // block_codes
-  best_NK, best_index_NK = jax.lax.fori_loop(
+  best_NK, best_tile_NK = jax.lax.fori_loop(
       0, num_tiles, body, (jnp.full((block, block_codes), jnp.inf, jnp.float32),
                            jnp.zeros((block, block_codes), jnp.int32)))
   best_N1 = jnp.min(best_NK, axis=1, keepdims=True)
-  index_ref[...] = jnp.min(jnp.where(best_NK == best_N1, best_index_NK, jnp.iinfo(jnp.int32).max),
+  index_NK = best_tile_NK * block_codes + column_NK
+  index_ref[...] = jnp.min(jnp.where(best_NK == best_N1, index_NK, jnp.iinfo(jnp.int32).max),
                            axis=1, keepdims=True)
-  dist_ref[...] = best_N1
+  dist_ref[...] = best_N1 + z_sq_N1
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -106,7 +106,7 @@ def _vq_nearest(z_ND, codebook_KD, *, normalize: bool, block_tokens: int, block_
                        constant_values=jnp.inf)[None]  # Padded codes are never nearest.
   e_KD = jnp.pad(e_KD, ((0, padded_k - num_codes), (0, padded_dim - dim)))
   z_ND = jnp.pad(z_ND, ((0, padded_n - num_tokens), (0, padded_dim - dim)))
-  codebook = e_KD.T if fma else e_KD
+  codebook = -2.0 * e_KD.T if fma else e_KD
   column_spec = pl.BlockSpec((block, 1), lambda t: (t, 0))
   index_N1, dist_N1 = pl.pallas_call(
       functools.partial(_vq_kernel, block_codes=block_codes, normalize=normalize, fma=fma),
