@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import sys
 
@@ -34,17 +33,18 @@ from vitok_jax.kernels import flash_attention as flash
 from vitok_jax.kernels import reference
 from vitok_jax.kernels import vq_pallas
 
-# Integer packing (the GPU default) over tiles and warps; the float packing once for comparison.
-BSQ_CANDIDATES = ([dict(block_tokens=b, num_warps=w, integer_pack=True)
-                   for b, w in itertools.product((64, 128, 256, 512, 1024), (2, 4, 8))]
-                  + [dict(block_tokens=64, num_warps=4, integer_pack=False)])
-# Multiply-adds (LlamaGen's 8 dims) over tiles and warps; the tiled dot at two tiles.
+# Tiles of tokens × tiles walked per program × warps, with integer packing (the GPU default); the
+# float packing once for comparison.
+BSQ_CANDIDATES = ([dict(block_tokens=b, steps=s, num_warps=w, integer_pack=True)
+                   for b, s, w in ((64, 1, 4), (128, 1, 4), (32, 1, 2), (64, 4, 4), (64, 16, 4),
+                                   (32, 16, 2), (128, 4, 8), (128, 8, 4), (256, 4, 8))]
+                  + [dict(block_tokens=64, steps=1, num_warps=4, integer_pack=False)])
+# Multiply-adds (LlamaGen's 8 dims) and the tiled dot (TF32×3 on GPU) over tiles and warps.
 VQ_CANDIDATES = ([dict(block_tokens=t, block_codes=c, num_warps=w, fma=True)
-                  for (t, c), w in itertools.product(
-                      ((16, 128), (32, 64), (32, 128), (64, 32), (64, 64), (64, 128), (128, 32)),
-                      (4, 8))]
-                 + [dict(block_tokens=t, block_codes=c, num_warps=4, fma=False)
-                    for t, c in ((64, 64), (32, 256))])
+                  for t, c, w in ((64, 64, 4), (128, 64, 8), (64, 128, 8), (32, 128, 4))]
+                 + [dict(block_tokens=t, block_codes=c, num_warps=w, fma=False)
+                    for t, c, w in ((64, 64, 4), (128, 64, 4), (128, 128, 8), (64, 128, 4),
+                                    (128, 256, 8), (256, 128, 8))])
 # (block_q, block_k, num_warps, num_stages) of the forward.
 FORWARD_CANDIDATES = [(128, 64, 8, 2), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2),
                       (64, 64, 4, 2), (128, 128, 8, 3)]

@@ -1,13 +1,14 @@
 """Fused binary spherical quantisation (BSQ): one Pallas pass over the latents.
 
 Per tile of tokens the kernel reads z once and writes: the quantised latents sign(u)/√d (u = z/‖z‖),
-the packed codes, and per-tile sums of the soft bit probabilities, their binary entropies and the
-hard bits (the entropy penalty's statistics), which the wrapper adds up. The backward is the
+the packed codes, and per-program sums of the soft bit probabilities, their binary entropies and
+the hard bits (the entropy penalty's statistics), which the wrapper adds up. The backward is the
 straight-through estimator through the l2 normalisation plus the exact gradient of the statistics;
 it is elementwise per token, so plain jnp (one XLA fusion) does it in one pass too.
 
-The same kernel lowers to Triton (GPU) and Mosaic (TPU): no in-kernel loops, 2-D blocks whose last
-two dims are whole (codes, stats) or tile multiples. Semantics: `reference.bsq`.
+The same kernel lowers to Triton (GPU) and Mosaic (TPU): 2-D blocks whose last two dims are whole
+(codes, stats) or tile multiples, and with `steps` = 1 (the default) no in-kernel loop.
+Semantics: `reference.bsq`.
 """
 from __future__ import annotations
 
@@ -25,54 +26,37 @@ from vitok_jax.kernels import reference
 # GPU launch from tools/tune_kernels.py on an H200 (1M × 32 bf16: 0.31–0.34 ms in two sweeps,
 # docs/kernels/tuned_*_h200.json); larger tiles or more warps were slower or erratic.
 DEFAULT_BLOCK_TOKENS = 64
+DEFAULT_STEPS = 1
 DEFAULT_NUM_WARPS = 4
 
 
 def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, bit_sum_ref, *,
                 dim: int, num_tokens: int, padded: bool, logit_scale: float,
-                integer_pack: bool):
-  """z [bn, dp] → quantized [bn, dp], codes [bn, words], sums [1, dp] over this tile's tokens.
+                integer_pack: bool, block: int):
+  """z [steps·bn, dp] → quantized [steps·bn, dp], codes [steps·bn, words], sums [1, dp].
 
-  Per-column and per-token quantities are built as [1, dp] / [bn, 1] rows and broadcast, so the
-  per-element work is the quantisation, one exp and one log. Padding (tokens past `num_tokens`,
-  columns past `dim`) is masked out of the sums only where the shapes have any.
+  The program walks its `steps` tiles of `block` tokens (a loop the compiler can pipeline: the
+  next tile's load overlaps this one's math) and adds each tile's statistics elementwise into
+  [bn, dp] accumulators, reduced over tokens once at the end. Per-column and per-token quantities
+  are built as [1, dp] / [bn, 1] rows and broadcast, so the per-element work is the quantisation,
+  one exp and one log. Padding (tokens past `num_tokens`, columns past `dim`) is masked out of the
+  sums only where the shapes have any.
   """
-  block, padded_dim = z_ref.shape
-  z_ND = z_ref[...].astype(jnp.float32)
-  inv_norm_N1 = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(z_ND * z_ND, axis=1, keepdims=True)),
-                                  reference.NORM_EPS)
-  u_ND = z_ND * inv_norm_N1
-  bit_ND = u_ND > 0  # sign(0) → −1: a zero coordinate is bit 0, as Infinity's quantiser.
+  rows, padded_dim = z_ref.shape
+  steps = rows // block
   inv_sqrt_d = 1.0 / math.sqrt(dim)
-  quantized_ref[...] = jnp.where(bit_ND, inv_sqrt_d, -inv_sqrt_d).astype(quantized_ref.dtype)
-
   column_1D = jax.lax.broadcasted_iota(jnp.int32, (1, padded_dim), 1)
-  token_N1 = pl.program_id(0) * block + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0)
-  counted_ND = jnp.logical_and(token_N1 < num_tokens, column_1D < dim)  # Not padding.
-  # σ(x) and its binary entropy softplus(x) − x·σ(x) from one exp(−|x|).
-  x_ND = logit_scale * u_ND
-  e_ND = jnp.exp(-jnp.abs(x_ND))
-  inv_1pe_ND = 1.0 / (1.0 + e_ND)
-  p_ND = jnp.where(x_ND >= 0, inv_1pe_ND, e_ND * inv_1pe_ND)
-  softplus_ND = jnp.maximum(x_ND, 0.0) + jnp.log(1.0 + e_ND)
-  tile_sum = lambda v: jnp.sum(jnp.where(counted_ND, v, 0.0) if padded else v, axis=0,
-                               keepdims=True)
-  prob_sum_ref[...] = tile_sum(p_ND)
-  entropy_sum_ref[...] = tile_sum(softplus_ND - x_ND * p_ND)
-  bit_sum_ref[...] = tile_sum(bit_ND.astype(jnp.float32))
-
   # Pack: word w holds bits 32w.., its first bit most significant: a sum of distinct powers of two
   # per row. GPU: one int32 sum per word (2^31 wraps to the sign bit, as the OR would). TPU: a
   # float sum per 16-bit half (exact below 2^24), which Mosaic reduces natively.
   word_of_1D, index_in_word_1D = column_1D // 32, column_1D % 32
   shift_1D = jnp.minimum(32, dim - 32 * word_of_1D) - 1 - index_in_word_1D
-  for word in range(codes_ref.shape[1]):
+
+  def pack(bit_ND, word):
     if integer_pack:
       weight_1D = jnp.where((word_of_1D == word) & (column_1D < dim),
                             jnp.left_shift(1, jnp.clip(shift_1D, 0, 31)), 0)
-      codes_ref[:, pl.ds(word, 1)] = jnp.sum(jnp.where(bit_ND, weight_1D, 0), axis=1,
-                                             keepdims=True)
-      continue
+      return jnp.sum(jnp.where(bit_ND, weight_1D, 0), axis=1, keepdims=True)
     halves = []
     for half in range(2):
       in_half_1D = ((word_of_1D == word) & (column_1D < dim) & (shift_1D >= 16 * half)
@@ -82,46 +66,80 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, 
           0.0)
       halves.append(jnp.sum(jnp.where(bit_ND, weight_1D, 0.0), axis=1, keepdims=True)
                     .astype(jnp.int32))
-    codes_ref[:, pl.ds(word, 1)] = jnp.left_shift(halves[1], 16) | halves[0]
+    return jnp.left_shift(halves[1], 16) | halves[0]
+
+  def tile(step, sums):
+    tokens = pl.ds(step * block, block)
+    z_ND = z_ref[tokens, :].astype(jnp.float32)
+    inv_norm_N1 = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(z_ND * z_ND, axis=1, keepdims=True)),
+                                    reference.NORM_EPS)
+    u_ND = z_ND * inv_norm_N1
+    bit_ND = u_ND > 0  # sign(0) → −1: a zero coordinate is bit 0, as Infinity's quantiser.
+    quantized_ref[tokens, :] = jnp.where(bit_ND, inv_sqrt_d, -inv_sqrt_d).astype(
+        quantized_ref.dtype)
+    for word in range(codes_ref.shape[1]):
+      codes_ref[tokens, pl.ds(word, 1)] = pack(bit_ND, word)
+    # σ(x) and its binary entropy softplus(x) − x·σ(x) from one exp(−|x|).
+    x_ND = logit_scale * u_ND
+    e_ND = jnp.exp(-jnp.abs(x_ND))
+    inv_1pe_ND = 1.0 / (1.0 + e_ND)
+    p_ND = jnp.where(x_ND >= 0, inv_1pe_ND, e_ND * inv_1pe_ND)
+    softplus_ND = jnp.maximum(x_ND, 0.0) + jnp.log(1.0 + e_ND)
+    stats = (p_ND, softplus_ND - x_ND * p_ND, bit_ND.astype(jnp.float32))
+    if padded:
+      token_N1 = (first_token + step * block
+                  + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0))
+      counted_ND = jnp.logical_and(token_N1 < num_tokens, column_1D < dim)  # Not padding.
+      stats = tuple(jnp.where(counted_ND, v, 0.0) for v in stats)
+    return tuple(total + v for total, v in zip(sums, stats))
+
+  first_token = pl.program_id(0) * rows  # Read outside the loop (the interpreter needs it so).
+  zeros = (jnp.zeros((block, padded_dim), jnp.float32),) * 3
+  sums = tile(0, zeros) if steps == 1 else jax.lax.fori_loop(0, steps, tile, zeros)
+  for ref, total_ND in zip((prob_sum_ref, entropy_sum_ref, bit_sum_ref), sums):
+    ref[...] = jnp.sum(total_ND, axis=0, keepdims=True)
 
 
 def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-@functools.partial(jax.jit, static_argnames=("inv_temperature", "block_tokens", "num_warps",
-                                             "interpret", "triton", "integer_pack"))
-def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, num_warps: int,
+@functools.partial(jax.jit, static_argnames=("inv_temperature", "block_tokens", "steps",
+                                             "num_warps", "interpret", "triton", "integer_pack"))
+def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, steps: int, num_warps: int,
                  interpret: bool, triton: bool, integer_pack: bool):
   """z [N, d] → quantized [N, d], codes [N, words] uint32, sums of p, H(p), bits: [d] each."""
   num_tokens, dim = z_ND.shape
   words = -(-dim // 32)
   block = min(block_tokens, max(8, pl.next_power_of_2(num_tokens)))
-  padded_n = _round_up(num_tokens, block)
+  steps = max(1, min(steps, -(-num_tokens // block)))
+  rows = block * steps  # Tokens per program.
+  padded_n = _round_up(num_tokens, rows)
   # Triton tiles are powers of two; the extra zero coordinates are excluded from codes and sums.
   padded_dim = pl.next_power_of_2(dim) if triton else dim
   padded_words = pl.next_power_of_2(words) if triton else words
   z_ND = jnp.pad(z_ND, ((0, padded_n - num_tokens), (0, padded_dim - dim)))
-  tiles = padded_n // block
+  programs = padded_n // rows
   sums_spec = pl.BlockSpec((None, 1, padded_dim), lambda t: (t, 0, 0))
-  sums_shape = jax.ShapeDtypeStruct((tiles, 1, padded_dim), jnp.float32)
+  sums_shape = jax.ShapeDtypeStruct((programs, 1, padded_dim), jnp.float32)
   quantized, codes, prob_sum, entropy_sum, bit_sum = pl.pallas_call(
       functools.partial(_bsq_kernel, dim=dim, num_tokens=num_tokens,
                         padded=(padded_n, padded_dim) != (num_tokens, dim),
                         logit_scale=reference.bsq_logit_scale(dim, inv_temperature),
-                        integer_pack=integer_pack),
-      grid=(tiles,),
-      in_specs=[pl.BlockSpec((block, padded_dim), lambda t: (t, 0))],
-      out_specs=[pl.BlockSpec((block, padded_dim), lambda t: (t, 0)),
-                 pl.BlockSpec((block, padded_words), lambda t: (t, 0)),
+                        integer_pack=integer_pack, block=block),
+      grid=(programs,),
+      in_specs=[pl.BlockSpec((rows, padded_dim), lambda t: (t, 0))],
+      out_specs=[pl.BlockSpec((rows, padded_dim), lambda t: (t, 0)),
+                 pl.BlockSpec((rows, padded_words), lambda t: (t, 0)),
                  sums_spec, sums_spec, sums_spec],
       out_shape=[jax.ShapeDtypeStruct(z_ND.shape, z_ND.dtype),
                  jax.ShapeDtypeStruct((padded_n, padded_words), jnp.int32),
                  sums_shape, sums_shape, sums_shape],
       # On GPU, Triton explicitly: pallas_call's default GPU lowering (Mosaic GPU) copies at most
       # 256 elements per dimension asynchronously.
-      compiler_params=(pltriton.CompilerParams(num_warps=num_warps, num_stages=1) if triton
-                       else None),
+      compiler_params=(pltriton.CompilerParams(num_warps=num_warps,
+                                               num_stages=1 if steps == 1 else 3)
+                       if triton else None),
       interpret=interpret,
       name="bsq",
   )(z_ND)
@@ -165,8 +183,8 @@ _bsq.defvjp(_bsq_fwd, _bsq_bwd)
 
 
 def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLOCK_TOKENS,
-             num_warps: int = DEFAULT_NUM_WARPS, interpret: Optional[bool] = None,
-             integer_pack: Optional[bool] = None):
+             steps: int = DEFAULT_STEPS, num_warps: int = DEFAULT_NUM_WARPS,
+             interpret: Optional[bool] = None, integer_pack: Optional[bool] = None):
   """The kernel's outputs for z [..., d]: quantized [..., d], codes [..., words] uint32 and the
   sums over tokens of P(bit = 1), H(P(bit)) and the hard bits, [d] each (differentiable in z).
 
@@ -175,7 +193,7 @@ def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAUL
   backend = jax.default_backend()
   interpret = backend == "cpu" if interpret is None else interpret
   *lead, dim = z_ND.shape
-  launch = dict(block_tokens=int(block_tokens), num_warps=int(num_warps),
+  launch = dict(block_tokens=int(block_tokens), steps=int(steps), num_warps=int(num_warps),
                 interpret=bool(interpret), triton=backend == "gpu" and not interpret,
                 integer_pack=backend != "tpu" if integer_pack is None else bool(integer_pack))
   quantized, codes, prob_sum, entropy_sum, bit_sum = _bsq(
@@ -196,7 +214,8 @@ def output_from_sums(quantized, codes, prob_sum_D, entropy_sum_D, bit_sum_D,
 
 
 def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLOCK_TOKENS,
-        num_warps: int = DEFAULT_NUM_WARPS, interpret: Optional[bool] = None,
+        steps: int = DEFAULT_STEPS, num_warps: int = DEFAULT_NUM_WARPS,
+        interpret: Optional[bool] = None,
         integer_pack: Optional[bool] = None) -> reference.BSQOutput:
   """Pallas BSQ of z [..., d]: the `reference.BSQOutput` of `reference.bsq`, in one fused pass.
 
@@ -204,11 +223,13 @@ def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLO
     z_ND: latents [..., d], float32 or bfloat16.
     inv_temperature: β of the soft bit probability σ(4·β·u/√d) (Infinity uses 100).
     block_tokens: tokens per tile (shrunk for small inputs).
+    steps: tiles per program, walked in a loop (shrunk for small inputs).
     num_warps: warps per program (GPU).
     interpret: run in the Pallas interpreter; default: on CPU.
     integer_pack: pack the codes with one int32 sum per word (default: except on TPU, which
       packs with float sums per 16-bit half).
   """
   sums = bsq_sums(z_ND, inv_temperature=inv_temperature, block_tokens=block_tokens,
-                  num_warps=num_warps, interpret=interpret, integer_pack=integer_pack)
+                  steps=steps, num_warps=num_warps, interpret=interpret,
+                  integer_pack=integer_pack)
   return output_from_sums(*sums, num_tokens=math.prod(z_ND.shape[:-1]))

@@ -34,12 +34,12 @@ FMA_MAX_DIM = 16  # Code dims up to this use multiply-adds (GPU, interpreter), w
 
 
 def _vq_kernel(z_ref, codebook_ref, code_sq_ref, index_ref, dist_ref, *, block_codes: int,
-               normalize: bool, fma: bool):
-  """z [bn, D], |e|² [1, Kp] (+inf on padding) → index, distance [bn, 1].
+               normalize: bool, fma: bool, dot_precision):
+  """z [bn, D], |e|² [1, Kp] (+inf on padding), −2·codebook → index, distance [bn, 1].
 
-  codebook: [Kp, D], or −2·codebook as [D, Kp] with `fma`, where |e|² − 2·z·e is D broadcast
-  multiply-adds per tile onto |e|² (no matrix unit: for the small code dims of VQ tokenizers,
-  e.g. LlamaGen's 8, this skips the padding to 16 that a tiled dot needs).
+  codebook: [Kp, D] for a tiled dot at `dot_precision`, or [D, Kp] with `fma`, where
+  |e|² − 2·z·e is D broadcast multiply-adds per tile onto |e|² (no matrix unit: for the small code
+  dims of VQ tokenizers, e.g. LlamaGen's 8, this skips the padding to 16 that a tiled dot needs).
   """
   block, dim = z_ref.shape
   z_ND = z_ref[...].astype(jnp.float32)
@@ -57,8 +57,8 @@ def _vq_kernel(z_ref, codebook_ref, code_sq_ref, index_ref, dist_ref, *, block_c
     """|e|² − 2·z·e for this tile's codes: [bn, bc]."""
     if not fma:
       e_KD = codebook_ref[codes, :].astype(jnp.float32)
-      return code_sq_ref[:, codes] - 2.0 * jax.lax.dot_general(
-          z_ND, e_KD, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST,
+      return code_sq_ref[:, codes] + jax.lax.dot_general(
+          z_ND, e_KD, (((1,), (1,)), ((), ())), precision=dot_precision,
           preferred_element_type=jnp.float32)
     total_NK = code_sq_ref[:, codes]
     for d, z_N1 in enumerate(z_columns):
@@ -106,10 +106,14 @@ def _vq_nearest(z_ND, codebook_KD, *, normalize: bool, block_tokens: int, block_
                        constant_values=jnp.inf)[None]  # Padded codes are never nearest.
   e_KD = jnp.pad(e_KD, ((0, padded_k - num_codes), (0, padded_dim - dim)))
   z_ND = jnp.pad(z_ND, ((0, padded_n - num_tokens), (0, padded_dim - dim)))
-  codebook = -2.0 * e_KD.T if fma else e_KD
+  codebook = -2.0 * (e_KD.T if fma else e_KD)  # Exact: a power of two.
+  # Tensor cores at float32 accuracy on GPU: three TF32 products (hi·hi + hi·lo + lo·hi).
+  dot_precision = (jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3 if triton
+                   else jax.lax.Precision.HIGHEST)
   column_spec = pl.BlockSpec((block, 1), lambda t: (t, 0))
   index_N1, dist_N1 = pl.pallas_call(
-      functools.partial(_vq_kernel, block_codes=block_codes, normalize=normalize, fma=fma),
+      functools.partial(_vq_kernel, block_codes=block_codes, normalize=normalize, fma=fma,
+                        dot_precision=dot_precision),
       grid=(padded_n // block,),
       in_specs=[pl.BlockSpec((block, padded_dim), lambda t: (t, 0)),
                 pl.BlockSpec(codebook.shape, lambda t: (0, 0)),
