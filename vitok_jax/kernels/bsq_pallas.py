@@ -23,11 +23,10 @@ from jax.experimental.pallas import triton as pltriton
 
 from vitok_jax.kernels import reference
 
-# GPU launch from tools/tune_kernels.py on an H200 (1M × 32 bf16: 0.31–0.34 ms in two sweeps,
-# docs/kernels/tuned_*_h200.json); larger tiles or more warps were slower or erratic.
-DEFAULT_BLOCK_TOKENS = 64
-DEFAULT_STEPS = 1
-DEFAULT_NUM_WARPS = 4
+# Launch (block_tokens, steps, num_warps) from tools/tune_kernels.py on an H100 (1M × 32 bf16):
+# 32 tokens × 16 tiles per program, 2 warps: 0.127 ms, against 0.13–0.15 ms for the other tiles and
+# 0.45 ms for the jnp version. Elsewhere (TPU, the CPU interpreter) one tile of 64 per program.
+DEFAULT_LAUNCH = {"gpu": (32, 16, 2), "other": (64, 1, 4)}
 
 
 def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, bit_sum_ref, *,
@@ -182,8 +181,8 @@ def _bsq_bwd(inv_temperature, launch, z_ND, cotangents):
 _bsq.defvjp(_bsq_fwd, _bsq_bwd)
 
 
-def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLOCK_TOKENS,
-             steps: int = DEFAULT_STEPS, num_warps: int = DEFAULT_NUM_WARPS,
+def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = None,
+             steps: Optional[int] = None, num_warps: Optional[int] = None,
              interpret: Optional[bool] = None, integer_pack: Optional[bool] = None):
   """The kernel's outputs for z [..., d]: quantized [..., d], codes [..., words] uint32 and the
   sums over tokens of P(bit = 1), H(P(bit)) and the hard bits, [d] each (differentiable in z).
@@ -193,6 +192,9 @@ def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAUL
   backend = jax.default_backend()
   interpret = backend == "cpu" if interpret is None else interpret
   *lead, dim = z_ND.shape
+  defaults = DEFAULT_LAUNCH["gpu" if backend == "gpu" and not interpret else "other"]
+  block_tokens, steps, num_warps = (default if value is None else value for value, default in
+                                    zip((block_tokens, steps, num_warps), defaults))
   launch = dict(block_tokens=int(block_tokens), steps=int(steps), num_warps=int(num_warps),
                 interpret=bool(interpret), triton=backend == "gpu" and not interpret,
                 integer_pack=backend != "tpu" if integer_pack is None else bool(integer_pack))
@@ -213,8 +215,8 @@ def output_from_sums(quantized, codes, prob_sum_D, entropy_sum_D, bit_sum_D,
       bit_usage=jax.lax.stop_gradient(bit_sum_D) / max(1, num_tokens))
 
 
-def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLOCK_TOKENS,
-        steps: int = DEFAULT_STEPS, num_warps: int = DEFAULT_NUM_WARPS,
+def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = None,
+        steps: Optional[int] = None, num_warps: Optional[int] = None,
         interpret: Optional[bool] = None,
         integer_pack: Optional[bool] = None) -> reference.BSQOutput:
   """Pallas BSQ of z [..., d]: the `reference.BSQOutput` of `reference.bsq`, in one fused pass.
@@ -224,6 +226,7 @@ def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: int = DEFAULT_BLO
     inv_temperature: β of the soft bit probability σ(4·β·u/√d) (Infinity uses 100).
     block_tokens: tokens per tile (shrunk for small inputs).
     steps: tiles per program, walked in a loop (shrunk for small inputs).
+    (These two and num_warps default to `DEFAULT_LAUNCH` of the backend.)
     num_warps: warps per program (GPU).
     interpret: run in the Pallas interpreter; default: on CPU.
     integer_pack: pack the codes with one int32 sum per word (default: except on TPU, which

@@ -25,12 +25,11 @@ from jax.experimental.pallas import triton as pltriton
 
 from vitok_jax.kernels import reference
 
-# GPU tiles from tools/tune_kernels.py on an H200 (65536 tokens, 16384 × 8 codes: 1.96 ms with
-# multiply-adds against 2.2–3.4 ms for the tiled dot, docs/kernels/tuned_quantizers_h200.json).
-DEFAULT_BLOCK_TOKENS = 64
+# GPU tiles from tools/tune_kernels.py on an H100 (65536 tokens, 16384 × 8 codes): the tiled dot
+# as TF32×3 took 0.81 ms against 1.37–2.93 ms for the multiply-adds (jnp: 2.96 ms).
+DEFAULT_BLOCK_TOKENS = 128
 DEFAULT_BLOCK_CODES = 64
 DEFAULT_NUM_WARPS = 4
-FMA_MAX_DIM = 16  # Code dims up to this use multiply-adds (GPU, interpreter), wider ones a dot.
 
 
 def _vq_kernel(z_ref, codebook_ref, code_sq_ref, index_ref, dist_ref, *, block_codes: int,
@@ -38,8 +37,8 @@ def _vq_kernel(z_ref, codebook_ref, code_sq_ref, index_ref, dist_ref, *, block_c
   """z [bn, D], |e|² [1, Kp] (+inf on padding), −2·codebook → index, distance [bn, 1].
 
   codebook: [Kp, D] for a tiled dot at `dot_precision`, or [D, Kp] with `fma`, where
-  |e|² − 2·z·e is D broadcast multiply-adds per tile onto |e|² (no matrix unit: for the small code
-  dims of VQ tokenizers, e.g. LlamaGen's 8, this skips the padding to 16 that a tiled dot needs).
+  |e|² − 2·z·e is D broadcast multiply-adds per tile onto |e|² (no matrix unit and no padding of
+  D to 16; slower than the TF32×3 dot on an H100 at D = 8).
   """
   block, dim = z_ref.shape
   z_ND = z_ref[...].astype(jnp.float32)
@@ -133,14 +132,14 @@ def _vq_nearest(z_ND, codebook_KD, *, normalize: bool, block_tokens: int, block_
 
 def vq_nearest(z_ND, codebook_KD, *, normalize: bool = True,
                block_tokens: int = DEFAULT_BLOCK_TOKENS, block_codes: int = DEFAULT_BLOCK_CODES,
-               num_warps: int = DEFAULT_NUM_WARPS, fma: Optional[bool] = None,
+               num_warps: int = DEFAULT_NUM_WARPS, fma: bool = False,
                interpret: Optional[bool] = None):
   """Pallas nearest code of z [..., D] in codebook [K, D]: (index [...] int32, dist [...] f32).
 
   Same result as `reference.vq_nearest` (first index on ties). Not differentiable: gather the codes
   with the index and build the VQ losses from them. Tiles: `block_tokens` × `block_codes`;
-  `num_warps` per program (GPU); `fma`: z·e as D multiply-adds instead of a tiled dot (default
-  for D ≤ `FMA_MAX_DIM`).
+  `num_warps` per program (GPU); `fma`: z·e as D multiply-adds instead of a tiled dot (on GPU the
+  dot runs on the tensor cores as TF32×3, float32-accurate, and was the faster at LlamaGen's D = 8).
   """
   backend = jax.default_backend()
   interpret = backend == "cpu" if interpret is None else interpret
@@ -149,6 +148,6 @@ def vq_nearest(z_ND, codebook_KD, *, normalize: bool = True,
       jax.lax.stop_gradient(z_ND.reshape(-1, dim)), jax.lax.stop_gradient(codebook_KD),
       normalize=normalize, block_tokens=block_tokens, block_codes=block_codes,
       num_warps=num_warps,
-      fma=(dim <= FMA_MAX_DIM and backend != "tpu") if fma is None else bool(fma),
+      fma=bool(fma),
       interpret=bool(interpret), triton=backend == "gpu" and not interpret)
   return index.reshape(lead), dist.reshape(lead)
