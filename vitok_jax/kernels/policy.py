@@ -4,14 +4,15 @@ A Pallas kernel is chosen only on a backend where it has run on the real hardwar
 outside interpret mode) and only where the benchmark shows it ahead; elsewhere "auto" keeps the
 vendor/XLA path. The kernels are always available explicitly (impl="pallas").
 
-Measured on an H200 (jax 0.11.2, bf16, docs/kernels/bench_kernels_h200.json, tuned tiles):
+Measured on an H100 (jax 0.11.2, bf16, docs/kernels/bench_kernels_h100.json, default tiles):
   - every kernel test passes compiled (`tests/test_kernels.py -m "slow or not slow"`);
-  - flash attention fwd+bwd at L ≥ 4096, head dim 128: 1.96–2.38× XLA but 0.63–0.66× cuDNN
-    (dense and causal masks stay on cuDNN where it applies: half precision, head_dim % 8 == 0);
-  - block-causal (VAR, 680 / 2240 tokens, head dim 64): 2.06× / 3.45× XLA and 1.01× / 1.14×
+  - flash attention fwd+bwd at L ≥ 4096: 2.8–3.0× XLA (head dim 128) but 0.68–0.72× cuDNN
+    (dense and causal masks stay on cuDNN where it applies: half precision, head_dim % 8 == 0;
+    causal rows have not been benchmarked yet: `bench_kernels.py --causal`);
+  - block-causal (VAR, 680 / 2240 tokens, head dim 64): 3.5× / 6.1× XLA and 1.14× / 1.44×
     cuDNN given the same mask densely; no [L, S] mask is built;
-  - BSQ 1.05–1.73× and VQ (16384 codes) 1.14–1.23× the XLA-fused jnp versions, VQ without the
-    4.3 GB tokens × codes buffer.
+  - BSQ 3.6× and VQ (16384 codes) 3.6× the XLA-fused jnp versions, VQ without the 4.3 GB
+    tokens × codes buffer.
 TPU: written and checked in interpret mode only.
 """
 from __future__ import annotations
