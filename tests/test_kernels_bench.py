@@ -34,6 +34,7 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   assert var["fwd_flops"] == 4 * var["batch"] * 2 * 32 * (1 + 4 * 5 + 9 * 14 + 16 * 30 + 25 * 55)
   assert isinstance(report["vq"]["no_tokens_x_codes_buffer"], bool)  # Meaningful off-CPU only.
   assert report["bsq"]["speedup_vs_jnp"] > 0
+  assert set(report["bsq"]["copy"]) == {"pallas", "xla"}  # The bandwidth ceilings of the shape.
   assert all(str(v).startswith("pending") for v in report["targets"].values())
   assert png.stat().st_size > 10_000
 

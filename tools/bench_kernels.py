@@ -17,14 +17,15 @@ FlashAttention convention), identical for every implementation, so TFLOP/s ratio
 
 Quantisers: BSQ (N tokens × d) and VQ nearest code (N tokens, K codes × D) as GB/s of the bytes they
 must move (read z and the codebook, write the outputs) against the device's peak memory bandwidth,
-and as speed ratios against the jnp reference (`kernels.reference`, fused by XLA). For VQ the
-compiled memory profile (XLA temp bytes) shows whether a tokens × codebook buffer exists.
+and as speed ratios against the jnp reference (`kernels.reference`, fused by XLA); for BSQ also a
+plain copy of z (Pallas in the same layout, and XLA) as the bandwidth this shape can reach. For VQ
+the compiled memory profile (XLA temp bytes) shows whether a tokens × codebook buffer exists.
 
 Timing: each function is jitted and compiled first, run --warmup times, then the median of --iters
 samples, each the mean of --back_to_back calls dispatched together and ended by one
 block_until_ready (`eval.timing.time_jitted`): the device's time, not the launch round trip, which
-would dominate a kernel of tens of microseconds. On CPU the Pallas kernels run in interpret mode: the numbers
-test this script, not the kernels (the JSON says so: "interpret": true). Targets (H100, bf16) are
+would dominate a kernel of tens of microseconds. On CPU the Pallas kernels run in interpret mode:
+the numbers test this script, not the kernels (the JSON says so: "interpret": true). Targets (H100, bf16) are
 checked where measurable and reported "pending" otherwise.
 """
 from __future__ import annotations
@@ -38,6 +39,8 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 import numpy as np
 
 from vitok_jax.eval import timing
@@ -160,6 +163,22 @@ def _temp_bytes(compiled):
     return None
 
 
+def _pallas_copy(block: int, interpret: bool):
+  """z [N, d] → a copy, in tiles of `block` tokens: the BSQ kernel's tiling without its math."""
+  def kernel(z_ref, out_ref):
+    out_ref[...] = z_ref[...]
+
+  def copy(z):
+    spec = pl.BlockSpec((block, z.shape[1]), lambda t: (t, 0))
+    return pl.pallas_call(
+        kernel, grid=(pl.cdiv(z.shape[0], block),), in_specs=[spec], out_specs=spec,
+        out_shape=jax.ShapeDtypeStruct(z.shape, z.dtype),
+        compiler_params=(pltriton.CompilerParams(num_warps=4, num_stages=1)
+                         if jax.default_backend() == "gpu" and not interpret else None),
+        interpret=interpret, name="copy")(z)
+  return copy
+
+
 def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak, params=None,
               back_to_back=1):
   z = jax.random.normal(jax.random.key(0), (tokens, dim), dtype)
@@ -172,6 +191,15 @@ def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak, params=None
     result[name] = {"ms": 1e3 * seconds, "gb_per_s": moved / seconds / 1e9,
                     "fraction_of_peak": moved / seconds / peak}
   result["speedup_vs_jnp"] = result["jnp"]["ms"] / result["pallas"]["ms"]
+  # Ceilings for this shape: z read and written once (no codes, no statistics) by a Pallas copy in
+  # 512-token tiles and by XLA (z · 2).
+  copied = 2 * tokens * dim * itemsize
+  result["copy"] = {}
+  for name, fn in (("pallas", _pallas_copy(min(512, tokens), interpret)),
+                   ("xla", lambda z: z * 2)):
+    _, seconds, _ = timing.time_jitted(fn, (z,), warmup, iters, back_to_back)
+    result["copy"][name] = {"ms": 1e3 * seconds, "gb_per_s": copied / seconds / 1e9,
+                            "fraction_of_peak": copied / seconds / peak}
   return result
 
 

@@ -5,10 +5,11 @@ running max, normaliser and output accumulator in registers (online softmax, Fla
 the loop runs only over the key blocks `masks.block_ranges` marks as possibly visible, which is
 where causal and block-causal masks save work, and builds a mask only on the tiles that are not
 wholly visible (the causal diagonal, the edges of VAR's scales): a loop over the partial tiles,
-one over the full ones, one over the partial ones after them. Scores use exp2 with log2(e) folded into the scale
-(the GPU's native exponential); the saved logsumexp is converted to natural log for the interface.
-The backward recomputes each score tile from the logsumexp: one kernel per key block accumulates
-dK and dV over its query blocks, one kernel per query block accumulates dQ: no atomics needed.
+one over the full ones, one over the partial ones after them. Scores use exp2 with log2(e) folded
+into the scale (the GPU's native exponential); the saved logsumexp is converted to natural log for
+the interface. The backward recomputes each score tile from the logsumexp: one kernel per key
+block accumulates dK and dV over its query blocks, one kernel per query block accumulates dQ: no
+atomics needed.
 
 Arrays arrive padded (see `flash_attention`): lengths are multiples of every tile, head_dim a
 power of two ≥ 16 as Triton's dot requires.
