@@ -3,6 +3,9 @@ import importlib.util
 import json
 import pathlib
 
+import numpy as np
+import pytest
+
 BENCH_PATH = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_kernels.py"
 
 
@@ -72,3 +75,26 @@ def test_tune_kernels_keeps_the_fastest_correct_tiles_and_bench_uses_them(tmp_pa
                                    for k in ("block_tokens", "block_codes", "num_warps", "fma")}
   assert result["tiles"]["attention"][32]["block_q_dq"] == attention["best"]["block_q_dq"]
   assert [r["mask"] for r in result["attention"]] == ["none"]
+
+
+def test_tune_block_causal_tiles_reach_the_var_rows(tmp_path):
+  """Block-causal tuning checks each candidate against the masked reference; bench_kernels.py
+  takes the tiles of key block_causal_<L> for that VAR row. Unknown VAR lengths are refused."""
+  tune = _load_tool("tune_kernels")
+  ids = np.repeat(np.arange(5), [1, 4, 9, 16, 25])  # 55 tokens, VAR's first five scales.
+  candidates = ([(32, 16, 4, 1)], [(16, 16, 4)], [(16, 16)])
+  result = tune.tune_attention(32, 55, 0, 1, candidates, tokens=55, block_ids=ids)
+  assert result["problem"]["mask"] == "block_causal"
+  assert result["best"]["correct"] and (result["best"]["block_q"], result["best"]["block_k"]) == (
+      32, 16)
+  tuned = tmp_path / "tuned.json"
+  tuned.write_text(json.dumps({"attention": {"block_causal_55": result}}))
+  bench = _load_bench()
+  report = bench.main(["--tiny", "--lengths", "", "--impls", "pallas", "--bsq", "256,32",
+                       "--vq", "128,256,8", "--warmup", "0", "--iters", "1", "--tiles",
+                       str(tuned), "--out", str(tmp_path / "bench.json")])
+  assert report["tiles"]["attention"]["block_causal_55"]["block_q"] == 32
+  assert [r["mask"] for r in report["attention"]] == ["block_causal"]
+  with pytest.raises(SystemExit):
+    tune.main(["--tiny", "--kernels", "attention", "--var_lengths", "100", "--out",
+               str(tmp_path / "x.json")])

@@ -50,8 +50,7 @@ from vitok_jax.kernels import masks
 from vitok_jax.kernels import reference
 from vitok_jax.kernels import vq_pallas
 
-VAR_SCALES = {680: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
-              55: (1, 2, 3, 4, 5)}
+VAR_SCALES = {**masks.VAR_SCALES, 55: (1, 2, 3, 4, 5)}  # 55: the CPU check (--tiny).
 # Peak HBM bandwidth, bytes/s, by device_kind substring (first match wins, specific names first).
 PEAK_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("A100", 2.0e12),
                   ("TPU v5 lite", 8.19e11), ("TPU v5e", 8.19e11), ("TPU v5", 2.765e12),
@@ -326,12 +325,13 @@ def parse_args(argv):
 
 
 def load_tiles(path):
-  """(bsq kwargs, vq kwargs, {head_dim: BlockSizes}) of a tune_kernels.py JSON's best entries."""
+  """(bsq kwargs, vq kwargs, {head_dim or "block_causal_<L>": BlockSizes}) of a tune_kernels.py
+  JSON's best entries."""
   with open(path) as f:
     tuned = json.load(f)
   only = lambda best, names: {k: v for k, v in (best or {}).items() if k in names}
   fields = {f.name for f in dataclasses.fields(flash.BlockSizes)}
-  attention = {int(d): flash.BlockSizes(**only(r["best"], fields))
+  attention = {int(d) if d.isdigit() else d: flash.BlockSizes(**only(r["best"], fields))
                for d, r in tuned.get("attention", {}).items() if r.get("best")}
   return (only(tuned.get("bsq", {}).get("best"), inspect.signature(bsq_pallas.bsq).parameters),
           only(tuned.get("vq", {}).get("best"),
@@ -378,7 +378,8 @@ def main(argv=None):
     ids = masks.var_block_ids(VAR_SCALES[length])
     row = bench_attention(batch=batch_for(length), q_len=length, head_dim=args.var_head_dim,
                           causal=False, block_ids=ids,
-                          block_sizes=attention_tiles.get(args.var_head_dim),
+                          block_sizes=attention_tiles.get(f"block_causal_{length}",
+                                                         attention_tiles.get(args.var_head_dim)),
                           impls=tuple(i for i in impls if i != "jax_pallas"), **common)
     report["attention"].append(row)
     print(json.dumps(row), flush=True)

@@ -5,7 +5,8 @@
 # (logs, tuned_kernels.json, bench_kernels.json, the plot).
 #   tools/check_kernels_gpu.sh OUT_DIR [extra bench_kernels.py flags]
 # TUNE_TIMEOUT / BENCH_TIMEOUT / TEST_TIMEOUT (seconds) bound each step (TUNE_TIMEOUT=0 skips the
-# sweep, TUNE_KERNELS picks its kernels, default bsq,vq,attention); both JSONs are rewritten as
+# sweep, TUNE_KERNELS picks its kernels, default bsq,vq,attention, TUNE_ARGS adds flags, e.g.
+# "--var_lengths 680,2240" for block-causal tiles at VAR's lengths); both JSONs are rewritten as
 # results come, so a step stopped at its limit keeps them. The measurements come first so that a
 # short lease still brings them back.
 set -u
@@ -19,7 +20,7 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1 PYTHONPATH=".:${P
 tiles=()
 if [ "${TUNE_TIMEOUT:-300}" != 0 ]; then
   timeout "${TUNE_TIMEOUT:-300}" python tools/tune_kernels.py --out "$out/tuned_kernels.json" \
-    --kernels "${TUNE_KERNELS:-bsq,vq,attention}" 2>&1 | tee "$out/tune.log"
+    --kernels "${TUNE_KERNELS:-bsq,vq,attention}" ${TUNE_ARGS:-} 2>&1 | tee "$out/tune.log"
   echo "tune rc=${PIPESTATUS[0]}" | tee -a "$out/tune.log"
   [ -f "$out/tuned_kernels.json" ] && tiles=(--tiles "$out/tuned_kernels.json")
 fi

@@ -11,7 +11,8 @@ then timed (median of --iters samples of --back_to_back calls after --warmup, co
   vq         65536 tokens, 16384 codes × 8 (LlamaGen's codebook);
   attention  batch·L = 16k tokens, 16 heads, L = --length, bf16, per head dim: first the forward
              tiles (forward time), then the dK/dV tiles and then the dQ tiles (forward+backward
-             time, the forward fixed at its best).
+             time, the forward fixed at its best); with --var_lengths also block-causal at VAR's
+             lengths, head dim 64 (the tiles bench_kernels.py then uses for those rows).
 The JSON holds every candidate's time and the best per kernel; it is rewritten after each kernel,
 so a sweep stopped early keeps what it found. The winners become the defaults in the kernel
 modules (by hand, with the measurement named in the commit).
@@ -30,6 +31,7 @@ import numpy as np
 from vitok_jax.eval import timing
 from vitok_jax.kernels import bsq_pallas
 from vitok_jax.kernels import flash_attention as flash
+from vitok_jax.kernels import masks
 from vitok_jax.kernels import reference
 from vitok_jax.kernels import vq_pallas
 
@@ -118,9 +120,9 @@ def _attention_problem(length, head_dim, heads=16, tokens=16384):
   return [jax.random.normal(k, (batch, length, heads, head_dim), jnp.bfloat16) for k in keys]
 
 
-def _fwd_bwd(blocks):
+def _fwd_bwd(attend):
   def step(q, k, v, do):
-    out, vjp = jax.vjp(lambda q, k, v: flash.flash_attention(q, k, v, block_sizes=blocks), q, k, v)
+    out, vjp = jax.vjp(attend, q, k, v)
     return (out, *vjp(do))
   return step
 
@@ -130,18 +132,20 @@ def _close(actual, expected, tol):
   return float(np.abs(actual - expected).max()) <= tol * max(1.0, float(np.abs(expected).max()))
 
 
-def tune_attention(head_dim, length, warmup, iters, candidates, tokens=16384):
-  """candidates: (forward, dkdv, dq) lists as FORWARD_/DKDV_/DQ_CANDIDATES."""
+def tune_attention(head_dim, length, warmup, iters, candidates, tokens=16384, block_ids=None):
+  """candidates: (forward, dkdv, dq) lists as FORWARD_/DKDV_/DQ_CANDIDATES; block_ids: tune the
+  block-causal mask with these ids (VAR) instead of unmasked attention."""
   forward_candidates, dkdv_candidates, dq_candidates = candidates
   q, k, v, do = _attention_problem(length, head_dim, tokens=tokens)
-  ref = jax.jit(lambda q, k, v, do: (lambda out, vjp: (out, *vjp(do)))(
-      *jax.vjp(lambda q, k, v: reference.attention(q, k, v)[0], q, k, v)))(q, k, v, do)
+  ids = None if block_ids is None else jnp.asarray(block_ids)
+  ref = jax.jit(_fwd_bwd(lambda q, k, v: reference.attention(q, k, v, block_ids=ids)[0]))(
+      q, k, v, do)
 
   def run(blocks, with_backward):
     """Checks (the forward, or everything) against the reference, then times the same."""
     entry = dataclasses.asdict(blocks)
-    fn = _fwd_bwd(blocks) if with_backward else (
-        lambda q, k, v, do: (flash.flash_attention(q, k, v, block_sizes=blocks),))
+    attend = lambda q, k, v: flash.flash_attention(q, k, v, block_ids=ids, block_sizes=blocks)
+    fn = _fwd_bwd(attend) if with_backward else (lambda q, k, v, do: (attend(q, k, v),))
     try:
       outs = jax.jit(fn)(q, k, v, do)
       # The tests' bf16 tolerances: 3e-2 on the output, twice that on the gradients.
@@ -150,7 +154,8 @@ def tune_attention(head_dim, length, warmup, iters, candidates, tokens=16384):
     except Exception as e:  # noqa: BLE001
       return {**entry, "error": f"{type(e).__name__}: {str(e)[:200]}"}
     entry.update(_time(fn, (q, k, v, do), warmup, iters))
-    print(f"attention d={head_dim}", entry, flush=True)
+    print(f"attention d={head_dim} L={length}{'' if ids is None else ' block-causal'}", entry,
+          flush=True)
     return entry
 
   def best_blocks(results, fallback):
@@ -169,7 +174,8 @@ def tune_attention(head_dim, length, warmup, iters, candidates, tokens=16384):
   after_dkdv = best_blocks(dkdv, after_forward)
   dq = [run(dataclasses.replace(after_dkdv, block_q_dq=bq, block_k_dq=bk), True)
         for bq, bk in dq_candidates]
-  return {"problem": {"length": length, "head_dim": head_dim, "heads": 16, "dtype": "bfloat16"},
+  return {"problem": {"length": length, "head_dim": head_dim, "heads": 16, "dtype": "bfloat16",
+                      "mask": "none" if ids is None else "block_causal"},
           "forward": forward, "dkdv": dkdv, "dq": dq, "best": _best(dq) or _best(dkdv)}
 
 
@@ -180,6 +186,9 @@ def main(argv=None):
   parser.add_argument("--kernels", default="bsq,vq,attention")
   parser.add_argument("--head_dims", default="128,64")
   parser.add_argument("--length", type=int, default=4096)
+  parser.add_argument("--var_lengths", default="",
+                      help="also tune block-causal attention at these VAR lengths (680,2240), "
+                           "head dim 64: JSON keys block_causal_<L>, used by bench_kernels.py")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--back_to_back", type=int, default=BACK_TO_BACK,
@@ -188,6 +197,10 @@ def main(argv=None):
                       help="CPU check of this script: tiny problems, two candidates per kernel")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   BACK_TO_BACK = 1 if args.tiny else args.back_to_back
+  var_lengths = [int(x) for x in args.var_lengths.split(",") if x]
+  unknown = sorted(set(var_lengths) - set(masks.VAR_SCALES))
+  if unknown:
+    parser.error(f"--var_lengths {unknown}: VAR's lengths are {sorted(masks.VAR_SCALES)}")
   pick = (lambda c: c[:2]) if args.tiny else (lambda c: c)
   bsq_size = dict(tokens=256, dim=32) if args.tiny else {}
   vq_size = dict(tokens=128, codes=256) if args.tiny else {}
@@ -214,6 +227,12 @@ def main(argv=None):
           head_dim, args.length, args.warmup, args.iters,
           tuple(pick(c) for c in (FORWARD_CANDIDATES, DKDV_CANDIDATES, DQ_CANDIDATES)),
           **attention_size)
+      save()
+    for length in var_lengths:
+      report["attention"][f"block_causal_{length}"] = tune_attention(
+          64, length, args.warmup, args.iters,
+          tuple(pick(c) for c in (FORWARD_CANDIDATES, DKDV_CANDIDATES, DQ_CANDIDATES)),
+          block_ids=masks.var_block_ids(masks.VAR_SCALES[length]))
       save()
   print(json.dumps({name: (report[name]["best"] if name != "attention" else
                            {d: r["best"] for d, r in report[name].items()})

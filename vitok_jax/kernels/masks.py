@@ -32,6 +32,10 @@ class MaskIds(NamedTuple):
   kv_block_BS: Optional[jax.Array] = None
 
 
+# VAR's scale schedules by sequence length: 256p (10 scales, 680 tokens) and 512p (2240 tokens).
+VAR_SCALES = {680: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16), 2240: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)}
+
+
 def var_block_ids(scales: Sequence[int]) -> np.ndarray:
   """Block ids of VAR's token sequence: scale k contributes scales[k]² tokens with id k.
 
