@@ -7,7 +7,7 @@ straight-through estimator through the l2 normalisation plus the exact gradient 
 it is elementwise per token, so plain jnp (one XLA fusion) does it in one pass too.
 
 The same kernel lowers to Triton (GPU) and Mosaic (TPU): 2-D blocks whose last two dims are whole
-(codes, stats) or tile multiples, and with `steps` = 1 (the default) no in-kernel loop.
+(codes, stats) or tile multiples, and with `steps` = 1 (the default off GPU) no in-kernel loop.
 Semantics: `reference.bsq`.
 """
 from __future__ import annotations

@@ -11,7 +11,8 @@ XLA/cuDNN paths and the tests. Key j is visible from query i when all the reques
   * padding:       j < kv_len (keys that the kernels appended to fill the last block).
 
 `block_ranges` turns the ids into, per query block, the contiguous range of key blocks that can hold
-a visible key, so kernels skip the rest (the saving that makes block-causal beat a dense mask).
+a visible key, so kernels skip the rest (the saving that makes block-causal beat a dense mask), and
+the run inside it of blocks that are wholly visible, where kernels build no mask.
 """
 from __future__ import annotations
 
