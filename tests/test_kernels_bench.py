@@ -3,8 +3,9 @@ import importlib.util
 import json
 import pathlib
 
-import numpy as np
 import pytest
+
+from vitok_jax.kernels import masks
 
 BENCH_PATH = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_kernels.py"
 
@@ -81,9 +82,10 @@ def test_tune_block_causal_tiles_reach_the_var_rows(tmp_path):
   """Block-causal tuning checks each candidate against the masked reference; bench_kernels.py
   takes the tiles of key block_causal_<L> for that VAR row. Unknown VAR lengths are refused."""
   tune = _load_tool("tune_kernels")
-  ids = np.repeat(np.arange(5), [1, 4, 9, 16, 25])  # 55 tokens, VAR's first five scales.
+  ids = masks.var_block_ids((1, 2, 3, 4, 5))  # 55 tokens, VAR's first five scales.
   candidates = ([(32, 16, 4, 1)], [(16, 16, 4)], [(16, 16)])
-  result = tune.tune_attention(32, 55, 0, 1, candidates, tokens=55, block_ids=ids)
+  result = tune.tune_attention(32, 55, tune.Runs(0, 1), candidates, tokens=55,
+                               block_ids=ids)
   assert result["problem"]["mask"] == "block_causal"
   assert result["best"]["correct"] and (result["best"]["block_q"], result["best"]["block_k"]) == (
       32, 16)

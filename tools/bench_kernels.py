@@ -25,8 +25,8 @@ Timing: each function is jitted and compiled first, run --warmup times, then the
 samples, each the mean of --back_to_back calls dispatched together and ended by one
 block_until_ready (`eval.timing.time_jitted`): the device's time, not the launch round trip, which
 would dominate a kernel of tens of microseconds. On CPU the Pallas kernels run in interpret mode:
-the numbers test this script, not the kernels (the JSON says so: "interpret": true). Targets (H100, bf16) are
-checked where measurable and reported "pending" otherwise.
+the numbers test this script, not the kernels (the JSON says so: "interpret": true). Targets
+(H100, bf16) are checked where measurable and reported "pending" otherwise.
 """
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,12 +57,17 @@ DKDV_CANDIDATES = [(64, 64, 8), (64, 64, 4), (32, 128, 8), (32, 64, 4), (64, 128
 DQ_CANDIDATES = [(64, 64), (128, 32), (128, 64), (64, 32)]
 
 
-BACK_TO_BACK = 10  # Calls per timed sample (`timing.time_jitted`); main() may change it.
+class Runs(NamedTuple):
+  """How each candidate is timed (`timing.time_jitted`): untimed calls, then the median of `iters`
+  samples of `back_to_back` calls."""
+  warmup: int
+  iters: int
+  back_to_back: int = 1
 
 
-def _time(fn, args, warmup, iters):
+def _time(fn, args, runs: Runs):
   try:
-    _, seconds, _ = timing.time_jitted(fn, args, warmup, iters, BACK_TO_BACK)
+    _, seconds, _ = timing.time_jitted(fn, args, *runs)
     return {"ms": 1e3 * seconds}
   except Exception as e:  # noqa: BLE001  Reported, not fatal.
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
@@ -72,7 +78,7 @@ def _best(results):
   return min(ok, key=lambda r: r["ms"]) if ok else None
 
 
-def _sweep(name, candidates, kernel, args, check, warmup, iters):
+def _sweep(name, candidates, kernel, args, check, runs):
   """Each candidate's kwargs with its check (`check(outputs)` -> dict with "correct") and time."""
   results = []
   for params in candidates:
@@ -82,23 +88,23 @@ def _sweep(name, candidates, kernel, args, check, warmup, iters):
     except Exception as e:  # noqa: BLE001  A candidate that does not compile is reported.
       results.append({**params, "error": f"{type(e).__name__}: {str(e)[:200]}"})
       continue
-    results.append({**params, **checked, **_time(fn, args, warmup, iters)})
+    results.append({**params, **checked, **_time(fn, args, runs)})
     print(name, results[-1], flush=True)
   return results
 
 
-def tune_bsq(warmup, iters, candidates, tokens=1 << 20, dim=32):
+def tune_bsq(runs, candidates, tokens=1 << 20, dim=32):
   z = jax.random.normal(jax.random.key(0), (tokens, dim), jnp.bfloat16)
   ref = jax.jit(reference.bsq)(z)
   check = lambda out: {"correct": bool(jnp.array_equal(out.codes, ref.codes)) and bool(
       jnp.allclose(out.bit_prob, ref.bit_prob, atol=1e-4))}
-  results = _sweep("bsq", candidates, bsq_pallas.bsq, (z,), check, warmup, iters)
+  results = _sweep("bsq", candidates, bsq_pallas.bsq, (z,), check, runs)
   return {"problem": {"tokens": tokens, "dim": dim, "dtype": "bfloat16"},
-          "reference_ms": _time(reference.bsq, (z,), warmup, iters).get("ms"),
+          "reference_ms": _time(reference.bsq, (z,), runs).get("ms"),
           "candidates": results, "best": _best(results)}
 
 
-def tune_vq(warmup, iters, candidates, tokens=65536, codes=16384, dim=8):
+def tune_vq(runs, candidates, tokens=65536, codes=16384, dim=8):
   z = jax.random.normal(jax.random.key(0), (tokens, dim))
   codebook = jax.random.normal(jax.random.key(1), (codes, dim))
   ref_index, _ = jax.jit(reference.vq_nearest)(z, codebook)
@@ -108,9 +114,9 @@ def tune_vq(warmup, iters, candidates, tokens=65536, codes=16384, dim=8):
     mismatches = int(jnp.sum(out[0] != ref_index))
     return {"mismatches": mismatches, "correct": mismatches <= tokens // 10000}
 
-  results = _sweep("vq", candidates, vq_pallas.vq_nearest, (z, codebook), check, warmup, iters)
+  results = _sweep("vq", candidates, vq_pallas.vq_nearest, (z, codebook), check, runs)
   return {"problem": {"tokens": tokens, "codes": codes, "dim": dim},
-          "reference_ms": _time(reference.vq_nearest, (z, codebook), warmup, iters).get("ms"),
+          "reference_ms": _time(reference.vq_nearest, (z, codebook), runs).get("ms"),
           "candidates": results, "best": _best(results)}
 
 
@@ -132,7 +138,7 @@ def _close(actual, expected, tol):
   return float(np.abs(actual - expected).max()) <= tol * max(1.0, float(np.abs(expected).max()))
 
 
-def tune_attention(head_dim, length, warmup, iters, candidates, tokens=16384, block_ids=None):
+def tune_attention(head_dim, length, runs, candidates, tokens=16384, block_ids=None):
   """candidates: (forward, dkdv, dq) lists as FORWARD_/DKDV_/DQ_CANDIDATES; block_ids: tune the
   block-causal mask with these ids (VAR) instead of unmasked attention."""
   forward_candidates, dkdv_candidates, dq_candidates = candidates
@@ -153,7 +159,7 @@ def tune_attention(head_dim, length, warmup, iters, candidates, tokens=16384, bl
                              for i, (a, b) in enumerate(zip(outs, ref)))
     except Exception as e:  # noqa: BLE001
       return {**entry, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-    entry.update(_time(fn, (q, k, v, do), warmup, iters))
+    entry.update(_time(fn, (q, k, v, do), runs))
     print(f"attention d={head_dim} L={length}{'' if ids is None else ' block-causal'}", entry,
           flush=True)
     return entry
@@ -180,7 +186,6 @@ def tune_attention(head_dim, length, warmup, iters, candidates, tokens=16384, bl
 
 
 def main(argv=None):
-  global BACK_TO_BACK
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default="tuned_kernels.json")
   parser.add_argument("--kernels", default="bsq,vq,attention")
@@ -191,12 +196,12 @@ def main(argv=None):
                            "head dim 64: JSON keys block_causal_<L>, used by bench_kernels.py")
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--iters", type=int, default=5)
-  parser.add_argument("--back_to_back", type=int, default=BACK_TO_BACK,
+  parser.add_argument("--back_to_back", type=int, default=10,
                       help="calls per timed sample")
   parser.add_argument("--tiny", action="store_true",
                       help="CPU check of this script: tiny problems, two candidates per kernel")
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  BACK_TO_BACK = 1 if args.tiny else args.back_to_back
+  runs = Runs(args.warmup, args.iters, 1 if args.tiny else args.back_to_back)
   var_lengths = [int(x) for x in args.var_lengths.split(",") if x]
   unknown = sorted(set(var_lengths) - set(masks.VAR_SCALES))
   if unknown:
@@ -206,8 +211,8 @@ def main(argv=None):
   vq_size = dict(tokens=128, codes=256) if args.tiny else {}
   attention_size = dict(tokens=128) if args.tiny else {}
   report = {"device_kind": jax.devices()[0].device_kind, "jax_version": jax.__version__,
-            "timing": {"warmup": args.warmup, "samples": args.iters,
-                       "back_to_back": BACK_TO_BACK}}
+            "timing": {"warmup": runs.warmup, "samples": runs.iters,
+                       "back_to_back": runs.back_to_back}}
 
   def save():
     with open(args.out, "w") as f:
@@ -215,22 +220,22 @@ def main(argv=None):
 
   kernels = args.kernels.split(",")
   if "bsq" in kernels:
-    report["bsq"] = tune_bsq(args.warmup, args.iters, pick(BSQ_CANDIDATES), **bsq_size)
+    report["bsq"] = tune_bsq(runs, pick(BSQ_CANDIDATES), **bsq_size)
     save()
   if "vq" in kernels:
-    report["vq"] = tune_vq(args.warmup, args.iters, pick(VQ_CANDIDATES), **vq_size)
+    report["vq"] = tune_vq(runs, pick(VQ_CANDIDATES), **vq_size)
     save()
   if "attention" in kernels:
     report["attention"] = {}
     for head_dim in (int(d) for d in args.head_dims.split(",")):
       report["attention"][str(head_dim)] = tune_attention(
-          head_dim, args.length, args.warmup, args.iters,
+          head_dim, args.length, runs,
           tuple(pick(c) for c in (FORWARD_CANDIDATES, DKDV_CANDIDATES, DQ_CANDIDATES)),
           **attention_size)
       save()
     for length in var_lengths:
       report["attention"][f"block_causal_{length}"] = tune_attention(
-          64, length, args.warmup, args.iters,
+          64, length, runs,
           tuple(pick(c) for c in (FORWARD_CANDIDATES, DKDV_CANDIDATES, DQ_CANDIDATES)),
           block_ids=masks.var_block_ids(masks.VAR_SCALES[length]))
       save()
