@@ -188,6 +188,19 @@ def test_flash_attention_dense_visit_gives_the_same_result():
     _assert_close(a, b, TOLERANCE[jnp.float32], "skip vs dense visit")
 
 
+def test_flash_attention_default_tiles_follow_the_mask(monkeypatch):
+  """Without block_sizes: the block-causal tiles with block_ids, the general ones otherwise."""
+  seen = []
+  fit = flash.fit_block_sizes
+  monkeypatch.setattr(flash, "fit_block_sizes", lambda blocks, *a: seen.append(blocks) or fit(
+      blocks, *a))
+  q, k, v, _ = _qkv(1, 55, 55, 2, 1, 32, jnp.float32)
+  flash.flash_attention(q, k, v, block_ids=VAR_IDS, backend="gpu")
+  flash.flash_attention(q, k, v, causal=True, backend="gpu")
+  assert seen == [flash.BLOCK_CAUSAL_BLOCK_SIZES["gpu"], flash.DEFAULT_BLOCK_SIZES["gpu"]]
+  assert seen[0] != seen[1]
+
+
 def test_var_block_ids_lengths():
   assert len(masks.var_block_ids((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))) == 680
   assert len(masks.var_block_ids((1, 2, 3, 4, 6, 9, 13, 18, 24, 32))) == 2240
@@ -371,6 +384,12 @@ def test_bsq_kernel_matches_reference(shape, integer_pack):
 def test_bsq_kernel_walking_several_tiles_per_program(shape):
   """Programs of 3 tiles of 16 tokens: statistics accumulated across the loop."""
   _check_bsq(shape, steps=3)
+
+
+def test_bsq_fast_math_only_on_triton():
+  """PTX approximations exist only on GPU: asking for them elsewhere is an early, clear error."""
+  with pytest.raises(ValueError, match="fast_math"):
+    bsq_pallas.bsq(jnp.ones((4, 8)), interpret=True, fast_math=True)
 
 
 def test_bsq_codes_pack_bit0_most_significant():

@@ -10,6 +10,9 @@ Attention (batch × heads × L × head_dim, self-attention): forward and forward
   xla, cudnn    `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
   jax_pallas    jax's reference Pallas op (GPU: pallas.ops.gpu.attention.mha; TPU:
                 pallas.ops.tpu.flash_attention),
+  jax_mgpu      jax's Hopper Pallas op (pallas.ops.gpu.attention_mgpu, Mosaic GPU: warp-specialised
+                wgmma with TMA copies), unmasked only; it runs in float16 (its P·V product is
+                hard-wired to f16, so bf16 inputs do not compile), same shapes and FLOPs,
 for every L in --lengths and head_dim in --head_dims, causal or not (--causal), plus block-causal at
 VAR's lengths (680 = 256p, 2240 = 512p) against the same mask given densely to XLA/cuDNN. FLOPs
 are the useful ones: 4·B·H·D per visible (query, key) pair forward, 2.5× that backward (the
@@ -59,7 +62,11 @@ PEAK_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
                    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
                    ("TPU v4", 275e12), ("TPU v6", 918e12))
-ATTENTION_IMPLS = ("pallas", "pallas_dense", "xla", "cudnn", "jax_pallas")
+ATTENTION_IMPLS = ("pallas", "pallas_dense", "xla", "cudnn", "jax_pallas", "jax_mgpu")
+# jax_mgpu's tiles: two consumer warpgroups of 64 queries, 128 keys per step, two steps in
+# flight; backward tiles 64 × 64 (its own benchmark's and tests' settings).
+JAX_MGPU_CONFIG = dict(block_q=64, block_kv=128, max_concurrent_steps=2, block_q_dkv=64,
+                       block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
 
 
 def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool, block_sizes=None):
@@ -86,6 +93,12 @@ def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool, block_
     from jax.experimental.pallas.ops.gpu import attention as gpu_attention
     return lambda q, k, v: gpu_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5,
                                              causal=causal, interpret=interpret)
+  if impl == "jax_mgpu":
+    if block_ids is not None or causal or interpret or backend != "gpu":
+      raise NotImplementedError("jax_mgpu: unmasked attention on a Hopper GPU only")
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+    config = attention_mgpu.TuningConfig(**JAX_MGPU_CONFIG)
+    return lambda q, k, v: attention_mgpu.attention(q, k, v, config)
   raise ValueError(impl)
 
 
@@ -115,13 +128,16 @@ def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, 
   ids = None if block_ids is None else jnp.asarray(block_ids)
   for impl in impls:
     entry = {}
+    args = (q, k, v, do)
+    if impl == "jax_mgpu":
+      args = tuple(x.astype(jnp.float16) for x in args)
+      entry["dtype"] = "float16"
     try:
       fn = _attention_fn(impl, causal=causal, block_ids=ids, interpret=interpret,
                          block_sizes=block_sizes)
-      _, fwd_s, _ = timing.time_jitted(fn, (q, k, v), warmup, iters, back_to_back)
-      _, step_s, _ = timing.time_jitted(_fwd_bwd(fn), (q, k, v, do), warmup, iters,
-                                        back_to_back)
-      entry = {"fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * step_s,
+      _, fwd_s, _ = timing.time_jitted(fn, args[:3], warmup, iters, back_to_back)
+      _, step_s, _ = timing.time_jitted(_fwd_bwd(fn), args, warmup, iters, back_to_back)
+      entry = {**entry, "fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * step_s,
                "fwd_tflops": fwd_flops / fwd_s / 1e12,
                "fwd_bwd_tflops": 3.5 * fwd_flops / step_s / 1e12}
       if peak_flops:
@@ -184,7 +200,8 @@ def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak, params=None
   itemsize = jnp.dtype(dtype).itemsize
   moved = 2 * tokens * dim * itemsize + tokens * -(-dim // 32) * 4  # z in, quantized + codes out.
   kernel = lambda z: bsq_pallas.bsq(z, interpret=interpret, **(params or {}))
-  result = {"tokens": tokens, "dim": dim, "dtype": jnp.dtype(dtype).name, "bytes": moved}
+  result = {"tokens": tokens, "dim": dim, "dtype": jnp.dtype(dtype).name, "bytes": moved,
+            "launch": params or "defaults"}
   for name, fn in (("pallas", kernel), ("jnp", reference.bsq)):
     _, seconds, _ = timing.time_jitted(fn, (z,), warmup, iters, back_to_back)
     result[name] = {"ms": 1e3 * seconds, "gb_per_s": moved / seconds / 1e9,
@@ -378,9 +395,8 @@ def main(argv=None):
     ids = masks.var_block_ids(VAR_SCALES[length])
     row = bench_attention(batch=batch_for(length), q_len=length, head_dim=args.var_head_dim,
                           causal=False, block_ids=ids,
-                          block_sizes=attention_tiles.get(f"block_causal_{length}",
-                                                         attention_tiles.get(args.var_head_dim)),
-                          impls=tuple(i for i in impls if i != "jax_pallas"), **common)
+                          block_sizes=attention_tiles.get(f"block_causal_{length}"),
+                          impls=tuple(i for i in impls if not i.startswith("jax_")), **common)
     report["attention"].append(row)
     print(json.dumps(row), flush=True)
     _save(report, args.out)

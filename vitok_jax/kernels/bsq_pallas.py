@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,22 +23,48 @@ from jax.experimental.pallas import triton as pltriton
 
 from vitok_jax.kernels import reference
 
-# Launch (block_tokens, steps, num_warps) from tools/tune_kernels.py on an H100 (1M × 32 bf16):
-# 32 tokens × 16 tiles per program, 2 warps: 0.127 ms, against 0.13–0.15 ms for the other tiles and
-# 0.45 ms for the jnp version. Elsewhere (TPU, the CPU interpreter) one tile of 64 per program.
+# Launch (block_tokens, steps, num_warps) from tools/tune_kernels.py on an H100 (1M × 32 bf16,
+# docs/kernels/tuned_bsq_h100.json): 32 tokens × 16 tiles per program, 2 warps, 0.093 ms; one tile
+# of 64 or 128 tokens per program, 4 warps, 0.105 ms (0.085 ms in another run: tiles are within
+# the noise); the precise math 0.128 ms; the jnp version 0.46 ms. Elsewhere (TPU, the CPU
+# interpreter) one tile of 64 per program.
 DEFAULT_LAUNCH = {"gpu": (32, 16, 2), "other": (64, 1, 4)}
+_LOG2_E, _LN_2 = 1.4426950408889634, 0.6931471805599453
+
+
+class _Math(NamedTuple):
+  """The kernel's transcendentals, f32 → f32."""
+  exp2: Callable
+  log2: Callable
+  reciprocal: Callable
+
+
+def _ptx_approx(instruction: str) -> Callable:
+  """x ↦ PTX `instruction`.approx.ftz.f32 of x (Triton only): one special-function-unit op where
+  libdevice's precise versions take tens of instructions; relative error about 2⁻²²."""
+  def apply(x):
+    [y] = pltriton.elementwise_inline_asm(
+        f"{instruction}.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+    return y
+  return apply
+
+
+PRECISE_MATH = _Math(exp2=jnp.exp2, log2=jnp.log2, reciprocal=lambda x: 1.0 / x)
+PTX_APPROX_MATH = _Math(exp2=_ptx_approx("ex2"), log2=_ptx_approx("lg2"),
+                        reciprocal=_ptx_approx("rcp"))
 
 
 def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, bit_sum_ref, *,
                 dim: int, num_tokens: int, padded: bool, logit_scale: float,
-                integer_pack: bool, block: int):
+                integer_pack: bool, block: int, math_: _Math):
   """z [steps·bn, dp] → quantized [steps·bn, dp], codes [steps·bn, words], sums [1, dp].
 
   The program walks its `steps` tiles of `block` tokens (a loop the compiler can pipeline: the
   next tile's load overlaps this one's math) and adds each tile's statistics elementwise into
   [bn, dp] accumulators, reduced over tokens once at the end. Per-column and per-token quantities
-  are built as [1, dp] / [bn, 1] rows and broadcast, so the per-element work is the quantisation,
-  one exp and one log. Padding (tokens past `num_tokens`, columns past `dim`) is masked out of the
+  are built as [1, dp] / [bn, 1] rows and broadcast, so the per-element work is the quantisation
+  and three transcendentals (`math_`). Padding (tokens past `num_tokens`, columns past `dim`) is masked out of the
   sums only where the shapes have any.
   """
   rows, padded_dim = z_ref.shape
@@ -78,13 +104,14 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, 
         quantized_ref.dtype)
     for word in range(codes_ref.shape[1]):
       codes_ref[tokens, pl.ds(word, 1)] = pack(bit_ND, word)
-    # σ(x) and its binary entropy softplus(x) − x·σ(x) from one exp(−|x|).
-    x_ND = logit_scale * u_ND
-    e_ND = jnp.exp(-jnp.abs(x_ND))
-    inv_1pe_ND = 1.0 / (1.0 + e_ND)
-    p_ND = jnp.where(x_ND >= 0, inv_1pe_ND, e_ND * inv_1pe_ND)
-    softplus_ND = jnp.maximum(x_ND, 0.0) + jnp.log(1.0 + e_ND)
-    stats = (p_ND, softplus_ND - x_ND * p_ND, bit_ND.astype(jnp.float32))
+    # σ(x) and its binary entropy softplus(x) − x·σ(x) = |x|·e/(1 + e) + ln(1 + e), e = exp(−|x|):
+    # three transcendentals per element (base 2, `math`), the rest multiply-adds.
+    a_ND = logit_scale * jnp.abs(u_ND)
+    e_ND = math_.exp2(a_ND * -_LOG2_E)
+    inv_1pe_ND = math_.reciprocal(1.0 + e_ND)
+    ep_ND = e_ND * inv_1pe_ND
+    p_ND = jnp.where(bit_ND, inv_1pe_ND, ep_ND)
+    stats = (p_ND, a_ND * ep_ND + _LN_2 * math_.log2(1.0 + e_ND), bit_ND.astype(jnp.float32))
     if padded:
       token_N1 = (first_token + step * block
                   + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0))
@@ -104,9 +131,10 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("inv_temperature", "block_tokens", "steps",
-                                             "num_warps", "interpret", "triton", "integer_pack"))
+                                             "num_warps", "interpret", "triton", "integer_pack",
+                                             "fast_math"))
 def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, steps: int, num_warps: int,
-                 interpret: bool, triton: bool, integer_pack: bool):
+                 interpret: bool, triton: bool, integer_pack: bool, fast_math: bool):
   """z [N, d] → quantized [N, d], codes [N, words] uint32, sums of p, H(p), bits: [d] each."""
   num_tokens, dim = z_ND.shape
   words = -(-dim // 32)
@@ -125,7 +153,8 @@ def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, steps: int,
       functools.partial(_bsq_kernel, dim=dim, num_tokens=num_tokens,
                         padded=(padded_n, padded_dim) != (num_tokens, dim),
                         logit_scale=reference.bsq_logit_scale(dim, inv_temperature),
-                        integer_pack=integer_pack, block=block),
+                        integer_pack=integer_pack, block=block,
+                        math_=PTX_APPROX_MATH if fast_math else PRECISE_MATH),
       grid=(programs,),
       in_specs=[pl.BlockSpec((rows, padded_dim), lambda t: (t, 0))],
       out_specs=[pl.BlockSpec((rows, padded_dim), lambda t: (t, 0)),
@@ -183,7 +212,8 @@ _bsq.defvjp(_bsq_fwd, _bsq_bwd)
 
 def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = None,
              steps: Optional[int] = None, num_warps: Optional[int] = None,
-             interpret: Optional[bool] = None, integer_pack: Optional[bool] = None):
+             interpret: Optional[bool] = None, integer_pack: Optional[bool] = None,
+             fast_math: Optional[bool] = None):
   """The kernel's outputs for z [..., d]: quantized [..., d], codes [..., words] uint32 and the
   sums over tokens of P(bit = 1), H(P(bit)) and the hard bits, [d] each (differentiable in z).
 
@@ -195,9 +225,13 @@ def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int
   defaults = DEFAULT_LAUNCH["gpu" if backend == "gpu" and not interpret else "other"]
   block_tokens, steps, num_warps = (default if value is None else value for value, default in
                                     zip((block_tokens, steps, num_warps), defaults))
+  triton = backend == "gpu" and not interpret
+  if fast_math and not triton:
+    raise ValueError("fast_math=True is PTX (Triton on GPU); leave it None elsewhere")
   launch = dict(block_tokens=int(block_tokens), steps=int(steps), num_warps=int(num_warps),
-                interpret=bool(interpret), triton=backend == "gpu" and not interpret,
-                integer_pack=backend != "tpu" if integer_pack is None else bool(integer_pack))
+                interpret=bool(interpret), triton=triton,
+                integer_pack=backend != "tpu" if integer_pack is None else bool(integer_pack),
+                fast_math=triton if fast_math is None else bool(fast_math))
   quantized, codes, prob_sum, entropy_sum, bit_sum = _bsq(
       z_ND.reshape(-1, dim), float(inv_temperature), tuple(sorted(launch.items())))
   return (quantized.reshape(z_ND.shape), codes.reshape(*lead, codes.shape[-1]), prob_sum,
@@ -217,8 +251,8 @@ def output_from_sums(quantized, codes, prob_sum_D, entropy_sum_D, bit_sum_D,
 
 def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = None,
         steps: Optional[int] = None, num_warps: Optional[int] = None,
-        interpret: Optional[bool] = None,
-        integer_pack: Optional[bool] = None) -> reference.BSQOutput:
+        interpret: Optional[bool] = None, integer_pack: Optional[bool] = None,
+        fast_math: Optional[bool] = None) -> reference.BSQOutput:
   """Pallas BSQ of z [..., d]: the `reference.BSQOutput` of `reference.bsq`, in one fused pass.
 
   Args:
@@ -231,8 +265,10 @@ def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = N
     interpret: run in the Pallas interpreter; default: on CPU.
     integer_pack: pack the codes with one int32 sum per word (default: except on TPU, which
       packs with float sums per 16-bit half).
+    fast_math: the statistics' exp2, log2 and reciprocal as PTX approximations (`_ptx_approx`;
+      default: on GPU, the only place they exist) instead of the precise library calls.
   """
   sums = bsq_sums(z_ND, inv_temperature=inv_temperature, block_tokens=block_tokens,
                   steps=steps, num_warps=num_warps, interpret=interpret,
-                  integer_pack=integer_pack)
+                  integer_pack=integer_pack, fast_math=fast_math)
   return output_from_sums(*sums, num_tokens=math.prod(z_ND.shape[:-1]))

@@ -5,15 +5,14 @@ outside interpret mode) and only where the benchmark shows it ahead; elsewhere "
 vendor/XLA path. The kernels are always available explicitly (impl="pallas").
 
 Measured on an H100 (jax 0.11.2, bf16, docs/kernels/bench_kernels_h100.json, default tiles):
-  - the kernel tests pass compiled (`tests/test_kernels.py -m "slow or not slow"`, 45 on the
-    H100; the later BSQ tile loop and VQ TF32×3 dot were checked there by tools/tune_kernels.py:
-    identical codes / indices to the reference on 1M / 65k tokens, not yet by the test suite);
-  - flash attention fwd+bwd at L ≥ 4096: 2.8–3.0× XLA (head dim 128) but 0.68–0.72× cuDNN
-    (dense and causal masks stay on cuDNN where it applies: half precision, head_dim % 8 == 0;
-    causal rows have not been benchmarked yet: `bench_kernels.py --causal`);
-  - block-causal (VAR, 680 / 2240 tokens, head dim 64): 3.5× / 6.1× XLA and 1.14× / 1.44×
-    cuDNN given the same mask densely; no [L, S] mask is built;
-  - BSQ 3.6× and VQ (16384 codes) 3.6× the XLA-fused jnp versions, VQ without the 4.3 GB
+  - the kernel tests pass compiled (`tests/test_kernels.py -m "slow or not slow"`: 49 passed on
+    the H100, BSQ's PTX approximate math, its tile loop and VQ's TF32×3 dot included);
+  - flash attention fwd+bwd at L ≥ 4096: 2.7–3.0× XLA (head dim 128) but 0.67–0.74× cuDNN, and
+    0.73–0.75× with the causal mask (docs/kernels/bench_causal_h100.json): dense and causal masks
+    stay on cuDNN where it applies (half precision, head_dim % 8 == 0);
+  - block-causal (VAR, 680 / 2240 tokens, head dim 64): 4.2× / 7.4× XLA and 1.32× / 1.73× cuDNN
+    given the same mask densely; no [L, S] mask is built;
+  - BSQ 4.0× and VQ (16384 codes) 3.6× the XLA-fused jnp versions, VQ without the 4.3 GB
     tokens × codes buffer.
 TPU: written and checked in interpret mode only.
 """
