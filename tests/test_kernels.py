@@ -24,6 +24,7 @@ from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import attention
 from vitok_jax.kernels import bsq_pallas
 from vitok_jax.kernels import flash_attention as flash
+from vitok_jax.kernels import flash_attention_hopper as hopper
 from vitok_jax.kernels import masks
 from vitok_jax.kernels import policy
 from vitok_jax.kernels import quantize
@@ -34,7 +35,8 @@ TINY = flash.BlockSizes(block_q=16, block_k=16, block_q_bwd=16, block_k_bwd=16)
 # Relative to the largest reference entry: float32 is exact up to summation order; bfloat16 tiles
 # round probabilities and scores to 8 bits before the matmuls.
 # On a GPU, float32 kernel matmuls may run as TF32 (10-bit mantissa).
-TOLERANCE = {jnp.float32: 2e-5 if jax.default_backend() == "cpu" else 5e-3, jnp.bfloat16: 3e-2}
+TOLERANCE = {jnp.float32: 2e-5 if jax.default_backend() == "cpu" else 5e-3, jnp.bfloat16: 3e-2,
+             jnp.float16: 1e-2}
 # Interpreted on CPU, each kernel flavour runs; on an accelerator only its own (compiled).
 ON = {backend: pytest.mark.skipif(jax.default_backend() not in ("cpu", backend),
                                   reason=f"the {backend} kernel does not lower here")
@@ -199,6 +201,54 @@ def test_flash_attention_default_tiles_follow_the_mask(monkeypatch):
   flash.flash_attention(q, k, v, causal=True, backend="gpu")
   assert seen == [flash.BLOCK_CAUSAL_BLOCK_SIZES["gpu"], flash.DEFAULT_BLOCK_SIZES["gpu"]]
   assert seen[0] != seen[1]
+
+
+def test_hopper_kernel_lowers_for_cuda(monkeypatch):
+  """The Mosaic GPU forward has no interpreter: here it is lowered for CUDA, inside
+  flash_attention's forward+backward (grouped heads, bf16) next to the Triton backward."""
+  monkeypatch.setattr(hopper, "is_hopper", lambda device=None: True)
+
+  def fwd_bwd(q, k, v):
+    out, vjp = jax.vjp(lambda q, k, v: flash.flash_attention(
+        q, k, v, backend="gpu", interpret=False, hopper=True), q, k, v)
+    return out, vjp(out)
+
+  q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+  checks = [jax.export.DisabledSafetyCheck.custom_call(name)
+            for name in ("mosaic_gpu_v2", "__gpu$xla.gpu.triton")]
+  text = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=checks)(
+      q, kv, kv).mlir_module()
+  assert "mosaic_gpu" in text and "triton" in text
+
+
+def test_hopper_kernel_says_what_does_not_fit():
+  shape = (1, 256, 4, 64)
+  assert hopper.unsupported_reason(shape, shape, jnp.bfloat16, masked=False) is None
+  assert "mask" in hopper.unsupported_reason(shape, shape, jnp.bfloat16, masked=True)
+  assert "float32" in hopper.unsupported_reason(shape, shape, jnp.float32, masked=False)
+  assert "head dims" in hopper.unsupported_reason((1, 256, 4, 32), (1, 256, 4, 32),
+                                                  jnp.bfloat16, masked=False)
+  assert "q_len" in hopper.unsupported_reason((1, 192, 4, 64), shape, jnp.bfloat16,
+                                              masked=False)
+  if not hopper.is_hopper():
+    q = jnp.zeros(shape, jnp.bfloat16)
+    with pytest.raises(ConfigError, match="sm_90"):
+      flash.flash_attention(q, q, q, hopper=True)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not hopper.is_hopper(),
+                    reason="the Mosaic GPU kernel runs on an sm_90 GPU only")
+@pytest.mark.parametrize("head_dim,dtype,kv_heads", [(128, jnp.bfloat16, 2),
+                                                     (64, jnp.float16, 4)])
+def test_hopper_forward_matches_reference(head_dim, dtype, kv_heads, monkeypatch):
+  """Unmasked attention on an H100/H200 takes the Hopper forward by default (checked by a spy)
+  and, with the Triton backward, matches the reference: output, logsumexp and gradients."""
+  calls, forward = [], hopper.forward
+  monkeypatch.setattr(hopper, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+  _check_attention("gpu", batch=2, q_len=384, heads=4, kv_heads=kv_heads, head_dim=head_dim,
+                   dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"])
+  assert calls
 
 
 def test_var_block_ids_lengths():

@@ -83,6 +83,7 @@ class KernelConfig:
   group: int  # Query heads per key/value head.
   blocks: BlockSizes
   interpret: bool
+  hopper_forward: bool = False  # GPU: the forward on the Mosaic GPU kernel (flash_attention_hopper).
 
 
 def _kernel_module(backend: str):
@@ -165,6 +166,25 @@ def _flash_bwd(backend, cfg, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def _use_hopper(hopper: Optional[bool], backend: str, interpret: bool, masked: bool, q_BLHD,
+                k_BSHD, v_BSHD) -> bool:
+  """Whether the forward of these (padded) arrays runs on the Hopper kernel (see
+  `flash_attention`'s `hopper`)."""
+  if hopper is False:
+    return False
+  reason = "the Hopper kernel runs compiled on an sm_90 GPU only"
+  if backend == "gpu" and not interpret:
+    from vitok_jax.kernels import flash_attention_hopper  # Imports Mosaic GPU.
+    if flash_attention_hopper.is_hopper():
+      reason = flash_attention_hopper.unsupported_reason(q_BLHD.shape, k_BSHD.shape,
+                                                         q_BLHD.dtype, masked=masked)
+      if not q_BLHD.dtype == k_BSHD.dtype == v_BSHD.dtype:
+        reason = "q, k and v must share a dtype"
+  if hopper and reason:
+    raise ConfigError(f"hopper=True: {reason}; leave hopper unset to fall back to Triton")
+  return reason is None
+
+
 def default_backend() -> str:
   """Kernel flavour for this machine: the TPU kernel on TPU, else the Triton one (interpreted on
   CPU, where it is the faster of the two to interpret)."""
@@ -175,7 +195,7 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
                     block_ids=None, scale: Optional[float] = None,
                     block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None,
                     interpret: Optional[bool] = None, return_lse: bool = False,
-                    skip_blocks: bool = True):
+                    skip_blocks: bool = True, hopper: Optional[bool] = None):
   """softmax(scale·q·kᵀ + mask)·v in tiles, differentiable in q, k and v.
 
   Args:
@@ -193,6 +213,10 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
     skip_blocks: skip the tiles the mask hides and build no mask on the tiles it wholly shows
       (`masks.block_ranges`); False visits every tile masked, the dense-mask baseline of
       tools/bench_kernels.py (same result, slower).
+    hopper: GPU: run the forward on the warp-specialised Mosaic GPU kernel
+      (`flash_attention_hopper`; the backward stays on Triton). Default: where it applies (an
+      sm_90 GPU, compiled, no mask, bf16/f16, head dim 64/128, lengths multiples of 128); True
+      raises if it does not; False keeps the Triton forward.
   Returns:
     out_BLHD in q's dtype (0 for a query that sees no key), and lse_BHL if return_lse.
   """
@@ -216,13 +240,15 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   blocks = fit_block_sizes(block_sizes, q_len, kv_len, module.MIN_BLOCK)
   padded_q, padded_kv = padded_lengths(blocks, q_len, kv_len)
   padded_dim = module.padded_head_dim(head_dim)
-  cfg = KernelConfig(scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
-                     causal=causal, kv_len=None if padded_kv == kv_len else kv_len,
-                     group=heads // kv_heads, blocks=blocks, interpret=interpret)
-
   # Zero head-dim padding changes no score and adds output columns that are sliced off.
   pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, padded_dim)
   q_BLHD, k_BSHD, v_BSHD = pad(q_BLHD, padded_q), pad(k_BSHD, padded_kv), pad(v_BSHD, padded_kv)
+  masked = causal or padded_kv != kv_len or segment_ids is not None or block_ids is not None
+  cfg = KernelConfig(scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+                     causal=causal, kv_len=None if padded_kv == kv_len else kv_len,
+                     group=heads // kv_heads, blocks=blocks, interpret=interpret,
+                     hopper_forward=_use_hopper(hopper, backend, interpret, masked,
+                                                q_BLHD, k_BSHD, v_BSHD))
   ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   # Padded tokens repeat the last id, so the per-block id ranges (and the skipping) are unchanged.
   ids = masks.MaskIds(*(_pad_axis(x, 1, padded_q if i % 2 == 0 else padded_kv, mode="edge")

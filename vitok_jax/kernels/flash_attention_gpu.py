@@ -124,6 +124,9 @@ def _compiler_params(num_warps, block_a: int, block_b: int, head_dim: int, num_s
 
 def forward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, cfg: KernelConfig):
   """o [B, L, H, D] in q's dtype and lse [B, H, L] float32 (natural log)."""
+  if cfg.hopper_forward:
+    from vitok_jax.kernels import flash_attention_hopper  # Imports Mosaic GPU.
+    return flash_attention_hopper.forward(q_BLHD, k_BSHD, v_BSHD, scale=cfg.scale)
   batch, q_len, heads, head_dim = q_BLHD.shape
   kv_len = k_BSHD.shape[1]
   block_q, group = cfg.blocks.block_q, cfg.group

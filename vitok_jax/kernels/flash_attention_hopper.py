@@ -1,0 +1,187 @@
+"""Flash attention forward for Hopper GPUs (Pallas → Mosaic GPU): warp-specialised, on wgmma.
+
+One program (a CTA of three warpgroups) per (head, 2·BLOCK_Q queries, batch). Warpgroups 0 and 1
+each own BLOCK_Q query rows (wgmma's M is 64): their Q tile sits in shared memory, the running
+max, normaliser and float32 output accumulator in registers (online softmax). Warpgroup 2 only
+moves data: it streams K and V tiles of BLOCK_K keys with TMA into a ring of `STAGES` shared-
+memory slots and refills a slot once both compute warpgroups have released it. S = Q·Kᵀ and
+O += P·V run on the tensor cores; a two-party barrier makes the compute warpgroups take turns, one
+in its softmax while the other's matmuls run (FlashAttention-3's ping-pong). Learned from jax's
+`pallas.ops.gpu.attention_mgpu`; this one takes bfloat16 as well as float16 (P is cast to the
+inputs' dtype), applies the logit scale, and saves the logsumexp in the layout and units (natural
+log) that the Triton backward (`flash_attention_gpu.backward`) reads, so the two combine.
+
+Unmasked attention only, lengths that are multiples of the tiles, head dims 64 and 128:
+`unsupported_reason` says why a call does not fit. Mosaic GPU has no interpreter: off the GPU the
+kernel can be lowered (the tests export it for CUDA) but not run.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BLOCK_Q = 64  # Query rows per compute warpgroup; a program covers 2·BLOCK_Q.
+BLOCK_K = 128  # Keys per pipeline step.
+STAGES = 2  # K/V tiles in flight.
+HEAD_DIMS = (64, 128)
+DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+LOG2_E = math.log2(math.e)
+_COMPUTE_WARPGROUPS = 2
+
+
+def is_hopper(device=None) -> bool:
+  """An sm_90 GPU (H100 / H200), where wgmma and TMA exist."""
+  device = device or jax.devices()[0]
+  return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
+
+
+def unsupported_reason(q_shape, k_shape, dtype, *, masked: bool) -> Optional[str]:
+  """None if `forward` takes q [B, L, H, D] / k, v [B, S, Hkv, D] of `dtype`, else why not."""
+  _, q_len, heads, head_dim = q_shape
+  kv_len, kv_heads = k_shape[1], k_shape[2]
+  if masked:
+    return "the Hopper kernel has no masks (causal, segment, block ids or key padding)"
+  if jnp.dtype(dtype) not in DTYPES:
+    return f"the Hopper kernel takes bfloat16 / float16, not {jnp.dtype(dtype).name}"
+  if head_dim not in HEAD_DIMS:
+    return f"the Hopper kernel takes head dims {HEAD_DIMS}, not {head_dim}"
+  if q_len % (_COMPUTE_WARPGROUPS * BLOCK_Q) or kv_len % BLOCK_K:
+    return (f"the Hopper kernel needs q_len % {_COMPUTE_WARPGROUPS * BLOCK_Q} == 0 and "
+            f"kv_len % {BLOCK_K} == 0, got {q_len} and {kv_len}")
+  if heads % kv_heads:
+    return f"kv_heads={kv_heads} must divide heads={heads}"
+  return None
+
+
+def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
+  """o [B, L, H, D] in q's dtype and lse [B, H, L] float32 (natural log) of unmasked
+  softmax(scale·q·kᵀ)·v; shapes and dtypes as `unsupported_reason` allows."""
+  batch, q_len, heads, head_dim = q_BLHD.shape
+  kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
+  reason = unsupported_reason(q_BLHD.shape, k_BSHD.shape, q_BLHD.dtype, masked=False)
+  if reason or not q_BLHD.dtype == k_BSHD.dtype == v_BSHD.dtype:
+    raise ValueError(reason or "q, k and v must share a dtype")
+  dtype, group = q_BLHD.dtype, heads // kv_heads
+  kv_steps = kv_len // BLOCK_K
+  stages = min(STAGES, kv_steps)
+  logit_scale = scale * LOG2_E  # Scores in log2 units: the softmax runs on exp2.
+
+  def kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch):
+    (qo_smem, k_smem, v_smem, lse_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = (
+        scratch)
+    b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+
+    def take_turn():
+      """Both compute warpgroups meet here: each call hands the tensor cores to the other."""
+      plgpu.barrier_arrive(turn)
+      plgpu.barrier_wait(turn)
+
+    @pl.when(wg < _COMPUTE_WARPGROUPS)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      q_smem, row_lse_smem = qo_smem.at[wg], lse_smem.at[wg]
+      q_start = lax.axis_index("q_blocks") * (_COMPUTE_WARPGROUPS * BLOCK_Q) + wg * BLOCK_Q
+      rows = (b, pl.ds(q_start, BLOCK_Q), h)
+      plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_ready.at[wg])
+      plgpu.barrier_wait(q_ready.at[wg])
+      row_layout = plgpu.Layout.WGMMA.reduce(1)
+      m_Q = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), row_layout)
+      l_Q = plgpu.layout_cast(jnp.full((BLOCK_Q,), 0.0, jnp.float32), row_layout)
+      acc_QD = plgpu.layout_cast(jnp.full((BLOCK_Q, head_dim), 0.0, jnp.float32),
+                                 plgpu.Layout.WGMMA)
+      plgpu.barrier_wait(k_ready.at[0])
+      pl.when(wg == 1)(take_turn)  # Warpgroup 0 goes first.
+
+      def step(i, carry):
+        acc_QD, m_Q, l_Q = carry
+        slot = lax.rem(i, stages)
+
+        def scores(s_ref):
+          plgpu.wgmma(s_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          take_turn()
+          return s_ref[...]
+        s_QK = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, BLOCK_K), jnp.float32))
+        plgpu.barrier_arrive(k_free.at[slot])
+        m_new_Q = jnp.maximum(m_Q, s_QK.max(axis=1) * logit_scale)
+        alpha_Q = jnp.exp2(m_Q - m_new_Q)
+        p_QK = jnp.exp2(s_QK * logit_scale - lax.broadcast_in_dim(m_new_Q, s_QK.shape, [0]))
+        acc_QD = acc_QD * lax.broadcast_in_dim(alpha_Q, acc_QD.shape, [0])
+        l_Q = l_Q * alpha_Q + p_QK.sum(axis=1)
+        p_lo_QK = p_QK.astype(dtype)
+        # Keeps the softmax ahead of the hand-over below (the order matters to the schedule).
+        acc_QD, l_Q, m_new_Q, p_lo_QK = lax.optimization_barrier((acc_QD, l_Q, m_new_Q, p_lo_QK))
+        plgpu.barrier_arrive(turn)  # Softmax done: the other warpgroup may start its matmuls.
+        plgpu.barrier_wait(v_ready.at[slot])
+        plgpu.barrier_wait(turn)  # The tensor cores are ours again.
+
+        def values(acc_ref):
+          plgpu.wgmma(acc_ref, p_lo_QK, v_smem.at[slot])
+
+          @pl.when(i + 1 < kv_steps)
+          def _():
+            plgpu.barrier_wait(k_ready.at[lax.rem(i + 1, stages)])
+        acc_QD = pl.run_state(values)(plgpu.ACC.init(acc_QD))
+        plgpu.barrier_arrive(v_free.at[slot])
+        return acc_QD, m_new_Q, l_Q
+
+      acc_QD, m_Q, l_Q = lax.fori_loop(0, kv_steps, step, (acc_QD, m_Q, l_Q))
+      pl.when(wg == 0)(take_turn)  # Balances warpgroup 1's first turn.
+      acc_QD = acc_QD / lax.broadcast_in_dim(l_Q, acc_QD.shape, [0])
+      q_smem[...] = acc_QD.astype(dtype)  # The Q tile is no longer needed: the output goes there.
+      row_lse_smem[...] = m_Q / LOG2_E + jnp.log(l_Q)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, o_ref.at[rows])
+      plgpu.copy_smem_to_gmem(row_lse_smem, lse_ref.at[b, h, pl.ds(q_start, BLOCK_Q)])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WARPGROUPS)
+    def _stream():
+      plgpu.set_max_registers(40, action="decrease")
+      kv_h = lax.div(h, jnp.array(group, h.dtype))
+
+      def fetch(i, slot):
+        keys = (b, pl.ds(i * BLOCK_K, BLOCK_K), kv_h)
+        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
+        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+
+      for i in range(stages):
+        fetch(i, i)
+
+      @pl.loop(0, kv_steps - stages)
+      def _(i):
+        slot = lax.rem(i, stages)
+        plgpu.barrier_wait(k_free.at[slot])
+        plgpu.barrier_wait(v_free.at[slot])
+        fetch(i + stages, slot)
+
+  def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
+    # 128-byte swizzled (8, 64) tiles: the shared-memory layout wgmma reads without bank
+    # conflicts for 2-byte elements.
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    tiles = lambda *shape: plgpu.SMEM(shape, dtype, transforms=transforms)
+    smem = (tiles(_COMPUTE_WARPGROUPS, BLOCK_Q, head_dim), tiles(stages, BLOCK_K, head_dim),
+            tiles(stages, BLOCK_K, head_dim),
+            plgpu.SMEM((_COMPUTE_WARPGROUPS, BLOCK_Q), jnp.float32))
+    ready = (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=_COMPUTE_WARPGROUPS))
+    free = (plgpu.Barrier(num_arrivals=_COMPUTE_WARPGROUPS, num_barriers=stages),) * 2
+    pl.run_scoped(lambda *scratch: kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, scratch),
+                  smem, ready, free, plgpu.Barrier(num_arrivals=_COMPUTE_WARPGROUPS),
+                  collective_axes="wg")
+
+  return plgpu.kernel(
+      entry,
+      out_type=(jax.ShapeDtypeStruct(q_BLHD.shape, dtype),
+                jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
+      grid=(heads, q_len // (_COMPUTE_WARPGROUPS * BLOCK_Q), batch),
+      grid_names=("heads", "q_blocks", "batch"),
+      num_threads=_COMPUTE_WARPGROUPS + 1,
+      thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+  )(q_BLHD, k_BSHD, v_BSHD)
