@@ -9,9 +9,10 @@ The kernels themselves (`flash_attention_gpu`, `flash_attention_tpu`) implement
   backward(q, k, v, ids, kv_range, q_range, do, lse, delta, cfg) -> (dq, dk, dv)
 
 on padded arrays (ranges: `masks.BlockRange`), with dk/dv per *query* head (this file sums them
-over each group). No [L, S]
-array exists at any point: scores live in one tile at a time, the backward recomputes them from
-the saved logsumexp (natural log).
+over each group). On Hopper GPUs the GPU module hands the unmasked forward to the Mosaic GPU
+kernel (`flash_attention_hopper`, chosen here: `hopper`), whose logsumexp the Triton backward
+reads as its own. No [L, S] array exists at any point: scores live in one tile at a time, the
+backward recomputes them from the saved logsumexp (natural log).
 """
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ log) that the Triton backward (`flash_attention_gpu.backward`) reads, so the two
 
 Unmasked attention only, lengths that are multiples of the tiles, head dims 64 and 128:
 `unsupported_reason` says why a call does not fit. Mosaic GPU has no interpreter: off the GPU the
-kernel can be lowered (the tests export it for CUDA) but not run.
+kernel can be lowered (the tests export it for CUDA) but not run. On an H100 (jax 0.11.2) it runs
+at 568–607 TFLOP/s at head dim 128, 1.26–1.35× the Triton forward and 0.94–1.01× cuDNN's
+(docs/kernels/bench_hopper_h100.json).
 """
 from __future__ import annotations
 
