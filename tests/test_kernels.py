@@ -223,16 +223,16 @@ def test_hopper_kernel_lowers_for_cuda(monkeypatch):
 
 
 def test_hopper_kernel_says_what_does_not_fit():
-  shape = (1, 256, 4, 64)
-  assert hopper.unsupported_reason(shape, shape, jnp.bfloat16, masked=False) is None
-  assert "mask" in hopper.unsupported_reason(shape, shape, jnp.bfloat16, masked=True)
-  assert "float32" in hopper.unsupported_reason(shape, shape, jnp.float32, masked=False)
-  assert "head dims" in hopper.unsupported_reason((1, 256, 4, 32), (1, 256, 4, 32),
-                                                  jnp.bfloat16, masked=False)
-  assert "q_len" in hopper.unsupported_reason((1, 192, 4, 64), shape, jnp.bfloat16,
-                                              masked=False)
+  spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+  x = spec((1, 256, 4, 64))
+  assert hopper.unsupported_reason(x, x, x) is None
+  assert "mask" in hopper.unsupported_reason(x, x, x, masked=True)
+  assert "one dtype" in hopper.unsupported_reason(x, x, spec(x.shape, jnp.float16))
+  assert "float32" in hopper.unsupported_reason(*[spec(x.shape, jnp.float32)] * 3)
+  assert "head dims" in hopper.unsupported_reason(*[spec((1, 256, 4, 32))] * 3)
+  assert "q_len" in hopper.unsupported_reason(spec((1, 192, 4, 64)), x, x)
   if not hopper.is_hopper():
-    q = jnp.zeros(shape, jnp.bfloat16)
+    q = jnp.zeros(x.shape, x.dtype)
     with pytest.raises(ConfigError, match="sm_90"):
       flash.flash_attention(q, q, q, hopper=True)
 

@@ -64,8 +64,8 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, 
   next tile's load overlaps this one's math) and adds each tile's statistics elementwise into
   [bn, dp] accumulators, reduced over tokens once at the end. Per-column and per-token quantities
   are built as [1, dp] / [bn, 1] rows and broadcast, so the per-element work is the quantisation
-  and three transcendentals (`math_`). Padding (tokens past `num_tokens`, columns past `dim`) is masked out of the
-  sums only where the shapes have any.
+  and three transcendentals (`math_`). Padding (tokens past `num_tokens`, columns past `dim`) is
+  masked out of the sums only where the shapes have any.
   """
   rows, padded_dim = z_ref.shape
   steps = rows // block
@@ -105,7 +105,7 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, 
     for word in range(codes_ref.shape[1]):
       codes_ref[tokens, pl.ds(word, 1)] = pack(bit_ND, word)
     # σ(x) and its binary entropy softplus(x) − x·σ(x) = |x|·e/(1 + e) + ln(1 + e), e = exp(−|x|):
-    # three transcendentals per element (base 2, `math`), the rest multiply-adds.
+    # three transcendentals per element (base 2, `math_`), the rest multiply-adds.
     a_ND = logit_scale * jnp.abs(u_ND)
     e_ND = math_.exp2(a_ND * -_LOG2_E)
     inv_1pe_ND = math_.reciprocal(1.0 + e_ND)

@@ -84,7 +84,7 @@ class KernelConfig:
   group: int  # Query heads per key/value head.
   blocks: BlockSizes
   interpret: bool
-  hopper_forward: bool = False  # GPU: the forward on the Mosaic GPU kernel (flash_attention_hopper).
+  hopper_forward: bool = False  # GPU: the forward on the Mosaic GPU kernel (`hopper`).
 
 
 def _kernel_module(backend: str):
@@ -177,10 +177,7 @@ def _use_hopper(hopper: Optional[bool], backend: str, interpret: bool, masked: b
   if backend == "gpu" and not interpret:
     from vitok_jax.kernels import flash_attention_hopper  # Imports Mosaic GPU.
     if flash_attention_hopper.is_hopper():
-      reason = flash_attention_hopper.unsupported_reason(q_BLHD.shape, k_BSHD.shape,
-                                                         q_BLHD.dtype, masked=masked)
-      if not q_BLHD.dtype == k_BSHD.dtype == v_BSHD.dtype:
-        reason = "q, k and v must share a dtype"
+      reason = flash_attention_hopper.unsupported_reason(q_BLHD, k_BSHD, v_BSHD, masked=masked)
   if hopper and reason:
     raise ConfigError(f"hopper=True: {reason}; leave hopper unset to fall back to Triton")
   return reason is None

@@ -43,17 +43,19 @@ def is_hopper(device=None) -> bool:
   return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
 
 
-def unsupported_reason(q_shape, k_shape, dtype, *, masked: bool) -> Optional[str]:
-  """None if `forward` takes q [B, L, H, D] / k, v [B, S, Hkv, D] of `dtype`, else why not."""
-  _, q_len, heads, head_dim = q_shape
-  kv_len, kv_heads = k_shape[1], k_shape[2]
+def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False) -> Optional[str]:
+  """None if `forward` takes these arrays (or ShapeDtypeStructs), else why not."""
+  _, q_len, heads, head_dim = q_BLHD.shape
+  kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
   if masked:
     return "the Hopper kernel has no masks (causal, segment, block ids or key padding)"
-  if jnp.dtype(dtype) not in DTYPES:
-    return f"the Hopper kernel takes bfloat16 / float16, not {jnp.dtype(dtype).name}"
+  if not q_BLHD.dtype == k_BSHD.dtype == v_BSHD.dtype:
+    return "the Hopper kernel needs q, k and v of one dtype"
+  if jnp.dtype(q_BLHD.dtype) not in DTYPES:
+    return f"the Hopper kernel takes bfloat16 / float16, not {jnp.dtype(q_BLHD.dtype).name}"
   if head_dim not in HEAD_DIMS:
     return f"the Hopper kernel takes head dims {HEAD_DIMS}, not {head_dim}"
-  if q_len % (_COMPUTE_WARPGROUPS * BLOCK_Q) or kv_len % BLOCK_K:
+  if q_len % (_COMPUTE_WARPGROUPS * BLOCK_Q) or kv_len % BLOCK_K or not kv_len:
     return (f"the Hopper kernel needs q_len % {_COMPUTE_WARPGROUPS * BLOCK_Q} == 0 and "
             f"kv_len % {BLOCK_K} == 0, got {q_len} and {kv_len}")
   if heads % kv_heads:
@@ -66,9 +68,9 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
   softmax(scale·q·kᵀ)·v; shapes and dtypes as `unsupported_reason` allows."""
   batch, q_len, heads, head_dim = q_BLHD.shape
   kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
-  reason = unsupported_reason(q_BLHD.shape, k_BSHD.shape, q_BLHD.dtype, masked=False)
-  if reason or not q_BLHD.dtype == k_BSHD.dtype == v_BSHD.dtype:
-    raise ValueError(reason or "q, k and v must share a dtype")
+  reason = unsupported_reason(q_BLHD, k_BSHD, v_BSHD)
+  if reason:
+    raise ValueError(reason)
   dtype, group = q_BLHD.dtype, heads // kv_heads
   kv_steps = kv_len // BLOCK_K
   stages = min(STAGES, kv_steps)
