@@ -231,6 +231,10 @@ def test_hopper_kernel_says_what_does_not_fit():
   assert "float32" in hopper.unsupported_reason(*[spec(x.shape, jnp.float32)] * 3)
   assert "head dims" in hopper.unsupported_reason(*[spec((1, 256, 4, 32))] * 3)
   assert "q_len" in hopper.unsupported_reason(spec((1, 192, 4, 64)), x, x)
+  assert "kv_len" in hopper.unsupported_reason(x, *[spec((1, 200, 4, 64))] * 2)
+  assert "divide" in hopper.unsupported_reason(x, *[spec((1, 256, 3, 64))] * 2)
+  assert "k and v" in hopper.unsupported_reason(x, x, spec((1, 256, 2, 64)))
+  assert "positive" in hopper.unsupported_reason(x, x, x, scale=-0.125)
   if not hopper.is_hopper():
     q = jnp.zeros(x.shape, x.dtype)
     with pytest.raises(ConfigError, match="sm_90"):
@@ -239,15 +243,17 @@ def test_hopper_kernel_says_what_does_not_fit():
 
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not hopper.is_hopper(),
                     reason="the Mosaic GPU kernel runs on an sm_90 GPU only")
-@pytest.mark.parametrize("head_dim,dtype,kv_heads", [(128, jnp.bfloat16, 2),
-                                                     (64, jnp.float16, 4)])
-def test_hopper_forward_matches_reference(head_dim, dtype, kv_heads, monkeypatch):
+@pytest.mark.parametrize("q_len,kv_len,head_dim,dtype,kv_heads", [
+    (384, 384, 128, jnp.bfloat16, 2), (384, 384, 64, jnp.float16, 4),
+    # Padded queries and head dim, one key tile (a ring of one slot), two key tiles.
+    (200, 128, 96, jnp.bfloat16, 4), (128, 256, 64, jnp.bfloat16, 1)])
+def test_hopper_forward_matches_reference(q_len, kv_len, head_dim, dtype, kv_heads, monkeypatch):
   """Unmasked attention on an H100/H200 takes the Hopper forward by default (checked by a spy)
   and, with the Triton backward, matches the reference: output, logsumexp and gradients."""
   calls, forward = [], hopper.forward
   monkeypatch.setattr(hopper, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
-  _check_attention("gpu", batch=2, q_len=384, heads=4, kv_heads=kv_heads, head_dim=head_dim,
-                   dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"])
+  _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
+                   head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"])
   assert calls
 
 

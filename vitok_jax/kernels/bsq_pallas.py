@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import reference
 
 # Launch (block_tokens, steps, num_warps) from tools/tune_kernels.py on an H100 (1M × 32 bf16,
@@ -227,7 +228,7 @@ def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int
                                     zip((block_tokens, steps, num_warps), defaults))
   triton = backend == "gpu" and not interpret
   if fast_math and not triton:
-    raise ValueError("fast_math=True is PTX (Triton on GPU); leave it None elsewhere")
+    raise ConfigError("fast_math=True is PTX (Triton on GPU); leave it None elsewhere")
   launch = dict(block_tokens=int(block_tokens), steps=int(steps), num_warps=int(num_warps),
                 interpret=bool(interpret), triton=triton,
                 integer_pack=backend != "tpu" if integer_pack is None else bool(integer_pack),

@@ -167,8 +167,8 @@ def _flash_bwd(backend, cfg, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _use_hopper(hopper: Optional[bool], backend: str, interpret: bool, masked: bool, q_BLHD,
-                k_BSHD, v_BSHD) -> bool:
+def _use_hopper(hopper: Optional[bool], backend: str, interpret: bool, masked: bool,
+                scale: float, q_BLHD, k_BSHD, v_BSHD) -> bool:
   """Whether the forward of these (padded) arrays runs on the Hopper kernel (see
   `flash_attention`'s `hopper`)."""
   if hopper is False:
@@ -177,7 +177,8 @@ def _use_hopper(hopper: Optional[bool], backend: str, interpret: bool, masked: b
   if backend == "gpu" and not interpret:
     from vitok_jax.kernels import flash_attention_hopper  # Imports Mosaic GPU.
     if flash_attention_hopper.is_hopper():
-      reason = flash_attention_hopper.unsupported_reason(q_BLHD, k_BSHD, v_BSHD, masked=masked)
+      reason = flash_attention_hopper.unsupported_reason(q_BLHD, k_BSHD, v_BSHD, masked=masked,
+                                                         scale=scale)
   if hopper and reason:
     raise ConfigError(f"hopper=True: {reason}; leave hopper unset to fall back to Triton")
   return reason is None
@@ -213,8 +214,9 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
       tools/bench_kernels.py (same result, slower).
     hopper: GPU: run the forward on the warp-specialised Mosaic GPU kernel
       (`flash_attention_hopper`; the backward stays on Triton). Default: where it applies (an
-      sm_90 GPU, compiled, no mask, bf16/f16, head dim 64/128, lengths multiples of 128); True
-      raises if it does not; False keeps the Triton forward.
+      sm_90 GPU, compiled, no mask, bf16/f16, head dim 33–128 (padded to 64 / 128), key length
+      a multiple of 128, a positive scale); True raises if it does not; False keeps the Triton
+      forward.
   Returns:
     out_BLHD in q's dtype (0 for a query that sees no key), and lse_BHL if return_lse.
   """
@@ -242,10 +244,10 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, padded_dim)
   q_BLHD, k_BSHD, v_BSHD = pad(q_BLHD, padded_q), pad(k_BSHD, padded_kv), pad(v_BSHD, padded_kv)
   masked = causal or padded_kv != kv_len or segment_ids is not None or block_ids is not None
-  cfg = KernelConfig(scale=1.0 / math.sqrt(head_dim) if scale is None else float(scale),
-                     causal=causal, kv_len=None if padded_kv == kv_len else kv_len,
+  scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+  cfg = KernelConfig(scale=scale, causal=causal, kv_len=None if padded_kv == kv_len else kv_len,
                      group=heads // kv_heads, blocks=blocks, interpret=interpret,
-                     hopper_forward=_use_hopper(hopper, backend, interpret, masked,
+                     hopper_forward=_use_hopper(hopper, backend, interpret, masked, scale,
                                                 q_BLHD, k_BSHD, v_BSHD))
   ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   # Padded tokens repeat the last id, so the per-block id ranges (and the skipping) are unchanged.

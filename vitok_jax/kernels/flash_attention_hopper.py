@@ -11,7 +11,8 @@ in its softmax while the other's matmuls run (FlashAttention-3's ping-pong). Lea
 inputs' dtype), applies the logit scale, and saves the logsumexp in the layout and units (natural
 log) that the Triton backward (`flash_attention_gpu.backward`) reads, so the two combine.
 
-Unmasked attention only, lengths that are multiples of the tiles, head dims 64 and 128:
+Unmasked attention only, lengths that are multiples of the tiles, head dims 64 and 128 (through
+`flash_attention`, which pads: any query length, head dims 33–128), a positive logit scale:
 `unsupported_reason` says why a call does not fit. Mosaic GPU has no interpreter: off the GPU the
 kernel can be lowered (the tests export it for CUDA) but not run. On an H100 (jax 0.11.2) it runs
 at 568–607 TFLOP/s at head dim 128, 1.26–1.35× the Triton forward and 0.94–1.01× cuDNN's
@@ -43,12 +44,17 @@ def is_hopper(device=None) -> bool:
   return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
 
 
-def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False) -> Optional[str]:
-  """None if `forward` takes these arrays (or ShapeDtypeStructs), else why not."""
-  _, q_len, heads, head_dim = q_BLHD.shape
+def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
+                       scale: float = 1.0) -> Optional[str]:
+  """None if `forward` takes these arrays (or ShapeDtypeStructs) and logit scale, else why not."""
+  batch, q_len, heads, head_dim = q_BLHD.shape
   kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
   if masked:
     return "the Hopper kernel has no masks (causal, segment, block ids or key padding)"
+  if k_BSHD.shape != v_BSHD.shape or k_BSHD.shape[::3] != (batch, head_dim):
+    return f"k and v must be [{batch}, S, kv_heads, {head_dim}], got {k_BSHD.shape}, {v_BSHD.shape}"
+  if scale <= 0:  # The running max is taken before scaling.
+    return f"the Hopper kernel needs a positive logit scale, got {scale}"
   if not q_BLHD.dtype == k_BSHD.dtype == v_BSHD.dtype:
     return "the Hopper kernel needs q, k and v of one dtype"
   if jnp.dtype(q_BLHD.dtype) not in DTYPES:
@@ -68,7 +74,7 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
   softmax(scale·q·kᵀ)·v; shapes and dtypes as `unsupported_reason` allows."""
   batch, q_len, heads, head_dim = q_BLHD.shape
   kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
-  reason = unsupported_reason(q_BLHD, k_BSHD, v_BSHD)
+  reason = unsupported_reason(q_BLHD, k_BSHD, v_BSHD, scale=scale)
   if reason:
     raise ValueError(reason)
   dtype, group = q_BLHD.dtype, heads // kv_heads
