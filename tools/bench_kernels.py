@@ -14,7 +14,8 @@ Attention (batch × heads × L × head_dim, self-attention): forward and forward
                 pallas.ops.tpu.flash_attention),
   jax_mgpu      jax's Hopper Pallas op (pallas.ops.gpu.attention_mgpu, Mosaic GPU: warp-specialised
                 wgmma with TMA copies), unmasked only; it runs in float16 (its P·V product is
-                hard-wired to f16, so bf16 inputs do not compile), same shapes and FLOPs,
+                hard-wired to f16, so bf16 inputs do not compile) and applies no logit scale:
+                same shapes and FLOPs, a timing baseline, not the same function,
 for every L in --lengths and head_dim in --head_dims, causal or not (--causal), plus block-causal at
 VAR's lengths (680 = 256p, 2240 = 512p) against the same mask given densely to XLA/cuDNN. FLOPs
 are the useful ones: 4·B·H·D per visible (query, key) pair forward, 2.5× that backward (the
