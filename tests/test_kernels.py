@@ -203,14 +203,27 @@ def test_flash_attention_default_tiles_follow_the_mask(monkeypatch):
   assert seen[0] != seen[1]
 
 
-def test_hopper_kernel_lowers_for_cuda(monkeypatch):
-  """The Mosaic GPU forward has no interpreter: here it is lowered for CUDA, inside
-  flash_attention's forward+backward (grouped heads, bf16) next to the Triton backward."""
+def _spy_on_hopper_kernels(monkeypatch) -> list:
+  """The names ("forward", "backward") of the Hopper kernels called from now on, in order."""
+  calls = []
+  for name in ("forward", "backward"):
+    kernel = getattr(hopper, name)
+    monkeypatch.setattr(hopper, name, functools.partial(
+        lambda kernel, name, *a, **kw: calls.append(name) or kernel(*a, **kw), kernel, name))
+  return calls
+
+
+@pytest.mark.parametrize("mode", [True, "forward"])
+def test_hopper_kernel_lowers_for_cuda(mode, monkeypatch):
+  """The Mosaic GPU kernels have no interpreter: here flash_attention's forward+backward (grouped
+  heads, bf16) is lowered for CUDA, on the Hopper kernels for both passes or, with "forward",
+  with the Triton backward."""
   monkeypatch.setattr(hopper, "is_hopper", lambda device=None: True)
+  calls = _spy_on_hopper_kernels(monkeypatch)
 
   def fwd_bwd(q, k, v):
     out, vjp = jax.vjp(lambda q, k, v: flash.flash_attention(
-        q, k, v, backend="gpu", interpret=False, hopper=True), q, k, v)
+        q, k, v, backend="gpu", interpret=False, hopper=mode), q, k, v)
     return out, vjp(out)
 
   q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
@@ -219,7 +232,9 @@ def test_hopper_kernel_lowers_for_cuda(monkeypatch):
             for name in ("mosaic_gpu_v2", "__gpu$xla.gpu.triton")]
   text = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=checks)(
       q, kv, kv).mlir_module()
-  assert "mosaic_gpu" in text and "triton" in text
+  assert "mosaic_gpu" in text
+  assert calls == (["forward", "backward"] if mode is True else ["forward"])
+  assert ("triton" in text) == (mode == "forward")
 
 
 def test_hopper_kernel_says_what_does_not_fit():
@@ -235,6 +250,9 @@ def test_hopper_kernel_says_what_does_not_fit():
   assert "divide" in hopper.unsupported_reason(x, *[spec((1, 256, 3, 64))] * 2)
   assert "k and v" in hopper.unsupported_reason(x, x, spec((1, 256, 2, 64)))
   assert "positive" in hopper.unsupported_reason(x, x, x, scale=-0.125)
+  with pytest.raises(ConfigError, match="'forward'"):
+    flash.flash_attention(jnp.zeros(x.shape, x.dtype), *[jnp.zeros(x.shape, x.dtype)] * 2,
+                          hopper="backward")
   if not hopper.is_hopper():
     q = jnp.zeros(x.shape, x.dtype)
     with pytest.raises(ConfigError, match="sm_90"):
@@ -247,14 +265,13 @@ def test_hopper_kernel_says_what_does_not_fit():
     (384, 384, 128, jnp.bfloat16, 2), (384, 384, 64, jnp.float16, 4),
     # Padded queries and head dim, one key tile (a ring of one slot), two key tiles.
     (200, 128, 96, jnp.bfloat16, 4), (128, 256, 64, jnp.bfloat16, 1)])
-def test_hopper_forward_matches_reference(q_len, kv_len, head_dim, dtype, kv_heads, monkeypatch):
-  """Unmasked attention on an H100/H200 takes the Hopper forward by default (checked by a spy)
-  and, with the Triton backward, matches the reference: output, logsumexp and gradients."""
-  calls, forward = [], hopper.forward
-  monkeypatch.setattr(hopper, "forward", lambda *a, **kw: calls.append(1) or forward(*a, **kw))
+def test_hopper_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads, monkeypatch):
+  """Unmasked attention on an H100/H200 takes the Hopper forward and backward by default
+  (checked by spies) and matches the reference: output, logsumexp and gradients."""
+  calls = _spy_on_hopper_kernels(monkeypatch)
   _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
                    head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"])
-  assert calls
+  assert "forward" in calls and "backward" in calls
 
 
 def test_var_block_ids_lengths():

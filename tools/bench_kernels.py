@@ -4,9 +4,11 @@ r"""Benchmarks the Pallas kernels against XLA, cuDNN and jax's own Pallas ops, m
   PYTHONPATH=. python tools/bench_kernels.py --tiny                                   # CPU check
 
 Attention (batch × heads × L × head_dim, self-attention): forward and forward+backward TFLOP/s of
-  pallas        ours (`flash_attention`, the kernels for this backend: on an H100/H200 the
-                unmasked forward runs on the Mosaic GPU kernel, `flash_attention_hopper`),
-  pallas_triton ours with the Triton forward (`hopper=False`): unmasked rows only,
+  pallas        ours (`flash_attention`, the kernels for this backend: on an H100/H200
+                unmasked attention runs on the Mosaic GPU kernels, `flash_attention_hopper`),
+  pallas_hopper_fwd  ours with the Hopper forward and the Triton backward
+                (`hopper="forward"`): unmasked rows only,
+  pallas_triton ours on Triton only (`hopper=False`): unmasked rows only,
   pallas_dense  ours visiting every tile with the mask (`skip_blocks=False`): block-causal rows
                 only, the saving of skipping measured on one kernel,
   xla, cudnn    `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
@@ -65,8 +67,8 @@ PEAK_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
                    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
                    ("TPU v4", 275e12), ("TPU v6", 918e12))
-ATTENTION_IMPLS = ("pallas", "pallas_triton", "pallas_dense", "xla", "cudnn", "jax_pallas",
-                   "jax_mgpu")
+ATTENTION_IMPLS = ("pallas", "pallas_hopper_fwd", "pallas_triton", "pallas_dense", "xla",
+                   "cudnn", "jax_pallas", "jax_mgpu")
 # jax_mgpu's tiles: two consumer warpgroups of 64 queries, 128 keys per step, two steps in
 # flight; backward tiles 64 × 64 (its own benchmark's and tests' settings).
 JAX_MGPU_CONFIG = dict(block_q=64, block_kv=128, max_concurrent_steps=2, block_q_dkv=64,
@@ -76,11 +78,11 @@ JAX_MGPU_CONFIG = dict(block_q=64, block_kv=128, max_concurrent_steps=2, block_q
 def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool, block_sizes=None):
   """f(q, k, v) -> out in [B, L, H, D] for one implementation (ours with `block_sizes` if given)."""
   backend = jax.default_backend()
-  if impl in ("pallas", "pallas_triton", "pallas_dense"):
+  if impl in ("pallas", "pallas_hopper_fwd", "pallas_triton", "pallas_dense"):
+    hopper = {"pallas_hopper_fwd": "forward", "pallas_triton": False}.get(impl)
     return functools.partial(flash.flash_attention, causal=causal, block_ids=block_ids,
                              interpret=interpret, block_sizes=block_sizes,
-                             skip_blocks=impl != "pallas_dense",
-                             hopper=False if impl == "pallas_triton" else None)
+                             skip_blocks=impl != "pallas_dense", hopper=hopper)
   if impl in ("xla", "cudnn"):
     mask = None
     if block_ids is not None:  # The dense equivalent of the block-causal mask.
@@ -402,7 +404,8 @@ def main(argv=None):
                           causal=False, block_ids=ids,
                           block_sizes=attention_tiles.get(f"block_causal_{length}"),
                           impls=tuple(i for i in impls if not i.startswith("jax_")
-                                      and i != "pallas_triton"), **common)
+                                      and i not in ("pallas_triton", "pallas_hopper_fwd")),
+                          **common)
     report["attention"].append(row)
     print(json.dumps(row), flush=True)
     _save(report, args.out)

@@ -9,9 +9,9 @@ The kernels themselves (`flash_attention_gpu`, `flash_attention_tpu`) implement
   backward(q, k, v, ids, kv_range, q_range, do, lse, delta, cfg) -> (dq, dk, dv)
 
 on padded arrays (ranges: `masks.BlockRange`), with dk/dv per *query* head (this file sums them
-over each group). On Hopper GPUs the GPU module hands the unmasked forward to the Mosaic GPU
-kernel (`flash_attention_hopper`, chosen here: `hopper`), whose logsumexp the Triton backward
-reads as its own. No [L, S] array exists at any point: scores live in one tile at a time, the
+over each group). On Hopper GPUs the GPU module hands unmasked forward and backward passes to the
+Mosaic GPU kernels (`flash_attention_hopper`, chosen here: `hopper`), whose logsumexp is the
+Triton kernels' own. No [L, S] array exists at any point: scores live in one tile at a time, the
 backward recomputes them from the saved logsumexp (natural log).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +84,8 @@ class KernelConfig:
   group: int  # Query heads per key/value head.
   blocks: BlockSizes
   interpret: bool
-  hopper_forward: bool = False  # GPU: the forward on the Mosaic GPU kernel (`hopper`).
+  hopper_forward: bool = False  # GPU: the forward on the Mosaic GPU kernels (`hopper`),
+  hopper_backward: bool = False  # and the backward.
 
 
 def _kernel_module(backend: str):
@@ -158,7 +159,7 @@ def _flash_bwd(backend, cfg, residuals, cotangents):
   if cfg.group > 1:
     batch, kv_len, heads, head_dim = dk_BSHD.shape
     group_sum = lambda x: x.reshape(batch, kv_len, heads // cfg.group, cfg.group,
-                                    head_dim).sum(3)
+                                    head_dim).astype(jnp.float32).sum(3)
     dk_BSHD, dv_BSHD = group_sum(dk_BSHD), group_sum(dv_BSHD)
   return (dq_BLHD.astype(q_BLHD.dtype), dk_BSHD.astype(k_BSHD.dtype),
           dv_BSHD.astype(v_BSHD.dtype), None, None, None)
@@ -167,12 +168,14 @@ def _flash_bwd(backend, cfg, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _use_hopper(hopper: Optional[bool], backend: str, interpret: bool, masked: bool,
-                scale: float, q_BLHD, k_BSHD, v_BSHD) -> bool:
-  """Whether the forward of these (padded) arrays runs on the Hopper kernel (see
+def _use_hopper(hopper: Union[None, bool, str], backend: str, interpret: bool, masked: bool,
+                scale: float, q_BLHD, k_BSHD, v_BSHD) -> tuple[bool, bool]:
+  """(forward, backward): which passes over these (padded) arrays run on the Hopper kernels (see
   `flash_attention`'s `hopper`)."""
+  if hopper not in (None, True, False, "forward"):
+    raise ConfigError(f"hopper={hopper!r}; use None, True, False or 'forward'")
   if hopper is False:
-    return False
+    return False, False
   reason = "the Hopper kernel runs compiled on an sm_90 GPU only"
   if backend == "gpu" and not interpret:
     from vitok_jax.kernels import flash_attention_hopper  # Imports Mosaic GPU.
@@ -180,8 +183,8 @@ def _use_hopper(hopper: Optional[bool], backend: str, interpret: bool, masked: b
       reason = flash_attention_hopper.unsupported_reason(q_BLHD, k_BSHD, v_BSHD, masked=masked,
                                                          scale=scale)
   if hopper and reason:
-    raise ConfigError(f"hopper=True: {reason}; leave hopper unset to fall back to Triton")
-  return reason is None
+    raise ConfigError(f"hopper={hopper!r}: {reason}; leave hopper unset to fall back to Triton")
+  return reason is None, reason is None and hopper != "forward"
 
 
 def default_backend() -> str:
@@ -194,7 +197,7 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
                     block_ids=None, scale: Optional[float] = None,
                     block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None,
                     interpret: Optional[bool] = None, return_lse: bool = False,
-                    skip_blocks: bool = True, hopper: Optional[bool] = None):
+                    skip_blocks: bool = True, hopper: Union[None, bool, str] = None):
   """softmax(scale·q·kᵀ + mask)·v in tiles, differentiable in q, k and v.
 
   Args:
@@ -212,11 +215,11 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
     skip_blocks: skip the tiles the mask hides and build no mask on the tiles it wholly shows
       (`masks.block_ranges`); False visits every tile masked, the dense-mask baseline of
       tools/bench_kernels.py (same result, slower).
-    hopper: GPU: run the forward on the warp-specialised Mosaic GPU kernel
-      (`flash_attention_hopper`; the backward stays on Triton). Default: where it applies (an
-      sm_90 GPU, compiled, no mask, bf16/f16, head dim 33–128 (padded to 64 / 128), key length
-      a multiple of 128, a positive scale); True raises if it does not; False keeps the Triton
-      forward.
+    hopper: GPU: run forward and backward on the warp-specialised Mosaic GPU kernels
+      (`flash_attention_hopper`). Default: where they apply (an sm_90 GPU, compiled, no mask,
+      bf16/f16, head dim 33–128 (padded to 64 / 128), key length a multiple of 128, a positive
+      scale); True raises if they do not; "forward" (same conditions) keeps the Triton backward;
+      False keeps Triton for both.
   Returns:
     out_BLHD in q's dtype (0 for a query that sees no key), and lse_BHL if return_lse.
   """
@@ -245,10 +248,11 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   q_BLHD, k_BSHD, v_BSHD = pad(q_BLHD, padded_q), pad(k_BSHD, padded_kv), pad(v_BSHD, padded_kv)
   masked = causal or padded_kv != kv_len or segment_ids is not None or block_ids is not None
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+  hopper_forward, hopper_backward = _use_hopper(hopper, backend, interpret, masked, scale,
+                                                q_BLHD, k_BSHD, v_BSHD)
   cfg = KernelConfig(scale=scale, causal=causal, kv_len=None if padded_kv == kv_len else kv_len,
                      group=heads // kv_heads, blocks=blocks, interpret=interpret,
-                     hopper_forward=_use_hopper(hopper, backend, interpret, masked, scale,
-                                                q_BLHD, k_BSHD, v_BSHD))
+                     hopper_forward=hopper_forward, hopper_backward=hopper_backward)
   ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   # Padded tokens repeat the last id, so the per-block id ranges (and the skipping) are unchanged.
   ids = masks.MaskIds(*(_pad_axis(x, 1, padded_q if i % 2 == 0 else padded_kv, mode="edge")

@@ -208,8 +208,13 @@ def _dq_kernel(*refs, cfg: KernelConfig):
 
 def backward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, q_range, do_BLHD, lse_BHL,
              delta_BHL, cfg: KernelConfig):
-  """dq [B, L, H, D] in q's dtype and dk, dv per query head [B, S, H, D]: in k's dtype without
-  grouped heads, else float32 for the caller's sum over each group (accumulation is float32)."""
+  """dq [B, L, H, D] and dk, dv per query head [B, S, H, D] for the caller's sum over each group.
+  Triton: dq in q's dtype, dk/dv in k's without grouped heads, else float32 (accumulation is
+  float32); the Hopper backward (`cfg.hopper_backward`): dq float32, dk/dv in k's dtype."""
+  if cfg.hopper_backward:
+    from vitok_jax.kernels import flash_attention_hopper  # Imports Mosaic GPU.
+    return flash_attention_hopper.backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL,
+                                           scale=cfg.scale)
   batch, q_len, heads, head_dim = q_BLHD.shape
   kv_len = k_BSHD.shape[1]
   block_q, block_k, group = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd, cfg.group

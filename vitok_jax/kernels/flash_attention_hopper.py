@@ -155,20 +155,21 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
       plgpu.set_max_registers(40, action="decrease")
       kv_h = lax.div(h, jnp.array(group, h.dtype))
 
-      def fetch(i, slot):
+      def fetch(i, slot, wait_free: bool):
+        """K then V of step i into `slot`, each as soon as its slot is free (K is needed first)."""
         keys = (b, pl.ds(i * BLOCK_K, BLOCK_K), kv_h)
-        plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem.at[slot], k_ready.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem.at[slot], v_ready.at[slot])
+        for ref, smem, ready, free in ((k_ref, k_smem, k_ready, k_free),
+                                       (v_ref, v_smem, v_ready, v_free)):
+          if wait_free:
+            plgpu.barrier_wait(free.at[slot])
+          plgpu.copy_gmem_to_smem(ref.at[keys], smem.at[slot], ready.at[slot])
 
       for i in range(stages):
-        fetch(i, i)
+        fetch(i, i, wait_free=False)
 
       @pl.loop(0, kv_steps - stages)
       def _(i):
-        slot = lax.rem(i, stages)
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        fetch(i + stages, slot)
+        fetch(i + stages, lax.rem(i, stages), wait_free=True)
 
   def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
     # 128-byte swizzled (8, 64) tiles: the shared-memory layout wgmma reads without bank
@@ -195,3 +196,179 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
       thread_name="wg",
       compiler_params=plgpu.CompilerParams(approx_math=True),
   )(q_BLHD, k_BSHD, v_BSHD)
+
+
+# Keys per compute warpgroup in the backward; a program covers 2·BWD_BLOCK_K = BLOCK_K keys, so
+# the backward takes what the forward takes (`unsupported_reason`).
+BWD_BLOCK_K = BLOCK_K // _COMPUTE_WARPGROUPS
+BWD_BLOCK_Q = 64  # Queries per pipeline step of the backward.
+
+
+def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float):
+  """dq [B, L, H, D] float32 and dk, dv per query head [B, S, H, D] in q's dtype of unmasked
+  attention, from the forward's lse [B, H, L] (natural log) and delta = Σ_d o·do [B, H, L].
+
+  FlashAttention-3's schedule: one program per (head, 2·BWD_BLOCK_K keys, batch) walks the query
+  tiles, so every tile pair costs five matmuls (Sᵀ, dPᵀ, dV, dK, dQ), against seven when dQ gets
+  its own pass. Each compute warpgroup owns BWD_BLOCK_K keys (their K, V in shared memory, dK, dV
+  in registers): Sᵀ = K·Qᵀ, Pᵀ = exp(Sᵀ − lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta),
+  dK += dSᵀ·Q. Both write dSᵀ to shared memory; then each computes half of the columns of this
+  step's dQ = dS·K over all the program's keys and adds it into dq with a TMA reduce-add (float32
+  in global memory, so dq starts at zero and is not in q's dtype). Warpgroup 2 streams Q, dO, lse
+  and delta tiles into a ring of `STAGES` slots.
+  """
+  batch, q_len, heads, head_dim = q_BLHD.shape
+  kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
+  reason = unsupported_reason(q_BLHD, k_BSHD, v_BSHD, scale=scale)
+  if reason:
+    raise ValueError(reason)
+  dtype, group = q_BLHD.dtype, heads // kv_heads
+  q_steps = q_len // BWD_BLOCK_Q
+  stages = min(STAGES, q_steps)
+  dq_cols = head_dim // _COMPUTE_WARPGROUPS  # dQ columns each compute warpgroup adds.
+  logit_scale = scale * LOG2_E
+  # K is also read a column half at a time (dQ), so tiles are no wider than the half (and wgmma
+  # wants one swizzle for both operands).
+  tiles = _wgmma_transforms(dtype, dq_cols)
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, scratch):
+    smem, (k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready), free, ds_written = scratch
+    k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem = smem
+    b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+    kv_block_start = lax.axis_index("kv_blocks") * (_COMPUTE_WARPGROUPS * BWD_BLOCK_K)
+
+    def meet():
+      """Both compute warpgroups wait here for each other."""
+      plgpu.barrier_arrive(ds_written)
+      plgpu.barrier_wait(ds_written)
+
+    @pl.when(wg < _COMPUTE_WARPGROUPS)
+    def _compute():
+      plgpu.set_max_registers(240, action="increase")
+      own = pl.ds(wg * BWD_BLOCK_K, BWD_BLOCK_K)
+      k_own, v_own = k_smem.at[own], v_smem.at[own]
+      keys = (b, pl.ds(kv_block_start + wg * BWD_BLOCK_K, BWD_BLOCK_K),
+              lax.div(h, jnp.array(group, h.dtype)))
+      plgpu.copy_gmem_to_smem(k_ref.at[keys], k_own, k_ready.at[wg])
+      plgpu.copy_gmem_to_smem(v_ref.at[keys], v_own, v_ready.at[wg])
+      plgpu.barrier_wait(k_ready.at[wg])
+      plgpu.barrier_wait(v_ready.at[wg])
+      zeros = lambda *shape: plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+      by_query = lambda x_Q, shape: lax.broadcast_in_dim(x_Q, shape, [1])
+      tile = (BWD_BLOCK_K, BWD_BLOCK_Q)
+
+      def step(i, carry):
+        dk_KD, dv_KD = carry
+        slot, ds_slot = lax.rem(i, stages), lax.rem(i, 2)
+        q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
+        plgpu.barrier_wait(q_ready.at[slot])
+
+        def scores(s_ref):
+          plgpu.wgmma(s_ref, k_own, plgpu.transpose_ref(q_tile, (1, 0)))
+          return s_ref[...]
+        s_KQ = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32))
+        plgpu.barrier_wait(lse_ready.at[slot])
+        lse_Q = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        p_KQ = jnp.exp2(s_KQ * logit_scale - by_query(lse_Q * LOG2_E, tile))
+        plgpu.barrier_wait(do_ready.at[slot])
+
+        def values(refs):
+          dv_ref, dp_ref = refs
+          plgpu.wgmma(dv_ref, p_KQ.astype(dtype), do_tile)
+          plgpu.wgmma(dp_ref, v_own, plgpu.transpose_ref(do_tile, (1, 0)))
+        dv_KD, dp_KQ = pl.run_state(values)((plgpu.ACC.init(dv_KD), plgpu.ACC.init(zeros(*tile))))
+        plgpu.barrier_wait(delta_ready.at[slot])
+        delta_Q = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        ds_KQ = (p_KQ * (dp_KQ - by_query(delta_Q, tile))).astype(dtype)
+
+        def gradients(refs):
+          dk_ref, dq_ref = refs
+          plgpu.wgmma(dk_ref, ds_KQ, q_tile)  # Needs only our dSᵀ: runs while we wait below.
+          ds_smem.at[ds_slot, own][...] = ds_KQ
+          plgpu.commit_smem()
+          meet()  # Both halves of dSᵀ are written.
+          plgpu.wgmma(dq_ref, plgpu.transpose_ref(ds_smem.at[ds_slot], (1, 0)),
+                      k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)])
+        dk_KD, dq_QD = pl.run_state(gradients)(
+            (plgpu.ACC.init(dk_KD), plgpu.ACC.init(zeros(BWD_BLOCK_Q, dq_cols))))
+        plgpu.barrier_arrive(free.at[slot])
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add has read dq_smem.
+        dq_smem.at[wg][...] = dq_QD * scale
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            dq_smem.at[wg],
+            dq_ref.at[b, pl.ds(i * BWD_BLOCK_Q, BWD_BLOCK_Q), h, pl.ds(wg * dq_cols, dq_cols)],
+            reduction_op="add")
+        return dk_KD, dv_KD
+
+      dk_KD, dv_KD = lax.fori_loop(0, q_steps, step,
+                                   (zeros(BWD_BLOCK_K, head_dim), zeros(BWD_BLOCK_K, head_dim)))
+      meet()  # The other warpgroup's last dQ has read our K rows: they can hold dK now.
+      k_own[...] = (dk_KD * scale).astype(dtype)
+      v_own[...] = dv_KD.astype(dtype)
+      plgpu.commit_smem()
+      out_rows = (b, pl.ds(kv_block_start + wg * BWD_BLOCK_K, BWD_BLOCK_K), h)
+      plgpu.copy_smem_to_gmem(k_own, dk_ref.at[out_rows])
+      plgpu.copy_smem_to_gmem(v_own, dv_ref.at[out_rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == _COMPUTE_WARPGROUPS)
+    def _stream():
+      plgpu.set_max_registers(24, action="decrease")
+
+      def fetch(i, slot):
+        rows, row_ids = (b, pl.ds(i * BWD_BLOCK_Q, BWD_BLOCK_Q), h), (b, h, pl.ds(
+            i * BWD_BLOCK_Q, BWD_BLOCK_Q))
+        plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[row_ids], lse_smem.at[slot], lse_ready.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_ready.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[row_ids], delta_smem.at[slot],
+                                delta_ready.at[slot])
+
+      for i in range(stages):
+        fetch(i, i)
+
+      @pl.loop(0, q_steps - stages)
+      def _(i):
+        slot = lax.rem(i, stages)
+        plgpu.barrier_wait(free.at[slot])
+        fetch(i + stages, slot)
+
+  def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref):
+    kv_rows = _COMPUTE_WARPGROUPS * BWD_BLOCK_K
+    smem = (plgpu.SMEM((kv_rows, head_dim), dtype, transforms=tiles),
+            plgpu.SMEM((kv_rows, head_dim), dtype, transforms=tiles),
+            plgpu.SMEM((stages, BWD_BLOCK_Q, head_dim), dtype, transforms=tiles),
+            plgpu.SMEM((stages, BWD_BLOCK_Q, head_dim), dtype, transforms=tiles),
+            plgpu.SMEM((stages, BWD_BLOCK_Q), jnp.float32),
+            plgpu.SMEM((stages, BWD_BLOCK_Q), jnp.float32),
+            plgpu.SMEM((2, kv_rows, BWD_BLOCK_Q), dtype, transforms=tiles),
+            plgpu.SMEM((_COMPUTE_WARPGROUPS, BWD_BLOCK_Q, dq_cols), jnp.float32))
+    ready = ((plgpu.Barrier(num_barriers=_COMPUTE_WARPGROUPS),) * 2
+             + (plgpu.Barrier(num_barriers=stages),) * 4)
+    free = plgpu.Barrier(num_arrivals=_COMPUTE_WARPGROUPS, num_barriers=stages)
+    pl.run_scoped(
+        lambda *scratch: kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref,
+                                dk_ref, dv_ref, scratch),
+        smem, ready, free, plgpu.Barrier(num_arrivals=_COMPUTE_WARPGROUPS),
+        collective_axes="wg")
+
+  per_q_head = jax.ShapeDtypeStruct((batch, kv_len, heads, head_dim), dtype)
+  dq_BLHD = jax.new_ref(jnp.zeros(q_BLHD.shape, jnp.float32))  # TMA adds into it in place.
+  # pl.kernel (not plgpu.kernel, whose batching wrapper takes no refs) aliases the ref in and out.
+  mesh = plgpu.Mesh(grid=(heads, kv_len // (_COMPUTE_WARPGROUPS * BWD_BLOCK_K), batch),
+                    grid_names=("heads", "kv_blocks", "batch"),
+                    num_threads=_COMPUTE_WARPGROUPS + 1, thread_name="wg")
+  dk_BSHD, dv_BSHD = pl.kernel(
+      entry, out_type=(per_q_head, per_q_head), mesh=mesh,
+      compiler_params=plgpu.CompilerParams(approx_math=True), name="flash_attention_hopper_bwd",
+  )(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, dq_BLHD)
+  return jax.freeze(dq_BLHD), dk_BSHD, dv_BSHD
+
+
+def _wgmma_transforms(dtype, columns: int):
+  """Shared-memory tiles wgmma reads without bank conflicts: rows of `columns` elements (at most
+  128 bytes) swizzled over 8-row groups."""
+  row_bytes = min(128, columns * jnp.dtype(dtype).itemsize)
+  return (plgpu.TilingTransform((8, row_bytes // jnp.dtype(dtype).itemsize)),
+          plgpu.SwizzleTransform(row_bytes))
