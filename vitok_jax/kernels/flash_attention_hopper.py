@@ -1,9 +1,9 @@
-"""Flash attention forward for Hopper GPUs (Pallas → Mosaic GPU): warp-specialised, on wgmma.
+"""Flash attention for Hopper GPUs (Pallas → Mosaic GPU): warp-specialised, on wgmma.
 
-One program (a CTA of three warpgroups) per (head, 2·BLOCK_Q queries, batch). Warpgroups 0 and 1
-each own BLOCK_Q query rows (wgmma's M is 64): their Q tile sits in shared memory, the running
-max, normaliser and float32 output accumulator in registers (online softmax). Warpgroup 2 only
-moves data: it streams K and V tiles of BLOCK_K keys with TMA into a ring of `STAGES` shared-
+Forward: one program (a CTA of three warpgroups) per (head, 2·BLOCK_Q queries, batch). Warpgroups
+0 and 1 each own BLOCK_Q query rows (wgmma's M is 64): their Q tile sits in shared memory, the
+running max, normaliser and float32 output accumulator in registers (online softmax). Warpgroup 2
+only moves data: it streams K and V tiles of BLOCK_K keys with TMA into a ring of `STAGES` shared-
 memory slots and refills a slot once both compute warpgroups have released it. S = Q·Kᵀ and
 O += P·V run on the tensor cores; a two-party barrier makes the compute warpgroups take turns, one
 in its softmax while the other's matmuls run (FlashAttention-3's ping-pong). Learned from jax's
@@ -11,12 +11,18 @@ in its softmax while the other's matmuls run (FlashAttention-3's ping-pong). Lea
 inputs' dtype), applies the logit scale, and saves the logsumexp in the layout and units (natural
 log) that the Triton backward (`flash_attention_gpu.backward`) reads, so the two combine.
 
+Backward (`backward`): FlashAttention-3's single pass per key block, five matmuls per tile pair
+with dQ added into float32 global memory by TMA reduce-adds (jax's Mosaic GPU backward, like our
+Triton one, runs a second pass for dQ: seven matmuls).
+
 Unmasked attention only, lengths that are multiples of the tiles, head dims 64 and 128 (through
 `flash_attention`, which pads: any query length, head dims 33–128), a positive logit scale:
-`unsupported_reason` says why a call does not fit. Mosaic GPU has no interpreter: off the GPU the
-kernel can be lowered (the tests export it for CUDA) but not run. On an H100 (jax 0.11.2) it runs
-at 568–607 TFLOP/s at head dim 128, 1.26–1.35× the Triton forward and 0.94–1.01× cuDNN's
-(docs/kernels/bench_hopper_h100.json).
+`unsupported_reason` says why a call does not fit. Off the GPU the kernels can be lowered (the
+tests export them for CUDA) but not run: jax's Mosaic GPU interpreter (0.10) has no `run_state`
+or `plgpu.load` yet. On an H100 (jax 0.11.2, bf16, docs/kernels/bench_hopper_bwd_h100.json):
+forward 572–598 TFLOP/s at head dim 128 (L 4096–8192), 0.98–1.00× cuDNN's speed; forward+backward
+0.92–0.94× cuDNN at head dim 128 and 0.95–0.98× at 64 for L 4096–8192, 1.03–1.15× at L ≤ 1024,
+1.29–1.37× our Triton kernels.
 """
 from __future__ import annotations
 
@@ -212,10 +218,11 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
   tiles, so every tile pair costs five matmuls (Sᵀ, dPᵀ, dV, dK, dQ), against seven when dQ gets
   its own pass. Each compute warpgroup owns BWD_BLOCK_K keys (their K, V in shared memory, dK, dV
   in registers): Sᵀ = K·Qᵀ, Pᵀ = exp(Sᵀ − lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta),
-  dK += dSᵀ·Q. Both write dSᵀ to shared memory; then each computes half of the columns of this
-  step's dQ = dS·K over all the program's keys and adds it into dq with a TMA reduce-add (float32
-  in global memory, so dq starts at zero and is not in q's dtype). Warpgroup 2 streams Q, dO, lse
-  and delta tiles into a ring of `STAGES` slots.
+  dK += dSᵀ·Q. dSᵀ goes to shared memory for this step's dQ = dS·K, which is added into dq with
+  TMA reduce-adds (float32 in global memory, so dq starts at zero and is not in q's dtype): at
+  head dim 128 each warpgroup adds half the columns over all the program's keys once both have
+  written dSᵀ, at 64 all columns over its own keys (see `split_dq`). Warpgroup 2 streams Q, dO,
+  lse and delta tiles into a ring of `STAGES` slots.
   """
   batch, q_len, heads, head_dim = q_BLHD.shape
   kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
@@ -225,10 +232,17 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
   dtype, group = q_BLHD.dtype, heads // kv_heads
   q_steps = q_len // BWD_BLOCK_Q
   stages = min(STAGES, q_steps)
-  dq_cols = head_dim // _COMPUTE_WARPGROUPS  # dQ columns each compute warpgroup adds.
+  # dQ at head dim 128: each warpgroup adds half the columns over all the program's keys, after
+  # both wrote dSᵀ (its own keys over all columns, a [64, 128] float32 accumulator more, ran
+  # 0.74–0.77× cuDNN fwd+bwd against 0.93–0.94×); at 64 each adds all columns over its own keys,
+  # with twice the reduce-adds and no meeting (0.96–0.97× against 0.91–0.93×):
+  # docs/kernels/hopper_bwd_{own,split}_dq_h100.json.
+  split_dq = head_dim > 64
+  dq_cols = head_dim // _COMPUTE_WARPGROUPS if split_dq else head_dim
+  ds_slots = 2 if split_dq else 1  # Both read dSᵀ: the next step writes the other slot.
   logit_scale = scale * LOG2_E
-  # K is also read a column half at a time (dQ), so tiles are no wider than the half (and wgmma
-  # wants one swizzle for both operands).
+  # K is read a column half at a time for a split dQ: tiles no wider than that (wgmma wants one
+  # swizzle for both operands).
   tiles = _wgmma_transforms(dtype, dq_cols)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, scratch):
@@ -259,7 +273,7 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
 
       def step(i, carry):
         dk_KD, dv_KD = carry
-        slot, ds_slot = lax.rem(i, stages), lax.rem(i, 2)
+        slot, ds_slot = lax.rem(i, stages), lax.rem(i, ds_slots)
         q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
         plgpu.barrier_wait(q_ready.at[slot])
 
@@ -286,9 +300,12 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
           plgpu.wgmma(dk_ref, ds_KQ, q_tile)  # Needs only our dSᵀ: runs while we wait below.
           ds_smem.at[ds_slot, own][...] = ds_KQ
           plgpu.commit_smem()
-          meet()  # Both halves of dSᵀ are written.
-          plgpu.wgmma(dq_ref, plgpu.transpose_ref(ds_smem.at[ds_slot], (1, 0)),
-                      k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)])
+          if split_dq:
+            meet()  # Both halves of dSᵀ are written.
+            plgpu.wgmma(dq_ref, plgpu.transpose_ref(ds_smem.at[ds_slot], (1, 0)),
+                        k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)])
+          else:
+            plgpu.wgmma(dq_ref, plgpu.transpose_ref(ds_smem.at[ds_slot, own], (1, 0)), k_own)
         dk_KD, dq_QD = pl.run_state(gradients)(
             (plgpu.ACC.init(dk_KD), plgpu.ACC.init(zeros(BWD_BLOCK_Q, dq_cols))))
         plgpu.barrier_arrive(free.at[slot])
@@ -297,13 +314,15 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(
             dq_smem.at[wg],
-            dq_ref.at[b, pl.ds(i * BWD_BLOCK_Q, BWD_BLOCK_Q), h, pl.ds(wg * dq_cols, dq_cols)],
+            dq_ref.at[b, pl.ds(i * BWD_BLOCK_Q, BWD_BLOCK_Q), h,
+                      pl.ds(wg * dq_cols if split_dq else 0, dq_cols)],
             reduction_op="add")
         return dk_KD, dv_KD
 
       dk_KD, dv_KD = lax.fori_loop(0, q_steps, step,
                                    (zeros(BWD_BLOCK_K, head_dim), zeros(BWD_BLOCK_K, head_dim)))
-      meet()  # The other warpgroup's last dQ has read our K rows: they can hold dK now.
+      if split_dq:
+        meet()  # The other warpgroup's last dQ has read our K rows: they can hold dK now.
       k_own[...] = (dk_KD * scale).astype(dtype)
       v_own[...] = dv_KD.astype(dtype)
       plgpu.commit_smem()
@@ -342,7 +361,7 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
             plgpu.SMEM((stages, BWD_BLOCK_Q, head_dim), dtype, transforms=tiles),
             plgpu.SMEM((stages, BWD_BLOCK_Q), jnp.float32),
             plgpu.SMEM((stages, BWD_BLOCK_Q), jnp.float32),
-            plgpu.SMEM((2, kv_rows, BWD_BLOCK_Q), dtype, transforms=tiles),
+            plgpu.SMEM((ds_slots, kv_rows, BWD_BLOCK_Q), dtype, transforms=tiles),
             plgpu.SMEM((_COMPUTE_WARPGROUPS, BWD_BLOCK_Q, dq_cols), jnp.float32))
     ready = ((plgpu.Barrier(num_barriers=_COMPUTE_WARPGROUPS),) * 2
              + (plgpu.Barrier(num_barriers=stages),) * 4)

@@ -7,11 +7,12 @@ vendor/XLA path. The kernels are always available explicitly (impl="pallas").
 Measured on an H100 (jax 0.11.2, bf16, docs/kernels/bench_kernels_h100.json, default tiles):
   - the kernel tests pass compiled (`tests/test_kernels.py -m "slow or not slow"`: 49 passed on
     the H100, BSQ's PTX approximate math, its tile loop and VQ's TF32×3 dot included);
-  - the Hopper forward (Mosaic GPU, unmasked): its tests pass on the H100, forward 0.94–1.01×
-    cuDNN's and 1.26–1.35× our Triton one (docs/kernels/bench_hopper_h100.json);
-  - flash attention fwd+bwd at L ≥ 4096: 2.7–3.0× XLA (head dim 128) but 0.67–0.74× cuDNN, and
-    0.73–0.75× with the causal mask (docs/kernels/bench_causal_h100.json): dense and causal masks
-    stay on cuDNN where it applies (half precision, head_dim % 8 == 0);
+  - the Hopper kernels (Mosaic GPU, unmasked forward and backward): their tests pass on the H100;
+    fwd+bwd 3.5–3.6× XLA and 0.92–0.94× cuDNN at head dim 128 (0.95–0.98× at 64) for
+    L = 4096 / 8192, 1.03–1.15× cuDNN at L ≤ 1024 (docs/kernels/bench_hopper_bwd_h100.json);
+  - on Triton (every mask) fwd+bwd at L ≥ 4096 is 2.7–3.0× XLA (head dim 128) but 0.67–0.74×
+    cuDNN, 0.73–0.75× with the causal mask (docs/kernels/bench_causal_h100.json): dense and
+    causal masks stay on cuDNN where it applies (half precision, head_dim % 8 == 0);
   - block-causal (VAR, 680 / 2240 tokens, head dim 64): 4.2× / 7.4× XLA and 1.32× / 1.73× cuDNN
     given the same mask densely; no [L, S] mask is built;
   - BSQ 4.0× and VQ (16384 codes) 3.6× the XLA-fused jnp versions, VQ without the 4.3 GB
