@@ -216,8 +216,8 @@ def _spy_on_hopper_kernels(monkeypatch) -> list:
 @pytest.mark.parametrize("mode", [True, "forward"])
 def test_hopper_kernel_lowers_for_cuda(mode, monkeypatch):
   """The Mosaic GPU kernels have no interpreter: here flash_attention's forward+backward (grouped
-  heads, bf16) is lowered for CUDA, on the Hopper kernels for both passes or, with "forward",
-  with the Triton backward."""
+  heads, bf16, under vmap) is lowered for CUDA, on the Hopper kernels for both passes or, with
+  "forward", with the Triton backward."""
   monkeypatch.setattr(hopper, "is_hopper", lambda device=None: True)
   calls = _spy_on_hopper_kernels(monkeypatch)
 
@@ -226,7 +226,9 @@ def test_hopper_kernel_lowers_for_cuda(mode, monkeypatch):
         q, k, v, backend="gpu", interpret=False, hopper=mode), q, k, v)
     return out, vjp(out)
 
-  q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16)
+  # Under vmap too (over a leading axis, with k and v shared): the kernels batch.
+  fwd_bwd = jax.vmap(fwd_bwd, in_axes=(0, None, None))
+  q = jax.ShapeDtypeStruct((2, 1, 256, 4, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
   checks = [jax.export.DisabledSafetyCheck.custom_call(name)
             for name in ("mosaic_gpu_v2", "__gpu$xla.gpu.triton")]
@@ -259,6 +261,24 @@ def test_hopper_kernel_says_what_does_not_fit():
       flash.flash_attention(q, q, q, hopper=True)
 
 
+def test_hopper_passes_by_mode_and_length(monkeypatch):
+  """Which passes run on the Hopper kernels: the backward by default only from
+  BACKWARD_MIN_Q_LEN queries (measured slower below), both with True, the forward with
+  "forward", neither with False or a mask."""
+  monkeypatch.setattr(hopper, "is_hopper", lambda device=None: True)
+  spec = lambda length: jax.ShapeDtypeStruct((1, length, 4, 64), jnp.bfloat16)
+  passes = lambda mode, length, masked=False: flash._use_hopper(
+      mode, "gpu", False, masked, 0.125, spec(length), spec(length), spec(length))
+  assert passes(None, 256) == (True, False)
+  assert passes(None, hopper.BACKWARD_MIN_Q_LEN) == (True, True)
+  assert passes(True, 256) == (True, True)
+  assert passes("forward", 4096) == (True, False)
+  assert passes(False, 4096) == (False, False)
+  assert passes(None, 4096, masked=True) == (False, False)
+  with pytest.raises(ConfigError, match="mask"):
+    passes(True, 4096, masked=True)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not hopper.is_hopper(),
                     reason="the Mosaic GPU kernel runs on an sm_90 GPU only")
 @pytest.mark.parametrize("q_len,kv_len,head_dim,dtype,kv_heads", [
@@ -267,7 +287,9 @@ def test_hopper_kernel_says_what_does_not_fit():
     (200, 128, 96, jnp.bfloat16, 4), (128, 256, 64, jnp.bfloat16, 1)])
 def test_hopper_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads, monkeypatch):
   """Unmasked attention on an H100/H200 takes the Hopper forward and backward by default
-  (checked by spies) and matches the reference: output, logsumexp and gradients."""
+  (checked by spies; the backward's length threshold lowered for these short cases) and matches
+  the reference: output, logsumexp and gradients."""
+  monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
   calls = _spy_on_hopper_kernels(monkeypatch)
   _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
                    head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"])

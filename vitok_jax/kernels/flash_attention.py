@@ -184,7 +184,12 @@ def _use_hopper(hopper: Union[None, bool, str], backend: str, interpret: bool, m
                                                          scale=scale)
   if hopper and reason:
     raise ConfigError(f"hopper={hopper!r}: {reason}; leave hopper unset to fall back to Triton")
-  return reason is None, reason is None and hopper != "forward"
+  if reason:
+    return False, False
+  if hopper is None:  # Where the Hopper backward was measured ahead of Triton's.
+    from vitok_jax.kernels import flash_attention_hopper
+    return True, q_BLHD.shape[1] >= flash_attention_hopper.BACKWARD_MIN_Q_LEN
+  return True, hopper is True
 
 
 def default_backend() -> str:
@@ -217,9 +222,11 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
       tools/bench_kernels.py (same result, slower).
     hopper: GPU: run forward and backward on the warp-specialised Mosaic GPU kernels
       (`flash_attention_hopper`). Default: where they apply (an sm_90 GPU, compiled, no mask,
-      bf16/f16, head dim 33–128 (padded to 64 / 128), key length a multiple of 128, a positive
-      scale); True raises if they do not; "forward" (same conditions) keeps the Triton backward;
-      False keeps Triton for both.
+      bf16/f16, head dim 33–128 (padded to 64 / 128), query and key lengths padded to multiples
+      of 128, a positive scale), the backward from `BACKWARD_MIN_Q_LEN` queries on; True: both,
+      raising if they do not apply; "forward" keeps the Triton backward; False keeps Triton for
+      both. The Hopper backward adds dq up with float32 atomics in no fixed order, so dq is not
+      bitwise reproducible from run to run (the Triton backward is).
   Returns:
     out_BLHD in q's dtype (0 for a query that sees no key), and lse_BHL if return_lse.
   """

@@ -16,7 +16,8 @@ with dQ added into float32 global memory by TMA reduce-adds (jax's Mosaic GPU ba
 Triton one, runs a second pass for dQ: seven matmuls).
 
 Unmasked attention only, lengths that are multiples of the tiles, head dims 64 and 128 (through
-`flash_attention`, which pads: any query length, head dims 33–128), a positive logit scale:
+`flash_attention`, which pads: query lengths over 64 with the default tiles, head dims 33–128), a
+positive logit scale:
 `unsupported_reason` says why a call does not fit. Off the GPU the kernels can be lowered (the
 tests export them for CUDA) but not run: jax's Mosaic GPU interpreter (0.10) has no `run_state`
 or `plgpu.load` yet. On an H100 (jax 0.11.2, bf16, docs/kernels/bench_hopper_bwd_h100.json):
@@ -52,7 +53,8 @@ def is_hopper(device=None) -> bool:
 
 def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
                        scale: float = 1.0) -> Optional[str]:
-  """None if `forward` takes these arrays (or ShapeDtypeStructs) and logit scale, else why not."""
+  """None if `forward` and `backward` take these arrays (or ShapeDtypeStructs) and logit scale,
+  else why not."""
   batch, q_len, heads, head_dim = q_BLHD.shape
   kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
   if masked:
@@ -208,11 +210,36 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
 # the backward takes what the forward takes (`unsupported_reason`).
 BWD_BLOCK_K = BLOCK_K // _COMPUTE_WARPGROUPS
 BWD_BLOCK_Q = 64  # Queries per pipeline step of the backward.
+# Shortest query length for which `flash_attention` takes the Hopper backward by default: a
+# program's prologue and epilogue (K/V in, dK/dV out) pay off over enough query tiles. On the
+# H100 fwd+bwd at L = 256 ran 0.66 / 0.40 ms (head dim 128 / 64) against 0.62 / 0.38 with the
+# Triton backward, at 1024 1.22 / 0.76 against 1.48 / 0.90
+# (docs/kernels/bench_hopper_bwd_h100.json; 512 not measured).
+BACKWARD_MIN_Q_LEN = 1024
 
 
 def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float):
-  """dq [B, L, H, D] float32 and dk, dv per query head [B, S, H, D] in q's dtype of unmasked
-  attention, from the forward's lse [B, H, L] (natural log) and delta = Σ_d o·do [B, H, L].
+  """`_backward`, batchable: under vmap the mapped axis joins the batch (the kernel runs once)."""
+
+  @jax.custom_batching.custom_vmap
+  def call(*args):
+    return _backward(*args, scale=scale)
+
+  @call.def_vmap
+  def _(axis_size, in_batched, *args):
+    args = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, batched in zip(args, in_batched)]
+    outs = call(*(x.reshape(-1, *x.shape[2:]) for x in args))
+    return tuple(x.reshape(axis_size, -1, *x.shape[1:]) for x in outs), (True,) * 3
+
+  return call(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL)
+
+
+def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float):
+  """dq [B, L, H, D] float32 and dk, dv per query head [B, S, H, D] in q's dtype (rounded per
+  head before the caller's float32 sum over a group) of unmasked attention, from the forward's
+  lse [B, H, L] (natural log) and delta = Σ_d o·do [B, H, L]. dq is summed by float32 atomics
+  in no fixed order: not bitwise reproducible from run to run.
 
   FlashAttention-3's schedule: one program per (head, 2·BWD_BLOCK_K keys, batch) walks the query
   tiles, so every tile pair costs five matmuls (Sᵀ, dPᵀ, dV, dK, dQ), against seven when dQ gets
@@ -241,9 +268,7 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
   dq_cols = head_dim // _COMPUTE_WARPGROUPS if split_dq else head_dim
   ds_slots = 2 if split_dq else 1  # Both read dSᵀ: the next step writes the other slot.
   logit_scale = scale * LOG2_E
-  # K is read a column half at a time for a split dQ: tiles no wider than that (wgmma wants one
-  # swizzle for both operands).
-  tiles = _wgmma_transforms(dtype, dq_cols)
+  tiles = _wgmma_transforms(dtype, dq_cols)  # K is read a column half at a time for a split dQ.
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref, scratch):
     smem, (k_ready, v_ready, q_ready, do_ready, lse_ready, delta_ready), free, ds_written = scratch
@@ -296,16 +321,16 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
         ds_KQ = (p_KQ * (dp_KQ - by_query(delta_Q, tile))).astype(dtype)
 
         def gradients(refs):
-          dk_ref, dq_ref = refs
-          plgpu.wgmma(dk_ref, ds_KQ, q_tile)  # Needs only our dSᵀ: runs while we wait below.
+          dk_acc, dq_acc = refs
+          plgpu.wgmma(dk_acc, ds_KQ, q_tile)  # Needs only our dSᵀ: runs while we wait below.
           ds_smem.at[ds_slot, own][...] = ds_KQ
           plgpu.commit_smem()
           if split_dq:
             meet()  # Both halves of dSᵀ are written.
-            plgpu.wgmma(dq_ref, plgpu.transpose_ref(ds_smem.at[ds_slot], (1, 0)),
+            plgpu.wgmma(dq_acc, plgpu.transpose_ref(ds_smem.at[ds_slot], (1, 0)),
                         k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)])
           else:
-            plgpu.wgmma(dq_ref, plgpu.transpose_ref(ds_smem.at[ds_slot, own], (1, 0)), k_own)
+            plgpu.wgmma(dq_acc, plgpu.transpose_ref(ds_smem.at[ds_slot, own], (1, 0)), k_own)
         dk_KD, dq_QD = pl.run_state(gradients)(
             (plgpu.ACC.init(dk_KD), plgpu.ACC.init(zeros(BWD_BLOCK_Q, dq_cols))))
         plgpu.barrier_arrive(free.at[slot])
@@ -373,16 +398,21 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
         collective_axes="wg")
 
   per_q_head = jax.ShapeDtypeStruct((batch, kv_len, heads, head_dim), dtype)
-  dq_BLHD = jax.new_ref(jnp.zeros(q_BLHD.shape, jnp.float32))  # TMA adds into it in place.
-  # pl.kernel (not plgpu.kernel, whose batching wrapper takes no refs) aliases the ref in and out.
   mesh = plgpu.Mesh(grid=(heads, kv_len // (_COMPUTE_WARPGROUPS * BWD_BLOCK_K), batch),
                     grid_names=("heads", "kv_blocks", "batch"),
                     num_threads=_COMPUTE_WARPGROUPS + 1, thread_name="wg")
-  dk_BSHD, dv_BSHD = pl.kernel(
-      entry, out_type=(per_q_head, per_q_head), mesh=mesh,
-      compiler_params=plgpu.CompilerParams(approx_math=True), name="flash_attention_hopper_bwd",
-  )(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, dq_BLHD)
-  return jax.freeze(dq_BLHD), dk_BSHD, dv_BSHD
+  # pl.kernel (not plgpu.kernel, which takes no refs) aliases the dq ref in and out: the TMA adds
+  # into zeros in place.
+  call = pl.kernel(entry, out_type=(per_q_head, per_q_head), mesh=mesh,
+                   compiler_params=plgpu.CompilerParams(approx_math=True),
+                   name="flash_attention_hopper_bwd")
+
+  def run(refs):
+    dq_ref, dk_ref, dv_ref = refs
+    dk_ref[...], dv_ref[...] = call(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, dq_ref)
+
+  return pl.run_state(run)((jnp.zeros(q_BLHD.shape, jnp.float32),
+                            jnp.zeros(per_q_head.shape, dtype), jnp.zeros(per_q_head.shape, dtype)))
 
 
 def _wgmma_transforms(dtype, columns: int):

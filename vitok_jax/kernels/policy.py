@@ -9,7 +9,8 @@ Measured on an H100 (jax 0.11.2, bf16, docs/kernels/bench_kernels_h100.json, def
     the H100, BSQ's PTX approximate math, its tile loop and VQ's TF32×3 dot included);
   - the Hopper kernels (Mosaic GPU, unmasked forward and backward): their tests pass on the H100;
     fwd+bwd 3.5–3.6× XLA and 0.92–0.94× cuDNN at head dim 128 (0.95–0.98× at 64) for
-    L = 4096 / 8192, 1.03–1.15× cuDNN at L ≤ 1024 (docs/kernels/bench_hopper_bwd_h100.json);
+    L = 4096 / 8192; 1.03–1.06× cuDNN at L = 1024 and 1.19–1.24× at 256 (with the Triton
+    backward there) (docs/kernels/bench_hopper_bwd_h100.json);
   - on Triton (every mask) fwd+bwd at L ≥ 4096 is 2.7–3.0× XLA (head dim 128) but 0.67–0.74×
     cuDNN, 0.73–0.75× with the causal mask (docs/kernels/bench_causal_h100.json): dense and
     causal masks stay on cuDNN where it applies (half precision, head_dim % 8 == 0);
