@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from vitok_jax import ConfigError, cli, config_lib
+from vitok_jax.models.perceptual import mnist_classifier
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.scaling import record as record_lib
 from vitok_jax.train import codes, train_generator, train_tokenizer
@@ -22,7 +23,8 @@ FAMILY_SIZE = {"dit": "Mu", "llamagen": "Mu", "var": "d2", "infinity": "d2"}
 
 @pytest.fixture(scope="module")
 def tokenizer_dirs(tmp_path_factory):
-  """name -> workdir of a tiny tokenizer (12 steps) with that bottleneck, trained on first use."""
+  """name -> workdir of a tiny tokenizer (12 steps) with that bottleneck, trained on first use,
+  with a 30-step MNIST classifier cached beside it (the generator's eval would train 600)."""
   root = tmp_path_factory.mktemp("tokenizers")
 
   class Lazy(dict):
@@ -32,6 +34,8 @@ def tokenizer_dirs(tmp_path_factory):
       config.log_every, config.eval_every, config.eval_examples = 6, 100, 32
       self[name] = str(root / name)
       train_tokenizer.train(config, self[name])
+      mnist_classifier.load_or_train(
+          os.path.join(self[name], mnist_classifier.DEFAULT_FILENAME), steps=30)
       return self[name]
 
   return Lazy()
