@@ -77,15 +77,22 @@ def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
   return None
 
 
-def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
-  """o [B, L, H, D] in q's dtype and lse [B, H, L] float32 (natural log) of unmasked
-  softmax(scale·q·kᵀ)·v; shapes and dtypes as `unsupported_reason` allows."""
-  batch, q_len, heads, head_dim = q_BLHD.shape
-  kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
+def _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale: float):
+  """(batch, q_len, heads, head_dim, kv_len, query heads per kv head); ValueError if the kernels
+  do not take these arrays."""
   reason = unsupported_reason(q_BLHD, k_BSHD, v_BSHD, scale=scale)
   if reason:
     raise ValueError(reason)
-  dtype, group = q_BLHD.dtype, heads // kv_heads
+  batch, q_len, heads, head_dim = q_BLHD.shape
+  kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
+  return batch, q_len, heads, head_dim, kv_len, heads // kv_heads
+
+
+def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
+  """o [B, L, H, D] in q's dtype and lse [B, H, L] float32 (natural log) of unmasked
+  softmax(scale·q·kᵀ)·v; shapes and dtypes as `unsupported_reason` allows."""
+  batch, q_len, heads, head_dim, kv_len, group = _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale)
+  dtype = q_BLHD.dtype
   kv_steps = kv_len // BLOCK_K
   stages = min(STAGES, kv_steps)
   logit_scale = scale * LOG2_E  # Scores in log2 units: the softmax runs on exp2.
@@ -251,12 +258,8 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   written dSᵀ, at 64 all columns over its own keys (see `split_dq`). Warpgroup 2 streams Q, dO,
   lse and delta tiles into a ring of `STAGES` slots.
   """
-  batch, q_len, heads, head_dim = q_BLHD.shape
-  kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
-  reason = unsupported_reason(q_BLHD, k_BSHD, v_BSHD, scale=scale)
-  if reason:
-    raise ValueError(reason)
-  dtype, group = q_BLHD.dtype, heads // kv_heads
+  batch, q_len, heads, head_dim, kv_len, group = _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale)
+  dtype = q_BLHD.dtype
   q_steps = q_len // BWD_BLOCK_Q
   stages = min(STAGES, q_steps)
   # dQ at head dim 128: each warpgroup adds half the columns over all the program's keys, after
