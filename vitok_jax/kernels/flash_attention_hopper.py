@@ -77,6 +77,12 @@ def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
   return None
 
 
+def _meet(barrier):
+  """The calling warpgroup waits until every warpgroup `barrier` counts has arrived too."""
+  plgpu.barrier_arrive(barrier)
+  plgpu.barrier_wait(barrier)
+
+
 def _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale: float):
   """(batch, q_len, heads, head_dim, kv_len, query heads per kv head); ValueError if the kernels
   do not take these arrays."""
@@ -102,10 +108,8 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
         scratch)
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
 
-    def take_turn():
-      """Both compute warpgroups meet here: each call hands the tensor cores to the other."""
-      plgpu.barrier_arrive(turn)
-      plgpu.barrier_wait(turn)
+    # Both compute warpgroups meet here: each call hands the tensor cores to the other.
+    take_turn = lambda: _meet(turn)
 
     @pl.when(wg < _COMPUTE_WARPGROUPS)
     def _compute():
@@ -279,10 +283,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     kv_block_start = lax.axis_index("kv_blocks") * (_COMPUTE_WARPGROUPS * BWD_BLOCK_K)
 
-    def meet():
-      """Both compute warpgroups wait here for each other."""
-      plgpu.barrier_arrive(ds_written)
-      plgpu.barrier_wait(ds_written)
+    meet = lambda: _meet(ds_written)
 
     @pl.when(wg < _COMPUTE_WARPGROUPS)
     def _compute():
