@@ -19,10 +19,10 @@ Unmasked attention only, lengths that are multiples of the tiles, head dims 64 a
 `flash_attention`, which pads: query lengths over 64 with the default tiles, head dims 33–128), a
 positive logit scale: `unsupported_reason` says why a call does not fit. Off the GPU the kernels
 can be lowered (the tests export them for CUDA) but not run: jax's Mosaic GPU interpreter (0.10)
-has no `run_state` or `plgpu.load` yet. On an H100 (jax 0.11.2, bf16, docs/kernels/bench_hopper_bwd_h100.json):
-forward 572–598 TFLOP/s at head dim 128 (L 4096–8192), 0.98–1.00× cuDNN's speed; forward+backward
-0.92–0.94× cuDNN at head dim 128 and 0.95–0.98× at 64 for L 4096–8192, 1.03–1.15× at L ≤ 1024,
-1.29–1.37× our Triton kernels.
+has no `run_state` or `plgpu.load` yet. On an H100 (jax 0.11.2, bf16,
+docs/kernels/bench_hopper_bwd_h100.json): forward 572–598 TFLOP/s at head dim 128 (L 4096–8192),
+0.98–1.00× cuDNN's speed; forward+backward 0.92–0.94× cuDNN at head dim 128 and 0.95–0.98× at 64
+for L 4096–8192, 1.03–1.15× at L ≤ 1024, 1.29–1.37× our Triton kernels.
 """
 from __future__ import annotations
 
