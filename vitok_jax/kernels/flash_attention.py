@@ -178,17 +178,15 @@ def _use_hopper(hopper: Union[None, bool, str], backend: str, interpret: bool, m
     return False, False
   reason = "the Hopper kernel runs compiled on an sm_90 GPU only"
   if backend == "gpu" and not interpret:
-    from vitok_jax.kernels import flash_attention_hopper  # Imports Mosaic GPU.
-    if flash_attention_hopper.is_hopper():
-      reason = flash_attention_hopper.unsupported_reason(q_BLHD, k_BSHD, v_BSHD, masked=masked,
-                                                         scale=scale)
+    from vitok_jax.kernels import flash_attention_hopper as kernels  # Imports Mosaic GPU.
+    if kernels.is_hopper():
+      reason = kernels.unsupported_reason(q_BLHD, k_BSHD, v_BSHD, masked=masked, scale=scale)
   if hopper and reason:
     raise ConfigError(f"hopper={hopper!r}: {reason}; leave hopper unset to fall back to Triton")
   if reason:
     return False, False
   if hopper is None:  # Where the Hopper backward was measured ahead of Triton's.
-    from vitok_jax.kernels import flash_attention_hopper
-    return True, q_BLHD.shape[1] >= flash_attention_hopper.BACKWARD_MIN_Q_LEN
+    return True, q_BLHD.shape[1] >= kernels.BACKWARD_MIN_Q_LEN
   return True, hopper is True
 
 

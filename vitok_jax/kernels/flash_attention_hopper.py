@@ -190,9 +190,7 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
         fetch(i + stages, lax.rem(i, stages), wait_free=True)
 
   def entry(q_ref, k_ref, v_ref, o_ref, lse_ref):
-    # 128-byte swizzled (8, 64) tiles: the shared-memory layout wgmma reads without bank
-    # conflicts for 2-byte elements.
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    transforms = _wgmma_transforms(dtype, head_dim)  # (8, 64) tiles, 128-byte swizzle.
     tiles = lambda *shape: plgpu.SMEM(shape, dtype, transforms=transforms)
     smem = (tiles(_COMPUTE_WARPGROUPS, BLOCK_Q, head_dim), tiles(stages, BLOCK_K, head_dim),
             tiles(stages, BLOCK_K, head_dim),
