@@ -213,18 +213,26 @@ def _spy_on_hopper_kernels(monkeypatch) -> list:
   return calls
 
 
-@pytest.mark.parametrize("mode", [True, "forward"])
-def test_hopper_kernel_lowers_for_cuda(mode, monkeypatch):
+@pytest.mark.parametrize("mode,options", [
+    (True, {}), ("forward", {}), (True, {"swizzled_dq": True, "deferred_dq": True})])
+def test_hopper_kernel_lowers_for_cuda(mode, options, monkeypatch):
   """The Mosaic GPU kernels have no interpreter: here flash_attention's forward+backward (grouped
   heads, bf16, under vmap) is lowered for CUDA, on the Hopper kernels for both passes or, with
-  "forward", with the Triton backward."""
-  monkeypatch.setattr(hopper, "is_hopper", lambda device=None: True)
+  "forward", with the Triton backward; the backward with the `BackwardOptions` in force when the
+  forward was traced."""
+  monkeypatch.setattr(policy, "is_hopper", lambda device=None: True)
   calls = _spy_on_hopper_kernels(monkeypatch)
+  seen_options, inner = [], hopper._backward
+  monkeypatch.setattr(hopper, "_backward",
+                      lambda *a, **kw: seen_options.append(kw["options"]) or inner(*a, **kw))
+
+  def attend(q, k, v):
+    with hopper.backward_options(**options):
+      return flash.flash_attention(q, k, v, backend="gpu", interpret=False, hopper=mode)
 
   def fwd_bwd(q, k, v):
-    out, vjp = jax.vjp(lambda q, k, v: flash.flash_attention(
-        q, k, v, backend="gpu", interpret=False, hopper=mode), q, k, v)
-    return out, vjp(out)
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, vjp(out)  # The backward, traced here, has the options of the forward's trace.
 
   # Under vmap too (over a leading axis, with k and v shared): the kernels batch.
   fwd_bwd = jax.vmap(fwd_bwd, in_axes=(0, None, None))
@@ -236,6 +244,8 @@ def test_hopper_kernel_lowers_for_cuda(mode, monkeypatch):
       q, kv, kv).mlir_module()
   assert "mosaic_gpu" in text
   assert calls == (["forward", "backward"] if mode is True else ["forward"])
+  # (custom_vmap traces the kernel twice: once unbatched for its types.)
+  assert set(seen_options) == ({hopper.BackwardOptions(**options)} if mode is True else set())
   assert ("triton" in text) == (mode == "forward")
 
 
@@ -255,7 +265,7 @@ def test_hopper_kernel_says_what_does_not_fit():
   with pytest.raises(ConfigError, match="'forward'"):
     flash.flash_attention(jnp.zeros(x.shape, x.dtype), *[jnp.zeros(x.shape, x.dtype)] * 2,
                           hopper="backward")
-  if not hopper.is_hopper():
+  if not policy.is_hopper():
     q = jnp.zeros(x.shape, x.dtype)
     with pytest.raises(ConfigError, match="sm_90"):
       flash.flash_attention(q, q, q, hopper=True)
@@ -265,7 +275,7 @@ def test_hopper_passes_by_mode_and_length(monkeypatch):
   """Which passes run on the Hopper kernels: the backward by default only from
   BACKWARD_MIN_Q_LEN queries (measured slower below), both with True, the forward with
   "forward", neither with False or a mask."""
-  monkeypatch.setattr(hopper, "is_hopper", lambda device=None: True)
+  monkeypatch.setattr(policy, "is_hopper", lambda device=None: True)
   spec = lambda length: jax.ShapeDtypeStruct((1, length, 4, 64), jnp.bfloat16)
   passes = lambda mode, length, masked=False: flash._use_hopper(
       mode, "gpu", False, masked, 0.125, spec(length), spec(length), spec(length))
@@ -279,20 +289,25 @@ def test_hopper_passes_by_mode_and_length(monkeypatch):
     passes(True, 4096, masked=True)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu" or not hopper.is_hopper(),
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not policy.is_hopper(),
                     reason="the Mosaic GPU kernel runs on an sm_90 GPU only")
 @pytest.mark.parametrize("q_len,kv_len,head_dim,dtype,kv_heads", [
     (384, 384, 128, jnp.bfloat16, 2), (384, 384, 64, jnp.float16, 4),
     # Padded queries and head dim, one key tile (a ring of one slot), two key tiles.
     (200, 128, 96, jnp.bfloat16, 4), (128, 256, 64, jnp.bfloat16, 1)])
-def test_hopper_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads, monkeypatch):
+@pytest.mark.parametrize("options", [{}, {"swizzled_dq": True}, {"deferred_dq": True}],
+                         ids=["default", "swizzled_dq", "deferred_dq"])
+def test_hopper_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads, options,
+                                        monkeypatch):
   """Unmasked attention on an H100/H200 takes the Hopper forward and backward by default
   (checked by spies; the backward's length threshold lowered for these short cases) and matches
-  the reference: output, logsumexp and gradients."""
+  the reference: output, logsumexp and gradients, for the backward's default and each
+  `BackwardOptions` variant."""
   monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
   calls = _spy_on_hopper_kernels(monkeypatch)
-  _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
-                   head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"])
+  with hopper.backward_options(**options):
+    _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
+                     head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"])
   assert "forward" in calls and "backward" in calls
 
 
@@ -336,6 +351,20 @@ def test_resolve_impl_policy(monkeypatch):
   assert resolve("auto", bf16, q_len=8192, head_dim=82, backend="gpu") == "pallas_gpu"  # 8 ∤ 82.
   assert resolve("auto", bf16, q_len=256, head_dim=82, backend="gpu") == "xla"
   assert resolve("auto", bf16, q_len=8192, mask="dense", backend="gpu") == "cudnn"
+  # On a Hopper GPU our kernels take short unmasked sequences in whole 128-token tiles, head dim
+  # 64 or 128 (where they beat cuDNN); cuDNN keeps the rest.
+  hopper_gpu = lambda **kw: resolve("auto", bf16, backend="gpu", hopper=True, **kw)
+  assert hopper_gpu(q_len=256, head_dim=64) == "pallas_gpu"
+  assert hopper_gpu(q_len=policy.HOPPER_AHEAD_MAX_LEN, head_dim=128) == "pallas_gpu"
+  assert hopper_gpu(q_len=256, kv_len=384, head_dim=64) == "pallas_gpu"
+  assert hopper_gpu(q_len=4096, head_dim=128) == "cudnn"
+  assert hopper_gpu(q_len=288, head_dim=64) == "cudnn"  # Padded keys are masked.
+  assert hopper_gpu(q_len=256, kv_len=200, head_dim=64) == "cudnn"
+  assert hopper_gpu(q_len=256, head_dim=96) == "cudnn"
+  assert hopper_gpu(q_len=256, head_dim=64, mask="causal") == "cudnn"
+  assert resolve("auto", bf16, q_len=256, head_dim=64, backend="gpu", hopper=False) == "cudnn"
+  assert resolve("auto", bf16, q_len=256, head_dim=64, backend="gpu") == (
+      "pallas_gpu" if policy.is_hopper() else "cudnn")
   assert resolve("auto", q_len=1024, backend="cpu") == "xla"
   # TPU is not validated yet: XLA; once it is, its kernel.
   assert resolve("auto", q_len=8192, backend="tpu") == "xla"

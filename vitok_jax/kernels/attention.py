@@ -48,15 +48,18 @@ def _cudnn_supports(dtype, head_dim: Optional[int]) -> bool:
 
 def resolve_impl(impl: str, dtype=jnp.float32, *, q_len: Optional[int] = None,
                  head_dim: Optional[int] = None, mask: str = "none",
-                 backend: Optional[str] = None) -> str:
+                 backend: Optional[str] = None, kv_len: Optional[int] = None,
+                 hopper: Optional[bool] = None) -> str:
   """The concrete implementation `impl` runs as: "xla", "cudnn", "pallas_gpu" or "pallas_tpu".
 
   "auto" on CPU is always "xla". On GPU/TPU, where `policy` allows the Pallas kernel (the backend
   is hardware-validated): cuDNN for the mask kinds where the benchmark found it ahead
-  (`policy.VENDOR_AHEAD`) if it supports the dtype and head dim; else our kernel for a mask whose
-  empty tiles it skips (block-causal, segments, causal) or a sequence of at least
-  `policy.MIN_FLASH_LEN` tokens. Otherwise cuDNN for half precision with head_dim a multiple of 8
-  up to 128, else XLA.
+  (`policy.VENDOR_AHEAD`) if it supports the dtype and head dim, except on a Hopper GPU for the
+  unmasked shapes of `policy.hopper_ahead` (short sequences), which take our kernel; else our
+  kernel for a mask whose empty tiles it skips (block-causal, segments, causal) or a sequence of at
+  least `policy.MIN_FLASH_LEN` tokens. Otherwise cuDNN for half precision with head_dim a
+  multiple of 8 up to 128, else XLA. kv_len defaults to q_len; hopper (whether the GPU is an
+  sm_90 one) to asking the device.
   """
   if impl not in IMPLS:
     raise ConfigError(f"attention impl={impl!r} is unknown; use one of {IMPLS}")
@@ -70,7 +73,9 @@ def resolve_impl(impl: str, dtype=jnp.float32, *, q_len: Optional[int] = None,
   vendor = backend == "gpu" and _cudnn_supports(dtype, head_dim)
   if backend in ("gpu", "tpu") and mask != "dense" and policy.pallas_allowed(backend):
     if vendor and mask in policy.VENDOR_AHEAD[backend]:
-      return "cudnn"
+      hopper = policy.is_hopper() if hopper is None and backend == "gpu" else hopper
+      ours_ahead = mask == "none" and hopper and policy.hopper_ahead(q_len, kv_len, head_dim)
+      return "pallas_gpu" if ours_ahead else "cudnn"
     long_enough = q_len is not None and q_len >= policy.MIN_FLASH_LEN[backend]
     if long_enough or mask in ("block_causal", "segment", "causal"):
       return f"pallas_{backend}"
@@ -114,7 +119,8 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=F
   kv_len = k_BSHD.shape[1]
   kind = mask_kind(mask_BHLS=mask_BHLS, is_causal=is_causal, segment_ids=segment_ids,
                    block_ids=block_ids)
-  impl = resolve_impl(impl, q_BLHD.dtype, q_len=q_len, head_dim=head_dim, mask=kind)
+  impl = resolve_impl(impl, q_BLHD.dtype, q_len=q_len, head_dim=head_dim, mask=kind,
+                      kv_len=kv_len)
   ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   if impl.startswith("pallas"):
     if mask_BHLS is not None:

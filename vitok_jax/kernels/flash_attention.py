@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
 from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import masks
+from vitok_jax.kernels import policy
 
 # Finite "minus infinity" for masked scores: exp(mask - max) must be 0, never NaN (inf - inf).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -85,7 +86,8 @@ class KernelConfig:
   blocks: BlockSizes
   interpret: bool
   hopper_forward: bool = False  # GPU: the forward on the Mosaic GPU kernels (`hopper`),
-  hopper_backward: bool = False  # and the backward.
+  # and the backward, with these `flash_attention_hopper.BackwardOptions` (None: on Triton).
+  hopper_backward: Optional[Any] = None
 
 
 def _kernel_module(backend: str):
@@ -177,10 +179,9 @@ def _use_hopper(hopper: Union[None, bool, str], backend: str, interpret: bool, m
   if hopper is False:
     return False, False
   reason = "the Hopper kernel runs compiled on an sm_90 GPU only"
-  if backend == "gpu" and not interpret:
+  if backend == "gpu" and not interpret and policy.is_hopper():
     from vitok_jax.kernels import flash_attention_hopper as kernels  # Imports Mosaic GPU.
-    if kernels.is_hopper():
-      reason = kernels.unsupported_reason(q_BLHD, k_BSHD, v_BSHD, masked=masked, scale=scale)
+    reason = kernels.unsupported_reason(q_BLHD, k_BSHD, v_BSHD, masked=masked, scale=scale)
   if hopper and reason:
     raise ConfigError(f"hopper={hopper!r}: {reason}; leave hopper unset to fall back to Triton")
   if reason:
@@ -255,9 +256,12 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
   hopper_forward, hopper_backward = _use_hopper(hopper, backend, interpret, masked, scale,
                                                 q_BLHD, k_BSHD, v_BSHD)
+  if hopper_backward:  # The options in force now (`flash_attention_hopper.backward_options`).
+    from vitok_jax.kernels import flash_attention_hopper
+    hopper_backward = flash_attention_hopper.BACKWARD_OPTIONS
   cfg = KernelConfig(scale=scale, causal=causal, kv_len=None if padded_kv == kv_len else kv_len,
                      group=heads // kv_heads, blocks=blocks, interpret=interpret,
-                     hopper_forward=hopper_forward, hopper_backward=hopper_backward)
+                     hopper_forward=hopper_forward, hopper_backward=hopper_backward or None)
   ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   # Padded tokens repeat the last id, so the per-block id ranges (and the skipping) are unchanged.
   ids = masks.MaskIds(*(_pad_axis(x, 1, padded_q if i % 2 == 0 else padded_kv, mode="edge")

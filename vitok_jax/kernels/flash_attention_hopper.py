@@ -13,7 +13,8 @@ log) that the Triton backward (`flash_attention_gpu.backward`) reads, so the two
 
 Backward (`backward`): FlashAttention-3's single pass per key block, five matmuls per tile pair
 with dQ added into float32 global memory by TMA reduce-adds (jax's Mosaic GPU backward, like our
-Triton one, runs a second pass for dQ: seven matmuls).
+Triton one, runs a second pass for dQ: seven matmuls). `BackwardOptions` holds variants of it that
+are being measured against it (`backward_options` selects them for a trace).
 
 Unmasked attention only, lengths that are multiples of the tiles, head dims 64 and 128 (through
 `flash_attention`, which pads: query lengths over 64 with the default tiles, head dims 33–128), a
@@ -26,6 +27,8 @@ for L 4096–8192, 1.03–1.15× at L ≤ 1024, 1.29–1.37× our Triton kernels
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 from typing import Optional
 
@@ -42,12 +45,6 @@ HEAD_DIMS = (64, 128)
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 LOG2_E = math.log2(math.e)
 _COMPUTE_WARPGROUPS = 2
-
-
-def is_hopper(device=None) -> bool:
-  """An sm_90 GPU (H100 / H200), where wgmma and TMA exist."""
-  device = device or jax.devices()[0]
-  return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
 
 
 def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
@@ -226,12 +223,49 @@ BWD_BLOCK_Q = 64  # Queries per pipeline step of the backward.
 BACKWARD_MIN_Q_LEN = 1024
 
 
-def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float):
+@dataclasses.dataclass(frozen=True)
+class BackwardOptions:
+  """Variants of the backward under measurement. `tools/bench_kernels.py --impls
+  pallas,pallas+swizzled_dq,...` times each against the default in one run, and
+  `test_hopper_kernels_match_reference` checks each on the GPU; a variant becomes the default
+  once both pass there. Neither has run on a GPU yet.
+
+  swizzled_dq: stage each dQ tile for its TMA add in 128-byte-swizzled shared memory. Stored from
+    the wgmma register layout into plain 256-byte rows, every row of a warp's store starts on the
+    same bank (a 4-way conflict per 64-bit store), and the backward's shared memory traffic is
+    close to its budget.
+  deferred_dq: head dim 128 only: step i computes the dQ of query tile i − 1, whose dSᵀ both
+    warpgroups wrote a step earlier, so neither waits for the other within a step (three dSᵀ
+    slots); the default meets every step once both halves of dSᵀ are written, which keeps the two
+    in lockstep and their softmax phases together.
+  """
+  swizzled_dq: bool = False
+  deferred_dq: bool = False
+
+
+BACKWARD_OPTIONS = BackwardOptions()  # What `flash_attention` passes to `backward`.
+
+
+@contextlib.contextmanager
+def backward_options(**changes):
+  """Within this context `flash_attention` traces the Hopper backward with these
+  `BackwardOptions` fields changed (for benchmarks and tests)."""
+  global BACKWARD_OPTIONS
+  saved = BACKWARD_OPTIONS
+  BACKWARD_OPTIONS = dataclasses.replace(saved, **changes)
+  try:
+    yield
+  finally:
+    BACKWARD_OPTIONS = saved
+
+
+def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float,
+             options: BackwardOptions = BackwardOptions()):
   """`_backward`, batchable: under vmap the mapped axis joins the batch (the kernel runs once)."""
 
   @jax.custom_batching.custom_vmap
   def call(*args):
-    return _backward(*args, scale=scale)
+    return _backward(*args, scale=scale, options=options)
 
   @call.def_vmap
   def _(axis_size, in_batched, *args):
@@ -243,7 +277,8 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
   return call(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL)
 
 
-def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float):
+def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float,
+              options: BackwardOptions):
   """dq [B, L, H, D] float32 and dk, dv per query head [B, S, H, D] in q's dtype (rounded per
   head before the caller's float32 sum over a group) of unmasked attention, from the forward's
   lse [B, H, L] (natural log) and delta = Σ_d o·do [B, H, L]. dq is summed by float32 atomics
@@ -257,7 +292,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   TMA reduce-adds (float32 in global memory, so dq starts at zero and is not in q's dtype): at
   head dim 128 each warpgroup adds half the columns over all the program's keys once both have
   written dSᵀ, at 64 all columns over its own keys (see `split_dq`). Warpgroup 2 streams Q, dO,
-  lse and delta tiles into a ring of `STAGES` slots.
+  lse and delta tiles into a ring of `STAGES` slots. `options`: `BackwardOptions`.
   """
   batch, q_len, heads, head_dim, kv_len, group = _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale)
   dtype = q_BLHD.dtype
@@ -269,8 +304,11 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   # with twice the reduce-adds and no meeting (0.96–0.97× against 0.91–0.93×):
   # docs/kernels/hopper_bwd_{own,split}_dq_h100.json.
   split_dq = head_dim > 64
+  deferred = split_dq and options.deferred_dq  # Step i adds tile i − 1's dQ.
   dq_cols = head_dim // _COMPUTE_WARPGROUPS if split_dq else head_dim
-  ds_slots = 2 if split_dq else 1  # Both read dSᵀ: the next step writes the other slot.
+  # Split: both read a dSᵀ slot, which the next step (deferred: the step after) may not overwrite.
+  ds_slots = (3 if deferred else 2) if split_dq else 1
+  dq_transforms = _wgmma_transforms(jnp.float32, dq_cols) if options.swizzled_dq else ()
   logit_scale = scale * LOG2_E
   tiles = _wgmma_transforms(dtype, dq_cols)  # K is read a column half at a time for a split dQ.
 
@@ -297,7 +335,29 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
       by_query = lambda x_Q, shape: lax.broadcast_in_dim(x_Q, shape, [1])
       tile = (BWD_BLOCK_K, BWD_BLOCK_Q)
 
-      def step(i, carry):
+      def dq_matmul(dq_acc, ds_slot):
+        """dQ = dS·K of the tile whose dSᵀ is in `ds_slot`: split, our column half over all keys;
+        else all columns over our keys."""
+        if split_dq:
+          plgpu.wgmma(dq_acc, plgpu.transpose_ref(ds_smem.at[ds_slot], (1, 0)),
+                      k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)])
+        else:
+          plgpu.wgmma(dq_acc, plgpu.transpose_ref(ds_smem.at[ds_slot, own], (1, 0)), k_own)
+
+      def add_dq(dq_QD, i):
+        """Adds dQ of query tile i into dq by a TMA reduce-add."""
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add has read dq_smem.
+        dq_smem.at[wg][...] = dq_QD * scale
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(
+            dq_smem.at[wg],
+            dq_ref.at[b, pl.ds(i * BWD_BLOCK_Q, BWD_BLOCK_Q), h,
+                      pl.ds(wg * dq_cols if split_dq else 0, dq_cols)],
+            reduction_op="add")
+
+      def step(i, carry, with_dq: bool = True):
+        """dSᵀ, dK and dV of query tile i, and dQ of tile i (deferred: i − 1; with_dq=False: no
+        dQ, deferred's first step)."""
         dk_KD, dv_KD = carry
         slot, ds_slot = lax.rem(i, stages), lax.rem(i, ds_slots)
         q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
@@ -322,31 +382,36 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
         ds_KQ = (p_KQ * (dp_KQ - by_query(delta_Q, tile))).astype(dtype)
 
         def gradients(refs):
-          dk_acc, dq_acc = refs
+          dk_acc, *dq_acc = refs
           plgpu.wgmma(dk_acc, ds_KQ, q_tile)  # Needs only our dSᵀ: runs while we wait below.
+          if deferred and with_dq:
+            # Both wrote tile i − 1's dSᵀ, so both finished tile i − 2's dQ, which read this slot.
+            plgpu.barrier_wait(ds_written)
           ds_smem.at[ds_slot, own][...] = ds_KQ
           plgpu.commit_smem()
-          if split_dq:
+          if deferred:
+            plgpu.barrier_arrive(ds_written)
+          elif split_dq:
             meet()  # Both halves of dSᵀ are written.
-            plgpu.wgmma(dq_acc, plgpu.transpose_ref(ds_smem.at[ds_slot], (1, 0)),
-                        k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)])
-          else:
-            plgpu.wgmma(dq_acc, plgpu.transpose_ref(ds_smem.at[ds_slot, own], (1, 0)), k_own)
-        dk_KD, dq_QD = pl.run_state(gradients)(
-            (plgpu.ACC.init(dk_KD), plgpu.ACC.init(zeros(BWD_BLOCK_Q, dq_cols))))
+          if with_dq:
+            dq_matmul(dq_acc[0], lax.rem(i - 1, ds_slots) if deferred else ds_slot)
+        dq_init = (plgpu.ACC.init(zeros(BWD_BLOCK_Q, dq_cols)),) if with_dq else ()
+        dk_KD, *dq_QD = pl.run_state(gradients)((plgpu.ACC.init(dk_KD), *dq_init))
         plgpu.barrier_arrive(free.at[slot])
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # The last add has read dq_smem.
-        dq_smem.at[wg][...] = dq_QD * scale
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(
-            dq_smem.at[wg],
-            dq_ref.at[b, pl.ds(i * BWD_BLOCK_Q, BWD_BLOCK_Q), h,
-                      pl.ds(wg * dq_cols if split_dq else 0, dq_cols)],
-            reduction_op="add")
+        if with_dq:
+          add_dq(dq_QD[0], i - 1 if deferred else i)
         return dk_KD, dv_KD
 
-      dk_KD, dv_KD = lax.fori_loop(0, q_steps, step,
-                                   (zeros(BWD_BLOCK_K, head_dim), zeros(BWD_BLOCK_K, head_dim)))
+      carry = (zeros(BWD_BLOCK_K, head_dim), zeros(BWD_BLOCK_K, head_dim))
+      if deferred:
+        carry = step(0, carry, with_dq=False)
+        carry = lax.fori_loop(1, q_steps, step, carry)
+        plgpu.barrier_wait(ds_written)  # The last tile's dSᵀ is written: its dQ.
+        add_dq(pl.run_state(lambda acc: dq_matmul(acc, (q_steps - 1) % ds_slots))(
+            plgpu.ACC.init(zeros(BWD_BLOCK_Q, dq_cols))), q_steps - 1)
+      else:
+        carry = lax.fori_loop(0, q_steps, step, carry)
+      dk_KD, dv_KD = carry
       if split_dq:
         meet()  # The other warpgroup's last dQ has read our K rows: they can hold dK now.
       k_own[...] = (dk_KD * scale).astype(dtype)
@@ -388,7 +453,8 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
             plgpu.SMEM((stages, BWD_BLOCK_Q), jnp.float32),
             plgpu.SMEM((stages, BWD_BLOCK_Q), jnp.float32),
             plgpu.SMEM((ds_slots, kv_rows, BWD_BLOCK_Q), dtype, transforms=tiles),
-            plgpu.SMEM((_COMPUTE_WARPGROUPS, BWD_BLOCK_Q, dq_cols), jnp.float32))
+            plgpu.SMEM((_COMPUTE_WARPGROUPS, BWD_BLOCK_Q, dq_cols), jnp.float32,
+                       transforms=dq_transforms))
     ready = ((plgpu.Barrier(num_barriers=_COMPUTE_WARPGROUPS),) * 2
              + (plgpu.Barrier(num_barriers=stages),) * 4)
     free = plgpu.Barrier(num_arrivals=_COMPUTE_WARPGROUPS, num_barriers=stages)

@@ -12,8 +12,9 @@ Measured on an H100 (jax 0.11.2, bf16, docs/kernels/bench_kernels_h100.json, def
     L = 4096 / 8192; 1.03–1.06× cuDNN at L = 1024 and 1.19–1.24× at 256 (with the Triton
     backward there) (docs/kernels/bench_hopper_bwd_h100.json);
   - on Triton (every mask) fwd+bwd at L ≥ 4096 is 2.7–3.0× XLA (head dim 128) but 0.67–0.74×
-    cuDNN, 0.73–0.75× with the causal mask (docs/kernels/bench_causal_h100.json): dense and
-    causal masks stay on cuDNN where it applies (half precision, head_dim % 8 == 0);
+    cuDNN, 0.73–0.75× with the causal mask (docs/kernels/bench_causal_h100.json): unmasked and
+    causal attention stay on cuDNN where it applies (half precision, head_dim % 8 == 0), except
+    the short unmasked Hopper shapes of `hopper_ahead`;
   - block-causal (VAR, 680 / 2240 tokens, head dim 64): 4.2× / 7.4× XLA and 1.32× / 1.73× cuDNN
     given the same mask densely; no [L, S] mask is built;
   - BSQ 4.0× and VQ (16384 codes) 3.6× the XLA-fused jnp versions, VQ without the 4.3 GB
@@ -32,6 +33,32 @@ HARDWARE_VALIDATED: frozenset = frozenset({"gpu"})
 # Mask kinds for which the vendor's fused attention (cuDNN) beat ours in the benchmark: "auto"
 # keeps it there whenever it supports the dtype and head dim.
 VENDOR_AHEAD = {"gpu": ("none", "causal"), "tpu": ()}
+
+# Hopper GPUs (sm_90): for unmasked half-precision attention up to this many queries, with query
+# and key lengths in whole 128-token tiles and head dim 64 or 128, our Mosaic GPU kernels (with
+# the Triton backward below `flash_attention_hopper.BACKWARD_MIN_Q_LEN`) beat cuDNN: fwd+bwd
+# 1.24× / 1.19× at L = 256 (head dim 128 / 64) and 1.03× / 1.06× at 1024, forward alone 1.07× /
+# 1.00× and 1.01× / 0.93× (docs/kernels/bench_hopper_bwd_h100.json; 512 not measured). From 4096
+# on cuDNN leads (0.92–0.98×), so "auto" keeps it there. ViTok's 256-token images fall here.
+HOPPER_AHEAD_MAX_LEN = 1024
+HOPPER_HEAD_DIMS = (64, 128)
+HOPPER_TILE = 128
+
+
+def hopper_ahead(q_len, kv_len, head_dim) -> bool:
+  """Whether this unmasked half-precision shape is one where the Hopper kernels beat cuDNN."""
+  if q_len is None or head_dim not in HOPPER_HEAD_DIMS:
+    return False
+  kv_len = q_len if kv_len is None else kv_len
+  return (0 < q_len <= HOPPER_AHEAD_MAX_LEN and q_len % HOPPER_TILE == 0
+          and 0 < kv_len and kv_len % HOPPER_TILE == 0)
+
+
+def is_hopper(device=None) -> bool:
+  """An sm_90 GPU (H100 / H200; default: the first device), where wgmma and TMA exist."""
+  device = device or jax.devices()[0]
+  return device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
+
 
 # Shortest sequence for which flash attention is chosen over materialising the scores when no
 # vendor kernel applies (e.g. float32). On GPU ours beat XLA from 256 tokens on in bf16; below
