@@ -95,7 +95,7 @@ def test_slurm_script_runs_one_process_per_gpu_with_the_first_node_as_coordinato
 
 
 def test_tpu_commands_use_queued_resources_and_all_workers():
-  spec = JobSpec(config="vitok:L-L/16", workdir="gs://bucket/ll", tpu_name="pod", zone="us-east5-b",
+  spec = JobSpec(config="vitok:L-L/16", workdir="/gcs/bucket/ll", tpu_name="pod", zone="us-east5-b",
                  accelerator_type="v5litepod-64", compilation_cache="gs://bucket/xla")
   create, run = render_tpu_commands(spec)
   assert create.startswith("gcloud compute tpus queued-resources create pod --node-id=pod")
@@ -104,6 +104,8 @@ def test_tpu_commands_use_queued_resources_and_all_workers():
   assert "--distributed=auto" in run and "VITOK_COMPILATION_CACHE=gs://bucket/xla" in run
   with pytest.raises(ConfigError, match="a TPU launch needs"):
     render_tpu_commands(JobSpec(config="vitok", workdir="/w"))
+  with pytest.raises(ConfigError, match="is a URL.*/gcs/bucket/ll"):  # Runs write local files.
+    JobSpec(config="vitok", workdir="gs://bucket/ll")
 
 
 def test_job_spec_rejects_bad_layouts():

@@ -1,6 +1,7 @@
-"""Sweeps: expansion and stable ids, skip/resume/retry with a fake trainer, results, CLI, launchers."""
+"""Sweeps: expansion, stable ids, skip/resume/retry with a fake trainer, results, CLI, launchers."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -12,19 +13,33 @@ import pytest
 
 from vitok_jax import cli
 from vitok_jax.errors import ConfigError
+from vitok_jax.launch import JobSpec, launch_args, local, tpu
 from vitok_jax.scaling import results, sweep
 
 BASE = "vitok:Mu-Mu/4,res=16,data=mnist,batch=8,steps=2"
 
-# Stands in for `vitok train`: counts launches, honours SIGTERM like the trainer (exit 0, no
-# record), fails while WORKDIR/fail_N files remain, else writes a record whose PSNR rises with E.
+# Stands in for `vitok train`: counts launches and notes its CUDA_VISIBLE_DEVICES, honours SIGTERM
+# like the trainer (saves a checkpoint, exits 0, no record), is pre-empted (SIGTERM) while
+# WORKDIR/preempt_N files remain, fails while WORKDIR/fail_N files remain, else writes a record
+# whose PSNR rises with E.
 FAKE_TRAINER = textwrap.dedent("""
     import glob, json, math, os, signal, sys, time
     workdir, calls, sleep = sys.argv[1], sys.argv[2], float(sys.argv[3])
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    def preempted(*_):
+      os.makedirs(os.path.join(workdir, "checkpoints", "1"), exist_ok=True)
+      sys.exit(0)
+    signal.signal(signal.SIGTERM, preempted)
     with open(calls, "a") as f:
       f.write(os.path.basename(workdir) + "\\n")
+    with open(os.path.join(workdir, "gpus.txt"), "a") as f:
+      f.write(os.environ.get("CUDA_VISIBLE_DEVICES", "-") + "\\n")
     time.sleep(sleep)
+    preempts = sorted(glob.glob(os.path.join(workdir, "preempt_*")))
+    if preempts:
+      os.remove(preempts[0])
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(60)
     fails = sorted(glob.glob(os.path.join(workdir, "fail_*")))
     if fails:
       os.remove(fails[0])
@@ -168,7 +183,8 @@ def test_interrupted_sweep_finishes_only_missing_runs(tmp_path, fake):
       command = [sys.executable, {str(tmp_path / 'fake_train.py')!r}]
       runs = sweep.prepare(test_sweep._sweep(), {sweep_dir!r})
       sweep.run_local(runs, {sweep_dir!r}, poll_s=0.05,
-                      command=lambda r: command + [r.workdir, {str(tmp_path / 'calls.txt')!r}, "0.4"])
+                      command=lambda r: command + [r.workdir, {str(tmp_path / 'calls.txt')!r},
+                                                   "0.4"])
   """))
   first = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
   deadline = time.time() + 60
@@ -212,11 +228,35 @@ def test_results_fit_and_plots_via_cli(tmp_path, fake, capsys):
   assert "eval/l2 = " in capsys.readouterr().out
   # Each `vitok fit` adds its fit to fits.json (same spec replaced), it does not overwrite the rest.
   for _ in range(2):
-    assert cli.main(["vitok", "fit", sweep_dir, "--x=E", "--y=eval/psnr", "--offset", "--n_boot=50"]) == 0
+    assert cli.main(["vitok", "fit", sweep_dir, "--x=E", "--y=eval/psnr", "--offset",
+                     "--n_boot=50"]) == 0
   specs = [f["spec"] for f in json.load(open(os.path.join(sweep_dir, "fits.json")))]
   assert specs[:2] == [dict(x="E", y="eval/psnr"), dict(x="E", y="eval/l2")]
   assert sorted(map(json.dumps, specs[2:])) == sorted(map(json.dumps, [
       dict(x="E", y="eval/l2", offset=False), dict(x="E", y="eval/psnr", offset=True)]))
+  # More runs: every stored fit is refitted on all of them, none stays over the old five.
+  runs = sweep.prepare(_sweep((1, 2, 4, 8, 16, 32)), sweep_dir)
+  sweep.run_local(runs, sweep_dir, command=command(), log=lambda _: None, poll_s=0.05)
+  assert cli.main(["vitok", "fit", sweep_dir, "--n_boot=20"]) == 0
+  fits = json.load(open(os.path.join(sweep_dir, "fits.json")))
+  assert [f["spec"] for f in fits] == specs and [f["n"] for f in fits] == [6] * 4
+
+
+def test_results_keep_swept_values_and_the_sweeps_max_attempts(tmp_path, fake):
+  """Rows without a record keep their swept c; `vitok results` uses the sweep's max_attempts."""
+  command, _ = fake
+  config = _sweep((1, 2, 4))
+  config.max_attempts = 1
+  runs = sweep.prepare(config, str(tmp_path))
+  (tmp_path / "runs" / runs[0].id / "fail_0").touch()
+  sweep.run_local(runs[:2], str(tmp_path), max_attempts=1, command=command(), log=lambda _: None,
+                  poll_s=0.05)
+  rows = results.gather(str(tmp_path))
+  assert [(r["status"], r["c"]) for r in rows] == [
+      (sweep.FAILED, 1), (sweep.DONE, 2), (sweep.PENDING, 4)]
+  assert [r["status"] for r in results.gather(str(tmp_path), max_attempts=3)][0] == sweep.PENDING
+  assert cli.main(["vitok", "results", str(tmp_path)]) == 0
+  assert "| failed | 1 |" in open(tmp_path / "results.md").read()
 
 
 def test_generator_rows_name_their_tokenizer(tmp_path):
@@ -262,25 +302,272 @@ def test_heatmap(tmp_path):
   assert all(os.path.getsize(p) > 1000 for p in paths)
 
 
-def test_slurm_array_and_tpu_commands(tmp_path):
+def test_preempted_run_resumes_without_using_an_attempt(tmp_path, fake):
+  """SIGTERM from outside: the trainer checkpoints and exits 0 without record.json. The sweep
+  resumes the run and counts no attempt (max_attempts=1 would otherwise fail it at once)."""
+  command, launched = fake
+  runs = sweep.prepare(_sweep((1, 2)), str(tmp_path))
+  for i in range(2):
+    (tmp_path / "runs" / runs[0].id / f"preempt_{i}").touch()
+  (tmp_path / "runs" / runs[1].id / "fail_0").touch()
+  status = sweep.run_local(runs, str(tmp_path), max_attempts=1, command=command(),
+                           log=lambda _: None, poll_s=0.05)
+  assert status == {runs[0].id: sweep.DONE, runs[1].id: sweep.FAILED}
+  assert launched().count(runs[0].id) == 3
+  state = sweep.read_status(runs[0].workdir)
+  assert state["attempts"] == 0 and state["preemptions"] == 2
+  assert sweep.read_status(runs[1].workdir)["attempts"] == 1
+  # Exit 0 with neither a record nor a checkpoint is a failed attempt, not a pre-emption.
+  workdir = tmp_path / "runs" / runs[0].id
+  (workdir / "record.json").unlink()
+  os.rename(workdir / "checkpoints", workdir / "old_checkpoints")
+  status = sweep.run_local(runs[:1], str(tmp_path), max_attempts=1, log=lambda _: None,
+                           poll_s=0.05, command=lambda run: [sys.executable, "-c", "pass"])
+  assert status == {runs[0].id: sweep.FAILED}
+  assert "without record.json or a checkpoint" in sweep.read_status(runs[0].workdir)["error"]
+
+
+def test_parallel_runs_get_their_own_gpus(tmp_path, fake):
+  command, _ = fake
+  runs = sweep.prepare(_sweep((1, 2, 4, 8)), str(tmp_path))
+  sweep.run_local(runs, str(tmp_path), parallel=2, command=command(0.3), log=lambda _: None,
+                  poll_s=0.05, gpus=["0", "1", "2", "3"])
+  used = [(tmp_path / "runs" / r.id / "gpus.txt").read_text().split() for r in runs]
+  assert used[:2] == [["0,1"], ["2,3"]]  # The first two run at once, on different GPUs.
+  assert all(u in (["0,1"], ["2,3"]) for u in used)
+  with pytest.raises(ConfigError, match="3 GPUs .* do not split evenly among 2 parallel runs"):
+    sweep.run_local(runs, str(tmp_path / "again"), parallel=2, command=command(),
+                    log=lambda _: None, gpus=["0", "1", "2"])
+  # On CPU (JAX_PLATFORMS=cpu in the tests) nothing is pinned: the environment is inherited.
+  runs = sweep.prepare(_sweep((16, 32)), str(tmp_path / "cpu"))
+  sweep.run_local(runs, str(tmp_path / "cpu"), parallel=2, command=command(),
+                  log=lambda _: None, poll_s=0.05)
+  inherited = os.environ.get("CUDA_VISIBLE_DEVICES", "-")
+  assert [open(os.path.join(r.workdir, "gpus.txt")).read().split() for r in runs] == [
+      [inherited]] * 2
+
+
+def test_local_launch_gives_each_process_its_gpus(tmp_path, monkeypatch, capsys):
+  spec = JobSpec(config="vitok", workdir="/w", processes_per_node=2)
+  gpus = [env.get("CUDA_VISIBLE_DEVICES") for _, env in local.local_commands(spec, 1, ["0", "1",
+                                                                                       "2", "3"])]
+  assert gpus == ["0,1", "2,3"]
+  assert all("CUDA_VISIBLE_DEVICES" not in env for _, env in local.local_commands(spec, 1))
+  with pytest.raises(ConfigError, match="do not split evenly among 2 processes"):
+    local.local_commands(spec, 1, ["0", "1", "2"])
+  # Detection: CPU-only JAX pins nothing; CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`.
+  assert local.visible_gpus({"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "0,1"}) == []
+  assert local.visible_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _script(bin_dir / "nvidia-smi", "#!/bin/bash\necho 'GPU 0: H100 (UUID: GPU-a)'\n"
+          "echo 'GPU 1: H100 (UUID: GPU-b)'\n")
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+  assert local.visible_gpus({}) == ["0", "1"]
+  assert local.visible_gpus({"JAX_PLATFORMS": "cuda"}) == ["0", "1"]
+  assert launch_args.main(["local", "--processes=2", "--config=vitok", "--workdir=/w",
+                           "--dry_run", "--gpus=4,5"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 2
+  assert "CUDA_VISIBLE_DEVICES=4 " in lines[0] and "CUDA_VISIBLE_DEVICES=5 " in lines[1]
+
+
+def _script(path, text):
+  path.write_text(text)
+  path.chmod(0o755)
+
+
+def test_slurm_array_and_log_dirs(tmp_path):
   runs = sweep.prepare(_sweep((1, 2, 4)), str(tmp_path))
   script = sweep.render_slurm_array(runs[1:], str(tmp_path), max_parallel=2, partition="gpu",
                                     gpus_per_node=1)
   assert "#SBATCH --array=0-1%2" in script and "#SBATCH --partition=gpu" in script
   assert f"#SBATCH --output={tmp_path}/logs/slurm-%A_%a.out" in script
   assert runs[1].workdir in script and runs[2].workdir in script and runs[0].workdir not in script
-  assert "__VITOK_RUN_DIR__" not in script
+  assert "__VITOK_RUN_DIR__" not in script and "workdir=${VITOK_RUN_DIR}\n" in script
   assert '"$head_node:$((12355 + SLURM_ARRAY_TASK_ID % 1000))"' in script
   assert f"export VITOK_COMPILATION_CACHE={tmp_path}/compilation_cache" in script
   assert "--config=" + sweep.RUN_CONFIG + ":${VITOK_RUN_DIR}" in script
   result = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
   assert result.returncode == 0, result.stderr
-  lines = sweep.tpu_commands(runs, str(tmp_path), tpu_name="pod", zone="z",
-                             accelerator_type="v5litepod-8")
-  assert len(lines) == 9 and runs[0].workdir in lines[2]
+  # SLURM opens --output before the script runs: the logs directory is made with the script.
+  assert not (tmp_path / "logs").exists()
+  path = sweep.write_slurm_array(runs, str(tmp_path))
+  assert (tmp_path / "logs").is_dir() and open(path).read().count("#SBATCH --array=0-2") == 1
+  assert launch_args.main(["slurm", "--config=vitok", f"--workdir={tmp_path}/dry",
+                           "--dry_run"]) == 0
+  assert not (tmp_path / "dry").exists()
+  assert launch_args.main(["slurm", "--config=vitok", f"--workdir={tmp_path}/w"]) == 0
+  assert (tmp_path / "w" / "logs").is_dir() and (tmp_path / "w" / "launch.sbatch").exists()
 
 
-def test_cli_sweep_dry_run_and_slurm(tmp_path, capsys):
+@pytest.mark.parametrize("srun_exit, finished, requeued", [
+    (0, False, True), (0, True, False), (1, False, False)])
+def test_slurm_script_requeues_a_stopped_run(tmp_path, srun_exit, finished, requeued):
+  """After the time-limit SIGTERM the trainer exits 0 without record.json: the job requeues itself
+  (the job would end COMPLETED, which --requeue does not relaunch); finished or failed: not."""
+  bin_dir, workdir = tmp_path / "bin", tmp_path / "w"
+  bin_dir.mkdir()
+  _script(bin_dir / "srun", f"#!/bin/bash\nexit {srun_exit}\n")
+  _script(bin_dir / "scontrol", f'#!/bin/bash\n[ "$1" = show ] && echo node1\n'
+          f'[ "$1" = requeue ] && echo "$@" >> {tmp_path}/requeued\nexit 0\n')
+  assert launch_args.main(["slurm", "--config=vitok", f"--workdir={workdir}"]) == 0
+  if finished:
+    (workdir / "record.json").write_text("{}")
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42",
+             SLURM_JOB_NODELIST="node1", SLURM_NTASKS="1")
+  result = subprocess.run(["bash", str(workdir / "launch.sbatch")], env=env, capture_output=True,
+                          text=True)
+  assert result.returncode == srun_exit, result.stderr
+  assert (tmp_path / "requeued").exists() == requeued
+  if requeued:
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "42"]
+    assert "requeueing job 42" in result.stderr
+
+
+# Stands in for gcloud: logs each call (argv as JSON); `queued-resources describe` prints the
+# states of FAKE_TPU_STATES one call at a time (the last repeats); `tpu-vm ssh` exits 3 when its
+# argv contains FAKE_SSH_FAIL.
+FAKE_GCLOUD = textwrap.dedent("""\
+    #!{python}
+    import json, os, sys
+    args = sys.argv[1:]
+    with open(os.environ["FAKE_GCLOUD_LOG"], "a") as f:
+      f.write(json.dumps(args) + "\\n")
+    if args[2:4] == ["queued-resources", "describe"]:
+      if "--format=value(name)" in args:
+        sys.exit(0 if os.environ.get("FAKE_TPU_EXISTS") else 1)
+      path = os.environ["FAKE_TPU_STATES"]
+      states = open(path).read().split()
+      print(states[0])
+      open(path, "w").write(" ".join(states[1:] or states))
+    elif args[2:4] == ["queued-resources", "create"] and os.environ.get("FAKE_TPU_EXISTS"):
+      sys.exit("ERROR: already exists")
+    elif args[2:4] == ["tpu-vm", "ssh"] and os.environ.get("FAKE_SSH_FAIL"):
+      sys.exit(3 if os.environ["FAKE_SSH_FAIL"] in " ".join(args) else 0)
+""")
+
+
+@pytest.fixture
+def gcloud(tmp_path, monkeypatch):
+  """A fake gcloud first on PATH; returns (set the queued-resource states, the calls so far)."""
+  bin_dir = tmp_path / "gcloud_bin"
+  bin_dir.mkdir()
+  _script(bin_dir / "gcloud", FAKE_GCLOUD.format(python=sys.executable))
+  log, states = tmp_path / "gcloud.log", tmp_path / "tpu_states"
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+  monkeypatch.setenv("FAKE_GCLOUD_LOG", str(log))
+  monkeypatch.setenv("FAKE_TPU_STATES", str(states))
+  monkeypatch.setenv("VITOK_TPU_POLL_S", "0")
+
+  def calls():
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+  return states.write_text, calls
+
+
+def _ssh_command(call):
+  """The --command of a logged `gcloud compute tpus tpu-vm ssh` call."""
+  return next(a.split("=", 1)[1] for a in call if a.startswith("--command="))
+
+
+TPU = ["tpu", "--tpu_name=pod", "--zone=z", "--accelerator_type=v5litepod-8", "--config=vitok",
+       "--workdir=/shared/w"]
+
+
+def test_tpu_launch_waits_for_active_then_installs_and_runs(gcloud):
+  set_states, calls = gcloud
+  set_states("WAITING_FOR_RESOURCES PROVISIONING ACTIVE")
+  assert launch_args.main([*TPU, "--repo_url=https://example.com/vitok_jax.git"]) == 0
+  verbs = [" ".join(call[2:4]) for call in calls()]
+  assert verbs == ["queued-resources create"] + ["queued-resources describe"] * 3 + [
+      "tpu-vm ssh"] * 2
+  assert "--runtime-version=v2-alpha-tpuv5-lite" in calls()[0]
+  setup, job = calls()[4], calls()[5]
+  assert "--worker=all" in setup and "--worker=all" in job
+  assert "git clone -q https://example.com/vitok_jax.git ~/vitok_jax" in _ssh_command(setup)
+  assert "python3 -m pip install -q -e ." in _ssh_command(setup)
+  assert "python3 -m vitok_jax.cli train --config=vitok --workdir=/shared/w --distributed=auto" in (
+      _ssh_command(job))
+
+
+def test_tpu_launch_reuses_an_existing_pod_and_stops_on_a_failed_one(gcloud, monkeypatch, capfd):
+  set_states, calls = gcloud
+  monkeypatch.setenv("FAKE_TPU_EXISTS", "1")
+  set_states("ACTIVE")
+  assert launch_args.main([*TPU, "--runtime_version=custom-rt"]) == 0
+  assert "--runtime-version=custom-rt" in calls()[0]
+  assert [c[3] for c in calls()] == ["create", "describe", "describe", "ssh"]
+  assert "queued resource pod exists: using it" in capfd.readouterr().err
+  monkeypatch.delenv("FAKE_TPU_EXISTS")
+  set_states("WAITING_FOR_RESOURCES SUSPENDED")
+  before = len(calls())
+  assert launch_args.main(TPU) == 1
+  assert [c[3] for c in calls()[before:]] == ["create", "describe", "describe"]  # No ssh.
+  err = capfd.readouterr().err
+  assert "queued resource pod is WAITING_FOR_RESOURCES; waiting for ACTIVE" in err
+  assert "queued resource pod is SUSPENDED and will not become ACTIVE" in err
+
+
+def test_tpu_runtime_version_follows_the_accelerator():
+  def version(accelerator, **kw):
+    return tpu.runtime_version(JobSpec(config="vitok", workdir="/w", accelerator_type=accelerator,
+                                       **kw))
+  assert [version(a) for a in ("v5litepod-64", "v5p-128", "v4-32", "v6e-8")] == [
+      "v2-alpha-tpuv5-lite", "v2-alpha-tpuv5", "tpu-ubuntu2204-base", "v2-alpha-tpuv6e"]
+  with pytest.raises(ConfigError, match="no default TPU runtime version .* pass --runtime_version"):
+    version("v3-8")
+  assert version("v3-8", runtime_version="tpu-vm-base") == "tpu-vm-base"
+
+
+def test_tpu_job_checks_the_checkout_and_shared_files_on_the_worker(tmp_path):
+  """The job's remote command, run here as a worker would: a missing repo_dir or config fails
+  with a message naming the fix; with both it runs the trainer from the checkout."""
+  home, bin_dir, config = tmp_path / "home", tmp_path / "bin", tmp_path / "shared" / "config.json"
+  bin_dir.mkdir()
+  _script(bin_dir / "python3", f'#!/bin/bash\necho "$PWD $*" > {tmp_path}/ran\n')
+  spec = JobSpec(config="cfg.py:x", workdir="/shared/w", tpu_name="pod", zone="z",
+                 accelerator_type="v5litepod-8", compilation_cache="/shared/xla")
+  remote = _ssh_command(shlex.split(tpu.job_command(spec, require=[str(config)])))
+  env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}")
+
+  def worker():
+    return subprocess.run(["bash", "-c", remote], env=env, capture_output=True, text=True)
+  result = worker()
+  assert result.returncode == 1 and "~/vitok_jax not found on TPU worker" in result.stderr
+  assert "pass --repo_url" in result.stderr
+  (home / "vitok_jax").mkdir(parents=True)
+  result = worker()
+  assert result.returncode == 1 and f"{config} not found on TPU worker" in result.stderr
+  assert "a file system every worker mounts at the same path" in result.stderr
+  config.parent.mkdir()
+  config.write_text("{}")
+  assert worker().returncode == 0
+  assert (tmp_path / "ran").read_text().split() == [
+      str(home / "vitok_jax"), "-m", "vitok_jax.cli", "train", "--config=cfg.py:x",
+      "--workdir=/shared/w", "--distributed=auto"]
+
+
+def test_tpu_sweep_creates_the_pod_once_then_runs_each_run_on_it(tmp_path, gcloud, monkeypatch):
+  set_states, calls = gcloud
+  set_states("PROVISIONING ACTIVE")
+  runs = sweep.prepare(_sweep((1, 2, 4)), str(tmp_path))
+  path = sweep.write_tpu_script(runs, str(tmp_path), tpu_name="pod", zone="z",
+                                accelerator_type="v5litepod-8")
+  monkeypatch.setenv("FAKE_SSH_FAIL", runs[1].id)  # A failed run does not stop the others.
+  result = subprocess.run(["bash", path], capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr
+  assert f"run {runs[1].id} failed (exit 3)" in result.stderr
+  verbs = [" ".join(call[2:4]) for call in calls()]
+  assert verbs == ["queued-resources create"] + ["queued-resources describe"] * 2 + [
+      "tpu-vm ssh"] * 3
+  for run, call in zip(runs, calls()[3:]):
+    remote = _ssh_command(call)
+    assert f"--config=configs/sweeps/_run.py:{run.workdir} --workdir={run.workdir}" in remote
+    assert f"test -f {run.workdir}/config.json" in remote
+    assert f"VITOK_COMPILATION_CACHE={tmp_path}/compilation_cache" in remote
+
+
+def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
   sweep_dir = str(tmp_path / "q")
   assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--dry_run"]) == 0
   out = capsys.readouterr().out
@@ -289,6 +576,15 @@ def test_cli_sweep_dry_run_and_slurm(tmp_path, capsys):
                    "--job=partition=cpu,cpus_per_task=2"]) == 0
   assert "5 of 5 runs to do" in capsys.readouterr().out
   assert "--array=0-4" in open(os.path.join(sweep_dir, "sweep.sbatch")).read()
+  assert os.path.isdir(os.path.join(sweep_dir, "logs"))
+  assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--target=tpu",
+                   "--job=tpu_name=pod,zone=z,accelerator_type=v5p-8"]) == 0
+  assert f"bash {sweep_dir}/sweep_tpu.sh" in capsys.readouterr().out
+  script = open(os.path.join(sweep_dir, "sweep_tpu.sh")).read()
+  assert script.count("queued-resources create") == 1 and script.count("--worker=all") == 5
+  assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--target=tpu",
+                   "--job=tpu_name=pod,zone=z,accelerator_type=v3-8"]) == 2
+  assert "pass --runtime_version" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~20 s alone, about a minute on a loaded 2-core machine.

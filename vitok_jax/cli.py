@@ -55,14 +55,18 @@ flags.DEFINE_float("device_memory_gb", 0.0, "compile: memory per device to check
                    "against (0 = skip), e.g. 16 for TPU v5e, 80 for H100.")
 # sweep / results / fit.
 flags.DEFINE_string("sweep_dir", None, "sweep: where the sweep lives (default runs/SWEEP_NAME).")
-flags.DEFINE_integer("parallel", None, "sweep: runs at once on this machine (default: the sweep's).")
+flags.DEFINE_integer("parallel", None, "sweep: runs at once on this machine (default: the sweep's); "
+                     "on a GPU machine each gets an equal share of the GPUs.")
 flags.DEFINE_integer("max_attempts", None, "sweep: tries per run before it counts as failed "
-                     "(default: the sweep's); a re-run with a larger value retries failed runs.")
+                     "(default: the sweep's); a re-run with a larger value retries failed runs. "
+                     "results/fit: default the value the sweep directory's manifest records.")
 flags.DEFINE_enum("target", "local", ["local", "slurm", "tpu"], "sweep: run here, write an sbatch "
-                  "job array (SWEEP_DIR/sweep.sbatch) or print per-run TPU-pod commands.")
+                  "job array (SWEEP_DIR/sweep.sbatch) or a script running the runs in turn on one "
+                  "TPU pod (SWEEP_DIR/sweep_tpu.sh; SWEEP_DIR on a file system the workers mount).")
 flags.DEFINE_bool("dry_run", False, "sweep: list the runs and their status, run nothing.")
 flags.DEFINE_list("job", [], "sweep --target=slurm/tpu: JobSpec fields as k=v, e.g. "
-                  "partition=gpu,gpus_per_node=8,time=12:00:00 or tpu_name=...,zone=...")
+                  "partition=gpu,gpus_per_node=8,time=12:00:00 or "
+                  "tpu_name=...,zone=...,accelerator_type=...,repo_url=...")
 flags.DEFINE_string("x", None, "fit: column on the x axis (e.g. E, params_total, compute).")
 flags.DEFINE_string("y", None, "fit: metric column (e.g. eval/psnr, eval/l2).")
 flags.DEFINE_bool("offset", False, "fit: also fit an irreducible term, y = c + a·x^b.")
@@ -169,8 +173,8 @@ def _cmd_sweep(args: list[str]) -> int:
   spec = args[0]
   sweep = sweep_lib.load(spec)
   sweep_dir = FLAGS.sweep_dir or os.path.join("runs", sweep.get("name", "sweep"))
-  runs = sweep_lib.prepare(sweep, sweep_dir, spec)
   max_attempts = FLAGS.max_attempts or sweep.get("max_attempts", 2)
+  runs = sweep_lib.prepare(sweep, sweep_dir, spec, max_attempts=max_attempts)
   status = {run.id: sweep_lib.run_status(run.workdir, max_attempts) for run in runs}
   pending = [run for run in runs if status[run.id] == sweep_lib.PENDING]
   if FLAGS.dry_run:
@@ -188,14 +192,15 @@ def _cmd_sweep(args: list[str]) -> int:
     print(f"all {len(runs)} runs are finished: `vitok results {sweep_dir}`")
     return 0
   if FLAGS.target == "slurm":
-    path = os.path.join(sweep_dir, "sweep.sbatch")
-    with open(path, "w") as f:
-      f.write(sweep_lib.render_slurm_array(pending, sweep_dir, **job))
+    path = sweep_lib.write_slurm_array(pending, sweep_dir, **job)
     print(f"{len(pending)} of {len(runs)} runs to do: sbatch {path}\n"
           f"(then `vitok results {sweep_dir}` and `vitok fit {sweep_dir}`)")
     return 0
   if FLAGS.target == "tpu":
-    print("\n".join(sweep_lib.tpu_commands(pending, sweep_dir, **job)))
+    path = sweep_lib.write_tpu_script(pending, sweep_dir, **job)
+    print(f"{len(pending)} of {len(runs)} runs to do, in turn on TPU pod {job.get('tpu_name')}: "
+          f"bash {path}\n({os.path.abspath(sweep_dir)} must be mounted at that path on every "
+          f"worker; then `vitok results {sweep_dir}` and `vitok fit {sweep_dir}`)")
     return 0
   try:
     status = sweep_lib.run_local(runs, sweep_dir, max_attempts=max_attempts,
@@ -214,7 +219,7 @@ def _cmd_results(args: list[str]) -> int:
   from vitok_jax.scaling import results
   if len(args) != 1:
     raise ConfigError("usage: vitok results SWEEP_DIR")
-  rows = results.gather(args[0], FLAGS.max_attempts or 2)
+  rows = results.gather(args[0], FLAGS.max_attempts)
   results.write_csv(rows, os.path.join(args[0], "results.csv"))
   table = results.to_markdown(rows)
   with open(os.path.join(args[0], "results.md"), "w") as f:
@@ -238,7 +243,7 @@ def _cmd_fit(args: list[str]) -> int:
     fits = [dict(kind="two_variable", n=n, d=d, y=FLAGS.y or "eval/l2")]
   elif FLAGS.x or FLAGS.y:
     fits = [dict(x=FLAGS.x or "E", y=FLAGS.y or "eval/l2", offset=FLAGS.offset)]
-  out = results.report(args[0], fits=fits, n_boot=FLAGS.n_boot, max_attempts=FLAGS.max_attempts or 2)
+  out = results.report(args[0], fits=fits, n_boot=FLAGS.n_boot, max_attempts=FLAGS.max_attempts)
   for result in out["fits"]:
     print("fit:", results.describe_fit(result))
   print(f"wrote {args[0]}/fits.json" + (f" and {len(out['plots'])} plot files in "

@@ -1,4 +1,4 @@
-"""Launchers: one JobSpec rendered to local processes, a SLURM batch script or a TPU-VM pod command."""
+"""Launchers: one JobSpec rendered to local processes, a SLURM batch script or TPU-pod commands."""
 from vitok_jax.launch.jobspec import JobSpec
 from vitok_jax.launch.local import launch_local, local_commands
 from vitok_jax.launch.slurm import render_sbatch

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 
+from vitok_jax import config_lib
 from vitok_jax.errors import ConfigError
 
 
@@ -31,8 +32,9 @@ class JobSpec:
   zone: str = ""
   project: str = ""
   accelerator_type: str = ""                   # e.g. "v5litepod-64".
-  runtime_version: str = "v2-alpha-tpuv5-lite"
+  runtime_version: str = ""                    # "": picked from accelerator_type (launch/tpu.py).
   repo_dir: str = "~/vitok_jax"                # Checkout on every TPU worker.
+  repo_url: str = ""                           # Set: cloned into repo_dir and pip-installed there.
 
   def __post_init__(self):
     if self.nodes < 1 or self.processes_per_node < 1:
@@ -41,6 +43,7 @@ class JobSpec:
     if self.gpus_per_node and self.processes_per_node not in (1, self.gpus_per_node):
       raise ConfigError(f"processes_per_node={self.processes_per_node} must be 1 (one process "
                         f"drives all {self.gpus_per_node} GPUs) or gpus_per_node (one per GPU)")
+    config_lib.check_workdir(self.workdir)
     for override in self.overrides:
       if not override.startswith("--config."):
         raise ConfigError(f"override {override!r} must look like --config.a.b=value")

@@ -1,31 +1,88 @@
-"""N processes on this machine joined through a coordinator on 127.0.0.1."""
+"""N processes on this machine joined through a coordinator on 127.0.0.1.
+
+On a GPU machine each process gets its own equal share of the GPUs (CUDA_VISIBLE_DEVICES), so
+that N processes do not all claim every GPU; on CPU nothing changes.
+"""
 from __future__ import annotations
 
 import os
-import portpicker
+import re
+import shutil
 import subprocess
 import sys
+from typing import Mapping, Sequence
 
+import portpicker
+
+from vitok_jax.errors import ConfigError
 from vitok_jax.launch.jobspec import JobSpec
 
 
-def local_commands(spec: JobSpec, port: int) -> list[tuple[list[str], dict[str, str]]]:
-  """(argv, extra environment) of each process."""
+def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
+  """GPU ids the processes of this machine may use, as CUDA_VISIBLE_DEVICES entries.
+
+  None when JAX_PLATFORMS names no GPU platform (e.g. "cpu": the processes will not use a GPU);
+  else CUDA_VISIBLE_DEVICES when set; else the GPUs `nvidia-smi -L` lists (none without it).
+  """
+  environ = os.environ if environ is None else environ
+  platforms = {p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()}
+  if platforms and not platforms & {"cuda", "gpu"}:
+    return []
+  if "CUDA_VISIBLE_DEVICES" in environ:
+    ids = [d.strip() for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    return [] if ids == ["-1"] else ids
+  nvidia_smi = shutil.which("nvidia-smi")
+  if nvidia_smi is None:
+    return []
+  try:
+    listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=60)
+  except (OSError, subprocess.TimeoutExpired):
+    return []
+  if listing.returncode:
+    return []
+  return re.findall(r"^GPU (\d+):", listing.stdout, flags=re.MULTILINE)
+
+
+def split_gpus(gpus: Sequence[str], groups: int, what: str = "processes") -> list[str] | None:
+  """CUDA_VISIBLE_DEVICES of each of `groups` concurrent process groups: `gpus` cut into equal
+  consecutive shares (["0", "1", "2", "3"], 2 -> ["0,1", "2,3"]). None when there is nothing to
+  pin (no GPUs, or one group, which keeps the machine's setting)."""
+  if not gpus or groups <= 1:
+    return None
+  if len(gpus) % groups:
+    raise ConfigError(
+        f"{len(gpus)} GPUs ({','.join(gpus)}) do not split evenly among {groups} {what}: use a "
+        f"number of {what} that divides {len(gpus)}, or choose the GPUs with CUDA_VISIBLE_DEVICES "
+        "(vitok launch local: --gpus)")
+  share = len(gpus) // groups
+  return [",".join(gpus[i * share:(i + 1) * share]) for i in range(groups)]
+
+
+def local_commands(spec: JobSpec, port: int,
+                   gpus: Sequence[str] = ()) -> list[tuple[list[str], dict[str, str]]]:
+  """(argv, extra environment) of each process; with `gpus` (ids) process i gets share i of them."""
+  shares = split_gpus(gpus, spec.num_processes)
   out = []
   for pid in range(spec.num_processes):
     env = spec.base_env()
     if spec.num_processes > 1:
       env.update(VITOK_COORDINATOR=f"127.0.0.1:{port}", VITOK_NUM_PROCESSES=str(spec.num_processes),
                  VITOK_PROCESS_ID=str(pid))
+    if shares:
+      env["CUDA_VISIBLE_DEVICES"] = shares[pid]
     argv = [sys.executable, "-m", "vitok_jax.cli", *spec.vitok_args()[1:]]
     out.append((argv, env))
   return out
 
 
-def launch_local(spec: JobSpec, *, dry_run: bool = False, port: int | None = None) -> int:
-  """Runs every process, logs to WORKDIR/logs/process_N.log; returns the worst exit code."""
+def launch_local(spec: JobSpec, *, dry_run: bool = False, port: int | None = None,
+                 gpus: Sequence[str] | None = None) -> int:
+  """Runs every process, logs to WORKDIR/logs/process_N.log; returns the worst exit code.
+
+  `gpus`: the GPU ids to split among the processes (None: visible_gpus(), [] : no pinning).
+  """
   port = port or portpicker.pick_unused_port()
-  commands = local_commands(spec, port)
+  commands = local_commands(spec, port, visible_gpus() if gpus is None else gpus)
   if dry_run:
     for argv, env in commands:
       print(" ".join(f"{k}={v}" for k, v in env.items()), " ".join(argv))

@@ -1,4 +1,4 @@
-"""A SLURM batch script for a JobSpec: srun one process per GPU (or per node), coordinator = first node."""
+"""A SLURM batch script for a JobSpec: srun one process per GPU (or node); node 0 coordinates."""
 from __future__ import annotations
 
 import shlex
@@ -7,8 +7,18 @@ from vitok_jax.launch.jobspec import JobSpec
 
 
 def render_sbatch(spec: JobSpec) -> str:
-  """The sbatch script. SIGTERM arrives 120 s before the time limit or on pre-emption; the trainer
-  saves a checkpoint and exits, and --requeue relaunches the same command, which resumes."""
+  """The sbatch script.
+
+  #SBATCH --output goes to WORKDIR/logs, which must exist before the job starts (SLURM does not
+  create it): `vitok launch slurm` creates it when it writes the script (launch_args.write_sbatch).
+
+  SIGTERM reaches the trainer 120 s before the time limit (--signal=TERM@120) or on pre-emption;
+  it saves a checkpoint and exits 0 without writing WORKDIR/record.json. Such an exit ends the job
+  as COMPLETED, which no --requeue relaunches, so for `train` the script itself requeues the job
+  (`scontrol requeue`) when srun succeeded but the run is not finished; the requeued job resumes
+  from the checkpoint. A failed srun ends the script (set -e) and is not requeued. --requeue lets
+  SLURM requeue the job after a node failure or a pre-emption it performs itself.
+  """
   lines = ["#!/bin/bash",
            f"#SBATCH --job-name={spec.job_name}",
            f"#SBATCH --nodes={spec.nodes}",
@@ -25,7 +35,8 @@ def render_sbatch(spec: JobSpec) -> str:
   if spec.account:
     lines.append(f"#SBATCH --account={spec.account}")
   lines += ["set -euo pipefail",
-            f"mkdir -p {shlex.quote(spec.workdir)}/logs",
+            f"workdir={shlex.quote(spec.workdir)}",
+            'mkdir -p "$workdir/logs"',
             'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
             f'export VITOK_COORDINATOR="$head_node:{spec.coordinator_port}"',
             'export VITOK_NUM_PROCESSES="$SLURM_NTASKS"']
@@ -33,5 +44,12 @@ def render_sbatch(spec: JobSpec) -> str:
   per_task = 'export VITOK_PROCESS_ID="$SLURM_PROCID"; '
   if spec.gpus_per_node and spec.processes_per_node == spec.gpus_per_node > 1:
     per_task += 'export CUDA_VISIBLE_DEVICES="$SLURM_LOCALID"; '  # One GPU per process.
-  lines.append(f"srun --kill-on-bad-exit=1 bash -c {shlex.quote(per_task + 'exec ' + spec.shell_command())}")
+  lines.append("srun --kill-on-bad-exit=1 bash -c "
+               f"{shlex.quote(per_task + 'exec ' + spec.shell_command())}")
+  if spec.command == "train":
+    lines += ['if [ ! -f "$workdir/record.json" ]; then',
+              '  echo "vitok: stopped before the end (time limit or pre-emption): requeueing job '
+              '$SLURM_JOB_ID, which resumes from the checkpoint" >&2',
+              '  scontrol requeue "$SLURM_JOB_ID"',
+              "fi"]
   return "\n".join(lines) + "\n"

@@ -1,25 +1,118 @@
-"""Commands for a TPU-VM pod: create it as a queued resource, then run the job on --worker=all."""
+"""Commands for a TPU-VM pod: a queued resource, waited on until ACTIVE, then the job on every host.
+
+A queued resource goes WAITING_FOR_RESOURCES -> PROVISIONING -> ACTIVE (or FAILED, SUSPENDED);
+`gcloud compute tpus tpu-vm ssh --worker=all` only reaches the hosts once it is ACTIVE, so the
+provisioning step polls its state. Every host needs this repository at JobSpec.repo_dir: with
+JobSpec.repo_url the provisioning step clones (when missing) and pip-installs it on every worker;
+without, the job checks that repo_dir exists and fails with a message naming the fix.
+"""
 from __future__ import annotations
 
 import shlex
+from typing import Sequence
 
 from vitok_jax.errors import ConfigError
 from vitok_jax.launch.jobspec import JobSpec
 
+# Default --runtime-version per accelerator family (the part of accelerator_type before "-N").
+RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-lite",
+                    "v5p": "v2-alpha-tpuv5", "v6e": "v2-alpha-tpuv6e"}
+# Queued-resource states from which it never becomes ACTIVE.
+FAILED_STATES = ("FAILED", "SUSPENDING", "SUSPENDED", "DELETING")
+POLL_S = 30  # Seconds between state polls; the environment variable VITOK_TPU_POLL_S overrides.
 
-def render_tpu_commands(spec: JobSpec) -> list[str]:
-  """gcloud commands: queued-resource create, then ssh --worker=all running the job on every host.
 
-  Every host runs one process; jax.distributed finds the pod on its own (--distributed=auto)."""
+def runtime_version(spec: JobSpec) -> str:
+  """spec.runtime_version, or the default for the family of spec.accelerator_type."""
+  if spec.runtime_version:
+    return spec.runtime_version
+  family = spec.accelerator_type.rsplit("-", 1)[0]
+  if family not in RUNTIME_VERSIONS:
+    raise ConfigError(
+        f"no default TPU runtime version for accelerator_type={spec.accelerator_type!r} (known "
+        f"families: {sorted(RUNTIME_VERSIONS)}); pass --runtime_version, e.g. "
+        "--runtime_version=tpu-ubuntu2204-base")
+  return RUNTIME_VERSIONS[family]
+
+
+def _check(spec: JobSpec) -> None:
   missing = [f for f in ("tpu_name", "zone", "accelerator_type") if not getattr(spec, f)]
   if missing:
-    raise ConfigError(f"a TPU launch needs {missing}; pass --tpu_name, --zone and --accelerator_type")
-  where = f"--zone={spec.zone}" + (f" --project={spec.project}" if spec.project else "")
-  env = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.base_env().items())
-  job = f"cd {spec.repo_dir} && {env + ' ' if env else ''}{spec.shell_command('--distributed=auto')}"
-  return [
-      f"gcloud compute tpus queued-resources create {spec.tpu_name} --node-id={spec.tpu_name} "
-      f"--accelerator-type={spec.accelerator_type} --runtime-version={spec.runtime_version} {where}",
-      f"gcloud compute tpus tpu-vm ssh {spec.tpu_name} {where} --worker=all "
-      f"--command={shlex.quote(job)}",
-  ]
+    raise ConfigError(f"a TPU launch needs {missing}; pass --tpu_name, --zone and "
+                      "--accelerator_type")
+
+
+def _path(path: str) -> str:
+  """`path` quoted for a shell, a leading ~/ left unquoted so that it expands on the host."""
+  if path.startswith("~/"):
+    return "~/" + shlex.quote(path[2:])
+  return shlex.quote(path)
+
+
+def _where(spec: JobSpec) -> str:
+  return f"--zone={spec.zone}" + (f" --project={spec.project}" if spec.project else "")
+
+
+def ssh_all(spec: JobSpec, command: str) -> str:
+  """gcloud ssh running the shell `command` on every worker of the pod."""
+  return (f"gcloud compute tpus tpu-vm ssh {spec.tpu_name} {_where(spec)} --worker=all "
+          f"--command={shlex.quote(command)}")
+
+
+def provision_command(spec: JobSpec) -> str:
+  """bash lines that get a pod ready: create the queued resource (or reuse one of that name), wait
+  until it is ACTIVE (exit 1 on FAILED / SUSPENDING / SUSPENDED / DELETING), and with repo_url clone
+  and pip-install the repository on every worker."""
+  _check(spec)
+  name, where = spec.tpu_name, _where(spec)
+  queued = "gcloud compute tpus queued-resources"
+  delete = f"{queued} delete {name} {where} --force"
+  lines = [
+      f"{queued} create {name} --node-id={name} --accelerator-type={spec.accelerator_type} "
+      f"--runtime-version={runtime_version(spec)} {where} \\",
+      f"  || {{ {queued} describe {name} {where} --format='value(name)' >/dev/null \\",
+      f"       && echo 'vitok: queued resource {name} exists: using it' >&2; }} || exit 1",
+      "while true; do",
+      f"  state=$({queued} describe {name} {where} --format='value(state.state)') || exit 1",
+      '  case "$state" in',
+      "    ACTIVE) break ;;",
+      f"    {'|'.join(FAILED_STATES)})",
+      f"      echo \"vitok: queued resource {name} is $state and will not become ACTIVE; "
+      f"delete it ({delete}) and launch again\" >&2",
+      "      exit 1 ;;",
+      "  esac",
+      f'  echo "vitok: queued resource {name} is ${{state:-?}}; waiting for ACTIVE" >&2',
+      f'  sleep "${{VITOK_TPU_POLL_S:-{POLL_S}}}"',
+      "done"]
+  if spec.repo_url:
+    repo = _path(spec.repo_dir)
+    setup = (f"{{ test -d {repo} || git clone -q {shlex.quote(spec.repo_url)} {repo}; }} && "
+             f"cd {repo} && python3 -m pip install -q -e . 'jax[tpu]'")
+    lines.append(ssh_all(spec, setup) + " || exit 1")
+  return "\n".join(lines)
+
+
+def job_command(spec: JobSpec, *, require: Sequence[str] = ()) -> str:
+  """gcloud ssh --worker=all running the job from repo_dir on every host, one process per host
+  (jax.distributed finds the pod on its own: --distributed=auto). A missing repo_dir, or a missing
+  file of `require` (paths the job reads), fails on the worker with a message naming the fix."""
+  _check(spec)
+  repo = _path(spec.repo_dir)
+  steps = [f"cd {repo} 2>/dev/null || {{ echo \"vitok: {spec.repo_dir} not found on TPU worker "
+           "$(hostname): pass --repo_url to clone and install it there, or check out and "
+           f"pip-install vitok_jax at --repo_dir on every worker\" >&2; exit 1; }}"]
+  for path in require:
+    steps.append(f"test -f {_path(path)} || {{ echo \"vitok: {path} not found on TPU worker "
+                 "$(hostname): it must be on a file system every worker mounts at the same path "
+                 "(NFS, Filestore, a bucket mounted with gcsfuse)\" >&2; exit 1; }")
+  env = [f"{k}={shlex.quote(v)}" for k, v in spec.base_env().items()]
+  # `python3 -m` rather than the `vitok` script, which a user install puts off a non-login PATH.
+  argv = ["python3", "-m", "vitok_jax.cli", *spec.vitok_args("--distributed=auto")[1:]]
+  steps.append(" ".join(env + [shlex.join(argv)]))
+  return ssh_all(spec, "; ".join(steps))
+
+
+def render_tpu_commands(spec: JobSpec) -> list[str]:
+  """Two bash snippets, run in order: provision_command (create, wait for ACTIVE, install) and
+  job_command (the job on --worker=all)."""
+  return [provision_command(spec), job_command(spec)]

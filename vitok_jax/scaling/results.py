@@ -47,16 +47,16 @@ def _row(record: dict, run_id: str, status: str, swept: Sequence[str], point: di
     row.update(family=record.get("family"), tokenizer=os.path.basename(tok["workdir"]),
                bottleneck=tok["bottleneck"])
   row.update({f"params_{k}": params.get(k) for k in ("encoder", "decoder", "bottleneck", "total")})
-  row.update(E=(tok or record).get("E"), c=(tok or record).get("c"),
-             code_bits=record.get("code_bits"),
-             tokens_per_example=record.get("tokens_per_example"),
-             flops_forward=flops.get("forward", flops.get("forward_xla")),
-             flops_train=flops.get("train"),
-             compute=flops["train"] * seen if flops.get("train") and seen else None,
-             examples_seen=seen,
-             tokens_seen=record["tokens_per_example"] * seen if seen and record.get(
-                 "tokens_per_example") else None,
-             wall_time_s=record.get("wall_time_s"))
+  measured = dict(
+      E=(tok or record).get("E"), c=(tok or record).get("c"), code_bits=record.get("code_bits"),
+      tokens_per_example=record.get("tokens_per_example"),
+      flops_forward=flops.get("forward", flops.get("forward_xla")), flops_train=flops.get("train"),
+      compute=flops["train"] * seen if flops.get("train") and seen else None, examples_seen=seen,
+      tokens_seen=record["tokens_per_example"] * seen if seen and record.get(
+          "tokens_per_example") else None,
+      wall_time_s=record.get("wall_time_s"))
+  # A swept column (e.g. c) keeps its swept value in rows without a record (pending, failed).
+  row.update({k: v for k, v in measured.items() if v is not None or k not in swept})
   metrics = record.get("metrics", {})
   for name in sorted(set(METRICS) | set(metrics)):
     row[name] = metrics.get(name)
@@ -66,19 +66,25 @@ def _row(record: dict, run_id: str, status: str, swept: Sequence[str], point: di
   return row
 
 
-def gather(sweep_dir: str, max_attempts: int = 2) -> list[dict]:
-  """Table rows for every run of a sweep directory (or any directory of run dirs with records)."""
+def gather(sweep_dir: str, max_attempts: int | None = None) -> list[dict]:
+  """Table rows for every run of a sweep directory (or any directory of run dirs with records).
+
+  max_attempts (when a run without a record counts as failed) defaults to the one the sweep's
+  manifest records, else 2.
+  """
   manifest_path = os.path.join(sweep_dir, sweep_lib.MANIFEST)
+  manifest = {}
   if os.path.exists(manifest_path):
     manifest = sweep_lib.read_manifest(sweep_dir)
     entries = [(run["id"], os.path.join(sweep_dir, "runs", run["id"]), run["point"])
                for run in manifest["runs"]]
     swept = manifest.get("swept", [])
   else:  # Plain directories of runs: the swept keys are the config fields that differ.
-    dirs = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(sweep_dir, "**", "record.json"),
-                                                       recursive=True))
+    dirs = sorted(os.path.dirname(p) for p in glob.glob(
+        os.path.join(sweep_dir, "**", "record.json"), recursive=True))
     entries = [(os.path.relpath(d, sweep_dir), d, {}) for d in dirs]
     swept = _varying_fields([_read(os.path.join(d, "record.json")).get("config", {}) for d in dirs])
+  max_attempts = max_attempts or manifest.get("max_attempts", 2)
   rows = []
   for run_id, workdir, point in entries:
     status = sweep_lib.run_status(workdir, max_attempts)
@@ -175,7 +181,8 @@ def fit_rows(rows: Sequence[dict], specs: Sequence[dict], *, n_boot: int = 1000)
         done = [r for r in rows if r["status"] == sweep_lib.DONE]
         result = fit_lib.fit_two_variable([value(r, spec["n"]) for r in done],
                                           [value(r, spec["d"]) for r in done],
-                                          [value(r, spec["y"]) for r in done], n_boot=min(n_boot, 100))
+                                          [value(r, spec["y"]) for r in done],
+                                          n_boot=min(n_boot, 100))
       else:
         xs, ys = _xy(rows, spec["x"], spec["y"])
         result = fit_lib.fit_power_law(xs, ys, offset=spec.get("offset", False), n_boot=n_boot)
@@ -202,24 +209,32 @@ def describe_fit(result: dict) -> str:
           f"({ci_text}R² {result['r2']:.3f}, n={result['n']})")
 
 
+def stored_specs(path: str) -> list[dict]:
+  """The fit specs of the fits.json at `path`, in order (none when it does not exist)."""
+  return [result["spec"] for result in _read(path)] if os.path.exists(path) else []
+
+
 def save_fits(fit_results: Sequence[dict], path: str) -> list[dict]:
-  """Merges fit results into the JSON list at `path`: a result replaces the earlier one with the
-  same spec, others are kept, so `vitok fit --x … --y …` calls add up. Returns the merged list."""
-  key = lambda result: json.dumps(result["spec"], sort_keys=True)
-  merged = {}
-  if os.path.exists(path):
-    merged = {key(r): r for r in _read(path)}
-  merged.update({key(r): r for r in fit_results})
+  """Writes `fit_results` as the JSON list at `path`, replacing what was there: every fit in the
+  file is over the same rows. report() refits the stored specs too, so `vitok fit --x … --y …`
+  calls still add up. Returns the list."""
   with open(path, "w") as f:
-    json.dump(list(merged.values()), f, indent=1, default=float)
-  return list(merged.values())
+    json.dump(list(fit_results), f, indent=1, default=float)
+  return list(fit_results)
+
+
+def _unique(specs: Sequence[dict]) -> list[dict]:
+  """specs without repeats (equal as sorted JSON), first occurrence first."""
+  return list({json.dumps(spec, sort_keys=True): dict(spec) for spec in specs}.values())
 
 
 def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = True,
-           n_boot: int = 1000, max_attempts: int = 2) -> dict:
+           n_boot: int = 1000, max_attempts: int | None = None) -> dict:
   """Writes results.csv/.md, fits.json and plots/ into sweep_dir; returns {"rows", "fits", "plots"}.
 
-  `fits` defaults to the sweep manifest's; its heatmap and frontier specs are plotted too.
+  The fits are those stored in sweep_dir/fits.json, then `fits` (default: the sweep manifest's),
+  all fitted again on the current rows, so fits.json never mixes fits over different sets of runs.
+  The manifest's heatmap and frontier specs are plotted too.
   """
   rows = gather(sweep_dir, max_attempts)
   write_csv(rows, os.path.join(sweep_dir, "results.csv"))
@@ -227,9 +242,11 @@ def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = T
     f.write(to_markdown(rows) + "\n")
   manifest = (sweep_lib.read_manifest(sweep_dir)
               if os.path.exists(os.path.join(sweep_dir, sweep_lib.MANIFEST)) else {})
-  specs = list(fits if fits is not None else manifest.get("fits", [dict(x="E", y="eval/l2")]))
+  path = os.path.join(sweep_dir, "fits.json")
+  requested = fits if fits is not None else manifest.get("fits", [dict(x="E", y="eval/l2")])
+  specs = _unique([*stored_specs(path), *requested])
   fit_results = fit_rows(rows, specs, n_boot=n_boot)
-  save_fits(fit_results, os.path.join(sweep_dir, "fits.json"))
+  save_fits(fit_results, path)
   paths = []
   if plot:
     from vitok_jax.scaling import plots

@@ -7,8 +7,10 @@ A sweep file in configs/sweeps/ defines get_config(arg) returning a ConfigDict:
              option of the base config file (appended to its variant string, so derived fields such
              as warm-up follow); a dotted key is a config path set afterwards ("model.patch").
   filters    [fn(point) -> bool]: keep only the points every filter accepts.
-  overrides  [fn(point, config) -> {path: value}]: per-point fields, e.g. steps for a compute budget.
-  max_attempts, parallel: failed runs are retried up to max_attempts in all; runs executed at once.
+  overrides  [fn(point, config) -> {path: value}]: per-point fields, e.g. steps for a compute
+             budget.
+  max_attempts, parallel: failed runs are retried up to max_attempts in all (a pre-emption is no
+             attempt); runs executed at once (on a GPU machine each gets an equal share of GPUs).
   fits, heatmap, frontier: what `vitok fit` fits and plots (see scaling/results.py).
   slurm      JobSpec fields (partition, account, gpus_per_node, time, ...) for --target=slurm.
 
@@ -16,7 +18,8 @@ Layout of a sweep directory:
   sweep.json                     the manifest: spec, every run's id, label and point, analysis spec.
   compilation_cache/             one persistent XLA cache for every run (VITOK_COMPILATION_CACHE).
   runs/ID/config.json            the run's resolved config; ID = label + hash of that config.
-  runs/ID/sweep_status.json      attempts and the last failure; runs/ID/sweep.log its output;
+  runs/ID/sweep_status.json      attempts, pre-emptions and the last failure; runs/ID/sweep.log
+                                 its output;
   runs/ID/sweep.pid              the trainer's pid while it runs.
   runs/ID/record.json            written by the trainer when the run finished: the run is done.
 """
@@ -47,6 +50,9 @@ STATUS = "sweep_status.json"
 PID = "sweep.pid"                # Present while a sweep's trainer runs: another sweep leaves it be.
 # Statuses a run can have; "pending" includes runs interrupted part-way (they resume).
 DONE, PENDING, RUNNING, FAILED, DIVERGED = "done", "pending", "running", "failed", "diverged"
+# sweep_status.json of a run stopped by SIGTERM after a checkpoint (exit 0, no record.json): it is
+# pending (resumes from the checkpoint) and the stop used none of its attempts.
+PREEMPTED = "preempted"
 
 
 @dataclasses.dataclass
@@ -145,8 +151,8 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str = "") -> list[Run]:
     run_id = f"{label(point)}-{config_hash(config)[:10]}"
     if run_id not in seen:
       seen.add(run_id)
-      runs.append(Run(run_id, label(point), point, config,
-                      os.path.join(os.path.abspath(sweep_dir), "runs", run_id) if sweep_dir else ""))
+      workdir = os.path.join(os.path.abspath(sweep_dir), "runs", run_id) if sweep_dir else ""
+      runs.append(Run(run_id, label(point), point, config, workdir))
   if not runs:
     raise ConfigError("the sweep expands to no runs (check its axes and filters)")
   return runs
@@ -162,11 +168,16 @@ def analysis_spec(sweep: ml_collections.ConfigDict) -> dict:
   return json.loads(json.dumps(out, default=str))
 
 
-def prepare(sweep: ml_collections.ConfigDict, sweep_dir: str, spec: str = "") -> list[Run]:
-  """Expands the sweep, writes the manifest and every run's config.json; returns the runs."""
+def prepare(sweep: ml_collections.ConfigDict, sweep_dir: str, spec: str = "",
+            max_attempts: int | None = None) -> list[Run]:
+  """Expands the sweep, writes the manifest and every run's config.json; returns the runs.
+
+  The manifest records max_attempts (default: the sweep's, else 2) for `vitok results`/`fit`.
+  """
   runs = expand(sweep, sweep_dir)
   os.makedirs(sweep_dir, exist_ok=True)
   manifest = {"spec": spec, "name": sweep.get("name", ""), "base": sweep.base,
+              "max_attempts": max_attempts or sweep.get("max_attempts", 2),
               "swept": list(dict.fromkeys(k for run in runs for k in run.point)),
               "runs": [{"id": r.id, "label": r.label, "point": r.point} for r in runs],
               **analysis_spec(sweep)}
@@ -252,7 +263,8 @@ class _Summary:
       eta_text = f"ETA {_seconds(eta)}"
     else:
       eta_text = "ETA ?" if remaining else "finished"
-    self.log(f"[sweep {_seconds(time.time() - self.start)}] {counts.get(DONE, 0)}/{self.total} done, "
+    self.log(f"[sweep {_seconds(time.time() - self.start)}] "
+             f"{counts.get(DONE, 0)}/{self.total} done, "
              f"{counts.get(RUNNING, 0)} running, {counts.get(FAILED, 0)} failed, "
              f"{counts.get(DIVERGED, 0)} diverged, {counts.get(PENDING, 0)} pending; {eta_text}"
              f"  ({event})")
@@ -265,55 +277,70 @@ def _seconds(seconds: float) -> str:
 
 def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_attempts: int = 2,
               command: Callable[[Run], list[str]] = train_command,
-              log: Callable[[str], None] = print, poll_s: float = 0.5) -> dict[str, str]:
+              log: Callable[[str], None] = print, poll_s: float = 0.5,
+              gpus: Sequence[str] | None = None) -> dict[str, str]:
   """Executes the unfinished runs as subprocesses, `parallel` at a time; returns id -> status.
 
-  Finished runs are skipped; interrupted ones resume (the trainer restarts from its checkpoint);
-  a run that fails (or is stopped from outside) is retried until it has used `max_attempts`,
-  except a diverged one (deterministic: it would diverge again). Ctrl-C / SIGTERM sends SIGTERM to the running trainers,
-  which checkpoint and exit, and the same call later resumes them. Every run shares one compilation
-  cache, sweep_dir/compilation_cache.
+  Finished runs are skipped; interrupted ones resume (the trainer restarts from its checkpoint). A
+  run that fails is retried until it has used `max_attempts`, except a diverged one
+  (deterministic: it would diverge again); a run pre-empted from outside (SIGTERM: it saved a
+  checkpoint and exited 0 without record.json) is resumed without using an attempt. Ctrl-C /
+  SIGTERM of the sweep sends SIGTERM to the running trainers, which checkpoint and exit, and the
+  same call later resumes them. Every run shares one compilation cache,
+  sweep_dir/compilation_cache.
+
+  `gpus`: GPU ids (None: launch.local.visible_gpus(), none on CPU) split into `parallel` equal
+  shares; each running trainer gets a free share as CUDA_VISIBLE_DEVICES. A ConfigError says so
+  when `parallel` does not divide the number of GPUs.
   """
+  from vitok_jax.launch import local
+  if parallel < 1:
+    raise ConfigError(f"parallel={parallel}: run at least one run at a time (--parallel >= 1)")
   env = dict(os.environ, VITOK_COMPILATION_CACHE=os.path.join(os.path.abspath(sweep_dir),
                                                                "compilation_cache"))
+  free_gpus = local.split_gpus(local.visible_gpus(env) if gpus is None else gpus, parallel,
+                               "parallel runs (--parallel)") or [None] * parallel
   status = {run.id: run_status(run.workdir, max_attempts) for run in runs}
   queue = [run for run in runs if status[run.id] == PENDING]
   summary = _Summary(len(runs), parallel, log)
   summary(_counts(status), f"{len(runs) - len(queue)} already finished, {len(queue)} to run")
-  running: dict[str, tuple[subprocess.Popen, Run, float, Any]] = {}
+  running: dict[str, tuple[subprocess.Popen, Run, float, Any, str | None]] = {}
   previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SLURM/`kill` stop us like Ctrl-C.
   try:
     while queue or running:
       while queue and len(running) < parallel:
         run = queue.pop(0)
+        share = free_gpus.pop(0)
         logfile = open(os.path.join(run.workdir, "sweep.log"), "ab")
         # A new session: a Ctrl-C in the terminal reaches only the sweep, which stops the trainers
         # with SIGTERM (their checkpoint-and-exit path) rather than killing them mid-step.
-        process = subprocess.Popen(command(run), stdout=logfile, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
+        process = subprocess.Popen(
+            command(run), stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env if share is None else dict(env, CUDA_VISIBLE_DEVICES=share))
         with open(os.path.join(run.workdir, PID), "w") as f:
           f.write(str(process.pid))
-        running[run.id] = (process, run, time.time(), logfile)
+        running[run.id] = (process, run, time.time(), logfile, share)
         status[run.id] = RUNNING
         summary(_counts(status), f"started {run.id}")
       time.sleep(poll_s)
-      for run_id, (process, run, started, logfile) in list(running.items()):
+      for run_id, (process, run, started, logfile, share) in list(running.items()):
         if process.poll() is None:
           continue
         logfile.close()
         os.remove(os.path.join(run.workdir, PID))
         del running[run_id]
+        free_gpus.append(share)
         status[run_id] = _finish(run, process.returncode, max_attempts)
         if status[run_id] == DONE:
           summary.durations.append(time.time() - started)
-        elif status[run_id] == PENDING:  # Failed or stopped with attempts left: again (resumes).
+        elif status[run_id] == PENDING:  # Pre-empted, or failed with attempts left: resumes.
           queue.append(run)
         summary(_counts(status), f"{run_id} {status[run_id]} (exit {process.returncode})")
   except KeyboardInterrupt:
     log(f"[sweep] interrupted: stopping {len(running)} run(s); the same command resumes them")
     for process, *_ in running.values():
       process.terminate()
-    for process, run, _, logfile in running.values():
+    for process, run, _, logfile, _ in running.values():
       try:
         process.wait(timeout=120)
       except subprocess.TimeoutExpired:
@@ -329,18 +356,34 @@ def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether workdir/checkpoints holds a committed orbax step directory (named by its step)."""
+  directory = os.path.join(workdir, "checkpoints")
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+
+
 def _finish(run: Run, returncode: int, max_attempts: int) -> str:
-  """Books a finished subprocess into the run's sweep_status.json; returns its status now."""
+  """Books a finished subprocess into the run's sweep_status.json; returns its status now.
+
+  The trainer writes record.json only at the end of a finished run; on SIGTERM it saves a
+  checkpoint and exits 0 without one. So exit 0 + checkpoint + no record = pre-empted: pending,
+  no attempt used. Any other exit without a record is a failed attempt.
+  """
   if os.path.exists(os.path.join(run.workdir, "record.json")):
     return DONE
   state = read_status(run.workdir)
+  state["returncode"] = returncode
+  if returncode == 0 and has_checkpoint(run.workdir):
+    state["status"] = PREEMPTED
+    state["preemptions"] = state.get("preemptions", 0) + 1
+    _write_json(os.path.join(run.workdir, STATUS), state)
+    return run_status(run.workdir, max_attempts)
   tail = _log_tail(os.path.join(run.workdir, "sweep.log"))
-  if returncode == 0:  # Stopped from outside (SIGTERM): it checkpointed; the retry resumes it.
-    tail += "\nexited 0 without record.json (stopped by SIGTERM?)"
+  if returncode == 0:
+    tail += "\nexited 0 without record.json or a checkpoint"
   state["attempts"] = state.get("attempts", 0) + 1
   state["status"] = DIVERGED if "TrainingDiverged" in tail else FAILED
   state["error"] = tail[-600:]
-  state["returncode"] = returncode
   _write_json(os.path.join(run.workdir, STATUS), state)
   return run_status(run.workdir, max_attempts)
 
@@ -384,16 +427,55 @@ def render_slurm_array(runs: Sequence[Run], sweep_dir: str, *, max_parallel: int
   script = script.replace(f'"$head_node:{port}"',
                           f'"$head_node:$(({port} + SLURM_ARRAY_TASK_ID % 1000))"')
   # The inner `bash -c '...'` expands the exported variable for every task.
-  return script.replace(placeholder, "${VITOK_RUN_DIR}").replace(
-      "mkdir -p ${VITOK_RUN_DIR}/logs", 'mkdir -p "$VITOK_RUN_DIR/logs"')
+  return script.replace(placeholder, "${VITOK_RUN_DIR}")
+
+
+def write_slurm_array(runs: Sequence[Run], sweep_dir: str, **job_fields) -> str:
+  """Writes render_slurm_array(...) to sweep_dir/sweep.sbatch and creates sweep_dir/logs, where
+  #SBATCH --output points (SLURM does not create it); returns the script's path."""
+  os.makedirs(os.path.join(sweep_dir, "logs"), exist_ok=True)
+  path = os.path.join(sweep_dir, "sweep.sbatch")
+  with open(path, "w") as f:
+    f.write(render_slurm_array(runs, sweep_dir, **job_fields))
+  return path
 
 
 def tpu_commands(runs: Sequence[Run], sweep_dir: str, **job_fields) -> list[str]:
-  """Per-run TPU-pod commands (queued-resource create + ssh --worker=all ... vitok train)."""
+  """Lines of a bash script running `runs` one after another on one TPU pod.
+
+  The pod (JobSpec tpu_name, zone, accelerator_type, ...) is provisioned once (created or reused,
+  waited on until ACTIVE, the repository installed with repo_url), then each run is one
+  `ssh --worker=all ... vitok_jax.cli train` of its config; a failed run is reported and the next
+  one starts. sweep_dir must be on a file system every worker mounts at the same path (NFS,
+  Filestore, gcsfuse): the workers read each run's config.json there and write its checkpoints and
+  record.json there, which this machine reads back; each job checks that its config is visible.
+  """
   from vitok_jax.launch import tpu
-  lines = []
-  for run in runs:
-    lines.append(f"# {run.id}")
-    lines += tpu.render_tpu_commands(_job_spec(f"{RUN_CONFIG}:{run.workdir}", run.workdir,
-                                               sweep_dir, **job_fields))
+  sweep_dir = os.path.abspath(sweep_dir)
+  # The workers run from their own checkout (repo_dir): the run config file relative to it.
+  run_config = os.path.relpath(RUN_CONFIG, config_lib.CONFIGS_DIR.parent)
+  specs = [_job_spec(f"{run_config}:{run.workdir}", run.workdir, sweep_dir, **job_fields)
+           for run in runs]
+  pod = specs[0]
+  lines = ["#!/bin/bash",
+           f"# vitok sweep: {len(runs)} run(s) in turn on TPU pod {pod.tpu_name}; {sweep_dir} must "
+           "be mounted at that path on every worker.",
+           tpu.provision_command(pod)]
+  for run, spec in zip(runs, specs):
+    lines += [f"# {run.id}",
+              tpu.job_command(spec, require=[os.path.join(run.workdir, "config.json")])
+              + f' || echo "vitok sweep: run {run.id} failed (exit $?)" >&2']
+  where = f"--zone={pod.zone}" + (f" --project={pod.project}" if pod.project else "")
+  done = f"vitok sweep: done; vitok results {sweep_dir} reads the records"
+  lines += [f"echo {shlex.quote(done)}",
+            f"# Release the pod: gcloud compute tpus queued-resources delete {pod.tpu_name} "
+            f"{where} --force"]
   return lines
+
+
+def write_tpu_script(runs: Sequence[Run], sweep_dir: str, **job_fields) -> str:
+  """Writes tpu_commands(...) to sweep_dir/sweep_tpu.sh; returns its path."""
+  path = os.path.join(sweep_dir, "sweep_tpu.sh")
+  with open(path, "w") as f:
+    f.write("\n".join(tpu_commands(runs, sweep_dir, **job_fields)) + "\n")
+  return path
