@@ -133,6 +133,19 @@ def test_sample_t():
     flow.sample_t(jax.random.key(0), 4, "normal")
 
 
+def test_generator_config_draws_t_uniformly_by_default_as_sit():
+  """SiT's convention: t uniform by default, logit-normal an option (REFERENCE.md)."""
+  from vitok_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from vitok_jax.train import train_generator  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config("generator:dit/Mu,tokenizer=x")
+  assert config.objective.t_sampling == "uniform"
+  config.objective.t_sampling = "logit_normal"
+  train_generator.validate(config)
+  config.objective.t_sampling = "normal"
+  with pytest.raises(ConfigError, match="objective.t_sampling"):
+    train_generator.validate(config)
+
+
 def test_sampler_arguments_are_checked():
   v = lambda x, t: x
   with pytest.raises(ConfigError, match="counts grid points"):

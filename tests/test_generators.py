@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from vitok_jax import ConfigError, cli, config_lib
+from vitok_jax.models import infinity, var
 from vitok_jax.models.perceptual import mnist_classifier
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.scaling import record as record_lib
-from vitok_jax.train import codes, train_generator, train_tokenizer
+from vitok_jax.train import codes, generators, train_generator, train_tokenizer
 from vitok_jax.train.metrics_writer import read_jsonl
 
 # quantizer -> the tokenizer each family trains on (8×8 token grid, so multi-scale schedules fit).
@@ -206,3 +207,60 @@ def test_sampler_takes_the_tokenizer_weights_as_an_argument(tokenizer_dirs):
   assert pixels.shape == (2, 32, 32, 1) and len(traces) == 1
   assert float(np.abs(np.asarray(pixels) - np.asarray(zeroed)).max()) > 1e-3
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(tokenizer.params))
+
+
+def _family_stub(family_cls, config, monkeypatch, module, sampler_name):
+  """A family without a tokenizer or params; its sampler call's kwargs land in the returned dict."""
+  family = family_cls.__new__(family_cls)
+  family.config, family.model, family._next_input = config, None, object()
+  family.tokenizer = type("Tok", (), {"decode_codes": staticmethod(lambda codes: codes)})()
+  seen = {}
+  monkeypatch.setattr(module, sampler_name, lambda *a, **kw: seen.update(kw) or ())
+  return family, seen
+
+
+@pytest.mark.parametrize("family", ["var", "infinity"])
+def test_var_and_infinity_samplers_get_every_sample_setting(family, monkeypatch):
+  """top_k, top_p, temperature and cfg_schedule reach the sampler (a --sample override must change
+  the samples, not just the metric tag); cfg_schedule "linear" is VAR's ramp."""
+  config = config_lib.load_config(f"generator:{family}/d2,tokenizer=x")
+  assert config.sample.cfg_schedule == {"var": "linear", "infinity": "constant"}[family]
+  cls, module, name = {"var": (generators.VARFamily, var, "sample_var"),
+                       "infinity": (generators.InfinityFamily, infinity, "sample_infinity")}[family]
+  stub, seen = _family_stub(cls, config, monkeypatch, module, name)
+  stub.sample(None, np.zeros(2, np.int32), None)
+  assert seen["cfg_schedule"] == {"var": "var", "infinity": "constant"}[family]
+  top_k = 1 if family == "infinity" else 200
+  stub.sample(None, np.zeros(2, np.int32), None, top_k=top_k, top_p=0.9, temperature=0.5,
+              cfg_schedule="constant" if family == "var" else "linear", cfg_scale=2.0)
+  assert seen == {"cfg_scale": 2.0, "top_k": top_k, "top_p": 0.9, "temperature": 0.5,
+                  "cfg_schedule": "constant" if family == "var" else "var"}
+
+
+def test_sample_settings_a_family_ignores_are_config_errors():
+  """Early, in validation: a setting the family's sampler does not read, and Infinity's no-op
+  top_k >= 2 (each bit is a 2-way softmax)."""
+  for key, value in (("top_p", 0.9), ("top_k", 50), ("temperature", 0.7),
+                     ("cfg_schedule", "linear")):
+    config = config_lib.load_config("generator:dit/Mu,tokenizer=x")
+    config.sample[key] = value
+    with pytest.raises(ConfigError, match=f"sample.{key}=.* has no effect on model.family=dit"):
+      train_generator.validate(config)
+  config = config_lib.load_config("generator:infinity/d2,tokenizer=x")
+  for top_k in (0, 1):
+    config.sample.top_k = top_k
+    train_generator.validate(config)
+  config.sample.top_k = 200
+  with pytest.raises(ConfigError, match="2-way softmax"):
+    train_generator.validate(config)
+  with pytest.raises(ConfigError, match="2-way softmax"):
+    generators.check_sample_settings("infinity", {**config.sample.to_dict(), "top_k": 2})
+  config = config_lib.load_config("generator:llamagen/Mu,tokenizer=x")
+  config.sample.update(top_k=50, top_p=0.9, temperature=0.7, cfg_schedule="linear")
+  train_generator.validate(config)
+  # `vitok eval --sample` / `vitok sample` overrides the sampler does not read.
+  with pytest.raises(ConfigError, match="'num_steps' has no effect on model.family=var"):
+    generators.check_sample_overrides("var", {"num_steps": 10})
+  with pytest.raises(ConfigError, match="'top_p' has no effect on model.family=dit"):
+    generators.check_sample_overrides("dit", {"cfg_scale": 2, "top_p": 0.9})
+  generators.check_sample_overrides("infinity", {"top_p": 0.9, "cfg_schedule": "linear"})

@@ -84,22 +84,37 @@ def test_self_correction_without_flips_is_teacher_forcing(setup):
   assert labels.shape == (2, 21, BITS) and labels.dtype == jnp.int32
 
 
+def _torch_bilinear(x_BHWC, side: int):
+  """numpy torch `bilinear` (= Infinity's `trilinear` on [B, C, 1, h, w]), align_corners=False, no
+  antialias: per axis src = max((i + 0.5)·in/out − 0.5, 0), taps ⌊src⌋, ⌊src⌋ + 1 (clamped)."""
+  for axis in (1, 2):
+    n, rows = x_BHWC.shape[axis], []
+    for i in range(side):
+      src = max((i + 0.5) * n / side - 0.5, 0.0)
+      i0, lam = int(np.floor(src)), src - np.floor(src)
+      i1 = min(i0 + 1, n - 1)
+      rows.append((1 - lam) * np.take(x_BHWC, i0, axis) + lam * np.take(x_BHWC, i1, axis))
+    x_BHWC = np.stack(rows, axis)
+  return x_BHWC
+
+
 def _numpy_self_correction(f, scales, rng, flip_prob_max):
-  """Reference: area-down residual, bits r > 0, flip (masks from `flip_bits`), bilinear up."""
+  """Reference (Infinity's `flip_requant`): area-down residual, bits r > 0, flip (masks from
+  `flip_bits`), bilinear up; the next input is f_hat *bilinearly* resized (z_interplote_up)."""
   batch, size, _, dim = f.shape
   keys = jax.random.split(rng, len(scales))
-  resize = lambda x, s, mode: np.einsum("hH,wW,BHWC->BhwC", multiscale.RESIZES[mode](s, x.shape[1]),
-                                        multiscale.RESIZES[mode](s, x.shape[2]), x)
+  area = lambda x, s: np.einsum("hH,wW,BHWC->BhwC", multiscale.area_matrix(s, x.shape[1]),
+                                multiscale.area_matrix(s, x.shape[2]), x)
   f_hat, inputs, labels = np.zeros_like(f), [], []
   for k, s in enumerate(scales):
-    r = resize(f - f_hat, s, "area") if s != size else f - f_hat
+    r = area(f - f_hat, s) if s != size else f - f_hat
     bits = r > 0
     labels.append(bits.reshape(batch, -1, dim))
     mask = np.asarray(infinity.flip_bits(jnp.zeros(bits.shape, bool), keys[k], flip_prob_max)[0])
     flipped = bits ^ mask
-    f_hat = f_hat + resize(np.where(flipped, 1.0, -1.0) / np.sqrt(dim), size, "bilinear")
+    f_hat = f_hat + _torch_bilinear(np.where(flipped, 1.0, -1.0) / np.sqrt(dim), size)
     if k + 1 < len(scales):
-      inputs.append(resize(f_hat, scales[k + 1], "area").reshape(batch, -1, dim))
+      inputs.append(_torch_bilinear(f_hat, scales[k + 1]).reshape(batch, -1, dim))
   return np.concatenate(inputs, 1), np.concatenate(labels, 1).astype(np.int32)
 
 
@@ -113,6 +128,34 @@ def test_self_correction_labels_are_requantised_residuals(setup):
   clean = np.asarray(var.bit_labels(setup["codes"], BITS))
   np.testing.assert_array_equal(np.asarray(labels)[:, :1], clean[:, :1])
   assert (np.asarray(labels)[:, 1:] != clean[:, 1:]).any()
+
+
+@pytest.mark.parametrize("flip_prob_max", [0.0, 0.3])
+def test_next_scale_input_is_bilinear_at_non_power_of_two_ratios(flip_prob_max):
+  """16 × 16 latents, schedule (1, 2, 4, 6, 8, 12, 16): inputs are f_hat bilinearly resized
+  (16 -> 6 and 16 -> 12 tap two pixels each, unlike area); training (self-correction with no
+  flips) and sampling (`next_scale_input` via `teacher_inputs`) build the same inputs."""
+  scales = multiscale.scale_schedule("infinity", 16)
+  assert scales == (1, 2, 4, 6, 8, 12, 16)
+  f = jax.random.normal(jax.random.key(7), (2, 16, 16, BITS))
+  rng = jax.random.key(8, impl="rbg")
+  inputs, labels = jax.jit(lambda f: infinity.self_correction_inputs(
+      f, scales, rng, flip_prob_max))(f)
+  assert inputs.shape == (2, multiscale.token_count(scales) - 1, BITS)
+  ref_inputs, ref_labels = _numpy_self_correction(np.asarray(f, np.float64), scales, rng,
+                                                  flip_prob_max)
+  np.testing.assert_allclose(np.asarray(inputs), ref_inputs, atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(labels), ref_labels)
+  if flip_prob_max:
+    return
+  residual = multiscale.ResidualQuantizer(BITS, "bsq", "infinity", upsample="bilinear", num_phi=0)
+  assert residual.next_input_resize == "bilinear"
+  _, codes, _, _ = jax.jit(lambda f: residual.apply({}, f))(f)
+  teacher = jax.jit(lambda c: residual.apply({}, c, 16, method=residual.teacher_inputs))(codes)
+  np.testing.assert_allclose(np.asarray(teacher), np.asarray(inputs), atol=1e-5)
+  # VAR's rule (area) would give other inputs here: the test tells the two apart.
+  area_inputs, _ = infinity.self_correction_inputs(f, scales, rng, 0.0, input_resize="area")
+  assert np.abs(np.asarray(area_inputs) - ref_inputs).max() > 1e-2
 
 
 def test_flip_fraction_is_about_p():
@@ -148,3 +191,18 @@ def test_sample_infinity_cfg_one_is_conditional(setup):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   guided = infinity.sample_infinity(model, params, labels, rng, fn, cfg_scale=4.0)
   assert any((np.asarray(a) != np.asarray(b)).any() for a, b in zip(plain, guided))
+
+
+def test_sample_infinity_top_k_and_top_p_act_on_each_bit(setup):
+  """top_k = 1 is greedy per bit and a tiny top_p keeps only each bit's likelier value: the same
+  codes (so the family can pass both through), unlike plain sampling."""
+  model, params, residual = setup["model"], setup["params"], setup["residual"]
+  fn = var.residual_next_input_fn(residual, {}, SIZE)
+  labels, rng = jnp.array([1, 2]), jax.random.key(3, impl="rbg")
+  greedy = infinity.sample_infinity(model, params, labels, rng, fn, cfg_scale=None, top_k=1)
+  nucleus = infinity.sample_infinity(model, params, labels, jax.random.key(4, impl="rbg"), fn,
+                                     cfg_scale=None, top_p=0.01)
+  for a, b in zip(greedy, nucleus):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  plain = infinity.sample_infinity(model, params, labels, rng, fn, cfg_scale=None)
+  assert any((np.asarray(a) != np.asarray(b)).any() for a, b in zip(plain, greedy))

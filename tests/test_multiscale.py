@@ -91,3 +91,75 @@ def test_infinity_bsq_codes_decode_to_f_hat():
   np.testing.assert_allclose(np.asarray(module.apply(variables, codes, 8, method=module.decode_codes)),
                              np.asarray(f_hat), atol=1e-5)
   assert set(terms) == {"commit", "bsq_entropy"} and "bsq/bit_entropy_min" in metrics
+
+
+def _torch_bilinear_1d(x, out_size: int, axis: int):
+  """numpy reference of torch `bilinear`/`trilinear`, align_corners=False, no antialias, one axis:
+  src = max((i + 0.5)·in/out − 0.5, 0), taps ⌊src⌋ and ⌊src⌋ + 1 (clamped), weight src − ⌊src⌋."""
+  in_size = x.shape[axis]
+  rows = []
+  for i in range(out_size):
+    src = max((i + 0.5) * in_size / out_size - 0.5, 0.0)
+    i0 = int(np.floor(src))
+    i1 = i0 + 1 if i0 < in_size - 1 else i0
+    lam = src - i0
+    rows.append((1 - lam) * np.take(x, i0, axis) + lam * np.take(x, i1, axis))
+  return np.stack(rows, axis)
+
+
+def _torch_area_1d(x, out_size: int, axis: int):
+  """numpy reference of torch `area` (adaptive average pooling) on one axis."""
+  in_size = x.shape[axis]
+  rows = [np.take(x, np.arange(i * in_size // out_size, -(-(i + 1) * in_size // out_size)),
+                  axis).mean(axis) for i in range(out_size)]
+  return np.stack(rows, axis)
+
+
+def torch_resize(x_BHWC, side: int, mode: str):
+  """[B, H, W, C] -> [B, side, side, C] as torch `interpolate(mode)` (numpy, float64)."""
+  one_d = {"bilinear": _torch_bilinear_1d, "area": _torch_area_1d}[mode]
+  return one_d(one_d(np.asarray(x_BHWC, np.float64), side, 1), side, 2)
+
+
+@pytest.mark.parametrize("in_size,out_size", [(16, 1), (16, 2), (16, 6), (16, 12), (8, 6),
+                                              (6, 16), (3, 16), (12, 13)])
+def test_bilinear_matches_numpy_torch_reference_down_and_up(in_size, out_size):
+  """No torch needed: downsampling has no antialias (taps 2 pixels however far apart), and
+  jax.image.resize(antialias=False) agrees with it too."""
+  x = np.random.default_rng(0).normal(size=(2, in_size, in_size, 3)).astype(np.float32)
+  ref = torch_resize(x, out_size, "bilinear")
+  ours = multiscale.resize(jnp.asarray(x), (out_size, out_size), "bilinear")
+  np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-5)
+  jax_ref = jax.image.resize(jnp.asarray(x), (2, out_size, out_size, 3), "bilinear",
+                             antialias=False)
+  np.testing.assert_allclose(np.asarray(jax_ref), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vq", "bsq"])
+def test_next_scale_input_is_area_for_var_and_bilinear_for_infinity(kind):
+  """Teacher inputs at non-power-of-two scale ratios (16 -> 1, 3, 5, 6, 12, 13, ...): VAR
+  area-downsamples f_hat (`var` schedule), Infinity resizes it bilinearly (z_interplote_up)."""
+  module = _quantizer(kind, channels=4)
+  assert module.next_input_resize == {"vq": "area", "bsq": "bilinear"}[kind]
+  f = _smooth_latents(16, 4)
+  variables = nn.meta.unbox(module.init(jax.random.key(2), f))
+  if kind == "vq":   # A data-like codebook (the init is ±1/K), so f_hat is not ~0.
+    variables["params"]["vq"]["codebook"] = jax.random.normal(jax.random.key(3), (512, 4)) * 0.7
+  _, codes, _, _ = jax.jit(module.apply)(variables, f)
+  scales = module.scales(16)
+  assert scales == {"vq": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                    "bsq": (1, 2, 4, 6, 8, 12, 16)}[kind]
+  inputs = jax.jit(lambda v, c: module.apply(v, c, 16, method=module.teacher_inputs))(
+      variables, codes)
+  refs, other = [], []
+  for k in range(len(scales) - 1):
+    f_hat = np.asarray(module.apply(variables, codes[:k + 1], 16, method=module.decode_codes))
+    mode, wrong = ("area", "bilinear") if kind == "vq" else ("bilinear", "area")
+    refs.append(torch_resize(f_hat, scales[k + 1], mode).reshape(f.shape[0], -1, 4))
+    other.append(torch_resize(f_hat, scales[k + 1], wrong).reshape(f.shape[0], -1, 4))
+  np.testing.assert_allclose(np.asarray(inputs), np.concatenate(refs, 1), atol=1e-5)
+  assert np.abs(np.asarray(inputs) - np.concatenate(other, 1)).max() > 1e-2   # It matters.
+  # An explicit input_resize overrides the family's rule.
+  area_bsq = multiscale.ResidualQuantizer(4, "bsq", "infinity", upsample="bilinear", num_phi=0,
+                                          input_resize="area")
+  assert area_bsq.next_input_resize == "area"

@@ -43,7 +43,7 @@ def _call(velocity_fn: ShortcutFn, x, t_B, d_B, cond):
   return velocity_fn(x, t_B, d_B) if cond is None else velocity_fn(x, t_B, d_B, cond)
 
 
-def sample_t(rng, batch: int, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0):
+def sample_t(rng, batch: int, kind: str = "uniform", mean: float = 0.0, std: float = 1.0):
   """Training times [batch] in (0, 1): "uniform" on [0, 1), or "logit_normal" σ(mean + std·n)."""
   if kind == "uniform":
     return jax.random.uniform(rng, (batch,))

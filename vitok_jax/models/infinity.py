@@ -10,8 +10,10 @@ The transformer is `var.VAR(head="bitwise", bits=d)`: d binary logits per token 
 
 The multi-scale BSQ is Infinity's: per scale, the residual f − f_hat is area-downsampled, quantised
 to q = sign(u)/√d with u = r/‖r‖ (0 -> −1; bit = 1 where q > 0), bilinearly upsampled
-(align_corners=False) and added to f_hat; the next input is f_hat area-downsampled to the next
-scale (as `multiscale.ResidualQuantizer(quantizer="bsq", upsample="bilinear", num_phi=0)`).
+(align_corners=False) and added to f_hat; the next input is f_hat resized to the next scale with
+the same bilinear mode (Infinity's `z_interplote_up` = trilinear on [B, C, 1, h, w], no antialias,
+in `flip_requant` and in its sampler; VAR area-downsamples instead), as
+`multiscale.ResidualQuantizer(quantizer="bsq", upsample="bilinear", num_phi=0)` does.
 """
 from __future__ import annotations
 
@@ -43,10 +45,12 @@ def flip_bits(bits_BND, rng, flip_prob_max: float):
 
 
 def self_correction_inputs(f_BHWC, scales: Sequence[int], rng, flip_prob_max: float = 0.3, *,
-                           flip_scales: int | None = None, upsample: str = "bilinear"):
+                           flip_scales: int | None = None, upsample: str = "bilinear",
+                           input_resize: str = ""):
   """Teacher inputs and bit labels with bitwise self-correction (Infinity's `flip_requant`).
 
-  Per scale k: r_k = area_down(f − f_hat, s_k); its bits (r > 0, i.e. u > 0) are scale k's labels.
+  Per scale k: r_k = area_down(f − f_hat, s_k); its bits (r > 0, i.e. u > 0) are scale k's labels;
+  the input of scale k + 1 is f_hat resized to s_{k+1} with `input_resize` (Infinity: bilinear).
   The token used to build f_hat is those bits with a fraction p of them flipped (p ~ U[0,
   flip_prob_max) per sample and scale; `flip_bits` with key k of `jax.random.split(rng, K)`), so the
   residual of later scales, and hence their labels, is the re-quantised residual given the
@@ -62,6 +66,8 @@ def self_correction_inputs(f_BHWC, scales: Sequence[int], rng, flip_prob_max: fl
     flip_prob_max: upper end of the flip fraction (Infinity: 0.3); 0 disables.
     flip_scales: corrupt only the first this many scales (Infinity's noise_apply_layers); None: all.
     upsample: "bilinear" (Infinity) or another `multiscale.RESIZES` mode.
+    input_resize: the next-scale input's resize; "" (default) is `upsample`, Infinity's
+      z_interplote_up, as `ResidualQuantizer.next_scale_input` does for quantizer="bsq".
   Returns:
     (inputs_BLC float32 [B, L − s_0², d], bit_labels_BLd int32 [B, L, d]).
   """
@@ -70,8 +76,10 @@ def self_correction_inputs(f_BHWC, scales: Sequence[int], rng, flip_prob_max: fl
   if scales[-1] != size or f_BHWC.shape[2] != size:
     raise ConfigError(f"the last scale {scales[-1]} must be the latent side (latents "
                       f"{f_BHWC.shape}); pass multiscale.scale_schedule(name, h)")
-  if upsample not in multiscale.RESIZES:
-    raise ConfigError(f"upsample={upsample!r}; use one of {list(multiscale.RESIZES)}")
+  input_resize = multiscale.input_resize_mode("bsq", upsample, input_resize)
+  for name, mode in (("upsample", upsample), ("input_resize", input_resize)):
+    if mode not in multiscale.RESIZES:
+      raise ConfigError(f"{name}={mode!r}; use one of {list(multiscale.RESIZES)}")
   keys = jax.random.split(rng, len(scales))
   f_hat_BHWC = jnp.zeros_like(f_BHWC)
   inputs, labels = [], []
@@ -85,7 +93,8 @@ def self_correction_inputs(f_BHWC, scales: Sequence[int], rng, flip_prob_max: fl
                                                 upsample)
     if k + 1 < len(scales):
       nxt = scales[k + 1]
-      inputs.append(multiscale.resize(f_hat_BHWC, (nxt, nxt), "area").reshape(batch, -1, dim))
+      inputs.append(multiscale.resize(f_hat_BHWC, (nxt, nxt), input_resize)
+                    .reshape(batch, -1, dim))
   inputs_BLC = (jnp.concatenate(inputs, axis=1) if inputs
                 else jnp.zeros((batch, 0, dim), jnp.float32))
   return inputs_BLC, jnp.concatenate(labels, axis=1).astype(jnp.int32)

@@ -2,6 +2,9 @@
 
 Per scale k of a schedule s_1 < … < s_K = h (latent grid h × h):
   r_k = area_down(f − f_hat_{k−1}, s_k) -> quantise -> up(code, h) -> [φ_k] -> f_hat_k.
+The next-scale transformer input is f_hat_k resized to s_{k+1}: `area` in VAR, but Infinity's
+`z_interplote_up` (trilinear on [B, C, 1, h, w], i.e. bilinear, align_corners=False) in Infinity
+(`ResidualQuantizer.input_resize`).
 The resizes are torch's: `area` (adaptive average pooling, overlapping windows when s ∤ h),
 `bicubic` (Keys A = −0.75, half-pixel centres, clamped taps, no antialias) and `bilinear`
 (align_corners=False, no antialias), each as a [out, in] matrix applied separably.
@@ -95,6 +98,14 @@ def resize(x_BHWC, size: tuple[int, int], mode: str):
   return jnp.einsum("hH,wW,BHWC->BhwC", mh, mw, x_BHWC, precision="highest")
 
 
+def input_resize_mode(quantizer: str, upsample: str, input_resize: str = "") -> str:
+  """Resize mode of the next-scale input: `input_resize`, or if "" VAR's "area" (quantizer "vq")
+  or Infinity's z_interplote_up = the code `upsample` mode (quantizer "bsq": "bilinear")."""
+  if input_resize:
+    return input_resize
+  return "area" if quantizer == "vq" else upsample
+
+
 def phi_index(k: int, num_scales: int, num_phi: int = 4) -> int:
   """VAR's PhiPartiallyShared: the φ whose tick in linspace(1/3/n, 1−1/3/n, n) is nearest k/(K−1).
 
@@ -123,6 +134,10 @@ class ResidualQuantizer(nn.Module):
   `num_phi` shared φ). quantizer="bsq": Infinity (implicit 2^C codebook, bilinear up-sampling,
   no φ). Either way the residual passed on between scales is stop-gradient.
 
+  input_resize: how f_hat is resized to the next scale for the transformer's input
+  (`next_scale_input`, `teacher_inputs`); "" picks the family's rule: "area" for vq (VAR) and the
+  `upsample` mode for bsq (Infinity resizes with z_interplote_up both ways: bilinear).
+
   __call__ returns (f_hat [B, h, h, C], codes: tuple of per-scale [B, s, s] int32 (vq) or
   [B, s, s, ceil(C/32)] uint32 (bsq), loss_terms, metrics).
   """
@@ -136,11 +151,17 @@ class ResidualQuantizer(nn.Module):
   phi_ratio: float = 0.5
   inv_temperature: float = 100.0
   gamma: float = 1.0
+  input_resize: str = ""           # "": "area" for vq (VAR), `upsample` for bsq (Infinity).
   impl: str = "auto"
 
   def setup(self):
     if self.quantizer not in ("vq", "bsq"):
       raise ConfigError(f"multi-scale quantizer={self.quantizer!r}; use 'vq' or 'bsq'")
+    for field in ("upsample", "input_resize"):
+      mode = getattr(self, field)
+      if mode and mode not in RESIZES:
+        raise ConfigError(f"ResidualQuantizer.{field}={mode!r}; use one of {list(RESIZES)}"
+                          + (" (or '' for the family's rule)" if field == "input_resize" else ""))
     if self.quantizer == "vq":
       self.vq = quantizers.VectorQuantizer(self.channels, self.codebook_size, self.normalize,
                                            impl=self.impl, name="vq")
@@ -148,6 +169,11 @@ class ResidualQuantizer(nn.Module):
 
   def scales(self, size: int) -> tuple[int, ...]:
     return scale_schedule(self.schedule, size)
+
+  @property
+  def next_input_resize(self) -> str:
+    """The resize mode of the next-scale input: "area" (VAR) or `upsample` (Infinity)."""
+    return input_resize_mode(self.quantizer, self.upsample, self.input_resize)
 
   def _refine(self, code_BsC, k: int, scales: Sequence[int]):
     """A scale-k code map -> its full-size contribution to f_hat."""
@@ -221,23 +247,24 @@ class ResidualQuantizer(nn.Module):
       k: the scale index (static).
       size: latent side h (the last scale).
     Returns:
-      (f_hat_BHWC with scale k added, inputs [B, s_{k+1}², C]): f_hat area-downsampled to scale
-      k + 1, flattened row-major. For the last scale (k = K − 1), as in VAR, the second output is
-      f_hat itself flattened ([B, size², C]).
+      (f_hat_BHWC with scale k added, inputs [B, s_{k+1}², C]): f_hat resized to scale k + 1 with
+      `next_input_resize` (VAR: area; Infinity: bilinear), flattened row-major. For the last scale
+      (k = K − 1), as in VAR, the second output is f_hat itself flattened ([B, size², C]).
     """
     scales = self.scales(size)
     if not 0 <= k < len(scales):
       raise ConfigError(f"scale index k={k} is outside the {len(scales)} scales {scales}")
     f_hat_BHWC = f_hat_BHWC + self._refine(self.code_vectors(code), k, scales)
     side = scales[k + 1] if k + 1 < len(scales) else size
-    next_BsC = resize(f_hat_BHWC, (side, side), "area")
+    next_BsC = resize(f_hat_BHWC, (side, side), self.next_input_resize)
     return f_hat_BHWC, next_BsC.reshape(next_BsC.shape[0], side * side, next_BsC.shape[-1])
 
   def teacher_inputs(self, codes: Sequence[jax.Array], size: int):
-    """VAR's teacher-forced transformer input from the codes of all K scales.
+    """The teacher-forced transformer input from the codes of all K scales.
 
-    For k = 0 … K−2 the cumulative f_hat_k area-downsampled to scale k + 1, flattened row-major and
-    concatenated: [B, Σ_k s_k² − s_0², C] (679 tokens for VAR's 256p schedule).
+    For k = 0 … K−2 the cumulative f_hat_k resized to scale k + 1 (`next_input_resize`: area for
+    VAR, bilinear for Infinity), flattened row-major and concatenated: [B, Σ_k s_k² − s_0², C]
+    (679 tokens for VAR's 256p schedule).
     """
     scales = self.scales(size)
     if len(codes) != len(scales):

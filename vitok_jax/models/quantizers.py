@@ -76,6 +76,39 @@ def bit_metrics(bit_usage_D, prefix: str = "bsq") -> dict:
           f"{prefix}/imbalance": jnp.max(jnp.abs(bit_usage_D - 0.5))}
 
 
+def bsq_code_metrics(q_ND, words_NW, prefix: str = "bsq", max_bits: int = 16) -> dict:
+  """Per-code health of BSQ codes (per-bit balance misses bits that move together).
+
+  Cheap enough for every train step: a 2^{d'} histogram and a d × d matmul over the batch.
+  code_usage / code_perplexity: of the code formed by the first d' = min(d, max_bits) bits (the
+  whole code when d <= 16): fraction of the 2^{d'} codes hit, and exp(H) of their histogram (2^{d'}
+  when uniform; batch-level, so at most the number of tokens). bit_correlation: mean |Pearson
+  correlation| of the ±1 bits over distinct pairs (0 for independent bits, 1 when every bit copies
+  one; a constant bit counts as uncorrelated, `bit_entropy_min` flags it). 0 when d = 1.
+
+  Args:
+    q_ND: quantised codes [..., d] (bit i is 1 where q_i > 0).
+    words_NW: the same codes packed, uint32 [..., ceil(d/32)] (`pack_bits`: bit 0 the MSB).
+  """
+  dim = q_ND.shape[-1]
+  sub = min(dim, max_bits)
+  # Word 0 holds bits 0 … min(d, 32) − 1 with bit 0 the most significant: shift off the rest.
+  word0_N = words_NW[..., 0].reshape(-1).astype(jnp.uint32)
+  code_N = (word0_N >> jnp.uint32(min(dim, 32) - sub)).astype(jnp.int32)
+  usage = code_usage_metrics(code_N, 2**sub, prefix)
+  signs_ND = jnp.where(q_ND.reshape(-1, dim) > 0, 1.0, -1.0).astype(jnp.float32)
+  mean_D = signs_ND.mean(0)
+  cov_DD = (jnp.einsum("nd,ne->de", signs_ND, signs_ND, precision="highest") / signs_ND.shape[0]
+            - mean_D[:, None] * mean_D[None, :])
+  std_D = jnp.sqrt(jnp.clip(jnp.diagonal(cov_DD), 0.0))
+  corr_DD = cov_DD / jnp.maximum(std_D[:, None] * std_D[None, :], 1e-12)
+  off_diagonal = 1.0 - jnp.eye(dim, dtype=jnp.float32)
+  mean_abs_corr = jnp.sum(jnp.abs(corr_DD) * off_diagonal) / max(dim * (dim - 1), 1)
+  return {f"{prefix}/code_usage": usage[f"{prefix}/usage"],
+          f"{prefix}/code_perplexity": usage[f"{prefix}/perplexity"],
+          f"{prefix}/bit_correlation": mean_abs_corr}
+
+
 def vq_entropy_loss(affinity_NK, temperature: float = 0.01):
   """LlamaGen's entropy loss: mean per-token entropy − entropy of the mean code distribution.
 
@@ -186,12 +219,13 @@ def bsq_quantize(z_NC, *, inv_temperature: float = 100.0, gamma: float = 1.0, im
 
   q = sign(u)/√d (0 -> −1) with u = z/‖z‖. Terms (from the BSQ paper; Infinity's released
   training-time entropy term returns 0): bsq_entropy = E_tokens[Σ_i H(p_i)] − γ·Σ_i H(E_tokens[p_i]),
-  p_i = σ(4·β·u_i/√d) the soft P(bit i = 1); commit = mean((sg(q) − u)²).
+  p_i = σ(4·β·u_i/√d) the soft P(bit i = 1); commit = mean((sg(q) − u)²). Metrics: codebook
+  usage per bit (`bit_metrics`) and per code (`bsq_code_metrics`), and the two entropies.
   """
   out = kernels.bsq(z_NC, inv_temperature=inv_temperature, impl=impl)
   u_NC = l2_normalize(z_NC)
   terms = {"bsq_entropy": out.token_entropy - gamma * out.codebook_entropy,
            "commit": jnp.mean((jax.lax.stop_gradient(out.quantized.astype(jnp.float32)) - u_NC) ** 2)}
-  metrics = {**bit_metrics(out.bit_usage), "bsq/token_entropy": out.token_entropy,
-             "bsq/codebook_entropy": out.codebook_entropy}
+  metrics = {**bit_metrics(out.bit_usage), **bsq_code_metrics(out.quantized, out.codes),
+             "bsq/token_entropy": out.token_entropy, "bsq/codebook_entropy": out.codebook_entropy}
   return out.quantized, out.codes, terms, metrics

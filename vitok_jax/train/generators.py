@@ -74,11 +74,23 @@ class FrozenTokenizer:
                             method=lambda m, *a: fn(m.bottleneck_layer.residual, *a))
 
 
+# config.sample fields that only some samplers read, with the value that means "off": a family
+# whose sampler does not read one requires this value (train_generator.validate), so a setting can
+# never change the metric tag without changing the samples.
+NEUTRAL_SAMPLE_SETTINGS = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, "cfg_schedule": "constant"}
+
+# config.sample.cfg_schedule -> var.cfg_weights schedule: "linear" is VAR's ramp
+# w_k = 1 + cfg·k/(K − 1) (the first scale unguided), "constant" is w_k = cfg (Infinity's).
+VAR_CFG_SCHEDULES = {"linear": "var", "constant": "constant"}
+
+
 class Family:
   """Interface: arrays(store) -> dict of [N, ...] numpy; model; loss; sample."""
   name: str = ""
   size_family: str = ""
   bottlenecks: tuple[str, ...] = ()
+  # The config.sample fields `sample` (and `few_step_samplers`) read.
+  sample_fields: tuple[str, ...] = ()
 
   def __init__(self, config, tokenizer: FrozenTokenizer, train_store: dict):
     self.config, self.tokenizer = config, tokenizer
@@ -129,6 +141,7 @@ class Family:
 class DiTFamily(Family):
   """DiT on the normalised latent grid [h, w, c]; per-channel mean/std from the train store."""
   name, size_family, bottlenecks = "dit", "dit", ("gaussian",)
+  sample_fields = ("cfg_scale", "num_steps", "method", "few_steps")
 
   def build(self, train_store):
     latents = self._grid(train_store["latents"])
@@ -219,6 +232,7 @@ class DiTFamily(Family):
 class LlamaGenFamily(Family):
   """LlamaGen over raster-order VQ codes [L] with a class-token prefix."""
   name, size_family, bottlenecks = "llamagen", "llamagen", ("vq", "vq1k", "vq1k_ent")
+  sample_fields = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")
 
   def build(self, train_store):
     m = self.config.model
@@ -250,6 +264,7 @@ class LlamaGenFamily(Family):
 class VARFamily(Family):
   """VAR over the per-scale VQ maps; teacher inputs come from the tokenizer's quantiser."""
   name, size_family, bottlenecks = "var", "var", ("msvq",)
+  sample_fields = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")
   head = "softmax"
 
   def build(self, train_store):
@@ -295,10 +310,12 @@ class VARFamily(Family):
     return self._next_input
 
   def sample(self, params, labels_B, rng, **overrides):
+    """cfg_schedule "linear" is VAR's published ramp, "constant" w = cfg at every scale."""
     s = {**self.config.sample.to_dict(), **overrides}
     codes = var.sample_var(self.model, params, labels_B, rng, self.next_input_fn(),
                            cfg_scale=s["cfg_scale"], top_k=s["top_k"], top_p=s["top_p"],
-                           temperature=s["temperature"])
+                           temperature=s["temperature"],
+                           cfg_schedule=var_cfg_schedule(s["cfg_schedule"]))
     return self.tokenizer.decode_codes(tuple(codes))
 
 
@@ -319,20 +336,71 @@ class InfinityFamily(VARFamily):
 
   def loss(self, params, batch, rng):
     r_flip, r_drop = jax.random.split(rng)
-    inputs, bits = infinity.self_correction_inputs(batch["f"], self.scales, r_flip,
-                                                   flip_prob_max=self.config.objective.flip_max)
+    # The tokenizer's up-sampling mode, which is also the next-scale input's resize (Infinity's
+    # z_interplote_up), as in its quantiser's `next_scale_input` that the sampler uses.
+    inputs, bits = infinity.self_correction_inputs(
+        batch["f"], self.scales, r_flip, flip_prob_max=self.config.objective.flip_max,
+        upsample=self.tokenizer.bottleneck_module.upsample)
     logits = self.train_logits(params, inputs, batch["labels"], r_drop)
     return var.bitwise_loss(logits, bits)
 
   def sample(self, params, labels_B, rng, **overrides):
+    """Each bit from its own 2-way softmax: top_k is 0 (off) or 1 (greedy); cfg_schedule
+    "constant" is Infinity's, "linear" VAR's ramp."""
     s = {**self.config.sample.to_dict(), **overrides}
+    check_bitwise_top_k(s["top_k"])
     codes = infinity.sample_infinity(self.model, params, labels_B, rng, self.next_input_fn(),
-                                     cfg_scale=s["cfg_scale"], temperature=s["temperature"])
+                                     cfg_scale=s["cfg_scale"], top_k=s["top_k"], top_p=s["top_p"],
+                                     temperature=s["temperature"],
+                                     cfg_schedule=var_cfg_schedule(s["cfg_schedule"]))
     return self.tokenizer.decode_codes(tuple(codes))
 
 
 FAMILIES: dict[str, type[Family]] = {
     f.name: f for f in (DiTFamily, LlamaGenFamily, VARFamily, InfinityFamily)}
+
+
+def var_cfg_schedule(cfg_schedule: str) -> str:
+  """config.sample.cfg_schedule -> the `var.sample_var` schedule (see VAR_CFG_SCHEDULES)."""
+  if cfg_schedule not in VAR_CFG_SCHEDULES:
+    raise ConfigError(f"sample.cfg_schedule={cfg_schedule!r}; the var/infinity samplers take one "
+                      f"of {list(VAR_CFG_SCHEDULES)} (linear: VAR's ramp, constant: Infinity's)")
+  return VAR_CFG_SCHEDULES[cfg_schedule]
+
+
+def check_bitwise_top_k(top_k: int) -> None:
+  """Raises ConfigError unless top_k is 0 or 1: a bit has 2 values, so top_k >= 2 is a no-op."""
+  if top_k not in (0, 1):
+    raise ConfigError(f"sample.top_k={top_k}: Infinity draws each bit from a 2-way softmax, so "
+                      "top_k >= 2 keeps both values and changes nothing; use 0 (off) or 1 "
+                      "(greedy), or top_p / temperature")
+
+
+def check_sample_settings(family: str, sample) -> None:
+  """Raises ConfigError for a config.sample setting that `family`'s sampler would ignore.
+
+  sample: config.sample (or a dict of its fields). A field in NEUTRAL_SAMPLE_SETTINGS that the
+  family does not read must keep its neutral value; Infinity's top_k must be 0 or 1.
+  """
+  fields = FAMILIES[family].sample_fields
+  for key, neutral in NEUTRAL_SAMPLE_SETTINGS.items():
+    if key not in fields and sample[key] != neutral:
+      raise ConfigError(f"sample.{key}={sample[key]!r} has no effect on model.family={family} "
+                        f"(its sampler reads {list(fields)}); leave it at {neutral!r}")
+  if "cfg_schedule" in fields and family in ("var", "infinity"):
+    var_cfg_schedule(sample["cfg_schedule"])
+  if family == "infinity":
+    check_bitwise_top_k(sample["top_k"])
+
+
+def check_sample_overrides(family: str, overrides) -> None:
+  """Raises ConfigError for an override (e.g. `vitok eval --sample k=v`) that `family`'s sampler
+  does not read: it would change the metric tag but not the samples."""
+  fields = FAMILIES[family].sample_fields
+  for key in overrides:
+    if key not in fields:
+      raise ConfigError(f"sample override {key!r} has no effect on model.family={family}; its "
+                        f"sampler reads {list(fields)}")
 
 
 def check_tokenizer(family: str, bottleneck: str) -> None:
