@@ -8,8 +8,10 @@ get_config(arg) takes a variant string: "FAMILY/SIZE" then key=value options, e.
   "dit/Mi,steps=3000,lr=1e-3,batch=64"   tiny CPU run on the quickstart sweep's c=4 tokenizer
 Sizes: vitok_jax.models.vit.GENERATOR_SIZES. Which tokenizer bottleneck each family needs is in
 vitok_jax.train.generators.FAMILIES. Defaults are the published ones (REFERENCE.md): AdamW
-β=(0.9, 0.95), lr 1e-4 × batch/256; DiT: logit-normal t, label dropout 0.1, Heun sampling, CFG;
-LlamaGen: CFG 2.0; VAR: CFG ramped over the scales; Infinity: bit flips up to 0.3.
+β=(0.9, 0.95), lr 1e-4 × batch/256; DiT: SiT's uniform t (logit-normal with
+--config.objective.t_sampling=logit_normal), label dropout 0.1, Heun sampling, CFG; LlamaGen:
+CFG 2.0; VAR: CFG ramped over the scales (cfg_schedule=linear); Infinity: constant CFG 3, bit
+flips up to 0.3.
 
   vitok train --config generator --workdir runs/dit    (after `vitok sweep quickstart`)
 """
@@ -19,7 +21,7 @@ import ml_collections
 
 from vitok_jax import config_lib
 from vitok_jax.parallel import mesh as mesh_lib
-from vitok_jax.train import train_generator
+from vitok_jax.train import optimizer, train_generator
 
 # The embedded default: DiT-Mi on the c=4 tokenizer of `vitok sweep quickstart` (used whenever no
 # tokenizer=WORKDIR is given).
@@ -42,12 +44,13 @@ OPTIONS = {
     "ema": "ema_decay",
 }
 
-# Per-family published defaults applied before the options.
+# Per-family published defaults applied before the options. cfg_schedule "linear" for var is VAR's
+# ramp w_k = 1 + cfg·k/(K − 1); "constant" for infinity is Infinity's w = cfg at every scale.
 FAMILY_DEFAULTS = {
-    "dit": dict(cfg_scale=1.5, weight_decay=0.0),
-    "llamagen": dict(cfg_scale=2.0, weight_decay=0.05),
-    "var": dict(cfg_scale=1.5, weight_decay=0.05),
-    "infinity": dict(cfg_scale=3.0, weight_decay=0.05),
+    "dit": dict(cfg_scale=1.5, cfg_schedule="constant", weight_decay=0.0),
+    "llamagen": dict(cfg_scale=2.0, cfg_schedule="constant", weight_decay=0.05),
+    "var": dict(cfg_scale=1.5, cfg_schedule="linear", weight_decay=0.05),
+    "infinity": dict(cfg_scale=3.0, cfg_schedule="constant", weight_decay=0.05),
 }
 
 
@@ -71,10 +74,15 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       family="dit", size="Mi", patch=1, class_dropout=0.1, num_classes=10,
       mlp_multiple_of=8, attn_impl="auto", dtype="float32"))
-  # dit: t_sampling uniform | logit_normal, shortcut = also train the few-step shortcut objective.
+  # dit: t_sampling uniform (SiT's convention, the default) | logit_normal (σ of a standard
+  # normal, an option); shortcut = also train the few-step shortcut objective.
   # infinity: flip_max = bitwise self-correction's largest flip probability.
   config.objective = ml_collections.ConfigDict(dict(
-      t_sampling="logit_normal", shortcut=False, flip_max=0.3))
+      t_sampling="uniform", shortcut=False, flip_max=0.3))
+  # Each family's sampler reads only some fields (generators.FAMILIES[f].sample_fields); the others
+  # must keep the neutral values below (top_k 0, top_p 1, temperature 1, cfg_schedule constant).
+  # dit: num_steps (grid points), method, few_steps; llamagen/var/infinity: temperature, top_k
+  # (infinity: 0 or 1), top_p, cfg_schedule (constant | linear: a ramp from the conditional model).
   config.sample = ml_collections.ConfigDict(dict(
       num_steps=50, method="heun", cfg_scale=1.5, cfg_schedule="constant", temperature=1.0,
       top_k=0, top_p=1.0, few_steps=(1, 2, 4)))
@@ -86,14 +94,11 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
                                                inception_weights="", gfid_real_examples=10_000))
 
   config.mesh = mesh_lib.default_config()
-  config.optim = ml_collections.ConfigDict(dict(
-      base_lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0, warmup_steps=1000, schedule="cosine",
-      min_lr_ratio=0.0, clip_norm=1.0))
+  config.optim = optimizer.default_config(weight_decay=0.0)
 
   if head:
     _set_model(config, head, arg)
   config_lib.apply_options(config, options, OPTIONS, arg)
-  config.optim.warmup_steps = min(config.optim.warmup_steps, max(config.total_steps // 10, 1))
   # Absolute, so a launched run finds it from any directory.
   config.tokenizer = os.path.abspath(config.tokenizer or config_lib.quickstart_tokenizer())
   train_generator.validate(config)
@@ -109,6 +114,7 @@ def _set_model(config, head: str, arg: str) -> None:
   config.model.family, config.model.size = family, size
   defaults = FAMILY_DEFAULTS[family]
   config.sample.cfg_scale = defaults["cfg_scale"]
+  config.sample.cfg_schedule = defaults["cfg_schedule"]
   config.optim.weight_decay = defaults["weight_decay"]
   if family == "llamagen":
     config.model.mlp_multiple_of = 256 if size not in ("Mu", "Mi", "Ti") else 8

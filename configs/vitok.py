@@ -15,7 +15,7 @@ import ml_collections
 from vitok_jax import config_lib, data
 from vitok_jax.models import vit
 from vitok_jax.parallel import mesh as mesh_lib
-from vitok_jax.train import gan, train_tokenizer
+from vitok_jax.train import gan, optimizer, train_tokenizer
 
 # The embedded default: a tiny tokenizer on bundled MNIST that trains in minutes on 2 CPU cores.
 DEFAULT = "Mu-Mi/4,c=16,res=32,data=mnist,batch=64,steps=500,lr=1e-3"
@@ -104,16 +104,12 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   # Devices per mesh axis (-1 = the rest); dcn_* split across nodes/slices. See parallel/mesh.py.
   config.mesh = mesh_lib.default_config()
 
-  config.optim = ml_collections.ConfigDict(dict(
-      base_lr=1e-4,        # Scaled by batch_size / 256.
-      b1=0.9, b2=0.95, weight_decay=1e-4, warmup_steps=1000, schedule="cosine",
-      min_lr_ratio=0.0, clip_norm=1.0))
+  config.optim = optimizer.default_config(weight_decay=1e-4)
 
   if head:
     _set_model(config, head, arg)
   config_lib.apply_options(config, options, OPTIONS, arg)
   _set_data(config)
-  config.optim.warmup_steps = min(config.optim.warmup_steps, max(config.total_steps // 10, 1))
   train_tokenizer.validate(config)
   return config
 

@@ -67,3 +67,52 @@ def test_load_networks_with_real_files(tmp_path):
     perceptual_metrics.load_networks(("psnr2",), cfg)
   with pytest.raises(ConfigError, match="convert_inception"):
     perceptual_metrics.load_networks(("rfid",), cfg)
+
+
+def test_sharded_accumulators_combine_their_processes_like_one(monkeypatch):
+  """Two processes' shards of uneven size, combined through a simulated all-gather (a thread per
+  process), give exactly the one-process result; `sharded=False` keeps each its own."""
+  import threading  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(2)
+  real = rng.uniform(-1, 1, (30, 16, 16, 1)).astype(np.float32)
+  fake = np.clip(real + rng.normal(size=real.shape) * 0.3, -1, 1).astype(np.float32)
+  nets, names = _toy_networks(), ("lpips", "rfid", "inception_score", "fid_mnist")
+  whole = perceptual_metrics.MetricAccumulator(names, nets)
+  whole.update(real=real, fake=fake)
+  want = whole.result()
+
+  shards = (slice(0, 17), slice(17, 30))
+  process = threading.local()
+  barrier, slots = threading.Barrier(2), [None, None]
+
+  def allgather(x):
+    slots[process.index] = np.asarray(x)
+    barrier.wait()
+    out = np.stack(slots)
+    barrier.wait()  # Both have read the slots before the next call overwrites them.
+    return out
+
+  monkeypatch.setattr(perceptual_metrics.jax, "process_count", lambda: 2)
+  monkeypatch.setattr(perceptual_metrics.multihost_utils, "process_allgather", allgather)
+  results = [None, None]
+
+  def run(index):
+    process.index = index
+    acc = perceptual_metrics.MetricAccumulator(names, nets, sharded=True)
+    for i in range(shards[index].start, shards[index].stop, 8):
+      end = min(i + 8, shards[index].stop)
+      acc.update(real=real[i:end], fake=fake[i:end])
+    results[index] = acc.result()
+
+  threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  for got in results:
+    assert got.keys() == want.keys()
+    for name in want:  # LPIPS sums float32 distances batch by batch.
+      assert got[name] == pytest.approx(want[name], rel=1e-6 if name == "eval/lpips" else 1e-9)
+  alone = perceptual_metrics.MetricAccumulator(names, nets)
+  alone.update(real=real[:17], fake=fake[:17])
+  assert alone.result()["eval/rfid"] != pytest.approx(want["eval/rfid"], rel=1e-3)

@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from vitok_jax import ConfigError, config_lib
 from vitok_jax.scaling import record as record_lib
 from vitok_jax.parallel import mesh as mesh_lib
-from vitok_jax.train import loop, train_tokenizer
+from vitok_jax.train import checkpoint, loop, optimizer, train_tokenizer
 from vitok_jax.train.metrics_writer import read_jsonl
 
 TINY = "Mu-Mu/4,c=8,res=16,data=mnist,batch=16,lr=2e-3"
@@ -54,10 +55,29 @@ def test_training_writes_config_metrics_images_checkpoint_and_record(tmp_path):
 
 
 def test_loss_decreases_and_ema_tracks_params(tmp_path):
+  """The loss falls; the EMA copy is checkpointed apart from the params, and it is what the run
+  evaluates (the record's metrics) and what restore_params hands to eval / tokenize."""
   config = tiny_config(steps=40, ema_decay=0.9)
-  train_tokenizer.train(config, str(tmp_path))
+  workdir = str(tmp_path)
+  record = train_tokenizer.train(config, workdir)
   rows = [r for r in read_jsonl(str(tmp_path / "metrics.jsonl")) if "loss" in r]
   assert rows[-1]["l2"] < 0.7 * rows[0]["l2"]
+  mesh = mesh_lib.make_mesh(config.mesh)
+  parts = train_tokenizer.build_components(config, with_losses=False)
+  shardings = train_tokenizer.state_shardings(parts, config, mesh)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  state = ckpt.restore(40, loop.with_shardings(train_tokenizer.abstract_state(parts, config),
+                                               shardings))
+  ckpt.close()
+  gaps = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(a - b).max()),
+                                      state.ema_params, state.params))
+  assert max(gaps) > 1e-4  # A lagging average, not a copy of the params.
+  step, restored = final_params(workdir)
+  jax.tree.map(np.testing.assert_array_equal, restored, jax.tree.map(np.asarray, state.ema_params))
+  eval_step = train_tokenizer.jit_eval_step(parts.model, mesh, shardings.params)
+  for params, matches in ((state.ema_params, True), (state.params, False)):
+    metrics = train_tokenizer.evaluate(eval_step, params, config, mesh)
+    assert (metrics["eval/l2"] == pytest.approx(record["metrics"]["eval/l2"], rel=1e-6)) == matches
 
 
 def _launch(workdir, steps):
@@ -126,6 +146,102 @@ def test_resuming_with_a_different_model_is_a_clear_error(tmp_path):
   config.model.decoder = "Mi"
   with pytest.raises(ConfigError, match=r"does not match this config.*use a new --workdir"):
     train_tokenizer.train(config, str(tmp_path))
+  # The run's record of what ran (which eval, tokenize and generators read) is left as it was.
+  assert config_lib.read_config(str(tmp_path)).model.decoder == "Mu"
+
+
+def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(ConfigError, match="gcsfuse.*/gcs/bucket/run"):
+    train_tokenizer.train(tiny_config(steps=4), "gs://bucket/run")
+  assert not os.listdir(tmp_path)
+
+
+class _FakeCheckpointer:
+  directory = "ckpt"
+
+  def __init__(self):
+    self.saved = []
+
+  def save(self, step, state, force=False):
+    del state, force
+    self.saved.append(step)
+
+  def latest_step(self):
+    return self.saved[-1] if self.saved else None
+
+  def wait(self):
+    pass
+
+
+def test_loop_rate_leaves_out_compilation_eval_and_checkpoints_and_the_clock_spans_launches(
+    tmp_path, monkeypatch):
+  """On a fake clock: a training step takes 1 s (the first of a launch 50 s more: compilation),
+  an evaluation 100 s. The run's rate counts training steps only; its wall time spans launches,
+  from the checkpoint each resumed at."""
+  now = [1000.0]
+  monkeypatch.setattr(loop.time, "time", lambda: now[0])
+  config = tiny_config(steps=20, log_every=4, eval_every=6, ckpt_every=8)
+
+  def launch(first_step, total_steps):
+    config.total_steps = total_steps
+    clock = loop.RunClock(str(tmp_path), first_step, is_main=True)
+    calls = []
+
+    def train_step(state, batch):
+      del batch
+      now[0] += 1.0 + (50.0 if not calls else 0.0)
+      calls.append(1)
+      return types.SimpleNamespace(step=state.step + 1), {"loss": 1.0, "l2": 1.0}
+
+    def evaluate(state, step):
+      del state, step
+      now[0] += 100.0
+      return {"eval/l2": 0.5}
+
+    result = loop.run(types.SimpleNamespace(step=first_step), config=config, train_step=train_step,
+                      next_batch=lambda: None, ckpt=_FakeCheckpointer(), writer=None,
+                      evaluate=evaluate, clock=clock)
+    return result, clock
+
+  result, clock = launch(0, 16)  # Checkpoints at 8 and 16.
+  assert result.examples_per_sec == pytest.approx(config.batch_size / 1.0)
+  wall_16 = clock.seconds()
+  assert wall_16 == pytest.approx(16 + 50 + 3 * 100)  # Steps, compilation, evals at 6, 12, 16.
+  now[0] += 5000.0  # Idle between launches: not part of the run.
+  result, clock = launch(16, 20)
+  assert result.examples_per_sec == pytest.approx(config.batch_size / 1.0)
+  # It resumed from the time noted at the step-16 checkpoint, before that step's evaluation.
+  assert clock.seconds() == pytest.approx(wall_16 - 100 + 4 + 50 + 2 * 100)  # Evals at 18, 20.
+  assert [int(s) for s in loop.RunClock(str(tmp_path), 0, is_main=False).saved] == [8, 16, 20]
+
+
+def test_run_and_optimizer_values_are_checked():
+  bad = {"keep_ckpts": 0, "optim.warmup_steps": -5, "optim.min_lr_ratio": -1.0,
+         "optim.clip_norm": -1.0, "optim.b2": 1.5, "eval_examples": -3}
+  for field, value in bad.items():
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+      train_tokenizer.validate(tiny_config(**{field: value}))
+  gan = {"gan.enabled": True, "gan.freeze_encoder": False}
+  with pytest.raises(ConfigError, match=r"gan\.lr"):
+    train_tokenizer.validate(tiny_config(**gan, **{"gan.lr": -1.0}))
+  with pytest.raises(ConfigError, match="init_from"):
+    train_tokenizer.validate(tiny_config(**{"gan.enabled": True}))
+  train_tokenizer.validate(tiny_config(**gan))
+
+
+def test_warmup_follows_the_run_length_unless_set():
+  """Unset, the warm-up is a tenth of the run (at most 1000 steps) of whatever total_steps the
+  run ends up with, e.g. after a --config.total_steps override; a set value is kept."""
+  config = tiny_config(steps=12)
+  config.total_steps = 500  # As the command-line override does, after get_config.
+  assert optimizer.warmup_steps(config.optim, config.total_steps) == 50
+  assert optimizer.warmup_steps(config.optim, 100_000) == optimizer.MAX_AUTO_WARMUP
+  _, schedule = optimizer.make_optimizer(config.optim, config.batch_size, config.total_steps)
+  peak = config.optim.base_lr * config.batch_size / 256
+  assert float(schedule(50)) == pytest.approx(peak) and float(schedule(25)) == pytest.approx(peak / 2)
+  config.optim.warmup_steps = 7
+  assert optimizer.warmup_steps(config.optim, config.total_steps) == 7
 
 
 def test_cli_help_and_config_errors():

@@ -83,6 +83,17 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   return module.get_config(arg) if arg else module.get_config()
 
 
+def check_workdir(workdir: str, what: str = "workdir") -> None:
+  """Raises ConfigError for a URL (gs://, s3://, ...): run files are written with the local file
+  API, so on several hosts the directory must be one path they all see (NFS, Filestore, or a
+  bucket mounted with gcsfuse)."""
+  if "://" in workdir:
+    raise ConfigError(
+        f"{what}={workdir!r} is a URL; runs write through the local file system, so pass a "
+        "directory every process sees (one host: a local disk; a pod or cluster: NFS, Filestore, "
+        f"or the bucket mounted with gcsfuse, e.g. /gcs/{workdir.partition('://')[2]})")
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes the resolved config as workdir/config.json; returns the path."""
   os.makedirs(workdir, exist_ok=True)

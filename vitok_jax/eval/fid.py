@@ -94,6 +94,16 @@ class StreamingStats:
     self.mean_D += delta * (n / total)
     self.count = total
 
+  def merge(self, count: int, mean_D, m2_DD) -> None:
+    """Adds another StreamingStats' (count, mean, centred scatter), e.g. another process's."""
+    if count == 0:
+      return
+    total = self.count + count
+    delta = np.asarray(mean_D, np.float64) - self.mean_D
+    self.m2_DD += np.asarray(m2_DD, np.float64) + np.outer(delta, delta) * (self.count * count / total)
+    self.mean_D += delta * (count / total)
+    self.count = total
+
   def finalize(self) -> GaussianStats:
     if self.count < 2:
       raise ValueError(f"a covariance needs at least 2 feature vectors, got {self.count}")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Sequence
 
+import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from vitok_jax.errors import ConfigError
@@ -60,12 +62,34 @@ def _frames(x):
   return x.reshape((-1,) + x.shape[-3:])
 
 
+def _allgather(x: np.ndarray) -> np.ndarray:
+  """[processes, *x.shape]: every process's x, bit-exact (float64 travels as uint32 pairs)."""
+  x = np.ascontiguousarray(x)
+  bits = x.view(np.uint32) if x.dtype.itemsize == 8 else x
+  gathered = np.asarray(multihost_utils.process_allgather(bits))
+  return gathered.view(x.dtype) if x.dtype.itemsize == 8 else gathered
+
+
+def _allgather_rows(x_ND: np.ndarray) -> np.ndarray:
+  """Every process's rows, concatenated in process order (row counts may differ)."""
+  counts = _allgather(np.array([len(x_ND)], np.int32))[:, 0]
+  padded = np.zeros((int(counts.max()), *x_ND.shape[1:]), x_ND.dtype)
+  padded[:len(x_ND)] = x_ND
+  return np.concatenate([rows[:n] for rows, n in zip(_allgather(padded), counts)])
+
+
 class MetricAccumulator:
-  """Running sums and feature statistics for `names` over real/fake batches."""
+  """Running sums and feature statistics for `names` over real/fake batches.
+
+  sharded: each process pushes its own shard of the data (a tokenizer's eval split), and
+  `result` combines every process's sums and statistics, a collective that all processes call;
+  otherwise (every process holding the same data, or one process) each result is its own.
+  """
 
   def __init__(self, names: Sequence[str], networks: dict[str, Callable],
-               reference_stats: dict[str, fid.GaussianStats] | None = None):
-    self.names = tuple(names)
+               reference_stats: dict[str, fid.GaussianStats] | None = None, *,
+               sharded: bool = False):
+    self.names, self.sharded = tuple(names), sharded
     self.nets = networks
     self.lpips_sum, self.lpips_count = 0.0, 0
     self.logits: list[np.ndarray] = []
@@ -105,7 +129,27 @@ class MetricAccumulator:
     """Statistics of the real side (e.g. to save as reference statistics for later gFID runs)."""
     return self.reference.get(net) or self.stats[(net, "real")].finalize()
 
+  def _combine_processes(self) -> None:
+    """Merges every process's LPIPS sums, feature statistics and Inception logits into this one."""
+    totals = _allgather(np.array([self.lpips_sum, float(self.lpips_count)], np.float64))
+    self.lpips_sum, self.lpips_count = float(totals[:, 0].sum()), int(totals[:, 1].sum())
+    for key in sorted(self.stats):
+      mine = self.stats[key]
+      counts = _allgather(np.array([mine.count], np.int64))[:, 0]
+      means, m2s = _allgather(mine.mean_D), _allgather(mine.m2_DD)
+      merged = fid.StreamingStats(mine.mean_D.shape[0])
+      for count, mean_D, m2_DD in zip(counts, means, m2s):
+        merged.merge(int(count), mean_D, m2_DD)
+      self.stats[key] = merged
+    if "inception_score" in self.names:
+      logits = (np.concatenate(self.logits) if self.logits
+                else np.zeros((0, inception.NUM_CLASSES), np.float32))
+      self.logits = [_allgather_rows(logits)]
+    self.sharded = False  # Combined once.
+
   def result(self) -> dict[str, float]:
+    if self.sharded and jax.process_count() > 1:
+      self._combine_processes()
     out = {}
     if "lpips" in self.names and self.lpips_count:
       out["eval/lpips"] = self.lpips_sum / self.lpips_count

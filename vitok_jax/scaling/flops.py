@@ -19,10 +19,8 @@ import jax
 from vitok_jax.errors import ConfigError
 from vitok_jax.models import bottlenecks, multiscale, tokenizer, vit
 
-# Output features of each bottleneck's projection from the encoder width, per latent channel
-# (the Gaussian predicts mean and logvar: 2·c). Add an entry for every new bottleneck.
 # Outputs of the projection into the bottleneck per latent channel: (mean, logvar) for the Gaussian,
-# one value for the quantisers (codebook distances are not counted: tokens·K·c, small next to the ViTs).
+# one value for the quantisers. Add an entry for every new bottleneck.
 BOTTLENECK_OUT_PER_CHANNEL = {"gaussian": 2, "vq": 1, "vq1k": 1, "vq1k_ent": 1, "bsq": 1,
                               "msvq": 1, "msbsq": 1}
 
@@ -106,6 +104,20 @@ def code_bits_per_example(model: tokenizer.ViTok, pixel_shape: Sequence[int]) ->
   return float(tokens * (model.latent_channels if bsq else math.log2(module.codebook_size)))
 
 
+def codebook_flops(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> int:
+  """The distances of a learned codebook's lookup for one example: 2·tokens·c·K (for a multi-scale
+  VQ, the tokens of every scale); 0 for the Gaussian and BSQ, which have no codebook matmul. At
+  small widths and large codebooks this rivals the ViTs (c = 8, K = 16384: 2.6·10⁵ per token)."""
+  grid = _check_pixels(model, pixel_shape)
+  if model.bottleneck not in bottlenecks.LEARNED_CODEBOOK:
+    return 0
+  module = bottlenecks.build(model.bottleneck, model.latent_channels, model.codebook_size)
+  tokens = math.prod(grid)
+  if isinstance(module, bottlenecks.MultiScaleBottleneck):
+    tokens = multiscale.token_count(multiscale.scale_schedule(module.schedule, grid[-1]))
+  return dense_flops(tokens, model.latent_channels, module.codebook_size)
+
+
 def tokenizer_forward_flops(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> dict[str, int]:
   """Forward FLOPs of `model` (encode + decode) for one example of shape (H, W, C) or (T, H, W, C).
 
@@ -123,7 +135,8 @@ def tokenizer_forward_flops(model: tokenizer.ViTok, pixel_shape: Sequence[int]) 
   parts = {
       "patch_embed": dense_flops(tokens, patch_dim, model.encoder.width),
       "encoder": transformer_forward_flops(model.encoder, tokens, model.mlp_kind),
-      "bottleneck": dense_flops(tokens, model.encoder.width, latent_out),
+      "bottleneck": (dense_flops(tokens, model.encoder.width, latent_out)
+                     + codebook_flops(model, pixel_shape)),
       "latent_embed": dense_flops(tokens, model.latent_channels, model.decoder.width),
       "decoder": transformer_forward_flops(model.decoder, tokens, model.mlp_kind),
       "to_pixels": dense_flops(tokens, model.decoder.width, patch_dim),
@@ -137,9 +150,8 @@ def larp_forward_flops(model, pixel_shape: Sequence[int]) -> dict[str, int]:
   "prior".
 
   The encoder runs over P patch tokens + N queries, the decoder over N latents + P patch queries;
-  the bottleneck projects the N query outputs to c and scores them against the K codes (N·c·K: with
-  LARP's large codebooks and few tokens this matmul is not small, so unlike the other quantisers it
-  is counted); the prior (causal, SwiGLU) runs over N − 1 codes, then scores them against the K
+  the bottleneck projects the N query outputs to c and scores them against the K codes
+  (2·N·c·K, as `codebook_flops` for the other codebooks); the prior (causal, SwiGLU) runs over N − 1 codes, then scores them against the K
   codes ((N − 1)·c·K). Elementwise work over the codebook (normalising it, the softmax over K) is
   not counted: at tiny sizes it is a noticeable share of XLA's count.
   """

@@ -16,15 +16,20 @@ from vitok_jax.errors import ConfigError
 
 class Checkpointer:
   """A step directory is committed atomically by orbax, so a run killed mid-save resumes from the
-  previous complete checkpoint."""
+  previous complete checkpoint (the trainer's Checkpointer removes such a half-written save).
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  read_only: for readers of another run's checkpoints (eval, tokenize, a generator's tokenizer),
+  which may be open while that run trains: nothing is created or cleaned up.
+  """
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     self.directory = os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state",),
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True))
+            max_to_keep=keep, create=not read_only, enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=not read_only, read_only=read_only))
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()

@@ -18,7 +18,6 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from jax.experimental import multihost_utils
 
 from vitok_jax import config_lib, data
 from vitok_jax.errors import DataError
@@ -120,22 +119,27 @@ def tokenize_workdir(workdir: str, out: str, *, split: str = "eval", max_example
 
 def load_or_tokenize(workdir: str, split: str) -> dict[str, np.ndarray]:
   """The store of `split` cached as WORKDIR/store_SPLIT.npz, (re)made when missing or older than
-  the tokenizer's latest checkpoint. Process 0 writes it; the others wait for it."""
+  the tokenizer's latest checkpoint. A job of several processes reads it and cannot make it
+  (tokenizing is a single-process job): a missing or stale store there is a DataError that gives
+  the command making it."""
   path = os.path.join(workdir, f"store_{split}.npz")
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise DataError(f"{workdir} is not a tokenizer run (no checkpoints/); train one first with "
                     f"`vitok train --workdir {workdir}`")
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   latest = ckpt.latest_step()
   ckpt.close()
   if latest is None:
     raise DataError(f"tokenizer {workdir} has no checkpoint; train it first with `vitok train "
                     f"--workdir {workdir}`")
   stale = not os.path.exists(path) or int(np.load(path)["step"]) != latest
-  if stale and jax.process_index() == 0:
+  if stale and jax.process_count() > 1:
+    raise DataError(
+        f"the token store {path} is missing or older than the tokenizer's step {latest}, and a "
+        f"job of {jax.process_count()} processes cannot make it; make it first on one process: "
+        f"`vitok tokenize --workdir {workdir} --out {path} --split {split}`")
+  if stale:
     logging.info("Tokenizing the %s split with %s into %s", split, workdir, path)
     tokenize_workdir(workdir, path, split=split)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(f"store {path}")
   with np.load(path) as store:
     return dict(store)

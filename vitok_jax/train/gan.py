@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vitok_jax.config_lib import require
 from vitok_jax.models import discriminator as disc_lib
 
 # Tokenizer param subtrees that stage 2 trains; the rest (patch_embed, encoder, bottleneck) is frozen.
@@ -33,6 +34,22 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       enabled=False, weight=0.1, adaptive=False, start_step=0, channels=64, max_channels=512,
       lr=1e-4, b1=0.0, b2=0.99, freeze_encoder=True))
+
+
+def validate(cfg: ml_collections.ConfigDict, init_from: str) -> None:
+  """Raises ConfigError for config.gan values that cannot train (when the stage is enabled)."""
+  if not cfg.enabled:
+    return
+  require(cfg.weight >= 0, f"gan.weight must be >= 0, got {cfg.weight}")
+  require(cfg.lr > 0, f"gan.lr must be > 0, got {cfg.lr}")
+  for field in ("b1", "b2"):
+    require(0.0 <= cfg[field] < 1.0, f"gan.{field} must be in [0, 1), got {cfg[field]}")
+  require(cfg.start_step >= 0, f"gan.start_step must be >= 0, got {cfg.start_step}")
+  require(1 <= cfg.channels <= cfg.max_channels,
+          f"gan.channels must be in [1, gan.max_channels={cfg.max_channels}], got {cfg.channels}")
+  require(not cfg.freeze_encoder or init_from,
+          "gan.freeze_encoder=True freezes a trained encoder: set init_from=<stage-1 workdir>, "
+          "or gan.freeze_encoder=False to train the encoder too")
 
 
 def hinge_d_loss(logits_real, logits_fake):

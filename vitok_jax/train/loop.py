@@ -7,6 +7,7 @@ a run exactly; SIGTERM (or jax's pre-emption notice) saves a checkpoint and stop
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -25,14 +26,26 @@ from vitok_jax.train import checkpoint
 
 def validate_run(config) -> None:
   """Raises ConfigError for the run fields every trainer's config has (batch, steps, cadences,
-  optimizer, EMA)."""
+  checkpoints, optimizer, EMA)."""
   require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
   require(config.total_steps >= 1, f"total_steps must be >= 1, got {config.total_steps}")
-  for field in ("log_every", "eval_every", "ckpt_every"):
+  for field in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
     require(config[field] >= 1, f"{field} must be >= 1, got {config[field]}")
-  require(config.optim.base_lr > 0, f"optim.base_lr must be > 0, got {config.optim.base_lr}")
-  require_choice(config.optim.schedule, "optim.schedule", ("cosine", "constant"))
+  optim = config.optim
+  require(optim.base_lr > 0, f"optim.base_lr must be > 0, got {optim.base_lr}")
+  require_choice(optim.schedule, "optim.schedule", ("cosine", "constant"))
+  require(optim.warmup_steps is None or optim.warmup_steps >= 0,
+          f"optim.warmup_steps must be >= 0 (or unset: min(1000, total_steps // 10)), got "
+          f"{optim.warmup_steps}")
+  require(0.0 <= optim.min_lr_ratio <= 1.0,
+          f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}")
+  require(optim.clip_norm >= 0, f"optim.clip_norm must be >= 0 (0 = off), got {optim.clip_norm}")
+  require(optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {optim.weight_decay}")
+  for field in ("b1", "b2"):
+    require(0.0 <= optim[field] < 1.0, f"optim.{field} must be in [0, 1), got {optim[field]}")
   require(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {config.ema_decay}")
+  require(config.get("eval_examples", 0) >= 0,
+          f"eval_examples must be >= 0 (0 = the whole eval split), got {config.get('eval_examples')}")
 
 
 class TrainingDiverged(FloatingPointError):
@@ -57,21 +70,53 @@ def eval_params(state: TrainState, config):
   return state.ema_params if config.ema_decay else state.params
 
 
-def start(config, workdir: str) -> bool:
-  """Writes config.json on the main process (the record of what ran); returns is_main."""
+def open_run(config, workdir: str, state: TrainState):
+  """Starts or resumes the run in workdir: (is_main, Checkpointer of workdir/checkpoints, state
+  restored from its latest step if there is one, RunClock). config.json, the record of what ran,
+  is written (by the main process) only once the checkpoint has restored into this config's
+  state, so a re-launch with a mismatched config raises and leaves the run's record intact."""
+  config_lib.check_workdir(workdir)
   is_main = jax.process_index() == 0
-  if is_main:
-    config_lib.save_config(config, workdir)
-  return is_main
-
-
-def resume(workdir: str, state: TrainState, keep: int):
-  """(Checkpointer of workdir/checkpoints, state restored from its latest step if there is one)."""
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=keep)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   if (latest := ckpt.latest_step()) is not None:
     state = ckpt.restore(latest, state)
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
-  return ckpt, state
+  if is_main:
+    config_lib.save_config(config, workdir)
+  return is_main, ckpt, state, RunClock(workdir, int(state.step), is_main=is_main)
+
+
+class RunClock:
+  """Wall-clock seconds of a run over all its launches.
+
+  Every checkpoint adds the run's time so far to workdir/progress.json ({step: seconds}); a
+  resumed launch starts from the time recorded for the step it resumed from (time a crashed
+  launch spent past its last checkpoint is not counted, as that work is redone).
+  """
+  FILE = "progress.json"
+  KEEP = 20  # Steps remembered (checkpoints are far fewer).
+
+  def __init__(self, workdir: str, step: int, *, is_main: bool):
+    self.path, self.is_main = os.path.join(workdir, self.FILE), is_main
+    self.saved: dict[str, float] = {}
+    if os.path.exists(self.path):
+      with open(self.path) as f:
+        self.saved = json.load(f)
+    self.start = time.time() - self.saved.get(str(step), 0.0)
+
+  def seconds(self) -> float:
+    return time.time() - self.start
+
+  def mark(self, step: int) -> None:
+    """Records the time at a checkpoint of `step` (main process; later steps of an abandoned
+    launch are dropped)."""
+    if not self.is_main:
+      return
+    kept = sorted((int(k), v) for k, v in self.saved.items() if int(k) < step)[-(self.KEEP - 1):]
+    self.saved = {**{str(k): v for k, v in kept}, str(step): self.seconds()}
+    with open(self.path + ".tmp", "w") as f:
+      json.dump(self.saved, f)
+    os.replace(self.path + ".tmp", self.path)
 
 
 class Preemption:
@@ -143,15 +188,19 @@ def local_rows(x) -> np.ndarray:
 class LoopResult:
   state: Any
   eval_metrics: dict
+  # Training throughput of this launch: over its log intervals after the first (which holds the
+  # compilation), without evaluation and checkpoint time; the first interval's when it is the only.
   examples_per_sec: float | None
   preempted: bool
 
 
 def run(state, *, config, train_step: Callable, next_batch: Callable[[], Any], ckpt, writer,
-        evaluate: Callable[[Any, int], dict], log_name: str = "loss") -> LoopResult:
+        evaluate: Callable[[Any, int], dict], log_name: str = "loss",
+        clock: RunClock | None = None) -> LoopResult:
   """Steps state.step+1 … config.total_steps: logs every log_every steps (the only host sync),
-  checkpoints every ckpt_every, evaluates every eval_every and at the end, stops cleanly on
-  pre-emption. `evaluate(state, step)` returns eval metrics; `writer` is None off process 0.
+  checkpoints every ckpt_every (noting the run's time on `clock`), evaluates every eval_every and
+  at the end, stops cleanly on pre-emption. `evaluate(state, step)` returns eval metrics;
+  `writer` is None off process 0.
   """
   first_step = int(state.step)
   preemption = Preemption()
@@ -163,40 +212,63 @@ def run(state, *, config, train_step: Callable, next_batch: Callable[[], Any], c
     if step != saved_step:  # A pre-emption can land on a step just saved.
       ckpt.save(step, state, force=True)
       saved_step = step
+      if clock is not None:
+        clock.mark(step)
 
   eval_metrics, last_rate, tick, tick_step = {}, None, time.time(), first_step
+  timed_steps, timed_seconds = 0, 0.0  # Steady-state training time (see LoopResult).
+
+  def end_interval(step: int) -> float:
+    """Closes the interval since the last one at `step` (just after a host sync); its rate."""
+    nonlocal tick, tick_step, timed_steps, timed_seconds
+    now = time.time()
+    rate = (step - tick_step) * config.batch_size / (now - tick)
+    if tick_step != first_step:
+      timed_steps, timed_seconds = timed_steps + step - tick_step, timed_seconds + now - tick
+    tick, tick_step = now, step
+    return rate
+
+  def result(preempted: bool) -> LoopResult:
+    rate = timed_steps * config.batch_size / timed_seconds if timed_steps else last_rate
+    return LoopResult(state, eval_metrics, rate, preempted=preempted)
+
   try:
     for step in range(first_step + 1, config.total_steps + 1):
       state, metrics = train_step(state, next_batch())
       if step % config.log_every == 0 or step == config.total_steps:
         metrics = jax.device_get(metrics)
         check_finite(step, metrics, ckpt)
-        now = time.time()
-        rate = (step - tick_step) * config.batch_size / (now - tick)
+        rate = end_interval(step)
         eta = (config.total_steps - step) * config.batch_size / max(rate, 1e-9)
         metrics["examples_per_sec"] = last_rate = rate
-        tick, tick_step = now, step
         if writer is not None:
           writer.write(step, metrics)
           logging.info("step %d/%d  loss %.4f  %s %.4f  %.1f ex/s  ETA %s", step,
                        config.total_steps, metrics["loss"], log_name, metrics[log_name], rate,
                        format_seconds(eta))
-      if step % config.ckpt_every == 0 or step == config.total_steps:
+      checkpoint_now = step % config.ckpt_every == 0 or step == config.total_steps
+      evaluate_now = step % config.eval_every == 0 or step == config.total_steps
+      if (checkpoint_now or evaluate_now) and tick_step != step:
+        metrics = jax.device_get(metrics)  # A host sync: the interval ends before the pause.
+        end_interval(step)
+      if checkpoint_now:
         save(step, jax.device_get(metrics))
       if preemption.reached(step):
         save(step, jax.device_get(metrics))
         ckpt.wait()
         logging.info("Pre-empted at step %d: checkpoint saved in %s; the same command resumes",
                      step, ckpt.directory)
-        return LoopResult(state, eval_metrics, last_rate, preempted=True)
-      if step % config.eval_every == 0 or step == config.total_steps:
+        return result(preempted=True)
+      if evaluate_now:
         eval_metrics = evaluate(state, step)
         if writer is not None:
           writer.write(step, eval_metrics)
           logging.info("step %d eval: %s", step,
                        "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()
                                  if isinstance(v, (int, float))))
+      if checkpoint_now or evaluate_now:
+        tick = time.time()  # Checkpoints and evaluation are not training time.
   finally:
     preemption.close()
     ckpt.wait()
-  return LoopResult(state, eval_metrics, last_rate, preempted=False)
+  return result(preempted=False)

@@ -5,11 +5,34 @@ import jax
 import ml_collections
 import optax
 
+# Warm-up when optim.warmup_steps is unset: a tenth of the run, at most this many steps.
+MAX_AUTO_WARMUP = 1000
+
+
+def default_config(**overrides) -> ml_collections.ConfigDict:
+  """config.optim: AdamW(b1, b2, weight_decay), peak lr base_lr × batch_size / 256, linear
+  warm-up over warmup_steps (unset: `warmup_steps(total_steps)`, so it follows a
+  --config.total_steps override), then cosine decay to min_lr_ratio × peak (or constant), and
+  global-norm clipping at clip_norm (0 = off)."""
+  config = ml_collections.ConfigDict(dict(
+      base_lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0,
+      warmup_steps=ml_collections.config_dict.placeholder(int), schedule="cosine",
+      min_lr_ratio=0.0, clip_norm=1.0))
+  config.update(overrides)
+  return config
+
+
+def warmup_steps(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> int:
+  """optim.warmup_steps if set, else min(MAX_AUTO_WARMUP, total_steps // 10) (at least 1)."""
+  if optim_cfg.warmup_steps is not None:
+    return min(optim_cfg.warmup_steps, total_steps)
+  return min(MAX_AUTO_WARMUP, max(total_steps // 10, 1))
+
 
 def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, batch_size: int, total_steps: int):
   """Peak lr = base_lr × batch_size / 256 (ViTok's scaling rule)."""
   peak = optim_cfg.base_lr * batch_size / 256
-  warmup = min(optim_cfg.warmup_steps, total_steps)
+  warmup = warmup_steps(optim_cfg, total_steps)
   if optim_cfg.schedule == "constant":
     return optax.linear_schedule(0.0, peak, max(warmup, 1)) if warmup else optax.constant_schedule(peak)
   return optax.warmup_cosine_decay_schedule(

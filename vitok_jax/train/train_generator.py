@@ -62,6 +62,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(s.cfg_scale >= 0, f"sample.cfg_scale must be >= 0, got {s.cfg_scale}")
   require(s.temperature > 0, f"sample.temperature must be > 0, got {s.temperature}")
   require(0 < s.top_p <= 1, f"sample.top_p must be in (0, 1], got {s.top_p}")
+  require(s.top_k >= 0, f"sample.top_k must be >= 0 (0 disables it), got {s.top_k}")
+  generators.check_sample_settings(m.family, s)   # No setting the family's sampler ignores.
   require(config.eval.num_samples >= 0, f"eval.num_samples must be >= 0, got {config.eval.num_samples}")
 
 
@@ -300,14 +302,14 @@ def generator_record(config, family, params, *, wall_time, metrics, workdir, exa
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Runs (or resumes) generator training; returns the run record, None when pre-empted."""
   validate(config)
-  start_time = time.time()
-  is_main = loop.start(config, workdir)
+  config_lib.check_workdir(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
+  mesh_lib.per_process_batch(config.batch_size, mesh)  # Raises unless the batch splits evenly.
   family, train_arrays, eval_arrays, state, train_step, _ = setup(config, mesh)
   logging.info("%s/%s: %d params on %s; %d training examples", config.model.family,
                config.model.size, vit.param_count(state.params), dict(mesh.shape),
                len(train_arrays["labels"]))
-  ckpt, state = loop.resume(workdir, state, config.keep_ckpts)
+  is_main, ckpt, state, clock = loop.open_run(config, workdir, state)
   batches = Batches(train_arrays, config.batch_size, config.seed, start_batch=int(state.step),
                     process_index=jax.process_index(), process_count=jax.process_count())
   batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -320,13 +322,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   try:
     result = loop.run(state, config=config, train_step=train_step, ckpt=ckpt, writer=writer,
                       next_batch=lambda: mesh_lib.global_batch(next(batches), batch_sharding),
-                      evaluate=evaluate_state, log_name="grad_norm")
+                      evaluate=evaluate_state, log_name="grad_norm", clock=clock)
   finally:
     ckpt.close()
   if result.preempted:
     return None
   eval_metrics = result.eval_metrics or evaluate_state(result.state, int(result.state.step))
-  record = generator_record(config, family, loop.eval_params(result.state, config), wall_time=time.time() - start_time,
+  record = generator_record(config, family, loop.eval_params(result.state, config),
+                            wall_time=clock.seconds(),
                             metrics=eval_metrics, workdir=workdir,
                             examples_per_sec=result.examples_per_sec,
                             example=_example(train_arrays))
@@ -341,13 +344,24 @@ def restore_run(workdir: str, config):
   checkpoint."""
   mesh = mesh_lib.make_mesh(config.mesh)
   family, train_arrays, eval_arrays, state, _, _ = setup(config, mesh)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   step = ckpt.latest_step()
   if step is None:
     raise config_lib.ConfigError(f"{workdir} has no checkpoint; train it first")
   state = ckpt.restore(step, state)
   ckpt.close()
   return family, train_arrays, eval_arrays, step, loop.eval_params(state, config)
+
+
+def apply_sample_overrides(config: ml_collections.ConfigDict, overrides: dict) -> None:
+  """Sets config.sample fields from `overrides` and validates; ConfigError for a key that is no
+  config.sample field or that the family's sampler does not read (it would only change the tag)."""
+  for key in overrides:
+    require(key in config.sample, f"sample override {key!r} is not a config.sample field; use one "
+            f"of {sorted(config.sample)}")
+  generators.check_sample_overrides(config.model.family, overrides)
+  config.sample.update(overrides)
+  validate(config)
 
 
 def evaluate_workdir(workdir: str, sample_overrides: dict | None = None) -> dict:
@@ -358,11 +372,7 @@ def evaluate_workdir(workdir: str, sample_overrides: dict | None = None) -> dict
   """
   config = config_lib.read_config(workdir)
   overrides = dict(sample_overrides or {})
-  for key in overrides:
-    require(key in config.sample, f"sample override {key!r} is not a config.sample field; use one "
-            f"of {sorted(config.sample)}")
-  config.sample.update(overrides)
-  validate(config)
+  apply_sample_overrides(config, overrides)
   tag = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
   family, _, eval_arrays, step, params = restore_run(workdir, config)
   metrics = evaluate(family, params, config, eval_arrays, tag=tag,
@@ -374,6 +384,7 @@ def evaluate_workdir(workdir: str, sample_overrides: dict | None = None) -> dict
 def sample_workdir(workdir: str, num_samples: int, out: str = "", **overrides) -> str:
   """Class-conditional samples of a trained generator run -> a PNG grid (one column per class)."""
   config = config_lib.read_config(workdir)
+  apply_sample_overrides(config, overrides)
   family, _, _, step, params = restore_run(workdir, config)
   labels = sample_labels(num_samples, config.model.num_classes)
   sample_fn = lambda p, l, r: family.sample(p, l, r, **overrides)

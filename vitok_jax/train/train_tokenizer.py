@@ -109,6 +109,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require_choice(name, "eval.metrics entry", perceptual_metrics.METRICS)
   require(not config.init_from or os.path.isdir(config.init_from),
           f"init_from={config.init_from!r} is not a run directory; point it at a trained workdir")
+  gan.validate(config.gan, config.init_from)
 
 
 def pixel_shape(config) -> tuple[int, ...]:
@@ -311,7 +312,7 @@ def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
   the dataset-level metrics of config.eval.metrics (LPIPS, rFID, FID-MNIST, FVD, ...).
 
   Every process reads its shard; a short last batch is padded to the static batch and masked.
-  Dataset-level metrics are computed from this process's shard.
+  Dataset-level metrics combine every process's shard.
   """
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
   iterator = data.build_iterator(config.data, split="eval", batch_size=local_batch, seed=config.seed)
@@ -320,7 +321,7 @@ def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
   accumulator = None
   if names:
     networks = perceptual_metrics.load_networks(names, config.eval, workdir)
-    accumulator = perceptual_metrics.MetricAccumulator(names, networks)
+    accumulator = perceptual_metrics.MetricAccumulator(names, networks, sharded=True)
   sums, count, limit = {"psnr": 0.0, "ssim": 0.0, "l2": 0.0}, 0, config.eval_examples or math.inf
   for batch in iterator:
     x = batch["image"]
@@ -354,8 +355,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Runs (or resumes) training; returns the run record (also written to workdir/record.json),
   or None when pre-empted (a checkpoint was saved; the same command resumes)."""
   validate(config)
-  start_time = time.time()
-  is_main = loop.start(config, workdir)
+  config_lib.check_workdir(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -364,7 +364,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   logging.info("Mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
                jax.process_count())
 
-  ckpt, state = loop.resume(workdir, state, config.keep_ckpts)
+  is_main, ckpt, state, clock = loop.open_run(config, workdir, state)
   first_step = int(state.step)
   # The training stream is a function of (seed, global batch index): resume at the step.
   train_iter = data.build_iterator(config.data, split="train", batch_size=local_batch,
@@ -383,7 +383,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     result = loop.run(
         state, config=config, train_step=train_step, ckpt=ckpt, writer=writer,
         next_batch=lambda: mesh_lib.global_batch(next(train_iter), batch_sharding),
-        evaluate=evaluate_state, log_name="l2")
+        evaluate=evaluate_state, log_name="l2", clock=clock)
   finally:
     ckpt.close()
     train_iter.close()
@@ -396,7 +396,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     eval_metrics = evaluate(eval_step, params, config, mesh, workdir=workdir)
   record = record_lib.tokenizer_record(
       config, model, jax.eval_shape(lambda p: p, state.params), pixel_shape(config),
-      wall_time=time.time() - start_time, metrics=eval_metrics, workdir=workdir,
+      wall_time=clock.seconds(), metrics=eval_metrics, workdir=workdir,
       examples_per_sec=last_rate)
   if is_main:
     record_lib.write(record, workdir)
@@ -407,7 +407,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
 def restore_params(workdir: str, config, mesh):
   """(step, params, state shardings) of the latest checkpoint of a run, on `mesh` (EMA params if
   enabled)."""
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   step = ckpt.latest_step()
   if step is None:
     raise DataError(f"{workdir} has no checkpoint; train it first with `vitok train "
