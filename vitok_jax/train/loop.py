@@ -74,8 +74,8 @@ def open_run(config, workdir: str, state: TrainState):
   """Starts or resumes the run in workdir: (is_main, Checkpointer of workdir/checkpoints, state
   restored from its latest step if there is one, RunClock). config.json, the record of what ran,
   is written (by the main process) only once the checkpoint has restored into this config's
-  state, so a re-launch with a mismatched config raises and leaves the run's record intact."""
-  config_lib.check_workdir(workdir)
+  state, so a re-launch with a mismatched config raises and leaves the run's record intact.
+  (The trainers check workdir with `config_lib.check_workdir` before building anything.)"""
   is_main = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   if (latest := ckpt.latest_step()) is not None:
@@ -94,7 +94,7 @@ class RunClock:
   launch spent past its last checkpoint is not counted, as that work is redone).
   """
   FILE = "progress.json"
-  KEEP = 20  # Steps remembered (checkpoints are far fewer).
+  KEEP = 20  # Steps remembered: more than the checkpoints a run keeps.
 
   def __init__(self, workdir: str, step: int, *, is_main: bool):
     self.path, self.is_main = os.path.join(workdir, self.FILE), is_main
