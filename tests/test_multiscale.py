@@ -59,7 +59,7 @@ def _smooth_latents(size=16, channels=4):
 def test_var_reconstruction_error_falls_with_each_scale():
   module = _quantizer("vq")
   f = _smooth_latents()
-  params = nn.meta.unbox(module.init(jax.random.key(2), f))["params"]
+  params = nn.meta.unbox(jax.jit(module.init)(jax.random.key(2), f))["params"]
   # A data-like codebook (samples of the residuals' scale), as training would make it.
   params["vq"]["codebook"] = jax.random.normal(jax.random.key(3), (512, 4)) * 0.7
   f_hat, codes, terms, _ = jax.jit(lambda p, f: module.apply({"params": p}, f))(params, f)
@@ -74,7 +74,7 @@ def test_var_reconstruction_error_falls_with_each_scale():
 def test_var_straight_through_and_phi():
   module = multiscale.ResidualQuantizer(4, "vq", "var", codebook_size=64)
   f = _smooth_latents(8)
-  variables = nn.meta.unbox(module.init(jax.random.key(4), f))
+  variables = nn.meta.unbox(jax.jit(module.init)(jax.random.key(4), f))
   assert {"phi_0", "phi_1", "phi_2", "phi_3"} <= set(variables["params"])
   w = jax.random.normal(jax.random.key(5), f.shape)
   grad = jax.grad(lambda f: jnp.sum(module.apply(variables, f)[0] * w))(f)
@@ -84,8 +84,8 @@ def test_var_straight_through_and_phi():
 def test_infinity_bsq_codes_decode_to_f_hat():
   module = _quantizer("bsq", channels=6)
   f = _smooth_latents(8, 6)
-  variables = module.init(jax.random.key(6), f)
-  f_hat, codes, terms, metrics = module.apply(variables, f)
+  variables = jax.jit(module.init)(jax.random.key(6), f)
+  f_hat, codes, terms, metrics = jax.jit(module.apply)(variables, f)
   assert [c.shape[1] for c in codes] == [1, 2, 4, 6, 8]
   assert all(c.dtype == jnp.uint32 and c.shape[-1] == 1 for c in codes)
   np.testing.assert_allclose(np.asarray(module.apply(variables, codes, 8, method=module.decode_codes)),
@@ -142,7 +142,7 @@ def test_next_scale_input_is_area_for_var_and_bilinear_for_infinity(kind):
   module = _quantizer(kind, channels=4)
   assert module.next_input_resize == {"vq": "area", "bsq": "bilinear"}[kind]
   f = _smooth_latents(16, 4)
-  variables = nn.meta.unbox(module.init(jax.random.key(2), f))
+  variables = nn.meta.unbox(jax.jit(module.init)(jax.random.key(2), f))
   if kind == "vq":   # A data-like codebook (the init is ±1/K), so f_hat is not ~0.
     variables["params"]["vq"]["codebook"] = jax.random.normal(jax.random.key(3), (512, 4)) * 0.7
   _, codes, _, _ = jax.jit(module.apply)(variables, f)
