@@ -55,13 +55,14 @@ def parse(argv: list[str]) -> tuple[str, jobspec.JobSpec, argparse.Namespace]:
   return args.target, spec, args
 
 
-def write_sbatch(spec: jobspec.JobSpec) -> str:
-  """Writes WORKDIR/launch.sbatch and creates WORKDIR/logs, which SLURM needs for #SBATCH --output
-  before the script runs (it does not create directories); returns the script's path."""
+def write_sbatch(spec: jobspec.JobSpec, script: str) -> str:
+  """Writes `script` (slurm.render_sbatch(spec)) to WORKDIR/launch.sbatch and creates WORKDIR/logs,
+  which SLURM needs for #SBATCH --output before the script runs (it does not create directories);
+  returns the script's path."""
   os.makedirs(os.path.join(spec.workdir, "logs"), exist_ok=True)
   path = os.path.join(spec.workdir, "launch.sbatch")
   with open(path, "w") as f:
-    f.write(slurm.render_sbatch(spec))
+    f.write(script)
   return path
 
 
@@ -74,12 +75,13 @@ def main(argv: list[str]) -> int:
       gpus = None if args.gpus is None else [] if args.gpus == "none" else args.gpus.split(",")
       return local.launch_local(spec, dry_run=args.dry_run, gpus=gpus)
     if target == "slurm":
+      script = slurm.render_sbatch(spec)
       if args.dry_run:
-        print(slurm.render_sbatch(spec))
+        print(script)
         return 0
-      path = write_sbatch(spec)
+      path = write_sbatch(spec, script)
       if not args.submit:
-        print(slurm.render_sbatch(spec))
+        print(script)
         print(f"wrote {path} (and {spec.workdir}/logs/): sbatch {path}", file=sys.stderr)
         return 0
       os.execvp("sbatch", ["sbatch", path])

@@ -59,6 +59,11 @@ def ssh_all(spec: JobSpec, command: str) -> str:
           f"--command={shlex.quote(command)}")
 
 
+def release_command(spec: JobSpec) -> str:
+  """gcloud command deleting the pod's queued resource (and the pod)."""
+  return f"gcloud compute tpus queued-resources delete {spec.tpu_name} {_where(spec)} --force"
+
+
 def provision_command(spec: JobSpec) -> str:
   """bash lines that get a pod ready: create the queued resource (or reuse one of that name), wait
   until it is ACTIVE (exit 1 on FAILED / SUSPENDING / SUSPENDED / DELETING), and with repo_url clone
@@ -66,7 +71,7 @@ def provision_command(spec: JobSpec) -> str:
   _check(spec)
   name, where = spec.tpu_name, _where(spec)
   queued = "gcloud compute tpus queued-resources"
-  delete = f"{queued} delete {name} {where} --force"
+  delete = release_command(spec)
   lines = [
       f"{queued} create {name} --node-id={name} --accelerator-type={spec.accelerator_type} "
       f"--runtime-version={runtime_version(spec)} {where} \\",

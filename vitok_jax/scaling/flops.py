@@ -91,30 +91,36 @@ def code_bits_per_example(model: tokenizer.ViTok, pixel_shape: Sequence[int]) ->
   VQ: tokens × log2 K; BSQ: tokens × c; multi-scale: the tokens of every scale of the schedule;
   LARP: N queries × log2 K. Compares tokenizer kinds at equal bits.
   """
-  grid = _check_pixels(model, pixel_shape)
   if model.bottleneck == "larp":
+    _check_pixels(model, pixel_shape)
     return model.num_queries * math.log2(model.codebook_size)
   if model.bottleneck == "gaussian":
+    _check_pixels(model, pixel_shape)
     return None
+  module, tokens = _quantizer_tokens(model, pixel_shape)
+  bsq = isinstance(module, bottlenecks.BSQBottleneck) or (
+      isinstance(module, bottlenecks.MultiScaleBottleneck) and module.quantizer == "bsq")
+  return float(tokens * (model.latent_channels if bsq else math.log2(module.codebook_size)))
+
+
+def _quantizer_tokens(model: tokenizer.ViTok, pixel_shape: Sequence[int]):
+  """(the bottleneck module, tokens it quantises per example: every scale's for multi-scale)."""
+  grid = _check_pixels(model, pixel_shape)
   module = bottlenecks.build(model.bottleneck, model.latent_channels, model.codebook_size)
-  tokens, bsq = math.prod(grid), isinstance(module, bottlenecks.BSQBottleneck)
+  tokens = math.prod(grid)
   if isinstance(module, bottlenecks.MultiScaleBottleneck):
     tokens = multiscale.token_count(multiscale.scale_schedule(module.schedule, grid[-1]))
-    bsq = module.quantizer == "bsq"
-  return float(tokens * (model.latent_channels if bsq else math.log2(module.codebook_size)))
+  return module, tokens
 
 
 def codebook_flops(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> int:
   """The distances of a learned codebook's lookup for one example: 2·tokens·c·K (for a multi-scale
   VQ, the tokens of every scale); 0 for the Gaussian and BSQ, which have no codebook matmul. At
   small widths and large codebooks this rivals the ViTs (c = 8, K = 16384: 2.6·10⁵ per token)."""
-  grid = _check_pixels(model, pixel_shape)
   if model.bottleneck not in bottlenecks.LEARNED_CODEBOOK:
+    _check_pixels(model, pixel_shape)
     return 0
-  module = bottlenecks.build(model.bottleneck, model.latent_channels, model.codebook_size)
-  tokens = math.prod(grid)
-  if isinstance(module, bottlenecks.MultiScaleBottleneck):
-    tokens = multiscale.token_count(multiscale.scale_schedule(module.schedule, grid[-1]))
+  module, tokens = _quantizer_tokens(model, pixel_shape)
   return dense_flops(tokens, model.latent_channels, module.codebook_size)
 
 

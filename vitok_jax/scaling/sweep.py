@@ -465,11 +465,8 @@ def tpu_commands(runs: Sequence[Run], sweep_dir: str, **job_fields) -> list[str]
     lines += [f"# {run.id}",
               tpu.job_command(spec, require=[os.path.join(run.workdir, "config.json")])
               + f' || echo "vitok sweep: run {run.id} failed (exit $?)" >&2']
-  where = f"--zone={pod.zone}" + (f" --project={pod.project}" if pod.project else "")
   done = f"vitok sweep: done; vitok results {sweep_dir} reads the records"
-  lines += [f"echo {shlex.quote(done)}",
-            f"# Release the pod: gcloud compute tpus queued-resources delete {pod.tpu_name} "
-            f"{where} --force"]
+  lines += [f"echo {shlex.quote(done)}", f"# Release the pod: {tpu.release_command(pod)}"]
   return lines
 
 
