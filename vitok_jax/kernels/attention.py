@@ -74,7 +74,8 @@ def resolve_impl(impl: str, dtype=jnp.float32, *, q_len: Optional[int] = None,
   if backend in ("gpu", "tpu") and mask != "dense" and policy.pallas_allowed(backend):
     if vendor and mask in policy.VENDOR_AHEAD[backend]:
       hopper = policy.is_hopper() if hopper is None and backend == "gpu" else hopper
-      ours_ahead = mask == "none" and hopper and policy.hopper_ahead(q_len, kv_len, head_dim)
+      ours_ahead = (mask == "none" and hopper
+                    and policy.hopper_ahead(dtype, q_len, kv_len, head_dim))
       return "pallas_gpu" if ours_ahead else "cudnn"
     long_enough = q_len is not None and q_len >= policy.MIN_FLASH_LEN[backend]
     if long_enough or mask in ("block_causal", "segment", "causal"):

@@ -41,17 +41,18 @@ VENDOR_AHEAD = {"gpu": ("none", "causal"), "tpu": ()}
 # 1.00× and 1.01× / 0.93× (docs/kernels/bench_hopper_bwd_h100.json; 512 not measured). From 4096
 # on cuDNN leads (0.92–0.98×), so "auto" keeps it there. ViTok's 256-token images fall here.
 HOPPER_AHEAD_MAX_LEN = 1024
-HOPPER_HEAD_DIMS = (64, 128)
-HOPPER_TILE = 128
 
 
-def hopper_ahead(q_len, kv_len, head_dim) -> bool:
-  """Whether this unmasked half-precision shape is one where the Hopper kernels beat cuDNN."""
-  if q_len is None or head_dim not in HOPPER_HEAD_DIMS:
+def hopper_ahead(dtype, q_len, kv_len, head_dim) -> bool:
+  """Whether unmasked attention of this shape is one where the Hopper kernels beat cuDNN: at most
+  HOPPER_AHEAD_MAX_LEN queries, taken by the kernels as they are (no padding:
+  `flash_attention_hopper.unsupported_reason` of the unpadded shapes is None)."""
+  if q_len is None or head_dim is None or not 0 < q_len <= HOPPER_AHEAD_MAX_LEN:
     return False
-  kv_len = q_len if kv_len is None else kv_len
-  return (0 < q_len <= HOPPER_AHEAD_MAX_LEN and q_len % HOPPER_TILE == 0
-          and 0 < kv_len and kv_len % HOPPER_TILE == 0)
+  from vitok_jax.kernels import flash_attention_hopper  # Imports Mosaic GPU.
+  spec = lambda length: jax.ShapeDtypeStruct((1, length, 1, head_dim), dtype)
+  kv = spec(q_len if kv_len is None else kv_len)
+  return flash_attention_hopper.unsupported_reason(spec(q_len), kv, kv) is None
 
 
 def is_hopper(device=None) -> bool:
