@@ -249,6 +249,56 @@ def test_hopper_kernel_lowers_for_cuda(mode, options, monkeypatch):
   assert ("triton" in text) == (mode == "forward")
 
 
+@pytest.fixture
+def tpu_target(monkeypatch):
+  """Lowering for a TPU from this machine: jax's Pallas TPU lowering asks the device for its
+  generation, so a v5e ("TPU v5 lite") is named. Mosaic's layout passes run in libtpu, on a TPU
+  only: this catches what jax rejects (block shapes, primitives Mosaic has no rule for), not what
+  the TPU compiler would."""
+  tpu_info = pytest.importorskip("jax._src.pallas.mosaic.tpu_info")
+  if not hasattr(tpu_info, "get_device_kind"):
+    pytest.skip("this jax asks the TPU for its generation another way")
+  monkeypatch.setattr(tpu_info, "get_device_kind", lambda: "TPU v5 lite")
+  monkeypatch.setattr(tpu_info, "get_num_device_cores", lambda: 1)
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")  # The quantisers' TPU flavour.
+
+
+def _lower_for_tpu(fn, *args) -> str:
+  return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+
+
+@pytest.mark.parametrize("mask,head_dim,dtype,kv_heads", [
+    ("none", 128, jnp.bfloat16, 4), ("causal", 64, jnp.bfloat16, 2),
+    ("block_causal", 64, jnp.float32, 4), ("segments", 80, jnp.bfloat16, 1)])
+def test_tpu_kernels_lower_for_tpu(tpu_target, mask, head_dim, dtype, kv_heads):
+  """Forward and backward of the TPU flash attention (default tiles, lengths that are not whole
+  tiles, grouped heads, ViT-H's head dim 80) lower to three Mosaic kernels for a TPU."""
+  length = 680 if mask == "block_causal" else 300
+  kwargs = {"none": {}, "causal": {"causal": True},
+            "block_causal": {"block_ids": masks.var_block_ids(
+                (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))},
+            "segments": {"segment_ids": np.arange(length) // 100}}[mask]
+  q = jax.ShapeDtypeStruct((2, length, 4, head_dim), dtype)
+  kv = jax.ShapeDtypeStruct((2, length, kv_heads, head_dim), dtype)
+
+  def loss(q, k, v):
+    out = flash.flash_attention(q, k, v, backend="tpu", interpret=False, **kwargs)
+    return out.astype(jnp.float32).sum()
+
+  text = _lower_for_tpu(jax.grad(loss, (0, 1, 2)), q, kv, kv)
+  assert text.count("tpu_custom_call") == 3, "forward, dK/dV and dQ kernels"
+
+
+def test_tpu_quantisers_lower_for_tpu(tpu_target):
+  """BSQ (its TPU flavour: float bit packing) and the VQ nearest-code search lower for a TPU."""
+  z = jax.ShapeDtypeStruct((1000, 32), jnp.bfloat16)
+  bsq_grad = jax.value_and_grad(lambda z: bsq_pallas.bsq(z, interpret=False).token_entropy)
+  assert _lower_for_tpu(bsq_grad, z).count("tpu_custom_call") == 1
+  z, codebook = (jax.ShapeDtypeStruct(s, jnp.float32) for s in ((4096, 8), (16384, 8)))
+  vq = lambda z, codebook: vq_pallas.vq_nearest(z, codebook, interpret=False)
+  assert _lower_for_tpu(vq, z, codebook).count("tpu_custom_call") == 1
+
+
 def test_hopper_kernel_says_what_does_not_fit():
   spec = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
   x = spec((1, 256, 4, 64))

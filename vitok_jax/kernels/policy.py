@@ -19,7 +19,9 @@ Measured on an H100 (jax 0.11.2, bf16, docs/kernels/bench_kernels_h100.json, def
     given the same mask densely; no [L, S] mask is built;
   - BSQ 4.0× and VQ (16384 codes) 3.6× the XLA-fused jnp versions, VQ without the 4.3 GB
     tokens × codes buffer.
-TPU: written and checked in interpret mode only.
+TPU: checked in interpret mode, and lowered for a v5e from a CPU (jax's Pallas TPU lowering:
+block shapes and primitives; `tests/test_kernels.py -k lower_for_tpu`); not yet compiled or run
+on a TPU.
 """
 from __future__ import annotations
 
