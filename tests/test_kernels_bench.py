@@ -22,8 +22,8 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   out, png = tmp_path / "kernels.json", tmp_path / "kernels.png"
   returned = bench.main(["--tiny", "--lengths", "64", "--head_dims", "32", "--impls",
                          "pallas,pallas_dense,xla,pallas+swizzled_dq",
-                         "--bsq", "256,32", "--vq", "128,256,8", "--warmup", "0", "--iters", "1",
-                         "--out", str(out), "--plot", str(png)])
+                         "--bsq", "256,32", "--bsq_more_tokens", "512", "--vq", "128,256,8",
+                         "--warmup", "0", "--iters", "1", "--out", str(out), "--plot", str(png)])
   report = json.loads(out.read_text())
   assert report == json.loads(json.dumps(returned))
   assert report["backend"] == "cpu" and report["interpret"] and report["tiny"]
@@ -44,6 +44,9 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   assert isinstance(report["vq"]["no_tokens_x_codes_buffer"], bool)  # Meaningful off-CPU only.
   assert report["bsq"]["speedup_vs_jnp"] > 0
   assert set(report["bsq"]["copy"]) == {"pallas", "xla"}  # The bandwidth ceilings of the shape.
+  [larger] = report["bsq_more_tokens"]  # The same measurements at another token count.
+  assert (larger["tokens"], larger["dim"], set(larger["copy"])) == (512, 32, {"pallas", "xla"})
+  assert larger["bytes"] == 2 * report["bsq"]["bytes"]
   assert all(str(v).startswith("pending") for v in report["targets"].values())
   assert png.stat().st_size > 10_000
 
