@@ -59,7 +59,7 @@ def _qkv(batch, q_len, kv_len, heads, kv_heads, head_dim, dtype, seed=0):
 
 
 def _check_attention(backend, *, batch=2, q_len=50, kv_len=None, heads=4, kv_heads=2,
-                     head_dim=32, dtype=jnp.float32, blocks=TINY, **mask):
+                     head_dim=32, dtype=jnp.float32, blocks=TINY, hopper=None, **mask):
   """Forward, logsumexp and all three gradients (with a cotangent on the lse too) vs reference."""
   kv_len = q_len if kv_len is None else kv_len
   q, k, v, do = _qkv(batch, q_len, kv_len, heads, kv_heads, head_dim, dtype)
@@ -71,7 +71,7 @@ def _check_attention(backend, *, batch=2, q_len=50, kv_len=None, heads=4, kv_hea
     return out, lse, vjp((do, dlse))
 
   out, lse, grads = run(lambda q, k, v: flash.flash_attention(
-      q, k, v, block_sizes=blocks, backend=backend, return_lse=True, **mask))
+      q, k, v, block_sizes=blocks, backend=backend, return_lse=True, hopper=hopper, **mask))
   ref_out, ref_lse, ref_grads = run(lambda q, k, v: reference.attention(q, k, v, **mask))
   tol = TOLERANCE[dtype]
   assert out.dtype == dtype and out.shape == q.shape
@@ -249,6 +249,40 @@ def test_hopper_kernel_lowers_for_cuda(mode, options, monkeypatch):
   assert ("triton" in text) == (mode == "forward")
 
 
+@pytest.mark.parametrize("prefix_masks", [False, True])
+def test_hopper_masked_kernels_lower_for_cuda(prefix_masks, monkeypatch):
+  """VAR's block-causal attention through the dispatcher (numpy block ids, 680 tokens, bf16):
+  with `policy.HOPPER_PREFIX_MASKS` it lowers for CUDA on the Hopper kernels, padded to 768 and
+  given the scales' `PrefixMask` with the padded keys hidden; without it, on Triton. Causal
+  attention with hopper=True lowers on them too."""
+  monkeypatch.setattr(policy, "is_hopper", lambda device=None: True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Compiled kernels, not interpreted.
+  monkeypatch.setattr(policy, "HOPPER_PREFIX_MASKS", prefix_masks)
+  monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
+  seen = []
+  for name in ("forward", "backward"):
+    monkeypatch.setattr(hopper, name, functools.partial(
+        lambda kernel, *a, **kw: seen.append((a[0].shape[1], kw["mask"])) or kernel(*a, **kw),
+        getattr(hopper, name)))
+  checks = [jax.export.DisabledSafetyCheck.custom_call(name)
+            for name in ("mosaic_gpu_v2", "__gpu$xla.gpu.triton")]
+  lower = lambda fn, *args: jax.export.export(
+      jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), (0, 1, 2))),
+      platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+  spec = lambda length, heads: jax.ShapeDtypeStruct((2, length, heads, 64), jnp.bfloat16)
+  q, kv = spec(680, 4), spec(680, 2)
+  text = lower(lambda q, k, v: kernels.dot_product_attention(q, k, v, block_ids=VAR_680,
+                                                             impl="pallas"), q, kv, kv)
+  want = hopper.PrefixMask.from_block_ids(VAR_680, kv_valid=680)
+  assert seen == ([(768, want)] * 2 if prefix_masks else [])
+  assert ("mosaic_gpu" in text) == prefix_masks and ("triton" in text) != prefix_masks
+  seen.clear()
+  x = spec(512, 4)
+  text = lower(lambda q, k, v: flash.flash_attention(q, k, v, causal=True, backend="gpu",
+                                                     interpret=False, hopper=True), x, x, x)
+  assert seen == [(512, hopper.PrefixMask(causal=True))] * 2 and "triton" not in text
+
+
 @pytest.fixture
 def tpu_target(monkeypatch):
   """Lowering for a TPU from this machine: jax's Pallas TPU lowering asks the device for its
@@ -327,16 +361,94 @@ def test_hopper_passes_by_mode_and_length(monkeypatch):
   "forward", neither with False or a mask."""
   monkeypatch.setattr(policy, "is_hopper", lambda device=None: True)
   spec = lambda length: jax.ShapeDtypeStruct((1, length, 4, 64), jnp.bfloat16)
-  passes = lambda mode, length, masked=False: flash._use_hopper(
-      mode, "gpu", False, masked, 0.125, spec(length), spec(length), spec(length))
+  passes = lambda mode, length, masked=False, mask=None: flash._use_hopper(
+      mode, flash._hopper_possible(mode, "gpu", False), masked, mask, 0.125, spec(length),
+      spec(length), spec(length))
   assert passes(None, 256) == (True, False)
   assert passes(None, hopper.BACKWARD_MIN_Q_LEN) == (True, True)
   assert passes(True, 256) == (True, True)
   assert passes("forward", 4096) == (True, False)
   assert passes(False, 4096) == (False, False)
   assert passes(None, 4096, masked=True) == (False, False)
-  with pytest.raises(ConfigError, match="mask"):
-    passes(True, 4096, masked=True)
+  with pytest.raises(ConfigError, match="prefix of the keys"):
+    passes(True, 4096, masked=True)  # A mask that is no `PrefixMask` (segment ids).
+  causal = hopper.PrefixMask(causal=True)
+  assert passes(True, 4096, masked=True, mask=causal) == (True, True)
+  # By default masks stay on Triton until `policy.HOPPER_PREFIX_MASKS` says otherwise.
+  assert passes(None, 4096, masked=True, mask=causal) == (False, False)
+  monkeypatch.setattr(policy, "HOPPER_PREFIX_MASKS", True)
+  assert passes(None, 4096, masked=True, mask=causal) == (True, True)
+  assert passes(None, 4096, masked=True) == (False, False)
+
+
+VAR_680 = masks.var_block_ids((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+# (PrefixMask, padded length, true length) as flash_attention builds them for the Hopper kernels.
+PREFIX_CASES = {
+    "causal": (hopper.PrefixMask(causal=True, kv_valid=300), 384, 300),
+    "block_causal": (hopper.PrefixMask.from_block_ids(VAR_680, kv_valid=680), 768, 680),
+    "key_padding": (hopper.PrefixMask(kv_valid=200), 256, 200),
+}
+
+
+def _reference_visible(case: str, length: int, true_length: int) -> np.ndarray:
+  """bool [length, length]: the pairs a case's mask shows, from its definition. Padded query rows
+  act as the last true row (flash_attention pads the ids by repeating the last one); padded keys
+  are hidden."""
+  q_BL, k_BL = np.minimum(np.arange(length), true_length - 1)[:, None], np.arange(length)[None]
+  visible = np.broadcast_to(k_BL < true_length, (length, length)).copy()
+  if case == "causal":
+    visible &= k_BL <= np.arange(length)[:, None]
+  if case == "block_causal":
+    visible &= VAR_680[np.minimum(k_BL, true_length - 1)] <= VAR_680[q_BL]
+  return visible
+
+
+@pytest.mark.parametrize("case", PREFIX_CASES)
+def test_prefix_mask_is_the_mask_and_bounds_its_tiles(case):
+  """`PrefixMask` shows exactly the pairs the mask does, every row sees key 0 (the forward's
+  running max is finite after its first tile), and the tile bounds of the Hopper kernels hold:
+  forward (per warpgroup of 64 rows and per program of 128) key tiles before `full` wholly
+  visible, none from `end` on; backward (per program of 128 keys) no query tile before `first`
+  sees a key, every tile from `full` on sees all of them."""
+  mask, length, true_length = PREFIX_CASES[case]
+  assert PREFIX_CASES["block_causal"][0].block_ends == (1, 5, 14, 30, 55, 91, 155, 255, 424, 680)
+  pos = np.arange(length)
+  visible = np.asarray(mask.visible(pos[:, None], pos[None, :]))
+  np.testing.assert_array_equal(visible, _reference_visible(case, length, true_length))
+  assert visible[:, 0].all()
+  tiles = lambda x, rows, cols: x.reshape(x.shape[0] // rows, rows, x.shape[1] // cols, cols)
+  for rows in (hopper.BLOCK_Q, 2 * hopper.BLOCK_Q):
+    by_tile = tiles(visible, rows, hopper.BLOCK_K)
+    for t in range(length // rows):
+      full, end = (int(x) for x in hopper.forward_tiles(mask, t * rows, rows))
+      assert 1 <= end and by_tile[t, :, :full].all() and not by_tile[t, :, end:].any()
+      assert full == end or not by_tile[t, :, full].all()  # Tight: no whole tile masked.
+  keys = 2 * hopper.BWD_BLOCK_K
+  by_tile = tiles(visible, hopper.BWD_BLOCK_Q, keys)
+  for j in range(length // keys):
+    first, full = (int(x) for x in hopper.backward_tiles(mask, j * keys, keys, length))
+    assert first < full <= length // hopper.BWD_BLOCK_Q
+    assert not by_tile[:first, :, j].any() and by_tile[full:, :, j].all()
+    assert by_tile[first, :, j].any()  # Tight at the start: the first tile sees a key.
+
+
+def test_prefix_masks_of_flash_attention_arguments():
+  """Which flash_attention masks the Hopper kernels can take, and as what."""
+  prefix = lambda **kw: flash._prefix_mask(**{"causal": False, "segment_ids": None,
+                                              "block_ids": None, "q_len": 64, "kv_len": 64, **kw})
+  assert prefix() == hopper.PrefixMask() and prefix(causal=True) == hopper.PrefixMask(causal=True)
+  assert prefix(block_ids=VAR_IDS, q_len=55, kv_len=55).block_ends == (1, 5, 14, 30, 55)
+  assert prefix(block_ids=VAR_IDS, causal=True, q_len=55, kv_len=55).causal
+  for not_prefix in (dict(segment_ids=np.zeros(64)), dict(causal=True, kv_len=32),
+                     dict(block_ids=VAR_IDS[::-1], q_len=55, kv_len=55),  # Falling ids.
+                     dict(block_ids=(VAR_IDS, VAR_IDS), q_len=55, kv_len=55),
+                     dict(block_ids=PACKED, q_len=50, kv_len=50)):  # Per example.
+    assert prefix(**not_prefix) is None, not_prefix
+  # Concrete ids (a jax array closed over) are read when tracing; traced ids are not.
+  seen, concrete = [], jnp.asarray(VAR_IDS)
+  jax.jit(lambda ids: seen.append((prefix(block_ids=concrete, q_len=55, kv_len=55),
+                                   prefix(block_ids=ids, q_len=55, kv_len=55))))(VAR_IDS)
+  assert seen == [(hopper.PrefixMask.from_block_ids(VAR_IDS), None)]
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not policy.is_hopper(),
@@ -359,6 +471,28 @@ def test_hopper_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads
     _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
                      head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"])
   assert "forward" in calls and "backward" in calls
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not policy.is_hopper(),
+                    reason="the Mosaic GPU kernel runs on an sm_90 GPU only")
+@pytest.mark.parametrize("q_len,kv_len,head_dim,dtype,kv_heads,mask", [
+    (680, 680, 64, jnp.bfloat16, 2, dict(block_ids=VAR_680)),
+    (384, 384, 128, jnp.bfloat16, 4, dict(causal=True)),
+    (300, 300, 64, jnp.float16, 1, dict(causal=True)),  # Padded queries and keys.
+    (256, 200, 128, jnp.bfloat16, 2, {})], ids=["block_causal", "causal", "causal_padded",
+                                               "key_padding"])
+@pytest.mark.parametrize("options", [{}, {"swizzled_dq": True, "deferred_dq": True}],
+                         ids=["default", "swizzled_deferred"])
+def test_hopper_masked_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads, mask,
+                                               options, monkeypatch):
+  """Masks that show each query a prefix of the keys on the Hopper kernels (hopper=True):
+  output, logsumexp and gradients match the reference."""
+  calls = _spy_on_hopper_kernels(monkeypatch)
+  with hopper.backward_options(**options):
+    _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
+                     head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"],
+                     hopper=True, **mask)
+  assert calls == ["forward", "backward"]
 
 
 def test_var_block_ids_lengths():

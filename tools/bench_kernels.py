@@ -6,6 +6,9 @@ r"""Benchmarks the Pallas kernels against XLA, cuDNN and jax's own Pallas ops, m
 Attention (batch × heads × L × head_dim, self-attention): forward and forward+backward TFLOP/s of
   pallas        ours (`flash_attention`, the kernels for this backend: on an H100/H200
                 unmasked attention runs on the Mosaic GPU kernels, `flash_attention_hopper`),
+  pallas_hopper ours on the Hopper kernels for both passes (`hopper=True`), masked rows too
+                (causal, block-causal: `flash_attention_hopper.PrefixMask`, not yet the default:
+                `policy.HOPPER_PREFIX_MASKS`),
   pallas_hopper_fwd  ours with the Hopper forward and the Triton backward
                 (`hopper="forward"`): unmasked rows only,
   pallas_triton ours on Triton only (`hopper=False`): unmasked rows only,
@@ -73,8 +76,8 @@ PEAK_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
                    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
                    ("TPU v4", 275e12), ("TPU v6", 918e12))
-ATTENTION_IMPLS = ("pallas", "pallas_hopper_fwd", "pallas_triton", "pallas_dense", "xla",
-                   "cudnn", "jax_pallas", "jax_mgpu")
+ATTENTION_IMPLS = ("pallas", "pallas_hopper", "pallas_hopper_fwd", "pallas_triton",
+                   "pallas_dense", "xla", "cudnn", "jax_pallas", "jax_mgpu")
 # jax_mgpu's tiles: two consumer warpgroups of 64 queries, 128 keys per step, two steps in
 # flight; backward tiles 64 × 64 (its own benchmark's and tests' settings).
 JAX_MGPU_CONFIG = dict(block_q=64, block_kv=128, max_concurrent_steps=2, block_q_dkv=64,
@@ -105,8 +108,9 @@ def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool, block_
       with hopper_kernels.backward_options(**options):
         return fn(q, k, v)
     return variant
-  if impl in ("pallas", "pallas_hopper_fwd", "pallas_triton", "pallas_dense"):
-    hopper = {"pallas_hopper_fwd": "forward", "pallas_triton": False}.get(impl)
+  if impl in ("pallas", "pallas_hopper", "pallas_hopper_fwd", "pallas_triton", "pallas_dense"):
+    hopper = {"pallas_hopper": True, "pallas_hopper_fwd": "forward",
+              "pallas_triton": False}.get(impl)
     return functools.partial(flash.flash_attention, causal=causal, block_ids=block_ids,
                              interpret=interpret, block_sizes=block_sizes,
                              skip_blocks=impl != "pallas_dense", hopper=hopper)

@@ -17,6 +17,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from vitok_jax.errors import ConfigError
@@ -127,10 +128,14 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=F
     if mask_BHLS is not None:
       raise ConfigError(f"attention impl={impl!r} takes no dense mask_BHLS; express the mask as "
                         "is_causal / segment_ids / block_ids, or use impl='xla'")
+    # Static block ids of one sequence (VAR's) stay numpy, so the kernel can see their layout.
+    static_block_ids = (block_ids if isinstance(block_ids, np.ndarray) and block_ids.ndim == 1
+                        else None)
     kernel = lambda q, k, v, ids: flash.flash_attention(
         q, k, v, causal=is_causal, scale=scale, backend=impl.removeprefix("pallas_"),
         segment_ids=None if ids.q_segment_BL is None else (ids.q_segment_BL, ids.kv_segment_BS),
-        block_ids=None if ids.q_block_BL is None else (ids.q_block_BL, ids.kv_block_BS))
+        block_ids=(static_block_ids if static_block_ids is not None else
+                   None if ids.q_block_BL is None else (ids.q_block_BL, ids.kv_block_BS)))
     return per_shard(kernel, q_BLHD, k_BSHD, v_BSHD, ids)
   id_mask = masks.dense_mask(ids, q_len, kv_len, causal=False)
   if id_mask is not None:

@@ -23,11 +23,14 @@ from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import masks
 from vitok_jax.kernels import policy
 
+# Length multiple of the masked Hopper kernels (`flash_attention_hopper`: 2·BLOCK_Q, BLOCK_K).
+HOPPER_MULTIPLE = 128
 # Finite "minus infinity" for masked scores: exp(mask - max) must be 0, never NaN (inf - inf).
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -88,6 +91,7 @@ class KernelConfig:
   hopper_forward: bool = False  # GPU: the forward on the Mosaic GPU kernels (`hopper`),
   # and the backward, with these `flash_attention_hopper.BackwardOptions` (None: on Triton).
   hopper_backward: Optional[Any] = None
+  hopper_mask: Optional[Any] = None  # Their `flash_attention_hopper.PrefixMask` (None: none).
 
 
 def _kernel_module(backend: str):
@@ -170,21 +174,48 @@ def _flash_bwd(backend, cfg, residuals, cotangents):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _use_hopper(hopper: Union[None, bool, str], backend: str, interpret: bool, masked: bool,
-                scale: float, q_BLHD, k_BSHD, v_BSHD) -> tuple[bool, bool]:
-  """(forward, backward): which passes over these (padded) arrays run on the Hopper kernels (see
-  `flash_attention`'s `hopper`)."""
+def _hopper_possible(hopper: Union[None, bool, str], backend: str, interpret: bool) -> bool:
+  """Whether the Hopper kernels may take this call: asked for or allowed, on an sm_90 GPU."""
   if hopper not in (None, True, False, "forward"):
     raise ConfigError(f"hopper={hopper!r}; use None, True, False or 'forward'")
+  return hopper is not False and backend == "gpu" and not interpret and policy.is_hopper()
+
+
+def _prefix_mask(*, causal: bool, segment_ids, block_ids, q_len: int, kv_len: int):
+  """The `flash_attention_hopper.PrefixMask` of these masks (without key padding), or None if
+  they do not show every query a prefix of the keys: segment ids, causal cross-attention, block
+  ids that are traced, per example, a (q, kv) pair or not rising."""
+  from vitok_jax.kernels import flash_attention_hopper as kernels  # Imports Mosaic GPU.
+  if segment_ids is not None or ((causal or block_ids is not None) and q_len != kv_len):
+    return None
+  if block_ids is not None:
+    if isinstance(block_ids, (tuple, list)):
+      return None
+    try:  # Known when tracing (numpy, or a jax array closed over)?
+      block_ids = np.asarray(block_ids)
+    except jax.errors.TracerArrayConversionError:
+      return None
+    blocks = kernels.PrefixMask.from_block_ids(block_ids)
+    if blocks is None or causal:  # (Causal within rising block ids is causal.)
+      return None if blocks is None else kernels.PrefixMask(causal=True)
+    return blocks
+  return kernels.PrefixMask(causal=causal)
+
+
+def _use_hopper(hopper: Union[None, bool, str], possible: bool, masked: bool, mask, scale: float,
+                q_BLHD, k_BSHD, v_BSHD) -> tuple[bool, bool]:
+  """(forward, backward): which passes over these (padded) arrays run on the Hopper kernels (see
+  `flash_attention`'s `hopper`); mask: the call's `PrefixMask` if it is one."""
   if hopper is False:
     return False, False
   reason = "the Hopper kernel runs compiled on an sm_90 GPU only"
-  if backend == "gpu" and not interpret and policy.is_hopper():
+  if possible:
     from vitok_jax.kernels import flash_attention_hopper as kernels  # Imports Mosaic GPU.
-    reason = kernels.unsupported_reason(q_BLHD, k_BSHD, v_BSHD, masked=masked, scale=scale)
+    reason = kernels.unsupported_reason(q_BLHD, k_BSHD, v_BSHD, masked=masked, mask=mask,
+                                        scale=scale)
   if hopper and reason:
     raise ConfigError(f"hopper={hopper!r}: {reason}; leave hopper unset to fall back to Triton")
-  if reason:
+  if reason or (hopper is None and masked and not policy.HOPPER_PREFIX_MASKS):
     return False, False
   if hopper is None:  # Where the Hopper backward was measured ahead of Triton's.
     return True, q_BLHD.shape[1] >= kernels.BACKWARD_MIN_Q_LEN
@@ -210,6 +241,7 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
     causal: query i sees keys ≤ i.
     segment_ids: [L] or [B, L] ints (or a (q_ids, kv_ids) pair): only equal ids see each other.
     block_ids: [L] or [B, L] ints (or a pair): block-causal, key j visible if ids[j] ≤ ids[i].
+      (The Hopper kernels take them as a numpy [L] of rising ids, e.g. `masks.var_block_ids`.)
     scale: logit scale, default 1/√head_dim.
     block_sizes: tiles; default `BLOCK_CAUSAL_BLOCK_SIZES[backend]` with block_ids where there
       is one, else `DEFAULT_BLOCK_SIZES[backend]`; shrunk for short sequences.
@@ -224,7 +256,10 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
       bf16/f16, head dim 33–128 (padded to 64 / 128), query and key lengths padded to multiples
       of 128, a positive scale), the backward from `BACKWARD_MIN_Q_LEN` queries on; True: both,
       raising if they do not apply; "forward" keeps the Triton backward; False keeps Triton for
-      both. The Hopper backward adds dq up with float32 atomics in no fixed order, so dq is not
+      both. Masks that show each query a prefix of the keys (causal or rising block ids in
+      self-attention, key padding: `flash_attention_hopper.PrefixMask`) run there with True /
+      "forward" (lengths then pad to multiples of 128), by default once
+      `policy.HOPPER_PREFIX_MASKS` is set. The Hopper backward adds dq up with float32 atomics in no fixed order, so dq is not
       bitwise reproducible from run to run (the Triton backward is).
   Returns:
     out_BLHD in q's dtype (0 for a query that sees no key), and lse_BHL if return_lse.
@@ -248,20 +283,32 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
                       "unset")
   blocks = fit_block_sizes(block_sizes, q_len, kv_len, module.MIN_BLOCK)
   padded_q, padded_kv = padded_lengths(blocks, q_len, kv_len)
+  hopper_possible = _hopper_possible(hopper, backend, interpret)
+  prefix = _prefix_mask(causal=causal, segment_ids=segment_ids, block_ids=block_ids,
+                        q_len=q_len, kv_len=kv_len) if hopper_possible else None
+  if prefix and (causal or block_ids is not None or padded_kv != kv_len) and (
+      hopper or policy.HOPPER_PREFIX_MASKS):
+    # The masked Hopper kernels take whole 128-token tiles (a multiple of every Triton tile).
+    padded_q, padded_kv = _round_up(padded_q, HOPPER_MULTIPLE), _round_up(padded_kv,
+                                                                         HOPPER_MULTIPLE)
   padded_dim = module.padded_head_dim(head_dim)
   # Zero head-dim padding changes no score and adds output columns that are sliced off.
   pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, padded_dim)
   q_BLHD, k_BSHD, v_BSHD = pad(q_BLHD, padded_q), pad(k_BSHD, padded_kv), pad(v_BSHD, padded_kv)
   masked = causal or padded_kv != kv_len or segment_ids is not None or block_ids is not None
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-  hopper_forward, hopper_backward = _use_hopper(hopper, backend, interpret, masked, scale,
-                                                q_BLHD, k_BSHD, v_BSHD)
+  if prefix and padded_kv != kv_len:
+    prefix = dataclasses.replace(prefix, kv_valid=kv_len)
+  hopper_mask = prefix if masked else None
+  hopper_forward, hopper_backward = _use_hopper(hopper, hopper_possible, masked, hopper_mask,
+                                                scale, q_BLHD, k_BSHD, v_BSHD)
   if hopper_backward:  # The options in force now (`flash_attention_hopper.backward_options`).
     from vitok_jax.kernels import flash_attention_hopper
     hopper_backward = flash_attention_hopper.BACKWARD_OPTIONS
   cfg = KernelConfig(scale=scale, causal=causal, kv_len=None if padded_kv == kv_len else kv_len,
                      group=heads // kv_heads, blocks=blocks, interpret=interpret,
-                     hopper_forward=hopper_forward, hopper_backward=hopper_backward or None)
+                     hopper_forward=hopper_forward, hopper_backward=hopper_backward or None,
+                     hopper_mask=hopper_mask if hopper_forward else None)
   ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   # Padded tokens repeat the last id, so the per-block id ranges (and the skipping) are unchanged.
   ids = masks.MaskIds(*(_pad_axis(x, 1, padded_q if i % 2 == 0 else padded_kv, mode="edge")

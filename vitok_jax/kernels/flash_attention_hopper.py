@@ -16,9 +16,14 @@ with dQ added into float32 global memory by TMA reduce-adds (jax's Mosaic GPU ba
 Triton one, runs a second pass for dQ: seven matmuls). `BackwardOptions` holds variants of it that
 are being measured against it (`backward_options` selects them for a trace).
 
-Unmasked attention only, lengths that are multiples of the tiles, head dims 64 and 128 (through
-`flash_attention`, which pads: query lengths over 64 with the default tiles, head dims 33–128), a
-positive logit scale: `unsupported_reason` says why a call does not fit. Off the GPU the kernels
+Masks: none, or one that shows each query a prefix of the keys (`PrefixMask`: causal,
+block-causal with rising ids such as VAR's scales, key padding); with one, the tiles a program's
+rows cannot see are skipped and only the tiles they see in part are masked. Masked, the kernels
+have been lowered but not yet run on a GPU: `flash_attention` takes them only when asked
+(hopper=True) until `policy.HOPPER_PREFIX_MASKS` is set. Lengths that are multiples of the tiles,
+head dims 64 and 128 (through `flash_attention`, which pads: query lengths over 64 with the default
+tiles, head dims 33–128), a positive logit scale: `unsupported_reason` says why a call does not
+fit. Off the GPU the kernels
 can be lowered (the tests export them for CUDA) but not run: jax's Mosaic GPU interpreter (0.10)
 has no `run_state` or `plgpu.load` yet. On an H100 (jax 0.11.2, bf16,
 docs/kernels/bench_hopper_bwd_h100.json): forward 572–598 TFLOP/s at head dim 128 (L 4096–8192),
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -37,6 +43,7 @@ from jax import lax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
+import numpy as np
 
 BLOCK_Q = 64  # Query rows per compute warpgroup; a program covers 2·BLOCK_Q.
 BLOCK_K = 128  # Keys per pipeline step.
@@ -48,13 +55,16 @@ _COMPUTE_WARPGROUPS = 2
 
 
 def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
-                       scale: float = 1.0) -> Optional[str]:
-  """None if `forward` and `backward` take these arrays (or ShapeDtypeStructs) and logit scale,
-  else why not."""
+                       mask: Optional["PrefixMask"] = None, scale: float = 1.0) -> Optional[str]:
+  """None if `forward` and `backward` take these arrays (or ShapeDtypeStructs), logit scale and
+  mask, else why not. masked: the call has a mask, which must then be given as `mask`."""
   batch, q_len, heads, head_dim = q_BLHD.shape
   kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
-  if masked:
-    return "the Hopper kernel has no masks (causal, segment, block ids or key padding)"
+  if masked and mask is None:
+    return ("the Hopper kernel takes masks that show every query a prefix of the keys (causal, "
+            "block-causal with rising static ids, key padding), not segment ids or other ids")
+  if mask is not None and (mask.causal or mask.block_ends) and q_len != kv_len:
+    return f"the Hopper kernel's causal masks need q_len == kv_len, got {q_len} and {kv_len}"
   if k_BSHD.shape != v_BSHD.shape or k_BSHD.shape[::3] != (batch, head_dim):
     return f"k and v must be [{batch}, S, kv_heads, {head_dim}], got {k_BSHD.shape}, {v_BSHD.shape}"
   if scale <= 0:  # The running max is taken before scaling.
@@ -79,10 +89,95 @@ def _meet(barrier):
   plgpu.barrier_wait(barrier)
 
 
-def _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale: float):
+@dataclasses.dataclass(frozen=True)
+class PrefixMask:
+  """A mask under which query row i sees exactly the keys j < row_end(i), row_end non-decreasing
+  in i: causal (row_end = i + 1), block-causal over contiguous blocks of rising ids (VAR's
+  scales: a row sees its own block and those before it) or neither (`block_ends` empty), each
+  with the keys from `kv_valid` on hidden (padding). Rows that see a key j are then those from
+  first_row(j) on, so a tile is visible, hidden or cut from two scalar bounds, and inside a cut
+  tile the mask is one comparison with row_end. Both are elementwise on numpy arrays, jnp arrays
+  and in-kernel scalars / tiles.
+
+  causal: row_end(i) = i + 1.
+  block_ends: the ascending end positions of the blocks, the last one the sequence length
+    (`from_block_ids`).
+  kv_valid: the true key count when keys were padded, else None.
+  """
+  causal: bool = False
+  block_ends: tuple[int, ...] = ()
+  kv_valid: Optional[int] = None
+
+  @classmethod
+  def from_block_ids(cls, ids_L, kv_valid: Optional[int] = None) -> Optional["PrefixMask"]:
+    """The block-causal mask of ids [L] (key j visible from row i iff ids[j] ≤ ids[i]), or None
+    if the ids fall somewhere (then the mask is not a prefix of every row)."""
+    ids_L = np.asarray(ids_L)
+    if ids_L.ndim != 1 or np.any(np.diff(ids_L) < 0):
+      return None
+    ends = np.flatnonzero(np.diff(ids_L)) + 1
+    return cls(block_ends=tuple(int(e) for e in ends) + (len(ids_L),), kv_valid=kv_valid)
+
+  def row_end(self, q_pos):
+    """End (exclusive) of the keys row q_pos sees."""
+    if self.causal:
+      end = q_pos + 1
+    elif self.block_ends:
+      end = q_pos * 0 + self.block_ends[-1]
+      for block_end in reversed(self.block_ends[:-1]):  # The first block end after q_pos.
+        end = jnp.where(q_pos < block_end, block_end, end)
+    else:
+      end = q_pos * 0 + (self.kv_valid or 0)
+    return end if self.kv_valid is None else jnp.minimum(end, self.kv_valid)
+
+  def first_row(self, k_pos, q_len: int):
+    """The first row that sees key k_pos (q_len if none does)."""
+    if self.causal:
+      first = k_pos
+    else:
+      first = k_pos * 0
+      for block_end in self.block_ends[:-1]:  # The start of k_pos's block.
+        first = jnp.where(k_pos >= block_end, block_end, first)
+    if self.kv_valid is not None:
+      first = jnp.where(k_pos >= self.kv_valid, q_len, first)
+    return jnp.minimum(first, q_len)
+
+  def visible(self, q_pos, k_pos):
+    return k_pos < self.row_end(q_pos)
+
+
+def _tile_visible(mask: PrefixMask, q_start, k_start, shape, q_axis: int):
+  """bool tile (WGMMA layout) of the pairs `mask` shows, queries along `q_axis` from q_start and
+  keys along the other axis from k_start."""
+  iota = lambda axis: plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
+  return mask.visible(q_start + iota(q_axis), k_start + iota(1 - q_axis))
+
+
+def _cdiv(a, b: int):
+  return lax.div(a + (b - 1), jnp.array(b, jnp.int32))
+
+
+def forward_tiles(mask: PrefixMask, q_start, rows: int):
+  """(full, end) for the `rows` queries from q_start: they all see the key tiles (of BLOCK_K)
+  before `full` whole, some see tiles [full, end) in part, and none sees a tile from `end` on."""
+  end = _cdiv(mask.row_end(q_start + rows - 1), BLOCK_K)
+  full = jnp.minimum(lax.div(mask.row_end(q_start), jnp.array(BLOCK_K, jnp.int32)), end)
+  return full, end
+
+
+def backward_tiles(mask: PrefixMask, k_start, keys: int, q_len: int):
+  """(first, full) for the `keys` keys from k_start: no query tile (of BWD_BLOCK_Q) before
+  `first` sees any of them, tiles [first, full) see them in part (at least one tile), and every
+  tile from `full` on sees them all."""
+  first = lax.div(mask.first_row(k_start, q_len), jnp.array(BWD_BLOCK_Q, jnp.int32))
+  full = _cdiv(mask.first_row(k_start + keys - 1, q_len), BWD_BLOCK_Q)
+  return first, jnp.minimum(jnp.maximum(full, first + 1), q_len // BWD_BLOCK_Q)
+
+
+def _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale: float, mask: Optional[PrefixMask]):
   """(batch, q_len, heads, head_dim, kv_len, query heads per kv head); ValueError if the kernels
   do not take these arrays."""
-  reason = unsupported_reason(q_BLHD, k_BSHD, v_BSHD, scale=scale)
+  reason = unsupported_reason(q_BLHD, k_BSHD, v_BSHD, mask=mask, scale=scale)
   if reason:
     raise ValueError(reason)
   batch, q_len, heads, head_dim = q_BLHD.shape
@@ -90,10 +185,16 @@ def _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale: float):
   return batch, q_len, heads, head_dim, kv_len, heads // kv_heads
 
 
-def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
-  """o [B, L, H, D] in q's dtype and lse [B, H, L] float32 (natural log) of unmasked
-  softmax(scale·q·kᵀ)·v; shapes and dtypes as `unsupported_reason` allows."""
-  batch, q_len, heads, head_dim, kv_len, group = _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale)
+def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float, mask: Optional[PrefixMask] = None):
+  """o [B, L, H, D] in q's dtype and lse [B, H, L] float32 (natural log) of
+  softmax(scale·q·kᵀ + mask)·v; shapes and dtypes as `unsupported_reason` allows.
+
+  With a `mask`, each warpgroup stops after the last key tile its rows see and masks only the
+  tiles its rows see in part; the program streams the tiles its last row sees, and the warpgroup
+  that finishes first releases the rest unread and keeps taking turns (jax's causal
+  `attention_mgpu` does the same)."""
+  batch, q_len, heads, head_dim, kv_len, group = _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale,
+                                                                 mask)
   dtype = q_BLHD.dtype
   kv_steps = kv_len // BLOCK_K
   stages = min(STAGES, kv_steps)
@@ -107,11 +208,22 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
     # Both compute warpgroups meet here: each call hands the tensor cores to the other.
     take_turn = lambda: _meet(turn)
 
+    def program_steps():
+      """The key tiles the program streams: all, or with a mask those its last row sees."""
+      if mask is None:
+        return kv_steps
+      rows = _COMPUTE_WARPGROUPS * BLOCK_Q
+      return forward_tiles(mask, lax.axis_index("q_blocks") * rows, rows)[1]
+
     @pl.when(wg < _COMPUTE_WARPGROUPS)
     def _compute():
       plgpu.set_max_registers(232, action="increase")
       q_smem, row_lse_smem = qo_smem.at[wg], lse_smem.at[wg]
       q_start = lax.axis_index("q_blocks") * (_COMPUTE_WARPGROUPS * BLOCK_Q) + wg * BLOCK_Q
+      if mask is None:
+        own_steps = kv_steps
+      else:
+        full_steps, own_steps = forward_tiles(mask, q_start, BLOCK_Q)
       rows = (b, pl.ds(q_start, BLOCK_Q), h)
       plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_ready.at[wg])
       plgpu.barrier_wait(q_ready.at[wg])
@@ -123,7 +235,7 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
       plgpu.barrier_wait(k_ready.at[0])
       pl.when(wg == 1)(take_turn)  # Warpgroup 0 goes first.
 
-      def step(i, carry):
+      def step(i, carry, masked: bool = False):
         acc_QD, m_Q, l_Q = carry
         slot = lax.rem(i, stages)
 
@@ -133,6 +245,9 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
           return s_ref[...]
         s_QK = pl.run_scoped(scores, plgpu.ACC((BLOCK_Q, BLOCK_K), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
+        if masked:  # Every row saw key 0 at step 0, so its running max is finite by now.
+          s_QK = jnp.where(_tile_visible(mask, q_start, i * BLOCK_K, s_QK.shape, q_axis=0), s_QK,
+                           -jnp.inf)
         m_new_Q = jnp.maximum(m_Q, s_QK.max(axis=1) * logit_scale)
         alpha_Q = jnp.exp2(m_Q - m_new_Q)
         p_QK = jnp.exp2(s_QK * logit_scale - lax.broadcast_in_dim(m_new_Q, s_QK.shape, [0]))
@@ -148,14 +263,27 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
         def values(acc_ref):
           plgpu.wgmma(acc_ref, p_lo_QK, v_smem.at[slot])
 
-          @pl.when(i + 1 < kv_steps)
+          @pl.when(i + 1 < own_steps)
           def _():
             plgpu.barrier_wait(k_ready.at[lax.rem(i + 1, stages)])
         acc_QD = pl.run_state(values)(plgpu.ACC.init(acc_QD))
         plgpu.barrier_arrive(v_free.at[slot])
         return acc_QD, m_new_Q, l_Q
 
-      acc_QD, m_Q, l_Q = lax.fori_loop(0, kv_steps, step, (acc_QD, m_Q, l_Q))
+      if mask is None:
+        acc_QD, m_Q, l_Q = lax.fori_loop(0, kv_steps, step, (acc_QD, m_Q, l_Q))
+      else:
+        carry = lax.fori_loop(0, full_steps, step, (acc_QD, m_Q, l_Q))
+        acc_QD, m_Q, l_Q = lax.fori_loop(full_steps, own_steps,
+                                         functools.partial(step, masked=True), carry)
+
+        def release(i, _):
+          """A tile only the other warpgroup reads: free its slot, and meet as a step does."""
+          plgpu.barrier_arrive(k_free.at[lax.rem(i, stages)])
+          plgpu.barrier_arrive(v_free.at[lax.rem(i, stages)])
+          take_turn()
+          take_turn()
+        lax.fori_loop(own_steps, program_steps(), release, None)
       pl.when(wg == 0)(take_turn)  # Balances warpgroup 1's first turn.
       acc_QD = acc_QD / lax.broadcast_in_dim(l_Q, acc_QD.shape, [0])
       q_smem[...] = acc_QD.astype(dtype)  # The Q tile is no longer needed: the output goes there.
@@ -179,10 +307,14 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float):
             plgpu.barrier_wait(free.at[slot])
           plgpu.copy_gmem_to_smem(ref.at[keys], smem.at[slot], ready.at[slot])
 
+      steps = program_steps()
       for i in range(stages):
-        fetch(i, i, wait_free=False)
+        if mask is None:
+          fetch(i, i, wait_free=False)
+        else:
+          pl.when(i < steps)(functools.partial(fetch, i, i, wait_free=False))
 
-      @pl.loop(0, kv_steps - stages)
+      @pl.loop(0, steps - stages)
       def _(i):
         fetch(i + stages, lax.rem(i, stages), wait_free=True)
 
@@ -260,12 +392,12 @@ def backward_options(**changes):
 
 
 def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float,
-             options: BackwardOptions = BackwardOptions()):
+             options: BackwardOptions = BackwardOptions(), mask: Optional[PrefixMask] = None):
   """`_backward`, batchable: under vmap the mapped axis joins the batch (the kernel runs once)."""
 
   @jax.custom_batching.custom_vmap
   def call(*args):
-    return _backward(*args, scale=scale, options=options)
+    return _backward(*args, scale=scale, options=options, mask=mask)
 
   @call.def_vmap
   def _(axis_size, in_batched, *args):
@@ -278,7 +410,7 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
 
 
 def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float,
-              options: BackwardOptions):
+              options: BackwardOptions, mask: Optional[PrefixMask]):
   """dq [B, L, H, D] float32 and dk, dv per query head [B, S, H, D] in q's dtype (rounded per
   head before the caller's float32 sum over a group) of unmasked attention, from the forward's
   lse [B, H, L] (natural log) and delta = Σ_d o·do [B, H, L]. dq is summed by float32 atomics
@@ -293,8 +425,14 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   head dim 128 each warpgroup adds half the columns over all the program's keys once both have
   written dSᵀ, at 64 all columns over its own keys (see `split_dq`). Warpgroup 2 streams Q, dO,
   lse and delta tiles into a ring of `STAGES` slots. `options`: `BackwardOptions`.
+
+  With a `mask` the program starts at the first query tile that sees its first key (the rows
+  that see a key are a suffix), masks P up to the first tile that sees all its keys, and both
+  warpgroups walk that one range, so they stay in step (a warpgroup's tiles its keys are hidden
+  from give P = 0).
   """
-  batch, q_len, heads, head_dim, kv_len, group = _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale)
+  batch, q_len, heads, head_dim, kv_len, group = _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale,
+                                                                 mask)
   dtype = q_BLHD.dtype
   q_steps = q_len // BWD_BLOCK_Q
   stages = min(STAGES, q_steps)
@@ -317,6 +455,14 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
     k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem, ds_smem, dq_smem = smem
     b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
     kv_block_start = lax.axis_index("kv_blocks") * (_COMPUTE_WARPGROUPS * BWD_BLOCK_K)
+    if mask is None:
+      first_step = 0
+    else:
+      first_step, full_step = backward_tiles(mask, kv_block_start,
+                                             _COMPUTE_WARPGROUPS * BWD_BLOCK_K, q_len)
+    # The ring slot of query tile i.
+    ring_slot = (lambda i: lax.rem(i, stages)) if mask is None else (
+        lambda i: lax.rem(i - first_step, stages))
 
     meet = lambda: _meet(ds_written)
 
@@ -355,11 +501,11 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
                       pl.ds(wg * dq_cols if split_dq else 0, dq_cols)],
             reduction_op="add")
 
-      def step(i, carry, with_dq: bool = True):
+      def step(i, carry, with_dq: bool = True, masked: bool = False):
         """dSᵀ, dK and dV of query tile i, and dQ of tile i (deferred: i − 1; with_dq=False: no
-        dQ, deferred's first step)."""
+        dQ, deferred's first step); masked: P of the pairs `mask` hides is 0."""
         dk_KD, dv_KD = carry
-        slot, ds_slot = lax.rem(i, stages), lax.rem(i, ds_slots)
+        slot, ds_slot = ring_slot(i), lax.rem(i, ds_slots)
         q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
         plgpu.barrier_wait(q_ready.at[slot])
 
@@ -370,6 +516,10 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
         plgpu.barrier_wait(lse_ready.at[slot])
         lse_Q = plgpu.load(lse_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
         p_KQ = jnp.exp2(s_KQ * logit_scale - by_query(lse_Q * LOG2_E, tile))
+        if masked:
+          keys_start = kv_block_start + wg * BWD_BLOCK_K
+          p_KQ = jnp.where(_tile_visible(mask, i * BWD_BLOCK_Q, keys_start, tile, q_axis=1), p_KQ,
+                           0.0)
         plgpu.barrier_wait(do_ready.at[slot])
 
         def values(refs):
@@ -403,14 +553,18 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
         return dk_KD, dv_KD
 
       carry = (zeros(BWD_BLOCK_K, head_dim), zeros(BWD_BLOCK_K, head_dim))
+      start = first_step
+      if deferred:  # Masked if there is a mask (a whole tile masked is exact).
+        carry = step(start, carry, with_dq=False, masked=mask is not None)
+        start = start + 1
+      if mask is not None:
+        carry = lax.fori_loop(start, full_step, functools.partial(step, masked=True), carry)
+        start = full_step
+      carry = lax.fori_loop(start, q_steps, step, carry)
       if deferred:
-        carry = step(0, carry, with_dq=False)
-        carry = lax.fori_loop(1, q_steps, step, carry)
         plgpu.barrier_wait(ds_written)  # The last tile's dSᵀ is written: its dQ.
         add_dq(pl.run_state(lambda acc: dq_matmul(acc, (q_steps - 1) % ds_slots))(
             plgpu.ACC.init(zeros(BWD_BLOCK_Q, dq_cols))), q_steps - 1)
-      else:
-        carry = lax.fori_loop(0, q_steps, step, carry)
       dk_KD, dv_KD = carry
       if split_dq:
         meet()  # The other warpgroup's last dQ has read our K rows: they can hold dK now.
@@ -436,13 +590,16 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
                                 delta_ready.at[slot])
 
       for i in range(stages):
-        fetch(i, i)
+        if mask is None:
+          fetch(i, i)
+        else:
+          pl.when(first_step + i < q_steps)(functools.partial(fetch, first_step + i, i))
 
-      @pl.loop(0, q_steps - stages)
+      @pl.loop(0, q_steps - first_step - stages)
       def _(i):
         slot = lax.rem(i, stages)
         plgpu.barrier_wait(free.at[slot])
-        fetch(i + stages, slot)
+        fetch(i + stages if mask is None else first_step + i + stages, slot)
 
   def entry(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dk_ref, dv_ref):
     kv_rows = _COMPUTE_WARPGROUPS * BWD_BLOCK_K

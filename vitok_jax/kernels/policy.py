@@ -44,6 +44,13 @@ VENDOR_AHEAD = {"gpu": ("none", "causal"), "tpu": ()}
 # on cuDNN leads (0.92–0.98×), so "auto" keeps it there. ViTok's 256-token images fall here.
 HOPPER_AHEAD_MAX_LEN = 1024
 
+# Whether flash_attention (hopper unset) takes the Hopper kernels for masks that show each query a
+# prefix of the keys (causal, block-causal with rising static ids, key padding:
+# `flash_attention_hopper.PrefixMask`), in place of Triton. Off until they pass
+# `test_hopper_kernels_match_reference` on an H100 and tools/bench_kernels.py shows them ahead
+# (`--impls pallas,pallas_hopper,...`, block-causal rows and --causal); hopper=True takes them.
+HOPPER_PREFIX_MASKS = False
+
 
 def hopper_ahead(dtype, q_len, kv_len, head_dim) -> bool:
   """Whether unmasked attention of this shape is one where the Hopper kernels beat cuDNN: at most
