@@ -13,6 +13,8 @@ import pytest
 
 from vitok_jax import data
 from vitok_jax.data import bundled
+from vitok_jax.data import sources
+from vitok_jax.data import transforms
 from vitok_jax.errors import ConfigError, DataError
 
 ONE = dict(process_index=0, process_count=1)
@@ -287,6 +289,49 @@ def test_image_folder_split_placeholder(image_folder):
   cfg = _cfg("image_folder", path=os.path.join(image_folder, "{split}"), train_split="cat",
              eval_split="dog", res=8)
   assert data.num_examples(cfg, "train") == 5 and data.num_examples(cfg, "eval") == 5
+
+
+def test_eval_size_of_a_split_folder_spans_its_classes(tmp_path):
+  """eval_size picks files across the class folders, not the first (all of class 0)."""
+  rng = np.random.default_rng(0)
+  for cls in ("a", "b", "c"):
+    os.makedirs(tmp_path / "val" / cls)
+    for i in range(4):
+      Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+          tmp_path / "val" / cls / f"{i}.png")
+  cfg = _cfg("image_folder", path=str(tmp_path / "{split}"), eval_split="val", eval_size=3, res=8)
+  assert data.num_examples(cfg, "eval") == 3
+  assert sorted(data.make_source(cfg, "eval").labels) == [0, 1, 2]
+  cfg.eval_size = 0
+  assert data.num_examples(cfg, "eval") == 12
+
+
+def test_16bit_grayscale_images_are_scaled_not_clipped(tmp_path):
+  """A 16-bit PNG's full range maps to 0..255 (PIL's convert would clip all > 255 to white)."""
+  levels = np.arange(256, dtype=np.uint16).reshape(16, 16)
+  Image.fromarray(levels * 257).save(tmp_path / "ramp.png")
+  x = sources.decode_image(str(tmp_path / "ramp.png"))
+  assert x.dtype == np.uint8 and x.shape == (16, 16, 1)
+  np.testing.assert_array_equal(x[..., 0], levels)
+  Image.fromarray(np.full((4, 4), 1000, np.uint16)).save(tmp_path / "dark.png")
+  assert np.all(sources.decode_image(str(tmp_path / "dark.png")) == 4)  # round(1000 / 257).
+
+
+def test_tfds_grayscale_image_without_channel_axis():
+  """A tfds feature [H, W] (a Tensor, not an Image) is one grayscale image, not H frames."""
+
+  class FakeSource:
+
+    def __len__(self):
+      return 1
+
+    def __getitem__(self, index):
+      return {"pixels": np.arange(10 * 12, dtype=np.uint8).reshape(10, 12), "label": 2}
+
+  record = sources.TfdsRecords(FakeSource(), "pixels", "label")[0]
+  assert record["image"].shape == (10, 12, 1) and record["label"] == 2
+  opt = transforms.Options(res=8, frames=1, frame_stride=1, channels=3)
+  assert transforms.prepare(record, opt, None)["image"].shape == (8, 8, 3)
 
 
 def test_video_folder(video_folder, caplog):

@@ -72,3 +72,13 @@ def test_inception_score_bounds():
   confident = np.eye(10)[np.arange(1000) % 10] * 50.0  # Sharp and uniformly spread classes.
   assert fid.inception_score(confident)[0] == pytest.approx(10.0, rel=1e-6)
   assert fid.inception_score(np.zeros((1000, 10)))[0] == pytest.approx(1.0)
+
+
+def test_inception_score_uses_every_example_in_uneven_splits():
+  """Chunks [i·N // splits, (i + 1)·N // splits) as in the original code: N = 3, splits = 2 gives
+  chunks {0} (IS 1) and {1, 2} (two sharp distinct classes: IS 2), mean 1.5."""
+  sharp = np.eye(3)[[0, 0, 1]] * 60.0
+  mean, std = fid.inception_score(sharp, splits=2)
+  assert mean == pytest.approx(1.5, rel=1e-9) and std == pytest.approx(0.5, rel=1e-9)
+  with pytest.raises(ValueError, match="at least splits=10"):
+    fid.inception_score(sharp)

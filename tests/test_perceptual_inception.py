@@ -94,22 +94,26 @@ def jax_out(variables):
   return x, jax.jit(inception.FIDInceptionV3().apply)(variables, x)
 
 
-def _check(reference_out, jax_out):
+def _check(reference_out, jax_out, state):
   pool, logits = reference_out
   assert np.abs(pool).max() > 0.5  # The random weights keep activations O(1): a meaningful check.
   np.testing.assert_allclose(jax_out["pool"], pool, atol=1e-4)
   np.testing.assert_allclose(jax_out["logits"], logits, atol=1e-4)
+  # The Inception Score's logits: pool3 @ W, without fc's bias (original IS, torch-fidelity).
+  unbiased = np.asarray(pool, np.float64) @ np.asarray(state["fc.weight"], np.float64).T
+  assert np.abs(np.asarray(logits) - unbiased).max() > 0.05  # The random fc bias shows.
+  np.testing.assert_allclose(jax_out["logits_unbiased"], unbiased, atol=1e-4)
 
 
 def test_matches_numpy_reference_forward(state, jax_out):
   x, out = jax_out
-  _check(reference_inception(reference.NumpyOps(state, inception.BN_EPS), x), out)
+  _check(reference_inception(reference.NumpyOps(state, inception.BN_EPS), x), out, state)
 
 
 def test_matches_torch_reference_forward(state, jax_out):
   pytest.importorskip("torch")
   x, out = jax_out
-  _check(reference_inception(reference.TorchOps(state, inception.BN_EPS), x), out)
+  _check(reference_inception(reference.TorchOps(state, inception.BN_EPS), x), out, state)
 
 
 def test_preprocess_is_torch_bilinear_without_antialias():

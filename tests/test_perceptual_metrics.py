@@ -12,10 +12,13 @@ from vitok_jax.models.perceptual import lpips, mnist_classifier
 def _toy_networks():
   """Cheap stand-ins with the real call signatures: deterministic random projections."""
   proj = np.random.default_rng(0).normal(size=(16 * 16, 6))
+  bias = np.array([3.0, -2.0, 0.5, 1.0, -4.0])
   feats = lambda x: np.tanh(np.asarray(x).reshape(len(x), -1, x.shape[-1]).mean(-1) @ proj)
   return {
       "lpips": lambda a, b: np.mean((np.asarray(a) - np.asarray(b)) ** 2, axis=(1, 2, 3)),
-      "inception": lambda x: {"pool": feats(x), "logits": feats(x)[:, :5] * 10},
+      # The real net's two logit heads differ by fc's bias; so do these.
+      "inception": lambda x: {"pool": feats(x), "logits": feats(x)[:, :5] * 10 + bias,
+                              "logits_unbiased": feats(x)[:, :5] * 10},
       "mnist_classifier": feats,
   }
 
@@ -35,8 +38,11 @@ def test_accumulator_equals_one_shot_computation():
   assert got["eval/lpips"] == pytest.approx(float(np.mean(nets["lpips"](real, fake))))
   assert got["eval/rfid"] == pytest.approx(want_fid, rel=1e-9)
   assert got["eval/fid_mnist"] == pytest.approx(want_fid, rel=1e-9)
+  # The Inception Score takes pool3 @ W without fc's bias (the original IS code, torch-fidelity).
   assert got["eval/inception_score"] == pytest.approx(
-      fid.inception_score(nets["inception"](fake)["logits"], 10)[0])
+      fid.inception_score(nets["inception"](fake)["logits_unbiased"], 10)[0])
+  assert got["eval/inception_score"] != pytest.approx(
+      fid.inception_score(nets["inception"](fake)["logits"], 10)[0], rel=1e-3)
   # gFID against saved reference statistics gives the same number.
   ref = perceptual_metrics.MetricAccumulator(("rfid",), nets,
                                              reference_stats={"inception": acc.real_stats("inception")})

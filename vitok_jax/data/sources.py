@@ -64,12 +64,20 @@ class PhotoCrops:
 
 
 def decode_image(path: str) -> np.ndarray:
-  """An image file -> uint8 [H, W, 1 or 3] (EXIF rotation applied, alpha/palette -> RGB)."""
+  """An image file -> uint8 [H, W, 1 or 3] (EXIF rotation applied, alpha/palette -> RGB).
+
+  16-bit grayscale (PIL modes "I;16*", and "I" as older Pillow opens 16-bit PNGs) is scaled by
+  255/65535: PIL's own convert would clip every value above 255 to white.
+  """
   try:
     with Image.open(path) as img:
       img = ImageOps.exif_transpose(img)
-      img = img if img.mode in ("L", "RGB") else img.convert("RGB")
-      x = np.asarray(img)
+      if img.mode.startswith("I"):
+        wide = np.asarray(img).astype(np.float64)
+        x = np.rint(np.clip(wide, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8)
+      else:
+        img = img if img.mode in ("L", "RGB") else img.convert("RGB")
+        x = np.asarray(img)
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f"{path}: cannot decode image ({e}); fix or remove the file") from None
   return x[..., None] if x.ndim == 2 else x
@@ -156,7 +164,7 @@ class TfdsRecords:
     record = self.source[index]
     x = record[self.image_key]
     x = np.stack(x) if isinstance(x, (list, tuple)) else np.asarray(x)
-    if x.ndim == x.shape[-1] == 2:  # Grayscale stored without a channel axis.
+    if x.ndim == 2:  # A grayscale image stored without a channel axis.
       x = x[..., None]
     label = int(record[self.label_key]) if self.label_key else 0
     return {"video" if x.ndim == 4 else "image": x, "label": label}
@@ -224,8 +232,11 @@ def _folder_split(cfg, split: str, kind: str) -> tuple[str, list[str], list[int]
     folder = cfg.path.format(split=cfg.train_split if split == "train" else cfg.eval_split)
     files, _ = scan_folder(folder, kind)
     labels = _folder_labels(folder, files)
-    if split == "eval" and cfg.eval_size:
-      files, labels = files[:cfg.eval_size], labels[:cfg.eval_size]
+    if split == "eval" and 0 < cfg.eval_size < len(files):
+      # Evenly spaced, not the first eval_size: the files are sorted by class folder, so a prefix
+      # would hold only the first few classes.
+      idx = np.linspace(0, len(files), cfg.eval_size, endpoint=False).astype(int)
+      files, labels = [files[i] for i in idx], [labels[i] for i in idx]
     return folder, files, labels
   files, _ = scan_folder(cfg.path, kind)
   if len(files) < 2:

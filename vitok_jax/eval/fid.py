@@ -121,20 +121,22 @@ def fid_from_stats(a: GaussianStats, b: GaussianStats) -> float:
 
 
 def inception_score(logits_NK, splits: int = 10) -> tuple[float, float]:
-  """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` equal chunks (Salimans et al.).
+  """exp(E_x KL(p(y|x) || p(y))), mean and std over `splits` chunks (Salimans et al.).
 
   Args:
     logits_NK: class logits (softmax is taken here, in float64).
-    splits: the usual 10; examples beyond a multiple of `splits` are dropped, as in the original.
+    splits: the usual 10; chunk i is examples [i·N // splits, (i + 1)·N // splits), so every
+      example counts, as in the original code (improved-gan) and torch-fidelity.
   """
   logits = np.asarray(logits_NK, np.float64)
   logits = logits - logits.max(-1, keepdims=True)
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  n = logits.shape[0] // splits * splits
-  if n == 0:
-    raise ValueError(f"Inception Score needs at least splits={splits} examples, got {logits.shape[0]}")
+  n = logits.shape[0]
+  if n < splits:
+    raise ValueError(f"Inception Score needs at least splits={splits} examples, got {n}")
   scores = []
-  for chunk in np.split(log_p[:n], splits):
+  for i in range(splits):
+    chunk = log_p[i * n // splits:(i + 1) * n // splits]
     log_marginal = np.log(np.exp(chunk).mean(0))
     kl = np.sum(np.exp(chunk) * (chunk - log_marginal), axis=-1)
     scores.append(np.exp(kl.mean()))

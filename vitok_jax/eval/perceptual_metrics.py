@@ -117,7 +117,8 @@ class MetricAccumulator:
         if "rfid" in self.names and not (side == "real" and "inception" in self.reference):
           self._push("inception", side, out["pool"])
         if "inception_score" in self.names and side == "fake":
-          self.logits.append(np.asarray(out["logits"]))
+          # Without fc's bias, as the original Inception Score (and torch-fidelity) computes it.
+          self.logits.append(np.asarray(out["logits_unbiased"]))
       if "fvd" in self.names and not (side == "real" and "i3d" in self.reference):
         if x.ndim != 5:
           raise ConfigError("fvd needs video [B, T, H, W, C]; drop it from the metrics for images")

@@ -6,7 +6,8 @@ max-pools instead, and the classifier has 1008 classes. BatchNorm eps is 1e-3, c
 
 Input: pixels in [-1, 1] (our convention) -> [0, 1], bilinear resize to 299×299 (half-pixel
 centres, no antialias, as torch's interpolate) -> 2x − 1. Outputs: the 2048-d pool3 features
-(FID) and 1008 logits (Inception Score). Module names are the PyTorch ones ("Mixed_5b/branch1x1/conv"),
+(FID) and 1008 logits; the Inception Score takes them without fc's bias ("logits_unbiased"), as
+the original IS code does. Module names are the PyTorch ones ("Mixed_5b/branch1x1/conv"),
 so `tools/convert_inception.py` maps pt_inception-2015-12-05-6726825d.pth name for name.
 Shape suffixes: B batch, H/W spatial, C channels.
 """
@@ -144,7 +145,8 @@ class InceptionE(nn.Module):  # Mixed_7b (average pool, padding excluded), Mixed
 
 
 class FIDInceptionV3(nn.Module):
-  """Network input (already resized and in [-1, 1]) [B, H, W, 3] -> {"pool": [B, 2048], "logits": [B, 1008]}.
+  """Network input (already resized and in [-1, 1]) [B, H, W, 3] -> {"pool": [B, 2048],
+  "logits": [B, 1008], "logits_unbiased": [B, 1008] (no fc bias: the Inception Score's)}.
 
   Any H, W >= 75 runs (the net is convolutional up to the global average pool); FID uses 299.
   """
@@ -169,8 +171,13 @@ class FIDInceptionV3(nn.Module):
     x = InceptionE(max_pool=False, dtype=self.dtype, name="Mixed_7b")(x)
     x = InceptionE(max_pool=True, dtype=self.dtype, name="Mixed_7c")(x)
     pool_BC = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-    logits = nn.Dense(NUM_CLASSES, name="fc")(pool_BC)
-    return {"pool": pool_BC, "logits": logits}
+    fc = nn.Dense(NUM_CLASSES, name="fc")
+    logits = fc(pool_BC)
+    # The Inception Score's logits: pool3 @ W without fc's bias, as the original IS code
+    # (matmul with softmax/logits/MatMul's weight) and torch-fidelity's "logits_unbiased".
+    unbiased = jnp.matmul(pool_BC, fc.variables["params"]["kernel"],
+                          precision=jax.lax.Precision.HIGHEST)
+    return {"pool": pool_BC, "logits": logits, "logits_unbiased": unbiased}
 
 
 def preprocess(x_BHWC, resolution: int = RESOLUTION):
@@ -207,7 +214,7 @@ def load_variables(weights_path: str) -> dict:
 
 
 def make_feature_fn(variables, dtype=jnp.float32):
-  """Jitted pixels [B, H, W, C] in [-1, 1] -> {"pool": [B, 2048], "logits": [B, 1008]} (float32)."""
+  """Jitted pixels [B, H, W, C] in [-1, 1] -> {"pool", "logits", "logits_unbiased"} (float32)."""
   net = FIDInceptionV3(dtype)
 
   @jax.jit
