@@ -98,3 +98,73 @@ def test_plotted_band_brackets_the_fit_and_the_true_law():
   assert np.all(lo <= predicted) and np.all(predicted <= hi)
   assert np.mean((lo <= true) & (true <= hi)) >= 0.8
   assert np.all(hi - lo < 0.1 * predicted) and np.all(hi - lo > 0)
+
+
+def test_too_few_points_for_the_law_raise():
+  """As many points as parameters fit exactly (R² = 1, zero-width CI): a clear error instead."""
+  with pytest.raises(ValueError, match=r"a\*x\^b needs >= 3 distinct x"):
+    fit.fit_power_law([64, 128, 64], [0.1, 0.07, 0.11])
+  with pytest.raises(ValueError, match=r"c \+ a\*x\^b needs >= 4 distinct x"):
+    fit.fit_power_law([64, 128, 256], [0.1, 0.07, 0.05], offset=True)
+
+
+@pytest.mark.parametrize("offset,n", [(False, 3), (True, 4)])
+def test_smallest_allowed_fit_has_an_informative_ci(offset, n):
+  """With one point more than parameters the bootstrap CI brackets the estimate with a real width
+  (it was a single value when resamples needed all n points distinct: only permutations)."""
+  x = np.geomspace(64, 1024, n)
+  y = (0.02 + 0.5 * x ** -0.5) * np.exp(np.random.default_rng(0).normal(0, 0.05, n))
+  result = fit.fit_power_law(x, y, offset=offset, n_boot=200)
+  assert result["n_boot"] >= 50
+  for name, (lo, hi) in result["ci"].items():
+    assert lo <= result[name] <= hi, name
+    assert hi - lo > 1e-3 * abs(result[name]), (name, lo, hi)
+
+
+def test_fit_rows_leave_out_runs_missing_a_column():
+  """A finished run without one fitted column is left out of that fit (single and L(N, D)); the
+  two-variable fit failed on the whole sweep."""
+  from vitok_jax.scaling import results  # pylint: disable=g-import-not-at-top
+  n, d, loss = _chinchilla_grid(noise=0.0)
+  rows = [{"id": str(i), "status": "done", "params": a, "seen": b, "eval/loss": c}
+          for i, (a, b, c) in enumerate(zip(n[::2], d[::2], loss[::2]))]
+  rows += [{"id": "no_metric", "status": "done", "params": 1e7, "seen": 1e9, "eval/loss": None},
+           {"id": "nan", "status": "done", "params": 2e7, "seen": 1e9, "eval/loss": float("nan")},
+           {"id": "failed", "status": "failed", "params": 3e7, "seen": 1e9, "eval/loss": 9.0}]
+  two, single = results.fit_rows(rows, [dict(kind="two_variable", n="params", d="seen",
+                                             y="eval/loss"),
+                                        dict(x="params", y="eval/loss")], n_boot=0)
+  assert "error" not in two, two
+  assert two["n"] == single["n"] == len(n[::2])
+  assert two["alpha"] == pytest.approx(0.34, rel=0.05) and two["E"] == pytest.approx(1.7, rel=0.05)
+
+
+def test_frontier_plot_labels_its_x_and_skips_a_two_point_fit(tmp_path, monkeypatch):
+  from vitok_jax.scaling import plots  # pylint: disable=g-import-not-at-top
+  figures = []
+  monkeypatch.setattr(plots, "_save", lambda fig, out_dir, name: figures.append(fig) or [name])
+  rows = [{"status": "done", "tokens_seen": t, "compute": 6 * t, "eval/l2": l}
+          for t, l in ((1e6, 0.5), (1e7, 0.3), (1e8, 0.4))]  # A two-point frontier.
+  plots.plot_frontier(rows, "eval/l2", str(tmp_path), x="tokens_seen")
+  plots.plot_frontier(rows, "eval/l2", str(tmp_path))
+  tokens_ax, compute_ax = (fig.axes[0] for fig in figures)
+  assert tokens_ax.get_xlabel() == "tokens_seen"
+  assert compute_ax.get_xlabel() == "compute (training FLOPs)"
+  assert tokens_ax.get_xscale() == tokens_ax.get_yscale() == "log"
+  assert len(tokens_ax.get_lines()) == 1  # The frontier, no fitted law through two points.
+
+
+def test_heatmap_axes_keep_sweep_order_when_a_run_failed(tmp_path, monkeypatch):
+  from vitok_jax.scaling import plots  # pylint: disable=g-import-not-at-top
+  figures = []
+  monkeypatch.setattr(plots, "_save", lambda fig, out_dir, name: figures.append(fig) or [name])
+  sizes = ["Mu", "Mi", "Ti"]
+  rows = [{"status": "failed" if (e, d) == ("Mu", "Mu") else "done", "enc": e, "dec": d,
+           "eval/psnr": 20.0 + 10 * i + j}
+          for i, e in enumerate(sizes) for j, d in enumerate(sizes)]
+  plots.plot_heatmap(rows, "dec", "enc", "eval/psnr", str(tmp_path))
+  ax = figures[0].axes[0]
+  assert [t.get_text() for t in ax.get_xticklabels()] == sizes
+  assert [t.get_text() for t in ax.get_yticklabels()] == sizes
+  cells = [t.get_text() for t in ax.texts]
+  assert len(cells) == 8 and "20" not in cells  # The failed run's cell is empty.

@@ -4,6 +4,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from vitok_jax import ConfigError, config_lib
+from vitok_jax.parallel import distributed
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.parallel import sharding
 from vitok_jax.train import train_tokenizer
@@ -44,6 +46,83 @@ def test_mesh_shapes(sizes, devices, ici, dcn):
 def test_mesh_that_does_not_fit_is_a_clear_error(sizes, devices, match):
   with pytest.raises(ConfigError, match=match):
     mesh_lib.mesh_shapes(_mesh_cfg(**sizes), devices)
+
+
+def test_dcn_sizes_must_match_the_slices_or_processes():
+  """dcn_data=2 on one process: a ConfigError naming the fix, not mesh_utils' ValueError."""
+  devices = [types.SimpleNamespace(id=i, process_index=0) for i in range(8)]
+  with pytest.raises(ConfigError, match=r"ask for 2 DCN groups, but the 8 devices are in 1 "
+                     r"processes; set .* product is 1"):
+    mesh_lib.make_mesh(_mesh_cfg(dcn_data=2), devices)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 1, 3), (1, 3, 1), (1, 4, 2)])
+def test_rules_never_shard_a_dimension_the_mesh_axes_do_not_divide(mesh_shape):
+  """Mu width 64 on tensor=3 or fsdp=3: each dimension keeps the mesh axes that divide it, the
+  rest replicate (jit/device_put raised an IndivisibleError naming no parameter); where all
+  divide (1, 4, 2) nothing changes."""
+  config = config_lib.load_config("vitok:Mu-Mi/4,c=8,res=16,data=mnist,mlp=geglu,qk_norm=true")
+  model = train_tokenizer.build_model(config)
+  example = jax.ShapeDtypeStruct((1, *train_tokenizer.pixel_shape(config)), np.float32)
+  rngs = {"params": jax.random.key(0), "sample": jax.random.key(1)}
+  boxed = jax.eval_shape(lambda x: model.init(rngs, x, sample=False)["params"], example)
+  specs, shapes = sharding.param_logical_specs(boxed), nn.meta.unbox(boxed)
+  mesh = jax.sharding.AbstractMesh(mesh_shape, mesh_lib.AXES)
+  plain = sharding.logical_to_mesh(specs, mesh)
+  fitted = sharding.logical_to_mesh(specs, mesh, shapes=shapes)
+  flat_plain, flat_fitted, flat_shapes = (jax.tree.leaves(t) for t in (plain, fitted, shapes))
+  changed = 0
+  for before, after, leaf in zip(flat_plain, flat_fitted, flat_shapes):
+    for axes_before, axes_after, size in zip(tuple(before.spec) + (None,) * 4, after.spec,
+                                             leaf.shape):
+      names = () if axes_after is None else (
+          (axes_after,) if isinstance(axes_after, str) else axes_after)
+      assert size % np.prod([mesh.shape[a] for a in names], dtype=int) == 0, (leaf, after)
+      changed += axes_after != axes_before
+  if 3 in mesh_shape:
+    assert changed > 0
+  else:
+    assert changed == 0 and flat_fitted == flat_plain
+  # The trainer's shardings of its whole state (params, Adam moments, EMA) are fitted too.
+  parts = train_tokenizer.build_components(config)
+  state = train_tokenizer.state_shardings(parts, config, mesh)
+  for sharded, leaf in zip(jax.tree.leaves(state), jax.tree.leaves(
+      train_tokenizer.abstract_state(parts, config))):
+    assert not any(size % np.prod([mesh.shape[a] for a in (
+        () if axes is None else (axes,) if isinstance(axes, str) else axes)], dtype=int)
+        for axes, size in zip(sharded.spec, leaf.shape)), (leaf, sharded)
+
+
+def _slurm_env(monkeypatch, **env):
+  for name in list(os.environ):
+    if name.startswith(("SLURM_", "TPU_", "MEGASCALE_", "VITOK_")):
+      monkeypatch.delenv(name)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+  monkeypatch.setattr(distributed, "_initialized", False)
+  monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+  distributed.initialize()
+  return calls
+
+
+BATCH_SCRIPT = dict(SLURM_JOB_ID="7", SLURM_NTASKS="4", SLURM_PROCID="0", SLURM_LOCALID="0",
+                    SLURM_JOB_NODELIST="n[1-2]")
+
+
+def test_slurm_tasks_started_by_srun_join_one_job(monkeypatch):
+  calls = _slurm_env(monkeypatch, SLURM_STEP_NODELIST="n[1-2]", SLURM_STEP_NUM_TASKS="4",
+                     **BATCH_SCRIPT)
+  assert calls == [((), {})] and distributed.detected_cluster() == "slurm"
+
+
+@pytest.mark.parametrize("extra", [{}, dict(SLURM_STEP_NODELIST="n1", SLURM_STEP_NUM_TASKS="1")])
+def test_a_lone_process_in_a_slurm_allocation_runs_alone(monkeypatch, extra):
+  """`vitok train` typed in a batch script or salloc shell of a 4-task job (no srun step), or an
+  srun step of one task: one process. jax.distributed.initialize() failed there with
+  "coordinator_address should be defined" (or waited for 4 tasks)."""
+  assert _slurm_env(monkeypatch, **BATCH_SCRIPT, **extra) == []
+  assert distributed.detected_cluster() is None
 
 
 def test_batch_must_split_over_batch_shards():

@@ -21,10 +21,29 @@ def _env_int(name: str) -> int | None:
   return int(value) if value not in (None, "") else None
 
 
+# What jax's SLURM detection reads; srun sets them for every task of a job step. A batch script
+# or an salloc shell has SLURM_JOB_ID and SLURM_NTASKS too, but no step: a process started there
+# directly is the only one, and jax.distributed.initialize() would fail ("coordinator_address
+# should be defined") or wait for tasks that never start.
+_SLURM_TASK_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+                    "SLURM_LOCALID")
+
+
+def _slurm_tasks() -> int:
+  """Tasks of this SLURM job step (0 when this process was not started by srun)."""
+  if not all(os.environ.get(name) for name in _SLURM_TASK_VARS):
+    return 0
+  return _env_int("SLURM_STEP_NUM_TASKS") or _env_int("SLURM_NTASKS") or 0
+
+
 def detected_cluster() -> str | None:
   """'slurm', 'tpu' or None for what jax would auto-detect here."""
-  if _env_int("SLURM_NTASKS") and _env_int("SLURM_NTASKS") > 1 and "SLURM_JOB_ID" in os.environ:
+  if _slurm_tasks() > 1:
     return "slurm"
+  if (_env_int("SLURM_NTASKS") or 0) > 1 and "SLURM_JOB_ID" in os.environ:
+    logging.warning("SLURM job with SLURM_NTASKS=%s, but this process is not one of several "
+                    "srun tasks: running as a single process (launch with srun, e.g. `vitok "
+                    "launch slurm`, for one process per task)", os.environ["SLURM_NTASKS"])
   if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") >= 1 or "MEGASCALE_COORDINATOR_ADDRESS" in os.environ:
     return "tpu"
   return None

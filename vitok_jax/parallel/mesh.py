@@ -56,11 +56,12 @@ def _num_granules(mesh_cfg) -> int:
   return math.prod(sizes)
 
 
-def _granules_available() -> int:
-  devices = jax.devices()
+def _granules_available(devices=None) -> int:
+  """DCN groups among `devices` (default: all): TPU slices, else processes."""
+  devices = list(devices if devices is not None else jax.devices())
   if hasattr(devices[0], "slice_index"):
     return len({d.slice_index for d in devices})
-  return jax.process_count()
+  return len({d.process_index for d in devices})
 
 
 def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
@@ -69,6 +70,13 @@ def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
   devices = list(devices if devices is not None else jax.devices())
   ici, dcn = mesh_shapes(mesh_cfg, len(devices))
   if math.prod(dcn) > 1:
+    granules = _granules_available(devices)
+    if math.prod(dcn) != granules:
+      kind = "slices" if hasattr(devices[0], "slice_index") else "processes"
+      raise ConfigError(
+          f"mesh dcn sizes {dict(zip(AXES, dcn))} ask for {math.prod(dcn)} DCN groups, but the "
+          f"{len(devices)} devices are in {granules} {kind}; set dcn_data/dcn_fsdp/dcn_tensor so "
+          f"their product is {granules} (e.g. dcn_data=-1), or all to 1 for a single ICI mesh")
     granule_is_process = not hasattr(devices[0], "slice_index")
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
                                                 process_is_granule=granule_is_process)

@@ -84,20 +84,27 @@ def fit_power_law(x, y, *, offset: bool = False, n_boot: int = 1000, ci: float =
 
   Args:
     x, y: [n] positive values (e.g. x = E, y = eval/l2 or eval/psnr).
-    offset: also fit the irreducible term c (needs ≥ 4 distinct x).
+    offset: also fit the irreducible term c.
     n_boot: bootstrap resamples of the (x, y) pairs for the CIs (0 = none); resamples with too few
       distinct x to identify the law are skipped.
     ci: the central probability of the percentile intervals.
   Returns:
     {"form", "a", "b", ["c"], "r2" (of log y), "n", "ci": {param: [lo, hi]}, "ci_level",
      "n_boot" (resamples used)}.
+  Raises:
+    ValueError: for fewer distinct x than the law's parameters + 1 (3 for a·x^b, 4 with c):
+      through as many points as parameters the law fits exactly, R² is 1 by construction and
+      every bootstrap refit is the same curve, so the CI would have zero width.
   """
   x, y = _check_positive(x=x, y=y)
   if len(x) != len(y):
     raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
-  min_distinct = 4 if offset else 2
+  min_distinct = _num_params(offset) + 1
   if len(np.unique(x)) < min_distinct:
-    raise ValueError(f"need >= {min_distinct} distinct x values, got {np.unique(x)}")
+    raise ValueError(
+        f"fitting {'c + a*x^b' if offset else 'a*x^b'} needs >= {min_distinct} distinct x values "
+        f"(more than its {min_distinct - 1} parameters, or it fits exactly and has no R² or CI); "
+        f"got {np.unique(x)}")
   best = _fit_once(x, np.log(y), offset=offset)
   prediction = _offset_predict(best, x) if offset else best["a"] * x ** best["b"]
   result = {"form": "c + a*x^b" if offset else "a*x^b", **best,
@@ -111,6 +118,10 @@ def fit_power_law(x, y, *, offset: bool = False, n_boot: int = 1000, ci: float =
   return result
 
 
+def _num_params(offset: bool) -> int:
+  return 3 if offset else 2
+
+
 def _fit_once(x, log_y, *, offset: bool, start: dict | None = None) -> dict:
   return _fit_offset(x, log_y, start=start) if offset else _fit_pure(np.log(x), log_y)
 
@@ -118,11 +129,12 @@ def _fit_once(x, log_y, *, offset: bool, start: dict | None = None) -> dict:
 def bootstrap_fits(x, y, fit: dict, *, n_boot: int, seed: int = 0) -> list[dict]:
   """Refits of `fit` on `n_boot` resamples of the (x, y) pairs, each started from `fit` (an offset
   fit keeps the sign of its a: the two branches are different laws). Resamples with too few
-  distinct x to identify the law, or whose fit fails, are skipped. Used for the parameter CIs and
-  the plotted prediction band."""
+  distinct x to identify the law (fewer than its parameters), or whose fit fails, are skipped.
+  (Requiring one more would keep only permutations of a minimal data set: zero-width CIs.) Used
+  for the parameter CIs and the plotted prediction band."""
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   offset = "c" in fit
-  min_distinct = 4 if offset else 2
+  min_distinct = _num_params(offset)
   start = {k: fit[k] for k in ("a", "b", "c") if k in fit}
   rng = np.random.default_rng(seed)
   samples = []

@@ -69,8 +69,9 @@ def plot_fit(result: dict, out_dir: str) -> list[str]:
 def plot_heatmap(rows: Sequence[dict], x: str, y: str, value: str, out_dir: str) -> list[str]:
   """A grid of `value` over two swept keys (e.g. decoder × encoder size), annotated per cell."""
   done = [r for r in rows if r["status"] == _DONE]
-  xs = list(dict.fromkeys(r.get(x) for r in done))
-  ys = list(dict.fromkeys(r.get(y) for r in done))
+  # Axes in sweep order over every run: a failed run is an empty cell, it does not reorder them.
+  xs = list(dict.fromkeys(r.get(x) for r in rows))
+  ys = list(dict.fromkeys(r.get(y) for r in rows))
   grid = np.full((len(ys), len(xs)), np.nan)
   for r in done:
     if isinstance(r.get(value), (int, float)):
@@ -100,14 +101,15 @@ def plot_frontier(rows: Sequence[dict], y: str, out_dir: str, *, x: str = "compu
   fig, ax = plt.subplots(figsize=(5, 3.8))
   ax.scatter(compute, metric, color="C0", alpha=0.7, label="runs")
   ax.plot(compute[front], metric[front], "o-", color="C3", label="frontier")
-  # A power law through the frontier only where it spans a real range of compute (≥ 1.5×).
-  if len(front) >= 2 and np.all(metric[front] > 0) and np.ptp(np.log(compute[front])) > 0.4:
+  # A power law through the frontier only where it spans a real range of compute (≥ 1.5×) and has
+  # more points than the law has parameters (fit_power_law raises otherwise).
+  if len(front) >= 3 and np.all(metric[front] > 0) and np.ptp(np.log(compute[front])) > 0.4:
     law = fit_lib.fit_power_law(compute[front], metric[front], n_boot=0)
     grid = np.geomspace(compute.min(), compute.max(), 50)
     ax.plot(grid, fit_lib.predict_power_law(law, grid), "--", color="C3", alpha=0.6,
             label=f"frontier fit ∝ C^{law['b']:.3f}")
-  ax.set(xscale="log", yscale="log", xlabel=f"{x} (training FLOPs)", ylabel=y,
-         title=f"{y} vs compute")
+  ax.set(xscale="log", yscale="log", xlabel=f"{x} (training FLOPs)" if x == "compute" else x,
+         ylabel=y, title=f"{y} vs {x}")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
   return _save(fig, out_dir, f"frontier_{_safe(y)}")

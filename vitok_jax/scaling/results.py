@@ -159,11 +159,18 @@ def value(row: dict, key: str):
   return row.get(key)
 
 
+def _columns_of_done_rows(rows: Sequence[dict], *keys: str) -> list[list[float]]:
+  """[values of each key] over the finished rows where every key is a finite positive number
+  (a log-space fit cannot use the others; a run missing one of them is left out of that fit)."""
+  def ok(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+  kept = [[value(r, k) for k in keys] for r in rows if r["status"] == sweep_lib.DONE]
+  kept = [values for values in kept if all(ok(v) for v in values)]
+  return [[values[i] for values in kept] for i in range(len(keys))]
+
+
 def _xy(rows: Sequence[dict], x: str, y: str):
-  pairs = [(value(r, x), value(r, y)) for r in rows if r["status"] == sweep_lib.DONE]
-  pairs = [(a, b) for a, b in pairs if isinstance(a, (int, float)) and isinstance(b, (int, float))
-           and a > 0 and b > 0 and math.isfinite(b)]
-  return [a for a, _ in pairs], [b for _, b in pairs]
+  return _columns_of_done_rows(rows, x, y)
 
 
 def fit_rows(rows: Sequence[dict], specs: Sequence[dict], *, n_boot: int = 1000) -> list[dict]:
@@ -178,11 +185,8 @@ def fit_rows(rows: Sequence[dict], specs: Sequence[dict], *, n_boot: int = 1000)
     spec = dict(spec)
     try:
       if spec.get("kind") == "two_variable":
-        done = [r for r in rows if r["status"] == sweep_lib.DONE]
-        result = fit_lib.fit_two_variable([value(r, spec["n"]) for r in done],
-                                          [value(r, spec["d"]) for r in done],
-                                          [value(r, spec["y"]) for r in done],
-                                          n_boot=min(n_boot, 100))
+        ns, ds, ys = _columns_of_done_rows(rows, spec["n"], spec["d"], spec["y"])
+        result = fit_lib.fit_two_variable(ns, ds, ys, n_boot=min(n_boot, 100))
       else:
         xs, ys = _xy(rows, spec["x"], spec["y"])
         result = fit_lib.fit_power_law(xs, ys, offset=spec.get("offset", False), n_boot=n_boot)

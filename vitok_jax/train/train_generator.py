@@ -128,7 +128,7 @@ def state_shardings(family, tx, config, mesh, batch) -> TrainState:
       step=replicated, params=param_specs,
       opt_state=sharding.opt_state_logical_specs(tx, abstract.opt_state, param_specs),
       ema_params=param_specs if config.ema_decay else {})
-  return sharding.logical_to_mesh(specs, mesh)
+  return sharding.logical_to_mesh(specs, mesh, shapes=abstract)
 
 
 def make_train_step(family, tx, schedule, config):

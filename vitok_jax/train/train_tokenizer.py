@@ -180,7 +180,7 @@ def state_shardings(parts: Components, config, mesh) -> TrainState:
       disc=jax.tree.map(lambda _: replicated, abstract.disc),
       code_counts=jax.tree.map(lambda _: replicated, abstract.code_counts),
       codebook_ema=jax.tree.map(lambda _: replicated, abstract.codebook_ema))
-  return sharding.logical_to_mesh(specs, mesh)
+  return sharding.logical_to_mesh(specs, mesh, shapes=abstract)
 
 
 def make_train_step(parts: Components, config):
