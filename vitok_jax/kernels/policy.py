@@ -17,8 +17,8 @@ Measured on an H100 (jax 0.11.2, bf16, docs/kernels/bench_kernels_h100.json, def
     the short unmasked Hopper shapes of `hopper_ahead`;
   - block-causal (VAR, 680 / 2240 tokens, head dim 64): 4.2× / 7.4× XLA and 1.32× / 1.73× cuDNN
     given the same mask densely; no [L, S] mask is built;
-  - BSQ 4.0× and VQ (16384 codes) 3.6× the XLA-fused jnp versions, VQ without the 4.3 GB
-    tokens × codes buffer.
+  - BSQ 4.9× (its default launch, bench_hopper_bwd_h100.json) and VQ (16384 codes) 3.6× the
+    XLA-fused jnp versions, VQ without the 4.3 GB tokens × codes buffer.
 TPU: checked in interpret mode, and lowered for a v5e from a CPU (jax's Pallas TPU lowering:
 block shapes and primitives; `tests/test_kernels.py -k lower_for_tpu`); not yet compiled or run
 on a TPU.
