@@ -76,8 +76,8 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       encoder="S", decoder="B", patch=(16, 16), channels=16, bottleneck="gaussian",
       mlp="geglu", rope="1d", qk_norm=False, attn_impl="auto", remat=False, dtype="float32",
-      num_queries=0,
-      codebook_size=0))  # > 0: the learned codebook's size (vq*, msvq, larp) instead of its default.  # LARP's N latent tokens (only with bottleneck="larp").
+      num_queries=0,     # LARP's N latent tokens (only with bottleneck="larp").
+      codebook_size=0))  # > 0: the learned codebook's size (vq*, msvq, larp), not its default.
 
   config.data = data.default_config()
   config.data.name = "imagenet"

@@ -155,3 +155,16 @@ def test_bf16_compute_is_close_to_f32():
 def test_decode_size_rejects_unknown_names():
   with pytest.raises(ConfigError, match="unknown vitok size .XXL."):
     vit.decode_size("XXL")
+
+
+def test_unknown_rope_mlp_and_bottleneck_kinds_are_config_errors():
+  """They used to be taken silently: rope="2d" as axial, mlp="relu" as SwiGLU (a KeyError for an
+  unknown bottleneck)."""
+  with pytest.raises(ConfigError, match="rope='2d'"):
+    vit.rope_tables((4, 4), 8, "2d")
+  with pytest.raises(ConfigError, match="mlp='relu'"):
+    jax.eval_shape(vit.MLP(16, "relu").init, jax.random.key(0), jnp.zeros((1, 2, 8)))
+  with pytest.raises(ConfigError, match="bottleneck='vqq'"):
+    bottlenecks.build("vqq", 4)
+  for kind in ("1d", "axial"):
+    assert vit.rope_tables((4, 4), 8, kind)[0].shape == (16, 4)

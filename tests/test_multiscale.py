@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitok_jax.models import multiscale
+from vitok_jax import ConfigError
+from vitok_jax.models import multiscale, tokenizer, vit
 
 
 def test_schedules():
@@ -41,6 +42,38 @@ def test_resize_matches_torch(mode, sizes):
 def test_phi_index_var_ticks():
   # linspace(1/12, 11/12, 4) against k/9: k = 2 and 7 are exact ties in reals; float64 decides.
   assert [multiscale.phi_index(k, 10) for k in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+
+
+@pytest.mark.parametrize("num_phi", [1, 2, 3, 4, 5, 6, 10])
+def test_phi_index_matches_var_for_any_number_of_phis(num_phi):
+  """VAR's PhiPartiallyShared: ticks linspace(1/3/K, 1−1/3/K, K) only for K = 4, else 1/2/K."""
+  margin = 1 / 3 / num_phi if num_phi == 4 else 1 / 2 / num_phi
+  ticks = np.linspace(margin, 1 - margin, num_phi)
+  for num_scales in (7, 10, 13):
+    expected = [int(np.argmin(np.abs(ticks - k / (num_scales - 1)))) for k in range(num_scales)]
+    assert [multiscale.phi_index(k, num_scales, num_phi) for k in range(num_scales)] == expected
+  # K = 3 and 6 differ from the 4-φ rule (k = 3 of 10: tick 1/6 vs 1/9 → φ_0, not φ_1).
+  if num_phi == 3:
+    assert multiscale.phi_index(3, 10, 3) == 0
+
+
+def test_negative_num_phi_is_a_config_error():
+  module = multiscale.ResidualQuantizer(4, "vq", "var", codebook_size=8, num_phi=-1)
+  with pytest.raises(ConfigError, match="num_phi"):
+    jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4, 4, 4)))
+
+
+@pytest.mark.parametrize("bottleneck", ["msvq", "msbsq"])
+def test_multiscale_bottleneck_rejects_video_token_grids(bottleneck):
+  """A (t, h, w) grid of 4·4·4 = 64 tokens used to be quantised as one made-up 8×8 image."""
+  def init(patch, shape):
+    model = tokenizer.ViTok(vit.ViTSize(32, 1, 2), vit.ViTSize(32, 1, 2), patch, 1, 4,
+                            bottleneck=bottleneck)
+    rngs = {"params": jax.random.key(0), "sample": jax.random.key(1)}
+    return jax.eval_shape(lambda: model.init(rngs, jnp.zeros(shape), sample=False))
+  with pytest.raises(ConfigError, match="square 2-D token map.*grid \\(4, 4, 4\\)"):
+    init((1, 4, 4), (1, 4, 16, 16, 1))
+  init((4, 4), (1, 32, 32, 1))   # An 8 × 8 image grid is fine.
 
 
 def _quantizer(kind: str, channels: int = 4):

@@ -165,10 +165,14 @@ BOTTLENECKS = {
 }
 # Bottlenecks whose codebook is a parameter (dead-code restart applies: train/codebook.py).
 LEARNED_CODEBOOK = ("vq", "vq1k", "vq1k_ent", "msvq")
+# Multi-scale bottlenecks: they quantise a square 2-D (h × h) token map, so images only.
+MULTI_SCALE = ("msvq", "msbsq")
 
 
 def build(kind: str, channels: int, codebook_size: int = 0, **kwargs) -> nn.Module:
   """The bottleneck `kind` with c = channels; codebook_size > 0 overrides a learned codebook's size."""
+  if kind not in BOTTLENECKS:
+    raise ConfigError(f"bottleneck={kind!r} is unknown; use one of {list(BOTTLENECKS)} (or larp)")
   if codebook_size:
     if kind not in LEARNED_CODEBOOK:
       raise ConfigError(f"codebook_size={codebook_size} applies to a learned codebook "

@@ -33,8 +33,9 @@ def _conv(features: int, kernel: int, name: str, use_bias: bool = True, dtype=jn
 def minibatch_stddev(x_BHWC, group_size: int = 4):
   """Appends one channel: the std over a group of examples, averaged over features and pixels.
 
-  It lets the discriminator see a batch's lack of variety (StyleGAN). Groups are formed from
-  consecutive examples; the group shrinks to the largest divisor of the batch not above group_size.
+  It lets the discriminator see a batch's lack of variety (StyleGAN). As in StyleGAN's reshape
+  [G, B/G, ...], a group is strided: examples b, b + B/G, b + 2·B/G, …; the group size G shrinks
+  to the largest divisor of the batch not above group_size.
   """
   batch = x_BHWC.shape[0]
   group = max(g for g in range(1, min(group_size, batch) + 1) if batch % g == 0)

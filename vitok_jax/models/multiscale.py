@@ -107,11 +107,13 @@ def input_resize_mode(quantizer: str, upsample: str, input_resize: str = "") -> 
 
 
 def phi_index(k: int, num_scales: int, num_phi: int = 4) -> int:
-  """VAR's PhiPartiallyShared: the φ whose tick in linspace(1/3/n, 1−1/3/n, n) is nearest k/(K−1).
+  """VAR's PhiPartiallyShared: the φ whose tick is nearest k/(K−1); the n = num_phi ticks are
+  linspace(1/3/n, 1−1/3/n, n) for n = 4 (VAR's setting) and linspace(1/2/n, 1−1/2/n, n) otherwise.
 
   Computed in float64 like numpy in VAR (ties exist and argmin takes the first).
   """
-  ticks = np.linspace(1 / 3 / num_phi, 1 - 1 / 3 / num_phi, num_phi)
+  margin = 1 / 3 / num_phi if num_phi == 4 else 1 / 2 / num_phi
+  ticks = np.linspace(margin, 1 - margin, num_phi)
   at = k / (num_scales - 1) if num_scales > 1 else 0.0
   return int(np.argmin(np.abs(ticks - at)))
 
@@ -157,6 +159,8 @@ class ResidualQuantizer(nn.Module):
   def setup(self):
     if self.quantizer not in ("vq", "bsq"):
       raise ConfigError(f"multi-scale quantizer={self.quantizer!r}; use 'vq' or 'bsq'")
+    if self.num_phi < 0:
+      raise ConfigError(f"ResidualQuantizer.num_phi={self.num_phi} must be >= 0 (0 = no φ)")
     for field in ("upsample", "input_resize"):
       mode = getattr(self, field)
       if mode and mode not in RESIZES:

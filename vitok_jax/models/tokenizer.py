@@ -78,6 +78,11 @@ class ViTok(nn.Module):
   def encode(self, x, *, sample: bool = False):
     """x: [B, H, W, C] or [B, T, H, W, C] in [-1, 1] -> (z [B, N, c], aux, token grid)."""
     grid = token_grid(x.shape[1:-1], self.patch)
+    if self.bottleneck in bottlenecks.MULTI_SCALE and (len(grid) != 2 or grid[0] != grid[1]):
+      # Else a (t, h, w) grid whose t·h·w is a square would be quantised as one made-up image.
+      raise ConfigError(f"bottleneck={self.bottleneck!r} quantises a square 2-D token map, got the "
+                        f"token grid {tuple(grid)}; use it on square images with a P×P patch, or "
+                        f"a single-scale quantizer (vq, vq1k, bsq) for video")
     h_BND = self.encoder_vit(self.patch_embed(patchify(x.astype(self.dtype), self.patch)), grid)
     z_BNC, aux = self.bottleneck_layer(h_BND, sample=sample)
     return z_BNC, aux, grid

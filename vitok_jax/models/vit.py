@@ -99,6 +99,8 @@ def rope_tables(grid: Sequence[int], head_dim: int, kind: str, base: float = 10_
   (as evenly as possible, earlier axes get the remainder) and rotates each share by that axis' coordinate.
   Returns (sin_LP, cos_LP) float32 numpy arrays with P = head_dim // 2.
   """
+  if kind not in ("1d", "axial"):
+    raise ConfigError(f"rope={kind!r} is unknown; use one of {ROPE_KINDS}")
   if head_dim % 2:
     raise ConfigError(f"RoPE needs an even head_dim, got {head_dim}; change width or heads")
   num_pairs = head_dim // 2
@@ -161,6 +163,8 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BLD):
     width = x_BLD.shape[-1]
+    if self.kind not in MLP_KINDS:
+      raise ConfigError(f"mlp={self.kind!r} is unknown; use one of {MLP_KINDS}")
     if self.kind == "gelu":
       h_BLF = nn.gelu(dense(self.hidden, ("embed", "mlp"), self.dtype, "wi")(x_BLD))
     else:

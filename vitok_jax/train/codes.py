@@ -6,7 +6,8 @@ The store holds `labels` [N] and what the tokenizer's bottleneck gives a generat
   discrete single-scale (vq, bsq): `codes` [N, tokens(, words)];
   multi-scale (msvq, msbsq): `codes_0 … codes_{K−1}` per-scale maps [N, s, s(, words)];
   continuous (gaussian): `latents` [N, tokens, c], the posterior mean;
-  msbsq also keeps `latents`, the map before quantisation (Infinity's self-correction re-quantises it);
+  msvq and msbsq also keep `latents`, the map before quantisation (Infinity's self-correction
+  re-quantises it);
 plus `grid`, `bottleneck` and the checkpoint `step`. `decode_codes` turns codes back into pixels.
 """
 from __future__ import annotations
