@@ -230,6 +230,15 @@ def test_run_and_optimizer_values_are_checked():
   train_tokenizer.validate(tiny_config(**gan))
 
 
+@pytest.mark.parametrize("quantizer", ["msvq", "msbsq"])
+def test_multi_scale_quantizers_are_for_images(quantizer):
+  """A tubelet config with a multi-scale bottleneck fails at validation, not at model init."""
+  video = "vitok:Mu-Mu/2x4,c=8,frames=4,res=16,data=moving_mnist"
+  with pytest.raises(ConfigError, match="square 2-D token map"):
+    train_tokenizer.validate(config_lib.load_config(f"{video},quantizer={quantizer}"))
+  train_tokenizer.validate(config_lib.load_config(f"{video},quantizer=bsq"))
+
+
 def test_warmup_follows_the_run_length_unless_set():
   """Unset, the warm-up is a tenth of the run (at most 1000 steps) of whatever total_steps the
   run ends up with, e.g. after a --config.total_steps override; a set value is kept."""

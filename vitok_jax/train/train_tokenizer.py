@@ -77,6 +77,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for p in m.patch[-2:]:
     require(d.res % p == 0, f"model.patch size {p} does not divide data.res={d.res}; use one of "
             f"{[q for q in (2, 4, 8, 16, 32) if d.res % q == 0]}")
+  require(not (video and m.bottleneck in bottlenecks.MULTI_SCALE),
+          f"bottleneck={m.bottleneck!r} quantises a square 2-D token map, so images only; use a "
+          f"P patch with frames=1, or a single-scale quantizer (vq, vq1k, bsq) for video")
   if video:
     require(d.frames % m.patch[0] == 0,
             f"data.frames={d.frames} is not divisible by the tubelet length {m.patch[0]}; use "
