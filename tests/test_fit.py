@@ -139,6 +139,17 @@ def test_fit_rows_leave_out_runs_missing_a_column():
   assert two["alpha"] == pytest.approx(0.34, rel=0.05) and two["E"] == pytest.approx(1.7, rel=0.05)
 
 
+def test_metric_directions():
+  """The frontier of a generator sweep on class accuracy or Inception Score keeps the highest,
+  tagged or not; losses, FIDs and latency the lowest."""
+  from vitok_jax.scaling import results
+  for metric in ("eval/psnr", "eval/ssim", "gen/class_accuracy", "gen/cfg_scale=3/class_accuracy",
+                 "gen/euler/inception_score", "eval/inception_score"):
+    assert results.higher_is_better(metric), metric
+  for metric in ("eval/l2", "eval/rfid", "gen/fid_mnist", "gen/ms_per_sample", "eval/lpips"):
+    assert not results.higher_is_better(metric), metric
+
+
 def test_frontier_plot_labels_its_x_and_skips_a_two_point_fit(tmp_path, monkeypatch):
   from vitok_jax.scaling import plots  # pylint: disable=g-import-not-at-top
   figures = []

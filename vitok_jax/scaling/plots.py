@@ -127,5 +127,5 @@ def plot_sweep(rows: Sequence[dict], fits: Sequence[dict], out_dir: str, *,
     paths += plot_heatmap(rows, heatmap["x"], heatmap["y"], heatmap["value"], out_dir)
   if frontier:
     paths += plot_frontier(rows, frontier["y"], out_dir, x=frontier.get("x", "compute"),
-                           higher_is_better=frontier["y"] in results.HIGHER_IS_BETTER)
+                           higher_is_better=results.higher_is_better(frontier["y"]))
   return paths

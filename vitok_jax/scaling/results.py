@@ -19,8 +19,13 @@ from vitok_jax.scaling import fit as fit_lib
 from vitok_jax.scaling import sweep as sweep_lib
 
 METRICS = ("eval/psnr", "eval/ssim", "eval/l2")
-# Metrics where larger is better (the frontier and the sign checks need the direction).
-HIGHER_IS_BETTER = {"eval/psnr", "eval/ssim"}
+# Metrics where larger is better, by their last name (eval/psnr, gen/cfg_scale=3/class_accuracy):
+# the frontier needs the direction.
+HIGHER_IS_BETTER = {"psnr", "ssim", "class_accuracy", "inception_score"}
+
+
+def higher_is_better(metric: str) -> bool:
+  return metric.rsplit("/", 1)[-1] in HIGHER_IS_BETTER
 
 
 def _config_value(config: dict, path: str):
