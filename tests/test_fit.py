@@ -139,6 +139,17 @@ def test_fit_rows_leave_out_runs_missing_a_column():
   assert two["alpha"] == pytest.approx(0.34, rel=0.05) and two["E"] == pytest.approx(1.7, rel=0.05)
 
 
+def test_two_variable_bootstrap_resamples_span_both_axes():
+  """With one run at the second N, a third of plain resamples hold a single N (α would be
+  unidentified and its CI arbitrary); the bootstrap's resamples all span two values of each."""
+  n, d = np.array([1e6, 1e6, 1e6, 1e6, 4e6]), np.array([1e8, 2e8, 1e8, 2e8, 1e8])
+  sets = fit.two_variable_resamples(n, d, 200, seed=3)
+  assert len(sets) == 200
+  assert all(len(set(n[ix])) == 2 and len(set(d[ix])) == 2 for ix in sets)
+  plain = np.random.default_rng(3).integers(0, 5, (2000, 5))
+  assert np.mean([len(set(n[ix])) < 2 for ix in plain]) > 0.2  # What the check leaves out.
+
+
 def test_metric_directions():
   """The frontier of a generator sweep on class accuracy or Inception Score keeps the highest,
   tagged or not; losses, FIDs and latency the lowest."""

@@ -200,7 +200,8 @@ def fit_two_variable(n, d, loss, *, delta: float = HUBER_DELTA, num_starts: int 
     n, d, loss: [k] model sizes (parameters), data sizes (examples or tokens seen) and losses.
     delta: Huber δ on log residuals.
     num_starts: L-BFGS runs, from the grid points with the lowest objective.
-    n_boot: bootstrap resamples for CIs of every parameter (0 = none).
+    n_boot: bootstrap resamples for CIs of every parameter (0 = none); a resample that does not
+      span >= 2 values of each of N and D (α or β unidentified) is drawn again.
   Returns:
     {"E", "A", "B", "alpha", "beta", "objective", "r2" (of log L), "n", "a_exponent" = β/(α+β)
      (N* ∝ C^a), "b_exponent" = α/(α+β) (D* ∝ C^b), ["ci": {param: [lo, hi]}]}.
@@ -231,15 +232,26 @@ def fit_two_variable(n, d, loss, *, delta: float = HUBER_DELTA, num_starts: int 
   log_pred = special.logsumexp(_chinchilla_terms(sol.x, log_n, log_d), axis=0)
   result.update(objective=float(sol.fun), r2=_r2(log_l, log_pred), n=int(len(n)), delta=delta)
   if n_boot:
-    rng = np.random.default_rng(seed)
-    samples = [_chinchilla_result(fit_one(rng.integers(0, len(n), len(n)), sol.x[None]).x)
-               for _ in range(n_boot)]
+    samples = [_chinchilla_result(fit_one(ix, sol.x[None]).x)
+               for ix in two_variable_resamples(n, d, n_boot, seed=seed)]
     tail = 100 * (1 - ci) / 2
     result["ci"] = {k: [float(v) for v in np.percentile([s[k] for s in samples],
                                                         [tail, 100 - tail])]
                     for k in ("E", "A", "B", "alpha", "beta")}
     result["ci_level"] = ci
   return result
+
+
+def two_variable_resamples(n, d, n_boot: int, *, seed: int = 0) -> list[np.ndarray]:
+  """`n_boot` bootstrap index sets over the runs, each spanning >= 2 values of N and of D (a set
+  that does not is drawn again: the law has no α or β to fit on it)."""
+  n, d = np.asarray(n), np.asarray(d)
+  rng, out = np.random.default_rng(seed), []
+  while len(out) < n_boot:
+    ix = rng.integers(0, len(n), len(n))
+    if len(np.unique(n[ix])) >= 2 and len(np.unique(d[ix])) >= 2:
+      out.append(ix)
+  return out
 
 
 def _chinchilla_result(theta: np.ndarray) -> dict:
