@@ -65,6 +65,13 @@ def test_every_family_trains_samples_and_writes_its_record(family, tokenizer_dir
   assert on_disk["kind"] == "generator" and on_disk["family"] == family
   assert on_disk["params"]["total"] == record["params"]["total"] > 0
   assert on_disk["flops_per_example"]["train"] == 3 * on_disk["flops_per_example"]["forward_xla"] > 0
+  # What the forward's attention ran as (on CPU "auto" is XLA), with its family's mask.
+  tokenizer_record = record_lib.read(tokenizer_dirs[FAMILY_TOKENIZER[family]])
+  assert tokenizer_record["quantizer_impl"] == (None if family == "dit" else "xla")
+  [attention] = on_disk["attention_impl"]
+  mask = {"dit": "none", "llamagen": "causal", "var": "block_causal", "infinity": "block_causal"}
+  assert (attention["impl"], attention["mask"]) == ("xla", mask[family])
+  assert attention["q_len"] > 1 and attention["head_dim"] > 0
   metrics = on_disk["metrics"]
   assert np.isfinite(metrics["eval/loss"])
   assert 0.0 <= metrics["gen/class_accuracy"] <= 1.0 and np.isfinite(metrics["gen/fid_mnist"])

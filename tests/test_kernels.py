@@ -518,6 +518,18 @@ def test_dispatcher_default_path_is_unchanged_on_cpu():
   assert kernels.quantize_impl("auto") == "xla"
 
 
+def test_recorded_attention_lists_what_each_traced_call_runs_as():
+  q, k, v, _ = _qkv(1, 55, 55, 2, 1, 16, jnp.bfloat16)
+  with kernels.recorded_attention() as calls:
+    jax.eval_shape(lambda q, k, v: kernels.dot_product_attention(q, k, v, is_causal=True), q, k, v)
+    jax.eval_shape(lambda q, k, v: kernels.dot_product_attention(
+        q, k, v, block_ids=VAR_IDS, impl="pallas"), q, k, v)
+  kernels.dot_product_attention(q, k, v)  # Outside: not recorded.
+  common = {"q_len": 55, "kv_len": 55, "head_dim": 16, "dtype": "bfloat16"}
+  assert calls == [{"impl": "xla", "mask": "causal", **common},
+                   {"impl": "pallas_gpu", "mask": "block_causal", **common}]
+
+
 def test_resolve_impl_policy(monkeypatch):
   resolve, bf16 = attention.resolve_impl, jnp.bfloat16
   assert resolve("pallas", backend="cpu") == "pallas_gpu"

@@ -50,6 +50,9 @@ def test_training_writes_config_metrics_images_checkpoint_and_record(tmp_path):
   assert on_disk["params"]["total"] == sum(on_disk["params"][k] for k in ("encoder", "decoder", "bottleneck"))
   assert 0.9 < on_disk["flops_per_example"]["analytic_over_xla"] < 1.1
   assert on_disk["flops_per_example"]["train"] == 3 * on_disk["flops_per_example"]["forward"]
+  # What "auto" ran as on CPU; no quantiser behind a Gaussian bottleneck.
+  assert on_disk["attention_impl"] == {"encoder": "xla", "decoder": "xla"}
+  assert on_disk["quantizer_impl"] is None
   assert set(on_disk["metrics"]) == {"eval/psnr", "eval/ssim", "eval/l2"}
   assert final_params(workdir)[0] == 12
 

@@ -37,6 +37,7 @@ def tokenizer_record(config: ml_collections.ConfigDict, model, params, pixel_sha
           "total": vit.param_count(params),
       },
       "attention_impl": attention_impl(model, pixel_shape),
+      "quantizer_impl": quantizer_impl(model),
       "tokens_per_example": tokens,
       "c": model.latent_channels,
       "E": tokens * model.latent_channels,
@@ -72,6 +73,21 @@ def attention_impl(model, pixel_shape) -> dict[str, str]:
   return {part: kernels.attention_impl(model.attn_impl, model.dtype, q_len=tokens,
                                        head_dim=size.head_dim)
           for part, size in (("encoder", model.encoder), ("decoder", model.decoder))}
+
+
+def distinct_calls(calls: list[dict]) -> list[dict]:
+  """The distinct entries of a `kernels.recorded_attention` list, in first-seen order."""
+  seen = {}
+  for call in calls:
+    seen.setdefault(tuple(sorted(call.items())), call)
+  return list(seen.values())
+
+
+def quantizer_impl(model) -> str | None:
+  """What the tokenizer's quantiser (impl="auto") runs as here; None for a continuous bottleneck."""
+  if getattr(model, "bottleneck", "gaussian") == "gaussian":
+    return None
+  return kernels.quantize_impl("auto")
 
 
 def write(record: dict, workdir: str) -> str:

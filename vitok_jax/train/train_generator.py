@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from vitok_jax import config_lib, data
+from vitok_jax import config_lib, data, kernels
 from vitok_jax.config_lib import require, require_choice
 from vitok_jax.data import bundled
 from vitok_jax.eval import mnist_metrics, perceptual_metrics, visualize
@@ -280,8 +280,10 @@ def setup(config, mesh):
 
 def generator_record(config, family, params, *, wall_time, metrics, workdir, examples_per_sec,
                      example) -> dict:
-  """Run record of a generator: params, FLOPs per example (XLA count of the forward), metrics."""
-  forward = flops.xla_flops(family.forward_fn(), params, example)
+  """Run record of a generator: params, FLOPs per example (XLA count of the forward), what its
+  attention runs as (each distinct call of the forward), metrics."""
+  with kernels.recorded_attention() as attention_calls:
+    forward = flops.xla_flops(family.forward_fn(), params, example)
   tok = family.tokenizer
   return {
       "workdir": os.path.abspath(workdir),
@@ -294,6 +296,7 @@ def generator_record(config, family, params, *, wall_time, metrics, workdir, exa
                     "step": tok.step, "grid": list(tok.grid), "c": tok.channels,
                     "E": int(np.prod(tok.grid)) * tok.channels},
       "flops_per_example": {"forward_xla": forward, "train": 3 * forward},
+      "attention_impl": record_lib.distinct_calls(attention_calls),
       **record_lib.run_fields(config, wall_time=wall_time, examples_per_sec=examples_per_sec,
                               metrics=metrics),
   }
