@@ -5,7 +5,8 @@
 #      waits for;
 #   2. the backward variants against the default and cuDNN, unmasked, L = 4096 / 8192;
 #   3. the masked Hopper kernels (pallas_hopper) against Triton (pallas), our dense visit and
-#      cuDNN at VAR's lengths and causal L = 4096, and BSQ at 1M / 4M / 16M tokens.
+#      cuDNN at VAR's lengths and causal L = 1024 / 4096 (LlamaGen's 256–1024 tokens are where
+#      the unmasked Hopper kernels beat cuDNN), and BSQ at 1M / 4M / 16M tokens.
 # A variant or mask that passes (1) and wins (2, 3) becomes the default: delete the other path, or
 # set the policy flag. Everything lands in OUT_DIR (logs and JSONs).
 #   tools/check_hopper_gpu.sh OUT_DIR
@@ -29,6 +30,6 @@ timeout "${BENCH_TIMEOUT:-180}" python tools/bench_kernels.py --out "$out/varian
   2>&1 | tee "$out/variants.log"
 echo "variants rc=${PIPESTATUS[0]}" | tee -a "$out/variants.log"
 timeout "${BENCH_TIMEOUT:-180}" python tools/bench_kernels.py --out "$out/masked.json" \
-  --lengths 4096 --head_dims 128 --causal --var_lengths 680,2240 "${timed[@]}" \
+  --lengths 1024,4096 --head_dims 64 --causal --var_lengths 680,2240 "${timed[@]}" \
   --impls pallas,pallas_hopper,pallas_dense,cudnn 2>&1 | tee "$out/masked.log"
 echo "masked rc=${PIPESTATUS[0]}" | tee -a "$out/masked.log"

@@ -48,7 +48,11 @@ HOPPER_AHEAD_MAX_LEN = 1024
 # prefix of the keys (causal, block-causal with rising static ids, key padding:
 # `flash_attention_hopper.PrefixMask`), in place of Triton. Off until they pass
 # `test_hopper_kernels_match_reference` on an H100 and tools/bench_kernels.py shows them ahead
-# (`--impls pallas,pallas_hopper,...`, block-causal rows and --causal); hopper=True takes them.
+# (`--impls pallas,pallas_hopper,...`, block-causal rows and --causal; tools/check_hopper_gpu.sh);
+# hopper=True takes them. Expectation, from tile counts: at VAR's lengths their 64-row × 128-key
+# steps skip less than Triton's 64 × 64 tiles (they visit 53 of 72 steps at 680 tokens, 435 of 648
+# at 2240, after padding to 768 / 2304), so Triton may stay ahead there; their case is causal
+# attention of 256–1024 tokens (LlamaGen), where unmasked they beat cuDNN.
 HOPPER_PREFIX_MASKS = False
 
 
