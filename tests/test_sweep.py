@@ -587,6 +587,73 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
   assert "pass --runtime_version" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args, says", [
+    (["sweep"], "'quickstart', 'tokenizer_kinds'] in configs/sweeps/"),
+    (["sweep", "nosuch"], "no sweep 'nosuch' in configs/sweeps/: use one of ['bottleneck'"),
+    (["sweep", "bottleneck:res=abc"], "res='abc' in bottleneck:'res=abc' must be an integer"),
+    (["sweep", "encoder_decoder:gpu"], "the argument is one of ['cpu', 'imagenet']"),
+    (["sweep", "quickstart", "--target=slurm", "--job=gpus_per_node=abc"], "takes an integer"),
+    (["sweep", "quickstart", "--target=slurm", "--job=workdir=x"], "with a key from ['command'"),
+    (["sweep", "quickstart", "--target=slurm", "--job=compilation_cache=x"], "with a key from"),
+    (["sweep", "quickstart", "--target=slurm", "--job=nodes=0"], "nodes=0"),
+    (["sweep", "quickstart", "--target=tpu", "--job=tpu_name=p"],
+     "needs --job=tpu_name=NAME,zone=ZONE,accelerator_type=TYPE; missing ['zone', "),
+    (["sweep", "quickstart", "--job=partition=gpu", "--dry_run"],
+     "pass it with --target=slurm or --target=tpu"),
+    (["results", "NOPE"], "NOPE is not a directory: pass a sweep directory"),
+    (["fit", "NOPE"], "NOPE is not a directory: pass a sweep directory"),
+    (["compile", "--devices=abc"], "--devices=abc: pass a number of devices"),
+    (["train", "--config", "vitok:Mu-Mi/4,c=8,foo=1"], "error: unknown variant option 'foo'"),
+    (["train", "--config", "vitok:Mu-Mi/4,c=8", "--config.optim.warmup_stepz=1"],
+     "--config.optim.warmup_stepz: config.optim has no field 'warmup_stepz'; its fields are"),
+    (["train", "--config", "vitok:Mu-Mi/4,c=8", "--config.nope=1"], "config has no field 'nope'"),
+])
+def test_cli_bad_arguments_say_what_to_change(tmp_path, capsys, args, says):
+  """Exit 2 with one line naming the argument and what to pass; no traceback, nothing written."""
+  nope, sweep_dir = str(tmp_path / "NOPE"), str(tmp_path / "s")
+  args = [nope if arg == "NOPE" else arg for arg in args]
+  says = says.replace("NOPE", nope)
+  if args[0] == "sweep":
+    args.append(f"--sweep_dir={sweep_dir}")
+  assert cli.main(["vitok", *args]) == 2
+  err = capsys.readouterr().err
+  assert says in err and "Traceback" not in err, err
+  assert not os.path.exists(sweep_dir)  # A bad --job is refused before the runs are written.
+
+
+def test_cli_fit_refuses_unknown_columns(tmp_path, fake, capsys):
+  """A mistyped fit column is an error, not a failed fit stored in fits.json for good."""
+  command, _ = fake
+  sweep_dir = str(tmp_path / "s")
+  runs = sweep.prepare(_sweep((1, 2, 4)), sweep_dir)
+  sweep.run_local(runs, sweep_dir, command=command(), log=lambda _: None, poll_s=0.05)
+  for args, says in ((["--x=nope"], "--x 'nope' is not a column"),
+                     (["--y=eval/psnrr"], "--y 'eval/psnrr' is not a column"),
+                     (["--two_variable=params_total"], "pass two columns N,D"),
+                     (["--two_variable=params_total,nope"], "--two_variable 'nope' is not a")):
+    assert cli.main(["vitok", "fit", sweep_dir, "--n_boot=10", *args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+  assert not os.path.exists(os.path.join(sweep_dir, "fits.json"))
+  assert cli.main(["vitok", "fit", sweep_dir, "--x=E", "--y=eval/psnr", "--n_boot=10"]) == 0
+
+
+@pytest.mark.parametrize("argv", [["--devices", "4"], ["--devices=4"]])
+def test_cli_devices_takes_both_flag_forms(monkeypatch, argv):
+  """`vitok compile --devices 64` (as the usage shows it) fakes the devices like --devices=64."""
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  cli._fake_devices_first(["--config=x", *argv])
+  assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4"
+
+
+def test_cli_usage_lists_every_subcommand(capsys):
+  assert cli.main(["vitok", "--help"]) == 0
+  out = capsys.readouterr().out
+  for name, fn in cli.COMMANDS.items():
+    assert f"\n  {name} " in out and fn.__doc__.splitlines()[0] in out, name
+
+
 @pytest.mark.slow  # ~20 s alone, about a minute on a loaded 2-core machine.
 def test_real_tiny_run_resumes_from_sweep_config(tmp_path):
   """The real trainer through `vitok train --config=_run.py:WORKDIR`: 2 steps into record.json."""

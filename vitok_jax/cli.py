@@ -165,14 +165,18 @@ def _cmd_sweep(args: list[str]) -> int:
 
   Interrupted runs resume, failed ones are retried up to --max_attempts.
   """
-  from vitok_jax.launch import jobspec
   from vitok_jax.scaling import sweep as sweep_lib
   if len(args) != 1:
-    raise ConfigError("usage: vitok sweep SWEEP [--sweep_dir DIR] (SWEEP: quickstart, "
-                      "bottleneck, encoder_decoder, generator_size or PATH.py[:ARG])")
+    raise ConfigError(f"usage: vitok sweep SWEEP [--sweep_dir DIR] (SWEEP: one of "
+                      f"{_sweep_names()} in configs/sweeps/, or PATH.py[:ARG])")
   spec = args[0]
+  name = spec.partition(":")[0]
+  if not name.endswith(".py") and not (SWEEPS_DIR / f"{name}.py").exists():
+    raise ConfigError(f"no sweep {name!r} in configs/sweeps/: use one of {_sweep_names()} "
+                      f"(NAME or NAME:ARG), or PATH.py[:ARG]")
   sweep = sweep_lib.load(spec)
   sweep_dir = FLAGS.sweep_dir or os.path.join("runs", sweep.get("name", "sweep"))
+  job = _job_fields(sweep, spec, sweep_dir)
   max_attempts = FLAGS.max_attempts or sweep.get("max_attempts", 2)
   runs = sweep_lib.prepare(sweep, sweep_dir, spec, max_attempts=max_attempts)
   status = {run.id: sweep_lib.run_status(run.workdir, max_attempts) for run in runs}
@@ -181,13 +185,6 @@ def _cmd_sweep(args: list[str]) -> int:
     for run in runs:
       print(f"{status[run.id]:9s} {run.id}  {run.point}")
     return 0
-  job = dict(sweep.get("slurm", None) or {}) if FLAGS.target == "slurm" else {}
-  for item in FLAGS.job:
-    key, _, value = item.partition("=")
-    field = jobspec.JobSpec.__dataclass_fields__.get(key)
-    if field is None:
-      raise ConfigError(f"--job {key}: not a JobSpec field")
-    job[key] = int(value) if field.type == "int" else value
   if FLAGS.target != "local" and not pending:
     print(f"all {len(runs)} runs are finished: `vitok results {sweep_dir}`")
     return 0
@@ -214,11 +211,59 @@ def _cmd_sweep(args: list[str]) -> int:
       s == sweep_lib.DONE for s in status.values()) else 1)
 
 
+SWEEPS_DIR = config_lib.CONFIGS_DIR / "sweeps"
+# JobSpec fields a sweep sets for each run itself; --job cannot set them.
+_SWEEP_JOB_FIELDS = ("config", "workdir", "compilation_cache", "overrides", "env")
+_TPU_JOB_FIELDS = ("tpu_name", "zone", "accelerator_type")
+
+
+def _sweep_names() -> list[str]:
+  """The sweeps `vitok sweep NAME` finds: configs/sweeps/*.py but the private _*.py."""
+  return sorted(p.stem for p in SWEEPS_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def _job_fields(sweep, spec: str, sweep_dir: str) -> dict[str, Any]:
+  """JobSpec fields for --target=slurm/tpu: the sweep's `slurm` ones, then --job k=v; checked."""
+  from vitok_jax.launch import jobspec
+  if FLAGS.target == "local":
+    if FLAGS.job:
+      raise ConfigError("--job sets the fields of a SLURM or TPU job; pass it with "
+                        "--target=slurm or --target=tpu (a local sweep takes --parallel)")
+    return {}
+  fields = jobspec.JobSpec.__dataclass_fields__
+  settable = [key for key in fields if key not in _SWEEP_JOB_FIELDS]
+  job = dict(sweep.get("slurm", None) or {}) if FLAGS.target == "slurm" else {}
+  for item in FLAGS.job:
+    key, sep, value = item.partition("=")
+    if not sep or key not in settable:
+      raise ConfigError(f"--job {item!r}: use key=value with a key from {settable}")
+    if fields[key].type == "int":
+      try:
+        value = int(value)
+      except ValueError:
+        raise ConfigError(f"--job {item!r}: {key} takes an integer") from None
+    job[key] = value
+  missing = [key for key in _TPU_JOB_FIELDS if FLAGS.target == "tpu" and not job.get(key)]
+  if missing:
+    raise ConfigError(f"--target=tpu needs --job=tpu_name=NAME,zone=ZONE,accelerator_type=TYPE; "
+                      f"missing {missing}")
+  jobspec.JobSpec(config=spec, workdir=sweep_dir, **job)  # Raises ConfigError for bad values.
+  return job
+
+
+def _check_sweep_dir(sweep_dir: str) -> None:
+  if not os.path.isdir(sweep_dir):
+    raise ConfigError(f"{sweep_dir} is not a directory: pass a sweep directory (e.g. "
+                      "runs/quickstart, written by `vitok sweep quickstart`) or a directory of "
+                      "runs")
+
+
 def _cmd_results(args: list[str]) -> int:
   """Gather every record.json of SWEEP_DIR into results.csv / results.md; flag failed runs."""
   from vitok_jax.scaling import results
   if len(args) != 1:
     raise ConfigError("usage: vitok results SWEEP_DIR")
+  _check_sweep_dir(args[0])
   rows = results.gather(args[0], FLAGS.max_attempts)
   results.write_csv(rows, os.path.join(args[0], "results.csv"))
   table = results.to_markdown(rows)
@@ -237,18 +282,38 @@ def _cmd_fit(args: list[str]) -> int:
   from vitok_jax.scaling import results
   if len(args) != 1:
     raise ConfigError("usage: vitok fit SWEEP_DIR [--x E --y eval/psnr [--offset]]")
+  _check_sweep_dir(args[0])
   fits = None
   if FLAGS.two_variable:
-    n, d = FLAGS.two_variable.split(",")
-    fits = [dict(kind="two_variable", n=n, d=d, y=FLAGS.y or "eval/l2")]
+    names = FLAGS.two_variable.split(",")
+    if len(names) != 2 or not all(names):
+      raise ConfigError(f"--two_variable={FLAGS.two_variable}: pass two columns N,D, e.g. "
+                        "params_total,tokens_seen")
+    fits = [dict(kind="two_variable", n=names[0], d=names[1], y=FLAGS.y or "eval/l2")]
+    _check_fit_columns(args[0], {"--two_variable": names, "--y": [fits[0]["y"]]})
   elif FLAGS.x or FLAGS.y:
     fits = [dict(x=FLAGS.x or "E", y=FLAGS.y or "eval/l2", offset=FLAGS.offset)]
+    _check_fit_columns(args[0], {"--x": [fits[0]["x"]], "--y": [fits[0]["y"]]})
   out = results.report(args[0], fits=fits, n_boot=FLAGS.n_boot, max_attempts=FLAGS.max_attempts)
   for result in out["fits"]:
     print("fit:", results.describe_fit(result))
   print(f"wrote {args[0]}/fits.json" + (f" and {len(out['plots'])} plot files in "
                                         f"{args[0]}/plots" if out["plots"] else ""))
   return 0
+
+
+def _check_fit_columns(sweep_dir: str, flag_columns: dict[str, list[str]]) -> None:
+  """Raises ConfigError for a fit column the finished runs lack (it would be kept in fits.json)."""
+  from vitok_jax.scaling import results, sweep as sweep_lib
+  rows = results.gather(sweep_dir, FLAGS.max_attempts)
+  if not any(row["status"] == sweep_lib.DONE for row in rows):
+    return
+  known = [c for c in results.columns(rows) if c not in ("id", "status")]
+  for flag, names in flag_columns.items():
+    for name in names:
+      if name not in known:
+        raise ConfigError(f"{flag} {name!r} is not a column of {sweep_dir}'s results; use one of "
+                          f"{known}")
 
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample,
@@ -260,7 +325,8 @@ POSITIONAL_COMMANDS = ("sweep", "results", "fit")
 
 def _usage() -> str:
   lines = [__doc__.strip(), "", "Subcommands:"]
-  lines += [f"  {name:8s}{fn.__doc__.splitlines()[0]}" for name, fn in COMMANDS.items()]
+  width = max(map(len, COMMANDS)) + 2
+  lines += [f"  {name:{width}s}{fn.__doc__.splitlines()[0]}" for name, fn in COMMANDS.items()]
   lines += ["", "`vitok SUBCOMMAND --help` lists the flags."]
   return "\n".join(lines)
 
@@ -283,10 +349,15 @@ def _resolve_config_arg(argv: list[str], default: str | None) -> list[str]:
 
 
 def _fake_devices_first(argv: list[str]) -> None:
-  """`--devices N` must reach XLA before jax starts: fake N CPU devices."""
-  for arg in argv:
+  """`--devices N` (or `--devices=N`) must reach XLA before jax starts: fake N CPU devices."""
+  for i, arg in enumerate(argv):
+    if arg == "--devices" and i + 1 < len(argv):
+      arg = f"--devices={argv[i + 1]}"
     if arg.startswith("--devices="):
-      n = int(arg.split("=", 1)[1])
+      try:
+        n = int(arg.split("=", 1)[1])
+      except ValueError:
+        raise ConfigError(f"{arg}: pass a number of devices, e.g. --devices=64") from None
       if n:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -324,20 +395,62 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
-  _fake_devices_first(rest)
   try:
+    _fake_devices_first(rest)
     default = DEFAULT_CONFIG if command in ("train", "compile") else None
     if FLAGS.is_parsed():  # Defaults again when main() is called twice in one process (tests).
       FLAGS.unparse_flags()
-    positional = FLAGS([argv[0], *_resolve_config_arg(rest, default)])[1:]
+    args = _resolve_config_arg(rest, default)
+    try:
+      positional = FLAGS([argv[0], *args])[1:]
+    except (AttributeError, KeyError, flags.UnrecognizedFlagError):  # A --config.a.b=v typo?
+      _check_overrides(args)
+      raise
     if command in POSITIONAL_COMMANDS:  # Each run is its own process; nothing to start here.
       return COMMANDS[command](positional)
     _start_runtime()
     workdir = FLAGS.workdir or os.path.join("runs", "default")
     return COMMANDS[command](workdir)
   except (ConfigError, DataError, flags.Error) as e:
-    print(f"vitok {command}: error: {e}", file=sys.stderr)
+    print(f"vitok {command}: error: {_error_message(e)}", file=sys.stderr)
     return 2
+
+
+def _error_message(error: Exception) -> str:
+  """The error to show: for a flag error, the ConfigError/DataError behind it, if any.
+
+  ml_collections wraps an error of a config file's get_config() in its traceback's text; the
+  original (e.g. "unknown variant option 'foo' ...") already says what to change.
+  """
+  if isinstance(error, flags.Error):
+    inner, seen = error, set()
+    while inner is not None and id(inner) not in seen:
+      seen.add(id(inner))
+      if isinstance(inner, (ConfigError, DataError)) and "Traceback" not in str(inner):
+        return str(inner)
+      inner = inner.__cause__ or inner.__context__
+  return str(error)
+
+
+def _check_overrides(args: list[str]) -> None:
+  """Raises ConfigError for an --config.a.b=v override whose field the --config lacks."""
+  spec = next((arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")), None)
+  if spec is None:
+    return
+  config = config_lib.load_config(spec)
+  for arg in args:
+    if not arg.startswith("--config."):
+      continue
+    flag = arg.split("=", 1)[0]
+    keys = flag[len("--config."):].split(".")
+    node = config
+    for i, key in enumerate(keys):
+      if not hasattr(node, "keys") or key not in node:
+        where = ".".join(["config", *keys[:i]])
+        fields = sorted(node.keys()) if hasattr(node, "keys") else []
+        raise ConfigError(f"{flag}: {where} has no field {key!r}"
+                          + (f"; its fields are {fields}" if fields else ""))
+      node = node[key]
 
 
 if __name__ == "__main__":

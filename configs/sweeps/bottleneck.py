@@ -9,11 +9,16 @@ sized MNIST version). Runs with E outside [64, 16384] are filtered out.
 import ml_collections
 
 from vitok_jax import config_lib
+from vitok_jax.errors import ConfigError
 
 
 def get_config(arg: str = "res=32,data=mnist,batch=32,steps=500,lr=1e-3"):
   _, options = config_lib.split_variant(arg)
-  res = int(options.get("res", 256))
+  try:
+    res = int(options.get("res", 256))
+  except ValueError:
+    raise ConfigError(f"res={options['res']!r} in bottleneck:{arg!r} must be an integer "
+                      "resolution, e.g. bottleneck:\"res=256,data=imagenet\"") from None
   sweep = ml_collections.ConfigDict()
   sweep.name = "bottleneck"
   sweep.base = f"vitok:S-B/16,{arg}" if res >= 128 else f"vitok:Mu-Mu/4,{arg}"

@@ -8,6 +8,7 @@ batch × steps), the fair comparison across sizes. arg: "cpu" (default, Mu/Mi/Ti
 """
 import ml_collections
 
+from vitok_jax.errors import ConfigError
 from vitok_jax.scaling import flops
 from vitok_jax.train import train_tokenizer
 
@@ -31,6 +32,9 @@ def steps_for_budget(budget: float):
 
 
 def get_config(arg: str = "cpu"):
+  if (arg or "cpu") not in SETTINGS:
+    raise ConfigError(f"encoder_decoder:{arg}: the argument is one of {list(SETTINGS)}, e.g. "
+                      "`vitok sweep encoder_decoder:imagenet`")
   setting = SETTINGS[arg or "cpu"]
   sweep = ml_collections.ConfigDict()
   sweep.name = f"encoder_decoder_{arg or 'cpu'}"
