@@ -84,3 +84,16 @@ def test_loss_eval_and_stage_two_fields_are_checked(field, value, message):
   c.update_from_flattened_dict({field: value})
   with pytest.raises(ConfigError, match=message):
     train_tokenizer.validate(c)
+
+
+def test_quickstart_tokenizer_is_a_finished_run(tmp_path, monkeypatch):
+  """`tokenizer=` left out: the newest finished c=4 quickstart run, not an unfinished one whose
+  id sorts last (ids end in a hash of the config)."""
+  monkeypatch.chdir(tmp_path)
+  runs = tmp_path / "runs" / "quickstart" / "runs"
+  for name in ("c4-0aaa", "c4-fff0"):
+    (runs / name).mkdir(parents=True)
+  with pytest.raises(ConfigError, match="no finished quickstart tokenizer"):
+    config_lib.quickstart_tokenizer()
+  (runs / "c4-0aaa" / "record.json").write_text("{}")
+  assert config_lib.quickstart_tokenizer() == "runs/quickstart/runs/c4-0aaa"

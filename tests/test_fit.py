@@ -1,4 +1,6 @@
 """Power-law fits recover known laws from noisy synthetic data."""
+import os
+
 import numpy as np
 import pytest
 
@@ -174,6 +176,19 @@ def test_frontier_plot_labels_its_x_and_skips_a_two_point_fit(tmp_path, monkeypa
   assert compute_ax.get_xlabel() == "compute (training FLOPs)"
   assert tokens_ax.get_xscale() == tokens_ax.get_yscale() == "log"
   assert len(tokens_ax.get_lines()) == 1  # The frontier, no fitted law through two points.
+
+
+def test_plain_and_offset_fits_of_the_same_columns_get_their_own_plots(tmp_path):
+  from vitok_jax.scaling import plots  # pylint: disable=g-import-not-at-top
+  x = np.array([64.0, 128, 256, 512, 1024])
+  y = 0.01 + 2.0 * x ** -0.5
+  paths = []
+  for offset in (False, True):
+    result = fit.fit_power_law(x, y, offset=offset, n_boot=0)
+    result.update(spec={"x": "E", "y": "eval/l2"}, x_values=list(x), y_values=list(y))
+    paths += plots.plot_fit(result, str(tmp_path))
+  assert len(set(paths)) == len(paths) == 4  # PNG and SVG of each.
+  assert all(os.path.exists(p) for p in paths)
 
 
 def test_heatmap_axes_keep_sweep_order_when_a_run_failed(tmp_path, monkeypatch):

@@ -71,8 +71,12 @@ def test_load_networks_with_real_files(tmp_path):
   assert abs(out["eval/fid_mnist"]) < 1e-6
   with pytest.raises(ConfigError, match="unknown metrics"):
     perceptual_metrics.load_networks(("psnr2",), cfg)
-  with pytest.raises(ConfigError, match="convert_inception"):
-    perceptual_metrics.load_networks(("rfid",), cfg)
+  with pytest.raises(ConfigError, match=r"\['rfid', 'inception_score'\] need the inception network: "
+                     r"set --config\.eval\.inception_weights=FILE \(tools/convert_inception\.py"):
+    perceptual_metrics.load_networks(("rfid", "inception_score"), cfg)
+  cfg.i3d_weights = str(tmp_path / "missing.npz")  # Set but absent: the file is named.
+  with pytest.raises(ConfigError, match="I3D weights not found at .*missing.npz"):
+    perceptual_metrics.load_networks(("fvd",), cfg)
 
 
 def test_sharded_accumulators_combine_their_processes_like_one(monkeypatch):

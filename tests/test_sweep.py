@@ -392,6 +392,9 @@ def test_slurm_array_and_log_dirs(tmp_path):
   assert result.returncode == 0, result.stderr
   # SLURM opens --output before the script runs: the logs directory is made with the script.
   assert not (tmp_path / "logs").exists()
+  with pytest.raises(ConfigError):  # A bad job field: nothing is written.
+    sweep.write_slurm_array(runs, str(tmp_path), nodes=0)
+  assert not (tmp_path / "logs").exists() and not (tmp_path / "sweep.sbatch").exists()
   path = sweep.write_slurm_array(runs, str(tmp_path))
   assert (tmp_path / "logs").is_dir() and open(path).read().count("#SBATCH --array=0-2") == 1
   assert launch_args.main(["slurm", "--config=vitok", f"--workdir={tmp_path}/dry",

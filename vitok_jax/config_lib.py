@@ -134,10 +134,12 @@ QUICKSTART_TOKENIZER = "runs/quickstart/runs/c4-*"
 
 
 def quickstart_tokenizer() -> str:
-  """The workdir of the quickstart sweep's c=4 tokenizer (relative to the current directory)."""
-  found = sorted(glob.glob(QUICKSTART_TOKENIZER))
+  """The workdir of the quickstart sweep's c=4 tokenizer (relative to the current directory): a
+  finished one (with record.json), the newest if several (run ids change with config defaults)."""
+  found = [path for path in glob.glob(QUICKSTART_TOKENIZER)
+           if os.path.exists(os.path.join(path, "record.json"))]
   if not found:
-    raise ConfigError(f"no tokenizer=WORKDIR given and no quickstart tokenizer at "
+    raise ConfigError(f"no tokenizer=WORKDIR given and no finished quickstart tokenizer at "
                       f"{QUICKSTART_TOKENIZER}: run `vitok sweep quickstart` first, or pass "
                       f"tokenizer=<a trained tokenizer's workdir>")
-  return found[-1]
+  return max(found, key=lambda path: os.path.getmtime(os.path.join(path, "record.json")))

@@ -45,6 +45,11 @@ def load_networks(names: Sequence[str], eval_cfg, workdir: str | None = None) ->
   nets = {}
   for net in sorted({NETWORK_OF[n] for n in names}):
     path = eval_cfg.get(WEIGHTS_FIELD[net]) if eval_cfg is not None else None
+    if not path and net != "mnist_classifier":
+      needs = [n for n in names if NETWORK_OF[n] == net]
+      raise ConfigError(f"metrics {needs} need the {net} network: set "
+                        f"--config.eval.{WEIGHTS_FIELD[net]}=FILE (tools/convert_{net}.py makes "
+                        "it from the published weights; nothing is downloaded)")
     if net == "lpips":
       nets[net] = lpips.load_perceptual_fn(path)
     elif net == "inception":

@@ -30,8 +30,9 @@ def runtime_version(spec: JobSpec) -> str:
   if family not in RUNTIME_VERSIONS:
     raise ConfigError(
         f"no default TPU runtime version for accelerator_type={spec.accelerator_type!r} (known "
-        f"families: {sorted(RUNTIME_VERSIONS)}); pass --runtime_version, e.g. "
-        "--runtime_version=tpu-ubuntu2204-base")
+        f"families: {sorted(RUNTIME_VERSIONS)}); set the runtime version: --runtime_version="
+        "tpu-ubuntu2204-base to `vitok launch tpu`, --job=runtime_version=tpu-ubuntu2204-base "
+        "to `vitok sweep --target=tpu`")
   return RUNTIME_VERSIONS[family]
 
 

@@ -63,7 +63,9 @@ def plot_fit(result: dict, out_dir: str) -> list[str]:
          title=f"{spec['y']} vs {spec['x']}")
   ax.grid(True, which="both", alpha=0.3)
   ax.legend(fontsize=8)
-  return _save(fig, out_dir, f"fit_{_safe(spec['y'])}_vs_{_safe(spec['x'])}")
+  # An offset fit of the same columns gets its own file (it would overwrite the plain one).
+  suffix = "_offset" if "c" in result else ""
+  return _save(fig, out_dir, f"fit_{_safe(spec['y'])}_vs_{_safe(spec['x'])}{suffix}")
 
 
 def plot_heatmap(rows: Sequence[dict], x: str, y: str, value: str, out_dir: str) -> list[str]:

@@ -433,10 +433,11 @@ def render_slurm_array(runs: Sequence[Run], sweep_dir: str, *, max_parallel: int
 def write_slurm_array(runs: Sequence[Run], sweep_dir: str, **job_fields) -> str:
   """Writes render_slurm_array(...) to sweep_dir/sweep.sbatch and creates sweep_dir/logs, where
   #SBATCH --output points (SLURM does not create it); returns the script's path."""
+  script = render_slurm_array(runs, sweep_dir, **job_fields)  # Raises before anything is written.
   os.makedirs(os.path.join(sweep_dir, "logs"), exist_ok=True)
   path = os.path.join(sweep_dir, "sweep.sbatch")
   with open(path, "w") as f:
-    f.write(render_slurm_array(runs, sweep_dir, **job_fields))
+    f.write(script)
   return path
 
 
@@ -472,7 +473,8 @@ def tpu_commands(runs: Sequence[Run], sweep_dir: str, **job_fields) -> list[str]
 
 def write_tpu_script(runs: Sequence[Run], sweep_dir: str, **job_fields) -> str:
   """Writes tpu_commands(...) to sweep_dir/sweep_tpu.sh; returns its path."""
+  script = "\n".join(tpu_commands(runs, sweep_dir, **job_fields)) + "\n"  # Raises first.
   path = os.path.join(sweep_dir, "sweep_tpu.sh")
   with open(path, "w") as f:
-    f.write("\n".join(tpu_commands(runs, sweep_dir, **job_fields)) + "\n")
+    f.write(script)
   return path
