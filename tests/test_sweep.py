@@ -517,7 +517,8 @@ def test_tpu_runtime_version_follows_the_accelerator():
                                        **kw))
   assert [version(a) for a in ("v5litepod-64", "v5p-128", "v4-32", "v6e-8")] == [
       "v2-alpha-tpuv5-lite", "v2-alpha-tpuv5", "tpu-ubuntu2204-base", "v2-alpha-tpuv6e"]
-  with pytest.raises(ConfigError, match="no default TPU runtime version .* pass --runtime_version"):
+  with pytest.raises(ConfigError, match="no default TPU runtime version .* --runtime_version="
+                     "tpu-ubuntu2204-base to `vitok launch tpu`"):
     version("v3-8")
   assert version("v3-8", runtime_version="tpu-vm-base") == "tpu-vm-base"
 
@@ -587,7 +588,7 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
   assert script.count("queued-resources create") == 1 and script.count("--worker=all") == 5
   assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--target=tpu",
                    "--job=tpu_name=pod,zone=z,accelerator_type=v3-8"]) == 2
-  assert "pass --runtime_version" in capsys.readouterr().err
+  assert "--job=runtime_version=tpu-ubuntu2204-base to `vitok sweep" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, says", [
