@@ -271,10 +271,13 @@ def test_hopper_masked_kernels_lower_for_cuda(prefix_masks, monkeypatch):
       platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
   spec = lambda length, heads: jax.ShapeDtypeStruct((2, length, heads, 64), jnp.bfloat16)
   q, kv = spec(680, 4), spec(680, 2)
-  text = lower(lambda q, k, v: kernels.dot_product_attention(q, k, v, block_ids=VAR_680,
-                                                             impl="pallas"), q, kv, kv)
+  with kernels.recorded_attention() as calls:
+    text = lower(lambda q, k, v: kernels.dot_product_attention(q, k, v, block_ids=VAR_680,
+                                                               impl="pallas"), q, kv, kv)
   want = hopper.PrefixMask.from_block_ids(VAR_680, kv_valid=680)
   assert seen == ([(768, want)] * 2 if prefix_masks else [])
+  assert {(c["kernel"], c["hopper_mask"]) for c in calls} == {
+      ("mosaic_gpu", True) if prefix_masks else ("triton", False)}  # What the record shows.
   assert ("mosaic_gpu" in text) == prefix_masks and ("triton" in text) != prefix_masks
   seen.clear()
   x = spec(512, 4)
@@ -432,6 +435,42 @@ def test_prefix_mask_is_the_mask_and_bounds_its_tiles(case):
     assert by_tile[first, :, j].any()  # Tight at the start: the first tile sees a key.
 
 
+def test_backward_tiles_of_keys_no_query_sees():
+  """A program of padding keys only (keys pad past a whole program with large Triton tiles)
+  still walks one wholly masked query tile, so the deferred-dQ backward's first step and
+  epilogue have a tile (they would wait for one the producer never fetches)."""
+  mask = hopper.PrefixMask(kv_valid=300)
+  first, full = (int(x) for x in hopper.backward_tiles(mask, 384, 128, 512))
+  assert (first, full) == (512 // hopper.BWD_BLOCK_Q - 1, 512 // hopper.BWD_BLOCK_Q)
+  assert not np.asarray(mask.visible(np.arange(512)[:, None], np.arange(384, 512)[None])).any()
+
+
+def test_hopper_mask_checks(monkeypatch):
+  x = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.bfloat16)
+  assert "empty PrefixMask" in hopper.unsupported_reason(x, x, x, masked=True,
+                                                         mask=hopper.PrefixMask())
+  causal = hopper.PrefixMask(causal=True)
+  assert hopper.unsupported_reason(x, x, x, masked=True, mask=causal) is None
+  # CUDA 12.8.0 – 12.9.0 miscompile the in-tile mask (jax's attention_mgpu refuses them too).
+  monkeypatch.setattr(hopper, "_cuda_runtime_version", lambda: 12080)
+  assert "12080" in hopper.unsupported_reason(x, x, x, masked=True, mask=causal)
+  assert hopper.unsupported_reason(x, x, x) is None  # Unmasked: not affected.
+
+
+def test_hopper_padding_rounds_only_where_the_kernels_then_take_the_call():
+  spec = lambda length, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((1, length, 4, 64), dtype)
+  pad = lambda prefix, q, k, padded: flash._hopper_padding(prefix, q, k, *padded, 64, 0.125)
+  # Causal self-attention of 300 tokens with 256-query / 64-key Triton tiles (512, 384): one
+  # length for both, else the kernels would refuse q_len != kv_len.
+  assert pad(hopper.PrefixMask(causal=True), spec(300), spec(300), (512, 384)) == (512, 512)
+  # No mask but 192 keys: 256 with the last 64 keys hidden by the mask (kv_valid).
+  assert pad(hopper.PrefixMask(), spec(256), spec(192), (256, 192)) == (256, 256)
+  # float32: the kernels refuse it, Triton keeps its own padding (704 for VAR's 680, not 768).
+  blocks = hopper.PrefixMask.from_block_ids(VAR_680)
+  assert pad(blocks, spec(680, jnp.float32), spec(680, jnp.float32), (704, 704)) == (704, 704)
+  assert pad(blocks, spec(680), spec(680), (704, 704)) == (768, 768)
+
+
 def test_prefix_masks_of_flash_attention_arguments():
   """Which flash_attention masks the Hopper kernels can take, and as what."""
   prefix = lambda **kw: flash._prefix_mask(**{"causal": False, "segment_ids": None,
@@ -527,7 +566,8 @@ def test_recorded_attention_lists_what_each_traced_call_runs_as():
   kernels.dot_product_attention(q, k, v)  # Outside: not recorded.
   common = {"q_len": 55, "kv_len": 55, "head_dim": 16, "dtype": "bfloat16"}
   assert calls == [{"impl": "xla", "mask": "causal", **common},
-                   {"impl": "pallas_gpu", "mask": "block_causal", **common}]
+                   {"impl": "pallas_gpu", "mask": "block_causal", **common, "kernel": "triton",
+                    "hopper_mask": False}]
 
 
 def test_resolve_impl_policy(monkeypatch):

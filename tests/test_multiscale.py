@@ -44,17 +44,17 @@ def test_phi_index_var_ticks():
   assert [multiscale.phi_index(k, 10) for k in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
 
 
-@pytest.mark.parametrize("num_phi", [1, 2, 3, 4, 5, 6, 10])
+# φ of each of VAR's 10 scales for K φ refiners, by VAR's PhiPartiallyShared rule (ticks
+# linspace(1/3/K, 1 − 1/3/K, K) for K = 4, its setting, and linspace(1/2/K, 1 − 1/2/K, K) otherwise;
+# argmin over |tick − k/9|, first on ties).
+VAR_PHI_OF_SCALE = {1: [0] * 10, 2: [0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+                    3: [0, 0, 0, 0, 1, 1, 1, 2, 2, 2], 4: [0, 0, 1, 1, 1, 2, 2, 3, 3, 3],
+                    6: [0, 0, 1, 1, 2, 3, 3, 4, 5, 5]}
+
+
+@pytest.mark.parametrize("num_phi", VAR_PHI_OF_SCALE)
 def test_phi_index_matches_var_for_any_number_of_phis(num_phi):
-  """VAR's PhiPartiallyShared: ticks linspace(1/3/K, 1−1/3/K, K) only for K = 4, else 1/2/K."""
-  margin = 1 / 3 / num_phi if num_phi == 4 else 1 / 2 / num_phi
-  ticks = np.linspace(margin, 1 - margin, num_phi)
-  for num_scales in (7, 10, 13):
-    expected = [int(np.argmin(np.abs(ticks - k / (num_scales - 1)))) for k in range(num_scales)]
-    assert [multiscale.phi_index(k, num_scales, num_phi) for k in range(num_scales)] == expected
-  # K = 3 and 6 differ from the 4-φ rule (k = 3 of 10: tick 1/6 vs 1/9 → φ_0, not φ_1).
-  if num_phi == 3:
-    assert multiscale.phi_index(3, 10, 3) == 0
+  assert [multiscale.phi_index(k, 10, num_phi) for k in range(10)] == VAR_PHI_OF_SCALE[num_phi]
 
 
 def test_negative_num_phi_is_a_config_error():

@@ -6,12 +6,12 @@
   recorded_attention(): a context that lists what each attention call traced within runs as.
 """
 from vitok_jax.kernels.attention import dot_product_attention
-from vitok_jax.kernels.attention import recorded_calls as recorded_attention
 from vitok_jax.kernels.attention import resolve_impl as attention_impl
 from vitok_jax.kernels.masks import var_block_ids
 from vitok_jax.kernels.quantize import bsq
 from vitok_jax.kernels.quantize import resolve_impl as quantize_impl
 from vitok_jax.kernels.quantize import vq_nearest
+from vitok_jax.kernels.recording import recorded_calls as recorded_attention
 
 __all__ = ["dot_product_attention", "attention_impl", "recorded_attention", "bsq", "vq_nearest",
            "quantize_impl", "var_block_ids"]

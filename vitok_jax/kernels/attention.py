@@ -12,7 +12,6 @@ segment_ids (packed sequences); the id masks never build an [L, S] array on the 
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Optional
 
@@ -25,27 +24,12 @@ from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import flash_attention as flash
 from vitok_jax.kernels import masks
 from vitok_jax.kernels import policy
+from vitok_jax.kernels import recording
 from vitok_jax.kernels import shard
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
 MASK_KINDS = ("none", "causal", "block_causal", "segment", "dense")
 _HALF = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-_RECORDERS: list[list[dict]] = []  # Open `recorded_calls` lists.
-
-
-@contextlib.contextmanager
-def recorded_calls():
-  """Yields a list to which every `dot_product_attention` traced within appends what it runs as:
-  {"impl", "mask", "q_len", "kv_len", "head_dim", "dtype"} (for the run record: trace the model,
-  e.g. with jax.eval_shape, inside)."""
-  calls: list[dict] = []
-  _RECORDERS.append(calls)
-  try:
-    yield calls
-  finally:
-    _RECORDERS.remove(calls)
 
 
 def mask_kind(*, mask_BHLS=None, is_causal: bool = False, segment_ids=None,
@@ -140,9 +124,8 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=F
                    block_ids=block_ids)
   impl = resolve_impl(impl, q_BLHD.dtype, q_len=q_len, head_dim=head_dim, mask=kind,
                       kv_len=kv_len)
-  for calls in _RECORDERS:
-    calls.append({"impl": impl, "mask": kind, "q_len": q_len, "kv_len": kv_len,
-                  "head_dim": head_dim, "dtype": jnp.dtype(q_BLHD.dtype).name})
+  recording.note(impl=impl, mask=kind, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
+                 dtype=jnp.dtype(q_BLHD.dtype).name)
   ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   if impl.startswith("pallas"):
     if mask_BHLS is not None:

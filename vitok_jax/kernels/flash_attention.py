@@ -9,10 +9,10 @@ The kernels themselves (`flash_attention_gpu`, `flash_attention_tpu`) implement
   backward(q, k, v, ids, kv_range, q_range, do, lse, delta, cfg) -> (dq, dk, dv)
 
 on padded arrays (ranges: `masks.BlockRange`), with dk/dv per *query* head (this file sums them
-over each group). On Hopper GPUs the GPU module hands unmasked forward and backward passes to the
-Mosaic GPU kernels (`flash_attention_hopper`, chosen here: `hopper`), whose logsumexp is the
-Triton kernels' own. No [L, S] array exists at any point: scores live in one tile at a time, the
-backward recomputes them from the saved logsumexp (natural log).
+over each group). On Hopper GPUs the GPU module hands forward and backward passes to the Mosaic
+GPU kernels (`flash_attention_hopper`, chosen here: `hopper`; unmasked, or prefix masks when
+asked), whose logsumexp is the Triton kernels' own. No [L, S] array exists at any point: scores
+live in one tile at a time, the backward recomputes them from the saved logsumexp (natural log).
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import numpy as np
 from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import masks
 from vitok_jax.kernels import policy
+from vitok_jax.kernels import recording
 
 # Length multiple of the masked Hopper kernels (`flash_attention_hopper`: 2·BLOCK_Q, BLOCK_K).
 HOPPER_MULTIPLE = 128
@@ -202,6 +203,26 @@ def _prefix_mask(*, causal: bool, segment_ids, block_ids, q_len: int, kv_len: in
   return kernels.PrefixMask(causal=causal)
 
 
+def _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q: int, padded_kv: int, padded_dim: int,
+                    scale: float) -> tuple[int, int]:
+  """(padded_q, padded_kv) rounded up to whole 128-token tiles (a multiple of every Triton tile;
+  one length for a causal mask) if the Hopper kernels take the call so padded, the padded keys
+  hidden by `prefix`'s kv_valid; else unchanged (Triton keeps its own padding)."""
+  from vitok_jax.kernels import flash_attention_hopper as kernels  # Imports Mosaic GPU.
+  q_to, kv_to = _round_up(padded_q, HOPPER_MULTIPLE), _round_up(padded_kv, HOPPER_MULTIPLE)
+  if prefix.causal or prefix.block_ends:
+    q_to = kv_to = max(q_to, kv_to)
+  kv_len = k_BSHD.shape[1]
+  mask = dataclasses.replace(prefix, kv_valid=kv_len) if kv_to != kv_len else prefix
+  masked = bool(mask.causal or mask.block_ends or mask.kv_valid)
+  spec = lambda x, length: jax.ShapeDtypeStruct((x.shape[0], length, x.shape[2], padded_dim),
+                                                x.dtype)
+  kv = spec(k_BSHD, kv_to)
+  reason = kernels.unsupported_reason(spec(q_BLHD, q_to), kv, kv, masked=masked,
+                                      mask=mask if masked else None, scale=scale)
+  return (q_to, kv_to) if reason is None else (padded_q, padded_kv)
+
+
 def _use_hopper(hopper: Union[None, bool, str], possible: bool, masked: bool, mask, scale: float,
                 q_BLHD, k_BSHD, v_BSHD) -> tuple[bool, bool]:
   """(forward, backward): which passes over these (padded) arrays run on the Hopper kernels (see
@@ -259,8 +280,9 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
       both. Masks that show each query a prefix of the keys (causal or rising block ids in
       self-attention, key padding: `flash_attention_hopper.PrefixMask`) run there with True /
       "forward" (lengths then pad to multiples of 128), by default once
-      `policy.HOPPER_PREFIX_MASKS` is set. The Hopper backward adds dq up with float32 atomics in no fixed order, so dq is not
-      bitwise reproducible from run to run (the Triton backward is).
+      `policy.HOPPER_PREFIX_MASKS` is set. The Hopper backward adds dq up with float32 atomics
+      in no fixed order, so dq is not bitwise reproducible from run to run (the Triton backward
+      is).
   Returns:
     out_BLHD in q's dtype (0 for a query that sees no key), and lse_BHL if return_lse.
   """
@@ -283,21 +305,19 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
                       "unset")
   blocks = fit_block_sizes(block_sizes, q_len, kv_len, module.MIN_BLOCK)
   padded_q, padded_kv = padded_lengths(blocks, q_len, kv_len)
+  padded_dim = module.padded_head_dim(head_dim)
+  scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
   hopper_possible = _hopper_possible(hopper, backend, interpret)
   prefix = _prefix_mask(causal=causal, segment_ids=segment_ids, block_ids=block_ids,
                         q_len=q_len, kv_len=kv_len) if hopper_possible else None
-  if prefix and (causal or block_ids is not None or padded_kv != kv_len) and (
-      hopper or policy.HOPPER_PREFIX_MASKS):
-    # The masked Hopper kernels take whole 128-token tiles (a multiple of every Triton tile).
-    padded_q, padded_kv = _round_up(padded_q, HOPPER_MULTIPLE), _round_up(padded_kv,
-                                                                         HOPPER_MULTIPLE)
-  padded_dim = module.padded_head_dim(head_dim)
+  if prefix is not None and (hopper or policy.HOPPER_PREFIX_MASKS):
+    padded_q, padded_kv = _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q, padded_kv,
+                                          padded_dim, scale)
   # Zero head-dim padding changes no score and adds output columns that are sliced off.
   pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, padded_dim)
   q_BLHD, k_BSHD, v_BSHD = pad(q_BLHD, padded_q), pad(k_BSHD, padded_kv), pad(v_BSHD, padded_kv)
   masked = causal or padded_kv != kv_len or segment_ids is not None or block_ids is not None
-  scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-  if prefix and padded_kv != kv_len:
+  if prefix is not None and padded_kv != kv_len:
     prefix = dataclasses.replace(prefix, kv_valid=kv_len)
   hopper_mask = prefix if masked else None
   hopper_forward, hopper_backward = _use_hopper(hopper, hopper_possible, masked, hopper_mask,
@@ -305,6 +325,9 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   if hopper_backward:  # The options in force now (`flash_attention_hopper.backward_options`).
     from vitok_jax.kernels import flash_attention_hopper
     hopper_backward = flash_attention_hopper.BACKWARD_OPTIONS
+  recording.annotate(kernel="mosaic_tpu" if backend == "tpu" else (
+      ("mosaic_gpu" if hopper_backward else "mosaic_gpu_fwd") if hopper_forward else "triton"),
+                     hopper_mask=bool(hopper_forward and hopper_mask))
   cfg = KernelConfig(scale=scale, causal=causal, kv_len=None if padded_kv == kv_len else kv_len,
                      group=heads // kv_heads, blocks=blocks, interpret=interpret,
                      hopper_forward=hopper_forward, hopper_backward=hopper_backward or None,

@@ -63,8 +63,16 @@ def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
   if masked and mask is None:
     return ("the Hopper kernel takes masks that show every query a prefix of the keys (causal, "
             "block-causal with rising static ids, key padding), not segment ids or other ids")
-  if mask is not None and (mask.causal or mask.block_ends) and q_len != kv_len:
-    return f"the Hopper kernel's causal masks need q_len == kv_len, got {q_len} and {kv_len}"
+  if mask is not None:
+    if not (mask.causal or mask.block_ends or mask.kv_valid):
+      return "an empty PrefixMask hides every key; pass mask=None for unmasked attention"
+    if (mask.causal or mask.block_ends) and q_len != kv_len:
+      return f"the Hopper kernel's causal masks need q_len == kv_len, got {q_len} and {kv_len}"
+    cuda = _cuda_runtime_version()
+    if cuda is not None and 12080 <= cuda < 12091:
+      # As jax's causal attention_mgpu: ptxas of these versions miscompiles the in-tile mask.
+      return (f"the Hopper kernel's masks are not run with CUDA runtime {cuda} (12.8.0 – "
+              "12.9.0 miscompile them, see jax's attention_mgpu)")
   if k_BSHD.shape != v_BSHD.shape or k_BSHD.shape[::3] != (batch, head_dim):
     return f"k and v must be [{batch}, S, kv_heads, {head_dim}], got {k_BSHD.shape}, {v_BSHD.shape}"
   if scale <= 0:  # The running max is taken before scaling.
@@ -81,6 +89,12 @@ def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
   if heads % kv_heads:
     return f"kv_heads={kv_heads} must divide heads={heads}"
   return None
+
+
+def _cuda_runtime_version() -> Optional[int]:
+  """The CUDA runtime version as jax reports it (e.g. 12080), or None without a CUDA jaxlib."""
+  from jax._src.lib import cuda_versions  # pylint: disable=g-import-not-at-top
+  return None if cuda_versions is None else cuda_versions.cuda_runtime_get_version()
 
 
 def _meet(barrier):
@@ -103,6 +117,7 @@ class PrefixMask:
   block_ends: the ascending end positions of the blocks, the last one the sequence length
     (`from_block_ids`).
   kv_valid: the true key count when keys were padded, else None.
+  At least one of them is set (`unsupported_reason`): with none every key would be hidden.
   """
   causal: bool = False
   block_ends: tuple[int, ...] = ()
@@ -167,11 +182,14 @@ def forward_tiles(mask: PrefixMask, q_start, rows: int):
 
 def backward_tiles(mask: PrefixMask, k_start, keys: int, q_len: int):
   """(first, full) for the `keys` keys from k_start: no query tile (of BWD_BLOCK_Q) before
-  `first` sees any of them, tiles [first, full) see them in part (at least one tile), and every
-  tile from `full` on sees them all."""
-  first = lax.div(mask.first_row(k_start, q_len), jnp.array(BWD_BLOCK_Q, jnp.int32))
+  `first` sees any of them, tiles [first, full) see them in part (at least one tile, even for keys
+  no query sees, e.g. all padding: a wholly masked tile is exact and keeps the loops non-empty),
+  and every tile from `full` on sees them all."""
+  q_steps = q_len // BWD_BLOCK_Q
+  first = jnp.minimum(lax.div(mask.first_row(k_start, q_len), jnp.array(BWD_BLOCK_Q, jnp.int32)),
+                      q_steps - 1)
   full = _cdiv(mask.first_row(k_start + keys - 1, q_len), BWD_BLOCK_Q)
-  return first, jnp.minimum(jnp.maximum(full, first + 1), q_len // BWD_BLOCK_Q)
+  return first, jnp.minimum(jnp.maximum(full, first + 1), q_steps)
 
 
 def _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale: float, mask: Optional[PrefixMask]):
@@ -412,7 +430,7 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
 def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float,
               options: BackwardOptions, mask: Optional[PrefixMask]):
   """dq [B, L, H, D] float32 and dk, dv per query head [B, S, H, D] in q's dtype (rounded per
-  head before the caller's float32 sum over a group) of unmasked attention, from the forward's
+  head before the caller's float32 sum over a group) of attention under `mask`, from the forward's
   lse [B, H, L] (natural log) and delta = Σ_d o·do [B, H, L]. dq is summed by float32 atomics
   in no fixed order: not bitwise reproducible from run to run.
 
