@@ -19,6 +19,8 @@ mkdir -p "$out"
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1 PYTHONPATH=".:${PYTHONPATH:-}"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
+  # The masked Hopper kernels refuse CUDA runtimes 12.8.0-12.9.0 (flash_attention_hopper).
+  python -c "from jax._src.lib import cuda_versions as v; print('cuda runtime', v and v.cuda_runtime_get_version())"
 } 2>&1 | tee "$out/device.txt"
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-240}" \
   python -m pytest tests/test_kernels.py -k hopper -q -rfE --tb=short -n 4 2>&1 | tee "$out/tests.log"
