@@ -526,6 +526,8 @@ def test_hopper_masked_kernels_match_reference(q_len, kv_len, head_dim, dtype, k
                                                options, monkeypatch):
   """Masks that show each query a prefix of the keys on the Hopper kernels (hopper=True):
   output, logsumexp and gradients match the reference."""
+  if 12080 <= (hopper._cuda_runtime_version() or 0) < 12091:
+    pytest.skip("the masked Hopper kernels refuse CUDA 12.8.0 – 12.9.0 (ptxas)")
   calls = _spy_on_hopper_kernels(monkeypatch)
   with hopper.backward_options(**options):
     _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
