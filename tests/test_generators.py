@@ -174,6 +174,9 @@ def test_config_errors_name_the_field(tokenizer_dirs, tmp_path, monkeypatch):
     config_lib.load_config("generator:dit/Mu")
   c4 = tmp_path / "runs" / "quickstart" / "runs" / "c4-0123456789"
   c4.mkdir(parents=True)
+  with pytest.raises(ConfigError, match="no finished quickstart tokenizer"):
+    config_lib.load_config("generator:dit/Mu")  # Not finished: no record.json.
+  (c4 / "record.json").write_text("{}")
   assert config_lib.load_config("generator:dit/Mu").tokenizer == str(c4)
   with pytest.raises(ConfigError, match="needs a tokenizer with bottleneck in"):
     train_generator.train(generator_config("llamagen", tokenizer_dirs["gaussian"]), str(tmp_path))
