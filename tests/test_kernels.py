@@ -563,6 +563,7 @@ def test_recorded_attention_lists_what_each_traced_call_runs_as():
   q, k, v, _ = _qkv(1, 55, 55, 2, 1, 16, jnp.bfloat16)
   with kernels.recorded_attention() as calls:
     jax.eval_shape(lambda q, k, v: kernels.dot_product_attention(q, k, v, is_causal=True), q, k, v)
+    jax.eval_shape(lambda q: flash.flash_attention(q, q, q), q)  # Direct: not recorded.
     jax.eval_shape(lambda q, k, v: kernels.dot_product_attention(
         q, k, v, block_ids=VAR_IDS, impl="pallas"), q, k, v)
   kernels.dot_product_attention(q, k, v)  # Outside: not recorded.

@@ -125,7 +125,8 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=F
   impl = resolve_impl(impl, q_BLHD.dtype, q_len=q_len, head_dim=head_dim, mask=kind,
                       kv_len=kv_len)
   recording.note(impl=impl, mask=kind, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
-                 dtype=jnp.dtype(q_BLHD.dtype).name)
+                 dtype=jnp.dtype(q_BLHD.dtype).name,
+                 **({"kernel": None} if impl.startswith("pallas") else {}))  # flash_attention's.
   ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   if impl.startswith("pallas"):
     if mask_BHLS is not None:

@@ -32,7 +32,9 @@ def note(**fields) -> None:
 
 
 def annotate(**fields) -> None:
-  """Adds fields to the latest call of every open list (the call being traced)."""
+  """Adds fields to the latest call of every open list if it awaits them (noted with
+  kernel=None: the dispatcher's call into `flash_attention` being traced); a direct
+  `flash_attention` call is not recorded."""
   for calls in _OPEN:
-    if calls:
+    if calls and "kernel" in calls[-1] and calls[-1]["kernel"] is None:
       calls[-1].update(fields)
