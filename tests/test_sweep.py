@@ -579,7 +579,11 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
   assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--target=slurm",
                    "--job=partition=cpu,cpus_per_task=2"]) == 0
   assert "5 of 5 runs to do" in capsys.readouterr().out
-  assert "--array=0-4" in open(os.path.join(sweep_dir, "sweep.sbatch")).read()
+  assert "--array=0-4\n" in open(os.path.join(sweep_dir, "sweep.sbatch")).read()
+  # The array's limit on tasks at once.
+  assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--target=slurm",
+                   "--job=max_parallel=2"]) == 0
+  assert "--array=0-4%2\n" in open(os.path.join(sweep_dir, "sweep.sbatch")).read()
   assert os.path.isdir(os.path.join(sweep_dir, "logs"))
   assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--target=tpu",
                    "--job=tpu_name=pod,zone=z,accelerator_type=v5p-8"]) == 0
@@ -600,6 +604,8 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
     (["sweep", "quickstart", "--target=slurm", "--job=workdir=x"], "with a key from ['command'"),
     (["sweep", "quickstart", "--target=slurm", "--job=compilation_cache=x"], "with a key from"),
     (["sweep", "quickstart", "--target=slurm", "--job=nodes=0"], "nodes=0"),
+    (["sweep", "quickstart", "--target=slurm", "--job=max_parallel=-1"], "must be >= 0"),
+    (["sweep", "quickstart", "--target=tpu", "--job=max_parallel=2"], "with a key from"),
     (["sweep", "quickstart", "--target=tpu", "--job=tpu_name=p"],
      "needs --job=tpu_name=NAME,zone=ZONE,accelerator_type=TYPE; missing ['zone', "),
     (["sweep", "quickstart", "--job=partition=gpu", "--dry_run"],

@@ -232,12 +232,14 @@ def _job_fields(sweep, spec: str, sweep_dir: str) -> dict[str, Any]:
     return {}
   fields = jobspec.JobSpec.__dataclass_fields__
   settable = [key for key in fields if key not in _SWEEP_JOB_FIELDS]
+  if FLAGS.target == "slurm":  # The job array's limit on tasks running at once (0: none).
+    settable.append("max_parallel")
   job = dict(sweep.get("slurm", None) or {}) if FLAGS.target == "slurm" else {}
   for item in FLAGS.job:
     key, sep, value = item.partition("=")
     if not sep or key not in settable:
       raise ConfigError(f"--job {item!r}: use key=value with a key from {settable}")
-    if fields[key].type == "int":
+    if key == "max_parallel" or fields[key].type == "int":
       try:
         value = int(value)
       except ValueError:
@@ -247,7 +249,11 @@ def _job_fields(sweep, spec: str, sweep_dir: str) -> dict[str, Any]:
   if missing:
     raise ConfigError(f"--target=tpu needs --job=tpu_name=NAME,zone=ZONE,accelerator_type=TYPE; "
                       f"missing {missing}")
-  jobspec.JobSpec(config=spec, workdir=sweep_dir, **job)  # Raises ConfigError for bad values.
+  if job.get("max_parallel", 0) < 0:
+    raise ConfigError(f"--job max_parallel={job['max_parallel']}: must be >= 0 (0: no limit)")
+  # Raises ConfigError for bad values.
+  jobspec.JobSpec(config=spec, workdir=sweep_dir,
+                  **{k: v for k, v in job.items() if k != "max_parallel"})
   return job
 
 
