@@ -265,6 +265,11 @@ def test_sample_settings_a_family_ignores_are_config_errors():
     train_generator.validate(config)
   with pytest.raises(ConfigError, match="2-way softmax"):
     generators.check_sample_settings("infinity", {**config.sample.to_dict(), "top_k": 2})
+  for family in ("var", "infinity"):  # A schedule their samplers do not know.
+    config = config_lib.load_config(f"generator:{family}/d2,tokenizer=x")
+    config.sample.cfg_schedule = "cosine"
+    with pytest.raises(ConfigError, match="sample.cfg_schedule='cosine'"):
+      train_generator.validate(config)
   config = config_lib.load_config("generator:llamagen/Mu,tokenizer=x")
   config.sample.update(top_k=50, top_p=0.9, temperature=0.7, cfg_schedule="linear")
   train_generator.validate(config)

@@ -92,6 +92,10 @@ class Family:
   # The config.sample fields `sample` (and `few_step_samplers`) read.
   sample_fields: tuple[str, ...] = ()
 
+  @classmethod
+  def check_sample(cls, sample) -> None:
+    """Raises ConfigError for a value of one of `sample_fields` this sampler cannot take."""
+
   def __init__(self, config, tokenizer: FrozenTokenizer, train_store: dict):
     self.config, self.tokenizer = config, tokenizer
     self.size = vit.decode_size(config.model.size, self.size_family)
@@ -309,6 +313,10 @@ class VARFamily(Family):
           lambda r, f, c: r.next_scale_input(f, c, k, side), f_hat, code_k)
     return self._next_input
 
+  @classmethod
+  def check_sample(cls, sample) -> None:
+    var_cfg_schedule(sample["cfg_schedule"])
+
   def sample(self, params, labels_B, rng, **overrides):
     """cfg_schedule "linear" is VAR's published ramp, "constant" w = cfg at every scale."""
     s = {**self.config.sample.to_dict(), **overrides}
@@ -344,11 +352,16 @@ class InfinityFamily(VARFamily):
     logits = self.train_logits(params, inputs, batch["labels"], r_drop)
     return var.bitwise_loss(logits, bits)
 
+  @classmethod
+  def check_sample(cls, sample) -> None:
+    super().check_sample(sample)
+    check_bitwise_top_k(sample["top_k"])
+
   def sample(self, params, labels_B, rng, **overrides):
     """Each bit from its own 2-way softmax: top_k is 0 (off) or 1 (greedy); cfg_schedule
     "constant" is Infinity's, "linear" VAR's ramp."""
     s = {**self.config.sample.to_dict(), **overrides}
-    check_bitwise_top_k(s["top_k"])
+    self.check_sample(s)
     codes = infinity.sample_infinity(self.model, params, labels_B, rng, self.next_input_fn(),
                                      cfg_scale=s["cfg_scale"], top_k=s["top_k"], top_p=s["top_p"],
                                      temperature=s["temperature"],
@@ -380,17 +393,15 @@ def check_sample_settings(family: str, sample) -> None:
   """Raises ConfigError for a config.sample setting that `family`'s sampler would ignore.
 
   sample: config.sample (or a dict of its fields). A field in NEUTRAL_SAMPLE_SETTINGS that the
-  family does not read must keep its neutral value; Infinity's top_k must be 0 or 1.
+  family does not read must keep its neutral value; the fields it reads must be values its
+  sampler takes (`Family.check_sample`, e.g. Infinity's top_k is 0 or 1).
   """
   fields = FAMILIES[family].sample_fields
   for key, neutral in NEUTRAL_SAMPLE_SETTINGS.items():
     if key not in fields and sample[key] != neutral:
       raise ConfigError(f"sample.{key}={sample[key]!r} has no effect on model.family={family} "
                         f"(its sampler reads {list(fields)}); leave it at {neutral!r}")
-  if "cfg_schedule" in fields and family in ("var", "infinity"):
-    var_cfg_schedule(sample["cfg_schedule"])
-  if family == "infinity":
-    check_bitwise_top_k(sample["top_k"])
+  FAMILIES[family].check_sample(sample)
 
 
 def check_sample_overrides(family: str, overrides) -> None:
