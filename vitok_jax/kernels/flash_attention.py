@@ -197,10 +197,14 @@ def _prefix_mask(*, causal: bool, segment_ids, block_ids, q_len: int, kv_len: in
     except jax.errors.TracerArrayConversionError:
       return None
     blocks = kernels.PrefixMask.from_block_ids(block_ids)
-    if blocks is None or causal:  # (Causal within rising block ids is causal.)
-      return None if blocks is None else kernels.PrefixMask(causal=True)
-    return blocks
+    if blocks is None or not causal:  # (Causal within rising block ids is causal.)
+      return blocks
   return kernels.PrefixMask(causal=causal)
+
+
+def _with_key_padding(prefix, padded_kv: int, kv_len: int):
+  """`prefix` with the keys from kv_len on hidden when they are padding."""
+  return dataclasses.replace(prefix, kv_valid=kv_len) if padded_kv != kv_len else prefix
 
 
 def _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q: int, padded_kv: int, padded_dim: int,
@@ -212,8 +216,7 @@ def _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q: int, padded_kv: int, padde
   q_to, kv_to = _round_up(padded_q, HOPPER_MULTIPLE), _round_up(padded_kv, HOPPER_MULTIPLE)
   if prefix.causal or prefix.block_ends:
     q_to = kv_to = max(q_to, kv_to)
-  kv_len = k_BSHD.shape[1]
-  mask = dataclasses.replace(prefix, kv_valid=kv_len) if kv_to != kv_len else prefix
+  mask = _with_key_padding(prefix, kv_to, k_BSHD.shape[1])
   masked = bool(mask.causal or mask.block_ends or mask.kv_valid)
   spec = lambda x, length: jax.ShapeDtypeStruct((x.shape[0], length, x.shape[2], padded_dim),
                                                 x.dtype)
@@ -317,9 +320,8 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, padded_dim)
   q_BLHD, k_BSHD, v_BSHD = pad(q_BLHD, padded_q), pad(k_BSHD, padded_kv), pad(v_BSHD, padded_kv)
   masked = causal or padded_kv != kv_len or segment_ids is not None or block_ids is not None
-  if prefix is not None and padded_kv != kv_len:
-    prefix = dataclasses.replace(prefix, kv_valid=kv_len)
-  hopper_mask = prefix if masked else None
+  hopper_mask = (_with_key_padding(prefix, padded_kv, kv_len)
+                 if masked and prefix is not None else None)
   hopper_forward, hopper_backward = _use_hopper(hopper, hopper_possible, masked, hopper_mask,
                                                 scale, q_BLHD, k_BSHD, v_BSHD)
   if hopper_backward:  # The options in force now (`flash_attention_hopper.backward_options`).
