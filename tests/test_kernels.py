@@ -203,6 +203,11 @@ def test_flash_attention_default_tiles_follow_the_mask(monkeypatch):
   assert seen[0] != seen[1]
 
 
+# Exporting for CUDA from here: the kernels' custom calls are not on jax's stable list.
+CUDA_CHECKS = [jax.export.DisabledSafetyCheck.custom_call(name)
+               for name in ("mosaic_gpu_v2", "__gpu$xla.gpu.triton")]
+
+
 def _spy_on_hopper_kernels(monkeypatch) -> list:
   """The names ("forward", "backward") of the Hopper kernels called from now on, in order."""
   calls = []
@@ -238,9 +243,7 @@ def test_hopper_kernel_lowers_for_cuda(mode, options, monkeypatch):
   fwd_bwd = jax.vmap(fwd_bwd, in_axes=(0, None, None))
   q = jax.ShapeDtypeStruct((2, 1, 256, 4, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
-  checks = [jax.export.DisabledSafetyCheck.custom_call(name)
-            for name in ("mosaic_gpu_v2", "__gpu$xla.gpu.triton")]
-  text = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=checks)(
+  text = jax.export.export(jax.jit(fwd_bwd), platforms=["cuda"], disabled_checks=CUDA_CHECKS)(
       q, kv, kv).mlir_module()
   assert "mosaic_gpu" in text
   assert calls == (["forward", "backward"] if mode is True else ["forward"])
@@ -264,11 +267,9 @@ def test_hopper_masked_kernels_lower_for_cuda(prefix_masks, monkeypatch):
     monkeypatch.setattr(hopper, name, functools.partial(
         lambda kernel, *a, **kw: seen.append((a[0].shape[1], kw["mask"])) or kernel(*a, **kw),
         getattr(hopper, name)))
-  checks = [jax.export.DisabledSafetyCheck.custom_call(name)
-            for name in ("mosaic_gpu_v2", "__gpu$xla.gpu.triton")]
   lower = lambda fn, *args: jax.export.export(
       jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), (0, 1, 2))),
-      platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
+      platforms=["cuda"], disabled_checks=CUDA_CHECKS)(*args).mlir_module()
   spec = lambda length, heads: jax.ShapeDtypeStruct((2, length, heads, 64), jnp.bfloat16)
   q, kv = spec(680, 4), spec(680, 2)
   with kernels.recorded_attention() as calls:

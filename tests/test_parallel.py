@@ -21,6 +21,12 @@ HERE = pathlib.Path(__file__).parent
 GOLDEN = HERE / "golden" / "sharding_Mu-Mi.json"
 
 
+def _shards(mesh, axes) -> int:
+  """How many ways mesh `axes` (a name, a tuple of names or None) split a dimension."""
+  names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in names], dtype=int))
+
+
 def _mesh_cfg(**sizes):
   cfg = mesh_lib.default_config()
   cfg.update(sizes)
@@ -75,9 +81,7 @@ def test_rules_never_shard_a_dimension_the_mesh_axes_do_not_divide(mesh_shape):
   for before, after, leaf in zip(flat_plain, flat_fitted, flat_shapes):
     for axes_before, axes_after, size in zip(tuple(before.spec) + (None,) * 4, after.spec,
                                              leaf.shape):
-      names = () if axes_after is None else (
-          (axes_after,) if isinstance(axes_after, str) else axes_after)
-      assert size % np.prod([mesh.shape[a] for a in names], dtype=int) == 0, (leaf, after)
+      assert size % _shards(mesh, axes_after) == 0, (leaf, after)
       changed += axes_after != axes_before
   if 3 in mesh_shape:
     assert changed > 0
@@ -88,9 +92,8 @@ def test_rules_never_shard_a_dimension_the_mesh_axes_do_not_divide(mesh_shape):
   state = train_tokenizer.state_shardings(parts, config, mesh)
   for sharded, leaf in zip(jax.tree.leaves(state), jax.tree.leaves(
       train_tokenizer.abstract_state(parts, config))):
-    assert not any(size % np.prod([mesh.shape[a] for a in (
-        () if axes is None else (axes,) if isinstance(axes, str) else axes)], dtype=int)
-        for axes, size in zip(sharded.spec, leaf.shape)), (leaf, sharded)
+    assert not any(size % _shards(mesh, axes)
+                   for axes, size in zip(sharded.spec, leaf.shape)), (leaf, sharded)
 
 
 def _slurm_env(monkeypatch, **env):
