@@ -289,6 +289,7 @@ def _cmd_fit(args: list[str]) -> int:
   if len(args) != 1:
     raise ConfigError("usage: vitok fit SWEEP_DIR [--x E --y eval/psnr [--offset]]")
   _check_sweep_dir(args[0])
+  rows = results.gather(args[0], FLAGS.max_attempts)
   fits = None
   if FLAGS.two_variable:
     names = FLAGS.two_variable.split(",")
@@ -296,11 +297,11 @@ def _cmd_fit(args: list[str]) -> int:
       raise ConfigError(f"--two_variable={FLAGS.two_variable}: pass two columns N,D, e.g. "
                         "params_total,tokens_seen")
     fits = [dict(kind="two_variable", n=names[0], d=names[1], y=FLAGS.y or "eval/l2")]
-    _check_fit_columns(args[0], {"--two_variable": names, "--y": [fits[0]["y"]]})
+    _check_fit_columns(rows, args[0], {"--two_variable": names, "--y": [fits[0]["y"]]})
   elif FLAGS.x or FLAGS.y:
     fits = [dict(x=FLAGS.x or "E", y=FLAGS.y or "eval/l2", offset=FLAGS.offset)]
-    _check_fit_columns(args[0], {"--x": [fits[0]["x"]], "--y": [fits[0]["y"]]})
-  out = results.report(args[0], fits=fits, n_boot=FLAGS.n_boot, max_attempts=FLAGS.max_attempts)
+    _check_fit_columns(rows, args[0], {"--x": [fits[0]["x"]], "--y": [fits[0]["y"]]})
+  out = results.report(args[0], fits=fits, n_boot=FLAGS.n_boot, rows=rows)
   for result in out["fits"]:
     print("fit:", results.describe_fit(result))
   print(f"wrote {args[0]}/fits.json" + (f" and {len(out['plots'])} plot files in "
@@ -308,10 +309,10 @@ def _cmd_fit(args: list[str]) -> int:
   return 0
 
 
-def _check_fit_columns(sweep_dir: str, flag_columns: dict[str, list[str]]) -> None:
-  """Raises ConfigError for a fit column the finished runs lack (it would be kept in fits.json)."""
+def _check_fit_columns(rows, sweep_dir: str, flag_columns: dict[str, list[str]]) -> None:
+  """Raises ConfigError for a fit column the finished runs (`rows` of sweep_dir) lack (it would be
+  kept in fits.json)."""
   from vitok_jax.scaling import results, sweep as sweep_lib
-  rows = results.gather(sweep_dir, FLAGS.max_attempts)
   if not any(row["status"] == sweep_lib.DONE for row in rows):
     return
   known = [c for c in results.columns(rows) if c not in ("id", "status")]

@@ -238,14 +238,16 @@ def _unique(specs: Sequence[dict]) -> list[dict]:
 
 
 def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = True,
-           n_boot: int = 1000, max_attempts: int | None = None) -> dict:
+           n_boot: int = 1000, max_attempts: int | None = None,
+           rows: Sequence[dict] | None = None) -> dict:
   """Writes results.csv/.md, fits.json and plots/ into sweep_dir; returns {"rows", "fits", "plots"}.
 
   The fits are those stored in sweep_dir/fits.json, then `fits` (default: the sweep manifest's),
-  all fitted again on the current rows, so fits.json never mixes fits over different sets of runs.
-  The manifest's heatmap and frontier specs are plotted too.
+  all fitted again on the current rows (`gather(sweep_dir, max_attempts)` unless given), so
+  fits.json never mixes fits over different sets of runs. The manifest's heatmap and frontier
+  specs are plotted too.
   """
-  rows = gather(sweep_dir, max_attempts)
+  rows = gather(sweep_dir, max_attempts) if rows is None else rows
   write_csv(rows, os.path.join(sweep_dir, "results.csv"))
   with open(os.path.join(sweep_dir, "results.md"), "w") as f:
     f.write(to_markdown(rows) + "\n")
