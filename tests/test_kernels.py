@@ -218,26 +218,18 @@ def _spy_on_hopper_kernels(monkeypatch) -> list:
   return calls
 
 
-@pytest.mark.parametrize("mode,options", [
-    (True, {}), ("forward", {}), (True, {"swizzled_dq": True, "deferred_dq": True})])
-def test_hopper_kernel_lowers_for_cuda(mode, options, monkeypatch):
+@pytest.mark.parametrize("mode", [True, "forward"])
+def test_hopper_kernel_lowers_for_cuda(mode, monkeypatch):
   """The Mosaic GPU kernels have no interpreter: here flash_attention's forward+backward (grouped
   heads, bf16, under vmap) is lowered for CUDA, on the Hopper kernels for both passes or, with
-  "forward", with the Triton backward; the backward with the `BackwardOptions` in force when the
-  forward was traced."""
+  "forward", with the Triton backward."""
   monkeypatch.setattr(policy, "is_hopper", lambda device=None: True)
   calls = _spy_on_hopper_kernels(monkeypatch)
-  seen_options, inner = [], hopper._backward
-  monkeypatch.setattr(hopper, "_backward",
-                      lambda *a, **kw: seen_options.append(kw["options"]) or inner(*a, **kw))
-
-  def attend(q, k, v):
-    with hopper.backward_options(**options):
-      return flash.flash_attention(q, k, v, backend="gpu", interpret=False, hopper=mode)
+  attend = functools.partial(flash.flash_attention, backend="gpu", interpret=False, hopper=mode)
 
   def fwd_bwd(q, k, v):
     out, vjp = jax.vjp(attend, q, k, v)
-    return out, vjp(out)  # The backward, traced here, has the options of the forward's trace.
+    return out, vjp(out)
 
   # Under vmap too (over a leading axis, with k and v shared): the kernels batch.
   fwd_bwd = jax.vmap(fwd_bwd, in_axes=(0, None, None))
@@ -247,8 +239,6 @@ def test_hopper_kernel_lowers_for_cuda(mode, options, monkeypatch):
       q, kv, kv).mlir_module()
   assert "mosaic_gpu" in text
   assert calls == (["forward", "backward"] if mode is True else ["forward"])
-  # (custom_vmap traces the kernel twice: once unbatched for its types.)
-  assert set(seen_options) == ({hopper.BackwardOptions(**options)} if mode is True else set())
   assert ("triton" in text) == (mode == "forward")
 
 
@@ -360,9 +350,10 @@ def test_hopper_kernel_says_what_does_not_fit():
 
 
 def test_hopper_passes_by_mode_and_length(monkeypatch):
-  """Which passes run on the Hopper kernels: the backward by default only from
-  BACKWARD_MIN_Q_LEN queries (measured slower below), both with True, the forward with
-  "forward", neither with False or a mask."""
+  """Which passes run on the Hopper kernels: by default the forward, and the backward from
+  BACKWARD_MIN_Q_LEN queries on (measured slower below) or for block-causal masks; masks that are
+  `PrefixMask`s only while `policy.HOPPER_PREFIX_MASKS` is set; both with True, the forward with
+  "forward", neither with False or another mask."""
   monkeypatch.setattr(policy, "is_hopper", lambda device=None: True)
   spec = lambda length: jax.ShapeDtypeStruct((1, length, 4, 64), jnp.bfloat16)
   passes = lambda mode, length, masked=False, mask=None: flash._use_hopper(
@@ -378,11 +369,16 @@ def test_hopper_passes_by_mode_and_length(monkeypatch):
     passes(True, 4096, masked=True)  # A mask that is no `PrefixMask` (segment ids).
   causal = hopper.PrefixMask(causal=True)
   assert passes(True, 4096, masked=True, mask=causal) == (True, True)
-  # By default masks stay on Triton until `policy.HOPPER_PREFIX_MASKS` says otherwise.
-  assert passes(None, 4096, masked=True, mask=causal) == (False, False)
-  monkeypatch.setattr(policy, "HOPPER_PREFIX_MASKS", True)
+  assert passes("forward", 256, masked=True, mask=causal) == (True, False)
+  assert passes(None, 256, masked=True, mask=causal) == (True, False)
   assert passes(None, 4096, masked=True, mask=causal) == (True, True)
+  var = hopper.PrefixMask.from_block_ids(VAR_680)
+  assert passes(None, 768, masked=True, mask=var) == (True, True)
   assert passes(None, 4096, masked=True) == (False, False)
+  # Without `policy.HOPPER_PREFIX_MASKS` masks stay on Triton unless asked.
+  monkeypatch.setattr(policy, "HOPPER_PREFIX_MASKS", False)
+  assert passes(None, 4096, masked=True, mask=causal) == (False, False)
+  assert passes(True, 256, masked=True, mask=causal) == (True, True)
 
 
 VAR_680 = masks.var_block_ids((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
@@ -497,19 +493,14 @@ def test_prefix_masks_of_flash_attention_arguments():
     (384, 384, 128, jnp.bfloat16, 2), (384, 384, 64, jnp.float16, 4),
     # Padded queries and head dim, one key tile (a ring of one slot), two key tiles.
     (200, 128, 96, jnp.bfloat16, 4), (128, 256, 64, jnp.bfloat16, 1)])
-@pytest.mark.parametrize("options", [{}, {"swizzled_dq": True}, {"deferred_dq": True}],
-                         ids=["default", "swizzled_dq", "deferred_dq"])
-def test_hopper_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads, options,
-                                        monkeypatch):
+def test_hopper_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads, monkeypatch):
   """Unmasked attention on an H100/H200 takes the Hopper forward and backward by default
   (checked by spies; the backward's length threshold lowered for these short cases) and matches
-  the reference: output, logsumexp and gradients, for the backward's default and each
-  `BackwardOptions` variant."""
+  the reference: output, logsumexp and gradients."""
   monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
   calls = _spy_on_hopper_kernels(monkeypatch)
-  with hopper.backward_options(**options):
-    _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
-                     head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"])
+  _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
+                   head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"])
   assert "forward" in calls and "backward" in calls
 
 
@@ -521,19 +512,17 @@ def test_hopper_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads
     (300, 300, 64, jnp.float16, 1, dict(causal=True)),  # Padded queries and keys.
     (256, 200, 128, jnp.bfloat16, 2, {})], ids=["block_causal", "causal", "causal_padded",
                                                "key_padding"])
-@pytest.mark.parametrize("options", [{}, {"swizzled_dq": True, "deferred_dq": True}],
-                         ids=["default", "swizzled_deferred"])
 def test_hopper_masked_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads, mask,
-                                               options, monkeypatch):
-  """Masks that show each query a prefix of the keys on the Hopper kernels (hopper=True):
-  output, logsumexp and gradients match the reference."""
+                                               monkeypatch):
+  """Masks that show each query a prefix of the keys take the Hopper kernels by default
+  (`policy.HOPPER_PREFIX_MASKS`; checked by spies; the backward's length threshold lowered for
+  these short cases): output, logsumexp and gradients match the reference."""
   if 12080 <= (hopper._cuda_runtime_version() or 0) < 12091:
     pytest.skip("the masked Hopper kernels refuse CUDA 12.8.0 – 12.9.0 (ptxas)")
+  monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
   calls = _spy_on_hopper_kernels(monkeypatch)
-  with hopper.backward_options(**options):
-    _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
-                     head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"],
-                     hopper=True, **mask)
+  _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
+                   head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"], **mask)
   assert calls == ["forward", "backward"]
 
 
@@ -569,7 +558,9 @@ def test_recorded_attention_lists_what_each_traced_call_runs_as():
         q, k, v, block_ids=VAR_IDS, impl="pallas"), q, k, v)
   kernels.dot_product_attention(q, k, v)  # Outside: not recorded.
   common = {"q_len": 55, "kv_len": 55, "head_dim": 16, "dtype": "bfloat16"}
-  assert calls == [{"impl": "xla", "mask": "causal", **common},
+  auto = attention.resolve_impl("auto", jnp.bfloat16, q_len=55, head_dim=16, mask="causal")
+  assert auto == {"cpu": "xla", "gpu": "cudnn"}.get(jax.default_backend(), auto)
+  assert calls == [{"impl": auto, "mask": "causal", **common},
                    {"impl": "pallas_gpu", "mask": "block_causal", **common, "kernel": "triton",
                     "hopper_mask": False}]
 
@@ -591,17 +582,27 @@ def test_resolve_impl_policy(monkeypatch):
   assert resolve("auto", bf16, q_len=8192, head_dim=82, backend="gpu") == "pallas_gpu"  # 8 ∤ 82.
   assert resolve("auto", bf16, q_len=256, head_dim=82, backend="gpu") == "xla"
   assert resolve("auto", bf16, q_len=8192, mask="dense", backend="gpu") == "cudnn"
-  # On a Hopper GPU our kernels take short unmasked sequences in whole 128-token tiles, head dim
-  # 64 or 128 (where they beat cuDNN); cuDNN keeps the rest.
+  # On a Hopper GPU our kernels take short unmasked and causal sequences in whole 128-token
+  # tiles, head dim 64 or 128 (where they beat cuDNN); cuDNN keeps the rest.
   hopper_gpu = lambda **kw: resolve("auto", bf16, backend="gpu", hopper=True, **kw)
   assert hopper_gpu(q_len=256, head_dim=64) == "pallas_gpu"
-  assert hopper_gpu(q_len=policy.HOPPER_AHEAD_MAX_LEN, head_dim=128) == "pallas_gpu"
+  assert hopper_gpu(q_len=policy.HOPPER_AHEAD_MAX_LEN["none"], head_dim=128) == "pallas_gpu"
+  assert hopper_gpu(q_len=2048, head_dim=128) == "cudnn"
   assert hopper_gpu(q_len=256, kv_len=384, head_dim=64) == "pallas_gpu"
   assert hopper_gpu(q_len=4096, head_dim=128) == "cudnn"
   assert hopper_gpu(q_len=288, head_dim=64) == "cudnn"  # Padded keys are masked.
   assert hopper_gpu(q_len=256, kv_len=200, head_dim=64) == "cudnn"
   assert hopper_gpu(q_len=256, head_dim=96) == "cudnn"
-  assert hopper_gpu(q_len=256, head_dim=64, mask="causal") == "cudnn"
+  causal = lambda **kw: hopper_gpu(mask="causal", **kw)
+  assert causal(q_len=256, head_dim=64) == "pallas_gpu"
+  assert causal(q_len=policy.HOPPER_AHEAD_MAX_LEN["causal"], head_dim=128) == "pallas_gpu"
+  assert causal(q_len=4096, head_dim=64) == "cudnn"
+  assert causal(q_len=300, head_dim=64) == "cudnn"  # Not whole tiles: padded, not measured.
+  assert causal(q_len=256, kv_len=512, head_dim=64) == "cudnn"  # Not self-attention.
+  assert hopper_gpu(q_len=256, head_dim=64, mask="segment") == "pallas_gpu"  # Ours, on Triton.
+  monkeypatch.setattr(policy, "HOPPER_PREFIX_MASKS", False)
+  assert causal(q_len=256, head_dim=64) == "cudnn"  # Causal would run on Triton.
+  monkeypatch.setattr(policy, "HOPPER_PREFIX_MASKS", True)
   assert resolve("auto", bf16, q_len=256, head_dim=64, backend="gpu", hopper=False) == "cudnn"
   assert resolve("auto", bf16, q_len=256, head_dim=64, backend="gpu") == (
       "pallas_gpu" if policy.is_hopper() else "cudnn")

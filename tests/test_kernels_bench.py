@@ -21,7 +21,7 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   bench = _load_bench()
   out, png = tmp_path / "kernels.json", tmp_path / "kernels.png"
   returned = bench.main(["--tiny", "--lengths", "64", "--head_dims", "32", "--impls",
-                         "pallas,pallas_dense,xla,pallas+swizzled_dq",
+                         "pallas,pallas_dense,xla,pallas_triton",
                          "--bsq", "256,32", "--bsq_more_tokens", "512", "--vq", "128,256,8",
                          "--warmup", "0", "--iters", "1", "--out", str(out), "--plot", str(png)])
   report = json.loads(out.read_text())
@@ -34,11 +34,11 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
     assert row["speedup_vs_xla"]["fwd_bwd"] > 0
   # Our kernel with every tile visited is a baseline of the block-causal rows alone.
   assert var["speedup_vs_pallas_dense"]["fwd"] > 0 and "pallas_dense" not in dense["impls"]
-  # A Hopper backward variant is timed on the unmasked rows (here it runs as plain "pallas").
-  assert "fwd_bwd_ms" in dense["impls"]["pallas+swizzled_dq"]
-  assert "pallas+swizzled_dq" not in var["impls"]
-  with pytest.raises(ValueError, match="swizzled_dq"):
-    bench.main(["--tiny", "--impls", "pallas+swizzled"])
+  # Triton alone is timed on every row (on CPU it is what "pallas" runs too).
+  assert "fwd_bwd_ms" in dense["impls"]["pallas_triton"] and "fwd_bwd_ms" in var["impls"][
+      "pallas_triton"]
+  with pytest.raises(ValueError, match="unknown.*pallas\\+swizzled"):
+    bench.main(["--tiny", "--impls", "pallas,pallas+swizzled"])
   # Block-causal counts only visible pairs: 55 tokens in scales of 1, 4, 9, 16, 25 tokens.
   assert var["fwd_flops"] == 4 * var["batch"] * 2 * 32 * (1 + 4 * 5 + 9 * 14 + 16 * 30 + 25 * 55)
   assert isinstance(report["vq"]["no_tokens_x_codes_buffer"], bool)  # Meaningful off-CPU only.

@@ -7,14 +7,9 @@ Attention (batch × heads × L × head_dim, self-attention): forward and forward
   pallas        ours (`flash_attention`, the kernels for this backend: on an H100/H200
                 unmasked attention runs on the Mosaic GPU kernels, `flash_attention_hopper`),
   pallas_hopper ours on the Hopper kernels for both passes (`hopper=True`), masked rows too
-                (causal, block-causal: `flash_attention_hopper.PrefixMask`, not yet the default:
-                `policy.HOPPER_PREFIX_MASKS`),
-  pallas_hopper_fwd  ours with the Hopper forward and the Triton backward
-                (`hopper="forward"`): unmasked rows only,
-  pallas_triton ours on Triton only (`hopper=False`): unmasked rows only,
-  pallas+OPTION[+OPTION...]  ours with these `flash_attention_hopper.BackwardOptions` turned on
-                (Hopper backward variants under measurement, e.g. pallas+swizzled_dq): unmasked
-                rows only,
+                (causal, block-causal: `flash_attention_hopper.PrefixMask`),
+  pallas_hopper_fwd  ours with the Hopper forward and the Triton backward (`hopper="forward"`),
+  pallas_triton ours on Triton only (`hopper=False`),
   pallas_dense  ours visiting every tile with the mask (`skip_blocks=False`): block-causal rows
                 only, the saving of skipping measured on one kernel,
   xla, cudnn    `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
@@ -84,33 +79,12 @@ JAX_MGPU_CONFIG = dict(block_q=64, block_kv=128, max_concurrent_steps=2, block_q
                        block_kv_dkv=64, block_q_dq=64, block_kv_dq=64)
 
 
-def _backward_variant(impl: str) -> dict[str, bool]:
-  """The `BackwardOptions` that impl pallas+OPTION[+OPTION...] turns on; ValueError if unknown."""
-  from vitok_jax.kernels import flash_attention_hopper as hopper  # Imports Mosaic GPU.
-  options = dict.fromkeys(impl.split("+")[1:], True)
-  known = {f.name for f in dataclasses.fields(hopper.BackwardOptions)}
-  if not impl.startswith("pallas+") or not options or set(options) - known:
-    raise ValueError(f"impl {impl!r}: write pallas+OPTION[+OPTION...] with options from "
-                     f"{sorted(known)}")
-  return options
-
-
 def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool, block_sizes=None):
   """f(q, k, v) -> out in [B, L, H, D] for one implementation (ours with `block_sizes` if given)."""
   backend = jax.default_backend()
-  if "+" in impl:  # Traced with the variant's options: flash_attention records them in its config.
-    from vitok_jax.kernels import flash_attention_hopper as hopper_kernels
-    options = _backward_variant(impl)
-    fn = _attention_fn("pallas", causal=causal, block_ids=block_ids, interpret=interpret,
-                       block_sizes=block_sizes)
-
-    def variant(q, k, v):
-      with hopper_kernels.backward_options(**options):
-        return fn(q, k, v)
-    return variant
   if impl in ("pallas", "pallas_hopper", "pallas_hopper_fwd", "pallas_triton", "pallas_dense"):
-    hopper = {"pallas_hopper": True, "pallas_hopper_fwd": "forward",
-              "pallas_triton": False}.get(impl)
+    hopper = {"pallas_hopper": True, "pallas_hopper_fwd": "forward", "pallas_triton": False,
+              "pallas_dense": False}.get(impl)
     return functools.partial(flash.flash_attention, causal=causal, block_ids=block_ids,
                              interpret=interpret, block_sizes=block_sizes,
                              skip_blocks=impl != "pallas_dense", hopper=hopper)
@@ -382,9 +356,9 @@ def parse_args(argv):
     if getattr(args, name) is None:
       setattr(args, name, value)
   args.tiny = tiny
-  for impl in args.impls.split(","):
-    if "+" in impl:
-      _backward_variant(impl)  # Fails here, before any timing, on an unknown option.
+  unknown = set(args.impls.split(",")) - set(ATTENTION_IMPLS)
+  if unknown:  # Fails here, before any timing.
+    raise ValueError(f"--impls: unknown {sorted(unknown)}; use some of {ATTENTION_IMPLS}")
   return args
 
 
@@ -446,8 +420,7 @@ def main(argv=None):
     row = bench_attention(batch=batch_for(length), q_len=length, head_dim=args.var_head_dim,
                           causal=False, block_ids=ids,
                           block_sizes=attention_tiles.get(f"block_causal_{length}"),
-                          impls=tuple(i for i in impls if not i.startswith("jax_") and "+" not in i
-                                      and i not in ("pallas_triton", "pallas_hopper_fwd")),
+                          impls=tuple(i for i in impls if not i.startswith("jax_")),
                           **common)
     report["attention"].append(row)
     print(json.dumps(row), flush=True)

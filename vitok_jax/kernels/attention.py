@@ -57,7 +57,7 @@ def resolve_impl(impl: str, dtype=jnp.float32, *, q_len: Optional[int] = None,
   "auto" on CPU is always "xla". On GPU/TPU, where `policy` allows the Pallas kernel (the backend
   is hardware-validated): cuDNN for the mask kinds where the benchmark found it ahead
   (`policy.VENDOR_AHEAD`) if it supports the dtype and head dim, except on a Hopper GPU for the
-  unmasked shapes of `policy.hopper_ahead` (short sequences), which take our kernel; else our
+  unmasked and causal shapes of `policy.hopper_ahead` (short sequences), which take ours; else our
   kernel for a mask whose empty tiles it skips (block-causal, segments, causal) or a sequence of at
   least `policy.MIN_FLASH_LEN` tokens. Otherwise cuDNN for half precision with head_dim a
   multiple of 8 up to 128, else XLA. kv_len defaults to q_len; hopper (whether the GPU is an
@@ -76,8 +76,7 @@ def resolve_impl(impl: str, dtype=jnp.float32, *, q_len: Optional[int] = None,
   if backend in ("gpu", "tpu") and mask != "dense" and policy.pallas_allowed(backend):
     if vendor and mask in policy.VENDOR_AHEAD[backend]:
       hopper = policy.is_hopper() if hopper is None and backend == "gpu" else hopper
-      ours_ahead = (mask == "none" and hopper
-                    and policy.hopper_ahead(dtype, q_len, kv_len, head_dim))
+      ours_ahead = hopper and policy.hopper_ahead(dtype, q_len, kv_len, head_dim, mask)
       return "pallas_gpu" if ours_ahead else "cudnn"
     long_enough = q_len is not None and q_len >= policy.MIN_FLASH_LEN[backend]
     if long_enough or mask in ("block_causal", "segment", "causal"):

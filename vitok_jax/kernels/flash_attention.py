@@ -90,8 +90,7 @@ class KernelConfig:
   blocks: BlockSizes
   interpret: bool
   hopper_forward: bool = False  # GPU: the forward on the Mosaic GPU kernels (`hopper`),
-  # and the backward, with these `flash_attention_hopper.BackwardOptions` (None: on Triton).
-  hopper_backward: Optional[Any] = None
+  hopper_backward: bool = False  # and the backward.
   hopper_mask: Optional[Any] = None  # Their `flash_attention_hopper.PrefixMask` (None: none).
 
 
@@ -241,8 +240,10 @@ def _use_hopper(hopper: Union[None, bool, str], possible: bool, masked: bool, ma
     raise ConfigError(f"hopper={hopper!r}: {reason}; leave hopper unset to fall back to Triton")
   if reason or (hopper is None and masked and not policy.HOPPER_PREFIX_MASKS):
     return False, False
-  if hopper is None:  # Where the Hopper backward was measured ahead of Triton's.
-    return True, q_BLHD.shape[1] >= kernels.BACKWARD_MIN_Q_LEN
+  if hopper is None:  # Where the Hopper backward was measured ahead of Triton's: from
+    # BACKWARD_MIN_Q_LEN queries on, and block-causal at VAR's lengths (680 and 2240) too.
+    block_causal = mask is not None and bool(mask.block_ends)
+    return True, block_causal or q_BLHD.shape[1] >= kernels.BACKWARD_MIN_Q_LEN
   return True, hopper is True
 
 
@@ -276,16 +277,15 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
       (`masks.block_ranges`); False visits every tile masked, the dense-mask baseline of
       tools/bench_kernels.py (same result, slower).
     hopper: GPU: run forward and backward on the warp-specialised Mosaic GPU kernels
-      (`flash_attention_hopper`). Default: where they apply (an sm_90 GPU, compiled, no mask,
-      bf16/f16, head dim 33–128 (padded to 64 / 128), query and key lengths padded to multiples
-      of 128, a positive scale), the backward from `BACKWARD_MIN_Q_LEN` queries on; True: both,
-      raising if they do not apply; "forward" keeps the Triton backward; False keeps Triton for
-      both. Masks that show each query a prefix of the keys (causal or rising block ids in
-      self-attention, key padding: `flash_attention_hopper.PrefixMask`) run there with True /
-      "forward" (lengths then pad to multiples of 128), by default once
-      `policy.HOPPER_PREFIX_MASKS` is set. The Hopper backward adds dq up with float32 atomics
-      in no fixed order, so dq is not bitwise reproducible from run to run (the Triton backward
-      is).
+      (`flash_attention_hopper`). Default: where they apply (an sm_90 GPU, compiled, no mask or
+      one that shows each query a prefix of the keys (causal or rising block ids in
+      self-attention, key padding: `flash_attention_hopper.PrefixMask`, while
+      `policy.HOPPER_PREFIX_MASKS` is set), bf16/f16, head dim 33–128 (padded to 64 / 128),
+      query and key lengths padded to multiples of 128, a positive scale), the backward from
+      `BACKWARD_MIN_Q_LEN` queries on and for block-causal masks; True: both, raising if they do
+      not apply; "forward" keeps the Triton backward; False keeps Triton for both. The Hopper
+      backward adds dq up with float32 atomics in no fixed order, so dq is not bitwise
+      reproducible from run to run (the Triton backward is).
   Returns:
     out_BLHD in q's dtype (0 for a query that sees no key), and lse_BHL if return_lse.
   """
@@ -311,8 +311,9 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   padded_dim = module.padded_head_dim(head_dim)
   scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
   hopper_possible = _hopper_possible(hopper, backend, interpret)
+  # (The Hopper kernels always skip hidden tiles: skip_blocks=False, the dense visit, is Triton's.)
   prefix = _prefix_mask(causal=causal, segment_ids=segment_ids, block_ids=block_ids,
-                        q_len=q_len, kv_len=kv_len) if hopper_possible else None
+                        q_len=q_len, kv_len=kv_len) if hopper_possible and skip_blocks else None
   if prefix is not None and (hopper or policy.HOPPER_PREFIX_MASKS):
     padded_q, padded_kv = _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q, padded_kv,
                                           padded_dim, scale)
@@ -324,15 +325,12 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
                  if masked and prefix is not None else None)
   hopper_forward, hopper_backward = _use_hopper(hopper, hopper_possible, masked, hopper_mask,
                                                 scale, q_BLHD, k_BSHD, v_BSHD)
-  if hopper_backward:  # The options in force now (`flash_attention_hopper.backward_options`).
-    from vitok_jax.kernels import flash_attention_hopper
-    hopper_backward = flash_attention_hopper.BACKWARD_OPTIONS
   recording.annotate(kernel="mosaic_tpu" if backend == "tpu" else (
       ("mosaic_gpu" if hopper_backward else "mosaic_gpu_fwd") if hopper_forward else "triton"),
                      hopper_mask=bool(hopper_forward and hopper_mask))
   cfg = KernelConfig(scale=scale, causal=causal, kv_len=None if padded_kv == kv_len else kv_len,
                      group=heads // kv_heads, blocks=blocks, interpret=interpret,
-                     hopper_forward=hopper_forward, hopper_backward=hopper_backward or None,
+                     hopper_forward=hopper_forward, hopper_backward=hopper_backward,
                      hopper_mask=hopper_mask if hopper_forward else None)
   ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   # Padded tokens repeat the last id, so the per-block id ranges (and the skipping) are unchanged.

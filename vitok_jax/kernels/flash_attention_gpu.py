@@ -215,8 +215,7 @@ def backward(q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds, kv_range, q_range, do_B
   if cfg.hopper_backward:
     from vitok_jax.kernels import flash_attention_hopper  # Imports Mosaic GPU.
     return flash_attention_hopper.backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL,
-                                           scale=cfg.scale, options=cfg.hopper_backward,
-                                           mask=cfg.hopper_mask)
+                                           scale=cfg.scale, mask=cfg.hopper_mask)
   batch, q_len, heads, head_dim = q_BLHD.shape
   kv_len = k_BSHD.shape[1]
   block_q, block_k, group = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd, cfg.group

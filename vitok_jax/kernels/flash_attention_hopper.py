@@ -13,26 +13,25 @@ log) that the Triton backward (`flash_attention_gpu.backward`) reads, so the two
 
 Backward (`backward`): FlashAttention-3's single pass per key block, five matmuls per tile pair
 with dQ added into float32 global memory by TMA reduce-adds (jax's Mosaic GPU backward, like our
-Triton one, runs a second pass for dQ: seven matmuls). `BackwardOptions` holds variants of it that
-are being measured against it (`backward_options` selects them for a trace).
+Triton one, runs a second pass for dQ: seven matmuls).
 
 Masks: none, or one that shows each query a prefix of the keys (`PrefixMask`: causal,
 block-causal with rising ids such as VAR's scales, key padding); with one, the tiles a program's
-rows cannot see are skipped and only the tiles they see in part are masked. Masked, the kernels
-have been lowered but not yet run on a GPU: `flash_attention` takes them only when asked
-(hopper=True) until `policy.HOPPER_PREFIX_MASKS` is set. Lengths that are multiples of the tiles,
-head dims 64 and 128 (through `flash_attention`, which pads: query lengths over 64 with the default
-tiles, head dims 33–128), a positive logit scale: `unsupported_reason` says why a call does not
-fit. Off the GPU the kernels
-can be lowered (the tests export them for CUDA) but not run: jax's Mosaic GPU interpreter (0.10)
-has no `run_state` or `plgpu.load` yet. On an H100 (jax 0.11.2, bf16,
-docs/kernels/bench_hopper_bwd_h100.json): forward 572–598 TFLOP/s at head dim 128 (L 4096–8192),
-0.98–1.00× cuDNN's speed; forward+backward 0.92–0.94× cuDNN at head dim 128 and 0.95–0.98× at 64
-for L 4096–8192, 1.03–1.15× at L ≤ 1024, 1.29–1.37× our Triton kernels.
+rows cannot see are skipped and only the tiles they see in part are masked (`flash_attention`
+takes them by default while `policy.HOPPER_PREFIX_MASKS` is set). Lengths that are multiples of
+the tiles, head dims 64 and 128 (through `flash_attention`, which pads: query lengths over 64
+with the default tiles, head dims 33–128), a positive logit scale: `unsupported_reason` says why a
+call does not fit. Off the GPU the kernels can be lowered (the tests export them for CUDA) but
+not run: jax's Mosaic GPU interpreter (0.10) has no `run_state` or `plgpu.load` yet. On an H100
+(jax 0.11.2, bf16, docs/kernels/bench_hopper_bwd_h100.json): forward 572–598 TFLOP/s at head dim
+128 (L 4096–8192), 0.98–1.00× cuDNN's speed; forward+backward 0.92–0.94× cuDNN at head dim 128
+and 0.95–0.98× at 64 for L 4096–8192, 1.03–1.15× at L ≤ 1024, 1.29–1.37× our Triton kernels.
+Causal, 0.99–1.35× cuDNN fwd+bwd for L 256–8192 (ahead up to 2048); block-causal at VAR's
+lengths, 1.35× / 1.86× cuDNN given the mask densely (docs/kernels/bench_hopper_causal_h100.json,
+bench_hopper_default_h100.json).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import math
@@ -373,49 +372,13 @@ BWD_BLOCK_Q = 64  # Queries per pipeline step of the backward.
 BACKWARD_MIN_Q_LEN = 1024
 
 
-@dataclasses.dataclass(frozen=True)
-class BackwardOptions:
-  """Variants of the backward under measurement. `tools/bench_kernels.py --impls
-  pallas,pallas+swizzled_dq,...` times each against the default in one run, and
-  `test_hopper_kernels_match_reference` checks each on the GPU; a variant becomes the default
-  once both pass there. Neither has run on a GPU yet.
-
-  swizzled_dq: stage each dQ tile for its TMA add in 128-byte-swizzled shared memory. Stored from
-    the wgmma register layout into plain 256-byte rows, every row of a warp's store starts on the
-    same bank (a 4-way conflict per 64-bit store), and the backward's shared memory traffic is
-    close to its budget.
-  deferred_dq: head dim 128 only: step i computes the dQ of query tile i − 1, whose dSᵀ both
-    warpgroups wrote a step earlier, so neither waits for the other within a step (three dSᵀ
-    slots); the default meets every step once both halves of dSᵀ are written, which keeps the two
-    in lockstep and their softmax phases together.
-  """
-  swizzled_dq: bool = False
-  deferred_dq: bool = False
-
-
-BACKWARD_OPTIONS = BackwardOptions()  # What `flash_attention` passes to `backward`.
-
-
-@contextlib.contextmanager
-def backward_options(**changes):
-  """Within this context `flash_attention` traces the Hopper backward with these
-  `BackwardOptions` fields changed (for benchmarks and tests)."""
-  global BACKWARD_OPTIONS
-  saved = BACKWARD_OPTIONS
-  BACKWARD_OPTIONS = dataclasses.replace(saved, **changes)
-  try:
-    yield
-  finally:
-    BACKWARD_OPTIONS = saved
-
-
 def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float,
-             options: BackwardOptions = BackwardOptions(), mask: Optional[PrefixMask] = None):
+             mask: Optional[PrefixMask] = None):
   """`_backward`, batchable: under vmap the mapped axis joins the batch (the kernel runs once)."""
 
   @jax.custom_batching.custom_vmap
   def call(*args):
-    return _backward(*args, scale=scale, options=options, mask=mask)
+    return _backward(*args, scale=scale, mask=mask)
 
   @call.def_vmap
   def _(axis_size, in_batched, *args):
@@ -428,7 +391,7 @@ def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: floa
 
 
 def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float,
-              options: BackwardOptions, mask: Optional[PrefixMask]):
+              mask: Optional[PrefixMask]):
   """dq [B, L, H, D] float32 and dk, dv per query head [B, S, H, D] in q's dtype (rounded per
   head before the caller's float32 sum over a group) of attention under `mask`, from the forward's
   lse [B, H, L] (natural log) and delta = Σ_d o·do [B, H, L]. dq is summed by float32 atomics
@@ -442,7 +405,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   TMA reduce-adds (float32 in global memory, so dq starts at zero and is not in q's dtype): at
   head dim 128 each warpgroup adds half the columns over all the program's keys once both have
   written dSᵀ, at 64 all columns over its own keys (see `split_dq`). Warpgroup 2 streams Q, dO,
-  lse and delta tiles into a ring of `STAGES` slots. `options`: `BackwardOptions`.
+  lse and delta tiles into a ring of `STAGES` slots.
 
   With a `mask` the program starts at the first query tile that sees its first key (the rows
   that see a key are a suffix), masks P up to the first tile that sees all its keys, and both
@@ -460,11 +423,9 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   # with twice the reduce-adds and no meeting (0.96–0.97× against 0.91–0.93×):
   # docs/kernels/hopper_bwd_{own,split}_dq_h100.json.
   split_dq = head_dim > 64
-  deferred = split_dq and options.deferred_dq  # Step i adds tile i − 1's dQ.
   dq_cols = head_dim // _COMPUTE_WARPGROUPS if split_dq else head_dim
-  # Split: both read a dSᵀ slot, which the next step (deferred: the step after) may not overwrite.
-  ds_slots = (3 if deferred else 2) if split_dq else 1
-  dq_transforms = _wgmma_transforms(jnp.float32, dq_cols) if options.swizzled_dq else ()
+  # Split: both read a dSᵀ slot, which the next step may not overwrite.
+  ds_slots = 2 if split_dq else 1
   logit_scale = scale * LOG2_E
   tiles = _wgmma_transforms(dtype, dq_cols)  # K is read a column half at a time for a split dQ.
 
@@ -519,9 +480,8 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
                       pl.ds(wg * dq_cols if split_dq else 0, dq_cols)],
             reduction_op="add")
 
-      def step(i, carry, with_dq: bool = True, masked: bool = False):
-        """dSᵀ, dK and dV of query tile i, and dQ of tile i (deferred: i − 1; with_dq=False: no
-        dQ, deferred's first step); masked: P of the pairs `mask` hides is 0."""
+      def step(i, carry, masked: bool = False):
+        """dSᵀ, dK, dV and dQ of query tile i; masked: P of the pairs `mask` hides is 0."""
         dk_KD, dv_KD = carry
         slot, ds_slot = ring_slot(i), lax.rem(i, ds_slots)
         q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
@@ -550,39 +510,25 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
         ds_KQ = (p_KQ * (dp_KQ - by_query(delta_Q, tile))).astype(dtype)
 
         def gradients(refs):
-          dk_acc, *dq_acc = refs
+          dk_acc, dq_acc = refs
           plgpu.wgmma(dk_acc, ds_KQ, q_tile)  # Needs only our dSᵀ: runs while we wait below.
-          if deferred and with_dq:
-            # Both wrote tile i − 1's dSᵀ, so both finished tile i − 2's dQ, which read this slot.
-            plgpu.barrier_wait(ds_written)
           ds_smem.at[ds_slot, own][...] = ds_KQ
           plgpu.commit_smem()
-          if deferred:
-            plgpu.barrier_arrive(ds_written)
-          elif split_dq:
+          if split_dq:
             meet()  # Both halves of dSᵀ are written.
-          if with_dq:
-            dq_matmul(dq_acc[0], lax.rem(i - 1, ds_slots) if deferred else ds_slot)
-        dq_init = (plgpu.ACC.init(zeros(BWD_BLOCK_Q, dq_cols)),) if with_dq else ()
-        dk_KD, *dq_QD = pl.run_state(gradients)((plgpu.ACC.init(dk_KD), *dq_init))
+          dq_matmul(dq_acc, ds_slot)
+        dk_KD, dq_QD = pl.run_state(gradients)((plgpu.ACC.init(dk_KD),
+                                                plgpu.ACC.init(zeros(BWD_BLOCK_Q, dq_cols))))
         plgpu.barrier_arrive(free.at[slot])
-        if with_dq:
-          add_dq(dq_QD[0], i - 1 if deferred else i)
+        add_dq(dq_QD, i)
         return dk_KD, dv_KD
 
       carry = (zeros(BWD_BLOCK_K, head_dim), zeros(BWD_BLOCK_K, head_dim))
       start = first_step
-      if deferred:  # Masked if there is a mask (a whole tile masked is exact).
-        carry = step(start, carry, with_dq=False, masked=mask is not None)
-        start = start + 1
       if mask is not None:
         carry = lax.fori_loop(start, full_step, functools.partial(step, masked=True), carry)
         start = full_step
       carry = lax.fori_loop(start, q_steps, step, carry)
-      if deferred:
-        plgpu.barrier_wait(ds_written)  # The last tile's dSᵀ is written: its dQ.
-        add_dq(pl.run_state(lambda acc: dq_matmul(acc, (q_steps - 1) % ds_slots))(
-            plgpu.ACC.init(zeros(BWD_BLOCK_Q, dq_cols))), q_steps - 1)
       dk_KD, dv_KD = carry
       if split_dq:
         meet()  # The other warpgroup's last dQ has read our K rows: they can hold dK now.
@@ -628,8 +574,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
             plgpu.SMEM((stages, BWD_BLOCK_Q), jnp.float32),
             plgpu.SMEM((stages, BWD_BLOCK_Q), jnp.float32),
             plgpu.SMEM((ds_slots, kv_rows, BWD_BLOCK_Q), dtype, transforms=tiles),
-            plgpu.SMEM((_COMPUTE_WARPGROUPS, BWD_BLOCK_Q, dq_cols), jnp.float32,
-                       transforms=dq_transforms))
+            plgpu.SMEM((_COMPUTE_WARPGROUPS, BWD_BLOCK_Q, dq_cols), jnp.float32))
     ready = ((plgpu.Barrier(num_barriers=_COMPUTE_WARPGROUPS),) * 2
              + (plgpu.Barrier(num_barriers=stages),) * 4)
     free = plgpu.Barrier(num_arrivals=_COMPUTE_WARPGROUPS, num_barriers=stages)

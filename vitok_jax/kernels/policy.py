@@ -7,16 +7,18 @@ vendor/XLA path. The kernels are always available explicitly (impl="pallas").
 Measured on an H100 (jax 0.11.2, bf16, docs/kernels/bench_kernels_h100.json, default tiles):
   - the kernel tests pass compiled (`tests/test_kernels.py -m "slow or not slow"`: 49 passed on
     the H100, BSQ's PTX approximate math, its tile loop and VQ's TF32×3 dot included);
-  - the Hopper kernels (Mosaic GPU, unmasked forward and backward): their tests pass on the H100;
-    fwd+bwd 3.5–3.6× XLA and 0.92–0.94× cuDNN at head dim 128 (0.95–0.98× at 64) for
-    L = 4096 / 8192; 1.03–1.06× cuDNN at L = 1024 and 1.19–1.24× at 256 (with the Triton
-    backward there) (docs/kernels/bench_hopper_bwd_h100.json);
-  - on Triton (every mask) fwd+bwd at L ≥ 4096 is 2.7–3.0× XLA (head dim 128) but 0.67–0.74×
-    cuDNN, 0.73–0.75× with the causal mask (docs/kernels/bench_causal_h100.json): unmasked and
-    causal attention stay on cuDNN where it applies (half precision, head_dim % 8 == 0), except
-    the short unmasked Hopper shapes of `hopper_ahead`;
-  - block-causal (VAR, 680 / 2240 tokens, head dim 64): 4.2× / 7.4× XLA and 1.32× / 1.73× cuDNN
-    given the same mask densely; no [L, S] mask is built;
+  - the Hopper kernels (Mosaic GPU, forward and backward, unmasked or prefix masks): their tests
+    pass on the H100 (with CUDA 13.0). Unmasked fwd+bwd: 3.5–3.6× XLA and 0.92–0.94× cuDNN at
+    head dim 128 (0.95–0.98× at 64) for L = 4096 / 8192; 1.03–1.06× cuDNN at L = 1024 and
+    1.19–1.24× at 256 (with the Triton backward there) (docs/kernels/bench_hopper_bwd_h100.json).
+    Causal: see HOPPER_AHEAD_MAX_LEN;
+  - on Triton fwd+bwd at L ≥ 4096 is 2.7–3.0× XLA (head dim 128) but 0.67–0.74× cuDNN,
+    0.73–0.75× with the causal mask (docs/kernels/bench_causal_h100.json): unmasked and causal
+    attention stay on cuDNN where it applies (half precision, head_dim % 8 == 0), except the
+    short Hopper shapes of `hopper_ahead`;
+  - block-causal (VAR, 680 / 2240 tokens, head dim 64), on the Hopper kernels: 1.35× / 1.86×
+    cuDNN given the same mask densely, 1.01–1.03× / 1.08× Triton (which is 4.2× / 7.4× XLA); no
+    [L, S] mask is built;
   - BSQ 4.9× (its default launch, bench_hopper_bwd_h100.json) and VQ (16384 codes) 3.6× the
     XLA-fused jnp versions, VQ without the 4.3 GB tokens × codes buffer.
 TPU: checked in interpret mode, and lowered for a v5e from a CPU (jax's Pallas TPU lowering:
@@ -36,36 +38,46 @@ HARDWARE_VALIDATED: frozenset = frozenset({"gpu"})
 # keeps it there whenever it supports the dtype and head dim.
 VENDOR_AHEAD = {"gpu": ("none", "causal"), "tpu": ()}
 
-# Hopper GPUs (sm_90): for unmasked half-precision attention up to this many queries, with query
+# Hopper GPUs (sm_90): for half-precision attention up to this many queries, by mask, with query
 # and key lengths in whole 128-token tiles and head dim 64 or 128, our Mosaic GPU kernels (with
-# the Triton backward below `flash_attention_hopper.BACKWARD_MIN_Q_LEN`) beat cuDNN: fwd+bwd
-# 1.24× / 1.19× at L = 256 (head dim 128 / 64) and 1.03× / 1.06× at 1024, forward alone 1.07× /
-# 1.00× and 1.01× / 0.93× (docs/kernels/bench_hopper_bwd_h100.json; 512 not measured). From 4096
-# on cuDNN leads (0.92–0.98×), so "auto" keeps it there. ViTok's 256-token images fall here.
-HOPPER_AHEAD_MAX_LEN = 1024
+# the Triton backward below `flash_attention_hopper.BACKWARD_MIN_Q_LEN`) beat cuDNN on an H100:
+#   - unmasked, fwd+bwd 1.24× / 1.19× at L = 256 (head dim 128 / 64) and 1.03× / 1.06× at 1024,
+#     forward alone 1.07× / 1.00× and 1.01× / 0.93× (docs/kernels/bench_hopper_bwd_h100.json; 512
+#     not measured); from 4096 on cuDNN leads (0.92–0.98×). ViTok's 256-token images fall here.
+#   - causal (`HOPPER_PREFIX_MASKS`), fwd+bwd 1.35× / 1.23× at 256, 1.15× / 1.15× at 512, 1.02× /
+#     1.14× at 1024, 1.01× / 1.11× at 2048; from 4096 on a tie (0.99–1.05×), where cuDNN stays, as
+#     its backward is deterministic (docs/kernels/bench_hopper_causal_h100.json,
+#     bench_hopper_default_h100.json). LlamaGen's 256–1024 tokens fall here.
+HOPPER_AHEAD_MAX_LEN = {"none": 1024, "causal": 2048}
 
-# Whether flash_attention (hopper unset) takes the Hopper kernels for masks that show each query a
-# prefix of the keys (causal, block-causal with rising static ids, key padding:
-# `flash_attention_hopper.PrefixMask`), in place of Triton. Off until they pass
-# `test_hopper_kernels_match_reference` on an H100 and tools/bench_kernels.py shows them ahead
-# (`--impls pallas,pallas_hopper,...`, block-causal rows and --causal; tools/check_hopper_gpu.sh);
-# hopper=True takes them. Expectation, from tile counts: at VAR's lengths their 64-row × 128-key
-# steps skip less than Triton's 64 × 64 tiles (they visit 53 of 72 steps at 680 tokens, 435 of 648
-# at 2240, after padding to 768 / 2304), so Triton may stay ahead there; their case is causal
-# attention of 256–1024 tokens (LlamaGen), where unmasked they beat cuDNN.
-HOPPER_PREFIX_MASKS = False
+# Whether flash_attention (hopper unset) takes the Hopper kernels (the backward from
+# `flash_attention_hopper.BACKWARD_MIN_Q_LEN` queries on, and for block-causal masks) for masks
+# that show each query a prefix of the keys (causal, block-causal with rising static ids, key
+# padding: `flash_attention_hopper.PrefixMask`), in place of Triton. On an H100 (jax 0.11.2, CUDA
+# 13.0, bf16, head dim 64; docs/kernels/bench_hopper_masked_h100.json) their tests pass compiled
+# (`test_hopper_masked_kernels_match_reference`) and fwd+bwd they beat Triton at every length
+# measured, with that backward rule: block-causal 0.75–0.77 / 1.14–1.16 ms against 0.77–0.78 /
+# 1.24–1.25 at VAR's 680 / 2240 tokens (1.33–1.37× / 1.81–1.83× our dense visit, 1.35–1.38× /
+# 1.86–1.89× cuDNN given the mask densely; three runs), causal 1.05–1.41× Triton for L 256–8192
+# (bench_hopper_causal_h100.json). Their forward alone is slower than Triton's at 2240 (0.39
+# against 0.34–0.35 ms).
+HOPPER_PREFIX_MASKS = True
 
 
-def hopper_ahead(dtype, q_len, kv_len, head_dim) -> bool:
-  """Whether unmasked attention of this shape is one where the Hopper kernels beat cuDNN: at most
-  HOPPER_AHEAD_MAX_LEN queries, taken by the kernels as they are (no padding:
-  `flash_attention_hopper.unsupported_reason` of the unpadded shapes is None)."""
-  if q_len is None or head_dim is None or not 0 < q_len <= HOPPER_AHEAD_MAX_LEN:
+def hopper_ahead(dtype, q_len, kv_len, head_dim, mask: str = "none") -> bool:
+  """Whether attention of this shape and mask kind ("none" or "causal") is one where the Hopper
+  kernels beat cuDNN: at most HOPPER_AHEAD_MAX_LEN[mask] queries, taken by the kernels as they
+  are (no padding: `flash_attention_hopper.unsupported_reason` of the unpadded shapes is None);
+  causal only while HOPPER_PREFIX_MASKS sends it to them."""
+  max_len = HOPPER_AHEAD_MAX_LEN.get(mask) if mask == "none" or HOPPER_PREFIX_MASKS else None
+  if max_len is None or q_len is None or head_dim is None or not 0 < q_len <= max_len:
     return False
   from vitok_jax.kernels import flash_attention_hopper  # Imports Mosaic GPU.
   spec = lambda length: jax.ShapeDtypeStruct((1, length, 1, head_dim), dtype)
   kv = spec(q_len if kv_len is None else kv_len)
-  return flash_attention_hopper.unsupported_reason(spec(q_len), kv, kv) is None
+  prefix = flash_attention_hopper.PrefixMask(causal=True) if mask == "causal" else None
+  return flash_attention_hopper.unsupported_reason(spec(q_len), kv, kv, masked=prefix is not None,
+                                                   mask=prefix) is None
 
 
 def is_hopper(device=None) -> bool:
