@@ -277,6 +277,29 @@ def test_hopper_masked_kernels_lower_for_cuda(prefix_masks, monkeypatch):
   assert seen == [(512, hopper.PrefixMask(causal=True))] * 2 and "triton" not in text
 
 
+def test_auto_causal_on_hopper_runs_on_the_hopper_kernels(monkeypatch):
+  """Where "auto" takes our kernel over cuDNN for causal attention on a Hopper GPU
+  (`policy.hopper_ahead`), flash_attention runs it on the Hopper kernels (on Triton it would be
+  slower than cuDNN); skip_blocks=False, the dense visit, stays on Triton."""
+  monkeypatch.setattr(policy, "is_hopper", lambda device=None: True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Compiled kernels, not interpreted.
+  monkeypatch.setattr(hopper, "_cuda_runtime_version", lambda: None)
+  calls = _spy_on_hopper_kernels(monkeypatch)
+  spec = lambda length, heads, head_dim: jax.ShapeDtypeStruct((2, length, heads, head_dim),
+                                                              jnp.bfloat16)
+  for length, head_dim, kernel in ((256, 64, "mosaic_gpu_fwd"), (2048, 128, "mosaic_gpu")):
+    q, kv = spec(length, 4, head_dim), spec(length, 2, head_dim)
+    with kernels.recorded_attention() as recorded:
+      jax.eval_shape(lambda q, k, v: kernels.dot_product_attention(q, k, v, is_causal=True),
+                     q, kv, kv)
+    assert [(c["impl"], c["kernel"], c["hopper_mask"]) for c in recorded] == [
+        ("pallas_gpu", kernel, True)], length
+  assert calls == ["forward"] * 2
+  jax.eval_shape(functools.partial(flash.flash_attention, causal=True, skip_blocks=False),
+                 q, kv, kv)
+  assert calls == ["forward"] * 2
+
+
 @pytest.fixture
 def tpu_target(monkeypatch):
   """Lowering for a TPU from this machine: jax's Pallas TPU lowering asks the device for its
@@ -355,6 +378,7 @@ def test_hopper_passes_by_mode_and_length(monkeypatch):
   `PrefixMask`s only while `policy.HOPPER_PREFIX_MASKS` is set; both with True, the forward with
   "forward", neither with False or another mask."""
   monkeypatch.setattr(policy, "is_hopper", lambda device=None: True)
+  monkeypatch.setattr(hopper, "_cuda_runtime_version", lambda: None)  # Not one masks refuse.
   spec = lambda length: jax.ShapeDtypeStruct((1, length, 4, 64), jnp.bfloat16)
   passes = lambda mode, length, masked=False, mask=None: flash._use_hopper(
       mode, flash._hopper_possible(mode, "gpu", False), masked, mask, 0.125, spec(length),
@@ -434,8 +458,7 @@ def test_prefix_mask_is_the_mask_and_bounds_its_tiles(case):
 
 def test_backward_tiles_of_keys_no_query_sees():
   """A program of padding keys only (keys pad past a whole program with large Triton tiles)
-  still walks one wholly masked query tile, so the deferred-dQ backward's first step and
-  epilogue have a tile (they would wait for one the producer never fetches)."""
+  still walks one wholly masked query tile (`backward_tiles` keeps the loops non-empty)."""
   mask = hopper.PrefixMask(kv_valid=300)
   first, full = (int(x) for x in hopper.backward_tiles(mask, 384, 128, 512))
   assert (first, full) == (512 // hopper.BWD_BLOCK_Q - 1, 512 // hopper.BWD_BLOCK_Q)
@@ -584,6 +607,7 @@ def test_resolve_impl_policy(monkeypatch):
   assert resolve("auto", bf16, q_len=8192, mask="dense", backend="gpu") == "cudnn"
   # On a Hopper GPU our kernels take short unmasked and causal sequences in whole 128-token
   # tiles, head dim 64 or 128 (where they beat cuDNN); cuDNN keeps the rest.
+  monkeypatch.setattr(hopper, "_cuda_runtime_version", lambda: None)  # Not one masks refuse.
   hopper_gpu = lambda **kw: resolve("auto", bf16, backend="gpu", hopper=True, **kw)
   assert hopper_gpu(q_len=256, head_dim=64) == "pallas_gpu"
   assert hopper_gpu(q_len=policy.HOPPER_AHEAD_MAX_LEN["none"], head_dim=128) == "pallas_gpu"

@@ -5,13 +5,14 @@ r"""Benchmarks the Pallas kernels against XLA, cuDNN and jax's own Pallas ops, m
 
 Attention (batch × heads × L × head_dim, self-attention): forward and forward+backward TFLOP/s of
   pallas        ours (`flash_attention`, the kernels for this backend: on an H100/H200
-                unmasked attention runs on the Mosaic GPU kernels, `flash_attention_hopper`),
+                unmasked, causal and block-causal attention runs on the Mosaic GPU kernels,
+                `flash_attention_hopper`),
   pallas_hopper ours on the Hopper kernels for both passes (`hopper=True`), masked rows too
                 (causal, block-causal: `flash_attention_hopper.PrefixMask`),
   pallas_hopper_fwd  ours with the Hopper forward and the Triton backward (`hopper="forward"`),
   pallas_triton ours on Triton only (`hopper=False`),
-  pallas_dense  ours visiting every tile with the mask (`skip_blocks=False`): block-causal rows
-                only, the saving of skipping measured on one kernel,
+  pallas_dense  ours on Triton visiting every tile with the mask (`skip_blocks=False`):
+                block-causal rows only, the saving of skipping measured on one kernel,
   xla, cudnn    `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
   jax_pallas    jax's reference Pallas op (GPU: pallas.ops.gpu.attention.mha; TPU:
                 pallas.ops.tpu.flash_attention),

@@ -10,9 +10,10 @@ The kernels themselves (`flash_attention_gpu`, `flash_attention_tpu`) implement
 
 on padded arrays (ranges: `masks.BlockRange`), with dk/dv per *query* head (this file sums them
 over each group). On Hopper GPUs the GPU module hands forward and backward passes to the Mosaic
-GPU kernels (`flash_attention_hopper`, chosen here: `hopper`; unmasked, or prefix masks when
-asked), whose logsumexp is the Triton kernels' own. No [L, S] array exists at any point: scores
-live in one tile at a time, the backward recomputes them from the saved logsumexp (natural log).
+GPU kernels (`flash_attention_hopper`, chosen here: `hopper`; unmasked, or prefix masks while
+`policy.HOPPER_PREFIX_MASKS` is set), whose logsumexp is the Triton kernels' own. No [L, S] array
+exists at any point: scores live in one tile at a time, the backward recomputes them from the
+saved logsumexp (natural log).
 """
 from __future__ import annotations
 
@@ -275,7 +276,7 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
     return_lse: also return the logsumexp [batch, heads, q_len] (float32, natural log).
     skip_blocks: skip the tiles the mask hides and build no mask on the tiles it wholly shows
       (`masks.block_ranges`); False visits every tile masked, the dense-mask baseline of
-      tools/bench_kernels.py (same result, slower).
+      tools/bench_kernels.py (same result, slower; a mask then runs on Triton).
     hopper: GPU: run forward and backward on the warp-specialised Mosaic GPU kernels
       (`flash_attention_hopper`). Default: where they apply (an sm_90 GPU, compiled, no mask or
       one that shows each query a prefix of the keys (causal or rising block ids in

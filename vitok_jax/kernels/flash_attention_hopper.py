@@ -421,7 +421,9 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   # both wrote dSᵀ (its own keys over all columns, a [64, 128] float32 accumulator more, ran
   # 0.74–0.77× cuDNN fwd+bwd against 0.93–0.94×); at 64 each adds all columns over its own keys,
   # with twice the reduce-adds and no meeting (0.96–0.97× against 0.91–0.93×):
-  # docs/kernels/hopper_bwd_{own,split}_dq_h100.json.
+  # docs/kernels/hopper_bwd_{own,split}_dq_h100.json. dQ staged in swizzled shared memory, or
+  # deferred a step, took 0.98–1.02× this one's fwd+bwd time, within the noise; both were dropped
+  # (docs/kernels/bench_hopper_variants_h100.json).
   split_dq = head_dim > 64
   dq_cols = head_dim // _COMPUTE_WARPGROUPS if split_dq else head_dim
   # Split: both read a dSᵀ slot, which the next step may not overwrite.

@@ -59,8 +59,8 @@ HOPPER_AHEAD_MAX_LEN = {"none": 1024, "causal": 2048}
 # measured, with that backward rule: block-causal 0.75–0.77 / 1.14–1.16 ms against 0.77–0.78 /
 # 1.24–1.25 at VAR's 680 / 2240 tokens (1.33–1.37× / 1.81–1.83× our dense visit, 1.35–1.38× /
 # 1.86–1.89× cuDNN given the mask densely; three runs), causal 1.05–1.41× Triton for L 256–8192
-# (bench_hopper_causal_h100.json). Their forward alone is slower than Triton's at 2240 (0.39
-# against 0.34–0.35 ms).
+# (bench_hopper_causal_h100.json, bench_hopper_default_h100.json). Their forward alone is slower
+# than Triton's at 2240 (0.38–0.39 against 0.34–0.35 ms).
 HOPPER_PREFIX_MASKS = True
 
 
