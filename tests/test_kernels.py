@@ -366,6 +366,9 @@ def test_hopper_kernel_says_what_does_not_fit():
   with pytest.raises(ConfigError, match="'forward'"):
     flash.flash_attention(jnp.zeros(x.shape, x.dtype), *[jnp.zeros(x.shape, x.dtype)] * 2,
                           hopper="backward")
+  with pytest.raises(ConfigError, match="skip_blocks=False"):
+    flash.flash_attention(*[jnp.zeros(x.shape, x.dtype)] * 3, causal=True, hopper=True,
+                          skip_blocks=False)
   if not policy.is_hopper():
     q = jnp.zeros(x.shape, x.dtype)
     with pytest.raises(ConfigError, match="sm_90"):
