@@ -2,6 +2,7 @@
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -521,6 +522,51 @@ def test_tpu_runtime_version_follows_the_accelerator():
                      "tpu-ubuntu2204-base to `vitok launch tpu`"):
     version("v3-8")
   assert version("v3-8", runtime_version="tpu-vm-base") == "tpu-vm-base"
+
+
+def _git(*args, cwd):
+  return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                        check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_tpu_install_checks_out_the_pinned_ref_on_every_worker(tmp_path):
+  """The provisioning step's install command, run here as a worker would, with a local repository
+  as repo_url: it clones and checks out repo_ref (a commit; then, in the existing clone, a branch
+  moved on since), installs that checkout, and names the fix for a ref the remote lacks."""
+  origin, home, bin_dir = tmp_path / "origin", tmp_path / "home", tmp_path / "bin"
+  for folder in (origin, home, bin_dir):
+    folder.mkdir()
+  _script(bin_dir / "python3", f'#!/bin/bash\necho "$PWD $*" >> {tmp_path}/installed\n')
+  _git("init", "-q", "-b", "main", cwd=origin)
+
+  def commit(text):
+    (origin / "f").write_text(text)
+    _git("add", "f", cwd=origin)
+    _git("commit", "-qm", text, cwd=origin)
+    return _git("rev-parse", "HEAD", cwd=origin)
+
+  def worker(ref):
+    spec = JobSpec(config="vitok", workdir="/w", tpu_name="pod", zone="z",
+                   accelerator_type="v5litepod-8", repo_url=str(origin), repo_ref=ref)
+    env = dict(os.environ, HOME=str(home), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    return subprocess.run(["bash", "-c", tpu.install_command(spec)], env=env,
+                          capture_output=True, text=True)
+
+  first, checkout = commit("one"), home / "vitok_jax"
+  commit("two")
+  assert worker(first).returncode == 0 and _git("rev-parse", "HEAD", cwd=checkout) == first
+  third = commit("three")
+  assert worker("main").returncode == 0 and _git("rev-parse", "HEAD", cwd=checkout) == third
+  result = worker("no-such-ref")
+  assert result.returncode == 1
+  assert "repo_ref no-such-ref could not be checked out on TPU worker" in result.stderr
+  assert (tmp_path / "installed").read_text().splitlines() == [
+      f"{checkout} -m pip install -q -e . jax[tpu]"] * 2
+  with pytest.raises(ConfigError, match="pass --repo_url too"):
+    JobSpec(config="vitok", workdir="/w", repo_ref=first)
+  with pytest.raises(ConfigError, match="a commit, tag or branch"):
+    JobSpec(config="vitok", workdir="/w", repo_url=str(origin), repo_ref="main; rm -rf /")
 
 
 def test_tpu_job_checks_the_checkout_and_shared_files_on_the_worker(tmp_path):

@@ -66,7 +66,7 @@ flags.DEFINE_enum("target", "local", ["local", "slurm", "tpu"], "sweep: run here
 flags.DEFINE_bool("dry_run", False, "sweep: list the runs and their status, run nothing.")
 flags.DEFINE_list("job", [], "sweep --target=slurm/tpu: JobSpec fields as k=v, e.g. "
                   "partition=gpu,gpus_per_node=8,time=12:00:00 or "
-                  "tpu_name=...,zone=...,accelerator_type=...,repo_url=...")
+                  "tpu_name=...,zone=...,accelerator_type=...,repo_url=...,repo_ref=...")
 flags.DEFINE_string("x", None, "fit: column on the x axis (e.g. E, params_total, compute).")
 flags.DEFINE_string("y", None, "fit: metric column (e.g. eval/psnr, eval/l2).")
 flags.DEFINE_bool("offset", False, "fit: also fit an irreducible term, y = c + a·x^b.")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shlex
 
 from vitok_jax import config_lib
@@ -35,6 +36,7 @@ class JobSpec:
   runtime_version: str = ""                    # "": picked from accelerator_type (launch/tpu.py).
   repo_dir: str = "~/vitok_jax"                # Checkout on every TPU worker.
   repo_url: str = ""                           # Set: cloned into repo_dir and pip-installed there.
+  repo_ref: str = ""                           # With repo_url: the commit, tag or branch checked out.
 
   def __post_init__(self):
     if self.nodes < 1 or self.processes_per_node < 1:
@@ -44,6 +46,13 @@ class JobSpec:
       raise ConfigError(f"processes_per_node={self.processes_per_node} must be 1 (one process "
                         f"drives all {self.gpus_per_node} GPUs) or gpus_per_node (one per GPU)")
     config_lib.check_workdir(self.workdir)
+    if self.repo_ref and not re.fullmatch(r"[A-Za-z0-9._/-]+", self.repo_ref):
+      raise ConfigError(f"repo_ref={self.repo_ref!r}: a commit, tag or branch name (letters, "
+                        "digits, '.', '_', '/', '-')")
+    if self.repo_ref and not self.repo_url:
+      raise ConfigError(f"repo_ref={self.repo_ref!r} pins the checkout that repo_url clones on "
+                        "every TPU worker; pass --repo_url too (without it repo_dir is run as it "
+                        "is)")
     for override in self.overrides:
       if not override.startswith("--config."):
         raise ConfigError(f"override {override!r} must look like --config.a.b=value")

@@ -41,6 +41,8 @@ def parse(argv: list[str]) -> tuple[str, jobspec.JobSpec, argparse.Namespace]:
   parser.add_argument("--repo_dir", default="~/vitok_jax", help="tpu: the checkout on every worker")
   parser.add_argument("--repo_url", default="", help="tpu: git URL cloned into --repo_dir on every "
                       "worker (when missing) and pip-installed; default: --repo_dir must exist")
+  parser.add_argument("--repo_ref", default="", help="tpu: with --repo_url, the commit, tag or "
+                      "branch every worker checks out before installing (default: as cloned)")
   parser.add_argument("--dry_run", action="store_true", help="print what would run, run nothing")
   parser.add_argument("--submit", action="store_true",
                       help="slurm: sbatch the script (without it: write WORKDIR/launch.sbatch)")
@@ -51,7 +53,8 @@ def parse(argv: list[str]) -> tuple[str, jobspec.JobSpec, argparse.Namespace]:
       compilation_cache=args.compilation_cache, coordinator_port=args.port, job_name=args.job_name,
       partition=args.partition, account=args.account, time=args.time, tpu_name=args.tpu_name,
       zone=args.zone, project=args.project, accelerator_type=args.accelerator_type,
-      runtime_version=args.runtime_version, repo_dir=args.repo_dir, repo_url=args.repo_url)
+      runtime_version=args.runtime_version, repo_dir=args.repo_dir, repo_url=args.repo_url,
+      repo_ref=args.repo_ref)
   return args.target, spec, args
 
 

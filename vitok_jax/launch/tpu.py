@@ -3,8 +3,9 @@
 A queued resource goes WAITING_FOR_RESOURCES -> PROVISIONING -> ACTIVE (or FAILED, SUSPENDED);
 `gcloud compute tpus tpu-vm ssh --worker=all` only reaches the hosts once it is ACTIVE, so the
 provisioning step polls its state. Every host needs this repository at JobSpec.repo_dir: with
-JobSpec.repo_url the provisioning step clones (when missing) and pip-installs it on every worker;
-without, the job checks that repo_dir exists and fails with a message naming the fix.
+JobSpec.repo_url the provisioning step clones (when missing) and pip-installs it on every worker,
+first checking out JobSpec.repo_ref (a commit, tag or branch) if set, so that every host runs the
+same code; without, the job checks that repo_dir exists and fails with a message naming the fix.
 """
 from __future__ import annotations
 
@@ -91,11 +92,27 @@ def provision_command(spec: JobSpec) -> str:
       f'  sleep "${{VITOK_TPU_POLL_S:-{POLL_S}}}"',
       "done"]
   if spec.repo_url:
-    repo = _path(spec.repo_dir)
-    setup = (f"{{ test -d {repo} || git clone -q {shlex.quote(spec.repo_url)} {repo}; }} && "
-             f"cd {repo} && python3 -m pip install -q -e . 'jax[tpu]'")
-    lines.append(ssh_all(spec, setup) + " || exit 1")
+    lines.append(ssh_all(spec, install_command(spec)) + " || exit 1")
   return "\n".join(lines)
+
+
+def install_command(spec: JobSpec) -> str:
+  """Shell run on every worker: clone repo_url into repo_dir when missing, check out repo_ref
+  (a branch as its latest fetched commit; a ref the remote lacks fails with a message), and
+  pip-install the checkout with jax[tpu]."""
+  repo = _path(spec.repo_dir)
+  steps = [f"{{ test -d {repo} || git clone -q {shlex.quote(spec.repo_url)} {repo}; }}",
+           f"cd {repo}"]
+  if spec.repo_ref:
+    ref = shlex.quote(spec.repo_ref)
+    origin_ref = shlex.quote(f"origin/{spec.repo_ref}")
+    checkout = (f"git fetch -q --tags origin && {{ git checkout -q --detach {origin_ref} "
+                f"2>/dev/null || git checkout -q --detach {ref}; }}")
+    steps.append(f"{{ {{ {checkout}; }} || {{ echo \"vitok: repo_ref {spec.repo_ref} could not "
+                 "be checked out on TPU worker $(hostname): push it to repo_url, or pass another "
+                 "--repo_ref\" >&2; exit 1; }; }")
+  steps.append("python3 -m pip install -q -e . 'jax[tpu]'")
+  return " && ".join(steps)
 
 
 def job_command(spec: JobSpec, *, require: Sequence[str] = ()) -> str:
