@@ -565,8 +565,9 @@ def test_tpu_install_checks_out_the_pinned_ref_on_every_worker(tmp_path):
       f"{checkout} -m pip install -q -e . jax[tpu]"] * 2
   with pytest.raises(ConfigError, match="pass --repo_url too"):
     JobSpec(config="vitok", workdir="/w", repo_ref=first)
-  with pytest.raises(ConfigError, match="a commit, tag or branch"):
-    JobSpec(config="vitok", workdir="/w", repo_url=str(origin), repo_ref="main; rm -rf /")
+  for bad in ("main; rm -rf /", "--orphan"):
+    with pytest.raises(ConfigError, match="a commit, tag or branch"):
+      JobSpec(config="vitok", workdir="/w", repo_url=str(origin), repo_ref=bad)
 
 
 def test_tpu_job_checks_the_checkout_and_shared_files_on_the_worker(tmp_path):

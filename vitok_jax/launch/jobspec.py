@@ -46,9 +46,9 @@ class JobSpec:
       raise ConfigError(f"processes_per_node={self.processes_per_node} must be 1 (one process "
                         f"drives all {self.gpus_per_node} GPUs) or gpus_per_node (one per GPU)")
     config_lib.check_workdir(self.workdir)
-    if self.repo_ref and not re.fullmatch(r"[A-Za-z0-9._/-]+", self.repo_ref):
+    if self.repo_ref and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*", self.repo_ref):
       raise ConfigError(f"repo_ref={self.repo_ref!r}: a commit, tag or branch name (letters, "
-                        "digits, '.', '_', '/', '-')")
+                        "digits, '.', '_', '/', '-', starting with a letter or digit)")
     if self.repo_ref and not self.repo_url:
       raise ConfigError(f"repo_ref={self.repo_ref!r} pins the checkout that repo_url clones on "
                         "every TPU worker; pass --repo_url too (without it repo_dir is run as it "
