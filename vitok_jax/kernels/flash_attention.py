@@ -315,7 +315,6 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   if hopper and not skip_blocks and (causal or block_ids is not None):
     raise ConfigError(f"hopper={hopper!r} with skip_blocks=False: the Hopper kernels always skip "
                       "the tiles a mask hides; the dense visit runs on Triton (hopper=False)")
-  # (The Hopper kernels always skip hidden tiles: skip_blocks=False, the dense visit, is Triton's.)
   prefix = _prefix_mask(causal=causal, segment_ids=segment_ids, block_ids=block_ids,
                         q_len=q_len, kv_len=kv_len) if hopper_possible and skip_blocks else None
   if prefix is not None and (hopper or policy.HOPPER_PREFIX_MASKS):
