@@ -8,6 +8,7 @@ padding, several key blocks per query block and the block skipping of causal / b
 segment masks. `-m slow` runs the wider grid (head dims 64/128, longer sequences, every mask on both
 kernels, both dtypes).
 """
+import dataclasses
 import functools
 import json
 import os
@@ -277,6 +278,34 @@ def test_hopper_masked_kernels_lower_for_cuda(prefix_masks, monkeypatch):
   assert seen == [(512, hopper.PrefixMask(causal=True))] * 2 and "triton" not in text
 
 
+@pytest.mark.parametrize("hopper_mode", [None, "forward"])
+def test_skipping_padded_queries_lowers_for_cuda_where_both_passes_are_hopper(hopper_mode,
+                                                                             monkeypatch):
+  """With `policy.HOPPER_SKIP_PADDED_QUERIES`, VAR's 680 tokens (padded to 768) give both Hopper
+  kernels the scales' `PrefixMask` with q_valid=680, and lower for CUDA; with the Triton backward
+  ("forward") the mask has no q_valid, as Triton's backward reads every padded row's lse."""
+  monkeypatch.setattr(policy, "is_hopper", lambda device=None: True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Compiled kernels, not interpreted.
+  monkeypatch.setattr(hopper, "_cuda_runtime_version", lambda: None)
+  monkeypatch.setattr(policy, "HOPPER_SKIP_PADDED_QUERIES", True)
+  seen = []
+  for name in ("forward", "backward"):
+    monkeypatch.setattr(hopper, name, functools.partial(
+        lambda kernel, *a, **kw: seen.append(kw["mask"]) or kernel(*a, **kw),
+        getattr(hopper, name)))
+  attend = functools.partial(flash.flash_attention, block_ids=VAR_680, hopper=hopper_mode)
+  x = jax.ShapeDtypeStruct((2, 680, 4, 64), jnp.bfloat16)
+  text = jax.export.export(
+      jax.jit(jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), (0, 1, 2))),
+      platforms=["cuda"], disabled_checks=CUDA_CHECKS)(x, x, x).mlir_module()
+  want = hopper.PrefixMask.from_block_ids(VAR_680, kv_valid=680)
+  if hopper_mode is None:
+    assert seen == [dataclasses.replace(want, q_valid=680)] * 2 and "triton" not in text
+  else:
+    assert seen == [want] and "triton" in text
+  assert "mosaic_gpu" in text
+
+
 def test_auto_causal_on_hopper_runs_on_the_hopper_kernels(monkeypatch):
   """Where "auto" takes our kernel over cuDNN for causal attention on a Hopper GPU
   (`policy.hopper_ahead`), flash_attention runs it on the Hopper kernels (on Triton it would be
@@ -430,14 +459,19 @@ def _reference_visible(case: str, length: int, true_length: int) -> np.ndarray:
   return visible
 
 
+@pytest.mark.parametrize("skip_padded", [False, True])
 @pytest.mark.parametrize("case", PREFIX_CASES)
-def test_prefix_mask_is_the_mask_and_bounds_its_tiles(case):
+def test_prefix_mask_is_the_mask_and_bounds_its_tiles(case, skip_padded):
   """`PrefixMask` shows exactly the pairs the mask does, every row sees key 0 (the forward's
   running max is finite after its first tile), and the tile bounds of the Hopper kernels hold:
   forward (per warpgroup of 64 rows and per program of 128) key tiles before `full` wholly
   visible, none from `end` on; backward (per program of 128 keys) no query tile before `first`
-  sees a key, every tile from `full` on sees all of them."""
+  sees a key, every tile from `full` on up to `query_steps` sees all of them. With q_valid
+  (skip_padded) the same pairs are shown, and the tiles of padding rows alone are walked by
+  neither pass: every tile a true row needs still is."""
   mask, length, true_length = PREFIX_CASES[case]
+  if skip_padded:
+    mask = dataclasses.replace(mask, q_valid=true_length)
   assert PREFIX_CASES["block_causal"][0].block_ends == (1, 5, 14, 30, 55, 91, 155, 255, 424, 680)
   pos = np.arange(length)
   visible = np.asarray(mask.visible(pos[:, None], pos[None, :]))
@@ -448,14 +482,20 @@ def test_prefix_mask_is_the_mask_and_bounds_its_tiles(case):
     by_tile = tiles(visible, rows, hopper.BLOCK_K)
     for t in range(length // rows):
       full, end = (int(x) for x in hopper.forward_tiles(mask, t * rows, rows))
+      if skip_padded and t * rows >= true_length:  # Padding rows alone.
+        assert (full, end) == (0, 0) and rows == hopper.BLOCK_Q
+        continue
       assert 1 <= end and by_tile[t, :, :full].all() and not by_tile[t, :, end:].any()
       assert full == end or not by_tile[t, :, full].all()  # Tight: no whole tile masked.
   keys = 2 * hopper.BWD_BLOCK_K
   by_tile = tiles(visible, hopper.BWD_BLOCK_Q, keys)
+  q_steps = hopper.query_steps(mask, length)
+  assert q_steps == (-(-true_length // hopper.BWD_BLOCK_Q) if skip_padded
+                     else length // hopper.BWD_BLOCK_Q)
   for j in range(length // keys):
     first, full = (int(x) for x in hopper.backward_tiles(mask, j * keys, keys, length))
-    assert first < full <= length // hopper.BWD_BLOCK_Q
-    assert not by_tile[:first, :, j].any() and by_tile[full:, :, j].all()
+    assert first < full <= q_steps
+    assert not by_tile[:first, :, j].any() and by_tile[full:q_steps, :, j].all()
     assert by_tile[first, :, j].any()  # Tight at the start: the first tile sees a key.
 
 
@@ -474,6 +514,11 @@ def test_hopper_mask_checks(monkeypatch):
                                                          mask=hopper.PrefixMask())
   causal = hopper.PrefixMask(causal=True)
   assert hopper.unsupported_reason(x, x, x, masked=True, mask=causal) is None
+  # Query padding only inside the last program's 128 rows (one of padding alone would hang).
+  with_q_valid = lambda n: dataclasses.replace(causal, q_valid=n)
+  assert hopper.unsupported_reason(x, x, x, masked=True, mask=with_q_valid(129)) is None
+  for n in (128, 257):
+    assert f"q_valid={n}" in hopper.unsupported_reason(x, x, x, masked=True, mask=with_q_valid(n))
   # CUDA 12.8.0 – 12.9.0 miscompile the in-tile mask (jax's attention_mgpu refuses them too).
   monkeypatch.setattr(hopper, "_cuda_runtime_version", lambda: 12080)
   assert "12080" in hopper.unsupported_reason(x, x, x, masked=True, mask=causal)
@@ -538,14 +583,18 @@ def test_hopper_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads
     (300, 300, 64, jnp.float16, 1, dict(causal=True)),  # Padded queries and keys.
     (256, 200, 128, jnp.bfloat16, 2, {})], ids=["block_causal", "causal", "causal_padded",
                                                "key_padding"])
+@pytest.mark.parametrize("skip_padded", [False, True])
 def test_hopper_masked_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads, mask,
-                                               monkeypatch):
+                                               skip_padded, monkeypatch):
   """Masks that show each query a prefix of the keys take the Hopper kernels by default
   (`policy.HOPPER_PREFIX_MASKS`; checked by spies; the backward's length threshold lowered for
-  these short cases): output, logsumexp and gradients match the reference."""
+  these short cases): output, logsumexp and gradients match the reference, also where the
+  kernels skip the tiles of query padding alone (`policy.HOPPER_SKIP_PADDED_QUERIES`: 680 → 768
+  and 300 → 384 have one)."""
   if 12080 <= (hopper._cuda_runtime_version() or 0) < 12091:
     pytest.skip("the masked Hopper kernels refuse CUDA 12.8.0 – 12.9.0 (ptxas)")
   monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
+  monkeypatch.setattr(policy, "HOPPER_SKIP_PADDED_QUERIES", skip_padded)
   calls = _spy_on_hopper_kernels(monkeypatch)
   _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
                    head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"], **mask)

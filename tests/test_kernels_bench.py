@@ -21,7 +21,7 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   bench = _load_bench()
   out, png = tmp_path / "kernels.json", tmp_path / "kernels.png"
   returned = bench.main(["--tiny", "--lengths", "64", "--head_dims", "32", "--impls",
-                         "pallas,pallas_dense,xla,pallas_triton",
+                         "pallas,pallas_dense,xla,pallas_triton,pallas_skip_padded",
                          "--bsq", "256,32", "--bsq_more_tokens", "512", "--vq", "128,256,8",
                          "--warmup", "0", "--iters", "1", "--out", str(out), "--plot", str(png)])
   report = json.loads(out.read_text())
@@ -40,7 +40,17 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   with pytest.raises(ValueError, match="unknown.*pallas\\+swizzled"):
     bench.main(["--tiny", "--impls", "pallas,pallas+swizzled"])
   # Block-causal counts only visible pairs: 55 tokens in scales of 1, 4, 9, 16, 25 tokens.
-  assert var["fwd_flops"] == 4 * var["batch"] * 2 * 32 * (1 + 4 * 5 + 9 * 14 + 16 * 30 + 25 * 55)
+  pairs = 1 + 4 * 5 + 9 * 14 + 16 * 30 + 25 * 55
+  assert var["fwd_flops"] == 4 * var["batch"] * 2 * 32 * pairs
+  assert var["visible_fraction"] == pytest.approx(pairs / 55**2) and dense["visible_fraction"] == 1
+  # The policy flag is set while "pallas_skip_padded" is traced, and only then.
+  assert "fwd_bwd_ms" in var["impls"]["pallas_skip_padded"]
+  assert bench.policy.HOPPER_SKIP_PADDED_QUERIES is False
+  seen = []
+  traced = bench._with_policy(lambda: seen.append(bench.policy.HOPPER_SKIP_PADDED_QUERIES),
+                              HOPPER_SKIP_PADDED_QUERIES=True)
+  traced()
+  assert seen == [True] and bench.policy.HOPPER_SKIP_PADDED_QUERIES is False
   assert isinstance(report["vq"]["no_tokens_x_codes_buffer"], bool)  # Meaningful off-CPU only.
   assert report["bsq"]["speedup_vs_jnp"] > 0
   assert set(report["bsq"]["copy"]) == {"pallas", "xla"}  # The bandwidth ceilings of the shape.

@@ -13,6 +13,8 @@ Attention (batch × heads × L × head_dim, self-attention): forward and forward
   pallas_triton ours on Triton only (`hopper=False`),
   pallas_dense  ours on Triton visiting every tile with the mask (`skip_blocks=False`):
                 block-causal rows only, the saving of skipping measured on one kernel,
+  pallas_skip_padded  ours with `policy.HOPPER_SKIP_PADDED_QUERIES` set: where both passes run
+                on the Hopper kernels they skip the tiles of query padding alone (680 → 768),
   xla, cudnn    `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
   jax_pallas    jax's reference Pallas op (GPU: pallas.ops.gpu.attention.mha; TPU:
                 pallas.ops.tpu.flash_attention),
@@ -24,6 +26,9 @@ for every L in --lengths and head_dim in --head_dims, causal or not (--causal), 
 VAR's lengths (680 = 256p, 2240 = 512p) against the same mask given densely to XLA/cuDNN. FLOPs
 are the useful ones: 4·B·H·D per visible (query, key) pair forward, 2.5× that backward (the
 FlashAttention convention), identical for every implementation, so TFLOP/s ratios are speed ratios.
+A row's visible_fraction is the share of pairs its mask shows: 1 / visible_fraction bounds what
+skipping hidden pairs can gain over a dense visit at the same speed per pair (VAR: 1.61× at 680,
+1.53× at 2240; less in whole tiles).
 
 Quantisers: BSQ (N tokens × d) and VQ nearest code (N tokens, K codes × D) as GB/s of the bytes they
 must move (read z and the codebook, write the outputs) against the device's peak memory bandwidth,
@@ -60,6 +65,7 @@ from vitok_jax.eval import timing
 from vitok_jax.kernels import bsq_pallas
 from vitok_jax.kernels import flash_attention as flash
 from vitok_jax.kernels import masks
+from vitok_jax.kernels import policy
 from vitok_jax.kernels import reference
 from vitok_jax.kernels import vq_pallas
 
@@ -73,7 +79,7 @@ PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("
                    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
                    ("TPU v4", 275e12), ("TPU v6", 918e12))
 ATTENTION_IMPLS = ("pallas", "pallas_hopper", "pallas_hopper_fwd", "pallas_triton",
-                   "pallas_dense", "xla", "cudnn", "jax_pallas", "jax_mgpu")
+                   "pallas_dense", "pallas_skip_padded", "xla", "cudnn", "jax_pallas", "jax_mgpu")
 # jax_mgpu's tiles: two consumer warpgroups of 64 queries, 128 keys per step, two steps in
 # flight; backward tiles 64 × 64 (its own benchmark's and tests' settings).
 JAX_MGPU_CONFIG = dict(block_q=64, block_kv=128, max_concurrent_steps=2, block_q_dkv=64,
@@ -83,6 +89,10 @@ JAX_MGPU_CONFIG = dict(block_q=64, block_kv=128, max_concurrent_steps=2, block_q
 def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool, block_sizes=None):
   """f(q, k, v) -> out in [B, L, H, D] for one implementation (ours with `block_sizes` if given)."""
   backend = jax.default_backend()
+  if impl == "pallas_skip_padded":
+    return _with_policy(_attention_fn("pallas", causal=causal, block_ids=block_ids,
+                                      interpret=interpret, block_sizes=block_sizes),
+                        HOPPER_SKIP_PADDED_QUERIES=True)
   if impl in ("pallas", "pallas_hopper", "pallas_hopper_fwd", "pallas_triton", "pallas_dense"):
     hopper = {"pallas_hopper": True, "pallas_hopper_fwd": "forward", "pallas_triton": False,
               "pallas_dense": False}.get(impl)
@@ -115,6 +125,21 @@ def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool, block_
   raise ValueError(impl)
 
 
+def _with_policy(fn, **flags):
+  """fn with these `policy` flags set while it runs, i.e. while jit traces it (the forward
+  hands the backward its kernel settings, so they hold for its vjp too)."""
+  def run(*args):
+    saved = {name: getattr(policy, name) for name in flags}
+    for name, value in flags.items():
+      setattr(policy, name, value)
+    try:
+      return fn(*args)
+    finally:
+      for name, value in saved.items():
+        setattr(policy, name, value)
+  return run
+
+
 def _fwd_bwd(fn):
   """Forward + backward of sum(out · do): the work of one training step's attention."""
   def step(q, k, v, do):
@@ -137,7 +162,9 @@ def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, 
   fwd_flops = 4.0 * batch * heads * head_dim * _visible_pairs(q_len, causal, block_ids)
   row = {"batch": batch, "heads": heads, "q_len": q_len, "head_dim": head_dim,
          "dtype": jnp.dtype(dtype).name, "mask": "block_causal" if block_ids is not None else
-         ("causal" if causal else "none"), "fwd_flops": fwd_flops, "impls": {}}
+         ("causal" if causal else "none"), "fwd_flops": fwd_flops,
+         "visible_fraction": fwd_flops / (4.0 * batch * heads * head_dim * q_len * q_len),
+         "impls": {}}
   ids = None if block_ids is None else jnp.asarray(block_ids)
   for impl in impls:
     entry = {}

@@ -328,6 +328,9 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
                  if masked and prefix is not None else None)
   hopper_forward, hopper_backward = _use_hopper(hopper, hopper_possible, masked, hopper_mask,
                                                 scale, q_BLHD, k_BSHD, v_BSHD)
+  if (hopper_backward and hopper_mask is not None and padded_q != q_len
+      and policy.HOPPER_SKIP_PADDED_QUERIES):  # (Triton's backward would read their lse.)
+    hopper_mask = dataclasses.replace(hopper_mask, q_valid=q_len)
   recording.annotate(kernel="mosaic_tpu" if backend == "tpu" else (
       ("mosaic_gpu" if hopper_backward else "mosaic_gpu_fwd") if hopper_forward else "triton"),
                      hopper_mask=bool(hopper_forward and hopper_mask))

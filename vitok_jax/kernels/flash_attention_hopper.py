@@ -65,6 +65,11 @@ def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
   if mask is not None:
     if not (mask.causal or mask.block_ends or mask.kv_valid):
       return "an empty PrefixMask hides every key; pass mask=None for unmasked attention"
+    rows = _COMPUTE_WARPGROUPS * BLOCK_Q
+    if mask.q_valid is not None and not q_len - rows < mask.q_valid <= q_len:
+      # (A program of padding rows alone would wait for key tiles nobody streams.)
+      return (f"PrefixMask.q_valid={mask.q_valid} must leave padding in the last {rows} rows "
+              f"only (q_len={q_len})")
     if (mask.causal or mask.block_ends) and q_len != kv_len:
       return f"the Hopper kernel's causal masks need q_len == kv_len, got {q_len} and {kv_len}"
     cuda = _cuda_runtime_version()
@@ -117,10 +122,15 @@ class PrefixMask:
     (`from_block_ids`).
   kv_valid: the true key count when keys were padded, else None.
   At least one of them is set (`unsupported_reason`): with none every key would be hidden.
+  q_valid: the true query count when queries were padded, else None. It changes no row's keys
+    (a padding row sees what the rows before it see), only the tiles the kernels walk: those
+    that hold padding rows alone are skipped, as a padding row's output is sliced off and its
+    cotangent is zero, so it adds nothing to dk and dv (`forward_tiles`, `query_steps`).
   """
   causal: bool = False
   block_ends: tuple[int, ...] = ()
   kv_valid: Optional[int] = None
+  q_valid: Optional[int] = None
 
   @classmethod
   def from_block_ids(cls, ids_L, kv_valid: Optional[int] = None) -> Optional["PrefixMask"]:
@@ -173,18 +183,28 @@ def _cdiv(a, b: int):
 
 def forward_tiles(mask: PrefixMask, q_start, rows: int):
   """(full, end) for the `rows` queries from q_start: they all see the key tiles (of BLOCK_K)
-  before `full` whole, some see tiles [full, end) in part, and none sees a tile from `end` on."""
+  before `full` whole, some see tiles [full, end) in part, and none sees a tile from `end` on;
+  (0, 0) if they are all padding (from `mask.q_valid` on)."""
   end = _cdiv(mask.row_end(q_start + rows - 1), BLOCK_K)
+  if mask.q_valid is not None:
+    end = jnp.where(q_start >= mask.q_valid, 0, end)
   full = jnp.minimum(lax.div(mask.row_end(q_start), jnp.array(BLOCK_K, jnp.int32)), end)
   return full, end
+
+
+def query_steps(mask: Optional[PrefixMask], q_len: int) -> int:
+  """The query tiles (of BWD_BLOCK_Q) the backward walks: all of them, or with `mask.q_valid`
+  those up to the last one that holds a true query."""
+  valid = q_len if mask is None or mask.q_valid is None else mask.q_valid
+  return -(-valid // BWD_BLOCK_Q)
 
 
 def backward_tiles(mask: PrefixMask, k_start, keys: int, q_len: int):
   """(first, full) for the `keys` keys from k_start: no query tile (of BWD_BLOCK_Q) before
   `first` sees any of them, tiles [first, full) see them in part (at least one tile, even for keys
   no query sees, e.g. all padding: a wholly masked tile is exact and keeps the loops non-empty),
-  and every tile from `full` on sees them all."""
-  q_steps = q_len // BWD_BLOCK_Q
+  and every tile from `full` on, up to `query_steps`, sees them all."""
+  q_steps = query_steps(mask, q_len)
   first = jnp.minimum(lax.div(mask.first_row(k_start, q_len), jnp.array(BWD_BLOCK_Q, jnp.int32)),
                       q_steps - 1)
   full = _cdiv(mask.first_row(k_start + keys - 1, q_len), BWD_BLOCK_Q)
@@ -209,7 +229,8 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float, mask: Optional[PrefixMask] 
   With a `mask`, each warpgroup stops after the last key tile its rows see and masks only the
   tiles its rows see in part; the program streams the tiles its last row sees, and the warpgroup
   that finishes first releases the rest unread and keeps taking turns (jax's causal
-  `attention_mgpu` does the same)."""
+  `attention_mgpu` does the same). A warpgroup of padding rows alone (`PrefixMask.q_valid`)
+  walks no tile and releases them all."""
   batch, q_len, heads, head_dim, kv_len, group = _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale,
                                                                  mask)
   dtype = q_BLHD.dtype
@@ -302,6 +323,8 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float, mask: Optional[PrefixMask] 
           take_turn()
         lax.fori_loop(own_steps, program_steps(), release, None)
       pl.when(wg == 0)(take_turn)  # Balances warpgroup 1's first turn.
+      if mask is not None and mask.q_valid is not None:  # Rows of padding alone walked no tile:
+        l_Q = jnp.where(l_Q > 0, l_Q, 1.0)  # their output is 0 (and their lse -inf), not NaN.
       acc_QD = acc_QD / lax.broadcast_in_dim(l_Q, acc_QD.shape, [0])
       q_smem[...] = acc_QD.astype(dtype)  # The Q tile is no longer needed: the output goes there.
       row_lse_smem[...] = m_Q / LOG2_E + jnp.log(l_Q)
@@ -364,6 +387,9 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float, mask: Optional[PrefixMask] 
 # the backward takes what the forward takes (`unsupported_reason`).
 BWD_BLOCK_K = BLOCK_K // _COMPUTE_WARPGROUPS
 BWD_BLOCK_Q = 64  # Queries per pipeline step of the backward.
+# With `PrefixMask.q_valid` the backward must walk no row of a warpgroup the forward skipped (its
+# lse is -inf): its query tiles may not straddle the forward's.
+assert BLOCK_Q % BWD_BLOCK_Q == 0
 # Shortest query length for which `flash_attention` takes the Hopper backward by default: a
 # program's prologue and epilogue (K/V in, dK/dV out) pay off over enough query tiles. On the
 # H100 fwd+bwd at L = 256 ran 0.66 / 0.40 ms (head dim 128 / 64) against 0.62 / 0.38 with the
@@ -410,12 +436,13 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   With a `mask` the program starts at the first query tile that sees its first key (the rows
   that see a key are a suffix), masks P up to the first tile that sees all its keys, and both
   warpgroups walk that one range, so they stay in step (a warpgroup's tiles its keys are hidden
-  from give P = 0).
+  from give P = 0); it stops after the last query tile that holds a true query
+  (`PrefixMask.q_valid`: dq of the rows after it stays 0).
   """
   batch, q_len, heads, head_dim, kv_len, group = _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale,
                                                                  mask)
   dtype = q_BLHD.dtype
-  q_steps = q_len // BWD_BLOCK_Q
+  q_steps = query_steps(mask, q_len)
   stages = min(STAGES, q_steps)
   # dQ at head dim 128: each warpgroup adds half the columns over all the program's keys, after
   # both wrote dSᵀ (its own keys over all columns, a [64, 128] float32 accumulator more, ran
