@@ -304,6 +304,19 @@ def test_skipping_padded_queries_lowers_for_cuda_where_both_passes_are_hopper(ho
   else:
     assert seen == [want] and "triton" in text
   assert "mosaic_gpu" in text
+  # 300 tokens in three blocks: Triton's 64-token tiles pad them to 384 (q_valid=300), tiles of
+  # 256 to 512, whose 212 padding rows span a whole program, which would wait for key tiles
+  # nobody streams: no q_valid.
+  x = jax.ShapeDtypeStruct((2, 300, 4, 64), jnp.bfloat16)
+  for block_q, q_valid in ((64, 300), (256, None)):
+    seen.clear()
+    tiles = dataclasses.replace(flash.BLOCK_CAUSAL_BLOCK_SIZES["gpu"], block_q=block_q,
+                                block_q_bwd=block_q)
+    jax.eval_shape(jax.grad(lambda *a: flash.flash_attention(
+        *a, block_ids=np.repeat(np.arange(3), 100), block_sizes=tiles, hopper=hopper_mode).astype(
+            jnp.float32).sum(), (0, 1, 2)), x, x, x)
+    assert [m.q_valid for m in seen] == [q_valid if hopper_mode is None else None] * len(seen)
+    assert len(seen) == (2 if hopper_mode is None else 1)
 
 
 def test_auto_causal_on_hopper_runs_on_the_hopper_kernels(monkeypatch):

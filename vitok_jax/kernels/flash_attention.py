@@ -226,6 +226,20 @@ def _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q: int, padded_kv: int, padde
   return (q_to, kv_to) if reason is None else (padded_q, padded_kv)
 
 
+def _skip_padded_queries(mask, q_len: int, q_BLHD, k_BSHD, v_BSHD, scale: float):
+  """`mask` with the tiles of query padding alone skipped (`PrefixMask.q_valid`) while
+  `policy.HOPPER_SKIP_PADDED_QUERIES` is set and the kernels take it (the padding, from Triton
+  tiles larger than 128, can span a whole program); for both Hopper passes only, as Triton's
+  backward would read the skipped rows' lse."""
+  if not policy.HOPPER_SKIP_PADDED_QUERIES:
+    return mask
+  from vitok_jax.kernels import flash_attention_hopper as kernels  # Imports Mosaic GPU.
+  skipping = dataclasses.replace(mask, q_valid=q_len)
+  reason = kernels.unsupported_reason(q_BLHD, k_BSHD, v_BSHD, masked=True, mask=skipping,
+                                      scale=scale)
+  return mask if reason else skipping
+
+
 def _use_hopper(hopper: Union[None, bool, str], possible: bool, masked: bool, mask, scale: float,
                 q_BLHD, k_BSHD, v_BSHD) -> tuple[bool, bool]:
   """(forward, backward): which passes over these (padded) arrays run on the Hopper kernels (see
@@ -328,9 +342,8 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
                  if masked and prefix is not None else None)
   hopper_forward, hopper_backward = _use_hopper(hopper, hopper_possible, masked, hopper_mask,
                                                 scale, q_BLHD, k_BSHD, v_BSHD)
-  if (hopper_backward and hopper_mask is not None and padded_q != q_len
-      and policy.HOPPER_SKIP_PADDED_QUERIES):  # (Triton's backward would read their lse.)
-    hopper_mask = dataclasses.replace(hopper_mask, q_valid=q_len)
+  if hopper_backward and hopper_mask is not None and padded_q != q_len:
+    hopper_mask = _skip_padded_queries(hopper_mask, q_len, q_BLHD, k_BSHD, v_BSHD, scale)
   recording.annotate(kernel="mosaic_tpu" if backend == "tpu" else (
       ("mosaic_gpu" if hopper_backward else "mosaic_gpu_fwd") if hopper_forward else "triton"),
                      hopper_mask=bool(hopper_forward and hopper_mask))

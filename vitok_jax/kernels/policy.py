@@ -64,10 +64,10 @@ HOPPER_AHEAD_MAX_LEN = {"none": 1024, "causal": 2048}
 HOPPER_PREFIX_MASKS = True
 
 # Whether flash_attention, where both passes run on the Hopper kernels under a `PrefixMask`, lets
-# them skip the tiles that hold query padding alone (`PrefixMask.q_valid`). The padding is up to
-# 127 rows that see what the last true row sees: at VAR's 680 tokens (padded to 768) the last of
-# them sees every key, and skipping cuts the tiles walked by 11% forward (64 × 128 tiles) and 11%
-# backward (64 × 64), by count; at 2240 by 4% / 4%. Off until the kernels have run so on a GPU:
+# them skip the tiles that hold query padding alone (`PrefixMask.q_valid`). Padding rows see
+# what the last true row sees: at VAR's 680 tokens (padded to 768) every key, and skipping cuts
+# the tiles walked by 11% forward (64 × 128 tiles) and 11% backward (64 × 64), by count; at 2240
+# by 4% / 4%. Off until the kernels have run so on a GPU:
 # `test_hopper_masked_kernels_match_reference` checks them compiled and tools/check_hopper_gpu.sh
 # times `pallas_skip_padded` against `pallas` at VAR's lengths.
 HOPPER_SKIP_PADDED_QUERIES = False
