@@ -21,7 +21,8 @@ COMMON = ["--config.optim.schedule=constant", "--config.optim.warmup_steps=0",
 
 def _vitok(devices, *args, timeout=600):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                        f"--xla_force_host_platform_device_count={devices}"}
   out = subprocess.run([sys.executable, "-m", "vitok_jax.cli", *args], capture_output=True,
                        text=True, env=env, timeout=timeout)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

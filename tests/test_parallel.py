@@ -171,7 +171,8 @@ def test_golden_parameter_sharding():
 
 def _run_with_devices(n, *args, timeout=900):
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+         "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} "
+                      f"--xla_force_host_platform_device_count={n}"}
   out = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
                        timeout=timeout)
   assert out.returncode == 0, out.stderr[-4000:]
