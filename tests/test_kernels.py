@@ -472,7 +472,7 @@ def _reference_visible(case: str, length: int, true_length: int) -> np.ndarray:
   return visible
 
 
-@pytest.mark.parametrize("skip_padded", [False, True])
+@pytest.mark.parametrize("skip_padded", [False, True], ids=["all_tiles", "skip_padded"])
 @pytest.mark.parametrize("case", PREFIX_CASES)
 def test_prefix_mask_is_the_mask_and_bounds_its_tiles(case, skip_padded):
   """`PrefixMask` shows exactly the pairs the mask does, every row sees key 0 (the forward's
@@ -594,24 +594,54 @@ def test_hopper_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads
     (680, 680, 64, jnp.bfloat16, 2, dict(block_ids=VAR_680)),
     (384, 384, 128, jnp.bfloat16, 4, dict(causal=True)),
     (300, 300, 64, jnp.float16, 1, dict(causal=True)),  # Padded queries and keys.
+    (300, 300, 128, jnp.bfloat16, 2, dict(causal=True)),
+    # 55 tokens padded to 128: with skipping the backward walks one query tile (a ring of one).
+    (55, 55, 64, jnp.bfloat16, 2, dict(block_ids=VAR_IDS)),
     (256, 200, 128, jnp.bfloat16, 2, {})], ids=["block_causal", "causal", "causal_padded",
+                                               "causal_padded_d128", "block_causal_55",
                                                "key_padding"])
-@pytest.mark.parametrize("skip_padded", [False, True])
+@pytest.mark.parametrize("skip_padded", [False, True], ids=["all_tiles", "skip_padded"])
 def test_hopper_masked_kernels_match_reference(q_len, kv_len, head_dim, dtype, kv_heads, mask,
                                                skip_padded, monkeypatch):
   """Masks that show each query a prefix of the keys take the Hopper kernels by default
   (`policy.HOPPER_PREFIX_MASKS`; checked by spies; the backward's length threshold lowered for
   these short cases): output, logsumexp and gradients match the reference, also where the
-  kernels skip the tiles of query padding alone (`policy.HOPPER_SKIP_PADDED_QUERIES`: 680 → 768
-  and 300 → 384 have one)."""
+  kernels skip the tiles of query padding alone (`policy.HOPPER_SKIP_PADDED_QUERIES`: the
+  masks they get say so wherever the queries were padded to a multiple of 128)."""
   if 12080 <= (hopper._cuda_runtime_version() or 0) < 12091:
     pytest.skip("the masked Hopper kernels refuse CUDA 12.8.0 – 12.9.0 (ptxas)")
   monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
   monkeypatch.setattr(policy, "HOPPER_SKIP_PADDED_QUERIES", skip_padded)
-  calls = _spy_on_hopper_kernels(monkeypatch)
+  seen = []
+  for name in ("forward", "backward"):
+    monkeypatch.setattr(hopper, name, functools.partial(
+        lambda kernel, name, *a, **kw: seen.append((name, kw["mask"].q_valid)) or kernel(*a, **kw),
+        getattr(hopper, name), name))
   _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
                    head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"], **mask)
-  assert calls == ["forward", "backward"]
+  q_valid = q_len if skip_padded and q_len % 128 else None
+  assert seen == [("forward", q_valid), ("backward", q_valid)]
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not policy.is_hopper(),
+                    reason="the Mosaic GPU kernel runs on an sm_90 GPU only")
+def test_hopper_forward_gives_skipped_padding_rows_zero_output():
+  """A warpgroup of padding rows alone (`PrefixMask.q_valid`) walks no key tile: its rows come
+  out 0 with lse -inf, not NaN, and every row before it is bitwise what it is without q_valid."""
+  if 12080 <= (hopper._cuda_runtime_version() or 0) < 12091:
+    pytest.skip("the masked Hopper kernels refuse CUDA 12.8.0 – 12.9.0 (ptxas)")
+  q, k, v = (jax.random.normal(key, (2, 384, 4, 64), jnp.bfloat16)
+             for key in jax.random.split(jax.random.key(0), 3))
+  mask = hopper.PrefixMask(causal=True, kv_valid=300)
+  out, lse = hopper.forward(q, k, v, scale=0.125, mask=mask)
+  skipped_out, skipped_lse = hopper.forward(q, k, v, scale=0.125,
+                                            mask=dataclasses.replace(mask, q_valid=300))
+  walked = 320  # Rows 320… are a warpgroup of padding alone.
+  np.testing.assert_array_equal(np.asarray(skipped_out[:, :walked]), np.asarray(out[:, :walked]))
+  np.testing.assert_array_equal(np.asarray(skipped_lse[:, :, :walked]),
+                                np.asarray(lse[:, :, :walked]))
+  assert (np.asarray(skipped_out[:, walked:]) == 0).all()
+  assert np.isneginf(np.asarray(skipped_lse[:, :, walked:])).all()
 
 
 def test_var_block_ids_lengths():
@@ -770,7 +800,8 @@ def test_pallas_kernels_run_per_shard_under_a_mesh():
   heads 4/2; BSQ and VQ: batch 4/4) and outputs and gradients equal XLA's on the whole arrays:
   BSQ's codebook entropy is a function of the mean over all tokens, not of one shard's."""
   pytest.importorskip("ml_collections")  # The mesh config (absent where only jax is installed).
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+         + " --xla_force_host_platform_device_count=8",
          "JAX_PLATFORMS": "cpu"}
   run = subprocess.run([sys.executable, "-c", SHARDED_KERNELS], env=env, capture_output=True,
                        text=True, timeout=600)

@@ -59,6 +59,14 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   assert larger["bytes"] == 2 * report["bsq"]["bytes"]
   assert all(str(v).startswith("pending") for v in report["targets"].values())
   assert png.stat().st_size > 10_000
+  # On a GPU, a run without the rows of a target (e.g. VAR lengths only) says so, not False.
+  gpu_run = {"backend": "gpu", "attention": [var], "bsq": {"pallas": {"fraction_of_peak": 0.5}},
+             "vq": {"speedup_vs_jnp": 3.5, "no_tokens_x_codes_buffer": True}}
+  targets = bench.check_targets(gpu_run)
+  assert targets["fwd_bwd_vs_cudnn>=1.0"] == targets["fwd_bwd_vs_xla>=2.0"] == (
+      "not measured (no such rows)")
+  assert targets["block_causal_vs_dense>=1.5"] in (True, False)
+  assert (targets["bsq_bandwidth>=0.7"], targets["vq_vs_jnp>=3_and_no_buffer"]) == (False, True)
 
 
 def _load_tool(name):
