@@ -366,6 +366,16 @@ def test_local_launch_gives_each_process_its_gpus(tmp_path, monkeypatch, capsys)
   monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
   assert local.visible_gpus({}) == ["0", "1"]
   assert local.visible_gpus({"JAX_PLATFORMS": "cuda"}) == ["0", "1"]
+  # A GPU split into MIG instances is their UUIDs, one per process (CUDA uses a single one).
+  _script(bin_dir / "nvidia-smi", "#!/bin/bash\necho 'GPU 0: A100 (UUID: GPU-a)'\n"
+          "echo '  MIG 3g.20gb     Device  0: (UUID: MIG-a0)'\n"
+          "echo '  MIG 3g.20gb     Device  1: (UUID: MIG-a1)'\n"
+          "echo 'GPU 1: A100 (UUID: GPU-b)'\n")
+  mig = local.visible_gpus({})
+  assert mig == ["MIG-a0", "MIG-a1", "1"]
+  assert local.split_gpus(mig, 3) == mig
+  with pytest.raises(ConfigError, match="MIG instances, and a process can use only one: run 4 parallel runs"):
+    local.split_gpus(["MIG-a0", "MIG-a1", "1", "2"], 2, "parallel runs (--parallel)")
   assert launch_args.main(["local", "--processes=2", "--config=vitok", "--workdir=/w",
                            "--dry_run", "--gpus=4,5"]) == 0
   lines = capsys.readouterr().out.splitlines()

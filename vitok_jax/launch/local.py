@@ -22,7 +22,8 @@ def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
   """GPU ids the processes of this machine may use, as CUDA_VISIBLE_DEVICES entries.
 
   None when JAX_PLATFORMS names no GPU platform (e.g. "cpu": the processes will not use a GPU);
-  else CUDA_VISIBLE_DEVICES when set; else the GPUs `nvidia-smi -L` lists (none without it).
+  else CUDA_VISIBLE_DEVICES when set; else the GPUs `nvidia-smi -L` lists (none without it): the
+  index of each, or for a GPU split into MIG instances the UUIDs of its instances (`MIG-…`).
   """
   environ = os.environ if environ is None else environ
   platforms = {p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()}
@@ -40,7 +41,21 @@ def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
     return []
   if listing.returncode:
     return []
-  return re.findall(r"^GPU (\d+):", listing.stdout, flags=re.MULTILINE)
+  return _gpus_of_listing(listing.stdout)
+
+
+def _gpus_of_listing(listing: str) -> list[str]:
+  """CUDA_VISIBLE_DEVICES entries of `nvidia-smi -L` output: "GPU 0: …" lines, each followed by
+  "  MIG 1g.10gb Device 0: (UUID: MIG-…)" lines when the GPU is split into MIG instances."""
+  gpus: list[tuple[str, list[str]]] = []
+  for line in listing.splitlines():
+    gpu = re.match(r"GPU (\d+):", line)
+    mig = re.match(r"\s+MIG .*\(UUID: (MIG-[^)\s]+)\)", line)
+    if gpu:
+      gpus.append((gpu.group(1), []))
+    elif mig and gpus:
+      gpus[-1][1].append(mig.group(1))
+  return [entry for index, instances in gpus for entry in (instances or [index])]
 
 
 def split_gpus(gpus: Sequence[str], groups: int, what: str = "processes") -> list[str] | None:
@@ -55,6 +70,12 @@ def split_gpus(gpus: Sequence[str], groups: int, what: str = "processes") -> lis
         f"number of {what} that divides {len(gpus)}, or choose the GPUs with CUDA_VISIBLE_DEVICES "
         "(vitok launch local: --gpus)")
   share = len(gpus) // groups
+  if share > 1 and any(gpu.startswith("MIG-") for gpu in gpus):
+    # A CUDA process enumerates a single MIG instance: the rest of a share would sit idle.
+    raise ConfigError(
+        f"{len(gpus)} GPUs ({','.join(gpus)}) include MIG instances, and a process can use only "
+        f"one: run {len(gpus)} {what}, one per instance, or choose the GPUs with "
+        "CUDA_VISIBLE_DEVICES (vitok launch local: --gpus)")
   return [",".join(gpus[i * share:(i + 1) * share]) for i in range(groups)]
 
 
