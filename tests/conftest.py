@@ -1,14 +1,16 @@
 """Shared test set-up: CPU only, quiet logs, a `slow` marker (run with `pytest -m slow`).
 
-XLA's CPU backend compiles at optimisation level 0 (LLVM's), here and in the subprocesses the
-tests start (they add to XLA_FLAGS): the tests' programs are tiny, so compiling them is most of
-the suite's time, and -O0 halves it (the DiT shortcut test: 99 s of compiling at the default,
-42 s at 0, of 142 / 98 s in all). The programs, and so what the tests check, are the same.
+On CPU, XLA compiles at optimisation level 0 (LLVM's), here and in the subprocesses the tests
+start (they add to XLA_FLAGS): the tests' programs are tiny, so compiling them is most of the
+suite's time, and -O0 halves it (the DiT shortcut test: 99 s of compiling at the default, 42 s at
+0, of 142 / 98 s in all). The programs, and so what the tests check, are the same. A GPU run
+(JAX_PLATFORMS=cuda, tools/check_*_gpu.sh) keeps the default.
 """
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+if (os.environ["JAX_PLATFORMS"] == "cpu"
+    and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", "")):
   os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                              + " --xla_backend_optimization_level=0").strip()
 
