@@ -209,13 +209,15 @@ CUDA_CHECKS = [jax.export.DisabledSafetyCheck.custom_call(name)
                for name in ("mosaic_gpu_v2", "__gpu$xla.gpu.triton")]
 
 
-def _spy_on_hopper_kernels(monkeypatch) -> list:
-  """The names ("forward", "backward") of the Hopper kernels called from now on, in order."""
+def _spy_on_hopper_kernels(monkeypatch, record=lambda name, args, kwargs: name) -> list:
+  """What `record(name, args, kwargs)` makes of each call of the Hopper kernels ("forward",
+  "backward") from now on, in order; by default their names."""
   calls = []
   for name in ("forward", "backward"):
     kernel = getattr(hopper, name)
     monkeypatch.setattr(hopper, name, functools.partial(
-        lambda kernel, name, *a, **kw: calls.append(name) or kernel(*a, **kw), kernel, name))
+        lambda kernel, name, *a, **kw: calls.append(record(name, a, kw)) or kernel(*a, **kw),
+        kernel, name))
   return calls
 
 
@@ -253,11 +255,7 @@ def test_hopper_masked_kernels_lower_for_cuda(prefix_masks, monkeypatch):
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Compiled kernels, not interpreted.
   monkeypatch.setattr(policy, "HOPPER_PREFIX_MASKS", prefix_masks)
   monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
-  seen = []
-  for name in ("forward", "backward"):
-    monkeypatch.setattr(hopper, name, functools.partial(
-        lambda kernel, *a, **kw: seen.append((a[0].shape[1], kw["mask"])) or kernel(*a, **kw),
-        getattr(hopper, name)))
+  seen = _spy_on_hopper_kernels(monkeypatch, lambda _, a, kw: (a[0].shape[1], kw["mask"]))
   lower = lambda fn, *args: jax.export.export(
       jax.jit(jax.grad(lambda *a: fn(*a).astype(jnp.float32).sum(), (0, 1, 2))),
       platforms=["cuda"], disabled_checks=CUDA_CHECKS)(*args).mlir_module()
@@ -288,11 +286,7 @@ def test_skipping_padded_queries_lowers_for_cuda_where_both_passes_are_hopper(ho
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Compiled kernels, not interpreted.
   monkeypatch.setattr(hopper, "_cuda_runtime_version", lambda: None)
   monkeypatch.setattr(policy, "HOPPER_SKIP_PADDED_QUERIES", True)
-  seen = []
-  for name in ("forward", "backward"):
-    monkeypatch.setattr(hopper, name, functools.partial(
-        lambda kernel, *a, **kw: seen.append(kw["mask"]) or kernel(*a, **kw),
-        getattr(hopper, name)))
+  seen = _spy_on_hopper_kernels(monkeypatch, lambda _, a, kw: kw["mask"])
   attend = functools.partial(flash.flash_attention, block_ids=VAR_680, hopper=hopper_mode)
   x = jax.ShapeDtypeStruct((2, 680, 4, 64), jnp.bfloat16)
   text = jax.export.export(
@@ -612,11 +606,7 @@ def test_hopper_masked_kernels_match_reference(q_len, kv_len, head_dim, dtype, k
     pytest.skip("the masked Hopper kernels refuse CUDA 12.8.0 – 12.9.0 (ptxas)")
   monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
   monkeypatch.setattr(policy, "HOPPER_SKIP_PADDED_QUERIES", skip_padded)
-  seen = []
-  for name in ("forward", "backward"):
-    monkeypatch.setattr(hopper, name, functools.partial(
-        lambda kernel, name, *a, **kw: seen.append((name, kw["mask"].q_valid)) or kernel(*a, **kw),
-        getattr(hopper, name), name))
+  seen = _spy_on_hopper_kernels(monkeypatch, lambda name, a, kw: (name, kw["mask"].q_valid))
   _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
                    head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"], **mask)
   q_valid = q_len if skip_padded and q_len % 128 else None

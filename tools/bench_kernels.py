@@ -159,12 +159,12 @@ def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, 
   keys = jax.random.split(jax.random.key(0), 4)
   shape = (batch, q_len, heads, head_dim)
   q, k, v, do = (jax.random.normal(key, shape, dtype) for key in keys)
-  fwd_flops = 4.0 * batch * heads * head_dim * _visible_pairs(q_len, causal, block_ids)
+  pairs = _visible_pairs(q_len, causal, block_ids)
+  fwd_flops = 4.0 * batch * heads * head_dim * pairs
   row = {"batch": batch, "heads": heads, "q_len": q_len, "head_dim": head_dim,
          "dtype": jnp.dtype(dtype).name, "mask": "block_causal" if block_ids is not None else
          ("causal" if causal else "none"), "fwd_flops": fwd_flops,
-         "visible_fraction": fwd_flops / (4.0 * batch * heads * head_dim * q_len * q_len),
-         "impls": {}}
+         "visible_fraction": pairs / q_len**2, "impls": {}}
   ids = None if block_ids is None else jnp.asarray(block_ids)
   for impl in impls:
     entry = {}
