@@ -394,8 +394,8 @@ def test_hopper_kernel_says_what_does_not_fit():
   assert "one dtype" in hopper.unsupported_reason(x, x, spec(x.shape, jnp.float16))
   assert "float32" in hopper.unsupported_reason(*[spec(x.shape, jnp.float32)] * 3)
   assert "head dims" in hopper.unsupported_reason(*[spec((1, 256, 4, 32))] * 3)
-  assert "q_len" in hopper.unsupported_reason(spec((1, 192, 4, 64)), x, x)
-  assert "kv_len" in hopper.unsupported_reason(x, *[spec((1, 200, 4, 64))] * 2)
+  assert "multiples of 8" in hopper.unsupported_reason(spec((1, 190, 4, 64)), x, x)
+  assert "multiples of 8" in hopper.unsupported_reason(x, *[spec((1, 202, 4, 64))] * 2)
   assert "divide" in hopper.unsupported_reason(x, *[spec((1, 256, 3, 64))] * 2)
   assert "k and v" in hopper.unsupported_reason(x, x, spec((1, 256, 2, 64)))
   assert "positive" in hopper.unsupported_reason(x, x, x, scale=-0.125)
@@ -532,6 +532,70 @@ def test_hopper_mask_checks(monkeypatch):
   assert hopper.unsupported_reason(x, x, x) is None  # Unmasked: not affected.
 
 
+def test_hopper_kernels_take_lengths_in_rows_of_eight():
+  """Lengths need not be whole tiles, only multiples of 8 (TMA's row groups): the output comes at
+  the query length, lse and gradients at theirs, lse padded to whole 128-row programs, and the key
+  tail past the last whole tile is masked."""
+  spec = lambda length, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((2, length, 4, 64), dtype)
+  q, kv = spec(680), spec(136)
+  assert hopper.unsupported_reason(q, kv, kv) is None
+  assert "multiples of 8" in hopper.unsupported_reason(spec(681), kv, kv)
+  out, lse = jax.eval_shape(functools.partial(hopper.forward, scale=0.125), q, kv, kv)
+  assert (out.shape, lse.shape) == (q.shape, (2, 4, 768))
+  dq, dk, dv = jax.eval_shape(functools.partial(hopper.backward, scale=0.125), q, kv, kv, q, lse,
+                              jax.ShapeDtypeStruct((2, 4, 680), jnp.float32))
+  assert (dq.shape, dq.dtype, dk.shape, dv.shape) == (q.shape, jnp.float32, kv.shape, kv.shape)
+  assert hopper.hide_key_tail(None, 256) is None
+  assert hopper.hide_key_tail(None, 136) == hopper.PrefixMask(kv_valid=136)
+  causal = hopper.PrefixMask(causal=True)
+  assert hopper.hide_key_tail(causal, 680) == hopper.PrefixMask(causal=True, kv_valid=680)
+  assert hopper.hide_key_tail(dataclasses.replace(causal, kv_valid=600), 680).kv_valid == 600
+  # q_valid: padding in the last program only, of 128 rows from 256 on at 300 tokens.
+  x = spec(296)
+  with_q_valid = lambda n: dataclasses.replace(causal, q_valid=n)
+  assert hopper.unsupported_reason(x, x, x, masked=True, mask=with_q_valid(257)) is None
+  assert "q_valid=256" in hopper.unsupported_reason(x, x, x, masked=True, mask=with_q_valid(256))
+
+
+@pytest.mark.parametrize("hopper_mode", [None, "forward"])
+def test_unpadded_lengths_lower_for_cuda_where_both_passes_are_hopper(hopper_mode, monkeypatch):
+  """With `policy.HOPPER_UNPADDED` VAR's 680 tokens reach both Hopper kernels unpadded, with the
+  scales' mask (the kernels hide the key tail themselves), and the program lowered for CUDA has
+  no array padded to 768 tokens but lse; with the Triton backward ("forward"), as before: 768.
+  Lengths that are not multiples of 8, and unmasked calls below the Hopper backward's length,
+  keep the padding."""
+  monkeypatch.setattr(policy, "is_hopper", lambda device=None: True)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Compiled kernels, not interpreted.
+  monkeypatch.setattr(hopper, "_cuda_runtime_version", lambda: None)
+  monkeypatch.setattr(policy, "HOPPER_UNPADDED", True)
+  seen = _spy_on_hopper_kernels(monkeypatch, lambda name, a, kw: (name, a[0].shape[1],
+                                                                  kw["mask"]))
+  attend = functools.partial(flash.flash_attention, block_ids=VAR_680, hopper=hopper_mode)
+  x = jax.ShapeDtypeStruct((2, 680, 4, 64), jnp.bfloat16)
+  text = jax.export.export(
+      jax.jit(jax.grad(lambda *a: attend(*a).astype(jnp.float32).sum(), (0, 1, 2))),
+      platforms=["cuda"], disabled_checks=CUDA_CHECKS)(x, x, x).mlir_module()
+  blocks = hopper.PrefixMask.from_block_ids(VAR_680)
+  if hopper_mode is None:
+    assert seen == [("forward", 680, blocks), ("backward", 680, blocks)]
+    assert "x768x4x64x" not in text and "triton" not in text
+  else:
+    assert seen == [("forward", 768, dataclasses.replace(blocks, kv_valid=680))]
+    assert "x768x4x64x" in text
+  # Unmasked (the key tail masked in the kernels), cross-attention with one key tile, mostly
+  # past the end, and lengths the kernels refuse or that keep the Triton backward.
+  for q_len, kv_len, kwargs, want in ((1032, 1032, {}, 1032), (200, 136, dict(hopper=True), 200),
+                                      (1030, 1030, dict(hopper=True), 1152), (296, 296, {}, 384)):
+    seen.clear()
+    spec = lambda length: jax.ShapeDtypeStruct((1, length, 2, 128), jnp.bfloat16)
+    q, kv = spec(q_len), spec(kv_len)
+    text = jax.export.export(jax.jit(jax.grad(lambda *a: flash.flash_attention(*a, **kwargs).astype(
+        jnp.float32).sum(), (0, 1, 2))), platforms=["cuda"], disabled_checks=CUDA_CHECKS)(
+            q, kv, kv).mlir_module()
+    assert [n for _, n, _ in seen] == [want] * len(seen) and seen, q_len
+    assert ("triton" in text) == (len(seen) == 1), q_len
+
+
 def test_hopper_padding_rounds_only_where_the_kernels_then_take_the_call():
   spec = lambda length, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((1, length, 4, 64), dtype)
   pad = lambda prefix, q, k, padded: flash._hopper_padding(prefix, q, k, *padded, 64, 0.125)
@@ -611,6 +675,34 @@ def test_hopper_masked_kernels_match_reference(q_len, kv_len, head_dim, dtype, k
                    head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"], **mask)
   q_valid = q_len if skip_padded and q_len % 128 else None
   assert seen == [("forward", q_valid), ("backward", q_valid)]
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not policy.is_hopper(),
+                    reason="the Mosaic GPU kernel runs on an sm_90 GPU only")
+@pytest.mark.parametrize("q_len,kv_len,head_dim,kv_heads,mask,skip_padded", [
+    (680, 680, 64, 2, dict(block_ids=VAR_680), False),
+    (680, 680, 64, 2, dict(block_ids=VAR_680), True),
+    (296, 296, 128, 4, dict(causal=True), False),
+    # Cross-attention: one program of queries, one key tile, mostly past the end.
+    (200, 136, 64, 1, {}, False),
+    (1032, 1032, 128, 2, {}, False)], ids=["block_causal", "block_causal_skip_padded",
+                                          "causal_d128", "cross_key_tail", "long_d128"])
+def test_hopper_kernels_take_lengths_as_they_are(q_len, kv_len, head_dim, kv_heads, mask,
+                                                 skip_padded, monkeypatch):
+  """With `policy.HOPPER_UNPADDED` both Hopper kernels get the arrays at their lengths (checked by
+  spies), reading the tiles past the end as zeros and writing nothing there: output, logsumexp
+  and gradients match the reference."""
+  if 12080 <= (hopper._cuda_runtime_version() or 0) < 12091:
+    pytest.skip("the masked Hopper kernels refuse CUDA 12.8.0 – 12.9.0 (ptxas)")
+  monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
+  monkeypatch.setattr(policy, "HOPPER_UNPADDED", True)
+  monkeypatch.setattr(policy, "HOPPER_SKIP_PADDED_QUERIES", skip_padded)
+  seen = _spy_on_hopper_kernels(monkeypatch, lambda name, a, kw: (name, a[0].shape[1],
+                                                                  a[1].shape[1]))
+  _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
+                   head_dim=head_dim, dtype=jnp.bfloat16, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"],
+                   **mask)
+  assert seen == [("forward", q_len, kv_len), ("backward", q_len, kv_len)]
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not policy.is_hopper(),

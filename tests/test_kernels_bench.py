@@ -21,7 +21,7 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   bench = _load_bench()
   out, png = tmp_path / "kernels.json", tmp_path / "kernels.png"
   returned = bench.main(["--tiny", "--lengths", "64", "--head_dims", "32", "--impls",
-                         "pallas,pallas_dense,xla,pallas_triton,pallas_skip_padded",
+                         "pallas,pallas_dense,xla,pallas_triton,pallas_skip_padded,pallas_unpadded",
                          "--bsq", "256,32", "--bsq_more_tokens", "512", "--vq", "128,256,8",
                          "--warmup", "0", "--iters", "1", "--out", str(out), "--plot", str(png)])
   report = json.loads(out.read_text())
@@ -43,14 +43,18 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   pairs = 1 + 4 * 5 + 9 * 14 + 16 * 30 + 25 * 55
   assert var["fwd_flops"] == 4 * var["batch"] * 2 * 32 * pairs
   assert var["visible_fraction"] == pytest.approx(pairs / 55**2) and dense["visible_fraction"] == 1
-  # The policy flag is set while "pallas_skip_padded" is traced, and only then.
+  # The policy flags are set while "pallas_skip_padded" / "pallas_unpadded" are traced, and only
+  # then.
   assert "fwd_bwd_ms" in var["impls"]["pallas_skip_padded"]
-  assert bench.policy.HOPPER_SKIP_PADDED_QUERIES is False
+  assert "fwd_bwd_ms" in var["impls"]["pallas_unpadded"]
+  assert not bench.policy.HOPPER_SKIP_PADDED_QUERIES and not bench.policy.HOPPER_UNPADDED
   seen = []
-  traced = bench._with_policy(lambda: seen.append(bench.policy.HOPPER_SKIP_PADDED_QUERIES),
-                              HOPPER_SKIP_PADDED_QUERIES=True)
+  traced = bench._with_policy(lambda: seen.append((bench.policy.HOPPER_SKIP_PADDED_QUERIES,
+                                                   bench.policy.HOPPER_UNPADDED)),
+                              **bench.POLICY_IMPLS["pallas_unpadded_skip_padded"])
   traced()
-  assert seen == [True] and bench.policy.HOPPER_SKIP_PADDED_QUERIES is False
+  assert seen == [(True, True)]
+  assert not bench.policy.HOPPER_SKIP_PADDED_QUERIES and not bench.policy.HOPPER_UNPADDED
   assert isinstance(report["vq"]["no_tokens_x_codes_buffer"], bool)  # Meaningful off-CPU only.
   assert report["bsq"]["speedup_vs_jnp"] > 0
   assert set(report["bsq"]["copy"]) == {"pallas", "xla"}  # The bandwidth ceilings of the shape.
@@ -126,3 +130,19 @@ def test_tune_block_causal_tiles_reach_the_var_rows(tmp_path):
   with pytest.raises(SystemExit):
     tune.main(["--tiny", "--kernels", "attention", "--var_lengths", "100", "--out",
                str(tmp_path / "x.json")])
+
+
+def test_kernel_times_are_medians_per_launch_and_breakdown_needs_cuda():
+  """`--breakdown`'s summary of CUPTI's per-call kernel lists, and its refusal off CUDA."""
+  bench = _load_bench()
+  per_call = [[("pad", 0.2), ("fwd", 1.0), ("bwd", 2.0)],
+              [("pad", 0.4), ("fwd", 3.0), ("bwd", 2.5)],
+              [("pad", 0.3), ("fwd", 2.0), ("bwd", 9.0)]]
+  summary = bench.summarize_kernel_times(per_call)
+  assert summary["kernels"] == [{"name": "pad", "ms": pytest.approx(0.3)},
+                                {"name": "fwd", "ms": 2.0}, {"name": "bwd", "ms": 2.5}]
+  assert summary["ms"] == pytest.approx(4.8)
+  assert bench.summarize_kernel_times([[]]) == {"kernels": [], "ms": 0}
+  if bench.jax.default_backend() != "gpu":
+    with pytest.raises(SystemExit):
+      bench.parse_args(["--tiny", "--breakdown"])

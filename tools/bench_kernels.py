@@ -15,6 +15,9 @@ Attention (batch × heads × L × head_dim, self-attention): forward and forward
                 block-causal rows only, the saving of skipping measured on one kernel,
   pallas_skip_padded  ours with `policy.HOPPER_SKIP_PADDED_QUERIES` set: where both passes run
                 on the Hopper kernels they skip the tiles of query padding alone (680 → 768),
+  pallas_unpadded  ours with `policy.HOPPER_UNPADDED` set: where both passes run on the Hopper
+                kernels they take the arrays unpadded (no copies to 768 tokens and back),
+  pallas_unpadded_skip_padded  both flags,
   xla, cudnn    `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
   jax_pallas    jax's reference Pallas op (GPU: pallas.ops.gpu.attention.mha; TPU:
                 pallas.ops.tpu.flash_attention),
@@ -43,7 +46,10 @@ Timing: each function is jitted and compiled first, run --warmup times, then the
 samples, each the mean of --back_to_back calls dispatched together and ended by one
 block_until_ready (`eval.timing.time_jitted`): the device's time, not the launch round trip, which
 would dominate a kernel of tens of microseconds. On CPU the Pallas kernels run in interpret mode:
-the numbers test this script, not the kernels (the JSON says so: "interpret": true). Targets
+the numbers test this script, not the kernels (the JSON says so: "interpret": true).
+--breakdown (CUDA) adds each GPU kernel's own time within one call (`kernel_times`, CUPTI): for
+attention fwd+bwd, e.g. our forward and backward kernels against cuDNN's, and the XLA ops around
+them (padding, delta, dq's zeros and cast). Targets
 (H100, bf16) are checked where measurable and reported "pending" otherwise.
 """
 from __future__ import annotations
@@ -78,8 +84,14 @@ PEAK_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
                    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
                    ("TPU v4", 275e12), ("TPU v6", 918e12))
+# Ours with `policy` flags that are off until measured set while jit traces it.
+POLICY_IMPLS = {
+    "pallas_skip_padded": dict(HOPPER_SKIP_PADDED_QUERIES=True),
+    "pallas_unpadded": dict(HOPPER_UNPADDED=True),
+    "pallas_unpadded_skip_padded": dict(HOPPER_UNPADDED=True, HOPPER_SKIP_PADDED_QUERIES=True),
+}
 ATTENTION_IMPLS = ("pallas", "pallas_hopper", "pallas_hopper_fwd", "pallas_triton",
-                   "pallas_dense", "pallas_skip_padded", "xla", "cudnn", "jax_pallas", "jax_mgpu")
+                   "pallas_dense", *POLICY_IMPLS, "xla", "cudnn", "jax_pallas", "jax_mgpu")
 # jax_mgpu's tiles: two consumer warpgroups of 64 queries, 128 keys per step, two steps in
 # flight; backward tiles 64 × 64 (its own benchmark's and tests' settings).
 JAX_MGPU_CONFIG = dict(block_q=64, block_kv=128, max_concurrent_steps=2, block_q_dkv=64,
@@ -89,10 +101,10 @@ JAX_MGPU_CONFIG = dict(block_q=64, block_kv=128, max_concurrent_steps=2, block_q
 def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool, block_sizes=None):
   """f(q, k, v) -> out in [B, L, H, D] for one implementation (ours with `block_sizes` if given)."""
   backend = jax.default_backend()
-  if impl == "pallas_skip_padded":
+  if impl in POLICY_IMPLS:
     return _with_policy(_attention_fn("pallas", causal=causal, block_ids=block_ids,
                                       interpret=interpret, block_sizes=block_sizes),
-                        HOPPER_SKIP_PADDED_QUERIES=True)
+                        **POLICY_IMPLS[impl])
   if impl in ("pallas", "pallas_hopper", "pallas_hopper_fwd", "pallas_triton", "pallas_dense"):
     hopper = {"pallas_hopper": True, "pallas_hopper_fwd": "forward", "pallas_triton": False,
               "pallas_dense": False}.get(impl)
@@ -148,6 +160,33 @@ def _fwd_bwd(fn):
   return step
 
 
+def kernel_times(compiled, args, calls: int) -> dict:
+  """Where one call of `compiled` spends the device's time: each GPU kernel it launches, in
+  launch order, with its median duration over `calls` calls, and their sum (CUPTI, through Mosaic
+  GPU's profiler; CUDA only). The sum leaves out the gaps between kernels, which the timings of
+  back-to-back calls include."""
+  from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+  _, timings = profiler.measure(compiled, aggregate=False, iterations=calls)(*args)
+  return summarize_kernel_times(timings if calls > 1 else [timings])
+
+
+def summarize_kernel_times(per_call) -> dict:
+  """[[(kernel name, ms), ...] per call], the same launches in each → {"kernels": [{"name", "ms":
+  median over calls}] per launch, "ms": their sum}."""
+  launches = list(zip(*per_call)) if per_call and per_call[0] else []
+  kernels = [{"name": times[0][0][:120], "ms": float(np.median([ms for _, ms in times]))}
+             for times in launches]
+  return {"kernels": kernels, "ms": sum(k["ms"] for k in kernels)}
+
+
+def _with_kernel_times(entry: dict, key: str, compiled, args, calls: int) -> dict:
+  """entry with kernel_times(...) under `key`, or the error that stopped it there."""
+  try:
+    return {**entry, key: kernel_times(compiled, args, calls)}
+  except Exception as e:  # noqa: BLE001  Timings without a breakdown are still worth keeping.
+    return {**entry, key: {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}}
+
+
 def _visible_pairs(q_len: int, causal: bool, block_ids) -> float:
   if block_ids is not None:
     return float(np.sum(block_ids[None, :] <= block_ids[:, None]))
@@ -155,7 +194,8 @@ def _visible_pairs(q_len: int, causal: bool, block_ids) -> float:
 
 
 def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, impls, warmup,
-                    iters, interpret, peak_flops=None, block_sizes=None, back_to_back=1):
+                    iters, interpret, peak_flops=None, block_sizes=None, back_to_back=1,
+                    breakdown=False):
   keys = jax.random.split(jax.random.key(0), 4)
   shape = (batch, q_len, heads, head_dim)
   q, k, v, do = (jax.random.normal(key, shape, dtype) for key in keys)
@@ -176,10 +216,12 @@ def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, 
       fn = _attention_fn(impl, causal=causal, block_ids=ids, interpret=interpret,
                          block_sizes=block_sizes)
       _, fwd_s, _ = timing.time_jitted(fn, args[:3], warmup, iters, back_to_back)
-      _, step_s, _ = timing.time_jitted(_fwd_bwd(fn), args, warmup, iters, back_to_back)
+      _, step_s, step = timing.time_jitted(_fwd_bwd(fn), args, warmup, iters, back_to_back)
       entry = {**entry, "fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * step_s,
                "fwd_tflops": fwd_flops / fwd_s / 1e12,
                "fwd_bwd_tflops": 3.5 * fwd_flops / step_s / 1e12}
+      if breakdown:
+        entry = _with_kernel_times(entry, "fwd_bwd_kernels", step, args, iters)
       if peak_flops:
         entry["fwd_mfu"] = entry["fwd_tflops"] * 1e12 / peak_flops
         entry["fwd_bwd_mfu"] = entry["fwd_bwd_tflops"] * 1e12 / peak_flops
@@ -235,7 +277,7 @@ def _pallas_copy(block: int, interpret: bool):
 
 
 def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak, params=None,
-              back_to_back=1):
+              back_to_back=1, breakdown=False):
   z = jax.random.normal(jax.random.key(0), (tokens, dim), dtype)
   itemsize = jnp.dtype(dtype).itemsize
   moved = 2 * tokens * dim * itemsize + tokens * -(-dim // 32) * 4  # z in, quantized + codes out.
@@ -243,9 +285,11 @@ def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak, params=None
   result = {"tokens": tokens, "dim": dim, "dtype": jnp.dtype(dtype).name, "bytes": moved,
             "launch": params or "defaults"}
   for name, fn in (("pallas", kernel), ("jnp", reference.bsq)):
-    _, seconds, _ = timing.time_jitted(fn, (z,), warmup, iters, back_to_back)
+    _, seconds, compiled = timing.time_jitted(fn, (z,), warmup, iters, back_to_back)
     result[name] = {"ms": 1e3 * seconds, "gb_per_s": moved / seconds / 1e9,
                     "fraction_of_peak": moved / seconds / peak}
+    if breakdown:
+      result[name] = _with_kernel_times(result[name], "kernels", compiled, (z,), iters)
   result["speedup_vs_jnp"] = result["jnp"]["ms"] / result["pallas"]["ms"]
   # Ceilings for this shape: z read and written once (no codes, no statistics) by a Pallas copy in
   # 512-token tiles and by XLA (z · 2).
@@ -260,7 +304,7 @@ def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak, params=None
 
 
 def bench_vq(*, tokens, codes, dim, warmup, iters, interpret, peak, params=None,
-             back_to_back=1):
+             back_to_back=1, breakdown=False):
   z = jax.random.normal(jax.random.key(0), (tokens, dim))
   codebook = jax.random.normal(jax.random.key(1), (codes, dim))
   moved = 4 * (tokens * dim + codes * dim + 2 * tokens)
@@ -272,6 +316,8 @@ def bench_vq(*, tokens, codes, dim, warmup, iters, interpret, peak, params=None,
     result[name] = {"ms": 1e3 * seconds, "gb_per_s": moved / seconds / 1e9,
                     "fraction_of_peak": moved / seconds / peak,
                     "temp_bytes": _temp_bytes(compiled)}
+    if breakdown:
+      result[name] = _with_kernel_times(result[name], "kernels", compiled, (z, codebook), iters)
   result["speedup_vs_jnp"] = result["jnp"]["ms"] / result["pallas"]["ms"]
   temp = result["pallas"]["temp_bytes"]
   result["no_tokens_x_codes_buffer"] = (None if temp is None
@@ -369,6 +415,10 @@ def parse_args(argv):
                       help="calls per timed sample (default 10; 1 with --tiny)")
   parser.add_argument("--tiles", default=None,
                       help="tools/tune_kernels.py JSON: its best tiles instead of the defaults")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="also each GPU kernel's time in a call (CUPTI; CUDA only): attention "
+                           "fwd+bwd, BSQ and VQ, e.g. our kernels against cuDNN's and the XLA ops "
+                           "around them")
   parser.add_argument("--out", default="bench_kernels.json")
   parser.add_argument("--plot", default=None, help="PNG path for the plot")
   args = parser.parse_args(argv)
@@ -386,6 +436,9 @@ def parse_args(argv):
     if getattr(args, name) is None:
       setattr(args, name, value)
   args.tiny = tiny
+  if args.breakdown and jax.default_backend() != "gpu":
+    parser.error(f"--breakdown times kernels with CUPTI, on a CUDA GPU; this is "
+                 f"{jax.default_backend()}: leave it out here")
   unknown = set(args.impls.split(",")) - set(ATTENTION_IMPLS)
   if unknown:  # Fails here, before any timing.
     raise ValueError(f"--impls: unknown {sorted(unknown)}; use some of {ATTENTION_IMPLS}")
@@ -431,7 +484,8 @@ def main(argv=None):
   bsq_params, vq_params, attention_tiles = load_tiles(args.tiles) if args.tiles else ({}, {}, {})
   report["tiles"] = {"bsq": bsq_params, "vq": vq_params, "attention": {
       d: dataclasses.asdict(b) for d, b in attention_tiles.items()}}
-  timed = dict(warmup=args.warmup, iters=args.iters, back_to_back=args.back_to_back)
+  timed = dict(warmup=args.warmup, iters=args.iters, back_to_back=args.back_to_back,
+               breakdown=args.breakdown)
   report["bsq"] = bench_bsq(tokens=args.bsq[0], dim=args.bsq[1], dtype=dtype,
                             interpret=interpret, peak=peak, params=bsq_params, **timed)
   report["bsq_more_tokens"] = [

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
 # The Hopper measurements that only an H100/H200 can make, in one run of at most 10 minutes (the
-# default step limits add up to 590 s):
-#   1. the kernel tests of `policy.HOPPER_SKIP_PADDED_QUERIES`, compiled, alone;
+# default step limits add up to 540 s):
+#   1. the kernel tests of the paths that are off until this has run them, compiled, alone:
+#      `policy.HOPPER_SKIP_PADDED_QUERIES` and `policy.HOPPER_UNPADDED`;
 #   2. block-causal attention at VAR's lengths (680, 2240): the default (pallas), the same with
-#      the tiles of query padding alone skipped (pallas_skip_padded: 680 pads to 768; the flag is
-#      off until this shows it pays), the Hopper forward with the Triton backward, Triton alone,
-#      cuDNN given the mask densely and our dense visit; BSQ and VQ at their default shapes;
-#   3. the other kernel tests, compiled (`-m "slow or not slow"`; the TPU lowering is the CPU's);
-#   4. causal attention, L = 256 … 8192, head dims 64 / 128: the default (both passes on the
-#      Hopper kernels), the Hopper forward with the Triton backward, Triton alone and cuDNN, which
-#      `policy.VENDOR_AHEAD` / `hopper_ahead` choose between;
-#   5. with TUNE_TIMEOUT=N (seconds), BSQ's launch settings at 16M tokens (tools/tune_kernels.py),
+#      the tiles of query padding alone skipped (pallas_skip_padded; 680 pads to 768), with the
+#      arrays unpadded (pallas_unpadded: no copies to 768 and back), with both, cuDNN given the
+#      mask densely and our dense visit; each GPU kernel's time in a fwd+bwd step (--breakdown);
+#      BSQ and VQ at their default shapes (`var.json`);
+#   3. where the time goes at L = 4096, head dim 128 (the fwd+bwd ≥ 1.0× cuDNN target): each
+#      kernel of our step and of cuDNN's, and BSQ's at 1M tokens (`breakdown.json`);
+#   4. the other kernel tests, compiled (`-m "slow or not slow"`; the TPU lowering is the CPU's);
+#   5. with CAUSAL_TIMEOUT=N (seconds), causal attention, L = 256 … 8192, head dims 64 / 128: the
+#      default, the Hopper forward with the Triton backward, Triton alone and cuDNN, which
+#      `policy.VENDOR_AHEAD` / `hopper_ahead` choose between (measured before:
+#      docs/kernels/bench_hopper_causal_h100.json);
+#   6. with TUNE_TIMEOUT=N (seconds), BSQ's launch settings at 16M tokens (tools/tune_kernels.py),
 #      where a copy reaches 85% of HBM against 68% at 1M.
 # Everything lands in OUT_DIR (logs and JSONs).
 #   tools/check_hopper_gpu.sh OUT_DIR
-# SKIP_TEST_TIMEOUT / VAR_TIMEOUT / TEST_TIMEOUT / BENCH_TIMEOUT (seconds) bound each step; the
+# NEW_TEST_TIMEOUT / VAR_TIMEOUT / BREAKDOWN_TIMEOUT / TEST_TIMEOUT (seconds) bound each step; the
 # JSONs are rewritten as results come, so a step stopped at its limit keeps what it measured (a
 # JSON's "targets" says "not measured" for the rows it has not).
 set -u
@@ -27,28 +32,34 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1 PYTHONPATH=".:${P
   # The masked Hopper kernels refuse CUDA runtimes 12.8.0-12.9.0 (flash_attention_hopper).
   python -c "from jax._src.lib import cuda_versions as v; print('cuda runtime', v and v.cuda_runtime_get_version())"
 } 2>&1 | tee "$out/device.txt"
-# The skipping of padded query tiles first, on its own: a hang there (the new failure mode of
-# a warpgroup that walks no tile) ends this step alone and names it. Then what decides
-# `policy.HOPPER_SKIP_PADDED_QUERIES`: VAR's lengths with and without it.
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${SKIP_TEST_TIMEOUT:-90}" \
-  python -m pytest tests/test_kernels.py -k "skip_padded or skipped_padding" -q -rfEs \
-  --tb=short 2>&1 | tee "$out/tests_skip_padded.log"
-echo "skip_padded tests rc=${PIPESTATUS[0]}" | tee -a "$out/tests_skip_padded.log"
-timeout "${VAR_TIMEOUT:-120}" python tools/bench_kernels.py --out "$out/var.json" \
+# The paths that are off until measured first, on their own: a hang there (a warpgroup that
+# walks no tile; TMA past an array's end) ends this step alone and names it. Then what decides
+# their flags: VAR's lengths with and without them.
+NEW_TESTS="skip_padded or skipped_padding or as_they_are"
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${NEW_TEST_TIMEOUT:-120}" \
+  python -m pytest tests/test_kernels.py -k "$NEW_TESTS" -q -rfEs --tb=short 2>&1 \
+  | tee "$out/tests_new_paths.log"
+echo "new-path tests rc=${PIPESTATUS[0]}" | tee -a "$out/tests_new_paths.log"
+timeout "${VAR_TIMEOUT:-150}" python tools/bench_kernels.py --out "$out/var.json" \
   --lengths= --var_lengths 680,2240 --bsq_more_tokens= --warmup 2 --iters 5 --back_to_back 10 \
-  --impls pallas,pallas_skip_padded,pallas_hopper_fwd,pallas_triton,cudnn,pallas_dense 2>&1 \
-  | tee "$out/var.log"
+  --impls pallas,pallas_skip_padded,pallas_unpadded,pallas_unpadded_skip_padded,cudnn,pallas_dense \
+  --breakdown 2>&1 | tee "$out/var.log"
 echo "var rc=${PIPESTATUS[0]}" | tee -a "$out/var.log"
+timeout "${BREAKDOWN_TIMEOUT:-90}" python tools/bench_kernels.py --out "$out/breakdown.json" \
+  --lengths 4096 --head_dims 128 --var_lengths= --bsq_more_tokens= --warmup 2 --iters 5 \
+  --back_to_back 10 --impls pallas,cudnn --breakdown 2>&1 | tee "$out/breakdown.log"
+echo "breakdown rc=${PIPESTATUS[0]}" | tee -a "$out/breakdown.log"
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-180}" \
-  python -m pytest tests/test_kernels.py -m "slow or not slow" \
-  -k "not tpu and not skip_padded and not skipped_padding" -q -rfEs --tb=short -n 4 2>&1 \
-  | tee "$out/tests.log"
+  python -m pytest tests/test_kernels.py -m "slow or not slow" -k "not tpu and not ($NEW_TESTS)" \
+  -q -rfEs --tb=short -n 4 2>&1 | tee "$out/tests.log"
 echo "tests rc=${PIPESTATUS[0]}" | tee -a "$out/tests.log"
-timeout "${BENCH_TIMEOUT:-200}" python tools/bench_kernels.py --out "$out/causal.json" \
-  --lengths 256,512,1024,2048,4096,8192 --head_dims 64,128 --causal --var_lengths= \
-  --bsq_more_tokens= --warmup 2 --iters 5 --back_to_back 10 \
-  --impls pallas,pallas_hopper_fwd,pallas_triton,cudnn 2>&1 | tee "$out/causal.log"
-echo "causal rc=${PIPESTATUS[0]}" | tee -a "$out/causal.log"
+if [ "${CAUSAL_TIMEOUT:-0}" -gt 0 ]; then  # Opt in: the causal sweep (about 200 s).
+  timeout "$CAUSAL_TIMEOUT" python tools/bench_kernels.py --out "$out/causal.json" \
+    --lengths 256,512,1024,2048,4096,8192 --head_dims 64,128 --causal --var_lengths= \
+    --bsq_more_tokens= --warmup 2 --iters 5 --back_to_back 10 \
+    --impls pallas,pallas_hopper_fwd,pallas_triton,cudnn 2>&1 | tee "$out/causal.log"
+  echo "causal rc=${PIPESTATUS[0]}" | tee -a "$out/causal.log"
+fi
 if [ "${TUNE_TIMEOUT:-0}" -gt 0 ]; then  # Opt in: the 16M-token BSQ sweep (about 80 s).
   timeout "$TUNE_TIMEOUT" python tools/tune_kernels.py --out "$out/tuned_bsq_16m.json" \
     --kernels bsq --bsq_tokens 16777216 2>&1 | tee "$out/tune.log"

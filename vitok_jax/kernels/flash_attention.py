@@ -158,8 +158,9 @@ def _flash_bwd(backend, cfg, residuals, cotangents):
   q_BLHD, k_BSHD, v_BSHD, ids, (kv_range, q_range), out_BLHD, lse_BHL = residuals
   do_BLHD, dlse_BHL = cotangents
   # dS = P ∘ (dP − delta) with delta_i = Σ_d o·do; a cotangent on lse adds P·dlse, i.e. −dlse.
-  delta_BHL = jnp.einsum("blhd,blhd->bhl", out_BLHD.astype(jnp.float32),
-                         do_BLHD.astype(jnp.float32)) - dlse_BHL
+  # (The Hopper kernels' lse may run past the queries, to whole programs: delta is 0 there.)
+  delta_BHL = _pad_axis(jnp.einsum("blhd,blhd->bhl", out_BLHD.astype(jnp.float32),
+                                   do_BLHD.astype(jnp.float32)), 2, lse_BHL.shape[2]) - dlse_BHL
   dq_BLHD, dk_BSHD, dv_BSHD = _kernel_module(backend).backward(
       q_BLHD, k_BSHD, v_BSHD, ids, kv_range, q_range, do_BLHD, lse_BHL, delta_BHL, cfg)
   # Kernels return dk/dv per query head; grouped-query heads share one key/value head.
@@ -208,18 +209,29 @@ def _with_key_padding(prefix, padded_kv: int, kv_len: int):
 
 
 def _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q: int, padded_kv: int, padded_dim: int,
-                    scale: float) -> tuple[int, int]:
-  """(padded_q, padded_kv) rounded up to whole 128-token tiles (a multiple of every Triton tile;
-  one length for a causal mask) if the Hopper kernels take the call so padded, the padded keys
-  hidden by `prefix`'s kv_valid; else unchanged (Triton keeps its own padding)."""
+                    scale: float, hopper: Union[None, bool, str] = None) -> tuple[int, int]:
+  """The lengths to pad q and k/v to for the Hopper kernels: their own where both passes run on
+  them over the arrays as they are (`policy.HOPPER_UNPADDED`), else (padded_q, padded_kv)
+  rounded up to whole 128-token tiles (a multiple of every Triton tile; one length for a causal
+  mask) if the kernels take the call so padded, the padded keys hidden by `prefix`'s kv_valid;
+  else unchanged (Triton keeps its own padding)."""
   from vitok_jax.kernels import flash_attention_hopper as kernels  # Imports Mosaic GPU.
+  spec = lambda x, length: jax.ShapeDtypeStruct((x.shape[0], length, x.shape[2], padded_dim),
+                                                x.dtype)
+  q_len, kv_len = q_BLHD.shape[1], k_BSHD.shape[1]
+  if policy.HOPPER_UNPADDED:
+    # The key tail is the kernels' own mask (`hide_key_tail`): as masked as flash_attention sees it.
+    mask = kernels.hide_key_tail(prefix if prefix.causal or prefix.block_ends else None, kv_len)
+    q, kv = spec(q_BLHD, q_len), spec(k_BSHD, kv_len)
+    if (kernels.unsupported_reason(q, kv, kv, masked=mask is not None, mask=mask, scale=scale)
+        is None and _use_hopper(hopper, True, mask is not None, mask, scale, q, kv, kv)
+        == (True, True)):
+      return q_len, kv_len
   q_to, kv_to = _round_up(padded_q, HOPPER_MULTIPLE), _round_up(padded_kv, HOPPER_MULTIPLE)
   if prefix.causal or prefix.block_ends:
     q_to = kv_to = max(q_to, kv_to)
-  mask = _with_key_padding(prefix, kv_to, k_BSHD.shape[1])
+  mask = _with_key_padding(prefix, kv_to, kv_len)
   masked = bool(mask.causal or mask.block_ends or mask.kv_valid)
-  spec = lambda x, length: jax.ShapeDtypeStruct((x.shape[0], length, x.shape[2], padded_dim),
-                                                x.dtype)
   kv = spec(k_BSHD, kv_to)
   reason = kernels.unsupported_reason(spec(q_BLHD, q_to), kv, kv, masked=masked,
                                       mask=mask if masked else None, scale=scale)
@@ -333,7 +345,7 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
                         q_len=q_len, kv_len=kv_len) if hopper_possible and skip_blocks else None
   if prefix is not None and (hopper or policy.HOPPER_PREFIX_MASKS):
     padded_q, padded_kv = _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q, padded_kv,
-                                          padded_dim, scale)
+                                          padded_dim, scale, hopper)
   # Zero head-dim padding changes no score and adds output columns that are sliced off.
   pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, padded_dim)
   q_BLHD, k_BSHD, v_BSHD = pad(q_BLHD, padded_q), pad(k_BSHD, padded_kv), pad(v_BSHD, padded_kv)
@@ -342,7 +354,7 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
                  if masked and prefix is not None else None)
   hopper_forward, hopper_backward = _use_hopper(hopper, hopper_possible, masked, hopper_mask,
                                                 scale, q_BLHD, k_BSHD, v_BSHD)
-  if hopper_backward and hopper_mask is not None and padded_q != q_len:
+  if hopper_backward and hopper_mask is not None and _round_up(padded_q, HOPPER_MULTIPLE) != q_len:
     hopper_mask = _skip_padded_queries(hopper_mask, q_len, q_BLHD, k_BSHD, v_BSHD, scale)
   recording.annotate(kernel="mosaic_tpu" if backend == "tpu" else (
       ("mosaic_gpu" if hopper_backward else "mosaic_gpu_fwd") if hopper_forward else "triton"),
@@ -355,12 +367,13 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   # Padded tokens repeat the last id, so the per-block id ranges (and the skipping) are unchanged.
   ids = masks.MaskIds(*(_pad_axis(x, 1, padded_q if i % 2 == 0 else padded_kv, mode="edge")
                         for i, x in enumerate(ids)))
+  # The tile ranges the Triton kernels skip by (the Hopper kernels take theirs from the mask).
   ranges = lambda bq, bk: masks.block_ranges(ids, batch, padded_q, padded_kv, bq, bk,
                                              causal=causal, kv_valid=kv_len, skip=skip_blocks)
-  fwd_range, _ = ranges(blocks.block_q, blocks.block_k)
-  _, dkdv_q_range = ranges(blocks.block_q_bwd, blocks.block_k_bwd)
-  dq_kv_range, _ = ranges(*blocks.dq_tiles)
-  bwd_ranges = (dq_kv_range, dkdv_q_range)
+  fwd_range = None if hopper_forward else ranges(blocks.block_q, blocks.block_k)[0]
+  bwd_ranges = (None, None) if hopper_backward else (ranges(*blocks.dq_tiles)[0],
+                                                     ranges(blocks.block_q_bwd,
+                                                            blocks.block_k_bwd)[1])
   out_BLHD, lse_BHL = _flash(backend, cfg, q_BLHD, k_BSHD, v_BSHD, ids, fwd_range, bwd_ranges)
   out_BLHD = out_BLHD[:, :q_len, :, :head_dim]
   return (out_BLHD, lse_BHL[:, :, :q_len]) if return_lse else out_BLHD

@@ -19,10 +19,11 @@ Masks: none, or one that shows each query a prefix of the keys (`PrefixMask`: ca
 block-causal with rising ids such as VAR's scales, key padding); with one, the tiles a program's
 rows cannot see are skipped and only the tiles they see in part are masked (`flash_attention`
 takes them by default while `policy.HOPPER_PREFIX_MASKS` is set). Lengths that are multiples of
-the tiles, head dims 64 and 128 (through `flash_attention`, which pads: query lengths over 64
-with the default tiles, head dims 33–128), a positive logit scale: `unsupported_reason` says why a
-call does not fit. Off the GPU the kernels can be lowered (the tests export them for CUDA) but
-not run: jax's Mosaic GPU interpreter (0.10) has no `run_state` or `plgpu.load` yet. On an H100
+8 (`LENGTH_MULTIPLE`; `flash_attention` pads them to whole 128-token tiles unless
+`policy.HOPPER_UNPADDED`), head dims 64 and 128 (`flash_attention` pads head dims 33–128), a
+positive logit scale: `unsupported_reason` says why a call does not fit. Off the GPU the
+kernels can be lowered (the tests export them for CUDA) but not run: jax's Mosaic GPU
+interpreter (0.10) has no `run_state` or `plgpu.load` yet. On an H100
 (jax 0.11.2, bf16, docs/kernels/bench_hopper_bwd_h100.json): forward 572–598 TFLOP/s at head dim
 128 (L 4096–8192), 0.98–1.00× cuDNN's speed; forward+backward 0.92–0.94× cuDNN at head dim 128
 and 0.95–0.98× at 64 for L 4096–8192, 1.03–1.15× at L ≤ 1024, 1.29–1.37× our Triton kernels.
@@ -48,6 +49,11 @@ BLOCK_Q = 64  # Query rows per compute warpgroup; a program covers 2·BLOCK_Q.
 BLOCK_K = 128  # Keys per pipeline step.
 STAGES = 2  # K/V tiles in flight.
 HEAD_DIMS = (64, 128)
+# Sequence lengths are multiples of this (TMA moves rows in groups of 8), not of the tiles: the
+# tiles that run past the end are read as zeros and their rows past the end are not written (TMA
+# drops writes outside the array), keys past the end are masked (`hide_key_tail`), and the
+# logsumexp comes out padded to whole programs (`forward`).
+LENGTH_MULTIPLE = 8
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 LOG2_E = math.log2(math.e)
 _COMPUTE_WARPGROUPS = 2
@@ -66,10 +72,10 @@ def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
     if not (mask.causal or mask.block_ends or mask.kv_valid):
       return "an empty PrefixMask hides every key; pass mask=None for unmasked attention"
     rows = _COMPUTE_WARPGROUPS * BLOCK_Q
-    if mask.q_valid is not None and not q_len - rows < mask.q_valid <= q_len:
+    if mask.q_valid is not None and not _round_up(q_len, rows) - rows < mask.q_valid <= q_len:
       # (A program of padding rows alone would wait for key tiles nobody streams.)
-      return (f"PrefixMask.q_valid={mask.q_valid} must leave padding in the last {rows} rows "
-              f"only (q_len={q_len})")
+      return (f"PrefixMask.q_valid={mask.q_valid} must leave padding in the last {rows}-row "
+              f"program only (q_len={q_len})")
     if (mask.causal or mask.block_ends) and q_len != kv_len:
       return f"the Hopper kernel's causal masks need q_len == kv_len, got {q_len} and {kv_len}"
     cuda = _cuda_runtime_version()
@@ -87,9 +93,9 @@ def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
     return f"the Hopper kernel takes bfloat16 / float16, not {jnp.dtype(q_BLHD.dtype).name}"
   if head_dim not in HEAD_DIMS:
     return f"the Hopper kernel takes head dims {HEAD_DIMS}, not {head_dim}"
-  if q_len % (_COMPUTE_WARPGROUPS * BLOCK_Q) or kv_len % BLOCK_K or not kv_len:
-    return (f"the Hopper kernel needs q_len % {_COMPUTE_WARPGROUPS * BLOCK_Q} == 0 and "
-            f"kv_len % {BLOCK_K} == 0, got {q_len} and {kv_len}")
+  if q_len % LENGTH_MULTIPLE or kv_len % LENGTH_MULTIPLE or not q_len or not kv_len:
+    return (f"the Hopper kernel needs q_len and kv_len positive multiples of {LENGTH_MULTIPLE}, "
+            f"got {q_len} and {kv_len}")
   if heads % kv_heads:
     return f"kv_heads={kv_heads} must divide heads={heads}"
   return None
@@ -181,6 +187,28 @@ def _cdiv(a, b: int):
   return lax.div(a + (b - 1), jnp.array(b, jnp.int32))
 
 
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def _tile_rows(i, size: int, length: int):
+  """`pl.ds` of tile i of `size` rows in an array of `length` rows. A static tile that runs past
+  the end (TMA reads zeros there and drops the writes) gets a traced start: jax refuses a slice
+  past the end where it knows the start."""
+  if isinstance(i, int) and (i + 1) * size > length:
+    i = jnp.asarray(i, jnp.int32)
+  return pl.ds(i * size, size)
+
+
+def hide_key_tail(mask: Optional[PrefixMask], kv_len: int) -> Optional[PrefixMask]:
+  """`mask` with the keys from kv_len on hidden where the last key tile runs past kv_len: TMA
+  reads them as zeros, which would otherwise score 0, not -inf."""
+  if kv_len % BLOCK_K == 0:
+    return mask
+  mask = mask or PrefixMask()
+  return dataclasses.replace(mask, kv_valid=min(kv_len, mask.kv_valid or kv_len))
+
+
 def forward_tiles(mask: PrefixMask, q_start, rows: int):
   """(full, end) for the `rows` queries from q_start: they all see the key tiles (of BLOCK_K)
   before `full` whole, some see tiles [full, end) in part, and none sees a tile from `end` on;
@@ -230,11 +258,17 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float, mask: Optional[PrefixMask] 
   tiles its rows see in part; the program streams the tiles its last row sees, and the warpgroup
   that finishes first releases the rest unread and keeps taking turns (jax's causal
   `attention_mgpu` does the same). A warpgroup of padding rows alone (`PrefixMask.q_valid`)
-  walks no tile and releases them all."""
+  walks no tile and releases them all.
+
+  Lengths need not be whole tiles (`LENGTH_MULTIPLE`); lse then comes out [B, H, L'] with L'
+  the query length rounded up to whole programs (2·BLOCK_Q rows; the rows past L hold the
+  logsumexp of zero queries): the backward reads it so."""
   batch, q_len, heads, head_dim, kv_len, group = _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale,
                                                                  mask)
+  mask = hide_key_tail(mask, kv_len)
   dtype = q_BLHD.dtype
-  kv_steps = kv_len // BLOCK_K
+  kv_steps = _round_up(kv_len, BLOCK_K) // BLOCK_K
+  padded_q = _round_up(q_len, _COMPUTE_WARPGROUPS * BLOCK_Q)
   stages = min(STAGES, kv_steps)
   logit_scale = scale * LOG2_E  # Scores in log2 units: the softmax runs on exp2.
 
@@ -340,7 +374,7 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float, mask: Optional[PrefixMask] 
 
       def fetch(i, slot, wait_free: bool):
         """K then V of step i into `slot`, each as soon as its slot is free (K is needed first)."""
-        keys = (b, pl.ds(i * BLOCK_K, BLOCK_K), kv_h)
+        keys = (b, _tile_rows(i, BLOCK_K, kv_len), kv_h)
         for ref, smem, ready, free in ((k_ref, k_smem, k_ready, k_free),
                                        (v_ref, v_smem, v_ready, v_free)):
           if wait_free:
@@ -374,8 +408,8 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float, mask: Optional[PrefixMask] 
   return plgpu.kernel(
       entry,
       out_type=(jax.ShapeDtypeStruct(q_BLHD.shape, dtype),
-                jax.ShapeDtypeStruct((batch, heads, q_len), jnp.float32)),
-      grid=(heads, q_len // (_COMPUTE_WARPGROUPS * BLOCK_Q), batch),
+                jax.ShapeDtypeStruct((batch, heads, padded_q), jnp.float32)),
+      grid=(heads, padded_q // (_COMPUTE_WARPGROUPS * BLOCK_Q), batch),
       grid_names=("heads", "q_blocks", "batch"),
       num_threads=_COMPUTE_WARPGROUPS + 1,
       thread_name="wg",
@@ -420,8 +454,10 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
               mask: Optional[PrefixMask]):
   """dq [B, L, H, D] float32 and dk, dv per query head [B, S, H, D] in q's dtype (rounded per
   head before the caller's float32 sum over a group) of attention under `mask`, from the forward's
-  lse [B, H, L] (natural log) and delta = Σ_d o·do [B, H, L]. dq is summed by float32 atomics
-  in no fixed order: not bitwise reproducible from run to run.
+  lse [B, H, L'] (natural log; L' ≥ L, as `forward` returns it) and delta = Σ_d o·do [B, H, ≥ L].
+  dq is summed by float32 atomics in no fixed order: not bitwise reproducible from run to run.
+  Lengths need not be whole tiles (`LENGTH_MULTIPLE`): query rows past L are read as zeros, so
+  they add nothing, and the gradients of rows and keys past the ends are not written.
 
   FlashAttention-3's schedule: one program per (head, 2·BWD_BLOCK_K keys, batch) walks the query
   tiles, so every tile pair costs five matmuls (Sᵀ, dPᵀ, dV, dK, dQ), against seven when dQ gets
@@ -441,6 +477,11 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   """
   batch, q_len, heads, head_dim, kv_len, group = _checked_shapes(q_BLHD, k_BSHD, v_BSHD, scale,
                                                                  mask)
+  mask = hide_key_tail(mask, kv_len)
+  # lse and delta in whole programs, so that no query tile of them runs past their end.
+  padded_q = _round_up(q_len, _COMPUTE_WARPGROUPS * BLOCK_Q)
+  lse_BHL, delta_BHL = (jnp.pad(x, ((0, 0), (0, 0), (0, padded_q - x.shape[2])))
+                        if x.shape[2] < padded_q else x for x in (lse_BHL, delta_BHL))
   dtype = q_BLHD.dtype
   q_steps = query_steps(mask, q_len)
   stages = min(STAGES, q_steps)
@@ -574,7 +615,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
       plgpu.set_max_registers(24, action="decrease")
 
       def fetch(i, slot):
-        rows, row_ids = (b, pl.ds(i * BWD_BLOCK_Q, BWD_BLOCK_Q), h), (b, h, pl.ds(
+        rows, row_ids = (b, _tile_rows(i, BWD_BLOCK_Q, q_len), h), (b, h, pl.ds(
             i * BWD_BLOCK_Q, BWD_BLOCK_Q))
         plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_ready.at[slot])
         plgpu.copy_gmem_to_smem(lse_ref.at[row_ids], lse_smem.at[slot], lse_ready.at[slot])
@@ -614,7 +655,9 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
         collective_axes="wg")
 
   per_q_head = jax.ShapeDtypeStruct((batch, kv_len, heads, head_dim), dtype)
-  mesh = plgpu.Mesh(grid=(heads, kv_len // (_COMPUTE_WARPGROUPS * BWD_BLOCK_K), batch),
+  kv_blocks = _round_up(kv_len, _COMPUTE_WARPGROUPS * BWD_BLOCK_K) // (
+      _COMPUTE_WARPGROUPS * BWD_BLOCK_K)
+  mesh = plgpu.Mesh(grid=(heads, kv_blocks, batch),
                     grid_names=("heads", "kv_blocks", "batch"),
                     num_threads=_COMPUTE_WARPGROUPS + 1, thread_name="wg")
   # pl.kernel (not plgpu.kernel, which takes no refs) aliases the dq ref in and out: the TMA adds

@@ -72,18 +72,33 @@ HOPPER_PREFIX_MASKS = True
 # times `pallas_skip_padded` against `pallas` at VAR's lengths.
 HOPPER_SKIP_PADDED_QUERIES = False
 
+# Whether flash_attention, where both passes run on the Hopper kernels, hands them the arrays
+# with their lengths as they are (multiples of `flash_attention_hopper.LENGTH_MULTIPLE`) rather
+# than padded to whole 128-token tiles: TMA reads past the end as zeros and drops the writes
+# there, and the key tail is masked in the kernels. Padding copies q, k, v and dO in and slices
+# dq, dk, dv (and the output) back out: at VAR's 680 tokens (padded to 768; batch 24, 16 heads,
+# head dim 64) that is 0.45 GB of the 0.69 GB XLA moves around the two kernels in a fwd+bwd step
+# (counted from the exported program's arrays; dq's zeros, its cast and delta are the rest),
+# about 0.15 ms at 3 TB/s against the 0.76 ms measured for the step. Off until it has run on a
+# GPU: `test_hopper_kernels_take_lengths_as_they_are` checks it compiled and
+# tools/check_hopper_gpu.sh times `pallas_unpadded` against `pallas`.
+HOPPER_UNPADDED = False
+
 
 def hopper_ahead(dtype, q_len, kv_len, head_dim, mask: str = "none") -> bool:
   """Whether attention of this shape and mask kind ("none" or "causal") is one where the Hopper
-  kernels beat cuDNN: at most HOPPER_AHEAD_MAX_LEN[mask] queries, taken by the kernels as they
-  are (no padding: `flash_attention_hopper.unsupported_reason` of the unpadded shapes is None);
-  causal only while HOPPER_PREFIX_MASKS sends it to them."""
+  kernels beat cuDNN: at most HOPPER_AHEAD_MAX_LEN[mask] queries, in whole tiles (the lengths
+  measured) that the kernels take (`flash_attention_hopper.unsupported_reason`); causal only
+  while HOPPER_PREFIX_MASKS sends it to them."""
   max_len = HOPPER_AHEAD_MAX_LEN.get(mask) if mask == "none" or HOPPER_PREFIX_MASKS else None
   if max_len is None or q_len is None or head_dim is None or not 0 < q_len <= max_len:
     return False
   from vitok_jax.kernels import flash_attention_hopper  # Imports Mosaic GPU.
+  kv_len = q_len if kv_len is None else kv_len
+  if q_len % (2 * flash_attention_hopper.BLOCK_Q) or kv_len % flash_attention_hopper.BLOCK_K:
+    return False  # Measured in whole tiles only.
   spec = lambda length: jax.ShapeDtypeStruct((1, length, 1, head_dim), dtype)
-  kv = spec(q_len if kv_len is None else kv_len)
+  kv = spec(kv_len)
   prefix = flash_attention_hopper.PrefixMask(causal=True) if mask == "causal" else None
   return flash_attention_hopper.unsupported_reason(spec(q_len), kv, kv, masked=prefix is not None,
                                                    mask=prefix) is None
