@@ -442,6 +442,12 @@ def test_hopper_passes_by_mode_and_length(monkeypatch):
   monkeypatch.setattr(policy, "HOPPER_PREFIX_MASKS", False)
   assert passes(None, 4096, masked=True, mask=causal) == (False, False)
   assert passes(True, 256, masked=True, mask=causal) == (True, True)
+  # Lengths that are not whole 128-token tiles only where `policy.HOPPER_UNPADDED` chose them.
+  assert passes(None, 192) == (False, False)
+  with pytest.raises(ConfigError, match="whole 128-token tiles"):
+    passes(True, 192)
+  assert flash._use_hopper(True, True, False, None, 0.125, spec(192), spec(192), spec(192),
+                           unpadded=True) == (True, True)
 
 
 VAR_680 = masks.var_block_ids((1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
@@ -529,7 +535,9 @@ def test_hopper_mask_checks(monkeypatch):
   # CUDA 12.8.0 – 12.9.0 miscompile the in-tile mask (jax's attention_mgpu refuses them too).
   monkeypatch.setattr(hopper, "_cuda_runtime_version", lambda: 12080)
   assert "12080" in hopper.unsupported_reason(x, x, x, masked=True, mask=causal)
-  assert hopper.unsupported_reason(x, x, x) is None  # Unmasked: not affected.
+  assert hopper.unsupported_reason(x, x, x) is None  # Unmasked: not affected,
+  tail = jax.ShapeDtypeStruct((1, 136, 4, 64), jnp.bfloat16)  # but for the key tail's mask.
+  assert "12080" in hopper.unsupported_reason(x, tail, tail)
 
 
 def test_hopper_kernels_take_lengths_in_rows_of_eight():
@@ -594,11 +602,19 @@ def test_unpadded_lengths_lower_for_cuda_where_both_passes_are_hopper(hopper_mod
             q, kv, kv).mlir_module()
     assert [n for _, n, _ in seen] == [want] * len(seen) and seen, q_len
     assert ("triton" in text) == (len(seen) == 1), q_len
+  # Without the flag, lengths that are not whole tiles never reach the kernels unpadded, also
+  # where flash_attention does not pad for them (no prefix masks): Triton.
+  monkeypatch.setattr(policy, "HOPPER_UNPADDED", False)
+  monkeypatch.setattr(policy, "HOPPER_PREFIX_MASKS", False)
+  seen.clear()
+  y = jax.ShapeDtypeStruct((1, 192, 2, 64), jnp.bfloat16)
+  jax.eval_shape(lambda *a: flash.flash_attention(*a), y, y, y)  # (A new function: traced.)
+  assert seen == []
 
 
 def test_hopper_padding_rounds_only_where_the_kernels_then_take_the_call():
   spec = lambda length, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((1, length, 4, 64), dtype)
-  pad = lambda prefix, q, k, padded: flash._hopper_padding(prefix, q, k, *padded, 64, 0.125)
+  pad = lambda prefix, q, k, padded: flash._hopper_padding(prefix, q, k, *padded, 64, 0.125)[:2]
   # Causal self-attention of 300 tokens with 256-query / 64-key Triton tiles (512, 384): one
   # length for both, else the kernels would refuse q_len != kv_len.
   assert pad(hopper.PrefixMask(causal=True), spec(300), spec(300), (512, 384)) == (512, 512)

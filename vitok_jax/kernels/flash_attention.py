@@ -209,12 +209,13 @@ def _with_key_padding(prefix, padded_kv: int, kv_len: int):
 
 
 def _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q: int, padded_kv: int, padded_dim: int,
-                    scale: float, hopper: Union[None, bool, str] = None) -> tuple[int, int]:
-  """The lengths to pad q and k/v to for the Hopper kernels: their own where both passes run on
-  them over the arrays as they are (`policy.HOPPER_UNPADDED`), else (padded_q, padded_kv)
-  rounded up to whole 128-token tiles (a multiple of every Triton tile; one length for a causal
-  mask) if the kernels take the call so padded, the padded keys hidden by `prefix`'s kv_valid;
-  else unchanged (Triton keeps its own padding)."""
+                    scale: float, hopper: Union[None, bool, str] = None
+                    ) -> tuple[int, int, bool]:
+  """(q length, kv length, unpadded) for the Hopper kernels: the arrays' own lengths, unpadded,
+  where both passes run on them over the arrays as they are (`policy.HOPPER_UNPADDED`); else
+  (padded_q, padded_kv) rounded up to whole 128-token tiles (a multiple of every Triton tile;
+  one length for a causal mask) if the kernels take the call so padded, the padded keys hidden by
+  `prefix`'s kv_valid; else unchanged (Triton keeps its own padding)."""
   from vitok_jax.kernels import flash_attention_hopper as kernels  # Imports Mosaic GPU.
   spec = lambda x, length: jax.ShapeDtypeStruct((x.shape[0], length, x.shape[2], padded_dim),
                                                 x.dtype)
@@ -224,9 +225,9 @@ def _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q: int, padded_kv: int, padde
     mask = kernels.hide_key_tail(prefix if prefix.causal or prefix.block_ends else None, kv_len)
     q, kv = spec(q_BLHD, q_len), spec(k_BSHD, kv_len)
     if (kernels.unsupported_reason(q, kv, kv, masked=mask is not None, mask=mask, scale=scale)
-        is None and _use_hopper(hopper, True, mask is not None, mask, scale, q, kv, kv)
-        == (True, True)):
-      return q_len, kv_len
+        is None and _use_hopper(hopper, True, mask is not None, mask, scale, q, kv, kv,
+                                unpadded=True) == (True, True)):
+      return q_len, kv_len, True
   q_to, kv_to = _round_up(padded_q, HOPPER_MULTIPLE), _round_up(padded_kv, HOPPER_MULTIPLE)
   if prefix.causal or prefix.block_ends:
     q_to = kv_to = max(q_to, kv_to)
@@ -235,7 +236,7 @@ def _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q: int, padded_kv: int, padde
   kv = spec(k_BSHD, kv_to)
   reason = kernels.unsupported_reason(spec(q_BLHD, q_to), kv, kv, masked=masked,
                                       mask=mask if masked else None, scale=scale)
-  return (q_to, kv_to) if reason is None else (padded_q, padded_kv)
+  return (q_to, kv_to, False) if reason is None else (padded_q, padded_kv, False)
 
 
 def _skip_padded_queries(mask, q_len: int, q_BLHD, k_BSHD, v_BSHD, scale: float):
@@ -253,9 +254,11 @@ def _skip_padded_queries(mask, q_len: int, q_BLHD, k_BSHD, v_BSHD, scale: float)
 
 
 def _use_hopper(hopper: Union[None, bool, str], possible: bool, masked: bool, mask, scale: float,
-                q_BLHD, k_BSHD, v_BSHD) -> tuple[bool, bool]:
+                q_BLHD, k_BSHD, v_BSHD, *, unpadded: bool = False) -> tuple[bool, bool]:
   """(forward, backward): which passes over these (padded) arrays run on the Hopper kernels (see
-  `flash_attention`'s `hopper`); mask: the call's `PrefixMask` if it is one."""
+  `flash_attention`'s `hopper`); mask: the call's `PrefixMask` if it is one. Their lengths must
+  be whole 128-token tiles unless `unpadded` (`policy.HOPPER_UNPADDED` chose to pass them as
+  they are)."""
   if hopper is False:
     return False, False
   reason = "the Hopper kernel runs compiled on an sm_90 GPU only"
@@ -263,6 +266,11 @@ def _use_hopper(hopper: Union[None, bool, str], possible: bool, masked: bool, ma
     from vitok_jax.kernels import flash_attention_hopper as kernels  # Imports Mosaic GPU.
     reason = kernels.unsupported_reason(q_BLHD, k_BSHD, v_BSHD, masked=masked, mask=mask,
                                         scale=scale)
+    lengths = (q_BLHD.shape[1], k_BSHD.shape[1])
+    if reason is None and not unpadded and any(n % HOPPER_MULTIPLE for n in lengths):
+      reason = (f"lengths {lengths} are not whole {HOPPER_MULTIPLE}-token tiles (flash_attention "
+                "pads them so where the Hopper kernels take the call; they take them unpadded "
+                "only with policy.HOPPER_UNPADDED)")
   if hopper and reason:
     raise ConfigError(f"hopper={hopper!r}: {reason}; leave hopper unset to fall back to Triton")
   if reason or (hopper is None and masked and not policy.HOPPER_PREFIX_MASKS):
@@ -343,9 +351,10 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
                       "the tiles a mask hides; the dense visit runs on Triton (hopper=False)")
   prefix = _prefix_mask(causal=causal, segment_ids=segment_ids, block_ids=block_ids,
                         q_len=q_len, kv_len=kv_len) if hopper_possible and skip_blocks else None
+  unpadded = False
   if prefix is not None and (hopper or policy.HOPPER_PREFIX_MASKS):
-    padded_q, padded_kv = _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q, padded_kv,
-                                          padded_dim, scale, hopper)
+    padded_q, padded_kv, unpadded = _hopper_padding(prefix, q_BLHD, k_BSHD, padded_q, padded_kv,
+                                                    padded_dim, scale, hopper)
   # Zero head-dim padding changes no score and adds output columns that are sliced off.
   pad = lambda x, length: _pad_axis(_pad_axis(x, 1, length), 3, padded_dim)
   q_BLHD, k_BSHD, v_BSHD = pad(q_BLHD, padded_q), pad(k_BSHD, padded_kv), pad(v_BSHD, padded_kv)
@@ -353,7 +362,7 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   hopper_mask = (_with_key_padding(prefix, padded_kv, kv_len)
                  if masked and prefix is not None else None)
   hopper_forward, hopper_backward = _use_hopper(hopper, hopper_possible, masked, hopper_mask,
-                                                scale, q_BLHD, k_BSHD, v_BSHD)
+                                                scale, q_BLHD, k_BSHD, v_BSHD, unpadded=unpadded)
   if hopper_backward and hopper_mask is not None and _round_up(padded_q, HOPPER_MULTIPLE) != q_len:
     hopper_mask = _skip_padded_queries(hopper_mask, q_len, q_BLHD, k_BSHD, v_BSHD, scale)
   recording.annotate(kernel="mosaic_tpu" if backend == "tpu" else (

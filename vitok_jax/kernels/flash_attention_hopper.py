@@ -68,9 +68,10 @@ def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
   if masked and mask is None:
     return ("the Hopper kernel takes masks that show every query a prefix of the keys (causal, "
             "block-causal with rising static ids, key padding), not segment ids or other ids")
+  if mask is not None and not (mask.causal or mask.block_ends or mask.kv_valid):
+    return "an empty PrefixMask hides every key; pass mask=None for unmasked attention"
+  mask = hide_key_tail(mask, kv_len)  # The mask the kernels run, their own key tail included.
   if mask is not None:
-    if not (mask.causal or mask.block_ends or mask.kv_valid):
-      return "an empty PrefixMask hides every key; pass mask=None for unmasked attention"
     rows = _COMPUTE_WARPGROUPS * BLOCK_Q
     if mask.q_valid is not None and not _round_up(q_len, rows) - rows < mask.q_valid <= q_len:
       # (A program of padding rows alone would wait for key tiles nobody streams.)

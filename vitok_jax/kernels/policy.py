@@ -77,10 +77,10 @@ HOPPER_SKIP_PADDED_QUERIES = False
 # than padded to whole 128-token tiles: TMA reads past the end as zeros and drops the writes
 # there, and the key tail is masked in the kernels. Padding copies q, k, v and dO in and slices
 # dq, dk, dv (and the output) back out: at VAR's 680 tokens (padded to 768; batch 24, 16 heads,
-# head dim 64) that is 0.45 GB of the 0.69 GB XLA moves around the two kernels in a fwd+bwd step
-# (counted from the exported program's arrays; dq's zeros, its cast and delta are the rest),
-# about 0.15 ms at 3 TB/s against the 0.76 ms measured for the step. Off until it has run on a
-# GPU: `test_hopper_kernels_take_lengths_as_they_are` checks it compiled and
+# head dim 64) that is about 0.45 of the 0.7 GB XLA moves around the two kernels in a fwd+bwd
+# step (counted by hand from the exported program's arrays; dq's zeros, its cast and delta are
+# the rest), about 0.15 ms at 3 TB/s against the 0.76 ms measured for the step. Off until it has
+# run on a GPU: `test_hopper_kernels_take_lengths_as_they_are` checks it compiled and
 # tools/check_hopper_gpu.sh times `pallas_unpadded` against `pallas`.
 HOPPER_UNPADDED = False
 
