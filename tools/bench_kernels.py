@@ -163,8 +163,8 @@ def _fwd_bwd(fn):
 def kernel_times(compiled, args, calls: int) -> dict:
   """Where one call of `compiled` spends the device's time: each GPU kernel it launches, in
   launch order, with its median duration over `calls` calls, and their sum (CUPTI, through Mosaic
-  GPU's profiler; CUDA only). The sum leaves out the gaps between kernels, which the timings of
-  back-to-back calls include."""
+  GPU's profiler; CUDA only). Kernels only: the sum leaves out memsets (XLA's zero fills may be
+  one) and the gaps between kernels, which the timings of back-to-back calls include."""
   from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
   _, timings = profiler.measure(compiled, aggregate=False, iterations=calls)(*args)
   return summarize_kernel_times(timings if calls > 1 else [timings])

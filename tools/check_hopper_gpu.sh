@@ -3,10 +3,10 @@
 # default step limits add up to 540 s):
 #   1. the kernel tests of the paths that are off until this has run them, compiled, alone:
 #      `policy.HOPPER_SKIP_PADDED_QUERIES` and `policy.HOPPER_UNPADDED`;
-#   2. block-causal attention at VAR's lengths (680, 2240): the default (pallas), the same with
-#      the tiles of query padding alone skipped (pallas_skip_padded; 680 pads to 768), with the
-#      arrays unpadded (pallas_unpadded: no copies to 768 and back), with both, cuDNN given the
-#      mask densely and our dense visit; each GPU kernel's time in a fwd+bwd step (--breakdown);
+#   2. block-causal attention at VAR's lengths (680, 2240): the default (pallas), cuDNN given the
+#      mask densely, our dense visit, and where step 1 passed: the tiles of query padding alone
+#      skipped (pallas_skip_padded; 680 pads to 768), the arrays unpadded (pallas_unpadded: no
+#      copies to 768 and back), both; each GPU kernel's time in a fwd+bwd step (--breakdown);
 #      BSQ and VQ at their default shapes (`var.json`);
 #   3. where the time goes at L = 4096, head dim 128 (the fwd+bwd ≥ 1.0× cuDNN target): each
 #      kernel of our step and of cuDNN's, and BSQ's at 1M tokens (`breakdown.json`);
@@ -39,11 +39,15 @@ NEW_TESTS="skip_padded or skipped_padding or as_they_are"
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${NEW_TEST_TIMEOUT:-120}" \
   python -m pytest tests/test_kernels.py -k "$NEW_TESTS" -q -rfEs --tb=short 2>&1 \
   | tee "$out/tests_new_paths.log"
-echo "new-path tests rc=${PIPESTATUS[0]}" | tee -a "$out/tests_new_paths.log"
+new_rc=${PIPESTATUS[0]}
+echo "new-path tests rc=$new_rc" | tee -a "$out/tests_new_paths.log"
+var_impls=pallas,cudnn,pallas_dense  # The default and the target's baselines first,
+if [ "$new_rc" -eq 0 ]; then  # then the new paths, where their tests passed.
+  var_impls=$var_impls,pallas_skip_padded,pallas_unpadded,pallas_unpadded_skip_padded
+fi
 timeout "${VAR_TIMEOUT:-150}" python tools/bench_kernels.py --out "$out/var.json" \
   --lengths= --var_lengths 680,2240 --bsq_more_tokens= --warmup 2 --iters 5 --back_to_back 10 \
-  --impls pallas,pallas_skip_padded,pallas_unpadded,pallas_unpadded_skip_padded,cudnn,pallas_dense \
-  --breakdown 2>&1 | tee "$out/var.log"
+  --impls "$var_impls" --breakdown 2>&1 | tee "$out/var.log"
 echo "var rc=${PIPESTATUS[0]}" | tee -a "$out/var.log"
 timeout "${BREAKDOWN_TIMEOUT:-90}" python tools/bench_kernels.py --out "$out/breakdown.json" \
   --lengths 4096 --head_dims 128 --var_lengths= --bsq_more_tokens= --warmup 2 --iters 5 \
