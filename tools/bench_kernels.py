@@ -291,6 +291,10 @@ def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak, params=None
     if breakdown:
       result[name] = _with_kernel_times(result[name], "kernels", compiled, (z,), iters)
   result["speedup_vs_jnp"] = result["jnp"]["ms"] / result["pallas"]["ms"]
+  own = [k["ms"] for k in result["pallas"].get("kernels", {}).get("kernels", [])
+         if "bsq" in k["name"]]
+  if own:  # The Pallas kernel's own time, without the XLA ops after it or launch gaps.
+    result["pallas"]["kernel_fraction_of_peak"] = moved / (sum(own) / 1e3) / peak
   # Ceilings for this shape: z read and written once (no codes, no statistics) by a Pallas copy in
   # 512-token tiles and by XLA (z · 2).
   copied = 2 * tokens * dim * itemsize
