@@ -149,13 +149,17 @@ def test_kernel_times_are_medians_per_launch_and_breakdown_needs_cuda():
 
 
 def test_bsq_breakdown_gives_the_kernels_own_bandwidth(monkeypatch):
-  """With --breakdown, BSQ's bandwidth also from the Pallas kernel's own time (CUPTI's, here a
-  stand-in), beside the time of the whole call."""
+  """With --breakdown, BSQ's and the copies' bandwidth also from their kernels' own time (CUPTI's,
+  here a stand-in), beside the time of the whole call; BSQ's also from its Pallas kernel alone."""
   bench = _load_bench()
   monkeypatch.setattr(bench, "kernel_times", lambda compiled, args, calls: {
       "kernels": [{"name": "bsq", "ms": 0.5}, {"name": "reduce_fusion", "ms": 0.1}], "ms": 0.6})
   result = bench.bench_bsq(tokens=256, dim=32, dtype=bench.jnp.float32, warmup=0, iters=1,
                            interpret=True, peak=1e9, breakdown=True)
   assert result["pallas"]["kernels"]["ms"] == 0.6
-  assert result["pallas"]["kernel_fraction_of_peak"] == pytest.approx(
+  assert result["pallas"]["bsq_kernel_fraction_of_peak"] == pytest.approx(
       result["bytes"] / 0.5e-3 / 1e9)
+  assert result["pallas"]["kernels_fraction_of_peak"] == pytest.approx(
+      result["bytes"] / 0.6e-3 / 1e9)
+  copied = 2 * 256 * 32 * 4  # The copies' ceilings, from their kernels' own time too.
+  assert result["copy"]["xla"]["kernels_fraction_of_peak"] == pytest.approx(copied / 0.6e-3 / 1e9)

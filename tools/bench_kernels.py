@@ -187,6 +187,17 @@ def _with_kernel_times(entry: dict, key: str, compiled, args, calls: int) -> dic
     return {**entry, key: {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}}
 
 
+def _with_kernel_bandwidth(entry: dict, moved: int, peak: float, only: str = "") -> dict:
+  """entry (with "kernels" from `_with_kernel_times`) with the fraction of the peak bandwidth that
+  `moved` bytes take in its kernels' own time, without launch gaps: all of them, or with `only`
+  those whose name holds it (BSQ's Pallas kernel without the XLA reductions after it)."""
+  own = [k["ms"] for k in entry.get("kernels", {}).get("kernels", []) if only in k["name"]]
+  if not own:
+    return entry
+  key = f"{only}_kernel_fraction_of_peak" if only else "kernels_fraction_of_peak"
+  return {**entry, key: moved / (sum(own) / 1e3) / peak}
+
+
 def _visible_pairs(q_len: int, causal: bool, block_ids) -> float:
   if block_ids is not None:
     return float(np.sum(block_ids[None, :] <= block_ids[:, None]))
@@ -289,21 +300,22 @@ def bench_bsq(*, tokens, dim, dtype, warmup, iters, interpret, peak, params=None
     result[name] = {"ms": 1e3 * seconds, "gb_per_s": moved / seconds / 1e9,
                     "fraction_of_peak": moved / seconds / peak}
     if breakdown:
-      result[name] = _with_kernel_times(result[name], "kernels", compiled, (z,), iters)
+      result[name] = _with_kernel_bandwidth(
+          _with_kernel_times(result[name], "kernels", compiled, (z,), iters), moved, peak)
   result["speedup_vs_jnp"] = result["jnp"]["ms"] / result["pallas"]["ms"]
-  own = [k["ms"] for k in result["pallas"].get("kernels", {}).get("kernels", [])
-         if "bsq" in k["name"]]
-  if own:  # The Pallas kernel's own time, without the XLA ops after it or launch gaps.
-    result["pallas"]["kernel_fraction_of_peak"] = moved / (sum(own) / 1e3) / peak
+  result["pallas"] = _with_kernel_bandwidth(result["pallas"], moved, peak, only="bsq")
   # Ceilings for this shape: z read and written once (no codes, no statistics) by a Pallas copy in
   # 512-token tiles and by XLA (z · 2).
   copied = 2 * tokens * dim * itemsize
   result["copy"] = {}
   for name, fn in (("pallas", _pallas_copy(min(512, tokens), interpret)),
                    ("xla", lambda z: z * 2)):
-    _, seconds, _ = timing.time_jitted(fn, (z,), warmup, iters, back_to_back)
+    _, seconds, compiled = timing.time_jitted(fn, (z,), warmup, iters, back_to_back)
     result["copy"][name] = {"ms": 1e3 * seconds, "gb_per_s": copied / seconds / 1e9,
                             "fraction_of_peak": copied / seconds / peak}
+    if breakdown:
+      result["copy"][name] = _with_kernel_bandwidth(_with_kernel_times(
+          result["copy"][name], "kernels", compiled, (z,), iters), copied, peak)
   return result
 
 
