@@ -558,7 +558,7 @@ def test_hopper_kernels_take_lengths_in_rows_of_eight():
   causal = hopper.PrefixMask(causal=True)
   assert hopper.hide_key_tail(causal, 680) == hopper.PrefixMask(causal=True, kv_valid=680)
   assert hopper.hide_key_tail(dataclasses.replace(causal, kv_valid=600), 680).kv_valid == 600
-  # q_valid: padding in the last program only, of 128 rows from 256 on at 300 tokens.
+  # q_valid: padding in the last program only, the 128 rows from 256 on at 296 tokens.
   x = spec(296)
   with_q_valid = lambda n: dataclasses.replace(causal, q_valid=n)
   assert hopper.unsupported_reason(x, x, x, masked=True, mask=with_q_valid(257)) is None
