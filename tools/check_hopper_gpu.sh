@@ -37,7 +37,7 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1 PYTHONPATH=".:${P
 # their flags: VAR's lengths with and without them.
 NEW_TESTS="skip_padded or skipped_padding or as_they_are"
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${NEW_TEST_TIMEOUT:-120}" \
-  python -m pytest tests/test_kernels.py -k "$NEW_TESTS" -q -rfEs --tb=short 2>&1 \
+  python -m pytest tests/test_kernels.py -k "$NEW_TESTS" -q -rfEs --tb=short -n 4 2>&1 \
   | tee "$out/tests_new_paths.log"
 new_rc=${PIPESTATUS[0]}
 echo "new-path tests rc=$new_rc" | tee -a "$out/tests_new_paths.log"
