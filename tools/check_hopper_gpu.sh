@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The Hopper measurements that only an H100/H200 can make, in one run of at most 10 minutes (the
-# default step limits add up to 540 s):
-#   1. the kernel tests of the paths that are off until this has run them, compiled, alone:
+# default step limits add up to 570 s):
+#   1. the kernel tests of the paths that are off until this has run them, compiled, alone
+#      (12 GPU cases, 150 s):
 #      `policy.HOPPER_SKIP_PADDED_QUERIES` and `policy.HOPPER_UNPADDED`;
 #   2. block-causal attention at VAR's lengths (680, 2240): the default (pallas), cuDNN given the
 #      mask densely, our dense visit, and where step 1 passed: the tiles of query padding alone
@@ -32,12 +33,13 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1 PYTHONPATH=".:${P
   # The masked Hopper kernels refuse CUDA runtimes 12.8.0-12.9.0 (flash_attention_hopper).
   python -c "from jax._src.lib import cuda_versions as v; print('cuda runtime', v and v.cuda_runtime_get_version())"
 } 2>&1 | tee "$out/device.txt"
-# The paths that are off until measured first, on their own: a hang there (a warpgroup that
-# walks no tile; TMA past an array's end) ends this step alone and names it. Then what decides
-# their flags: VAR's lengths with and without them.
+# The paths that are off until measured first, on their own and in one process (-v names each
+# test as it starts): a hang there (a warpgroup that walks no tile; TMA past an array's end) ends
+# this step alone and the log names it. Then what decides their flags: VAR's lengths with and
+# without them.
 NEW_TESTS="skip_padded or skipped_padding or as_they_are"
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${NEW_TEST_TIMEOUT:-120}" \
-  python -m pytest tests/test_kernels.py -k "$NEW_TESTS" -q -rfEs --tb=short -n 4 2>&1 \
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${NEW_TEST_TIMEOUT:-150}" \
+  python -m pytest tests/test_kernels.py -k "$NEW_TESTS" -v -rfEs --tb=short 2>&1 \
   | tee "$out/tests_new_paths.log"
 new_rc=${PIPESTATUS[0]}
 echo "new-path tests rc=$new_rc" | tee -a "$out/tests_new_paths.log"
