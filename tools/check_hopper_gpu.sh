@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # The Hopper measurements that only an H100/H200 can make, in one run of at most 10 minutes (the
 # default step limits add up to 570 s):
-#   1. the kernel tests of the paths that are off until this has run them, compiled, alone
-#      (12 GPU cases, 150 s):
-#      `policy.HOPPER_SKIP_PADDED_QUERIES` and `policy.HOPPER_UNPADDED`;
+#   1. the kernel tests of the paths that are off until this has run them, compiled, alone:
+#      `policy.HOPPER_SKIP_PADDED_QUERIES` and `policy.HOPPER_UNPADDED` (12 GPU cases, 150 s);
 #   2. block-causal attention at VAR's lengths (680, 2240): the default (pallas), cuDNN given the
 #      mask densely, our dense visit, and where step 1 passed: the tiles of query padding alone
 #      skipped (pallas_skip_padded; 680 pads to 768), the arrays unpadded (pallas_unpadded: no
