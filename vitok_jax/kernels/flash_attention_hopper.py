@@ -73,7 +73,7 @@ def unsupported_reason(q_BLHD, k_BSHD, v_BSHD, *, masked: bool = False,
   mask = hide_key_tail(mask, kv_len)  # The mask the kernels run, their own key tail included.
   if mask is not None:
     rows = _COMPUTE_WARPGROUPS * BLOCK_Q
-    if mask.q_valid is not None and not _round_up(q_len, rows) - rows < mask.q_valid <= q_len:
+    if mask.q_valid is not None and not (pl.cdiv(q_len, rows) - 1) * rows < mask.q_valid <= q_len:
       # (A program of padding rows alone would wait for key tiles nobody streams.)
       return (f"PrefixMask.q_valid={mask.q_valid} must leave padding in the last {rows}-row "
               f"program only (q_len={q_len})")
@@ -188,10 +188,6 @@ def _cdiv(a, b: int):
   return lax.div(a + (b - 1), jnp.array(b, jnp.int32))
 
 
-def _round_up(x: int, multiple: int) -> int:
-  return -(-x // multiple) * multiple
-
-
 def _tile_rows(i, size: int, length: int):
   """`pl.ds` of tile i of `size` rows in an array of `length` rows. A static tile that runs past
   the end (TMA reads zeros there and drops the writes) gets a traced start: jax refuses a slice
@@ -268,8 +264,8 @@ def forward(q_BLHD, k_BSHD, v_BSHD, *, scale: float, mask: Optional[PrefixMask] 
                                                                  mask)
   mask = hide_key_tail(mask, kv_len)
   dtype = q_BLHD.dtype
-  kv_steps = _round_up(kv_len, BLOCK_K) // BLOCK_K
-  padded_q = _round_up(q_len, _COMPUTE_WARPGROUPS * BLOCK_Q)
+  kv_steps = pl.cdiv(kv_len, BLOCK_K)
+  padded_q = pl.cdiv(q_len, _COMPUTE_WARPGROUPS * BLOCK_Q) * (_COMPUTE_WARPGROUPS * BLOCK_Q)
   stages = min(STAGES, kv_steps)
   logit_scale = scale * LOG2_E  # Scores in log2 units: the softmax runs on exp2.
 
@@ -480,7 +476,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
                                                                  mask)
   mask = hide_key_tail(mask, kv_len)
   # lse and delta in whole programs, so that no query tile of them runs past their end.
-  padded_q = _round_up(q_len, _COMPUTE_WARPGROUPS * BLOCK_Q)
+  padded_q = pl.cdiv(q_len, _COMPUTE_WARPGROUPS * BLOCK_Q) * (_COMPUTE_WARPGROUPS * BLOCK_Q)
   lse_BHL, delta_BHL = (jnp.pad(x, ((0, 0), (0, 0), (0, padded_q - x.shape[2])))
                         if x.shape[2] < padded_q else x for x in (lse_BHL, delta_BHL))
   dtype = q_BLHD.dtype
@@ -656,9 +652,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
         collective_axes="wg")
 
   per_q_head = jax.ShapeDtypeStruct((batch, kv_len, heads, head_dim), dtype)
-  kv_blocks = _round_up(kv_len, _COMPUTE_WARPGROUPS * BWD_BLOCK_K) // (
-      _COMPUTE_WARPGROUPS * BWD_BLOCK_K)
-  mesh = plgpu.Mesh(grid=(heads, kv_blocks, batch),
+  mesh = plgpu.Mesh(grid=(heads, pl.cdiv(kv_len, _COMPUTE_WARPGROUPS * BWD_BLOCK_K), batch),
                     grid_names=("heads", "kv_blocks", "batch"),
                     num_threads=_COMPUTE_WARPGROUPS + 1, thread_name="wg")
   # pl.kernel (not plgpu.kernel, which takes no refs) aliases the dq ref in and out: the TMA adds
