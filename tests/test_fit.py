@@ -12,7 +12,7 @@ def test_power_law_exponent_inside_ci(seed):
   rng = np.random.default_rng(seed)
   x = np.geomspace(64, 16384, 24)
   y = 3.0 * x ** -0.4 * np.exp(rng.normal(0, 0.05, x.size))  # 5% multiplicative noise.
-  result = fit.fit_power_law(x, y, n_boot=500, seed=seed)
+  result = fit.fit_power_law(x, y)
   lo, hi = result["ci"]["b"]
   assert lo < -0.4 < hi
   assert hi - lo < 0.1  # And the interval is informative.
@@ -25,7 +25,7 @@ def test_power_law_rising_metric():
   rng = np.random.default_rng(3)
   x = np.geomspace(64, 1024, 5)
   y = 8.0 * x ** 0.12 * np.exp(rng.normal(0, 0.01, x.size))
-  result = fit.fit_power_law(x, y, n_boot=300)
+  result = fit.fit_power_law(x, y)
   assert result["ci"]["b"][0] < 0.12 < result["ci"]["b"][1]
   assert result["b"] > 0
 
@@ -37,7 +37,7 @@ def test_offset_power_law(sign):
   x = np.geomspace(10, 1e5, 20)
   c, a, b = (0.5, 3.0, -0.4) if sign > 0 else (30.0, -20.0, -0.3)
   y = (c + a * x ** b) * np.exp(rng.normal(0, 0.003, x.size))
-  result = fit.fit_power_law(x, y, offset=True, n_boot=300)
+  result = fit.fit_power_law(x, y, offset=True)
   for name, true in (("a", a), ("b", b), ("c", c)):
     lo, hi = result["ci"][name]
     assert lo < true < hi, (name, true, result["ci"])
@@ -68,6 +68,18 @@ def test_two_variable_recovers_exponents():
   assert result["r2"] > 0.9
 
 
+def test_two_variable_needs_more_runs_than_parameters_and_flags_what_it_cannot_fit():
+  """5 runs fit L(N, D)'s 5 parameters exactly: refused. A parameter on the search box's edge (the
+  runs do not determine it) or a negative R² is named in the result's warnings."""
+  n, d, loss = _chinchilla_grid(noise=0.0)
+  with pytest.raises(ValueError, match=">= 6 runs"):
+    fit.fit_two_variable(n[:5], d[:5], loss[:5])
+  assert fit.fit_two_variable(n, d, loss)["warnings"] == []
+  assert fit._two_variable_warnings(np.array([0.5, 6.0, 6.0, 0.3, 0.3]), 0.9) == []
+  at_edge = fit._two_variable_warnings(np.array([0.5, 6.0, 6.0, 5.0, 0.3]), -0.1)
+  assert len(at_edge) == 2 and "alpha on the edge" in at_edge[0] and "R² -0.100" in at_edge[1]
+
+
 def test_compute_optimal_frontier_slope():
   """N*(C) ∝ C^(β/(α+β)), and it minimises L along C = 6·N·D."""
   law = dict(E=1.7, A=400.0, B=410.0, alpha=0.34, beta=0.28)
@@ -88,14 +100,12 @@ def test_pareto_frontier():
 
 
 def test_plotted_band_brackets_the_fit_and_the_true_law():
-  """The CI band of `vitok fit`'s plots: warm-started bootstrap refits around y = c + a·x^b."""
-  from vitok_jax.scaling import plots  # pylint: disable=g-import-not-at-top
+  """The CI band of `vitok fit`'s plots around y = c + a·x^b."""
   x = np.geomspace(1e3, 1e6, 12)
   true = 2.0 + 50.0 * x ** -0.4
   y = true * np.exp(np.random.default_rng(0).normal(0, 0.02, x.size))
-  result = fit.fit_power_law(x, y, offset=True, n_boot=0)
-  result.update(x_values=list(x), y_values=list(y))
-  lo, hi = plots._ci_band(result, x, n_draws=200)
+  result = fit.fit_power_law(x, y, offset=True)
+  lo, hi = fit.confidence_band(result, x)
   predicted = fit.predict_power_law(result, x)
   assert np.all(lo <= predicted) and np.all(predicted <= hi)
   assert np.mean((lo <= true) & (true <= hi)) >= 0.8
@@ -110,17 +120,54 @@ def test_too_few_points_for_the_law_raise():
     fit.fit_power_law([64, 128, 256], [0.1, 0.07, 0.05], offset=True)
 
 
-@pytest.mark.parametrize("offset,n", [(False, 3), (True, 4)])
-def test_smallest_allowed_fit_has_an_informative_ci(offset, n):
-  """With one point more than parameters the bootstrap CI brackets the estimate with a real width
-  (it was a single value when resamples needed all n points distinct: only permutations)."""
-  x = np.geomspace(64, 1024, n)
-  y = (0.02 + 0.5 * x ** -0.5) * np.exp(np.random.default_rng(0).normal(0, 0.05, n))
-  result = fit.fit_power_law(x, y, offset=offset, n_boot=200)
-  assert result["n_boot"] >= 50
-  for name, (lo, hi) in result["ci"].items():
-    assert lo <= result[name] <= hi, name
-    assert hi - lo > 1e-3 * abs(result[name]), (name, lo, hi)
+def test_power_law_ci_is_the_least_squares_t_interval():
+  """a·x^b: the intervals of a and b are ordinary least squares' on (log x, log y) (scipy)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  x = np.geomspace(64, 1024, 5)
+  y = 1.3 * x ** -0.6 * np.exp(np.random.default_rng(1).normal(0, 0.15, x.size))
+  result = fit.fit_power_law(x, y)
+  line, t = stats.linregress(np.log(x), np.log(y)), stats.t.ppf(0.975, 3)
+  np.testing.assert_allclose(result["ci"]["b"], [line.slope - t * line.stderr,
+                                                 line.slope + t * line.stderr], rtol=1e-9)
+  np.testing.assert_allclose(result["ci"]["a"], np.exp([line.intercept - t * line.intercept_stderr,
+                                                        line.intercept + t * line.intercept_stderr]),
+                             rtol=1e-9)
+  assert result["dof"] == 3
+
+
+def test_offset_ci_is_scipys_curve_fit_covariance():
+  """c + a·x^b: the standard errors are scipy's curve_fit ones on log y (a's through the delta
+  method: ours is of log|a|)."""
+  from scipy import optimize, stats  # pylint: disable=g-import-not-at-top
+  x = np.geomspace(1e3, 1e6, 8)
+  y = (2.0 + 50.0 * x ** -0.4) * np.exp(np.random.default_rng(2).normal(0, 0.02, x.size))
+  result = fit.fit_power_law(x, y, offset=True)
+  law = lambda x, c, a, b: np.log(c + a * x ** b)
+  params, covariance = optimize.curve_fit(law, x, np.log(y), p0=[result[k] for k in "cab"])
+  t = stats.t.ppf(0.975, x.size - 3)
+  (c, a, b), (se_c, se_a, se_b) = params, np.sqrt(np.diag(covariance))
+  for name, value, se in (("c", c, se_c), ("b", b, se_b)):
+    assert result[name] == pytest.approx(value, rel=1e-4), name
+    np.testing.assert_allclose(result["ci"][name], [value - t * se, value + t * se], rtol=2e-3,
+                               err_msg=name)
+  np.testing.assert_allclose(np.log(result["ci"]["a"]),
+                             np.log(a) + np.array([-1, 1]) * t * se_a / a, rtol=2e-3)
+
+
+@pytest.mark.parametrize("offset,n", [(False, 3), (False, 5), (True, 5)])
+def test_ci_covers_the_true_exponent_at_its_level_with_few_points(offset, n):
+  """Over simulated sweeps of 3–5 runs the 95% interval holds the true b about 95% of the time
+  (a case-resampling bootstrap held it 69% of the time with 3 points, 88% with 5)."""
+  rng = np.random.default_rng(n)
+  x = np.geomspace(64, 1024, n) if not offset else np.geomspace(1e3, 1e6, n)
+  trials, covered = 200, 0
+  for _ in range(trials):
+    clean = 1.3 * x ** -0.6 if not offset else 2.0 + 50.0 * x ** -0.4
+    result = fit.fit_power_law(x, clean * np.exp(rng.normal(0, 0.15 if not offset else 0.02, n)),
+                               offset=offset)
+    lo, hi = result["ci"]["b"]
+    covered += lo <= (-0.4 if offset else -0.6) <= hi
+  assert 0.9 <= covered / trials <= 0.99, covered / trials
 
 
 def test_fit_rows_leave_out_runs_missing_a_column():
@@ -184,7 +231,7 @@ def test_plain_and_offset_fits_of_the_same_columns_get_their_own_plots(tmp_path)
   y = 0.01 + 2.0 * x ** -0.5
   paths = []
   for offset in (False, True):
-    result = fit.fit_power_law(x, y, offset=offset, n_boot=0)
+    result = fit.fit_power_law(x, y, offset=offset)
     result.update(spec={"x": "E", "y": "eval/l2"}, x_values=list(x), y_values=list(y))
     paths += plots.plot_fit(result, str(tmp_path))
   assert len(set(paths)) == len(paths) == 4  # PNG and SVG of each.

@@ -633,6 +633,7 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
   assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--dry_run"]) == 0
   out = capsys.readouterr().out
   assert out.count("pending") == 5
+  assert not os.path.exists(sweep_dir)  # A dry run writes nothing (no manifest, no run dirs).
   assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--target=slurm",
                    "--job=partition=cpu,cpus_per_task=2"]) == 0
   assert "5 of 5 runs to do" in capsys.readouterr().out

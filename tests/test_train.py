@@ -133,9 +133,10 @@ def test_sigkill_then_sigterm_and_relaunches_equal_an_uninterrupted_run(tmp_path
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), params_a, params_b)
 
 
-def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
+def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
   train_tokenizer.train(tiny_config(steps=8, ckpt_every=4), str(tmp_path))
   # Relaunch the same run with an exploding learning rate: it resumes at step 8, then diverges.
+  monkeypatch.setattr(loop, "config_changes", lambda saved, config: [])  # Allow the new lr.
   config = tiny_config(steps=40, ckpt_every=4)
   config.optim.base_lr = 1e12
   with pytest.raises(loop.TrainingDiverged,
@@ -143,14 +144,28 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path):
     train_tokenizer.train(config, str(tmp_path))
 
 
-def test_resuming_with_a_different_model_is_a_clear_error(tmp_path):
+def test_resuming_with_another_config_is_a_clear_error(tmp_path):
+  """A relaunch may change when a run logs, evaluates and checkpoints, and its mesh; anything
+  else (here the decoder, then the batch and learning rate, whose arrays fit the checkpoint) would
+  train the rest differently from its start: an error naming the changes. Without config.json,
+  arrays that do not fit the checkpoint still raise."""
   train_tokenizer.train(tiny_config(steps=4, ckpt_every=4), str(tmp_path))
-  config = tiny_config(steps=8)
+  config = tiny_config(steps=4)
   config.model.decoder = "Mi"
-  with pytest.raises(ConfigError, match=r"does not match this config.*use a new --workdir"):
+  with pytest.raises(ConfigError, match=r"would change model\.decoder: 'Mu' → 'Mi'.*new --workdir"):
     train_tokenizer.train(config, str(tmp_path))
+  same_shapes = tiny_config(steps=4, batch_size=32)
+  same_shapes.optim.base_lr = 5e-3
+  with pytest.raises(ConfigError, match=r"batch_size: 16 → 32; optim\.base_lr: 0\.002 → 0\.005"):
+    train_tokenizer.train(same_shapes, str(tmp_path))
   # The run's record of what ran (which eval, tokenize and generators read) is left as it was.
   assert config_lib.read_config(str(tmp_path)).model.decoder == "Mu"
+  # When to evaluate and log, and the variant string, may change: it finishes the run.
+  assert train_tokenizer.train(tiny_config(steps=4, eval_every=2, log_every=1,
+                                           variant="renamed"), str(tmp_path)) is not None
+  os.remove(tmp_path / "config.json")
+  with pytest.raises(ConfigError, match=r"does not match this config.*use a new --workdir"):
+    train_tokenizer.train(config, str(tmp_path))
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):

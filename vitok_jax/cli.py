@@ -72,7 +72,8 @@ flags.DEFINE_string("y", None, "fit: metric column (e.g. eval/psnr, eval/l2).")
 flags.DEFINE_bool("offset", False, "fit: also fit an irreducible term, y = c + a·x^b.")
 flags.DEFINE_string("two_variable", None, "fit: N,D columns for L(N, D) = E + A/N^α + B/D^β with "
                     "--y as L, e.g. params_total,tokens_seen.")
-flags.DEFINE_integer("n_boot", 1000, "fit: bootstrap resamples for the confidence intervals.")
+flags.DEFINE_integer("n_boot", 100, "fit: bootstrap resamples for the confidence intervals of "
+                     "the two-variable fit L(N, D) (a single power law has t intervals).")
 
 DEFAULT_CONFIG = "vitok"
 
@@ -177,16 +178,20 @@ def _cmd_sweep(args: list[str]) -> int:
   sweep = sweep_lib.load(spec)
   sweep_dir = FLAGS.sweep_dir or os.path.join("runs", sweep.get("name", "sweep"))
   job = _job_fields(sweep, spec, sweep_dir)
-  max_attempts = FLAGS.max_attempts or sweep.get("max_attempts", 2)
+  max_attempts = FLAGS.max_attempts if FLAGS.max_attempts is not None else sweep.get(
+      "max_attempts", 2)
+  if max_attempts < 1:
+    raise ConfigError(f"--max_attempts={max_attempts}: each run needs at least one try")
+  if FLAGS.dry_run:  # Reads the sweep directory, writes nothing.
+    for run in sweep_lib.expand(sweep, sweep_dir):
+      print(f"{sweep_lib.run_status(run.workdir, max_attempts):9s} {run.id}  {run.point}")
+    return 0
   runs = sweep_lib.prepare(sweep, sweep_dir, spec, max_attempts=max_attempts)
   status = {run.id: sweep_lib.run_status(run.workdir, max_attempts) for run in runs}
   pending = [run for run in runs if status[run.id] == sweep_lib.PENDING]
-  if FLAGS.dry_run:
-    for run in runs:
-      print(f"{status[run.id]:9s} {run.id}  {run.point}")
-    return 0
   if FLAGS.target != "local" and not pending:
-    print(f"all {len(runs)} runs are finished: `vitok results {sweep_dir}`")
+    counts = {s: list(status.values()).count(s) for s in sorted(set(status.values()))}
+    print(f"none of the {len(runs)} runs is left to start ({counts}): `vitok results {sweep_dir}`")
     return 0
   if FLAGS.target == "slurm":
     path = sweep_lib.write_slurm_array(pending, sweep_dir, **job)
@@ -200,8 +205,8 @@ def _cmd_sweep(args: list[str]) -> int:
           f"worker; then `vitok results {sweep_dir}` and `vitok fit {sweep_dir}`)")
     return 0
   try:
-    status = sweep_lib.run_local(runs, sweep_dir, max_attempts=max_attempts,
-                                 parallel=FLAGS.parallel or sweep.get("parallel", 1))
+    status = sweep_lib.run_local(runs, sweep_dir, max_attempts=max_attempts, parallel=(
+        FLAGS.parallel if FLAGS.parallel is not None else sweep.get("parallel", 1)))
   except KeyboardInterrupt:
     print(f"vitok sweep: interrupted; `vitok sweep {spec} --sweep_dir={sweep_dir}` resumes",
           file=sys.stderr)

@@ -1,6 +1,6 @@
 """Sweep plots (matplotlib, Agg; each figure saved as PNG and SVG).
 
-  metric vs x (log-log) with the fitted power law and its bootstrap CI band;
+  metric vs x (log-log) with the fitted power law and its CI band;
   encoder × decoder heat map of a metric;
   metric vs training compute with the empirical frontier (best run at ≤ C) and its power-law fit.
 """
@@ -34,17 +34,6 @@ def _safe(name: str) -> str:
   return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
 
 
-def _ci_band(result: dict, x_grid: np.ndarray, n_draws: int = 400, seed: int = 0):
-  """Pointwise band of ŷ(x) at the fit's CI level: refits on bootstrap resamples of the points."""
-  samples = fit_lib.bootstrap_fits(result["x_values"], result["y_values"], result,
-                                   n_boot=n_draws, seed=seed)
-  if len(samples) < 10:
-    return None
-  curves = np.array([fit_lib.predict_power_law(sample, x_grid) for sample in samples])
-  tail = 100 * (1 - result.get("ci_level", 0.95)) / 2
-  return np.percentile(curves, [tail, 100 - tail], axis=0)
-
-
 def plot_fit(result: dict, out_dir: str) -> list[str]:
   """Scatter of the fitted points, the fitted law and its CI band on log-log axes."""
   spec = result["spec"]
@@ -52,10 +41,9 @@ def plot_fit(result: dict, out_dir: str) -> list[str]:
   fig, ax = plt.subplots(figsize=(5, 3.8))
   ax.scatter(xs, ys, color="C0", zorder=3, label="runs")
   grid = np.geomspace(xs.min() / 1.3, xs.max() * 1.3, 100)
-  band = _ci_band(result, grid)
-  if band is not None:
-    ax.fill_between(grid, band[0], band[1], color="C1", alpha=0.25,
-                    label=f"{100 * result.get('ci_level', 0.95):.0f}% CI")
+  band = fit_lib.confidence_band(result, grid)
+  ax.fill_between(grid, band[0], band[1], color="C1", alpha=0.25,
+                  label=f"{100 * result['ci_level']:.0f}% CI")
   offset = f"{result['c']:.3g} + " if "c" in result else ""
   ax.plot(grid, fit_lib.predict_power_law(result, grid), color="C1",
           label=f"{offset}{result['a']:.3g}·x^{result['b']:.3f}  (R² {result['r2']:.3f})")
@@ -106,7 +94,7 @@ def plot_frontier(rows: Sequence[dict], y: str, out_dir: str, *, x: str = "compu
   # A power law through the frontier only where it spans a real range of compute (≥ 1.5×) and has
   # more points than the law has parameters (fit_power_law raises otherwise).
   if len(front) >= 3 and np.all(metric[front] > 0) and np.ptp(np.log(compute[front])) > 0.4:
-    law = fit_lib.fit_power_law(compute[front], metric[front], n_boot=0)
+    law = fit_lib.fit_power_law(compute[front], metric[front])
     grid = np.geomspace(compute.min(), compute.max(), 50)
     ax.plot(grid, fit_lib.predict_power_law(law, grid), "--", color="C3", alpha=0.6,
             label=f"frontier fit ∝ C^{law['b']:.3f}")

@@ -178,7 +178,7 @@ def _xy(rows: Sequence[dict], x: str, y: str):
   return _columns_of_done_rows(rows, x, y)
 
 
-def fit_rows(rows: Sequence[dict], specs: Sequence[dict], *, n_boot: int = 1000) -> list[dict]:
+def fit_rows(rows: Sequence[dict], specs: Sequence[dict], *, n_boot: int = 100) -> list[dict]:
   """Runs each fit spec on the finished rows.
 
   A spec is {"x": column, "y": column, "offset": bool} (single power law) or
@@ -191,10 +191,10 @@ def fit_rows(rows: Sequence[dict], specs: Sequence[dict], *, n_boot: int = 1000)
     try:
       if spec.get("kind") == "two_variable":
         ns, ds, ys = _columns_of_done_rows(rows, spec["n"], spec["d"], spec["y"])
-        result = fit_lib.fit_two_variable(ns, ds, ys, n_boot=min(n_boot, 100))
+        result = fit_lib.fit_two_variable(ns, ds, ys, n_boot=n_boot)
       else:
         xs, ys = _xy(rows, spec["x"], spec["y"])
-        result = fit_lib.fit_power_law(xs, ys, offset=spec.get("offset", False), n_boot=n_boot)
+        result = fit_lib.fit_power_law(xs, ys, offset=spec.get("offset", False))
         result["x_values"], result["y_values"] = xs, ys
     except (ValueError, TypeError, KeyError) as e:
       result = {"error": f"{type(e).__name__}: {e}"}
@@ -208,11 +208,12 @@ def describe_fit(result: dict) -> str:
   if "error" in result:
     return f"{spec}: fit failed: {result['error']}"
   if spec.get("kind") == "two_variable":
+    warnings = "".join(f"\n  WARNING: {w}" for w in result.get("warnings", ()))
     return (f"{spec['y']} = {result['E']:.3g} + {result['A']:.3g}/N^{result['alpha']:.3f} + "
             f"{result['B']:.3g}/D^{result['beta']:.3f} (N={spec['n']}, D={spec['d']}, "
-            f"R² {result['r2']:.3f}); N* ∝ C^{result['a_exponent']:.3f}")
-  ci = result["ci"].get("b")
-  ci_text = f"b {100 * result['ci_level']:.0f}% CI [{ci[0]:.3g}, {ci[1]:.3g}], " if ci else ""
+            f"R² {result['r2']:.3f}); N* ∝ C^{result['a_exponent']:.3f}{warnings}")
+  ci = result["ci"]["b"]
+  ci_text = f"b {100 * result['ci_level']:.0f}% CI [{ci[0]:.3g}, {ci[1]:.3g}], "
   offset = f"{result['c']:.4g} + " if "c" in result else ""
   return (f"{spec['y']} = {offset}{result['a']:.4g}·{spec['x']}^{result['b']:.4g} "
           f"({ci_text}R² {result['r2']:.3f}, n={result['n']})")
@@ -238,7 +239,7 @@ def _unique(specs: Sequence[dict]) -> list[dict]:
 
 
 def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = True,
-           n_boot: int = 1000, max_attempts: int | None = None,
+           n_boot: int = 100, max_attempts: int | None = None,
            rows: Sequence[dict] | None = None) -> dict:
   """Writes results.csv/.md, fits.json and plots/ into sweep_dir; returns {"rows", "fits", "plots"}.
 

@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from vitok_jax import config_lib
 from vitok_jax.config_lib import require, require_choice
+from vitok_jax.errors import ConfigError
 from vitok_jax.train import checkpoint
 
 
@@ -70,15 +71,51 @@ def eval_params(state: TrainState, config):
   return state.ema_params if config.ema_decay else state.params
 
 
+# Config fields a resumed run may change: when it logs, evaluates and checkpoints, what it
+# evaluates with, and its mesh (a checkpoint restores onto any mesh). Anything else would train
+# the rest of the run differently from its start (batch, schedule, data, seed, model, losses).
+RESUMABLE_FIELDS = ("variant", "log_every", "eval_every", "ckpt_every", "keep_ckpts",
+                    "eval_examples", "eval", "mesh")
+
+
+def config_changes(saved, config) -> list[str]:
+  """"path: saved → new" for each field where `config` differs from the `saved` config of a run,
+  but `RESUMABLE_FIELDS` (compared as config.json stores them)."""
+  flat = lambda c: _flatten(json.loads(json.dumps(c.to_dict(), default=str)))
+  before, after = flat(saved), flat(config)
+  return [f"{key}: {before.get(key, '(none)')!r} → {after.get(key, '(none)')!r}"
+          for key in sorted(set(before) | set(after))
+          if key.split(".")[0] not in RESUMABLE_FIELDS and before.get(key) != after.get(key)]
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 def open_run(config, workdir: str, state: TrainState):
   """Starts or resumes the run in workdir: (is_main, Checkpointer of workdir/checkpoints, state
   restored from its latest step if there is one, RunClock). config.json, the record of what ran,
   is written (by the main process) only once the checkpoint has restored into this config's
-  state, so a re-launch with a mismatched config raises and leaves the run's record intact.
+  state, so a re-launch with a mismatched config raises and leaves the run's record intact: a
+  config whose arrays do not fit the checkpoint, or one that differs from the saved config.json
+  beyond `RESUMABLE_FIELDS`.
   (The trainers check workdir with `config_lib.check_workdir` before building anything.)"""
   is_main = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   if (latest := ckpt.latest_step()) is not None:
+    if os.path.exists(os.path.join(workdir, "config.json")):
+      changes = config_changes(config_lib.read_config(workdir), config)
+      if changes:
+        raise ConfigError(
+            f"{workdir} holds a run at step {latest} trained with another config; resuming it "
+            f"with this one would change {'; '.join(changes)}. Use a new --workdir, or resume "
+            f"with the run's own config: --config=sweeps/_run:{workdir}")
     state = ckpt.restore(latest, state)
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   if is_main:
