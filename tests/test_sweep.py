@@ -110,6 +110,24 @@ def test_expand_ids_filters_overrides(tmp_path):
     sweep.resolve(BASE, {"model.nope": 1})
 
 
+@pytest.mark.parametrize("axes, says", [
+    ([("product", {"model.patch": [(4, 4), (3, 3)]})], "patch size 3 does not divide data.res"),
+    ([("product", {"model.encoder": ["Zz"]})], "model.encoder='Zz' is not allowed"),
+    ([("product", {"modl.channels": [1]})], "config has no field 'modl'"),
+    ([("product", {"c": 4})], r"write each axis as \(kind, \{key: \[values\]\}\)"),
+    ([("product", {"c": "124"})], "write each axis as"),
+    ([{"c": [1, 2]}], "write each axis as"),
+    ([("product", {"batch": [16, 32]})], "sets \\['batch'\\], which its axes sweep")])
+def test_a_bad_sweep_is_refused_when_it_expands(axes, says):
+  """Every run's resolved config is checked as `vitok train` would check it, and a malformed axis
+  or a base option the axes also set is named, before any run directory exists."""
+  config = _sweep()
+  config.base += ",batch=16"
+  config.axes = axes
+  with pytest.raises(ConfigError, match=says):
+    sweep.expand(config)
+
+
 def test_canonical_sweeps_expand():
   quick = sweep.expand(sweep.load("quickstart"))
   assert [r.config.model.channels for r in quick] == [1, 2, 4, 8, 16]
@@ -439,6 +457,48 @@ def test_slurm_script_requeues_a_stopped_run(tmp_path, srun_exit, finished, requ
     assert "requeueing job 42" in result.stderr
 
 
+def test_slurm_array_task_books_its_run_like_a_local_sweep(tmp_path):
+  """An array task records each trainer exit in the run's sweep_status.json (as `vitok results`
+  reads it) and requeues itself while the run is pending: a pre-emption, or a failure with an
+  attempt left; the second failure is final (the task exits with it), a finished run is done."""
+  runs = sweep.prepare(_sweep((1,)), str(tmp_path), max_attempts=2)
+  workdir = runs[0].workdir
+  path = sweep.write_slurm_array(runs, str(tmp_path))
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _script(bin_dir / "srun", '#!/bin/bash\necho "trainer output: $FAKE_SAYS"\nexit $FAKE_EXIT\n')
+  _script(bin_dir / "scontrol", f'#!/bin/bash\n[ "$1" = show ] && echo node1\n'
+          f'[ "$1" = requeue ] && echo "$@" >> {tmp_path}/requeued\nexit 0\n')
+  vitok_bin = os.path.dirname(shutil.which("vitok") or sys.executable)
+
+  def task(exit_code, says):
+    log = tmp_path / "logs" / "slurm-7_0.out"
+    env = dict(os.environ, PATH=f"{bin_dir}:{vitok_bin}:{os.environ['PATH']}", SLURM_JOB_ID="8",
+               SLURM_ARRAY_JOB_ID="7", SLURM_ARRAY_TASK_ID="0", SLURM_JOB_NODELIST="node1",
+               SLURM_NTASKS="1", FAKE_EXIT=str(exit_code), FAKE_SAYS=says)
+    with open(log, "a") as out:  # SLURM writes the task's output there.
+      result = subprocess.run(["bash", path], env=env, stdout=out, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    requeued = (tmp_path / "requeued").exists()
+    if requeued:
+      os.remove(tmp_path / "requeued")
+    return result.returncode, requeued, sweep.read_status(workdir)
+
+  code, requeued, status = task(1, "CUDA error 1")
+  assert (code, requeued, status["attempts"], status["status"]) == (0, True, 1, "failed")
+  assert "CUDA error 1" in status["error"]
+  assert sweep.run_status(workdir, 2) == sweep.PENDING
+  os.makedirs(os.path.join(workdir, "checkpoints", "100"))  # Pre-empted: exit 0, a checkpoint.
+  code, requeued, status = task(0, "saved")
+  assert (code, requeued, status["attempts"], status["status"]) == (0, True, 1, "preempted")
+  code, requeued, status = task(3, "CUDA error 2")
+  assert (code, requeued, status["attempts"]) == (3, False, 2)
+  assert sweep.run_status(workdir, 2) == sweep.FAILED and "CUDA error 2" in status["error"]
+  with open(os.path.join(workdir, "record.json"), "w") as f:
+    f.write("{}")
+  assert task(0, "done")[:2] == (0, False)
+
+
 # Stands in for gcloud: logs each call (argv as JSON); `queued-resources describe` prints the
 # states of FAKE_TPU_STATES one call at a time (the last repeats); `tpu-vm ssh` exits 3 when its
 # argv contains FAKE_SSH_FAIL.
@@ -617,7 +677,10 @@ def test_tpu_sweep_creates_the_pod_once_then_runs_each_run_on_it(tmp_path, gclou
   monkeypatch.setenv("FAKE_SSH_FAIL", runs[1].id)  # A failed run does not stop the others.
   result = subprocess.run(["bash", path], capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
-  assert f"run {runs[1].id} failed (exit 3)" in result.stderr
+  # Each exit is booked as a local sweep books it (the fake trainer writes no record: 1 attempt).
+  assert f"run {runs[1].id}: pending (exit 3)" in result.stderr
+  assert sweep.read_status(runs[1].workdir)["attempts"] == 1
+  assert sweep.read_status(runs[1].workdir)["returncode"] == 3
   verbs = [" ".join(call[2:4]) for call in calls()]
   assert verbs == ["queued-resources create"] + ["queued-resources describe"] * 2 + [
       "tpu-vm ssh"] * 3

@@ -288,6 +288,18 @@ def _cmd_results(args: list[str]) -> int:
   return 0
 
 
+def _cmd_sweep_book(args: list[str]) -> int:
+  """Book a sweep run's trainer exit (RUN_DIR RETURNCODE [LOG]); print the run's status."""
+  from vitok_jax.scaling import sweep as sweep_lib
+  if len(args) not in (2, 3) or not args[1].lstrip("-").isdigit():
+    raise ConfigError("usage: vitok sweep_book RUN_DIR RETURNCODE [LOG] (the SLURM and TPU "
+                      "sweep scripts call it after each run)")
+  sweep_dir = os.path.dirname(os.path.dirname(os.path.abspath(args[0])))  # SWEEP_DIR/runs/ID.
+  max_attempts = FLAGS.max_attempts or sweep_lib.read_manifest(sweep_dir).get("max_attempts", 2)
+  print(sweep_lib.finish(args[0], int(args[1]), max_attempts, *args[2:]))
+  return 0
+
+
 def _cmd_fit(args: list[str]) -> int:
   """Power-law fits (with bootstrap CIs) of a sweep's results -> fits.json and plots/."""
   from vitok_jax.scaling import results
@@ -330,9 +342,10 @@ def _check_fit_columns(rows, sweep_dir: str, flag_columns: dict[str, list[str]])
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample,
             "tokenize": _cmd_tokenize, "compile": _cmd_compile, "launch": _cmd_launch,
-            "sweep": _cmd_sweep, "results": _cmd_results, "fit": _cmd_fit}
+            "sweep": _cmd_sweep, "results": _cmd_results, "fit": _cmd_fit,
+            "sweep_book": _cmd_sweep_book}
 # Subcommands that take positional arguments (a sweep or sweep directory) instead of --workdir.
-POSITIONAL_COMMANDS = ("sweep", "results", "fit")
+POSITIONAL_COMMANDS = ("sweep", "results", "fit", "sweep_book")
 
 
 def _usage() -> str:

@@ -6,7 +6,7 @@ import shlex
 from vitok_jax.launch.jobspec import JobSpec
 
 
-def render_sbatch(spec: JobSpec) -> str:
+def render_sbatch(spec: JobSpec, *, sweep_log: str = "") -> str:
   """The sbatch script.
 
   #SBATCH --output goes to WORKDIR/logs, which must exist before the job starts (SLURM does not
@@ -18,6 +18,10 @@ def render_sbatch(spec: JobSpec) -> str:
   (`scontrol requeue`) when srun succeeded but the run is not finished; the requeued job resumes
   from the checkpoint. A failed srun ends the script (set -e) and is not requeued. --requeue lets
   SLURM requeue the job after a node failure or a pre-emption it performs itself.
+
+  `sweep_log` (a run of a sweep, whose output goes there): every exit of the trainer is booked
+  into the run's sweep_status.json by `vitok sweep_book` (attempts, the error's tail), and the job
+  requeues itself while the run is pending: pre-empted, or failed with attempts left.
   """
   lines = ["#!/bin/bash",
            f"#SBATCH --job-name={spec.job_name}",
@@ -44,8 +48,21 @@ def render_sbatch(spec: JobSpec) -> str:
   per_task = 'export VITOK_PROCESS_ID="$SLURM_PROCID"; '
   if spec.gpus_per_node and spec.processes_per_node == spec.gpus_per_node > 1:
     per_task += 'export CUDA_VISIBLE_DEVICES="$SLURM_LOCALID"; '  # One GPU per process.
-  lines.append("srun --kill-on-bad-exit=1 bash -c "
-               f"{shlex.quote(per_task + 'exec ' + spec.shell_command())}")
+  srun = ("srun --kill-on-bad-exit=1 bash -c "
+          f"{shlex.quote(per_task + 'exec ' + spec.shell_command())}")
+  if sweep_log and spec.command == "train":
+    lines += ["rc=0", f"{srun} || rc=$?",
+              f'status=$(vitok sweep_book "$workdir" "$rc" {sweep_log})',
+              'echo "vitok: run $workdir: $status (trainer exit $rc)" >&2',
+              'if [ "$status" = pending ]; then',
+              '  echo "vitok: requeueing job $SLURM_JOB_ID: the run resumes from its checkpoint" '
+              '>&2',
+              '  scontrol requeue "$SLURM_JOB_ID"',
+              "  exit 0",
+              "fi",
+              'exit "$rc"']
+    return "\n".join(lines) + "\n"
+  lines.append(srun)
   if spec.command == "train":
     lines += ['if [ ! -f "$workdir/record.json" ]; then',
               '  echo "vitok: stopped before the end (time limit or pre-emption): requeueing job '

@@ -80,7 +80,12 @@ def load(spec: str) -> ml_collections.ConfigDict:
 def points(axes: Sequence[tuple[str, dict[str, Sequence]]]) -> list[dict[str, Any]]:
   """The product over axes of each axis's product or zip of values, in axis order."""
   out = [{}]
-  for kind, values in axes:
+  for axis in axes:
+    if (not isinstance(axis, (tuple, list)) or len(axis) != 2 or not hasattr(axis[1], "items")
+        or any(isinstance(v, str) or not isinstance(v, Sequence) for v in axis[1].values())):
+      raise ConfigError(f"sweep axis {axis!r}: write each axis as (kind, {{key: [values]}}), "
+                        "kind 'product' or 'zip', e.g. ('product', {'c': [1, 2, 4]})")
+    kind, values = axis
     keys = list(values)
     if kind == "product":
       combos = list(itertools.product(*values.values()))
@@ -99,9 +104,11 @@ def set_path(config: ml_collections.ConfigDict, path: str, value) -> None:
   """config["a"]["b"] = value for path "a.b"; the field must exist."""
   *parents, leaf = path.split(".")
   node = config
-  for name in parents:
+  for i, name in enumerate(parents):
+    if not hasattr(node, "keys") or name not in node:
+      raise ConfigError(f"sweep key {path!r}: config has no field {name!r} under {parents[:i]}")
     node = node[name]
-  if leaf not in node:
+  if not hasattr(node, "keys") or leaf not in node:
     raise ConfigError(f"sweep key {path!r}: config has no field {leaf!r} under {parents}")
   node[leaf] = tuple(value) if isinstance(value, list) else value
 
@@ -121,6 +128,8 @@ def resolve(base: str, point: dict[str, Any],
   for override in overrides:
     for path, value in override(point, config).items():
       set_path(config, path, value)
+  from vitok_jax import train  # The checks `vitok train` makes, on the fields set last.
+  train.validate(config)
   return config
 
 
@@ -142,9 +151,16 @@ def label(point: dict[str, Any]) -> str:
 def expand(sweep: ml_collections.ConfigDict, sweep_dir: str = "") -> list[Run]:
   """The sweep's runs (filters applied, duplicates dropped), with workdirs under sweep_dir/runs."""
   runs, seen = [], set()
+  all_points = points(sweep.axes)
+  _, base_options = config_lib.split_variant(sweep.base.partition(":")[2])
+  swept = {key for point in all_points for key in point if "." not in key}
+  if swept & set(base_options):
+    raise ConfigError(f"the sweep's base {sweep.base!r} sets {sorted(swept & set(base_options))}, "
+                      "which its axes sweep (the axes would win); leave them out of the base or "
+                      "the sweep argument")
   filters = list(sweep.get("filters", None) or ())
   overrides = list(sweep.get("overrides", None) or ())
-  for point in points(sweep.axes):
+  for point in all_points:
     if not all(keep(point) for keep in filters):
       continue
     config = resolve(sweep.base, point, overrides)
@@ -330,7 +346,7 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
         os.remove(os.path.join(run.workdir, PID))
         del running[run_id]
         free_gpus.append(share)
-        status[run_id] = _finish(run, process.returncode, max_attempts)
+        status[run_id] = finish(run.workdir, process.returncode, max_attempts)
         if status[run_id] == DONE:
           summary.durations.append(time.time() - started)
         elif status[run_id] == PENDING:  # Pre-empted, or failed with attempts left: resumes.
@@ -362,30 +378,33 @@ def has_checkpoint(workdir: str) -> bool:
   return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
-def _finish(run: Run, returncode: int, max_attempts: int) -> str:
-  """Books a finished subprocess into the run's sweep_status.json; returns its status now.
+def finish(workdir: str, returncode: int, max_attempts: int, log: str = "") -> str:
+  """Books the exit of a run's trainer into its sweep_status.json; returns its status now (see
+  `run_status`). Local sweeps call it as each trainer exits; the SLURM and TPU scripts through
+  `vitok sweep_book`, with their own `log` of its output (default: workdir/sweep.log).
 
   The trainer writes record.json only at the end of a finished run; on SIGTERM it saves a
   checkpoint and exits 0 without one. So exit 0 + checkpoint + no record = pre-empted: pending,
   no attempt used. Any other exit without a record is a failed attempt.
   """
-  if os.path.exists(os.path.join(run.workdir, "record.json")):
+  if os.path.exists(os.path.join(workdir, "record.json")):
     return DONE
-  state = read_status(run.workdir)
+  state = read_status(workdir)
   state["returncode"] = returncode
-  if returncode == 0 and has_checkpoint(run.workdir):
+  if returncode == 0 and has_checkpoint(workdir):
     state["status"] = PREEMPTED
     state["preemptions"] = state.get("preemptions", 0) + 1
-    _write_json(os.path.join(run.workdir, STATUS), state)
-    return run_status(run.workdir, max_attempts)
-  tail = _log_tail(os.path.join(run.workdir, "sweep.log"))
+    _write_json(os.path.join(workdir, STATUS), state)
+    return run_status(workdir, max_attempts)
+  log = log or os.path.join(workdir, "sweep.log")
+  tail = _log_tail(log) if os.path.exists(log) else f"(no log at {log})"
   if returncode == 0:
     tail += "\nexited 0 without record.json or a checkpoint"
   state["attempts"] = state.get("attempts", 0) + 1
   state["status"] = DIVERGED if "TrainingDiverged" in tail else FAILED
   state["error"] = tail[-600:]
-  _write_json(os.path.join(run.workdir, STATUS), state)
-  return run_status(run.workdir, max_attempts)
+  _write_json(os.path.join(workdir, STATUS), state)
+  return run_status(workdir, max_attempts)
 
 
 def _counts(status: dict[str, str]) -> dict[str, int]:
@@ -406,14 +425,17 @@ def render_slurm_array(runs: Sequence[Run], sweep_dir: str, *, max_parallel: int
   """An sbatch script running `runs` as a job array, one task per run (task i trains runs[i]).
 
   The header and srun line come from the launch JobSpec renderer, written for a placeholder run
-  directory that each array task fills in from its index; requeued tasks resume from checkpoints.
+  directory that each array task fills in from its index. Each task books its run's exit as a
+  local sweep does (`finish`, through `vitok sweep_book`) and requeues itself while the run is
+  pending (pre-empted, or failed with attempts left); requeued tasks resume from checkpoints.
   """
   from vitok_jax.launch import slurm
   placeholder = "__VITOK_RUN_DIR__"
   spec = _job_spec(f"{RUN_CONFIG}:{placeholder}", placeholder, sweep_dir,
                    job_name=job_fields.pop("job_name", "vitok-sweep"), **job_fields)
-  script = slurm.render_sbatch(spec)
   logs = os.path.join(os.path.abspath(sweep_dir), "logs")
+  script = slurm.render_sbatch(spec, sweep_log=shlex.quote(logs) + (
+      '"/slurm-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}.out"'))
   script = script.replace(f"#SBATCH --output={placeholder}/logs/slurm-%j.out",
                           f"#SBATCH --output={logs}/slurm-%A_%a.out\n"
                           f"#SBATCH --array=0-{len(runs) - 1}"
@@ -447,7 +469,8 @@ def tpu_commands(runs: Sequence[Run], sweep_dir: str, **job_fields) -> list[str]
   The pod (JobSpec tpu_name, zone, accelerator_type, ...) is provisioned once (created or reused,
   waited on until ACTIVE, the repository installed with repo_url), then each run is one
   `ssh --worker=all ... vitok_jax.cli train` of its config; a failed run is reported and the next
-  one starts. sweep_dir must be on a file system every worker mounts at the same path (NFS,
+  one starts; each run's output is appended to its sweep.log and its exit booked
+  (`vitok sweep_book`). sweep_dir must be on a file system every worker mounts at the same path (NFS,
   Filestore, gcsfuse): the workers read each run's config.json there and write its checkpoints and
   record.json there, which this machine reads back; each job checks that its config is visible.
   """
@@ -463,9 +486,14 @@ def tpu_commands(runs: Sequence[Run], sweep_dir: str, **job_fields) -> list[str]
            "be mounted at that path on every worker.",
            tpu.provision_command(pod)]
   for run, spec in zip(runs, specs):
+    log = shlex.quote(os.path.join(run.workdir, "sweep.log"))
     lines += [f"# {run.id}",
               tpu.job_command(spec, require=[os.path.join(run.workdir, "config.json")])
-              + f' || echo "vitok sweep: run {run.id} failed (exit $?)" >&2']
+              + f" 2>&1 | tee -a {log}",
+              "rc=${PIPESTATUS[0]}",
+              # Booked as a local sweep books it: attempts, the error's tail, pre-emptions.
+              f'echo "vitok sweep: run {run.id}: $(vitok sweep_book {shlex.quote(run.workdir)} '
+              '"$rc") (exit $rc)" >&2']
   done = f"vitok sweep: done; vitok results {sweep_dir} reads the records"
   lines += [f"echo {shlex.quote(done)}", f"# Release the pod: {tpu.release_command(pod)}"]
   return lines
