@@ -57,6 +57,9 @@ def test_overrides_are_revalidated_by_the_trainer():
     train_tokenizer.validate(c)
   c.model.patch = (4, 4)
   c.data.frames = 8
+  with pytest.raises(ConfigError, match="data.frames=8 but data.name='mnist' holds images"):
+    train_tokenizer.validate(c)
+  c.data.name = "moving_mnist"
   with pytest.raises(ConfigError, match="is an image patch but data.frames=8"):
     train_tokenizer.validate(c)
 
@@ -76,7 +79,7 @@ def test_saved_config_reads_back_equal(tmp_path):
 
 @pytest.mark.parametrize("field,value,message", [
     ("loss.lpips", 1.0, r"loss.lpips > 0 needs perceptual.lpips_weights"),
-    ("eval.metrics", ("fid",), r"eval.metrics entry='fid' is not allowed; use one of \['lpips'"),
+    ("eval.metrics", ("fid",), r"unknown metrics \['fid'\]; use any of \['lpips'"),
     ("init_from", "/no/such/run", r"init_from='/no/such/run' is not a run directory"),
 ])
 def test_loss_eval_and_stage_two_fields_are_checked(field, value, message):

@@ -164,6 +164,42 @@ def test_run_local_skips_finished_runs(tmp_path, fake):
   assert len(launched()) == 5 and launched()[-1].startswith("c16-")
 
 
+TWO_SWEEPS = textwrap.dedent("""
+    import os, sys, time
+    from vitok_jax.scaling import sweep
+    sweep_dir, delay = sys.argv[1], float(sys.argv[2])
+    runs = sweep.expand(sweep.load("{sweeps}/two.py"), sweep_dir)
+    time.sleep(delay)
+    command = lambda run: ["bash", "-c", f"echo x >> {{run.workdir}}/starts; sleep 1; "
+                           f"echo {{{{}}}} > {{run.workdir}}/record.json"]
+    status = sweep.run_local(runs, sweep_dir, command=command, log=lambda m: None, poll_s=0.05)
+    print(sorted(status.values()))
+""")
+
+
+def test_two_sweeps_on_one_directory_start_each_run_once(tmp_path):
+  """A second `vitok sweep` on the same directory leaves the runs the first one started alone
+  (each run's pid file is taken atomically before its trainer starts) and both end cleanly."""
+  (tmp_path / "two.py").write_text(textwrap.dedent("""
+      import ml_collections
+      def get_config(arg=""):
+        sweep = ml_collections.ConfigDict()
+        sweep.base = "vitok:Mu-Mu/4,res=16,data=mnist,batch=8,steps=2"
+        sweep.axes = [("product", {"c": [1, 2, 4]})]
+        return sweep
+  """))
+  sweep_dir = str(tmp_path / "s")
+  runs = sweep.prepare(sweep.load(f"{tmp_path}/two.py"), sweep_dir)
+  script = TWO_SWEEPS.format(sweeps=tmp_path)
+  procs = [subprocess.Popen([sys.executable, "-c", script, sweep_dir, str(delay)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for delay in (0.0, 0.5)]
+  outs = [p.communicate(timeout=120) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], outs
+  assert [open(os.path.join(r.workdir, "starts")).read().count("x") for r in runs] == [1, 1, 1]
+  assert not any(os.path.exists(os.path.join(r.workdir, sweep.PID)) for r in runs)
+
+
 def test_retries_are_bounded_and_divergence_is_final(tmp_path, fake):
   command, launched = fake
   runs = sweep.prepare(_sweep((1, 2, 4)), str(tmp_path))
@@ -738,11 +774,31 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
     (["train", "--config", "vitok:Mu-Mi/4,c=8", "--config.optim.warmup_stepz=1"],
      "--config.optim.warmup_stepz: config.optim has no field 'warmup_stepz'; its fields are"),
     (["train", "--config", "vitok:Mu-Mi/4,c=8", "--config.nope=1"], "config has no field 'nope'"),
+    # A launch checks the config its processes will load before it writes or submits anything.
+    (["launch", "slurm", "--config=vitok:Mu-Mu/4,c=abc", "--workdir=NOPE"], "c=abc: expected"),
+    (["launch", "slurm", "--config=vitok:Mu-Mu/4", "--config.model.patch=(3, 3)",
+      "--workdir=NOPE"], "model.patch size 3 does not divide data.res=32"),
+    (["launch", "tpu", "--config=vitok:Mu-Mu/4", "--config.model.patc=4", "--workdir=NOPE",
+      "--tpu_name=p", "--zone=z", "--accelerator_type=v5p-8"], "config.model has no field 'patc'"),
+    (["launch", "slurm", "--config=vitok:Mu-Mu/4", "--config.mesh.data=3", "--gpus_per_node=4",
+      "--workdir=NOPE"], "need 3 devices exactly, but there are 4; make their product equal 4"),
+    (["sweep", "MESH3", "--target=slurm", "--job=gpus_per_node=4"],
+     "need 3 devices exactly, but there are 4; make their product equal 4 (or use -1 for one axis)"
+     " (the job has nodes × gpus_per_node = 1 × 4 GPUs)"),
 ])
 def test_cli_bad_arguments_say_what_to_change(tmp_path, capsys, args, says):
   """Exit 2 with one line naming the argument and what to pass; no traceback, nothing written."""
   nope, sweep_dir = str(tmp_path / "NOPE"), str(tmp_path / "s")
-  args = [nope if arg == "NOPE" else arg for arg in args]
+  (tmp_path / "mesh3.py").write_text(textwrap.dedent("""
+      import ml_collections
+      def get_config(arg=""):
+        sweep = ml_collections.ConfigDict()
+        sweep.base = "vitok:Mu-Mu/4,res=16,data=mnist,batch=6,steps=2"
+        sweep.axes = [("product", {"mesh.data": [3]})]
+        return sweep
+  """))
+  args = [nope if arg == "NOPE" else str(tmp_path / "mesh3.py") if arg == "MESH3" else arg
+          for arg in args]
   says = says.replace("NOPE", nope)
   if args[0] == "sweep":
     args.append(f"--sweep_dir={sweep_dir}")
@@ -750,6 +806,7 @@ def test_cli_bad_arguments_say_what_to_change(tmp_path, capsys, args, says):
   err = capsys.readouterr().err
   assert says in err and "Traceback" not in err, err
   assert not os.path.exists(sweep_dir)  # A bad --job is refused before the runs are written.
+  assert not os.path.exists(nope)
 
 
 def test_cli_fit_refuses_unknown_columns(tmp_path, fake, capsys):

@@ -145,16 +145,16 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
 
 
 def test_resuming_with_another_config_is_a_clear_error(tmp_path):
-  """A relaunch may change when a run logs, evaluates and checkpoints, and its mesh; anything
-  else (here the decoder, then the batch and learning rate, whose arrays fit the checkpoint) would
-  train the rest differently from its start: an error naming the changes. Without config.json,
-  arrays that do not fit the checkpoint still raise."""
+  """A relaunch may change the run's length, when it logs, evaluates and checkpoints, and its
+  mesh; anything else (here the decoder, then the batch and learning rate, whose arrays fit the
+  checkpoint) would train the rest differently from its start: an error naming the changes.
+  Without config.json, arrays that do not fit the checkpoint still raise."""
   train_tokenizer.train(tiny_config(steps=4, ckpt_every=4), str(tmp_path))
   config = tiny_config(steps=4)
   config.model.decoder = "Mi"
   with pytest.raises(ConfigError, match=r"would change model\.decoder: 'Mu' → 'Mi'.*new --workdir"):
     train_tokenizer.train(config, str(tmp_path))
-  same_shapes = tiny_config(steps=4, batch_size=32)
+  same_shapes = tiny_config(steps=6, batch_size=32)
   same_shapes.optim.base_lr = 5e-3
   with pytest.raises(ConfigError, match=r"batch_size: 16 → 32; optim\.base_lr: 0\.002 → 0\.005"):
     train_tokenizer.train(same_shapes, str(tmp_path))
@@ -246,6 +246,34 @@ def test_run_and_optimizer_values_are_checked():
   with pytest.raises(ConfigError, match="init_from"):
     train_tokenizer.validate(tiny_config(**{"gan.enabled": True}))
   train_tokenizer.validate(tiny_config(**gan))
+
+
+def test_a_resumed_run_rewrites_the_metric_rows_past_its_checkpoint(tmp_path):
+  """Rows the previous launch wrote after its last checkpoint (and a line a crash cut short) are
+  dropped when the run resumes from that checkpoint: one row per step, in order."""
+  from vitok_jax.train import metrics_writer  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(f'{{"step": {s}, "loss": {s / 10}}}\n' for s in (5, 10, 15, 20))
+                  + '{"step": 25, "lo')
+  writer = metrics_writer.MetricWriter(str(tmp_path), resume_step=10, tensorboard=False)
+  writer.write(15, {"loss": 0.25})
+  writer.close()
+  rows = read_jsonl(str(path))
+  assert [r["step"] for r in rows] == [5, 10, 15] and rows[-1]["loss"] == 0.25
+
+
+def test_data_and_metric_weights_are_checked_before_training(tmp_path):
+  """A negative resolution, or a metric whose weight file is unset or missing, is an error before
+  anything is built or written, not at the first evaluation (after hours of training)."""
+  with pytest.raises(ConfigError, match="data.res=-16 must be a positive int"):
+    train_tokenizer.validate(tiny_config(**{"data.res": -16}))
+  with pytest.raises(ConfigError, match=r"need the lpips network: set --config\.eval\.lpips_weights"):
+    train_tokenizer.validate(tiny_config(**{"eval.metrics": ("lpips",)}))
+  missing = tiny_config(**{"eval.metrics": ("lpips",), "eval.lpips_weights": "/no/lpips.npz"})
+  train_tokenizer.validate(missing)  # Set is enough for a sweep to expand it elsewhere.
+  with pytest.raises(ConfigError, match="eval.lpips_weights='/no/lpips.npz' does not exist"):
+    train_tokenizer.train(missing, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("quantizer", ["msvq", "msbsq"])
@@ -376,7 +404,7 @@ def test_compare_tokenizers_pairs_runs_on_the_same_images(gan_stages, tmp_path):
                                 rel=1e-4)
 
 
-def test_vitok_eval_adds_fid_mnist_to_the_record(tmp_path):
+def test_vitok_eval_adds_fid_mnist_to_the_record(tmp_path, capsys, monkeypatch):
   workdir = str(tmp_path)
   train_tokenizer.train(tiny_config(steps=4), workdir)
   # The classifier is cached in the workdir on first use; a short one keeps this test fast.
@@ -386,6 +414,18 @@ def test_vitok_eval_adds_fid_mnist_to_the_record(tmp_path):
   metrics = train_tokenizer.evaluate_workdir(workdir, metrics=("fid_mnist",))
   assert metrics["step"] == 4 and metrics["eval/fid_mnist"] > 0
   assert record_lib.read(workdir)["metrics"]["eval/fid_mnist"] == metrics["eval/fid_mnist"]
+  # Relaunching the finished run leaves its record as it stands (it used to evaluate again and
+  # write a record without the metric `vitok eval` added).
+  assert train_tokenizer.train(tiny_config(steps=4), workdir)["metrics"]["eval/fid_mnist"] == (
+      metrics["eval/fid_mnist"])
+  assert record_lib.read(workdir)["metrics"]["eval/fid_mnist"] == metrics["eval/fid_mnist"]
+  # `vitok eval` without --config takes the run's own, so --config.eval.x overrides apply to it.
+  from vitok_jax import cli  # pylint: disable=g-import-not-at-top
+  argv = ["vitok", "eval", f"--workdir={workdir}", "--metrics=lpips",
+          "--config.eval.lpips_weights=/no/lpips.npz"]
+  monkeypatch.setattr(sys, "argv", argv)  # ml_collections finds --config.x overrides there.
+  assert cli.main(argv) == 2
+  assert "eval.lpips_weights='/no/lpips.npz' does not exist" in capsys.readouterr().err
 
 
 def test_checkpoint_from_before_a_new_empty_state_field_restores(tmp_path):

@@ -112,14 +112,16 @@ def _cmd_tokenize(workdir: str) -> int:
 def _cmd_eval(workdir: str) -> int:
   """Evaluate the latest checkpoint of --workdir on its held-out split; updates record.json.
 
-  A generator run is re-sampled and scored, with --sample overrides (e.g. cfg_scale=3).
+  A generator run is re-sampled and scored, with --sample overrides (e.g. cfg_scale=3). Without
+  --config the run's own config is used, so --config.eval.x=v overrides apply to it.
   """
   from vitok_jax.train import train_generator, train_tokenizer
+  config = _CONFIG.value  # The run's own unless --config named another.
   if config_lib.read_config(workdir).get("kind") == "generator":
     overrides = dict(_parse_value(item) for item in FLAGS.sample)
-    print(json.dumps(train_generator.evaluate_workdir(workdir, overrides), indent=1))
+    print(json.dumps(train_generator.evaluate_workdir(
+        workdir, overrides, eval_config=None if config is None else config.eval), indent=1))
     return 0
-  config = _CONFIG.value  # None: use the config saved in the workdir.
   metrics = train_tokenizer.evaluate_workdir(workdir, config, tuple(FLAGS.metrics))
   print(json.dumps(metrics, indent=1))
   return 0
@@ -186,6 +188,11 @@ def _cmd_sweep(args: list[str]) -> int:
     for run in sweep_lib.expand(sweep, sweep_dir):
       print(f"{sweep_lib.run_status(run.workdir, max_attempts):9s} {run.id}  {run.point}")
     return 0
+  if FLAGS.target == "slurm":  # Each array task gets the job's GPUs.
+    from vitok_jax.launch import jobspec
+    for run in sweep_lib.expand(sweep, sweep_dir):
+      jobspec.check_mesh(run.config.mesh, nodes=job.get("nodes", 1),
+                         gpus_per_node=job.get("gpus_per_node", 0))
   runs = sweep_lib.prepare(sweep, sweep_dir, spec, max_attempts=max_attempts)
   status = {run.id: sweep_lib.run_status(run.workdir, max_attempts) for run in runs}
   pending = [run for run in runs if status[run.id] == sweep_lib.PENDING]
@@ -373,6 +380,16 @@ def _resolve_config_arg(argv: list[str], default: str | None) -> list[str]:
   return out
 
 
+def _run_config(argv: list[str]) -> str | None:
+  """The config spec of the run in argv's --workdir (its config.json), if there is one."""
+  for i, arg in enumerate(argv):
+    workdir = (argv[i + 1] if arg == "--workdir" and i + 1 < len(argv) else
+               arg.split("=", 1)[1] if arg.startswith("--workdir=") else None)
+    if workdir and os.path.exists(os.path.join(workdir, "config.json")):
+      return f"sweeps/_run:{os.path.abspath(workdir)}"
+  return None
+
+
 def _fake_devices_first(argv: list[str]) -> None:
   """`--devices N` (or `--devices=N`) must reach XLA before jax starts: fake N CPU devices."""
   for i, arg in enumerate(argv):
@@ -422,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
     _fake_devices_first(rest)
-    default = DEFAULT_CONFIG if command in ("train", "compile") else None
+    default = (DEFAULT_CONFIG if command in ("train", "compile") else
+               _run_config(rest) if command == "eval" else None)
     if FLAGS.is_parsed():  # Defaults again when main() is called twice in one process (tests).
       FLAGS.unparse_flags()
     args = _resolve_config_arg(rest, default)
@@ -460,22 +478,9 @@ def _error_message(error: Exception) -> str:
 def _check_overrides(args: list[str]) -> None:
   """Raises ConfigError for an --config.a.b=v override whose field the --config lacks."""
   spec = next((arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")), None)
-  if spec is None:
-    return
-  config = config_lib.load_config(spec)
-  for arg in args:
-    if not arg.startswith("--config."):
-      continue
-    flag = arg.split("=", 1)[0]
-    keys = flag[len("--config."):].split(".")
-    node = config
-    for i, key in enumerate(keys):
-      if not hasattr(node, "keys") or key not in node:
-        where = ".".join(["config", *keys[:i]])
-        fields = sorted(node.keys()) if hasattr(node, "keys") else []
-        raise ConfigError(f"{flag}: {where} has no field {key!r}"
-                          + (f"; its fields are {fields}" if fields else ""))
-      node = node[key]
+  if spec is not None:
+    config_lib.apply_overrides(config_lib.load_config(spec), [
+        arg for arg in args if arg.startswith("--config.") and "=" in arg])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ a model part then `key=value` options: "S-B/16,c=16,res=256,data=imagenet".
 """
 from __future__ import annotations
 
+import ast
 import glob
 import importlib.util
 import json
@@ -61,6 +62,41 @@ def _convert(value: str, like, where: str):
   except ValueError:
     raise ConfigError(f"{where}: expected a {type(like).__name__}") from None
   return value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
+  """Sets each "--config.a.b=value" of `overrides` in `config` (as `vitok train` would), the value
+  converted to the field's type (tuples as Python literals, e.g. "(8, 8)"); returns config.
+  Raises ConfigError for a field the config lacks or a value of the wrong type."""
+  for override in overrides:
+    flag, sep, value = override.partition("=")
+    keys = flag[len("--config."):].split(".")
+    if not flag.startswith("--config.") or not sep:
+      raise ConfigError(f"override {override!r} must look like --config.a.b=value")
+    node = config
+    for i, key in enumerate(keys):
+      if not hasattr(node, "keys") or key not in node:
+        where = ".".join(["config", *keys[:i]])
+        fields = sorted(node.keys()) if hasattr(node, "keys") else []
+        raise ConfigError(f"{flag}: {where} has no field {key!r}"
+                          + (f"; its fields are {fields}" if fields else ""))
+      if i < len(keys) - 1:
+        node = node[key]
+    like = node[keys[-1]]
+    if isinstance(like, (tuple, list)):
+      try:
+        parsed = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        raise ConfigError(f"{override}: expected a tuple, e.g. (8, 8)") from None
+      node[keys[-1]] = tuple(parsed) if isinstance(parsed, (tuple, list)) else (parsed,)
+    elif like is None:  # An unset field (e.g. optim.warmup_steps): a Python literal, else text.
+      try:
+        node[keys[-1]] = ast.literal_eval(value)
+      except (ValueError, SyntaxError):
+        node[keys[-1]] = value
+    else:
+      node[keys[-1]] = _convert(value, like, override)
+  return config
 
 
 def resolve_config_path(spec: str) -> str:

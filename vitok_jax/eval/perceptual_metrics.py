@@ -34,22 +34,34 @@ WEIGHTS_FIELD = {"lpips": "lpips_weights", "inception": "inception_weights", "i3
                  "mnist_classifier": "mnist_classifier"}
 
 
+def check_weights(names: Sequence[str], eval_cfg, *, exist: bool = True) -> None:
+  """Raises ConfigError for an unknown metric, or a network a metric needs whose weight file is
+  not set in eval_cfg (or, with `exist`, not there). The MNIST classifier needs none: it is
+  trained and cached when missing. Trainers check this before they train, not at the first eval."""
+  unknown = [n for n in names if n not in METRICS]
+  if unknown:
+    raise ConfigError(f"unknown metrics {unknown}; use any of {list(METRICS)}")
+  for net in sorted({NETWORK_OF[n] for n in names} - {"mnist_classifier"}):
+    path = eval_cfg.get(WEIGHTS_FIELD[net]) if eval_cfg is not None else None
+    needs = [n for n in names if NETWORK_OF[n] == net]
+    if not path:
+      raise ConfigError(f"metrics {needs} need the {net} network: set "
+                        f"--config.eval.{WEIGHTS_FIELD[net]}=FILE (tools/convert_{net}.py makes "
+                        "it from the published weights; nothing is downloaded)")
+    if exist and not os.path.exists(path):
+      raise ConfigError(f"metrics {needs}: eval.{WEIGHTS_FIELD[net]}={path!r} does not exist; "
+                        f"tools/convert_{net}.py makes it from the published weights")
+
+
 def load_networks(names: Sequence[str], eval_cfg, workdir: str | None = None) -> dict[str, Callable]:
   """Feature functions for the networks that `names` need, from the weight files in eval_cfg.
 
   The MNIST classifier defaults to <workdir>/mnist_classifier.npz and is trained there if missing.
   """
-  unknown = [n for n in names if n not in METRICS]
-  if unknown:
-    raise ConfigError(f"unknown metrics {unknown}; use any of {list(METRICS)}")
+  check_weights(names, eval_cfg)
   nets = {}
   for net in sorted({NETWORK_OF[n] for n in names}):
     path = eval_cfg.get(WEIGHTS_FIELD[net]) if eval_cfg is not None else None
-    if not path and net != "mnist_classifier":
-      needs = [n for n in names if NETWORK_OF[n] == net]
-      raise ConfigError(f"metrics {needs} need the {net} network: set "
-                        f"--config.eval.{WEIGHTS_FIELD[net]}=FILE (tools/convert_{net}.py makes "
-                        "it from the published weights; nothing is downloaded)")
     if net == "lpips":
       nets[net] = lpips.load_perceptual_fn(path)
     elif net == "inception":

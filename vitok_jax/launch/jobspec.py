@@ -69,8 +69,31 @@ class JobSpec:
   def shell_command(self, *extra: str) -> str:
     return " ".join(shlex.quote(a) for a in self.vitok_args(*extra))
 
+  def check_config(self) -> None:
+    """Loads the job's config as its processes will (with the overrides) and raises ConfigError
+    where `vitok train` would, and where its mesh does not fit the job's GPUs, before anything is
+    written or submitted."""
+    config = config_lib.apply_overrides(config_lib.load_config(self.config), self.overrides)
+    if self.command == "train":
+      from vitok_jax import train  # pylint: disable=g-import-not-at-top
+      train.validate(config)
+    check_mesh(config.mesh, nodes=self.nodes, gpus_per_node=self.gpus_per_node)
+
   def base_env(self) -> dict[str, str]:
     env = dict(self.env)
     if self.compilation_cache:
       env["VITOK_COMPILATION_CACHE"] = self.compilation_cache
     return env
+
+
+def check_mesh(mesh_cfg, *, nodes: int, gpus_per_node: int) -> None:
+  """Raises ConfigError when `mesh_cfg` does not fit nodes × gpus_per_node GPUs (nothing to check
+  for a CPU job: its device count is the processes')."""
+  if not gpus_per_node:
+    return
+  from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  try:
+    mesh_lib.mesh_shapes(mesh_cfg, nodes * gpus_per_node)
+  except ConfigError as e:
+    raise ConfigError(f"{e} (the job has nodes × gpus_per_node = {nodes} × {gpus_per_node} "
+                      "GPUs)") from None

@@ -72,6 +72,7 @@ def write_sbatch(spec: jobspec.JobSpec, script: str) -> str:
 def main(argv: list[str]) -> int:
   try:
     target, spec, args = parse(argv)
+    spec.check_config()
     if target == "local":
       if spec.nodes != 1:
         raise ConfigError("a local launch runs on this machine: use --nodes=1")

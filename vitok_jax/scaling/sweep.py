@@ -234,6 +234,11 @@ def run_status(workdir: str, max_attempts: int) -> str:
     return DONE
   if _alive(os.path.join(workdir, PID)):
     return RUNNING
+  return _booked_status(workdir, max_attempts)
+
+
+def _booked_status(workdir: str, max_attempts: int) -> str:
+  """diverged / failed / pending from the run's sweep_status.json alone."""
   status = read_status(workdir)
   if status.get("status") == DIVERGED:
     return DIVERGED
@@ -319,13 +324,17 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
   status = {run.id: run_status(run.workdir, max_attempts) for run in runs}
   queue = [run for run in runs if status[run.id] == PENDING]
   summary = _Summary(len(runs), parallel, log)
-  summary(_counts(status), f"{len(runs) - len(queue)} already finished, {len(queue)} to run")
+  summary(_counts(status), f"{len(queue)} of {len(runs)} to run")
   running: dict[str, tuple[subprocess.Popen, Run, float, Any, str | None]] = {}
   previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SLURM/`kill` stop us like Ctrl-C.
   try:
     while queue or running:
       while queue and len(running) < parallel:
         run = queue.pop(0)
+        if not _claim(run.workdir, max_attempts):  # Another sweep started it meanwhile.
+          status[run.id] = run_status(run.workdir, max_attempts)
+          summary(_counts(status), f"{run.id} {status[run.id]} (another sweep)")
+          continue
         share = free_gpus.pop(0)
         logfile = open(os.path.join(run.workdir, "sweep.log"), "ab")
         # A new session: a Ctrl-C in the terminal reaches only the sweep, which stops the trainers
@@ -362,10 +371,38 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
       except subprocess.TimeoutExpired:
         process.kill()
       logfile.close()
+      os.remove(os.path.join(run.workdir, PID))
     raise
   finally:
     signal.signal(signal.SIGTERM, previous)
   return status
+
+
+def _claim(workdir: str, max_attempts: int) -> bool:
+  """Takes the run for this sweep: creates its pid file (with this process's pid until the
+  trainer's replaces it) if no other sweep holds it, and the run is still pending. Creating the
+  file is atomic (O_EXCL), so of two sweeps on one directory only one starts a run; a pid file
+  whose process is gone (a killed sweep's) is taken over."""
+  path = os.path.join(workdir, PID)
+  for _ in range(2):
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      if _alive(path):
+        return False
+      try:
+        os.remove(path)  # Stale; if another sweep removed it first, the next try settles it.
+      except FileNotFoundError:
+        pass
+      continue
+    with os.fdopen(fd, "w") as f:
+      f.write(str(os.getpid()))
+    if (os.path.exists(os.path.join(workdir, "record.json"))
+        or _booked_status(workdir, max_attempts) != PENDING):  # Finished by another sweep.
+      os.remove(path)
+      return False
+    return True
+  return False
 
 
 def _raise_interrupt(signum, frame):

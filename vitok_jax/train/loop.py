@@ -71,11 +71,12 @@ def eval_params(state: TrainState, config):
   return state.ema_params if config.ema_decay else state.params
 
 
-# Config fields a resumed run may change: when it logs, evaluates and checkpoints, what it
-# evaluates with, and its mesh (a checkpoint restores onto any mesh). Anything else would train
-# the rest of the run differently from its start (batch, schedule, data, seed, model, losses).
-RESUMABLE_FIELDS = ("variant", "log_every", "eval_every", "ckpt_every", "keep_ckpts",
-                    "eval_examples", "eval", "mesh")
+# Config fields a resumed run may change: its length (to train on, or stop sooner), when it logs,
+# evaluates and checkpoints, what it evaluates with, and its mesh (a checkpoint restores onto any
+# mesh). Anything else would train the rest of the run differently from its start (batch,
+# learning rate, data, seed, model, losses).
+RESUMABLE_FIELDS = ("variant", "total_steps", "log_every", "eval_every", "ckpt_every",
+                    "keep_ckpts", "eval_examples", "eval", "mesh")
 
 
 def config_changes(saved, config) -> list[str]:
@@ -110,17 +111,35 @@ def open_run(config, workdir: str, state: TrainState):
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   if (latest := ckpt.latest_step()) is not None:
     if os.path.exists(os.path.join(workdir, "config.json")):
-      changes = config_changes(config_lib.read_config(workdir), config)
+      saved = config_lib.read_config(workdir)
+      changes = config_changes(saved, config)
       if changes:
         raise ConfigError(
             f"{workdir} holds a run at step {latest} trained with another config; resuming it "
             f"with this one would change {'; '.join(changes)}. Use a new --workdir, or resume "
             f"with the run's own config: --config=sweeps/_run:{workdir}")
+      if saved.total_steps != config.total_steps:
+        logging.warning("total_steps %d → %d: the learning-rate schedule follows the new length "
+                        "from step %d on (a cosine decay or a warm-up of total_steps // 10 "
+                        "changes with it)", saved.total_steps, config.total_steps, latest)
     state = ckpt.restore(latest, state)
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   if is_main:
     config_lib.save_config(config, workdir)
   return is_main, ckpt, state, RunClock(workdir, int(state.step), is_main=is_main)
+
+
+def finished_record(workdir: str, state: TrainState, config) -> dict | None:
+  """The record of a run that has finished (its record.json, the state at total_steps): a relaunch
+  returns it as it stands rather than evaluating again and replacing it, which would drop the
+  metrics `vitok eval` added (`vitok eval` re-evaluates)."""
+  path = os.path.join(workdir, "record.json")
+  if int(state.step) < config.total_steps or not os.path.exists(path):
+    return None
+  logging.info("%s finished at step %d; its record.json stands (`vitok eval` re-evaluates)",
+               workdir, int(state.step))
+  with open(path) as f:
+    return json.load(f)
 
 
 class RunClock:

@@ -10,11 +10,18 @@ import numpy as np
 
 
 class MetricWriter:
-  """Appends {"step": s, name: value, ...} lines to workdir/metrics.jsonl."""
+  """Appends {"step": s, name: value, ...} lines to workdir/metrics.jsonl.
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  A resumed run (`resume_step`: the checkpoint it restored) first drops the lines of later steps,
+  which the launch before it wrote past its last checkpoint and this one writes again, so the
+  file stays one row per step and metric set, in step order.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int = 0, tensorboard: bool = True):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(self.path):
+      _keep_steps_up_to(self.path, resume_step)
     self._file = open(self.path, "a")
     self._tb = None
     if tensorboard and jax.process_index() == 0:
@@ -36,6 +43,23 @@ class MetricWriter:
     self._file.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _keep_steps_up_to(path: str, last_step: int) -> None:
+  """Rewrites the JSONL file at `path` without its rows past `last_step` (and a line cut short by
+  a crash)."""
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if row.get("step", 0) <= last_step:
+        kept.append(json.dumps(row) + "\n")
+  with open(path + ".tmp", "w") as f:
+    f.writelines(kept)
+  os.replace(path + ".tmp", path)
 
 
 def read_jsonl(path: str) -> list[dict]:

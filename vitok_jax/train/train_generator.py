@@ -305,6 +305,8 @@ def generator_record(config, family, params, *, wall_time, metrics, workdir, exa
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Runs (or resumes) generator training; returns the run record, None when pre-empted."""
   validate(config)
+  if config.eval.get("inception_weights"):  # gFID at every eval: the file must be there now.
+    perceptual_metrics.check_weights(GFID_METRICS, config.eval)
   config_lib.check_workdir(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.per_process_batch(config.batch_size, mesh)  # Raises unless the batch splits evenly.
@@ -313,10 +315,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
                config.model.size, vit.param_count(state.params), dict(mesh.shape),
                len(train_arrays["labels"]))
   is_main, ckpt, state, clock = loop.open_run(config, workdir, state)
+  if (record := loop.finished_record(workdir, state, config)) is not None:
+    ckpt.close()
+    return record
   batches = Batches(train_arrays, config.batch_size, config.seed, start_batch=int(state.step),
                     process_index=jax.process_index(), process_count=jax.process_count())
   batch_sharding = mesh_lib.batch_sharding(mesh)
-  writer = metrics_writer.MetricWriter(workdir) if is_main else None
+  writer = (metrics_writer.MetricWriter(workdir, resume_step=int(state.step)) if is_main
+            else None)
 
   def evaluate_state(state, step):
     return evaluate(family, loop.eval_params(state, config), config, eval_arrays, image_path=(
@@ -367,13 +373,19 @@ def apply_sample_overrides(config: ml_collections.ConfigDict, overrides: dict) -
   validate(config)
 
 
-def evaluate_workdir(workdir: str, sample_overrides: dict | None = None) -> dict:
+def evaluate_workdir(workdir: str, sample_overrides: dict | None = None,
+                     eval_config=None) -> dict:
   """Re-evaluates a trained generator run, e.g. at another CFG scale; adds the metrics to its record.
 
   sample_overrides: config.sample fields (cfg_scale, num_steps, method, temperature, top_k, ...);
   the generation metrics are then tagged with them: gen/cfg_scale=3/class_accuracy.
+  eval_config: replaces the run's config.eval (e.g. with inception_weights for gFID).
   """
   config = config_lib.read_config(workdir)
+  if eval_config is not None:
+    config.eval = eval_config
+    if config.eval.get("inception_weights"):
+      perceptual_metrics.check_weights(GFID_METRICS, config.eval)
   overrides = dict(sample_overrides or {})
   apply_sample_overrides(config, overrides)
   tag = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))

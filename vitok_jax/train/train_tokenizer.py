@@ -50,6 +50,7 @@ class Components:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field of a tokenizer config and what is allowed."""
   m, d = config.model, config.data
+  data.validate(d)
   for field in ("encoder", "decoder"):
     require_choice(m[field], f"model.{field}", vit.SIZES)
   require_choice(m.bottleneck, "model.bottleneck", (*bottlenecks.BOTTLENECKS, "larp"))
@@ -108,8 +109,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(config.perceptual.trepa_weights, "loss.trepa > 0 needs perceptual.trepa_weights: a "
             "VideoMAE-v2 .npz (videomae.params_from_torch + weights.save)")
     require_choice(config.perceptual.trepa_size, "perceptual.trepa_size", videomae.SIZES)
-  for name in config.eval.metrics:
-    require_choice(name, "eval.metrics entry", perceptual_metrics.METRICS)
+  # Set here; that the files exist is checked where the run starts (`train`).
+  perceptual_metrics.check_weights(config.eval.metrics, config.eval, exist=False)
   require(not config.init_from or os.path.isdir(config.init_from),
           f"init_from={config.init_from!r} is not a run directory; point it at a trained workdir")
   gan.validate(config.gan, config.init_from)
@@ -358,6 +359,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Runs (or resumes) training; returns the run record (also written to workdir/record.json),
   or None when pre-empted (a checkpoint was saved; the same command resumes)."""
   validate(config)
+  perceptual_metrics.check_weights(config.eval.metrics, config.eval)
   config_lib.check_workdir(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
@@ -368,13 +370,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
                jax.process_count())
 
   is_main, ckpt, state, clock = loop.open_run(config, workdir, state)
+  if (record := loop.finished_record(workdir, state, config)) is not None:
+    ckpt.close()
+    return record
   first_step = int(state.step)
   # The training stream is a function of (seed, global batch index): resume at the step.
   train_iter = data.build_iterator(config.data, split="train", batch_size=local_batch,
                                    seed=config.seed, start_batch=first_step)
 
   eval_step = jit_eval_step(model, mesh, shardings.params)
-  writer = metrics_writer.MetricWriter(workdir) if is_main else None
+  writer = (metrics_writer.MetricWriter(workdir, resume_step=int(state.step)) if is_main
+            else None)
   image_dir = os.path.join(workdir, "images")
 
   def evaluate_state(state, step):
