@@ -87,6 +87,7 @@ def test_loss_eval_and_stage_two_fields_are_checked(field, value, message):
   c.update_from_flattened_dict({field: value})
   with pytest.raises(ConfigError, match=message):
     train_tokenizer.validate(c)
+    train_tokenizer.check_files(c)  # Where the run starts: the files it reads.
 
 
 def test_quickstart_tokenizer_is_a_finished_run(tmp_path, monkeypatch):

@@ -154,6 +154,14 @@ def test_offset_ci_is_scipys_curve_fit_covariance():
                              np.log(a) + np.array([-1, 1]) * t * se_a / a, rtol=2e-3)
 
 
+def test_an_undetermined_offset_law_gets_an_unbounded_interval_not_an_error():
+  """Four points the law c + a·x^b barely constrains: a's interval runs out to infinity."""
+  x = np.geomspace(1e8, 1e10, 4)
+  result = fit.fit_power_law(x, [0.2987, 0.2074, 0.1574, 0.2376], offset=True)
+  assert np.isinf(result["ci"]["a"]).any() or result["ci"]["a"][1] > 1e6 * abs(result["a"])
+  assert result["ci"]["b"][0] < result["b"] < result["ci"]["b"][1]
+
+
 @pytest.mark.parametrize("offset,n", [(False, 3), (False, 5), (True, 5)])
 def test_ci_covers_the_true_exponent_at_its_level_with_few_points(offset, n):
   """Over simulated sweeps of 3–5 runs the 95% interval holds the true b about 95% of the time

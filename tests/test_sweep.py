@@ -108,6 +108,9 @@ def test_expand_ids_filters_overrides(tmp_path):
   assert runs[0].workdir == os.path.join(tmp_path, "runs", runs[0].id)
   with pytest.raises(ConfigError, match="no field"):
     sweep.resolve(BASE, {"model.nope": 1})
+  bare = _sweep((2,))
+  bare.base = "vitok"  # The config file's default variant, the points' options added to it.
+  assert sweep.expand(bare)[0].config.model.channels == 2
 
 
 @pytest.mark.parametrize("axes, says", [

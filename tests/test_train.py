@@ -168,6 +168,13 @@ def test_resuming_with_another_config_is_a_clear_error(tmp_path):
     train_tokenizer.train(config, str(tmp_path))
 
 
+def test_config_changes_leave_out_resumable_fields_and_fields_the_code_added():
+  saved = tiny_config(steps=4)
+  config = tiny_config(steps=8, eval_every=2, **{"data.worker_count": 2, "optim.base_lr": 0.01})
+  del saved["num_visualize"]  # As in a run begun before the field existed.
+  assert loop.config_changes(saved, config) == ["optim.base_lr: 0.002 → 0.01"]
+
+
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   with pytest.raises(ConfigError, match="gcsfuse.*/gcs/bucket/run"):

@@ -302,13 +302,14 @@ def _cmd_sweep_book(args: list[str]) -> int:
     raise ConfigError("usage: vitok sweep_book RUN_DIR RETURNCODE [LOG] (the SLURM and TPU "
                       "sweep scripts call it after each run)")
   sweep_dir = os.path.dirname(os.path.dirname(os.path.abspath(args[0])))  # SWEEP_DIR/runs/ID.
-  max_attempts = FLAGS.max_attempts or sweep_lib.read_manifest(sweep_dir).get("max_attempts", 2)
+  max_attempts = (FLAGS.max_attempts if FLAGS.max_attempts is not None else
+                  sweep_lib.read_manifest(sweep_dir).get("max_attempts", 2))
   print(sweep_lib.finish(args[0], int(args[1]), max_attempts, *args[2:]))
   return 0
 
 
 def _cmd_fit(args: list[str]) -> int:
-  """Power-law fits (with bootstrap CIs) of a sweep's results -> fits.json and plots/."""
+  """Power-law fits (with confidence intervals) of a sweep's results -> fits.json and plots/."""
   from vitok_jax.scaling import results
   if len(args) != 1:
     raise ConfigError("usage: vitok fit SWEEP_DIR [--x E --y eval/psnr [--offset]]")

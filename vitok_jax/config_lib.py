@@ -20,8 +20,8 @@ CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
 def split_variant(arg: str) -> tuple[str, dict[str, str]]:
-  """"S-B/16,c=16,res=256" -> ("S-B/16", {"c": "16", "res": "256"})."""
-  head, *options = [part.strip() for part in (arg or "").split(",") if part.strip()]
+  """"S-B/16,c=16,res=256" -> ("S-B/16", {"c": "16", "res": "256"}); "" -> ("", {})."""
+  head, *options = [part.strip() for part in (arg or "").split(",") if part.strip()] or [""]
   if "=" in head:  # Options only, no model part.
     options, head = [head, *options], ""
   parsed = {}

@@ -106,8 +106,9 @@ def fit_power_law(x, y, *, offset: bool = False, ci: float = 0.95) -> dict:
   t = stats.t.ppf(0.5 + ci / 2, dof)
   half = t * np.sqrt(np.diag(covariance))
   log_abs_a = math.log(abs(best["a"]))
-  intervals = {"a": sorted(math.copysign(math.exp(v), best["a"])
-                           for v in (log_abs_a - half[0], log_abs_a + half[0])),
+  with np.errstate(over="ignore"):  # A badly determined a: an interval out to ±inf.
+    a_ends = np.sign(best["a"]) * np.exp([log_abs_a - half[0], log_abs_a + half[0]])
+  intervals = {"a": sorted(a_ends),
                "b": [best["b"] - half[1], best["b"] + half[1]]}
   if offset:
     intervals["c"] = [best["c"] - half[2], best["c"] + half[2]]

@@ -20,12 +20,15 @@ Layout of a sweep directory:
   runs/ID/config.json            the run's resolved config; ID = label + hash of that config.
   runs/ID/sweep_status.json      attempts, pre-emptions and the last failure; runs/ID/sweep.log
                                  its output;
-  runs/ID/sweep.pid              the trainer's pid while it runs.
+  runs/ID/sweep.pid              the trainer's pid while it runs; runs/ID/sweep.lock the lock
+                                 sweeps take to start or book a run.
   runs/ID/record.json            written by the trainer when the run finished: the run is done.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import itertools
 import json
@@ -48,6 +51,7 @@ RUN_CONFIG = str(config_lib.CONFIGS_DIR / "sweeps" / "_run.py")
 MANIFEST = "sweep.json"
 STATUS = "sweep_status.json"
 PID = "sweep.pid"                # Present while a sweep's trainer runs: another sweep leaves it be.
+LOCK = "sweep.lock"              # flock'ed while a sweep takes or releases the run (`_claim`).
 # Statuses a run can have; "pending" includes runs interrupted part-way (they resume).
 DONE, PENDING, RUNNING, FAILED, DIVERGED = "done", "pending", "running", "failed", "diverged"
 # sweep_status.json of a run stopped by SIGTERM after a checkpoint (exit 0, no record.json): it is
@@ -342,8 +346,7 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
         process = subprocess.Popen(
             command(run), stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
             env=env if share is None else dict(env, CUDA_VISIBLE_DEVICES=share))
-        with open(os.path.join(run.workdir, PID), "w") as f:
-          f.write(str(process.pid))
+        _write_pid(run.workdir, process.pid)
         running[run.id] = (process, run, time.time(), logfile, share)
         status[run.id] = RUNNING
         summary(_counts(status), f"started {run.id}")
@@ -352,10 +355,11 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
         if process.poll() is None:
           continue
         logfile.close()
-        os.remove(os.path.join(run.workdir, PID))
         del running[run_id]
         free_gpus.append(share)
-        status[run_id] = finish(run.workdir, process.returncode, max_attempts)
+        with _locked(run.workdir):  # No other sweep sees the run before it is booked.
+          status[run_id] = finish(run.workdir, process.returncode, max_attempts)
+          os.remove(os.path.join(run.workdir, PID))
         if status[run_id] == DONE:
           summary.durations.append(time.time() - started)
         elif status[run_id] == PENDING:  # Pre-empted, or failed with attempts left: resumes.
@@ -371,7 +375,8 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
       except subprocess.TimeoutExpired:
         process.kill()
       logfile.close()
-      os.remove(os.path.join(run.workdir, PID))
+      with _locked(run.workdir):
+        os.remove(os.path.join(run.workdir, PID))
     raise
   finally:
     signal.signal(signal.SIGTERM, previous)
@@ -379,30 +384,31 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
 
 
 def _claim(workdir: str, max_attempts: int) -> bool:
-  """Takes the run for this sweep: creates its pid file (with this process's pid until the
-  trainer's replaces it) if no other sweep holds it, and the run is still pending. Creating the
-  file is atomic (O_EXCL), so of two sweeps on one directory only one starts a run; a pid file
-  whose process is gone (a killed sweep's) is taken over."""
-  path = os.path.join(workdir, PID)
-  for _ in range(2):
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-      if _alive(path):
-        return False
-      try:
-        os.remove(path)  # Stale; if another sweep removed it first, the next try settles it.
-      except FileNotFoundError:
-        pass
-      continue
-    with os.fdopen(fd, "w") as f:
-      f.write(str(os.getpid()))
-    if (os.path.exists(os.path.join(workdir, "record.json"))
-        or _booked_status(workdir, max_attempts) != PENDING):  # Finished by another sweep.
-      os.remove(path)
+  """Takes the run for this sweep if it is still pending and no live process holds its pid file:
+  writes this process's pid there (the trainer's replaces it). Check and write happen under an
+  exclusive lock on workdir/sweep.lock, so of two sweeps on one directory only one starts a run;
+  a pid file whose process is gone (a killed sweep's) is taken over."""
+  with _locked(workdir):
+    if run_status(workdir, max_attempts) != PENDING:
       return False
+    _write_pid(workdir, os.getpid())
     return True
-  return False
+
+
+@contextlib.contextmanager
+def _locked(workdir: str):
+  """An exclusive lock on workdir/sweep.lock between sweeps on this machine (flock)."""
+  with open(os.path.join(workdir, LOCK), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    yield  # The lock goes with the file.
+
+
+def _write_pid(workdir: str, pid: int) -> None:
+  """Replaces workdir's pid file in one step: a reader never sees it empty."""
+  path = os.path.join(workdir, PID)
+  with open(f"{path}.{os.getpid()}.tmp", "w") as f:
+    f.write(str(pid))
+  os.replace(f"{path}.{os.getpid()}.tmp", path)
 
 
 def _raise_interrupt(signum, frame):

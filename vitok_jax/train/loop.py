@@ -76,17 +76,19 @@ def eval_params(state: TrainState, config):
 # mesh). Anything else would train the rest of the run differently from its start (batch,
 # learning rate, data, seed, model, losses).
 RESUMABLE_FIELDS = ("variant", "total_steps", "log_every", "eval_every", "ckpt_every",
-                    "keep_ckpts", "eval_examples", "eval", "mesh")
+                    "keep_ckpts", "eval_examples", "eval", "mesh", "num_visualize",
+                    "data.worker_count")
 
 
 def config_changes(saved, config) -> list[str]:
   """"path: saved → new" for each field where `config` differs from the `saved` config of a run,
-  but `RESUMABLE_FIELDS` (compared as config.json stores them)."""
+  but `RESUMABLE_FIELDS` (compared as config.json stores them). Fields only one of them has are
+  left out: a field added to (or dropped from) the code's config since the run started."""
   flat = lambda c: _flatten(json.loads(json.dumps(c.to_dict(), default=str)))
   before, after = flat(saved), flat(config)
-  return [f"{key}: {before.get(key, '(none)')!r} → {after.get(key, '(none)')!r}"
-          for key in sorted(set(before) | set(after))
-          if key.split(".")[0] not in RESUMABLE_FIELDS and before.get(key) != after.get(key)]
+  resumable = lambda key: any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS)
+  return [f"{key}: {before[key]!r} → {after[key]!r}" for key in sorted(set(before) & set(after))
+          if not resumable(key) and before[key] != after[key]]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -111,9 +111,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require_choice(config.perceptual.trepa_size, "perceptual.trepa_size", videomae.SIZES)
   # Set here; that the files exist is checked where the run starts (`train`).
   perceptual_metrics.check_weights(config.eval.metrics, config.eval, exist=False)
+  gan.validate(config.gan, config.init_from)
+
+
+def check_files(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError for a file or directory the run reads that is not there (metric weights,
+  init_from): checked where the run starts, as a sweep or launch may be expanded on a machine
+  that does not mount them."""
+  perceptual_metrics.check_weights(config.eval.metrics, config.eval)
   require(not config.init_from or os.path.isdir(config.init_from),
           f"init_from={config.init_from!r} is not a run directory; point it at a trained workdir")
-  gan.validate(config.gan, config.init_from)
 
 
 def pixel_shape(config) -> tuple[int, ...]:
@@ -359,7 +366,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Runs (or resumes) training; returns the run record (also written to workdir/record.json),
   or None when pre-empted (a checkpoint was saved; the same command resumes)."""
   validate(config)
-  perceptual_metrics.check_weights(config.eval.metrics, config.eval)
+  check_files(config)
   config_lib.check_workdir(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
