@@ -129,9 +129,9 @@ def test_power_law_ci_is_the_least_squares_t_interval():
   line, t = stats.linregress(np.log(x), np.log(y)), stats.t.ppf(0.975, 3)
   np.testing.assert_allclose(result["ci"]["b"], [line.slope - t * line.stderr,
                                                  line.slope + t * line.stderr], rtol=1e-9)
-  np.testing.assert_allclose(result["ci"]["a"], np.exp([line.intercept - t * line.intercept_stderr,
-                                                        line.intercept + t * line.intercept_stderr]),
-                             rtol=1e-9)
+  half_log_a = t * line.intercept_stderr
+  np.testing.assert_allclose(result["ci"]["a"], np.exp([line.intercept - half_log_a,
+                                                        line.intercept + half_log_a]), rtol=1e-9)
   assert result["dof"] == 3
 
 

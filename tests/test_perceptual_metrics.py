@@ -75,7 +75,8 @@ def test_load_networks_with_real_files(tmp_path):
                      r"set --config\.eval\.inception_weights=FILE \(tools/convert_inception\.py"):
     perceptual_metrics.load_networks(("rfid", "inception_score"), cfg)
   cfg.i3d_weights = str(tmp_path / "missing.npz")  # Set but absent: the file is named.
-  with pytest.raises(ConfigError, match=r"\['fvd'\]: eval.i3d_weights='.*missing.npz' does not exist"):
+  with pytest.raises(ConfigError,
+                     match=r"\['fvd'\]: eval.i3d_weights='.*missing.npz' does not exist"):
     perceptual_metrics.load_networks(("fvd",), cfg)
 
 

@@ -274,7 +274,8 @@ def test_data_and_metric_weights_are_checked_before_training(tmp_path):
   anything is built or written, not at the first evaluation (after hours of training)."""
   with pytest.raises(ConfigError, match="data.res=-16 must be a positive int"):
     train_tokenizer.validate(tiny_config(**{"data.res": -16}))
-  with pytest.raises(ConfigError, match=r"need the lpips network: set --config\.eval\.lpips_weights"):
+  with pytest.raises(ConfigError,
+                     match=r"need the lpips network: set --config\.eval\.lpips_weights"):
     train_tokenizer.validate(tiny_config(**{"eval.metrics": ("lpips",)}))
   missing = tiny_config(**{"eval.metrics": ("lpips",), "eval.lpips_weights": "/no/lpips.npz"})
   train_tokenizer.validate(missing)  # Set is enough for a sweep to expand it elsewhere.

@@ -513,9 +513,10 @@ def tpu_commands(runs: Sequence[Run], sweep_dir: str, **job_fields) -> list[str]
   waited on until ACTIVE, the repository installed with repo_url), then each run is one
   `ssh --worker=all ... vitok_jax.cli train` of its config; a failed run is reported and the next
   one starts; each run's output is appended to its sweep.log and its exit booked
-  (`vitok sweep_book`). sweep_dir must be on a file system every worker mounts at the same path (NFS,
-  Filestore, gcsfuse): the workers read each run's config.json there and write its checkpoints and
-  record.json there, which this machine reads back; each job checks that its config is visible.
+  (`vitok sweep_book`). sweep_dir must be on a file system every worker mounts at the same path
+  (NFS, Filestore, gcsfuse): the workers read each run's config.json there and write its
+  checkpoints and record.json there, which this machine reads back; each job checks that its
+  config is visible.
   """
   from vitok_jax.launch import tpu
   sweep_dir = os.path.abspath(sweep_dir)
