@@ -184,21 +184,22 @@ def _cmd_sweep(args: list[str]) -> int:
       "max_attempts", 2)
   if max_attempts < 1:
     raise ConfigError(f"--max_attempts={max_attempts}: each run needs at least one try")
+  runs = sweep_lib.expand(sweep, sweep_dir)
   if FLAGS.dry_run:  # Reads the sweep directory, writes nothing.
-    for run in sweep_lib.expand(sweep, sweep_dir):
+    for run in runs:
       print(f"{sweep_lib.run_status(run.workdir, max_attempts):9s} {run.id}  {run.point}")
     return 0
   if FLAGS.target == "slurm":  # Each array task gets the job's GPUs.
     from vitok_jax.launch import jobspec
-    for run in sweep_lib.expand(sweep, sweep_dir):
+    for run in runs:
       jobspec.check_mesh(run.config.mesh, nodes=job.get("nodes", 1),
                          gpus_per_node=job.get("gpus_per_node", 0))
-  runs = sweep_lib.prepare(sweep, sweep_dir, spec, max_attempts=max_attempts)
+  sweep_lib.prepare(sweep, sweep_dir, spec, max_attempts=max_attempts, runs=runs)
   status = {run.id: sweep_lib.run_status(run.workdir, max_attempts) for run in runs}
   pending = [run for run in runs if status[run.id] == sweep_lib.PENDING]
   if FLAGS.target != "local" and not pending:
-    counts = {s: list(status.values()).count(s) for s in sorted(set(status.values()))}
-    print(f"none of the {len(runs)} runs is left to start ({counts}): `vitok results {sweep_dir}`")
+    print(f"none of the {len(runs)} runs is left to start ({sweep_lib.count_statuses(status)}): "
+          f"`vitok results {sweep_dir}`")
     return 0
   if FLAGS.target == "slurm":
     path = sweep_lib.write_slurm_array(pending, sweep_dir, **job)

@@ -70,33 +70,40 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
   Raises ConfigError for a field the config lacks or a value of the wrong type."""
   for override in overrides:
     flag, sep, value = override.partition("=")
-    keys = flag[len("--config."):].split(".")
     if not flag.startswith("--config.") or not sep:
       raise ConfigError(f"override {override!r} must look like --config.a.b=value")
-    node = config
-    for i, key in enumerate(keys):
-      if not hasattr(node, "keys") or key not in node:
-        where = ".".join(["config", *keys[:i]])
-        fields = sorted(node.keys()) if hasattr(node, "keys") else []
-        raise ConfigError(f"{flag}: {where} has no field {key!r}"
-                          + (f"; its fields are {fields}" if fields else ""))
-      if i < len(keys) - 1:
-        node = node[key]
-    like = node[keys[-1]]
+    node, leaf = field_parent(config, flag[len("--config."):], flag)
+    like = node[leaf]
     if isinstance(like, (tuple, list)):
       try:
         parsed = ast.literal_eval(value)
       except (ValueError, SyntaxError):
         raise ConfigError(f"{override}: expected a tuple, e.g. (8, 8)") from None
-      node[keys[-1]] = tuple(parsed) if isinstance(parsed, (tuple, list)) else (parsed,)
+      node[leaf] = tuple(parsed) if isinstance(parsed, (tuple, list)) else (parsed,)
     elif like is None:  # An unset field (e.g. optim.warmup_steps): a Python literal, else text.
       try:
-        node[keys[-1]] = ast.literal_eval(value)
+        node[leaf] = ast.literal_eval(value)
       except (ValueError, SyntaxError):
-        node[keys[-1]] = value
+        node[leaf] = value
     else:
-      node[keys[-1]] = _convert(value, like, override)
+      node[leaf] = _convert(value, like, override)
   return config
+
+
+def field_parent(config: ml_collections.ConfigDict, path: str, what: str):
+  """(node, leaf) with node[leaf] the existing field at dotted `path` ("a.b") of config; else a
+  ConfigError starting with `what` that names the missing field and the fields beside it."""
+  keys = path.split(".")
+  node = config
+  for i, key in enumerate(keys):
+    if not hasattr(node, "keys") or key not in node:
+      where = ".".join(["config", *keys[:i]])
+      fields = sorted(node.keys()) if hasattr(node, "keys") else []
+      raise ConfigError(f"{what}: {where} has no field {key!r}"
+                        + (f"; its fields are {fields}" if fields else ""))
+    if i < len(keys) - 1:
+      node = node[key]
+  return node, keys[-1]
 
 
 def resolve_config_path(spec: str) -> str:

@@ -106,14 +106,7 @@ def points(axes: Sequence[tuple[str, dict[str, Sequence]]]) -> list[dict[str, An
 
 def set_path(config: ml_collections.ConfigDict, path: str, value) -> None:
   """config["a"]["b"] = value for path "a.b"; the field must exist."""
-  *parents, leaf = path.split(".")
-  node = config
-  for i, name in enumerate(parents):
-    if not hasattr(node, "keys") or name not in node:
-      raise ConfigError(f"sweep key {path!r}: config has no field {name!r} under {parents[:i]}")
-    node = node[name]
-  if not hasattr(node, "keys") or leaf not in node:
-    raise ConfigError(f"sweep key {path!r}: config has no field {leaf!r} under {parents}")
+  node, leaf = config_lib.field_parent(config, path, f"sweep key {path!r}")
   node[leaf] = tuple(value) if isinstance(value, list) else value
 
 
@@ -189,12 +182,13 @@ def analysis_spec(sweep: ml_collections.ConfigDict) -> dict:
 
 
 def prepare(sweep: ml_collections.ConfigDict, sweep_dir: str, spec: str = "",
-            max_attempts: int | None = None) -> list[Run]:
-  """Expands the sweep, writes the manifest and every run's config.json; returns the runs.
+            max_attempts: int | None = None, runs: Sequence[Run] | None = None) -> list[Run]:
+  """Expands the sweep (unless its `runs` are given), writes the manifest and every run's
+  config.json; returns the runs.
 
   The manifest records max_attempts (default: the sweep's, else 2) for `vitok results`/`fit`.
   """
-  runs = expand(sweep, sweep_dir)
+  runs = list(runs) if runs is not None else expand(sweep, sweep_dir)
   os.makedirs(sweep_dir, exist_ok=True)
   manifest = {"spec": spec, "name": sweep.get("name", ""), "base": sweep.base,
               "max_attempts": max_attempts or sweep.get("max_attempts", 2),
@@ -328,7 +322,7 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
   status = {run.id: run_status(run.workdir, max_attempts) for run in runs}
   queue = [run for run in runs if status[run.id] == PENDING]
   summary = _Summary(len(runs), parallel, log)
-  summary(_counts(status), f"{len(queue)} of {len(runs)} to run")
+  summary(count_statuses(status), f"{len(queue)} of {len(runs)} to run")
   running: dict[str, tuple[subprocess.Popen, Run, float, Any, str | None]] = {}
   previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SLURM/`kill` stop us like Ctrl-C.
   try:
@@ -337,7 +331,7 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
         run = queue.pop(0)
         if not _claim(run.workdir, max_attempts):  # Another sweep started it meanwhile.
           status[run.id] = run_status(run.workdir, max_attempts)
-          summary(_counts(status), f"{run.id} {status[run.id]} (another sweep)")
+          summary(count_statuses(status), f"{run.id} {status[run.id]} (another sweep)")
           continue
         share = free_gpus.pop(0)
         logfile = open(os.path.join(run.workdir, "sweep.log"), "ab")
@@ -349,7 +343,7 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
         _write_pid(run.workdir, process.pid)
         running[run.id] = (process, run, time.time(), logfile, share)
         status[run.id] = RUNNING
-        summary(_counts(status), f"started {run.id}")
+        summary(count_statuses(status), f"started {run.id}")
       time.sleep(poll_s)
       for run_id, (process, run, started, logfile, share) in list(running.items()):
         if process.poll() is None:
@@ -364,7 +358,7 @@ def run_local(runs: Sequence[Run], sweep_dir: str, *, parallel: int = 1, max_att
           summary.durations.append(time.time() - started)
         elif status[run_id] == PENDING:  # Pre-empted, or failed with attempts left: resumes.
           queue.append(run)
-        summary(_counts(status), f"{run_id} {status[run_id]} (exit {process.returncode})")
+        summary(count_statuses(status), f"{run_id} {status[run_id]} (exit {process.returncode})")
   except KeyboardInterrupt:
     log(f"[sweep] interrupted: stopping {len(running)} run(s); the same command resumes them")
     for process, *_ in running.values():
@@ -450,7 +444,8 @@ def finish(workdir: str, returncode: int, max_attempts: int, log: str = "") -> s
   return run_status(workdir, max_attempts)
 
 
-def _counts(status: dict[str, str]) -> dict[str, int]:
+def count_statuses(status: dict[str, str]) -> dict[str, int]:
+  """{status: how many runs have it} of an id -> status map."""
   counts: dict[str, int] = {}
   for value in status.values():
     counts[value] = counts.get(value, 0) + 1
