@@ -144,6 +144,73 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
     train_tokenizer.train(config, str(tmp_path))
 
 
+def test_divergence_is_a_one_line_error_a_sweep_books_as_diverged(tmp_path, capsys):
+  from vitok_jax import cli  # pylint: disable=g-import-not-at-top
+  from vitok_jax.scaling import sweep  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "run")
+  code = cli.main(["vitok", "train", f"--config=vitok:{TINY.replace('lr=2e-3', 'lr=1e12')},steps=8",
+                   f"--workdir={workdir}"])
+  err = capsys.readouterr().err
+  assert code == 3 and "Traceback" not in err, err
+  assert "error: TrainingDiverged: loss is " in err and "lower optim.base_lr" in err, err
+  log = tmp_path / "sweep.log"
+  log.write_text(err)
+  assert sweep.finish(workdir, code, max_attempts=3, log=str(log)) == sweep.DIVERGED
+
+
+def test_a_stop_during_set_up_saves_step_0_and_a_sweep_resumes_it(tmp_path, monkeypatch):
+  """SIGTERM while the run is being built (here as it opens its checkpoints) is kept: the loop
+  saves the initial state before its first step and stops, which a sweep books as pre-empted
+  (no attempt used), not as a failure; the relaunch resumes from step 0."""
+  from vitok_jax.scaling import sweep  # pylint: disable=g-import-not-at-top
+  open_run = loop.open_run
+
+  def open_run_then_sigterm(*args):
+    opened = open_run(*args)
+    os.kill(os.getpid(), signal.SIGTERM)
+    return opened
+
+  monkeypatch.setattr(loop, "open_run", open_run_then_sigterm)
+  workdir = str(tmp_path / "run")
+  previous = signal.getsignal(signal.SIGTERM)
+  assert train_tokenizer.train(tiny_config(steps=4), workdir) is None
+  assert signal.getsignal(signal.SIGTERM) is previous
+  assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 0
+  assert sweep.finish(workdir, 0, max_attempts=1) == sweep.PENDING
+  assert sweep.read_status(workdir)["preemptions"] == 1
+  monkeypatch.setattr(loop, "open_run", open_run)
+  assert train_tokenizer.train(tiny_config(steps=4), workdir)["steps"] == 4
+
+
+def test_a_stop_between_checkpoint_and_evaluation_is_evaluated_on_resume(tmp_path, monkeypatch):
+  """Pre-empted at step 4, an eval step: the checkpoint is saved, the evaluation skipped; the
+  relaunch evaluates step 4 before it trains on. A resume whose eval step was evaluated does not
+  evaluate it again."""
+  monkeypatch.setattr(loop.Preemption, "reached", lambda self, step: step == 4)
+  workdir = str(tmp_path / "run")
+  config = tiny_config(steps=8, eval_every=4, ckpt_every=4, log_every=4)
+  assert train_tokenizer.train(config, workdir) is None
+  eval_steps = lambda: [r["step"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+                        if "eval/l2" in r]
+  assert eval_steps() == []
+  monkeypatch.setattr(loop.Preemption, "reached", lambda self, step: False)
+  assert train_tokenizer.train(config, workdir)["steps"] == 8
+  assert eval_steps() == [4, 8]
+  config.total_steps = 12  # Extended: resumes at 8, evaluated before.
+  assert train_tokenizer.train(config, workdir)["steps"] == 12
+  assert eval_steps() == [4, 8, 12]
+
+
+def test_ctrl_c_stops_at_a_checkpoint_and_a_second_one_at_once():
+  with loop.Preemption() as preemption:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preemption.requested and preemption.requested_before_start()
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_resuming_with_another_config_is_a_clear_error(tmp_path):
   """A relaunch may change the run's length, when it logs, evaluates and checkpoints, and its
   mesh; anything else (here the decoder, then the batch and learning rate, whose arrays fit the

@@ -26,7 +26,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from vitok_jax import config_lib
-from vitok_jax.errors import ConfigError, DataError
+from vitok_jax.errors import ConfigError, DataError, TrainingDiverged
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
@@ -459,6 +459,13 @@ def main(argv: list[str] | None = None) -> int:
   except (ConfigError, DataError, flags.Error) as e:
     print(f"vitok {command}: error: {_error_message(e)}", file=sys.stderr)
     return 2
+  except TrainingDiverged as e:  # The word is what a sweep books the run as diverged by.
+    print(f"vitok {command}: error: TrainingDiverged: {e}", file=sys.stderr)
+    return 3
+  except KeyboardInterrupt:  # A second Ctrl-C while training (the first stops it at a checkpoint).
+    print(f"vitok {command}: interrupted; the same command resumes from the last checkpoint"
+          if command == "train" else f"vitok {command}: interrupted", file=sys.stderr)
+    return 130
 
 
 def _error_message(error: Exception) -> str:

@@ -7,3 +7,7 @@ class ConfigError(ValueError):
 
 class DataError(RuntimeError):
   """Data is missing, empty or unreadable; the message names the path and what to do."""
+
+
+class TrainingDiverged(FloatingPointError):
+  """The loss became NaN/Inf; the message names the step and the last good checkpoint."""

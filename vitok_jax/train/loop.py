@@ -2,7 +2,8 @@
 
 Both trainers (tokenizer, generator) follow the same contract: the noise rng of step s is
 fold_in(seed key, s) and the data position is the step, so a checkpoint of the state alone resumes
-a run exactly; SIGTERM (or jax's pre-emption notice) saves a checkpoint and stops cleanly.
+a run exactly; SIGTERM (or jax's pre-emption notice, or a first Ctrl-C) saves a checkpoint and
+stops cleanly, and the relaunch makes up an evaluation the stop skipped.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -21,7 +23,7 @@ from jax.experimental import multihost_utils
 
 from vitok_jax import config_lib
 from vitok_jax.config_lib import require, require_choice
-from vitok_jax.errors import ConfigError
+from vitok_jax.errors import ConfigError, TrainingDiverged
 from vitok_jax.train import checkpoint
 
 
@@ -47,10 +49,6 @@ def validate_run(config) -> None:
   require(0.0 <= config.ema_decay < 1.0, f"ema_decay must be in [0, 1), got {config.ema_decay}")
   require(config.get("eval_examples", 0) >= 0,
           f"eval_examples must be >= 0 (0 = the whole eval split), got {config.get('eval_examples')}")
-
-
-class TrainingDiverged(FloatingPointError):
-  """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
 
 
 @flax.struct.dataclass
@@ -178,31 +176,46 @@ class RunClock:
 
 
 class Preemption:
-  """SIGTERM (and on TPU jax's pre-emption notice) -> save a checkpoint and stop cleanly.
+  """SIGTERM (and on TPU jax's pre-emption notice) -> save a checkpoint and stop cleanly; in a
+  single-process run so does a first Ctrl-C (a second one stops at once).
 
-  With several processes every one must stop at the same step: jax's pre-emption sync point
-  (started by jax.distributed) agrees on it; a single process uses its own SIGTERM handler.
+  A trainer enters it as it starts (`with Preemption() as preemption:`), so a signal during
+  start-up (building the model, tokenizing a store, restoring) is kept: `run` then saves a
+  checkpoint before its first step and stops. With several processes every one must stop at the
+  same step: jax's pre-emption sync point (started by jax.distributed) agrees on it.
   """
 
   def __init__(self):
     self.requested = False
     self._multi = jax.process_count() > 1
-    self._previous = None
-    if not self._multi:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    self._previous = {}
+
+  def __enter__(self) -> "Preemption":
+    if not self._multi and threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGTERM, signal.SIGINT):
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+    self._previous = {}
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
     self.requested = True
+    if signum == signal.SIGINT:  # A second Ctrl-C raises KeyboardInterrupt (or whatever it did).
+      signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
+
+  def requested_before_start(self) -> bool:
+    """Whether this process was asked to stop before training began (single process; several
+    agree through `reached` at their first step)."""
+    return not self._multi and self.requested
 
   def reached(self, step: int) -> bool:
     if self._multi:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
-
-  def close(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def check_finite(step: int, metrics: dict, ckpt) -> None:
@@ -254,14 +267,19 @@ class LoopResult:
 
 def run(state, *, config, train_step: Callable, next_batch: Callable[[], Any], ckpt, writer,
         evaluate: Callable[[Any, int], dict], log_name: str = "loss",
-        clock: RunClock | None = None) -> LoopResult:
+        clock: RunClock | None = None, preemption: Preemption | None = None) -> LoopResult:
   """Steps state.step+1 … config.total_steps: logs every log_every steps (the only host sync),
   checkpoints every ckpt_every (noting the run's time on `clock`), evaluates every eval_every and
-  at the end, stops cleanly on pre-emption. `evaluate(state, step)` returns eval metrics;
-  `writer` is None off process 0.
+  at the end, stops cleanly on pre-emption (`preemption`: the trainer's, else one for the loop).
+
+  `evaluate(state, step)` returns eval metrics named "eval/…"; `writer` is None off process 0. A
+  run resumed at an eval step whose evaluation metrics.jsonl lacks (the stop came between that
+  step's checkpoint and its evaluation) evaluates it first.
   """
   first_step = int(state.step)
-  preemption = Preemption()
+  own_preemption = preemption is None
+  if own_preemption:
+    preemption = Preemption().__enter__()
   saved_step = first_step
 
   def save(step, metrics):
@@ -290,7 +308,27 @@ def run(state, *, config, train_step: Callable, next_batch: Callable[[], Any], c
     rate = timed_steps * config.batch_size / timed_seconds if timed_steps else last_rate
     return LoopResult(state, eval_metrics, rate, preempted=preempted)
 
+  def evaluate_and_log(step: int) -> dict:
+    metrics = evaluate(state, step)
+    if writer is not None:
+      writer.write(step, metrics)
+      logging.info("step %d eval: %s", step, "  ".join(
+          f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float))))
+    return metrics
+
   try:
+    if preemption.requested_before_start():
+      if ckpt.latest_step() != first_step:  # A new run: step 0, so that it counts as started.
+        ckpt.save(first_step, state, force=True)
+        if clock is not None:
+          clock.mark(first_step)
+      ckpt.wait()
+      logging.info("Stopped before step %d: checkpoint in %s; the same command resumes",
+                   first_step + 1, ckpt.directory)
+      return result(preempted=True)
+    if _missed_eval(first_step, config, writer):
+      eval_metrics = evaluate_and_log(first_step)
+      tick = time.time()
     for step in range(first_step + 1, config.total_steps + 1):
       state, metrics = train_step(state, next_batch())
       if step % config.log_every == 0 or step == config.total_steps:
@@ -318,15 +356,22 @@ def run(state, *, config, train_step: Callable, next_batch: Callable[[], Any], c
                      step, ckpt.directory)
         return result(preempted=True)
       if evaluate_now:
-        eval_metrics = evaluate(state, step)
-        if writer is not None:
-          writer.write(step, eval_metrics)
-          logging.info("step %d eval: %s", step,
-                       "  ".join(f"{k} {v:.4f}" for k, v in eval_metrics.items()
-                                 if isinstance(v, (int, float))))
+        eval_metrics = evaluate_and_log(step)
       if checkpoint_now or evaluate_now:
         tick = time.time()  # Checkpoints and evaluation are not training time.
   finally:
-    preemption.close()
+    if own_preemption:
+      preemption.__exit__()
     ckpt.wait()
   return result(preempted=False)
+
+
+def _missed_eval(step: int, config, writer) -> bool:
+  """Whether `step`, where a run resumes, is an eval step before the end whose evaluation
+  metrics.jsonl lacks (process 0 reads it and tells the others)."""
+  if not 0 < step < config.total_steps or step % config.eval_every:
+    return False
+  missed = writer is not None and not writer.has_row(step, prefix="eval/")
+  if jax.process_count() > 1:
+    missed = bool(multihost_utils.broadcast_one_to_all(np.int32(missed)))
+  return missed

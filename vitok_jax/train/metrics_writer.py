@@ -31,6 +31,12 @@ class MetricWriter:
       except ImportError:
         logging.info("TensorBoard writer unavailable (pip install vitok_jax[tensorboard]); JSONL only")
 
+  def has_row(self, step: int, *, prefix: str) -> bool:
+    """Whether the file has a row at `step` with a metric named `prefix`…, e.g. "eval/"."""
+    self._file.flush()
+    return any(row["step"] == step and any(k.startswith(prefix) for k in row)
+               for row in read_jsonl(self.path))
+
   def write(self, step: int, metrics: dict) -> None:
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
     self._file.write(json.dumps({"step": int(step), **scalars}) + "\n")

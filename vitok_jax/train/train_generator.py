@@ -304,6 +304,11 @@ def generator_record(config, family, params, *, wall_time, metrics, workdir, exa
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Runs (or resumes) generator training; returns the run record, None when pre-empted."""
+  with loop.Preemption() as preemption:  # From the start: a stop during set-up is kept.
+    return _train(config, workdir, preemption)
+
+
+def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   validate(config)
   if config.eval.get("inception_weights"):  # gFID at every eval: the file must be there now.
     perceptual_metrics.check_weights(GFID_METRICS, config.eval)
@@ -331,7 +336,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   try:
     result = loop.run(state, config=config, train_step=train_step, ckpt=ckpt, writer=writer,
                       next_batch=lambda: mesh_lib.global_batch(next(batches), batch_sharding),
-                      evaluate=evaluate_state, log_name="grad_norm", clock=clock)
+                      evaluate=evaluate_state, log_name="grad_norm", clock=clock,
+                      preemption=preemption)
   finally:
     ckpt.close()
   if result.preempted:

@@ -365,6 +365,11 @@ def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
   """Runs (or resumes) training; returns the run record (also written to workdir/record.json),
   or None when pre-empted (a checkpoint was saved; the same command resumes)."""
+  with loop.Preemption() as preemption:  # From the start: a stop during set-up is kept.
+    return _train(config, workdir, preemption)
+
+
+def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   validate(config)
   check_files(config)
   config_lib.check_workdir(workdir)
@@ -399,7 +404,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     result = loop.run(
         state, config=config, train_step=train_step, ckpt=ckpt, writer=writer,
         next_batch=lambda: mesh_lib.global_batch(next(train_iter), batch_sharding),
-        evaluate=evaluate_state, log_name="l2", clock=clock)
+        evaluate=evaluate_state, log_name="l2", clock=clock,
+        preemption=preemption)
   finally:
     ckpt.close()
     train_iter.close()
