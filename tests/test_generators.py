@@ -164,6 +164,25 @@ def test_resumed_run_equals_an_uninterrupted_one(tokenizer_dirs, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *params)
 
 
+def test_a_run_on_a_tokenizer_trained_on_since_is_not_resumed(tokenizer_dirs, tmp_path):
+  """The tokenizer trained two more steps (its store remade) after the generator started: the
+  generator's codes would change mid-run, so resuming or evaluating it is an error."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  tok = str(tmp_path / "tok")
+  shutil.copytree(tokenizer_dirs["gaussian"], tok)
+  workdir = str(tmp_path / "gen")
+  config = generator_config("dit", tok, steps=2, **{"eval.num_samples": 0})
+  train_generator.train(config, workdir)
+  tok_config = config_lib.read_config(tok)
+  tok_config.total_steps += 2
+  train_tokenizer.train(tok_config, tok)
+  config.total_steps = 4
+  with pytest.raises(ConfigError, match=r"at its step 12; that tokenizer is now at step 14"):
+    train_generator.train(config, workdir)
+  with pytest.raises(ConfigError, match=r"so evaluating or sampling it would mix"):
+    train_generator.evaluate_workdir(workdir)
+
+
 def test_config_errors_name_the_field(tokenizer_dirs, tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="FAMILY/SIZE"):
     config_lib.load_config("generator:gan/B,tokenizer=x")

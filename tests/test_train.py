@@ -451,6 +451,14 @@ def test_gan_stage_fine_tunes_the_decoder_from_stage_one_with_the_encoder_frozen
   assert all(np.isfinite(r["d_loss"]) and r["gan_weight"] == pytest.approx(0.1) for r in rows)
 
 
+def test_init_from_a_run_of_another_model_is_a_clear_error(gan_stages, tmp_path):
+  config = tiny_config(steps=2, **{"model.channels": 4})
+  config.init_from = gan_stages[0]
+  with pytest.raises(ConfigError, match=r"init_from=.*stage1' \(variant .*\) holds params that do "
+                     r"not fit this config.*3 differ, e.g. bottleneck/to_moments/bias: \(16,\) vs \(8,\)"):
+    train_tokenizer.train(config, str(tmp_path / "run"))
+
+
 def test_compare_tokenizers_pairs_runs_on_the_same_images(gan_stages, tmp_path):
   """tools/compare_tokenizers.py: its PSNR means equal each trainer's own final eval over the same
   64 images; a copy of a run differs from it by exactly 0 and is better on no image."""

@@ -12,6 +12,7 @@ held-out loss on the eval store. Samples go to WORKDIR/images/samples_STEP.png.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import time
@@ -106,6 +107,35 @@ def build_family(config, mesh) -> tuple[generators.Family, dict, dict]:
   train_store = tokenizer.store("train")
   family = generators.FAMILIES[config.model.family](config, tokenizer, train_store)
   return family, family.arrays(train_store), family.arrays(tokenizer.store("eval"))
+
+
+# In a generator run: {"workdir", "step"} of the tokenizer checkpoint whose codes it trains on.
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def check_tokenizer_step(workdir: str, tokenizer, doing: str) -> None:
+  """ConfigError when the generator run in `workdir` was trained on another checkpoint of its
+  tokenizer than the one loaded now (the tokenizer was trained on and its store remade):
+  `doing` (resuming, evaluating) would mix the codes of two tokenizers. A run from before
+  TOKENIZER_FILE falls back on its record's tokenizer step, if it has one."""
+  trained_on = None
+  for name, key in ((TOKENIZER_FILE, "step"), ("record.json", "tokenizer")):
+    if os.path.exists(path := os.path.join(workdir, name)):
+      with open(path) as f:
+        saved = json.load(f)
+      trained_on = saved["step"] if name == TOKENIZER_FILE else saved[key]["step"]
+      break
+  if trained_on is not None and trained_on != tokenizer.step:
+    raise config_lib.ConfigError(
+        f"{workdir} was trained on the codes of tokenizer {tokenizer.workdir} at its step "
+        f"{trained_on}; that tokenizer is now at step {tokenizer.step} (its token store was "
+        f"remade), so {doing} it would mix the codes of two tokenizers. Train a new generator on "
+        f"it (a new --workdir).")
+
+
+def _note_tokenizer_step(workdir: str, tokenizer) -> None:
+  with open(os.path.join(workdir, TOKENIZER_FILE), "w") as f:
+    json.dump({"workdir": os.path.abspath(tokenizer.workdir), "step": tokenizer.step}, f)
 
 
 def _example(arrays) -> dict:
@@ -320,6 +350,14 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
                config.model.size, vit.param_count(state.params), dict(mesh.shape),
                len(train_arrays["labels"]))
   is_main, ckpt, state, clock = loop.open_run(config, workdir, state)
+  if int(state.step):  # Resumed: on the tokenizer checkpoint it started on.
+    try:
+      check_tokenizer_step(workdir, family.tokenizer, "resuming")
+    except config_lib.ConfigError:
+      ckpt.close()
+      raise
+  elif is_main:
+    _note_tokenizer_step(workdir, family.tokenizer)
   if (record := loop.finished_record(workdir, state, config)) is not None:
     ckpt.close()
     return record
@@ -365,6 +403,7 @@ def restore_run(workdir: str, config):
     raise config_lib.ConfigError(f"{workdir} has no checkpoint; train it first")
   state = ckpt.restore(step, state)
   ckpt.close()
+  check_tokenizer_step(workdir, family.tokenizer, "evaluating or sampling")
   return family, train_arrays, eval_arrays, step, loop.eval_params(state, config)
 
 

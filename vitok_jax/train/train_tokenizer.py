@@ -272,9 +272,23 @@ def setup_training(config, mesh):
   if config.get("init_from"):
     init_config = config_lib.read_config(config.init_from)
     _, params, _ = restore_params(config.init_from, init_config, mesh)
+    check_same_params(params, state.params, f"init_from={config.init_from!r} (variant "
+                      f"{init_config.get('variant', '?')!r})", f"this config ({config.variant!r})")
     state = state.replace(params=params,
                           ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay else {})
   return parts, state, jit_train_step(parts, config, mesh, shardings), shardings
+
+
+def check_same_params(params, expected, name: str, expected_name: str) -> None:
+  """ConfigError when two param trees differ in names or shapes: lists the first differences."""
+  shapes = lambda tree: {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in
+                         jax.tree_util.tree_flatten_with_path(tree)[0]}
+  got, want = shapes(params), shapes(expected)
+  diffs = [f"{key}: {got.get(key, 'missing')} vs {want.get(key, 'missing')}"
+           for key in sorted(set(got) | set(want)) if got.get(key) != want.get(key)]
+  require(not diffs, f"{name} holds params that do not fit {expected_name}: {len(diffs)} differ, "
+          f"e.g. {'; '.join(diffs[:3])} (shape there vs here); point it at a run of the same "
+          f"model (encoder, decoder, patch, channels, bottleneck)")
 
 
 def compile_train_step(config, mesh) -> dict:
