@@ -194,6 +194,8 @@ def test_fit_rows_leave_out_runs_missing_a_column():
   assert "error" not in two, two
   assert two["n"] == single["n"] == len(n[::2])
   assert two["alpha"] == pytest.approx(0.34, rel=0.05) and two["E"] == pytest.approx(1.7, rel=0.05)
+  typo, = results.fit_rows(rows, [dict(x="param", y="eval/loss")])
+  assert typo["error"].startswith("ValueError: no column 'param' in the results; the columns are")
 
 
 def test_two_variable_bootstrap_resamples_span_both_axes():

@@ -227,9 +227,14 @@ def test_resuming_with_another_config_is_a_clear_error(tmp_path):
     train_tokenizer.train(same_shapes, str(tmp_path))
   # The run's record of what ran (which eval, tokenize and generators read) is left as it was.
   assert config_lib.read_config(str(tmp_path)).model.decoder == "Mu"
-  # When to evaluate and log, and the variant string, may change: it finishes the run.
+  # When to evaluate and log, and the variant string, may change. The run is finished: its
+  # record and the config.json it was made with stand; extended, it trains on with the new ones.
   assert train_tokenizer.train(tiny_config(steps=4, eval_every=2, log_every=1,
                                            variant="renamed"), str(tmp_path)) is not None
+  assert config_lib.read_config(str(tmp_path)).eval_every == 100
+  assert train_tokenizer.train(tiny_config(steps=6, eval_every=2, variant="renamed"),
+                               str(tmp_path))["steps"] == 6
+  assert config_lib.read_config(str(tmp_path)).variant == "renamed"
   os.remove(tmp_path / "config.json")
   with pytest.raises(ConfigError, match=r"does not match this config.*use a new --workdir"):
     train_tokenizer.train(config, str(tmp_path))

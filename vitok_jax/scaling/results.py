@@ -4,7 +4,8 @@ Rows come from every runs/*/record.json (plus runs the manifest lists that have 
   id, status, the swept keys, params_{encoder,decoder,bottleneck,total}, E, c, tokens_per_example,
   flops_forward (per example), flops_train (per example, 3 × forward), compute (= flops_train ×
   examples_seen, the run's training FLOPs), examples_seen, tokens_seen, wall_time_s, the metrics.
-A fit or plot names any of these columns, or a dotted config path ("model.decoder").
+A fit or plot names any of these columns, a swept key among them (a dotted config path when the
+sweep sweeps one, e.g. "model.decoder").
 """
 from __future__ import annotations
 
@@ -159,17 +160,15 @@ def flags(rows: Sequence[dict]) -> list[str]:
           for row in rows if row["status"] != sweep_lib.DONE]
 
 
-def value(row: dict, key: str):
-  """A column of a row, or a swept/config value by dotted path."""
-  return row.get(key)
-
-
 def _columns_of_done_rows(rows: Sequence[dict], *keys: str) -> list[list[float]]:
   """[values of each key] over the finished rows where every key is a finite positive number
   (a log-space fit cannot use the others; a run missing one of them is left out of that fit)."""
   def ok(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-  kept = [[value(r, k) for k in keys] for r in rows if r["status"] == sweep_lib.DONE]
+  for key in keys:
+    if rows and all(key not in row for row in rows):
+      raise ValueError(f"no column {key!r} in the results; the columns are {sorted(rows[0])}")
+  kept = [[r.get(k) for k in keys] for r in rows if r["status"] == sweep_lib.DONE]
   kept = [values for values in kept if all(ok(v) for v in values)]
   return [[values[i] for values in kept] for i in range(len(keys))]
 

@@ -124,21 +124,24 @@ def open_run(config, workdir: str, state: TrainState):
                         "changes with it)", saved.total_steps, config.total_steps, latest)
     state = ckpt.restore(latest, state)
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
-  if is_main:
+  if is_main and not _finished(workdir, int(state.step), config):  # Its record's config stays.
     config_lib.save_config(config, workdir)
   return is_main, ckpt, state, RunClock(workdir, int(state.step), is_main=is_main)
+
+
+def _finished(workdir: str, step: int, config) -> bool:
+  return step >= config.total_steps and os.path.exists(os.path.join(workdir, "record.json"))
 
 
 def finished_record(workdir: str, state: TrainState, config) -> dict | None:
   """The record of a run that has finished (its record.json, the state at total_steps): a relaunch
   returns it as it stands rather than evaluating again and replacing it, which would drop the
   metrics `vitok eval` added (`vitok eval` re-evaluates)."""
-  path = os.path.join(workdir, "record.json")
-  if int(state.step) < config.total_steps or not os.path.exists(path):
+  if not _finished(workdir, int(state.step), config):
     return None
   logging.info("%s finished at step %d; its record.json stands (`vitok eval` re-evaluates)",
                workdir, int(state.step))
-  with open(path) as f:
+  with open(os.path.join(workdir, "record.json")) as f:
     return json.load(f)
 
 
