@@ -120,7 +120,10 @@ def test_expand_ids_filters_overrides(tmp_path):
     ([("product", {"c": 4})], r"write each axis as \(kind, \{key: \[values\]\}\)"),
     ([("product", {"c": "124"})], "write each axis as"),
     ([{"c": [1, 2]}], "write each axis as"),
-    ([("product", {"batch": [16, 32]})], "sets \\['batch'\\], which its axes sweep")])
+    ([("product", {"batch": [16, 32]})], "sets \\['batch'\\], which its axes sweep"),
+    ([("product", {"batch_size": [16, 32]})], "sets \\['batch'\\], which its axes sweep"),
+    ([("product", {"c": [1], "model.channels": [2]})],
+     r"set one field under two keys: \[\['c', 'model.channels'\]\]")])
 def test_a_bad_sweep_is_refused_when_it_expands(axes, says):
   """Every run's resolved config is checked as `vitok train` would check it, and a malformed axis
   or a base option the axes also set is named, before any run directory exists."""

@@ -119,11 +119,21 @@ def resolve_config_path(spec: str) -> str:
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """Imports the config file of `spec` ("name:arg" or "path.py:arg") and calls get_config(arg)."""
+  module, arg = _config_module(spec)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def option_paths(spec: str) -> dict[str, str]:
+  """The variant options of the config file of `spec` -> the config paths they set (its OPTIONS)."""
+  return dict(getattr(_config_module(spec)[0], "OPTIONS", {}))
+
+
+def _config_module(spec: str):
   path, _, arg = resolve_config_path(spec).partition(":")
   module_spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return module, arg
 
 
 def check_workdir(workdir: str, what: str = "workdir") -> None:

@@ -145,16 +145,29 @@ def label(point: dict[str, Any]) -> str:
   return "-".join(parts) or "run"
 
 
+def _check_axes_set_fields_once(base: str, swept: set[str]) -> None:
+  """ConfigError when a swept field is also set by the base's variant options (the axes would
+  win), or by two swept keys: a variant option and its config path (c and model.channels)."""
+  _, base_options = config_lib.split_variant(base.partition(":")[2])
+  paths = config_lib.option_paths(base)
+  field = lambda key: paths.get(key, key)
+  clash = sorted(key for key in base_options if field(key) in {field(k) for k in swept})
+  if clash:
+    raise ConfigError(f"the sweep's base {base!r} sets {clash}, which its axes sweep (the axes "
+                      "would win); leave them out of the base or the sweep argument")
+  by_field: dict[str, list[str]] = {}
+  for key in sorted(swept):
+    by_field.setdefault(field(key), []).append(key)
+  twice = [keys for keys in by_field.values() if len(keys) > 1]
+  if twice:
+    raise ConfigError(f"the sweep's axes set one field under two keys: {twice}; sweep it under one")
+
+
 def expand(sweep: ml_collections.ConfigDict, sweep_dir: str = "") -> list[Run]:
   """The sweep's runs (filters applied, duplicates dropped), with workdirs under sweep_dir/runs."""
   runs, seen = [], set()
   all_points = points(sweep.axes)
-  _, base_options = config_lib.split_variant(sweep.base.partition(":")[2])
-  swept = {key for point in all_points for key in point if "." not in key}
-  if swept & set(base_options):
-    raise ConfigError(f"the sweep's base {sweep.base!r} sets {sorted(swept & set(base_options))}, "
-                      "which its axes sweep (the axes would win); leave them out of the base or "
-                      "the sweep argument")
+  _check_axes_set_fields_once(sweep.base, {key for point in all_points for key in point})
   filters = list(sweep.get("filters", None) or ())
   overrides = list(sweep.get("overrides", None) or ())
   for point in all_points:
