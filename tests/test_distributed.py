@@ -71,6 +71,24 @@ def test_local_launcher_sets_coordinator_and_process_ids():
                        "--config.total_steps=5"]
 
 
+def test_local_launcher_stops_the_others_when_a_process_fails_and_shows_its_log(
+    tmp_path, monkeypatch, capsys):
+  """Process 1 fails at once; process 0 (which would wait on it for a minute) is stopped and the
+  failure's code and log tail are reported."""
+  import time  # pylint: disable=g-import-not-at-top
+  from vitok_jax.launch import local  # pylint: disable=g-import-not-at-top
+  sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+  failing = [sys.executable, "-c", "import sys; print('boom: no data'); sys.exit(3)"]
+  monkeypatch.setattr(local, "local_commands", lambda *_: [(sleeper, {}), (failing, {})])
+  start = time.time()
+  code = local.launch_local(JobSpec(config="vitok", workdir=str(tmp_path), processes_per_node=2),
+                            gpus=[], poll_s=0.05)
+  err = capsys.readouterr().err
+  assert code == 3 and time.time() - start < 30
+  assert "process 1 exited 3, so the others were stopped (exit codes [-15, 3])" in err, err
+  assert "boom: no data" in err
+
+
 def test_slurm_script_runs_one_process_per_gpu_with_the_first_node_as_coordinator(tmp_path):
   spec = JobSpec(config="vitok:S-B/16,c=16,res=256,data=imagenet", workdir="/scratch/sb16",
                  nodes=4, processes_per_node=8, gpus_per_node=8, partition="gpu", time="02:00:00",

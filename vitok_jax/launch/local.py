@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from typing import Mapping, Sequence
 
 import portpicker
@@ -97,10 +98,15 @@ def local_commands(spec: JobSpec, port: int,
 
 
 def launch_local(spec: JobSpec, *, dry_run: bool = False, port: int | None = None,
-                 gpus: Sequence[str] | None = None) -> int:
-  """Runs every process, logs to WORKDIR/logs/process_N.log; returns the worst exit code.
+                 gpus: Sequence[str] | None = None, poll_s: float = 0.5,
+                 grace_s: float = 60.0) -> int:
+  """Runs every process, logs to WORKDIR/logs/process_N.log; returns 0, or the exit code of the
+  first process that failed.
 
-  `gpus`: the GPU ids to split among the processes (None: visible_gpus(), [] : no pinning).
+  When a process fails the others are stopped (SIGTERM, then SIGKILL after `grace_s`): without
+  it they would wait on it in their next collective. Each failed process's log tail goes to
+  stderr. `gpus`: the GPU ids to split among the processes (None: visible_gpus(), []: no
+  pinning).
   """
   port = port or portpicker.pick_unused_port()
   commands = local_commands(spec, port, visible_gpus() if gpus is None else gpus)
@@ -110,13 +116,33 @@ def launch_local(spec: JobSpec, *, dry_run: bool = False, port: int | None = Non
     return 0
   log_dir = os.path.join(spec.workdir, "logs")
   os.makedirs(log_dir, exist_ok=True)
+  logs = [os.path.join(log_dir, f"process_{pid}.log") for pid in range(len(commands))]
+  print(f"vitok launch local: {len(commands)} process(es), logs in {log_dir}", file=sys.stderr)
   procs = []
-  for pid, (argv, env) in enumerate(commands):
-    log = open(os.path.join(log_dir, f"process_{pid}.log"), "w")
-    procs.append((subprocess.Popen(argv, env={**os.environ, **env}, stdout=log,
-                                   stderr=subprocess.STDOUT), log))
-  codes = []
-  for proc, log in procs:
-    codes.append(proc.wait())
-    log.close()
-  return max(codes, key=abs)
+  for (argv, env), path in zip(commands, logs):
+    with open(path, "w") as log:
+      procs.append(subprocess.Popen(argv, env={**os.environ, **env}, stdout=log,
+                                    stderr=subprocess.STDOUT))
+  codes, failed, stop_by = {}, None, None
+  while len(codes) < len(procs):
+    for pid, proc in enumerate(procs):
+      if pid not in codes and (code := proc.poll()) is not None:
+        codes[pid] = code
+        if code and failed is None:
+          failed, stop_by = pid, time.time() + grace_s
+          for other in procs:
+            if other.poll() is None:
+              other.terminate()
+    if stop_by is not None and time.time() > stop_by:
+      for proc in procs:
+        if proc.poll() is None:
+          proc.kill()
+    time.sleep(poll_s)
+  if failed is None:
+    return 0
+  with open(logs[failed]) as f:
+    tail = "".join(f.readlines()[-15:])
+  print(f"vitok launch local: process {failed} exited {codes[failed]}, so the others were "
+        f"stopped (exit codes {[codes[pid] for pid in sorted(codes)]}); the end of "
+        f"{logs[failed]}:\n{tail}", file=sys.stderr)
+  return codes[failed]
