@@ -235,6 +235,36 @@ def test_frontier_plot_labels_its_x_and_skips_a_two_point_fit(tmp_path, monkeypa
   assert len(tokens_ax.get_lines()) == 1  # The frontier, no fitted law through two points.
 
 
+@pytest.mark.parametrize("span", [(1.1e15, 1.9e15), (2e15, 2.5e15), (1.5e15, 9e15)])
+def test_frontier_x_labels_do_not_overlap_within_a_decade(tmp_path, span, monkeypatch):
+  """Within a decade matplotlib labels minor ticks, which overlap on plain log axes (checked):
+  the saved frontier plot shows some of them, none overlapping."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  from vitok_jax.scaling import plots  # pylint: disable=g-import-not-at-top
+
+  def visible_overlaps(ax):
+    lo, hi = ax.get_xlim()
+    boxes = [t.get_window_extent() for t in ax.get_xticklabels(which="both")
+             if t.get_visible() and t.get_text() and lo <= t.get_position()[0] <= hi]
+    return len(boxes), sum(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+  plain, ax = plt.subplots(figsize=(5, 3.8))
+  ax.plot(span, [0.05, 0.03])
+  ax.set(xscale="log", yscale="log")
+  plain.canvas.draw()
+  assert visible_overlaps(ax)[1] > 0
+  plt.close(plain)
+  figures = []
+  save = plots._save
+  monkeypatch.setattr(plots, "_save", lambda fig, *args: figures.append(fig) or save(fig, *args))
+  compute = np.geomspace(*span, 5)
+  rows = [{"status": "done", "compute": c, "eval/l2": 0.05 * (c / span[0]) ** -0.3}
+          for c in compute]
+  plots.plot_frontier(rows, "eval/l2", str(tmp_path))
+  shown, overlapping = visible_overlaps(figures[0].axes[0])
+  assert shown >= 3 and overlapping == 0
+
+
 def test_plain_and_offset_fits_of_the_same_columns_get_their_own_plots(tmp_path):
   from vitok_jax.scaling import plots  # pylint: disable=g-import-not-at-top
   x = np.array([64.0, 128, 256, 512, 1024])

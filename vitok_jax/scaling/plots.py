@@ -23,11 +23,40 @@ _DONE = "done"
 
 def _save(fig, out_dir: str, name: str) -> list[str]:
   os.makedirs(out_dir, exist_ok=True)
+  _thin_log_tick_labels(fig)
   paths = [os.path.join(out_dir, f"{name}.{ext}") for ext in ("png", "svg")]
   for path in paths:
     fig.savefig(path, dpi=130, bbox_inches="tight")
   plt.close(fig)
   return paths
+
+
+def _log_log(ax, **labels) -> None:
+  """Log-log axes with a grid. Within a decade matplotlib labels minor ticks too (2×10¹⁵, 3×10¹⁵,
+  …), which collide along x: they are slanted and smaller (and thinned when saved)."""
+  ax.set(xscale="log", yscale="log", **labels)
+  ax.tick_params(axis="x", which="minor", labelsize=7, labelrotation=35)
+  ax.grid(True, which="both", alpha=0.3)
+
+
+def _thin_log_tick_labels(fig) -> None:
+  """Hides each x tick label of a log axis that would overlap one already shown (major labels
+  first, then minor ones left to right), as a narrow span of compute labels many minor ticks."""
+  fig.canvas.draw()  # Lays out the final ticks and their labels.
+  for ax in fig.axes:
+    if ax.get_xscale() != "log":
+      continue
+    lo, hi = sorted(ax.get_xlim())
+    shown = []
+    for minor in (False, True):
+      labels = [t for t in ax.get_xticklabels(minor=minor)
+                if t.get_text() and lo <= t.get_position()[0] <= hi]
+      for label in sorted(labels, key=lambda t: t.get_position()[0]):
+        box = label.get_window_extent()
+        if any(box.overlaps(other) for other in shown):
+          label.set_visible(False)
+        else:
+          shown.append(box)
 
 
 def _safe(name: str) -> str:
@@ -47,9 +76,7 @@ def plot_fit(result: dict, out_dir: str) -> list[str]:
   offset = f"{result['c']:.3g} + " if "c" in result else ""
   ax.plot(grid, fit_lib.predict_power_law(result, grid), color="C1",
           label=f"{offset}{result['a']:.3g}·x^{result['b']:.3f}  (R² {result['r2']:.3f})")
-  ax.set(xscale="log", yscale="log", xlabel=spec["x"], ylabel=spec["y"],
-         title=f"{spec['y']} vs {spec['x']}")
-  ax.grid(True, which="both", alpha=0.3)
+  _log_log(ax, xlabel=spec["x"], ylabel=spec["y"], title=f"{spec['y']} vs {spec['x']}")
   ax.legend(fontsize=8)
   # An offset fit of the same columns gets its own file (it would overwrite the plain one).
   suffix = "_offset" if "c" in result else ""
@@ -98,9 +125,8 @@ def plot_frontier(rows: Sequence[dict], y: str, out_dir: str, *, x: str = "compu
     grid = np.geomspace(compute.min(), compute.max(), 50)
     ax.plot(grid, fit_lib.predict_power_law(law, grid), "--", color="C3", alpha=0.6,
             label=f"frontier fit ∝ C^{law['b']:.3f}")
-  ax.set(xscale="log", yscale="log", xlabel=f"{x} (training FLOPs)" if x == "compute" else x,
-         ylabel=y, title=f"{y} vs {x}")
-  ax.grid(True, which="both", alpha=0.3)
+  _log_log(ax, xlabel=f"{x} (training FLOPs)" if x == "compute" else x, ylabel=y,
+           title=f"{y} vs {x}")
   ax.legend(fontsize=8)
   return _save(fig, out_dir, f"frontier_{_safe(y)}")
 
