@@ -85,7 +85,8 @@ def test_local_launcher_stops_the_others_when_a_process_fails_and_shows_its_log(
                             gpus=[], poll_s=0.05)
   err = capsys.readouterr().err
   assert code == 3 and time.time() - start < 30
-  assert "process 1 exited 3, so the others were stopped (exit codes [-15, 3])" in err, err
+  assert "process 1 exited 3 (the first to fail), processes [0] were stopped; exit codes [-15, 3]" \
+      in err, err
   assert "boom: no data" in err
 
 

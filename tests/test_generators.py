@@ -165,8 +165,9 @@ def test_resumed_run_equals_an_uninterrupted_one(tokenizer_dirs, tmp_path):
 
 
 def test_a_run_on_a_tokenizer_trained_on_since_is_not_resumed(tokenizer_dirs, tmp_path):
-  """The tokenizer trained two more steps (its store remade) after the generator started: the
-  generator's codes would change mid-run, so resuming or evaluating it is an error."""
+  """The tokenizer trained two more steps after the generator started: the generator's codes
+  would change mid-run, so resuming or evaluating it is an error, raised before the store is
+  remade. The finished run relaunched returns its record."""
   import shutil  # pylint: disable=g-import-not-at-top
   tok = str(tmp_path / "tok")
   shutil.copytree(tokenizer_dirs["gaussian"], tok)
@@ -176,9 +177,12 @@ def test_a_run_on_a_tokenizer_trained_on_since_is_not_resumed(tokenizer_dirs, tm
   tok_config = config_lib.read_config(tok)
   tok_config.total_steps += 2
   train_tokenizer.train(tok_config, tok)
+  assert train_generator.train(config, workdir)["steps"] == 2  # Finished: its record stands.
   config.total_steps = 4
   with pytest.raises(ConfigError, match=r"at its step 12; that tokenizer is now at step 14"):
     train_generator.train(config, workdir)
+  with np.load(os.path.join(tok, "store_train.npz")) as store:  # Refused before re-tokenizing.
+    assert int(store["step"]) == 12
   with pytest.raises(ConfigError, match=r"so evaluating or sampling it would mix"):
     train_generator.evaluate_workdir(workdir)
 

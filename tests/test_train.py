@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from vitok_jax import ConfigError, config_lib
+from vitok_jax import ConfigError, DataError, config_lib
 from vitok_jax.scaling import record as record_lib
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.train import checkpoint, loop, optimizer, train_tokenizer
@@ -178,6 +178,9 @@ def test_a_stop_during_set_up_saves_step_0_and_a_sweep_resumes_it(tmp_path, monk
   assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 0
   assert sweep.finish(workdir, 0, max_attempts=1) == sweep.PENDING
   assert sweep.read_status(workdir)["preemptions"] == 1
+  from vitok_jax.train import codes  # pylint: disable=g-import-not-at-top
+  with pytest.raises(DataError, match="has no trained checkpoint"):  # Not a tokenizer yet.
+    codes.load_or_tokenize(workdir, "eval")
   monkeypatch.setattr(loop, "open_run", open_run)
   assert train_tokenizer.train(tiny_config(steps=4), workdir)["steps"] == 4
 
@@ -185,7 +188,7 @@ def test_a_stop_during_set_up_saves_step_0_and_a_sweep_resumes_it(tmp_path, monk
 def test_a_stop_between_checkpoint_and_evaluation_is_evaluated_on_resume(tmp_path, monkeypatch):
   """Pre-empted at step 4, an eval step: the checkpoint is saved, the evaluation skipped; the
   relaunch evaluates step 4 before it trains on. A resume whose eval step was evaluated does not
-  evaluate it again."""
+  evaluate it again. Stopped at the last step, the relaunch evaluates it and writes the record."""
   monkeypatch.setattr(loop.Preemption, "reached", lambda self, step: step == 4)
   workdir = str(tmp_path / "run")
   config = tiny_config(steps=8, eval_every=4, ckpt_every=4, log_every=4)
@@ -196,19 +199,46 @@ def test_a_stop_between_checkpoint_and_evaluation_is_evaluated_on_resume(tmp_pat
   monkeypatch.setattr(loop.Preemption, "reached", lambda self, step: False)
   assert train_tokenizer.train(config, workdir)["steps"] == 8
   assert eval_steps() == [4, 8]
-  config.total_steps = 12  # Extended: resumes at 8, evaluated before.
-  assert train_tokenizer.train(config, workdir)["steps"] == 12
-  assert eval_steps() == [4, 8, 12]
+  config.total_steps = 12  # Extended: resumes at 8, evaluated before; stopped at its last step.
+  monkeypatch.setattr(loop.Preemption, "reached", lambda self, step: step == 12)
+  assert train_tokenizer.train(config, workdir) is None
+  assert eval_steps() == [4, 8]
+  record = train_tokenizer.train(config, workdir)
+  assert eval_steps() == [4, 8, 12] and record["steps"] == 12
+  assert record["metrics"]["eval/l2"] == read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1][
+      "eval/l2"]
 
 
-def test_ctrl_c_stops_at_a_checkpoint_and_a_second_one_at_once():
-  with loop.Preemption() as preemption:
-    os.kill(os.getpid(), signal.SIGINT)
-    assert preemption.requested and preemption.requested_before_start()
-    with pytest.raises(KeyboardInterrupt):
+def test_ctrl_c_saves_a_checkpoint_then_interrupts_and_a_second_one_at_once(tmp_path,
+                                                                            monkeypatch):
+  """The first Ctrl-C (here during set-up) saves a checkpoint, then raises KeyboardInterrupt to
+  the caller (an interrupt, not a pre-emption a script would requeue); a second one interrupts at
+  once; where SIGINT is ignored (a background job) it stays ignored."""
+  open_run = loop.open_run
+  monkeypatch.setattr(loop, "open_run",
+                      lambda *a: (open_run(*a), os.kill(os.getpid(), signal.SIGINT))[0])
+  workdir = str(tmp_path / "run")
+  with pytest.raises(KeyboardInterrupt):
+    train_tokenizer.train(tiny_config(steps=4), workdir)
+  assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 0
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  after_second = []
+  with pytest.raises(KeyboardInterrupt):
+    with loop.Preemption() as preemption:
+      os.kill(os.getpid(), signal.SIGINT)
+      assert preemption.requested and preemption.requested_before_start()
       os.kill(os.getpid(), signal.SIGINT)
       time.sleep(1)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+      after_second.append(True)
+  assert not after_second
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    with loop.Preemption() as preemption:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.1)
+    assert not preemption.requested
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_resuming_with_another_config_is_a_clear_error(tmp_path):
@@ -236,6 +266,7 @@ def test_resuming_with_another_config_is_a_clear_error(tmp_path):
                                str(tmp_path))["steps"] == 6
   assert config_lib.read_config(str(tmp_path)).variant == "renamed"
   os.remove(tmp_path / "config.json")
+  config.total_steps = 8  # Past the run's end: it would resume.
   with pytest.raises(ConfigError, match=r"does not match this config.*use a new --workdir"):
     train_tokenizer.train(config, str(tmp_path))
 

@@ -123,16 +123,17 @@ def launch_local(spec: JobSpec, *, dry_run: bool = False, port: int | None = Non
     with open(path, "w") as log:
       procs.append(subprocess.Popen(argv, env={**os.environ, **env}, stdout=log,
                                     stderr=subprocess.STDOUT))
-  codes, failed, stop_by = {}, None, None
+  codes, failed, stop_by, stopped = {}, None, None, []
   while len(codes) < len(procs):
     for pid, proc in enumerate(procs):
       if pid not in codes and (code := proc.poll()) is not None:
         codes[pid] = code
         if code and failed is None:
           failed, stop_by = pid, time.time() + grace_s
-          for other in procs:
-            if other.poll() is None:
-              other.terminate()
+          for other, other_proc in enumerate(procs):
+            if other_proc.poll() is None:
+              other_proc.terminate()
+              stopped.append(other)
     if stop_by is not None and time.time() > stop_by:
       for proc in procs:
         if proc.poll() is None:
@@ -142,7 +143,7 @@ def launch_local(spec: JobSpec, *, dry_run: bool = False, port: int | None = Non
     return 0
   with open(logs[failed]) as f:
     tail = "".join(f.readlines()[-15:])
-  print(f"vitok launch local: process {failed} exited {codes[failed]}, so the others were "
-        f"stopped (exit codes {[codes[pid] for pid in sorted(codes)]}); the end of "
-        f"{logs[failed]}:\n{tail}", file=sys.stderr)
-  return codes[failed]
+  print(f"vitok launch local: process {failed} exited {codes[failed]} (the first to fail), "
+        f"processes {stopped} were stopped; exit codes {[codes[pid] for pid in sorted(codes)]}; "
+        f"the end of {logs[failed]}:\n{tail}", file=sys.stderr)
+  return codes[failed] if codes[failed] > 0 else 128 - codes[failed]  # Killed by signal N: 128+N.

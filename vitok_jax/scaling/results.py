@@ -165,10 +165,11 @@ def _columns_of_done_rows(rows: Sequence[dict], *keys: str) -> list[list[float]]
   (a log-space fit cannot use the others; a run missing one of them is left out of that fit)."""
   def ok(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-  for key in keys:
-    if rows and all(key not in row for row in rows):
-      raise ValueError(f"no column {key!r} in the results; the columns are {sorted(rows[0])}")
-  kept = [[r.get(k) for k in keys] for r in rows if r["status"] == sweep_lib.DONE]
+  done = [r for r in rows if r["status"] == sweep_lib.DONE]
+  for key in keys:  # A metric column exists once a run has finished: checked on those.
+    if done and all(key not in row for row in done):
+      raise ValueError(f"no column {key!r} in the results; the columns are {sorted(done[0])}")
+  kept = [[r.get(k) for k in keys] for r in done]
   kept = [values for values in kept if all(ok(v) for v in values)]
   return [[values[i] for values in kept] for i in range(len(keys))]
 

@@ -75,3 +75,15 @@ class Checkpointer:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def latest_step(workdir: str) -> int | None:
+  """The latest committed checkpoint step of the run in `workdir` (None: it has none), read
+  without opening the run for writing."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return None
+  ckpt = Checkpointer(directory, read_only=True)
+  step = ckpt.latest_step()
+  ckpt.close()
+  return step

@@ -127,12 +127,10 @@ def load_or_tokenize(workdir: str, split: str) -> dict[str, np.ndarray]:
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise DataError(f"{workdir} is not a tokenizer run (no checkpoints/); train one first with "
                     f"`vitok train --workdir {workdir}`")
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-  latest = ckpt.latest_step()
-  ckpt.close()
-  if latest is None:
-    raise DataError(f"tokenizer {workdir} has no checkpoint; train it first with `vitok train "
-                    f"--workdir {workdir}`")
+  latest = checkpoint.latest_step(workdir)
+  if not latest:  # None, or the initial state a run stopped during set-up saves.
+    raise DataError(f"tokenizer {workdir} has no trained checkpoint; train it first with "
+                    f"`vitok train --workdir {workdir}`")
   stale = not os.path.exists(path) or int(np.load(path)["step"]) != latest
   if stale and jax.process_count() > 1:
     raise DataError(

@@ -110,39 +110,48 @@ def open_run(config, workdir: str, state: TrainState):
   is_main = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   if (latest := ckpt.latest_step()) is not None:
-    if os.path.exists(os.path.join(workdir, "config.json")):
-      saved = config_lib.read_config(workdir)
-      changes = config_changes(saved, config)
-      if changes:
-        raise ConfigError(
-            f"{workdir} holds a run at step {latest} trained with another config; resuming it "
-            f"with this one would change {'; '.join(changes)}. Use a new --workdir, or resume "
-            f"with the run's own config: --config=sweeps/_run:{workdir}")
-      if saved.total_steps != config.total_steps:
-        logging.warning("total_steps %d → %d: the learning-rate schedule follows the new length "
-                        "from step %d on (a cosine decay or a warm-up of total_steps // 10 "
-                        "changes with it)", saved.total_steps, config.total_steps, latest)
+    _check_resumable(workdir, latest, config)
     state = ckpt.restore(latest, state)
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
-  if is_main and not _finished(workdir, int(state.step), config):  # Its record's config stays.
+  if is_main:
     config_lib.save_config(config, workdir)
   return is_main, ckpt, state, RunClock(workdir, int(state.step), is_main=is_main)
 
 
-def _finished(workdir: str, step: int, config) -> bool:
-  return step >= config.total_steps and os.path.exists(os.path.join(workdir, "record.json"))
+def _check_resumable(workdir: str, step: int, config) -> None:
+  """ConfigError when `config` differs from the run's saved config.json beyond
+  `RESUMABLE_FIELDS`; a warning when it changes the run's length."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return
+  saved = config_lib.read_config(workdir)
+  if changes := config_changes(saved, config):
+    raise ConfigError(
+        f"{workdir} holds a run at step {step} trained with another config; resuming it with "
+        f"this one would change {'; '.join(changes)}. Use a new --workdir, or resume with the "
+        f"run's own config: --config=sweeps/_run:{workdir}")
+  if saved.total_steps != config.total_steps:
+    logging.warning("total_steps %d → %d: the learning-rate schedule follows the new length "
+                    "from step %d on (a cosine decay or a warm-up of total_steps // 10 changes "
+                    "with it)", saved.total_steps, config.total_steps, step)
 
 
-def finished_record(workdir: str, state: TrainState, config) -> dict | None:
-  """The record of a run that has finished (its record.json, the state at total_steps): a relaunch
-  returns it as it stands rather than evaluating again and replacing it, which would drop the
-  metrics `vitok eval` added (`vitok eval` re-evaluates)."""
-  if not _finished(workdir, int(state.step), config):
+def finished_record(workdir: str, config) -> dict | None:
+  """The record of a run that has finished: its latest checkpoint is at total_steps (or past) and
+  its record.json is of that step (not of a shorter run it was extended from). A relaunch returns
+  it as it stands, before building anything, rather than evaluating again and replacing it, which
+  would drop the metrics `vitok eval` added (`vitok eval` re-evaluates); config.json stays as the
+  record was made. A relaunch with another config raises as a resume would."""
+  step, path = checkpoint.latest_step(workdir), os.path.join(workdir, "record.json")
+  if step is None or step < config.total_steps or not os.path.exists(path):
     return None
+  with open(path) as f:
+    record = json.load(f)
+  if record.get("steps") != step:
+    return None
+  _check_resumable(workdir, step, config)
   logging.info("%s finished at step %d; its record.json stands (`vitok eval` re-evaluates)",
-               workdir, int(state.step))
-  with open(os.path.join(workdir, "record.json")) as f:
-    return json.load(f)
+               workdir, step)
+  return record
 
 
 class RunClock:
@@ -180,7 +189,10 @@ class RunClock:
 
 class Preemption:
   """SIGTERM (and on TPU jax's pre-emption notice) -> save a checkpoint and stop cleanly; in a
-  single-process run so does a first Ctrl-C (a second one stops at once).
+  single-process run a first Ctrl-C does the same and then raises KeyboardInterrupt as the block
+  ends, so the caller (and a shell, a SLURM script, a sweep) sees an interrupt, not a pre-emption
+  to resume; a second Ctrl-C interrupts at once. SIGINT is left alone where it is ignored (a
+  background job).
 
   A trainer enters it as it starts (`with Preemption() as preemption:`), so a signal during
   start-up (building the model, tokenizing a store, restoring) is kept: `run` then saves a
@@ -189,26 +201,31 @@ class Preemption:
   """
 
   def __init__(self):
-    self.requested = False
+    self.requested = self.interrupted = False
     self._multi = jax.process_count() > 1
     self._previous = {}
 
   def __enter__(self) -> "Preemption":
     if not self._multi and threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGTERM, signal.SIGINT):
-        self._previous[signum] = signal.signal(signum, self._handle)
+      self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._handle)
+      if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle)
     return self
 
-  def __exit__(self, *exc_info):
-    for signum, handler in self._previous.items():
+  def __exit__(self, exc_type, *exc_info):
+    previous, self._previous = self._previous, {}  # A signal now finds nothing to restore.
+    for signum, handler in previous.items():
       signal.signal(signum, handler)
-    self._previous = {}
+    if self.interrupted and exc_type is None:
+      raise KeyboardInterrupt  # The checkpoint is saved; now the Ctrl-C stops the caller.
 
   def _handle(self, signum, frame):
     del frame
     self.requested = True
-    if signum == signal.SIGINT:  # A second Ctrl-C raises KeyboardInterrupt (or whatever it did).
-      signal.signal(signal.SIGINT, self._previous.pop(signal.SIGINT))
+    if signum == signal.SIGINT:  # The next Ctrl-C raises KeyboardInterrupt at once.
+      self.interrupted = True
+      if (previous := self._previous.pop(signal.SIGINT, None)) is not None:
+        signal.signal(signal.SIGINT, previous)
 
   def requested_before_start(self) -> bool:
     """Whether this process was asked to stop before training began (single process; several
@@ -273,16 +290,15 @@ def run(state, *, config, train_step: Callable, next_batch: Callable[[], Any], c
         clock: RunClock | None = None, preemption: Preemption | None = None) -> LoopResult:
   """Steps state.step+1 … config.total_steps: logs every log_every steps (the only host sync),
   checkpoints every ckpt_every (noting the run's time on `clock`), evaluates every eval_every and
-  at the end, stops cleanly on pre-emption (`preemption`: the trainer's, else one for the loop).
+  at the end, stops cleanly when `preemption` (the trainer's, entered) asks; without one, on jax's
+  pre-emption notice only (a SIGTERM is not handled).
 
   `evaluate(state, step)` returns eval metrics named "eval/…"; `writer` is None off process 0. A
-  run resumed at an eval step whose evaluation metrics.jsonl lacks (the stop came between that
-  step's checkpoint and its evaluation) evaluates it first.
+  run resumed at an eval step (or its last) whose evaluation metrics.jsonl lacks (the stop came
+  between that step's checkpoint and its evaluation) evaluates it first.
   """
   first_step = int(state.step)
-  own_preemption = preemption is None
-  if own_preemption:
-    preemption = Preemption().__enter__()
+  preemption = preemption or Preemption()
   saved_step = first_step
 
   def save(step, metrics):
@@ -363,16 +379,15 @@ def run(state, *, config, train_step: Callable, next_batch: Callable[[], Any], c
       if checkpoint_now or evaluate_now:
         tick = time.time()  # Checkpoints and evaluation are not training time.
   finally:
-    if own_preemption:
-      preemption.__exit__()
     ckpt.wait()
   return result(preempted=False)
 
 
 def _missed_eval(step: int, config, writer) -> bool:
-  """Whether `step`, where a run resumes, is an eval step before the end whose evaluation
+  """Whether `step`, where a run resumes, is an eval step (or the last) whose evaluation
   metrics.jsonl lacks (process 0 reads it and tells the others)."""
-  if not 0 < step < config.total_steps or step % config.eval_every:
+  if not 0 < step <= config.total_steps or (step % config.eval_every and
+                                             step != config.total_steps):
     return False
   missed = writer is not None and not writer.has_row(step, prefix="eval/")
   if jax.process_count() > 1:

@@ -113,29 +113,37 @@ def build_family(config, mesh) -> tuple[generators.Family, dict, dict]:
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def check_tokenizer_step(workdir: str, tokenizer, doing: str) -> None:
+def check_tokenizer_step(workdir: str, tokenizer_dir: str, doing: str) -> None:
   """ConfigError when the generator run in `workdir` was trained on another checkpoint of its
-  tokenizer than the one loaded now (the tokenizer was trained on and its store remade):
-  `doing` (resuming, evaluating) would mix the codes of two tokenizers. A run from before
-  TOKENIZER_FILE falls back on its record's tokenizer step, if it has one."""
+  tokenizer than the tokenizer's latest (it was trained on and its store remade): `doing`
+  (resuming, evaluating) would mix the codes of two tokenizers. Checked before anything is
+  loaded or tokenized. A run from before TOKENIZER_FILE falls back on its record's tokenizer
+  step, if it has one."""
   trained_on = None
-  for name, key in ((TOKENIZER_FILE, "step"), ("record.json", "tokenizer")):
-    if os.path.exists(path := os.path.join(workdir, name)):
-      with open(path) as f:
-        saved = json.load(f)
-      trained_on = saved["step"] if name == TOKENIZER_FILE else saved[key]["step"]
-      break
-  if trained_on is not None and trained_on != tokenizer.step:
+  if os.path.exists(path := os.path.join(workdir, TOKENIZER_FILE)):
+    with open(path) as f:
+      trained_on = json.load(f)["step"]
+  elif os.path.exists(path := os.path.join(workdir, "record.json")):
+    with open(path) as f:
+      trained_on = json.load(f)["tokenizer"]["step"]
+  if trained_on is None:
+    logging.warning("%s has no %s (a run begun before it was written): the tokenizer checkpoint "
+                    "it trained on cannot be checked", workdir, TOKENIZER_FILE)
+    return
+  now = checkpoint.latest_step(tokenizer_dir)
+  if now != trained_on:
     raise config_lib.ConfigError(
-        f"{workdir} was trained on the codes of tokenizer {tokenizer.workdir} at its step "
-        f"{trained_on}; that tokenizer is now at step {tokenizer.step} (its token store was "
-        f"remade), so {doing} it would mix the codes of two tokenizers. Train a new generator on "
-        f"it (a new --workdir).")
+        f"{workdir} was trained on the codes of tokenizer {tokenizer_dir} at its step "
+        f"{trained_on}; that tokenizer is now at step {now} (its token store is remade for it), "
+        f"so {doing} it would mix the codes of two tokenizers. Train a new generator on it (a "
+        f"new --workdir).")
 
 
 def _note_tokenizer_step(workdir: str, tokenizer) -> None:
-  with open(os.path.join(workdir, TOKENIZER_FILE), "w") as f:
+  path = os.path.join(workdir, TOKENIZER_FILE)
+  with open(path + ".tmp", "w") as f:
     json.dump({"workdir": os.path.abspath(tokenizer.workdir), "step": tokenizer.step}, f)
+  os.replace(path + ".tmp", path)
 
 
 def _example(arrays) -> dict:
@@ -345,22 +353,17 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   config_lib.check_workdir(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.per_process_batch(config.batch_size, mesh)  # Raises unless the batch splits evenly.
+  if (record := loop.finished_record(workdir, config)) is not None:
+    return record
+  if checkpoint.latest_step(workdir):  # Before it tokenizes anything.
+    check_tokenizer_step(workdir, config.tokenizer, "resuming")
   family, train_arrays, eval_arrays, state, train_step, _ = setup(config, mesh)
   logging.info("%s/%s: %d params on %s; %d training examples", config.model.family,
                config.model.size, vit.param_count(state.params), dict(mesh.shape),
                len(train_arrays["labels"]))
   is_main, ckpt, state, clock = loop.open_run(config, workdir, state)
-  if int(state.step):  # Resumed: on the tokenizer checkpoint it started on.
-    try:
-      check_tokenizer_step(workdir, family.tokenizer, "resuming")
-    except config_lib.ConfigError:
-      ckpt.close()
-      raise
-  elif is_main:
+  if is_main and not int(state.step):  # The tokenizer checkpoint it trains on.
     _note_tokenizer_step(workdir, family.tokenizer)
-  if (record := loop.finished_record(workdir, state, config)) is not None:
-    ckpt.close()
-    return record
   batches = Batches(train_arrays, config.batch_size, config.seed, start_batch=int(state.step),
                     process_index=jax.process_index(), process_count=jax.process_count())
   batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -395,15 +398,16 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
 def restore_run(workdir: str, config):
   """(family, train arrays, eval arrays, step, eval params) of a trained generator run's latest
   checkpoint."""
+  check_tokenizer_step(workdir, config.tokenizer, "evaluating or sampling")
   mesh = mesh_lib.make_mesh(config.mesh)
   family, train_arrays, eval_arrays, state, _, _ = setup(config, mesh)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   step = ckpt.latest_step()
-  if step is None:
-    raise config_lib.ConfigError(f"{workdir} has no checkpoint; train it first")
+  if not step:  # None, or the initial state a run stopped during set-up saves.
+    ckpt.close()
+    raise config_lib.ConfigError(f"{workdir} has no trained checkpoint; train it first")
   state = ckpt.restore(step, state)
   ckpt.close()
-  check_tokenizer_step(workdir, family.tokenizer, "evaluating or sampling")
   return family, train_arrays, eval_arrays, step, loop.eval_params(state, config)
 
 

@@ -281,8 +281,8 @@ def setup_training(config, mesh):
 
 def check_same_params(params, expected, name: str, expected_name: str) -> None:
   """ConfigError when two param trees differ in names or shapes: lists the first differences."""
-  shapes = lambda tree: {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(leaf.shape) for path, leaf in
-                         jax.tree_util.tree_flatten_with_path(tree)[0]}
+  shapes = lambda tree: {"/".join(str(key.key) for key in path): tuple(leaf.shape)
+                         for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
   got, want = shapes(params), shapes(expected)
   diffs = [f"{key}: {got.get(key, 'missing')} vs {want.get(key, 'missing')}"
            for key in sorted(set(got) | set(want)) if got.get(key) != want.get(key)]
@@ -387,6 +387,8 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   validate(config)
   check_files(config)
   config_lib.check_workdir(workdir)
+  if (record := loop.finished_record(workdir, config)) is not None:
+    return record
   mesh = mesh_lib.make_mesh(config.mesh)
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
@@ -396,9 +398,6 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
                jax.process_count())
 
   is_main, ckpt, state, clock = loop.open_run(config, workdir, state)
-  if (record := loop.finished_record(workdir, state, config)) is not None:
-    ckpt.close()
-    return record
   first_step = int(state.step)
   # The training stream is a function of (seed, global batch index): resume at the step.
   train_iter = data.build_iterator(config.data, split="train", batch_size=local_batch,
@@ -445,8 +444,9 @@ def restore_params(workdir: str, config, mesh):
   enabled)."""
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
   step = ckpt.latest_step()
-  if step is None:
-    raise DataError(f"{workdir} has no checkpoint; train it first with `vitok train "
+  if not step:  # None, or the initial state a run stopped during set-up saves.
+    ckpt.close()
+    raise DataError(f"{workdir} has no trained checkpoint; train it first with `vitok train "
                     f"--workdir {workdir}`")
   parts = build_components(config, with_losses=False)
   shardings = state_shardings(parts, config, mesh)
