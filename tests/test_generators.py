@@ -3,6 +3,7 @@ the data stream, exact resume, the record, `vitok sample` / `vitok tokenize`, co
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -207,7 +208,7 @@ def test_config_errors_name_the_field(tokenizer_dirs, tmp_path, monkeypatch):
     train_generator.train(generator_config("dit", str(tmp_path / "missing")), str(tmp_path / "g"))
 
 
-def test_cli_tokenize_and_sample(tokenizer_dirs, tmp_path):
+def test_cli_tokenize_and_sample(tokenizer_dirs, tmp_path, monkeypatch):
   out = str(tmp_path / "store.npz")
   assert cli.main(["vitok", "tokenize", f"--workdir={tokenizer_dirs['gaussian']}", "--split=eval",
                    f"--out={out}", "--max_examples=20"]) == 0
@@ -222,6 +223,65 @@ def test_cli_tokenize_and_sample(tokenizer_dirs, tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   width, height = Image.open(png).size
   assert width == 10 * (32 + 2) and height == 2 * (32 + 2)
+  calls = []  # --sample reaches sample_workdir's overrides.
+  monkeypatch.setattr(train_generator, "sample_workdir", lambda *a, **kw: calls.append(kw) or "")
+  assert cli.main(["vitok", "sample", f"--workdir={workdir}", "--sample=cfg_scale=5"]) == 0
+  assert calls == [{"cfg_scale": 5}]
+
+
+def test_a_run_of_the_wrong_kind_or_a_bad_sample_value_is_a_clear_error(tokenizer_dirs, tmp_path,
+                                                                          capsys):
+  tok = tokenizer_dirs["gaussian"]
+  workdir = str(tmp_path / "dit")
+  train_generator.train(generator_config("dit", tok, steps=2, **{"eval.num_samples": 0}),
+                        workdir)
+  for args, says in [
+      (["sample", f"--workdir={tok}"], "is a tokenizer run, not a generator run"),
+      (["tokenize", f"--workdir={workdir}"], "is a generator run, not a tokenizer run"),
+      (["sample", f"--workdir={workdir}", "--sample=cfg_scale=abc"], "sample overrides"),
+      (["sample", f"--workdir={workdir}", "--num_samples=0"], "draw at least one sample")]:
+    assert cli.main(["vitok", *args]) == 2
+    assert says in capsys.readouterr().err
+  with pytest.raises(ConfigError, match="is a generator run, not a tokenizer run"):
+    train_generator.train(generator_config("dit", workdir), str(tmp_path / "on_a_generator"))
+  # Re-evaluated with another sample count than the run's (0): its FID is tagged with the count.
+  eval_config = config_lib.read_config(workdir).eval
+  eval_config.num_samples = 10
+  metrics = train_generator.evaluate_workdir(workdir, eval_config=eval_config)
+  assert "gen/num_samples=10/fid_mnist" in metrics and "gen/fid_mnist" not in metrics
+
+
+def test_a_partial_store_is_not_a_generators_training_set(tokenizer_dirs, tmp_path):
+  """`vitok tokenize --max_examples` into the default store path: the generator's store is remade
+  from the whole split, and its record says how many examples it trained on."""
+  tok = tokenizer_dirs["gaussian"]
+  assert cli.main(["vitok", "tokenize", f"--workdir={tok}", "--split=train",
+                   "--max_examples=20"]) == 0
+  record = train_generator.train(generator_config("dit", tok, steps=2, **{"eval.num_samples": 0}),
+                                 str(tmp_path / "dit"))
+  whole = len(codes.load_or_tokenize(tok, "train")["labels"])
+  assert record["train_examples"] == whole > 20
+
+
+def test_samples_of_a_short_last_batch_reuse_the_compiled_sampler():
+  """20 samples in batches of 16: the last batch is padded to 16, so nothing recompiles inside
+  the timed loop (which inflated ms_per_sample)."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import types  # pylint: disable=g-import-not-at-top
+  traces = []
+
+  def sample_fn(params, labels_B, rng):
+    del rng
+    traces.append(labels_B.shape)
+    return jnp.broadcast_to(labels_B[:, None].astype(jnp.float32) + params, (labels_B.shape[0], 3))
+
+  tokenizer = types.SimpleNamespace(params=0.0, params_as=lambda p: contextlib.nullcontext())
+  config = ml_collections.ConfigDict({"batch_size": 16})
+  labels = train_generator.sample_labels(20, 10)
+  pixels, _ = train_generator.generate(sample_fn, 1.0, labels, config, jax.random.key(0),
+                                       tokenizer)
+  assert traces == [(16,)] and pixels.shape == (20, 3)
+  np.testing.assert_array_equal(pixels[:, 0], labels + 1.0)
 
 
 def test_sampler_takes_the_tokenizer_weights_as_an_argument(tokenizer_dirs):

@@ -44,8 +44,8 @@ flags.DEFINE_string("compilation_cache", os.environ.get("VITOK_COMPILATION_CACHE
                     "Persistent XLA compilation cache directory shared across runs.")
 flags.DEFINE_list("metrics", [], "eval: dataset-level metrics to add, e.g. fid_mnist,lpips,rfid "
                   "(weights from config.eval.*; the MNIST classifier is trained once and cached).")
-flags.DEFINE_list("sample", [], "eval of a generator run: config.sample overrides k=v, e.g. "
-                  "cfg_scale=3,num_steps=20; metrics are tagged gen/cfg_scale=3/...")
+flags.DEFINE_list("sample", [], "eval / sample of a generator run: config.sample overrides k=v, "
+                  "e.g. cfg_scale=3,num_steps=20; eval tags its metrics gen/cfg_scale=3/...")
 flags.DEFINE_integer("num_samples", 100, "sample: how many (labels cycle over the classes).")
 flags.DEFINE_string("out", "", "sample: PNG path; tokenize: npz path (default in --workdir).")
 flags.DEFINE_string("split", "train", "tokenize: the data split to tokenize.")
@@ -95,9 +95,11 @@ def _cmd_train(workdir: str) -> int:
 
 
 def _cmd_sample(workdir: str) -> int:
-  """Class-conditional samples of a trained generator --workdir as a PNG grid (--out)."""
+  """Class-conditional samples of a trained generator --workdir as a PNG grid (--out), with
+  --sample overrides (e.g. cfg_scale=3)."""
   from vitok_jax.train import train_generator
-  print(train_generator.sample_workdir(workdir, FLAGS.num_samples, FLAGS.out))
+  overrides = dict(_parse_value(item) for item in FLAGS.sample)
+  print(train_generator.sample_workdir(workdir, FLAGS.num_samples, FLAGS.out, **overrides))
   return 0
 
 

@@ -167,6 +167,16 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(_lists_to_tuples(raw))
 
 
+def require_kind(config: ml_collections.ConfigDict, workdir: str, kind: str) -> None:
+  """ConfigError unless the run in `workdir` (its `config`) is a `kind` run: "tokenizer" or
+  "generator"."""
+  actual = config.get("kind", "tokenizer")
+  if actual != kind:
+    raise ConfigError(f"{workdir} is a {actual} run, not a {kind} run; point this at the workdir "
+                      f"of a {kind} (one `vitok train --config "
+                      f"{'vitok' if kind == 'tokenizer' else 'generator'}:...` wrote)")
+
+
 def _lists_to_tuples(node):
   if isinstance(node, dict):
     return {k: _lists_to_tuples(v) for k, v in node.items()}

@@ -104,15 +104,25 @@ def codebook_stats(codes, codebook_size: int = 0, bits: int = 0) -> dict:
           "perplexity": float(np.exp(-(p * np.log(p)).sum()))}
 
 
+def _whole_split_at(path: str, step: int) -> bool:
+  """Whether the store at `path` holds its whole split tokenized at checkpoint `step` (not a
+  `vitok tokenize --max_examples` part of it)."""
+  with np.load(path) as store:
+    partial = "max_examples" in store and int(store["max_examples"])
+    return int(store["step"]) == step and not partial
+
+
 def tokenize_workdir(workdir: str, out: str, *, split: str = "eval", max_examples: int = 0) -> str:
-  """Tokenizes a split with the latest checkpoint of `workdir` into the npz file `out`."""
+  """Tokenizes a split with the latest checkpoint of `workdir` into the npz file `out` (the first
+  `max_examples` examples, 0: all; a generator's own store is always the whole split)."""
   config = config_lib.read_config(workdir)
+  config_lib.require_kind(config, workdir, "tokenizer")
   mesh = mesh_lib.make_mesh(config.mesh)
   step, params, _ = train_tokenizer.restore_params(workdir, config, mesh)
   store = tokenize(config, params, split=split, max_examples=max_examples)
   grid = train_tokenizer.pixel_shape(config)[:-1]
   tmp = out + ".tmp.npz"
-  np.savez(tmp, **store, step=step, bottleneck=config.model.bottleneck,
+  np.savez(tmp, **store, step=step, bottleneck=config.model.bottleneck, max_examples=max_examples,
            grid=np.array([s // p for s, p in zip(grid, config.model.patch)]))
   os.replace(tmp, out)
   return out
@@ -131,7 +141,7 @@ def load_or_tokenize(workdir: str, split: str) -> dict[str, np.ndarray]:
   if not latest:  # None, or the initial state a run stopped during set-up saves.
     raise DataError(f"tokenizer {workdir} has no trained checkpoint; train it first with "
                     f"`vitok train --workdir {workdir}`")
-  stale = not os.path.exists(path) or int(np.load(path)["step"]) != latest
+  stale = not os.path.exists(path) or not _whole_split_at(path, latest)
   if stale and jax.process_count() > 1:
     raise DataError(
         f"the token store {path} is missing or older than the tokenizer's step {latest}, and a "

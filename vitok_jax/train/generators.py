@@ -33,6 +33,7 @@ class FrozenTokenizer:
   def __init__(self, workdir: str, mesh=None):
     self.workdir = workdir
     self.config = config_lib.read_config(workdir)
+    config_lib.require_kind(self.config, workdir, "tokenizer")
     self.model = train_tokenizer.build_model(self.config)
     mesh = mesh or mesh_lib.make_mesh(self.config.mesh)
     self.step, self.params, _ = train_tokenizer.restore_params(workdir, self.config, mesh)

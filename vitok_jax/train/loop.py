@@ -70,11 +70,11 @@ def eval_params(state: TrainState, config):
 
 
 # Config fields a resumed run may change: its length (to train on, or stop sooner), when it logs,
-# evaluates and checkpoints, what it evaluates with, and its mesh (a checkpoint restores onto any
-# mesh). Anything else would train the rest of the run differently from its start (batch,
-# learning rate, data, seed, model, losses).
+# evaluates and checkpoints, what it evaluates with (eval.*, a generator's sample.* settings),
+# and its mesh (a checkpoint restores onto any mesh). Anything else would train the rest of the
+# run differently from its start (batch, learning rate, data, seed, model, losses).
 RESUMABLE_FIELDS = ("variant", "total_steps", "log_every", "eval_every", "ckpt_every",
-                    "keep_ckpts", "eval_examples", "eval", "mesh", "num_visualize",
+                    "keep_ckpts", "eval_examples", "eval", "sample", "mesh", "num_visualize",
                     "data.worker_count")
 
 
@@ -280,7 +280,8 @@ class LoopResult:
   state: Any
   eval_metrics: dict
   # Training throughput of this launch: over its log intervals after the first (which holds the
-  # compilation), without evaluation and checkpoint time; the first interval's when it is the only.
+  # compilation), without evaluation and checkpoint time; None when it had no other interval (a
+  # rate that is mostly compile time would mislead a results table).
   examples_per_sec: float | None
   preempted: bool
 
@@ -310,7 +311,7 @@ def run(state, *, config, train_step: Callable, next_batch: Callable[[], Any], c
       if clock is not None:
         clock.mark(step)
 
-  eval_metrics, last_rate, tick, tick_step = {}, None, time.time(), first_step
+  eval_metrics, tick, tick_step = {}, time.time(), first_step
   timed_steps, timed_seconds = 0, 0.0  # Steady-state training time (see LoopResult).
 
   def end_interval(step: int) -> float:
@@ -324,7 +325,7 @@ def run(state, *, config, train_step: Callable, next_batch: Callable[[], Any], c
     return rate
 
   def result(preempted: bool) -> LoopResult:
-    rate = timed_steps * config.batch_size / timed_seconds if timed_steps else last_rate
+    rate = timed_steps * config.batch_size / timed_seconds if timed_steps else None
     return LoopResult(state, eval_metrics, rate, preempted=preempted)
 
   def evaluate_and_log(step: int) -> dict:
@@ -355,7 +356,7 @@ def run(state, *, config, train_step: Callable, next_batch: Callable[[], Any], c
         check_finite(step, metrics, ckpt)
         rate = end_interval(step)
         eta = (config.total_steps - step) * config.batch_size / max(rate, 1e-9)
-        metrics["examples_per_sec"] = last_rate = rate
+        metrics["examples_per_sec"] = rate
         if writer is not None:
           writer.write(step, metrics)
           logging.info("step %d/%d  loss %.4f  %s %.4f  %.1f ex/s  ETA %s", step,

@@ -223,7 +223,7 @@ def generate(sample_fn, params, labels, config, rng, tokenizer) -> tuple[np.ndar
   out, seconds = [], 0.0
   for i in range(0, len(labels), batch):
     chunk = labels[i:i + batch]
-    padded = np.concatenate([chunk, chunk[:batch - len(chunk)]]) if len(chunk) < batch else chunk
+    padded = np.resize(chunk, batch)  # A short last batch keeps the compiled shape.
     key = jax.random.fold_in(rng, i)
     if i == 0:
       jax.block_until_ready(fn(params, padded, key))  # Compile outside the timing.
@@ -317,9 +317,9 @@ def setup(config, mesh):
 
 
 def generator_record(config, family, params, *, wall_time, metrics, workdir, examples_per_sec,
-                     example) -> dict:
+                     example, train_examples: int) -> dict:
   """Run record of a generator: params, FLOPs per example (XLA count of the forward), what its
-  attention runs as (each distinct call of the forward), metrics."""
+  attention runs as (each distinct call of the forward), the size of its training set, metrics."""
   with kernels.recorded_attention() as attention_calls:
     forward = flops.xla_flops(family.forward_fn(), params, example)
   tok = family.tokenizer
@@ -335,6 +335,7 @@ def generator_record(config, family, params, *, wall_time, metrics, workdir, exa
                     "E": int(np.prod(tok.grid)) * tok.channels},
       "flops_per_example": {"forward_xla": forward, "train": 3 * forward},
       "attention_impl": record_lib.distinct_calls(attention_calls),
+      "train_examples": train_examples,
       **record_lib.run_fields(config, wall_time=wall_time, examples_per_sec=examples_per_sec,
                               metrics=metrics),
   }
@@ -388,7 +389,8 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
                             wall_time=clock.seconds(),
                             metrics=eval_metrics, workdir=workdir,
                             examples_per_sec=result.examples_per_sec,
-                            example=_example(train_arrays))
+                            example=_example(train_arrays),
+                            train_examples=len(train_arrays["labels"]))
   if is_main:
     record_lib.write(record, workdir)
     writer.close()
@@ -418,7 +420,10 @@ def apply_sample_overrides(config: ml_collections.ConfigDict, overrides: dict) -
     require(key in config.sample, f"sample override {key!r} is not a config.sample field; use one "
             f"of {sorted(config.sample)}")
   generators.check_sample_overrides(config.model.family, overrides)
-  config.sample.update(overrides)
+  try:
+    config.sample.update(overrides)
+  except TypeError as e:  # e.g. cfg_scale=abc, num_steps=2.5: ml_collections keeps field types.
+    raise config_lib.ConfigError(f"sample overrides {overrides}: {e}") from None
   validate(config)
 
 
@@ -428,16 +433,22 @@ def evaluate_workdir(workdir: str, sample_overrides: dict | None = None,
 
   sample_overrides: config.sample fields (cfg_scale, num_steps, method, temperature, top_k, ...);
   the generation metrics are then tagged with them: gen/cfg_scale=3/class_accuracy.
-  eval_config: replaces the run's config.eval (e.g. with inception_weights for gFID).
+  eval_config: replaces the run's config.eval (e.g. with inception_weights for gFID); another
+  eval.num_samples than the run's tags the metrics too (gen/num_samples=1000/fid_mnist), as FID
+  depends on it.
   """
   config = config_lib.read_config(workdir)
+  config_lib.require_kind(config, workdir, "generator")
+  tags = {}
   if eval_config is not None:
+    if eval_config.num_samples != config.eval.num_samples:
+      tags["num_samples"] = eval_config.num_samples
     config.eval = eval_config
     if config.eval.get("inception_weights"):
       perceptual_metrics.check_weights(GFID_METRICS, config.eval)
   overrides = dict(sample_overrides or {})
   apply_sample_overrides(config, overrides)
-  tag = ",".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+  tag = ",".join(f"{k}={v}" for k, v in sorted({**overrides, **tags}.items()))
   family, _, eval_arrays, step, params = restore_run(workdir, config)
   metrics = evaluate(family, params, config, eval_arrays, tag=tag,
                      image_path=os.path.join(workdir, "images", f"eval_{step:07d}_"))
@@ -447,7 +458,9 @@ def evaluate_workdir(workdir: str, sample_overrides: dict | None = None,
 
 def sample_workdir(workdir: str, num_samples: int, out: str = "", **overrides) -> str:
   """Class-conditional samples of a trained generator run -> a PNG grid (one column per class)."""
+  require(num_samples >= 1, f"--num_samples={num_samples}: draw at least one sample")
   config = config_lib.read_config(workdir)
+  config_lib.require_kind(config, workdir, "generator")
   apply_sample_overrides(config, overrides)
   family, _, _, step, params = restore_run(workdir, config)
   labels = sample_labels(num_samples, config.model.num_classes)
