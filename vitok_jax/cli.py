@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
   except TrainingDiverged as e:  # The word is what a sweep books the run as diverged by.
     print(f"vitok {command}: error: TrainingDiverged: {e}", file=sys.stderr)
     return 3
-  except KeyboardInterrupt:  # A second Ctrl-C while training (the first stops it at a checkpoint).
+  except KeyboardInterrupt:  # A trainer raises it once a Ctrl-C's checkpoint is saved.
     print(f"vitok {command}: interrupted; the same command resumes from the last checkpoint"
           if command == "train" else f"vitok {command}: interrupted", file=sys.stderr)
     return 130
