@@ -78,6 +78,12 @@ def test_every_family_trains_samples_and_writes_its_record(family, tokenizer_dir
   assert 0.0 <= metrics["gen/class_accuracy"] <= 1.0 and np.isfinite(metrics["gen/fid_mnist"])
   assert os.path.exists(os.path.join(workdir, "images", "samples_0000006.png"))
   assert on_disk["tokenizer"]["bottleneck"] == FAMILY_TOKENIZER[family]
+  # The tokenizer tokens of an example it models, counted from the store: every scale for VAR
+  # and Infinity, the 8×8 grid for the others.
+  store = codes.load_or_tokenize(tokenizer_dirs[FAMILY_TOKENIZER[family]], "eval")
+  per_scale = [v.shape[1] * v.shape[2] for k, v in store.items() if k.startswith("codes_")]
+  assert on_disk["tokens_per_example"] == (sum(per_scale) if per_scale else 64)
+  assert family not in ("var", "infinity") or len(per_scale) > 1
 
 
 def test_dit_with_the_shortcut_objective_trains_and_scores_its_few_step_samplers(

@@ -106,6 +106,12 @@ class Family:
   def build(self, train_store):
     raise NotImplementedError
 
+  @property
+  def tokens_per_example(self) -> int:
+    """The tokenizer's tokens of one example the generator models: its latent grid (DiT before
+    the generator's own patching, LlamaGen's code sequence)."""
+    return int(np.prod(self.tokenizer.grid))
+
   def arrays(self, store) -> dict[str, np.ndarray]:
     raise NotImplementedError
 
@@ -282,6 +288,11 @@ class VARFamily(Family):
     return var.VAR(self.size, scales=self.scales, latent_channels=self.tokenizer.channels,
                    num_classes=m.num_classes, head=self.head, class_dropout=m.class_dropout,
                    attn_impl=m.attn_impl, **vocab)
+
+  @property
+  def tokens_per_example(self) -> int:
+    """Every scale's token map: VAR and Infinity predict them all."""
+    return sum(s * s for s in self.scales)
 
   def _per_scale(self, store):
     return tuple(store[f"codes_{k}"] for k in range(len(self.scales)))

@@ -319,7 +319,9 @@ def setup(config, mesh):
 def generator_record(config, family, params, *, wall_time, metrics, workdir, examples_per_sec,
                      example, train_examples: int) -> dict:
   """Run record of a generator: params, FLOPs per example (XLA count of the forward), what its
-  attention runs as (each distinct call of the forward), the size of its training set, metrics."""
+  attention runs as (each distinct call of the forward), the size of its training set, the
+  tokenizer tokens of an example it models (`vitok results` multiplies them into tokens_seen),
+  metrics."""
   with kernels.recorded_attention() as attention_calls:
     forward = flops.xla_flops(family.forward_fn(), params, example)
   tok = family.tokenizer
@@ -336,6 +338,7 @@ def generator_record(config, family, params, *, wall_time, metrics, workdir, exa
       "flops_per_example": {"forward_xla": forward, "train": 3 * forward},
       "attention_impl": record_lib.distinct_calls(attention_calls),
       "train_examples": train_examples,
+      "tokens_per_example": family.tokens_per_example,
       **record_lib.run_fields(config, wall_time=wall_time, examples_per_sec=examples_per_sec,
                               metrics=metrics),
   }
