@@ -491,7 +491,8 @@ def test_init_from_a_run_of_another_model_is_a_clear_error(gan_stages, tmp_path)
   config = tiny_config(steps=2, **{"model.channels": 4})
   config.init_from = gan_stages[0]
   with pytest.raises(ConfigError, match=r"init_from=.*stage1' \(variant .*\) holds params that do "
-                     r"not fit this config.*3 differ, e.g. bottleneck/to_moments/bias: \(16,\) vs \(8,\)"):
+                     r"not fit this config.*3 differ, e.g. "
+                     r"bottleneck/to_moments/bias: \(16,\) vs \(8,\)"):
     train_tokenizer.train(config, str(tmp_path / "run"))
 
 
