@@ -78,6 +78,15 @@ def test_every_family_trains_samples_and_writes_its_record(family, tokenizer_dir
   assert 0.0 <= metrics["gen/class_accuracy"] <= 1.0 and np.isfinite(metrics["gen/fid_mnist"])
   assert os.path.exists(os.path.join(workdir, "images", "samples_0000006.png"))
   assert on_disk["tokenizer"]["bottleneck"] == FAMILY_TOKENIZER[family]
+  # The tokenizer's discrete size: its record's code bits; a learned codebook's size.
+  assert on_disk["tokenizer"]["code_bits"] == tokenizer_record["code_bits"]
+  assert (family == "dit") == (on_disk["tokenizer"]["code_bits"] is None)
+  codebook = {"dit": None, "llamagen": 1024, "var": 4096, "infinity": None}[family]
+  assert on_disk["tokenizer"]["codebook_size"] == codebook
+  if family == "llamagen":  # Checked once the tokenizer is loaded, before it is trained on.
+    with pytest.raises(ConfigError, match="top_k=1024 keeps all 1024 codes"):
+      train_generator.train(generator_config(family, tokenizer_dirs["vq1k"],
+                                             **{"sample.top_k": 1024}), str(tmp_path / "k"))
   # The tokenizer tokens of an example it models, counted from the store: every scale for VAR
   # and Infinity, the 8×8 grid for the others.
   store = codes.load_or_tokenize(tokenizer_dirs[FAMILY_TOKENIZER[family]], "eval")
@@ -232,7 +241,10 @@ def test_cli_tokenize_and_sample(tokenizer_dirs, tmp_path, monkeypatch):
   calls = []  # --sample reaches sample_workdir's overrides.
   monkeypatch.setattr(train_generator, "sample_workdir", lambda *a, **kw: calls.append(kw) or "")
   assert cli.main(["vitok", "sample", f"--workdir={workdir}", "--sample=cfg_scale=5"]) == 0
-  assert calls == [{"cfg_scale": 5}]
+  # Commas inside brackets stay with their value.
+  assert cli.main(["vitok", "sample", f"--workdir={workdir}",
+                   "--sample=few_steps=(1,2),method=euler,cfg_scale=1.5"]) == 0
+  assert calls == [{"cfg_scale": 5}, {"few_steps": (1, 2), "method": "euler", "cfg_scale": 1.5}]
 
 
 def test_a_run_of_the_wrong_kind_or_a_bad_sample_value_is_a_clear_error(tokenizer_dirs, tmp_path,
@@ -368,3 +380,17 @@ def test_sample_settings_a_family_ignores_are_config_errors():
   with pytest.raises(ConfigError, match="'top_p' has no effect on model.family=dit"):
     generators.check_sample_overrides("dit", {"cfg_scale": 2, "top_p": 0.9})
   generators.check_sample_overrides("infinity", {"top_p": 0.9, "cfg_schedule": "linear"})
+
+
+def test_a_top_k_that_keeps_the_whole_codebook_is_a_config_error():
+  """top_k ≥ the tokenizer's codebook size is a no-op for the softmax heads (it would only change
+  the metric tag); Infinity's bitwise head has its own rule (top_k 0 or 1)."""
+  def tokenizer(codebook_size):
+    return type("Tok", (), {"bottleneck_module": type("B", (), {"codebook_size": codebook_size})})
+  for cls in (generators.LlamaGenFamily, generators.VARFamily):
+    cls.check_sample_for({"top_k": 1023}, tokenizer(1024))
+    cls.check_sample_for({"top_k": 0}, tokenizer(1024))
+    with pytest.raises(ConfigError, match="top_k=1024 keeps all 1024 codes"):
+      cls.check_sample_for({"top_k": 1024}, tokenizer(1024))
+  generators.InfinityFamily.check_sample_for({"top_k": 1}, tokenizer(4096))
+  generators.DiTFamily.check_sample_for({"top_k": 0}, tokenizer(0))

@@ -327,14 +327,14 @@ def test_generator_rows_name_their_tokenizer(tmp_path):
     workdir.mkdir(parents=True)
     record = dict(kind="generator", family="dit", config=dict(model=dict(size=size)),
                   params=dict(total=1000 if size == "Mu" else 8000),
-                  tokenizer=dict(workdir="/runs/tok_g", bottleneck="gaussian", c=4, E=256,
-                                 grid=[8, 8], step=800),
+                  tokenizer=dict(workdir="/runs/tok_g", bottleneck="vq", c=4, E=256,
+                                 grid=[8, 8], step=800, code_bits=896.0),
                   flops_per_example=dict(forward_xla=10.0, train=30.0), examples_seen=64,
                   metrics={"eval/loss": loss})
     (workdir / "record.json").write_text(json.dumps(record))
   rows = results.gather(str(tmp_path / "g"))
-  assert [(r["tokenizer"], r["bottleneck"], r["E"], r["c"], r["flops_forward"]) for r in rows] == [
-      ("tok_g", "gaussian", 256, 4, 10.0)] * 2
+  assert [(r["tokenizer"], r["bottleneck"], r["E"], r["c"], r["code_bits"], r["flops_forward"])
+          for r in rows] == [("tok_g", "vq", 256, 4, 896.0, 10.0)] * 2
   names = results.columns(rows)
   assert "model.size" in names and "eval/loss" in names
   assert not {"params_encoder", "eval/psnr", "tokens_seen"} & set(names)

@@ -44,8 +44,9 @@ flags.DEFINE_string("compilation_cache", os.environ.get("VITOK_COMPILATION_CACHE
                     "Persistent XLA compilation cache directory shared across runs.")
 flags.DEFINE_list("metrics", [], "eval: dataset-level metrics to add, e.g. fid_mnist,lpips,rfid "
                   "(weights from config.eval.*; the MNIST classifier is trained once and cached).")
-flags.DEFINE_list("sample", [], "eval / sample of a generator run: config.sample overrides k=v, "
-                  "e.g. cfg_scale=3,num_steps=20; eval tags its metrics gen/cfg_scale=3/...")
+flags.DEFINE_string("sample", "", "eval / sample of a generator run: config.sample overrides k=v, "
+                    "e.g. cfg_scale=3,num_steps=20 or few_steps=(1,2); eval tags its metrics "
+                    "gen/cfg_scale=3/...")
 flags.DEFINE_integer("num_samples", 100, "sample: how many (labels cycle over the classes).")
 flags.DEFINE_string("out", "", "sample: PNG path; tokenize: npz path (default in --workdir).")
 flags.DEFINE_string("split", "train", "tokenize: the data split to tokenize.")
@@ -98,7 +99,7 @@ def _cmd_sample(workdir: str) -> int:
   """Class-conditional samples of a trained generator --workdir as a PNG grid (--out), with
   --sample overrides (e.g. cfg_scale=3)."""
   from vitok_jax.train import train_generator
-  overrides = dict(_parse_value(item) for item in FLAGS.sample)
+  overrides = _sample_overrides(FLAGS.sample)
   print(train_generator.sample_workdir(workdir, FLAGS.num_samples, FLAGS.out, **overrides))
   return 0
 
@@ -120,13 +121,25 @@ def _cmd_eval(workdir: str) -> int:
   from vitok_jax.train import train_generator, train_tokenizer
   config = _CONFIG.value  # The run's own unless --config named another.
   if config_lib.read_config(workdir).get("kind") == "generator":
-    overrides = dict(_parse_value(item) for item in FLAGS.sample)
+    overrides = _sample_overrides(FLAGS.sample)
     print(json.dumps(train_generator.evaluate_workdir(
         workdir, overrides, eval_config=None if config is None else config.eval), indent=1))
     return 0
   metrics = train_tokenizer.evaluate_workdir(workdir, config, tuple(FLAGS.metrics))
   print(json.dumps(metrics, indent=1))
   return 0
+
+
+def _sample_overrides(text: str) -> dict[str, Any]:
+  """"k=v,k2=v2" -> {k: v, k2: v2}; commas inside brackets stay with their value (few_steps=(1,2))."""
+  items, depth, start = [], 0, 0
+  for i, char in enumerate(text):
+    depth += (char in "([{") - (char in ")]}")
+    if char == "," and depth == 0:
+      items.append(text[start:i])
+      start = i + 1
+  items.append(text[start:])
+  return dict(_parse_value(item) for item in items if item.strip())
 
 
 def _parse_value(item: str) -> tuple[str, Any]:

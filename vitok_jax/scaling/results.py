@@ -54,7 +54,8 @@ def _row(record: dict, run_id: str, status: str, swept: Sequence[str], point: di
                bottleneck=tok["bottleneck"])
   row.update({f"params_{k}": params.get(k) for k in ("encoder", "decoder", "bottleneck", "total")})
   measured = dict(
-      E=(tok or record).get("E"), c=(tok or record).get("c"), code_bits=record.get("code_bits"),
+      E=(tok or record).get("E"), c=(tok or record).get("c"),
+      code_bits=(tok or record).get("code_bits"),
       tokens_per_example=record.get("tokens_per_example"),
       flops_forward=flops.get("forward", flops.get("forward_xla")), flops_train=flops.get("train"),
       compute=flops["train"] * seen if flops.get("train") and seen else None, examples_seen=seen,

@@ -37,8 +37,8 @@ class FrozenTokenizer:
     self.model = train_tokenizer.build_model(self.config)
     mesh = mesh or mesh_lib.make_mesh(self.config.mesh)
     self.step, self.params, _ = train_tokenizer.restore_params(workdir, self.config, mesh)
-    pixels = train_tokenizer.pixel_shape(self.config)
-    self.grid = tuple(s // p for s, p in zip(pixels[:-1], self.config.model.patch))
+    self.pixel_shape = train_tokenizer.pixel_shape(self.config)
+    self.grid = tuple(s // p for s, p in zip(self.pixel_shape[:-1], self.config.model.patch))
     self.channels = self.config.model.channels
     self.bottleneck = self.config.model.bottleneck
     # Unbound: its fields (codebook_size, schedule, ...) without the params.
@@ -96,6 +96,11 @@ class Family:
   @classmethod
   def check_sample(cls, sample) -> None:
     """Raises ConfigError for a value of one of `sample_fields` this sampler cannot take."""
+
+  @classmethod
+  def check_sample_for(cls, sample, tokenizer: FrozenTokenizer) -> None:
+    """Raises ConfigError for a sample setting `tokenizer` makes a no-op (e.g. top_k ≥ its
+    codebook size); checked once the tokenizer is loaded, before its codes are."""
 
   def __init__(self, config, tokenizer: FrozenTokenizer, train_store: dict):
     self.config, self.tokenizer = config, tokenizer
@@ -245,6 +250,10 @@ class LlamaGenFamily(Family):
   name, size_family, bottlenecks = "llamagen", "llamagen", ("vq", "vq1k", "vq1k_ent")
   sample_fields = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")
 
+  @classmethod
+  def check_sample_for(cls, sample, tokenizer):
+    check_top_k_below(sample["top_k"], tokenizer.bottleneck_module.codebook_size)
+
   def build(self, train_store):
     m = self.config.model
     codebook = self.tokenizer.bottleneck_module.codebook_size
@@ -329,6 +338,11 @@ class VARFamily(Family):
   def check_sample(cls, sample) -> None:
     var_cfg_schedule(sample["cfg_schedule"])
 
+  @classmethod
+  def check_sample_for(cls, sample, tokenizer):
+    if cls.head == "softmax":  # Infinity's bitwise top_k is `check_bitwise_top_k`'s.
+      check_top_k_below(sample["top_k"], tokenizer.bottleneck_module.codebook_size)
+
   def sample(self, params, labels_B, rng, **overrides):
     """cfg_schedule "linear" is VAR's published ramp, "constant" w = cfg at every scale."""
     s = {**self.config.sample.to_dict(), **overrides}
@@ -391,6 +405,15 @@ def var_cfg_schedule(cfg_schedule: str) -> str:
     raise ConfigError(f"sample.cfg_schedule={cfg_schedule!r}; the var/infinity samplers take one "
                       f"of {list(VAR_CFG_SCHEDULES)} (linear: VAR's ramp, constant: Infinity's)")
   return VAR_CFG_SCHEDULES[cfg_schedule]
+
+
+def check_top_k_below(top_k: int, codebook_size: int) -> None:
+  """Raises ConfigError when top_k keeps the whole codebook: a no-op that would only change the
+  metric tag."""
+  if top_k >= codebook_size:
+    raise ConfigError(f"sample.top_k={top_k} keeps all {codebook_size} codes of the tokenizer's "
+                      f"codebook and changes nothing; use 0 (off) or a value below "
+                      f"{codebook_size}")
 
 
 def check_bitwise_top_k(top_k: int) -> None:

@@ -28,7 +28,7 @@ from vitok_jax import config_lib, data, kernels
 from vitok_jax.config_lib import require, require_choice
 from vitok_jax.data import bundled
 from vitok_jax.eval import mnist_metrics, perceptual_metrics, visualize
-from vitok_jax.models import vit
+from vitok_jax.models import bottlenecks, vit
 from vitok_jax.models.perceptual import mnist_classifier
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.parallel import sharding
@@ -104,6 +104,7 @@ def build_family(config, mesh) -> tuple[generators.Family, dict, dict]:
   """The family on the frozen tokenizer, and its train and eval arrays (from the stores)."""
   tokenizer = generators.FrozenTokenizer(config.tokenizer, mesh)
   generators.check_tokenizer(config.model.family, tokenizer.bottleneck)
+  generators.FAMILIES[config.model.family].check_sample_for(config.sample, tokenizer)
   train_store = tokenizer.store("train")
   family = generators.FAMILIES[config.model.family](config, tokenizer, train_store)
   return family, family.arrays(train_store), family.arrays(tokenizer.store("eval"))
@@ -334,7 +335,10 @@ def generator_record(config, family, params, *, wall_time, metrics, workdir, exa
       "params": {"total": vit.param_count(params)},
       "tokenizer": {"workdir": os.path.abspath(tok.workdir), "bottleneck": tok.bottleneck,
                     "step": tok.step, "grid": list(tok.grid), "c": tok.channels,
-                    "E": int(np.prod(tok.grid)) * tok.channels},
+                    "E": int(np.prod(tok.grid)) * tok.channels,
+                    "codebook_size": tok.bottleneck_module.codebook_size
+                                     if tok.bottleneck in bottlenecks.LEARNED_CODEBOOK else None,
+                    "code_bits": flops.code_bits_per_example(tok.model, tok.pixel_shape)},
       "flops_per_example": {"forward_xla": forward, "train": 3 * forward},
       "attention_impl": record_lib.distinct_calls(attention_calls),
       "train_examples": train_examples,
