@@ -131,7 +131,7 @@ def _cmd_eval(workdir: str) -> int:
 
 
 def _sample_overrides(text: str) -> dict[str, Any]:
-  """"k=v,k2=v2" -> {k: v, k2: v2}; commas inside brackets stay with their value (few_steps=(1,2))."""
+  """"k=v,k2=v2" -> {k: v, k2: v2}; a comma inside brackets stays in its value: few_steps=(1,2)."""
   items, depth, start = [], 0, 0
   for i, char in enumerate(text):
     depth += (char in "([{") - (char in ")]}")
