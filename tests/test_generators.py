@@ -129,6 +129,24 @@ def test_gfid_and_inception_score_against_the_tokenizers_held_out_images(tokeniz
   assert 1.0 <= metrics["gen/inception_score"] <= 1008
 
 
+def test_fid_mnist_of_samples_that_are_the_held_out_digits_is_zero(tokenizer_dirs, monkeypatch):
+  """The real digits of FID-MNIST are the tokenizer's held-out split at its resolution (32×32),
+  the size its samples decode to: a generator that draws exactly those digits scores ~0, not the
+  resize's feature shift (~75 against raw 28×28 digits)."""
+  tokenizer = generators.FrozenTokenizer(tokenizer_dirs["gaussian"])
+  batches = list(train_generator.held_out_images(tokenizer, batch_size=64))
+  held_out = np.concatenate(batches)
+  assert held_out.shape == (500, 32, 32, 1) and [len(b) for b in batches][-1] == 500 - 7 * 64
+  assert sum(map(len, train_generator.held_out_images(tokenizer, 64, limit=70))) == 70
+  family = type("Stub", (), {"tokenizer": tokenizer, "sample": None,
+                             "few_step_samplers": lambda self: {}})()
+  monkeypatch.setattr(train_generator, "held_out_loss", lambda *a: 0.0)
+  monkeypatch.setattr(train_generator, "generate", lambda *a: (held_out, 1e-3))
+  config = generator_config("dit", tokenizer_dirs["gaussian"], **{"eval.num_samples": 500})
+  metrics = train_generator.evaluate(family, None, config, None)
+  assert abs(metrics["gen/fid_mnist"]) < 1e-3
+
+
 def test_store_holds_latents_and_is_cached(tokenizer_dirs):
   gaussian = codes.load_or_tokenize(tokenizer_dirs["gaussian"], "eval")
   assert gaussian["latents"].shape[1:] == (64, 4) and "codes" not in gaussian

@@ -26,7 +26,6 @@ import optax
 
 from vitok_jax import config_lib, data, kernels
 from vitok_jax.config_lib import require, require_choice
-from vitok_jax.data import bundled
 from vitok_jax.eval import mnist_metrics, perceptual_metrics, visualize
 from vitok_jax.models import bottlenecks, vit
 from vitok_jax.models.perceptual import mnist_classifier
@@ -242,20 +241,29 @@ def _is_mnist(tokenizer) -> bool:
 GFID_METRICS = ("rfid", "inception_score")
 
 
+def held_out_images(tokenizer, batch_size: int, limit: int = 0):
+  """Batches [b, H, W, C] in [-1, 1] of the tokenizer's held-out split as its data config makes
+  them (the resolution and channels its samples decode to), up to `limit` images (0: all)."""
+  iterator = data.build_iterator(tokenizer.config.data, split="eval", batch_size=batch_size,
+                                 one_pass=True, process_index=0, process_count=1)
+  seen = 0
+  for batch in iterator:
+    images = batch["image"][:limit - seen] if limit else batch["image"]
+    seen += len(images)
+    yield images
+    if limit and seen >= limit:
+      break
+  iterator.close()
+
+
 def gfid_reference(tokenizer, config):
   """(Inception networks, {"inception": real statistics}) for gFID: the Inception pool features of
   the tokenizer's held-out split (up to eval.gfid_real_examples images), computed once per eval."""
   nets = perceptual_metrics.load_networks(GFID_METRICS, config.eval)
   acc = perceptual_metrics.MetricAccumulator(("rfid",), nets)
-  data_cfg = tokenizer.config.data
-  iterator = data.build_iterator(data_cfg, split="eval", batch_size=config.batch_size,
-                                 seed=config.seed, one_pass=True)
-  seen = 0
-  for batch in iterator:
-    acc.update(real=batch["image"])
-    seen += len(batch["image"])
-    if seen >= config.eval.get("gfid_real_examples", 10_000):
-      break
+  for images in held_out_images(tokenizer, config.batch_size,
+                                config.eval.get("gfid_real_examples", 10_000)):
+    acc.update(real=images)
   return nets, {"inception": acc.real_stats("inception")}
 
 
@@ -277,8 +285,9 @@ def evaluate(family, params, config, eval_arrays, *, image_path: str | None = No
     path = config.eval.mnist_classifier or os.path.join(
         family.tokenizer.workdir, mnist_classifier.DEFAULT_FILENAME)
     classifier = mnist_classifier.load_or_train(path)
-    real, _ = bundled.mnist("eval")
-    real = real.astype(np.float32) / 127.5 - 1.0
+    # The held-out digits as the tokenizer's data makes them (e.g. 32×32 bicubic), the size its
+    # samples decode to: raw 28×28 digits would add the resize's feature shift to every FID.
+    real = np.concatenate(list(held_out_images(family.tokenizer, config.batch_size)))
   inception_nets = reference = None
   if config.eval.get("inception_weights"):
     inception_nets, reference = gfid_reference(family.tokenizer, config)
