@@ -81,6 +81,8 @@ def test_saved_config_reads_back_equal(tmp_path):
     ("loss.lpips", 1.0, r"loss.lpips > 0 needs perceptual.lpips_weights"),
     ("eval.metrics", ("fid",), r"unknown metrics \['fid'\]; use any of \['lpips'"),
     ("init_from", "/no/such/run", r"init_from='/no/such/run' is not a run directory"),
+    ("eval.metrics", ("fvd",), r"has fvd, which scores video clips, but data.frames=1"),
+    ("seed", -1, r"seed must be >= 0"),
 ])
 def test_loss_eval_and_stage_two_fields_are_checked(field, value, message):
   c = load("Mu-Mu/4,c=8,res=32,data=mnist")

@@ -385,6 +385,11 @@ def test_data_and_metric_weights_are_checked_before_training(tmp_path):
   with pytest.raises(ConfigError, match="eval.lpips_weights='/no/lpips.npz' does not exist"):
     train_tokenizer.train(missing, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+  # A dataset that is not there stops the run before the model is built or a file is written.
+  no_data = tiny_config(**{"data.name": "image_folder", "data.path": str(tmp_path / "none")})
+  with pytest.raises(DataError, match="no such folder"):
+    train_tokenizer.train(no_data, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("quantizer", ["msvq", "msbsq"])
@@ -520,8 +525,9 @@ def test_compare_tokenizers_pairs_runs_on_the_same_images(gan_stages, tmp_path):
   assert runs[copy]["fraction_better"] == {"lpips": 0.0, "psnr": 0.0}
   delta = runs[stage2]["minus_first"]["lpips"]["mean"]
   assert delta != 0.0
+  # Float32 means of ~0.04 agree to ~1e-9, a part in 1e-4 of a delta of ~3e-5.
   assert delta == pytest.approx(runs[stage2]["lpips"]["mean"] - runs[stage1]["lpips"]["mean"],
-                                rel=1e-4)
+                                rel=1e-3)
 
 
 def test_vitok_eval_adds_fid_mnist_to_the_record(tmp_path, capsys, monkeypatch):

@@ -24,6 +24,10 @@ from vitok_jax.errors import ConfigError, DataError
 _READ_THREADS = 2
 # Batches buffered ahead per process; each is a whole batch, so keep it small.
 _PREFETCH_BATCHES = 4
+# The one-pass (eval) order: a fixed permutation, the same for every run and seed, so a prefix of
+# it (eval_examples, a store's max_examples) is a sample of the split, not its first classes (a
+# folder is sorted by class).
+_ONE_PASS_ORDER_SEED = 0
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -36,7 +40,8 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int = 0,
                   process_index: int | None = None, process_count: int | None = None,
-                  start_batch: int = 0, one_pass: bool = False) -> grain.IterDataset:
+                  start_batch: int = 0, one_pass: bool = False,
+                  source=None) -> grain.IterDataset:
   """The grain IterDataset of per-process batches (see build_iterator)."""
   config.validate(data_cfg, split)
   if batch_size <= 0:
@@ -45,7 +50,7 @@ def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int 
   if not 0 <= process_index < process_count:
     raise ConfigError(
         f"process_index={process_index} must be in [0, process_count={process_count})")
-  source = sources.make_source(data_cfg, split)
+  source = source if source is not None else sources.make_source(data_cfg, split)
 
   ds = grain.MapDataset.source(source)
   opt = transforms.Options.from_config(data_cfg)
@@ -60,9 +65,10 @@ def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int 
     ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
     ds = ds[start_batch:]
   else:
+    ds = ds.shuffle(seed=_ONE_PASS_ORDER_SEED)
     # grain's ShardOptions(drop_remainder=True) semantics (equal shards, so every process runs
-    # the same number of eval steps), but strided rather than contiguous, so each shard of a
-    # folder sorted by class still sees every class.
+    # the same number of eval steps), strided: process p reads positions p, p + P, ..., so the
+    # first k examples of each shard are the first k·P of the order.
     n = len(ds) - len(ds) % process_count
     ds = ds[:n][process_index::process_count]
     if len(ds) == 0:  # pylint: disable=g-explicit-length-test
@@ -84,7 +90,8 @@ def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int 
 
 def build_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int = 0,
                    process_index: int | None = None, process_count: int | None = None,
-                   start_batch: int = 0, one_pass: bool = False) -> grain.DatasetIterator:
+                   start_batch: int = 0, one_pass: bool = False,
+                   source=None) -> grain.DatasetIterator:
   """A checkpointable iterator of this process's batches.
 
   Yields {"image": float32 [B, H, W, C] (frames == 1) or [B, T, H, W, C] in [-1, 1],
@@ -92,14 +99,17 @@ def build_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int
   global batch; eval: every P-th example.
   train: endless, reshuffled each epoch, augmented per data.crop/flip, full batches only; starts
   at global batch `start_batch` (the train step to resume from) on any number of processes.
-  eval: one pass, no shuffle/augmentation; the last batch is KEPT even if smaller than B, so each
-  held-out example is seen exactly once (pad it if a jitted step needs a static batch).
+  eval: one pass in a fixed order (the same permutation of the split for every run and seed), no
+  augmentation; the last batch is KEPT even if smaller than B, so each held-out example is seen
+  exactly once (pad it if a jitted step needs a static batch).
   one_pass: any split read the eval way (e.g. tokenizing the train split once for a generator).
   process_index/count default to jax.process_index()/process_count().
+  source: `sources.make_source(data_cfg, split)` made beforehand (a trainer makes it before the
+  model, so a missing or unreadable dataset stops the run first); made here when None.
   """
   return iter(build_dataset(data_cfg, split, batch_size=batch_size, seed=seed,
                             process_index=process_index, process_count=process_count,
-                            start_batch=start_batch, one_pass=one_pass))
+                            start_batch=start_batch, one_pass=one_pass, source=source))
 
 
 def num_examples(data_cfg, split: str = "train") -> int:

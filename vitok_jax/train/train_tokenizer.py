@@ -109,6 +109,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(config.perceptual.trepa_weights, "loss.trepa > 0 needs perceptual.trepa_weights: a "
             "VideoMAE-v2 .npz (videomae.params_from_torch + weights.save)")
     require_choice(config.perceptual.trepa_size, "perceptual.trepa_size", videomae.SIZES)
+  require(video or "fvd" not in config.eval.metrics,
+          f"eval.metrics has fvd, which scores video clips, but data.frames={d.frames} (images); "
+          "drop fvd (rfid scores images)")
   # Set here; that the files exist is checked where the run starts (`train`).
   perceptual_metrics.check_weights(config.eval.metrics, config.eval, exist=False)
   gan.validate(config.gan, config.init_from)
@@ -333,8 +336,10 @@ def jit_eval_step(model, mesh, param_shardings):
 
 def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
              workdir: str | None = None) -> dict:
-  """Held-out PSNR/SSIM/L2 over config.eval_examples examples (all of the eval split if 0), plus
-  the dataset-level metrics of config.eval.metrics (LPIPS, rFID, FID-MNIST, FVD, ...).
+  """Held-out PSNR/SSIM/L2 over config.eval_examples examples (all of the eval split if 0; with P
+  processes rounded up to a multiple of P), plus the dataset-level metrics of config.eval.metrics
+  (LPIPS, rFID, FID-MNIST, FVD, ...). The examples are the first of the eval split's fixed order
+  (data.build_iterator), so runs of any batch size score the same ones.
 
   Every process reads its shard; a short last batch is padded to the static batch and masked.
   Dataset-level metrics combine every process's shard.
@@ -349,8 +354,8 @@ def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
     accumulator = perceptual_metrics.MetricAccumulator(names, networks, sharded=True)
   sums, count, limit = {"psnr": 0.0, "ssim": 0.0, "l2": 0.0}, 0, config.eval_examples or math.inf
   for batch in iterator:
-    x = batch["image"]
-    rows = x.shape[0]
+    rows = min(len(batch["image"]), -(-(limit - count) // jax.process_count()))
+    x = batch["image"][:rows]
     valid = np.arange(local_batch) < rows
     if rows < local_batch:
       x = np.concatenate([x, np.zeros((local_batch - rows, *x.shape[1:]), x.dtype)])
@@ -392,6 +397,7 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   mesh = mesh_lib.make_mesh(config.mesh)
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
+  train_source = data.make_source(config.data, "train")  # A data error before anything is built.
   parts, state, train_step, shardings = setup_training(config, mesh)
   model = parts.model
   logging.info("Mesh %s on %d devices (%d processes)", dict(mesh.shape), jax.device_count(),
@@ -401,7 +407,7 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   first_step = int(state.step)
   # The training stream is a function of (seed, global batch index): resume at the step.
   train_iter = data.build_iterator(config.data, split="train", batch_size=local_batch,
-                                   seed=config.seed, start_batch=first_step)
+                                   seed=config.seed, start_batch=first_step, source=train_source)
 
   eval_step = jit_eval_step(model, mesh, shardings.params)
   writer = (metrics_writer.MetricWriter(workdir, resume_step=int(state.step)) if is_main
