@@ -306,6 +306,31 @@ def test_eval_size_of_a_split_folder_spans_its_classes(tmp_path):
   assert data.num_examples(cfg, "eval") == 12
 
 
+def test_split_folders_share_the_train_folders_class_index(tmp_path, caplog):
+  """An eval folder lacking a class keeps the train folder's labels for the others; a class the
+  train folder lacks, a missing split folder and files beside class folders are reported."""
+  def write(*parts):
+    os.makedirs(tmp_path.joinpath(*parts[:-1]), exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(tmp_path.joinpath(*parts))
+  for cls in ("a", "b", "c"):
+    write("train", cls, "0.png")
+  write("val", "a", "0.png")
+  write("val", "c", "0.png")
+  cfg = _cfg("image_folder", path=str(tmp_path / "{split}"), eval_split="val", res=8)
+  assert list(data.make_source(cfg, "train").labels) == [0, 1, 2]
+  assert list(data.make_source(cfg, "eval").labels) == [0, 2]  # c is 2 in both splits.
+  write("val", "z", "0.png")
+  with pytest.raises(DataError, match=r"class folders \['z'\] are not in the train folder"):
+    data.make_source(cfg, "eval")
+  cfg.eval_split = "validation"
+  with pytest.raises(DataError, match="data.eval_split='validation': no such folder"):
+    data.make_source(cfg, "eval")
+  write("train", "stray.png")
+  with caplog.at_level(logging.WARNING):
+    assert list(data.make_source(cfg, "train").labels) == [0] * 4
+  assert "1 of its 4 files sit at its top" in caplog.text
+
+
 def test_16bit_grayscale_images_are_scaled_not_clipped(tmp_path):
   """A 16-bit PNG's full range maps to 0..255 (PIL's convert would clip all > 255 to white)."""
   levels = np.arange(256, dtype=np.uint16).reshape(16, 16)
@@ -365,6 +390,14 @@ def test_tfds_images_and_video(tfds_dir):
   # Eval takes the middle 7 of 9 frames: 1, 4, 7 -> gray 25, 100, 175.
   np.testing.assert_allclose((batch["image"][0].mean(axis=(1, 2, 3)) + 1) * 127.5,
                              [25, 100, 175], atol=1)
+  # eval_size picks records of a sliced split too (evenly spaced, not a second slice).
+  sliced = cfg.copy_and_resolve_references()
+  sliced.update(eval_split="train[:50%]", eval_size=3)
+  assert data.num_examples(sliced, "eval") == 3
+  # A video too short for the clip names its record.
+  video.frames = 4  # 10 frames at stride 3; the records hold 9.
+  with pytest.raises(DataError, match=r"tfds record \d+ \(video\) has 9 frames; a clip needs 10"):
+    next(data.build_iterator(video, "eval", batch_size=2, **ONE))
 
 
 def test_tfds_errors(tfds_dir, tmp_path):

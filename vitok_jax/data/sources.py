@@ -152,20 +152,32 @@ class VideoClips:
 
 
 class TfdsRecords:
-  """A tfds ArrayRecord data source; features[image_key] is an image or a list of frames."""
+  """A tfds ArrayRecord data source; features[image_key] is an image or a list of frames.
 
-  def __init__(self, source, image_key: str, label_key: str | None):
+  indices: the records it holds (default: all), e.g. an evenly spaced eval_size of them.
+  min_frames: a video record with fewer frames is a DataError naming the record.
+  """
+
+  def __init__(self, source, image_key: str, label_key: str | None, *,
+               indices: np.ndarray | None = None, min_frames: int = 1):
     self.source, self.image_key, self.label_key = source, image_key, label_key
+    self.indices, self.min_frames = indices, min_frames
 
   def __len__(self) -> int:
-    return len(self.source)
+    return len(self.source) if self.indices is None else len(self.indices)
 
   def __getitem__(self, index: int) -> dict:
+    if self.indices is not None:
+      index = int(self.indices[index])
     record = self.source[index]
     x = record[self.image_key]
     x = np.stack(x) if isinstance(x, (list, tuple)) else np.asarray(x)
     if x.ndim == 2:  # A grayscale image stored without a channel axis.
       x = x[..., None]
+    if x.ndim == 4 and len(x) < self.min_frames:
+      raise DataError(f"tfds record {index} ({self.image_key}) has {len(x)} frames; a clip "
+                      f"needs {self.min_frames} (data.frames, data.frame_stride): lower those, "
+                      "or rebuild the dataset without videos that short")
     label = int(record[self.label_key]) if self.label_key else 0
     return {"video" if x.ndim == 4 else "image": x, "label": label}
 
@@ -217,25 +229,49 @@ def scan_folder(path: str, kind: str = "image") -> tuple[list[str], list[str]]:
   return good, bad
 
 
-def _folder_labels(root: str, files: list[str]) -> list[int]:
-  """Label = rank of the top sub-folder name when every file sits in one, else 0."""
+def _folder_labels(root: str, files: list[str], classes_root: str = "") -> list[int]:
+  """Label = rank of a file's top sub-folder name among the class folders (the sub-folders of
+  `classes_root`, default: those holding `files`) when every file sits in one, else 0 for all.
+
+  classes_root: the train folder of a data.path='.../{split}' layout, so both splits share one
+  class index (an eval folder lacking a class would otherwise shift the labels after it).
+  """
   tops = [os.path.relpath(f, root).split(os.sep)[0] for f in files]
-  if any(os.path.isfile(os.path.join(root, t)) for t in tops):
+  at_root = sum(os.path.isfile(os.path.join(root, t)) for t in tops)
+  if at_root:
+    if at_root < len(files):
+      logging.warning("data.path=%s: %d of its %d files sit at its top, beside class folders, so "
+                      "every label is 0; move them into a class folder for class labels", root,
+                      at_root, len(files))
     return [0] * len(files)
-  classes = {c: i for i, c in enumerate(sorted(set(tops)))}
+  names = sorted(set(tops)) if not classes_root else sorted(
+      d for d in os.listdir(classes_root) if os.path.isdir(os.path.join(classes_root, d)))
+  classes = {c: i for i, c in enumerate(names)}
+  if unknown := sorted(set(tops) - set(classes)):
+    raise DataError(f"{root}: class folders {unknown[:_MAX_LISTED]} are not in the train folder "
+                    f"{classes_root}, so they have no label; the splits must share their classes")
   return [classes[t] for t in tops]
+
+
+def _evenly_spaced(n: int, k: int) -> np.ndarray:
+  """k of range(n) spread over it, not the first k: a folder is sorted by class (and a tfds split
+  may be), so a prefix would hold only the first few classes."""
+  return np.linspace(0, n, k, endpoint=False).astype(int)
 
 
 def _folder_split(cfg, split: str, kind: str) -> tuple[str, list[str], list[int]]:
   """Folder, files, labels of `split`: data.path with "{split}", or a held-out 10% of one folder."""
   if "{split}" in cfg.path:
-    folder = cfg.path.format(split=cfg.train_split if split == "train" else cfg.eval_split)
+    field = "train_split" if split == "train" else "eval_split"
+    folder = cfg.path.format(split=cfg[field])
+    if not os.path.isdir(folder):
+      raise DataError(f"data.path={cfg.path} with data.{field}={cfg[field]!r}: no such folder "
+                      f"{folder}; set data.{field} to the name of the {split} folder")
     files, _ = scan_folder(folder, kind)
-    labels = _folder_labels(folder, files)
+    train_folder = cfg.path.format(split=cfg.train_split)  # Its class folders index both splits.
+    labels = _folder_labels(folder, files, train_folder if os.path.isdir(train_folder) else "")
     if split == "eval" and 0 < cfg.eval_size < len(files):
-      # Evenly spaced, not the first eval_size: the files are sorted by class folder, so a prefix
-      # would hold only the first few classes.
-      idx = np.linspace(0, len(files), cfg.eval_size, endpoint=False).astype(int)
+      idx = _evenly_spaced(len(files), cfg.eval_size)
       files, labels = [files[i] for i in idx], [labels[i] for i in idx]
     return folder, files, labels
   files, _ = scan_folder(cfg.path, kind)
@@ -298,8 +334,6 @@ def _tfds(cfg, split: str) -> TfdsRecords:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = _tfds_dir(cfg)
   tfds_split = cfg.train_split if split == "train" else cfg.eval_split
-  if split == "eval" and cfg.eval_size:
-    tfds_split = f"{tfds_split}[:{cfg.eval_size}]"
   try:
     source = tfds.data_source(cfg.tfds_name, split=tfds_split, data_dir=data_dir, download=False)
   except ModuleNotFoundError as e:
@@ -316,7 +350,11 @@ def _tfds(cfg, split: str) -> TfdsRecords:
   if cfg.image_key not in features:
     raise ConfigError(f"data.image_key={cfg.image_key!r} is not a feature of {cfg.tfds_name!r}; "
                       f"choose one of {list(features.keys())}")
-  return TfdsRecords(source, cfg.image_key, "label" if "label" in features else None)
+  indices = None
+  if split == "eval" and 0 < cfg.eval_size < len(source):
+    indices = _evenly_spaced(len(source), cfg.eval_size)
+  return TfdsRecords(source, cfg.image_key, "label" if "label" in features else None,
+                     indices=indices, min_frames=(cfg.frames - 1) * cfg.frame_stride + 1)
 
 
 def _photos_size(cfg, split: str) -> int:
