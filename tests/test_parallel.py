@@ -135,6 +135,22 @@ def test_batch_must_split_over_batch_shards():
     mesh_lib.per_process_batch(10, mesh)
 
 
+def test_a_batch_shard_across_processes_is_a_config_error(monkeypatch):
+  """Each process loads its own rows, so a batch shard (data x fsdp) must sit in one process: a
+  tensor axis across 2 processes would feed them different rows of one "replicated" shard."""
+  class Device:  # 4 devices, 2 per process.
+    def __init__(self, i):
+      self.id, self.process_index = i, i // 2
+
+  devices = lambda shape: np.array([Device(i) for i in range(4)]).reshape(shape)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  across = jax.sharding.Mesh(devices((1, 1, 4)), mesh_lib.AXES)
+  with pytest.raises(ConfigError, match=r"a batch shard spans processes \(mesh.tensor=4"):
+    mesh_lib.per_process_batch(8, across)
+  within = jax.sharding.Mesh(devices((2, 1, 2)), mesh_lib.AXES)  # tensor=2 inside a process.
+  assert mesh_lib.per_process_batch(8, within) == 4
+
+
 def _state_mesh_specs(config):
   """Mesh PartitionSpecs of every train-state leaf, from the logical names and the rule table."""
   parts = train_tokenizer.build_components(config)

@@ -80,6 +80,25 @@ def test_load_networks_with_real_files(tmp_path):
     perceptual_metrics.load_networks(("fvd",), cfg)
 
 
+def test_a_pytorch_file_given_as_weights_says_to_run_the_converter(tmp_path):
+  """torch.save's zip format, a legacy pickle and a bare .npy are no converted .npz: each gets an
+  error naming the converter (not numpy's "allow_pickle" advice or a key mismatch)."""
+  import pickle  # pylint: disable=g-import-not-at-top
+  import zipfile  # pylint: disable=g-import-not-at-top
+  from vitok_jax.models.perceptual import weights  # pylint: disable=g-import-not-at-top
+  with zipfile.ZipFile(tmp_path / "zip.pth", "w") as z:  # torch >= 1.6 layout.
+    z.writestr("archive/data.pkl", pickle.dumps({}))
+    z.writestr("archive/data/0", b"\0" * 16)
+  with open(tmp_path / "legacy.pth", "wb") as f:
+    pickle.dump({"w": np.zeros(3)}, f)
+  np.save(tmp_path / "array.npy", np.zeros(3))
+  for name in ("zip.pth", "legacy.pth", "array.npy"):
+    with pytest.raises(ConfigError, match=r"is not a converted weight file .* `python tools/conv"):
+      weights.load(str(tmp_path / name), "LPIPS weights", "python tools/convert_lpips.py ...")
+  weights.save(str(tmp_path / "ok.npz"), {"a": {"b": np.ones(2)}})
+  np.testing.assert_array_equal(weights.load(str(tmp_path / "ok.npz"), "x", "y")["a"]["b"], 1.0)
+
+
 def test_sharded_accumulators_combine_their_processes_like_one(monkeypatch):
   """Two processes' shards of uneven size, combined through a simulated all-gather (a thread per
   process), give exactly the one-process result; `sharded=False` keeps each its own."""

@@ -102,13 +102,23 @@ def batch_shards(mesh: Mesh) -> int:
 
 
 def per_process_batch(global_batch: int, mesh: Mesh) -> int:
-  """Rows each process loads; raises when the global batch does not split over shards/processes."""
+  """Rows each process loads; raises when the global batch does not split over shards/processes,
+  or when a batch shard spans processes (a tensor axis across hosts), which would have them load
+  the same rows (each process reads its own block of the stream)."""
   shards, processes = batch_shards(mesh), jax.process_count()
   if global_batch % shards or global_batch % processes:
     step = math.lcm(shards, processes)
     raise ConfigError(f"batch_size={global_batch} must be divisible by the {shards} batch shards "
                       f"(mesh data x fsdp) and {processes} processes; use a multiple of {step}, "
                       f"e.g. {max(step, global_batch // step * step)}")
+  if processes > 1 and isinstance(mesh, Mesh):  # Rows: batch shards; columns: their devices.
+    by_shard = np.vectorize(lambda d: d.process_index)(mesh.devices).reshape(shards, -1)
+  if processes > 1 and isinstance(mesh, Mesh) and (by_shard != by_shard[:, :1]).any():
+    raise ConfigError(
+        f"mesh {dict(mesh.shape)}: a batch shard spans processes (mesh.tensor="
+        f"{mesh.shape['tensor']} crosses hosts), so they would need the same rows, but each "
+        f"process loads its own; keep tensor within a process ({jax.local_device_count()} "
+        f"devices) and split processes over data or fsdp (e.g. dcn_data=-1)")
   return global_batch // processes
 
 

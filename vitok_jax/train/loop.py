@@ -31,6 +31,8 @@ def validate_run(config) -> None:
   """Raises ConfigError for the run fields every trainer's config has (batch, steps, cadences,
   checkpoints, optimizer, EMA)."""
   require(config.batch_size >= 1, f"batch_size must be >= 1, got {config.batch_size}")
+  require(config.seed >= 0, f"seed must be >= 0 (it seeds numpy's and grain's streams), got "
+          f"{config.seed}")
   require(config.total_steps >= 1, f"total_steps must be >= 1, got {config.total_steps}")
   for field in ("log_every", "eval_every", "ckpt_every", "keep_ckpts"):
     require(config[field] >= 1, f"{field} must be >= 1, got {config[field]}")

@@ -34,7 +34,17 @@ def load(path: str, what: str, how_to_make: str) -> dict:
   if not path or not os.path.exists(path):
     raise ConfigError(f"{what} not found at {path!r}; make them with `{how_to_make}` "
                       "(nothing is downloaded at run time)")
-  with np.load(path) as f:
+  not_ours = ConfigError(f"{what}: {path!r} is not a converted weight file (a .npz of flax "
+                         f"params); a PyTorch file is read by the converter: `{how_to_make}`")
+  try:
+    f = np.load(path)  # A legacy torch pickle: ValueError (pickled data); a .npy: an array.
+  except (ValueError, OSError, EOFError):
+    raise not_ours from None
+  if not isinstance(f, np.lib.npyio.NpzFile):
+    raise not_ours
+  with f:
+    if any(k.endswith(".pkl") for k in f.files):  # A zip-format torch.save file.
+      raise not_ours
     flat = {k: f[k] for k in f.files}
   return flax.traverse_util.unflatten_dict(flat, sep="/")
 
