@@ -306,6 +306,21 @@ def test_eval_size_of_a_split_folder_spans_its_classes(tmp_path):
   assert data.num_examples(cfg, "eval") == 12
 
 
+def test_the_eval_order_is_one_fixed_permutation_whose_prefix_spans_the_classes():
+  """Eval reads a permutation of the split that no seed or batch size changes, so the first
+  eval_examples of a class-sorted source are a sample of it, and every run scores the same ones."""
+  cfg = _cfg()
+  source = data.make_source(cfg, "eval")
+  ordered = np.argsort(source.labels, kind="stable")  # A class-sorted copy of the eval split.
+  sorted_source = sources.ArraySource(source.images[ordered], source.labels[ordered])
+  runs = [_all(data.build_iterator(cfg, "eval", batch_size=b, seed=s, source=sorted_source,
+                                   **ONE)) for b, s in ((64, 0), (50, 7))]
+  np.testing.assert_array_equal(runs[0][1], runs[1][1])
+  np.testing.assert_array_equal(runs[0][0], runs[1][0])
+  assert sorted(runs[0][1]) == sorted(source.labels)  # Each example once.
+  assert len(set(runs[0][1][:50])) == 10  # The first 50 hold every class, not the first one or two.
+
+
 def test_split_folders_share_the_train_folders_class_index(tmp_path, caplog):
   """An eval folder lacking a class keeps the train folder's labels for the others; a class the
   train folder lacks, a missing split folder and files beside class folders are reported."""

@@ -372,6 +372,28 @@ def test_a_resumed_run_rewrites_the_metric_rows_past_its_checkpoint(tmp_path):
   assert [r["step"] for r in rows] == [5, 10, 15] and rows[-1]["loss"] == 0.25
 
 
+def test_eval_scores_exactly_eval_examples_of_the_fixed_order_at_any_batch_size():
+  """eval_examples=70 at batch 64 or 16: the first 70 examples of the eval order, not 128 or 80
+  (whole batches), so runs of any batch size score the same examples."""
+  from vitok_jax import data  # pylint: disable=g-import-not-at-top
+  mesh = mesh_lib.make_mesh(mesh_lib.default_config(), jax.devices()[:1])
+
+  def eval_step(params, x, valid):  # "psnr": the sum of each valid example's mean pixel.
+    del params
+    means = x.reshape(len(x), -1).mean(axis=1)
+    return x, {"psnr": (means * valid).sum(), "ssim": valid.sum(), "l2": 0.0 * valid.sum()}
+
+  config = tiny_config(**{"eval_examples": 70})
+  images = next(data.build_iterator(config.data, "eval", batch_size=500, process_index=0,
+                                    process_count=1))["image"]
+  want = images[:70].reshape(70, -1).mean(axis=1).mean()
+  for batch in (64, 16):
+    config.batch_size = batch
+    metrics = train_tokenizer.evaluate(eval_step, None, config, mesh)
+    assert metrics["eval/ssim"] == 1.0  # Every counted example valid; none padded in.
+    assert metrics["eval/psnr"] == pytest.approx(want, rel=1e-5)
+
+
 def test_data_and_metric_weights_are_checked_before_training(tmp_path):
   """A negative resolution, or a metric whose weight file is unset or missing, is an error before
   anything is built or written, not at the first evaluation (after hours of training)."""
