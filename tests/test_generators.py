@@ -2,6 +2,7 @@
 the data stream, exact resume, the record, `vitok sample` / `vitok tokenize`, config errors."""
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -145,6 +146,27 @@ def test_fid_mnist_of_samples_that_are_the_held_out_digits_is_zero(tokenizer_dir
   config = generator_config("dit", tokenizer_dirs["gaussian"], **{"eval.num_samples": 500})
   metrics = train_generator.evaluate(family, None, config, None)
   assert abs(metrics["gen/fid_mnist"]) < 1e-3
+
+
+def test_generator_flops_count_attention_whatever_it_runs_as(tokenizer_dirs, tmp_path):
+  """The record's FLOPs are the XLA-attention model's even when attention runs as a kernel (a
+  custom call XLA's cost analysis does not count); the record still says what it ran as."""
+  from vitok_jax.scaling import flops  # pylint: disable=g-import-not-at-top
+  records = {}
+  for impl in ("pallas", "xla"):
+    config = generator_config("dit", tokenizer_dirs["gaussian"], **{"model.attn_impl": impl})
+    family, train_arrays, _ = train_generator.build_family(config, mesh_lib.make_mesh(config.mesh))
+    example = {k: v[:1] for k, v in train_arrays.items()}
+    params = nn.meta.unbox(family.init(jax.random.key(0), example))
+    records[impl] = train_generator.generator_record(
+        config, family, params, wall_time=1.0, metrics={}, workdir=str(tmp_path),
+        examples_per_sec=None, example=example, train_examples=1)
+    if impl == "pallas":  # What XLA counts for the kernel's model itself.
+      as_run = flops.xla_flops(family.forward_fn(), params, example)
+  assert [c["impl"] for c in records["pallas"]["attention_impl"]] == ["pallas_gpu"]  # Interpreted.
+  counted = records["pallas"]["flops_per_example"]["forward_xla"]
+  assert counted == records["xla"]["flops_per_example"]["forward_xla"] > 0
+  assert as_run != counted
 
 
 def test_store_holds_latents_and_is_cached(tokenizer_dirs):

@@ -111,6 +111,15 @@ class Family:
   def build(self, train_store):
     raise NotImplementedError
 
+  @contextlib.contextmanager
+  def model_as(self, model):
+    """Within the block the methods below use `model` (e.g. a clone with other attention)."""
+    saved, self.model = self.model, model
+    try:
+      yield
+    finally:
+      self.model = saved
+
   @property
   def tokens_per_example(self) -> int:
     """The tokenizer's tokens of one example the generator models: its latent grid (DiT before

@@ -331,8 +331,14 @@ def generator_record(config, family, params, *, wall_time, metrics, workdir, exa
   """Run record of a generator: params, FLOPs per example (XLA count of the forward), what its
   attention runs as (each distinct call of the forward), the size of its training set, the
   tokenizer tokens of an example it models (`vitok results` multiplies them into tokens_seen),
-  metrics."""
+  metrics.
+
+  The FLOPs are counted on the model with XLA attention: a cuDNN or Pallas attention (bf16 on a
+  GPU) is a custom call that XLA's cost analysis counts as 0.
+  """
   with kernels.recorded_attention() as attention_calls:
+    jax.eval_shape(family.forward_fn(), params, example)
+  with family.model_as(family.model.clone(attn_impl="xla")):
     forward = flops.xla_flops(family.forward_fn(), params, example)
   tok = family.tokenizer
   return {
