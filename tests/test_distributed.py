@@ -1,5 +1,6 @@
 """Multi-process training on 127.0.0.1 and checkpoints across topologies; launch scripts."""
 import os
+import shlex
 import subprocess
 import sys
 
@@ -103,7 +104,15 @@ def test_slurm_script_runs_one_process_per_gpu_with_the_first_node_as_coordinato
   assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
   srun = [l for l in script.splitlines() if l.startswith("srun ")]
   assert len(srun) == 1 and 'VITOK_PROCESS_ID="$SLURM_PROCID"' in srun[0]
-  assert 'CUDA_VISIBLE_DEVICES="$SLURM_LOCALID"' in srun[0]
+  # Process i takes entry i of the GPUs SLURM gave the job (not GPU i; i where it set none).
+  assert 'export CUDA_VISIBLE_DEVICES="${gpus[$SLURM_LOCALID]:-$SLURM_LOCALID}"' in srun[0]
+  task = shlex.split(srun[0])[-1].split("exec ")[0] + 'echo "$CUDA_VISIBLE_DEVICES"'
+  for given, want in (("4,5,6,7", "6"), (None, "2")):
+    env = {**os.environ, "SLURM_LOCALID": "2"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env.update({"CUDA_VISIBLE_DEVICES": given} if given else {})
+    out = subprocess.run(["bash", "-c", task], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == want, out.stderr
   assert "vitok train --config=vitok:S-B/16,c=16,res=256,data=imagenet --workdir=/scratch/sb16" in srun[0]
   # The script is valid bash.
   path = tmp_path / "job.sbatch"

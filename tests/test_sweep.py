@@ -27,8 +27,10 @@ FAKE_TRAINER = textwrap.dedent("""
     import glob, json, math, os, signal, sys, time
     workdir, calls, sleep = sys.argv[1], sys.argv[2], float(sys.argv[3])
 
-    def preempted(*_):
-      os.makedirs(os.path.join(workdir, "checkpoints", "1"), exist_ok=True)
+    def preempted(*_):  # Saves a step past its last one (it trained in between).
+      steps = os.path.join(workdir, "checkpoints")
+      os.makedirs(steps, exist_ok=True)
+      os.makedirs(os.path.join(steps, str(len(os.listdir(steps)) + 1)))
       sys.exit(0)
     signal.signal(signal.SIGTERM, preempted)
     with open(calls, "a") as f:
@@ -320,6 +322,20 @@ def test_results_keep_swept_values_and_the_sweeps_max_attempts(tmp_path, fake):
   assert "| failed | 1 |" in open(tmp_path / "results.md").read()
 
 
+def test_results_name_finished_runs_a_re_expanded_manifest_left_out(tmp_path, fake, capsys):
+  """Expanded again with other axes, the manifest lists the new runs only; `vitok results` says
+  which finished runs that leaves out of its table."""
+  command, _ = fake
+  runs = sweep.prepare(_sweep((1, 2)), str(tmp_path))
+  sweep.run_local(runs, str(tmp_path), command=command(), log=lambda _: None, poll_s=0.05)
+  assert results.unlisted_runs(str(tmp_path)) == []
+  sweep.prepare(_sweep((4,)), str(tmp_path))
+  assert results.unlisted_runs(str(tmp_path)) == sorted(run.id for run in runs)
+  assert cli.main(["vitok", "results", str(tmp_path)]) == 0
+  assert "NOTE 2 finished run(s) in" in capsys.readouterr().out
+  assert [row["model.channels"] for row in results.gather(str(tmp_path / "runs"))] == [1, 2]
+
+
 def test_generator_rows_name_their_tokenizer(tmp_path):
   """A generator record's E and c are its frozen tokenizer's; empty columns are dropped."""
   for size, loss in (("Mu", 0.8), ("Mi", 0.6)):
@@ -455,10 +471,11 @@ def test_slurm_array_and_log_dirs(tmp_path):
   assert "#SBATCH --array=0-1%2" in script and "#SBATCH --partition=gpu" in script
   assert f"#SBATCH --output={tmp_path}/logs/slurm-%A_%a.out" in script
   assert runs[1].workdir in script and runs[2].workdir in script and runs[0].workdir not in script
-  assert "__VITOK_RUN_DIR__" not in script and "workdir=${VITOK_RUN_DIR}\n" in script
-  assert '"$head_node:$((12355 + SLURM_ARRAY_TASK_ID % 1000))"' in script
+  assert "__VITOK_RUN_DIR__" not in script and 'workdir="${VITOK_RUN_DIR}"\n' in script
+  # Each task its own port: array tasks and other jobs on a node have distinct SLURM_JOB_IDs.
+  assert '"$head_node:$((12355 + SLURM_JOB_ID % 20000))"' in script
   assert f"export VITOK_COMPILATION_CACHE={tmp_path}/compilation_cache" in script
-  assert "--config=" + sweep.RUN_CONFIG + ":${VITOK_RUN_DIR}" in script
+  assert "--config=" + sweep.RUN_CONFIG + ':"${VITOK_RUN_DIR}"' in script
   result = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
   assert result.returncode == 0, result.stderr
   # SLURM opens --output before the script runs: the logs directory is made with the script.
@@ -482,7 +499,8 @@ def test_slurm_script_requeues_a_stopped_run(tmp_path, srun_exit, finished, requ
   (the job would end COMPLETED, which --requeue does not relaunch); finished or failed: not."""
   bin_dir, workdir = tmp_path / "bin", tmp_path / "w"
   bin_dir.mkdir()
-  _script(bin_dir / "srun", f"#!/bin/bash\nexit {srun_exit}\n")
+  # The trainer stand-in saves checkpoint step 5 when it stops (as SIGTERM makes it).
+  _script(bin_dir / "srun", f"#!/bin/bash\nmkdir -p {workdir}/checkpoints/5\nexit {srun_exit}\n")
   _script(bin_dir / "scontrol", f'#!/bin/bash\n[ "$1" = show ] && echo node1\n'
           f'[ "$1" = requeue ] && echo "$@" >> {tmp_path}/requeued\nexit 0\n')
   assert launch_args.main(["slurm", "--config=vitok", f"--workdir={workdir}"]) == 0
@@ -490,13 +508,19 @@ def test_slurm_script_requeues_a_stopped_run(tmp_path, srun_exit, finished, requ
     (workdir / "record.json").write_text("{}")
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42",
              SLURM_JOB_NODELIST="node1", SLURM_NTASKS="1")
-  result = subprocess.run(["bash", str(workdir / "launch.sbatch")], env=env, capture_output=True,
-                          text=True)
+  run = lambda: subprocess.run(["bash", str(workdir / "launch.sbatch")], env=env,
+                               capture_output=True, text=True)
+  result = run()
   assert result.returncode == srun_exit, result.stderr
   assert (tmp_path / "requeued").exists() == requeued
   if requeued:
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "42"]
     assert "requeueing job 42" in result.stderr
+    # The requeued job stops again at step 5, no step trained: it ends instead of looping.
+    os.remove(tmp_path / "requeued")
+    result = run()
+    assert result.returncode == 1 and not (tmp_path / "requeued").exists()
+    assert "stopped again at checkpoint step 5 without training a step" in result.stderr
 
 
 def test_slurm_array_task_books_its_run_like_a_local_sweep(tmp_path):
@@ -533,12 +557,50 @@ def test_slurm_array_task_books_its_run_like_a_local_sweep(tmp_path):
   os.makedirs(os.path.join(workdir, "checkpoints", "100"))  # Pre-empted: exit 0, a checkpoint.
   code, requeued, status = task(0, "saved")
   assert (code, requeued, status["attempts"], status["status"]) == (0, True, 1, "preempted")
+  os.makedirs(os.path.join(workdir, "checkpoints", "200"))  # Trained on, pre-empted again.
+  code, requeued, status = task(0, "saved")
+  assert (code, requeued, status["attempts"], status["preemptions"]) == (0, True, 1, 2)
+  # Pre-empted again at the same step (nothing trained since): an attempt, not a requeue for ever.
+  code, requeued, status = task(0, "saved again")
+  assert (code, requeued, status["attempts"], status["status"]) == (0, False, 2, "failed")
+  assert "pre-empted again at checkpoint step 200" in status["error"]
+  status["attempts"], status["status"] = 1, "preempted"  # Back to one attempt left.
+  sweep._write_json(os.path.join(workdir, sweep.STATUS), status)
   code, requeued, status = task(3, "CUDA error 2")
   assert (code, requeued, status["attempts"]) == (3, False, 2)
   assert sweep.run_status(workdir, 2) == sweep.FAILED and "CUDA error 2" in status["error"]
   with open(os.path.join(workdir, "record.json"), "w") as f:
     f.write("{}")
   assert task(0, "done")[:2] == (0, False)
+
+
+def test_a_slurm_array_task_in_a_directory_with_spaces_gets_its_run_dir_whole(tmp_path):
+  """The run dir reaches the trainer as one argument, and #SBATCH --output is quoted (sbatch ends
+  an argument at unquoted whitespace)."""
+  sweep_dir = tmp_path / "my sweep #1"
+  runs = sweep.prepare(_sweep((1, 2)), str(sweep_dir))
+  path = sweep.write_slurm_array(runs, str(sweep_dir))
+  script = open(path).read()
+  assert f'#SBATCH --output="{sweep_dir}/logs/slurm-%A_%a.out"' in script.splitlines()
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _script(bin_dir / "srun", '#!/bin/bash\nshift\nexec "$@"\n')  # Runs `bash -c ...` itself.
+  _script(bin_dir / "scontrol", '#!/bin/bash\n[ "$1" = show ] && echo node1\nexit 0\n')
+  # The trainer notes its arguments and fails; sweep_book notes its run dir.
+  _script(bin_dir / "vitok", f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/$1.args\n'
+          '[ "$1" = sweep_book ] && echo failed\nexit 1\n')
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="8",
+             SLURM_ARRAY_JOB_ID="7", SLURM_ARRAY_TASK_ID="1", SLURM_JOB_NODELIST="node1",
+             SLURM_NTASKS="1")
+  result = subprocess.run(["bash", path], env=env, capture_output=True, text=True, timeout=60)
+  assert result.returncode == 1, result.stderr
+  train = (tmp_path / "train.args").read_text().splitlines()
+  assert train == ["train", f"--config={sweep.RUN_CONFIG}:{runs[1].workdir}",
+                   f"--workdir={runs[1].workdir}"]
+  assert (tmp_path / "sweep_book.args").read_text().splitlines()[:3] == [
+      "sweep_book", runs[1].workdir, "1"]
+  with pytest.raises(ConfigError, match="cannot hold a double quote"):
+    sweep.render_slurm_array(runs, str(tmp_path / 'a"b'))
 
 
 # Stands in for gcloud: logs each call (argv as JSON); `queued-resources describe` prints the
@@ -560,7 +622,8 @@ FAKE_GCLOUD = textwrap.dedent("""\
     elif args[2:4] == ["queued-resources", "create"] and os.environ.get("FAKE_TPU_EXISTS"):
       sys.exit("ERROR: already exists")
     elif args[2:4] == ["tpu-vm", "ssh"] and os.environ.get("FAKE_SSH_FAIL"):
-      sys.exit(3 if os.environ["FAKE_SSH_FAIL"] in " ".join(args) else 0)
+      failed = os.environ["FAKE_SSH_FAIL"] in " ".join(args)
+      sys.exit(int(os.environ.get("FAKE_SSH_EXIT", 3)) if failed else 0)
 """)
 
 
@@ -731,6 +794,15 @@ def test_tpu_sweep_creates_the_pod_once_then_runs_each_run_on_it(tmp_path, gclou
     assert f"--config=configs/sweeps/_run.py:{run.workdir} --workdir={run.workdir}" in remote
     assert f"test -f {run.workdir}/config.json" in remote
     assert f"VITOK_COMPILATION_CACHE={tmp_path}/compilation_cache" in remote
+  # Run again: a finished run is skipped; an unreachable pod (ssh 255) stops the script and is
+  # no attempt of the run it was to train.
+  (tmp_path / "runs" / runs[0].id / "record.json").write_text("{}")
+  monkeypatch.setenv("FAKE_SSH_EXIT", "255")
+  result = subprocess.run(["bash", path], capture_output=True, text=True)
+  assert result.returncode == 255 and "the pod is unreachable" in result.stderr
+  assert f"run {runs[0].id}: done already" in result.stderr
+  assert sweep.read_status(runs[1].workdir)["attempts"] == 1  # Unchanged.
+  assert [" ".join(call[2:4]) for call in calls()].count("tpu-vm ssh") == 3 + 1
 
 
 def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
@@ -753,9 +825,11 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
   assert f"bash {sweep_dir}/sweep_tpu.sh" in capsys.readouterr().out
   script = open(os.path.join(sweep_dir, "sweep_tpu.sh")).read()
   assert script.count("queued-resources create") == 1 and script.count("--worker=all") == 5
+  manifest = open(os.path.join(sweep_dir, "sweep.json")).read()
   assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--target=tpu",
                    "--job=tpu_name=pod,zone=z,accelerator_type=v3-8"]) == 2
   assert "--job=runtime_version=tpu-ubuntu2204-base to `vitok sweep" in capsys.readouterr().err
+  assert open(os.path.join(sweep_dir, "sweep.json")).read() == manifest  # Refused before writing.
 
 
 @pytest.mark.parametrize("args, says", [
@@ -764,11 +838,22 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
     (["sweep", "bottleneck:res=abc"], "res='abc' in bottleneck:'res=abc' must be an integer"),
     (["sweep", "encoder_decoder:gpu"], "the argument is one of ['cpu', 'imagenet']"),
     (["sweep", "quickstart", "--target=slurm", "--job=gpus_per_node=abc"], "takes an integer"),
-    (["sweep", "quickstart", "--target=slurm", "--job=workdir=x"], "with a key from ['command'"),
-    (["sweep", "quickstart", "--target=slurm", "--job=compilation_cache=x"], "with a key from"),
+    (["sweep", "quickstart", "--target=slurm", "--job=workdir=x"],
+     "'workdir' is no job field; use one from ['command'"),
+    (["sweep", "quickstart", "--target=slurm", "--job=compilation_cache=x"], "is no job field"),
     (["sweep", "quickstart", "--target=slurm", "--job=nodes=0"], "nodes=0"),
     (["sweep", "quickstart", "--target=slurm", "--job=max_parallel=-1"], "must be >= 0"),
-    (["sweep", "quickstart", "--target=tpu", "--job=max_parallel=2"], "with a key from"),
+    (["sweep", "quickstart", "--target=slurm", "--job=time=00:01:30"],
+     "time='00:01:30': the trainer is told to save 120 s before the limit"),
+    (["sweep", "quickstart", "--target=slurm", "--job=time=banana"], "is no SLURM time limit"),
+    (["sweep", "quickstart", "--target=slurm", "--job=coordinator_port=99999"],
+     "coordinator_port=99999: use 1024..45535"),
+    (["sweep", "quickstart", "--target=slurm", "--job=cpus_per_task=0"], "cpus_per_task=0 >= 1"),
+    (["sweep", "SLURM_TYPO", "--target=slurm"],
+     "sweep.slurm gpu_per_node=1: 'gpu_per_node' is no job field"),
+    (["sweep", "SLURM_STR", "--target=slurm"], "sweep.slurm gpus_per_node='two': gpus_per_node "
+     "takes an integer"),
+    (["sweep", "quickstart", "--target=tpu", "--job=max_parallel=2"], "is no job field"),
     (["sweep", "quickstart", "--target=tpu", "--job=tpu_name=p"],
      "needs --job=tpu_name=NAME,zone=ZONE,accelerator_type=TYPE; missing ['zone', "),
     (["sweep", "quickstart", "--job=partition=gpu", "--dry_run"],
@@ -803,7 +888,17 @@ def test_cli_bad_arguments_say_what_to_change(tmp_path, capsys, args, says):
         sweep.axes = [("product", {"mesh.data": [3]})]
         return sweep
   """))
-  args = [nope if arg == "NOPE" else str(tmp_path / "mesh3.py") if arg == "MESH3" else arg
+  for name, slurm in (("slurm_typo", "dict(gpu_per_node=1)"),
+                      ("slurm_str", "{'gpus_per_node': 'two'}")):
+    (tmp_path / f"{name}.py").write_text(textwrap.dedent(f"""
+        import ml_collections
+        def get_config(arg=""):
+          return ml_collections.ConfigDict(dict(
+              base="vitok:Mu-Mu/4,res=16,data=mnist,batch=6,steps=2",
+              axes=[("product", {{"model.channels": [2]}})], slurm={slurm}))
+    """))
+  files = {"MESH3": "mesh3.py", "SLURM_TYPO": "slurm_typo.py", "SLURM_STR": "slurm_str.py"}
+  args = [nope if arg == "NOPE" else str(tmp_path / files[arg]) if arg in files else arg
           for arg in args]
   says = says.replace("NOPE", nope)
   if args[0] == "sweep":

@@ -262,17 +262,22 @@ def _job_fields(sweep, spec: str, sweep_dir: str) -> dict[str, Any]:
   settable = [key for key in fields if key not in _SWEEP_JOB_FIELDS]
   if FLAGS.target == "slurm":  # The job array's limit on tasks running at once (0: none).
     settable.append("max_parallel")
-  job = dict(sweep.get("slurm", None) or {}) if FLAGS.target == "slurm" else {}
+  given = [(f"sweep.slurm {key}={value!r}", key, value) for key, value in (
+      dict(sweep.get("slurm", None) or {}) if FLAGS.target == "slurm" else {}).items()]
   for item in FLAGS.job:
     key, sep, value = item.partition("=")
-    if not sep or key not in settable:
+    if not sep:
       raise ConfigError(f"--job {item!r}: use key=value with a key from {settable}")
-    if key == "max_parallel" or fields[key].type == "int":
-      try:
-        value = int(value)
-      except ValueError:
-        raise ConfigError(f"--job {item!r}: {key} takes an integer") from None
-    job[key] = value
+    given.append((f"--job {item!r}", key, value))
+  job = {}
+  for where, key, value in given:  # The sweep file's, then --job's (which win).
+    if key not in settable:
+      raise ConfigError(f"{where}: {key!r} is no job field; use one from {settable}")
+    integer = key == "max_parallel" or fields[key].type == "int"
+    try:
+      job[key] = int(value) if integer else str(value)
+    except (TypeError, ValueError):
+      raise ConfigError(f"{where}: {key} takes an integer") from None
   missing = [key for key in _TPU_JOB_FIELDS if FLAGS.target == "tpu" and not job.get(key)]
   if missing:
     raise ConfigError(f"--target=tpu needs --job=tpu_name=NAME,zone=ZONE,accelerator_type=TYPE; "
@@ -280,8 +285,11 @@ def _job_fields(sweep, spec: str, sweep_dir: str) -> dict[str, Any]:
   if job.get("max_parallel", 0) < 0:
     raise ConfigError(f"--job max_parallel={job['max_parallel']}: must be >= 0 (0: no limit)")
   # Raises ConfigError for bad values.
-  jobspec.JobSpec(config=spec, workdir=sweep_dir,
-                  **{k: v for k, v in job.items() if k != "max_parallel"})
+  checked = jobspec.JobSpec(config=spec, workdir=sweep_dir,
+                            **{k: v for k, v in job.items() if k != "max_parallel"})
+  if FLAGS.target == "tpu":  # An accelerator without a known runtime: before anything is written.
+    from vitok_jax.launch import tpu  # pylint: disable=g-import-not-at-top
+    tpu.runtime_version(checked)
   return job
 
 
@@ -307,6 +315,10 @@ def _cmd_results(args: list[str]) -> int:
       "flops_forward", "params_bottleneck", "tokens_per_example")]))
   for line in results.flags(rows):
     print(f"FLAG {line}")
+  if unlisted := results.unlisted_runs(args[0]):
+    print(f"NOTE {len(unlisted)} finished run(s) in {args[0]}/runs are not in this sweep's "
+          f"manifest (expanded again with other axes), so not in the table or fits: "
+          f"{unlisted[:5]}; `vitok results {args[0]}/runs` tables every run")
   print(f"wrote {args[0]}/results.csv and results.md")
   return 0
 
@@ -320,7 +332,7 @@ def _cmd_sweep_book(args: list[str]) -> int:
   sweep_dir = os.path.dirname(os.path.dirname(os.path.abspath(args[0])))  # SWEEP_DIR/runs/ID.
   max_attempts = (FLAGS.max_attempts if FLAGS.max_attempts is not None else
                   sweep_lib.read_manifest(sweep_dir).get("max_attempts", 2))
-  print(sweep_lib.finish(args[0], int(args[1]), max_attempts, *args[2:]))
+  print(sweep_lib.book(args[0], int(args[1]), max_attempts, *args[2:]))
   return 0
 
 

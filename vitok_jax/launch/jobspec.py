@@ -4,9 +4,16 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
+from typing import Mapping
 
 from vitok_jax import config_lib
 from vitok_jax.errors import ConfigError
+
+# A SLURM job's coordinator port: coordinator_port + SLURM_JOB_ID modulo this, so jobs (and array
+# tasks, each its own job id) sharing a node do not collide.
+PORT_SPREAD = 20000
+# The trainer's warning before a SLURM time limit (#SBATCH --signal=TERM@120): it saves then.
+SIGNAL_LEAD_S = 120
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +52,15 @@ class JobSpec:
     if self.gpus_per_node and self.processes_per_node not in (1, self.gpus_per_node):
       raise ConfigError(f"processes_per_node={self.processes_per_node} must be 1 (one process "
                         f"drives all {self.gpus_per_node} GPUs) or gpus_per_node (one per GPU)")
+    if self.gpus_per_node < 0 or self.cpus_per_task < 1:
+      raise ConfigError(f"gpus_per_node={self.gpus_per_node} must be >= 0 and cpus_per_task="
+                        f"{self.cpus_per_task} >= 1")
+    if not 1024 <= self.coordinator_port <= 65535 - PORT_SPREAD:
+      raise ConfigError(f"coordinator_port={self.coordinator_port}: use 1024.."
+                        f"{65535 - PORT_SPREAD} (a SLURM job adds its job id modulo {PORT_SPREAD})")
+    if slurm_seconds(self.time) <= 2 * SIGNAL_LEAD_S:
+      raise ConfigError(f"time={self.time!r}: the trainer is told to save {SIGNAL_LEAD_S} s before "
+                        f"the limit, so give a job more than {2 * SIGNAL_LEAD_S} s")
     config_lib.check_workdir(self.workdir)
     if self.repo_ref and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._/-]*", self.repo_ref):
       raise ConfigError(f"repo_ref={self.repo_ref!r}: a commit, tag or branch name (letters, "
@@ -66,8 +82,13 @@ class JobSpec:
     return ["vitok", self.command, f"--config={self.config}", f"--workdir={self.workdir}",
             *self.overrides, *extra]
 
-  def shell_command(self, *extra: str) -> str:
-    return " ".join(shlex.quote(a) for a in self.vitok_args(*extra))
+  def shell_command(self, *extra: str, variables: Mapping[str, str] | None = None) -> str:
+    """The job's command line, each argument quoted for bash.
+
+    variables: {token: NAME}: a token within an argument becomes "${NAME}", which the shell running
+    the command expands (quoted: a value with spaces stays one argument).
+    """
+    return " ".join(_quote(a, variables or {}) for a in self.vitok_args(*extra))
 
   def check_config(self) -> None:
     """Loads the job's config as its processes will (with the overrides) and raises ConfigError
@@ -84,6 +105,29 @@ class JobSpec:
     if self.compilation_cache:
       env["VITOK_COMPILATION_CACHE"] = self.compilation_cache
     return env
+
+
+def slurm_seconds(time: str) -> int:
+  """A SLURM time limit in seconds: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+  match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(time))
+  if not match:
+    raise ConfigError(f"time={time!r} is no SLURM time limit; use HH:MM:SS, D-HH:MM:SS or MM")
+  days, *parts = match.groups()
+  parts = [int(p) for p in parts if p is not None]
+  if days is not None:  # D-HH[:MM[:SS]]
+    parts += [0] * (3 - len(parts))
+    return ((int(days) * 24 + parts[0]) * 60 + parts[1]) * 60 + parts[2]
+  if len(parts) == 3:
+    return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+  return parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)  # MM or MM:SS
+
+
+def _quote(arg: str, variables: Mapping[str, str]) -> str:
+  for token, name in variables.items():
+    if token in arg:
+      return f'"${{{name}}}"'.join(_quote(part, variables) if part else ""
+                                   for part in arg.split(token))
+  return shlex.quote(arg)
 
 
 def check_mesh(mesh_cfg, *, nodes: int, gpus_per_node: int) -> None:

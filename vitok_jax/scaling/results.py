@@ -155,6 +155,16 @@ def to_markdown(rows: Sequence[dict], keep: Sequence[str] | None = None) -> str:
   return "\n".join(lines)
 
 
+def unlisted_runs(sweep_dir: str) -> list[str]:
+  """Finished runs under SWEEP_DIR/runs that the sweep's manifest does not list (it was expanded
+  again with other axes since): `gather` leaves them out of the table and the fits."""
+  if not os.path.exists(os.path.join(sweep_dir, sweep_lib.MANIFEST)):
+    return []
+  listed = {run["id"] for run in sweep_lib.read_manifest(sweep_dir)["runs"]}
+  found = glob.glob(os.path.join(sweep_dir, "runs", "*", "record.json"))
+  return sorted(set(os.path.basename(os.path.dirname(p)) for p in found) - listed)
+
+
 def flags(rows: Sequence[dict]) -> list[str]:
   """One line per run that did not finish cleanly (diverged, failed, still pending)."""
   return [f"{row['id']}: {row['status']}" + (f" ({row['error'][0]})" if row.get("error") else "")

@@ -224,9 +224,10 @@ def read_manifest(sweep_dir: str) -> dict:
 
 
 def _write_json(path: str, value) -> None:
-  with open(path + ".tmp", "w") as f:
+  tmp = f"{path}.{os.getpid()}.tmp"  # Its own per writer: two never share a half-written file.
+  with open(tmp, "w") as f:
     json.dump(value, f, indent=1, sort_keys=True, default=str)
-  os.replace(path + ".tmp", path)
+  os.replace(tmp, path)
 
 
 def read_status(workdir: str) -> dict:
@@ -422,10 +423,17 @@ def _raise_interrupt(signum, frame):
   raise KeyboardInterrupt
 
 
-def has_checkpoint(workdir: str) -> bool:
-  """Whether workdir/checkpoints holds a committed orbax step directory (named by its step)."""
+def checkpoint_step(workdir: str) -> int | None:
+  """The newest committed orbax step directory (named by its step) of workdir/checkpoints."""
   directory = os.path.join(workdir, "checkpoints")
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
+  steps = [int(n) for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+  return max(steps, default=None)
+
+
+def book(workdir: str, returncode: int, max_attempts: int, log: str = "") -> str:
+  """`finish` under the run's lock (`vitok sweep_book`: a SLURM task or the TPU script)."""
+  with _locked(workdir):
+    return finish(workdir, returncode, max_attempts, log)
 
 
 def finish(workdir: str, returncode: int, max_attempts: int, log: str = "") -> str:
@@ -435,21 +443,27 @@ def finish(workdir: str, returncode: int, max_attempts: int, log: str = "") -> s
 
   The trainer writes record.json only at the end of a finished run; on SIGTERM it saves a
   checkpoint and exits 0 without one. So exit 0 + checkpoint + no record = pre-empted: pending,
-  no attempt used. Any other exit without a record is a failed attempt.
+  no attempt used. Any other exit without a record is a failed attempt, and so is a second
+  pre-emption at the same checkpoint step (no step trained in between: e.g. a time limit shorter
+  than start-up, which would otherwise requeue the job for ever).
   """
   if os.path.exists(os.path.join(workdir, "record.json")):
     return DONE
   state = read_status(workdir)
   state["returncode"] = returncode
-  if returncode == 0 and has_checkpoint(workdir):
-    state["status"] = PREEMPTED
-    state["preemptions"] = state.get("preemptions", 0) + 1
+  step = checkpoint_step(workdir)
+  stalled = state.get("status") == PREEMPTED and state.get("preempted_at_step") == step
+  if returncode == 0 and step is not None and not stalled:
+    state.update(status=PREEMPTED, preempted_at_step=step,
+                 preemptions=state.get("preemptions", 0) + 1)
     _write_json(os.path.join(workdir, STATUS), state)
     return run_status(workdir, max_attempts)
   log = log or os.path.join(workdir, "sweep.log")
   tail = _log_tail(log) if os.path.exists(log) else f"(no log at {log})"
   if returncode == 0:
-    tail += "\nexited 0 without record.json or a checkpoint"
+    tail += ("\nexited 0 without record.json or a checkpoint" if step is None else
+             f"\npre-empted again at checkpoint step {step}, no step trained since the last stop "
+             "(a time limit shorter than start-up plus a checkpoint interval?)")
   state["attempts"] = state.get("attempts", 0) + 1
   state["status"] = DIVERGED if "TrainingDiverged" in tail else FAILED
   state["error"] = tail[-600:]
@@ -485,22 +499,22 @@ def render_slurm_array(runs: Sequence[Run], sweep_dir: str, *, max_parallel: int
   spec = _job_spec(f"{RUN_CONFIG}:{placeholder}", placeholder, sweep_dir,
                    job_name=job_fields.pop("job_name", "vitok-sweep"), **job_fields)
   logs = os.path.join(os.path.abspath(sweep_dir), "logs")
+  # The inner `bash -c '...'` expands the exported VITOK_RUN_DIR in the trainer's arguments.
   script = slurm.render_sbatch(spec, sweep_log=shlex.quote(logs) + (
-      '"/slurm-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}.out"'))
+      '"/slurm-${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}.out"'),
+                               variables={placeholder: "VITOK_RUN_DIR"})
   script = script.replace(f"#SBATCH --output={placeholder}/logs/slurm-%j.out",
-                          f"#SBATCH --output={logs}/slurm-%A_%a.out\n"
+                          f"#SBATCH --output={slurm.sbatch_value(logs + '/slurm-%A_%a.out')}\n"
                           f"#SBATCH --array=0-{len(runs) - 1}"
                           + (f"%{max_parallel}" if max_parallel else ""))
   dirs = " ".join(shlex.quote(run.workdir) for run in runs)
   select = (f"run_dirs=({dirs})\n"
             'export VITOK_RUN_DIR="${run_dirs[$SLURM_ARRAY_TASK_ID]}"\n')
   script = script.replace("set -euo pipefail\n", "set -euo pipefail\n" + select)
-  # Array tasks sharing a node need distinct coordinator ports.
-  port = spec.coordinator_port
-  script = script.replace(f'"$head_node:{port}"',
-                          f'"$head_node:$(({port} + SLURM_ARRAY_TASK_ID % 1000))"')
-  # The inner `bash -c '...'` expands the exported variable for every task.
-  return script.replace(placeholder, "${VITOK_RUN_DIR}")
+  script = script.replace(f"workdir={placeholder}\n", 'workdir="${VITOK_RUN_DIR}"\n')
+  if placeholder in script:
+    raise AssertionError(f"{placeholder} left in the sweep's sbatch script")
+  return script
 
 
 def write_slurm_array(runs: Sequence[Run], sweep_dir: str, **job_fields) -> str:
@@ -521,10 +535,11 @@ def tpu_commands(runs: Sequence[Run], sweep_dir: str, **job_fields) -> list[str]
   waited on until ACTIVE, the repository installed with repo_url), then each run is one
   `ssh --worker=all ... vitok_jax.cli train` of its config; a failed run is reported and the next
   one starts; each run's output is appended to its sweep.log and its exit booked
-  (`vitok sweep_book`). sweep_dir must be on a file system every worker mounts at the same path
-  (NFS, Filestore, gcsfuse): the workers read each run's config.json there and write its
-  checkpoints and record.json there, which this machine reads back; each job checks that its
-  config is visible.
+  (`vitok sweep_book`). A finished run is skipped (the script run again); an unreachable pod (ssh
+  exit 255) stops the script without booking an attempt. sweep_dir must be on a file system every
+  worker mounts at the same path (NFS, Filestore, gcsfuse): the workers read each run's
+  config.json there and write its checkpoints and record.json there, which this machine reads
+  back; each job checks that its config is visible.
   """
   from vitok_jax.launch import tpu
   sweep_dir = os.path.abspath(sweep_dir)
@@ -537,15 +552,22 @@ def tpu_commands(runs: Sequence[Run], sweep_dir: str, **job_fields) -> list[str]
            f"# vitok sweep: {len(runs)} run(s) in turn on TPU pod {pod.tpu_name}; {sweep_dir} must "
            "be mounted at that path on every worker.",
            tpu.provision_command(pod)]
+  unreachable = ("vitok sweep: the pod is unreachable (ssh exit 255); stopping without booking "
+                 "it as an attempt: run `vitok sweep ... --target=tpu` again once it is back")
   for run, spec in zip(runs, specs):
     log = shlex.quote(os.path.join(run.workdir, "sweep.log"))
     lines += [f"# {run.id}",
-              tpu.job_command(spec, require=[os.path.join(run.workdir, "config.json")])
+              f"if [ -f {shlex.quote(os.path.join(run.workdir, 'record.json'))} ]; then",
+              f'  echo "vitok sweep: run {run.id}: done already" >&2',  # A script run again.
+              "else",
+              "  " + tpu.job_command(spec, require=[os.path.join(run.workdir, "config.json")])
               + f" 2>&1 | tee -a {log}",
-              "rc=${PIPESTATUS[0]}",
+              "  rc=${PIPESTATUS[0]}",
+              f'  if [ "$rc" = 255 ]; then echo {shlex.quote(unreachable)} >&2; exit 255; fi',
               # Booked as a local sweep books it: attempts, the error's tail, pre-emptions.
-              f'echo "vitok sweep: run {run.id}: $(vitok sweep_book {shlex.quote(run.workdir)} '
-              '"$rc") (exit $rc)" >&2']
+              f'  echo "vitok sweep: run {run.id}: $(vitok sweep_book {shlex.quote(run.workdir)} '
+              '"$rc") (exit $rc)" >&2',
+              "fi"]
   done = f"vitok sweep: done; vitok results {sweep_dir} reads the records"
   lines += [f"echo {shlex.quote(done)}", f"# Release the pod: {tpu.release_command(pod)}"]
   return lines
