@@ -3,6 +3,7 @@
 Convention (shared/REFERENCE.md, "FLOPs convention"): a matmul [m, k] x [k, n] costs 2·m·n·k
 FLOPs; self-attention costs 4·S²·D per layer and example (QKᵀ and AV, D = heads·head_dim), halved
 for causal attention; a training step costs 3 × the forward pass (forward + 2 × for the backward).
+The ViTok paper's "GFLOPs" count multiply-adds: its S-B/16 at 256p, 34.8, is 69.5 GFLOPs here.
 
 Only matmuls are counted. Norms, biases, activations, RoPE, softmax, residual adds and the
 bottleneck's sampling/KL are elementwise, O(tokens·width) (softmax O(S²·heads)), and left out; they
@@ -184,6 +185,8 @@ def train_flops_per_example(model: tokenizer.ViTok, pixel_shape: Sequence[int]) 
   """Training FLOPs of one example: 3 × the forward total (backward ≈ 2 × forward).
 
   Rematerialisation (model.remat) recomputes the forward but is not counted, as MFU conventions go.
+  Frozen loss networks (LPIPS's VGG at loss.lpips > 0, ~40 GFLOPs per 256² image forward) and a GAN
+  discriminator are not counted either: this is the tokenizer's own compute.
   """
   return 3 * tokenizer_forward_flops(model, pixel_shape)["total"]
 
