@@ -394,6 +394,26 @@ def test_eval_scores_exactly_eval_examples_of_the_fixed_order_at_any_batch_size(
     assert metrics["eval/psnr"] == pytest.approx(want, rel=1e-5)
 
 
+def test_a_resumed_run_whose_train_split_changed_size_is_warned_about(tmp_path, caplog):
+  """The data stream is a function of the split: images added to data.path between launches
+  change it, which the resumed run says; the record keeps the split's size."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  def add_images(start, count):
+    for i in range(start, start + count):
+      Image.fromarray(np.full((16, 16), 8 * i, np.uint8)).save(tmp_path / "images" / f"{i}.png")
+  os.makedirs(tmp_path / "images")
+  add_images(0, 20)
+  overrides = {"data.name": "image_folder", "data.path": str(tmp_path / "images"),
+               "eval_examples": 2}
+  workdir = str(tmp_path / "run")
+  train_tokenizer.train(tiny_config(steps=2, **overrides), workdir)
+  assert record_lib.read(workdir)["train_examples"] == 18  # 20 less the held-out 10%.
+  add_images(20, 10)
+  with caplog.at_level("WARNING"):
+    train_tokenizer.train(tiny_config(steps=4, **overrides), workdir)
+  assert "the train split had 18 examples when" in caplog.text and "has 27 now" in caplog.text
+
+
 def test_data_and_metric_weights_are_checked_before_training(tmp_path):
   """A negative resolution, or a metric whose weight file is unset or missing, is an error before
   anything is built or written, not at the first evaluation (after hours of training)."""

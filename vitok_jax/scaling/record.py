@@ -15,8 +15,10 @@ from vitok_jax.scaling import flops
 
 def tokenizer_record(config: ml_collections.ConfigDict, model, params, pixel_shape,
                      *, wall_time: float, metrics: dict, workdir: str,
-                     examples_per_sec: float | None = None) -> dict:
-  """Run record of a tokenizer: sizes, E = tokens × c, FLOPs (analytic and XLA), timing, metrics.
+                     examples_per_sec: float | None = None,
+                     train_examples: int | None = None) -> dict:
+  """Run record of a tokenizer: sizes, E = tokens × c, FLOPs (analytic and XLA), timing, the size
+  of its train split, metrics.
 
   `params` may be abstract (jax.ShapeDtypeStruct leaves): only shapes are read.
   """
@@ -39,6 +41,7 @@ def tokenizer_record(config: ml_collections.ConfigDict, model, params, pixel_sha
       "attention_impl": attention_impl(model, pixel_shape),
       "quantizer_impl": quantizer_impl(model),
       "tokens_per_example": tokens,
+      "train_examples": train_examples,
       "c": model.latent_channels,
       "E": tokens * model.latent_channels,
       "code_bits": flops.code_bits_per_example(model, pixel_shape),  # None when continuous.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import math
 import os
@@ -363,7 +364,7 @@ def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
     if accumulator is not None or (image_path is not None and count == 0):
       local_recon = loop.local_rows(recon)[:rows]
       if image_path is not None and count == 0:
-        n = config.num_visualize
+        n = min(config.num_visualize, rows)  # Not the padding of a short batch.
         visualize.save_reconstructions(image_path, x[:n], local_recon[:n])
       if accumulator is not None:
         accumulator.update(real=x[:rows], fake=local_recon)
@@ -379,6 +380,29 @@ def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
   if accumulator is not None:
     metrics.update(accumulator.result())
   return metrics
+
+
+# In a tokenizer run: {"train_examples": N}, the size of the train split when it began.
+DATA_FILE = "data.json"
+
+
+def _check_train_examples(workdir: str, train_examples: int, step: int, is_main: bool) -> None:
+  """Warns when a resumed run's train split changed size since the run began (files added to
+  data.path, say): the data stream is a function of the split, so the run no longer continues the
+  stream it was on. Notes the size when the run begins."""
+  path = os.path.join(workdir, DATA_FILE)
+  if step and os.path.exists(path):
+    with open(path) as f:
+      began_with = json.load(f)["train_examples"]
+    if began_with != train_examples:
+      logging.warning("the train split had %d examples when %s began and has %d now: from step %d "
+                      "the run reads another data stream than it was on", began_with, workdir,
+                      train_examples, step)
+    return
+  if is_main:
+    with open(path + ".tmp", "w") as f:
+      json.dump({"train_examples": train_examples}, f)
+    os.replace(path + ".tmp", path)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -405,6 +429,7 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
 
   is_main, ckpt, state, clock = loop.open_run(config, workdir, state)
   first_step = int(state.step)
+  _check_train_examples(workdir, len(train_source), first_step, is_main)
   # The training stream is a function of (seed, global batch index): resume at the step.
   train_iter = data.build_iterator(config.data, split="train", batch_size=local_batch,
                                    seed=config.seed, start_batch=first_step, source=train_source)
@@ -438,7 +463,7 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   record = record_lib.tokenizer_record(
       config, model, jax.eval_shape(lambda p: p, state.params), pixel_shape(config),
       wall_time=clock.seconds(), metrics=eval_metrics, workdir=workdir,
-      examples_per_sec=last_rate)
+      examples_per_sec=last_rate, train_examples=len(train_source))
   if is_main:
     record_lib.write(record, workdir)
     writer.close()
