@@ -523,6 +523,29 @@ def test_slurm_script_requeues_a_stopped_run(tmp_path, srun_exit, finished, requ
     assert "stopped again at checkpoint step 5 without training a step" in result.stderr
 
 
+def test_a_slurm_task_claims_its_run_so_no_other_sweep_trains_it_at_once(tmp_path, fake):
+  """A task's lease makes its run "running" to every other sweep (another array, a local sweep)
+  until it books the exit or the job's time is up; its own job, requeued, takes it again."""
+  runs = sweep.prepare(_sweep((1, 2)), str(tmp_path))
+  workdir = runs[0].workdir
+  assert sweep.claim_for_job(workdir, 2, "7", 3600) == "claimed"
+  assert sweep.run_status(workdir, 2) == sweep.RUNNING
+  assert sweep.claim_for_job(workdir, 2, "8", 3600) == sweep.RUNNING  # Another job's task.
+  assert sweep.claim_for_job(workdir, 2, "7", 3600) == "claimed"  # Job 7 requeued.
+  command, launched = fake
+  status = sweep.run_local(runs, str(tmp_path), command=command(), log=lambda _: None,
+                           poll_s=0.05)
+  assert status == {runs[0].id: sweep.RUNNING, runs[1].id: sweep.DONE}
+  assert runs[0].id not in launched()
+  assert sweep.claim_for_job(runs[1].workdir, 2, "9", 3600) == sweep.DONE
+  assert sweep.book(workdir, 1, 2) == sweep.PENDING  # Booking ends the lease.
+  assert not os.path.exists(os.path.join(workdir, sweep.LEASE))
+  assert sweep.claim_for_job(workdir, 2, "9", 0) == "claimed"  # A lease whose time is up ...
+  assert sweep.run_status(workdir, 2) == sweep.PENDING  # ... holds nothing.
+  assert cli.main(["vitok", "sweep_claim", workdir, "10", "60"]) == 0
+  assert sweep.run_status(workdir, 2) == sweep.RUNNING
+
+
 def test_slurm_array_task_books_its_run_like_a_local_sweep(tmp_path):
   """An array task records each trainer exit in the run's sweep_status.json (as `vitok results`
   reads it) and requeues itself while the run is pending: a pre-emption, or a failure with an
@@ -586,9 +609,9 @@ def test_a_slurm_array_task_in_a_directory_with_spaces_gets_its_run_dir_whole(tm
   bin_dir.mkdir()
   _script(bin_dir / "srun", '#!/bin/bash\nshift\nexec "$@"\n')  # Runs `bash -c ...` itself.
   _script(bin_dir / "scontrol", '#!/bin/bash\n[ "$1" = show ] && echo node1\nexit 0\n')
-  # The trainer notes its arguments and fails; sweep_book notes its run dir.
+  # The trainer notes its arguments and fails; sweep_claim claims, sweep_book books a failure.
   _script(bin_dir / "vitok", f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/$1.args\n'
-          '[ "$1" = sweep_book ] && echo failed\nexit 1\n')
+          'case "$1" in sweep_claim) echo claimed;; sweep_book) echo failed;; *) exit 1;; esac\n')
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="8",
              SLURM_ARRAY_JOB_ID="7", SLURM_ARRAY_TASK_ID="1", SLURM_JOB_NODELIST="node1",
              SLURM_NTASKS="1")
@@ -599,6 +622,8 @@ def test_a_slurm_array_task_in_a_directory_with_spaces_gets_its_run_dir_whole(tm
                    f"--workdir={runs[1].workdir}"]
   assert (tmp_path / "sweep_book.args").read_text().splitlines()[:3] == [
       "sweep_book", runs[1].workdir, "1"]
+  assert (tmp_path / "sweep_claim.args").read_text().splitlines() == [
+      "sweep_claim", runs[1].workdir, "8", str(24 * 3600)]  # The lease lasts the job's time.
   with pytest.raises(ConfigError, match="cannot hold a double quote"):
     sweep.render_slurm_array(runs, str(tmp_path / 'a"b'))
 

@@ -329,10 +329,27 @@ def _cmd_sweep_book(args: list[str]) -> int:
   if len(args) not in (2, 3) or not args[1].lstrip("-").isdigit():
     raise ConfigError("usage: vitok sweep_book RUN_DIR RETURNCODE [LOG] (the SLURM and TPU "
                       "sweep scripts call it after each run)")
-  sweep_dir = os.path.dirname(os.path.dirname(os.path.abspath(args[0])))  # SWEEP_DIR/runs/ID.
-  max_attempts = (FLAGS.max_attempts if FLAGS.max_attempts is not None else
-                  sweep_lib.read_manifest(sweep_dir).get("max_attempts", 2))
-  print(sweep_lib.book(args[0], int(args[1]), max_attempts, *args[2:]))
+  print(sweep_lib.book(args[0], int(args[1]), _run_max_attempts(args[0]), *args[2:]))
+  return 0
+
+
+def _run_max_attempts(run_dir: str) -> int:
+  """--max_attempts, else the one the manifest of the run's sweep (SWEEP_DIR/runs/ID) records."""
+  from vitok_jax.scaling import sweep as sweep_lib
+  if FLAGS.max_attempts is not None:
+    return FLAGS.max_attempts
+  sweep_dir = os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
+  return sweep_lib.read_manifest(sweep_dir).get("max_attempts", 2)
+
+
+def _cmd_sweep_claim(args: list[str]) -> int:
+  """A SLURM array task's claim on its run (RUN_DIR JOB_ID SECONDS): prints "claimed", or the
+  run's status when the task is to train nothing (done, running elsewhere, failed)."""
+  from vitok_jax.scaling import sweep as sweep_lib
+  if len(args) != 3 or not args[2].isdigit():
+    raise ConfigError("usage: vitok sweep_claim RUN_DIR JOB_ID SECONDS (the SLURM sweep script "
+                      "calls it as each task starts)")
+  print(sweep_lib.claim_for_job(args[0], _run_max_attempts(args[0]), args[1], int(args[2])))
   return 0
 
 
@@ -379,9 +396,9 @@ def _check_fit_columns(rows, sweep_dir: str, flag_columns: dict[str, list[str]])
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample,
             "tokenize": _cmd_tokenize, "compile": _cmd_compile, "launch": _cmd_launch,
             "sweep": _cmd_sweep, "results": _cmd_results, "fit": _cmd_fit,
-            "sweep_book": _cmd_sweep_book}
+            "sweep_book": _cmd_sweep_book, "sweep_claim": _cmd_sweep_claim}
 # Subcommands that take positional arguments (a sweep or sweep directory) instead of --workdir.
-POSITIONAL_COMMANDS = ("sweep", "results", "fit", "sweep_book")
+POSITIONAL_COMMANDS = ("sweep", "results", "fit", "sweep_book", "sweep_claim")
 
 
 def _usage() -> str:

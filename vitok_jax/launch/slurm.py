@@ -6,7 +6,7 @@ import shlex
 from typing import Mapping
 
 from vitok_jax.errors import ConfigError
-from vitok_jax.launch.jobspec import PORT_SPREAD, SIGNAL_LEAD_S, JobSpec
+from vitok_jax.launch.jobspec import PORT_SPREAD, SIGNAL_LEAD_S, JobSpec, slurm_seconds
 
 
 def sbatch_value(value: str) -> str:
@@ -33,9 +33,10 @@ def render_sbatch(spec: JobSpec, *, sweep_log: str = "",
   failed srun ends the script (set -e) and is not requeued. --requeue lets SLURM requeue the job
   after a node failure or a pre-emption it performs itself.
 
-  `sweep_log` (a run of a sweep, whose output goes there): every exit of the trainer is booked
-  into the run's sweep_status.json by `vitok sweep_book` (attempts, the error's tail), and the job
-  requeues itself while the run is pending: pre-empted, or failed with attempts left.
+  `sweep_log` (a run of a sweep, whose output goes there): the task first claims its run (`vitok
+  sweep_claim`; a run done, failed or running elsewhere is left alone), every exit of the trainer
+  is booked into the run's sweep_status.json by `vitok sweep_book` (attempts, the error's tail),
+  and the job requeues itself while the run is pending: pre-empted, or failed with attempts left.
   `variables`: tokens of the command's arguments the task's shell expands (`shell_command`).
 
   One process per GPU: process i of a node takes entry i of the CUDA_VISIBLE_DEVICES SLURM gave
@@ -71,7 +72,12 @@ def render_sbatch(spec: JobSpec, *, sweep_log: str = "",
   srun = ("srun --kill-on-bad-exit=1 bash -c "
           f"{shlex.quote(per_task + 'exec ' + spec.shell_command(variables=variables))}")
   if sweep_log and spec.command == "train":
-    lines += ["rc=0", f"{srun} || rc=$?",
+    lines += [f'claim=$(vitok sweep_claim "$workdir" "$SLURM_JOB_ID" {slurm_seconds(spec.time)})',
+              'if [ "$claim" != claimed ]; then',
+              '  echo "vitok: run $workdir is $claim: this task trains nothing" >&2',
+              "  exit 0",
+              "fi",
+              "rc=0", f"{srun} || rc=$?",
               f'status=$(vitok sweep_book "$workdir" "$rc" {sweep_log})',
               'echo "vitok: run $workdir: $status (trainer exit $rc)" >&2',
               'if [ "$status" = pending ]; then',

@@ -36,6 +36,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +53,9 @@ MANIFEST = "sweep.json"
 STATUS = "sweep_status.json"
 PID = "sweep.pid"                # Present while a sweep's trainer runs: another sweep leaves it be.
 LOCK = "sweep.lock"              # flock'ed while a sweep takes or releases the run (`_claim`).
+# A SLURM array task's hold on its run (`claim_for_job`): {"job", "host", "until"}; the run is
+# running until the task books its exit or the job's time limit ("until") has passed.
+LEASE = "sweep.lease"
 # Statuses a run can have; "pending" includes runs interrupted part-way (they resume).
 DONE, PENDING, RUNNING, FAILED, DIVERGED = "done", "pending", "running", "failed", "diverged"
 # sweep_status.json of a run stopped by SIGTERM after a checkpoint (exit 0, no record.json): it is
@@ -244,9 +248,36 @@ def run_status(workdir: str, max_attempts: int) -> str:
   pending (to start or resume)."""
   if os.path.exists(os.path.join(workdir, "record.json")):
     return DONE
-  if _alive(os.path.join(workdir, PID)):
+  if _alive(os.path.join(workdir, PID)) or _lease(workdir) is not None:
     return RUNNING
   return _booked_status(workdir, max_attempts)
+
+
+def _lease(workdir: str) -> dict | None:
+  """The run's SLURM lease while it lasts, else None."""
+  path = os.path.join(workdir, LEASE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    lease = json.load(f)
+  return lease if lease["until"] > time.time() else None
+
+
+def claim_for_job(workdir: str, max_attempts: int, job: str, seconds: float) -> str:
+  """A SLURM array task's claim on its run as it starts (`vitok sweep_claim`): "claimed" when the
+  run is pending, or held by this job (requeued); else the run's status (done, running under
+  another job or sweep, failed, diverged), and the task trains nothing. So two arrays of one
+  sweep directory, or an array and a local sweep, never train a run twice at once. The lease
+  lasts `seconds` (the job's time limit): a job killed without booking frees the run then."""
+  with _locked(workdir):
+    lease = _lease(workdir)
+    if not (lease and lease["job"] == job):
+      status = run_status(workdir, max_attempts)
+      if status != PENDING:
+        return status
+    _write_json(os.path.join(workdir, LEASE), {"job": job, "host": socket.gethostname(),
+                                               "until": time.time() + seconds})
+    return "claimed"
 
 
 def _booked_status(workdir: str, max_attempts: int) -> str:
@@ -431,8 +462,11 @@ def checkpoint_step(workdir: str) -> int | None:
 
 
 def book(workdir: str, returncode: int, max_attempts: int, log: str = "") -> str:
-  """`finish` under the run's lock (`vitok sweep_book`: a SLURM task or the TPU script)."""
+  """`finish` under the run's lock (`vitok sweep_book`: a SLURM task or the TPU script); ends
+  the SLURM task's lease."""
   with _locked(workdir):
+    if os.path.exists(lease := os.path.join(workdir, LEASE)):
+      os.remove(lease)
     return finish(workdir, returncode, max_attempts, log)
 
 
