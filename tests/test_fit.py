@@ -292,3 +292,8 @@ def test_heatmap_axes_keep_sweep_order_when_a_run_failed(tmp_path, monkeypatch):
   assert [t.get_text() for t in ax.get_yticklabels()] == sizes
   cells = [t.get_text() for t in ax.texts]
   assert len(cells) == 8 and "20" not in cells  # The failed run's cell is empty.
+  # A third key swept too: the runs sharing a cell are averaged and counted, not overwritten.
+  figures.clear()
+  plots.plot_heatmap(rows + [dict(rows[-1], **{"eval/psnr": 50.0})], "dec", "enc", "eval/psnr",
+                     str(tmp_path))
+  assert "46\n×2" in [t.get_text() for t in figures[0].axes[0].texts]  # (42 + 50) / 2.

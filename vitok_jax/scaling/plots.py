@@ -84,21 +84,27 @@ def plot_fit(result: dict, out_dir: str) -> list[str]:
 
 
 def plot_heatmap(rows: Sequence[dict], x: str, y: str, value: str, out_dir: str) -> list[str]:
-  """A grid of `value` over two swept keys (e.g. decoder × encoder size), annotated per cell."""
+  """A grid of `value` over two swept keys (e.g. decoder × encoder size), annotated per cell.
+
+  Runs that share a cell (a third key swept too) are averaged, and the cell says how many ("×3").
+  """
   done = [r for r in rows if r["status"] == _DONE]
   # Axes in sweep order over every run: a failed run is an empty cell, it does not reorder them.
   xs = list(dict.fromkeys(r.get(x) for r in rows))
   ys = list(dict.fromkeys(r.get(y) for r in rows))
-  grid = np.full((len(ys), len(xs)), np.nan)
+  sums, counts = np.zeros((len(ys), len(xs))), np.zeros((len(ys), len(xs)), int)
   for r in done:
     if isinstance(r.get(value), (int, float)):
-      grid[ys.index(r.get(y)), xs.index(r.get(x))] = r[value]
+      sums[ys.index(r.get(y)), xs.index(r.get(x))] += r[value]
+      counts[ys.index(r.get(y)), xs.index(r.get(x))] += 1
+  grid = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
   fig, ax = plt.subplots(figsize=(1.2 * len(xs) + 2, 1.0 * len(ys) + 1.5))
   image = ax.imshow(grid, cmap="viridis", origin="lower")
   for i in range(len(ys)):
     for j in range(len(xs)):
-      if np.isfinite(grid[i, j]):
-        ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", color="w", fontsize=8)
+      if counts[i, j]:
+        text = f"{grid[i, j]:.3g}" + (f"\n×{counts[i, j]}" if counts[i, j] > 1 else "")
+        ax.text(j, i, text, ha="center", va="center", color="w", fontsize=8)
   ax.set(xticks=range(len(xs)), xticklabels=xs, yticks=range(len(ys)), yticklabels=ys,
          xlabel=x, ylabel=y, title=value)
   fig.colorbar(image, ax=ax)
