@@ -59,6 +59,9 @@ def test_overrides_are_revalidated_by_the_trainer():
   c.data.frames = 8
   with pytest.raises(ConfigError, match="data.frames=8 but data.name='mnist' holds images"):
     train_tokenizer.validate(c)
+  with pytest.raises(ConfigError, match=r"model.patch=\(2, 4, 4\) is a tubelet \(video\) but "
+                     "data.name='mnist' holds images; use a P patch"):
+    train_tokenizer.validate(load("Mu-Mu/2x4,data=mnist"))
   c.data.name = "moving_mnist"
   with pytest.raises(ConfigError, match="is an image patch but data.frames=8"):
     train_tokenizer.validate(c)

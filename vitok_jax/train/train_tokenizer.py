@@ -51,6 +51,9 @@ class Components:
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field of a tokenizer config and what is allowed."""
   m, d = config.model, config.data
+  require(len(m.patch) != 3 or d.name not in data.IMAGE_NAMES,
+          f"model.patch={tuple(m.patch)} is a tubelet (video) but data.name={d.name!r} holds "
+          f"images; use a P patch (e.g. Mu-Mu/4) for images, or a video source")
   data.validate(d)
   for field in ("encoder", "decoder"):
     require_choice(m[field], f"model.{field}", vit.SIZES)
