@@ -329,6 +329,8 @@ def test_split_folders_share_the_train_folders_class_index(tmp_path, caplog):
     Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(tmp_path.joinpath(*parts))
   for cls in ("a", "b", "c"):
     write("train", cls, "0.png")
+  write("train", ".ipynb_checkpoints", "0.png")  # Hidden and empty folders are no classes.
+  os.makedirs(tmp_path / "train" / "b_empty")
   write("val", "a", "0.png")
   write("val", "c", "0.png")
   cfg = _cfg("image_folder", path=str(tmp_path / "{split}"), eval_split="val", res=8)

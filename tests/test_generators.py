@@ -283,7 +283,7 @@ def test_cli_tokenize_and_sample(tokenizer_dirs, tmp_path, monkeypatch):
   assert cli.main(["vitok", "sample", f"--workdir={workdir}", "--sample=cfg_scale=5"]) == 0
   # Commas inside brackets stay with their value.
   assert cli.main(["vitok", "sample", f"--workdir={workdir}",
-                   "--sample=few_steps=(1,2),method=euler,cfg_scale=1.5"]) == 0
+                   "--sample=few_steps=(1,2), method=euler,cfg_scale=1.5"]) == 0
   assert calls == [{"cfg_scale": 5}, {"few_steps": (1, 2), "method": "euler", "cfg_scale": 1.5}]
 
 

@@ -523,7 +523,8 @@ def test_slurm_script_requeues_a_stopped_run(tmp_path, srun_exit, finished, requ
     assert "stopped again at checkpoint step 5 without training a step" in result.stderr
 
 
-def test_a_slurm_task_claims_its_run_so_no_other_sweep_trains_it_at_once(tmp_path, fake):
+def test_a_slurm_task_claims_its_run_so_no_other_sweep_trains_it_at_once(tmp_path, fake,
+                                                                          monkeypatch):
   """A task's lease makes its run "running" to every other sweep (another array, a local sweep)
   until it books the exit or the job's time is up; its own job, requeued, takes it again."""
   runs = sweep.prepare(_sweep((1, 2)), str(tmp_path))
@@ -544,6 +545,30 @@ def test_a_slurm_task_claims_its_run_so_no_other_sweep_trains_it_at_once(tmp_pat
   assert sweep.run_status(workdir, 2) == sweep.PENDING  # ... holds nothing.
   assert cli.main(["vitok", "sweep_claim", workdir, "10", "60"]) == 0
   assert sweep.run_status(workdir, 2) == sweep.RUNNING
+  # Where squeue can tell, a lease of a job no longer queued (scancel'ed) holds nothing.
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  _script(bin_dir / "squeue", '#!/bin/bash\n[ "$3" = 10 ] && [ -n "$FAKE_QUEUED" ] && '
+          'echo RUNNING\nexit 0\n')
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+  monkeypatch.setenv("FAKE_QUEUED", "1")
+  assert sweep.run_status(workdir, 2) == sweep.RUNNING
+  monkeypatch.delenv("FAKE_QUEUED")
+  assert sweep.run_status(workdir, 2) == sweep.PENDING
+
+
+def test_a_file_system_without_flock_books_without_the_lock(tmp_path, monkeypatch, capsys):
+  """Lustre mounted noflock or NFS with nolock refuse flock: claims and bookings go on (before,
+  SLURM bookings took no lock at all), saying so."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import fcntl  # pylint: disable=g-import-not-at-top
+  def no_flock(*_):
+    raise OSError(errno.ENOLCK, "No locks available")
+  monkeypatch.setattr(fcntl, "flock", no_flock)
+  runs = sweep.prepare(_sweep((1,)), str(tmp_path))
+  assert sweep.claim_for_job(runs[0].workdir, 2, "7", 3600) == "claimed"
+  assert sweep.book(runs[0].workdir, 1, 2) == sweep.PENDING
+  assert "going on without the lock" in capsys.readouterr().err
 
 
 def test_slurm_array_task_books_its_run_like_a_local_sweep(tmp_path):
@@ -837,9 +862,10 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
   assert out.count("pending") == 5
   assert not os.path.exists(sweep_dir)  # A dry run writes nothing (no manifest, no run dirs).
   assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--target=slurm",
-                   "--job=partition=cpu,cpus_per_task=2"]) == 0
+                   "--job=partition=cpu,cpus_per_task=2,time=UNLIMITED"]) == 0
   assert "5 of 5 runs to do" in capsys.readouterr().out
-  assert "--array=0-4\n" in open(os.path.join(sweep_dir, "sweep.sbatch")).read()
+  script = open(os.path.join(sweep_dir, "sweep.sbatch")).read()
+  assert "--array=0-4\n" in script and "#SBATCH --time=UNLIMITED\n" in script
   # The array's limit on tasks at once.
   assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--target=slurm",
                    "--job=max_parallel=2"]) == 0

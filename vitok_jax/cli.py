@@ -139,7 +139,7 @@ def _sample_overrides(text: str) -> dict[str, Any]:
       items.append(text[start:i])
       start = i + 1
   items.append(text[start:])
-  return dict(_parse_value(item) for item in items if item.strip())
+  return dict(_parse_value(item.strip()) for item in items if item.strip())
 
 
 def _parse_value(item: str) -> tuple[str, Any]:

@@ -194,8 +194,11 @@ def _list_files(path: str, kind: str) -> list[str]:
     raise DataError(f"data.path={path}: no such folder; point data.path at a folder of {kind}s")
   files = []
   for root, dirs, names in os.walk(path):
-    dirs.sort()  # os.walk order is the file system's; sorting makes splits reproducible.
-    files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(exts)]
+    # Sorted: os.walk order is the file system's, sorting makes splits reproducible. Hidden
+    # folders and files (.ipynb_checkpoints, ._x.jpg) are no data.
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    files += [os.path.join(root, n) for n in sorted(names)
+              if n.lower().endswith(exts) and not n.startswith(".")]
   if not files:
     raise DataError(f"data.path={path}: folder has no {kind}s ({'/'.join(exts)}); "
                     f"point data.path at a folder of {kind}s")
@@ -229,12 +232,23 @@ def scan_folder(path: str, kind: str = "image") -> tuple[list[str], list[str]]:
   return good, bad
 
 
-def _folder_labels(root: str, files: list[str], classes_root: str = "") -> list[int]:
-  """Label = rank of a file's top sub-folder name among the class folders (the sub-folders of
-  `classes_root`, default: those holding `files`) when every file sits in one, else 0 for all.
+def _class_names(folder: str, kind: str) -> list[str] | None:
+  """The class folders of `folder`: its top sub-folders that hold `kind` files, sorted (an empty
+  or hidden folder is no class); None when files sit at its top (not a tree of classes)."""
+  tops = {os.path.relpath(f, folder).split(os.sep)[0] for f in _list_files(folder, kind)}
+  if any(os.path.isfile(os.path.join(folder, t)) for t in tops):
+    return None
+  return sorted(tops)
 
-  classes_root: the train folder of a data.path='.../{split}' layout, so both splits share one
-  class index (an eval folder lacking a class would otherwise shift the labels after it).
+
+def _folder_labels(root: str, files: list[str], classes: list[str] | None = None,
+                   classes_root: str = "") -> list[int]:
+  """Label = rank of a file's top sub-folder name among `classes` (default: the sub-folders
+  holding `files`) when every file sits in one, else 0 for all.
+
+  classes: those of the train folder (`classes_root`) of a data.path='.../{split}' layout, so both
+  splits share one class index (an eval folder lacking a class would otherwise shift the labels
+  after it).
   """
   tops = [os.path.relpath(f, root).split(os.sep)[0] for f in files]
   at_root = sum(os.path.isfile(os.path.join(root, t)) for t in tops)
@@ -244,13 +258,11 @@ def _folder_labels(root: str, files: list[str], classes_root: str = "") -> list[
                       "every label is 0; move them into a class folder for class labels", root,
                       at_root, len(files))
     return [0] * len(files)
-  names = sorted(set(tops)) if not classes_root else sorted(
-      d for d in os.listdir(classes_root) if os.path.isdir(os.path.join(classes_root, d)))
-  classes = {c: i for i, c in enumerate(names)}
-  if unknown := sorted(set(tops) - set(classes)):
+  index = {c: i for i, c in enumerate(sorted(set(tops)) if classes is None else classes)}
+  if unknown := sorted(set(tops) - set(index)):
     raise DataError(f"{root}: class folders {unknown[:_MAX_LISTED]} are not in the train folder "
                     f"{classes_root}, so they have no label; the splits must share their classes")
-  return [classes[t] for t in tops]
+  return [index[t] for t in tops]
 
 
 def _evenly_spaced(n: int, k: int) -> np.ndarray:
@@ -269,7 +281,8 @@ def _folder_split(cfg, split: str, kind: str) -> tuple[str, list[str], list[int]
                       f"{folder}; set data.{field} to the name of the {split} folder")
     files, _ = scan_folder(folder, kind)
     train_folder = cfg.path.format(split=cfg.train_split)  # Its class folders index both splits.
-    labels = _folder_labels(folder, files, train_folder if os.path.isdir(train_folder) else "")
+    classes = _class_names(train_folder, kind) if os.path.isdir(train_folder) else None
+    labels = _folder_labels(folder, files, classes, classes_root=train_folder)
     if split == "eval" and 0 < cfg.eval_size < len(files):
       idx = _evenly_spaced(len(files), cfg.eval_size)
       files, labels = [files[i] for i in idx], [labels[i] for i in idx]

@@ -14,6 +14,7 @@ from vitok_jax.errors import ConfigError
 PORT_SPREAD = 20000
 # The trainer's warning before a SLURM time limit (#SBATCH --signal=TERM@120): it saves then.
 SIGNAL_LEAD_S = 120
+UNLIMITED_S = 10 ** 9  # A SLURM job without a time limit, in seconds (about 32 years).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,10 @@ class JobSpec:
 
 
 def slurm_seconds(time: str) -> int:
-  """A SLURM time limit in seconds: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS."""
+  """A SLURM time limit in seconds: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS; no limit
+  (UNLIMITED, INFINITE or 0) is UNLIMITED_S."""
+  if str(time).upper() in ("UNLIMITED", "INFINITE", "0"):
+    return UNLIMITED_S
   match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(time))
   if not match:
     raise ConfigError(f"time={time!r} is no SLURM time limit; use HH:MM:SS, D-HH:MM:SS or MM")

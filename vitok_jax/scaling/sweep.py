@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -254,13 +255,29 @@ def run_status(workdir: str, max_attempts: int) -> str:
 
 
 def _lease(workdir: str) -> dict | None:
-  """The run's SLURM lease while it lasts, else None."""
+  """The run's SLURM lease while it lasts (its time is not up and, where `squeue` can tell, its
+  job is still queued or running: a cancelled job frees its run), else None."""
   path = os.path.join(workdir, LEASE)
   if not os.path.exists(path):
     return None
   with open(path) as f:
     lease = json.load(f)
-  return lease if lease["until"] > time.time() else None
+  return lease if lease["until"] > time.time() and not _job_gone(lease["job"]) else None
+
+
+def _job_gone(job: str) -> bool:
+  """Whether SLURM says job `job` is no longer queued or running; False where it cannot tell
+  (no `squeue` here, or it failed)."""
+  if not shutil.which("squeue"):
+    return False
+  try:
+    out = subprocess.run(["squeue", "-h", "-j", str(job), "-o", "%T"], capture_output=True,
+                         text=True, timeout=30)
+  except (OSError, subprocess.TimeoutExpired):
+    return False
+  if out.returncode == 0:
+    return not out.stdout.strip()
+  return "invalid job id" in out.stderr.lower()  # Gone from the controller's memory too.
 
 
 def claim_for_job(workdir: str, max_attempts: int, job: str, seconds: float) -> str:
@@ -438,7 +455,11 @@ def _claim(workdir: str, max_attempts: int) -> bool:
 def _locked(workdir: str):
   """An exclusive lock on workdir/sweep.lock between sweeps on this machine (flock)."""
   with open(os.path.join(workdir, LOCK), "a") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    except OSError as e:  # A file system without flock (Lustre mounted noflock, NFS nolock).
+      print(f"vitok sweep: cannot lock {lock.name} ({e}); going on without the lock",
+            file=sys.stderr)
     yield  # The lock goes with the file.
 
 

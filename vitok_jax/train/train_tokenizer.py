@@ -358,7 +358,9 @@ def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
     accumulator = perceptual_metrics.MetricAccumulator(names, networks, sharded=True)
   sums, count, limit = {"psnr": 0.0, "ssim": 0.0, "l2": 0.0}, 0, config.eval_examples or math.inf
   for batch in iterator:
-    rows = min(len(batch["image"]), -(-(limit - count) // jax.process_count()))
+    rows = len(batch["image"])
+    if config.eval_examples:  # This process's share of what is left, rounded up.
+      rows = min(rows, -(-(limit - count) // jax.process_count()))
     x = batch["image"][:rows]
     valid = np.arange(local_batch) < rows
     if rows < local_batch:
