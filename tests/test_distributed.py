@@ -107,7 +107,7 @@ def test_slurm_script_runs_one_process_per_gpu_with_the_first_node_as_coordinato
   # Process i takes entry i of the GPUs SLURM gave the job (not GPU i; i where it set none).
   assert 'export CUDA_VISIBLE_DEVICES="${gpus[$SLURM_LOCALID]:-$SLURM_LOCALID}"' in srun[0]
   task = shlex.split(srun[0])[-1].split("exec ")[0] + 'echo "$CUDA_VISIBLE_DEVICES"'
-  for given, want in (("4,5,6,7", "6"), (None, "2")):
+  for given, want in (("4,5,6,7", "6"), (None, "2"), ("3", "3")):  # "3": bound per task.
     env = {**os.environ, "SLURM_LOCALID": "2"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     env.update({"CUDA_VISIBLE_DEVICES": given} if given else {})

@@ -539,6 +539,8 @@ def test_a_slurm_task_claims_its_run_so_no_other_sweep_trains_it_at_once(tmp_pat
   assert status == {runs[0].id: sweep.RUNNING, runs[1].id: sweep.DONE}
   assert runs[0].id not in launched()
   assert sweep.claim_for_job(runs[1].workdir, 2, "9", 3600) == sweep.DONE
+  sweep._write_json(os.path.join(runs[1].workdir, sweep.LEASE), dict(job="9", until=1e12))
+  assert sweep.claim_for_job(runs[1].workdir, 2, "9", 3600) == sweep.DONE  # Even its own.
   assert sweep.book(workdir, 1, 2) == sweep.PENDING  # Booking ends the lease.
   assert not os.path.exists(os.path.join(workdir, sweep.LEASE))
   assert sweep.claim_for_job(workdir, 2, "9", 0) == "claimed"  # A lease whose time is up ...

@@ -40,7 +40,8 @@ def render_sbatch(spec: JobSpec, *, sweep_log: str = "",
   `variables`: tokens of the command's arguments the task's shell expands (`shell_command`).
 
   One process per GPU: process i of a node takes entry i of the CUDA_VISIBLE_DEVICES SLURM gave
-  the job (the allocated GPUs, not necessarily 0..n-1), or GPU i when it set none.
+  the job (the allocated GPUs, not necessarily 0..n-1), or GPU i when it set none; a task SLURM
+  gave a single GPU keeps it.
   """
   lines = ["#!/bin/bash",
            f"#SBATCH --job-name={sbatch_value(spec.job_name)}",
@@ -68,7 +69,8 @@ def render_sbatch(spec: JobSpec, *, sweep_log: str = "",
   per_task = 'export VITOK_PROCESS_ID="$SLURM_PROCID"; '
   if spec.gpus_per_node and spec.processes_per_node == spec.gpus_per_node > 1:
     per_task += ('IFS=, read -ra gpus <<< "${CUDA_VISIBLE_DEVICES:-}"; '
-                 'export CUDA_VISIBLE_DEVICES="${gpus[$SLURM_LOCALID]:-$SLURM_LOCALID}"; ')
+                 'if [ "${#gpus[@]}" -ne 1 ]; then '  # One entry: SLURM bound this task's GPU.
+                 'export CUDA_VISIBLE_DEVICES="${gpus[$SLURM_LOCALID]:-$SLURM_LOCALID}"; fi; ')
   srun = ("srun --kill-on-bad-exit=1 bash -c "
           f"{shlex.quote(per_task + 'exec ' + spec.shell_command(variables=variables))}")
   if sweep_log and spec.command == "train":

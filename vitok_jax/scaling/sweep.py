@@ -287,11 +287,10 @@ def claim_for_job(workdir: str, max_attempts: int, job: str, seconds: float) -> 
   sweep directory, or an array and a local sweep, never train a run twice at once. The lease
   lasts `seconds` (the job's time limit): a job killed without booking frees the run then."""
   with _locked(workdir):
-    lease = _lease(workdir)
-    if not (lease and lease["job"] == job):
-      status = run_status(workdir, max_attempts)
-      if status != PENDING:
-        return status
+    lease, status = _lease(workdir), run_status(workdir, max_attempts)
+    held = lease is not None and lease["job"] == job and status == RUNNING  # By this job.
+    if status != PENDING and not held:
+      return status
     _write_json(os.path.join(workdir, LEASE), {"job": job, "host": socket.gethostname(),
                                                "until": time.time() + seconds})
     return "claimed"
