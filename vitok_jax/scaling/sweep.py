@@ -55,7 +55,8 @@ STATUS = "sweep_status.json"
 PID = "sweep.pid"                # Present while a sweep's trainer runs: another sweep leaves it be.
 LOCK = "sweep.lock"              # flock'ed while a sweep takes or releases the run (`_claim`).
 # A SLURM array task's hold on its run (`claim_for_job`): {"job", "host", "until"}; the run is
-# running until the task books its exit or the job's time limit ("until") has passed.
+# running until the task books its exit, the job's time limit ("until") passes or squeue no
+# longer lists the job (`_lease`).
 LEASE = "sweep.lease"
 # Statuses a run can have; "pending" includes runs interrupted part-way (they resume).
 DONE, PENDING, RUNNING, FAILED, DIVERGED = "done", "pending", "running", "failed", "diverged"
