@@ -22,6 +22,7 @@ Layout of a sweep directory:
                                  its output;
   runs/ID/sweep.pid              the trainer's pid while it runs; runs/ID/sweep.lock the lock
                                  sweeps take to start or book a run.
+  runs/ID/sweep.lease            a SLURM array task's claim on the run while its job lasts.
   runs/ID/record.json            written by the trainer when the run finished: the run is done.
 """
 from __future__ import annotations
