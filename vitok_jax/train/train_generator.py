@@ -247,13 +247,15 @@ def held_out_images(tokenizer, batch_size: int, limit: int = 0):
   iterator = data.build_iterator(tokenizer.config.data, split="eval", batch_size=batch_size,
                                  one_pass=True, process_index=0, process_count=1)
   seen = 0
-  for batch in iterator:
-    images = batch["image"][:limit - seen] if limit else batch["image"]
-    seen += len(images)
-    yield images
-    if limit and seen >= limit:
-      break
-  iterator.close()
+  try:
+    for batch in iterator:
+      images = batch["image"][:limit - seen] if limit else batch["image"]
+      seen += len(images)
+      yield images
+      if limit and seen >= limit:
+        break
+  finally:  # Also when the caller stops early.
+    iterator.close()
 
 
 def gfid_reference(tokenizer, config):
