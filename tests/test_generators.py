@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vitok_jax import ConfigError, cli, config_lib
+from vitok_jax import ConfigError, cli, config_lib, data
 from vitok_jax.models import infinity, var
 from vitok_jax.models.perceptual import mnist_classifier
 from vitok_jax.parallel import mesh as mesh_lib
@@ -135,10 +135,10 @@ def test_fid_mnist_of_samples_that_are_the_held_out_digits_is_zero(tokenizer_dir
   the size its samples decode to: a generator that draws exactly those digits scores ~0, not the
   resize's feature shift (~75 against raw 28×28 digits)."""
   tokenizer = generators.FrozenTokenizer(tokenizer_dirs["gaussian"])
-  batches = list(train_generator.held_out_images(tokenizer, batch_size=64))
+  batches = list(data.held_out_images(tokenizer.config.data, batch_size=64))
   held_out = np.concatenate(batches)
   assert held_out.shape == (500, 32, 32, 1) and [len(b) for b in batches][-1] == 500 - 7 * 64
-  assert sum(map(len, train_generator.held_out_images(tokenizer, 64, limit=70))) == 70
+  assert sum(map(len, data.held_out_images(tokenizer.config.data, 64, limit=70))) == 70
   family = type("Stub", (), {"tokenizer": tokenizer, "sample": None,
                              "few_step_samplers": lambda self: {}})()
   monkeypatch.setattr(train_generator, "held_out_loss", lambda *a: 0.0)

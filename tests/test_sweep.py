@@ -12,7 +12,7 @@ import time
 import ml_collections
 import pytest
 
-from vitok_jax import cli
+from vitok_jax import cli, config_lib
 from vitok_jax.errors import ConfigError
 from vitok_jax.launch import JobSpec, launch_args, local, tpu
 from vitok_jax.scaling import results, sweep
@@ -539,7 +539,7 @@ def test_a_slurm_task_claims_its_run_so_no_other_sweep_trains_it_at_once(tmp_pat
   assert status == {runs[0].id: sweep.RUNNING, runs[1].id: sweep.DONE}
   assert runs[0].id not in launched()
   assert sweep.claim_for_job(runs[1].workdir, 2, "9", 3600) == sweep.DONE
-  sweep._write_json(os.path.join(runs[1].workdir, sweep.LEASE), dict(job="9", until=1e12))
+  config_lib.write_json(os.path.join(runs[1].workdir, sweep.LEASE), dict(job="9", until=1e12))
   assert sweep.claim_for_job(runs[1].workdir, 2, "9", 3600) == sweep.DONE  # Even its own.
   assert sweep.book(workdir, 1, 2) == sweep.PENDING  # Booking ends the lease.
   assert not os.path.exists(os.path.join(workdir, sweep.LEASE))
@@ -615,7 +615,7 @@ def test_slurm_array_task_books_its_run_like_a_local_sweep(tmp_path):
   assert (code, requeued, status["attempts"], status["status"]) == (0, False, 2, "failed")
   assert "pre-empted again at checkpoint step 200" in status["error"]
   status["attempts"], status["status"] = 1, "preempted"  # Back to one attempt left.
-  sweep._write_json(os.path.join(workdir, sweep.STATUS), status)
+  config_lib.write_json(os.path.join(workdir, sweep.STATUS), status)
   code, requeued, status = task(3, "CUDA error 2")
   assert (code, requeued, status["attempts"]) == (3, False, 2)
   assert sweep.run_status(workdir, 2) == sweep.FAILED and "CUDA error 2" in status["error"]

@@ -26,16 +26,7 @@ from vitok_jax.train import train_tokenizer
 
 def eval_images(config, examples: int) -> np.ndarray:
   """The first `examples` images [N, H, W, C] in [-1, 1] of the run's eval split."""
-  iterator = data.build_iterator(config.data, split="eval", batch_size=config.batch_size,
-                                 seed=config.seed)
-  images, count = [], 0
-  for batch in iterator:
-    images.append(batch["image"])
-    count += len(batch["image"])
-    if count >= examples:
-      break
-  iterator.close()
-  return np.concatenate(images)[:examples]
+  return np.concatenate(list(data.held_out_images(config.data, config.batch_size, examples)))
 
 
 def reconstruct(workdir: str, images: np.ndarray, batch_size: int) -> np.ndarray:

@@ -147,13 +147,20 @@ def check_workdir(workdir: str, what: str = "workdir") -> None:
         f"or the bucket mounted with gcsfuse, e.g. /gcs/{workdir.partition('://')[2]})")
 
 
+def write_json(path: str, value, *, indent: int | None = 1, sort_keys: bool = True) -> None:
+  """Writes `value` as JSON to `path` in one step (a tmp file of this process, then a rename): a
+  reader never sees it half-written, and two writers never share a tmp file."""
+  tmp = f"{path}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=indent, sort_keys=sort_keys, default=str)
+  os.replace(tmp, path)
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Writes the resolved config as workdir/config.json; returns the path."""
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, "config.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(config.to_dict(), f, indent=2, sort_keys=True, default=str)
-  os.replace(path + ".tmp", path)
+  write_json(path, config.to_dict(), indent=2)
   return path
 
 

@@ -5,8 +5,8 @@
                     #  "label": int32 [B]}
 """
 from vitok_jax.data.config import IMAGE_NAMES, NAMES, default_config, validate
-from vitok_jax.data.pipeline import build_dataset, build_iterator, num_examples
+from vitok_jax.data.pipeline import build_dataset, build_iterator, held_out_images, num_examples
 from vitok_jax.data.sources import make_source, scan_folder
 
 __all__ = ["IMAGE_NAMES", "NAMES", "build_dataset", "build_iterator", "default_config",
-           "make_source", "num_examples", "scan_folder", "validate"]
+           "held_out_images", "make_source", "num_examples", "scan_folder", "validate"]

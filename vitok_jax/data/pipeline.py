@@ -112,6 +112,23 @@ def build_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int
                             start_batch=start_batch, one_pass=one_pass, source=source))
 
 
+def held_out_images(data_cfg, batch_size: int, limit: int = 0):
+  """Batches [b, H, W, C] (or [b, T, H, W, C]) in [-1, 1] of the eval split, all of it on this
+  process in its fixed order, up to `limit` images (0: all)."""
+  iterator = build_iterator(data_cfg, split="eval", batch_size=batch_size, one_pass=True,
+                            process_index=0, process_count=1)
+  seen = 0
+  try:
+    for batch in iterator:
+      images = batch["image"][:limit - seen] if limit else batch["image"]
+      seen += len(images)
+      yield images
+      if limit and seen >= limit:
+        break
+  finally:  # Also when the caller stops early.
+    iterator.close()
+
+
 def num_examples(data_cfg, split: str = "train") -> int:
   """Examples in `split` summed over all processes (each process gets num // P of them)."""
   config.validate(data_cfg, split)

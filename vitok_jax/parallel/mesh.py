@@ -113,12 +113,12 @@ def per_process_batch(global_batch: int, mesh: Mesh) -> int:
                       f"e.g. {max(step, global_batch // step * step)}")
   if processes > 1 and isinstance(mesh, Mesh):  # Rows: batch shards; columns: their devices.
     by_shard = np.vectorize(lambda d: d.process_index)(mesh.devices).reshape(shards, -1)
-  if processes > 1 and isinstance(mesh, Mesh) and (by_shard != by_shard[:, :1]).any():
-    raise ConfigError(
-        f"mesh {dict(mesh.shape)}: a batch shard spans processes (mesh.tensor="
-        f"{mesh.shape['tensor']} crosses hosts), so they would need the same rows, but each "
-        f"process loads its own; keep tensor within a process ({jax.local_device_count()} "
-        f"devices) and split processes over data or fsdp (e.g. dcn_data=-1)")
+    if (by_shard != by_shard[:, :1]).any():
+      raise ConfigError(
+          f"mesh {dict(mesh.shape)}: a batch shard spans processes (mesh.tensor="
+          f"{mesh.shape['tensor']} crosses hosts), so they would need the same rows, but each "
+          f"process loads its own; keep tensor within a process ({jax.local_device_count()} "
+          f"devices) and split processes over data or fsdp (e.g. dcn_data=-1)")
   return global_batch // processes
 
 

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vitok_jax import kernels
+from vitok_jax import config_lib, kernels
 from vitok_jax.models import vit
 from vitok_jax.scaling import flops
 
@@ -95,9 +95,7 @@ def quantizer_impl(model) -> str | None:
 
 def write(record: dict, workdir: str) -> str:
   path = os.path.join(workdir, "record.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(record, f, indent=1, sort_keys=True, default=str)
-  os.replace(path + ".tmp", path)
+  config_lib.write_json(path, record)
   return path
 
 

@@ -215,7 +215,7 @@ def prepare(sweep: ml_collections.ConfigDict, sweep_dir: str, spec: str = "",
               "swept": list(dict.fromkeys(k for run in runs for k in run.point)),
               "runs": [{"id": r.id, "label": r.label, "point": r.point} for r in runs],
               **analysis_spec(sweep)}
-  _write_json(os.path.join(sweep_dir, MANIFEST), manifest)
+  config_lib.write_json(os.path.join(sweep_dir, MANIFEST), manifest)
   for run in runs:
     if not os.path.exists(os.path.join(run.workdir, "config.json")):
       config_lib.save_config(run.config, run.workdir)
@@ -228,13 +228,6 @@ def read_manifest(sweep_dir: str) -> dict:
     raise ConfigError(f"{path} not found: {sweep_dir} is not a sweep directory")
   with open(path) as f:
     return json.load(f)
-
-
-def _write_json(path: str, value) -> None:
-  tmp = f"{path}.{os.getpid()}.tmp"  # Its own per writer: two never share a half-written file.
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1, sort_keys=True, default=str)
-  os.replace(tmp, path)
 
 
 def read_status(workdir: str) -> dict:
@@ -293,7 +286,7 @@ def claim_for_job(workdir: str, max_attempts: int, job: str, seconds: float) -> 
     held = lease is not None and lease["job"] == job and status == RUNNING  # By this job.
     if status != PENDING and not held:
       return status
-    _write_json(os.path.join(workdir, LEASE), {"job": job, "host": socket.gethostname(),
+    config_lib.write_json(os.path.join(workdir, LEASE), {"job": job, "host": socket.gethostname(),
                                                "until": time.time() + seconds})
     return "claimed"
 
@@ -512,7 +505,7 @@ def finish(workdir: str, returncode: int, max_attempts: int, log: str = "") -> s
   if returncode == 0 and step is not None and not stalled:
     state.update(status=PREEMPTED, preempted_at_step=step,
                  preemptions=state.get("preemptions", 0) + 1)
-    _write_json(os.path.join(workdir, STATUS), state)
+    config_lib.write_json(os.path.join(workdir, STATUS), state)
     return run_status(workdir, max_attempts)
   log = log or os.path.join(workdir, "sweep.log")
   tail = _log_tail(log) if os.path.exists(log) else f"(no log at {log})"
@@ -523,7 +516,7 @@ def finish(workdir: str, returncode: int, max_attempts: int, log: str = "") -> s
   state["attempts"] = state.get("attempts", 0) + 1
   state["status"] = DIVERGED if "TrainingDiverged" in tail else FAILED
   state["error"] = tail[-600:]
-  _write_json(os.path.join(workdir, STATUS), state)
+  config_lib.write_json(os.path.join(workdir, STATUS), state)
   return run_status(workdir, max_attempts)
 
 

@@ -184,9 +184,7 @@ class RunClock:
       return
     kept = sorted((int(k), v) for k, v in self.saved.items() if int(k) < step)[-(self.KEEP - 1):]
     self.saved = {**{str(k): v for k, v in kept}, str(step): self.seconds()}
-    with open(self.path + ".tmp", "w") as f:
-      json.dump(self.saved, f)
-    os.replace(self.path + ".tmp", self.path)
+    config_lib.write_json(self.path, self.saved, indent=None, sort_keys=False)  # Step order.
 
 
 class Preemption:

@@ -140,10 +140,8 @@ def check_tokenizer_step(workdir: str, tokenizer_dir: str, doing: str) -> None:
 
 
 def _note_tokenizer_step(workdir: str, tokenizer) -> None:
-  path = os.path.join(workdir, TOKENIZER_FILE)
-  with open(path + ".tmp", "w") as f:
-    json.dump({"workdir": os.path.abspath(tokenizer.workdir), "step": tokenizer.step}, f)
-  os.replace(path + ".tmp", path)
+  config_lib.write_json(os.path.join(workdir, TOKENIZER_FILE),
+                        {"workdir": os.path.abspath(tokenizer.workdir), "step": tokenizer.step})
 
 
 def _example(arrays) -> dict:
@@ -241,30 +239,14 @@ def _is_mnist(tokenizer) -> bool:
 GFID_METRICS = ("rfid", "inception_score")
 
 
-def held_out_images(tokenizer, batch_size: int, limit: int = 0):
-  """Batches [b, H, W, C] in [-1, 1] of the tokenizer's held-out split as its data config makes
-  them (the resolution and channels its samples decode to), up to `limit` images (0: all)."""
-  iterator = data.build_iterator(tokenizer.config.data, split="eval", batch_size=batch_size,
-                                 one_pass=True, process_index=0, process_count=1)
-  seen = 0
-  try:
-    for batch in iterator:
-      images = batch["image"][:limit - seen] if limit else batch["image"]
-      seen += len(images)
-      yield images
-      if limit and seen >= limit:
-        break
-  finally:  # Also when the caller stops early.
-    iterator.close()
-
-
 def gfid_reference(tokenizer, config):
   """(Inception networks, {"inception": real statistics}) for gFID: the Inception pool features of
   the tokenizer's held-out split (up to eval.gfid_real_examples images), computed once per eval."""
   nets = perceptual_metrics.load_networks(GFID_METRICS, config.eval)
   acc = perceptual_metrics.MetricAccumulator(("rfid",), nets)
-  for images in held_out_images(tokenizer, config.batch_size,
-                                config.eval.get("gfid_real_examples", 10_000)):
+  # The held-out images as the tokenizer's data makes them: the size its samples decode to.
+  for images in data.held_out_images(tokenizer.config.data, config.batch_size,
+                                     config.eval.get("gfid_real_examples", 10_000)):
     acc.update(real=images)
   return nets, {"inception": acc.real_stats("inception")}
 
@@ -289,7 +271,8 @@ def evaluate(family, params, config, eval_arrays, *, image_path: str | None = No
     classifier = mnist_classifier.load_or_train(path)
     # The held-out digits as the tokenizer's data makes them (e.g. 32×32 bicubic), the size its
     # samples decode to: raw 28×28 digits would add the resize's feature shift to every FID.
-    real = np.concatenate(list(held_out_images(family.tokenizer, config.batch_size)))
+    real = np.concatenate(list(data.held_out_images(family.tokenizer.config.data,
+                                                    config.batch_size)))
   inception_nets = reference = None
   if config.eval.get("inception_weights"):
     inception_nets, reference = gfid_reference(family.tokenizer, config)

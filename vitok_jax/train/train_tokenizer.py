@@ -405,9 +405,7 @@ def _check_train_examples(workdir: str, train_examples: int, step: int, is_main:
                       train_examples, step)
     return
   if is_main:
-    with open(path + ".tmp", "w") as f:
-      json.dump({"train_examples": train_examples}, f)
-    os.replace(path + ".tmp", path)
+    config_lib.write_json(path, {"train_examples": train_examples})
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
