@@ -1,6 +1,7 @@
 """vitok_jax.data: shapes, splits, shards, determinism, exact resume, folders, tfds, errors."""
 import hashlib
 import importlib.resources
+import io
 import logging
 import os
 import sys
@@ -283,6 +284,24 @@ def test_image_folder(image_folder, caplog):
   train_files = data.make_source(cfg, "train").files
   assert sorted(np.concatenate([b["label"] for b in epoch]).tolist()) == sorted(
       [0 if "/cat/" in f else 1 for f in train_files])  # Sub-folder labels: cat = 0, dog = 1.
+
+
+def test_scan_finds_truncated_images(tmp_path):
+  """PIL's verify passes a JPEG or BMP cut short; the scan decodes those and skips them."""
+  x = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+  for name, fmt in [("a.jpg", "JPEG"), ("b.bmp", "BMP"), ("c.png", "PNG")]:
+    buf = io.BytesIO()
+    Image.fromarray(x).save(buf, fmt)
+    whole = buf.getvalue()
+    (tmp_path / name).write_bytes(whole)
+    (tmp_path / f"cut_{name}").write_bytes(whole[:len(whole) * 2 // 3])
+    if fmt == "JPEG":  # Bytes after the end marker (camera trailers) leave a readable image.
+      (tmp_path / f"tail_{name}").write_bytes(whole + bytes(range(256)) * 8)
+  good, bad = data.scan_folder(str(tmp_path))
+  assert [os.path.basename(f) for f in good] == ["a.jpg", "b.bmp", "c.png", "tail_a.jpg"]
+  assert [os.path.basename(f) for f in bad] == ["cut_a.jpg", "cut_b.bmp", "cut_c.png"]
+  for f in good:
+    assert sources.decode_image(f).shape == (48, 48, 3)
 
 
 def test_image_folder_split_placeholder(image_folder):

@@ -205,11 +205,29 @@ def _list_files(path: str, kind: str) -> list[str]:
   return files
 
 
+def _check_image(path: str) -> None:
+  """Raises if `path` is not a whole image: PIL's verify, plus a full decode of a JPEG with no
+  end-of-image marker near its end or of a BMP, whose truncation verify does not see."""
+  with Image.open(path) as img:
+    fmt = img.format
+    img.verify()
+  if fmt == "JPEG":
+    with open(path, "rb") as fh:
+      fh.seek(max(0, os.path.getsize(path) - 1024))
+      if b"\xff\xd9" in fh.read():
+        return
+  elif fmt != "BMP":
+    return
+  with Image.open(path) as img:
+    img.load()
+
+
 def scan_folder(path: str, kind: str = "image") -> tuple[list[str], list[str]]:
   """(readable files, unreadable files) under `path`, recursively, in sorted order.
 
-  Checks every header (PIL open + verify, or PyAV open + a frame count): about 0.1-1 ms per image
-  and a few ms per video, so minutes for ImageNet-sized folders; use tfds for those. Unreadable
+  Checks every header (PIL open + verify, or PyAV open + a frame count), and decodes a JPEG that
+  lacks its end marker (truncated) and a BMP in full: about 0.1-1 ms per image and a few ms per
+  video, so minutes for ImageNet-sized folders; use tfds for those. Unreadable
   files are logged with a count; raises DataError when none is readable.
   """
   if kind not in ("image", "video"):
@@ -218,8 +236,7 @@ def scan_folder(path: str, kind: str = "image") -> tuple[list[str], list[str]]:
   for f in _list_files(path, kind):
     try:
       if kind == "image":
-        with Image.open(f) as img:
-          img.verify()
+        _check_image(f)
       elif count_frames(f) < 1:
         raise DataError(f"{f}: no frames")
       good.append(f)
