@@ -44,6 +44,7 @@ def test_option_values_take_the_field_type():
     ("S-B/16,c=sixteen", r"c=sixteen: expected a int"),
     ("S/16,data=mnist", r"must look like ENC-DEC/PATCH"),
     ("Mu-Mu/4,c=0,data=mnist,res=32", r"model.channels \(c\) must be >= 1"),
+    ("Mu-Mu/4,data=mnist,res=32,rope=none", r"rope='none' leaves ViTok's encoder and decoder no "),
 ])
 def test_bad_variants_raise_config_errors_naming_the_field(arg, message):
   with pytest.raises(ConfigError, match=message):
@@ -86,9 +87,11 @@ def test_saved_config_reads_back_equal(tmp_path):
     ("init_from", "/no/such/run", r"init_from='/no/such/run' is not a run directory"),
     ("eval.metrics", ("fvd",), r"has fvd, which scores video clips, but data.frames=1"),
     ("seed", -1, r"seed must be >= 0"),
+    ("loss.vq_entropy", 0.0, r"quantizer=vq1k_ent adds LlamaGen's entropy loss, but loss.vq_"),
 ])
 def test_loss_eval_and_stage_two_fields_are_checked(field, value, message):
-  c = load("Mu-Mu/4,c=8,res=32,data=mnist")
+  c = load("Mu-Mu/4,c=8,res=32,data=mnist,quantizer=vq1k_ent")
+  train_tokenizer.validate(c)  # vq1k_ent's entropy loss is on by default (loss.vq_entropy = 0.1).
   c.update_from_flattened_dict({field: value})
   with pytest.raises(ConfigError, match=message):
     train_tokenizer.validate(c)
