@@ -108,10 +108,11 @@ def test_bsq_unit_norm_pm_entries_and_straight_through(dim):
   assert words.dtype == jnp.uint32 and words.shape == (2, 10, -(-dim // 32))
   bits = quantizers.unpack_bits(np.asarray(words), dim)
   np.testing.assert_array_equal(bits, np.asarray(z) > 0)
-  # Straight-through to u = z/‖z‖: the gradient is exactly that of the normalisation.
+  # Straight-through sign(u) ≈ u, u = z/‖z‖, then the 1/√d scale (BSQ-ViT's and Infinity's code):
+  # the gradient is that of u/√d.
   w = jax.random.normal(jax.random.key(7), z.shape)
   grad = jax.grad(lambda z: jnp.sum(quantizers.bsq_quantize(z, impl="xla")[0] * w))(z)
-  _, vjp = jax.vjp(quantizers.l2_normalize, z)
+  _, vjp = jax.vjp(lambda z: quantizers.l2_normalize(z) / math.sqrt(dim), z)
   np.testing.assert_allclose(np.asarray(grad), np.asarray(vjp(w)[0]), atol=1e-6)
 
 
@@ -126,7 +127,8 @@ def test_bsq_entropy_terms_equal_numpy():
   codebook = _np_binary_entropy(p.mean(0)).sum()
   np.testing.assert_allclose(float(metrics["bsq/token_entropy"]), token, rtol=1e-4, atol=1e-5)
   np.testing.assert_allclose(float(metrics["bsq/codebook_entropy"]), codebook, rtol=1e-5)
-  np.testing.assert_allclose(float(terms["bsq_entropy"]), token - gamma * codebook, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(float(terms["bsq_entropy"]), (token - gamma * codebook) / beta,
+                             rtol=1e-4, atol=1e-6)
   hard = (u > 0).mean(0)
   np.testing.assert_allclose(float(metrics["bsq/bit_entropy_mean"]),
                              (_np_binary_entropy(hard) / np.log(2)).mean(), rtol=1e-5)

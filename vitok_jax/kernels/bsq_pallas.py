@@ -3,7 +3,8 @@
 Per tile of tokens the kernel reads z once and writes: the quantised latents sign(u)/√d (u = z/‖z‖),
 the packed codes, and per-program sums of the soft bit probabilities, their binary entropies and
 the hard bits (the entropy penalty's statistics), which the wrapper adds up. The backward is the
-straight-through estimator through the l2 normalisation plus the exact gradient of the statistics;
+straight-through estimator (sign(u) ≈ u, then the 1/√d scale) through the l2 normalisation plus
+the exact gradient of the statistics;
 it is elementwise per token, so plain jnp (one XLA fusion) does it in one pass too.
 
 The same kernel lowers to Triton (GPU) and Mosaic (TPU): 2-D blocks whose last two dims are whole
@@ -189,7 +190,8 @@ def _bsq_fwd(z_ND, inv_temperature, launch):
 
 
 def _bsq_bwd(inv_temperature, launch, z_ND, cotangents):
-  """Straight-through to u = z/‖z‖ for the quantised output, exact for the statistics."""
+  """Straight-through to u = z/‖z‖ for the quantised output (d q/du = I/√d), exact for the
+  statistics."""
   del launch
   g_quantized_ND, _, g_prob_sum_D, g_entropy_sum_D, _ = cotangents
   dim = z_ND.shape[-1]
@@ -201,7 +203,7 @@ def _bsq_bwd(inv_temperature, launch, z_ND, cotangents):
   x_ND = logit_scale * u_ND
   p_ND = jax.nn.sigmoid(x_ND)
   # dσ(x)/dx = p(1 − p); dH(σ(x))/dx = −x·p(1 − p).
-  g_u_ND = (g_quantized_ND.astype(jnp.float32)
+  g_u_ND = (g_quantized_ND.astype(jnp.float32) / math.sqrt(dim)
             + logit_scale * p_ND * (1 - p_ND) * (g_prob_sum_D - x_ND * g_entropy_sum_D))
   # Jacobian of z/‖z‖ is (I − u·uᵀ)/‖z‖.
   g_z_ND = (g_u_ND - u_ND * jnp.sum(u_ND * g_u_ND, axis=-1, keepdims=True)) / norm_N1

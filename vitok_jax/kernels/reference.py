@@ -53,7 +53,8 @@ def attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids=None,
 class BSQOutput(NamedTuple):
   """What the BSQ quantiser returns for latents z [..., d] (N tokens in all).
 
-  quantized: [..., d] in z's dtype, sign(u)/√d forward, straight-through to u = z/‖z‖ backward.
+  quantized: [..., d] in z's dtype, sign(u)/√d forward; backward, straight-through sign(u) ≈ u
+    then the 1/√d scale, so d quantized/du = I/√d (u = z/‖z‖), as BSQ's and Infinity's code.
   codes: [..., ceil(d/32)] uint32; word w packs bits 32w… (bit = 1 where u > 0), its first bit
     most significant, so for d ≤ 32 it is the code index with bit 0 as the MSB.
   bit_prob: [d] float32, mean over tokens of the soft P(bit = 1) = σ(4·β·u/√d), β the inverse
@@ -110,8 +111,8 @@ def bsq(z_ND, *, inv_temperature: float = 100.0) -> BSQOutput:
   dim = z_ND.shape[-1]
   u_ND = l2_normalize(z_ND)
   bits_ND = u_ND > 0
-  q_ND = jnp.where(bits_ND, 1.0, -1.0) / math.sqrt(dim)
-  quantized = (u_ND + jax.lax.stop_gradient(q_ND - u_ND)).astype(z_ND.dtype)
+  sign_ND = jnp.where(bits_ND, 1.0, -1.0)
+  quantized = ((u_ND + jax.lax.stop_gradient(sign_ND - u_ND)) / math.sqrt(dim)).astype(z_ND.dtype)
   logits_ND = bsq_logit_scale(dim, inv_temperature) * u_ND.reshape(-1, dim)
   bit_prob_D = jax.nn.sigmoid(logits_ND).mean(0)
   return BSQOutput(

@@ -217,14 +217,16 @@ class VectorQuantizer(nn.Module):
 def bsq_quantize(z_NC, *, inv_temperature: float = 100.0, gamma: float = 1.0, impl: str = "auto"):
   """BSQ of z [..., d]: (q [..., d] straight-through, codes uint32 [..., ceil(d/32)], terms, metrics).
 
-  q = sign(u)/√d (0 -> −1) with u = z/‖z‖. Terms (from the BSQ paper; Infinity's released
-  training-time entropy term returns 0): bsq_entropy = E_tokens[Σ_i H(p_i)] − γ·Σ_i H(E_tokens[p_i]),
-  p_i = σ(4·β·u_i/√d) the soft P(bit i = 1); commit = mean((sg(q) − u)²). Metrics: codebook
-  usage per bit (`bit_metrics`) and per code (`bsq_code_metrics`), and the two entropies.
+  q = sign(u)/√d (0 -> −1) with u = z/‖z‖, gradient I/√d to u (BSQ-ViT's and Infinity's
+  straight-through). Terms (BSQ-ViT's; Infinity's released training-time entropy term returns 0):
+  bsq_entropy = (E_tokens[Σ_i H(p_i)] − γ·Σ_i H(E_tokens[p_i])) / β, p_i = σ(4·β·u_i/√d) the soft
+  P(bit i = 1), β the inverse temperature (the division keeps the penalty's gradient from growing
+  with β); commit = mean((sg(q) − u)²). Metrics: codebook usage per bit (`bit_metrics`) and per
+  code (`bsq_code_metrics`), and the two entropies (not divided by β).
   """
   out = kernels.bsq(z_NC, inv_temperature=inv_temperature, impl=impl)
   u_NC = l2_normalize(z_NC)
-  terms = {"bsq_entropy": out.token_entropy - gamma * out.codebook_entropy,
+  terms = {"bsq_entropy": (out.token_entropy - gamma * out.codebook_entropy) / inv_temperature,
            "commit": jnp.mean((jax.lax.stop_gradient(out.quantized.astype(jnp.float32)) - u_NC) ** 2)}
   metrics = {**bit_metrics(out.bit_usage), **bsq_code_metrics(out.quantized, out.codes),
              "bsq/token_entropy": out.token_entropy, "bsq/codebook_entropy": out.codebook_entropy}
