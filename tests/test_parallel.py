@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from vitok_jax import ConfigError, config_lib
+from vitok_jax.launch import jobspec
 from vitok_jax.parallel import distributed
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.parallel import sharding
@@ -52,6 +53,16 @@ def test_mesh_shapes(sizes, devices, ici, dcn):
 def test_mesh_that_does_not_fit_is_a_clear_error(sizes, devices, match):
   with pytest.raises(ConfigError, match=match):
     mesh_lib.mesh_shapes(_mesh_cfg(**sizes), devices)
+
+
+def test_a_job_mesh_fills_dcn_minus_one_with_its_nodes():
+  """dcn_data=-1 for a 4-node job resolves to the job's 4 nodes, not the launching machine's one
+  process (which made 32 GPUs 'need 8 devices exactly')."""
+  assert mesh_lib.mesh_shapes(_mesh_cfg(data=1, fsdp=8, dcn_data=-1), 32, granules=4) == (
+      (1, 8, 1), (4, 1, 1))
+  jobspec.check_mesh(_mesh_cfg(data=1, fsdp=8, dcn_data=-1), nodes=4, gpus_per_node=8)
+  with pytest.raises(ConfigError, match=r"need 16 devices exactly, but there are 8; .* = 4 × 8 GPUs"):
+    jobspec.check_mesh(_mesh_cfg(data=1, fsdp=16, dcn_data=-1), nodes=4, gpus_per_node=8)
 
 
 def test_dcn_sizes_must_match_the_slices_or_processes():

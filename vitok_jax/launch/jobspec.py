@@ -135,13 +135,13 @@ def _quote(arg: str, variables: Mapping[str, str]) -> str:
 
 
 def check_mesh(mesh_cfg, *, nodes: int, gpus_per_node: int) -> None:
-  """Raises ConfigError when `mesh_cfg` does not fit nodes × gpus_per_node GPUs (nothing to check
-  for a CPU job: its device count is the processes')."""
+  """Raises ConfigError when `mesh_cfg` does not fit nodes × gpus_per_node GPUs, a node a DCN
+  group (nothing to check for a CPU job: its device count is the processes')."""
   if not gpus_per_node:
     return
   from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   try:
-    mesh_lib.mesh_shapes(mesh_cfg, nodes * gpus_per_node)
+    mesh_lib.mesh_shapes(mesh_cfg, nodes * gpus_per_node, granules=nodes)
   except ConfigError as e:
     raise ConfigError(f"{e} (the job has nodes × gpus_per_node = {nodes} × {gpus_per_node} "
                       "GPUs)") from None

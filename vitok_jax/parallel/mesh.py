@@ -38,9 +38,16 @@ def _resolve(sizes: dict[str, int], total: int, what: str) -> tuple[int, ...]:
   return tuple(total // fixed if sizes[a] == -1 else sizes[a] for a in AXES)
 
 
-def mesh_shapes(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-  """(ICI shape, DCN shape) over AXES for `num_devices` devices."""
-  dcn = _resolve({a: mesh_cfg.get(f"dcn_{a}", 1) for a in AXES}, _num_granules(mesh_cfg), "dcn")
+def mesh_shapes(mesh_cfg, num_devices: int,
+                granules: int | None = None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(ICI shape, DCN shape) over AXES for `num_devices` devices in `granules` DCN groups (slices or
+  processes; default: those of jax.devices()), which a dcn_* size of -1 fills."""
+  dcn_sizes = {a: mesh_cfg.get(f"dcn_{a}", 1) for a in AXES}
+  if -1 not in dcn_sizes.values():
+    granules = math.prod(dcn_sizes.values())  # Given; make_mesh checks it against the devices.
+  elif granules is None:
+    granules = _granules_available()
+  dcn = _resolve(dcn_sizes, granules, "dcn")
   per_granule = num_devices // math.prod(dcn)
   if num_devices % math.prod(dcn):
     raise ConfigError(f"{num_devices} devices do not split into {math.prod(dcn)} DCN groups")
@@ -48,18 +55,18 @@ def mesh_shapes(mesh_cfg, num_devices: int) -> tuple[tuple[int, ...], tuple[int,
   return ici, dcn
 
 
-def _num_granules(mesh_cfg) -> int:
-  """Number of DCN groups: the product of the dcn_* sizes (no -1 there means it is given)."""
-  sizes = [mesh_cfg.get(f"dcn_{a}", 1) for a in AXES]
-  if -1 in sizes:
-    return _granules_available()
-  return math.prod(sizes)
+def _slices_are_granules(devices) -> bool:
+  """Whether DCN groups are slices (TPU, or devices in several slices), else processes: a
+  jax.distributed CPU or GPU run reports slice_index 0 on every process's devices."""
+  if not hasattr(devices[0], "slice_index"):
+    return False
+  return devices[0].platform == "tpu" or len({d.slice_index for d in devices}) > 1
 
 
 def _granules_available(devices=None) -> int:
-  """DCN groups among `devices` (default: all): TPU slices, else processes."""
+  """DCN groups among `devices` (default: all): slices (TPU), else processes."""
   devices = list(devices if devices is not None else jax.devices())
-  if hasattr(devices[0], "slice_index"):
+  if _slices_are_granules(devices):
     return len({d.slice_index for d in devices})
   return len({d.process_index for d in devices})
 
@@ -68,18 +75,17 @@ def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
   """The (data, fsdp, tensor) mesh over `devices` (default: all); a hybrid mesh when DCN > 1."""
   mesh_cfg = mesh_cfg if mesh_cfg is not None else default_config()
   devices = list(devices if devices is not None else jax.devices())
-  ici, dcn = mesh_shapes(mesh_cfg, len(devices))
+  granules, by_slice = _granules_available(devices), _slices_are_granules(devices)
+  ici, dcn = mesh_shapes(mesh_cfg, len(devices), granules)
   if math.prod(dcn) > 1:
-    granules = _granules_available(devices)
     if math.prod(dcn) != granules:
-      kind = "slices" if hasattr(devices[0], "slice_index") else "processes"
+      kind = "slices" if by_slice else "processes"
       raise ConfigError(
           f"mesh dcn sizes {dict(zip(AXES, dcn))} ask for {math.prod(dcn)} DCN groups, but the "
           f"{len(devices)} devices are in {granules} {kind}; set dcn_data/dcn_fsdp/dcn_tensor so "
           f"their product is {granules} (e.g. dcn_data=-1), or all to 1 for a single ICI mesh")
-    granule_is_process = not hasattr(devices[0], "slice_index")
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
-                                                process_is_granule=granule_is_process)
+                                                process_is_granule=not by_slice)
   else:
     try:
       grid = mesh_utils.create_device_mesh(ici, devices)
