@@ -1,11 +1,14 @@
 """The embedded-data classifier: accuracy, FID-MNIST ordering (real < blurred < noise), caching."""
+import os
+
+import jax
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from vitok_jax.data import bundled
 from vitok_jax.eval import mnist_metrics
-from vitok_jax.models.perceptual import mnist_classifier
+from vitok_jax.models.perceptual import mnist_classifier, weights
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +57,21 @@ def test_load_or_train_caches(trained, tmp_path, monkeypatch):
   monkeypatch.setattr(mnist_classifier, "train", lambda steps: pytest.fail("retrained"))
   second = mnist_classifier.load_or_train(path)
   np.testing.assert_array_equal(first["conv0"]["kernel"], second["conv0"]["kernel"])
+  assert os.listdir(tmp_path) == ["clf.npz"]  # Written through a tmp file, renamed.
+
+
+def test_only_process_zero_trains_the_classifier(trained, tmp_path, monkeypatch):
+  """Process 1 of 2 does not train: it waits at the barrier for process 0's file and loads it, so
+  every process scores with the same network."""
+  params, _ = trained
+  path = str(tmp_path / "clf.npz")
+  monkeypatch.setattr(jax, "process_index", lambda: 1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(mnist_classifier, "train", lambda steps: pytest.fail("process 1 trained"))
+  barrier = lambda name: weights.save(path, params)  # Process 0 finishes while 1 waits.
+  monkeypatch.setattr(mnist_classifier.multihost_utils, "sync_global_devices", barrier)
+  loaded = mnist_classifier.load_or_train(path)
+  np.testing.assert_array_equal(loaded["conv0"]["kernel"], params["conv0"]["kernel"])
 
 
 @pytest.mark.slow

@@ -457,8 +457,8 @@ def evaluate_workdir(workdir: str, sample_overrides: dict | None = None,
   apply_sample_overrides(config, overrides)
   tag = ",".join(f"{k}={v}" for k, v in sorted({**overrides, **tags}.items()))
   family, _, eval_arrays, step, params = restore_run(workdir, config)
-  metrics = evaluate(family, params, config, eval_arrays, tag=tag,
-                     image_path=os.path.join(workdir, "images", f"eval_{step:07d}_"))
+  metrics = evaluate(family, params, config, eval_arrays, tag=tag, image_path=(
+      os.path.join(workdir, "images", f"eval_{step:07d}_") if jax.process_index() == 0 else None))
   record_lib.add_metrics(workdir, {k: v for k, v in metrics.items() if k.startswith("gen/")})
   return {"step": step, **metrics}
 
@@ -475,6 +475,7 @@ def sample_workdir(workdir: str, num_samples: int, out: str = "", **overrides) -
   pixels, seconds = generate(sample_fn, params, labels, config, jax.random.key(config.seed + 13),
                              family.tokenizer)
   out = out or os.path.join(workdir, "images", f"sample_{step:07d}.png")
-  visualize.save_sample_grid(out, pixels, columns=config.model.num_classes)
+  if jax.process_index() == 0:
+    visualize.save_sample_grid(out, pixels, columns=config.model.num_classes)
   logging.info("%d samples at %.1f ms each -> %s", num_samples, 1e3 * seconds, out)
   return out

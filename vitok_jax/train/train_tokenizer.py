@@ -509,7 +509,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
   mesh = mesh_lib.make_mesh(config.mesh)
   step, params, shardings = restore_params(workdir, config, mesh)
   eval_step = jit_eval_step(build_model(config), mesh, shardings.params)
-  metrics = evaluate(eval_step, params, config, mesh, workdir=workdir,
-                     image_path=os.path.join(workdir, "images", f"eval_{step:07d}"))
+  metrics = evaluate(eval_step, params, config, mesh, workdir=workdir, image_path=(
+      os.path.join(workdir, "images", f"eval_{step:07d}") if jax.process_index() == 0 else None))
   record_lib.add_metrics(workdir, metrics)
   return {"step": step, **metrics}

@@ -12,6 +12,7 @@ import os
 
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -99,10 +100,12 @@ def features(params, x_BHWC, batch_size: int = 500) -> np.ndarray:
 
 
 def load_or_train(path: str, steps: int = 600) -> dict:
-  """The cached classifier at `path`, trained (and written there) on first use."""
-  if os.path.exists(path):
-    return weights.load(path, "MNIST classifier", "python tools/train_mnist_classifier.py")
-  params, accuracy = train(steps)
-  logging.info("MNIST classifier: held-out accuracy %.4f; caching it in %s", accuracy, path)
-  weights.save(path, params)
-  return jax.tree.map(np.asarray, params)
+  """The cached classifier at `path`, trained (and written there) on first use: by process 0 while
+  the others wait, so every process scores with the same network."""
+  if not os.path.exists(path) and jax.process_index() == 0:
+    params, accuracy = train(steps)
+    logging.info("MNIST classifier: held-out accuracy %.4f; caching it in %s", accuracy, path)
+    weights.save(path, params)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"mnist_classifier {path}")
+  return weights.load(path, "MNIST classifier", "python tools/train_mnist_classifier.py")
