@@ -889,6 +889,18 @@ result.update(bsq_shapes=bsq_seen, vq_shapes=vq_seen,
                                 "bit_usage")),
               bsq_grad=float(jnp.abs(grad - ref_grad).max()),
               index_equal=bool((index == ref_index).all()), dist=float(jnp.abs(dist - ref_dist).max()))
+# A batch of 2 that data (2) divides but data x fsdp (4) does not: split over data alone.
+bsq_seen.clear()
+z2 = jax.device_put(jax.random.normal(keys[2], (2, 37, 24)), NamedSharding(mesh, P()))
+def bsq2(impl):
+  def fn(z):
+    with sharding.rules(mesh):
+      return kernels.bsq(z, impl=impl)
+  return jax.jit(fn)(z2)
+out2, ref2 = bsq2("pallas"), bsq2("xla")
+result.update(bsq2_shapes=bsq_seen, bsq2=max(
+    float(jnp.abs(getattr(out2, f) - getattr(ref2, f)).max()) for f in ("quantized", "bit_prob",
+                                                                      "codebook_entropy")))
 print(json.dumps(result))
 """
 
@@ -896,7 +908,8 @@ print(json.dumps(result))
 def test_pallas_kernels_run_per_shard_under_a_mesh():
   """On 8 devices (data 2 × fsdp 2 × tensor 2) each kernel sees its shard (attention: batch 4/4,
   heads 4/2; BSQ and VQ: batch 4/4) and outputs and gradients equal XLA's on the whole arrays:
-  BSQ's codebook entropy is a function of the mean over all tokens, not of one shard's."""
+  BSQ's codebook entropy is a function of the mean over all tokens, not of one shard's. A batch
+  that only the first batch axis divides is split over that one (it was run whole everywhere)."""
   pytest.importorskip("ml_collections")  # The mesh config (absent where only jax is installed).
   env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
          + " --xla_force_host_platform_device_count=8",
@@ -910,6 +923,7 @@ def test_pallas_kernels_run_per_shard_under_a_mesh():
   assert result["bsq_shapes"] == [[1, 37, 24]] and result["vq_shapes"] == [[1, 37, 24]]
   assert result["codes_equal"] and result["index_equal"]
   assert result["bsq"] < 1e-5 and result["bsq_grad"] < 1e-5 and result["dist"] < 1e-5
+  assert result["bsq2_shapes"] == [[1, 37, 24]] and result["bsq2"] < 1e-5
 
 
 def test_pallas_rejects_a_dense_mask():

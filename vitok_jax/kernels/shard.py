@@ -8,11 +8,12 @@ or the heads. Outside such a context, or on one device, the kernel is called as 
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import flax.linen as nn
 import jax
+
+from vitok_jax.parallel import sharding
 
 
 def current_mesh() -> Optional[jax.sharding.AbstractMesh]:
@@ -22,13 +23,14 @@ def current_mesh() -> Optional[jax.sharding.AbstractMesh]:
 
 
 def divisible_axes(logical: str, size: int, mesh):
-  """The mesh axes the logical rules give `logical` ("batch", "act_heads"), or None (replicated)
-  if the mesh lacks one of them or their product does not divide `size`."""
+  """The mesh axes the logical rules give `logical` ("batch", "act_heads"), cut to the longest
+  prefix whose product divides `size` as the parameter shardings are (`fit_to_shapes`); None
+  (replicated) if the mesh lacks one of them or not even the first divides."""
   axes = nn.logical_to_mesh_axes((logical,))[0]
   names = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
   if any(name not in mesh.shape for name in names):
     return None
-  return axes if size % math.prod(mesh.shape[a] for a in names) == 0 else None
+  return sharding.divisible_prefix(axes, size, mesh)
 
 
 def run(kernel, *args, in_specs, out_specs, mesh):

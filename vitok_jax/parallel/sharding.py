@@ -53,7 +53,7 @@ def logical_to_mesh(logical_specs, mesh: Mesh, rules=LOGICAL_AXIS_RULES, shapes=
   return fit_to_shapes(shardings, shapes)
 
 
-def _divisible_axes(axes, size: int, mesh: Mesh):
+def divisible_prefix(axes, size: int, mesh: Mesh):
   """The longest prefix of mesh `axes` (a name, tuple of names or None) whose product divides
   `size`, in the same form; None when not even the first does."""
   if axes is None:
@@ -79,7 +79,7 @@ def fit_to_shapes(shardings, shapes):
     if not isinstance(sharding, NamedSharding) or not hasattr(leaf, "shape"):
       return sharding
     spec = tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))
-    fitted = tuple(_divisible_axes(axes, size, sharding.mesh)
+    fitted = tuple(divisible_prefix(axes, size, sharding.mesh)
                    for axes, size in zip(spec, leaf.shape))
     if fitted == spec[:len(leaf.shape)]:
       return sharding
