@@ -13,6 +13,7 @@ import pytest
 
 from vitok_jax import ConfigError, config_lib
 from vitok_jax.launch import jobspec
+from vitok_jax.models import vit
 from vitok_jax.parallel import distributed
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.parallel import sharding
@@ -71,6 +72,18 @@ def test_dcn_sizes_must_match_the_slices_or_processes():
   with pytest.raises(ConfigError, match=r"ask for 2 DCN groups, but the 8 devices are in 1 "
                      r"processes; set .* product is 1"):
     mesh_lib.make_mesh(_mesh_cfg(dcn_data=2), devices)
+
+
+@pytest.mark.parametrize("heads,spec", [(4, (("data", "fsdp"), None, "tensor", None)),
+                                        (3, (("data", "fsdp"), None, None, None))])
+def test_activation_constraints_skip_a_dimension_the_mesh_axes_do_not_divide(heads, spec):
+  """3 heads on tensor=2 stay unsplit, as their parameters do (XLA otherwise pads and permutes
+  them every layer); 4 heads split."""
+  mesh = jax.sharding.AbstractMesh((1, 2, 2), mesh_lib.AXES)
+  fn = lambda x: vit.constrain(x, ("batch", "length", "act_heads", "act_kv"))
+  with jax.sharding.use_abstract_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+    jaxpr = jax.make_jaxpr(fn)(np.zeros((4, 5, heads, 8), np.float32))
+  assert [tuple(e.params["sharding"].spec) for e in jaxpr.eqns] == [spec]
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 1, 3), (1, 3, 1), (1, 4, 2)])

@@ -16,6 +16,7 @@ import numpy as np
 
 from vitok_jax import kernels
 from vitok_jax.errors import ConfigError
+from vitok_jax.parallel import sharding
 
 # The one table of transformer sizes: name -> (width, depth, heads).
 # S/B/L/H follow ViTok's own table (S is wide and shallow); Mu/Mi/Ti are tiny sizes for CPU runs.
@@ -88,7 +89,14 @@ def dense(features: int, axes: Sequence[str], dtype, name: str) -> nn.Dense:
 
 
 def constrain(x, axes: Sequence[str | None]):
-  """Activation sharding constraint by logical names (a no-op outside a mesh with rules)."""
+  """Activation sharding constraint by logical names (a no-op outside a mesh with rules). A
+  dimension its mesh axes do not divide (3 heads on tensor=2) is left unconstrained, as its
+  parameters are replicated (`sharding.fit_to_shapes`); constraining it costs resharding."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    mesh_axes = nn.logical_to_mesh_axes(tuple(axes))
+    axes = [None if sharding.divisible_prefix(m, size, mesh) != m else a
+            for a, m, size in zip(axes, mesh_axes, x.shape)]
   return nn.with_logical_constraint(x, tuple(axes))
 
 
