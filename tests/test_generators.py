@@ -1,6 +1,9 @@
 """The generator trainer end to end: every family on a tiny tokenizer of bundled MNIST, the store,
 the data stream, exact resume, the record, `vitok sample` / `vitok tokenize`, config errors."""
+import json
 import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -333,13 +336,52 @@ def test_samples_of_a_short_last_batch_reuse_the_compiled_sampler():
     traces.append(labels_B.shape)
     return jnp.broadcast_to(labels_B[:, None].astype(jnp.float32) + params, (labels_B.shape[0], 3))
 
-  tokenizer = types.SimpleNamespace(params=0.0, params_as=lambda p: contextlib.nullcontext())
+  tokenizer = types.SimpleNamespace(params=0.0, params_as=lambda p: contextlib.nullcontext(),
+                                    mesh=mesh_lib.make_mesh(devices=jax.devices()[:1]))
   config = ml_collections.ConfigDict({"batch_size": 16})
   labels = train_generator.sample_labels(20, 10)
   pixels, _ = train_generator.generate(sample_fn, 1.0, labels, config, jax.random.key(0),
                                        tokenizer)
   assert traces == [(16,)] and pixels.shape == (20, 3)
   np.testing.assert_array_equal(pixels[:, 0], labels + 1.0)
+
+
+SHARDED_EVAL = """
+import json, sys
+import jax
+from vitok_jax.train import train_generator
+split, make = [], train_generator.make_sampler
+over_batch_shards = jax.sharding.PartitionSpec(("data", "fsdp"))
+def spy(sample_fn, tokenizer):
+  sampler = make(sample_fn, tokenizer)
+  def call(params, tokenizer_params, labels, key):
+    split.append(labels.sharding.spec == over_batch_shards)
+    return sampler(params, tokenizer_params, labels, key)
+  return call
+train_generator.make_sampler = spy
+metrics = train_generator.evaluate_workdir(sys.argv[1])
+print(json.dumps({"metrics": metrics, "split": split, "devices": jax.device_count()}, default=float))
+"""
+
+
+def test_eval_on_eight_devices_samples_a_share_per_device(tokenizer_dirs, tmp_path):
+  """`vitok eval` of a DiT on 8 devices (mesh data=8): the labels reach the sampler split over the
+  batch shards (each device samples 2 of 16; every device sampled all 16 before) and the metrics
+  equal one device's."""
+  workdir = str(tmp_path / "dit")
+  train_generator.train(generator_config("dit", tokenizer_dirs["gaussian"], steps=2), workdir)
+  one = train_generator.evaluate_workdir(workdir)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
+         + " --xla_force_host_platform_device_count=8"}
+  run = subprocess.run([sys.executable, "-c", SHARDED_EVAL, workdir], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  out = json.loads(run.stdout.strip().splitlines()[-1])
+  assert out["devices"] == 8 and out["split"] and all(out["split"]), out["split"]
+  eight = out["metrics"]
+  np.testing.assert_allclose(eight["eval/loss"], one["eval/loss"], rtol=1e-4)
+  np.testing.assert_allclose(eight["gen/fid_mnist"], one["gen/fid_mnist"], rtol=1e-2)
+  assert abs(eight["gen/class_accuracy"] - one["gen/class_accuracy"]) <= 0.1
 
 
 def test_sampler_takes_the_tokenizer_weights_as_an_argument(tokenizer_dirs):

@@ -128,6 +128,13 @@ def per_process_batch(global_batch: int, mesh: Mesh) -> int:
   return global_batch // processes
 
 
+def shared_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array every process holds whole (eval labels, a held-out batch) as a global array
+  whose leading axis is split over the batch shards, or replicated where they do not divide it."""
+  sharding = batch_sharding(mesh) if len(x) % batch_shards(mesh) == 0 else replicated(mesh)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
   """Assembles the global batch from each process's rows (no host gathers everything)."""
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

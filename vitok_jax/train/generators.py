@@ -28,15 +28,16 @@ from vitok_jax.train import train_tokenizer
 
 
 class FrozenTokenizer:
-  """A trained tokenizer run: config, model, latest params (on `mesh`) and its token grid."""
+  """A trained tokenizer run: config, model, latest params (on `mesh`, which the generator on it
+  shares) and its token grid."""
 
   def __init__(self, workdir: str, mesh=None):
     self.workdir = workdir
     self.config = config_lib.read_config(workdir)
     config_lib.require_kind(self.config, workdir, "tokenizer")
     self.model = train_tokenizer.build_model(self.config)
-    mesh = mesh or mesh_lib.make_mesh(self.config.mesh)
-    self.step, self.params, _ = train_tokenizer.restore_params(workdir, self.config, mesh)
+    self.mesh = mesh or mesh_lib.make_mesh(self.config.mesh)
+    self.step, self.params, _ = train_tokenizer.restore_params(workdir, self.config, self.mesh)
     self.pixel_shape = train_tokenizer.pixel_shape(self.config)
     self.grid = tuple(s // p for s, p in zip(self.pixel_shape[:-1], self.config.model.patch))
     self.channels = self.config.model.channels

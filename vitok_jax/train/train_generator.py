@@ -189,12 +189,15 @@ def make_train_step(family, tx, schedule, config):
 
 
 def held_out_loss(family, params, arrays, config, max_examples: int = 2048) -> float:
-  """Mean training loss over the eval store (fixed noise), full batches only."""
-  loss_fn = jax.jit(lambda p, b, r: family.loss(p, b, r)[0])
+  """Mean training loss over the eval store (fixed noise), full batches only, each split over the
+  mesh's batch shards as in training."""
+  mesh = family.tokenizer.mesh
+  loss_fn = jax.jit(sharding.with_rules(lambda p, b, r: family.loss(p, b, r)[0], mesh),
+                    out_shardings=mesh_lib.replicated(mesh))
   n = min(len(arrays["labels"]), max_examples)
   batch = min(config.batch_size, n)
-  losses = [loss_fn(params, {k: v[i:i + batch] for k, v in arrays.items()},
-                    jax.random.key(config.seed + 7 + i))
+  losses = [loss_fn(params, {k: mesh_lib.shared_rows(v[i:i + batch], mesh)
+                             for k, v in arrays.items()}, jax.random.key(config.seed + 7 + i))
             for i in range(0, n - batch + 1, batch)]
   return float(np.mean(jax.device_get(losses)))
 
@@ -205,12 +208,15 @@ def sample_labels(num: int, num_classes: int) -> np.ndarray:
 
 
 def make_sampler(sample_fn, tokenizer):
-  """jit of (params, tokenizer params, labels, rng) -> pixels: the frozen tokenizer's weights are
-  an argument of the compiled sampler (closing over them would fold them in as constants)."""
+  """jit of (params, tokenizer params, labels, rng) -> pixels (replicated): the frozen tokenizer's
+  weights are an argument of the compiled sampler (closing over them would fold them in as
+  constants). Traced under the mesh's rules, so labels split over the batch shards are sampled
+  a share per device."""
   def run(params, tokenizer_params, labels_B, rng):
     with tokenizer.params_as(tokenizer_params):
       return sample_fn(params, labels_B, rng)
-  return jax.jit(run)
+  return jax.jit(sharding.with_rules(run, tokenizer.mesh),
+                 out_shardings=mesh_lib.replicated(tokenizer.mesh))
 
 
 def generate(sample_fn, params, labels, config, rng, tokenizer) -> tuple[np.ndarray, float]:
@@ -221,7 +227,8 @@ def generate(sample_fn, params, labels, config, rng, tokenizer) -> tuple[np.ndar
   out, seconds = [], 0.0
   for i in range(0, len(labels), batch):
     chunk = labels[i:i + batch]
-    padded = np.resize(chunk, batch)  # A short last batch keeps the compiled shape.
+    # A short last batch keeps the compiled shape.
+    padded = mesh_lib.shared_rows(np.resize(chunk, batch), tokenizer.mesh)
     key = jax.random.fold_in(rng, i)
     if i == 0:
       jax.block_until_ready(fn(params, padded, key))  # Compile outside the timing.
