@@ -84,11 +84,11 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
 
   # ViTok uses LPIPS 1.0: set loss.lpips=1.0 with perceptual.lpips_weights (tools/convert_lpips.py).
   # commit/codebook: VQ (LlamaGen, VAR) β = 0.25 and 1; vq_entropy: LlamaGen's entropy loss, which
-  # only quantizer=vq1k_ent computes (0.1 there); bsq_entropy: BSQ-ViT's entropy penalty weight 0.1
-  # (10 balances the bits, README); larp_vq (codebook + 0.25·commit) 0.1 and larp_prior (AR prior
-  # CE) 0.06 as in LARP. Unused terms are simply not returned.
+  # only quantizer=vq1k_ent computes (0.1 there, set below); bsq_entropy: BSQ-ViT's entropy penalty
+  # weight 0.1 (10 balances the bits, README); larp_vq (codebook + 0.25·commit) 0.1 and larp_prior
+  # (AR prior CE) 0.06 as in LARP. Unused terms are simply not returned.
   config.loss = ml_collections.ConfigDict(dict(
-      l2=1.0, l1=0.1, lpips=0.0, kl=1e-3, commit=0.25, codebook=1.0, vq_entropy=0.1,
+      l2=1.0, l1=0.1, lpips=0.0, kl=1e-3, commit=0.25, codebook=1.0, vq_entropy=0.0,
       bsq_entropy=0.1, larp_vq=0.1, larp_prior=0.06, trepa=0.0))
   # TREPA (LatentSync, video only): loss.trepa = 10 with perceptual.trepa_weights, a VideoMAE-v2
   # .npz of size trepa_size ("g/14" as LatentSync; "Mu/8" for CPU smoke runs), clips resized to
@@ -110,6 +110,8 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   if head:
     _set_model(config, head, arg)
   config_lib.apply_options(config, options, OPTIONS, arg)
+  if config.model.bottleneck == "vq1k_ent":  # Only there: other runs' configs keep 0 (resume).
+    config.loss.vq_entropy = 0.1
   _set_data(config)
   train_tokenizer.validate(config)
   return config

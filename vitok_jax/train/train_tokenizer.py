@@ -71,10 +71,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"{[*bottlenecks.LEARNED_CODEBOOK, 'larp']}), not {m.bottleneck!r}; drop codebook=N")
   require_choice(m.mlp, "model.mlp", vit.MLP_KINDS)
   require_choice(m.rope, "model.rope", vit.ROPE_KINDS)
-  require(m.rope != "none" or m.bottleneck == "larp",
-          "model.rope='none' leaves ViTok's encoder and decoder no position information (it adds "
-          "no other position embedding); use rope one of "
-          f"{[k for k in vit.ROPE_KINDS if k != 'none']}")
+  if m.rope == "none" and m.bottleneck != "larp":  # An ablation, else a mistake: say which.
+    logging.warning("model.rope='none': ViTok's encoder and decoder get no position information "
+                    "(it adds no other position embedding), so they are equivariant to permuting "
+                    "the patches; use rope one of %s unless that is the point",
+                    [k for k in vit.ROPE_KINDS if k != "none"])
   require_choice(m.dtype, "model.dtype", ("float32", "bfloat16"))
   require(m.channels >= 1, f"model.channels (c) must be >= 1, got {m.channels}")
   require(len(m.patch) in (2, 3) and all(p >= 1 for p in m.patch),
@@ -109,9 +110,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
           "the GAN stage; set them to 0 for stage 2")
   for name, weight in config.loss.items():
     require(weight >= 0, f"loss.{name} must be >= 0, got {weight}")
-  require(m.bottleneck != "vq1k_ent" or config.loss.get("vq_entropy", 0.0) > 0,
-          "quantizer=vq1k_ent adds LlamaGen's entropy loss, but loss.vq_entropy=0 turns it off; "
-          "set loss.vq_entropy > 0 (e.g. 0.1) or use quantizer=vq1k")
+  if m.bottleneck == "vq1k_ent" and not config.loss.get("vq_entropy", 0.0):
+    logging.warning("quantizer=vq1k_ent computes LlamaGen's entropy loss, but loss.vq_entropy=0 "
+                    "turns it off; set loss.vq_entropy > 0 (0.1 is the default) or use vq1k")
   require(config.loss.lpips == 0 or config.perceptual.lpips_weights,
           "loss.lpips > 0 needs perceptual.lpips_weights: a file made by tools/convert_lpips.py")
   if config.loss.get("trepa", 0.0) > 0:
