@@ -297,9 +297,13 @@ def test_scan_finds_truncated_images(tmp_path):
     (tmp_path / f"cut_{name}").write_bytes(whole[:len(whole) * 2 // 3])
     if fmt == "JPEG":  # Bytes after the end marker (camera trailers) leave a readable image.
       (tmp_path / f"tail_{name}").write_bytes(whole + bytes(range(256)) * 8)
+  buf = io.BytesIO()  # A phone's JPEG with a second frame, which PIL opens as "MPO".
+  Image.fromarray(x).save(buf, "MPO", save_all=True, append_images=[Image.fromarray(x[::-1])])
+  (tmp_path / "d.jpg").write_bytes(buf.getvalue())
+  (tmp_path / "cut_d.jpg").write_bytes(buf.getvalue()[:len(buf.getvalue()) // 5])
   good, bad = data.scan_folder(str(tmp_path))
-  assert [os.path.basename(f) for f in good] == ["a.jpg", "b.bmp", "c.png", "tail_a.jpg"]
-  assert [os.path.basename(f) for f in bad] == ["cut_a.jpg", "cut_b.bmp", "cut_c.png"]
+  assert [os.path.basename(f) for f in good] == ["a.jpg", "b.bmp", "c.png", "d.jpg", "tail_a.jpg"]
+  assert [os.path.basename(f) for f in bad] == ["cut_a.jpg", "cut_b.bmp", "cut_c.png", "cut_d.jpg"]
   for f in good:
     assert sources.decode_image(f).shape == (48, 48, 3)
 

@@ -206,12 +206,12 @@ def _list_files(path: str, kind: str) -> list[str]:
 
 
 def _check_image(path: str) -> None:
-  """Raises if `path` is not a whole image: PIL's verify, plus a full decode of a JPEG with no
-  end-of-image marker near its end or of a BMP, whose truncation verify does not see."""
+  """Raises if `path` is not a whole image: PIL's verify, plus a full decode of a JPEG (or MPO)
+  with no end-of-image marker near its end or of a BMP, whose truncation verify does not see."""
   with Image.open(path) as img:
     fmt = img.format
     img.verify()
-  if fmt == "JPEG":
+  if fmt in ("JPEG", "MPO"):  # MPO: a JPEG with more frames (phones, stereo cameras).
     with open(path, "rb") as fh:
       fh.seek(max(0, os.path.getsize(path) - 1024))
       if b"\xff\xd9" in fh.read():
