@@ -58,12 +58,23 @@ def test_mesh_that_does_not_fit_is_a_clear_error(sizes, devices, match):
 
 def test_a_job_mesh_fills_dcn_minus_one_with_its_nodes():
   """dcn_data=-1 for a 4-node job resolves to the job's 4 nodes, not the launching machine's one
-  process (which made 32 GPUs 'need 8 devices exactly')."""
+  process (which made 32 GPUs 'need 8 devices exactly'); on one node with a process per GPU the
+  DCN groups are its 8 processes; a fixed DCN size that is neither 1 nor the groups is refused
+  before submission (make_mesh refused it on the nodes)."""
   assert mesh_lib.mesh_shapes(_mesh_cfg(data=1, fsdp=8, dcn_data=-1), 32, granules=4) == (
       (1, 8, 1), (4, 1, 1))
   jobspec.check_mesh(_mesh_cfg(data=1, fsdp=8, dcn_data=-1), nodes=4, gpus_per_node=8)
-  with pytest.raises(ConfigError, match=r"need 16 devices exactly, but there are 8; .* = 4 × 8 GPUs"):
+  with pytest.raises(ConfigError,
+                     match=r"need 16 devices exactly, but there are 8; .* = 4 × 8 GPUs"):
     jobspec.check_mesh(_mesh_cfg(data=1, fsdp=16, dcn_data=-1), nodes=4, gpus_per_node=8)
+  jobspec.check_mesh(_mesh_cfg(data=1, fsdp=-1, dcn_data=-1), nodes=1, gpus_per_node=8,
+                     processes_per_node=8)
+  with pytest.raises(ConfigError, match=r"need 8 devices exactly, but there are 1;"):
+    jobspec.check_mesh(_mesh_cfg(data=1, fsdp=8, dcn_data=-1), nodes=1, gpus_per_node=8,
+                       processes_per_node=8)
+  with pytest.raises(ConfigError, match=r"ask for 2 DCN groups, but the job .* in 4 DCN groups "
+                     r"\(nodes\); make their product 4"):
+    jobspec.check_mesh(_mesh_cfg(data=1, fsdp=-1, dcn_data=2), nodes=4, gpus_per_node=8)
 
 
 def test_dcn_sizes_must_match_the_slices_or_processes():

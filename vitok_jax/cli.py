@@ -208,7 +208,8 @@ def _cmd_sweep(args: list[str]) -> int:
     from vitok_jax.launch import jobspec
     for run in runs:
       jobspec.check_mesh(run.config.mesh, nodes=job.get("nodes", 1),
-                         gpus_per_node=job.get("gpus_per_node", 0))
+                         gpus_per_node=job.get("gpus_per_node", 0),
+                         processes_per_node=job.get("processes_per_node", 1))
   sweep_lib.prepare(sweep, sweep_dir, spec, max_attempts=max_attempts, runs=runs)
   status = {run.id: sweep_lib.run_status(run.workdir, max_attempts) for run in runs}
   pending = [run for run in runs if status[run.id] == sweep_lib.PENDING]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shlex
 from typing import Mapping
@@ -99,7 +100,8 @@ class JobSpec:
     if self.command == "train":
       from vitok_jax import train  # pylint: disable=g-import-not-at-top
       train.validate(config)
-    check_mesh(config.mesh, nodes=self.nodes, gpus_per_node=self.gpus_per_node)
+    check_mesh(config.mesh, nodes=self.nodes, gpus_per_node=self.gpus_per_node,
+               processes_per_node=self.processes_per_node)
 
   def base_env(self) -> dict[str, str]:
     env = dict(self.env)
@@ -134,14 +136,22 @@ def _quote(arg: str, variables: Mapping[str, str]) -> str:
   return shlex.quote(arg)
 
 
-def check_mesh(mesh_cfg, *, nodes: int, gpus_per_node: int) -> None:
-  """Raises ConfigError when `mesh_cfg` does not fit nodes × gpus_per_node GPUs, a node a DCN
-  group (nothing to check for a CPU job: its device count is the processes')."""
+def check_mesh(mesh_cfg, *, nodes: int, gpus_per_node: int,
+               processes_per_node: int = 1) -> None:
+  """Raises ConfigError when `mesh_cfg` does not fit nodes × gpus_per_node GPUs in the DCN groups
+  `mesh.make_mesh` will find: the nodes, or on one node its processes (nothing to check for a CPU
+  job: its device count is the processes')."""
   if not gpus_per_node:
     return
   from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  granules = nodes if nodes > 1 else processes_per_node
+  job = f"the job has nodes × gpus_per_node = {nodes} × {gpus_per_node} GPUs"
   try:
-    mesh_lib.mesh_shapes(mesh_cfg, nodes * gpus_per_node, granules=nodes)
+    _, dcn = mesh_lib.mesh_shapes(mesh_cfg, nodes * gpus_per_node, granules=granules)
   except ConfigError as e:
-    raise ConfigError(f"{e} (the job has nodes × gpus_per_node = {nodes} × {gpus_per_node} "
-                      "GPUs)") from None
+    raise ConfigError(f"{e} ({job})") from None
+  if math.prod(dcn) not in (1, granules):
+    raise ConfigError(f"mesh dcn sizes {dict(zip(mesh_lib.AXES, dcn))} ask for {math.prod(dcn)} "
+                      f"DCN groups, but {job} in {granules} DCN groups ("
+                      f"{'nodes' if nodes > 1 else 'processes'}); make their product {granules} "
+                      "(e.g. dcn_data=-1) or 1")

@@ -56,8 +56,8 @@ def mesh_shapes(mesh_cfg, num_devices: int,
 
 
 def _slices_are_granules(devices) -> bool:
-  """Whether DCN groups are slices (TPU, or devices in several slices), else processes: a
-  jax.distributed CPU or GPU run reports slice_index 0 on every process's devices."""
+  """Whether DCN groups are slices (TPU slices; on CPU and GPU, XLA numbers the hosts), else
+  processes: the processes of a jax.distributed run on one host all report slice_index 0."""
   if not hasattr(devices[0], "slice_index"):
     return False
   return devices[0].platform == "tpu" or len({d.slice_index for d in devices}) > 1
