@@ -39,8 +39,9 @@ def _params(workdir):
 
 def test_two_processes_train_then_resume_on_another_mesh_and_process_count(tmp_path):
   """2 processes x 4 devices (a hybrid mesh: data=2 over the processes as DCN groups, fsdp=4 within
-  each) train 10 steps; 1 process x 8 devices (fsdp=8) resumes to step 20. Equals one device training 20 steps: the checkpoint moved across
-  topologies and the data stream continued where it stopped."""
+  each) train 10 steps; 1 process x 8 devices (fsdp=8) resumes to step 20. Equals one device
+  training 20 steps: the checkpoint moved across topologies and the data stream continued where
+  it stopped."""
   moved, reference = tmp_path / "moved", tmp_path / "reference"
   log = _vitok(4, "launch", "local", "--processes=2", f"--config={TINY},steps=10",
                f"--workdir={moved}", "--config.mesh.data=1", "--config.mesh.fsdp=-1",

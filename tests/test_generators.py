@@ -360,7 +360,8 @@ def spy(sample_fn, tokenizer):
   return call
 train_generator.make_sampler = spy
 metrics = train_generator.evaluate_workdir(sys.argv[1])
-print(json.dumps({"metrics": metrics, "split": split, "devices": jax.device_count()}, default=float))
+print(json.dumps({"metrics": metrics, "split": split, "devices": jax.device_count()},
+                 default=float))
 """
 
 

@@ -94,7 +94,8 @@ class VQBottleneck(nn.Module):
 class BSQBottleneck(nn.Module):
   """Linear to d = c channels, then BSQ: q = sign(u)/√d, u = z/‖z‖ (straight-through).
 
-  Loss terms: bsq_entropy (BSQ paper: token entropy − γ·codebook entropy), commit.
+  Loss terms: bsq_entropy ((token entropy − γ·codebook entropy) / inverse temperature, as
+  BSQ-ViT's code), commit.
   aux["codes"]: [B, N, ceil(d/32)] uint32, bit 0 the most significant.
   """
   channels: int
