@@ -64,7 +64,8 @@ def _slices_are_granules(devices) -> bool:
 
 
 def _granules_available(devices=None) -> int:
-  """DCN groups among `devices` (default: all): slices (TPU), else processes."""
+  """DCN groups among `devices` (default: all): slices where `_slices_are_granules`, else
+  processes."""
   devices = list(devices if devices is not None else jax.devices())
   if _slices_are_granules(devices):
     return len({d.slice_index for d in devices})
