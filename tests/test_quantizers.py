@@ -108,7 +108,7 @@ def test_bsq_unit_norm_pm_entries_and_straight_through(dim):
   assert words.dtype == jnp.uint32 and words.shape == (2, 10, -(-dim // 32))
   bits = quantizers.unpack_bits(np.asarray(words), dim)
   np.testing.assert_array_equal(bits, np.asarray(z) > 0)
-  # Straight-through sign(u) ≈ u, u = z/‖z‖, then the 1/√d scale (BSQ-ViT's and Infinity's code):
+  # Straight-through sign(u) ≈ u, u = z/‖z‖, then the 1/√d scale (BSQ-ViT's code):
   # the gradient is that of u/√d.
   w = jax.random.normal(jax.random.key(7), z.shape)
   grad = jax.grad(lambda z: jnp.sum(quantizers.bsq_quantize(z, impl="xla")[0] * w))(z)

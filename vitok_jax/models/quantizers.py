@@ -217,8 +217,8 @@ class VectorQuantizer(nn.Module):
 def bsq_quantize(z_NC, *, inv_temperature: float = 100.0, gamma: float = 1.0, impl: str = "auto"):
   """BSQ of z [..., d]: (q [..., d] straight-through, codes uint32 [..., ceil(d/32)], terms, metrics).
 
-  q = sign(u)/√d (0 -> −1) with u = z/‖z‖, gradient I/√d to u (BSQ-ViT's and Infinity's
-  straight-through). Terms (BSQ-ViT's; Infinity's released training-time entropy term returns 0):
+  q = sign(u)/√d (0 -> −1) with u = z/‖z‖, gradient I/√d to u (BSQ-ViT's straight-through;
+  Infinity's passes I). Terms (BSQ-ViT's; Infinity's released training-time entropy term is 0):
   bsq_entropy = (E_tokens[Σ_i H(p_i)] − γ·Σ_i H(E_tokens[p_i])) / β, p_i = σ(4·β·u_i/√d) the soft
   P(bit i = 1), β the inverse temperature (the division keeps the penalty's gradient from growing
   with β); commit = mean((sg(q) − u)²). Metrics: codebook usage per bit (`bit_metrics`) and per
