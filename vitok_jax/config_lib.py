@@ -6,6 +6,7 @@ a model part then `key=value` options: "S-B/16,c=16,res=256,data=imagenet".
 from __future__ import annotations
 
 import ast
+import contextlib
 import glob
 import importlib.util
 import json
@@ -147,13 +148,21 @@ def check_workdir(workdir: str, what: str = "workdir") -> None:
         f"or the bucket mounted with gcsfuse, e.g. /gcs/{workdir.partition('://')[2]})")
 
 
-def write_json(path: str, value, *, indent: int | None = 1, sort_keys: bool = True) -> None:
-  """Writes `value` as JSON to `path` in one step (a tmp file of this process, then a rename): a
-  reader never sees it half-written, and two writers never share a tmp file."""
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "w"):
+  """A file to write `path` through in one step (a tmp file of this process, renamed onto `path`
+  when the block ends): a reader never sees it half-written, and two writers never share a tmp
+  file."""
   tmp = f"{path}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=indent, sort_keys=sort_keys, default=str)
+  with open(tmp, mode) as f:
+    yield f
   os.replace(tmp, path)
+
+
+def write_json(path: str, value, *, indent: int | None = 1, sort_keys: bool = True) -> None:
+  """Writes `value` as JSON to `path` in one step (`atomic_write`)."""
+  with atomic_write(path) as f:
+    json.dump(value, f, indent=indent, sort_keys=sort_keys, default=str)
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:

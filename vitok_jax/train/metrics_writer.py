@@ -8,6 +8,8 @@ import os
 import jax
 import numpy as np
 
+from vitok_jax import config_lib
+
 
 class MetricWriter:
   """Appends {"step": s, name: value, ...} lines to workdir/metrics.jsonl.
@@ -63,9 +65,8 @@ def _keep_steps_up_to(path: str, last_step: int) -> None:
         continue
       if row.get("step", 0) <= last_step:
         kept.append(json.dumps(row) + "\n")
-  with open(path + ".tmp", "w") as f:
+  with config_lib.atomic_write(path) as f:
     f.writelines(kept)
-  os.replace(path + ".tmp", path)
 
 
 def read_jsonl(path: str) -> list[dict]:

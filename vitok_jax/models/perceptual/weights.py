@@ -13,18 +13,18 @@ import pickle
 import flax
 import numpy as np
 
+from vitok_jax import config_lib
 from vitok_jax.errors import ConfigError
 
 
 def save(path: str, params) -> None:
-  """Writes a params tree (nested dicts of arrays) as a flat .npz (tmp file + rename: a reader
-  never sees half a file)."""
+  """Writes a params tree (nested dicts of arrays) as a flat .npz, in one step (a reader never
+  sees half a file)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:  # A file object keeps numpy from appending a second ".npz".
+  # A file object keeps numpy from appending a second ".npz".
+  with config_lib.atomic_write(path, "wb") as f:
     np.savez(f, **{k: np.asarray(v, np.float32) for k, v in flat.items()})
-  os.replace(tmp, path)
 
 
 def load(path: str, what: str, how_to_make: str) -> dict:
