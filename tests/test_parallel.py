@@ -72,8 +72,8 @@ def test_a_job_mesh_fills_dcn_minus_one_with_its_nodes():
   with pytest.raises(ConfigError, match=r"need 8 devices exactly, but there are 1;"):
     jobspec.check_mesh(_mesh_cfg(data=1, fsdp=8, dcn_data=-1), nodes=1, gpus_per_node=8,
                        processes_per_node=8)
-  with pytest.raises(ConfigError, match=r"ask for 2 DCN groups, but the job .* in 4 DCN groups "
-                     r"\(nodes\); make their product 4"):
+  with pytest.raises(ConfigError, match=r"ask for 2 DCN groups, but its GPUs are in 4 nodes; set "
+                     r".* product is 4 .* \(the job has nodes × gpus_per_node = 4 × 8 GPUs\)"):
     jobspec.check_mesh(_mesh_cfg(data=1, fsdp=-1, dcn_data=2), nodes=4, gpus_per_node=8)
 
 

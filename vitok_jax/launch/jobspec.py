@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import shlex
 from typing import Mapping
@@ -144,14 +143,10 @@ def check_mesh(mesh_cfg, *, nodes: int, gpus_per_node: int,
   if not gpus_per_node:
     return
   from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  granules = nodes if nodes > 1 else processes_per_node
+  granules, kind = (nodes, "nodes") if nodes > 1 else (processes_per_node, "processes")
   job = f"the job has nodes × gpus_per_node = {nodes} × {gpus_per_node} GPUs"
   try:
     _, dcn = mesh_lib.mesh_shapes(mesh_cfg, nodes * gpus_per_node, granules=granules)
+    mesh_lib.check_dcn_groups(dcn, granules, f"its GPUs are in {granules} {kind}")
   except ConfigError as e:
     raise ConfigError(f"{e} ({job})") from None
-  if math.prod(dcn) not in (1, granules):
-    raise ConfigError(f"mesh dcn sizes {dict(zip(mesh_lib.AXES, dcn))} ask for {math.prod(dcn)} "
-                      f"DCN groups, but {job} in {granules} DCN groups ("
-                      f"{'nodes' if nodes > 1 else 'processes'}); make their product {granules} "
-                      "(e.g. dcn_data=-1) or 1")

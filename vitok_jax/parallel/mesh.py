@@ -46,7 +46,7 @@ def mesh_shapes(mesh_cfg, num_devices: int,
   if -1 not in dcn_sizes.values():
     granules = math.prod(dcn_sizes.values())  # Given; make_mesh checks it against the devices.
   elif granules is None:
-    granules = _granules_available()
+    granules, _ = _granules(jax.devices())
   dcn = _resolve(dcn_sizes, granules, "dcn")
   per_granule = num_devices // math.prod(dcn)
   if num_devices % math.prod(dcn):
@@ -55,38 +55,36 @@ def mesh_shapes(mesh_cfg, num_devices: int,
   return ici, dcn
 
 
-def _slices_are_granules(devices) -> bool:
-  """Whether DCN groups are slices (TPU slices; on CPU and GPU, XLA numbers the hosts), else
-  processes: the processes of a jax.distributed run on one host all report slice_index 0."""
-  if not hasattr(devices[0], "slice_index"):
-    return False
-  return devices[0].platform == "tpu" or len({d.slice_index for d in devices}) > 1
+def _granules(devices) -> tuple[int, str]:
+  """(number, kind) of the DCN groups among `devices`: "slices" (TPU slices; on CPU and GPU, XLA
+  numbers the hosts), else "processes": the processes of a jax.distributed run on one host all
+  report slice_index 0."""
+  slices = {d.slice_index for d in devices} if hasattr(devices[0], "slice_index") else set()
+  if slices and (devices[0].platform == "tpu" or len(slices) > 1):
+    return len(slices), "slices"
+  return len({d.process_index for d in devices}), "processes"
 
 
-def _granules_available(devices=None) -> int:
-  """DCN groups among `devices` (default: all): slices where `_slices_are_granules`, else
-  processes."""
-  devices = list(devices if devices is not None else jax.devices())
-  if _slices_are_granules(devices):
-    return len({d.slice_index for d in devices})
-  return len({d.process_index for d in devices})
+def check_dcn_groups(dcn: tuple[int, ...], granules: int, where: str) -> None:
+  """Raises ConfigError unless the DCN shape `dcn` is 1 or spans all `granules` DCN groups;
+  `where` says what holds them, e.g. "the 8 devices are in 2 processes"."""
+  if math.prod(dcn) not in (1, granules):
+    raise ConfigError(
+        f"mesh dcn sizes {dict(zip(AXES, dcn))} ask for {math.prod(dcn)} DCN groups, but {where}; "
+        f"set dcn_data/dcn_fsdp/dcn_tensor so their product is {granules} (e.g. dcn_data=-1), or "
+        "all to 1 for a single ICI mesh")
 
 
 def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
   """The (data, fsdp, tensor) mesh over `devices` (default: all); a hybrid mesh when DCN > 1."""
   mesh_cfg = mesh_cfg if mesh_cfg is not None else default_config()
   devices = list(devices if devices is not None else jax.devices())
-  granules, by_slice = _granules_available(devices), _slices_are_granules(devices)
+  granules, kind = _granules(devices)
   ici, dcn = mesh_shapes(mesh_cfg, len(devices), granules)
   if math.prod(dcn) > 1:
-    if math.prod(dcn) != granules:
-      kind = "slices" if by_slice else "processes"
-      raise ConfigError(
-          f"mesh dcn sizes {dict(zip(AXES, dcn))} ask for {math.prod(dcn)} DCN groups, but the "
-          f"{len(devices)} devices are in {granules} {kind}; set dcn_data/dcn_fsdp/dcn_tensor so "
-          f"their product is {granules} (e.g. dcn_data=-1), or all to 1 for a single ICI mesh")
+    check_dcn_groups(dcn, granules, f"the {len(devices)} devices are in {granules} {kind}")
     grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
-                                                process_is_granule=not by_slice)
+                                                process_is_granule=kind == "processes")
   else:
     try:
       grid = mesh_utils.create_device_mesh(ici, devices)
