@@ -248,12 +248,14 @@ def test_hopper_kernel_lowers_for_cuda(mode, monkeypatch):
 @pytest.mark.parametrize("prefix_masks", [False, True])
 def test_hopper_masked_kernels_lower_for_cuda(prefix_masks, monkeypatch):
   """VAR's block-causal attention through the dispatcher (numpy block ids, 680 tokens, bf16):
-  with `policy.HOPPER_PREFIX_MASKS` it lowers for CUDA on the Hopper kernels, padded to 768 and
-  given the scales' `PrefixMask` with the padded keys hidden; without it, on Triton. Causal
-  attention with hopper=True lowers on them too."""
+  with `policy.HOPPER_PREFIX_MASKS` it lowers for CUDA on the Hopper kernels, padded to 768 (the
+  path without `HOPPER_UNPADDED`) and given the scales' `PrefixMask` with the padded keys hidden;
+  without it, on Triton. Causal attention with hopper=True lowers on them too."""
   monkeypatch.setattr(policy, "is_hopper", lambda device=None: True)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Compiled kernels, not interpreted.
   monkeypatch.setattr(policy, "HOPPER_PREFIX_MASKS", prefix_masks)
+  monkeypatch.setattr(policy, "HOPPER_UNPADDED", False)
+  monkeypatch.setattr(policy, "HOPPER_SKIP_PADDED_QUERIES", False)
   monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
   seen = _spy_on_hopper_kernels(monkeypatch, lambda _, a, kw: (a[0].shape[1], kw["mask"]))
   lower = lambda fn, *args: jax.export.export(
@@ -286,6 +288,7 @@ def test_skipping_padded_queries_lowers_for_cuda_where_both_passes_are_hopper(ho
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Compiled kernels, not interpreted.
   monkeypatch.setattr(hopper, "_cuda_runtime_version", lambda: None)
   monkeypatch.setattr(policy, "HOPPER_SKIP_PADDED_QUERIES", True)
+  monkeypatch.setattr(policy, "HOPPER_UNPADDED", False)  # The padded path.
   seen = _spy_on_hopper_kernels(monkeypatch, lambda _, a, kw: kw["mask"])
   attend = functools.partial(flash.flash_attention, block_ids=VAR_680, hopper=hopper_mode)
   x = jax.ShapeDtypeStruct((2, 680, 4, 64), jnp.bfloat16)
@@ -576,6 +579,7 @@ def test_unpadded_lengths_lower_for_cuda_where_both_passes_are_hopper(hopper_mod
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # Compiled kernels, not interpreted.
   monkeypatch.setattr(hopper, "_cuda_runtime_version", lambda: None)
   monkeypatch.setattr(policy, "HOPPER_UNPADDED", True)
+  monkeypatch.setattr(policy, "HOPPER_SKIP_PADDED_QUERIES", False)  # The masks as they come.
   seen = _spy_on_hopper_kernels(monkeypatch, lambda name, a, kw: (name, a[0].shape[1],
                                                                   kw["mask"]))
   attend = functools.partial(flash.flash_attention, block_ids=VAR_680, hopper=hopper_mode)
@@ -612,7 +616,8 @@ def test_unpadded_lengths_lower_for_cuda_where_both_passes_are_hopper(hopper_mod
   assert seen == []
 
 
-def test_hopper_padding_rounds_only_where_the_kernels_then_take_the_call():
+def test_hopper_padding_rounds_only_where_the_kernels_then_take_the_call(monkeypatch):
+  monkeypatch.setattr(policy, "HOPPER_UNPADDED", False)  # Padding to whole tiles, not lengths.
   spec = lambda length, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((1, length, 4, 64), dtype)
   pad = lambda prefix, q, k, padded: flash._hopper_padding(prefix, q, k, *padded, 64, 0.125)[:2]
   # Causal self-attention of 300 tokens with 256-query / 64-key Triton tiles (512, 384): one
@@ -681,11 +686,14 @@ def test_hopper_masked_kernels_match_reference(q_len, kv_len, head_dim, dtype, k
   (`policy.HOPPER_PREFIX_MASKS`; checked by spies; the backward's length threshold lowered for
   these short cases): output, logsumexp and gradients match the reference, also where the
   kernels skip the tiles of query padding alone (`policy.HOPPER_SKIP_PADDED_QUERIES`: the
-  masks they get say so wherever the queries were padded to a multiple of 128)."""
+  masks they get say so wherever the queries were padded to a multiple of 128). The arrays are
+  padded to whole tiles here (`policy.HOPPER_UNPADDED` unset, so the keys' padding is the mask's
+  kv_valid); `test_hopper_kernels_take_lengths_as_they_are` runs them unpadded."""
   if 12080 <= (hopper._cuda_runtime_version() or 0) < 12091:
     pytest.skip("the masked Hopper kernels refuse CUDA 12.8.0 – 12.9.0 (ptxas)")
   monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
   monkeypatch.setattr(policy, "HOPPER_SKIP_PADDED_QUERIES", skip_padded)
+  monkeypatch.setattr(policy, "HOPPER_UNPADDED", False)
   seen = _spy_on_hopper_kernels(monkeypatch, lambda name, a, kw: (name, kw["mask"].q_valid))
   _check_attention("gpu", batch=2, q_len=q_len, kv_len=kv_len, heads=4, kv_heads=kv_heads,
                    head_dim=head_dim, dtype=dtype, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"], **mask)

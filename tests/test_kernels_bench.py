@@ -20,8 +20,8 @@ def _load_bench():
 def test_bench_kernels_writes_json_and_plot(tmp_path):
   bench = _load_bench()
   out, png = tmp_path / "kernels.json", tmp_path / "kernels.png"
-  returned = bench.main(["--tiny", "--lengths", "64", "--head_dims", "32", "--impls",
-                         "pallas,pallas_dense,xla,pallas_triton,pallas_skip_padded,pallas_unpadded",
+  impls = "pallas,pallas_dense,xla,pallas_triton,pallas_padded,pallas_padded_skip_padded"
+  returned = bench.main(["--tiny", "--lengths", "64", "--head_dims", "32", "--impls", impls,
                          "--bsq", "256,32", "--bsq_more_tokens", "512", "--vq", "128,256,8",
                          "--warmup", "0", "--iters", "1", "--out", str(out), "--plot", str(png)])
   report = json.loads(out.read_text())
@@ -43,18 +43,15 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   pairs = 1 + 4 * 5 + 9 * 14 + 16 * 30 + 25 * 55
   assert var["fwd_flops"] == 4 * var["batch"] * 2 * 32 * pairs
   assert var["visible_fraction"] == pytest.approx(pairs / 55**2) and dense["visible_fraction"] == 1
-  # The policy flags are set while "pallas_skip_padded" / "pallas_unpadded" are traced, and only
-  # then.
-  assert "fwd_bwd_ms" in var["impls"]["pallas_skip_padded"]
-  assert "fwd_bwd_ms" in var["impls"]["pallas_unpadded"]
-  assert not bench.policy.HOPPER_SKIP_PADDED_QUERIES and not bench.policy.HOPPER_UNPADDED
-  seen = []
-  traced = bench._with_policy(lambda: seen.append((bench.policy.HOPPER_SKIP_PADDED_QUERIES,
-                                                   bench.policy.HOPPER_UNPADDED)),
-                              **bench.POLICY_IMPLS["pallas_unpadded_skip_padded"])
+  # The policy flags are set otherwise while "pallas_padded*" are traced, and only then.
+  assert "fwd_bwd_ms" in var["impls"]["pallas_padded"]
+  assert "fwd_bwd_ms" in var["impls"]["pallas_padded_skip_padded"]
+  flags = lambda: (bench.policy.HOPPER_SKIP_PADDED_QUERIES, bench.policy.HOPPER_UNPADDED)
+  defaults, seen = flags(), []
+  traced = bench._with_policy(lambda: seen.append(flags()),
+                              **bench.POLICY_IMPLS["pallas_padded_skip_padded"])
   traced()
-  assert seen == [(True, True)]
-  assert not bench.policy.HOPPER_SKIP_PADDED_QUERIES and not bench.policy.HOPPER_UNPADDED
+  assert seen == [(True, False)] and flags() == defaults
   assert isinstance(report["vq"]["no_tokens_x_codes_buffer"], bool)  # Meaningful off-CPU only.
   assert report["bsq"]["speedup_vs_jnp"] > 0
   assert set(report["bsq"]["copy"]) == {"pallas", "xla"}  # The bandwidth ceilings of the shape.

@@ -13,11 +13,10 @@ Attention (batch × heads × L × head_dim, self-attention): forward and forward
   pallas_triton ours on Triton only (`hopper=False`),
   pallas_dense  ours on Triton visiting every tile with the mask (`skip_blocks=False`):
                 block-causal rows only, the saving of skipping measured on one kernel,
-  pallas_skip_padded  ours with `policy.HOPPER_SKIP_PADDED_QUERIES` set: where both passes run
-                on the Hopper kernels they skip the tiles of query padding alone (680 → 768),
-  pallas_unpadded  ours with `policy.HOPPER_UNPADDED` set: where both passes run on the Hopper
-                kernels they take the arrays unpadded (no copies to 768 tokens and back),
-  pallas_unpadded_skip_padded  both flags,
+  pallas_padded  ours with `policy.HOPPER_UNPADDED` and `HOPPER_SKIP_PADDED_QUERIES` unset: the
+                Hopper kernels get the arrays padded to whole 128-token tiles (680 → 768) and
+                walk the tiles of query padding too (the path before both flags),
+  pallas_padded_skip_padded  padded, but skipping the tiles of query padding alone,
   xla, cudnn    `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
   jax_pallas    jax's reference Pallas op (GPU: pallas.ops.gpu.attention.mha; TPU:
                 pallas.ops.tpu.flash_attention),
@@ -84,11 +83,10 @@ PEAK_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("H200", 4.8e12), ("
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
                    ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
                    ("TPU v4", 275e12), ("TPU v6", 918e12))
-# Ours with `policy` flags that are off until measured set while jit traces it.
+# Ours with `policy` flags set otherwise while jit traces it: the paths they replaced.
 POLICY_IMPLS = {
-    "pallas_skip_padded": dict(HOPPER_SKIP_PADDED_QUERIES=True),
-    "pallas_unpadded": dict(HOPPER_UNPADDED=True),
-    "pallas_unpadded_skip_padded": dict(HOPPER_UNPADDED=True, HOPPER_SKIP_PADDED_QUERIES=True),
+    "pallas_padded": dict(HOPPER_UNPADDED=False, HOPPER_SKIP_PADDED_QUERIES=False),
+    "pallas_padded_skip_padded": dict(HOPPER_UNPADDED=False, HOPPER_SKIP_PADDED_QUERIES=True),
 }
 ATTENTION_IMPLS = ("pallas", "pallas_hopper", "pallas_hopper_fwd", "pallas_triton",
                    "pallas_dense", *POLICY_IMPLS, "xla", "cudnn", "jax_pallas", "jax_mgpu")

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The Hopper measurements that only an H100/H200 can make, in one run of at most 10 minutes (the
 # default step limits add up to 570 s):
-#   1. the kernel tests of the paths that are off until this has run them, compiled, alone:
-#      `policy.HOPPER_SKIP_PADDED_QUERIES` and `policy.HOPPER_UNPADDED` (12 GPU cases, 150 s);
+#   1. the kernel tests of the Hopper paths that take lengths as they are and skip the tiles of
+#      query padding (`policy.HOPPER_UNPADDED`, `policy.HOPPER_SKIP_PADDED_QUERIES`), compiled,
+#      alone, so that a hang ends this step and the log names it (15 GPU cases, about 100 s);
 #   2. block-causal attention at VAR's lengths (680, 2240): the default (pallas), cuDNN given the
-#      mask densely, our dense visit, and where step 1 passed: the tiles of query padding alone
-#      skipped (pallas_skip_padded; 680 pads to 768), the arrays unpadded (pallas_unpadded: no
-#      copies to 768 and back), both; each GPU kernel's time in a fwd+bwd step (--breakdown);
-#      BSQ and VQ at their default shapes (`var.json`);
+#      mask densely, our dense visit, and the paths the two flags replaced: padded to whole tiles
+#      (pallas_padded; 680 pads to 768), padded and skipping the padding's tiles; each GPU
+#      kernel's time in a fwd+bwd step (--breakdown); BSQ and VQ at their default shapes
+#      (`var.json`);
 #   3. where the time goes at L = 4096, head dim 128 (the fwd+bwd ≥ 1.0× cuDNN target): each
 #      kernel of our step and of cuDNN's, and BSQ's at 1M tokens (`breakdown.json`);
 #   4. the other kernel tests, compiled (`-m "slow or not slow"`; the TPU lowering is the CPU's);
@@ -32,23 +33,19 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1 PYTHONPATH=".:${P
   # The masked Hopper kernels refuse CUDA runtimes 12.8.0-12.9.0 (flash_attention_hopper).
   python -c "from jax._src.lib import cuda_versions as v; print('cuda runtime', v and v.cuda_runtime_get_version())"
 } 2>&1 | tee "$out/device.txt"
-# The paths that are off until measured first, on their own and in one process (-v names each
-# test as it starts): a hang there (a warpgroup that walks no tile; TMA past an array's end) ends
-# this step alone and the log names it. Then what decides their flags: VAR's lengths with and
-# without them.
+# The newest Hopper paths first, on their own and in one process (-v names each test as it
+# starts): a hang there (a warpgroup that walks no tile; TMA past an array's end) ends this step
+# alone and the log names it. Then VAR's lengths with and without them.
 NEW_TESTS="skip_padded or skipped_padding or as_they_are"
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${NEW_TEST_TIMEOUT:-150}" \
   python -m pytest tests/test_kernels.py -k "$NEW_TESTS" -v -rfEs --tb=short 2>&1 \
   | tee "$out/tests_new_paths.log"
 new_rc=${PIPESTATUS[0]}
 echo "new-path tests rc=$new_rc" | tee -a "$out/tests_new_paths.log"
-var_impls=pallas,cudnn,pallas_dense  # The default and the target's baselines first,
-if [ "$new_rc" -eq 0 ]; then  # then the new paths, where their tests passed.
-  var_impls=$var_impls,pallas_skip_padded,pallas_unpadded,pallas_unpadded_skip_padded
-fi
 timeout "${VAR_TIMEOUT:-150}" python tools/bench_kernels.py --out "$out/var.json" \
   --lengths= --var_lengths 680,2240 --bsq_more_tokens= --warmup 2 --iters 5 --back_to_back 10 \
-  --impls "$var_impls" --breakdown 2>&1 | tee "$out/var.log"
+  --impls pallas,cudnn,pallas_dense,pallas_padded,pallas_padded_skip_padded --breakdown 2>&1 \
+  | tee "$out/var.log"
 echo "var rc=${PIPESTATUS[0]}" | tee -a "$out/var.log"
 timeout "${BREAKDOWN_TIMEOUT:-90}" python tools/bench_kernels.py --out "$out/breakdown.json" \
   --lengths 4096 --head_dims 128 --var_lengths= --bsq_more_tokens= --warmup 2 --iters 5 \

@@ -16,9 +16,9 @@ Measured on an H100 (jax 0.11.2, bf16, docs/kernels/bench_kernels_h100.json, def
     0.73–0.75× with the causal mask (docs/kernels/bench_causal_h100.json): unmasked and causal
     attention stay on cuDNN where it applies (half precision, head_dim % 8 == 0), except the
     short Hopper shapes of `hopper_ahead`;
-  - block-causal (VAR, 680 / 2240 tokens, head dim 64), on the Hopper kernels: 1.35× / 1.86×
-    cuDNN given the same mask densely, 1.01–1.03× / 1.08× Triton (which is 4.2× / 7.4× XLA); no
-    [L, S] mask is built;
+  - block-causal (VAR, 680 / 2240 tokens, head dim 64), on the Hopper kernels with the arrays
+    unpadded (HOPPER_UNPADDED): 1.80–1.82× / 2.15× cuDNN given the same mask densely (1.35× /
+    1.86× padded to whole tiles; Triton is 4.2× / 7.4× XLA); no [L, S] mask is built;
   - BSQ 4.9× (its default launch, bench_hopper_bwd_h100.json) and VQ (16384 codes) 3.6× the
     XLA-fused jnp versions, VQ without the 4.3 GB tokens × codes buffer.
 TPU: checked in interpret mode, and lowered for a v5e from a CPU (jax's Pallas TPU lowering:
@@ -67,10 +67,12 @@ HOPPER_PREFIX_MASKS = True
 # them skip the tiles that hold query padding alone (`PrefixMask.q_valid`). Padding rows see
 # what the last true row sees: at VAR's 680 tokens (padded to 768) every key, and skipping cuts
 # the tiles walked by 11% forward (64 × 128 tiles) and 11% backward (64 × 64), by count; at 2240
-# by 4% / 4%. Off until the kernels have run so on a GPU:
-# `test_hopper_masked_kernels_match_reference` checks them compiled and tools/check_hopper_gpu.sh
-# times `pallas_skip_padded` against `pallas` at VAR's lengths.
-HOPPER_SKIP_PADDED_QUERIES = False
+# by 4% / 4%. On an H100 (jax 0.11.2, CUDA 13.0) its tests pass compiled
+# (`test_hopper_masked_kernels_match_reference[skip_padded-*]`, tools/check_hopper_gpu.sh) and,
+# with HOPPER_UNPADDED below, fwd+bwd 0.567 against 0.578 ms at 680 tokens and 0.995 against
+# 1.004 ms at 2240; padded, 0.706 against 0.758 and 1.128 against 1.148
+# (docs/kernels/bench_hopper_var_variants_h100.json).
+HOPPER_SKIP_PADDED_QUERIES = True
 
 # Whether flash_attention, where both passes run on the Hopper kernels, hands them the arrays
 # with their lengths as they are (multiples of `flash_attention_hopper.LENGTH_MULTIPLE`) rather
@@ -79,10 +81,15 @@ HOPPER_SKIP_PADDED_QUERIES = False
 # dq, dk, dv (and the output) back out: at VAR's 680 tokens (padded to 768; batch 24, 16 heads,
 # head dim 64) that is about 0.45 of the 0.7 GB XLA moves around the two kernels in a fwd+bwd
 # step (counted by hand from the exported program's arrays; dq's zeros, its cast and delta are
-# the rest), about 0.15 ms at 3 TB/s against the 0.76 ms measured for the step. Off until it has
-# run on a GPU: `test_hopper_kernels_take_lengths_as_they_are` checks it compiled and
-# tools/check_hopper_gpu.sh times `pallas_unpadded` against `pallas`.
-HOPPER_UNPADDED = False
+# the rest), about 0.15 ms at 3 TB/s against the 0.76 ms measured for the step. On an H100 (jax
+# 0.11.2, CUDA 13.0, bf16, 16 heads, head dim 64; batch 24 at 680 tokens, 7 at 2240) its tests
+# pass compiled (`test_hopper_kernels_take_lengths_as_they_are`), and with both flags set
+# block-causal fwd+bwd takes 0.567–0.576 ms at 680 tokens against 0.758–0.769 padded (1.80–1.82×
+# cuDNN given the mask densely, 1.80–1.81× our dense visit) and 0.995–1.015 ms at 2240 against
+# 1.148–1.171 (2.15× cuDNN, 2.08–2.09× dense); two runs, the benchmark's `pallas_padded` rows
+# timing the padded path (docs/kernels/bench_hopper_var_variants_h100.json, before the flags
+# were set; bench_hopper_var_h100.json, after).
+HOPPER_UNPADDED = True
 
 
 def hopper_ahead(dtype, q_len, kv_len, head_dim, mask: str = "none") -> bool:
