@@ -206,3 +206,16 @@ def test_sample_infinity_top_k_and_top_p_act_on_each_bit(setup):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   plain = infinity.sample_infinity(model, params, labels, rng, fn, cfg_scale=None)
   assert any((np.asarray(a) != np.asarray(b)).any() for a, b in zip(plain, greedy))
+
+
+def test_residual_bsq_passes_infinity_straight_through_gradient(setup):
+  """Infinity's multi-scale BSQ passes its straight-through gradient as I to u = z/‖z‖
+  (`quantize_new`), √d times BSQ-ViT's I/√d, which `bsq_unit_gradient=False` gives."""
+  residual, f = setup["residual"], setup["f"]
+  w = jax.random.normal(jax.random.key(3), f.shape)
+  grad = lambda quantizer: jax.grad(lambda f: jnp.sum(quantizer.apply({}, f)[0] * w))(f)
+  bsq_vit = residual.clone(bsq_unit_gradient=False)
+  assert residual.bsq_unit_gradient
+  np.testing.assert_allclose(np.asarray(grad(residual)), np.sqrt(BITS) * np.asarray(grad(bsq_vit)),
+                             rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(grad(bsq_vit)).max()) > 0

@@ -108,12 +108,14 @@ def test_bsq_unit_norm_pm_entries_and_straight_through(dim):
   assert words.dtype == jnp.uint32 and words.shape == (2, 10, -(-dim // 32))
   bits = quantizers.unpack_bits(np.asarray(words), dim)
   np.testing.assert_array_equal(bits, np.asarray(z) > 0)
-  # Straight-through sign(u) ≈ u, u = z/‖z‖, then the 1/√d scale (BSQ-ViT's code):
-  # the gradient is that of u/√d.
+  # Straight-through sign(u) ≈ u, u = z/‖z‖, then the 1/√d scale (BSQ-ViT's code): the gradient
+  # is that of u/√d; Infinity's (unit_gradient) that of u.
   w = jax.random.normal(jax.random.key(7), z.shape)
-  grad = jax.grad(lambda z: jnp.sum(quantizers.bsq_quantize(z, impl="xla")[0] * w))(z)
-  _, vjp = jax.vjp(lambda z: quantizers.l2_normalize(z) / math.sqrt(dim), z)
-  np.testing.assert_allclose(np.asarray(grad), np.asarray(vjp(w)[0]), atol=1e-6)
+  for unit, scale in ((False, 1 / math.sqrt(dim)), (True, 1.0)):
+    grad = jax.grad(lambda z: jnp.sum(
+        quantizers.bsq_quantize(z, impl="xla", unit_gradient=unit)[0] * w))(z)
+    _, vjp = jax.vjp(lambda z: quantizers.l2_normalize(z) * scale, z)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(vjp(w)[0]), atol=1e-6)
 
 
 def test_bsq_entropy_terms_equal_numpy():

@@ -55,7 +55,7 @@ class BSQOutput(NamedTuple):
 
   quantized: [..., d] in z's dtype, sign(u)/√d forward; backward, straight-through sign(u) ≈ u
     then the 1/√d scale, so d quantized/du = I/√d (u = z/‖z‖), as BSQ-ViT's code (Infinity's
-    `quantize_new` passes I).
+    `quantize_new` passes I: `quantizers.bsq_quantize(unit_gradient=True)`).
   codes: [..., ceil(d/32)] uint32; word w packs bits 32w… (bit = 1 where u > 0), its first bit
     most significant, so for d ≤ 32 it is the code index with bit 0 as the MSB.
   bit_prob: [d] float32, mean over tokens of the soft P(bit = 1) = σ(4·β·u/√d), β the inverse

@@ -153,6 +153,7 @@ class ResidualQuantizer(nn.Module):
   phi_ratio: float = 0.5
   inv_temperature: float = 100.0
   gamma: float = 1.0
+  bsq_unit_gradient: bool = True   # Infinity's straight-through: gradient I to u, not I/√d.
   input_resize: str = ""           # "": "area" for vq (VAR), `upsample` for bsq (Infinity).
   impl: str = "auto"
 
@@ -197,7 +198,8 @@ class ResidualQuantizer(nn.Module):
         codes.append(index)
       else:
         code_BsC, words, terms, bit_metrics = quantizers.bsq_quantize(
-            r_BsC, inv_temperature=self.inv_temperature, gamma=self.gamma, impl=self.impl)
+            r_BsC, inv_temperature=self.inv_temperature, gamma=self.gamma, impl=self.impl,
+            unit_gradient=self.bsq_unit_gradient)
         codes.append(words)
         extra.append(terms)
         metrics.append(bit_metrics)

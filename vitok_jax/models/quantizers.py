@@ -214,20 +214,30 @@ class VectorQuantizer(nn.Module):
     return straight_through(z_NC, e_NC), index, terms, code_usage_metrics(index, self.codebook_size)
 
 
-def bsq_quantize(z_NC, *, inv_temperature: float = 100.0, gamma: float = 1.0, impl: str = "auto"):
+def scale_gradient(x, scale: float):
+  """x forward, `scale` times its gradient backward."""
+  held = jax.lax.stop_gradient(x)
+  return held + scale * (x - held)
+
+
+def bsq_quantize(z_NC, *, inv_temperature: float = 100.0, gamma: float = 1.0, impl: str = "auto",
+                 unit_gradient: bool = False):
   """BSQ of z [..., d]: (q [..., d] straight-through, codes uint32 [..., ceil(d/32)], terms, metrics).
 
-  q = sign(u)/√d (0 -> −1) with u = z/‖z‖, gradient I/√d to u (BSQ-ViT's straight-through;
-  Infinity's passes I). Terms (BSQ-ViT's; Infinity's released training-time entropy term is 0):
-  bsq_entropy = (E_tokens[Σ_i H(p_i)] − γ·Σ_i H(E_tokens[p_i])) / β, p_i = σ(4·β·u_i/√d) the soft
-  P(bit i = 1), β the inverse temperature (the division keeps the penalty's gradient from growing
-  with β); commit = mean((sg(q) − u)²). Metrics: codebook usage per bit (`bit_metrics`) and per
+  q = sign(u)/√d (0 -> −1) with u = z/‖z‖, gradient I/√d to u (BSQ-ViT's straight-through), or
+  I with `unit_gradient` (Infinity's `quantize_new`, z + sg(sign(z)/√d − z)). Terms (BSQ-ViT's;
+  Infinity's released training-time entropy term is 0): bsq_entropy = (E_tokens[Σ_i H(p_i)] −
+  γ·Σ_i H(E_tokens[p_i])) / β, p_i = σ(4·β·u_i/√d) the soft P(bit i = 1), β the inverse
+  temperature (the division keeps the penalty's gradient from growing with β); commit = mean((sg(q) − u)²). Metrics: codebook usage per bit (`bit_metrics`) and per
   code (`bsq_code_metrics`), and the two entropies (not divided by β).
   """
   out = kernels.bsq(z_NC, inv_temperature=inv_temperature, impl=impl)
+  quantized = out.quantized
+  if unit_gradient:
+    quantized = scale_gradient(quantized, math.sqrt(z_NC.shape[-1]))
   u_NC = l2_normalize(z_NC)
   terms = {"bsq_entropy": (out.token_entropy - gamma * out.codebook_entropy) / inv_temperature,
            "commit": jnp.mean((jax.lax.stop_gradient(out.quantized.astype(jnp.float32)) - u_NC) ** 2)}
   metrics = {**bit_metrics(out.bit_usage), **bsq_code_metrics(out.quantized, out.codes),
              "bsq/token_entropy": out.token_entropy, "bsq/codebook_entropy": out.codebook_entropy}
-  return out.quantized, out.codes, terms, metrics
+  return quantized, out.codes, terms, metrics
