@@ -327,7 +327,6 @@ def test_a_partial_store_is_not_a_generators_training_set(tokenizer_dirs, tmp_pa
 def test_samples_of_a_short_last_batch_reuse_the_compiled_sampler():
   """20 samples in batches of 16: the last batch is padded to 16, so nothing recompiles inside
   the timed loop (which inflated ms_per_sample)."""
-  import contextlib  # pylint: disable=g-import-not-at-top
   import types  # pylint: disable=g-import-not-at-top
   traces = []
 
@@ -336,8 +335,7 @@ def test_samples_of_a_short_last_batch_reuse_the_compiled_sampler():
     traces.append(labels_B.shape)
     return jnp.broadcast_to(labels_B[:, None].astype(jnp.float32) + params, (labels_B.shape[0], 3))
 
-  tokenizer = types.SimpleNamespace(params=0.0, params_as=lambda p: contextlib.nullcontext(),
-                                    mesh=mesh_lib.make_mesh(devices=jax.devices()[:1]))
+  tokenizer = types.SimpleNamespace(params=0.0, mesh=mesh_lib.make_mesh(devices=jax.devices()[:1]))
   config = ml_collections.ConfigDict({"batch_size": 16})
   labels = train_generator.sample_labels(20, 10)
   pixels, _ = train_generator.generate(sample_fn, 1.0, labels, config, jax.random.key(0),
@@ -477,3 +475,13 @@ def test_a_top_k_that_keeps_the_whole_codebook_is_a_config_error():
       cls.check_sample_for({"top_k": 1024}, tokenizer(1024))
   generators.InfinityFamily.check_sample_for({"top_k": 1}, tokenizer(4096))
   generators.DiTFamily.check_sample_for({"top_k": 0}, tokenizer(0))
+
+
+def test_swapped_sets_an_attribute_for_a_block_and_restores_it_after_an_error():
+  import types  # pylint: disable=g-import-not-at-top
+  family = types.SimpleNamespace(model="flash")
+  with pytest.raises(ValueError):
+    with generators.swapped(family, "model", "xla"):
+      assert family.model == "xla"
+      raise ValueError
+  assert family.model == "flash"

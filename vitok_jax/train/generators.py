@@ -49,16 +49,6 @@ class FrozenTokenizer:
         {"params": params}, z, self.grid, method=self.model.decode))
     self._decode_codes = codes_lib.decode_fn(self.model, self.grid)
 
-  @contextlib.contextmanager
-  def params_as(self, params):
-    """Within the block the methods below use `params`: pass a jit's traced argument so the frozen
-    weights are an input of the compiled sampler, not constants folded into it."""
-    saved, self.params = self.params, params
-    try:
-      yield
-    finally:
-      self.params = saved
-
   def store(self, split: str) -> dict[str, np.ndarray]:
     return codes_lib.load_or_tokenize(self.workdir, split)
 
@@ -74,6 +64,18 @@ class FrozenTokenizer:
     """fn(residual_quantizer, *args) run with the tokenizer's multi-scale quantiser params."""
     return self.model.apply({"params": self.params}, *args,
                             method=lambda m, *a: fn(m.bottleneck_layer.residual, *a))
+
+
+@contextlib.contextmanager
+def swapped(obj, name: str, value):
+  """Within the block obj.<name> is `value` (e.g. a FrozenTokenizer's params as a jit's traced
+  argument, a Family's model as a clone with other attention), restored after."""
+  saved = getattr(obj, name)
+  setattr(obj, name, value)
+  try:
+    yield
+  finally:
+    setattr(obj, name, saved)
 
 
 # config.sample fields that only some samplers read, with the value that means "off": a family
@@ -111,15 +113,6 @@ class Family:
 
   def build(self, train_store):
     raise NotImplementedError
-
-  @contextlib.contextmanager
-  def model_as(self, model):
-    """Within the block the methods below use `model` (e.g. a clone with other attention)."""
-    saved, self.model = self.model, model
-    try:
-      yield
-    finally:
-      self.model = saved
 
   @property
   def tokens_per_example(self) -> int:

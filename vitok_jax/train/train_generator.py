@@ -213,7 +213,7 @@ def make_sampler(sample_fn, tokenizer):
   constants). Traced under the mesh's rules, so labels split over the batch shards are sampled
   a share per device."""
   def run(params, tokenizer_params, labels_B, rng):
-    with tokenizer.params_as(tokenizer_params):
+    with generators.swapped(tokenizer, "params", tokenizer_params):
       return sample_fn(params, labels_B, rng)
   return jax.jit(sharding.with_rules(run, tokenizer.mesh),
                  out_shardings=mesh_lib.replicated(tokenizer.mesh))
@@ -330,7 +330,7 @@ def generator_record(config, family, params, *, wall_time, metrics, workdir, exa
   """
   with kernels.recorded_attention() as attention_calls:
     jax.eval_shape(family.forward_fn(), params, example)
-  with family.model_as(family.model.clone(attn_impl="xla")):
+  with generators.swapped(family, "model", family.model.clone(attn_impl="xla")):
     forward = flops.xla_flops(family.forward_fn(), params, example)
   tok = family.tokenizer
   return {
