@@ -1026,3 +1026,18 @@ def test_quickstart_sweep(tmp_path):
   psnr, l2 = json.load(open(os.path.join(sweep_dir, "fits.json")))
   assert psnr["b"] > 0 and l2["b"] < 0
   assert os.path.exists(os.path.join(sweep_dir, "plots", "fit_eval_psnr_vs_E.png"))
+
+
+def test_checkpoint_step_reads_the_step_orbax_reads(tmp_path):
+  """sweep.checkpoint_step (no orbax import) agrees with checkpoint.latest_step (orbax's own),
+  an unfinished save's tmp folder included."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from vitok_jax.train import checkpoint  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path)
+  assert sweep.checkpoint_step(workdir) is None and checkpoint.latest_step(workdir) is None
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  for step in (0, 5):
+    ckpt.save(step, {"w": jnp.arange(3.0)}, force=True)
+  ckpt.close()
+  os.mkdir(os.path.join(workdir, "checkpoints", "9.orbax-checkpoint-tmp-1700000000"))
+  assert sweep.checkpoint_step(workdir) == checkpoint.latest_step(workdir) == 5
