@@ -268,6 +268,11 @@ def test_hopper_masked_kernels_lower_for_cuda(prefix_masks, monkeypatch):
                                                                impl="pallas"), q, kv, kv)
   want = hopper.PrefixMask.from_block_ids(VAR_680, kv_valid=680)
   assert seen == ([(768, want)] * 2 if prefix_masks else [])
+  for ids in (jnp.asarray(VAR_680), VAR_680[None]):  # The same ids as a jax array or [1, L].
+    seen.clear()
+    jax.eval_shape(lambda q, k, v: kernels.dot_product_attention(q, k, v, block_ids=ids,
+                                                                 impl="pallas"), q, kv, kv)
+    assert seen == ([(768, want)] if prefix_masks else [])
   assert {(c["kernel"], c["hopper_mask"]) for c in calls} == {
       ("mosaic_gpu", True) if prefix_masks else ("triton", False)}  # What the record shows.
   assert ("mosaic_gpu" in text) == prefix_masks and ("triton" in text) != prefix_masks
@@ -763,6 +768,46 @@ def test_dispatcher_pallas_matches_xla_with_id_masks():
   _assert_close(run("pallas"), run("xla"), TOLERANCE[jnp.float32], "pallas vs xla")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_dispatcher_gives_rows_that_see_no_key_zero_on_every_impl(causal):
+  """Cross-attention whose last query segment has no key, alone or with a causal mask: those rows
+  are 0 and pass no gradient on XLA too (jax's own gives them mean(v)), as in the kernels and the
+  reference; the other rows are untouched."""
+  q, k, v, do = _qkv(2, 6, 5, 2, 1, 16, jnp.float32)
+  mask = dict(segment_ids=(np.array([0, 0, 1, 1, 2, 2]), np.array([0, 0, 1, 1, 1])),
+              is_causal=causal)
+  grads = lambda fn: jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * do), (0, 1, 2))(q, k, v)
+  ref = lambda q, k, v: reference.attention(
+      q, k, v, causal=causal, segment_ids=mask["segment_ids"])[0]
+  want, want_grads = ref(q, k, v), grads(ref)
+  assert not np.asarray(want[:, 4:]).any() and np.asarray(want[:, :4]).all()
+  for impl in ("xla", "pallas"):
+    attend = lambda q, k, v: kernels.dot_product_attention(q, k, v, impl=impl, **mask)
+    _assert_close(attend(q, k, v), want, TOLERANCE[jnp.float32], impl)
+    for got, expected, name in zip(grads(attend), want_grads, "qkv"):
+      _assert_close(got, expected, TOLERANCE[jnp.float32], f"{impl} d{name}")
+
+
+def test_ids_as_lists_are_arrays_and_only_a_tuple_is_a_pair():
+  """A nested list of per-example ids is the [B, L] array (not a (q, kv) pair), a flat list one
+  sequence's ids; concrete one-sequence block ids of any kind are static (`masks.static_ids`)."""
+  q, k, v, _ = _qkv(2, 3, 3, 2, 1, 16, jnp.float32)
+  for kind, ids in (("segment_ids", [[0, 0, 1], [0, 1, 1]]), ("block_ids", [0, 1, 1])):
+    want = kernels.dot_product_attention(q, k, v, impl="xla", **{kind: np.array(ids)})
+    for impl in ("xla", "pallas"):
+      _assert_close(kernels.dot_product_attention(q, k, v, impl=impl, **{kind: ids}), want,
+                    TOLERANCE[jnp.float32], f"{kind} as a list, {impl}")
+  with pytest.raises(ConfigError, match="pair"):
+    masks.make_ids(2, 3, 3, segment_ids=(np.zeros(3), np.zeros(3), np.zeros(3)))
+  for ids in (VAR_IDS, list(VAR_IDS), jnp.asarray(VAR_IDS), VAR_IDS[None]):
+    np.testing.assert_array_equal(masks.static_ids(ids), VAR_IDS)
+  for ids in ((VAR_IDS, VAR_IDS), np.stack([VAR_IDS, VAR_IDS]), None):
+    assert masks.static_ids(ids) is None
+  seen = []
+  jax.jit(lambda ids: seen.append(masks.static_ids(ids)))(VAR_IDS)  # Traced.
+  assert seen == [None]
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU default path")
 def test_dispatcher_default_path_is_unchanged_on_cpu():
   q, k, v, _ = _qkv(1, 20, 20, 2, 2, 16, jnp.float32)
@@ -909,6 +954,17 @@ out2, ref2 = bsq2("pallas"), bsq2("xla")
 result.update(bsq2_shapes=bsq_seen, bsq2=max(
     float(jnp.abs(getattr(out2, f) - getattr(ref2, f)).max()) for f in ("quantized", "bit_prob",
                                                                       "codebook_entropy")))
+# Inputs left unplaced (on one device): the kernels' shard_map places them over the mesh, as XLA
+# attention does (it failed to compile, a shard_map over the abstract mesh alone).
+seen.clear()
+q1 = jax.random.normal(keys[0], shapes[0])
+def unplaced(impl):
+  def fn(q):
+    with sharding.rules(mesh):
+      return kernels.dot_product_attention(q, q, q, is_causal=True, impl=impl)
+  return jax.jit(fn)(q1)
+result.update(unplaced_shapes=seen,
+              unplaced=float(jnp.abs(unplaced("pallas") - unplaced("xla")).max()))
 print(json.dumps(result))
 """
 
@@ -917,7 +973,8 @@ def test_pallas_kernels_run_per_shard_under_a_mesh():
   """On 8 devices (data 2 × fsdp 2 × tensor 2) each kernel sees its shard (attention: batch 4/4,
   heads 4/2; BSQ and VQ: batch 4/4) and outputs and gradients equal XLA's on the whole arrays:
   BSQ's codebook entropy is a function of the mean over all tokens, not of one shard's. A batch
-  that only the first batch axis divides is split over that one (it was run whole everywhere)."""
+  that only the first batch axis divides is split over that one (it was run whole everywhere);
+  inputs left on one device are split too."""
   pytest.importorskip("ml_collections")  # The mesh config (absent where only jax is installed).
   env = {**os.environ, "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")
          + " --xla_force_host_platform_device_count=8",
@@ -932,6 +989,7 @@ def test_pallas_kernels_run_per_shard_under_a_mesh():
   assert result["codes_equal"] and result["index_equal"]
   assert result["bsq"] < 1e-5 and result["bsq_grad"] < 1e-5 and result["dist"] < 1e-5
   assert result["bsq2_shapes"] == [[1, 37, 24]] and result["bsq2"] < 1e-5
+  assert result["unplaced_shapes"] == [[1, 55, 2, 16]] and result["unplaced"] < 1e-5
 
 
 def test_pallas_rejects_a_dense_mask():

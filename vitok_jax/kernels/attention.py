@@ -17,7 +17,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from vitok_jax.errors import ConfigError
@@ -26,6 +25,7 @@ from vitok_jax.kernels import masks
 from vitok_jax.kernels import policy
 from vitok_jax.kernels import recording
 from vitok_jax.kernels import shard
+from vitok_jax.parallel import sharding
 
 IMPLS = ("auto", "xla", "cudnn", "pallas", "pallas_gpu", "pallas_tpu")
 MASK_KINDS = ("none", "causal", "block_causal", "segment", "dense")
@@ -87,7 +87,7 @@ def resolve_impl(impl: str, dtype=jnp.float32, *, q_len: Optional[int] = None,
 def per_shard(kernel, q_BLHD, k_BSHD, v_BSHD, ids: masks.MaskIds):
   """kernel(q, k, v, ids) on each device's share of the batch and heads (see `shard`): the mesh
   axes of "batch" and "act_heads", each kept only where it divides the batch / both head counts."""
-  mesh = shard.current_mesh()
+  mesh = sharding.active_mesh()
   if mesh is None:
     return kernel(q_BLHD, k_BSHD, v_BSHD, ids)
   batch_axes = shard.divisible_axes("batch", q_BLHD.shape[0], mesh)
@@ -132,8 +132,7 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=F
       raise ConfigError(f"attention impl={impl!r} takes no dense mask_BHLS; express the mask as "
                         "is_causal / segment_ids / block_ids, or use impl='xla'")
     # Static block ids of one sequence (VAR's) stay numpy, so the kernel can see their layout.
-    static_block_ids = (block_ids if isinstance(block_ids, np.ndarray) and block_ids.ndim == 1
-                        else None)
+    static_block_ids = masks.static_ids(block_ids)
     kernel = lambda q, k, v, ids: flash.flash_attention(
         q, k, v, causal=is_causal, scale=scale, backend=impl.removeprefix("pallas_"),
         segment_ids=None if ids.q_segment_BL is None else (ids.q_segment_BL, ids.kv_segment_BS),
@@ -143,6 +142,14 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=F
   id_mask = masks.dense_mask(ids, q_len, kv_len, causal=False)
   if id_mask is not None:
     mask_BHLS = id_mask if mask_BHLS is None else jnp.logical_and(mask_BHLS, id_mask)
-  return jax.nn.dot_product_attention(
+  out_BLHD = jax.nn.dot_product_attention(
       q_BLHD, k_BSHD, v_BSHD, mask=mask_BHLS, is_causal=is_causal, scale=scale,
       implementation=impl)
+  if mask_BHLS is None:
+    return out_BLHD
+  # A row that sees no key is 0, as in the kernels and the reference (jax's gives it mean(v)).
+  # (Causal alone always shows key 0.)
+  if is_causal:
+    mask_BHLS = mask_BHLS & masks.dense_mask(masks.MaskIds(), q_len, kv_len, causal=True)
+  sees_BHL = jnp.broadcast_to(mask_BHLS, (batch, q_BLHD.shape[2], q_len, kv_len)).any(-1)
+  return jnp.where(jnp.swapaxes(sees_BHL, 1, 2)[..., None], out_BLHD, 0).astype(out_BLHD.dtype)

@@ -24,7 +24,6 @@ from typing import Any, Optional, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import masks
@@ -191,11 +190,8 @@ def _prefix_mask(*, causal: bool, segment_ids, block_ids, q_len: int, kv_len: in
   if segment_ids is not None or ((causal or block_ids is not None) and q_len != kv_len):
     return None
   if block_ids is not None:
-    if isinstance(block_ids, (tuple, list)):
-      return None
-    try:  # Known when tracing (numpy, or a jax array closed over)?
-      block_ids = np.asarray(block_ids)
-    except jax.errors.TracerArrayConversionError:
+    block_ids = masks.static_ids(block_ids)  # Known when tracing, one sequence's?
+    if block_ids is None:
       return None
     blocks = kernels.PrefixMask.from_block_ids(block_ids)
     if blocks is None or not causal:  # (Causal within rising block ids is causal.)

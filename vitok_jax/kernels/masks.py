@@ -46,11 +46,29 @@ def var_block_ids(scales: Sequence[int]) -> np.ndarray:
   return np.repeat(np.arange(len(scales), dtype=np.int32), [s * s for s in scales])
 
 
+def static_ids(ids) -> Optional[np.ndarray]:
+  """ids of one sequence known when tracing ([L] or [1, L]: numpy, a list, or a jax array closed
+  over) as numpy [L]; None for traced or per-example ids, a (q_ids, kv_ids) pair, or None."""
+  if ids is None or isinstance(ids, tuple):
+    return None
+  try:
+    ids = np.asarray(ids)
+  except jax.errors.TracerArrayConversionError:
+    return None
+  if ids.ndim == 2 and ids.shape[0] == 1:
+    ids = ids[0]
+  return ids if ids.ndim == 1 else None
+
+
 def _pair(ids, batch: int, q_len: int, kv_len: int, name: str):
-  """Splits `ids` ([L], [B, L] or a (q_ids, kv_ids) pair) into [B, L] and [B, S] int32 arrays."""
+  """Splits `ids` ([L], [B, L] or a (q_ids, kv_ids) tuple; a list is an array, not a pair) into
+  [B, L] and [B, S] int32 arrays."""
   if ids is None:
     return None, None
-  if isinstance(ids, (tuple, list)):
+  if isinstance(ids, tuple):
+    if len(ids) != 2:
+      raise ConfigError(f"{name} as a tuple is a (q_{name}, kv_{name}) pair; got {len(ids)} "
+                        "items (pass one sequence's ids as an array or a list)")
     q_ids, kv_ids = ids
   else:
     if q_len != kv_len:
