@@ -21,6 +21,7 @@ from vitok_jax.kernels import policy
 from vitok_jax.kernels import reference
 from vitok_jax.kernels import shard
 from vitok_jax.kernels import vq_pallas
+from vitok_jax.parallel import sharding
 
 IMPLS = ("auto", "pallas", "xla")
 
@@ -39,7 +40,7 @@ def resolve_impl(impl: str, *, backend: Optional[str] = None) -> str:
 
 def _batch_sharding(z_ND):
   """(mesh, batch axes) to run a kernel per shard of z's leading axis, or (None, None)."""
-  mesh = shard.current_mesh()
+  mesh = sharding.active_mesh()
   if mesh is None or z_ND.ndim < 2:
     return None, None
   axes = shard.divisible_axes("batch", z_ND.shape[0], mesh)

@@ -4,22 +4,16 @@ A pallas_call has no partitioning rule: under a multi-device jit XLA gathers its
 the whole batch on every device. The kernels' wrappers (`attention.per_shard`, `quantize.bsq`,
 `quantize.vq_nearest`) therefore call them inside a `jax.shard_map` over the mesh axes that the
 logical sharding rules (`parallel.sharding.rules`, under which the trainers trace) give the batch
-or the heads. Outside such a context, or on one device, the kernel is called as is.
+or the heads. Outside such a context, or on one device, the kernel is called as is. Under
+`sharding.rules` the shard_map gets the device mesh (`sharding.active_mesh`), so it also places
+inputs the caller left unplaced.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import flax.linen as nn
 import jax
 
 from vitok_jax.parallel import sharding
-
-
-def current_mesh() -> Optional[jax.sharding.AbstractMesh]:
-  """The mesh being traced under, if it has more than one device."""
-  mesh = jax.sharding.get_abstract_mesh()
-  return None if mesh.empty or mesh.size == 1 else mesh
 
 
 def divisible_axes(logical: str, size: int, mesh):

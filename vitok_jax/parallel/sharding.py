@@ -9,6 +9,7 @@ heads/mlp over `tensor`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 
@@ -124,12 +125,30 @@ def describe(shardings) -> dict[str, str]:
   return out
 
 
+# The device mesh of the innermost `rules`: jax's context inside jit holds only its abstract mesh.
+_MESH = contextvars.ContextVar("vitok_jax_mesh", default=None)
+
+
 @contextlib.contextmanager
 def rules(mesh: Mesh, axis_rules=LOGICAL_AXIS_RULES):
   """Activates `mesh` (abstractly: usable while tracing under jit) and the logical axis rules,
   so activation constraints in the models resolve to mesh axes."""
-  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(axis_rules):
-    yield
+  token = _MESH.set(mesh)
+  try:
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(axis_rules):
+      yield
+  finally:
+    _MESH.reset(token)
+
+
+def active_mesh():
+  """The mesh being traced under: the device `Mesh` of `rules` where it is jax's abstract mesh,
+  else that abstract mesh (set some other way), or None; None also for one device."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  devices = _MESH.get()
+  return devices if devices is not None and devices.abstract_mesh == mesh else mesh
 
 
 def with_rules(fn, mesh: Mesh, axis_rules=LOGICAL_AXIS_RULES):
