@@ -246,3 +246,18 @@ def test_trains_writes_record_and_codes_round_trip(tmp_path):
   np.testing.assert_array_equal(aux["codes"], store["codes"])
   decoded = codes_lib.decode_fn(model, (4, 4))(params, store["codes"])
   np.testing.assert_allclose(np.asarray(decoded), np.asarray(recon), atol=1e-5)
+
+
+def test_record_lists_each_attention_call_of_the_forward(tmp_path):
+  """The run record's attention_impl is what tracing the forward saw: the encoder over patches
+  and queries, the decoder, and the prior's causal attention over the codes."""
+  config = config_lib.load_config(f"vitok:{TINY},steps=1")
+  model = train_tokenizer.build_model(config)
+  x = jax.ShapeDtypeStruct((1, 16, 16, 1), jnp.float32)
+  params = jax.eval_shape(lambda x: nn.meta.unbox(model.init(
+      {"params": jax.random.key(0)}, x, sample=False))["params"], x)
+  record = record_lib.tokenizer_record(config, model, params, (16, 16, 1), wall_time=1.0,
+                                       metrics={}, workdir=str(tmp_path))
+  calls = [(c["impl"], c["mask"], c["q_len"], c["kv_len"]) for c in record["attention_impl"]]
+  # Encoder and decoder over 16 patches + 8 queries; the prior over the first 7 of 8 codes.
+  assert calls == [("xla", "none", 16 + 8, 16 + 8), ("xla", "causal", 7, 7)]

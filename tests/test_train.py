@@ -51,7 +51,9 @@ def test_training_writes_config_metrics_images_checkpoint_and_record(tmp_path):
   assert 0.9 < on_disk["flops_per_example"]["analytic_over_xla"] < 1.1
   assert on_disk["flops_per_example"]["train"] == 3 * on_disk["flops_per_example"]["forward"]
   # What "auto" ran as on CPU; no quantiser behind a Gaussian bottleneck.
-  assert on_disk["attention_impl"] == {"encoder": "xla", "decoder": "xla"}
+  # Each distinct attention call of the forward: encoder and decoder, 16 tokens, head dim 32.
+  assert on_disk["attention_impl"] == [{"impl": "xla", "mask": "none", "q_len": 16, "kv_len": 16,
+                                        "head_dim": 32, "dtype": "float32"}]
   assert on_disk["quantizer_impl"] is None
   assert set(on_disk["metrics"]) == {"eval/psnr", "eval/ssim", "eval/l2"}
   assert final_params(workdir)[0] == 12

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitok_jax import config_lib
+from vitok_jax import kernels
 from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import attention
 from vitok_jax.parallel import mesh as mesh_lib
@@ -147,7 +148,8 @@ def bench_variant(variant: str, *, batch: int | None, dtype: str, attn_impl: str
 
   # Compiled once, ahead of time: the same executable is timed and cost-analysed.
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch_arrays).compile()
+  with kernels.recorded_attention() as attention_calls:  # What each attention call runs as.
+    compiled = train_step.lower(state, batch_arrays).compile()
   compile_s = time.perf_counter() - start
   # Cost analysis of an SPMD program counts one device's share; × devices gives the global step.
   xla_per_example = flops.cost_flops(compiled) * jax.device_count() / config.batch_size
@@ -174,7 +176,7 @@ def bench_variant(variant: str, *, batch: int | None, dtype: str, attn_impl: str
       "variant": variant,
       "batch": config.batch_size,
       "dtype": dtype,
-      "attn_impl": record_lib.attention_impl(model, shape),
+      "attn_impl": record_lib.distinct_calls(attention_calls),
       "pixel_shape": list(shape),
       "device_kind": device.device_kind,
       "backend": jax.default_backend(),

@@ -24,8 +24,9 @@ def tokenizer_record(config: ml_collections.ConfigDict, model, params, pixel_sha
   """
   forward = flops.tokenizer_forward_flops(model, pixel_shape)
   example = jax.ShapeDtypeStruct((1, *pixel_shape), jnp.float32)
-  xla_forward = flops.xla_flops(
-      lambda p, x: model.apply({"params": p}, x, sample=False), params, example)
+  with kernels.recorded_attention() as attention_calls:  # Each call as traced here.
+    xla_forward = flops.xla_flops(
+        lambda p, x: model.apply({"params": p}, x, sample=False), params, example)
   tokens = flops.tokens_per_example(model, pixel_shape)
   return {
       "workdir": os.path.abspath(workdir),
@@ -38,7 +39,7 @@ def tokenizer_record(config: ml_collections.ConfigDict, model, params, pixel_sha
           "bottleneck": vit.param_count(params["bottleneck"]),
           "total": vit.param_count(params),
       },
-      "attention_impl": attention_impl(model, pixel_shape),
+      "attention_impl": distinct_calls(attention_calls),
       "quantizer_impl": quantizer_impl(model),
       "tokens_per_example": tokens,
       "train_examples": train_examples,
@@ -68,14 +69,6 @@ def run_fields(config, *, wall_time: float, examples_per_sec: float | None, metr
       "backend": jax.default_backend(),
       "metrics": metrics,
   }
-
-
-def attention_impl(model, pixel_shape) -> dict[str, str]:
-  """What the encoder's and decoder's attention runs as on this backend (impl="auto" resolved)."""
-  tokens = flops.tokens_per_example(model, pixel_shape)
-  return {part: kernels.attention_impl(model.attn_impl, model.dtype, q_len=tokens,
-                                       head_dim=size.head_dim)
-          for part, size in (("encoder", model.encoder), ("decoder", model.decoder))}
 
 
 def distinct_calls(calls: list[dict]) -> list[dict]:
