@@ -996,6 +996,9 @@ def test_pallas_rejects_a_dense_mask():
   q, k, v, _ = _qkv(1, 16, 16, 1, 1, 16, jnp.float32)
   with pytest.raises(ConfigError, match="mask_BHLS"):
     kernels.dot_product_attention(q, k, v, mask_BHLS=jnp.ones((16, 16), bool), impl="pallas")
+  for impl in ("xla", "pallas"):  # Mixed dtypes: one clear error on every impl.
+    with pytest.raises(ConfigError, match="bfloat16, float32, float32; cast them to one"):
+      kernels.dot_product_attention(q.astype(jnp.bfloat16), k, v, impl=impl)
 
 
 def test_block_sizes_are_checked():

@@ -119,6 +119,9 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=F
   """
   batch, q_len, _, head_dim = q_BLHD.shape
   kv_len = k_BSHD.shape[1]
+  dtypes = [jnp.dtype(x.dtype).name for x in (q_BLHD, k_BSHD, v_BSHD)]
+  if len(set(dtypes)) > 1:  # XLA refuses them; the kernels would quietly compute in q's.
+    raise ConfigError(f"attention q, k, v have dtypes {', '.join(dtypes)}; cast them to one")
   kind = mask_kind(mask_BHLS=mask_BHLS, is_causal=is_causal, segment_ids=segment_ids,
                    block_ids=block_ids)
   impl = resolve_impl(impl, q_BLHD.dtype, q_len=q_len, head_dim=head_dim, mask=kind,
