@@ -801,6 +801,8 @@ def test_ids_as_lists_are_arrays_and_only_a_tuple_is_a_pair():
     masks.make_ids(2, 3, 3, segment_ids=(np.zeros(3), np.zeros(3), np.zeros(3)))
   for ids in (VAR_IDS, list(VAR_IDS), jnp.asarray(VAR_IDS), VAR_IDS[None]):
     np.testing.assert_array_equal(masks.static_ids(ids), VAR_IDS)
+  # Read as int32, as every impl reads them: 0.5 is block 0 here too.
+  assert masks.static_ids([0, 0.5, 0.5, 1]).tolist() == [0, 0, 0, 1]
   for ids in ((VAR_IDS, VAR_IDS), np.stack([VAR_IDS, VAR_IDS]), None):
     assert masks.static_ids(ids) is None
   seen = []

@@ -3,7 +3,7 @@
 # default step limits add up to 570 s):
 #   1. the kernel tests of the Hopper paths that take lengths as they are and skip the tiles of
 #      query padding (`policy.HOPPER_UNPADDED`, `policy.HOPPER_SKIP_PADDED_QUERIES`), compiled,
-#      alone, so that a hang ends this step and the log names it (15 GPU cases, about 100 s);
+#      alone, so that a hang ends this step and the log names it (15 tests, about 100 s);
 #   2. block-causal attention at VAR's lengths (680, 2240): the default (pallas), cuDNN given the
 #      mask densely, our dense visit, and the paths the two flags replaced: padded to whole tiles
 #      (pallas_padded; 680 pads to 768), padded and skipping the padding's tiles; each GPU

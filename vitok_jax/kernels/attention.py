@@ -154,5 +154,5 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=F
   # (Causal alone always shows key 0.)
   if is_causal:
     mask_BHLS = mask_BHLS & masks.dense_mask(masks.MaskIds(), q_len, kv_len, causal=True)
-  sees_BHL = jnp.broadcast_to(mask_BHLS, (batch, q_BLHD.shape[2], q_len, kv_len)).any(-1)
+  sees_BHL = jnp.broadcast_to(mask_BHLS.any(-1), (batch, q_BLHD.shape[2], q_len))
   return jnp.where(jnp.swapaxes(sees_BHL, 1, 2)[..., None], out_BLHD, 0).astype(out_BLHD.dtype)

@@ -29,7 +29,8 @@ interpreter (0.10) has no `run_state` or `plgpu.load` yet. On an H100
 and 0.95–0.98× at 64 for L 4096–8192, 1.03–1.15× at L ≤ 1024, 1.29–1.37× our Triton kernels.
 Causal, 0.99–1.35× cuDNN fwd+bwd for L 256–8192 (ahead up to 2048; bench_hopper_causal_h100.json,
 bench_hopper_default_h100.json); block-causal at VAR's lengths, taken unpadded, 1.80–1.82× /
-2.15× cuDNN given the mask densely (bench_hopper_var_h100.json).
+2.15× cuDNN given the mask densely (bench_hopper_var_variants_h100.json,
+bench_hopper_var_h100.json).
 """
 from __future__ import annotations
 

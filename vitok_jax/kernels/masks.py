@@ -57,7 +57,7 @@ def static_ids(ids) -> Optional[np.ndarray]:
     return None
   if ids.ndim == 2 and ids.shape[0] == 1:
     ids = ids[0]
-  return ids if ids.ndim == 1 else None
+  return ids.astype(np.int32) if ids.ndim == 1 else None  # int32, as `make_ids` reads them.
 
 
 def _pair(ids, batch: int, q_len: int, kv_len: int, name: str):

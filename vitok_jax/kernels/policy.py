@@ -86,7 +86,7 @@ HOPPER_SKIP_PADDED_QUERIES = True
 # pass compiled (`test_hopper_kernels_take_lengths_as_they_are`), and with both flags set
 # block-causal fwd+bwd takes 0.567–0.576 ms at 680 tokens against 0.758–0.769 padded (1.80–1.82×
 # cuDNN given the mask densely, 1.80–1.81× our dense visit) and 0.995–1.015 ms at 2240 against
-# 1.148–1.171 (2.15× cuDNN, 2.08–2.09× dense); two runs, the benchmark's `pallas_padded` rows
+# 1.148–1.171 (2.15× cuDNN, 2.08–2.10× dense); two runs, the benchmark's `pallas_padded` rows
 # timing the padded path (docs/kernels/bench_hopper_var_variants_h100.json, before the flags
 # were set; bench_hopper_var_h100.json, after).
 HOPPER_UNPADDED = True

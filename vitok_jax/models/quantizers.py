@@ -228,8 +228,9 @@ def bsq_quantize(z_NC, *, inv_temperature: float = 100.0, gamma: float = 1.0, im
   I with `unit_gradient` (Infinity's `quantize_new`, z + sg(sign(z)/√d − z)). Terms (BSQ-ViT's;
   Infinity's released training-time entropy term is 0): bsq_entropy = (E_tokens[Σ_i H(p_i)] −
   γ·Σ_i H(E_tokens[p_i])) / β, p_i = σ(4·β·u_i/√d) the soft P(bit i = 1), β the inverse
-  temperature (the division keeps the penalty's gradient from growing with β); commit = mean((sg(q) − u)²). Metrics: codebook usage per bit (`bit_metrics`) and per
-  code (`bsq_code_metrics`), and the two entropies (not divided by β).
+  temperature (the division keeps the penalty's gradient from growing with β); commit =
+  mean((sg(q) − u)²). Metrics: codebook usage per bit (`bit_metrics`) and per code
+  (`bsq_code_metrics`), and the two entropies (not divided by β).
   """
   out = kernels.bsq(z_NC, inv_temperature=inv_temperature, impl=impl)
   quantized = out.quantized

@@ -143,7 +143,10 @@ def rules(mesh: Mesh, axis_rules=LOGICAL_AXIS_RULES):
 
 def active_mesh():
   """The mesh being traced under: the device `Mesh` of `rules` where it is jax's abstract mesh,
-  else that abstract mesh (set some other way), or None; None also for one device."""
+  else that abstract mesh (set some other way), or None; None also for one device. jit caches by
+  the abstract mesh: a function traced under `rules(m1)` and called again, with inputs left
+  unplaced, under `rules(m2)` of the same shape runs on m1's devices (`with_rules` binds one
+  mesh per function, as the trainers use it)."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or mesh.size == 1:
     return None
