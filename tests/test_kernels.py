@@ -1109,3 +1109,8 @@ def test_quantize_dispatcher():
   np.testing.assert_array_equal(codes("pallas"), codes("auto"))
   with pytest.raises(ConfigError, match="cuDNN"):
     kernels.bsq(z, impl="cudnn")
+  for impl in ("xla", "pallas"):  # An empty batch: one clear error (the kernels crashed).
+    with pytest.raises(ConfigError, match=r"shape \(0, 8, 16\): no tokens"):
+      kernels.bsq(z[:0], impl=impl)
+    with pytest.raises(ConfigError, match="vq_nearest.*no tokens"):
+      kernels.vq_nearest(z[:0], codebook, impl=impl)

@@ -38,6 +38,13 @@ def resolve_impl(impl: str, *, backend: Optional[str] = None) -> str:
   return "pallas" if backend in ("gpu", "tpu") and policy.pallas_allowed(backend) else "xla"
 
 
+def _check_tokens(z_ND, what: str) -> None:
+  """A ConfigError for latents with no tokens (an empty batch), on every impl alike."""
+  if z_ND.ndim < 1 or math.prod(z_ND.shape[:-1]) == 0:
+    raise ConfigError(f"{what} got latents of shape {tuple(z_ND.shape)}: no tokens to quantise "
+                      "(an empty batch?)")
+
+
 def _batch_sharding(z_ND):
   """(mesh, batch axes) to run a kernel per shard of z's leading axis, or (None, None)."""
   mesh = sharding.active_mesh()
@@ -53,6 +60,7 @@ def bsq(z_ND, *, inv_temperature: float = 100.0, impl: str = "auto") -> referenc
   See `reference.BSQOutput` for the fields; the entropy penalty of the BSQ paper is
   `token_entropy − γ·codebook_entropy` (both differentiable in z).
   """
+  _check_tokens(z_ND, "bsq")
   if resolve_impl(impl) != "pallas":
     return reference.bsq(z_ND, inv_temperature=inv_temperature)
   mesh, axes = _batch_sharding(z_ND)
@@ -75,6 +83,7 @@ def vq_nearest(z_ND, codebook_KD, *, normalize: bool = True, impl: str = "auto")
   Returns (index [...] int32, squared distance [...] float32); with normalize, both sides are
   l2-normalised first (cosine lookup). The Pallas kernel never builds the tokens × K distances.
   """
+  _check_tokens(z_ND, "vq_nearest")
   if resolve_impl(impl) != "pallas":
     return reference.vq_nearest(z_ND, codebook_KD, normalize=normalize)
   kernel = lambda z, codebook: vq_pallas.vq_nearest(z, codebook, normalize=normalize)
