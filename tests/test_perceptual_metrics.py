@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from vitok_jax.errors import ConfigError
-from vitok_jax.eval import fid, perceptual_metrics
+from vitok_jax.eval import fid, perceptual_metrics, visualize
 from vitok_jax.models.perceptual import lpips, mnist_classifier
 
 
@@ -34,6 +34,7 @@ def test_accumulator_equals_one_shot_computation():
     acc.update(real=real[i:i + 8], fake=fake[i:i + 8])
   got = acc.result()
   feats = nets["mnist_classifier"]
+  real, fake = (np.asarray(visualize.as_saved(x)) for x in (real, fake))  # What the nets score.
   want_fid = fid.fid_from_stats(fid.stats_of(feats(real)), fid.stats_of(feats(fake)))
   assert got["eval/lpips"] == pytest.approx(float(np.mean(nets["lpips"](real, fake))))
   assert got["eval/rfid"] == pytest.approx(want_fid, rel=1e-9)
@@ -48,6 +49,25 @@ def test_accumulator_equals_one_shot_computation():
                                              reference_stats={"inception": acc.real_stats("inception")})
   ref.update(fake=fake)
   assert ref.result()["eval/rfid"] == pytest.approx(want_fid, rel=1e-9)
+
+
+def test_metric_networks_see_pixels_as_a_saved_image_holds_them():
+  """Every network gets the 8-bit levels a saved PNG holds (clipped, rounded half up, as the
+  image writer rounds): pixels within half a level of one score the same, and out of range
+  values as the range's end."""
+  levels = np.arange(256, dtype=np.float32).reshape(1, 16, 16, 1)
+  x = levels / 127.5 - 1.0
+  nudged = x + np.random.default_rng(0).uniform(-0.49, 0.49, x.shape).astype(np.float32) / 127.5
+  np.testing.assert_array_equal(np.asarray(visualize.saved_levels(nudged)), levels)
+  np.testing.assert_array_equal(visualize._to_uint8(nudged)[..., :1], levels.astype(np.uint8))
+  np.testing.assert_array_equal(np.asarray(visualize.as_saved(np.array([-3.0, 2.0]))),
+                                [-1.0, 1.0])
+  seen = []
+  nets = {"mnist_classifier": lambda x: seen.append(np.asarray(x)) or np.zeros((len(x), 2))}
+  acc = perceptual_metrics.MetricAccumulator(("fid_mnist",), nets)
+  acc.update(real=x, fake=nudged)
+  np.testing.assert_array_equal(seen[0], seen[1])
+  np.testing.assert_allclose(seen[0], x, atol=1e-6)
 
 
 def test_load_networks_with_real_files(tmp_path):

@@ -24,6 +24,7 @@ import numpy as np
 
 from vitok_jax.errors import ConfigError
 from vitok_jax.eval import fid
+from vitok_jax.eval import visualize
 from vitok_jax.models.perceptual import i3d, inception, lpips, mnist_classifier
 
 METRICS = ("lpips", "rfid", "inception_score", "fvd", "fid_mnist")
@@ -121,7 +122,9 @@ class MetricAccumulator:
     self.stats[key].update(features)
 
   def update(self, real=None, fake=None) -> None:
-    """Adds a batch; `real` and `fake` are paired for LPIPS, independent for the distances."""
+    """Adds a batch; `real` and `fake` are paired for LPIPS, independent for the distances. Both
+    are scored as saved 8-bit images hold them (`visualize.as_saved`)."""
+    real, fake = (None if x is None else visualize.as_saved(x) for x in (real, fake))
     if "lpips" in self.names and real is not None and fake is not None:
       distances = np.asarray(self.nets["lpips"](real, fake))
       self.lpips_sum += float(distances.sum())

@@ -3,12 +3,26 @@ from __future__ import annotations
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 
+def saved_levels(x):
+  """Pixels in [-1, 1] -> the levels 0…255 (float32) a saved 8-bit image holds: clipped, rounded
+  half up. numpy or jax arrays (a global array stays on its devices)."""
+  return jnp.floor(jnp.clip((jnp.asarray(x, jnp.float32) + 1.0) * 127.5 + 0.5, 0.0, 255.0))
+
+
+def as_saved(x):
+  """Pixels in [-1, 1] as a saved 8-bit image holds them, back in [-1, 1]: what the metric
+  networks score (FID, IS, FVD, LPIPS, FID-MNIST, class accuracy), as the ADM and torch-fidelity
+  evaluators read uint8 images."""
+  return saved_levels(x) / 127.5 - 1.0
+
+
 def _to_uint8(x):
-  x = np.clip((np.asarray(x, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+  x = np.asarray(saved_levels(x)).astype(np.uint8)
   return np.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
 
 
