@@ -1,4 +1,6 @@
 """The dataset-level metric accumulator: streaming results equal direct computations."""
+import re
+
 import jax
 import ml_collections
 import numpy as np
@@ -70,6 +72,21 @@ def test_metric_networks_see_pixels_as_a_saved_image_holds_them():
   np.testing.assert_allclose(seen[0], x, atol=1e-6)
 
 
+def test_metric_networks_trace_at_full_float32_precision():
+  """Under `full_precision` the networks' convolutions and matmuls lower at HIGHEST precision
+  (TPU's default is one bf16 pass); the same function outside it (training's) keeps DEFAULT."""
+  x = np.zeros((1, 28, 28, 1), np.float32)
+  params = jax.eval_shape(lambda: mnist_classifier.MNISTClassifier().init(
+      jax.random.key(0), x)["params"])
+  # Each convolution's and dot's operand precisions, as StableHLO prints them.
+  precisions = lambda: re.findall(r"precision (\w+)>|precision = \[(\w+), (\w+)\]",
+                                  mnist_classifier.apply.lower(params, x).as_text())
+  flat = lambda found: [p for match in found for p in match if p]
+  assert set(flat(precisions())) <= {"DEFAULT"}
+  seen = flat(perceptual_metrics.full_precision(precisions)())
+  assert seen == ["HIGHEST"] * 8  # 2 convolutions and 2 dense layers, 2 operands each.
+
+
 def test_load_networks_with_real_files(tmp_path):
   # LPIPS from a converted file (random weights) and the cached MNIST classifier.
   shapes = jax.eval_shape(lpips.init_params, jax.random.key(0))
@@ -83,6 +100,7 @@ def test_load_networks_with_real_files(tmp_path):
   weights.save(str(tmp_path / mnist_classifier.DEFAULT_FILENAME), clf)
   cfg = ml_collections.ConfigDict({"lpips_weights": str(tmp_path / "lpips.npz")})
   nets = perceptual_metrics.load_networks(("lpips", "fid_mnist"), cfg, str(tmp_path))
+  assert all(fn.__wrapped__ for fn in nets.values())  # Each at full precision.
   x = rng.uniform(-1, 1, (4, 16, 16, 1)).astype(np.float32)
   acc = perceptual_metrics.MetricAccumulator(("lpips", "fid_mnist"), nets)
   acc.update(real=x, fake=x)

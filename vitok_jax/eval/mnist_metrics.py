@@ -9,17 +9,18 @@ from __future__ import annotations
 import numpy as np
 
 from vitok_jax.eval import fid
+from vitok_jax.eval import perceptual_metrics
 from vitok_jax.eval import visualize
 from vitok_jax.models.perceptual import mnist_classifier
 
 
 def feature_stats(params, images_BHWC, batch_size: int = 500) -> fid.GaussianStats:
   """Streaming feature statistics of images [N, H, W, C] in [-1, 1], as saved 8-bit images hold
-  them (`visualize.as_saved`)."""
+  them (`visualize.as_saved`), at full float32 precision."""
   stats = fid.StreamingStats(mnist_classifier.FEATURE_DIM)
   for i in range(0, len(images_BHWC), batch_size):
     batch = visualize.as_saved(images_BHWC[i:i + batch_size])
-    stats.update(mnist_classifier.features(params, batch))
+    stats.update(perceptual_metrics.full_precision(mnist_classifier.features)(params, batch))
   return stats.finalize()
 
 
@@ -31,5 +32,6 @@ def fid_mnist(params, real_BHWC, fake_BHWC) -> float:
 def class_accuracy(params, samples_BHWC, labels_B) -> float:
   """Fraction of samples the classifier assigns to the class they were conditioned on (read as
   saved 8-bit images hold them)."""
-  labels = mnist_classifier.predict_labels(params, visualize.as_saved(samples_BHWC))
+  labels = perceptual_metrics.full_precision(mnist_classifier.predict_labels)(
+      params, visualize.as_saved(samples_BHWC))
   return float(np.mean(labels == np.asarray(labels_B)))

@@ -15,6 +15,7 @@ statistics with `reference_stats`). Pixels are in [-1, 1]; images [B, H, W, C], 
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable, Sequence
 
@@ -54,8 +55,19 @@ def check_weights(names: Sequence[str], eval_cfg, *, exist: bool = True) -> None
                         f"tools/convert_{net}.py makes it from the published weights")
 
 
+def full_precision(fn: Callable) -> Callable:
+  """fn traced and run with float32 matmuls and convolutions at full precision: a metric's
+  network must not compute in one bf16 pass, TPU's default (jit caches each precision apart)."""
+  @functools.wraps(fn)
+  def run(*args):
+    with jax.default_matmul_precision("highest"):
+      return fn(*args)
+  return run
+
+
 def load_networks(names: Sequence[str], eval_cfg, workdir: str | None = None) -> dict[str, Callable]:
-  """Feature functions for the networks that `names` need, from the weight files in eval_cfg.
+  """Feature functions for the networks that `names` need, from the weight files in eval_cfg,
+  at full float32 precision (`full_precision`).
 
   The MNIST classifier defaults to <workdir>/mnist_classifier.npz and is trained there if missing.
   """
@@ -73,7 +85,7 @@ def load_networks(names: Sequence[str], eval_cfg, workdir: str | None = None) ->
       path = path or os.path.join(workdir or ".", mnist_classifier.DEFAULT_FILENAME)
       params = mnist_classifier.load_or_train(path)
       nets[net] = lambda x, params=params: mnist_classifier.features(params, x)
-  return nets
+  return {net: full_precision(fn) for net, fn in nets.items()}
 
 
 def _frames(x):
