@@ -18,9 +18,9 @@ def feature_stats(params, images_BHWC, batch_size: int = 500) -> fid.GaussianSta
   """Streaming feature statistics of images [N, H, W, C] in [-1, 1], as saved 8-bit images hold
   them (`visualize.as_saved`), at full float32 precision."""
   stats = fid.StreamingStats(mnist_classifier.FEATURE_DIM)
+  features = perceptual_metrics.full_precision(mnist_classifier.features)
   for i in range(0, len(images_BHWC), batch_size):
-    batch = visualize.as_saved(images_BHWC[i:i + batch_size])
-    stats.update(perceptual_metrics.full_precision(mnist_classifier.features)(params, batch))
+    stats.update(features(params, visualize.as_saved(images_BHWC[i:i + batch_size])))
   return stats.finalize()
 
 
