@@ -5,6 +5,7 @@ import pathlib
 
 import pytest
 
+from vitok_jax.eval import timing
 from vitok_jax.kernels import masks
 
 BENCH_PATH = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_kernels.py"
@@ -20,7 +21,8 @@ def _load_bench():
 def test_bench_kernels_writes_json_and_plot(tmp_path):
   bench = _load_bench()
   out, png = tmp_path / "kernels.json", tmp_path / "kernels.png"
-  impls = "pallas,pallas_dense,xla,pallas_triton,pallas_padded,pallas_padded_skip_padded"
+  impls = ("pallas,pallas_dense,xla,pallas_triton,pallas_padded,pallas_padded_skip_padded,"
+           "pallas_bwd_in_order")
   returned = bench.main(["--tiny", "--lengths", "64", "--head_dims", "32", "--impls", impls,
                          "--bsq", "256,32", "--bsq_more_tokens", "512", "--vq", "128,256,8",
                          "--warmup", "0", "--iters", "1", "--out", str(out), "--plot", str(png)])
@@ -46,12 +48,18 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   # The policy flags are set otherwise while "pallas_padded*" are traced, and only then.
   assert "fwd_bwd_ms" in var["impls"]["pallas_padded"]
   assert "fwd_bwd_ms" in var["impls"]["pallas_padded_skip_padded"]
+  assert "fwd_bwd_ms" in var["impls"]["pallas_bwd_in_order"]
   flags = lambda: (bench.policy.HOPPER_SKIP_PADDED_QUERIES, bench.policy.HOPPER_UNPADDED)
   defaults, seen = flags(), []
-  traced = bench._with_policy(lambda: seen.append(flags()),
-                              **bench.POLICY_IMPLS["pallas_padded_skip_padded"])
+  traced = bench._with_settings(lambda: seen.append(flags()),
+                                *bench._settings("pallas_padded_skip_padded"))
   traced()
   assert seen == [(True, False)] and flags() == defaults
+  # The Hopper kernels' own constants: set for the whole step (the backward reads them).
+  module, settings = bench._settings("pallas_bwd_in_order")
+  assert settings == {"DS_DURING_DV_HEAD_DIMS": ()} and module.DS_DURING_DV_HEAD_DIMS == (64,)
+  bench._with_settings(lambda: seen.append(module.DS_DURING_DV_HEAD_DIMS), module, settings)()
+  assert seen[-1] == () and module.DS_DURING_DV_HEAD_DIMS == (64,)
   assert isinstance(report["vq"]["no_tokens_x_codes_buffer"], bool)  # Meaningful off-CPU only.
   assert report["bsq"]["speedup_vs_jnp"] > 0
   assert set(report["bsq"]["copy"]) == {"pallas", "xla"}  # The bandwidth ceilings of the shape.
@@ -64,10 +72,21 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   gpu_run = {"backend": "gpu", "attention": [var], "bsq": {"pallas": {"fraction_of_peak": 0.5}},
              "vq": {"speedup_vs_jnp": 3.5, "no_tokens_x_codes_buffer": True}}
   targets = bench.check_targets(gpu_run)
-  assert targets["fwd_bwd_vs_cudnn>=1.0"] == targets["fwd_bwd_vs_xla>=2.0"] == (
-      "not measured (no such rows)")
+  unmeasured = "not measured (no such rows or baseline)"
+  assert targets["fwd_bwd_vs_cudnn>=1.0"] == targets["fwd_bwd_vs_xla>=2.0"] == unmeasured
   assert targets["block_causal_vs_dense>=1.5"] in (True, False)
   assert (targets["bsq_bandwidth>=0.7"], targets["vq_vs_jnp>=3_and_no_buffer"]) == (False, True)
+  assert targets["bsq_kernel_bandwidth>=0.7"] == "not measured (needs --breakdown)"
+  # A row of the shape without a baseline is not measured against it, not False.
+  big = {"q_len": 4096, "head_dim": 128, "dtype": "bfloat16", "mask": "none",
+         "speedup_vs_cudnn": {"fwd_bwd": 0.96}}
+  gpu_run["attention"] = [big, {**var, "speedup_vs_xla": {"fwd_bwd": 4.0},
+                                "speedup_vs_cudnn": {"fwd_bwd": 1.8}}]
+  gpu_run["bsq"]["pallas"]["bsq_kernel_fraction_of_peak"] = 0.72
+  targets = bench.check_targets(gpu_run)
+  assert (targets["fwd_bwd_vs_cudnn>=1.0"], targets["fwd_bwd_vs_xla>=2.0"]) == (False, unmeasured)
+  assert targets["block_causal_vs_dense>=1.5"] is True  # The faster baseline: 1.8.
+  assert targets["bsq_kernel_bandwidth>=0.7"] is True
 
 
 def _load_tool(name):
@@ -135,11 +154,11 @@ def test_kernel_times_are_medians_per_launch_and_breakdown_needs_cuda():
   per_call = [[("pad", 0.2), ("fwd", 1.0), ("bwd", 2.0)],
               [("pad", 0.4), ("fwd", 3.0), ("bwd", 2.5)],
               [("pad", 0.3), ("fwd", 2.0), ("bwd", 9.0)]]
-  summary = bench.summarize_kernel_times(per_call)
+  summary = timing.summarize_kernel_times(per_call)
   assert summary["kernels"] == [{"name": "pad", "ms": pytest.approx(0.3)},
                                 {"name": "fwd", "ms": 2.0}, {"name": "bwd", "ms": 2.5}]
   assert summary["ms"] == pytest.approx(4.8)
-  assert bench.summarize_kernel_times([[]]) == {"kernels": [], "ms": 0}
+  assert timing.summarize_kernel_times([[]]) == {"kernels": [], "ms": 0}
   if bench.jax.default_backend() != "gpu":
     with pytest.raises(SystemExit):
       bench.parse_args(["--tiny", "--breakdown"])
@@ -149,7 +168,7 @@ def test_bsq_breakdown_gives_the_kernels_own_bandwidth(monkeypatch):
   """With --breakdown, BSQ's and the copies' bandwidth also from their kernels' own time (CUPTI's,
   here a stand-in), beside the time of the whole call; BSQ's also from its Pallas kernel alone."""
   bench = _load_bench()
-  monkeypatch.setattr(bench, "kernel_times", lambda compiled, args, calls: {
+  monkeypatch.setattr(bench.timing, "kernel_times", lambda compiled, args, calls: {
       "kernels": [{"name": "bsq", "ms": 0.5}, {"name": "reduce_fusion", "ms": 0.1}], "ms": 0.6})
   result = bench.bench_bsq(tokens=256, dim=32, dtype=bench.jnp.float32, warmup=0, iters=1,
                            interpret=True, peak=1e9, breakdown=True)

@@ -17,6 +17,8 @@ Attention (batch × heads × L × head_dim, self-attention): forward and forward
                 Hopper kernels get the arrays padded to whole 128-token tiles (680 → 768) and
                 walk the tiles of query padding too (the path before both flags),
   pallas_padded_skip_padded  padded, but skipping the tiles of query padding alone,
+  pallas_bwd_in_order  ours with the Hopper backward waiting for dV's and dP's matmuls before dS
+                at every head dim (`flash_attention_hopper.DS_DURING_DV_HEAD_DIMS` empty),
   xla, cudnn    `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
   jax_pallas    jax's reference Pallas op (GPU: pallas.ops.gpu.attention.mha; TPU:
                 pallas.ops.tpu.flash_attention),
@@ -46,9 +48,9 @@ samples, each the mean of --back_to_back calls dispatched together and ended by 
 block_until_ready (`eval.timing.time_jitted`): the device's time, not the launch round trip, which
 would dominate a kernel of tens of microseconds. On CPU the Pallas kernels run in interpret mode:
 the numbers test this script, not the kernels (the JSON says so: "interpret": true).
---breakdown (CUDA) adds each GPU kernel's own time within one call (`kernel_times`, CUPTI): for
-attention fwd+bwd, e.g. our forward and backward kernels against cuDNN's, and the XLA ops around
-them (padding, delta, dq's zeros and cast). Targets
+--breakdown (CUDA) adds each GPU kernel's own time within one call (`timing.kernel_times`,
+CUPTI): for attention fwd+bwd, e.g. our forward and backward kernels against cuDNN's, and the XLA
+ops around them (padding, delta, dq's zeros and cast). Targets
 (H100, bf16) are checked where measurable and reported "pending" otherwise.
 """
 from __future__ import annotations
@@ -88,8 +90,12 @@ POLICY_IMPLS = {
     "pallas_padded": dict(HOPPER_UNPADDED=False, HOPPER_SKIP_PADDED_QUERIES=False),
     "pallas_padded_skip_padded": dict(HOPPER_UNPADDED=False, HOPPER_SKIP_PADDED_QUERIES=True),
 }
+# Ours with constants of the Hopper kernels set otherwise while jit traces the whole step (the
+# backward reads them when it is traced): the orders they replaced.
+HOPPER_KERNEL_IMPLS = {"pallas_bwd_in_order": dict(DS_DURING_DV_HEAD_DIMS=())}
 ATTENTION_IMPLS = ("pallas", "pallas_hopper", "pallas_hopper_fwd", "pallas_triton",
-                   "pallas_dense", *POLICY_IMPLS, "xla", "cudnn", "jax_pallas", "jax_mgpu")
+                   "pallas_dense", *POLICY_IMPLS, *HOPPER_KERNEL_IMPLS, "xla", "cudnn",
+                   "jax_pallas", "jax_mgpu")
 # jax_mgpu's tiles: two consumer warpgroups of 64 queries, 128 keys per step, two steps in
 # flight; backward tiles 64 × 64 (its own benchmark's and tests' settings).
 JAX_MGPU_CONFIG = dict(block_q=64, block_kv=128, max_concurrent_steps=2, block_q_dkv=64,
@@ -99,10 +105,10 @@ JAX_MGPU_CONFIG = dict(block_q=64, block_kv=128, max_concurrent_steps=2, block_q
 def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool, block_sizes=None):
   """f(q, k, v) -> out in [B, L, H, D] for one implementation (ours with `block_sizes` if given)."""
   backend = jax.default_backend()
-  if impl in POLICY_IMPLS:
-    return _with_policy(_attention_fn("pallas", causal=causal, block_ids=block_ids,
-                                      interpret=interpret, block_sizes=block_sizes),
-                        **POLICY_IMPLS[impl])
+  if impl in POLICY_IMPLS or impl in HOPPER_KERNEL_IMPLS:
+    return _with_settings(_attention_fn("pallas", causal=causal, block_ids=block_ids,
+                                        interpret=interpret, block_sizes=block_sizes),
+                          *_settings(impl))
   if impl in ("pallas", "pallas_hopper", "pallas_hopper_fwd", "pallas_triton", "pallas_dense"):
     hopper = {"pallas_hopper": True, "pallas_hopper_fwd": "forward", "pallas_triton": False,
               "pallas_dense": False}.get(impl)
@@ -135,18 +141,27 @@ def _attention_fn(impl: str, *, causal: bool, block_ids, interpret: bool, block_
   raise ValueError(impl)
 
 
-def _with_policy(fn, **flags):
-  """fn with these `policy` flags set while it runs, i.e. while jit traces it (the forward
-  hands the backward its kernel settings, so they hold for its vjp too)."""
+def _settings(impl: str):
+  """(module, {name: value}) that an ablation impl sets while traced."""
+  if impl in POLICY_IMPLS:
+    return policy, POLICY_IMPLS[impl]
+  from vitok_jax.kernels import flash_attention_hopper  # Imports Mosaic GPU.
+  return flash_attention_hopper, HOPPER_KERNEL_IMPLS[impl]
+
+
+def _with_settings(fn, module, flags: dict):
+  """fn with these module constants set while it runs, i.e. while jit traces it. The `policy`
+  flags are read by the forward, which hands the backward its kernel settings, so they hold for
+  its vjp too; the Hopper kernels' own constants need the whole step traced under them."""
   def run(*args):
-    saved = {name: getattr(policy, name) for name in flags}
+    saved = {name: getattr(module, name) for name in flags}
     for name, value in flags.items():
-      setattr(policy, name, value)
+      setattr(module, name, value)
     try:
       return fn(*args)
     finally:
       for name, value in saved.items():
-        setattr(policy, name, value)
+        setattr(module, name, value)
   return run
 
 
@@ -158,29 +173,10 @@ def _fwd_bwd(fn):
   return step
 
 
-def kernel_times(compiled, args, calls: int) -> dict:
-  """Where one call of `compiled` spends the device's time: each GPU kernel it launches, in
-  launch order, with its median duration over `calls` calls, and their sum (CUPTI, through Mosaic
-  GPU's profiler; CUDA only). Kernels only: the sum leaves out memsets (XLA's zero fills may be
-  one) and the gaps between kernels, which the timings of back-to-back calls include."""
-  from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
-  _, timings = profiler.measure(compiled, aggregate=False, iterations=calls)(*args)
-  return summarize_kernel_times(timings if calls > 1 else [timings])
-
-
-def summarize_kernel_times(per_call) -> dict:
-  """[[(kernel name, ms), ...] per call], the same launches in each → {"kernels": [{"name", "ms":
-  median over calls}] per launch, "ms": their sum}."""
-  launches = list(zip(*per_call)) if per_call and per_call[0] else []
-  kernels = [{"name": times[0][0][:120], "ms": float(np.median([ms for _, ms in times]))}
-             for times in launches]
-  return {"kernels": kernels, "ms": sum(k["ms"] for k in kernels)}
-
-
 def _with_kernel_times(entry: dict, key: str, compiled, args, calls: int) -> dict:
   """entry with kernel_times(...) under `key`, or the error that stopped it there."""
   try:
-    return {**entry, key: kernel_times(compiled, args, calls)}
+    return {**entry, key: timing.kernel_times(compiled, args, calls)}
   except Exception as e:  # noqa: BLE001  Timings without a breakdown are still worth keeping.
     return {**entry, key: {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}}
 
@@ -225,7 +221,10 @@ def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, 
       fn = _attention_fn(impl, causal=causal, block_ids=ids, interpret=interpret,
                          block_sizes=block_sizes)
       _, fwd_s, _ = timing.time_jitted(fn, args[:3], warmup, iters, back_to_back)
-      _, step_s, step = timing.time_jitted(_fwd_bwd(fn), args, warmup, iters, back_to_back)
+      step_fn = _fwd_bwd(fn)
+      if impl in HOPPER_KERNEL_IMPLS:
+        step_fn = _with_settings(step_fn, *_settings(impl))
+      _, step_s, step = timing.time_jitted(step_fn, args, warmup, iters, back_to_back)
       entry = {**entry, "fwd_ms": 1e3 * fwd_s, "fwd_bwd_ms": 1e3 * step_s,
                "fwd_tflops": fwd_flops / fwd_s / 1e12,
                "fwd_bwd_tflops": 3.5 * fwd_flops / step_s / 1e12}
@@ -340,23 +339,32 @@ def bench_vq(*, tokens, codes, dim, warmup, iters, interpret, peak, params=None,
 
 
 def check_targets(report) -> dict:
-  """The issue's H100 targets: True/False where measured on a GPU, else "pending"."""
+  """The issue's H100 targets: True/False where measured on a GPU, else "pending" or "not
+  measured" (no rows of that shape, or the baseline not among --impls). BSQ's bandwidth both per
+  call (wall clock, with the XLA reductions after the kernel and the gaps between launches) and
+  of its Pallas kernel alone (CUPTI, with --breakdown)."""
+  names = ("fwd_bwd_vs_cudnn>=1.0", "fwd_bwd_vs_xla>=2.0", "block_causal_vs_dense>=1.5",
+           "bsq_bandwidth>=0.7", "bsq_kernel_bandwidth>=0.7", "vq_vs_jnp>=3_and_no_buffer")
   if report["backend"] != "gpu":
-    return {name: "pending (needs an H100)" for name in (
-        "fwd_bwd_vs_cudnn>=1.0", "fwd_bwd_vs_xla>=2.0", "block_causal_vs_dense>=1.5",
-        "bsq_bandwidth>=0.7", "vq_vs_jnp>=3_and_no_buffer")}
+    return {name: "pending (needs an H100)" for name in names}
   big = [r for r in report["attention"] if r["q_len"] >= 4096 and r["head_dim"] == 128
          and r["dtype"] == "bfloat16" and r["mask"] != "block_causal"]
   var = [r for r in report["attention"] if r["mask"] == "block_causal"]
-  ratios = lambda rows, impl: [r.get(f"speedup_vs_{impl}", {}).get("fwd_bwd", 0.0) for r in rows]
-  best_dense = lambda r: min(ratios([r], "xla") + ratios([r], "cudnn"), key=lambda x: x or 1e9)
-  unmeasured = "not measured (no such rows)"
+  ratios = lambda rows, *impls: [r[f"speedup_vs_{impl}"]["fwd_bwd"] for r in rows
+                                 for impl in impls if f"speedup_vs_{impl}" in r]
+  # Against the faster of XLA and cuDNN on each row that has either.
+  best_dense = [min(ratios([r], "xla", "cudnn")) for r in var if ratios([r], "xla", "cudnn")]
+
+  def at_least(values, bound, why="not measured (no such rows or baseline)"):
+    return min(values) >= bound if values else why
+  bsq_kernel = report["bsq"]["pallas"].get("bsq_kernel_fraction_of_peak")
   return {
-      "fwd_bwd_vs_cudnn>=1.0": min(ratios(big, "cudnn")) >= 1.0 if big else unmeasured,
-      "fwd_bwd_vs_xla>=2.0": min(ratios(big, "xla")) >= 2.0 if big else unmeasured,
-      "block_causal_vs_dense>=1.5": (min(best_dense(r) for r in var) >= 1.5 if var
-                                     else unmeasured),
+      "fwd_bwd_vs_cudnn>=1.0": at_least(ratios(big, "cudnn"), 1.0),
+      "fwd_bwd_vs_xla>=2.0": at_least(ratios(big, "xla"), 2.0),
+      "block_causal_vs_dense>=1.5": at_least(best_dense, 1.5),
       "bsq_bandwidth>=0.7": report["bsq"]["pallas"]["fraction_of_peak"] >= 0.7,
+      "bsq_kernel_bandwidth>=0.7": at_least([] if bsq_kernel is None else [bsq_kernel], 0.7,
+                                            "not measured (needs --breakdown)"),
       "vq_vs_jnp>=3_and_no_buffer": (report["vq"]["speedup_vs_jnp"] >= 3.0
                                      and bool(report["vq"]["no_tokens_x_codes_buffer"])),
   }

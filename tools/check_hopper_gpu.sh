@@ -7,8 +7,8 @@
 #   2. block-causal attention at VAR's lengths (680, 2240): the default (pallas), cuDNN given the
 #      mask densely, our dense visit, and the paths the two flags replaced: padded to whole tiles
 #      (pallas_padded; 680 pads to 768), padded and skipping the padding's tiles; each GPU
-#      kernel's time in a fwd+bwd step (--breakdown); BSQ and VQ at their default shapes
-#      (`var.json`);
+#      kernel's time in a fwd+bwd step (--breakdown); the backward waiting for dV's matmul before
+#      dS (pallas_bwd_in_order); BSQ and VQ at their default shapes (`var.json`);
 #   3. where the time goes at L = 4096, head dim 128 (the fwd+bwd ≥ 1.0× cuDNN target): each
 #      kernel of our step and of cuDNN's, and BSQ's at 1M tokens (`breakdown.json`);
 #   4. the other kernel tests, compiled (`-m "slow or not slow"`; the TPU lowering is the CPU's);
@@ -44,7 +44,8 @@ new_rc=${PIPESTATUS[0]}
 echo "new-path tests rc=$new_rc" | tee -a "$out/tests_new_paths.log"
 timeout "${VAR_TIMEOUT:-150}" python tools/bench_kernels.py --out "$out/var.json" \
   --lengths= --var_lengths 680,2240 --bsq_more_tokens= --warmup 2 --iters 5 --back_to_back 10 \
-  --impls pallas,cudnn,pallas_dense,pallas_padded,pallas_padded_skip_padded --breakdown 2>&1 \
+  --impls pallas,cudnn,pallas_dense,pallas_padded,pallas_padded_skip_padded,pallas_bwd_in_order \
+  --breakdown 2>&1 \
   | tee "$out/var.log"
 echo "var rc=${PIPESTATUS[0]}" | tee -a "$out/var.log"
 timeout "${BREAKDOWN_TIMEOUT:-90}" python tools/bench_kernels.py --out "$out/breakdown.json" \

@@ -7,7 +7,8 @@ Every candidate is first checked against `kernels.reference` on the tuning probl
 codes; VQ: identical indices; attention: outputs and gradients within bf16 tolerance) and only
 then timed (median of --iters samples of --back_to_back calls after --warmup, compile excluded,
 `eval.timing.time_jitted`). Problems:
-  bsq        --bsq_tokens (default 1M) tokens × 32 bits, bf16 (Infinity's latent);
+  bsq        --bsq_tokens (default 1M) tokens × 32 bits, bf16 (Infinity's latent); on CUDA each
+             candidate's Pallas kernel is also timed alone (CUPTI: "kernel_ms");
   vq         65536 tokens, 16384 codes × 8 (LlamaGen's codebook);
   attention  batch·L = 16k tokens, 16 heads, L = --length, bf16, per head dim: first the forward
              tiles (forward time), then the dK/dV tiles and then the dQ tiles (forward+backward
@@ -38,12 +39,16 @@ from vitok_jax.kernels import vq_pallas
 
 # Tiles of tokens × tiles walked per program × warps, with integer packing and PTX approximate
 # math (the GPU defaults; (32, 16, 2) won at 1M tokens on an H100, the rest of its neighbourhood
-# is for larger inputs); the float packing and the precise math once each for comparison.
+# is for larger inputs), a few with the tile loop's pipelining depth set; the float packing and
+# the precise math once each for comparison.
 BSQ_CANDIDATES = ([dict(block_tokens=b, steps=s, num_warps=w, integer_pack=True)
                    for b, s, w in ((64, 1, 4), (128, 1, 4), (128, 1, 8), (256, 1, 4), (256, 1, 8),
                                    (512, 1, 8), (128, 4, 4), (64, 16, 4), (32, 16, 2),
                                    (32, 8, 2), (32, 32, 2), (32, 64, 2), (64, 16, 2), (64, 32, 2),
                                    (16, 32, 1), (32, 16, 1))]
+                  + [dict(block_tokens=b, steps=s, num_warps=w, num_stages=n, integer_pack=True)
+                     for b, s, w, n in ((32, 16, 2, 2), (32, 16, 2, 4), (32, 32, 2, 4),
+                                        (64, 8, 4, 4), (16, 32, 1, 4))]
                   + [dict(block_tokens=128, steps=1, num_warps=4, integer_pack=False),
                      dict(block_tokens=128, steps=1, num_warps=4, fast_math=False)])
 # Multiply-adds (LlamaGen's 8 dims) and the tiled dot (TF32×3 on GPU) over tiles and warps.
@@ -73,10 +78,16 @@ class Runs(NamedTuple):
   back_to_back: int = 1
 
 
-def _time(fn, args, runs: Runs):
+def _time(fn, args, runs: Runs, kernel: str = ""):
+  """{"ms": wall-clock ms per call}; with `kernel` on CUDA also "kernel_ms", the CUPTI time of
+  the GPU kernels whose name holds it (without the XLA ops around them and the gaps)."""
   try:
-    _, seconds, _ = timing.time_jitted(fn, args, *runs)
-    return {"ms": 1e3 * seconds}
+    _, seconds, compiled = timing.time_jitted(fn, args, *runs)
+    result = {"ms": 1e3 * seconds}
+    if kernel and jax.default_backend() == "gpu":
+      launches = timing.kernel_times(compiled, args, runs.iters)["kernels"]
+      result["kernel_ms"] = sum(k["ms"] for k in launches if kernel in k["name"])
+    return result
   except Exception as e:  # noqa: BLE001  Reported, not fatal.
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
 
@@ -86,8 +97,9 @@ def _best(results):
   return min(ok, key=lambda r: r["ms"]) if ok else None
 
 
-def _sweep(name, candidates, kernel, args, check, runs):
-  """Each candidate's kwargs with its check (`check(outputs)` -> dict with "correct") and time."""
+def _sweep(name, candidates, kernel, args, check, runs, kernel_name: str = ""):
+  """Each candidate's kwargs with its check (`check(outputs)` -> dict with "correct") and time
+  (`_time`, the kernel `kernel_name`'s own too)."""
   results = []
   for params in candidates:
     fn = lambda *a, p=params: kernel(*a, **p)
@@ -96,7 +108,7 @@ def _sweep(name, candidates, kernel, args, check, runs):
     except Exception as e:  # noqa: BLE001  A candidate that does not compile is reported.
       results.append({**params, "error": f"{type(e).__name__}: {str(e)[:200]}"})
       continue
-    results.append({**params, **checked, **_time(fn, args, runs)})
+    results.append({**params, **checked, **_time(fn, args, runs, kernel_name)})
     print(name, results[-1], flush=True)
   return results
 
@@ -106,7 +118,7 @@ def tune_bsq(runs, candidates, tokens=1 << 20, dim=32):
   ref = jax.jit(reference.bsq)(z)
   check = lambda out: {"correct": bool(jnp.array_equal(out.codes, ref.codes)) and bool(
       jnp.allclose(out.bit_prob, ref.bit_prob, atol=1e-4))}
-  results = _sweep("bsq", candidates, bsq_pallas.bsq, (z,), check, runs)
+  results = _sweep("bsq", candidates, bsq_pallas.bsq, (z,), check, runs, kernel_name="bsq")
   return {"problem": {"tokens": tokens, "dim": dim, "dtype": "bfloat16"},
           "reference_ms": _time(reference.bsq, (z,), runs).get("ms"),
           "candidates": results, "best": _best(results)}

@@ -1,4 +1,5 @@
-"""Wall-clock timing of jitted functions for the benchmarks in tools/ (compile excluded)."""
+"""Timing of jitted functions for the benchmarks in tools/ (compile excluded): wall clock, and each
+GPU kernel's own time (CUPTI)."""
 from __future__ import annotations
 
 import statistics
@@ -6,6 +7,7 @@ import time
 from typing import Callable, Sequence
 
 import jax
+import numpy as np
 
 
 def time_jitted(fn: Callable, args: Sequence, warmup: int, iters: int, back_to_back: int = 1):
@@ -31,3 +33,22 @@ def time_jitted(fn: Callable, args: Sequence, warmup: int, iters: int, back_to_b
     jax.block_until_ready(outputs)
     times.append((time.perf_counter() - start) / back_to_back)
   return compile_s, statistics.median(times), compiled
+
+
+def kernel_times(compiled, args, calls: int) -> dict:
+  """Where one call of `compiled` spends the device's time: each GPU kernel it launches, in
+  launch order, with its median duration over `calls` calls, and their sum (CUPTI, through Mosaic
+  GPU's profiler; CUDA only). Kernels only: the sum leaves out memsets (XLA's zero fills may be
+  one) and the gaps between kernels, which the timings of back-to-back calls include."""
+  from jax.experimental.mosaic.gpu import profiler  # pylint: disable=g-import-not-at-top
+  _, timings = profiler.measure(compiled, aggregate=False, iterations=calls)(*args)
+  return summarize_kernel_times(timings if calls > 1 else [timings])
+
+
+def summarize_kernel_times(per_call) -> dict:
+  """[[(kernel name, ms), ...] per call], the same launches in each → {"kernels": [{"name", "ms":
+  median over calls}] per launch, "ms": their sum}."""
+  launches = list(zip(*per_call)) if per_call and per_call[0] else []
+  kernels = [{"name": times[0][0][:120], "ms": float(np.median([ms for _, ms in times]))}
+             for times in launches]
+  return {"kernels": kernels, "ms": sum(k["ms"] for k in kernels)}

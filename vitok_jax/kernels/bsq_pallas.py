@@ -2,7 +2,8 @@
 
 Per tile of tokens the kernel reads z once and writes: the quantised latents sign(u)/√d (u = z/‖z‖),
 the packed codes, and per-program sums of the soft bit probabilities, their binary entropies and
-the hard bits (the entropy penalty's statistics), which the wrapper adds up. The backward is the
+the hard bits (the entropy penalty's statistics) as rows of one array, which the wrapper adds up
+in one reduction. The backward is the
 straight-through estimator (sign(u) ≈ u, then the 1/√d scale) through the l2 normalisation plus
 the exact gradient of the statistics;
 it is elementwise per token, so plain jnp (one XLA fusion) does it in one pass too.
@@ -28,9 +29,12 @@ from vitok_jax.kernels import reference
 # Launch (block_tokens, steps, num_warps) from tools/tune_kernels.py on an H100 (1M × 32 bf16,
 # docs/kernels/tuned_bsq_h100.json): 32 tokens × 16 tiles per program, 2 warps, 0.093 ms; one tile
 # of 64 or 128 tokens per program, 4 warps, 0.105 ms (0.085 ms in another run: tiles are within
-# the noise); the precise math 0.128 ms; the jnp version 0.46 ms. Elsewhere (TPU, the CPU
-# interpreter) one tile of 64 per program.
+# the noise); the precise math 0.128 ms; the jnp version 0.46 ms. Timed by CUPTI, the kernel
+# alone (docs/kernels/tuned_bsq_kernel_times_h100.json): 0.061 ms with this launch, 0.058–0.062
+# for the best ten. Elsewhere (TPU, the CPU interpreter) one tile of 64 per program.
 DEFAULT_LAUNCH = {"gpu": (32, 16, 2), "other": (64, 1, 4)}
+_STATS = ("prob", "entropy", "bit")  # The per-program sums, one row each.
+STAT_ROWS = 4  # Their rows in the kernel's output (Triton's blocks are powers of two).
 _LOG2_E, _LN_2 = 1.4426950408889634, 0.6931471805599453
 
 
@@ -57,10 +61,10 @@ PTX_APPROX_MATH = _Math(exp2=_ptx_approx("ex2"), log2=_ptx_approx("lg2"),
                         reciprocal=_ptx_approx("rcp"))
 
 
-def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, bit_sum_ref, *,
-                dim: int, num_tokens: int, padded: bool, logit_scale: float,
-                integer_pack: bool, block: int, math_: _Math):
-  """z [steps·bn, dp] → quantized [steps·bn, dp], codes [steps·bn, words], sums [1, dp].
+def _bsq_kernel(z_ref, quantized_ref, codes_ref, sums_ref, *, dim: int, num_tokens: int,
+                padded: bool, logit_scale: float, integer_pack: bool, block: int, math_: _Math):
+  """z [steps·bn, dp] → quantized [steps·bn, dp], codes [steps·bn, words], sums [STAT_ROWS, dp]
+  (rows: `_STATS`, then zeros).
 
   The program walks its `steps` tiles of `block` tokens (a loop the compiler can pipeline: the
   next tile's load overlaps this one's math) and adds each tile's statistics elementwise into
@@ -124,8 +128,10 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, prob_sum_ref, entropy_sum_ref, 
   first_token = pl.program_id(0) * rows  # Read outside the loop (the interpreter needs it so).
   zeros = (jnp.zeros((block, padded_dim), jnp.float32),) * 3
   sums = tile(0, zeros) if steps == 1 else jax.lax.fori_loop(0, steps, tile, zeros)
-  for ref, total_ND in zip((prob_sum_ref, entropy_sum_ref, bit_sum_ref), sums):
-    ref[...] = jnp.sum(total_ND, axis=0, keepdims=True)
+  for row, total_ND in enumerate(sums):
+    sums_ref[pl.ds(row, 1), :] = jnp.sum(total_ND, axis=0, keepdims=True)
+  sums_ref[pl.ds(len(sums), STAT_ROWS - len(sums)), :] = jnp.zeros(
+      (STAT_ROWS - len(sums), padded_dim), jnp.float32)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -133,10 +139,11 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("inv_temperature", "block_tokens", "steps",
-                                             "num_warps", "interpret", "triton", "integer_pack",
-                                             "fast_math"))
+                                             "num_warps", "num_stages", "interpret", "triton",
+                                             "integer_pack", "fast_math"))
 def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, steps: int, num_warps: int,
-                 interpret: bool, triton: bool, integer_pack: bool, fast_math: bool):
+                 num_stages: Optional[int], interpret: bool, triton: bool, integer_pack: bool,
+                 fast_math: bool):
   """z [N, d] → quantized [N, d], codes [N, words] uint32, sums of p, H(p), bits: [d] each."""
   num_tokens, dim = z_ND.shape
   words = -(-dim // 32)
@@ -149,9 +156,7 @@ def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, steps: int,
   padded_words = pl.next_power_of_2(words) if triton else words
   z_ND = jnp.pad(z_ND, ((0, padded_n - num_tokens), (0, padded_dim - dim)))
   programs = padded_n // rows
-  sums_spec = pl.BlockSpec((None, 1, padded_dim), lambda t: (t, 0, 0))
-  sums_shape = jax.ShapeDtypeStruct((programs, 1, padded_dim), jnp.float32)
-  quantized, codes, prob_sum, entropy_sum, bit_sum = pl.pallas_call(
+  quantized, codes, sums = pl.pallas_call(
       functools.partial(_bsq_kernel, dim=dim, num_tokens=num_tokens,
                         padded=(padded_n, padded_dim) != (num_tokens, dim),
                         logit_scale=reference.bsq_logit_scale(dim, inv_temperature),
@@ -161,22 +166,21 @@ def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, steps: int,
       in_specs=[pl.BlockSpec((rows, padded_dim), lambda t: (t, 0))],
       out_specs=[pl.BlockSpec((rows, padded_dim), lambda t: (t, 0)),
                  pl.BlockSpec((rows, padded_words), lambda t: (t, 0)),
-                 sums_spec, sums_spec, sums_spec],
+                 pl.BlockSpec((None, STAT_ROWS, padded_dim), lambda t: (t, 0, 0))],
       out_shape=[jax.ShapeDtypeStruct(z_ND.shape, z_ND.dtype),
                  jax.ShapeDtypeStruct((padded_n, padded_words), jnp.int32),
-                 sums_shape, sums_shape, sums_shape],
+                 jax.ShapeDtypeStruct((programs, STAT_ROWS, padded_dim), jnp.float32)],
       # On GPU, Triton explicitly: pallas_call's default GPU lowering (Mosaic GPU) copies at most
       # 256 elements per dimension asynchronously.
-      compiler_params=(pltriton.CompilerParams(num_warps=num_warps,
-                                               num_stages=1 if steps == 1 else 3)
+      compiler_params=(pltriton.CompilerParams(
+          num_warps=num_warps, num_stages=num_stages or (1 if steps == 1 else 3))
                        if triton else None),
       interpret=interpret,
       name="bsq",
   )(z_ND)
-  total = lambda s: s.sum((0, 1))[:dim]
+  totals = sums.sum(0)[:len(_STATS), :dim]  # One reduction over the programs.
   return (quantized[:num_tokens, :dim],
-          jax.lax.bitcast_convert_type(codes[:num_tokens, :words], jnp.uint32),
-          total(prob_sum), total(entropy_sum), total(bit_sum))
+          jax.lax.bitcast_convert_type(codes[:num_tokens, :words], jnp.uint32), *totals)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -215,8 +219,8 @@ _bsq.defvjp(_bsq_fwd, _bsq_bwd)
 
 def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = None,
              steps: Optional[int] = None, num_warps: Optional[int] = None,
-             interpret: Optional[bool] = None, integer_pack: Optional[bool] = None,
-             fast_math: Optional[bool] = None):
+             num_stages: Optional[int] = None, interpret: Optional[bool] = None,
+             integer_pack: Optional[bool] = None, fast_math: Optional[bool] = None):
   """The kernel's outputs for z [..., d]: quantized [..., d], codes [..., words] uint32 and the
   sums over tokens of P(bit = 1), H(P(bit)) and the hard bits, [d] each (differentiable in z).
 
@@ -232,6 +236,7 @@ def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int
   if fast_math and not triton:
     raise ConfigError("fast_math=True is PTX (Triton on GPU); leave it None elsewhere")
   launch = dict(block_tokens=int(block_tokens), steps=int(steps), num_warps=int(num_warps),
+                num_stages=None if num_stages is None else int(num_stages),
                 interpret=bool(interpret), triton=triton,
                 integer_pack=backend != "tpu" if integer_pack is None else bool(integer_pack),
                 fast_math=triton if fast_math is None else bool(fast_math))
@@ -254,7 +259,8 @@ def output_from_sums(quantized, codes, prob_sum_D, entropy_sum_D, bit_sum_D,
 
 def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = None,
         steps: Optional[int] = None, num_warps: Optional[int] = None,
-        interpret: Optional[bool] = None, integer_pack: Optional[bool] = None,
+        num_stages: Optional[int] = None, interpret: Optional[bool] = None,
+        integer_pack: Optional[bool] = None,
         fast_math: Optional[bool] = None) -> reference.BSQOutput:
   """Pallas BSQ of z [..., d]: the `reference.BSQOutput` of `reference.bsq`, in one fused pass.
 
@@ -265,6 +271,8 @@ def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = N
     steps: tiles per program, walked in a loop (shrunk for small inputs).
     (These two and num_warps default to `DEFAULT_LAUNCH` of the backend.)
     num_warps: warps per program (GPU).
+    num_stages: Triton's software pipelining depth of the tile loop (GPU; default 3 with a loop,
+      else 1).
     interpret: run in the Pallas interpreter; default: on CPU.
     integer_pack: pack the codes with one int32 sum per word (default: except on TPU, which
       packs with float sums per 16-bit half).
@@ -272,6 +280,6 @@ def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = N
       default: on GPU, the only place they exist) instead of the precise library calls.
   """
   sums = bsq_sums(z_ND, inv_temperature=inv_temperature, block_tokens=block_tokens,
-                  steps=steps, num_warps=num_warps, interpret=interpret,
+                  steps=steps, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
                   integer_pack=integer_pack, fast_math=fast_math)
   return output_from_sums(*sums, num_tokens=math.prod(z_ND.shape[:-1]))

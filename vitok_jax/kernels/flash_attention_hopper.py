@@ -428,6 +428,16 @@ assert BLOCK_Q % BWD_BLOCK_Q == 0
 # Triton backward, at 1024 1.22 / 0.76 against 1.48 / 0.90
 # (docs/kernels/bench_hopper_bwd_h100.json; 512 not measured).
 BACKWARD_MIN_Q_LEN = 1024
+# Head dims at which a backward step computes dSᵀ while dV's matmul runs (dPᵀ's matmul issued
+# first, dSᵀ kept in its registers); at the others it waits for both matmuls. On an H100 (jax
+# 0.11.2, bf16, 16 heads; docs/kernels/bench_hopper_bwd_orders_h100.json, whose
+# `pallas_bwd_in_order` rows are the other order) at head dim 64 the backward kernel took 1.595
+# against 1.665 ms at L = 4096 and 0.298 / 0.594 against 0.305 / 0.610 ms block-causal at VAR's
+# 680 / 2240 tokens. At 128, where ptxas spills registers in this kernel in either order (164–172
+# bytes a thread), 2.666 against 2.633 ms (docs/kernels/hopper_bwd_overlap_variants_h100.json,
+# which also holds two variants dropped: the next query tile's Sᵀ issued before this tile's dQ
+# with its exp during dQ's matmul, and three ring slots).
+DS_DURING_DV_HEAD_DIMS = (64,)
 
 
 def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float,
@@ -460,12 +470,13 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   FlashAttention-3's schedule: one program per (head, 2·BWD_BLOCK_K keys, batch) walks the query
   tiles, so every tile pair costs five matmuls (Sᵀ, dPᵀ, dV, dK, dQ), against seven when dQ gets
   its own pass. Each compute warpgroup owns BWD_BLOCK_K keys (their K, V in shared memory, dK, dV
-  in registers): Sᵀ = K·Qᵀ, Pᵀ = exp(Sᵀ − lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta),
-  dK += dSᵀ·Q. dSᵀ goes to shared memory for this step's dQ = dS·K, which is added into dq with
-  TMA reduce-adds (float32 in global memory, so dq starts at zero and is not in q's dtype): at
-  head dim 128 each warpgroup adds half the columns over all the program's keys once both have
-  written dSᵀ, at 64 all columns over its own keys (see `split_dq`). Warpgroup 2 streams Q, dO,
-  lse and delta tiles into a ring of `STAGES` slots.
+  in registers): Sᵀ = K·Qᵀ, Pᵀ = exp(Sᵀ − lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta)
+  (while dV's matmul runs, at the head dims of `DS_DURING_DV_HEAD_DIMS`), dK += dSᵀ·Q. dSᵀ goes
+  to shared memory for this step's dQ = dS·K, which is added into dq with TMA reduce-adds
+  (float32 in global memory, so dq starts at zero and is not in q's dtype): at head dim 128 each
+  warpgroup adds half the columns over all the program's keys once both have written dSᵀ, at 64
+  all columns over its own keys (see `split_dq`). Warpgroup 2 streams Q, dO, lse and delta tiles
+  into a ring of `STAGES` slots.
 
   With a `mask` the program starts at the first query tile that sees its first key (the rows
   that see a key are a suffix), masks P up to the first tile that sees all its keys, and both
@@ -491,6 +502,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   # deferred a step, took 0.98–1.02× this one's fwd+bwd time, within the noise; both were dropped
   # (docs/kernels/bench_hopper_variants_h100.json).
   split_dq = head_dim > 64
+  ds_during_dv = head_dim in DS_DURING_DV_HEAD_DIMS
   dq_cols = head_dim // _COMPUTE_WARPGROUPS if split_dq else head_dim
   # Split: both read a dSᵀ slot, which the next step may not overwrite.
   ds_slots = 2 if split_dq else 1
@@ -568,14 +580,24 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
                            0.0)
         plgpu.barrier_wait(do_ready.at[slot])
 
+        def ds_from(dp_KQ):
+          """dSᵀ = Pᵀ∘(dPᵀ − delta), float32."""
+          plgpu.barrier_wait(delta_ready.at[slot])
+          delta_Q = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
+          return p_KQ * (dp_KQ - by_query(delta_Q, tile))
+
         def values(refs):
+          """dV += Pᵀ·dO and dPᵀ = V·dOᵀ; with ds_during_dv dPᵀ's matmul first, and then its
+          registers take dSᵀ, computed while dV's matmul runs."""
           dv_ref, dp_ref = refs
-          plgpu.wgmma(dv_ref, p_KQ.astype(dtype), do_tile)
+          if not ds_during_dv:
+            plgpu.wgmma(dv_ref, p_KQ.astype(dtype), do_tile)
           plgpu.wgmma(dp_ref, v_own, plgpu.transpose_ref(do_tile, (1, 0)))
+          if ds_during_dv:
+            plgpu.wgmma(dv_ref, p_KQ.astype(dtype), do_tile)
+            dp_ref[...] = ds_from(plgpu.wgmma_accumulator_load(dp_ref, wait_n=1))
         dv_KD, dp_KQ = pl.run_state(values)((plgpu.ACC.init(dv_KD), plgpu.ACC.init(zeros(*tile))))
-        plgpu.barrier_wait(delta_ready.at[slot])
-        delta_Q = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-        ds_KQ = (p_KQ * (dp_KQ - by_query(delta_Q, tile))).astype(dtype)
+        ds_KQ = (dp_KQ if ds_during_dv else ds_from(dp_KQ)).astype(dtype)
 
         def gradients(refs):
           dk_acc, dq_acc = refs

@@ -10,7 +10,9 @@ Measured on an H100 (jax 0.11.2, bf16, docs/kernels/bench_kernels_h100.json, def
   - the Hopper kernels (Mosaic GPU, forward and backward, unmasked or prefix masks): their tests
     pass on the H100 (with CUDA 13.0). Unmasked fwd+bwd: 3.5–3.6× XLA and 0.92–0.94× cuDNN at
     head dim 128 (0.95–0.98× at 64) for L = 4096 / 8192; 1.03–1.06× cuDNN at L = 1024 and
-    1.19–1.24× at 256 (with the Triton backward there) (docs/kernels/bench_hopper_bwd_h100.json).
+    1.19–1.24× at 256 (with the Triton backward there) (docs/kernels/bench_hopper_bwd_h100.json);
+    0.96× / 0.98× cuDNN at L = 4096, head dim 128 / 64, in a later run
+    (bench_hopper_bwd_orders_h100.json).
     Causal: see HOPPER_AHEAD_MAX_LEN;
   - on Triton fwd+bwd at L ≥ 4096 is 2.7–3.0× XLA (head dim 128) but 0.67–0.74× cuDNN,
     0.73–0.75× with the causal mask (docs/kernels/bench_causal_h100.json): unmasked and causal
