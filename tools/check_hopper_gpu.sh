@@ -10,7 +10,9 @@
 #      kernel's time in a fwd+bwd step (--breakdown); the backward waiting for dV's matmul before
 #      dS (pallas_bwd_in_order); BSQ and VQ at their default shapes (`var.json`);
 #   3. where the time goes at L = 4096, head dim 128 (the fwd+bwd ≥ 1.0× cuDNN target): each
-#      kernel of our step and of cuDNN's, and BSQ's at 1M tokens (`breakdown.json`);
+#      kernel of our step and of cuDNN's, and BSQ's at 1M tokens (`breakdown.json`); ptxas's
+#      registers and spills for each Mosaic GPU kernel compiled there (`ptxas.txt`: the backward
+#      spilled 164 bytes a thread at head dim 128 when last run);
 #   4. the other kernel tests, compiled (`-m "slow or not slow"`; the TPU lowering is the CPU's);
 #   5. with CAUSAL_TIMEOUT=N (seconds), causal attention, L = 256 … 8192, head dims 64 / 128: the
 #      default, the Hopper forward with the Triton backward, Triton alone and cuDNN, which
@@ -48,10 +50,19 @@ timeout "${VAR_TIMEOUT:-150}" python tools/bench_kernels.py --out "$out/var.json
   --breakdown 2>&1 \
   | tee "$out/var.log"
 echo "var rc=${PIPESTATUS[0]}" | tee -a "$out/var.log"
-timeout "${BREAKDOWN_TIMEOUT:-90}" python tools/bench_kernels.py --out "$out/breakdown.json" \
+# Mosaic GPU's dumps (many files, and its IR on stdout) stay outside OUT_DIR: only ptxas's lines
+# about registers and the log's other lines are kept.
+dump=$(mktemp -d)
+MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO="$dump" timeout "${BREAKDOWN_TIMEOUT:-90}" \
+  python tools/bench_kernels.py --out "$out/breakdown.json" \
   --lengths 4096 --head_dims 128 --var_lengths= --bsq_more_tokens= --warmup 2 --iters 5 \
-  --back_to_back 10 --impls pallas,cudnn --breakdown 2>&1 | tee "$out/breakdown.log"
-echo "breakdown rc=${PIPESTATUS[0]}" | tee -a "$out/breakdown.log"
+  --back_to_back 10 --impls pallas,cudnn --breakdown > "$dump/breakdown.log" 2>&1
+rc=$?
+grep -v "^[[:space:]%#}]\|^module\|^$" "$dump/breakdown.log" | cut -c1-4000 > "$out/breakdown.log"
+echo "breakdown rc=$rc" | tee -a "$out/breakdown.log"
+grep -r "spill\|serialized\|Used [0-9]* registers" "$dump" | sed "s|$dump/||" | cut -c1-400 \
+  > "$out/ptxas.txt"
+rm -rf "$dump"
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-180}" \
   python -m pytest tests/test_kernels.py -m "slow or not slow" -k "not tpu and not ($NEW_TESTS)" \
   -q -rfEs --tb=short -n 4 2>&1 | tee "$out/tests.log"
