@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -243,6 +244,25 @@ def test_hopper_kernel_lowers_for_cuda(mode, monkeypatch):
   assert "mosaic_gpu" in text
   assert calls == (["forward", "backward"] if mode is True else ["forward"])
   assert ("triton" in text) == (mode == "forward")
+
+
+def test_hopper_backward_order_is_set_per_head_dim(monkeypatch):
+  """`DS_DURING_DV_HEAD_DIMS` changes the lowered backward at the head dims it names (64: dS
+  while dV's matmul runs) and only there; `tools/bench_kernels.py`'s pallas_bwd_in_order empties
+  it to time the other order."""
+  def lowered(head_dim, dims):
+    monkeypatch.setattr(hopper, "DS_DURING_DV_HEAD_DIMS", dims)
+    x = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((1, 2, 256), jnp.float32)
+    backward = lambda *args: hopper.backward(*args, scale=0.125)
+    text = jax.export.export(jax.jit(backward), platforms=["cuda"], disabled_checks=CUDA_CHECKS)(
+        x, x, x, x, rows, rows).mlir_module()
+    # Without source locations (they name the calling line).
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("#loc"))
+    return re.sub(r" loc\(#loc\d*\)", "", text)
+  assert hopper.DS_DURING_DV_HEAD_DIMS == (64,)
+  assert lowered(64, (64,)) != lowered(64, ())
+  assert lowered(128, (64,)) == lowered(128, ())
 
 
 @pytest.mark.parametrize("prefix_masks", [False, True])
@@ -1055,9 +1075,12 @@ def test_bsq_kernel_walking_several_tiles_per_program(shape):
 
 
 def test_bsq_fast_math_only_on_triton():
-  """PTX approximations exist only on GPU: asking for them elsewhere is an early, clear error."""
+  """PTX approximations exist only on GPU: asking for them elsewhere is an early, clear error;
+  so is a pipelining depth below 1."""
   with pytest.raises(ValueError, match="fast_math"):
     bsq_pallas.bsq(jnp.ones((4, 8)), interpret=True, fast_math=True)
+  with pytest.raises(ValueError, match="num_stages=0"):
+    bsq_pallas.bsq(jnp.ones((4, 8)), interpret=True, num_stages=0)
 
 
 def test_bsq_codes_pack_bit0_most_significant():

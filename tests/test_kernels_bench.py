@@ -179,3 +179,25 @@ def test_bsq_breakdown_gives_the_kernels_own_bandwidth(monkeypatch):
       result["bytes"] / 0.6e-3 / 1e9)
   copied = 2 * 256 * 32 * 4  # The copies' ceilings, from their kernels' own time too.
   assert result["copy"]["xla"]["kernels_fraction_of_peak"] == pytest.approx(copied / 0.6e-3 / 1e9)
+
+
+def test_tune_times_the_bsq_kernel_alone_and_keeps_wall_clock_without_it(monkeypatch):
+  """On CUDA each BSQ candidate also gets its Pallas kernel's own time (CUPTI, here a stand-in);
+  a breakdown that fails or finds no such kernel is reported beside the wall-clock time, which
+  stays."""
+  tune = _load_tool("tune_kernels")
+  monkeypatch.setattr(tune.jax, "default_backend", lambda: "gpu")
+  runs, x = tune.Runs(0, 1), tune.jnp.ones((8,))
+  launches = [{"name": "bsq", "ms": 0.06}, {"name": "input_reduce_fusion", "ms": 0.01}]
+  monkeypatch.setattr(timing, "kernel_times", lambda *a: {"kernels": launches, "ms": 0.07})
+  timed = tune._time(lambda x: x * 2, (x,), runs, kernel="bsq")
+  assert timed["kernel_ms"] == 0.06 and timed["ms"] > 0
+  launches.pop(0)  # No kernel of that name.
+  timed = tune._time(lambda x: x * 2, (x,), runs, kernel="bsq")
+  assert "no GPU kernel named like 'bsq'" in timed["kernel_ms_error"] and timed["ms"] > 0
+
+  def fail(*args):
+    raise RuntimeError("CUPTI unavailable")
+  monkeypatch.setattr(timing, "kernel_times", fail)
+  timed = tune._time(lambda x: x * 2, (x,), runs, kernel="bsq")
+  assert "CUPTI unavailable" in timed["kernel_ms_error"] and "kernel_ms" not in timed

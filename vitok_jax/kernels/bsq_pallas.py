@@ -3,10 +3,9 @@
 Per tile of tokens the kernel reads z once and writes: the quantised latents sign(u)/√d (u = z/‖z‖),
 the packed codes, and per-program sums of the soft bit probabilities, their binary entropies and
 the hard bits (the entropy penalty's statistics) as rows of one array, which the wrapper adds up
-in one reduction. The backward is the
-straight-through estimator (sign(u) ≈ u, then the 1/√d scale) through the l2 normalisation plus
-the exact gradient of the statistics;
-it is elementwise per token, so plain jnp (one XLA fusion) does it in one pass too.
+in one reduction. The backward is the straight-through estimator (sign(u) ≈ u, then the 1/√d
+scale) through the l2 normalisation plus the exact gradient of the statistics; it is elementwise
+per token, so plain jnp (one XLA fusion) does it in one pass too.
 
 The same kernel lowers to Triton (GPU) and Mosaic (TPU): 2-D blocks whose last two dims are whole
 (codes, stats) or tile multiples, and with `steps` = 1 (the default off GPU) no in-kernel loop.
@@ -27,11 +26,12 @@ from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import reference
 
 # Launch (block_tokens, steps, num_warps) from tools/tune_kernels.py on an H100 (1M × 32 bf16,
-# docs/kernels/tuned_bsq_h100.json): 32 tokens × 16 tiles per program, 2 warps, 0.093 ms; one tile
-# of 64 or 128 tokens per program, 4 warps, 0.105 ms (0.085 ms in another run: tiles are within
-# the noise); the precise math 0.128 ms; the jnp version 0.46 ms. Timed by CUPTI, the kernel
-# alone (docs/kernels/tuned_bsq_kernel_times_h100.json): 0.061 ms with this launch, 0.058–0.062
-# for the best ten. Elsewhere (TPU, the CPU interpreter) one tile of 64 per program.
+# docs/kernels/tuned_bsq_h100.json): 32 tokens × 16 tiles per program, 2 warps, 0.093 ms per call;
+# one tile of 64 or 128 tokens per program, 4 warps, 0.105 ms (0.085 ms in another run: tiles are
+# within the noise); the precise math 0.128 ms; the jnp version 0.46 ms. A later sweep
+# (docs/kernels/tuned_bsq_kernel_times_h100.json) ranked them otherwise per call (0.08–0.15 ms,
+# mostly launch noise); timed by CUPTI, the kernel alone took 0.061 ms with this launch and
+# 0.058–0.062 for the best ten. Elsewhere (TPU, the CPU interpreter) one tile of 64 per program.
 DEFAULT_LAUNCH = {"gpu": (32, 16, 2), "other": (64, 1, 4)}
 _STATS = ("prob", "entropy", "bit")  # The per-program sums, one row each.
 STAT_ROWS = 4  # Their rows in the kernel's output (Triton's blocks are powers of two).
@@ -235,6 +235,8 @@ def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int
   triton = backend == "gpu" and not interpret
   if fast_math and not triton:
     raise ConfigError("fast_math=True is PTX (Triton on GPU); leave it None elsewhere")
+  if num_stages is not None and num_stages < 1:
+    raise ConfigError(f"num_stages={num_stages}: a pipelining depth of at least 1, or None")
   launch = dict(block_tokens=int(block_tokens), steps=int(steps), num_warps=int(num_warps),
                 num_stages=None if num_stages is None else int(num_stages),
                 interpret=bool(interpret), triton=triton,

@@ -433,10 +433,11 @@ BACKWARD_MIN_Q_LEN = 1024
 # 0.11.2, bf16, 16 heads; docs/kernels/bench_hopper_bwd_orders_h100.json, whose
 # `pallas_bwd_in_order` rows are the other order) at head dim 64 the backward kernel took 1.595
 # against 1.665 ms at L = 4096 and 0.298 / 0.594 against 0.305 / 0.610 ms block-causal at VAR's
-# 680 / 2240 tokens. At 128, where ptxas spills registers in this kernel in either order (164–172
-# bytes a thread), 2.666 against 2.633 ms (docs/kernels/hopper_bwd_overlap_variants_h100.json,
-# which also holds two variants dropped: the next query tile's Sᵀ issued before this tile's dQ
-# with its exp during dQ's matmul, and three ring slots).
+# 680 / 2240 tokens. At 128, where ptxas spills registers in this kernel (164 bytes of spill
+# stores a thread in the other order, 172 in this one), it took 2.666 against 2.633 ms in a run of
+# variants (docs/kernels/hopper_bwd_overlap_variants_h100.json; it also holds two variants
+# dropped: the next query tile's Sᵀ issued before this tile's dQ, its exp during dQ's matmul, and
+# three ring slots, which at head dim 64 gave the fastest backward kernel but a slower forward).
 DS_DURING_DV_HEAD_DIMS = (64,)
 
 
