@@ -201,3 +201,11 @@ def test_tune_times_the_bsq_kernel_alone_and_keeps_wall_clock_without_it(monkeyp
   monkeypatch.setattr(timing, "kernel_times", fail)
   timed = tune._time(lambda x: x * 2, (x,), runs, kernel="bsq")
   assert "CUPTI unavailable" in timed["kernel_ms_error"] and "kernel_ms" not in timed
+  # The best: by the kernel's own time where every correct timed candidate has one.
+  a = {"correct": True, "ms": 0.09, "kernel_ms": 0.058}
+  b = {"correct": True, "ms": 0.08, "kernel_ms": 0.061}
+  wrong = {"correct": False, "ms": 0.01, "kernel_ms": 0.01}
+  assert tune._best([a, b, wrong]) is a
+  per_call_only = {"correct": True, "ms": 0.08}
+  assert tune._best([a, per_call_only]) is per_call_only  # Else per call.
+  assert tune._best([wrong]) is None
