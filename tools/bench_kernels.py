@@ -185,11 +185,11 @@ def _with_kernel_bandwidth(entry: dict, moved: int, peak: float, only: str = "")
   """entry (with "kernels" from `_with_kernel_times`) with the fraction of the peak bandwidth that
   `moved` bytes take in its kernels' own time, without launch gaps: all of them, or with `only`
   those whose name holds it (BSQ's Pallas kernel without the XLA reductions after it)."""
-  own = [k["ms"] for k in entry.get("kernels", {}).get("kernels", []) if only in k["name"]]
-  if not own:
+  own_ms = timing.named_kernels_ms(entry.get("kernels", {}), only)
+  if own_ms is None:
     return entry
   key = f"{only}_kernel_fraction_of_peak" if only else "kernels_fraction_of_peak"
-  return {**entry, key: moved / (sum(own) / 1e3) / peak}
+  return {**entry, key: moved / (own_ms / 1e3) / peak}
 
 
 def _visible_pairs(q_len: int, causal: bool, block_ids) -> float:

@@ -93,11 +93,10 @@ def _time(fn, args, runs: Runs, kernel: str = ""):
   result = {"ms": 1e3 * seconds}
   if kernel and jax.default_backend() == "gpu":
     try:
-      own = [k["ms"] for k in timing.kernel_times(compiled, args, runs.iters)["kernels"]
-             if kernel in k["name"]]
-      if not own:
+      own_ms = timing.named_kernels_ms(timing.kernel_times(compiled, args, runs.iters), kernel)
+      if own_ms is None:
         raise ValueError(f"no GPU kernel named like {kernel!r} in the call")
-      result["kernel_ms"] = sum(own)
+      result["kernel_ms"] = own_ms
     except Exception as e:  # noqa: BLE001  The wall-clock time stands without it.
       result["kernel_ms_error"] = _error(e)
   return result

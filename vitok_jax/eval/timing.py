@@ -45,6 +45,13 @@ def kernel_times(compiled, args, calls: int) -> dict:
   return summarize_kernel_times(timings if calls > 1 else [timings])
 
 
+def named_kernels_ms(summary: dict, name: str = "") -> float | None:
+  """The summed time of the kernels in a `kernel_times` summary whose name holds `name` (all of
+  them for ""), or None if none does."""
+  own = [k["ms"] for k in summary.get("kernels", []) if name in k["name"]]
+  return sum(own) if own else None
+
+
 def summarize_kernel_times(per_call) -> dict:
   """[[(kernel name, ms), ...] per call], the same launches in each → {"kernels": [{"name", "ms":
   median over calls}] per launch, "ms": their sum}."""
