@@ -439,6 +439,13 @@ BACKWARD_MIN_Q_LEN = 1024
 # dropped: the next query tile's Sᵀ issued before this tile's dQ, its exp during dQ's matmul, and
 # three ring slots, which at head dim 64 gave the fastest backward kernel but a slower forward).
 DS_DURING_DV_HEAD_DIMS = (64,)
+# Head dims at which dSᵀ = Pᵀ∘(dPᵀ − delta) takes P as rounded to q's dtype for dV's matmul, so
+# that the float32 P dies before the matmuls: 32 fewer registers a thread live across dV's and
+# dP's matmuls (a 64×64 float32 tile over a warpgroup's 128 threads), where at head dim 128 ptxas
+# spills. dSᵀ is rounded to q's dtype for its own matmuls anyway, so this adds one such rounding
+# to each element. Not yet timed on a GPU: `tools/bench_kernels.py`'s `pallas_bwd_rounded_p` sets
+# (64, 128), and `tools/check_hopper_gpu.sh` times it and reports its spills.
+DS_FROM_ROUNDED_P_HEAD_DIMS = ()
 
 
 def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float,
@@ -472,7 +479,8 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   tiles, so every tile pair costs five matmuls (Sᵀ, dPᵀ, dV, dK, dQ), against seven when dQ gets
   its own pass. Each compute warpgroup owns BWD_BLOCK_K keys (their K, V in shared memory, dK, dV
   in registers): Sᵀ = K·Qᵀ, Pᵀ = exp(Sᵀ − lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta)
-  (while dV's matmul runs, at the head dims of `DS_DURING_DV_HEAD_DIMS`), dK += dSᵀ·Q. dSᵀ goes
+  (while dV's matmul runs, at the head dims of `DS_DURING_DV_HEAD_DIMS`; with P as dV's matmul
+  reads it, rounded to q's dtype, at those of `DS_FROM_ROUNDED_P_HEAD_DIMS`), dK += dSᵀ·Q. dSᵀ goes
   to shared memory for this step's dQ = dS·K, which is added into dq with TMA reduce-adds
   (float32 in global memory, so dq starts at zero and is not in q's dtype): at head dim 128 each
   warpgroup adds half the columns over all the program's keys once both have written dSᵀ, at 64
@@ -504,6 +512,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   # (docs/kernels/bench_hopper_variants_h100.json).
   split_dq = head_dim > 64
   ds_during_dv = head_dim in DS_DURING_DV_HEAD_DIMS
+  ds_from_rounded_p = head_dim in DS_FROM_ROUNDED_P_HEAD_DIMS
   dq_cols = head_dim // _COMPUTE_WARPGROUPS if split_dq else head_dim
   # Split: both read a dSᵀ slot, which the next step may not overwrite.
   ds_slots = 2 if split_dq else 1
@@ -579,13 +588,15 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
           keys_start = kv_block_start + wg * BWD_BLOCK_K
           p_KQ = jnp.where(_tile_visible(mask, i * BWD_BLOCK_Q, keys_start, tile, q_axis=1), p_KQ,
                            0.0)
+        if ds_from_rounded_p:  # dSᵀ takes P as dV's matmul reads it: the float32 P dies here.
+          p_KQ = p_KQ.astype(dtype)
         plgpu.barrier_wait(do_ready.at[slot])
 
         def ds_from(dp_KQ):
           """dSᵀ = Pᵀ∘(dPᵀ − delta), float32."""
           plgpu.barrier_wait(delta_ready.at[slot])
           delta_Q = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-          return p_KQ * (dp_KQ - by_query(delta_Q, tile))
+          return p_KQ.astype(jnp.float32) * (dp_KQ - by_query(delta_Q, tile))
 
         def values(refs):
           """dV += Pᵀ·dO and dPᵀ = V·dOᵀ; with ds_during_dv dPᵀ's matmul first, and then its
