@@ -199,10 +199,16 @@ def test_tune_times_the_bsq_kernel_alone_and_keeps_wall_clock_without_it(monkeyp
   assert "no GPU kernel named like 'bsq'" in timed["kernel_ms_error"] and timed["ms"] > 0
 
   def fail(*args):
-    raise RuntimeError("CUPTI unavailable")
+    raise RuntimeError("CUPTI unavailable\nand more lines")
   monkeypatch.setattr(timing, "kernel_times", fail)
   timed = tune._time(lambda x: x * 2, (x,), runs, kernel="bsq")
-  assert "CUPTI unavailable" in timed["kernel_ms_error"] and "kernel_ms" not in timed
+  assert timed["kernel_ms_error"] == "RuntimeError: CUPTI unavailable" and "kernel_ms" not in timed
+
+  def fail_silently(*args):  # An exception with no message is recorded by its type.
+    raise RuntimeError()
+  monkeypatch.setattr(timing, "kernel_times", fail_silently)
+  timed = tune._time(lambda x: x * 2, (x,), runs, kernel="bsq")
+  assert timed["kernel_ms_error"] == "RuntimeError" and timed["ms"] > 0
   # The best: by the kernel's own time where every correct timed candidate has one.
   a = {"correct": True, "ms": 0.09, "kernel_ms": 0.058}
   b = {"correct": True, "ms": 0.08, "kernel_ms": 0.061}

@@ -182,7 +182,7 @@ def _with_kernel_times(entry: dict, key: str, compiled, args, calls: int) -> dic
   try:
     return {**entry, key: timing.kernel_times(compiled, args, calls)}
   except Exception as e:  # noqa: BLE001  Timings without a breakdown are still worth keeping.
-    return {**entry, key: {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}}
+    return {**entry, key: {"error": timing.error_summary(e)}}
 
 
 def _with_kernel_bandwidth(entry: dict, moved: int, peak: float, only: str = "") -> dict:
@@ -238,7 +238,7 @@ def bench_attention(*, batch, heads, q_len, head_dim, dtype, causal, block_ids, 
         entry["fwd_mfu"] = entry["fwd_tflops"] * 1e12 / peak_flops
         entry["fwd_bwd_mfu"] = entry["fwd_bwd_tflops"] * 1e12 / peak_flops
     except Exception as e:  # noqa: BLE001  An unsupported baseline is reported, not fatal.
-      entry = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+      entry = {"error": timing.error_summary(e)}
     row["impls"][impl] = entry
   ours = row["impls"].get("pallas", {})
   for impl, entry in row["impls"].items():

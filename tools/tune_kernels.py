@@ -78,10 +78,6 @@ class Runs(NamedTuple):
   back_to_back: int = 1
 
 
-def _error(e: Exception) -> str:
-  return f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-
-
 def _time(fn, args, runs: Runs, kernel: str = ""):
   """{"ms": wall-clock ms per call}; with `kernel` on CUDA also "kernel_ms", the CUPTI time of
   the GPU kernels whose name holds it (without the XLA ops around them and the gaps), or
@@ -89,7 +85,7 @@ def _time(fn, args, runs: Runs, kernel: str = ""):
   try:
     _, seconds, compiled = timing.time_jitted(fn, args, *runs)
   except Exception as e:  # noqa: BLE001  Reported, not fatal.
-    return {"error": _error(e)}
+    return {"error": timing.error_summary(e)}
   result = {"ms": 1e3 * seconds}
   if kernel and jax.default_backend() == "gpu":
     try:
@@ -98,7 +94,7 @@ def _time(fn, args, runs: Runs, kernel: str = ""):
         raise ValueError(f"no GPU kernel named like {kernel!r} in the call")
       result["kernel_ms"] = own_ms
     except Exception as e:  # noqa: BLE001  The wall-clock time stands without it.
-      result["kernel_ms_error"] = _error(e)
+      result["kernel_ms_error"] = timing.error_summary(e)
   return result
 
 

@@ -52,6 +52,13 @@ def named_kernels_ms(summary: dict, name: str = "") -> float | None:
   return sum(own) if own else None
 
 
+def error_summary(e: BaseException, limit: int = 200) -> str:
+  """"Type: the message's first line" (at most `limit` characters of it; the type alone for an
+  empty message): how the benchmarks record a measurement that failed."""
+  first = (str(e).splitlines() or [""])[0][:limit]
+  return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def summarize_kernel_times(per_call) -> dict:
   """[[(kernel name, ms), ...] per call], the same launches in each → {"kernels": [{"name", "ms":
   median over calls}] per launch, "ms": their sum}."""
