@@ -412,6 +412,14 @@ def test_video_folder(video_folder, caplog):
   starts = sorted(np.round((values[:, 0] - 20) / 10).astype(int))
   assert starts == [0, 7]  # The second clip came from a seek past keyframes.
   np.testing.assert_allclose(np.diff(values, axis=1), 20, atol=4)  # Stride 2 = 20 gray levels.
+  # A train clip starts anywhere in its slot's room: up to 6 frames later (the 7-frame span less
+  # one), here 0–6 and 7–13 (the last possible start: 20 − 7).
+  train = data.build_iterator(cfg, "train", batch_size=2, **ONE)
+  clips = np.concatenate([next(train)["image"] for _ in range(10)])
+  values = (clips.mean(axis=(2, 3, 4)) + 1) * 127.5
+  starts = np.round((values[:, 0] - 20) / 10).astype(int)
+  assert set(starts) <= set(range(14)) and len(set(starts)) >= 5, starts
+  np.testing.assert_allclose(np.diff(values, axis=1), 20, atol=4)
 
 
 # --- tfds (ArrayRecord random access). ---

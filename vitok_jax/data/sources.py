@@ -1,8 +1,9 @@
 """Random-access sources (len + getitem) for every data.name, and make_source to pick one.
 
 A source yields records {"image": uint8 [H, W, C] or a clip [frames, H, W, C], "label": int} (tfds
-videos yield "video": [N, H, W, C], clipped by transforms.prepare); crop/resize to
-data.res happens later in transforms.prepare, except for bundled sets, which are resized once here.
+videos yield "video": [N, H, W, C], clipped by transforms.prepare; video files yield their clip
+slots, decoded there); crop/resize to data.res happens later in transforms.prepare, except for
+bundled sets, which are resized once here.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from PIL import Image, ImageOps
 from vitok_jax.data import bundled
 from vitok_jax.data import transforms
 from vitok_jax.data import video
+from vitok_jax.data.video_files import count_frames
 from vitok_jax.errors import ConfigError, DataError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -96,59 +98,24 @@ class ImageFiles:
     return {"image": decode_image(self.files[index]), "label": self.labels[index]}
 
 
-def count_frames(path: str) -> int:
-  """Frames in the first video stream: container metadata, else a demux count (no decoding)."""
-  import av  # pylint: disable=g-import-not-at-top
-  with av.open(path) as container:
-    if not container.streams.video:
-      raise DataError(f"{path}: no video stream")
-    stream = container.streams.video[0]
-    if stream.frames:
-      return stream.frames
-    return sum(1 for packet in container.demux(stream) if packet.size)
-
-
-def decode_clip(path: str, start: int, frames: int, stride: int) -> np.ndarray:
-  """Frames start, start + stride, ... of a video file -> uint8 [frames, H, W, 3].
-
-  Seeks to the keyframe before `start` and decodes forward, so the cost is one GOP + the clip.
-  """
-  import av  # pylint: disable=g-import-not-at-top
-  out = []
-  try:
-    with av.open(path) as container:
-      stream = container.streams.video[0]
-      rate, tb = stream.average_rate, stream.time_base
-      t0 = stream.start_time or 0
-      if start and rate and tb:
-        container.seek(t0 + int(start / (rate * tb)), stream=stream, backward=True)
-      for i, frame in enumerate(container.decode(stream)):
-        idx = round(float((frame.pts - t0) * tb * rate)) if frame.pts is not None and rate else i
-        if idx >= start and (idx - start) % stride == 0:
-          out.append(frame.to_ndarray(format="rgb24"))
-          if len(out) == frames:
-            break
-  except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f"{path}: cannot decode video ({e}); fix or remove the file") from None
-  if len(out) < frames:
-    raise DataError(f"{path}: decoded {len(out)} of the {frames} frames from frame {start} at "
-                    f"stride {stride}; the file is shorter than its header says, re-encode it")
-  return np.stack(out)
-
-
 class VideoClips:
-  """Non-overlapping clips (path, first frame) of video files, decoded with PyAV on access."""
+  """Clips of video files: non-overlapping slots (path, first frame, room) of a clip's span each.
 
-  def __init__(self, clips: list[tuple[str, int]], labels: list[int], frames: int, stride: int):
-    self.clips, self.labels, self.frames, self.stride = clips, labels, frames, stride
+  A record names its slot ({"video_file", "start", "room", "label"}); transforms.prepare decodes
+  it (`video_files.decode_clip`), in train from a random start up to `room` frames later (the
+  frames after the slot, at most a span less one), so every frame of a video can start a train
+  clip, and in eval at the slot's start.
+  """
+
+  def __init__(self, clips: list[tuple[str, int, int]], labels: list[int]):
+    self.clips, self.labels = clips, labels
 
   def __len__(self) -> int:
     return len(self.clips)
 
   def __getitem__(self, index: int) -> dict:
-    path, start = self.clips[index]
-    return {"image": decode_clip(path, start, self.frames, self.stride),
-            "label": self.labels[index]}
+    path, start, room = self.clips[index]
+    return {"video_file": path, "start": start, "room": room, "label": self.labels[index]}
 
 
 class TfdsRecords:
@@ -322,7 +289,7 @@ def _video_folder(cfg, split: str) -> VideoClips:
     if n < span:
       short.append(f"{f} ({n} frames)")
     starts = range(0, n - span + 1, span)
-    clips += [(f, s) for s in starts]
+    clips += [(f, s, min(span - 1, n - span - s)) for s in starts]
     clip_labels += [label] * len(starts)
   if short:
     logging.warning("data.path=%s: %d video(s) shorter than the %d frames a clip needs are "
@@ -332,7 +299,7 @@ def _video_folder(cfg, split: str) -> VideoClips:
         f"data.path={folder}: every {split} video is shorter than data.frames={cfg.frames} at "
         f"data.frame_stride={cfg.frame_stride} (= {span} frames), e.g. {short[:_MAX_LISTED]}; "
         "lower data.frames or data.frame_stride, or add longer videos")
-  return VideoClips(clips, clip_labels, cfg.frames, cfg.frame_stride)
+  return VideoClips(clips, clip_labels)
 
 
 def _tfds_dir(cfg) -> str:

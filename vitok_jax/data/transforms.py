@@ -12,6 +12,7 @@ import grain
 import numpy as np
 from PIL import Image
 
+from vitok_jax.data import video_files
 from vitok_jax.errors import DataError
 
 # ITU-R BT.601 luma, the weights PIL's convert("L") uses.
@@ -96,10 +97,15 @@ class Options:
 def prepare(record: dict, opt: Options, rng: np.random.Generator | None) -> dict:
   """A source record -> {"image": uint8 [res, res, C] or [T, res, res, C], "label": int32}.
 
-  With `rng` None the op is deterministic (eval): centre crop, middle clip, no flip.
+  With `rng` None the op is deterministic (eval): centre crop, middle clip (of a video file, its
+  slot's start), no flip.
   """
   if "video" in record:  # A whole video: pick the clip here, where train has an rng.
     x = temporal_crop(np.asarray(record["video"]), opt.frames, opt.frame_stride, rng)
+  elif "video_file" in record:  # A clip's slot in a video file (`sources.VideoClips`): likewise.
+    offset = 0 if rng is None else int(rng.integers(0, record["room"] + 1))
+    x = video_files.decode_clip(record["video_file"], record["start"] + offset, opt.frames,
+                                opt.frame_stride)
   else:
     x = np.asarray(record["image"])
     x = x[None] if x.ndim == 3 else x
