@@ -48,9 +48,10 @@ def tokenizer_dirs(tmp_path_factory):
 
 
 def generator_config(family, tokenizer_dir, steps=6, **overrides):
+  ode_steps = ",sample_steps=4" if family == "dit" else ""  # The others' samplers have none.
   config = config_lib.load_config(
       f"generator:{family}/{FAMILY_SIZE[family]},tokenizer={tokenizer_dir},batch=16,"
-      f"steps={steps},lr=1e-3,samples=20,sample_steps=4")
+      f"steps={steps},lr=1e-3,samples=20{ode_steps}")
   config.log_every, config.eval_every, config.ckpt_every = 3, 1000, 1000
   config.optim.schedule = "constant"
   config.update_from_flattened_dict(overrides)
@@ -455,6 +456,15 @@ def test_sample_settings_a_family_ignores_are_config_errors():
   config = config_lib.load_config("generator:llamagen/Mu,tokenizer=x")
   config.sample.update(top_k=50, top_p=0.9, temperature=0.7, cfg_schedule="linear")
   train_generator.validate(config)
+  # DiT's ODE settings on the AR families: saved in the run's config, read by no sampler.
+  for key, value in (("method", "euler"), ("num_steps", 7), ("few_steps", (1,))):
+    for family in ("llamagen/Mu", "var/d2", "infinity/d2"):
+      changed = config_lib.load_config(f"generator:{family},tokenizer=x")
+      changed.sample[key] = value
+      with pytest.raises(ConfigError, match=f"sample.{key}=.* has no effect on model.family="):
+        train_generator.validate(changed)
+  as_saved = config_lib.load_config("generator:var/d2,tokenizer=x").sample.to_dict()
+  generators.check_sample_settings("var", {**as_saved, "few_steps": [1, 2, 4]})  # JSON's list.
   # `vitok eval --sample` / `vitok sample` overrides the sampler does not read.
   with pytest.raises(ConfigError, match="'num_steps' has no effect on model.family=var"):
     generators.check_sample_overrides("var", {"num_steps": 10})

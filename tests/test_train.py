@@ -160,6 +160,27 @@ def test_divergence_is_a_one_line_error_a_sweep_books_as_diverged(tmp_path, caps
   assert sweep.finish(workdir, code, max_attempts=3, log=str(log)) == sweep.DIVERGED
 
 
+def test_train_without_config_takes_the_runs_own(tmp_path, monkeypatch):
+  """`vitok train --workdir RUN` resumes the run in RUN with its saved config (also before its
+  first checkpoint), not the default config into it; a new directory gets the default."""
+  from vitok_jax import cli  # pylint: disable=g-import-not-at-top
+  trained = []
+  monkeypatch.setattr(train_tokenizer, "train", lambda config, workdir: trained.append(
+      (config.variant, config.total_steps, workdir)))
+  run = str(tmp_path / "run")
+  config_lib.save_config(tiny_config(steps=7), run)
+  argv = ["vitok", "train", f"--workdir={run}", "--config.total_steps=9"]
+  monkeypatch.setattr(sys, "argv", argv)  # ml_collections finds --config.x overrides there.
+  assert cli.main(argv) == 0
+  assert trained == [(f"{TINY},steps=7", 9, run)]  # Overrides apply to the run's config.
+  new = str(tmp_path / "new")
+  argv = ["vitok", "train", f"--workdir={new}"]
+  monkeypatch.setattr(sys, "argv", argv)
+  assert cli.main(argv) == 0
+  assert trained[-1] == (config_lib.load_config("vitok").variant,
+                         config_lib.load_config("vitok").total_steps, new)
+
+
 def test_a_stop_during_set_up_saves_step_0_and_a_sweep_resumes_it(tmp_path, monkeypatch):
   """SIGTERM while the run is being built (here as it opens its checkpoints) is kept: the loop
   saves the initial state before its first step and stops, which a sweep books as pre-empted

@@ -80,7 +80,10 @@ DEFAULT_CONFIG = "vitok"
 
 
 def _cmd_train(workdir: str) -> int:
-  """Train a tokenizer or a generator from --config into --workdir (resumes from checkpoints)."""
+  """Train a tokenizer or a generator from --config into --workdir (resumes from checkpoints).
+
+  Without --config: the config of the run already in --workdir, else `DEFAULT_CONFIG`'s default.
+  """
   config = _CONFIG.value
   if config.get("kind") == "generator":
     from vitok_jax.train import train_generator
@@ -486,8 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger(noisy).setLevel(logging.WARNING)
   try:
     _fake_devices_first(rest)
-    default = (DEFAULT_CONFIG if command in ("train", "compile") else
-               _run_config(rest) if command == "eval" else None)
+    # Without --config, train and eval take the run's own config (train resumes the run, not the
+    # default into it); a new train run and compile, the default.
+    default = (_run_config(rest) if command in ("train", "eval") else None) or (
+        DEFAULT_CONFIG if command in ("train", "compile") else None)
     if FLAGS.is_parsed():  # Defaults again when main() is called twice in one process (tests).
       FLAGS.unparse_flags()
     args = _resolve_config_arg(rest, default)

@@ -78,10 +78,12 @@ def swapped(obj, name: str, value):
     setattr(obj, name, saved)
 
 
-# config.sample fields that only some samplers read, with the value that means "off": a family
-# whose sampler does not read one requires this value (train_generator.validate), so a setting can
-# never change the metric tag without changing the samples.
-NEUTRAL_SAMPLE_SETTINGS = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, "cfg_schedule": "constant"}
+# config.sample fields that only some samplers read, with the value that means "off" (for DiT's
+# ODE settings, their default): a family whose sampler does not read one requires this value
+# (train_generator.validate), so a setting can never change the metric tag without changing the
+# samples, nor be saved in a run's config without effect.
+NEUTRAL_SAMPLE_SETTINGS = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, "cfg_schedule": "constant",
+                           "num_steps": 50, "method": "heun", "few_steps": (1, 2, 4)}
 
 # config.sample.cfg_schedule -> var.cfg_weights schedule: "linear" is VAR's ramp
 # w_k = 1 + cfg·k/(K − 1) (the first scale unguided), "constant" is w_k = cfg (Infinity's).
@@ -436,7 +438,10 @@ def check_sample_settings(family: str, sample) -> None:
   """
   fields = FAMILIES[family].sample_fields
   for key, neutral in NEUTRAL_SAMPLE_SETTINGS.items():
-    if key not in fields and sample[key] != neutral:
+    value = sample[key]
+    if isinstance(value, (list, tuple)):  # A run's config.json holds lists.
+      value = tuple(value)
+    if key not in fields and value != neutral:
       raise ConfigError(f"sample.{key}={sample[key]!r} has no effect on model.family={family} "
                         f"(its sampler reads {list(fields)}); leave it at {neutral!r}")
   FAMILIES[family].check_sample(sample)
