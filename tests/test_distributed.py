@@ -157,3 +157,9 @@ def test_compile_reports_memory_and_flags_a_config_that_does_not_fit():
                           "--config=vitok:Mu-Mi/4,c=8,res=32,data=mnist,batch=64", "--devices=8",
                           "--device_memory_gb=0.001"], capture_output=True, text=True, env=env)
   assert tight.returncode == 3 and "DOES NOT FIT in 0.001 GiB per device" in tight.stdout
+  # A batch the mesh cannot split is refused before anything is built, as `train` refuses it.
+  split = subprocess.run([sys.executable, "-m", "vitok_jax.cli", "compile",
+                          "--config=vitok:Mu-Mi/4,c=8,res=32,data=mnist,batch=12", "--devices=8"],
+                         capture_output=True, text=True, env=env)
+  assert split.returncode == 2 and "batch_size=12 must be divisible by the 8 batch shards" in (
+      split.stderr), split.stderr

@@ -301,7 +301,9 @@ def test_a_run_of_the_wrong_kind_or_a_bad_sample_value_is_a_clear_error(tokenize
       (["sample", f"--workdir={tok}"], "is a tokenizer run, not a generator run"),
       (["tokenize", f"--workdir={workdir}"], "is a generator run, not a tokenizer run"),
       (["sample", f"--workdir={workdir}", "--sample=cfg_scale=abc"], "sample overrides"),
-      (["sample", f"--workdir={workdir}", "--num_samples=0"], "draw at least one sample")]:
+      (["sample", f"--workdir={workdir}", "--num_samples=0"], "draw at least one sample"),
+      (["eval", f"--workdir={workdir}", "--metrics=lpips"], "--metrics=lpips applies to tokenizer "
+       "runs; a generator run reports its gen/* metrics")]:
     assert cli.main(["vitok", *args]) == 2
     assert says in capsys.readouterr().err
   with pytest.raises(ConfigError, match="is a generator run, not a tokenizer run"):

@@ -914,6 +914,9 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
     (["results", "NOPE"], "NOPE is not a directory: pass a sweep directory"),
     (["fit", "NOPE"], "NOPE is not a directory: pass a sweep directory"),
     (["compile", "--devices=abc"], "--devices=abc: pass a number of devices"),
+    (["compile", "--devices=-4"], "--devices=-4: pass a number of devices >= 0"),
+    (["compile", "--config=generator:dit/Mi,tokenizer=NOPE"], "compile takes tokenizer configs"),
+    (["tokenize", "--workdir=NOPE", "--max_examples=-5"], "--max_examples=-5 must be >= 0"),
     (["train", "--config", "vitok:Mu-Mi/4,c=8,foo=1"], "error: unknown variant option 'foo'"),
     (["train", "--config", "vitok:Mu-Mi/4,c=8", "--config.optim.warmup_stepz=1"],
      "--config.optim.warmup_stepz: config.optim has no field 'warmup_stepz'; its fields are"),
@@ -961,6 +964,23 @@ def test_cli_bad_arguments_say_what_to_change(tmp_path, capsys, args, says):
   assert says in err and "Traceback" not in err, err
   assert not os.path.exists(sweep_dir)  # A bad --job is refused before the runs are written.
   assert not os.path.exists(nope)
+
+
+def test_cli_results_and_fit_need_runs(tmp_path, fake, capsys):
+  """results and fit of a directory without runs, and fit of a sweep none of whose runs has
+  finished, are errors (exit 2) that say so, not an empty table or a failed fit (exit 0)."""
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  for command in ("results", "fit"):
+    assert cli.main(["vitok", command, str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert f"{empty} holds no runs" in err and "Traceback" not in err, err
+  sweep_dir = str(tmp_path / "s")
+  sweep.prepare(_sweep((1, 2, 4)), sweep_dir)  # Runs written, none trained.
+  assert cli.main(["vitok", "results", sweep_dir]) == 0  # A table of pending runs.
+  assert cli.main(["vitok", "fit", sweep_dir]) == 2
+  assert "none of the 3 runs of" in capsys.readouterr().err
+  assert not os.path.exists(os.path.join(sweep_dir, "fits.json"))
 
 
 def test_cli_fit_refuses_unknown_columns(tmp_path, fake, capsys):

@@ -110,6 +110,8 @@ def _cmd_sample(workdir: str) -> int:
 def _cmd_tokenize(workdir: str) -> int:
   """Tokenize a --split of a tokenizer run's data into an npz store (codes and/or latents)."""
   from vitok_jax.train import codes
+  if FLAGS.max_examples < 0:
+    raise ConfigError(f"--max_examples={FLAGS.max_examples} must be >= 0 (0 = the whole split)")
   out = FLAGS.out or os.path.join(workdir, f"store_{FLAGS.split}.npz")
   print(codes.tokenize_workdir(workdir, out, split=FLAGS.split, max_examples=FLAGS.max_examples))
   return 0
@@ -124,6 +126,10 @@ def _cmd_eval(workdir: str) -> int:
   from vitok_jax.train import train_generator, train_tokenizer
   config = _CONFIG.value  # The run's own unless --config named another.
   if config_lib.read_config(workdir).get("kind") == "generator":
+    if FLAGS.metrics:
+      raise ConfigError(f"--metrics={','.join(FLAGS.metrics)} applies to tokenizer runs; a "
+                        "generator run reports its gen/* metrics (gFID with "
+                        "--config.eval.inception_weights=PATH); drop --metrics")
     overrides = _sample_overrides(FLAGS.sample)
     print(json.dumps(train_generator.evaluate_workdir(
         workdir, overrides, eval_config=None if config is None else config.eval), indent=1))
@@ -162,6 +168,9 @@ def _cmd_compile(workdir: str) -> int:
   from vitok_jax.parallel import mesh as mesh_lib
   from vitok_jax.train import train_tokenizer
   config = _CONFIG.value
+  if config.get("kind") == "generator":
+    raise ConfigError("vitok compile takes tokenizer configs (vitok:VARIANT); a generator's "
+                      "memory shows in its run (`vitok train --config generator:...`)")
   report = train_tokenizer.compile_train_step(config, mesh_lib.make_mesh(config.mesh))
   report["variant"] = config.variant
   if FLAGS.device_memory_gb:
@@ -304,13 +313,29 @@ def _check_sweep_dir(sweep_dir: str) -> None:
                       "runs")
 
 
+def _gather_runs(sweep_dir: str, finished: bool = False) -> list[dict]:
+  """The results rows of sweep_dir's runs; ConfigError if it holds none (with `finished`, none
+  finished), as there would be nothing to table or fit."""
+  from vitok_jax.scaling import results, sweep as sweep_lib
+  _check_sweep_dir(sweep_dir)
+  rows = results.gather(sweep_dir, FLAGS.max_attempts)
+  if not rows:
+    raise ConfigError(f"{sweep_dir} holds no runs (no {sweep_lib.MANIFEST} and no record.json "
+                      "under it): run `vitok sweep NAME --sweep_dir DIR` first, or pass a sweep "
+                      "directory such as runs/quickstart")
+  if finished and not any(row["status"] == sweep_lib.DONE for row in rows):
+    statuses = sorted({row["status"] for row in rows})
+    raise ConfigError(f"none of the {len(rows)} runs of {sweep_dir} has finished ({statuses}): "
+                      f"nothing to fit yet; `vitok sweep` finishes them")
+  return rows
+
+
 def _cmd_results(args: list[str]) -> int:
   """Gather every record.json of SWEEP_DIR into results.csv / results.md; flag failed runs."""
   from vitok_jax.scaling import results
   if len(args) != 1:
     raise ConfigError("usage: vitok results SWEEP_DIR")
-  _check_sweep_dir(args[0])
-  rows = results.gather(args[0], FLAGS.max_attempts)
+  rows = _gather_runs(args[0])
   results.write_csv(rows, os.path.join(args[0], "results.csv"))
   table = results.to_markdown(rows)
   with open(os.path.join(args[0], "results.md"), "w") as f:
@@ -362,8 +387,7 @@ def _cmd_fit(args: list[str]) -> int:
   from vitok_jax.scaling import results
   if len(args) != 1:
     raise ConfigError("usage: vitok fit SWEEP_DIR [--x E --y eval/psnr [--offset]]")
-  _check_sweep_dir(args[0])
-  rows = results.gather(args[0], FLAGS.max_attempts)
+  rows = _gather_runs(args[0], finished=True)
   fits = None
   if FLAGS.two_variable:
     names = FLAGS.two_variable.split(",")
@@ -386,9 +410,7 @@ def _cmd_fit(args: list[str]) -> int:
 def _check_fit_columns(rows, sweep_dir: str, flag_columns: dict[str, list[str]]) -> None:
   """Raises ConfigError for a fit column the finished runs (`rows` of sweep_dir) lack (it would be
   kept in fits.json)."""
-  from vitok_jax.scaling import results, sweep as sweep_lib
-  if not any(row["status"] == sweep_lib.DONE for row in rows):
-    return
+  from vitok_jax.scaling import results
   known = [c for c in results.columns(rows) if c not in ("id", "status")]
   for flag, names in flag_columns.items():
     for name in names:
@@ -450,6 +472,8 @@ def _fake_devices_first(argv: list[str]) -> None:
         n = int(arg.split("=", 1)[1])
       except ValueError:
         raise ConfigError(f"{arg}: pass a number of devices, e.g. --devices=64") from None
+      if n < 0:
+        raise ConfigError(f"{arg}: pass a number of devices >= 0 (0 = this machine's)")
       if n:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

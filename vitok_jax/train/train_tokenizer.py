@@ -313,6 +313,7 @@ def compile_train_step(config, mesh) -> dict:
   configs for out-of-memory before anything is launched.
   """
   validate(config)
+  mesh_lib.per_process_batch(config.batch_size, mesh)  # The batch splits over the mesh.
   parts = build_components(config)
   shardings = state_shardings(parts, config, mesh)
   abstract = loop.with_shardings(abstract_state(parts, config), shardings)
