@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shlex
 from typing import Mapping
@@ -99,8 +100,15 @@ class JobSpec:
     if self.command == "train":
       from vitok_jax import train  # pylint: disable=g-import-not-at-top
       train.validate(config)
-    check_mesh(config.mesh, nodes=self.nodes, gpus_per_node=self.gpus_per_node,
-               processes_per_node=self.processes_per_node)
+    shapes = check_mesh(config.mesh, nodes=self.nodes, gpus_per_node=self.gpus_per_node,
+                        processes_per_node=self.processes_per_node)
+    if shapes is not None and "batch_size" in config:  # As `vitok train` checks it on the job.
+      from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+      shards = math.prod(ici * dcn for axis, ici, dcn in zip(mesh_lib.AXES, *shapes)
+                         if axis in mesh_lib.BATCH_AXES)
+      mesh_lib.check_batch_split(
+          config.batch_size, shards, self.nodes * self.processes_per_node,
+          f" (the job has nodes × gpus_per_node = {self.nodes} × {self.gpus_per_node} GPUs)")
 
   def base_env(self) -> dict[str, str]:
     env = dict(self.env)
@@ -136,17 +144,18 @@ def _quote(arg: str, variables: Mapping[str, str]) -> str:
 
 
 def check_mesh(mesh_cfg, *, nodes: int, gpus_per_node: int,
-               processes_per_node: int = 1) -> None:
-  """Raises ConfigError when `mesh_cfg` does not fit nodes × gpus_per_node GPUs in the DCN groups
-  `mesh.make_mesh` will find: the nodes, or on one node its processes (nothing to check for a CPU
-  job: its device count is the processes')."""
+               processes_per_node: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+  """The mesh's (ICI shape, DCN shape) on nodes × gpus_per_node GPUs, or ConfigError when
+  `mesh_cfg` does not fit them in the DCN groups `mesh.make_mesh` will find: the nodes, or on one
+  node its processes. None for a CPU job (nothing to check: its device count is the processes')."""
   if not gpus_per_node:
-    return
+    return None
   from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   granules, kind = (nodes, "nodes") if nodes > 1 else (processes_per_node, "processes")
   job = f"the job has nodes × gpus_per_node = {nodes} × {gpus_per_node} GPUs"
   try:
-    _, dcn = mesh_lib.mesh_shapes(mesh_cfg, nodes * gpus_per_node, granules=granules)
+    ici, dcn = mesh_lib.mesh_shapes(mesh_cfg, nodes * gpus_per_node, granules=granules)
     mesh_lib.check_dcn_groups(dcn, granules, f"its GPUs are in {granules} {kind}")
   except ConfigError as e:
     raise ConfigError(f"{e} ({job})") from None
+  return ici, dcn

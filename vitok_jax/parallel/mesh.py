@@ -106,16 +106,22 @@ def batch_shards(mesh: Mesh) -> int:
   return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
+def check_batch_split(global_batch: int, shards: int, processes: int, where: str = "") -> None:
+  """Raises ConfigError unless the global batch splits over `shards` batch shards and `processes`
+  processes; `where` adds where they come from."""
+  if global_batch % shards or global_batch % processes:
+    step = math.lcm(shards, processes)
+    raise ConfigError(f"batch_size={global_batch} must be divisible by the {shards} batch shards "
+                      f"(mesh data x fsdp) and {processes} processes{where}; use a multiple of "
+                      f"{step}, e.g. {max(step, global_batch // step * step)}")
+
+
 def per_process_batch(global_batch: int, mesh: Mesh) -> int:
   """Rows each process loads; raises when the global batch does not split over shards/processes,
   or when a batch shard spans processes (a tensor axis across hosts), which would have them load
   the same rows (each process reads its own block of the stream)."""
   shards, processes = batch_shards(mesh), jax.process_count()
-  if global_batch % shards or global_batch % processes:
-    step = math.lcm(shards, processes)
-    raise ConfigError(f"batch_size={global_batch} must be divisible by the {shards} batch shards "
-                      f"(mesh data x fsdp) and {processes} processes; use a multiple of {step}, "
-                      f"e.g. {max(step, global_batch // step * step)}")
+  check_batch_split(global_batch, shards, processes)
   if processes > 1 and isinstance(mesh, Mesh):  # Rows: batch shards; columns: their devices.
     by_shard = np.vectorize(lambda d: d.process_index)(mesh.devices).reshape(shards, -1)
     if (by_shard != by_shard[:, :1]).any():
