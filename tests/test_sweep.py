@@ -932,6 +932,9 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
     (["launch", "slurm", "--config=vitok:Mu-Mu/4,batch=12", "--nodes=2", "--gpus_per_node=8",
       "--workdir=NOPE"], "batch_size=12 must be divisible by the 16 batch shards (mesh data x "
      "fsdp) and 2 processes (the job has nodes × gpus_per_node = 2 × 8 GPUs)"),
+    (["sweep", "quickstart", "--parallel=0"], "--parallel=0: run at least one run at a time"),
+    (["sweep", "quickstart", "--target=slurm", "--job=gpus_per_node=3"],
+     "batch_size=32 must be divisible by the 3 batch shards"),
     (["sweep", "MESH3", "--target=slurm", "--job=gpus_per_node=4"],
      "need 3 devices exactly, but there are 4; make their product equal 4 (or use -1 for one axis)"
      " (the job has nodes × gpus_per_node = 1 × 4 GPUs)"),

@@ -219,9 +219,12 @@ def _cmd_sweep(args: list[str]) -> int:
   if FLAGS.target == "slurm":  # Each array task gets the job's GPUs.
     from vitok_jax.launch import jobspec
     for run in runs:
-      jobspec.check_mesh(run.config.mesh, nodes=job.get("nodes", 1),
-                         gpus_per_node=job.get("gpus_per_node", 0),
-                         processes_per_node=job.get("processes_per_node", 1))
+      jobspec.check_layout(run.config, nodes=job.get("nodes", 1),
+                           gpus_per_node=job.get("gpus_per_node", 0),
+                           processes_per_node=job.get("processes_per_node", 1))
+  parallel = FLAGS.parallel if FLAGS.parallel is not None else sweep.get("parallel", 1)
+  if FLAGS.target == "local" and parallel < 1:  # Before the sweep directory is written.
+    raise ConfigError(f"--parallel={parallel}: run at least one run at a time (--parallel >= 1)")
   sweep_lib.prepare(sweep, sweep_dir, spec, max_attempts=max_attempts, runs=runs)
   status = {run.id: sweep_lib.run_status(run.workdir, max_attempts) for run in runs}
   pending = [run for run in runs if status[run.id] == sweep_lib.PENDING]
@@ -241,8 +244,7 @@ def _cmd_sweep(args: list[str]) -> int:
           f"worker; then `vitok results {sweep_dir}` and `vitok fit {sweep_dir}`)")
     return 0
   try:
-    status = sweep_lib.run_local(runs, sweep_dir, max_attempts=max_attempts, parallel=(
-        FLAGS.parallel if FLAGS.parallel is not None else sweep.get("parallel", 1)))
+    status = sweep_lib.run_local(runs, sweep_dir, max_attempts=max_attempts, parallel=parallel)
   except KeyboardInterrupt:
     print(f"vitok sweep: interrupted; `vitok sweep {spec} --sweep_dir={sweep_dir}` resumes",
           file=sys.stderr)

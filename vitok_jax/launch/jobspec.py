@@ -100,15 +100,8 @@ class JobSpec:
     if self.command == "train":
       from vitok_jax import train  # pylint: disable=g-import-not-at-top
       train.validate(config)
-    shapes = check_mesh(config.mesh, nodes=self.nodes, gpus_per_node=self.gpus_per_node,
-                        processes_per_node=self.processes_per_node)
-    if shapes is not None and "batch_size" in config:  # As `vitok train` checks it on the job.
-      from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-      shards = math.prod(ici * dcn for axis, ici, dcn in zip(mesh_lib.AXES, *shapes)
-                         if axis in mesh_lib.BATCH_AXES)
-      mesh_lib.check_batch_split(
-          config.batch_size, shards, self.nodes * self.processes_per_node,
-          f" (the job has nodes × gpus_per_node = {self.nodes} × {self.gpus_per_node} GPUs)")
+    check_layout(config, nodes=self.nodes, gpus_per_node=self.gpus_per_node,
+                 processes_per_node=self.processes_per_node)
 
   def base_env(self) -> dict[str, str]:
     env = dict(self.env)
@@ -141,6 +134,21 @@ def _quote(arg: str, variables: Mapping[str, str]) -> str:
       return f'"${{{name}}}"'.join(_quote(part, variables) if part else ""
                                    for part in arg.split(token))
   return shlex.quote(arg)
+
+
+def check_layout(config, *, nodes: int, gpus_per_node: int, processes_per_node: int = 1) -> None:
+  """Raises ConfigError where `vitok train` of `config` would on nodes × gpus_per_node GPUs: a
+  mesh that does not fit them (`check_mesh`), a batch that does not split over the mesh's batch
+  shards and the job's processes."""
+  shapes = check_mesh(config.mesh, nodes=nodes, gpus_per_node=gpus_per_node,
+                      processes_per_node=processes_per_node)
+  if shapes is not None and "batch_size" in config:
+    from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    shards = math.prod(ici * dcn for axis, ici, dcn in zip(mesh_lib.AXES, *shapes)
+                       if axis in mesh_lib.BATCH_AXES)
+    mesh_lib.check_batch_split(
+        config.batch_size, shards, nodes * processes_per_node,
+        f" (the job has nodes × gpus_per_node = {nodes} × {gpus_per_node} GPUs)")
 
 
 def check_mesh(mesh_cfg, *, nodes: int, gpus_per_node: int,
