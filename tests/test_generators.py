@@ -315,6 +315,16 @@ def test_a_run_of_the_wrong_kind_or_a_bad_sample_value_is_a_clear_error(tokenize
   assert "gen/num_samples=10/fid_mnist" in metrics and "gen/fid_mnist" not in metrics
 
 
+def test_num_classes_below_the_datas_labels_is_a_config_error(tokenizer_dirs, tmp_path):
+  """Labels past the class table would be looked up out of range (NaN losses, reported as a
+  divergence); the run refuses to start instead, naming the label count."""
+  config = generator_config("dit", tokenizer_dirs["gaussian"], steps=2,
+                            **{"model.num_classes": 5})
+  with pytest.raises(ConfigError, match=r"model.num_classes=5, but the tokenizer's train data "
+                     r"has labels up to 9; set model.num_classes >= 10"):
+    train_generator.train(config, str(tmp_path / "dit"))
+
+
 def test_a_partial_store_is_not_a_generators_training_set(tokenizer_dirs, tmp_path):
   """`vitok tokenize --max_examples` into the default store path: the generator's store is remade
   from the whole split, and its record says how many examples it trained on."""

@@ -104,9 +104,15 @@ def build_family(config, mesh) -> tuple[generators.Family, dict, dict]:
   tokenizer = generators.FrozenTokenizer(config.tokenizer, mesh)
   generators.check_tokenizer(config.model.family, tokenizer.bottleneck)
   generators.FAMILIES[config.model.family].check_sample_for(config.sample, tokenizer)
-  train_store = tokenizer.store("train")
+  train_store, eval_store = tokenizer.store("train"), tokenizer.store("eval")
+  for split, store in (("train", train_store), ("eval", eval_store)):
+    top = int(np.max(store["labels"], initial=-1))
+    if top >= config.model.num_classes:  # A class embedding lookup past its table: NaNs.
+      raise config_lib.ConfigError(
+          f"model.num_classes={config.model.num_classes}, but the tokenizer's {split} data has "
+          f"labels up to {top}; set model.num_classes >= {top + 1}")
   family = generators.FAMILIES[config.model.family](config, tokenizer, train_store)
-  return family, family.arrays(train_store), family.arrays(tokenizer.store("eval"))
+  return family, family.arrays(train_store), family.arrays(eval_store)
 
 
 # In a generator run: {"workdir", "step"} of the tokenizer checkpoint whose codes it trains on.
