@@ -100,6 +100,35 @@ def test_every_family_trains_samples_and_writes_its_record(family, tokenizer_dir
   assert family not in ("var", "infinity") or len(per_scale) > 1
 
 
+@pytest.mark.parametrize("family", ["dit"] + [
+    pytest.param(f, marks=pytest.mark.slow) for f in ("llamagen", "var", "infinity")])
+def test_held_out_loss_is_the_clean_conditional_loss(family, tokenizer_dirs):
+  """`Family.loss(train=False)`, which `held_out_loss` reports, keeps every label (the same with
+  training's label dropout at 0 or 0.9) and flips no bit: without DiT's noise it does not depend
+  on the key. The training objective (train=True) with most labels dropped differs from it."""
+  losses = {}
+  for dropout in (0.0, 0.9):
+    config = generator_config(family, tokenizer_dirs[FAMILY_TOKENIZER[family]],
+                              **{"model.class_dropout": dropout})
+    model, _, eval_arrays = train_generator.build_family(config, mesh_lib.make_mesh(config.mesh))
+    batch = {k: v[:8] for k, v in eval_arrays.items()}
+    params = nn.meta.unbox(model.init(jax.random.key(0), batch))
+    # Off the zero-initialised heads (adaLN-zero, zero logits), where no label would matter.
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    params = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype)
+                                       for x, k in zip(leaves, keys)])
+    losses[dropout] = [float(model.loss(params, batch, jax.random.key(seed), train=train)[0])
+                       for seed, train in ((1, False), (2, False), (1, True))]
+  arrays = {k: v[:config.batch_size] for k, v in eval_arrays.items()}  # One batch, as held out.
+  assert train_generator.held_out_loss(model, params, arrays, config) == pytest.approx(float(
+      model.loss(params, arrays, jax.random.key(config.seed + 7), train=False)[0]), rel=1e-5)
+  assert losses[0.9][0] == pytest.approx(losses[0.0][0], rel=1e-6)
+  assert losses[0.9][2] != pytest.approx(losses[0.9][0], rel=1e-5)
+  if family != "dit":
+    assert losses[0.0][1] == pytest.approx(losses[0.0][0], rel=1e-6)
+
+
 def test_dit_with_the_shortcut_objective_trains_and_scores_its_few_step_samplers(
     tokenizer_dirs, tmp_path):
   config = generator_config("dit", tokenizer_dirs["gaussian"], steps=3,

@@ -134,7 +134,9 @@ class Family:
     rngs = {"params": rng, "dropout": rng}
     return self.model.init(rngs, *self.init_inputs(batch), train=False)["params"]
 
-  def loss(self, params, batch, rng) -> tuple[jax.Array, dict]:
+  def loss(self, params, batch, rng, train: bool = True) -> tuple[jax.Array, dict]:
+    """(loss, metrics) of a batch. train: the training objective (label dropout, Infinity's bit
+    flips); False: the clean conditional loss the held-out loss reports."""
     raise NotImplementedError
 
   def sample(self, params, labels_B, rng, **overrides):
@@ -150,9 +152,11 @@ class Family:
     return lambda params, batch: self.model.apply(
         {"params": params}, *self.init_inputs(batch), train=False)
 
-  def train_logits(self, params, inputs, labels_B, rng):
-    """The model in train mode on (inputs, labels); `rng` drives its label dropout."""
-    return self.model.apply({"params": params}, inputs, labels_B, train=True, rngs={"dropout": rng})
+  def train_logits(self, params, inputs, labels_B, rng, train: bool = True):
+    """The model on (inputs, labels), in train mode where `train` (`rng` drives its label
+    dropout), else with every label kept."""
+    return self.model.apply({"params": params}, inputs, labels_B, train=train,
+                            rngs={"dropout": rng})
 
   @property
   def null_label(self) -> int:
@@ -211,11 +215,12 @@ class DiTFamily(Family):
   def forward_fn(self):
     return lambda params, batch: self._apply(params)(*self.init_inputs(batch))
 
-  def loss(self, params, batch, rng):
+  def loss(self, params, batch, rng, train: bool = True):
     r_drop, r_flow = jax.random.split(rng)
     m, objective = self.config.model, self.config.objective
     # Dropped once here, so the shortcut targets see the same labels as the student.
-    labels = dit.drop_labels(r_drop, batch["labels"], m.num_classes, m.class_dropout)
+    labels = dit.drop_labels(r_drop, batch["labels"], m.num_classes,
+                             m.class_dropout if train else 0.0)
     apply = self._apply(params)
     if objective.shortcut:
       return flow.shortcut_loss(lambda x, t, d, cond: apply(x, t, cond, d), batch["x"], r_flow,
@@ -274,8 +279,8 @@ class LlamaGenFamily(Family):
   def init_inputs(self, batch):
     return batch["codes"], batch["labels"]
 
-  def loss(self, params, batch, rng):
-    logits = self.train_logits(params, batch["codes"], batch["labels"], rng)
+  def loss(self, params, batch, rng, train: bool = True):
+    logits = self.train_logits(params, batch["codes"], batch["labels"], rng, train)
     return ar.next_token_loss(logits, batch["codes"])
 
   def sample(self, params, labels_B, rng, **overrides):
@@ -326,8 +331,8 @@ class VARFamily(Family):
   def init_inputs(self, batch):
     return batch["inputs"], batch["labels"]
 
-  def loss(self, params, batch, rng):
-    logits = self.train_logits(params, batch["inputs"], batch["labels"], rng)
+  def loss(self, params, batch, rng, train: bool = True):
+    logits = self.train_logits(params, batch["inputs"], batch["labels"], rng, train)
     return var.var_loss(logits, tuple(batch[f"codes_{k}"] for k in range(len(self.scales))))
 
   def next_input_fn(self):
@@ -373,14 +378,16 @@ class InfinityFamily(VARFamily):
     inputs = jnp.zeros((f.shape[0], sum(s * s for s in self.scales) - 1, f.shape[-1]))
     return inputs, batch["labels"]
 
-  def loss(self, params, batch, rng):
+  def loss(self, params, batch, rng, train: bool = True):
     r_flip, r_drop = jax.random.split(rng)
     # The tokenizer's up-sampling mode, which is also the next-scale input's resize (Infinity's
-    # z_interplote_up), as in its quantiser's `next_scale_input` that the sampler uses.
+    # z_interplote_up), as in its quantiser's `next_scale_input` that the sampler uses. Held out
+    # (train=False): plain teacher forcing, no bits flipped.
     inputs, bits = infinity.self_correction_inputs(
-        batch["f"], self.scales, r_flip, flip_prob_max=self.config.objective.flip_max,
+        batch["f"], self.scales, r_flip,
+        flip_prob_max=self.config.objective.flip_max if train else 0.0,
         upsample=self.tokenizer.bottleneck_module.upsample)
-    logits = self.train_logits(params, inputs, batch["labels"], r_drop)
+    logits = self.train_logits(params, inputs, batch["labels"], r_drop, train)
     return var.bitwise_loss(logits, bits)
 
   @classmethod

@@ -195,10 +195,12 @@ def make_train_step(family, tx, schedule, config):
 
 
 def held_out_loss(family, params, arrays, config, max_examples: int = 2048) -> float:
-  """Mean training loss over the eval store (fixed noise), full batches only, each split over the
+  """Mean clean conditional loss over the eval store (`Family.loss` with train=False: no label
+  dropped, no bit flipped; DiT's noise and times fixed), full batches only, each split over the
   mesh's batch shards as in training."""
   mesh = family.tokenizer.mesh
-  loss_fn = jax.jit(sharding.with_rules(lambda p, b, r: family.loss(p, b, r)[0], mesh),
+  loss_fn = jax.jit(sharding.with_rules(lambda p, b, r: family.loss(p, b, r, train=False)[0],
+                                        mesh),
                     out_shardings=mesh_lib.replicated(mesh))
   n = min(len(arrays["labels"]), max_examples)
   batch = min(config.batch_size, n)
