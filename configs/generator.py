@@ -7,11 +7,14 @@ get_config(arg) takes a variant string: "FAMILY/SIZE" then key=value options, e.
   "infinity/d16,tokenizer=runs/msbsq"         Infinity bitwise AR on multi-scale BSQ (self-correction)
   "dit/Mi,steps=3000,lr=1e-3,batch=64"   tiny CPU run on the quickstart sweep's c=4 tokenizer
 Sizes: vitok_jax.models.vit.GENERATOR_SIZES. Which tokenizer bottleneck each family needs is in
-vitok_jax.train.generators.FAMILIES. Defaults are the published ones (REFERENCE.md): AdamW
-β=(0.9, 0.95), lr 1e-4 × batch/256; DiT: SiT's uniform t (logit-normal with
---config.objective.t_sampling=logit_normal), label dropout 0.1, Heun sampling, CFG; LlamaGen:
-CFG 2.0; VAR: CFG ramped over the scales (cfg_schedule=linear); Infinity: constant CFG 3, bit
-flips up to 0.3.
+vitok_jax.train.generators.FAMILIES. Per family, the published objective and sampler: DiT: SiT's
+uniform t (logit-normal with --config.objective.t_sampling=logit_normal), label dropout 0.1, Heun
+sampling, CFG; LlamaGen: CFG 2.0; VAR: CFG ramped over the scales (cfg_schedule=linear); Infinity:
+constant CFG 3, bit flips up to 0.3; weight decay 0 (DiT) or 0.05 (the others). The optimiser is
+one for all (`optimizer.default_config`: AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, warm-up then
+cosine decay, gradient clipping at 1): LlamaGen's and VAR's betas, not their schedules (LlamaGen:
+constant lr; VAR: linear decay, clipping at 2), nor SiT's (β2 = 0.999, constant lr, no clipping,
+EMA 0.9999). Set --config.optim.* to follow one paper exactly.
 
   vitok train --config generator --workdir runs/dit    (after `vitok sweep quickstart`)
 """
