@@ -70,6 +70,33 @@ def _cached_logits(model, params, inputs, labels):
   return jnp.concatenate(out, axis=1)
 
 
+def test_init_is_vars():
+  """VAR's init_weights: kernels and embeddings of std √(1/(3·width)), the head's × 0.02, the
+  AdaLN Linears' × 0.5 with the blocks' gate columns × 1e-5, attention output and fc2 ÷
+  √(2·depth), biases zero."""
+  width, depth = 96, 3
+  model = var.VAR(vit.ViTSize(width, depth, 2), SCALES, CHANNELS, CLASSES, vocab_size=512,
+                  attn_impl="xla")
+  inputs = jnp.zeros((1, multiscale.token_count(SCALES) - 1, CHANNELS))
+  params = nn.meta.unbox(model.init(jax.random.key(0), inputs, jnp.zeros((1,), jnp.int32)))[
+      "params"]
+  std = np.sqrt(1 / width / 3)
+  block = params["block1"]
+  expected = [(block["query"]["kernel"], std), (block["fc1"]["kernel"], std),
+              (block["out"]["kernel"], std / np.sqrt(2 * depth)),
+              (block["fc2"]["kernel"], std / np.sqrt(2 * depth)),
+              (block["ada"]["kernel"][:, :2 * width], 1e-5 * std),   # Gates g1, g2.
+              (block["ada"]["kernel"][:, 2 * width:], 0.5 * std),    # Scales and shifts.
+              (params["head"]["kernel"], 0.02 * std), (params["head_ada"]["kernel"], 0.5 * std),
+              (params["word_embed"]["kernel"], std), (params["class_emb"]["embedding"], std),
+              (params["pos"], std)]
+  for kernel, want in expected:
+    np.testing.assert_allclose(np.std(np.asarray(kernel)), want, rtol=0.1)
+  biases = [x for path, x in jax.tree_util.tree_leaves_with_path(params)
+            if getattr(path[-1], "key", None) == "bias"]
+  assert biases and not any(np.any(np.asarray(b)) for b in biases)
+
+
 def test_schedule_and_teacher_inputs(setup):
   assert multiscale.token_count(multiscale.scale_schedule("var", 16)) == 680
   residual, rq_vars, codes = setup["residual"], setup["rq_vars"], setup["codes"]

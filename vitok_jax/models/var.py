@@ -9,9 +9,10 @@ The transformer is VAR's: GPT-2-like pre-LN blocks with AdaLN class conditioning
 Linear(silu(class embedding)) gives gate/scale/shift for attention and MLP; LayerNorms without
 affine), a GELU(tanh) MLP of 4·width, a learned level (scale) embedding plus a learned absolute
 position embedding, an AdaLN before the head and a block-causal mask (scale k sees scales ≤ k, its
-own scale both ways). Attention uses VAR's released setting: l2-normalised q and k with a learned
-per-head scale (init 4, clamped at 100), so the logit scale passed to attention is 1 (the
-alternative, 0.25/√head_dim on raw q·k, is not implemented). q, k and v each have a bias (VAR has
+own scale both ways), initialised as VAR's `init_weights` (`var_init`). Attention uses VAR's
+released setting: l2-normalised q and k with a learned per-head scale (init 4, clamped at 100), so
+the logit scale passed to attention is 1 (the alternative, 0.25/√head_dim on raw q·k, is not
+implemented). q, k and v each have a bias (VAR has
 none on k; with l2-normalised keys it is a harmless extra).
 
 Heads: "softmax" (Linear(width, vocab_size), VAR) or "bitwise" (Linear(width, 2·d) read as
@@ -44,6 +45,24 @@ CFG_SCHEDULES = ("var", "constant")
 MAX_ATTN_SCALE = 100.0   # VAR clamps the learned per-head attention scale at log(100).
 
 
+# VAR's init_weights (its released defaults): Linear kernels and embeddings a truncated normal of
+# std √(1/(3·width)), biases 0; the heads' kernel × 0.02, the AdaLN Linears' × 0.5 but the
+# blocks' gate rows (g1, g2) × 1e-5, and each block's attention output and fc2 ÷ √(2·depth).
+INIT_HEAD, INIT_ADALN, INIT_ADALN_GATE = 0.02, 0.5, 1e-5
+
+
+def var_init(width: int, scale=1.0):
+  """A kernel init: VAR's normal of std √(1/(3·width)) truncated at ±2 (torch's trunc_normal_,
+  bounds absolute, so at these stds a plain normal) times `scale`, a number or a vector over the
+  output features (the last axis)."""
+  std = math.sqrt(1 / width / 3)
+  base = jax.nn.initializers.truncated_normal(std, lower=-2 / std, upper=2 / std)
+
+  def init(key, shape, dtype=jnp.float32):
+    return base(key, shape, dtype) * jnp.asarray(scale, dtype)
+  return init
+
+
 def scale_offsets(scales: Sequence[int]) -> tuple[int, ...]:
   """Start of each scale's tokens in the sequence, then the total: (0, 1, 5, 14, …, L)."""
   return tuple(int(x) for x in np.concatenate([[0], np.cumsum([s * s for s in scales])]))
@@ -59,6 +78,7 @@ class AdaLNBlock(nn.Module):
   attn_impl: str = "auto"
   norm_eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
+  depth: int = 1  # The model's blocks: the residual outputs' init is ÷ √(2·depth) (`var_init`).
 
   @nn.compact
   def __call__(self, x_BLD, cond_BD, *, block_ids=None, prefix_kv=None):
@@ -74,15 +94,18 @@ class AdaLNBlock(nn.Module):
     """
     width = x_BLD.shape[-1]
     head_dim = width // self.heads
-    ada_B6D = dense(6 * width, ("embed", "mlp"), self.dtype, "ada")(nn.silu(cond_BD))
+    ada_scale_6D = np.repeat([INIT_ADALN_GATE, INIT_ADALN], [2 * width, 4 * width])
+    ada_B6D = dense(6 * width, ("embed", "mlp"), self.dtype, "ada",
+                    var_init(width, ada_scale_6D))(nn.silu(cond_BD))
     gate1, gate2, scale1, scale2, shift1, shift2 = jnp.split(ada_B6D[:, None, :], 6, axis=-1)
     norm = lambda name: nn.LayerNorm(self.norm_eps, dtype=self.dtype, use_bias=False,
                                      use_scale=False, name=name)
 
     h_BLD = norm("norm_attn")(x_BLD) * (1.0 + scale1) + shift1
     split = lambda t: t.reshape(*t.shape[:-1], self.heads, head_dim)
-    q_BLHK, k_BLHK, v_BLHK = (split(dense(width, ("embed", "heads"), self.dtype, name)(h_BLD))
-                              for name in ("query", "key", "value"))
+    q_BLHK, k_BLHK, v_BLHK = (
+        split(dense(width, ("embed", "heads"), self.dtype, name, var_init(width))(h_BLD))
+        for name in ("query", "key", "value"))
     log_scale_H = self.param("attn_scale", partitioned(
         nn.initializers.constant(math.log(4.0)), ("heads",)), (self.heads,), jnp.float32)
     scale_H = jnp.exp(jnp.minimum(log_scale_H, math.log(MAX_ATTN_SCALE)))
@@ -95,14 +118,17 @@ class AdaLNBlock(nn.Module):
       values_BSHK = jnp.concatenate([prefix_kv[1].astype(self.dtype), v_BLHK], axis=1)
     out_BLHK = kernels.dot_product_attention(q_BLHK, keys_BSHK, values_BSHK, block_ids=block_ids,
                                              scale=1.0, impl=self.attn_impl)
-    out_BLD = dense(width, ("heads", "embed"), self.dtype, "out")(
+    residual_init = var_init(width, 1 / math.sqrt(2 * self.depth))
+    out_BLD = dense(width, ("heads", "embed"), self.dtype, "out", residual_init)(
         out_BLHK.reshape(*out_BLHK.shape[:-2], width))
     x_BLD = x_BLD + gate1 * out_BLD
 
     h_BLD = norm("norm_mlp")(x_BLD) * (1.0 + scale2) + shift2
-    h_BLF = nn.gelu(dense(self.mlp_hidden, ("embed", "mlp"), self.dtype, "fc1")(h_BLD))
+    h_BLF = nn.gelu(dense(self.mlp_hidden, ("embed", "mlp"), self.dtype, "fc1",
+                          var_init(width))(h_BLD))
     h_BLF = constrain(h_BLF, ("batch", "length", "act_mlp"))
-    x_BLD = x_BLD + gate2 * dense(width, ("mlp", "embed"), self.dtype, "fc2")(h_BLF)
+    fc2 = dense(width, ("mlp", "embed"), self.dtype, "fc2", residual_init)
+    x_BLD = x_BLD + gate2 * fc2(h_BLF)
     return constrain(x_BLD, ("batch", "length", "act_embed")), (k_BLHK, v_BLHK)
 
 
@@ -170,8 +196,7 @@ class VAR(nn.Module):
     width, scales = self.size.width, self.scales
     offsets = scale_offsets(scales)
     num_first = scales[0] ** 2
-    init = lambda axes: partitioned(nn.initializers.truncated_normal(math.sqrt(1 / width / 3)),
-                                    axes)
+    init = lambda axes: partitioned(var_init(width), axes)
     if train and self.class_dropout > 0:
       drop_B = jax.random.uniform(self.make_rng("dropout"), labels_B.shape) < self.class_dropout
       labels_B = jnp.where(drop_B, self.num_classes, labels_B)
@@ -181,7 +206,7 @@ class VAR(nn.Module):
     pos_1LD = self.param("pos", init((None, None, "embed")), (1, offsets[-1], width))
     level_emb = nn.Embed(len(scales), width, dtype=self.dtype, name="level_emb",
                          embedding_init=init((None, "embed")))
-    word_embed = dense(width, ("latent", "embed"), self.dtype, "word_embed")
+    word_embed = dense(width, ("latent", "embed"), self.dtype, "word_embed", var_init(width))
     start_BSD = cond_BD[:, None, :] + pos_start_1SD.astype(self.dtype)
 
     if scale is None:
@@ -217,19 +242,21 @@ class VAR(nn.Module):
     for i in range(self.size.depth):
       prefix = None if cache is None else tuple(c[:, :start] for c in cache[i])
       x_BLD, kv = AdaLNBlock(self.size.heads, int(self.mlp_ratio * width), self.attn_impl,
-                             self.norm_eps, self.dtype, name=f"block{i}")(
+                             self.norm_eps, self.dtype, self.size.depth, name=f"block{i}")(
                                  x_BLD, cond_BD, block_ids=block_ids, prefix_kv=prefix)
       if cache is not None:
         new_cache.append(tuple(jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), start, 1)
                                for c, t in zip(cache[i], kv)))
 
     # VAR's AdaLNBeforeHead: LN(x)·(1 + scale) + shift, (scale, shift) = Linear(silu(cond)).
-    ada_B2D = dense(2 * width, ("embed", "mlp"), self.dtype, "head_ada")(nn.silu(cond_BD))
+    ada_B2D = dense(2 * width, ("embed", "mlp"), self.dtype, "head_ada",
+                    var_init(width, INIT_ADALN))(nn.silu(cond_BD))
     head_scale, head_shift = jnp.split(ada_B2D[:, None, :].astype(jnp.float32), 2, axis=-1)
     h_BLD = nn.LayerNorm(self.norm_eps, use_bias=False, use_scale=False, name="head_norm")(
         x_BLD.astype(jnp.float32)) * (1.0 + head_scale) + head_shift
     out = self.vocab_size if self.head == "softmax" else 2 * self.num_bits
-    logits = dense(out, ("embed", "vocab"), jnp.float32, "head")(h_BLD)
+    head = dense(out, ("embed", "vocab"), jnp.float32, "head", var_init(width, INIT_HEAD))
+    logits = head(h_BLD)
     if self.head == "bitwise":
       logits = bitwise_logits(logits)
     return logits if cache is None else (logits, tuple(new_cache))

@@ -81,10 +81,11 @@ def partitioned(init, axes: Sequence[str | None]):
   return nn.with_logical_partitioning(init, tuple(axes))
 
 
-def dense(features: int, axes: Sequence[str], dtype, name: str) -> nn.Dense:
-  """nn.Dense whose kernel carries logical axes `axes` (in, out) and bias axes[1:]."""
+def dense(features: int, axes: Sequence[str], dtype, name: str,
+          kernel_init=nn.initializers.xavier_uniform()) -> nn.Dense:
+  """nn.Dense whose kernel carries logical axes `axes` (in, out) and bias axes[1:] (zeros)."""
   return nn.Dense(features, dtype=dtype, name=name,
-                  kernel_init=partitioned(nn.initializers.xavier_uniform(), axes),
+                  kernel_init=partitioned(kernel_init, axes),
                   bias_init=partitioned(nn.initializers.zeros, axes[1:]))
 
 
