@@ -10,8 +10,8 @@ Sizes: vitok_jax.models.vit.GENERATOR_SIZES. Which tokenizer bottleneck each fam
 vitok_jax.train.generators.FAMILIES. Per family, the published objective and sampler: DiT: SiT's
 uniform t (logit-normal with --config.objective.t_sampling=logit_normal), label dropout 0.1, Heun
 sampling, CFG; LlamaGen: CFG 2.0; VAR: CFG ramped over the scales (cfg_schedule=linear); Infinity:
-constant CFG 3, bit flips up to 0.3; weight decay 0 (DiT) or 0.05 (the others). The optimiser is
-one for all (`optimizer.default_config`: AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, warm-up then
+constant CFG 3, bit flips up to 0.3, the loss reweighted by scale; weight decay 0 (DiT) or 0.05
+(the others). The optimiser is one for all (`optimizer.default_config`: AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, warm-up then
 cosine decay, gradient clipping at 1): LlamaGen's and VAR's betas, not their schedules (LlamaGen:
 constant lr; VAR: linear decay, clipping at 2), nor SiT's (β2 = 0.999, constant lr, no clipping,
 EMA 0.9999). Set --config.optim.* to follow one paper exactly.
@@ -43,6 +43,7 @@ OPTIONS = {
     "sampler": "sample.method",
     "shortcut": "objective.shortcut",
     "flip": "objective.flip_max",
+    "reweight": "objective.reweight_by_scale",
     "samples": "eval.num_samples",
     "ema": "ema_decay",
 }
@@ -80,8 +81,10 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   # dit: t_sampling uniform (SiT's convention, the default) | logit_normal (σ of a standard
   # normal, an option); shortcut = also train the few-step shortcut objective.
   # infinity: flip_max = bitwise self-correction's largest flip probability.
+  # var, infinity: reweight_by_scale = weigh a scale-k token's loss by s_K/s_k (Infinity's released
+  # training; VAR's is a plain mean, L_mean).
   config.objective = ml_collections.ConfigDict(dict(
-      t_sampling="uniform", shortcut=False, flip_max=0.3))
+      t_sampling="uniform", shortcut=False, flip_max=0.3, reweight_by_scale=False))
   # Each family's sampler reads only some fields (generators.FAMILIES[f].sample_fields); the others
   # must keep the neutral values below (top_k 0, top_p 1, temperature 1, cfg_schedule constant).
   # dit: num_steps (grid points), method, few_steps; llamagen/var/infinity: temperature, top_k
@@ -119,5 +122,6 @@ def _set_model(config, head: str, arg: str) -> None:
   config.sample.cfg_scale = defaults["cfg_scale"]
   config.sample.cfg_schedule = defaults["cfg_schedule"]
   config.optim.weight_decay = defaults["weight_decay"]
+  config.objective.reweight_by_scale = family == "infinity"
   if family == "llamagen":
     config.model.mlp_multiple_of = 256 if size not in ("Mu", "Mi", "Ti") else 8

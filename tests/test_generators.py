@@ -471,6 +471,20 @@ def test_var_and_infinity_samplers_get_every_sample_setting(family, monkeypatch)
                   "cfg_schedule": "constant" if family == "var" else "var"}
 
 
+def test_infinity_reweights_its_loss_by_scale_by_default_and_only_var_families_may():
+  """Infinity's released training weighs its loss by scale (`var.scale_loss_weights`); VAR's is a
+  plain mean; a family without scales refuses the setting."""
+  assert config_lib.load_config("generator:infinity/d2,tokenizer=x").objective.reweight_by_scale
+  assert not config_lib.load_config("generator:var/d2,tokenizer=x").objective.reweight_by_scale
+  assert config_lib.load_config("generator:var/d2,tokenizer=x,reweight=True").objective[
+      "reweight_by_scale"]
+  for family in ("dit/Mu", "llamagen/Mu"):
+    config = config_lib.load_config(f"generator:{family},tokenizer=x")
+    config.objective.reweight_by_scale = True
+    with pytest.raises(ConfigError, match="objective.reweight_by_scale weighs the scales"):
+      train_generator.validate(config)
+
+
 def test_sample_settings_a_family_ignores_are_config_errors():
   """Early, in validation: a setting the family's sampler does not read, and Infinity's no-op
   top_k >= 2 (each bit is a 2-way softmax)."""

@@ -201,6 +201,33 @@ def test_var_loss_matches_numpy():
   np.testing.assert_allclose(float(metrics["accuracy"]), (logits.argmax(-1) == targets).mean())
 
 
+def test_losses_reweighted_by_scale_match_numpy():
+  """Infinity's reweight_loss_by_scale: a scale-k token weighs s_K/s_k, normalised; both losses
+  take the weights (uniform weights give the plain mean), their ce metric stays the plain mean."""
+  weights = var.scale_loss_weights((1, 2, 3))
+  np.testing.assert_allclose(weights, np.repeat([3, 1.5, 1], [1, 4, 9]) / 18, rtol=1e-6)
+  rng = np.random.default_rng(1)
+  codes = (rng.integers(0, 6, (2, 1, 1)), rng.integers(0, 6, (2, 2, 2)))
+  logits = rng.normal(size=(2, 5, 6)).astype(np.float32)
+  two = var.scale_loss_weights((1, 2))  # The first scale's token weighs 2, the next four 1.
+  np.testing.assert_allclose(two, np.array([2, 1, 1, 1, 1]) / 6, rtol=1e-6)
+  targets = np.concatenate([c.reshape(2, -1) for c in codes], 1)
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  ce = -np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  loss, metrics = var.var_loss(jnp.asarray(logits), codes, two)
+  np.testing.assert_allclose(float(loss), (ce * two).sum(-1).mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["ce"]), ce.mean(), rtol=1e-5)
+  uniform, _ = var.var_loss(jnp.asarray(logits), codes, np.full(5, 0.2, np.float32))
+  np.testing.assert_allclose(float(uniform), ce.mean(), rtol=1e-5)
+  bit_logits = rng.normal(size=(2, 5, 3, 2)).astype(np.float32)
+  bits = rng.integers(0, 2, (2, 5, 3))
+  bit_logp = bit_logits - np.log(np.exp(bit_logits).sum(-1, keepdims=True))
+  bit_ce = -np.take_along_axis(bit_logp, bits[..., None], -1)[..., 0].mean(-1)  # [B, L]
+  loss, metrics = var.bitwise_loss(jnp.asarray(bit_logits), jnp.asarray(bits), two)
+  np.testing.assert_allclose(float(loss), (bit_ce * two).sum(-1).mean(), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["ce"]), bit_ce.mean(), rtol=1e-5)
+
+
 def test_tiny_var_learns_class_patterns_and_sample_reproduces(setup):
   """Each class has a fixed multi-scale code pattern; after fitting, sampling returns it."""
   model, residual, rq_vars, fn = (setup[k] for k in ("model", "residual", "rq_vars", "next_input"))

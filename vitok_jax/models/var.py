@@ -293,15 +293,30 @@ def bit_labels(codes: Sequence[jax.Array], bits: int):
   return quantizers.unpack_bits(flat, bits).astype(jnp.int32)
 
 
-def var_loss(logits_BLV, codes: Sequence[jax.Array]):
+def scale_loss_weights(scales: Sequence[int]) -> np.ndarray:
+  """[L] token weights of Infinity's reweight_loss_by_scale: a token of scale k weighs s_K/s_k
+  (coarse scales' few tokens count more), normalised to sum to 1."""
+  weights_L = np.repeat([scales[-1] / s for s in scales], [s * s for s in scales])
+  return (weights_L / weights_L.sum()).astype(np.float32)
+
+
+def _weighted_mean(values_BL, token_weights_L):
+  """Mean over tokens and batch, the tokens weighted by `token_weights_L` (summing to 1) if given."""
+  if token_weights_L is None:
+    return values_BL.mean()
+  return (values_BL * jnp.asarray(token_weights_L)).sum(-1).mean()
+
+
+def var_loss(logits_BLV, codes: Sequence[jax.Array], token_weights_L=None):
   """Mean cross-entropy over all tokens of all scales (VAR's L_mean) and metrics.
 
   Args:
     logits_BLV: [B, L, V] from `VAR(head="softmax")`.
     codes: per-scale int codes [B, s_k, s_k] (the tokenizer's codes tuple).
+    token_weights_L: the loss's token weights (`scale_loss_weights`), or None: a plain mean.
   Returns:
-    (loss, metrics): metrics ce, accuracy and their last-scale values ce_last, accuracy_last
-    (VAR's L_tail).
+    (loss, metrics): metrics ce, accuracy (plain means) and their last-scale values ce_last,
+    accuracy_last (VAR's L_tail).
   """
   targets_BL = flatten_codes(codes)
   if targets_BL.shape != logits_BLV.shape[:2]:
@@ -311,19 +326,21 @@ def var_loss(logits_BLV, codes: Sequence[jax.Array]):
                                                           targets_BL)
   correct_BL = (jnp.argmax(logits_BLV, -1) == targets_BL).astype(jnp.float32)
   last = codes[-1][0].size
-  loss = ce_BL.mean()
-  return loss, {"ce": loss, "accuracy": correct_BL.mean(), "ce_last": ce_BL[:, -last:].mean(),
-                "accuracy_last": correct_BL[:, -last:].mean()}
+  return _weighted_mean(ce_BL, token_weights_L), {
+      "ce": ce_BL.mean(), "accuracy": correct_BL.mean(), "ce_last": ce_BL[:, -last:].mean(),
+      "accuracy_last": correct_BL[:, -last:].mean()}
 
 
-def bitwise_loss(logits_BLd2, bit_labels_BLd):
+def bitwise_loss(logits_BLd2, bit_labels_BLd, token_weights_L=None):
   """Infinity's bitwise loss: 2-way cross-entropy per bit, mean over bits and tokens.
 
   Args:
     logits_BLd2: [B, L, d, 2] from `VAR(head="bitwise")`.
     bit_labels_BLd: {0, 1} ints [B, L, d] (`bit_labels` or `infinity.self_correction_inputs`).
+    token_weights_L: the loss's token weights (`scale_loss_weights`), or None: a plain mean.
   Returns:
-    (loss, metrics): ce, bit_accuracy, token_accuracy (every bit of a token right).
+    (loss, metrics): ce (a plain mean), bit_accuracy, token_accuracy (every bit of a token
+    right).
   """
   labels = bit_labels_BLd.astype(jnp.int32)
   if labels.shape != logits_BLd2.shape[:-1]:
@@ -331,8 +348,8 @@ def bitwise_loss(logits_BLd2, bit_labels_BLd):
                       "model's scales and bits must be the tokenizer's")
   ce_BLd = optax.softmax_cross_entropy_with_integer_labels(logits_BLd2.astype(jnp.float32), labels)
   correct_BLd = jnp.argmax(logits_BLd2, -1) == labels
-  loss = ce_BLd.mean()
-  return loss, {"ce": loss, "bit_accuracy": correct_BLd.mean(dtype=jnp.float32),
+  loss = _weighted_mean(ce_BLd.mean(-1), token_weights_L)
+  return loss, {"ce": ce_BLd.mean(), "bit_accuracy": correct_BLd.mean(dtype=jnp.float32),
                 "token_accuracy": correct_BLd.all(-1).mean(dtype=jnp.float32)}
 
 

@@ -333,7 +333,14 @@ class VARFamily(Family):
 
   def loss(self, params, batch, rng, train: bool = True):
     logits = self.train_logits(params, batch["inputs"], batch["labels"], rng, train)
-    return var.var_loss(logits, tuple(batch[f"codes_{k}"] for k in range(len(self.scales))))
+    return var.var_loss(logits, tuple(batch[f"codes_{k}"] for k in range(len(self.scales))),
+                        self.token_weights(train))
+
+  def token_weights(self, train: bool):
+    """The training loss's token weights with objective.reweight_by_scale, else None (a plain
+    mean, as held out: Infinity's validation loss is unweighted too)."""
+    reweight = train and self.config.objective.get("reweight_by_scale", False)
+    return var.scale_loss_weights(self.scales) if reweight else None
 
   def next_input_fn(self):
     """(f_hat, codes_k, k) -> (f_hat, inputs of scale k+1) with the tokenizer's quantiser; one
@@ -388,7 +395,7 @@ class InfinityFamily(VARFamily):
         flip_prob_max=self.config.objective.flip_max if train else 0.0,
         upsample=self.tokenizer.bottleneck_module.upsample)
     logits = self.train_logits(params, inputs, batch["labels"], r_drop, train)
-    return var.bitwise_loss(logits, bits)
+    return var.bitwise_loss(logits, bits, self.token_weights(train))
 
   @classmethod
   def check_sample(cls, sample) -> None:

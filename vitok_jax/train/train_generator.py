@@ -55,6 +55,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"objective.shortcut is DiT's few-step objective; model.family={m.family}")
   require(0.0 <= config.objective.flip_max < 1.0,
           f"objective.flip_max must be in [0, 1), got {config.objective.flip_max}")
+  require(not config.objective.get("reweight_by_scale") or m.family in ("var", "infinity"),
+          f"objective.reweight_by_scale weighs the scales of var / infinity; model.family="
+          f"{m.family} has none")
   s = config.sample
   require_choice(s.method, "sample.method", ("euler", "heun"))
   require_choice(s.cfg_schedule, "sample.cfg_schedule", ("constant", "linear"))
