@@ -10,8 +10,8 @@ Sizes: vitok_jax.models.vit.GENERATOR_SIZES. Which tokenizer bottleneck each fam
 vitok_jax.train.generators.FAMILIES. Per family, the published objective and sampler: DiT: SiT's
 uniform t (logit-normal with --config.objective.t_sampling=logit_normal), label dropout 0.1, Heun
 sampling, CFG; LlamaGen: CFG 2.0; VAR: CFG ramped over the scales (cfg_schedule=linear); Infinity:
-constant CFG 3, bit flips up to 0.3, the loss reweighted by scale; weight decay 0 (DiT) or 0.05
-(the others). The optimiser is one for all (`optimizer.default_config`: AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, warm-up then
+constant CFG 3, bit flips up to 0.3, the loss reweighted by scale; LlamaGen's dropout 0.1 on its
+blocks' outputs and input embeddings; weight decay 0 (DiT) or 0.05 (the others). The optimiser is one for all (`optimizer.default_config`: AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, warm-up then
 cosine decay, gradient clipping at 1): LlamaGen's and VAR's betas, not their schedules (LlamaGen:
 constant lr; VAR: linear decay, clipping at 2), nor SiT's (β2 = 0.999, constant lr, no clipping,
 EMA 0.9999). Set --config.optim.* to follow one paper exactly.
@@ -77,7 +77,8 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config.tokenizer = ""
   config.model = ml_collections.ConfigDict(dict(
       family="dit", size="Mi", patch=1, class_dropout=0.1, num_classes=10,
-      mlp_multiple_of=8, attn_impl="auto", dtype="float32"))
+      mlp_multiple_of=8, attn_impl="auto", dtype="float32",
+      dropout=0.0))  # llamagen: its blocks' and input embeddings' dropout (0.1 in LlamaGen).
   # dit: t_sampling uniform (SiT's convention, the default) | logit_normal (σ of a standard
   # normal, an option); shortcut = also train the few-step shortcut objective.
   # infinity: flip_max = bitwise self-correction's largest flip probability.
@@ -123,5 +124,6 @@ def _set_model(config, head: str, arg: str) -> None:
   config.sample.cfg_schedule = defaults["cfg_schedule"]
   config.optim.weight_decay = defaults["weight_decay"]
   config.objective.reweight_by_scale = family == "infinity"
+  config.model.dropout = 0.1 if family == "llamagen" else 0.0
   if family == "llamagen":
     config.model.mlp_multiple_of = 256 if size not in ("Mu", "Mi", "Ti") else 8

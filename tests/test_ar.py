@@ -181,6 +181,25 @@ def test_label_dropout_only_in_train(params):
   assert np.all(is_cond ^ is_null) and is_cond.any() and is_null.any()
 
 
+def test_dropout_only_in_train_and_as_llamagen_places_it(params):
+  """`dropout`: off without train (the same logits as a model without it), on with it: each key
+  drops other units. Its rate-1 limit zeroes the input embeddings and every block's outputs,
+  leaving the head on the final norm of zeros."""
+  codes_BL = jnp.tile(_codes(_model((2, 2)), 1), (4, 1))
+  labels_B = jnp.ones((4,), jnp.int32)
+  plain = _model((2, 2), class_dropout=0.0)
+  dropped = _model((2, 2), class_dropout=0.0, dropout=0.5)
+  apply = lambda model, train, seed: model.apply(params, codes_BL, labels_B, train=train,
+                                                 rngs={"dropout": jax.random.key(seed)})
+  np.testing.assert_allclose(apply(dropped, False, 0), apply(plain, False, 0), atol=1e-6)
+  one, other = apply(dropped, True, 0), apply(dropped, True, 1)
+  assert not np.allclose(one, other, atol=1e-3) and not np.allclose(one, apply(plain, True, 0))
+  everything = apply(_model((2, 2), class_dropout=0.0, dropout=1.0), True, 0)
+  head_of_zeros = plain.apply(params, jnp.zeros((4, 4, TINY.width)), method=lambda m, x: m.head(
+      m.norm(x)))
+  np.testing.assert_allclose(everything, head_of_zeros, atol=1e-6)
+
+
 def _filter_reference(logits, top_k, top_p):
   """Independent numpy reference: stable descending rank, keep k, then the shortest prefix of the
   renormalised survivors with mass ≥ top_p."""

@@ -471,9 +471,10 @@ def test_var_and_infinity_samplers_get_every_sample_setting(family, monkeypatch)
                   "cfg_schedule": "constant" if family == "var" else "var"}
 
 
-def test_infinity_reweights_its_loss_by_scale_by_default_and_only_var_families_may():
+def test_family_objective_defaults_and_who_may_set_them():
   """Infinity's released training weighs its loss by scale (`var.scale_loss_weights`); VAR's is a
-  plain mean; a family without scales refuses the setting."""
+  plain mean; a family without scales refuses the setting. LlamaGen trains with dropout 0.1; the
+  others have none to set."""
   assert config_lib.load_config("generator:infinity/d2,tokenizer=x").objective.reweight_by_scale
   assert not config_lib.load_config("generator:var/d2,tokenizer=x").objective.reweight_by_scale
   assert config_lib.load_config("generator:var/d2,tokenizer=x,reweight=True").objective[
@@ -482,6 +483,14 @@ def test_infinity_reweights_its_loss_by_scale_by_default_and_only_var_families_m
     config = config_lib.load_config(f"generator:{family},tokenizer=x")
     config.objective.reweight_by_scale = True
     with pytest.raises(ConfigError, match="objective.reweight_by_scale weighs the scales"):
+      train_generator.validate(config)
+  # LlamaGen's dropout (0.1 in its training) is its own.
+  assert config_lib.load_config("generator:llamagen/Mu,tokenizer=x").model.dropout == 0.1
+  for family in ("dit/Mu", "var/d2", "infinity/d2"):
+    config = config_lib.load_config(f"generator:{family},tokenizer=x")
+    assert config.model.dropout == 0.0
+    config.model.dropout = 0.1
+    with pytest.raises(ConfigError, match="model.dropout is LlamaGen's"):
       train_generator.validate(config)
 
 

@@ -121,20 +121,23 @@ class SwiGLU(nn.Module):
 
 
 class LlamaBlock(nn.Module):
-  """x + attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x)); returns (x, updated cache or None)."""
+  """x + drop(attn(RMSNorm(x))), then x + drop(SwiGLU(RMSNorm(x))); returns (x, updated cache or
+  None). drop: dropout of rate `dropout` where train (LlamaGen's resid_dropout_p, ffn_dropout_p)."""
   heads: int
   mlp_hidden: int
   attn_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
+  dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x_BSD, sin_SP, cos_SP, cache=None, index=None):
+  def __call__(self, x_BSD, sin_SP, cos_SP, cache=None, index=None, train: bool = False):
+    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
     x_BSD = vit.constrain(x_BSD, ("batch", "length", "act_embed"))
     y_BSD, cache = LlamaAttention(self.heads, self.attn_impl, self.dtype, name="attn")(
         _rms_norm(self.dtype, "attention_norm")(x_BSD), sin_SP, cos_SP, cache, index)
-    x_BSD = x_BSD + y_BSD
-    x_BSD = x_BSD + SwiGLU(self.mlp_hidden, self.dtype, name="mlp")(
-        _rms_norm(self.dtype, "ffn_norm")(x_BSD))
+    x_BSD = x_BSD + drop(y_BSD)
+    x_BSD = x_BSD + drop(SwiGLU(self.mlp_hidden, self.dtype, name="mlp")(
+        _rms_norm(self.dtype, "ffn_norm")(x_BSD)))
     return x_BSD, cache
 
 
@@ -147,6 +150,9 @@ class LlamaGen(nn.Module):
     num_classes: number of classes; index num_classes is the null class (label dropout / CFG).
     grid: (h, w) token grid; sequence length L = h·w, row-major.
     class_dropout: probability of replacing a label by the null class when train=True.
+    dropout: when train=True, the dropout rate of each block's attention and MLP outputs and of
+      the input embeddings (LlamaGen's resid_dropout_p = ffn_dropout_p = token_dropout_p, 0.1 in
+      its training); 0 turns it off.
     mlp_multiple_of: SwiGLU hidden = round_up(int(8·width/3), mlp_multiple_of) (LlamaGen: 256;
       use e.g. 8 or 32 for tiny CPU sizes).
     attn_impl: attention implementation for the full forward (`kernels.IMPLS`); cached decoding
@@ -161,6 +167,7 @@ class LlamaGen(nn.Module):
   mlp_multiple_of: int = 256
   attn_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
+  dropout: float = 0.0
 
   def setup(self):
     _validate(self)
@@ -171,8 +178,9 @@ class LlamaGen(nn.Module):
     # One extra row: the null class at index num_classes.
     self.class_embeddings = embed(self.num_classes + 1, ("classes", "embed"), "class_embeddings")
     hidden = swiglu_hidden(self.size.width, self.mlp_multiple_of)
-    self.blocks = [LlamaBlock(self.size.heads, hidden, self.attn_impl, self.dtype)
+    self.blocks = [LlamaBlock(self.size.heads, hidden, self.attn_impl, self.dtype, self.dropout)
                    for _ in range(self.size.depth)]
+    self.token_dropout = nn.Dropout(self.dropout)
     self.norm = _rms_norm(self.dtype, "norm")
     # LlamaGen initialises the output head to zero.
     self.head = _linear(self.vocab_size, ("embed", "vocab"), self.dtype, "head", init_std=0.0)
@@ -192,15 +200,16 @@ class LlamaGen(nn.Module):
       labels_B = jnp.where(drop_B, self.null_class, labels_B)
     return self.class_embeddings(labels_B)[:, None]
 
-  def _run(self, x_BSD, index, caches: KVCache | None):
-    """Blocks + final norm + head for tokens at positions index + [0, S)."""
+  def _run(self, x_BSD, index, caches: KVCache | None, train: bool = False):
+    """Blocks + final norm + head for tokens at positions index + [0, S); dropout where train."""
     sin_LP, cos_LP = (jnp.asarray(t) for t in rope_table(self.grid, self.size.head_dim))
     num = x_BSD.shape[1]
     sin_SP = jax.lax.dynamic_slice_in_dim(sin_LP, index, num)
     cos_SP = jax.lax.dynamic_slice_in_dim(cos_LP, index, num)
     new_caches = []
     for i, block in enumerate(self.blocks):
-      x_BSD, cache = block(x_BSD, sin_SP, cos_SP, None if caches is None else caches[i], index)
+      x_BSD, cache = block(x_BSD, sin_SP, cos_SP, None if caches is None else caches[i], index,
+                           train)
       new_caches.append(cache)
     logits_BSV = self.head(self.norm(x_BSD))
     return logits_BSV, (None if caches is None else new_caches)
@@ -211,7 +220,7 @@ class LlamaGen(nn.Module):
     Args:
       codes_BL: int codes [B, S], S ≤ L (normally S = L = h·w), row-major on the grid.
       labels_B: int class labels [B] in [0, num_classes] (num_classes = null class).
-      train: enables label dropout (rng stream "dropout").
+      train: enables label dropout and `dropout` (rng stream "dropout").
     Returns:
       logits_BSV: float32 [B, S, V]; position i predicts codes_BL[:, i].
     """
@@ -221,7 +230,8 @@ class LlamaGen(nn.Module):
     x_BSD = self._class_tokens(labels_B, train)
     if codes_BL.shape[1] > 1:
       x_BSD = jnp.concatenate([x_BSD, self.tok_embeddings(codes_BL[:, :-1])], axis=1)
-    logits_BSV, _ = self._run(x_BSD, 0, None)
+    x_BSD = self.token_dropout(x_BSD, deterministic=not train)
+    logits_BSV, _ = self._run(x_BSD, 0, None, train)
     return logits_BSV.astype(jnp.float32)
 
   def init_cache(self, batch: int, dtype=None) -> KVCache:

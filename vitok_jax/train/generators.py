@@ -269,7 +269,8 @@ class LlamaGenFamily(Family):
     codebook = self.tokenizer.bottleneck_module.codebook_size
     return ar.LlamaGen(self.size, vocab_size=codebook, num_classes=m.num_classes,
                        grid=tuple(self.tokenizer.grid), class_dropout=m.class_dropout,
-                       mlp_multiple_of=m.mlp_multiple_of, attn_impl=m.attn_impl, dtype=self.dtype)
+                       mlp_multiple_of=m.mlp_multiple_of, attn_impl=m.attn_impl, dtype=self.dtype,
+                       dropout=m.get("dropout", 0.0))
 
   def arrays(self, store):
     codes = store["codes"]

@@ -55,6 +55,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"objective.shortcut is DiT's few-step objective; model.family={m.family}")
   require(0.0 <= config.objective.flip_max < 1.0,
           f"objective.flip_max must be in [0, 1), got {config.objective.flip_max}")
+  require(0.0 <= m.get("dropout", 0.0) < 1.0, f"model.dropout must be in [0, 1), got "
+          f"{m.get('dropout')}")
+  require(not m.get("dropout") or m.family == "llamagen",
+          f"model.dropout is LlamaGen's (its blocks and embeddings); model.family={m.family} "
+          f"has none (leave it 0)")
   require(not config.objective.get("reweight_by_scale") or m.family in ("var", "infinity"),
           f"objective.reweight_by_scale weighs the scales of var / infinity; model.family="
           f"{m.family} has none")
