@@ -10,8 +10,9 @@ Sizes: vitok_jax.models.vit.GENERATOR_SIZES. Which tokenizer bottleneck each fam
 vitok_jax.train.generators.FAMILIES. Per family, the published objective and sampler: DiT: SiT's
 uniform t (logit-normal with --config.objective.t_sampling=logit_normal), label dropout 0.1, Heun
 sampling, CFG; LlamaGen: CFG 2.0; VAR: CFG ramped over the scales (cfg_schedule=linear); Infinity:
-constant CFG 3, bit flips up to 0.3, the loss reweighted by scale; LlamaGen's dropout 0.1 on its
-blocks' outputs and input embeddings; weight decay 0 (DiT) or 0.05 (the others). The optimiser is one for all (`optimizer.default_config`: AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, warm-up then
+constant CFG 3, bit flips up to 0.3, the loss reweighted by scale; VAR's stochastic depth
+0.1·depth/24 (VAR, Infinity); LlamaGen's dropout 0.1 on its blocks' outputs and input embeddings;
+weight decay 0 (DiT) or 0.05 (the others). The optimiser is one for all (`optimizer.default_config`: AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, warm-up then
 cosine decay, gradient clipping at 1): LlamaGen's and VAR's betas, not their schedules (LlamaGen:
 constant lr; VAR: linear decay, clipping at 2), nor SiT's (β2 = 0.999, constant lr, no clipping,
 EMA 0.9999). Set --config.optim.* to follow one paper exactly.
@@ -78,7 +79,9 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(
       family="dit", size="Mi", patch=1, class_dropout=0.1, num_classes=10,
       mlp_multiple_of=8, attn_impl="auto", dtype="float32",
-      dropout=0.0))  # llamagen: its blocks' and input embeddings' dropout (0.1 in LlamaGen).
+      dropout=0.0,   # llamagen: its blocks' and input embeddings' dropout (0.1 in LlamaGen).
+      # var, infinity: the last block's stochastic-depth rate; None: VAR's 0.1·depth/24.
+      drop_path=ml_collections.config_dict.placeholder(float)))
   # dit: t_sampling uniform (SiT's convention, the default) | logit_normal (σ of a standard
   # normal, an option); shortcut = also train the few-step shortcut objective.
   # infinity: flip_max = bitwise self-correction's largest flip probability.

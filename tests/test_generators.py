@@ -484,6 +484,12 @@ def test_family_objective_defaults_and_who_may_set_them():
     config.objective.reweight_by_scale = True
     with pytest.raises(ConfigError, match="objective.reweight_by_scale weighs the scales"):
       train_generator.validate(config)
+  # VAR's stochastic depth: None takes its 0.1·depth/24; the families without it refuse a rate.
+  config = config_lib.load_config("generator:dit/Mu,tokenizer=x")
+  assert config.model.drop_path is None
+  config.model.drop_path = 0.1
+  with pytest.raises(ConfigError, match="model.drop_path is VAR's and Infinity's"):
+    train_generator.validate(config)
   # LlamaGen's dropout (0.1 in its training) is its own.
   assert config_lib.load_config("generator:llamagen/Mu,tokenizer=x").model.dropout == 0.1
   for family in ("dit/Mu", "var/d2", "infinity/d2"):

@@ -97,6 +97,21 @@ def test_init_is_vars():
   assert biases and not any(np.any(np.asarray(b)) for b in biases)
 
 
+def test_drop_path_only_in_train(setup):
+  """Stochastic depth: off without train (the logits of a model without it); with it on (the
+  last of the two blocks at rate 0.5, the first at 0), other keys drop other branches."""
+  inputs, labels, params = setup["inputs"], setup["labels"], setup["params"]
+  plain, dropped = _model(class_dropout=0.0), _model(class_dropout=0.0, drop_path=0.5)
+  assert var.var_drop_path(24) == pytest.approx(0.1) and var.var_drop_path(16) == pytest.approx(
+      1 / 15)
+  apply = lambda model, train, seed: np.asarray(model.apply(
+      {"params": params}, inputs, labels, train=train, rngs={"dropout": jax.random.key(seed)}))
+  np.testing.assert_allclose(apply(dropped, False, 0), apply(plain, False, 0), atol=1e-6)
+  outs = [apply(dropped, True, seed) for seed in range(4)]
+  assert any(not np.allclose(outs[0], o, atol=1e-4) for o in outs[1:])
+  assert not np.allclose(outs[0], apply(plain, True, 0), atol=1e-4)
+
+
 def test_schedule_and_teacher_inputs(setup):
   assert multiscale.token_count(multiscale.scale_schedule("var", 16)) == 680
   residual, rq_vars, codes = setup["residual"], setup["rq_vars"], setup["codes"]

@@ -63,6 +63,11 @@ def var_init(width: int, scale=1.0):
   return init
 
 
+def var_drop_path(depth: int) -> float:
+  """VAR's stochastic-depth rate of its last block: 0.1·depth/24."""
+  return 0.1 * depth / 24
+
+
 def scale_offsets(scales: Sequence[int]) -> tuple[int, ...]:
   """Start of each scale's tokens in the sequence, then the total: (0, 1, 5, 14, …, L)."""
   return tuple(int(x) for x in np.concatenate([[0], np.cumsum([s * s for s in scales])]))
@@ -79,9 +84,10 @@ class AdaLNBlock(nn.Module):
   norm_eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   depth: int = 1  # The model's blocks: the residual outputs' init is ÷ √(2·depth) (`var_init`).
+  drop_path: float = 0.0  # Where train: each residual branch dropped per example at this rate.
 
   @nn.compact
-  def __call__(self, x_BLD, cond_BD, *, block_ids=None, prefix_kv=None):
+  def __call__(self, x_BLD, cond_BD, *, block_ids=None, prefix_kv=None, train: bool = False):
     """One block on tokens x [B, L, D].
 
     Args:
@@ -89,6 +95,7 @@ class AdaLNBlock(nn.Module):
       cond_BD: class embedding [B, D].
       block_ids: [L] block-causal ids (full sequence), or None (a chunk sees all keys).
       prefix_kv: (k, v) [B, S, H, K] of earlier scales (cached decoding), or None.
+      train: drop paths (`drop_path`; rng stream "dropout").
     Returns:
       (x_BLD, (k_BLHK, v_BLHK)): the new tokens and this call's keys/values for the cache.
     """
@@ -121,14 +128,16 @@ class AdaLNBlock(nn.Module):
     residual_init = var_init(width, 1 / math.sqrt(2 * self.depth))
     out_BLD = dense(width, ("heads", "embed"), self.dtype, "out", residual_init)(
         out_BLHK.reshape(*out_BLHK.shape[:-2], width))
-    x_BLD = x_BLD + gate1 * out_BLD
+    # Stochastic depth: a whole branch per example, the rest scaled by 1 / (1 − rate) (DropPath).
+    drop = lambda y: nn.Dropout(self.drop_path, broadcast_dims=(1, 2))(y, deterministic=not train)
+    x_BLD = x_BLD + drop(gate1 * out_BLD)
 
     h_BLD = norm("norm_mlp")(x_BLD) * (1.0 + scale2) + shift2
     h_BLF = nn.gelu(dense(self.mlp_hidden, ("embed", "mlp"), self.dtype, "fc1",
                           var_init(width))(h_BLD))
     h_BLF = constrain(h_BLF, ("batch", "length", "act_mlp"))
     fc2 = dense(width, ("mlp", "embed"), self.dtype, "fc2", residual_init)
-    x_BLD = x_BLD + gate2 * fc2(h_BLF)
+    x_BLD = x_BLD + drop(gate2 * fc2(h_BLF))
     return constrain(x_BLD, ("batch", "length", "act_embed")), (k_BLHK, v_BLHK)
 
 
@@ -145,6 +154,8 @@ class VAR(nn.Module):
     bits: d for head="bitwise" (default latent_channels, as in Infinity's BSQ).
     class_dropout: probability of replacing a label by the null class when train=True (needs a
       "dropout" rng).
+    drop_path: the last block's stochastic-depth rate when train=True, rising linearly from 0 at
+      the first (VAR: 0.1·depth/24; `var_drop_path`).
   """
   size: vit.ViTSize
   scales: tuple[int, ...]
@@ -158,6 +169,7 @@ class VAR(nn.Module):
   mlp_ratio: float = 4.0
   norm_eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
+  drop_path: float = 0.0
 
   @property
   def num_bits(self) -> int:
@@ -185,7 +197,7 @@ class VAR(nn.Module):
         (`ResidualQuantizer.teacher_inputs`). Cached mode: scale k's inputs [B, s_k², C], None for
         k = 0 (the start token).
       labels_B: int class labels [B]; num_classes is the null class.
-      train: apply class dropout (rng "dropout").
+      train: apply class dropout and drop paths (rng "dropout").
       scale: None for the full block-causal forward, else the scale index k (static).
       cache: with `scale`, the KV cache of `init_cache`, holding scales < k.
     Returns:
@@ -239,11 +251,13 @@ class VAR(nn.Module):
     x_BLD = constrain(x_BLD, ("batch", "length", "act_embed"))
 
     new_cache = []
+    drop_paths = np.linspace(0.0, self.drop_path, self.size.depth)
     for i in range(self.size.depth):
       prefix = None if cache is None else tuple(c[:, :start] for c in cache[i])
       x_BLD, kv = AdaLNBlock(self.size.heads, int(self.mlp_ratio * width), self.attn_impl,
-                             self.norm_eps, self.dtype, self.size.depth, name=f"block{i}")(
-                                 x_BLD, cond_BD, block_ids=block_ids, prefix_kv=prefix)
+                             self.norm_eps, self.dtype, self.size.depth, float(drop_paths[i]),
+                             name=f"block{i}")(x_BLD, cond_BD, block_ids=block_ids,
+                                               prefix_kv=prefix, train=train)
       if cache is not None:
         new_cache.append(tuple(jax.lax.dynamic_update_slice_in_dim(c, t.astype(c.dtype), start, 1)
                                for c, t in zip(cache[i], kv)))

@@ -305,9 +305,11 @@ class VARFamily(Family):
     vocab = dict(vocab_size=self.tokenizer.bottleneck_module.codebook_size)
     if self.head == "bitwise":
       vocab = dict(bits=self.tokenizer.channels)
+    drop_path = m.get("drop_path")  # None: VAR's rule for this depth.
     return var.VAR(self.size, scales=self.scales, latent_channels=self.tokenizer.channels,
                    num_classes=m.num_classes, head=self.head, class_dropout=m.class_dropout,
-                   attn_impl=m.attn_impl, **vocab)
+                   attn_impl=m.attn_impl, **vocab,
+                   drop_path=var.var_drop_path(self.size.depth) if drop_path is None else drop_path)
 
   @property
   def tokens_per_example(self) -> int:

@@ -60,6 +60,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(not m.get("dropout") or m.family == "llamagen",
           f"model.dropout is LlamaGen's (its blocks and embeddings); model.family={m.family} "
           f"has none (leave it 0)")
+  drop_path = m.get("drop_path")
+  require(drop_path is None or 0.0 <= drop_path < 1.0,
+          f"model.drop_path must be in [0, 1) or None (VAR's 0.1·depth/24), got {drop_path}")
+  require(not drop_path or m.family in ("var", "infinity"),
+          f"model.drop_path is VAR's and Infinity's stochastic depth; model.family={m.family} "
+          f"has none (leave it None)")
   require(not config.objective.get("reweight_by_scale") or m.family in ("var", "infinity"),
           f"objective.reweight_by_scale weighs the scales of var / infinity; model.family="
           f"{m.family} has none")
