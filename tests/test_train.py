@@ -7,6 +7,7 @@ import time
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -478,6 +479,26 @@ def test_warmup_follows_the_run_length_unless_set():
   assert float(schedule(50)) == pytest.approx(peak) and float(schedule(25)) == pytest.approx(peak / 2)
   config.optim.warmup_steps = 7
   assert optimizer.warmup_steps(config.optim, config.total_steps) == 7
+
+
+def test_weight_decay_skips_vectors_and_vars_position_and_level_embeddings():
+  """Decay on kernels and embedding tables; not on biases or norm scales, nor on VAR's learned
+  position (pos, pos_start) and level embeddings: one AdamW step from zero gradients moves only
+  the decayed leaves."""
+  params = {"block0": {"ada": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}},
+            "class_emb": {"embedding": jnp.ones((4, 2))}, "pos": jnp.ones((1, 5, 2)),
+            "pos_start": jnp.ones((1, 1, 2)), "level_emb": {"embedding": jnp.ones((3, 2))},
+            "norm": {"scale": jnp.ones((2,))}}
+  assert optimizer.decay_mask(params) == {
+      "block0": {"ada": {"kernel": True, "bias": False}}, "class_emb": {"embedding": True},
+      "pos": False, "pos_start": False, "level_emb": {"embedding": False},
+      "norm": {"scale": False}}
+  config = optimizer.default_config(weight_decay=0.5, warmup_steps=0, schedule="constant",
+                                    base_lr=1.0)
+  tx, _ = optimizer.make_optimizer(config, batch_size=256, total_steps=10)
+  updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+  moved = jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates)
+  assert moved == optimizer.decay_mask(params)
 
 
 def test_cli_help_and_config_errors():

@@ -40,9 +40,17 @@ def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, batch_size: int
       decay_steps=max(total_steps, warmup + 1), end_value=peak * optim_cfg.min_lr_ratio)
 
 
+# Learned position and level embeddings, which VAR (and Infinity) keep out of weight decay.
+NO_DECAY_NAMES = ("pos", "pos_start", "level_emb")
+
+
 def decay_mask(params):
-  """Weight decay on matrices only (kernels), not on biases and norm scales."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+  """Weight decay on matrices only (kernels, embedding tables), not on biases and norm scales,
+  nor on the learned position and level embeddings of `NO_DECAY_NAMES` (VAR's nowd keys)."""
+  def decays(path, p):
+    names = {getattr(k, "key", None) for k in path}
+    return p.ndim >= 2 and not names & set(NO_DECAY_NAMES)
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, batch_size: int, total_steps: int):
