@@ -10,8 +10,8 @@ Sizes: vitok_jax.models.vit.GENERATOR_SIZES. Which tokenizer bottleneck each fam
 vitok_jax.train.generators.FAMILIES. Per family, the published objective and sampler: DiT: SiT's
 uniform t (logit-normal with --config.objective.t_sampling=logit_normal), label dropout 0.1, Heun
 sampling, CFG; LlamaGen: CFG 2.0; VAR: CFG ramped over the scales (cfg_schedule=linear); Infinity:
-constant CFG 3, bit flips up to 0.3, the loss reweighted by scale; VAR's stochastic depth
-0.1·depth/24 (VAR, Infinity); LlamaGen's dropout 0.1 on its blocks' outputs and input embeddings;
+constant CFG 3, bit flips up to 0.3, the loss reweighted by scale; stochastic depth (VAR:
+0.1·depth/24; Infinity: 0.1); LlamaGen's dropout 0.1 on its blocks' outputs and input embeddings;
 weight decay 0 (DiT) or 0.05 (the others). The optimiser is one for all (`optimizer.default_config`: AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, warm-up then
 cosine decay, gradient clipping at 1): LlamaGen's and VAR's betas, not their schedules (LlamaGen:
 constant lr; VAR: linear decay, clipping at 2), nor SiT's (β2 = 0.999, constant lr, no clipping,
@@ -80,7 +80,8 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
       family="dit", size="Mi", patch=1, class_dropout=0.1, num_classes=10,
       mlp_multiple_of=8, attn_impl="auto", dtype="float32",
       dropout=0.0,   # llamagen: its blocks' and input embeddings' dropout (0.1 in LlamaGen).
-      # var, infinity: the last block's stochastic-depth rate; None: VAR's 0.1·depth/24.
+      # var, infinity: the last block's stochastic-depth rate; None: the published one (VAR's
+      # 0.1·depth/24; Infinity's 0.1); the others have none (0).
       drop_path=ml_collections.config_dict.placeholder(float)))
   # dit: t_sampling uniform (SiT's convention, the default) | logit_normal (σ of a standard
   # normal, an option); shortcut = also train the few-step shortcut objective.
@@ -111,7 +112,7 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config_lib.apply_options(config, options, OPTIONS, arg)
   # Absolute, so a launched run finds it from any directory.
   config.tokenizer = os.path.abspath(config.tokenizer or config_lib.quickstart_tokenizer())
-  train_generator.validate(config)
+  train_generator.validate(config, new_run=True)
   return config
 
 
@@ -128,5 +129,7 @@ def _set_model(config, head: str, arg: str) -> None:
   config.optim.weight_decay = defaults["weight_decay"]
   config.objective.reweight_by_scale = family == "infinity"
   config.model.dropout = 0.1 if family == "llamagen" else 0.0
+  if family not in ("var", "infinity"):  # Theirs stays None: the published rate for the size.
+    config.model.drop_path = 0.0
   if family == "llamagen":
     config.model.mlp_multiple_of = 256 if size not in ("Mu", "Mi", "Ti") else 8

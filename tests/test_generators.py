@@ -484,9 +484,15 @@ def test_family_objective_defaults_and_who_may_set_them():
     config.objective.reweight_by_scale = True
     with pytest.raises(ConfigError, match="objective.reweight_by_scale weighs the scales"):
       train_generator.validate(config)
-  # VAR's stochastic depth: None takes its 0.1·depth/24; the families without it refuse a rate.
+  # Stochastic depth: None takes the family's published rate; the families without it refuse one.
+  assert config_lib.load_config("generator:var/d2,tokenizer=x").model.drop_path is None
+  rate = lambda family, **model: generators.drop_path_rate(family, ml_collections.ConfigDict(model),
+                                                           depth=16)
+  assert rate("var", drop_path=None) == pytest.approx(0.1 * 16 / 24)
+  assert rate("infinity", drop_path=None) == 0.1 and rate("var", drop_path=0.05) == 0.05
+  assert rate("var") == 0.0  # A run saved before the field: trained without.
   config = config_lib.load_config("generator:dit/Mu,tokenizer=x")
-  assert config.model.drop_path is None
+  assert config.model.drop_path == 0.0
   config.model.drop_path = 0.1
   with pytest.raises(ConfigError, match="model.drop_path is VAR's and Infinity's"):
     train_generator.validate(config)
@@ -527,14 +533,19 @@ def test_sample_settings_a_family_ignores_are_config_errors():
   config.sample.update(top_k=50, top_p=0.9, temperature=0.7, cfg_schedule="linear")
   train_generator.validate(config)
   # DiT's ODE settings on the AR families: saved in the run's config, read by no sampler.
+  # DiT's ODE settings on the AR families: in a new run's config, saved but read by no sampler;
+  # a run saved before this check keeps them (resumed, evaluated, sampled).
   for key, value in (("method", "euler"), ("num_steps", 7), ("few_steps", (1,))):
     for family in ("llamagen/Mu", "var/d2", "infinity/d2"):
       changed = config_lib.load_config(f"generator:{family},tokenizer=x")
       changed.sample[key] = value
       with pytest.raises(ConfigError, match=f"sample.{key}=.* has no effect on model.family="):
-        train_generator.validate(changed)
+        train_generator.validate(changed, new_run=True)
+      train_generator.validate(changed)
+  with pytest.raises(ConfigError, match="sample.num_steps=7 has no effect"):
+    config_lib.load_config("generator:llamagen/Mu,tokenizer=x,sample_steps=7")
   as_saved = config_lib.load_config("generator:var/d2,tokenizer=x").sample.to_dict()
-  generators.check_sample_settings("var", {**as_saved, "few_steps": [1, 2, 4]})  # JSON's list.
+  generators.check_new_sample_settings("var", {**as_saved, "few_steps": [1, 2, 4]})  # A list.
   # `vitok eval --sample` / `vitok sample` overrides the sampler does not read.
   with pytest.raises(ConfigError, match="'num_steps' has no effect on model.family=var"):
     generators.check_sample_overrides("var", {"num_steps": 10})

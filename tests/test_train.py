@@ -180,6 +180,12 @@ def test_train_without_config_takes_the_runs_own(tmp_path, monkeypatch):
   assert cli.main(argv) == 0
   assert trained[-1] == (config_lib.load_config("vitok").variant,
                          config_lib.load_config("vitok").total_steps, new)
+  other = tmp_path / "other"  # A config.json of something else: refused, not a traceback.
+  other.mkdir()
+  (other / "config.json").write_text('{"architectures": ["Bert"]}')
+  argv = ["vitok", "train", f"--workdir={other}"]
+  monkeypatch.setattr(sys, "argv", argv)
+  assert cli.main(argv) == 2 and len(trained) == 2
 
 
 def test_a_stop_during_set_up_saves_step_0_and_a_sweep_resumes_it(tmp_path, monkeypatch):
@@ -300,6 +306,19 @@ def test_config_changes_leave_out_resumable_fields_and_fields_the_code_added():
   config = tiny_config(steps=8, eval_every=2, **{"data.worker_count": 2, "optim.base_lr": 0.01})
   del saved["num_visualize"]  # As in a run begun before the field existed.
   assert loop.config_changes(saved, config) == ["optim.base_lr: 0.002 → 0.01"]
+  # A generator run saved before its model.dropout / drop_path / reweight_by_scale fields trained
+  # without them: a config that turns one on changes it; one that keeps it off does not.
+  old = config_lib.load_config("generator:llamagen/Mu,tokenizer=x")
+  del old.model["dropout"], old.model["drop_path"], old.objective["reweight_by_scale"]
+  new = config_lib.load_config("generator:llamagen/Mu,tokenizer=x")
+  assert loop.config_changes(old, new) == ["model.dropout: (absent: 0.0) → 0.1"]
+  new.model.dropout = 0.0
+  assert loop.config_changes(old, new) == []
+  infinity = config_lib.load_config("generator:infinity/d2,tokenizer=x")
+  old = infinity.copy_and_resolve_references()
+  del old.model["dropout"], old.model["drop_path"], old.objective["reweight_by_scale"]
+  assert loop.config_changes(old, infinity) == [
+      "model.drop_path: (absent: 0.0) → None", "objective.reweight_by_scale: (absent: False) → True"]
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):

@@ -72,8 +72,9 @@ def _cached_logits(model, params, inputs, labels):
 
 def test_init_is_vars():
   """VAR's init_weights: kernels and embeddings of std √(1/(3·width)), the head's × 0.02, the
-  AdaLN Linears' × 0.5 with the blocks' gate columns × 1e-5, attention output and fc2 ÷
-  √(2·depth), biases zero."""
+  AdaLN Linears' × 0.5 with the blocks' gate columns × 1e-3 (VAR's alng up to d20; 1e-5 at d30),
+  attention output and fc2 ÷ √(2·depth), biases zero."""
+  assert [var.adaln_gate_init(d) for d in (2, 16, 20, 24, 30)] == [1e-3, 1e-3, 1e-3, 1e-4, 1e-5]
   width, depth = 96, 3
   model = var.VAR(vit.ViTSize(width, depth, 2), SCALES, CHANNELS, CLASSES, vocab_size=512,
                   attn_impl="xla")
@@ -85,7 +86,7 @@ def test_init_is_vars():
   expected = [(block["query"]["kernel"], std), (block["fc1"]["kernel"], std),
               (block["out"]["kernel"], std / np.sqrt(2 * depth)),
               (block["fc2"]["kernel"], std / np.sqrt(2 * depth)),
-              (block["ada"]["kernel"][:, :2 * width], 1e-5 * std),   # Gates g1, g2.
+              (block["ada"]["kernel"][:, :2 * width], 1e-3 * std),   # Gates g1, g2 (d3).
               (block["ada"]["kernel"][:, 2 * width:], 0.5 * std),    # Scales and shifts.
               (params["head"]["kernel"], 0.02 * std), (params["head_ada"]["kernel"], 0.5 * std),
               (params["word_embed"]["kernel"], std), (params["class_emb"]["embedding"], std),

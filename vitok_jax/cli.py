@@ -459,7 +459,16 @@ def _run_config(argv: list[str]) -> str | None:
   for i, arg in enumerate(argv):
     workdir = (argv[i + 1] if arg == "--workdir" and i + 1 < len(argv) else
                arg.split("=", 1)[1] if arg.startswith("--workdir=") else None)
-    if workdir and os.path.exists(os.path.join(workdir, "config.json")):
+    path = os.path.join(workdir, "config.json") if workdir else ""
+    if path and os.path.exists(path):
+      try:
+        with open(path) as f:
+          saved = json.load(f)
+      except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not a readable run config ({e}); pass --config") from None
+      if not isinstance(saved, dict) or not {"variant", "model"} <= set(saved):
+        raise ConfigError(f"{path} is not the config of a vitok run (no variant / model); pass "
+                          "--config, or use another --workdir")
       return f"sweeps/_run:{os.path.abspath(workdir)}"
   return None
 

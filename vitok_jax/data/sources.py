@@ -103,8 +103,8 @@ class VideoClips:
 
   A record names its slot ({"video_file", "start", "room", "label"}); transforms.prepare decodes
   it (`video_files.decode_clip`), in train from a random start up to `room` frames later (the
-  frames after the slot, at most a span less one), so every frame of a video can start a train
-  clip, and in eval at the slot's start.
+  frames after the slot, at most a span less one), so any frame that leaves the video room for a
+  clip can start one, and in eval at the slot's start.
   """
 
   def __init__(self, clips: list[tuple[str, int, int]], labels: list[int]):

@@ -45,10 +45,17 @@ CFG_SCHEDULES = ("var", "constant")
 MAX_ATTN_SCALE = 100.0   # VAR clamps the learned per-head attention scale at log(100).
 
 
-# VAR's init_weights (its released defaults): Linear kernels and embeddings a truncated normal of
-# std √(1/(3·width)), biases 0; the heads' kernel × 0.02, the AdaLN Linears' × 0.5 but the
-# blocks' gate rows (g1, g2) × 1e-5, and each block's attention output and fc2 ÷ √(2·depth).
-INIT_HEAD, INIT_ADALN, INIT_ADALN_GATE = 0.02, 0.5, 1e-5
+# VAR's init_weights as its README trains: Linear kernels and embeddings a truncated normal of
+# std √(1/(3·width)), biases 0; the heads' kernel × 0.02 (hd0), the AdaLN Linears' × 0.5 (aln)
+# but the blocks' gate rows (g1, g2) × `adaln_gate_init(depth)` (alng), and each block's attention
+# output and fc2 ÷ √(2·depth).
+INIT_HEAD, INIT_ADALN = 0.02, 0.5
+
+
+def adaln_gate_init(depth: int) -> float:
+  """VAR's alng: 1e-3 for d16 and d20 (and the shallower sizes here), 1e-4 for d24, 1e-5 for
+  d30."""
+  return 1e-3 if depth <= 20 else 1e-4 if depth < 30 else 1e-5
 
 
 def var_init(width: int, scale=1.0):
@@ -66,6 +73,9 @@ def var_init(width: int, scale=1.0):
 def var_drop_path(depth: int) -> float:
   """VAR's stochastic-depth rate of its last block: 0.1·depth/24."""
   return 0.1 * depth / 24
+
+
+INFINITY_DROP_PATH = 0.1  # Infinity's models (layer12 … 48, 2b) use 0.1 at every depth.
 
 
 def scale_offsets(scales: Sequence[int]) -> tuple[int, ...]:
@@ -101,7 +111,7 @@ class AdaLNBlock(nn.Module):
     """
     width = x_BLD.shape[-1]
     head_dim = width // self.heads
-    ada_scale_6D = np.repeat([INIT_ADALN_GATE, INIT_ADALN], [2 * width, 4 * width])
+    ada_scale_6D = np.repeat([adaln_gate_init(self.depth), INIT_ADALN], [2 * width, 4 * width])
     ada_B6D = dense(6 * width, ("embed", "mlp"), self.dtype, "ada",
                     var_init(width, ada_scale_6D))(nn.silu(cond_BD))
     gate1, gate2, scale1, scale2, shift1, shift2 = jnp.split(ada_B6D[:, None, :], 6, axis=-1)
@@ -155,7 +165,7 @@ class VAR(nn.Module):
     class_dropout: probability of replacing a label by the null class when train=True (needs a
       "dropout" rng).
     drop_path: the last block's stochastic-depth rate when train=True, rising linearly from 0 at
-      the first (VAR: 0.1·depth/24; `var_drop_path`).
+      the first (VAR: 0.1·depth/24, `var_drop_path`; Infinity: 0.1).
   """
   size: vit.ViTSize
   scales: tuple[int, ...]

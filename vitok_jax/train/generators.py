@@ -78,12 +78,13 @@ def swapped(obj, name: str, value):
     setattr(obj, name, saved)
 
 
-# config.sample fields that only some samplers read, with the value that means "off" (for DiT's
-# ODE settings, their default): a family whose sampler does not read one requires this value
-# (train_generator.validate), so a setting can never change the metric tag without changing the
-# samples, nor be saved in a run's config without effect.
-NEUTRAL_SAMPLE_SETTINGS = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, "cfg_schedule": "constant",
-                           "num_steps": 50, "method": "heun", "few_steps": (1, 2, 4)}
+# config.sample fields that only some samplers read, with the value that means "off": a family
+# whose sampler does not read one requires this value (train_generator.validate), so a setting can
+# never change the metric tag without changing the samples.
+NEUTRAL_SAMPLE_SETTINGS = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, "cfg_schedule": "constant"}
+# DiT's ODE settings with their defaults, which the other families must keep in a new run's config
+# (`check_new_sample_settings`); runs saved before that check keep whatever they hold.
+ODE_SAMPLE_DEFAULTS = {"num_steps": 50, "method": "heun", "few_steps": (1, 2, 4)}
 
 # config.sample.cfg_schedule -> var.cfg_weights schedule: "linear" is VAR's ramp
 # w_k = 1 + cfg·k/(K − 1) (the first scale unguided), "constant" is w_k = cfg (Infinity's).
@@ -305,11 +306,10 @@ class VARFamily(Family):
     vocab = dict(vocab_size=self.tokenizer.bottleneck_module.codebook_size)
     if self.head == "bitwise":
       vocab = dict(bits=self.tokenizer.channels)
-    drop_path = m.get("drop_path")  # None: VAR's rule for this depth.
+    drop_path = drop_path_rate(self.name, m, self.size.depth)
     return var.VAR(self.size, scales=self.scales, latent_channels=self.tokenizer.channels,
                    num_classes=m.num_classes, head=self.head, class_dropout=m.class_dropout,
-                   attn_impl=m.attn_impl, **vocab,
-                   drop_path=var.var_drop_path(self.size.depth) if drop_path is None else drop_path)
+                   attn_impl=m.attn_impl, drop_path=drop_path, **vocab)
 
   @property
   def tokens_per_example(self) -> int:
@@ -446,6 +446,16 @@ def check_bitwise_top_k(top_k: int) -> None:
                       "(greedy), or top_p / temperature")
 
 
+def drop_path_rate(family: str, model_cfg, depth: int) -> float:
+  """The last block's stochastic-depth rate of a var / infinity model: model.drop_path; None: the
+  family's published rate (VAR: 0.1·depth/24; Infinity: 0.1); absent, as in a run saved before
+  the field existed (trained without): 0."""
+  rate = model_cfg.get("drop_path", 0.0)
+  if rate is None:
+    return var.INFINITY_DROP_PATH if family == "infinity" else var.var_drop_path(depth)
+  return rate
+
+
 def check_sample_settings(family: str, sample) -> None:
   """Raises ConfigError for a config.sample setting that `family`'s sampler would ignore.
 
@@ -453,15 +463,27 @@ def check_sample_settings(family: str, sample) -> None:
   family does not read must keep its neutral value; the fields it reads must be values its
   sampler takes (`Family.check_sample`, e.g. Infinity's top_k is 0 or 1).
   """
+  _check_unread(family, sample, NEUTRAL_SAMPLE_SETTINGS)
+  FAMILIES[family].check_sample(sample)
+
+
+def check_new_sample_settings(family: str, sample) -> None:
+  """`check_sample_settings`, and for a new run also DiT's ODE settings (`ODE_SAMPLE_DEFAULTS`),
+  which a family that does not read them must keep at their defaults: set, they would be saved in
+  the run's config with no effect."""
+  check_sample_settings(family, sample)
+  _check_unread(family, sample, ODE_SAMPLE_DEFAULTS)
+
+
+def _check_unread(family: str, sample, neutral_values: dict) -> None:
   fields = FAMILIES[family].sample_fields
-  for key, neutral in NEUTRAL_SAMPLE_SETTINGS.items():
+  for key, neutral in neutral_values.items():
     value = sample[key]
     if isinstance(value, (list, tuple)):  # A run's config.json holds lists.
       value = tuple(value)
     if key not in fields and value != neutral:
       raise ConfigError(f"sample.{key}={sample[key]!r} has no effect on model.family={family} "
                         f"(its sampler reads {list(fields)}); leave it at {neutral!r}")
-  FAMILIES[family].check_sample(sample)
 
 
 def check_sample_overrides(family: str, overrides) -> None:

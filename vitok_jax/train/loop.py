@@ -80,15 +80,24 @@ RESUMABLE_FIELDS = ("variant", "total_steps", "log_every", "eval_every", "ckpt_e
                     "data.worker_count")
 
 
+# Fields added to the configs after runs were saved without them, with the value such a run
+# trained with: resuming one with a config that holds another value changes how it trains.
+ADDED_FIELDS = {"model.dropout": 0.0, "model.drop_path": 0.0, "objective.reweight_by_scale": False}
+
+
 def config_changes(saved, config) -> list[str]:
   """"path: saved → new" for each field where `config` differs from the `saved` config of a run,
-  but `RESUMABLE_FIELDS` (compared as config.json stores them). Fields only one of them has are
-  left out: a field added to (or dropped from) the code's config since the run started."""
+  but `RESUMABLE_FIELDS` (compared as config.json stores them). A field only one of them has is
+  left out (added to or dropped from the code's config since the run started), unless the saved
+  config lacks one of `ADDED_FIELDS` and `config` holds another value than the run had."""
   flat = lambda c: _flatten(json.loads(json.dumps(c.to_dict(), default=str)))
   before, after = flat(saved), flat(config)
   resumable = lambda key: any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS)
-  return [f"{key}: {before[key]!r} → {after[key]!r}" for key in sorted(set(before) & set(after))
-          if not resumable(key) and before[key] != after[key]]
+  changes = [f"{key}: {before[key]!r} → {after[key]!r}" for key in sorted(set(before) & set(after))
+             if not resumable(key) and before[key] != after[key]]
+  return changes + [f"{key}: (absent: {had!r}) → {after[key]!r}"
+                    for key, had in ADDED_FIELDS.items()
+                    if key not in before and key in after and after[key] != had]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -37,8 +37,9 @@ from vitok_jax.train import checkpoint, generators, loop, metrics_writer, optimi
 from vitok_jax.train.loop import TrainState
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first invalid field of a generator config."""
+def validate(config: ml_collections.ConfigDict, new_run: bool = False) -> None:
+  """Raises ConfigError naming the first invalid field of a generator config; new_run: also the
+  checks that runs saved before them need not pass (`generators.check_new_sample_settings`)."""
   m = config.model
   require_choice(m.family, "model.family", generators.FAMILIES)
   size_family = generators.FAMILIES[m.family].size_family
@@ -77,7 +78,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   require(s.temperature > 0, f"sample.temperature must be > 0, got {s.temperature}")
   require(0 < s.top_p <= 1, f"sample.top_p must be in (0, 1], got {s.top_p}")
   require(s.top_k >= 0, f"sample.top_k must be >= 0 (0 disables it), got {s.top_k}")
-  generators.check_sample_settings(m.family, s)   # No setting the family's sampler ignores.
+  # No setting the family's sampler ignores (for a new run, DiT's ODE settings included).
+  (generators.check_new_sample_settings if new_run else generators.check_sample_settings)(
+      m.family, s)
   require(config.eval.num_samples >= 0, f"eval.num_samples must be >= 0, got {config.eval.num_samples}")
 
 
@@ -384,7 +387,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
 
 
 def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
-  validate(config)
+  validate(config, new_run=not os.path.exists(os.path.join(workdir, "config.json")))
   if config.eval.get("inception_weights"):  # gFID at every eval: the file must be there now.
     perceptual_metrics.check_weights(GFID_METRICS, config.eval)
   config_lib.check_workdir(workdir)
