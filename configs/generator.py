@@ -12,10 +12,11 @@ uniform t (logit-normal with --config.objective.t_sampling=logit_normal), label 
 sampling, CFG; LlamaGen: CFG 2.0; VAR: CFG ramped over the scales (cfg_schedule=linear); Infinity:
 constant CFG 3, bit flips up to 0.3, the loss reweighted by scale; stochastic depth (VAR:
 0.1·depth/24; Infinity: 0.1); LlamaGen's dropout 0.1 on its blocks' outputs and input embeddings;
-weight decay 0 (DiT) or 0.05 (the others). The optimiser is one for all (`optimizer.default_config`: AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, warm-up then
-cosine decay, gradient clipping at 1): LlamaGen's and VAR's betas, not their schedules (LlamaGen:
-constant lr; VAR: linear decay, clipping at 2), nor SiT's (β2 = 0.999, constant lr, no clipping,
-EMA 0.9999). Set --config.optim.* to follow one paper exactly.
+weight decay 0 (DiT) or 0.05 (the others). The optimiser is one for all
+(`optimizer.default_config`: AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, warm-up then cosine decay,
+gradient clipping at 1): LlamaGen's and VAR's betas, not their schedules (LlamaGen: constant lr;
+VAR: linear decay, clipping at 2), nor SiT's (β2 = 0.999, constant lr, no clipping, EMA 0.9999).
+Set --config.optim.* to follow one paper exactly.
 
   vitok train --config generator --workdir runs/dit    (after `vitok sweep quickstart`)
 """

@@ -318,7 +318,8 @@ def test_config_changes_leave_out_resumable_fields_and_fields_the_code_added():
   old = infinity.copy_and_resolve_references()
   del old.model["dropout"], old.model["drop_path"], old.objective["reweight_by_scale"]
   assert loop.config_changes(old, infinity) == [
-      "model.drop_path: (absent: 0.0) → None", "objective.reweight_by_scale: (absent: False) → True"]
+      "model.drop_path: (absent: 0.0) → None",
+      "objective.reweight_by_scale: (absent: False) → True"]
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):

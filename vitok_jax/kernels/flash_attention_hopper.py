@@ -442,9 +442,10 @@ DS_DURING_DV_HEAD_DIMS = (64,)
 # Head dims at which dSᵀ = Pᵀ∘(dPᵀ − delta) takes P as rounded to q's dtype for dV's matmul, so
 # that the float32 P dies before the matmuls: up to 32 fewer registers a thread live across dV's
 # and dP's matmuls (a 64×64 float32 tile over a warpgroup's 128 threads; an estimate until ptxas
-# reports it), where at head dim 128 ptxas spills. dSᵀ is rounded to q's dtype for its own matmuls anyway, so this adds one such rounding
-# to each element. Not yet timed on a GPU: `tools/bench_kernels.py`'s `pallas_bwd_rounded_p` sets
-# (64, 128), and `tools/check_hopper_gpu.sh` times it and reports its spills.
+# reports it), where at head dim 128 ptxas spills. dSᵀ is rounded to q's dtype for its own
+# matmuls anyway, so this adds one such rounding to each element. Not yet timed on a GPU:
+# `tools/bench_kernels.py`'s `pallas_bwd_rounded_p` sets (64, 128), and
+# `tools/check_hopper_gpu.sh` times it and reports its spills.
 DS_FROM_ROUNDED_P_HEAD_DIMS = ()
 
 

@@ -325,7 +325,8 @@ def scale_loss_weights(scales: Sequence[int]) -> np.ndarray:
 
 
 def _weighted_mean(values_BL, token_weights_L):
-  """Mean over tokens and batch, the tokens weighted by `token_weights_L` (summing to 1) if given."""
+  """Mean over tokens and batch, the tokens weighted by `token_weights_L` (summing to 1) if
+  given."""
   if token_weights_L is None:
     return values_BL.mean()
   return (values_BL * jnp.asarray(token_weights_L)).sum(-1).mean()
