@@ -186,6 +186,9 @@ def test_train_without_config_takes_the_runs_own(tmp_path, monkeypatch):
   argv = ["vitok", "train", f"--workdir={other}"]
   monkeypatch.setattr(sys, "argv", argv)
   assert cli.main(argv) == 2 and len(trained) == 2
+  argv = ["vitok", "train", f"--config=vitok:{TINY}", f"--workdir={other}"]  # Named: taken.
+  monkeypatch.setattr(sys, "argv", argv)
+  assert cli.main(argv) == 0 and (trained[-1][0], trained[-1][2]) == (TINY, str(other))
 
 
 def test_a_stop_during_set_up_saves_step_0_and_a_sweep_resumes_it(tmp_path, monkeypatch):

@@ -526,8 +526,10 @@ def main(argv: list[str] | None = None) -> int:
     _fake_devices_first(rest)
     # Without --config, train and eval take the run's own config (train resumes the run, not the
     # default into it); a new train run and compile, the default.
-    default = (_run_config(rest) if command in ("train", "eval") else None) or (
-        DEFAULT_CONFIG if command in ("train", "compile") else None)
+    named = any(arg == "--config" or arg.startswith("--config=") for arg in rest)
+    default = None if named else (
+        (_run_config(rest) if command in ("train", "eval") else None)
+        or (DEFAULT_CONFIG if command in ("train", "compile") else None))
     if FLAGS.is_parsed():  # Defaults again when main() is called twice in one process (tests).
       FLAGS.unparse_flags()
     args = _resolve_config_arg(rest, default)
