@@ -486,8 +486,8 @@ def test_family_objective_defaults_and_who_may_set_them():
       train_generator.validate(config)
   # Stochastic depth: None takes the family's published rate; the families without it refuse one.
   assert config_lib.load_config("generator:var/d2,tokenizer=x").model.drop_path is None
-  rate = lambda family, **model: generators.drop_path_rate(family, ml_collections.ConfigDict(model),
-                                                           depth=16)
+  rate = lambda family, **model: generators.drop_path_rate(
+      family, ml_collections.ConfigDict({"model": model}), depth=16)
   assert rate("var", drop_path=None) == pytest.approx(0.1 * 16 / 24)
   assert rate("infinity", drop_path=None) == 0.1 and rate("var", drop_path=0.05) == 0.05
   assert rate("var") == 0.0  # A run saved before the field: trained without.

@@ -24,6 +24,7 @@ from vitok_jax.errors import ConfigError
 from vitok_jax.models import ar, bottlenecks, dit, flow, infinity, multiscale, sampling, var, vit
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.train import codes as codes_lib
+from vitok_jax.train import loop
 from vitok_jax.train import train_tokenizer
 
 
@@ -271,7 +272,7 @@ class LlamaGenFamily(Family):
     return ar.LlamaGen(self.size, vocab_size=codebook, num_classes=m.num_classes,
                        grid=tuple(self.tokenizer.grid), class_dropout=m.class_dropout,
                        mlp_multiple_of=m.mlp_multiple_of, attn_impl=m.attn_impl, dtype=self.dtype,
-                       dropout=m.get("dropout", 0.0))
+                       dropout=loop.added_field(self.config, "model.dropout"))
 
   def arrays(self, store):
     codes = store["codes"]
@@ -306,7 +307,7 @@ class VARFamily(Family):
     vocab = dict(vocab_size=self.tokenizer.bottleneck_module.codebook_size)
     if self.head == "bitwise":
       vocab = dict(bits=self.tokenizer.channels)
-    drop_path = drop_path_rate(self.name, m, self.size.depth)
+    drop_path = drop_path_rate(self.name, self.config, self.size.depth)
     return var.VAR(self.size, scales=self.scales, latent_channels=self.tokenizer.channels,
                    num_classes=m.num_classes, head=self.head, class_dropout=m.class_dropout,
                    attn_impl=m.attn_impl, drop_path=drop_path, **vocab)
@@ -342,7 +343,7 @@ class VARFamily(Family):
   def token_weights(self, train: bool):
     """The training loss's token weights with objective.reweight_by_scale, else None (a plain
     mean, as held out: Infinity's validation loss is unweighted too)."""
-    reweight = train and self.config.objective.get("reweight_by_scale", False)
+    reweight = train and loop.added_field(self.config, "objective.reweight_by_scale")
     return var.scale_loss_weights(self.scales) if reweight else None
 
   def next_input_fn(self):
@@ -446,11 +447,11 @@ def check_bitwise_top_k(top_k: int) -> None:
                       "(greedy), or top_p / temperature")
 
 
-def drop_path_rate(family: str, model_cfg, depth: int) -> float:
+def drop_path_rate(family: str, config, depth: int) -> float:
   """The last block's stochastic-depth rate of a var / infinity model: model.drop_path; None: the
   family's published rate (VAR: 0.1·depth/24; Infinity: 0.1); absent, as in a run saved before
-  the field existed (trained without): 0."""
-  rate = model_cfg.get("drop_path", 0.0)
+  the field existed: the rate it trained with (`loop.ADDED_FIELDS`)."""
+  rate = loop.added_field(config, "model.drop_path")
   if rate is None:
     return var.INFINITY_DROP_PATH if family == "infinity" else var.var_drop_path(depth)
   return rate

@@ -85,6 +85,13 @@ RESUMABLE_FIELDS = ("variant", "total_steps", "log_every", "eval_every", "ckpt_e
 ADDED_FIELDS = {"model.dropout": 0.0, "model.drop_path": 0.0, "objective.reweight_by_scale": False}
 
 
+def added_field(config, key: str):
+  """config's value of `key`, one of `ADDED_FIELDS`; for a run saved before the field existed,
+  the value it trained with."""
+  section, name = key.split(".")
+  return config[section].get(name, ADDED_FIELDS[key])
+
+
 def config_changes(saved, config) -> list[str]:
   """"path: saved → new" for each field where `config` differs from the `saved` config of a run,
   but `RESUMABLE_FIELDS` (compared as config.json stores them). A field only one of them has is
