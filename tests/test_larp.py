@@ -123,6 +123,19 @@ def test_prior_is_causal_position_i_predicts_code_i_plus_1(tiny):
       assert np.abs(new[:, j] - logits[:, j]).max() > 1e-4
 
 
+def test_prior_logits_are_cosines_of_its_normalised_prediction(tiny):
+  """LARP scores code k by cos(prior(z_q)_i, e_k) (its l2-normalised prediction, temperature 1)."""
+  model, variables, x = tiny
+  z, _ = _encode(model)(variables, x)
+  logits, raw = jax.jit(lambda z: model.apply(variables, z, method=lambda m, z: (
+      m.bottleneck_layer.prior_logits(z), m.bottleneck_layer.prior_net(z[:, :-1]))))(z)
+  unit = np.asarray(model.apply(variables, method=lambda m: m.bottleneck_layer.quantizer.codes()))
+  raw = np.asarray(raw, np.float64)
+  expected = raw / np.linalg.norm(raw, axis=-1, keepdims=True) @ unit.T
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5)
+  assert np.abs(np.asarray(logits)).max() <= 1 + 1e-5
+
+
 def test_stochastic_codes_follow_softmax_of_cosine_over_temperature():
   cos = np.array([1.0, 0.98, 0.95, 0.5])
   codes = np.stack([cos, np.sqrt(1 - cos**2), np.zeros(4)], -1)  # Unit rows, cos to z = e_x.

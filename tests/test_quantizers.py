@@ -55,6 +55,24 @@ def test_vq_losses_and_straight_through_gradients():
   assert float(jnp.abs(g_cb_params["codebook"]).max()) > 0 and float(jnp.abs(g_cm_z).max()) > 0
 
 
+def test_vq_codebook_init_rows_as_llamagen_and_larp():
+  """LlamaGen stores its uniform(−1/K, 1/K) rows normalised; LARP's kaiming_uniform_ rows are
+  uniform(±√(6/C)); without normalisation the rows stay uniform(−1/K, 1/K)."""
+  rows = lambda **kw: np.asarray(_vq(channels=16, codebook_size=512, **kw)[1]["params"]["codebook"])
+  np.testing.assert_allclose(np.linalg.norm(rows(), axis=-1), 1.0, rtol=1e-5)
+  raw = rows(normalize=False)
+  assert np.abs(raw).max() <= 1 / 512 and np.abs(raw).max() > 0.9 / 512
+  kaiming = rows(codebook_init="kaiming")
+  bound = math.sqrt(6 / 16)
+  assert np.abs(kaiming).max() <= bound and np.abs(kaiming).max() > 0.95 * bound
+  np.testing.assert_allclose(np.linalg.norm(kaiming, axis=-1).mean(), math.sqrt(2), rtol=0.05)
+  # At unit rows the lookup's codebook gradient is of the encoder's size, not K times it.
+  module, variables, z = _vq(channels=16, codebook_size=512)
+  loss = lambda p, z: sum(module.apply({"params": p}, z)[2].values())
+  g_params, g_z = jax.grad(loss, argnums=(0, 1))(variables["params"], z)
+  assert float(jnp.linalg.norm(g_params["codebook"])) < 10 * float(jnp.linalg.norm(g_z))
+
+
 def test_vq_entropy_loss_equals_numpy():
   affinity = np.asarray(jax.random.normal(jax.random.key(3), (50, 16))) * 0.05
   logits = affinity / 0.01

@@ -11,7 +11,8 @@ Wang et al. 2024, "LARP: Tokenizing Videos with a Learned Autoregressive Generat
            a learned type embedding)] -> ViT (unmasked) -> keep the last n_patch tokens -> pixels.
   prior    a small causal transformer over the quantised sequence z_q (gradients flow back into
            the encoder through the straight-through z_q, as in LARP): position i predicts code
-           i + 1 with logits = prior(z_q)_i · sg(e_k) (LARP's latent_ce_temperature = 1).
+           i + 1 with logits = cos(prior(z_q)_i, sg(e_k)) (LARP's l2-normalised prediction and
+           latent_ce_temperature = 1).
 
 Loss terms (weighted by config.loss, defaults from LARP's config): larp_vq = codebook + 0.25·commit
 (weight 0.1) and larp_prior = the prior's cross-entropy (weight 0.06).
@@ -163,12 +164,15 @@ class LARPBottleneck(nn.Module):
 
   def setup(self):
     self.to_latent = bottlenecks._to_latent(self.channels)  # pylint: disable=protected-access
-    self.quantizer = quantizers.VectorQuantizer(self.channels, self.codebook_size, normalize=True)
+    self.quantizer = quantizers.VectorQuantizer(self.channels, self.codebook_size, normalize=True,
+                                                codebook_init="kaiming")
     self.prior_net = ARPrior(self.prior, self.attn_impl, self.dtype, name="prior")
 
   def prior_logits(self, zq_BNC):
-    """[B, N − 1, K]: row i scores code i + 1 from z_q[:, :i + 1] (codebook under stop-gradient)."""
-    out_BLC = self.prior_net(zq_BNC[:, :-1]).astype(jnp.float32)
+    """[B, N − 1, K]: row i scores code i + 1 from z_q[:, :i + 1]: the cosine of the prior's
+    l2-normalised prediction with each code (codebook under stop-gradient), as LARP's
+    `ar_predict` and `calculate_logits_and_ar_pred_cont`."""
+    out_BLC = quantizers.l2_normalize(self.prior_net(zq_BNC[:, :-1]).astype(jnp.float32))
     return out_BLC @ jax.lax.stop_gradient(self.quantizer.codes()).T
 
   def __call__(self, h_BND, *, sample: bool):

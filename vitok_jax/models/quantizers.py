@@ -176,12 +176,23 @@ class VectorQuantizer(nn.Module):
   normalize: bool = True
   entropy_temperature: float = 0.01
   with_entropy: bool = False   # LlamaGen's entropy loss (a tokens × K softmax): off by default.
+  # "uniform": LlamaGen's uniform(−1/K, 1/K) rows, stored at unit length when `normalize` (as
+  # LlamaGen's VectorQuantizer does); "kaiming": LARP's kaiming_uniform_ rows (fan-in C, length
+  # about √2). The normalised lookup's gradient scales as 1/‖e‖, so rows left at length ~1/K
+  # would take nearly all of the clipped global gradient norm.
+  codebook_init: str = "uniform"
   impl: str = "auto"
 
   def setup(self):
-    # LlamaGen initialises the codebook uniform(−1/K, 1/K) (then normalises it at use).
-    bound = 1.0 / self.codebook_size
-    init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    if self.codebook_init == "kaiming":
+      init = nn.initializers.variance_scaling(2.0, "fan_in", "uniform", in_axis=-1, out_axis=-2)
+    elif self.codebook_init == "uniform":
+      bound = 1.0 / self.codebook_size
+      def init(key, shape):
+        rows = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+        return l2_normalize(rows) if self.normalize else rows
+    else:
+      raise ValueError(f"codebook_init={self.codebook_init!r}: use 'uniform' or 'kaiming'")
     self.codebook = self.param("codebook", partitioned(init, (None, "latent")),
                                (self.codebook_size, self.channels))
 
