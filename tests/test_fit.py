@@ -193,9 +193,38 @@ def test_fit_rows_leave_out_runs_missing_a_column():
                                         dict(x="params", y="eval/loss")], n_boot=0)
   assert "error" not in two, two
   assert two["n"] == single["n"] == len(n[::2])
+  assert two["left_out"] == single["left_out"] == ["no_metric", "nan"]
+  assert "left out: no_metric, nan)" in results.describe_fit(single)
   assert two["alpha"] == pytest.approx(0.34, rel=0.05) and two["E"] == pytest.approx(1.7, rel=0.05)
   typo, = results.fit_rows(rows, [dict(x="param", y="eval/loss")])
   assert typo["error"].startswith("ValueError: no column 'param' in the results; the columns are")
+
+
+def test_a_non_finite_extra_metric_is_flagged_not_a_divergence(tmp_path):
+  """A run whose reconstruction metrics are finite stays in the fits of those columns when
+  another metric (e.g. an FID added later by `vitok eval`) is NaN; a NaN eval/l2 is diverged."""
+  from vitok_jax.scaling import results  # pylint: disable=g-import-not-at-top
+  def record(l2, extra, e, psnr):
+    return {"E": e, "metrics": {"eval/l2": l2, "eval/psnr": psnr, "eval/fid_extra": extra},
+            "steps": 500}
+  extra_nan = results._row(record(0.1, float("nan"), 64, 20.0), "a", "done", [], {})
+  l2_nan = results._row(record(float("nan"), 1.0, 128, 21.0), "b", "done", [], {})
+  clean = results._row(record(0.2, 1.0, 256, 23.0), "c", "done", [], {})
+  assert extra_nan["status"] == "done" and l2_nan["status"] == "diverged"
+  assert clean["steps"] == 500 and "error" not in clean
+  assert results.flags([extra_nan, l2_nan, clean]) == [
+      "a: done (non-finite eval/fid_extra)", "b: diverged (non-finite eval/l2)"]
+  rows = [extra_nan, l2_nan, clean]
+  rows.append(dict(clean, id="d", E=512, **{"eval/psnr": 24.5}))
+  psnr, = results.fit_rows(rows, [dict(x="E", y="eval/psnr")])
+  assert psnr["n"] == 3 and psnr["left_out"] == []
+
+
+def test_a_fit_named_with_or_without_its_default_offset_is_one_fit():
+  from vitok_jax.scaling import results  # pylint: disable=g-import-not-at-top
+  specs = [dict(x="E", y="eval/l2"), dict(x="E", y="eval/psnr"),
+           dict(x="E", y="eval/l2", offset=False), dict(x="E", y="eval/l2", offset=True)]
+  assert results._unique(specs) == [specs[0], specs[1], specs[3]]
 
 
 def test_two_variable_bootstrap_resamples_span_both_axes():
@@ -233,6 +262,12 @@ def test_frontier_plot_labels_its_x_and_skips_a_two_point_fit(tmp_path, monkeypa
   assert compute_ax.get_xlabel() == "compute (training FLOPs)"
   assert tokens_ax.get_xscale() == tokens_ax.get_yscale() == "log"
   assert len(tokens_ax.get_lines()) == 1  # The frontier, no fitted law through two points.
+  # The law through a frontier is drawn over the frontier's compute, not past its last run.
+  rows = [{"status": "done", "compute": c, "eval/l2": l}
+          for c, l in zip((1e12, 2e12, 4e12, 8e12, 1.6e13, 3.2e13), (1, .8, .6, .5, .55, .7))]
+  plots.plot_frontier(rows, "eval/l2", str(tmp_path))
+  frontier, law = figures[-1].axes[0].get_lines()
+  assert max(law.get_xdata()) == pytest.approx(max(frontier.get_xdata())) == 8e12
 
 
 @pytest.mark.parametrize("span", [(1.1e15, 1.9e15), (2e15, 2.5e15), (1.5e15, 9e15)])

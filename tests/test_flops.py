@@ -16,12 +16,14 @@ import functools
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from vitok_jax import kernels
 from vitok_jax.errors import ConfigError
 from vitok_jax.models import tokenizer, vit
 from vitok_jax.scaling import flops
+from vitok_jax.scaling import record as record_lib
 
 RTOL = 0.10
 RNGS = {"params": jax.random.key(0), "sample": jax.random.key(1)}
@@ -168,3 +170,21 @@ def test_code_bits_equal_the_bits_of_the_codes_an_encode_returns(variant, expect
     codebook = config.model.codebook_size or 1024  # vq1k's default size.
     counted = sum(c.size for c in codes) * math.log2(codebook)
   assert counted == bits
+
+
+def test_tokenizer_record_counts_attention_whatever_it_runs_as(tmp_path):
+  """forward_xla is the XLA-attention model's count even when attention runs as a kernel (a
+  custom call XLA counts as 0); the record still says what attention ran as."""
+  config = ml_collections.ConfigDict(dict(total_steps=1, batch_size=1))
+  pixel_shape = (16, 16, 1)
+  records = {}
+  for impl in ("pallas", "xla"):
+    model = tokenizer.ViTok(vit.decode_size("Mu"), vit.decode_size("Mu"), patch=(4, 4),
+                            pixel_channels=1, latent_channels=8, attn_impl=impl)
+    params = _abstract_params(model, jax.ShapeDtypeStruct((1, *pixel_shape), jnp.float32),
+                              sample=False)["params"]
+    records[impl] = record_lib.tokenizer_record(config, model, params, pixel_shape, wall_time=1.0,
+                                                metrics={}, workdir=str(tmp_path))
+  assert {c["impl"] for c in records["pallas"]["attention_impl"]} == {"pallas_gpu"}  # Interpreted.
+  counted = [records[impl]["flops_per_example"]["forward_xla"] for impl in ("pallas", "xla")]
+  assert counted[0] == counted[1] > 0

@@ -16,6 +16,7 @@ from vitok_jax import ConfigError, cli, config_lib, data
 from vitok_jax.models import infinity, var
 from vitok_jax.models.perceptual import mnist_classifier
 from vitok_jax.parallel import mesh as mesh_lib
+from vitok_jax.scaling import flops
 from vitok_jax.scaling import record as record_lib
 from vitok_jax.train import codes, generators, train_generator, train_tokenizer
 from vitok_jax.train.metrics_writer import read_jsonl
@@ -129,6 +130,20 @@ def test_held_out_loss_is_the_clean_conditional_loss(family, tokenizer_dirs):
     assert losses[0.0][1] == pytest.approx(losses[0.0][0], rel=1e-6)
 
 
+@pytest.mark.parametrize("shortcut", [False, True])
+def test_recorded_train_flops_match_xlas_count_of_the_loss_gradient(shortcut, tokenizer_dirs):
+  """A shortcut step also runs two target forwards on a quarter of the batch: 3.5 forwards."""
+  config = generator_config("dit", tokenizer_dirs["gaussian"], **{"objective.shortcut": shortcut,
+                                                                  "batch_size": 8})
+  model, _, eval_arrays = train_generator.build_family(config, mesh_lib.make_mesh(config.mesh))
+  batch = {k: v[:8] for k, v in eval_arrays.items()}
+  params = nn.meta.unbox(model.init(jax.random.key(0), batch))
+  forward = flops.xla_flops(model.forward_fn(), params, {k: v[:1] for k, v in batch.items()})
+  step = flops.xla_flops(jax.grad(lambda p: model.loss(p, batch, jax.random.key(1))[0]), params)
+  assert model.train_forwards(8) == (3.5 if shortcut else 3.0)
+  assert step / 8 == pytest.approx(model.train_forwards(8) * forward, rel=0.03)
+
+
 def test_dit_with_the_shortcut_objective_trains_and_scores_its_few_step_samplers(
     tokenizer_dirs, tmp_path):
   config = generator_config("dit", tokenizer_dirs["gaussian"], steps=3,
@@ -184,7 +199,6 @@ def test_fid_mnist_of_samples_that_are_the_held_out_digits_is_zero(tokenizer_dir
 def test_generator_flops_count_attention_whatever_it_runs_as(tokenizer_dirs, tmp_path):
   """The record's FLOPs are the XLA-attention model's even when attention runs as a kernel (a
   custom call XLA's cost analysis does not count); the record still says what it ran as."""
-  from vitok_jax.scaling import flops  # pylint: disable=g-import-not-at-top
   records = {}
   for impl in ("pallas", "xla"):
     config = generator_config("dit", tokenizer_dirs["gaussian"], **{"model.attn_impl": impl})

@@ -137,7 +137,12 @@ def _num_levels(max_steps: int) -> int:
   return levels
 
 
-def shortcut_loss(velocity_fn: ShortcutFn, x1, rng, *, cond=None, bootstrap_fraction: float = 0.25,
+# The share of a shortcut batch trained on self-consistency targets (Frans et al.: 1/4).
+BOOTSTRAP_FRACTION = 0.25
+
+
+def shortcut_loss(velocity_fn: ShortcutFn, x1, rng, *, cond=None,
+                  bootstrap_fraction: float = BOOTSTRAP_FRACTION,
                   max_steps: int = 128, t_kind: str = "uniform",
                   target_velocity_fn: ShortcutFn | None = None):
   """Shortcut-model loss on data x1 [B, ...]: flow matching at d = 0 plus self-consistency.

@@ -128,7 +128,7 @@ def plot_frontier(rows: Sequence[dict], y: str, out_dir: str, *, x: str = "compu
   # more points than the law has parameters (fit_power_law raises otherwise).
   if len(front) >= 3 and np.all(metric[front] > 0) and np.ptp(np.log(compute[front])) > 0.4:
     law = fit_lib.fit_power_law(compute[front], metric[front])
-    grid = np.geomspace(compute.min(), compute.max(), 50)
+    grid = np.geomspace(compute[front].min(), compute[front].max(), 50)  # Only where it was fit.
     ax.plot(grid, fit_lib.predict_power_law(law, grid), "--", color="C3", alpha=0.6,
             label=f"frontier fit ∝ C^{law['b']:.3f}")
   _log_log(ax, xlabel=f"{x} (training FLOPs)" if x == "compute" else x, ylabel=y,

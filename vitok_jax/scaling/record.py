@@ -24,9 +24,11 @@ def tokenizer_record(config: ml_collections.ConfigDict, model, params, pixel_sha
   """
   forward = flops.tokenizer_forward_flops(model, pixel_shape)
   example = jax.ShapeDtypeStruct((1, *pixel_shape), jnp.float32)
+  apply = lambda m: lambda p, x: m.apply({"params": p}, x, sample=False)
   with kernels.recorded_attention() as attention_calls:  # Each call as traced here.
-    xla_forward = flops.xla_flops(
-        lambda p, x: model.apply({"params": p}, x, sample=False), params, example)
+    jax.eval_shape(apply(model), params, example)
+  # Counted with XLA attention: a cuDNN or Pallas attention is a custom call XLA counts as 0.
+  xla_forward = flops.xla_flops(apply(model.clone(attn_impl="xla")), params, example)
   tokens = flops.tokens_per_example(model, pixel_shape)
   return {
       "workdir": os.path.abspath(workdir),

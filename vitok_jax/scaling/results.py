@@ -2,8 +2,11 @@
 
 Rows come from every runs/*/record.json (plus runs the manifest lists that have none). Columns:
   id, status, the swept keys, params_{encoder,decoder,bottleneck,total}, E, c, tokens_per_example,
-  flops_forward (per example), flops_train (per example, 3 × forward), compute (= flops_train ×
-  examples_seen, the run's training FLOPs), examples_seen, tokens_seen, wall_time_s, the metrics.
+  flops_forward (per example), flops_train (per example: 3 × forward, 3.5 for shortcut DiT),
+  compute (= flops_train × examples_seen: the model's training FLOPs, not counting loss networks
+  such as LPIPS or a GAN discriminator), examples_seen, tokens_seen, steps, wall_time_s, and the
+  metrics of the run's last evaluation (at its final step, on the EMA params when it keeps an
+  EMA; `vitok eval` adds to them).
 A fit or plot names any of these columns, a swept key among them (a dotted config path when the
 sweep sweeps one, e.g. "model.decoder").
 """
@@ -20,6 +23,9 @@ from vitok_jax.scaling import fit as fit_lib
 from vitok_jax.scaling import sweep as sweep_lib
 
 METRICS = ("eval/psnr", "eval/ssim", "eval/l2")
+# A run whose own held-out outputs are not finite blew up; another non-finite metric (an FID of a
+# degenerate sample set) is flagged and left out of the fits of its column only.
+DIVERGENCE_METRICS = (*METRICS, "eval/loss")
 # Metrics where larger is better, by their last name (eval/psnr, gen/cfg_scale=3/class_accuracy):
 # the frontier needs the direction.
 HIGHER_IS_BETTER = {"psnr", "ssim", "class_accuracy", "inception_score"}
@@ -61,15 +67,18 @@ def _row(record: dict, run_id: str, status: str, swept: Sequence[str], point: di
       compute=flops["train"] * seen if flops.get("train") and seen else None, examples_seen=seen,
       tokens_seen=record["tokens_per_example"] * seen if seen and record.get(
           "tokens_per_example") else None,
-      wall_time_s=record.get("wall_time_s"))
+      steps=record.get("steps"), wall_time_s=record.get("wall_time_s"))
   # A swept column (e.g. c) keeps its swept value in rows without a record (pending, failed).
   row.update({k: v for k, v in measured.items() if v is not None or k not in swept})
   metrics = record.get("metrics", {})
   for name in sorted(set(METRICS) | set(metrics)):
     row[name] = metrics.get(name)
-  if status == sweep_lib.DONE and any(
-      not isinstance(v, (int, float)) or not math.isfinite(v) for v in metrics.values()):
-    row["status"] = sweep_lib.DIVERGED  # A record with NaN metrics: the run blew up at the end.
+  bad = sorted(k for k, v in metrics.items()
+               if not isinstance(v, (int, float)) or not math.isfinite(v))
+  if status == sweep_lib.DONE and bad:
+    row["error"] = [f"non-finite {', '.join(bad)}"]
+    if set(bad) & set(DIVERGENCE_METRICS):
+      row["status"] = sweep_lib.DIVERGED
   return row
 
 
@@ -166,27 +175,25 @@ def unlisted_runs(sweep_dir: str) -> list[str]:
 
 
 def flags(rows: Sequence[dict]) -> list[str]:
-  """One line per run that did not finish cleanly (diverged, failed, still pending)."""
+  """One line per run that did not finish cleanly (diverged, failed, still pending, or done with
+  a non-finite metric)."""
   return [f"{row['id']}: {row['status']}" + (f" ({row['error'][0]})" if row.get("error") else "")
-          for row in rows if row["status"] != sweep_lib.DONE]
+          for row in rows if row["status"] != sweep_lib.DONE or row.get("error")]
 
 
-def _columns_of_done_rows(rows: Sequence[dict], *keys: str) -> list[list[float]]:
-  """[values of each key] over the finished rows where every key is a finite positive number
-  (a log-space fit cannot use the others; a run missing one of them is left out of that fit)."""
+def _columns_of_done_rows(rows: Sequence[dict], *keys: str) -> tuple[list[list[float]], list[str]]:
+  """([values of each key] over the finished rows where every key is a finite positive number,
+  ids of the finished rows left out): a log-space fit cannot use the others, so a run missing
+  one of them is left out of that fit (and named in its result)."""
   def ok(v):
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
   done = [r for r in rows if r["status"] == sweep_lib.DONE]
   for key in keys:  # A metric column exists once a run has finished: checked on those.
     if done and all(key not in row for row in done):
       raise ValueError(f"no column {key!r} in the results; the columns are {sorted(done[0])}")
-  kept = [[r.get(k) for k in keys] for r in done]
-  kept = [values for values in kept if all(ok(v) for v in values)]
-  return [[values[i] for values in kept] for i in range(len(keys))]
-
-
-def _xy(rows: Sequence[dict], x: str, y: str):
-  return _columns_of_done_rows(rows, x, y)
+  kept = [r for r in done if all(ok(r.get(k)) for k in keys)]
+  left_out = [r["id"] for r in done if r not in kept]
+  return [[r[k] for r in kept] for k in keys], left_out
 
 
 def fit_rows(rows: Sequence[dict], specs: Sequence[dict], *, n_boot: int = 100) -> list[dict]:
@@ -194,22 +201,24 @@ def fit_rows(rows: Sequence[dict], specs: Sequence[dict], *, n_boot: int = 100) 
 
   A spec is {"x": column, "y": column, "offset": bool} (single power law) or
   {"kind": "two_variable", "n": column, "d": column, "y": column} (L(N, D) with the
-  compute-optimal exponents). Returns the fit results with their spec, or {"error": ...}.
+  compute-optimal exponents). Returns the fit results with their spec, or {"error": ...}; each
+  names the finished runs it left out ("left_out": a column missing, non-finite or ≤ 0).
   """
   out = []
   for spec in specs:
     spec = dict(spec)
+    left_out = []
     try:
       if spec.get("kind") == "two_variable":
-        ns, ds, ys = _columns_of_done_rows(rows, spec["n"], spec["d"], spec["y"])
+        (ns, ds, ys), left_out = _columns_of_done_rows(rows, spec["n"], spec["d"], spec["y"])
         result = fit_lib.fit_two_variable(ns, ds, ys, n_boot=n_boot)
       else:
-        xs, ys = _xy(rows, spec["x"], spec["y"])
+        (xs, ys), left_out = _columns_of_done_rows(rows, spec["x"], spec["y"])
         result = fit_lib.fit_power_law(xs, ys, offset=spec.get("offset", False))
         result["x_values"], result["y_values"] = xs, ys
     except (ValueError, TypeError, KeyError) as e:
       result = {"error": f"{type(e).__name__}: {e}"}
-    out.append({"spec": spec, **result})
+    out.append({"spec": spec, **result, "left_out": left_out})
   return out
 
 
@@ -226,8 +235,10 @@ def describe_fit(result: dict) -> str:
   ci = result["ci"]["b"]
   ci_text = f"b {100 * result['ci_level']:.0f}% CI [{ci[0]:.3g}, {ci[1]:.3g}], "
   offset = f"{result['c']:.4g} + " if "c" in result else ""
+  left_out = result.get("left_out")
+  left_text = f"; left out: {', '.join(left_out)}" if left_out else ""
   return (f"{spec['y']} = {offset}{result['a']:.4g}·{spec['x']}^{result['b']:.4g} "
-          f"({ci_text}R² {result['r2']:.3f}, n={result['n']})")
+          f"({ci_text}R² {result['r2']:.3f}, n={result['n']}{left_text})")
 
 
 def stored_specs(path: str) -> list[dict]:
@@ -245,8 +256,17 @@ def save_fits(fit_results: Sequence[dict], path: str) -> list[dict]:
 
 
 def _unique(specs: Sequence[dict]) -> list[dict]:
-  """specs without repeats (equal as sorted JSON), first occurrence first."""
-  return list({json.dumps(spec, sort_keys=True): dict(spec) for spec in specs}.values())
+  """specs without repeats (equal as sorted JSON once a power law's offset defaults to False),
+  first occurrence first."""
+  def key(spec):
+    defaults = {} if spec.get("kind") == "two_variable" else {"offset": False}
+    return json.dumps({**defaults, **spec}, sort_keys=True)
+  seen, out = set(), []
+  for spec in specs:
+    if key(spec) not in seen:
+      seen.add(key(spec))
+      out.append(dict(spec))
+  return out
 
 
 def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = True,

@@ -149,6 +149,11 @@ class Family:
     """name -> sample-like function for the few-step samplers this family trained (if any)."""
     return {}
 
+  def train_forwards(self, batch_size: int) -> float:
+    """A training step's cost per example in forward passes: 3 (forward + backward)."""
+    del batch_size
+    return 3.0
+
   def forward_fn(self) -> Callable:
     """(params, batch) -> model outputs: the forward pass whose FLOPs the record reports."""
     return lambda params, batch: self.model.apply(
@@ -216,6 +221,13 @@ class DiTFamily(Family):
 
   def forward_fn(self):
     return lambda params, batch: self._apply(params)(*self.init_inputs(batch))
+
+  def train_forwards(self, batch_size: int) -> float:
+    """3, plus for shortcut training the two forward passes (no backward) that make the
+    self-consistency targets of its `flow.BOOTSTRAP_FRACTION` of the batch."""
+    if not self.config.objective.shortcut:
+      return 3.0
+    return 3.0 + 2.0 * round(flow.BOOTSTRAP_FRACTION * batch_size) / batch_size
 
   def loss(self, params, batch, rng, train: bool = True):
     r_drop, r_flow = jax.random.split(rng)
