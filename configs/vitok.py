@@ -85,11 +85,12 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   # ViTok uses LPIPS 1.0: set loss.lpips=1.0 with perceptual.lpips_weights (tools/convert_lpips.py).
   # commit/codebook: VQ (LlamaGen, VAR) β = 0.25 and 1; vq_entropy: LlamaGen's entropy loss, which
   # only quantizer=vq1k_ent computes (0.1 there, set below); bsq_entropy: BSQ-ViT's entropy penalty
-  # weight 0.1 (10 balances the bits, README); larp_vq (codebook + 0.25·commit) 0.1 and larp_prior
-  # (AR prior CE) 0.06 as in LARP. Unused terms are simply not returned.
+  # weight 0.1 (10 balances the bits, README); bsq_commit: BSQ's commitment, 0 as in BSQ-ViT's
+  # configs and Infinity's code; larp_vq (codebook + 0.25·commit) 0.1 and larp_prior (AR prior CE)
+  # 0.06 as in LARP. Unused terms are simply not returned.
   config.loss = ml_collections.ConfigDict(dict(
       l2=1.0, l1=0.1, lpips=0.0, kl=1e-3, commit=0.25, codebook=1.0, vq_entropy=0.0,
-      bsq_entropy=0.1, larp_vq=0.1, larp_prior=0.06, trepa=0.0))
+      bsq_entropy=0.1, bsq_commit=0.0, larp_vq=0.1, larp_prior=0.06, trepa=0.0))
   # TREPA (LatentSync, video only): loss.trepa = 10 with perceptual.trepa_weights, a VideoMAE-v2
   # .npz of size trepa_size ("g/14" as LatentSync; "Mu/8" for CPU smoke runs), clips resized to
   # trepa_resolution (224).

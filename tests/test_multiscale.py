@@ -123,7 +123,7 @@ def test_infinity_bsq_codes_decode_to_f_hat():
   assert all(c.dtype == jnp.uint32 and c.shape[-1] == 1 for c in codes)
   np.testing.assert_allclose(np.asarray(module.apply(variables, codes, 8, method=module.decode_codes)),
                              np.asarray(f_hat), atol=1e-5)
-  assert set(terms) == {"commit", "bsq_entropy"} and "bsq/bit_entropy_min" in metrics
+  assert set(terms) == {"bsq_commit", "bsq_entropy"} and "bsq/bit_entropy_min" in metrics
 
 
 def _torch_bilinear_1d(x, out_size: int, axis: int):

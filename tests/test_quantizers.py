@@ -5,6 +5,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -209,11 +210,31 @@ def test_bottleneck_in_vitok_codes_round_trip(name):
   variables = nn.meta.unbox(model.init({"params": jax.random.key(0)}, x, sample=False))
   recon, aux = jax.jit(lambda v, x: model.apply(v, x, sample=True))(variables, x)
   assert recon.shape == x.shape and set(aux["loss_terms"]) <= set(
-      ("commit", "codebook", "vq_entropy", "bsq_entropy"))
+      ("commit", "codebook", "vq_entropy", "bsq_entropy", "bsq_commit"))
   z, aux, grid = model.apply(variables, x, method=model.encode)
   decoded = jax.jit(codes_lib.decode_fn(model, grid))(variables["params"], aux["codes"])
   np.testing.assert_allclose(np.asarray(decoded), np.asarray(model.apply(variables, z, grid, method=model.decode)), atol=1e-5)
   assert name in bottlenecks.BOTTLENECKS
+
+
+def test_bsq_commitment_is_weighted_zero_as_published_and_as_trained_by_older_runs():
+  """BSQ-ViT's configs and Infinity's code train BSQ without a commitment term; a run saved
+  before `loss.bsq_commit` existed trained it at 0.25 and resumes so."""
+  from configs import vitok  # pylint: disable=g-import-not-at-top
+  from vitok_jax.train import losses, train_tokenizer  # pylint: disable=g-import-not-at-top
+  config = vitok.get_config("Mu-Mu/4,c=8,res=16,data=mnist,quantizer=bsq")
+  older = ml_collections.ConfigDict({**config.to_dict(), "loss": {
+      k: v for k, v in config.loss.items() if k != "bsq_commit"}})
+  model = tokenizer.ViTok(vit.ViTSize(32, 1, 2), vit.ViTSize(32, 1, 2), (4, 4), 1, 8,
+                          bottleneck="bsq")
+  x = jax.random.uniform(jax.random.key(9), (2, 16, 16, 1), minval=-1, maxval=1)
+  variables = nn.meta.unbox(model.init({"params": jax.random.key(0)}, x, sample=False))
+  recon, aux = model.apply(variables, x, sample=True)
+  commit = float(aux["loss_terms"]["bsq_commit"])
+  assert commit > 0
+  totals = [float(losses.tokenizer_loss(x, recon, aux, train_tokenizer.loss_weights(c))[0])
+            for c in (config, older)]
+  assert totals[1] - totals[0] == pytest.approx(0.25 * commit, rel=1e-4)
 
 
 def _train(quantizer: str, channels: int, steps: int, workdir, **loss):

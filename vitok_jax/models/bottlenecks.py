@@ -95,7 +95,7 @@ class BSQBottleneck(nn.Module):
   """Linear to d = c channels, then BSQ: q = sign(u)/√d, u = z/‖z‖ (straight-through).
 
   Loss terms: bsq_entropy ((token entropy − γ·codebook entropy) / inverse temperature, as
-  BSQ-ViT's code), commit.
+  BSQ-ViT's code; the inverse temperature is Infinity's 100, BSQ-ViT's default is 1), bsq_commit.
   aux["codes"]: [B, N, ceil(d/32)] uint32, bit 0 the most significant.
   """
   channels: int

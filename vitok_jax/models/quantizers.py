@@ -239,8 +239,9 @@ def bsq_quantize(z_NC, *, inv_temperature: float = 100.0, gamma: float = 1.0, im
   I with `unit_gradient` (Infinity's `quantize_new`, z + sg(sign(z)/√d − z)). Terms (BSQ-ViT's;
   Infinity's released training-time entropy term is 0): bsq_entropy = (E_tokens[Σ_i H(p_i)] −
   γ·Σ_i H(E_tokens[p_i])) / β, p_i = σ(4·β·u_i/√d) the soft P(bit i = 1), β the inverse
-  temperature (the division keeps the penalty's gradient from growing with β); commit =
-  mean((sg(q) − u)²). Metrics: codebook usage per bit (`bit_metrics`) and per code
+  temperature (the division keeps the penalty's gradient from growing with β); bsq_commit =
+  mean((sg(q) − u)²) (weighted 0 by default: BSQ-ViT's configs set β_commit = 0 and Infinity's
+  released code computes none). Metrics: codebook usage per bit (`bit_metrics`) and per code
   (`bsq_code_metrics`), and the two entropies (not divided by β).
   """
   out = kernels.bsq(z_NC, inv_temperature=inv_temperature, impl=impl)
@@ -249,7 +250,8 @@ def bsq_quantize(z_NC, *, inv_temperature: float = 100.0, gamma: float = 1.0, im
     quantized = scale_gradient(quantized, math.sqrt(z_NC.shape[-1]))
   u_NC = l2_normalize(z_NC)
   terms = {"bsq_entropy": (out.token_entropy - gamma * out.codebook_entropy) / inv_temperature,
-           "commit": jnp.mean((jax.lax.stop_gradient(out.quantized.astype(jnp.float32)) - u_NC) ** 2)}
+           "bsq_commit": jnp.mean(
+               (jax.lax.stop_gradient(out.quantized.astype(jnp.float32)) - u_NC) ** 2)}
   metrics = {**bit_metrics(out.bit_usage), **bsq_code_metrics(out.quantized, out.codes),
              "bsq/token_entropy": out.token_entropy, "bsq/codebook_entropy": out.codebook_entropy}
   return quantized, out.codes, terms, metrics

@@ -82,7 +82,8 @@ RESUMABLE_FIELDS = ("variant", "total_steps", "log_every", "eval_every", "ckpt_e
 
 # Fields added to the configs after runs were saved without them, with the value such a run
 # trained with: resuming one with a config that holds another value changes how it trains.
-ADDED_FIELDS = {"model.dropout": 0.0, "model.drop_path": 0.0, "objective.reweight_by_scale": False}
+ADDED_FIELDS = {"model.dropout": 0.0, "model.drop_path": 0.0, "objective.reweight_by_scale": False,
+                "loss.bsq_commit": 0.25}
 
 
 def added_field(config, key: str):

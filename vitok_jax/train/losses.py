@@ -1,17 +1,16 @@
 """The one loss module: reconstruction, perceptual and bottleneck terms weighted by config.loss."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax.numpy as jnp
-import ml_collections
 
 from vitok_jax.errors import ConfigError
 
 PIXEL_TERMS = ("l2", "l1", "lpips", "trepa")
 
 
-def tokenizer_loss(x, recon, aux: dict, loss_cfg: ml_collections.ConfigDict,
+def tokenizer_loss(x, recon, aux: dict, loss_cfg: Mapping[str, float],
                    perceptual_fn: Callable | None = None, trepa_fn: Callable | None = None):
   """Weighted sum of the tokenizer's loss terms.
 

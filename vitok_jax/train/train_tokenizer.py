@@ -209,6 +209,12 @@ def state_shardings(parts: Components, config, mesh) -> TrainState:
   return sharding.logical_to_mesh(specs, mesh, shapes=abstract)
 
 
+def loss_weights(config) -> dict[str, float]:
+  """config.loss by term name; a run saved before BSQ's commitment had its own weight
+  (`loss.bsq_commit`) trained it at the VQ commitment's 0.25."""
+  return {**config.loss, "bsq_commit": loop.added_field(config, "loss.bsq_commit")}
+
+
 def make_train_step(parts: Components, config):
   """(state, batch) -> (state, metrics); noise rng = fold_in(seed, step), so resume is exact.
 
@@ -222,11 +228,12 @@ def make_train_step(parts: Components, config):
   restart_every = config.get("codebook_restart_every", 0)
   code_ema = config.get("codebook_ema", 0.0)
   maintain = bool(restart_every or code_ema)
+  weights = loss_weights(config)
 
   def recon_loss_fn(params, x, rng):
     (recon, aux), sown = model.apply({"params": params}, x, sample=True, rngs={"sample": rng},
                                      mutable=["intermediates"] if maintain else [])
-    loss, metrics = losses.tokenizer_loss(x, recon, aux, config.loss, parts.perceptual_fn,
+    loss, metrics = losses.tokenizer_loss(x, recon, aux, weights, parts.perceptual_fn,
                                           parts.trepa_fn)
     if maintain:
       metrics = {**metrics, "pools": codebook.pools(sown.get("intermediates", {}))}
