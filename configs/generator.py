@@ -14,9 +14,13 @@ constant CFG 3, bit flips up to 0.3, the loss reweighted by scale; stochastic de
 0.1·depth/24; Infinity: 0.1); LlamaGen's dropout 0.1 on its blocks' outputs and input embeddings;
 weight decay 0 (DiT) or 0.05 (the others). The optimiser is one for all
 (`optimizer.default_config`: AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, warm-up then cosine decay,
-gradient clipping at 1): LlamaGen's and VAR's betas, not their schedules (LlamaGen: constant lr;
-VAR: linear decay, clipping at 2), nor SiT's (β2 = 0.999, constant lr, no clipping, EMA 0.9999).
-Set --config.optim.* to follow one paper exactly.
+gradient clipping at 1): LlamaGen's and VAR's betas, not their schedules, nor SiT's. To train with
+a paper's own (lr 1e-4 at batch 256 in all three):
+  SiT       --config.optim.b2=0.999 --config.optim.schedule=constant --config.optim.warmup_steps=0
+            --config.optim.clip_norm=0 --config.ema_decay=0.9999
+  LlamaGen  --config.optim.schedule=constant --config.optim.warmup_steps=0
+  VAR       --config.optim.schedule=linear --config.optim.min_lr_ratio=0.01
+            --config.optim.clip_norm=2 --config.optim.warmup_steps=<total_steps / 50>
 
   vitok train --config generator --workdir runs/dit    (after `vitok sweep quickstart`)
 """

@@ -504,6 +504,21 @@ def test_warmup_follows_the_run_length_unless_set():
   assert optimizer.warmup_steps(config.optim, config.total_steps) == 7
 
 
+def test_linear_schedule_is_vars_lin0():
+  """VAR's lr_wd_annealing("lin0") after its warm-up: the peak while less than 5% of the rest
+  has passed, then wpe + (1 − wpe)·(1 − passed)/0.95, down to wpe at the last step."""
+  total, warmup, wpe = 200, 4, 0.01
+  config = optimizer.default_config(schedule="linear", warmup_steps=warmup, min_lr_ratio=wpe)
+  _, schedule = optimizer.make_optimizer(config, batch_size=256, total_steps=total)
+  peak = config.base_lr
+  for it in range(warmup, total):
+    passed = (it - warmup) / (total - 1 - warmup)
+    var = 1.0 if passed < 0.05 else wpe + (1 - wpe) * (1 - passed) / 0.95
+    assert float(schedule(it)) == pytest.approx(peak * var, rel=1e-5), it
+  assert float(schedule(warmup // 2)) == pytest.approx(peak / 2)
+  assert float(schedule(total - 1)) == pytest.approx(peak * wpe)
+
+
 def test_weight_decay_skips_vectors_and_vars_position_and_level_embeddings():
   """Decay on kernels and embedding tables; not on biases or norm scales, nor on VAR's learned
   position (pos, pos_start) and level embeddings: one AdamW step from zero gradients moves only

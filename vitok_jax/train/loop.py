@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from vitok_jax import config_lib
 from vitok_jax.config_lib import require, require_choice
 from vitok_jax.errors import ConfigError, TrainingDiverged
-from vitok_jax.train import checkpoint
+from vitok_jax.train import checkpoint, optimizer
 
 
 def validate_run(config) -> None:
@@ -38,7 +38,7 @@ def validate_run(config) -> None:
     require(config[field] >= 1, f"{field} must be >= 1, got {config[field]}")
   optim = config.optim
   require(optim.base_lr > 0, f"optim.base_lr must be > 0, got {optim.base_lr}")
-  require_choice(optim.schedule, "optim.schedule", ("cosine", "constant"))
+  require_choice(optim.schedule, "optim.schedule", optimizer.SCHEDULES)
   require(optim.warmup_steps is None or optim.warmup_steps >= 0,
           f"optim.warmup_steps must be >= 0 (or unset: min(1000, total_steps // 10)), got "
           f"{optim.warmup_steps}")

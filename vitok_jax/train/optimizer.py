@@ -1,19 +1,25 @@
-"""AdamW with linear warm-up + cosine decay and global-norm clipping, from config.optim."""
+"""AdamW with linear warm-up + cosine or linear decay and global-norm clipping, from config.optim."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
 # Warm-up when optim.warmup_steps is unset: a tenth of the run, at most this many steps.
 MAX_AUTO_WARMUP = 1000
+# schedule="linear" (VAR's "lin0"): the peak is held for this share of the steps after warm-up.
+LINEAR_HOLD = 0.05
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 def default_config(**overrides) -> ml_collections.ConfigDict:
   """config.optim: AdamW(b1, b2, weight_decay), peak lr base_lr × batch_size / 256, linear
   warm-up over warmup_steps (unset: `warmup_steps(total_steps)`, so it follows a
-  --config.total_steps override), then cosine decay to min_lr_ratio × peak (or constant), and
-  global-norm clipping at clip_norm (0 = off)."""
+  --config.total_steps override), then `schedule`: "cosine" decay to min_lr_ratio × peak,
+  "linear" (VAR's lin0: the peak held for `LINEAR_HOLD` of the rest, then a straight line to
+  min_lr_ratio × peak at the last step) or "constant"; and global-norm clipping at clip_norm
+  (0 = off)."""
   config = ml_collections.ConfigDict(dict(
       base_lr=1e-4, b1=0.9, b2=0.95, weight_decay=0.0,
       warmup_steps=ml_collections.config_dict.placeholder(int), schedule="cosine",
@@ -35,6 +41,15 @@ def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, batch_size: int
   warmup = warmup_steps(optim_cfg, total_steps)
   if optim_cfg.schedule == "constant":
     return optax.linear_schedule(0.0, peak, max(warmup, 1)) if warmup else optax.constant_schedule(peak)
+  if optim_cfg.schedule == "linear":
+    rest = max(total_steps - 1 - warmup, 1)  # VAR reaches the end value at the last step.
+    end = peak * optim_cfg.min_lr_ratio
+
+    def linear(step):  # step counts from the end of warm-up; the line is capped at the peak.
+      left = jnp.clip((1.0 - step / rest) / (1.0 - LINEAR_HOLD), 0.0, 1.0)
+      return end + (peak - end) * left
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, max(warmup, 1)), linear],
+                                boundaries=[warmup])
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=warmup,
       decay_steps=max(total_steps, warmup + 1), end_value=peak * optim_cfg.min_lr_ratio)
