@@ -1,6 +1,7 @@
 """Variant strings, overrides and the errors a user sees for bad configs."""
 import json
 import logging
+import sys
 
 import pytest
 
@@ -79,6 +80,30 @@ def test_saved_config_reads_back_equal(tmp_path):
   back = config_lib.read_config(str(tmp_path))
   assert back.to_dict() == c.to_dict()
   assert json.load(open(tmp_path / "config.json"))["model"]["patch"] == [4, 4, 4]
+
+
+def test_a_saved_runs_unset_optional_fields_take_command_line_overrides(tmp_path, monkeypatch):
+  """`vitok train --config=configs/sweeps/_run.py:RUN --config.optim.warmup_steps=5` on a run that
+  left its optional fields unset (null in config.json), and the configs have no other."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  def unset(tree, prefix=""):
+    return [k for key, v in tree.items()
+            for k in (unset(v, f"{prefix}{key}.") if isinstance(v, dict) else
+                      [prefix + key] if v is None else [])]
+  config = config_lib.load_config("generator:var/d2,tokenizer=/no/such/run")
+  assert set(unset(load("Mu-Mu/4").to_dict()) + unset(config.to_dict())) == set(
+      config_lib.OPTIONAL_FIELDS)
+  config_lib.save_config(config, str(tmp_path))
+  back = config_lib.read_config(str(tmp_path))
+  assert back.to_dict() == config.to_dict() and back.model.drop_path is None
+  argv = ["vitok", f"--config=configs/sweeps/_run.py:{tmp_path}",
+          "--config.optim.warmup_steps=5", "--config.model.drop_path=0.2"]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv.
+  values = flags.FlagValues()
+  flag = config_flags.DEFINE_config_file("config", flag_values=values)
+  values(argv)
+  assert flag.value.optim.warmup_steps == 5 and flag.value.model.drop_path == 0.2
 
 
 @pytest.mark.parametrize("field,value,message", [

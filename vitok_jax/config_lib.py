@@ -173,14 +173,25 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
   return path
 
 
+# The configs' optional fields (placeholders: None until set) and their types. config.json stores
+# an unset one as null, a field of no type that a --config.<path>=value override cannot reach
+# (absl: "Unknown command line flag"), so read_config restores the typed placeholder.
+OPTIONAL_FIELDS = {"model.drop_path": float, "optim.warmup_steps": int}
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The resolved config a run saved in its work directory (tuples come back as tuples)."""
+  """The resolved config a run saved in its work directory (tuples come back as tuples; unset
+  `OPTIONAL_FIELDS` as their typed placeholders)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ConfigError(f"{path} not found: {workdir} is not a run directory (no config.json)")
   with open(path) as f:
-    raw = json.load(f)
-  return ml_collections.ConfigDict(_lists_to_tuples(raw))
+    raw = _lists_to_tuples(json.load(f))
+  for key, kind in OPTIONAL_FIELDS.items():
+    section, name = key.split(".")
+    if isinstance(raw.get(section), dict) and name in raw[section] and raw[section][name] is None:
+      raw[section][name] = ml_collections.config_dict.placeholder(kind)
+  return ml_collections.ConfigDict(raw)
 
 
 def require_kind(config: ml_collections.ConfigDict, workdir: str, kind: str) -> None:
