@@ -5,6 +5,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from vitok_jax import ConfigError, config_lib, data
@@ -164,6 +165,40 @@ def test_codes_are_argmax_at_eval_and_sampled_at_train():
   assert (train(1) == eval_codes).mean() > 0.2  # Sharp (T = 0.03), not uniform over 16.
 
 
+def test_scheduled_sampling_replaces_a_growing_share_of_the_priors_input():
+  """LARP's mix_ss: ratio min(0.5·progress/0.3, 0.5) of tokens 1..N−1 replaced by codes sampled
+  from the first round; the prior loss is the mean of both rounds (teacher forcing alone at
+  progress 0, and without a progress)."""
+  np.testing.assert_allclose([larp.scheduled_sampling_ratio(p) for p in (0.0, 0.15, 0.3, 1.0)],
+                             [0.0, 0.25, 0.5, 0.5])
+  neck = larp.LARPBottleneck(8, codebook_size=16, prior=SIZE)
+  h = jax.random.normal(jax.random.key(4), (64, 16, 32))
+  variables = _init(neck, h)
+  run = jax.jit(lambda v, h, progress, seed: neck.apply(
+      v, h, sample=True, progress=progress, rngs={"sample": jax.random.key(seed)}))
+  plain = neck.apply(variables, h, sample=True, rngs={"sample": jax.random.key(1)})[1]
+  at_start = run(variables, h, 0.0, 1)[1]
+  np.testing.assert_array_equal(at_start["codes"], plain["codes"])
+  assert float(at_start["loss_terms"]["larp_prior"]) == pytest.approx(
+      float(plain["loss_terms"]["larp_prior"]), rel=1e-6)
+  zq, aux = run(variables, h, 1.0, 1)
+  logits = neck.apply(variables, zq, method=neck.prior_logits)
+  mixed = neck.apply(variables, zq, logits, 1.0, method=neck.scheduled_round,
+                     rngs={"sample": jax.random.key(2)})
+  replaced = np.asarray(jnp.any(mixed != zq, axis=-1))
+  assert not replaced[:, 0].any() and 0.4 < replaced[:, 1:].mean() < 0.6
+  unit = np.asarray(neck.apply(variables, method=lambda m: m.quantizer.codes()))
+  rows = np.asarray(mixed)[replaced]
+  assert np.abs(rows @ unit.T).max(-1).min() == pytest.approx(1.0, abs=1e-5)  # Codes, unit rows.
+  first = np.mean(optax.softmax_cross_entropy_with_integer_labels(logits, aux["codes"][:, 1:]))
+  metrics = aux["metrics"]
+  assert float(metrics["larp/prior_ce_teacher_forced"]) == pytest.approx(first, rel=1e-5)
+  assert float(aux["loss_terms"]["larp_prior"]) == pytest.approx(
+      (first + float(metrics["larp/prior_ce_scheduled"])) / 2, rel=1e-5)
+  # The second round sees other inputs: its loss is not the teacher-forced one.
+  assert float(metrics["larp/prior_ce_scheduled"]) != pytest.approx(first, rel=1e-3)
+
+
 def test_straight_through_gradient_reaches_the_encoder(tiny):
   model, variables, x = tiny
   def recon_loss(params):
@@ -228,6 +263,18 @@ def test_flops_count_the_queries_and_the_prior():
   assert flops.tokens_per_example(model, (16, 16, 1)) == 7
   assert parts["encoder"] == flops.transformer_forward_flops(SIZE, 16 + 7, "geglu")
   assert parts["prior"] > 0 and parts["total"] == sum(v for k, v in parts.items() if k != "total")
+  # Training runs the prior twice (scheduled sampling): XLA's count of the loss gradient grows by
+  # about 3 × the prior's forward when the second round is on.
+  assert flops.train_flops_per_example(model, (16, 16, 1)) == 3 * (parts["total"] + parts["prior"])
+  x = jax.ShapeDtypeStruct((4, 16, 16, 1), jnp.float32)
+  params = jax.eval_shape(lambda x: nn.meta.unbox(model.init(jax.random.key(0), x, sample=False)), x)
+  def grad_flops(progress):
+    def loss(p, x):
+      recon, aux = model.apply(p, x, sample=True, progress=progress,
+                               rngs={"sample": jax.random.key(1)})
+      return jnp.mean((recon - x) ** 2) + sum(aux["loss_terms"].values())
+    return flops.xla_flops(jax.grad(loss), params, x) / 4
+  assert grad_flops(0.5) - grad_flops(None) == pytest.approx(3 * parts["prior"], rel=0.2)
 
 
 @pytest.mark.slow  # ~30 s on 2 idle cores, minutes on busy ones.
@@ -245,6 +292,10 @@ def test_trains_writes_record_and_codes_round_trip(tmp_path):
   assert all(np.isfinite(v) for v in on_disk["metrics"].values())
   train_rows = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "loss" in r]
   assert all(np.isfinite(r["larp_prior"]) and np.isfinite(r["larp_vq"]) for r in train_rows)
+  # The trainer passes its progress: the prior trains with scheduled sampling.
+  assert all(r["larp_prior"] == pytest.approx((r["larp/prior_ce_teacher_forced"]
+                                               + r["larp/prior_ce_scheduled"]) / 2, rel=1e-4)
+             for r in train_rows)
   print({k: round(v, 4) for k, v in train_rows[-1].items() if k.startswith(("l2", "larp"))},
         on_disk["metrics"])
 

@@ -17,10 +17,11 @@ Wang et al. 2024, "LARP: Tokenizing Videos with a Learned Autoregressive Generat
 Loss terms (weighted by config.loss, defaults from LARP's config): larp_vq = codebook + 0.25·commit
 (weight 0.1) and larp_prior = the prior's cross-entropy (weight 0.06).
 
-Scheduled sampling is NOT implemented: the prior is trained with teacher forcing only. LARP runs a
-second prior round on inputs where a fraction min(0.5·step/(0.3·steps), 0.5) of the tokens is
-replaced by codes sampled from the first round; that needs the training step inside the model,
-which the shared trainer's `model.apply(params, x, sample=True)` does not pass.
+Scheduled sampling (LARP's mix_ss, n_rounds 2): given the training progress (step / steps), the
+prior runs a second round on its input with a fraction min(0.5·progress/0.3, 0.5) of the tokens
+(1..N−1) replaced by codes sampled from the first round's softmax, and the prior loss is the mean
+of both rounds' cross-entropies (avg_loss_over_rounds). Without a progress (eval, `vitok eval`)
+the prior is teacher-forced only.
 
 The codes are a 1-D sequence of N integers per example (aux["codes"] [B, N] int32), not a grid:
 `decode_codes` -> `LARP.decode(z, grid)` needs only the pixel token `grid` to lay out the output.
@@ -45,6 +46,12 @@ from vitok_jax.models import ar, bottlenecks, quantizers, tokenizer, vit
 NAME = "larp"                               # config.model.bottleneck of a LARP tokenizer.
 PRIOR_SIZE = vit.ViTSize(64, 2, 2)          # The prior for CPU runs (LARP uses GPT-S).
 QUERY_INIT_STD = 0.02                       # LARP's query_init_std (timm's Gaussian init).
+SS_MAX_RATIO, SS_PEAK_PROGRESS = 0.5, 0.3   # LARP's mix_ss_max_ratio, mix_ss_peak_steps_ratio.
+
+
+def scheduled_sampling_ratio(progress):
+  """The share of the prior's input tokens replaced by its own samples at `progress` in [0, 1]."""
+  return jnp.minimum(SS_MAX_RATIO * progress / SS_PEAK_PROGRESS, SS_MAX_RATIO)
 
 
 def sincos_table(width: int, grid: Sequence[int]) -> np.ndarray:
@@ -175,7 +182,18 @@ class LARPBottleneck(nn.Module):
     out_BLC = quantizers.l2_normalize(self.prior_net(zq_BNC[:, :-1]).astype(jnp.float32))
     return out_BLC @ jax.lax.stop_gradient(self.quantizer.codes()).T
 
-  def __call__(self, h_BND, *, sample: bool):
+  def scheduled_round(self, zq_BNC, logits_BLK, progress):
+    """The prior's second-round input: z_q with tokens 1..N−1 replaced, each with probability
+    `scheduled_sampling_ratio(progress)`, by a code sampled from the first round's logits."""
+    rng_codes, rng_mask = jax.random.split(self.make_rng("sample"))
+    sampled_BL = jax.random.categorical(rng_codes, logits_BLK, axis=-1)
+    sampled_BLC = jax.lax.stop_gradient(self.quantizer.lookup(sampled_BL))
+    replace_BL1 = jax.random.uniform(rng_mask, (*sampled_BL.shape, 1)) < scheduled_sampling_ratio(
+        progress)
+    rest_BLC = jnp.where(replace_BL1, sampled_BLC, zq_BNC[:, 1:])
+    return jnp.concatenate([zq_BNC[:, :1], rest_BLC], axis=1)
+
+  def __call__(self, h_BND, *, sample: bool, progress=None):
     z_BNC = quantizers.l2_normalize(self.to_latent(h_BND.astype(jnp.float32)))
     if sample:
       index_BN = stochastic_codes(self.make_rng("sample"), z_BNC, self.quantizer.codes(),
@@ -192,6 +210,12 @@ class LARPBottleneck(nn.Module):
     metrics = {**quantizers.code_usage_metrics(index_BN, self.codebook_size, prefix="larp"),
                "larp/codebook": codebook, "larp/commit": commit,
                "larp/prior_accuracy": jnp.mean(jnp.argmax(logits_BLK, -1) == labels_BL)}
+    if sample and progress is not None:  # LARP's second round, the loss averaged over both.
+      second_BLK = self.prior_logits(self.scheduled_round(zq_BNC, logits_BLK, progress))
+      second_ce = optax.softmax_cross_entropy_with_integer_labels(second_BLK, labels_BL).mean()
+      metrics.update({"larp/prior_ce_teacher_forced": prior_ce,
+                      "larp/prior_ce_scheduled": second_ce})
+      prior_ce = (prior_ce + second_ce) / 2
     terms = {"larp_vq": codebook + self.commit_weight * commit, "larp_prior": prior_ce}
     return zq_BNC, {"codes": index_BN, "loss_terms": terms, "metrics": metrics}
 
@@ -246,12 +270,14 @@ class LARP(nn.Module):
     self.to_pixels = dense(math.prod(self.patch) * self.pixel_channels, ("embed", "patch"),
                            "to_pixels")
 
-  def encode(self, x, *, sample: bool = False):
-    """x: [B, H, W, C] or [B, T, H, W, C] in [-1, 1] -> (z_q [B, N, c], aux, token grid)."""
+  def encode(self, x, *, sample: bool = False, progress=None):
+    """x: [B, H, W, C] or [B, T, H, W, C] in [-1, 1] -> (z_q [B, N, c], aux, token grid).
+    progress: the training step / steps, for the prior's scheduled sampling (with sample)."""
     grid = tokenizer.token_grid(x.shape[1:-1], self.patch)
     tokens_BPD = self.patch_embed(tokenizer.patchify(x.astype(self.dtype), self.patch))
     tokens_BPD = tokens_BPD + jnp.asarray(sincos_table(self.encoder.width, grid), self.dtype)
-    z_BNC, aux = self.bottleneck_layer(self.encoder_net(tokens_BPD), sample=sample)
+    z_BNC, aux = self.bottleneck_layer(self.encoder_net(tokens_BPD), sample=sample,
+                                       progress=progress)
     return z_BNC, aux, grid
 
   def decode(self, z_BNC, grid: Sequence[int]):
@@ -261,9 +287,9 @@ class LARP(nn.Module):
     h_BPD = self.decoder_net(self.latent_embed(z_BNC.astype(self.dtype)), tuple(grid))
     return tokenizer.unpatchify(self.to_pixels(h_BPD).astype(jnp.float32), self.patch, grid)
 
-  def __call__(self, x, *, sample: bool = True):
+  def __call__(self, x, *, sample: bool = True, progress=None):
     """Reconstruction [same shape as x] and aux (codes, loss terms incl. the prior CE, metrics)."""
-    z_BNC, aux, grid = self.encode(x, sample=sample)
+    z_BNC, aux, grid = self.encode(x, sample=sample, progress=progress)
     return self.decode(z_BNC, grid), aux
 
 

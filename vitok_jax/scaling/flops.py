@@ -182,13 +182,15 @@ def larp_forward_flops(model, pixel_shape: Sequence[int]) -> dict[str, int]:
 
 
 def train_flops_per_example(model: tokenizer.ViTok, pixel_shape: Sequence[int]) -> int:
-  """Training FLOPs of one example: 3 × the forward total (backward ≈ 2 × forward).
+  """Training FLOPs of one example: 3 × the forward total (backward ≈ 2 × forward), LARP's prior
+  twice (its scheduled-sampling round, `larp.LARPBottleneck`).
 
   Rematerialisation (model.remat) recomputes the forward but is not counted, as MFU conventions go.
   Frozen loss networks (LPIPS's VGG at loss.lpips > 0, ~40 GFLOPs per 256² image forward) and a GAN
   discriminator are not counted either: this is the tokenizer's own compute.
   """
-  return 3 * tokenizer_forward_flops(model, pixel_shape)["total"]
+  parts = tokenizer_forward_flops(model, pixel_shape)
+  return 3 * (parts["total"] + parts.get("prior", 0))
 
 
 def xla_flops(fn: Callable[..., Any], *args) -> float:

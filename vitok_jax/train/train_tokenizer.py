@@ -28,7 +28,7 @@ from vitok_jax import config_lib, data
 from vitok_jax.config_lib import require, require_choice
 from vitok_jax.errors import DataError
 from vitok_jax.eval import perceptual_metrics, reconstruction, visualize
-from vitok_jax.models import bottlenecks, tokenizer, vit
+from vitok_jax.models import bottlenecks, larp, tokenizer, vit
 from vitok_jax.models.perceptual import lpips, videomae
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.parallel import sharding
@@ -229,10 +229,14 @@ def make_train_step(parts: Components, config):
   code_ema = config.get("codebook_ema", 0.0)
   maintain = bool(restart_every or code_ema)
   weights = loss_weights(config)
+  # LARP's prior trains with scheduled sampling, which follows the run's progress.
+  progress = (lambda step: {"progress": step / config.total_steps}) if (
+      config.model.bottleneck == larp.NAME) else (lambda step: {})
 
-  def recon_loss_fn(params, x, rng):
+  def recon_loss_fn(params, x, rng, step):
     (recon, aux), sown = model.apply({"params": params}, x, sample=True, rngs={"sample": rng},
-                                     mutable=["intermediates"] if maintain else [])
+                                     mutable=["intermediates"] if maintain else [],
+                                     **progress(step))
     loss, metrics = losses.tokenizer_loss(x, recon, aux, weights, parts.perceptual_fn,
                                           parts.trepa_fn)
     if maintain:
@@ -242,7 +246,7 @@ def make_train_step(parts: Components, config):
   def train_step(state: TrainState, batch):
     x = batch["image"]
     rng = jax.random.fold_in(base_key, state.step)
-    loss_fn = lambda p: recon_loss_fn(p, x, rng)
+    loss_fn = lambda p: recon_loss_fn(p, x, rng, state.step)
     disc, disc_metrics = state.disc, {}
     if stage is None:
       grads, (metrics, _) = jax.grad(loss_fn, has_aux=True)(state.params)
