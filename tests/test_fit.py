@@ -194,7 +194,8 @@ def test_fit_rows_leave_out_runs_missing_a_column():
   assert "error" not in two, two
   assert two["n"] == single["n"] == len(n[::2])
   assert two["left_out"] == single["left_out"] == ["no_metric", "nan"]
-  assert "left out: no_metric, nan)" in results.describe_fit(single)
+  for result in (two, single):
+    assert "; left out: no_metric, nan)" in results.describe_fit(result)
   assert two["alpha"] == pytest.approx(0.34, rel=0.05) and two["E"] == pytest.approx(1.7, rel=0.05)
   typo, = results.fit_rows(rows, [dict(x="param", y="eval/loss")])
   assert typo["error"].startswith("ValueError: no column 'param' in the results; the columns are")
@@ -332,3 +333,8 @@ def test_heatmap_axes_keep_sweep_order_when_a_run_failed(tmp_path, monkeypatch):
   plots.plot_heatmap(rows + [dict(rows[-1], **{"eval/psnr": 50.0})], "dec", "enc", "eval/psnr",
                      str(tmp_path))
   assert "46\n×2" in [t.get_text() for t in figures[0].axes[0].texts]  # (42 + 50) / 2.
+  # A done run flagged for a non-finite value leaves the cell to the others.
+  figures.clear()
+  plots.plot_heatmap(rows + [dict(rows[-1], **{"eval/psnr": float("nan")})], "dec", "enc",
+                     "eval/psnr", str(tmp_path))
+  assert "42" in [t.get_text() for t in figures[0].axes[0].texts]

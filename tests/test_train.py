@@ -323,6 +323,16 @@ def test_config_changes_leave_out_resumable_fields_and_fields_the_code_added():
   assert loop.config_changes(old, infinity) == [
       "model.drop_path: (absent: 0.0) → None",
       "objective.reweight_by_scale: (absent: False) → True"]
+  # A tokenizer saved before loss.bsq_commit trained BSQ's commitment at 0.25; only a BSQ run
+  # reads the weight.
+  for bottleneck, changed in (("gaussian", False), ("vq1k", False), ("bsq", True),
+                              ("msbsq", True)):
+    new = tiny_config(steps=4)
+    new.model.bottleneck = bottleneck
+    old = new.copy_and_resolve_references()
+    del old.loss["bsq_commit"]
+    assert loop.config_changes(old, new) == (
+        ["loss.bsq_commit: (absent: 0.25) → 0.0"] if changed else []), bottleneck
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):

@@ -94,7 +94,7 @@ def plot_heatmap(rows: Sequence[dict], x: str, y: str, value: str, out_dir: str)
   ys = list(dict.fromkeys(r.get(y) for r in rows))
   sums, counts = np.zeros((len(ys), len(xs))), np.zeros((len(ys), len(xs)), int)
   for r in done:
-    if isinstance(r.get(value), (int, float)):
+    if isinstance(r.get(value), (int, float)) and math.isfinite(r[value]):
       sums[ys.index(r.get(y)), xs.index(r.get(x))] += r[value]
       counts[ys.index(r.get(y)), xs.index(r.get(x))] += 1
   grid = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)

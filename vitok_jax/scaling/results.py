@@ -227,16 +227,16 @@ def describe_fit(result: dict) -> str:
   spec = result["spec"]
   if "error" in result:
     return f"{spec}: fit failed: {result['error']}"
+  left_out = result.get("left_out")
+  left_text = f"; left out: {', '.join(left_out)}" if left_out else ""
   if spec.get("kind") == "two_variable":
     warnings = "".join(f"\n  WARNING: {w}" for w in result.get("warnings", ()))
     return (f"{spec['y']} = {result['E']:.3g} + {result['A']:.3g}/N^{result['alpha']:.3f} + "
             f"{result['B']:.3g}/D^{result['beta']:.3f} (N={spec['n']}, D={spec['d']}, "
-            f"R² {result['r2']:.3f}); N* ∝ C^{result['a_exponent']:.3f}{warnings}")
+            f"R² {result['r2']:.3f}{left_text}); N* ∝ C^{result['a_exponent']:.3f}{warnings}")
   ci = result["ci"]["b"]
   ci_text = f"b {100 * result['ci_level']:.0f}% CI [{ci[0]:.3g}, {ci[1]:.3g}], "
   offset = f"{result['c']:.4g} + " if "c" in result else ""
-  left_out = result.get("left_out")
-  left_text = f"; left out: {', '.join(left_out)}" if left_out else ""
   return (f"{spec['y']} = {offset}{result['a']:.4g}·{spec['x']}^{result['b']:.4g} "
           f"({ci_text}R² {result['r2']:.3f}, n={result['n']}{left_text})")
 

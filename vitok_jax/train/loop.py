@@ -84,6 +84,9 @@ RESUMABLE_FIELDS = ("variant", "total_steps", "log_every", "eval_every", "ckpt_e
 # trained with: resuming one with a config that holds another value changes how it trains.
 ADDED_FIELDS = {"model.dropout": 0.0, "model.drop_path": 0.0, "objective.reweight_by_scale": False,
                 "loss.bsq_commit": 0.25}
+# Added fields that only some runs read: config -> whether it trains with the field.
+_ADDED_FIELD_READ_BY = {
+    "loss.bsq_commit": lambda config: config.model.get("bottleneck") in ("bsq", "msbsq")}
 
 
 def added_field(config, key: str):
@@ -105,7 +108,8 @@ def config_changes(saved, config) -> list[str]:
              if not resumable(key) and before[key] != after[key]]
   return changes + [f"{key}: (absent: {had!r}) → {after[key]!r}"
                     for key, had in ADDED_FIELDS.items()
-                    if key not in before and key in after and after[key] != had]
+                    if key not in before and key in after and after[key] != had
+                    and _ADDED_FIELD_READ_BY.get(key, lambda _: True)(config)]
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
