@@ -267,7 +267,8 @@ def test_flops_count_the_queries_and_the_prior():
   # about 3 × the prior's forward when the second round is on.
   assert flops.train_flops_per_example(model, (16, 16, 1)) == 3 * (parts["total"] + parts["prior"])
   x = jax.ShapeDtypeStruct((4, 16, 16, 1), jnp.float32)
-  params = jax.eval_shape(lambda x: nn.meta.unbox(model.init(jax.random.key(0), x, sample=False)), x)
+  params = jax.eval_shape(
+      lambda x: nn.meta.unbox(model.init(jax.random.key(0), x, sample=False)), x)
   def grad_flops(progress):
     def loss(p, x):
       recon, aux = model.apply(p, x, sample=True, progress=progress,

@@ -1,4 +1,4 @@
-"""AdamW with linear warm-up + cosine or linear decay and global-norm clipping, from config.optim."""
+"""AdamW with linear warm-up, cosine or linear decay and global-norm clipping, from config.optim."""
 from __future__ import annotations
 
 import jax
