@@ -192,7 +192,8 @@ def test_scheduled_sampling_replaces_a_growing_share_of_the_priors_input():
   unit = np.asarray(neck.apply(variables, method=lambda m: m.quantizer.codes()))
   rows = np.asarray(mixed)[replaced]
   assert np.abs(rows @ unit.T).max(-1).min() == pytest.approx(1.0, abs=1e-5)  # Codes, unit rows.
-  first = np.mean(optax.softmax_cross_entropy_with_integer_labels(logits, aux["codes"][:, 1:]))
+  first = float(np.mean(optax.softmax_cross_entropy_with_integer_labels(
+      logits, aux["codes"][:, 1:])))
   metrics = aux["metrics"]
   assert float(metrics["larp/prior_ce_teacher_forced"]) == pytest.approx(first, rel=1e-5)
   assert float(aux["loss_terms"]["larp_prior"]) == pytest.approx(
