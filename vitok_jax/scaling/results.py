@@ -3,11 +3,10 @@
 Rows come from every runs/*/record.json (plus runs the manifest lists that have none). Columns:
   id, status, the swept keys, params_{encoder,decoder,bottleneck,total}, E, c, tokens_per_example,
   flops_forward (per example), flops_train (per example: 3 × forward; 3.5 for shortcut DiT, and
-  LARP's prior counted twice),
-  compute (= flops_train × examples_seen: the model's training FLOPs, not counting loss networks
-  such as LPIPS or a GAN discriminator), examples_seen, tokens_seen, steps, wall_time_s, and the
-  metrics of the run's last evaluation (at its final step, on the EMA params when it keeps an
-  EMA; `vitok eval` adds to them).
+  LARP's prior counted twice), compute (= flops_train × examples_seen: the model's training
+  FLOPs, not counting loss networks such as LPIPS or a GAN discriminator), examples_seen,
+  tokens_seen, steps, wall_time_s, and the metrics of the run's last evaluation (at its final
+  step, on the EMA params when it keeps an EMA; `vitok eval` adds to them).
 A fit or plot names any of these columns, a swept key among them (a dotted config path when the
 sweep sweeps one, e.g. "model.decoder").
 """
