@@ -191,9 +191,10 @@ def _columns_of_done_rows(rows: Sequence[dict], *keys: str) -> tuple[list[list[f
   for key in keys:  # A metric column exists once a run has finished: checked on those.
     if done and all(key not in row for row in done):
       raise ValueError(f"no column {key!r} in the results; the columns are {sorted(done[0])}")
-  kept = [r for r in done if all(ok(r.get(k)) for k in keys)]
-  left_out = [r["id"] for r in done if r not in kept]
-  return [[r[k] for r in kept] for k in keys], left_out
+  kept, left_out = [], []
+  for r in done:
+    (kept if all(ok(r.get(k)) for k in keys) else left_out).append(r)
+  return [[r[k] for r in kept] for k in keys], [r["id"] for r in left_out]
 
 
 def fit_rows(rows: Sequence[dict], specs: Sequence[dict], *, n_boot: int = 100) -> list[dict]:
@@ -263,8 +264,8 @@ def _unique(specs: Sequence[dict]) -> list[dict]:
     return json.dumps({**defaults, **spec}, sort_keys=True)
   seen, out = set(), []
   for spec in specs:
-    if key(spec) not in seen:
-      seen.add(key(spec))
+    if (k := key(spec)) not in seen:
+      seen.add(k)
       out.append(dict(spec))
   return out
 
