@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vitok_jax.errors import ConfigError
 from vitok_jax.eval import timing
 
 BENCH_PATH = pathlib.Path(__file__).resolve().parent.parent / "tools" / "bench_train_step.py"
@@ -45,6 +46,19 @@ def test_bench_train_step_writes_sane_json(tmp_path):
   assert 0.9 <= row["xla_over_analytic"] <= 1.2, row["xla_over_analytic"]
   assert 0 < row["mfu"] < 1.5, row["mfu"]
   assert row["mfu"] == row["achieved_tflops"] / row["peak_tflops"]
+
+
+def test_bench_train_step_json_keeps_the_variants_measured_before_a_failure(tmp_path):
+  """--out is written after each variant, so a run stopped part-way (a time limit, a bad variant)
+  keeps the rows it measured."""
+  bench = _load_bench()
+  out = tmp_path / "results.json"
+  with pytest.raises(ConfigError, match="model.decoder='Nope'"):
+    bench.main(["--variants", "Mu-Mu/4,c=16,res=32,data=mnist", "Mu-Nope/4,c=16,res=32",
+                "--batch", "4", "--warmup", "0", "--steps", "1", "--peak_tflops", "1",
+                "--out", str(out)])
+  (row,) = json.loads(out.read_text())["results"]
+  assert row["variant"] == "Mu-Mu/4,c=16,res=32,data=mnist" and row["timed_steps"] == 1
 
 
 def test_time_jitted_back_to_back_times_one_call():

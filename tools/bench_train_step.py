@@ -13,11 +13,11 @@ run --warmup times, then each of --steps timed calls is followed by `block_until
 state and metrics; examples/s is batch / median step time.
 
 FLOPs: the analytic count of `scaling.flops.train_flops_per_example` (matmuls only, 3 × forward,
-the MFU convention of REFERENCE.md) and, as a cross-check, XLA's cost analysis of the compiled train
-step (forward, backward and optimizer update) divided by the batch. XLA also counts elementwise ops
-and the optimizer, so it sits a little above the analytic count; fused attention custom calls
-(cuDNN, used by attn_impl="auto" for bfloat16 on GPU) count 0 in XLA: cross-check with
---attn_impl xla.
+the MFU convention of REFERENCE.md) and, as a cross-check, XLA's cost analysis of the lowered train
+step (forward, backward and optimizer update; before optimisation, `flops.xla_flops`) divided by
+the batch. XLA also counts elementwise ops and the optimizer, so it sits a little above the
+analytic count; fused attention custom calls (cuDNN, used by attn_impl="auto" for bfloat16 on GPU)
+count 0 in XLA: cross-check with --attn_impl xla.
 
 MFU = achieved FLOP/s (analytic) ÷ peak FLOP/s of all devices. The peak per device is
   * CPU: measured in the same run: the best of several [n, n] x [n, n] matmuls in the benchmark
@@ -149,15 +149,17 @@ def bench_variant(variant: str, *, batch: int | None, dtype: str, attn_impl: str
   # Compiled once, ahead of time: the same executable is timed and cost-analysed.
   start = time.perf_counter()
   with kernels.recorded_attention() as attention_calls:  # What each attention call runs as.
-    compiled = train_step.lower(state, batch_arrays).compile()
+    lowered = train_step.lower(state, batch_arrays)
+    compiled = lowered.compile()
   compile_s = time.perf_counter() - start
-  # Cost analysis of an SPMD program counts one device's share; × devices gives the global step.
-  xla_per_example = flops.cost_flops(compiled) * jax.device_count() / config.batch_size
+  # The lowered step is the whole global program, before XLA's optimisation hands matmuls to
+  # cuBLAS on a GPU (`flops.xla_flops`).
+  xla_per_example = flops.cost_flops(lowered) / config.batch_size
   analytic_per_example = flops.train_flops_per_example(model, shape)
 
   for _ in range(warmup):
-    state, metrics = compiled(state, batch_arrays)
-  jax.block_until_ready((state, metrics))
+    state, _ = compiled(state, batch_arrays)
+  jax.block_until_ready(state)
   step_s = []
   for _ in range(steps):
     start = time.perf_counter()
@@ -250,12 +252,6 @@ def main(argv: list[str] | None = None) -> dict:
   print(format_peak(peak))
   print(TABLE_HEADER)
   print("-" * len(TABLE_HEADER), flush=True)
-  results = []
-  for variant in args.variants:
-    results.append(bench_variant(variant, batch=args.batch, dtype=args.dtype,
-                                 attn_impl=args.attn_impl, steps=args.steps, warmup=args.warmup,
-                                 peak=peak))
-    print(format_row(results[-1]), flush=True)
   report = {
       "benchmark": "train_tokenizer.make_train_step, jitted with donation, on synthetic "
                    "random-normal pixels on device (compute only, no data pipeline)",
@@ -263,11 +259,17 @@ def main(argv: list[str] | None = None) -> dict:
       "device_kind": jax.devices()[0].device_kind,
       "device_count": jax.device_count(),
       "peak": peak,
-      "results": results,
+      "results": [],
   }
+  for variant in args.variants:
+    report["results"].append(bench_variant(variant, batch=args.batch, dtype=args.dtype,
+                                           attn_impl=args.attn_impl, steps=args.steps,
+                                           warmup=args.warmup, peak=peak))
+    print(format_row(report["results"][-1]), flush=True)
+    if args.out:  # After each variant: a run stopped at a time limit keeps what it measured.
+      with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
   if args.out:
-    with open(args.out, "w") as f:
-      json.dump(report, f, indent=1)
     print(f"wrote {args.out}")
   return report
 
