@@ -19,9 +19,6 @@ Attention (batch × heads × L × head_dim, self-attention): forward and forward
   pallas_padded_skip_padded  padded, but skipping the tiles of query padding alone,
   pallas_bwd_in_order  ours with the Hopper backward waiting for dV's and dP's matmuls before dS
                 at every head dim (`flash_attention_hopper.DS_DURING_DV_HEAD_DIMS` empty),
-  pallas_bwd_rounded_p  ours with the Hopper backward forming dS from P rounded to the inputs'
-                dtype at head dims 64 and 128 (`DS_FROM_ROUNDED_P_HEAD_DIMS`; fewer registers
-                live across the matmuls),
   xla, cudnn    `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
   jax_pallas    jax's reference Pallas op (GPU: pallas.ops.gpu.attention.mha; TPU:
                 pallas.ops.tpu.flash_attention),
@@ -94,9 +91,8 @@ POLICY_IMPLS = {
     "pallas_padded_skip_padded": dict(HOPPER_UNPADDED=False, HOPPER_SKIP_PADDED_QUERIES=True),
 }
 # Ours with constants of the Hopper kernels set otherwise while jit traces the whole step (the
-# backward reads them when it is traced): the orders they replaced, and variants not yet taken.
-HOPPER_KERNEL_IMPLS = {"pallas_bwd_in_order": dict(DS_DURING_DV_HEAD_DIMS=()),
-                       "pallas_bwd_rounded_p": dict(DS_FROM_ROUNDED_P_HEAD_DIMS=(64, 128))}
+# backward reads them when it is traced): the orders they replaced.
+HOPPER_KERNEL_IMPLS = {"pallas_bwd_in_order": dict(DS_DURING_DV_HEAD_DIMS=())}
 ATTENTION_IMPLS = ("pallas", "pallas_hopper", "pallas_hopper_fwd", "pallas_triton",
                    "pallas_dense", *POLICY_IMPLS, *HOPPER_KERNEL_IMPLS, "xla", "cudnn",
                    "jax_pallas", "jax_mgpu")

@@ -1,21 +1,20 @@
 #!/usr/bin/env bash
 # The Hopper measurements that only an H100/H200 can make, in one run of at most 10 minutes (the
-# default step limits add up to 570 s):
-#   1. the kernel tests of the Hopper paths that take lengths as they are and skip the tiles of
+# default step limits add up to 500 s), the unmet target first:
+#   1. where the time goes at L = 4096, head dim 128 (the fwd+bwd ≥ 1.0× cuDNN target): each
+#      kernel of our step and of cuDNN's, and BSQ's at 1M tokens (`breakdown.json`); ptxas's
+#      registers and spills for each Mosaic GPU kernel compiled there (`breakdown.ptxas.txt`:
+#      the backward spilled 164 bytes a thread at head dim 128 when last run; 70 s);
+#   2. the kernel tests of the Hopper paths that take lengths as they are and skip the tiles of
 #      query padding (`policy.HOPPER_UNPADDED`, `policy.HOPPER_SKIP_PADDED_QUERIES`), compiled,
 #      alone, so that a hang ends this step and the log names it (15 tests, about 100 s, 120 s
-#      allowed);
-#   2. block-causal attention at VAR's lengths (680, 2240): the default (pallas), cuDNN given the
+#      allowed; NEW_TESTS=EXPR selects others);
+#   3. block-causal attention at VAR's lengths (680, 2240): the default (pallas), cuDNN given the
 #      mask densely, our dense visit, and the paths the two flags replaced: padded to whole tiles
 #      (pallas_padded; 680 pads to 768), padded and skipping the padding's tiles; each GPU
 #      kernel's time in a fwd+bwd step (--breakdown); the backward waiting for dV's matmul before
-#      dS (pallas_bwd_in_order); BSQ and VQ at their default shapes (`var.json`);
-#   3. where the time goes at L = 4096, head dim 128 (the fwd+bwd ≥ 1.0× cuDNN target): each
-#      kernel of our step and of cuDNN's, and BSQ's at 1M tokens (`breakdown.json`); ptxas's
-#      registers and spills for each Mosaic GPU kernel compiled there (`breakdown.ptxas.txt`:
-#      the backward spilled 164 bytes a thread at head dim 128 when last run); then the same for
-#      the backward forming dS from P rounded to bf16, `DS_FROM_ROUNDED_P_HEAD_DIMS`, not yet
-#      timed (`breakdown_rounded_p.*`, 70 s each);
+#      dS (pallas_bwd_in_order); BSQ and VQ at their default shapes (`var.json`; VAR_IMPLS=A,B
+#      times others);
 #   4. the other kernel tests, compiled (`-m "slow or not slow"`; the TPU lowering is the CPU's);
 #   5. with CAUSAL_TIMEOUT=N (seconds), causal attention, L = 256 … 8192, head dims 64 / 128: the
 #      default, the Hopper forward with the Triton backward, Triton alone and cuDNN, which
@@ -38,30 +37,19 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda} PYTHONUNBUFFERED=1 PYTHONPATH=".:${P
   # The masked Hopper kernels refuse CUDA runtimes 12.8.0-12.9.0 (flash_attention_hopper).
   python -c "from jax._src.lib import cuda_versions as v; print('cuda runtime', v and v.cuda_runtime_get_version())"
 } 2>&1 | tee "$out/device.txt"
-# The newest Hopper paths first, on their own and in one process (-v names each test as it
-# starts): a hang there (a warpgroup that walks no tile; TMA past an array's end) ends this step
-# alone and the log names it. Then VAR's lengths with and without them.
-NEW_TESTS="skip_padded or skipped_padding or as_they_are"
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${NEW_TEST_TIMEOUT:-120}" \
-  python -m pytest tests/test_kernels.py -k "$NEW_TESTS" -v -rfEs --tb=short 2>&1 \
-  | tee "$out/tests_new_paths.log"
-new_rc=${PIPESTATUS[0]}
-echo "new-path tests rc=$new_rc" | tee -a "$out/tests_new_paths.log"
-timeout "${VAR_TIMEOUT:-140}" python tools/bench_kernels.py --out "$out/var.json" \
-  --lengths= --var_lengths 680,2240 --bsq_more_tokens= --warmup 2 --iters 5 --back_to_back 10 \
-  --impls pallas,cudnn,pallas_dense,pallas_padded,pallas_padded_skip_padded,pallas_bwd_in_order \
-  --breakdown 2>&1 \
-  | tee "$out/var.log"
-echo "var rc=${PIPESTATUS[0]}" | tee -a "$out/var.log"
 # breakdown NAME IMPLS [BENCH ARGS]: L = 4096, head dim 128, each impl's kernels timed, into
 # OUT_DIR/NAME.json, NAME.log and NAME.ptxas.txt. Mosaic GPU's dumps (many files, and its IR on
 # stdout) stay outside OUT_DIR: only ptxas's lines about registers and the log's other lines are
-# kept. One process per NAME, so that its ptxas lines are its own kernels'.
+# kept, and the backward's SASS (NAME.bwd.sass.gz; its PTX through the CUDA toolkit's ptxas and
+# cuobjdump, where they are: the jax install has no nvdisasm for MOSAIC_GPU_DUMP_SASS). One process
+# per NAME, so that its ptxas lines are its own kernels'.
+PATH=$PATH:/usr/local/cuda/bin
 breakdown() {
-  local name=$1 impls=$2 dump rc
+  local name=$1 impls=$2 dump rc ptx
   shift 2
   dump=$(mktemp -d)
-  MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO="$dump" timeout "${BREAKDOWN_TIMEOUT:-70}" \
+  MOSAIC_GPU_DUMP_PTX=1 MOSAIC_GPU_DUMP_PTXAS=1 MOSAIC_GPU_DUMP_TO="$dump" \
+    timeout "${BREAKDOWN_TIMEOUT:-70}" \
     python tools/bench_kernels.py --out "$out/$name.json" \
     --lengths 4096 --head_dims 128 --var_lengths= --warmup 2 --iters 5 --back_to_back 10 \
     --impls "$impls" --breakdown "$@" > "$dump/$name.log" 2>&1
@@ -70,12 +58,31 @@ breakdown() {
   echo "$name rc=$rc" | tee -a "$out/$name.log"
   grep -r "spill\|serialized\|Used [0-9]* registers" "$dump" | sed "s|$dump/||" | cut -c1-400 \
     > "$out/$name.ptxas.txt"
+  ptx=$(ls "$dump"/*bwd*.ptx 2>/dev/null | head -1)
+  if [ -n "$ptx" ] && command -v ptxas > /dev/null && command -v cuobjdump > /dev/null; then
+    ptxas -arch=sm_90a -o "$dump/bwd.cubin" "$ptx" && cuobjdump -sass "$dump/bwd.cubin" \
+      | gzip > "$out/$name.bwd.sass.gz"
+  fi
   rm -rf "$dump"
 }
 breakdown breakdown pallas,cudnn --bsq_more_tokens=
-# The backward with dS from P rounded to bf16 (fewer registers live across the matmuls): not yet
-# timed; its spills against breakdown.ptxas.txt's.
-breakdown breakdown_rounded_p pallas_bwd_rounded_p --bsq_more_tokens=
+# The newest Hopper paths first, on their own and in one process (-v names each test as it
+# starts): a hang there (a warpgroup that walks no tile; TMA past an array's end) ends this step
+# alone and the log names it. Then VAR's lengths with and without them.
+NEW_TESTS=${NEW_TESTS:-skip_padded or skipped_padding or as_they_are}
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${NEW_TEST_TIMEOUT:-120}" \
+  python -m pytest tests/test_kernels.py -k "$NEW_TESTS" -v -rfEs --tb=short 2>&1 \
+  | tee "$out/tests_new_paths.log"
+new_rc=${PIPESTATUS[0]}
+echo "new-path tests rc=$new_rc" | tee -a "$out/tests_new_paths.log"
+var_impls=${VAR_IMPLS:-pallas,cudnn,pallas_dense,pallas_padded,pallas_padded_skip_padded}
+var_impls=${VAR_IMPLS:-$var_impls,pallas_bwd_in_order}
+timeout "${VAR_TIMEOUT:-140}" python tools/bench_kernels.py --out "$out/var.json" \
+  --lengths= --var_lengths 680,2240 --bsq_more_tokens= --warmup 2 --iters 5 --back_to_back 10 \
+  --impls "$var_impls" \
+  --breakdown 2>&1 \
+  | tee "$out/var.log"
+echo "var rc=${PIPESTATUS[0]}" | tee -a "$out/var.log"
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${TEST_TIMEOUT:-170}" \
   python -m pytest tests/test_kernels.py -m "slow or not slow" -k "not tpu and not ($NEW_TESTS)" \
   -q -rfEs --tb=short -n 4 2>&1 | tee "$out/tests.log"

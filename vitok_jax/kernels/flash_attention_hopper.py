@@ -439,14 +439,18 @@ BACKWARD_MIN_Q_LEN = 1024
 # dropped: the next query tile's Sᵀ issued before this tile's dQ, its exp during dQ's matmul, and
 # three ring slots, which at head dim 64 gave the fastest backward kernel but a slower forward).
 DS_DURING_DV_HEAD_DIMS = (64,)
-# Head dims at which dSᵀ = Pᵀ∘(dPᵀ − delta) takes P as rounded to q's dtype for dV's matmul, so
-# that the float32 P dies before the matmuls: up to 32 fewer registers a thread live across dV's
-# and dP's matmuls (a 64×64 float32 tile over a warpgroup's 128 threads; an estimate until ptxas
-# reports it), where at head dim 128 ptxas spills. dSᵀ is rounded to q's dtype for its own
-# matmuls anyway, so this adds one such rounding to each element. Not yet timed on a GPU:
-# `tools/bench_kernels.py`'s `pallas_bwd_rounded_p` sets (64, 128), and
-# `tools/check_hopper_gpu.sh` times it and reports its spills.
-DS_FROM_ROUNDED_P_HEAD_DIMS = ()
+# Registers a thread of the backward's (compute, streaming) warpgroups takes (setmaxnreg): the
+# launch gives each of its 3 warpgroups 168, so 2·compute + streaming may not pass 3·168 = 504.
+# At head dim 128 ptxas spills 164 bytes a thread. In the SASS (the kernel's PTX through ptxas and
+# cuobjdump, H100, jax 0.11.2) most spilled values are 8-byte wgmma shared-memory descriptors
+# (a base plus a constant per 16-deep step), computed before the query loop and reloaded from
+# local memory before each group of matmuls: 23 loads and 3 stores per query tile, against 32
+# wgmma instructions. Two ways to free registers were slower (backward kernel 2.85 / 2.88 ms at
+# L = 4096 in two runs; docs/kernels/hopper_bwd_register_variants_h100.json), and were removed:
+# dSᵀ from P rounded to bf16, so that the float32 P dies before the matmuls (3.03 ms, spills
+# unchanged; 3.07 ms and 168 bytes with dSᵀ during dV's matmul too; at head dim 64 0.318 / 0.648
+# against 0.299 / 0.593 ms at VAR's 680 / 2240 tokens), and (232, 40) here (3.02 ms, 208 bytes).
+BWD_MAX_REGISTERS = (240, 24)
 
 
 def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float,
@@ -480,8 +484,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   tiles, so every tile pair costs five matmuls (Sᵀ, dPᵀ, dV, dK, dQ), against seven when dQ gets
   its own pass. Each compute warpgroup owns BWD_BLOCK_K keys (their K, V in shared memory, dK, dV
   in registers): Sᵀ = K·Qᵀ, Pᵀ = exp(Sᵀ − lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ, dSᵀ = Pᵀ∘(dPᵀ − delta)
-  (while dV's matmul runs, at the head dims of `DS_DURING_DV_HEAD_DIMS`; with P as dV's matmul
-  reads it, rounded to q's dtype, at those of `DS_FROM_ROUNDED_P_HEAD_DIMS`), dK += dSᵀ·Q. dSᵀ goes
+  (while dV's matmul runs, at the head dims of `DS_DURING_DV_HEAD_DIMS`), dK += dSᵀ·Q. dSᵀ goes
   to shared memory for this step's dQ = dS·K, which is added into dq with TMA reduce-adds
   (float32 in global memory, so dq starts at zero and is not in q's dtype): at head dim 128 each
   warpgroup adds half the columns over all the program's keys once both have written dSᵀ, at 64
@@ -513,7 +516,6 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   # (docs/kernels/bench_hopper_variants_h100.json).
   split_dq = head_dim > 64
   ds_during_dv = head_dim in DS_DURING_DV_HEAD_DIMS
-  ds_from_rounded_p = head_dim in DS_FROM_ROUNDED_P_HEAD_DIMS
   dq_cols = head_dim // _COMPUTE_WARPGROUPS if split_dq else head_dim
   # Split: both read a dSᵀ slot, which the next step may not overwrite.
   ds_slots = 2 if split_dq else 1
@@ -538,7 +540,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
 
     @pl.when(wg < _COMPUTE_WARPGROUPS)
     def _compute():
-      plgpu.set_max_registers(240, action="increase")
+      plgpu.set_max_registers(BWD_MAX_REGISTERS[0], action="increase")
       own = pl.ds(wg * BWD_BLOCK_K, BWD_BLOCK_K)
       k_own, v_own = k_smem.at[own], v_smem.at[own]
       keys = (b, pl.ds(kv_block_start + wg * BWD_BLOCK_K, BWD_BLOCK_K),
@@ -589,15 +591,13 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
           keys_start = kv_block_start + wg * BWD_BLOCK_K
           p_KQ = jnp.where(_tile_visible(mask, i * BWD_BLOCK_Q, keys_start, tile, q_axis=1), p_KQ,
                            0.0)
-        if ds_from_rounded_p:  # dSᵀ takes P as dV's matmul reads it: the float32 P dies here.
-          p_KQ = p_KQ.astype(dtype)
         plgpu.barrier_wait(do_ready.at[slot])
 
         def ds_from(dp_KQ):
           """dSᵀ = Pᵀ∘(dPᵀ − delta), float32."""
           plgpu.barrier_wait(delta_ready.at[slot])
           delta_Q = plgpu.load(delta_smem.at[slot], (), layout=plgpu.Layout.WGMMA.reduce(0))
-          return p_KQ.astype(jnp.float32) * (dp_KQ - by_query(delta_Q, tile))
+          return p_KQ * (dp_KQ - by_query(delta_Q, tile))
 
         def values(refs):
           """dV += Pᵀ·dO and dPᵀ = V·dOᵀ; with ds_during_dv dPᵀ's matmul first, and then its
@@ -645,7 +645,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
 
     @pl.when(wg == _COMPUTE_WARPGROUPS)
     def _stream():
-      plgpu.set_max_registers(24, action="decrease")
+      plgpu.set_max_registers(BWD_MAX_REGISTERS[1], action="decrease")
 
       def fetch(i, slot):
         rows, row_ids = (b, _tile_rows(i, BWD_BLOCK_Q, q_len), h), (b, h, pl.ds(
