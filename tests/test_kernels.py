@@ -250,12 +250,15 @@ def test_hopper_kernel_lowers_for_cuda(mode, monkeypatch):
                     reason="on a GPU the export carries each Mosaic GPU kernel as serialized "
                     "bytecode, which differed between two lowerings of one kernel (H100, jax "
                     "0.11.2); the lowered text is compared on CPU")
-def test_hopper_backward_order_is_set_per_head_dim(monkeypatch):
-  """`DS_DURING_DV_HEAD_DIMS` changes the lowered backward at the head dims it names (64: dS
-  while dV's matmul runs) and only there; `tools/bench_kernels.py`'s pallas_bwd_in_order empties
-  it to time the other order."""
+@pytest.mark.parametrize("name,default,named", [("DS_DURING_DV_HEAD_DIMS", (64,), 64),
+                                                ("DESCRIPTORS_IN_LOOP_HEAD_DIMS", (), 128)])
+def test_hopper_backward_variants_are_set_per_head_dim(name, default, named, monkeypatch):
+  """Each of the backward's per-head-dim constants changes the lowered kernel at a head dim it
+  names and only there: `DS_DURING_DV_HEAD_DIMS` (64: dS while dV's matmul runs;
+  `tools/bench_kernels.py`'s pallas_bwd_in_order empties it) and `DESCRIPTORS_IN_LOOP_HEAD_DIMS`
+  (none by default; pallas_bwd_descriptors_in_loop sets 64 and 128)."""
   def lowered(head_dim, dims):
-    monkeypatch.setattr(hopper, "DS_DURING_DV_HEAD_DIMS", dims)
+    monkeypatch.setattr(hopper, name, dims)
     x = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)
     rows = jax.ShapeDtypeStruct((1, 2, 256), jnp.float32)
     backward = lambda *args: hopper.backward(*args, scale=0.125)
@@ -264,9 +267,10 @@ def test_hopper_backward_order_is_set_per_head_dim(monkeypatch):
     # Without source locations (they name the calling line).
     text = "\n".join(line for line in text.splitlines() if not line.startswith("#loc"))
     return re.sub(r" loc\(#loc\d*\)", "", text)
-  assert hopper.DS_DURING_DV_HEAD_DIMS == (64,)
-  assert lowered(64, (64,)) != lowered(64, ())
-  assert lowered(128, (64,)) == lowered(128, ())
+  assert getattr(hopper, name) == default
+  other = 64 + 128 - named
+  assert lowered(named, (named,)) != lowered(named, ())
+  assert lowered(other, (named,)) == lowered(other, ())
 
 
 @pytest.mark.parametrize("prefix_masks", [False, True])
@@ -756,6 +760,25 @@ def test_hopper_kernels_take_lengths_as_they_are(q_len, kv_len, head_dim, kv_hea
                    head_dim=head_dim, dtype=jnp.bfloat16, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"],
                    **mask)
   assert seen == [("forward", q_len, kv_len), ("backward", q_len, kv_len)]
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu" or not policy.is_hopper(),
+                    reason="the Mosaic GPU kernel runs on an sm_90 GPU only")
+@pytest.mark.parametrize("q_len,head_dim,mask", [(384, 128, {}), (384, 64, {}),
+                                                 (640, 128, dict(causal=True))])
+def test_hopper_backward_with_descriptors_in_loop_matches_reference(q_len, head_dim, mask,
+                                                                   monkeypatch):
+  """With `DESCRIPTORS_IN_LOOP_HEAD_DIMS` naming the head dim (the resident tiles addressed anew
+  each step) the gradients match the reference within bf16's tolerance."""
+  if mask and 12080 <= (hopper._cuda_runtime_version() or 0) < 12091:
+    pytest.skip("the masked Hopper kernels refuse CUDA 12.8.0 – 12.9.0 (ptxas)")
+  monkeypatch.setattr(hopper, "BACKWARD_MIN_Q_LEN", 0)
+  monkeypatch.setattr(hopper, "DESCRIPTORS_IN_LOOP_HEAD_DIMS", (head_dim,))
+  calls = _spy_on_hopper_kernels(monkeypatch)
+  _check_attention("gpu", batch=2, q_len=q_len, kv_len=q_len, heads=4, kv_heads=2,
+                   head_dim=head_dim, dtype=jnp.bfloat16, blocks=flash.DEFAULT_BLOCK_SIZES["gpu"],
+                   **mask)
+  assert "backward" in calls
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu" or not policy.is_hopper(),

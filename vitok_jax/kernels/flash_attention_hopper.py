@@ -451,6 +451,12 @@ DS_DURING_DV_HEAD_DIMS = (64,)
 # unchanged; 3.07 ms and 168 bytes with dSᵀ during dV's matmul too; at head dim 64 0.318 / 0.648
 # against 0.299 / 0.593 ms at VAR's 680 / 2240 tokens), and (232, 40) here (3.02 ms, 208 bytes).
 BWD_MAX_REGISTERS = (240, 24)
+# Head dims at which each backward step addresses the shared-memory tiles that stay put (its K and
+# V rows, and K's column half for dQ) anew, through an index LLVM cannot see is 0, so that their
+# wgmma descriptors are computed inside the query loop rather than before it and spilled. The
+# H100 backward's PTX with those 24 descriptor computations moved into the loop by hand compiled
+# with no spills (ptxas 13.5: 176 bytes without the move, 0 with it). Not yet timed on a GPU.
+DESCRIPTORS_IN_LOOP_HEAD_DIMS = ()
 
 
 def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float,
@@ -516,6 +522,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
   # (docs/kernels/bench_hopper_variants_h100.json).
   split_dq = head_dim > 64
   ds_during_dv = head_dim in DS_DURING_DV_HEAD_DIMS
+  descriptors_in_loop = head_dim in DESCRIPTORS_IN_LOOP_HEAD_DIMS
   dq_cols = head_dim // _COMPUTE_WARPGROUPS if split_dq else head_dim
   # Split: both read a dSᵀ slot, which the next step may not overwrite.
   ds_slots = 2 if split_dq else 1
@@ -553,14 +560,14 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
       by_query = lambda x_Q, shape: lax.broadcast_in_dim(x_Q, shape, [1])
       tile = (BWD_BLOCK_K, BWD_BLOCK_Q)
 
-      def dq_matmul(dq_acc, ds_slot):
-        """dQ = dS·K of the tile whose dSᵀ is in `ds_slot`: split, our column half over all keys;
-        else all columns over our keys."""
+      def dq_matmul(dq_acc, ds_slot, k_rows, k_mine):
+        """dQ = dS·K of the tile whose dSᵀ is in `ds_slot`: split, our column half over all keys
+        (`k_rows`, all of K's rows); else all columns over our keys (`k_mine`, our K rows)."""
         if split_dq:
           plgpu.wgmma(dq_acc, plgpu.transpose_ref(ds_smem.at[ds_slot], (1, 0)),
-                      k_smem.at[:, pl.ds(wg * dq_cols, dq_cols)])
+                      k_rows.at[:, pl.ds(wg * dq_cols, dq_cols)])
         else:
-          plgpu.wgmma(dq_acc, plgpu.transpose_ref(ds_smem.at[ds_slot, own], (1, 0)), k_own)
+          plgpu.wgmma(dq_acc, plgpu.transpose_ref(ds_smem.at[ds_slot, own], (1, 0)), k_mine)
 
       def add_dq(dq_QD, i):
         """Adds dQ of query tile i into dq by a TMA reduce-add."""
@@ -578,10 +585,16 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
         dk_KD, dv_KD = carry
         slot, ds_slot = ring_slot(i), lax.rem(i, ds_slots)
         q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
+        k_rows, k_mine, v_mine = k_smem, k_own, v_own
+        if descriptors_in_loop:  # The same tiles, through an index that is 0 but opaque to LLVM.
+          zero = lax.optimization_barrier(i) - i
+          k_rows = k_smem.at[pl.ds(zero * k_smem.shape[0], k_smem.shape[0])]
+          mine = pl.ds((wg + zero) * BWD_BLOCK_K, BWD_BLOCK_K)
+          k_mine, v_mine = k_smem.at[mine], v_smem.at[mine]
         plgpu.barrier_wait(q_ready.at[slot])
 
         def scores(s_ref):
-          plgpu.wgmma(s_ref, k_own, plgpu.transpose_ref(q_tile, (1, 0)))
+          plgpu.wgmma(s_ref, k_mine, plgpu.transpose_ref(q_tile, (1, 0)))
           return s_ref[...]
         s_KQ = pl.run_scoped(scores, plgpu.ACC(tile, jnp.float32))
         plgpu.barrier_wait(lse_ready.at[slot])
@@ -605,7 +618,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
           dv_ref, dp_ref = refs
           if not ds_during_dv:
             plgpu.wgmma(dv_ref, p_KQ.astype(dtype), do_tile)
-          plgpu.wgmma(dp_ref, v_own, plgpu.transpose_ref(do_tile, (1, 0)))
+          plgpu.wgmma(dp_ref, v_mine, plgpu.transpose_ref(do_tile, (1, 0)))
           if ds_during_dv:
             plgpu.wgmma(dv_ref, p_KQ.astype(dtype), do_tile)
             dp_ref[...] = ds_from(plgpu.wgmma_accumulator_load(dp_ref, wait_n=1))
@@ -619,7 +632,7 @@ def _backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: flo
           plgpu.commit_smem()
           if split_dq:
             meet()  # Both halves of dSᵀ are written.
-          dq_matmul(dq_acc, ds_slot)
+          dq_matmul(dq_acc, ds_slot, k_rows, k_mine)
         dk_KD, dq_QD = pl.run_state(gradients)((plgpu.ACC.init(dk_KD),
                                                 plgpu.ACC.init(zeros(BWD_BLOCK_Q, dq_cols))))
         plgpu.barrier_arrive(free.at[slot])
