@@ -485,6 +485,15 @@ def test_bad_config(kw, error, match):
     data.build_iterator(_cfg(**kw), "train", batch_size=4, **ONE)
 
 
+def test_an_empty_split_is_a_data_error_before_the_first_batch():
+  """A train split with no examples stops at build time with a DataError (the endless train
+  stream would end at the first step with a bare StopIteration), and so does an eval split."""
+  empty = sources.ArraySource(np.zeros((0, 8, 8, 1), np.uint8), np.zeros((0,), np.int32))
+  for split in ("train", "eval"):
+    with pytest.raises(DataError, match=f"split='{split}' has no examples"):
+      data.build_iterator(_cfg(), split, batch_size=4, source=empty, **ONE)
+
+
 def test_lfw_missing(tmp_path):
   with pytest.raises(DataError, match="LFW is not bundled .*set data.path=DIR"):
     data.build_iterator(_cfg("lfw", path=str(tmp_path)), "train", batch_size=4, **ONE)

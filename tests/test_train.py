@@ -191,6 +191,38 @@ def test_train_without_config_takes_the_runs_own(tmp_path, monkeypatch):
   assert cli.main(argv) == 0 and (trained[-1][0], trained[-1][2]) == (TINY, str(other))
 
 
+def test_resuming_frees_the_initial_state_before_restoring_into_its_layout(tmp_path):
+  """open_run restores into the initial state's shapes, dtypes and shardings and frees its arrays
+  first, so a resume holds one state, not two (the initial one and the restored one)."""
+  workdir = str(tmp_path / "run")
+  config = tiny_config()
+  state = lambda scale: loop.TrainState(
+      step=jnp.array(scale, jnp.int32), params={"w": jnp.full((64, 32), scale, jnp.float32)},
+      opt_state={"mu": jnp.full((64, 32), 2 * scale, jnp.float32)}, ema_params={})
+  saved = state(3)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
+  ckpt.save(3, saved, force=True)
+  ckpt.close()
+  initial = state(0)
+  initial_ids = {id(x) for x in jax.tree.leaves(initial)}
+  live_initial_during_restore = []
+  restore = checkpoint.Checkpointer._restore
+
+  def spying_restore(self, step, layout):
+    live_initial_during_restore.append(
+        [x.shape for x in jax.live_arrays() if id(x) in initial_ids and not x.is_deleted()])
+    return restore(self, step, layout)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(checkpoint.Checkpointer, "_restore", spying_restore)
+    _, opened, resumed, _ = loop.open_run(config, workdir, initial)
+  opened.close()
+  assert int(resumed.step) == 3 and float(resumed.opt_state["mu"][0, 0]) == 6.0
+  assert resumed.params["w"].sharding == saved.params["w"].sharding
+  assert live_initial_during_restore == [[]]  # None of the initial arrays was alive then.
+  assert all(x.is_deleted() for x in jax.tree.leaves(initial))
+
+
 def test_a_stop_during_set_up_saves_step_0_and_a_sweep_resumes_it(tmp_path, monkeypatch):
   """SIGTERM while the run is being built (here as it opens its checkpoints) is kept: the loop
   saves the initial state before its first step and stops, which a sweep books as pre-empted
@@ -481,6 +513,10 @@ def test_data_and_metric_weights_are_checked_before_training(tmp_path):
     train_tokenizer.validate(tiny_config(**{"eval.metrics": ("lpips",)}))
   missing = tiny_config(**{"eval.metrics": ("lpips",), "eval.lpips_weights": "/no/lpips.npz"})
   train_tokenizer.validate(missing)  # Set is enough for a sweep to expand it elsewhere.
+  with pytest.raises(ConfigError, match="needs frames of at least 16 pixels, got data.res=8"):
+    train_tokenizer.validate(tiny_config(**{"eval.metrics": ("lpips",), "data.res": 8,
+                                            "model.patch": (4, 4),
+                                            "eval.lpips_weights": "/no/lpips.npz"}))
   with pytest.raises(ConfigError, match="eval.lpips_weights='/no/lpips.npz' does not exist"):
     train_tokenizer.train(missing, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()

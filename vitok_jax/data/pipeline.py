@@ -51,6 +51,9 @@ def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int 
     raise ConfigError(
         f"process_index={process_index} must be in [0, process_count={process_count})")
   source = source if source is not None else sources.make_source(data_cfg, split)
+  if len(source) == 0:  # pylint: disable=g-explicit-length-test
+    raise DataError(f"data.name={data_cfg.name!r} split={split!r} has no examples; check "
+                    f"data.path / the split's files")
 
   ds = grain.MapDataset.source(source)
   opt = transforms.Options.from_config(data_cfg)
@@ -100,8 +103,9 @@ def build_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int
   train: endless, reshuffled each epoch, augmented per data.crop/flip, full batches only; starts
   at global batch `start_batch` (the train step to resume from) on any number of processes.
   eval: one pass in a fixed order (the same permutation of the split for every run and seed), no
-  augmentation; the last batch is KEPT even if smaller than B, so each held-out example is seen
-  exactly once (pad it if a jitted step needs a static batch).
+  augmentation; the last batch is KEPT even if smaller than B (pad it if a jitted step needs a
+  static batch). With P processes each reads ⌊N / P⌋ examples, so the last N mod P of the order
+  are not read: on one process every held-out example is seen exactly once.
   one_pass: any split read the eval way (e.g. tokenizing the train split once for a generator).
   process_index/count default to jax.process_index()/process_count().
   source: `sources.make_source(data_cfg, split)` made beforehand (a trainer makes it before the
@@ -130,6 +134,7 @@ def held_out_images(data_cfg, batch_size: int, limit: int = 0):
 
 
 def num_examples(data_cfg, split: str = "train") -> int:
-  """Examples in `split` summed over all processes (each process gets num // P of them)."""
+  """Examples in `split` (the whole split: training streams it to all processes in turn, and
+  a one-pass read gives each of P processes ⌊num / P⌋ of them)."""
   config.validate(data_cfg, split)
   return sources.num_examples(data_cfg, split)

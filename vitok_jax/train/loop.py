@@ -129,12 +129,21 @@ def open_run(config, workdir: str, state: TrainState):
   state, so a re-launch with a mismatched config raises and leaves the run's record intact: a
   config whose arrays do not fit the checkpoint, or one that differs from the saved config.json
   beyond `RESUMABLE_FIELDS`.
-  (The trainers check workdir with `config_lib.check_workdir` before building anything.)"""
+  (The trainers check workdir with `config_lib.check_workdir` before building anything.)
+  On resume the initial `state`'s arrays are freed before the restore (they give only its layout),
+  so resuming needs the state's memory once, as a fresh start does, not twice: the caller must not
+  use them after this call."""
   is_main = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   if (latest := ckpt.latest_step()) is not None:
     _check_resumable(workdir, latest, config)
-    state = ckpt.restore(latest, state)
+    layout = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+        if isinstance(x, jax.Array) else x, state)
+    for x in jax.tree.leaves(state):
+      if isinstance(x, jax.Array) and not x.is_deleted():
+        x.delete()
+    state = ckpt.restore(latest, layout)
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   if is_main:
     config_lib.save_config(config, workdir)

@@ -115,6 +115,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
                     "turns it off; set loss.vq_entropy > 0 (0.1 is the default) or use vq1k")
   require(config.loss.lpips == 0 or config.perceptual.lpips_weights,
           "loss.lpips > 0 needs perceptual.lpips_weights: a file made by tools/convert_lpips.py")
+  # VGG's four 2×2 pools leave no feature map below 16 pixels (LPIPS would be NaN).
+  require((config.loss.lpips == 0 and "lpips" not in config.eval.metrics)
+          or d.res >= lpips.MIN_SIZE,
+          f"LPIPS (loss.lpips={config.loss.lpips}, eval.metrics={list(config.eval.metrics)}) "
+          f"needs frames of at least {lpips.MIN_SIZE} pixels, got data.res={d.res}; raise "
+          f"data.res or drop LPIPS")
   if config.loss.get("trepa", 0.0) > 0:
     require(video, f"loss.trepa > 0 is a temporal loss for video (data.frames > 1), got "
             f"frames={d.frames}; set loss.trepa=0 for images")
@@ -360,8 +366,8 @@ def jit_eval_step(model, mesh, param_shardings):
 
 def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
              workdir: str | None = None) -> dict:
-  """Held-out PSNR/SSIM/L2 over config.eval_examples examples (all of the eval split if 0; with P
-  processes rounded up to a multiple of P), plus the dataset-level metrics of config.eval.metrics
+  """Held-out PSNR/SSIM/L2 over config.eval_examples examples (all of the eval split if 0, less
+  its last N mod P with P processes; with P processes rounded up to a multiple of P), plus the dataset-level metrics of config.eval.metrics
   (LPIPS, rFID, FID-MNIST, FVD, ...). The examples are the first of the eval split's fixed order
   (data.build_iterator), so runs of any batch size score the same ones.
 
