@@ -210,3 +210,11 @@ def test_missing_weights_say_how_to_make_them(tmp_path):
   from vitok_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match="convert_lpips"):
     lpips.load_perceptual_fn(str(tmp_path / "nope.npz"))
+
+
+def test_images_smaller_than_vgg_pools_them_are_refused(params):
+  """Below 16 pixels VGG's four pools leave the last tap empty and its mean is NaN: a clear error
+  instead, at trace time and in the tokenizer's config validation."""
+  x = np.zeros((1, 15, 32, 3), np.float32)
+  with pytest.raises(ValueError, match="at least 16×16 pixels .* got 15×32"):
+    lpips.LPIPS().apply({"params": params}, x, x)

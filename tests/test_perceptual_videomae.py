@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 
+from vitok_jax.errors import ConfigError
 from vitok_jax.models.perceptual import reference, resize, videomae
 
 SIZE = videomae.SIZES["Mu/8"]
@@ -103,6 +104,9 @@ def test_torch_state_dict_round_trip(params):
   back = videomae.params_from_torch({**state, "head.weight": np.zeros(1)}, SIZE)
   for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(jax.tree.map(np.asarray, params))):
     np.testing.assert_array_equal(a, b)
+  # A variant with layer scale would convert without it and compute other features.
+  with pytest.raises(ConfigError, match="blocks.0.gamma_1"):
+    videomae.params_from_torch({**state, "blocks.0.gamma_1": np.ones(SIZE.width)}, SIZE)
 
 
 def test_converter_cli_reads_a_nested_torch_checkpoint(params, tmp_path):

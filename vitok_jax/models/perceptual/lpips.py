@@ -26,6 +26,9 @@ SCALE = np.array([0.458, 0.448, 0.450], np.float32)
 # VGG16 conv widths per stage; LPIPS taps the last ReLU of each stage.
 VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
 FEATURE_EPS = 1e-10
+# Smallest image side: VGG's four 2×2 max pools leave the last tap no pixel below it, and the mean
+# over an empty map is NaN (torch's LPIPS raises there).
+MIN_SIZE = 16
 HOW_TO_CONVERT = ("python tools/convert_lpips.py --vgg vgg16-397923af.pth "
                   "--lin lpips/weights/v0.1/vgg.pth --out lpips_vgg.npz")
 
@@ -107,7 +110,10 @@ class LPIPS(nn.Module):
 
   @nn.compact
   def __call__(self, x_BHWC, y_BHWC):
-    batch = x_BHWC.shape[0]
+    batch, height, width = x_BHWC.shape[:3]
+    if min(height, width) < MIN_SIZE:
+      raise ValueError(f"LPIPS needs images of at least {MIN_SIZE}×{MIN_SIZE} pixels (VGG pools "
+                       f"them 16-fold), got {height}×{width}")
     both = jnp.concatenate([x_BHWC, y_BHWC]).astype(jnp.float32)
     taps = VGG16Features(self.dtype, name="vgg")((both - SHIFT) / SCALE)  # One pass for both.
     distance_B = jnp.zeros((batch,), jnp.float32)

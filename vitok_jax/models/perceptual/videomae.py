@@ -160,8 +160,12 @@ def params_to_torch(params, size: VideoMAESize) -> dict[str, np.ndarray]:
 
 
 def params_from_torch(state, size: VideoMAESize) -> dict:
-  """Inverse of `params_to_torch`; extra keys (head.*, norm.*) are ignored."""
+  """Inverse of `params_to_torch`; the classifier's keys (head.*, norm.*) are dropped. Any other
+  key this model does not read (layer scale's gamma_1/2, a learned pos_embed: another variant)
+  is a ConfigError, since converting without it would give other features."""
   s = {k: np.asarray(v, np.float32) for k, v in state.items()}
+  read = set()
+  s = _Recording(s, read)
   params = {"patch_embed": {"kernel": s["patch_embed.proj.weight"].transpose(2, 3, 4, 1, 0),
                             "bias": s["patch_embed.proj.bias"]},
             "fc_norm": {"scale": s["fc_norm.weight"], "bias": s["fc_norm.bias"]}}
@@ -174,7 +178,23 @@ def params_from_torch(state, size: VideoMAESize) -> dict:
     for norm in ("norm1", "norm2"):
       block[norm] = {"scale": s[f"{prefix}.{norm}.weight"], "bias": s[f"{prefix}.{norm}.bias"]}
     params[f"blocks_{i}"] = block
+  if unread := sorted(k for k in state if k not in read and not k.startswith(("head.", "norm."))):
+    raise ConfigError(f"the VideoMAE checkpoint has {len(unread)} keys a VideoMAE-v2 {size} model "
+                      f"does not read, e.g. {unread[:4]}: another variant (layer scale, learned "
+                      f"positions?) that this converter does not support")
   return params
+
+
+class _Recording(dict):
+  """A dict that adds each key read to `read`."""
+
+  def __init__(self, items, read: set):
+    super().__init__(items)
+    self.read = read
+
+  def __getitem__(self, key):
+    self.read.add(key)
+    return super().__getitem__(key)
 
 
 def load_trepa_fn(weights_path: str, size: str = "g/14", dtype=jnp.float32):
