@@ -13,11 +13,11 @@
 #      alone, so that a hang ends this step and the log names it (18 tests with the descriptor
 #      variant's, about 120 s, 150 s allowed; NEW_TESTS=EXPR selects others);
 #   3. block-causal attention at VAR's lengths (680, 2240): the default (pallas), cuDNN given the
-#      mask densely, our dense visit, and the paths the two flags replaced: padded to whole tiles
-#      (pallas_padded; 680 pads to 768), padded and skipping the padding's tiles; each GPU
-#      kernel's time in a fwd+bwd step (--breakdown); the backward waiting for dV's matmul before
-#      dS (pallas_bwd_in_order); BSQ and VQ at their default shapes (`var.json`; VAR_IMPLS=A,B
-#      times others);
+#      mask densely, our dense visit, the path the two flags replaced (padded to whole tiles,
+#      pallas_padded; 680 pads to 768); each GPU kernel's time in a fwd+bwd step (--breakdown);
+#      the backward waiting for dV's matmul before dS (pallas_bwd_in_order) and the one with its
+#      descriptors in the loop (head dim 64 here); BSQ and VQ at their default shapes
+#      (`var.json`; VAR_IMPLS=A,B times others);
 #   4. the other kernel tests, compiled (`-m "slow or not slow"`; the TPU lowering is the CPU's);
 #   5. with CAUSAL_TIMEOUT=N (seconds), causal attention, L = 256 … 8192, head dims 64 / 128: the
 #      default, the Hopper forward with the Triton backward, Triton alone and cuDNN, which
@@ -82,8 +82,8 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${NEW_TEST_TIMEOUT:-150}" \
   | tee "$out/tests_new_paths.log"
 new_rc=${PIPESTATUS[0]}
 echo "new-path tests rc=$new_rc" | tee -a "$out/tests_new_paths.log"
-var_impls=${VAR_IMPLS:-pallas,cudnn,pallas_dense,pallas_padded,pallas_padded_skip_padded}
-var_impls=${VAR_IMPLS:-$var_impls,pallas_bwd_in_order}
+var_impls=${VAR_IMPLS:-pallas,cudnn,pallas_dense,pallas_padded,pallas_bwd_in_order}
+var_impls=${VAR_IMPLS:-$var_impls,pallas_bwd_descriptors_in_loop}
 timeout "${VAR_TIMEOUT:-140}" python tools/bench_kernels.py --out "$out/var.json" \
   --lengths= --var_lengths 680,2240 --bsq_more_tokens= --warmup 2 --iters 5 --back_to_back 10 \
   --impls "$var_impls" \
