@@ -367,9 +367,10 @@ def jit_eval_step(model, mesh, param_shardings):
 def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
              workdir: str | None = None) -> dict:
   """Held-out PSNR/SSIM/L2 over config.eval_examples examples (all of the eval split if 0, less
-  its last N mod P with P processes; with P processes rounded up to a multiple of P), plus the dataset-level metrics of config.eval.metrics
-  (LPIPS, rFID, FID-MNIST, FVD, ...). The examples are the first of the eval split's fixed order
-  (data.build_iterator), so runs of any batch size score the same ones.
+  its last N mod P with P processes; with P processes rounded up to a multiple of P), plus the
+  dataset-level metrics of config.eval.metrics (LPIPS, rFID, FID-MNIST, FVD, ...). The examples
+  are the first of the eval split's fixed order (data.build_iterator), so runs of any batch size
+  score the same ones.
 
   Every process reads its shard; a short last batch is padded to the static batch and masked.
   Dataset-level metrics combine every process's shard.

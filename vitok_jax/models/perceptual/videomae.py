@@ -163,9 +163,7 @@ def params_from_torch(state, size: VideoMAESize) -> dict:
   """Inverse of `params_to_torch`; the classifier's keys (head.*, norm.*) are dropped. Any other
   key this model does not read (layer scale's gamma_1/2, a learned pos_embed: another variant)
   is a ConfigError, since converting without it would give other features."""
-  s = {k: np.asarray(v, np.float32) for k, v in state.items()}
-  read = set()
-  s = _Recording(s, read)
+  s = _Recording({k: np.asarray(v, np.float32) for k, v in state.items()})
   params = {"patch_embed": {"kernel": s["patch_embed.proj.weight"].transpose(2, 3, 4, 1, 0),
                             "bias": s["patch_embed.proj.bias"]},
             "fc_norm": {"scale": s["fc_norm.weight"], "bias": s["fc_norm.bias"]}}
@@ -178,7 +176,7 @@ def params_from_torch(state, size: VideoMAESize) -> dict:
     for norm in ("norm1", "norm2"):
       block[norm] = {"scale": s[f"{prefix}.{norm}.weight"], "bias": s[f"{prefix}.{norm}.bias"]}
     params[f"blocks_{i}"] = block
-  if unread := sorted(k for k in state if k not in read and not k.startswith(("head.", "norm."))):
+  if unread := sorted(k for k in s if k not in s.read and not k.startswith(("head.", "norm."))):
     raise ConfigError(f"the VideoMAE checkpoint has {len(unread)} keys a VideoMAE-v2 {size} model "
                       f"does not read, e.g. {unread[:4]}: another variant (layer scale, learned "
                       f"positions?) that this converter does not support")
@@ -186,11 +184,11 @@ def params_from_torch(state, size: VideoMAESize) -> dict:
 
 
 class _Recording(dict):
-  """A dict that adds each key read to `read`."""
+  """A dict that records each key read (in `.read`)."""
 
-  def __init__(self, items, read: set):
+  def __init__(self, items):
     super().__init__(items)
-    self.read = read
+    self.read = set()
 
   def __getitem__(self, key):
     self.read.add(key)
