@@ -464,6 +464,11 @@ def test_tfds_errors(tfds_dir, tmp_path):
   cfg.image_key = "pixels"
   with pytest.raises(ConfigError, match="image_key='pixels' is not a feature.*'video'"):
     data.build_iterator(cfg, "train", batch_size=2, **ONE)
+  # Clips asked of an image feature: at build time, not from a reader thread at the first batch.
+  cfg.update(image_key="image", frames=4)
+  with pytest.raises(ConfigError, match="data.frames=4 reads clips, but feature 'image' of "
+                                        "'vitok_tiny' is an image of shape"):
+    data.build_iterator(cfg, "train", batch_size=2, **ONE)
 
 
 # --- Bad input fails at build time with a message that says what to change. ---

@@ -347,6 +347,11 @@ def _tfds(cfg, split: str) -> TfdsRecords:
   if cfg.image_key not in features:
     raise ConfigError(f"data.image_key={cfg.image_key!r} is not a feature of {cfg.tfds_name!r}; "
                       f"choose one of {list(features.keys())}")
+  shape = getattr(features[cfg.image_key], "shape", ())
+  if cfg.frames > 1 and len(shape) == 3:  # [H, W, C]: an image feature, not a clip's [T, H, W, C].
+    raise ConfigError(f"data.frames={cfg.frames} reads clips, but feature {cfg.image_key!r} of "
+                      f"{cfg.tfds_name!r} is an image of shape {shape}; set data.frames=1 or "
+                      f"data.image_key to a video feature")
   indices = None
   if split == "eval" and 0 < cfg.eval_size < len(source):
     indices = _evenly_spaced(len(source), cfg.eval_size)
