@@ -121,10 +121,10 @@ def tokenize_workdir(workdir: str, out: str, *, split: str = "eval", max_example
   step, params, _ = train_tokenizer.restore_params(workdir, config, mesh)
   store = tokenize(config, params, split=split, max_examples=max_examples)
   grid = train_tokenizer.pixel_shape(config)[:-1]
-  tmp = f"{out}.{os.getpid()}.tmp.npz"  # Runs tokenizing one store at once never share it.
-  np.savez(tmp, **store, step=step, bottleneck=config.model.bottleneck, max_examples=max_examples,
-           grid=np.array([s // p for s, p in zip(grid, config.model.patch)]))
-  os.replace(tmp, out)
+  with config_lib.atomic_write(out, "wb") as f:  # Runs tokenizing one store never share a tmp.
+    np.savez(f, **store, step=step, bottleneck=config.model.bottleneck,
+             max_examples=max_examples,
+             grid=np.array([s // p for s, p in zip(grid, config.model.patch)]))
   return out
 
 
