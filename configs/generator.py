@@ -104,10 +104,12 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
       top_k=0, top_p=1.0, few_steps=(1, 2, 4)))
   # Generation metrics of config.eval.num_samples class-conditional samples: class accuracy and
   # FID-MNIST on MNIST tokenizers (classifier cached in the tokenizer's workdir).
-  # gFID and Inception Score against the tokenizer's held-out images when inception_weights is set
-  # (tools/convert_inception.py), from up to gfid_real_examples real images.
+  # gFID and Inception Score when inception_weights is set (tools/convert_inception.py): against
+  # gfid_reference's saved statistics (tools/fid_reference.py, or ADM's ImageNet .npz, as
+  # published gFIDs are), else the tokenizer's held-out images (up to gfid_real_examples).
   config.eval = ml_collections.ConfigDict(dict(num_samples=500, mnist_classifier="",
-                                               inception_weights="", gfid_real_examples=10_000))
+                                               inception_weights="", gfid_real_examples=10_000,
+                                               gfid_reference=""))
 
   config.mesh = mesh_lib.default_config()
   config.optim = optimizer.default_config(weight_decay=0.0)

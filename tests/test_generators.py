@@ -1,7 +1,9 @@
 """The generator trainer end to end: every family on a tiny tokenizer of bundled MNIST, the store,
 the data stream, exact resume, the record, `vitok sample` / `vitok tokenize`, config errors."""
+import importlib.util
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -13,6 +15,7 @@ import numpy as np
 import pytest
 
 from vitok_jax import ConfigError, cli, config_lib, data
+from vitok_jax.eval import fid, perceptual_metrics, visualize
 from vitok_jax.models import infinity, var
 from vitok_jax.models.perceptual import mnist_classifier
 from vitok_jax.parallel import mesh as mesh_lib
@@ -196,6 +199,80 @@ def test_fid_mnist_of_samples_that_are_the_held_out_digits_is_zero(tokenizer_dir
   assert abs(metrics["gen/fid_mnist"]) < 1e-3
 
 
+def _fid_reference_tool():
+  spec = importlib.util.spec_from_file_location(
+      "fid_reference", pathlib.Path(__file__).parents[1] / "tools" / "fid_reference.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_gfid_against_reference_statistics_saved_by_the_tool(tokenizer_dirs, tmp_path,
+                                                             monkeypatch):
+  """eval.gfid_reference: gFID against the statistics tools/fid_reference.py saved (here of a
+  stand-in network, a fixed random projection to 2048-d, in place of Inception). Samples that
+  are the very images the tool read score 0; others score the two sets' Fréchet distance
+  computed here in one shot."""
+  projection = np.random.default_rng(0).normal(size=(32 * 32, 2048)) / 32
+  features = lambda x: np.tanh(np.asarray(x, np.float64).reshape(len(x), -1) @ projection)
+  stand_in = lambda x: {"pool": features(x), "logits_unbiased": np.zeros((len(x), 1008))}
+  monkeypatch.setattr(perceptual_metrics, "load_networks",
+                      lambda names, eval_cfg, workdir=None: {"inception": stand_in})
+  tok = tokenizer_dirs["gaussian"]
+  weights_file = tmp_path / "inception.npz"
+  weights_file.write_bytes(b"")  # Only its existence is checked; the network is the stand-in.
+  out = _fid_reference_tool().main([
+      "--tokenizer", tok, "--inception_weights", str(weights_file), "--split", "eval",
+      "--examples", "48", "--batch_size", "20", "--out", str(tmp_path / "ref.npz")])
+  reference = fid.GaussianStats.load(out)
+  tokenizer = generators.FrozenTokenizer(tok)
+  held_out = next(data.held_out_images(tokenizer.config.data, 48, limit=48))
+  assert reference.count == 48 and reference.mu.shape == (2048,)
+  train_images = next(data.held_out_images(tokenizer.config.data, 48, limit=48, split="train"))
+  family = type("Stub", (), {"tokenizer": tokenizer, "sample": None,
+                             "few_step_samplers": lambda self: {}})()
+  monkeypatch.setattr(train_generator, "held_out_loss", lambda *a: 0.0)
+  config = generator_config("dit", tok, **{"eval.num_samples": 48,
+                                           "eval.inception_weights": str(weights_file),
+                                           "eval.gfid_reference": out})
+  train_generator.check_gfid_files(config.eval)
+  scores = {}
+  for name, images in (("held_out", held_out), ("train", train_images)):
+    monkeypatch.setattr(train_generator, "generate", lambda *a, images=images: (images, 1e-3))
+    scores[name] = train_generator.evaluate(family, None, config, None)["gen/fid"]
+  as_saved = lambda x: features(visualize.as_saved(x))
+  expected = fid.fid_from_stats(fid.stats_of(as_saved(held_out)), fid.stats_of(as_saved(train_images)))
+  assert abs(scores["held_out"]) < 1e-6 * expected
+  assert expected > 1.0 and scores["train"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_gfid_reference_errors_and_tags(tokenizer_dirs, tmp_path):
+  """A reference without the network, a missing or unfit file: ConfigErrors that say what to do;
+  re-evaluating against another reference tags the metrics with it."""
+  config = generator_config("dit", tokenizer_dirs["gaussian"])
+  config.eval.gfid_reference = str(tmp_path / "ref.npz")
+  with pytest.raises(ConfigError, match="gFID also needs --config.eval.inception_weights"):
+    train_generator.validate(config)
+  weights_file = tmp_path / "inception.npz"
+  weights_file.write_bytes(b"")
+  config.eval.inception_weights = str(weights_file)
+  train_generator.validate(config)
+  with pytest.raises(ConfigError, match="not found; tools/fid_reference.py computes them"):
+    train_generator.check_gfid_files(config.eval)
+  np.savez(tmp_path / "ref.npz", mu=np.zeros(400), sigma=np.eye(400))  # FVD-sized statistics.
+  with pytest.raises(ConfigError, match="are 400-d, not Inception's 2048-d"):
+    train_generator.check_gfid_files(config.eval)
+  np.savez(tmp_path / "ref.npz", mu=np.zeros(2048))
+  with pytest.raises(ConfigError, match=r"unreadable: .* not the statistics' \['sigma'\]"):
+    train_generator.check_gfid_files(config.eval)
+  np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048), arr_0=np.zeros(3))
+  train_generator.check_gfid_files(config.eval)  # ADM's files hold images beside mu, sigma.
+  run_eval = generator_config("dit", tokenizer_dirs["gaussian"]).eval
+  assert train_generator.eval_tags(run_eval, config.eval) == {"reference": "ref"}
+  assert train_generator.eval_tags(config.eval, run_eval) == {"reference": "held_out"}
+  assert train_generator.eval_tags(run_eval, run_eval) == {}
+
+
 def test_generator_flops_count_attention_whatever_it_runs_as(tokenizer_dirs, tmp_path):
   """The record's FLOPs are the XLA-attention model's even when attention runs as a kernel (a
   custom call XLA's cost analysis does not count); the record still says what it ran as."""
@@ -335,7 +412,7 @@ def test_cli_tokenize_and_sample(tokenizer_dirs, tmp_path, monkeypatch):
 
 
 def test_a_run_of_the_wrong_kind_or_a_bad_sample_value_is_a_clear_error(tokenizer_dirs, tmp_path,
-                                                                          capsys):
+                                                                          capsys, monkeypatch):
   tok = tokenizer_dirs["gaussian"]
   workdir = str(tmp_path / "dit")
   train_generator.train(generator_config("dit", tok, steps=2, **{"eval.num_samples": 0}),
@@ -351,6 +428,18 @@ def test_a_run_of_the_wrong_kind_or_a_bad_sample_value_is_a_clear_error(tokenize
     assert says in capsys.readouterr().err
   with pytest.raises(ConfigError, match="is a generator run, not a tokenizer run"):
     train_generator.train(generator_config("dit", workdir), str(tmp_path / "on_a_generator"))
+  # A run saved before eval.gfid_reference existed takes it as an override (read_config fills
+  # it in): here the file it names is missing, which the re-evaluation says before sampling.
+  saved = json.loads((tmp_path / "dit" / "config.json").read_text())
+  del saved["eval"]["gfid_reference"]
+  (tmp_path / "dit" / "config.json").write_text(json.dumps(saved))
+  (tmp_path / "inception.npz").write_bytes(b"")
+  argv = ["vitok", "eval", f"--workdir={workdir}",
+          f"--config.eval.inception_weights={tmp_path / 'inception.npz'}",
+          f"--config.eval.gfid_reference={tmp_path / 'ref.npz'}"]
+  monkeypatch.setattr(sys, "argv", argv)  # ml_collections finds --config.x overrides there.
+  assert cli.main(argv) == 2
+  assert "ref.npz' not found; tools/fid_reference.py computes them" in capsys.readouterr().err
   # Re-evaluated with another sample count than the run's (0): its FID is tagged with the count.
   eval_config = config_lib.read_config(workdir).eval
   eval_config.num_samples = 10

@@ -177,11 +177,14 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
 # an unset one as null, a field of no type that a --config.<path>=value override cannot reach
 # (absl: "Unknown command line flag"), so read_config restores the typed placeholder.
 OPTIONAL_FIELDS = {"model.drop_path": float, "optim.warmup_steps": int}
+# Eval fields added after runs were saved without them, by run kind, with the value such a run
+# behaves as: `read_config` fills them in, so --config.eval.x=v reaches an older run too.
+ADDED_EVAL_FIELDS = {"generator": {"gfid_reference": ""}}
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The resolved config a run saved in its work directory (tuples come back as tuples; unset
-  `OPTIONAL_FIELDS` as their typed placeholders)."""
+  `OPTIONAL_FIELDS` as their typed placeholders; missing `ADDED_EVAL_FIELDS` filled in)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise ConfigError(f"{path} not found: {workdir} is not a run directory (no config.json)")
@@ -191,6 +194,9 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     section, name = key.split(".")
     if isinstance(raw.get(section), dict) and name in raw[section] and raw[section][name] is None:
       raw[section][name] = ml_collections.config_dict.placeholder(kind)
+  if isinstance(raw.get("eval"), dict):
+    for name, value in ADDED_EVAL_FIELDS.get(raw.get("kind", "tokenizer"), {}).items():
+      raw["eval"].setdefault(name, value)
   return ml_collections.ConfigDict(raw)
 
 

@@ -116,10 +116,11 @@ def build_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int
                             start_batch=start_batch, one_pass=one_pass, source=source))
 
 
-def held_out_images(data_cfg, batch_size: int, limit: int = 0):
-  """Batches [b, H, W, C] (or [b, T, H, W, C]) in [-1, 1] of the eval split, all of it on this
-  process in its fixed order, up to `limit` images (0: all)."""
-  iterator = build_iterator(data_cfg, split="eval", batch_size=batch_size, one_pass=True,
+def held_out_images(data_cfg, batch_size: int, limit: int = 0, split: str = "eval"):
+  """Batches [b, H, W, C] (or [b, T, H, W, C]) in [-1, 1] of the eval split (or another `split`,
+  read the eval way: no augmentation), all of it on this process in its fixed one-pass order, up
+  to `limit` images (0: all)."""
+  iterator = build_iterator(data_cfg, split=split, batch_size=batch_size, one_pass=True,
                             process_index=0, process_count=1)
   seen = 0
   try:

@@ -57,10 +57,19 @@ class GaussianStats:
 
   @classmethod
   def load(cls, path: str) -> "GaussianStats":
-    """Reads our .npz, or pytorch-fid's reference .npz (mu, sigma only)."""
+    """Reads our .npz, or a published reference .npz holding mu and sigma (pytorch-fid's; ADM's
+    VIRTUAL_imagenet256_labeled.npz, whose other arrays are ignored); count 0 when not stored.
+    ValueError when the file has no mu / sigma or their shapes are not [D] and [D, D]."""
     with np.load(path) as f:
-      count = int(f["count"]) if "count" in f else 0
-      return cls(f["mu"].astype(np.float64), f["sigma"].astype(np.float64), count)
+      missing = [k for k in ("mu", "sigma") if k not in f]
+      if missing:
+        raise ValueError(f"{path} holds {sorted(f.keys())}, not the statistics' {missing}")
+      stats = cls(f["mu"].astype(np.float64), f["sigma"].astype(np.float64),
+                  int(f["count"]) if "count" in f else 0)
+    if stats.mu.ndim != 1 or stats.sigma.shape != stats.mu.shape * 2:
+      raise ValueError(f"{path}: mu {stats.mu.shape} and sigma {stats.sigma.shape} are not the "
+                       "statistics of one feature space ([D] and [D, D])")
+    return stats
 
 
 class StreamingStats:

@@ -55,6 +55,25 @@ def check_weights(names: Sequence[str], eval_cfg, *, exist: bool = True) -> None
                         f"tools/convert_{net}.py makes it from the published weights")
 
 
+def load_inception_reference(path: str) -> fid.GaussianStats:
+  """Saved real statistics of Inception pool features (an .npz with mu and sigma: ours from
+  `tools/fid_reference.py`, pytorch-fid's or ADM's), checked: ConfigError when the file is
+  missing, unreadable, not 2048-d or not finite."""
+  if not os.path.isfile(path):
+    raise ConfigError(f"FID reference statistics {path!r} not found; tools/fid_reference.py "
+                      "computes them from a data split (or use a published .npz with mu, sigma)")
+  try:
+    stats = fid.GaussianStats.load(path)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"FID reference statistics {path!r} are unreadable: {e}") from None
+  if stats.mu.shape != (inception.FEATURE_DIM,):
+    raise ConfigError(f"FID reference statistics {path!r} are {stats.mu.shape[0]}-d, not "
+                      f"Inception's {inception.FEATURE_DIM}-d pool features")
+  if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+    raise ConfigError(f"FID reference statistics {path!r} hold NaN or inf")
+  return stats
+
+
 def full_precision(fn: Callable) -> Callable:
   """fn traced and run with float32 matmuls and convolutions at full precision: a metric's
   network must not compute in one bf16 pass, TPU's default (jit caches each precision apart)."""

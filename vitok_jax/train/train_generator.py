@@ -26,7 +26,7 @@ import optax
 
 from vitok_jax import config_lib, data, kernels
 from vitok_jax.config_lib import require, require_choice
-from vitok_jax.eval import mnist_metrics, perceptual_metrics, visualize
+from vitok_jax.eval import fid, mnist_metrics, perceptual_metrics, visualize
 from vitok_jax.models import bottlenecks, vit
 from vitok_jax.models.perceptual import mnist_classifier
 from vitok_jax.parallel import mesh as mesh_lib
@@ -84,6 +84,9 @@ def validate(config: ml_collections.ConfigDict, new_run: bool = False) -> None:
   (generators.check_new_sample_settings if new_run else generators.check_sample_settings)(
       m.family, s)
   require(config.eval.num_samples >= 0, f"eval.num_samples must be >= 0, got {config.eval.num_samples}")
+  require(not config.eval.get("gfid_reference") or config.eval.get("inception_weights"),
+          f"eval.gfid_reference={config.eval.get('gfid_reference')!r} holds gFID's real "
+          "statistics; gFID also needs --config.eval.inception_weights=FILE (the network)")
 
 
 class Batches:
@@ -277,16 +280,52 @@ def _is_mnist(tokenizer) -> bool:
 GFID_METRICS = ("rfid", "inception_score")
 
 
+def check_gfid_files(eval_cfg) -> None:
+  """ConfigError, before training or re-evaluating, when gFID is asked for (eval.inception_weights
+  set) and the network's weights or the reference statistics (eval.gfid_reference) are missing
+  or unfit."""
+  if eval_cfg.get("inception_weights"):
+    perceptual_metrics.check_weights(GFID_METRICS, eval_cfg)
+    if eval_cfg.get("gfid_reference"):
+      perceptual_metrics.load_inception_reference(eval_cfg.gfid_reference)
+
+
+def eval_tags(run_eval, eval_cfg) -> dict:
+  """Tags for re-evaluating a run with `eval_cfg` in place of its own `run_eval`: the settings
+  FID depends on, where they differ (a reference file by its name without extension)."""
+  tags = {}
+  if eval_cfg.num_samples != run_eval.num_samples:
+    tags["num_samples"] = eval_cfg.num_samples
+  reference = eval_cfg.get("gfid_reference", "")
+  if reference != run_eval.get("gfid_reference", ""):
+    tags["reference"] = (os.path.splitext(os.path.basename(reference))[0] if reference
+                         else "held_out")
+  return tags
+
+
 def gfid_reference(tokenizer, config):
-  """(Inception networks, {"inception": real statistics}) for gFID: the Inception pool features of
-  the tokenizer's held-out split (up to eval.gfid_real_examples images), computed once per eval."""
+  """(Inception networks, {"inception": real statistics}) for gFID: eval.gfid_reference's saved
+  statistics (e.g. a training set's, as published gFIDs use), else the Inception pool features
+  of the tokenizer's held-out split (up to eval.gfid_real_examples images), computed once per
+  eval."""
   nets = perceptual_metrics.load_networks(GFID_METRICS, config.eval)
-  acc = perceptual_metrics.MetricAccumulator(("rfid",), nets)
+  if config.eval.get("gfid_reference"):
+    return nets, {"inception": perceptual_metrics.load_inception_reference(
+        config.eval.gfid_reference)}
   # The held-out images as the tokenizer's data makes them: the size its samples decode to.
-  for images in data.held_out_images(tokenizer.config.data, config.batch_size,
-                                     config.eval.get("gfid_real_examples", 10_000)):
+  return nets, {"inception": inception_stats(
+      nets, tokenizer.config.data, config.batch_size,
+      config.eval.get("gfid_real_examples", 10_000))}
+
+
+def inception_stats(nets, data_cfg, batch_size: int, limit: int = 0,
+                    split: str = "eval") -> fid.GaussianStats:
+  """Inception pool statistics of a split of `data_cfg` read once on this process (the eval way:
+  no augmentation), up to `limit` images (0: all); nets from `perceptual_metrics.load_networks`."""
+  acc = perceptual_metrics.MetricAccumulator(("rfid",), nets)
+  for images in data.held_out_images(data_cfg, batch_size, limit, split):
     acc.update(real=images)
-  return nets, {"inception": acc.real_stats("inception")}
+  return acc.real_stats("inception")
 
 
 def evaluate(family, params, config, eval_arrays, *, image_path: str | None = None,
@@ -395,8 +434,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
 
 def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   validate(config, new_run=not os.path.exists(os.path.join(workdir, "config.json")))
-  if config.eval.get("inception_weights"):  # gFID at every eval: the file must be there now.
-    perceptual_metrics.check_weights(GFID_METRICS, config.eval)
+  check_gfid_files(config.eval)  # gFID at every eval: its files must be there now.
   config_lib.check_workdir(workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.per_process_batch(config.batch_size, mesh)  # Raises unless the batch splits evenly.
@@ -480,18 +518,16 @@ def evaluate_workdir(workdir: str, sample_overrides: dict | None = None,
   sample_overrides: config.sample fields (cfg_scale, num_steps, method, temperature, top_k, ...);
   the generation metrics are then tagged with them: gen/cfg_scale=3/class_accuracy.
   eval_config: replaces the run's config.eval (e.g. with inception_weights for gFID); another
-  eval.num_samples than the run's tags the metrics too (gen/num_samples=1000/fid_mnist), as FID
-  depends on it.
+  eval.num_samples or gfid_reference than the run's tags the metrics too (`eval_tags`), as FID
+  depends on them.
   """
   config = config_lib.read_config(workdir)
   config_lib.require_kind(config, workdir, "generator")
   tags = {}
   if eval_config is not None:
-    if eval_config.num_samples != config.eval.num_samples:
-      tags["num_samples"] = eval_config.num_samples
+    tags = eval_tags(config.eval, eval_config)
     config.eval = eval_config
-    if config.eval.get("inception_weights"):
-      perceptual_metrics.check_weights(GFID_METRICS, config.eval)
+    check_gfid_files(config.eval)
   overrides = dict(sample_overrides or {})
   apply_sample_overrides(config, overrides)
   tag = ",".join(f"{k}={v}" for k, v in sorted({**overrides, **tags}.items()))
