@@ -2,12 +2,13 @@
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from vitok_jax.data import bundled
-from vitok_jax.eval import mnist_metrics
+from vitok_jax.eval import mnist_metrics, perceptual_metrics
 from vitok_jax.models.perceptual import mnist_classifier, weights
 
 
@@ -52,9 +53,9 @@ def test_other_resolutions_and_rgb(trained):
 def test_load_or_train_caches(trained, tmp_path, monkeypatch):
   params, _ = trained
   path = str(tmp_path / "clf.npz")
-  monkeypatch.setattr(mnist_classifier, "train", lambda steps: (params, 1.0))
+  monkeypatch.setattr(mnist_classifier, "train", lambda steps, eval_size: (params, 1.0))
   first = mnist_classifier.load_or_train(path)
-  monkeypatch.setattr(mnist_classifier, "train", lambda steps: pytest.fail("retrained"))
+  monkeypatch.setattr(mnist_classifier, "train", lambda *a, **kw: pytest.fail("retrained"))
   second = mnist_classifier.load_or_train(path)
   np.testing.assert_array_equal(first["conv0"]["kernel"], second["conv0"]["kernel"])
   assert os.listdir(tmp_path) == ["clf.npz"]  # Written through a tmp file, renamed.
@@ -67,11 +68,36 @@ def test_only_process_zero_trains_the_classifier(trained, tmp_path, monkeypatch)
   path = str(tmp_path / "clf.npz")
   monkeypatch.setattr(jax, "process_index", lambda: 1)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  monkeypatch.setattr(mnist_classifier, "train", lambda steps: pytest.fail("process 1 trained"))
+  monkeypatch.setattr(mnist_classifier, "train",
+                      lambda *a, **kw: pytest.fail("process 1 trained"))
   barrier = lambda name: weights.save(path, params)  # Process 0 finishes while 1 waits.
   monkeypatch.setattr(mnist_classifier.multihost_utils, "sync_global_devices", barrier)
   loaded = mnist_classifier.load_or_train(path)
   np.testing.assert_array_equal(loaded["conv0"]["kernel"], params["conv0"]["kernel"])
+
+
+def test_the_classifier_never_trains_on_digits_a_run_holds_out(trained, tmp_path, monkeypatch):
+  """A run with data.eval_size = 1000 holds out twice the default 500 digits: its classifier
+  trains on the other 4000 (the default one trains on 4500, half of those 1000 among them), and
+  is cached under its own name, so the default-split classifier is not reused for it."""
+  read, real_mnist = [], bundled.mnist
+  def recording_mnist(split, eval_size=0):
+    x, y = real_mnist(split, eval_size)
+    read.append((split, len(x), set(map(bytes, x))))
+    return x, y
+  monkeypatch.setattr(bundled, "mnist", recording_mnist)
+  mnist_classifier.train(steps=1, eval_size=1000)
+  (train_split, n_train, train_digits), (eval_split, n_eval, eval_digits) = read
+  assert (train_split, n_train, eval_split, n_eval) == ("train", 4000, "eval", 1000)
+  assert not train_digits & eval_digits
+  # The evaluators pass the run's data.eval_size down to where the classifier is cached.
+  params, _ = trained
+  calls = []
+  monkeypatch.setattr(mnist_classifier, "train",
+                      lambda steps, eval_size: calls.append(eval_size) or (params, 1.0))
+  cfg = ml_collections.ConfigDict({"mnist_classifier": ""})
+  perceptual_metrics.load_networks(("fid_mnist",), cfg, str(tmp_path), mnist_eval_size=1000)
+  assert calls == [1000] and os.listdir(tmp_path) == ["mnist_classifier_eval1000.npz"]
 
 
 @pytest.mark.slow

@@ -84,11 +84,13 @@ def full_precision(fn: Callable) -> Callable:
   return run
 
 
-def load_networks(names: Sequence[str], eval_cfg, workdir: str | None = None) -> dict[str, Callable]:
+def load_networks(names: Sequence[str], eval_cfg, workdir: str | None = None,
+                  mnist_eval_size: int = 0) -> dict[str, Callable]:
   """Feature functions for the networks that `names` need, from the weight files in eval_cfg,
   at full float32 precision (`full_precision`).
 
-  The MNIST classifier defaults to <workdir>/mnist_classifier.npz and is trained there if missing.
+  The MNIST classifier defaults to `mnist_classifier.default_path(workdir, mnist_eval_size)` and is
+  trained there if missing, leaving out the held-out digits of data.eval_size = mnist_eval_size.
   """
   check_weights(names, eval_cfg)
   nets = {}
@@ -101,8 +103,8 @@ def load_networks(names: Sequence[str], eval_cfg, workdir: str | None = None) ->
     elif net == "i3d":
       nets[net] = i3d.make_feature_fn(i3d.load_variables(path))
     else:
-      path = path or os.path.join(workdir or ".", mnist_classifier.DEFAULT_FILENAME)
-      params = mnist_classifier.load_or_train(path)
+      path = path or mnist_classifier.default_path(workdir or ".", mnist_eval_size)
+      params = mnist_classifier.load_or_train(path, eval_size=mnist_eval_size)
       nets[net] = lambda x, params=params: mnist_classifier.features(params, x)
   return {net: full_precision(fn) for net, fn in nets.items()}
 

@@ -343,9 +343,10 @@ def evaluate(family, params, config, eval_arrays, *, image_path: str | None = No
   samplers = {(f"{tag}/" if tag else "") + k: v for k, v in samplers.items()}
   classifier = real = None
   if _is_mnist(family.tokenizer):
-    path = config.eval.mnist_classifier or os.path.join(
-        family.tokenizer.workdir, mnist_classifier.DEFAULT_FILENAME)
-    classifier = mnist_classifier.load_or_train(path)
+    eval_size = family.tokenizer.config.data.eval_size
+    path = config.eval.mnist_classifier or mnist_classifier.default_path(
+        family.tokenizer.workdir, eval_size)
+    classifier = mnist_classifier.load_or_train(path, eval_size=eval_size)
     # The held-out digits as the tokenizer's data makes them (e.g. 32×32 bicubic), the size its
     # samples decode to: raw 28×28 digits would add the resize's feature shift to every FID.
     real = np.concatenate(list(data.held_out_images(family.tokenizer.config.data,

@@ -381,7 +381,9 @@ def evaluate(eval_step, params, config, mesh, *, image_path: str | None = None,
   names = tuple(config.eval.metrics)
   accumulator = None
   if names:
-    networks = perceptual_metrics.load_networks(names, config.eval, workdir)
+    networks = perceptual_metrics.load_networks(
+        names, config.eval, workdir,
+        mnist_eval_size=config.data.eval_size if config.data.name == "mnist" else 0)
     accumulator = perceptual_metrics.MetricAccumulator(names, networks, sharded=True)
   sums, count, limit = {"psnr": 0.0, "ssim": 0.0, "l2": 0.0}, 0, config.eval_examples or math.inf
   for batch in iterator:

