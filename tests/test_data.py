@@ -422,6 +422,40 @@ def test_video_folder(video_folder, caplog):
   np.testing.assert_allclose(np.diff(values, axis=1), 20, atol=4)
 
 
+@pytest.mark.parametrize("name,codec", [("b.avi", "mpeg4"), ("h.avi", "libx264"),
+                                        ("h.mp4", "libx264")])
+def test_clips_of_videos_with_b_frames_are_the_frames_shown(tmp_path, name, codec):
+  """Every clip is frames start, start + stride, ... in display order, also where frames are
+  stored out of order (B-frames) and AVI gives decode-order timestamps (1, 2, 3, 4, 6, 5, ...
+  for H.264). Each frame shows its index as a 4×4 grid of black / white 8×8 blocks."""
+  import av  # pylint: disable=g-import-not-at-top
+  from vitok_jax.data import video_files  # pylint: disable=g-import-not-at-top
+  bit_grid = lambda i: ((i >> np.arange(16)) & 1).reshape(4, 4)
+  index_of = lambda frame: int(((frame[..., 0].reshape(4, 8, 4, 8).mean((1, 3)) > 127).reshape(-1)
+                                * (1 << np.arange(16))).sum())
+  path = str(tmp_path / name)
+  with av.open(path, "w") as container:
+    stream = container.add_stream(codec, rate=25)
+    stream.width = stream.height = 32
+    stream.pix_fmt = "yuv420p"
+    stream.codec_context.gop_size, stream.codec_context.max_b_frames = 8, 2
+    for i in range(40):
+      frame = np.kron(bit_grid(i), np.ones((8, 8))).astype(np.uint8)[..., None].repeat(3, -1)
+      for packet in stream.encode(av.VideoFrame.from_ndarray(frame * 255, format="rgb24")):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  with av.open(path) as container:  # B-frames: packets out of display order, or (AVI) frames
+    stream = container.streams.video[0]  # whose timestamps are not their display index.
+    packet_pts = [packet.pts for packet in container.demux(stream) if packet.size]
+    container.seek(0)
+    frame_pts = [frame.pts - (stream.start_time or 0) for frame in container.decode(stream)]
+  assert packet_pts != sorted(packet_pts) or frame_pts != list(range(40))
+  for start, stride in ((0, 2), (10, 1), (20, 3), (27, 4)):
+    clip = video_files.decode_clip(path, start, 4, stride)
+    assert [index_of(f) for f in clip] == list(range(start, start + 4 * stride, stride))
+
+
 # --- tfds (ArrayRecord random access). ---
 
 

@@ -637,6 +637,22 @@ def test_video_tokenizer_trains_with_the_trepa_loss(tmp_path):
     train_tokenizer.validate(config)
 
 
+def test_trepa_clips_videomae_cannot_embed_are_config_errors():
+  """VideoMAE embeds 2-frame tubelets of patch × patch pixels: clips it cannot cut are refused
+  when the config is checked, not at the first step's trace (after the weights have loaded)."""
+  config = config_lib.load_config("vitok:Mu-Mu/1x4,c=8,frames=3,res=16,data=moving_mnist")
+  config.loss.trepa = 10.0
+  config.perceptual.update(trepa_weights="videomae.npz", trepa_size="Mu/8", trepa_resolution=16)
+  with pytest.raises(ConfigError, match="2-frame tubelets, which do not divide data.frames=3"):
+    train_tokenizer.validate(config)
+  config.data.frames = 4
+  train_tokenizer.validate(config)
+  config.perceptual.trepa_resolution = 20
+  with pytest.raises(ConfigError, match="trepa_resolution=20 is not a multiple of VideoMAE "
+                                        "Mu/8's patch 8"):
+    train_tokenizer.validate(config)
+
+
 @pytest.fixture(scope="module")
 def gan_stages(tmp_path_factory):
   """(stage-1 workdir, stage-2 workdir): 6 plain steps, then 4 GAN steps from them."""

@@ -19,9 +19,13 @@ def count_frames(path: str) -> int:
 
 
 def decode_clip(path: str, start: int, frames: int, stride: int) -> np.ndarray:
-  """Frames start, start + stride, ... of a video file -> uint8 [frames, H, W, 3].
+  """Frames start, start + stride, ... of a video file (in display order) -> uint8 [frames, H, W, 3].
 
-  Seeks to the keyframe before `start` and decodes forward, so the cost is one GOP + the clip.
+  Seeks to the keyframe before `start` and decodes forward, indexing frames by their presentation
+  time, so the cost is one GOP + the clip. AVI stores no presentation times: the ones FFmpeg
+  gives its frames count packets in decode order, which with B-frames run ahead of the frame
+  shown (the first is 1; H.264's go 1, 2, 3, 4, 6, 5, ...). An AVI is therefore decoded from its
+  first frame and indexed by the decoder's output order.
   """
   import av  # pylint: disable=g-import-not-at-top
   out = []
@@ -29,11 +33,12 @@ def decode_clip(path: str, start: int, frames: int, stride: int) -> np.ndarray:
     with av.open(path) as container:
       stream = container.streams.video[0]
       rate, tb = stream.average_rate, stream.time_base
+      by_time = bool(rate and tb) and "avi" not in container.format.name.split(",")
       t0 = stream.start_time or 0
-      if start and rate and tb:
+      if start and by_time:
         container.seek(t0 + int(start / (rate * tb)), stream=stream, backward=True)
       for i, frame in enumerate(container.decode(stream)):
-        idx = round(float((frame.pts - t0) * tb * rate)) if frame.pts is not None and rate else i
+        idx = round(float((frame.pts - t0) * tb * rate)) if by_time and frame.pts is not None else i
         if idx >= start and (idx - start) % stride == 0:
           out.append(frame.to_ndarray(format="rgb24"))
           if len(out) == frames:

@@ -127,6 +127,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(config.perceptual.trepa_weights, "loss.trepa > 0 needs perceptual.trepa_weights: a "
             "VideoMAE-v2 .npz (videomae.params_from_torch + weights.save)")
     require_choice(config.perceptual.trepa_size, "perceptual.trepa_size", videomae.SIZES)
+    size = videomae.SIZES[config.perceptual.trepa_size]
+    resolution = config.perceptual.trepa_resolution
+    require(d.frames % size.tubelet == 0,
+            f"loss.trepa: VideoMAE embeds {size.tubelet}-frame tubelets, which do not divide "
+            f"data.frames={d.frames}; use frames divisible by {size.tubelet}")
+    require(resolution > 0 and resolution % size.patch == 0,
+            f"perceptual.trepa_resolution={resolution} is not a multiple of VideoMAE "
+            f"{config.perceptual.trepa_size}'s patch {size.patch}; use e.g. 224")
   require(video or "fvd" not in config.eval.metrics,
           f"eval.metrics has fvd, which scores video clips, but data.frames={d.frames} (images); "
           "drop fvd (rfid scores images)")
