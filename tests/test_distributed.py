@@ -104,7 +104,7 @@ def test_slurm_script_runs_one_process_per_gpu_with_the_first_node_as_coordinato
                "#SBATCH --requeue", 'export VITOK_NUM_PROCESSES="$SLURM_NTASKS"',
                "export VITOK_COMPILATION_CACHE=/scratch/xla"):
     assert line in script.splitlines(), line
-  assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+  assert 'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)' in script
   srun = [l for l in script.splitlines() if l.startswith("srun ")]
   assert len(srun) == 1 and 'VITOK_PROCESS_ID="$SLURM_PROCID"' in srun[0]
   # Process i takes entry i of the GPUs SLURM gave the job (not GPU i; i where it set none).

@@ -371,6 +371,29 @@ def test_results_of_plain_run_dirs_and_running_status(tmp_path, fake):
   assert sweep.run_status(runs[0].workdir, 2) == sweep.RUNNING
 
 
+def test_a_pid_file_marks_its_own_process_not_a_later_one_of_that_number(tmp_path):
+  """A sweep's pid file names the process (host, boot, start time): after a reboot or a container
+  restart a process given the same number does not hold the run for ever. A file of another host
+  holds it (that host's sweep trains it); one written before identities (a bare pid) still
+  works."""
+  path = str(tmp_path / sweep.PID)
+  sweep._write_pid(str(tmp_path), os.getpid())
+  assert sweep._alive(path)
+  recorded = json.loads(open(path).read())
+  assert recorded["pid"] == os.getpid() and recorded["start"] and recorded["boot"]
+  for key, value in (("start", "1"), ("boot", "another-boot")):  # The number, reused.
+    config_lib.write_json(path, {**recorded, key: value})
+    assert not sweep._alive(path)
+  config_lib.write_json(path, {**recorded, "pid": 2 ** 22 + 1, "host": "another-host"})
+  assert sweep._alive(path)
+  open(path, "w").write(str(os.getpid()))
+  assert sweep._alive(path)
+  dead = subprocess.Popen([sys.executable, "-c", ""])
+  dead.wait()
+  sweep._write_pid(str(tmp_path), dead.pid)
+  assert not sweep._alive(path)
+
+
 def test_heatmap(tmp_path):
   from vitok_jax.scaling import plots
   rows = [{"status": "done", "enc": e, "dec": d, "eval/psnr": 20 + i + 2 * j}
@@ -490,6 +513,29 @@ def test_slurm_array_and_log_dirs(tmp_path):
   assert not (tmp_path / "dry").exists()
   assert launch_args.main(["slurm", "--config=vitok", f"--workdir={tmp_path}/w"]) == 0
   assert (tmp_path / "w" / "logs").is_dir() and (tmp_path / "w" / "launch.sbatch").exists()
+
+
+def test_slurm_script_survives_a_node_list_longer_than_a_pipe_and_gives_srun_the_cpus(tmp_path):
+  """`set -o pipefail` ends the script when a command of a pipe fails: the coordinator's host is
+  read from `scontrol show hostnames` without closing the pipe before scontrol has written every
+  node (a long list would die of SIGPIPE); srun gets --cpus-per-task itself (SLURM >= 22.05 no
+  longer passes sbatch's on, and each task would have one CPU)."""
+  bin_dir, workdir = tmp_path / "bin", tmp_path / "w"
+  bin_dir.mkdir()
+  _script(bin_dir / "scontrol", '#!/bin/bash\n[ "$1" = show ] && for i in $(seq 1 40000); '
+          'do echo "node-$i.a-rather-long-cluster-domain.example.org"; done\nexit 0\n')
+  _script(bin_dir / "srun", f'#!/bin/bash\necho "$VITOK_COORDINATOR $1 $2" > {tmp_path}/srun\n')
+  assert launch_args.main(["slurm", "--config=vitok", f"--workdir={workdir}",
+                           "--cpus_per_task=6"]) == 0
+  (workdir / "record.json").write_text("{}")
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7",
+             SLURM_JOB_NODELIST="node-[1-40000]", SLURM_NTASKS="1")
+  result = subprocess.run(["bash", str(workdir / "launch.sbatch")], env=env, capture_output=True,
+                          text=True)
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / "srun").read_text().split() == [
+      "node-1.a-rather-long-cluster-domain.example.org:12362", "--kill-on-bad-exit=1",
+      "--cpus-per-task=6"]
 
 
 @pytest.mark.parametrize("srun_exit, finished, requeued", [
@@ -634,7 +680,7 @@ def test_a_slurm_array_task_in_a_directory_with_spaces_gets_its_run_dir_whole(tm
   assert f'#SBATCH --output="{sweep_dir}/logs/slurm-%A_%a.out"' in script.splitlines()
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
-  _script(bin_dir / "srun", '#!/bin/bash\nshift\nexec "$@"\n')  # Runs `bash -c ...` itself.
+  _script(bin_dir / "srun", '#!/bin/bash\nshift 2\nexec "$@"\n')  # Runs `bash -c ...` itself.
   _script(bin_dir / "scontrol", '#!/bin/bash\n[ "$1" = show ] && echo node1\nexit 0\n')
   # The trainer notes its arguments and fails; sweep_claim claims, sweep_book books a failure.
   _script(bin_dir / "vitok", f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/$1.args\n'
@@ -825,6 +871,23 @@ def test_tpu_job_checks_the_checkout_and_shared_files_on_the_worker(tmp_path):
       "--workdir=/shared/w", "--distributed=auto"]
 
 
+def test_tpu_job_prints_paths_with_shell_characters_and_needs_an_absolute_workdir(tmp_path):
+  """A quote, $(...) or backtick in a path the worker checks is printed in its message, not run
+  by the worker's shell (the whole command would not parse); a relative workdir, which each
+  worker would resolve in its own checkout, is refused."""
+  odd = tmp_path / 'sweep "x" $(touch ran) `touch ran2`' / "config.json"
+  spec = JobSpec(config="cfg.py:x", workdir="/shared/w", tpu_name="pod", zone="z",
+                 accelerator_type="v5litepod-8", repo_dir=str(tmp_path))
+  remote = _ssh_command(shlex.split(tpu.job_command(spec, require=[str(odd)])))
+  result = subprocess.run(["bash", "-c", remote], capture_output=True, text=True, cwd=tmp_path)
+  assert result.returncode == 1 and f"vitok: {odd} not found on TPU worker" in result.stderr
+  assert not (tmp_path / "ran").exists() and not (tmp_path / "ran2").exists()
+  relative = JobSpec(config="cfg.py:x", workdir="runs/w", tpu_name="pod", zone="z",
+                     accelerator_type="v5litepod-8")
+  with pytest.raises(ConfigError, match="a TPU job needs an absolute path"):
+    tpu.job_command(relative)
+
+
 def test_tpu_sweep_creates_the_pod_once_then_runs_each_run_on_it(tmp_path, gcloud, monkeypatch):
   set_states, calls = gcloud
   set_states("PROVISIONING ACTIVE")
@@ -883,6 +946,9 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
                    "--job=tpu_name=pod,zone=z,accelerator_type=v3-8"]) == 2
   assert "--job=runtime_version=tpu-ubuntu2204-base to `vitok sweep" in capsys.readouterr().err
   assert open(os.path.join(sweep_dir, "sweep.json")).read() == manifest  # Refused before writing.
+  # A bucket URL would become a local directory named gs:, on any target.
+  assert cli.main(["vitok", "sweep", "quickstart", "--sweep_dir=gs://bucket/q"]) == 2
+  assert "--sweep_dir='gs://bucket/q' is a URL" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, says", [
@@ -892,8 +958,9 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
     (["sweep", "encoder_decoder:gpu"], "the argument is one of ['cpu', 'imagenet']"),
     (["sweep", "quickstart", "--target=slurm", "--job=gpus_per_node=abc"], "takes an integer"),
     (["sweep", "quickstart", "--target=slurm", "--job=workdir=x"],
-     "'workdir' is no job field; use one from ['command'"),
+     "'workdir' is no job field; use one from ['nodes'"),
     (["sweep", "quickstart", "--target=slurm", "--job=compilation_cache=x"], "is no job field"),
+    (["sweep", "quickstart", "--target=slurm", "--job=command=eval"], "'command' is no job field"),
     (["sweep", "quickstart", "--target=slurm", "--job=nodes=0"], "nodes=0"),
     (["sweep", "quickstart", "--target=slurm", "--job=max_parallel=-1"], "must be >= 0"),
     (["sweep", "quickstart", "--target=slurm", "--job=time=00:01:30"],

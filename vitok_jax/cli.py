@@ -206,6 +206,7 @@ def _cmd_sweep(args: list[str]) -> int:
                       f"(NAME or NAME:ARG), or PATH.py[:ARG]")
   sweep = sweep_lib.load(spec)
   sweep_dir = FLAGS.sweep_dir or os.path.join("runs", sweep.get("name", "sweep"))
+  config_lib.check_workdir(sweep_dir, "--sweep_dir")  # Not gs://..., on any target.
   job = _job_fields(sweep, spec, sweep_dir)
   max_attempts = FLAGS.max_attempts if FLAGS.max_attempts is not None else sweep.get(
       "max_attempts", 2)
@@ -256,7 +257,7 @@ def _cmd_sweep(args: list[str]) -> int:
 
 SWEEPS_DIR = config_lib.CONFIGS_DIR / "sweeps"
 # JobSpec fields a sweep sets for each run itself; --job cannot set them.
-_SWEEP_JOB_FIELDS = ("config", "workdir", "compilation_cache", "overrides", "env")
+_SWEEP_JOB_FIELDS = ("config", "workdir", "command", "compilation_cache", "overrides", "env")
 _TPU_JOB_FIELDS = ("tpu_name", "zone", "accelerator_type")
 
 

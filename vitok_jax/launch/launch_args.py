@@ -31,6 +31,8 @@ def parse(argv: list[str]) -> tuple[str, jobspec.JobSpec, argparse.Namespace]:
   parser.add_argument("--partition", default="")
   parser.add_argument("--account", default="")
   parser.add_argument("--time", default="24:00:00")
+  parser.add_argument("--cpus_per_task", type=int, default=8,
+                      help="slurm: CPUs of each process (its data pipeline's threads)")
   parser.add_argument("--tpu_name", default="")
   parser.add_argument("--zone", default="")
   parser.add_argument("--project", default="")
@@ -51,7 +53,8 @@ def parse(argv: list[str]) -> tuple[str, jobspec.JobSpec, argparse.Namespace]:
       config=args.config, workdir=args.workdir, command=args.command, overrides=tuple(overrides),
       nodes=args.nodes, processes_per_node=args.processes, gpus_per_node=args.gpus_per_node,
       compilation_cache=args.compilation_cache, coordinator_port=args.port, job_name=args.job_name,
-      partition=args.partition, account=args.account, time=args.time, tpu_name=args.tpu_name,
+      partition=args.partition, account=args.account, time=args.time,
+      cpus_per_task=args.cpus_per_task, tpu_name=args.tpu_name,
       zone=args.zone, project=args.project, accelerator_type=args.accelerator_type,
       runtime_version=args.runtime_version, repo_dir=args.repo_dir, repo_url=args.repo_url,
       repo_ref=args.repo_ref)

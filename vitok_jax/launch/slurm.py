@@ -61,7 +61,9 @@ def render_sbatch(spec: JobSpec, *, sweep_log: str = "",
   lines += ["set -euo pipefail",
             f"workdir={shlex.quote(spec.workdir)}",
             'mkdir -p "$workdir/logs"',
-            'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+            # sed reads the whole list: `head -n 1` would close the pipe early, and scontrol's
+            # SIGPIPE on a long node list would end the script (pipefail).
+            'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
             f'export VITOK_COORDINATOR="$head_node:$(({spec.coordinator_port} + SLURM_JOB_ID % '
             f'{PORT_SPREAD}))"',
             'export VITOK_NUM_PROCESSES="$SLURM_NTASKS"']
@@ -71,7 +73,8 @@ def render_sbatch(spec: JobSpec, *, sweep_log: str = "",
     per_task += ('IFS=, read -ra gpus <<< "${CUDA_VISIBLE_DEVICES:-}"; '
                  'if [ "${#gpus[@]}" -ne 1 ]; then '  # One entry: SLURM bound this task's GPU.
                  'export CUDA_VISIBLE_DEVICES="${gpus[$SLURM_LOCALID]:-$SLURM_LOCALID}"; fi; ')
-  srun = ("srun --kill-on-bad-exit=1 bash -c "
+  # srun takes --cpus-per-task from sbatch no more (SLURM >= 22.05): without it each task gets 1.
+  srun = (f"srun --kill-on-bad-exit=1 --cpus-per-task={spec.cpus_per_task} bash -c "
           f"{shlex.quote(per_task + 'exec ' + spec.shell_command(variables=variables))}")
   if sweep_log and spec.command == "train":
     lines += [f'claim=$(vitok sweep_claim "$workdir" "$SLURM_JOB_ID" {slurm_seconds(spec.time)})',

@@ -9,6 +9,7 @@ same code; without, the job checks that repo_dir exists and fails with a message
 """
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Sequence
 
@@ -120,14 +121,20 @@ def job_command(spec: JobSpec, *, require: Sequence[str] = ()) -> str:
   (jax.distributed finds the pod on its own: --distributed=auto). A missing repo_dir, or a missing
   file of `require` (paths the job reads), fails on the worker with a message naming the fix."""
   _check(spec)
+  if not os.path.isabs(spec.workdir):
+    raise ConfigError(f"--workdir={spec.workdir!r}: a TPU job needs an absolute path, on a file "
+                      "system every worker mounts there (a relative one is resolved on each "
+                      "worker in its own checkout)")
+  # The paths go into the messages as quoted words (adjacent to the double-quoted text), so a
+  # quote, $ or backtick in them is printed, not run by the worker's shell.
   repo = _path(spec.repo_dir)
-  steps = [f"cd {repo} 2>/dev/null || {{ echo \"vitok: {spec.repo_dir} not found on TPU worker "
-           "$(hostname): pass --repo_url to clone and install it there, or check out and "
-           f"pip-install vitok_jax at --repo_dir on every worker\" >&2; exit 1; }}"]
+  steps = [f"cd {repo} 2>/dev/null || {{ echo \"vitok: \"{shlex.quote(spec.repo_dir)}\" not "
+           "found on TPU worker $(hostname): pass --repo_url to clone and install it there, or "
+           f"check out and pip-install vitok_jax at --repo_dir on every worker\" >&2; exit 1; }}"]
   for path in require:
-    steps.append(f"test -f {_path(path)} || {{ echo \"vitok: {path} not found on TPU worker "
-                 "$(hostname): it must be on a file system every worker mounts at the same path "
-                 "(NFS, Filestore, a bucket mounted with gcsfuse)\" >&2; exit 1; }")
+    steps.append(f"test -f {_path(path)} || {{ echo \"vitok: \"{shlex.quote(path)}\" not found "
+                 "on TPU worker $(hostname): it must be on a file system every worker mounts at "
+                 "the same path (NFS, Filestore, a bucket mounted with gcsfuse)\" >&2; exit 1; }")
   env = [f"{k}={shlex.quote(v)}" for k, v in spec.base_env().items()]
   # `python3 -m` rather than the `vitok` script, which a user install puts off a non-login PATH.
   argv = ["python3", "-m", "vitok_jax.cli", *spec.vitok_args("--distributed=auto")[1:]]

@@ -301,14 +301,47 @@ def _booked_status(workdir: str, max_attempts: int) -> str:
   return PENDING
 
 
+def _process_identity(pid: int) -> dict:
+  """What tells process `pid` from a later one given its number: the host, and on Linux the boot
+  and the process's start time (field 22 of /proc/PID/stat, clock ticks since boot); None where
+  unknown."""
+  def read(path):
+    try:
+      with open(path) as f:
+        return f.read()
+    except OSError:
+      return None
+  stat = read(f"/proc/{pid}/stat")
+  boot = read("/proc/sys/kernel/random/boot_id")
+  return {"pid": pid, "host": socket.gethostname(), "boot": boot and boot.strip(),
+          # After the ")" ending the command name, which may hold spaces: field 3 onwards.
+          "start": stat and stat.rpartition(")")[2].split()[19]}
+
+
 def _alive(pid_path: str) -> bool:
-  """Whether the trainer a sweep recorded in pid_path is still running (signal 0 only probes)."""
+  """Whether the trainer a sweep recorded in pid_path is still running: a process of that number
+  is (signal 0 only probes), and it is the one recorded, not a later one given the same number
+  after a reboot or a container restart. A pid file of another host counts as alive: that host's
+  sweep holds the run (delete the file if that sweep is gone)."""
   try:
     with open(pid_path) as f:
-      os.kill(int(f.read()), 0)
-    return True
-  except (OSError, ValueError):
+      text = f.read()
+  except OSError:
     return False
+  try:
+    recorded = json.loads(text)
+  except ValueError:
+    return False
+  if isinstance(recorded, int):  # A pid file written before identities were recorded.
+    recorded = {"pid": recorded}
+  if recorded.get("host", socket.gethostname()) != socket.gethostname():
+    return True
+  try:
+    os.kill(recorded["pid"], 0)
+  except (OSError, KeyError, TypeError):
+    return False
+  now = _process_identity(recorded["pid"])
+  return all(recorded.get(key) in (None, now[key]) for key in ("boot", "start"))
 
 
 def train_command(run: Run) -> list[str]:
@@ -458,11 +491,8 @@ def _locked(workdir: str):
 
 
 def _write_pid(workdir: str, pid: int) -> None:
-  """Replaces workdir's pid file in one step: a reader never sees it empty."""
-  path = os.path.join(workdir, PID)
-  with open(f"{path}.{os.getpid()}.tmp", "w") as f:
-    f.write(str(pid))
-  os.replace(f"{path}.{os.getpid()}.tmp", path)
+  """Replaces workdir's pid file (the process's `_process_identity`) in one step."""
+  config_lib.write_json(os.path.join(workdir, PID), _process_identity(pid), indent=None)
 
 
 def _raise_interrupt(signum, frame):
