@@ -241,7 +241,8 @@ def test_gfid_against_reference_statistics_saved_by_the_tool(tokenizer_dirs, tmp
     monkeypatch.setattr(train_generator, "generate", lambda *a, images=images: (images, 1e-3))
     scores[name] = train_generator.evaluate(family, None, config, None)["gen/fid"]
   as_saved = lambda x: features(visualize.as_saved(x))
-  expected = fid.fid_from_stats(fid.stats_of(as_saved(held_out)), fid.stats_of(as_saved(train_images)))
+  expected = fid.fid_from_stats(fid.stats_of(as_saved(held_out)),
+                                fid.stats_of(as_saved(train_images)))
   assert abs(scores["held_out"]) < 1e-6 * expected
   assert expected > 1.0 and scores["train"] == pytest.approx(expected, rel=1e-6)
 
@@ -546,11 +547,36 @@ def test_sampler_takes_the_tokenizer_weights_as_an_argument(tokenizer_dirs):
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(tokenizer.params))
 
 
+def test_var_samplers_read_the_tokenizer_weights_they_are_given(tokenizer_dirs):
+  """VAR's per-scale steps are compiled once and cached, but the quantiser weights that make each
+  next scale's inputs (codebook, φ) are their argument: a second evaluation's sampler (a new
+  trace) runs, and samples with other tokenizer weights are those an uncompiled call gives."""
+  config = generator_config("var", tokenizer_dirs["msvq"])
+  family, _, eval_arrays = train_generator.build_family(config, mesh_lib.make_mesh(config.mesh))
+  params = nn.meta.unbox(family.init(jax.random.key(0), {k: v[:2] for k, v in eval_arrays.items()}))
+  # Noise on the initialisation (whose logits hardly depend on the inputs), and greedy draws: the
+  # codes follow the inputs the tokenizer's weights make.
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda x: x + 0.3 * rng.normal(size=x.shape).astype(np.float32), params)
+  tokenizer = family.tokenizer
+  codes_of = lambda p, l, r: var.sample_var(family.model, p, l, r, family.next_input(), top_k=1)
+  labels, key = np.arange(2, dtype=np.int32), jax.random.key(1)
+  first = train_generator.make_sampler(codes_of, tokenizer)(params, tokenizer.params, labels, key)
+  other = jax.tree.map(lambda x: -3 * x, tokenizer.params)
+  second = train_generator.make_sampler(codes_of, tokenizer)(params, other, labels, key)
+  with generators.swapped(tokenizer, "params", other):
+    uncompiled = codes_of(params, labels, key)
+  for a, b in zip(second, uncompiled):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any((np.asarray(a) != np.asarray(b)).any() for a, b in zip(first, second))
+
+
 def _family_stub(family_cls, config, monkeypatch, module, sampler_name):
   """A family without a tokenizer or params; its sampler call's kwargs land in the returned dict."""
   family = family_cls.__new__(family_cls)
-  family.config, family.model, family._next_input = config, None, object()
-  family.tokenizer = type("Tok", (), {"decode_codes": staticmethod(lambda codes: codes)})()
+  family.config, family.model, family._next_input_fn = config, None, object()
+  family.tokenizer = type("Tok", (), {"decode_codes": staticmethod(lambda codes: codes),
+                                      "params": None})()
   seen = {}
   monkeypatch.setattr(module, sampler_name, lambda *a, **kw: seen.update(kw) or ())
   return family, seen

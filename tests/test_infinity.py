@@ -181,7 +181,7 @@ def test_bitwise_loss_matches_numpy():
 
 def test_sample_infinity_cfg_one_is_conditional(setup):
   model, params, residual = setup["model"], setup["params"], setup["residual"]
-  fn = var.residual_next_input_fn(residual, {}, SIZE)
+  fn = var.residual_next_input(residual, {}, SIZE)
   labels, rng = jnp.array([1, 2]), jax.random.key(3, impl="rbg")   # rbg: compiles fast.
   plain = infinity.sample_infinity(model, params, labels, rng, fn, cfg_scale=None)
   assert [c.shape for c in plain] == [(2, s, s, 1) for s in SCALES]
@@ -197,7 +197,7 @@ def test_sample_infinity_top_k_and_top_p_act_on_each_bit(setup):
   """top_k = 1 is greedy per bit and a tiny top_p keeps only each bit's likelier value: the same
   codes (so the family can pass both through), unlike plain sampling."""
   model, params, residual = setup["model"], setup["params"], setup["residual"]
-  fn = var.residual_next_input_fn(residual, {}, SIZE)
+  fn = var.residual_next_input(residual, {}, SIZE)
   labels, rng = jnp.array([1, 2]), jax.random.key(3, impl="rbg")
   greedy = infinity.sample_infinity(model, params, labels, rng, fn, cfg_scale=None, top_k=1)
   nucleus = infinity.sample_infinity(model, params, labels, jax.random.key(4, impl="rbg"), fn,

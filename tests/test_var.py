@@ -50,7 +50,7 @@ def setup():
   labels = jnp.array([0, 3, 4])
   params = random_variables(model, 2, inputs, labels)["params"]
   forward = jax.jit(lambda p, x, y: model.apply({"params": p}, x, y))
-  next_input = var.residual_next_input_fn(residual, rq_vars, SIZE)
+  next_input = var.residual_next_input(residual, rq_vars, SIZE)
   return {"model": model, "residual": residual, "rq_vars": rq_vars, "codes": codes,
           "inputs": inputs, "labels": labels, "params": params, "forward": forward,
           "next_input": next_input}

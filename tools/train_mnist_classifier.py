@@ -1,7 +1,7 @@
 r"""Trains the FID-MNIST classifier on the bundled MNIST and writes its weights (.npz).
 
   PYTHONPATH=. python tools/train_mnist_classifier.py --out runs/mnist_classifier.npz [--steps 600]
-      [--eval_size N]  (the data.eval_size of the runs it scores: their held-out digits are left out)
+      [--eval_size N]  (the data.eval_size of the runs it scores: their held-out digits left out)
 
 About a minute on 2 CPU cores; the held-out accuracy is printed (≈0.98 at the default 600 steps).
 Evaluators call `mnist_classifier.load_or_train(path)`, which does the same on first use.

@@ -19,7 +19,7 @@ def count_frames(path: str) -> int:
 
 
 def decode_clip(path: str, start: int, frames: int, stride: int) -> np.ndarray:
-  """Frames start, start + stride, ... of a video file (in display order) -> uint8 [frames, H, W, 3].
+  """Frames start, start + stride, ... of a video file, in display order -> uint8 [frames, H, W, 3].
 
   Seeks to the keyframe before `start` and decodes forward, indexing frames by their presentation
   time, so the cost is one GOP + the clip. AVI stores no presentation times: the ones FFmpeg

@@ -17,7 +17,7 @@ in `flip_requant` and in its sampler; VAR area-downsamples instead), as
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -100,18 +100,18 @@ def self_correction_inputs(f_BHWC, scales: Sequence[int], rng, flip_prob_max: fl
   return inputs_BLC, jnp.concatenate(labels, axis=1).astype(jnp.int32)
 
 
-def sample_infinity(model: var.VAR, params, labels_B, rng, next_input_fn: Callable, *,
+def sample_infinity(model: var.VAR, params, labels_B, rng, next_input: var.NextInput, *,
                     cfg_scale: float | None = 3.0, top_k: int = 0, top_p: float = 1.0,
                     temperature: float = 1.0, cfg_schedule: str = "constant"):
   """Samples packed BSQ codes of every scale (uint32 [B, s, s, W] each) with a bitwise VAR.
 
   Each bit is drawn from its own 2-way softmax (top_k = 1: greedy; larger top_k is a no-op);
   cfg_schedule "constant" is Infinity's cfg·cond + (1 − cfg)·uncond (cfg = 1: conditional).
-  next_input_fn: e.g. `var.residual_next_input_fn(ResidualQuantizer(d, "bsq", ...,
+  next_input: e.g. `var.residual_next_input(ResidualQuantizer(d, "bsq", ...,
   upsample="bilinear", num_phi=0), {}, h)`. See `var.sample_var` for the rest.
   """
   if model.head != "bitwise":
     raise ConfigError(f"sample_infinity needs VAR(head='bitwise'), got head={model.head!r}")
-  return var.sample_var(model, params, labels_B, rng, next_input_fn, cfg_scale=cfg_scale,
+  return var.sample_var(model, params, labels_B, rng, next_input, cfg_scale=cfg_scale,
                         top_k=top_k, top_p=top_p, temperature=temperature,
                         cfg_schedule=cfg_schedule)

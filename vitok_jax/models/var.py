@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -399,12 +400,23 @@ def cfg_weights(cfg_scale: float, num_scales: int, schedule: str = "var") -> tup
   return tuple(1.0 + cfg_scale * k / max(num_scales - 1, 1) for k in range(num_scales))
 
 
+class NextInput(NamedTuple):
+  """How `sample_var` makes scale k+1's inputs from scale k's codes with a tokenizer's quantiser:
+  fn(variables, f_hat [B, h, h, C], codes_k, k) -> (f_hat, inputs [B, s_{k+1}², C]), jax-traceable,
+  with f_hat starting at 0; and the `variables` it reads (the tokenizer's weights). Each scale's
+  compiled step is cached per fn and takes the variables as an argument: a cached step closing
+  over them would keep the first weights (or tracer) it was traced with."""
+  fn: Callable
+  variables: Any
+
+
 @functools.lru_cache(maxsize=32)
 def _scale_step(model: VAR, next_input_fn, k: int, guided: bool, top_k: int):
   """The jitted program of scale k: decode, guide, sample, next input."""
   side, last = model.scales[k], k == len(model.scales) - 1
 
-  def step(params, cache, f_hat_BHWC, inputs_BLC, labels_B, rng, weight, top_p, temperature):
+  def step(params, next_variables, cache, f_hat_BHWC, inputs_BLC, labels_B, rng, weight, top_p,
+           temperature):
     logits, cache = model.apply({"params": params}, k, inputs_BLC, labels_B, cache,
                                 method=VAR.decode_scale)
     if guided:
@@ -419,16 +431,16 @@ def _scale_step(model: VAR, next_input_fn, k: int, guided: bool, top_k: int):
       code = quantizers.pack_bits(tokens.astype(bool)).reshape(batch, side, side, -1)
     next_BLC = None
     if not last:
-      f_hat_BHWC, next_BLC = next_input_fn(f_hat_BHWC, code, k)
+      f_hat_BHWC, next_BLC = next_input_fn(next_variables, f_hat_BHWC, code, k)
       if guided:
         next_BLC = jnp.concatenate([next_BLC, next_BLC], axis=0)
     return code, cache, f_hat_BHWC, next_BLC
 
-  donate = (1,) if jax.default_backend() != "cpu" else ()
+  donate = (2,) if jax.default_backend() != "cpu" else ()
   return jax.jit(step, donate_argnums=donate)
 
 
-def sample_var(model: VAR, params, labels_B, rng, next_input_fn: Callable, *,
+def sample_var(model: VAR, params, labels_B, rng, next_input: NextInput, *,
                cfg_scale: float | None = 1.5, top_k: int = 0, top_p: float = 1.0,
                temperature: float = 1.0, cfg_schedule: str = "var"):
   """Samples the codes of every scale for class labels [B], coarse to fine with a KV cache.
@@ -437,8 +449,7 @@ def sample_var(model: VAR, params, labels_B, rng, next_input_fn: Callable, *,
     model: the VAR (softmax or bitwise head); params: its params.
     labels_B: int class labels [B].
     rng: PRNG key (split into one key per scale; the draws do not depend on cfg).
-    next_input_fn: (f_hat [B, h, h, C], codes_k, k) -> (f_hat, next inputs [B, s_{k+1}², C]),
-      jax-traceable, closing over the tokenizer (e.g. `residual_next_input_fn`); f_hat starts at 0.
+    next_input: the tokenizer's next-scale inputs, `NextInput` (e.g. `residual_next_input`).
     cfg_scale: guidance, see `cfg_weights` (VAR: ramps as cfg·k/(K − 1), so the first stage is
       unguided and 0 is the conditional model). None skips the null-class half of the batch.
       With guidance, the batch is doubled with the null class and both halves share the inputs.
@@ -460,22 +471,30 @@ def sample_var(model: VAR, params, labels_B, rng, next_input_fn: Callable, *,
   f_hat_BHWC = jnp.zeros((batch, side, side, model.latent_channels), jnp.float32)
   inputs_BLC, codes = None, []
   for k, key in enumerate(jax.random.split(rng, num_scales)):
-    step = _scale_step(model, next_input_fn, k, guided, int(top_k))
+    step = _scale_step(model, next_input.fn, k, guided, int(top_k))
     code, cache, f_hat_BHWC, inputs_BLC = step(
-        params, cache, f_hat_BHWC, inputs_BLC, labels_B, key, jnp.float32(weights[k]),
+        params, next_input.variables, cache, f_hat_BHWC, inputs_BLC, labels_B, key,
+        jnp.float32(weights[k]),
         jnp.float32(top_p), jnp.float32(temperature))
     codes.append(code)
   return tuple(codes)
 
 
-def residual_next_input_fn(residual: multiscale.ResidualQuantizer, variables, size: int):
-  """next_input_fn for `sample_var` from a ResidualQuantizer and its variables.
+def residual_next_input(residual: multiscale.ResidualQuantizer, variables,
+                        size: int) -> NextInput:
+  """`sample_var`'s NextInput from a ResidualQuantizer and its variables.
 
   For a full tokenizer pass its bottleneck's quantiser and the matching sub-tree, e.g.
-  `residual_next_input_fn(ResidualQuantizer(...), {"params": tok_params["bottleneck"]["residual"]},
+  `residual_next_input(ResidualQuantizer(...), {"params": tok_params["bottleneck"]["residual"]},
   h)`; Infinity's BSQ (no φ) needs no params: `{}`.
   """
-  def fn(f_hat_BHWC, code, k):
+  return NextInput(_residual_next_input_fn(residual, size), variables)
+
+
+@functools.lru_cache(maxsize=32)
+def _residual_next_input_fn(residual: multiscale.ResidualQuantizer, size: int):
+  """One function per (quantiser, size), so the per-scale steps compile once for it."""
+  def fn(variables, f_hat_BHWC, code, k):
     return residual.apply(variables, f_hat_BHWC, code, k, size,
                           method=multiscale.ResidualQuantizer.next_scale_input)
   return fn

@@ -358,14 +358,16 @@ class VARFamily(Family):
     reweight = train and loop.added_field(self.config, "objective.reweight_by_scale")
     return var.scale_loss_weights(self.scales) if reweight else None
 
-  def next_input_fn(self):
-    """(f_hat, codes_k, k) -> (f_hat, inputs of scale k+1) with the tokenizer's quantiser; one
-    function object per family, so the samplers' per-scale programs compile once."""
-    if not hasattr(self, "_next_input"):
-      side = self.tokenizer.grid[-1]
-      self._next_input = lambda f_hat, code_k, k: self.tokenizer.residual_apply(
-          lambda r, f, c: r.next_scale_input(f, c, k, side), f_hat, code_k)
-    return self._next_input
+  def next_input(self) -> var.NextInput:
+    """The tokenizer's quantiser making scale k+1's inputs, reading the tokenizer's weights as
+    they are now (under `train_generator.make_sampler`, its traced argument). One function
+    object per family, so the samplers' per-scale programs compile once."""
+    if not hasattr(self, "_next_input_fn"):
+      model, side = self.tokenizer.model, self.tokenizer.grid[-1]
+      self._next_input_fn = lambda tokenizer_params, f_hat, code_k, k: model.apply(
+          {"params": tokenizer_params}, f_hat, code_k,
+          method=lambda m, f, c: m.bottleneck_layer.residual.next_scale_input(f, c, k, side))
+    return var.NextInput(self._next_input_fn, self.tokenizer.params)
 
   @classmethod
   def check_sample(cls, sample) -> None:
@@ -379,7 +381,7 @@ class VARFamily(Family):
   def sample(self, params, labels_B, rng, **overrides):
     """cfg_schedule "linear" is VAR's published ramp, "constant" w = cfg at every scale."""
     s = {**self.config.sample.to_dict(), **overrides}
-    codes = var.sample_var(self.model, params, labels_B, rng, self.next_input_fn(),
+    codes = var.sample_var(self.model, params, labels_B, rng, self.next_input(),
                            cfg_scale=s["cfg_scale"], top_k=s["top_k"], top_p=s["top_p"],
                            temperature=s["temperature"],
                            cfg_schedule=var_cfg_schedule(s["cfg_schedule"]))
@@ -423,7 +425,7 @@ class InfinityFamily(VARFamily):
     "constant" is Infinity's, "linear" VAR's ramp."""
     s = {**self.config.sample.to_dict(), **overrides}
     self.check_sample(s)
-    codes = infinity.sample_infinity(self.model, params, labels_B, rng, self.next_input_fn(),
+    codes = infinity.sample_infinity(self.model, params, labels_B, rng, self.next_input(),
                                      cfg_scale=s["cfg_scale"], top_k=s["top_k"], top_p=s["top_p"],
                                      temperature=s["temperature"],
                                      cfg_schedule=var_cfg_schedule(s["cfg_schedule"]))

