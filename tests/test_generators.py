@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -300,6 +301,24 @@ def test_store_holds_latents_and_is_cached(tokenizer_dirs):
   assert len(gaussian["labels"]) == len(gaussian["latents"]) == 500   # The whole eval split.
   again = codes.load_or_tokenize(tokenizer_dirs["gaussian"], "eval")
   np.testing.assert_array_equal(again["latents"], gaussian["latents"])
+
+
+def test_a_tokenizer_trained_on_a_mesh_this_machine_lacks_still_makes_its_store(tokenizer_dirs,
+                                                                                 tmp_path):
+  """The store is made on the generator's mesh (`vitok tokenize`: this machine's devices), not the
+  tokenizer's training mesh: one saved as fsdp=8 (8 GPUs, say) tokenizes on this one device."""
+  workdir = tmp_path / "tok"
+  shutil.copytree(tokenizer_dirs["gaussian"], workdir, ignore=shutil.ignore_patterns("store_*"))
+  saved = json.loads((workdir / "config.json").read_text())
+  saved["mesh"].update(data=1, fsdp=8)
+  (workdir / "config.json").write_text(json.dumps(saved))
+  reference = codes.load_or_tokenize(tokenizer_dirs["gaussian"], "eval")
+  out = codes.tokenize_workdir(str(workdir), str(tmp_path / "part.npz"), max_examples=20)
+  with np.load(out) as part:
+    np.testing.assert_allclose(part["latents"], reference["latents"][:20], atol=1e-5)
+  mesh = mesh_lib.make_mesh(mesh_lib.default_config())
+  store = generators.FrozenTokenizer(str(workdir), mesh).store("eval")
+  np.testing.assert_allclose(store["latents"], reference["latents"], atol=1e-5)
 
 
 @pytest.mark.slow

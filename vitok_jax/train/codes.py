@@ -112,12 +112,15 @@ def _whole_split_at(path: str, step: int) -> bool:
     return int(store["step"]) == step and not partial
 
 
-def tokenize_workdir(workdir: str, out: str, *, split: str = "eval", max_examples: int = 0) -> str:
+def tokenize_workdir(workdir: str, out: str, *, split: str = "eval", max_examples: int = 0,
+                     mesh=None) -> str:
   """Tokenizes a split with the latest checkpoint of `workdir` into the npz file `out` (the first
-  `max_examples` examples, 0: all; a generator's own store is always the whole split)."""
+  `max_examples` examples, 0: all; a generator's own store is always the whole split), on `mesh`:
+  by default this machine's devices, data-parallel (the mesh the tokenizer trained on, e.g. fsdp
+  over 8 GPUs or two nodes, need not fit them)."""
   config = config_lib.read_config(workdir)
   config_lib.require_kind(config, workdir, "tokenizer")
-  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh = mesh if mesh is not None else mesh_lib.make_mesh(mesh_lib.default_config())
   step, params, _ = train_tokenizer.restore_params(workdir, config, mesh)
   store = tokenize(config, params, split=split, max_examples=max_examples)
   grid = train_tokenizer.pixel_shape(config)[:-1]
@@ -128,9 +131,9 @@ def tokenize_workdir(workdir: str, out: str, *, split: str = "eval", max_example
   return out
 
 
-def load_or_tokenize(workdir: str, split: str) -> dict[str, np.ndarray]:
-  """The store of `split` cached as WORKDIR/store_SPLIT.npz, (re)made when missing or older than
-  the tokenizer's latest checkpoint. A job of several processes reads it and cannot make it
+def load_or_tokenize(workdir: str, split: str, mesh=None) -> dict[str, np.ndarray]:
+  """The store of `split` cached as WORKDIR/store_SPLIT.npz, (re)made (on `mesh`, see
+  `tokenize_workdir`) when missing or older than the tokenizer's latest checkpoint. A job of several processes reads it and cannot make it
   (tokenizing is a single-process job): a missing or stale store there is a DataError that gives
   the command making it."""
   path = os.path.join(workdir, f"store_{split}.npz")
@@ -149,6 +152,6 @@ def load_or_tokenize(workdir: str, split: str) -> dict[str, np.ndarray]:
         f"`vitok tokenize --workdir {workdir} --out {path} --split {split}`")
   if stale:
     logging.info("Tokenizing the %s split with %s into %s", split, workdir, path)
-    tokenize_workdir(workdir, path, split=split)
+    tokenize_workdir(workdir, path, split=split, mesh=mesh)
   with np.load(path) as store:
     return dict(store)

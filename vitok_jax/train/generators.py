@@ -51,7 +51,7 @@ class FrozenTokenizer:
     self._decode_codes = codes_lib.decode_fn(self.model, self.grid)
 
   def store(self, split: str) -> dict[str, np.ndarray]:
-    return codes_lib.load_or_tokenize(self.workdir, split)
+    return codes_lib.load_or_tokenize(self.workdir, split, self.mesh)
 
   def decode_latents(self, z_BNC):
     """Continuous latents [B, N, c] -> pixels."""
