@@ -1,5 +1,6 @@
 """Meshes, the sharding rule table, and sharded training equal to one device."""
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -129,6 +130,29 @@ def test_rules_never_shard_a_dimension_the_mesh_axes_do_not_divide(mesh_shape):
       train_tokenizer.abstract_state(parts, config))):
     assert not any(size % _shards(mesh, axes)
                    for axes, size in zip(sharded.spec, leaf.shape)), (leaf, sharded)
+
+
+def test_the_gan_discriminator_and_its_adam_state_are_split_over_fsdp():
+  """The discriminator's kernels (and their Adam moments, like the params') are split over fsdp:
+  replicated, a 256-px stage-2 run held all of them on every device, more than the sharded
+  tokenizer state."""
+  config = config_lib.load_config("vitok:Mu-Mi/4,c=8,res=32,data=mnist")
+  config.gan.enabled = True
+  parts = train_tokenizer.build_components(config)
+  mesh = jax.sharding.AbstractMesh((1, 8, 1), mesh_lib.AXES)
+  shardings = train_tokenizer.state_shardings(parts, config, mesh).disc
+  abstract = train_tokenizer.abstract_state(parts, config).disc
+  per_device = total = 0
+  for sharded, leaf in zip(jax.tree.leaves(shardings), jax.tree.leaves(abstract)):
+    assert not any(size % _shards(mesh, axes) for axes, size in zip(sharded.spec, leaf.shape))
+    per_device += leaf.size // math.prod(_shards(mesh, axes) for axes in sharded.spec)
+    total += leaf.size
+  kernels = {path: s.spec for path, s in jax.tree_util.tree_leaves_with_path(shardings.params)
+             if path[-1].key == "kernel" and path[0].key != "logit"}
+  assert kernels and all("fsdp" in jax.tree.leaves(tuple(spec)) for spec in kernels.values())
+  assert per_device < total / 6  # The biases and the logit's kernel stay whole.
+  mu = shardings.opt_state[0].mu
+  assert jax.tree.leaves(mu) == jax.tree.leaves(shardings.params)
 
 
 def _slurm_env(monkeypatch, **env):

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vitok_jax.errors import ConfigError
-from vitok_jax.models.vit import partitioned
+from vitok_jax.models.vit import constrain, partitioned
 
 LEAK = 0.2
 # He init with an untruncated normal: XLA's CPU compile of truncated_normal (erfinv) costs seconds
@@ -25,9 +25,10 @@ HE_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 def _conv(features: int, kernel: int, name: str, use_bias: bool = True, dtype=jnp.float32):
+  # Output channels on "embed" (fsdp): the kernels and their Adam moments are split like the
+  # tokenizer's (inputs can be 3 or C + 1 wide: RGB, the minibatch-std channel).
   return nn.Conv(features, (kernel, kernel), padding="SAME", use_bias=use_bias, dtype=dtype,
-                 name=name, kernel_init=partitioned(HE_NORMAL,
-                                                    (None, None, None, "mlp")))
+                 name=name, kernel_init=partitioned(HE_NORMAL, (None, None, None, "embed")))
 
 
 def minibatch_stddev(x_BHWC, group_size: int = 4):
@@ -72,13 +73,16 @@ class StyleGANDiscriminator(nn.Module):
     if x_BHWC.shape[2] != size or size < 4 or size & (size - 1):
       raise ConfigError(f"the discriminator needs square power-of-two images >= 4, got "
                         f"{x_BHWC.shape[1:3]}; set data.res to 16, 32, 64, ...")
-    h = nn.leaky_relu(_conv(self.channels, 1, "from_rgb", dtype=self.dtype)(x_BHWC), LEAK)
+    # Activations split over the batch (FSDP gathers each conv's kernel, split by channel).
+    by_batch = lambda v: constrain(v, ("batch", None, None, "act_embed"))
+    h = by_batch(nn.leaky_relu(_conv(self.channels, 1, "from_rgb", dtype=self.dtype)(x_BHWC),
+                               LEAK))
     for i in range(int(math.log2(size)) - 2):
-      h = ResBlock(min(self.channels * 2 ** (i + 1), self.max_channels), self.dtype,
-                   name=f"block{i}")(h)
+      h = by_batch(ResBlock(min(self.channels * 2 ** (i + 1), self.max_channels), self.dtype,
+                            name=f"block{i}")(h))
     h = minibatch_stddev(h)
-    h = nn.leaky_relu(_conv(h.shape[-1] - 1, 3, "final_conv", dtype=self.dtype)(h), LEAK)
-    h = h.reshape(h.shape[0], -1)
+    h = by_batch(nn.leaky_relu(_conv(h.shape[-1] - 1, 3, "final_conv", dtype=self.dtype)(h), LEAK))
+    h = constrain(h.reshape(h.shape[0], -1), ("batch", "act_embed"))
     dense = lambda features, name, axes: nn.Dense(
         features, dtype=self.dtype, name=name,
         kernel_init=partitioned(HE_NORMAL, axes))

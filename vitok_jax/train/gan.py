@@ -21,6 +21,7 @@ import optax
 
 from vitok_jax.config_lib import require
 from vitok_jax.models import discriminator as disc_lib
+from vitok_jax.parallel import sharding
 
 # Tokenizer param subtrees that stage 2 trains; the rest (patch_embed, encoder, bottleneck) is frozen.
 DECODER_PARAMS = ("latent_embed", "decoder", "to_pixels")
@@ -96,6 +97,14 @@ class GANStage:
   def init(self, rng, example_BX) -> DiscState:
     params = nn.meta.unbox(self.net.init(rng, example_BX)["params"])
     return DiscState(params, self.tx.init(params))
+
+  def logical_specs(self, example_BX) -> DiscState:
+    """Logical PartitionSpecs of the state `init` makes: the params' axis names, and the same for
+    their Adam moments (`sharding.opt_state_logical_specs`)."""
+    boxed = jax.eval_shape(lambda x: self.net.init(jax.random.key(0), x)["params"], example_BX)
+    params = sharding.param_logical_specs(boxed)
+    abstract = jax.eval_shape(lambda x: self.init(jax.random.key(0), x), example_BX)
+    return DiscState(params, sharding.opt_state_logical_specs(self.tx, abstract.opt_state, params))
 
   def generator_loss(self, disc_params, recon):
     """Hinge generator loss of reconstructions (gradients flow into `recon`, not into D)."""

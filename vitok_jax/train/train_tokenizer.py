@@ -206,8 +206,8 @@ def abstract_state(parts: Components, config) -> TrainState:
 
 
 def state_shardings(parts: Components, config, mesh) -> TrainState:
-  """NamedShardings of every leaf of the train state, from the params' logical axis names
-  (the small discriminator of the GAN stage is replicated)."""
+  """NamedShardings of every leaf of the train state, from the params' logical axis names (the
+  GAN stage's discriminator's too)."""
   example = jax.ShapeDtypeStruct((1, *pixel_shape(config)), jnp.float32)
   param_specs = sharding.param_logical_specs(
       jax.eval_shape(functools.partial(_init_boxed_params, parts.model, config), example))
@@ -217,7 +217,7 @@ def state_shardings(parts: Components, config, mesh) -> TrainState:
       step=replicated, params=param_specs,
       opt_state=sharding.opt_state_logical_specs(parts.tx, abstract.opt_state, param_specs),
       ema_params=param_specs if config.ema_decay else {},
-      disc=jax.tree.map(lambda _: replicated, abstract.disc),
+      disc=parts.gan_stage.logical_specs(example) if parts.gan_stage is not None else {},
       code_counts=jax.tree.map(lambda _: replicated, abstract.code_counts),
       codebook_ema=jax.tree.map(lambda _: replicated, abstract.codebook_ema))
   return sharding.logical_to_mesh(specs, mesh, shapes=abstract)
