@@ -224,6 +224,15 @@ def test_train_stream_is_independent_of_process_count_and_resumes_from_a_step():
   resumed = _take(data.build_iterator(cfg, "train", batch_size=4, seed=4, process_index=1,
                                       process_count=2, start_batch=2), 1)
   _assert_same(resumed, halves[1][2:])
+  # Where the mesh interleaves the processes' rows (fsdp across hosts: process 1 holds rows 1, 3,
+  # 5, 7), a process loads exactly the stream positions of its rows, also from a resumed step.
+  odd = _take(data.build_iterator(cfg, "train", batch_size=4, seed=4, process_index=1,
+                                  process_count=2, rows=[1, 3, 5, 7], start_batch=1), 2)
+  for k in range(2):
+    np.testing.assert_array_equal(odd[k]["image"], single[k + 1]["image"][1::2])
+  with pytest.raises(ConfigError, match="3 rows of each global batch for a per-process batch of 4"):
+    data.build_iterator(cfg, "train", batch_size=4, process_index=0, process_count=2,
+                        rows=[0, 2, 4])
 
 
 def test_seed_determinism_and_fresh_epochs(image_folder):

@@ -38,17 +38,18 @@ def _params(workdir):
 
 
 def test_two_processes_train_then_resume_on_another_mesh_and_process_count(tmp_path):
-  """2 processes x 4 devices (a hybrid mesh: data=2 over the processes as DCN groups, fsdp=4 within
-  each) train 10 steps; 1 process x 8 devices (fsdp=8) resumes to step 20. Equals one device
-  training 20 steps: the checkpoint moved across topologies and the data stream continued where
-  it stopped."""
+  """2 processes x 4 devices (a hybrid mesh: fsdp=2 over the processes as DCN groups, data=4
+  within each, so each process holds every other row of the batch) train 10 steps; 1 process x
+  8 devices (fsdp=8) resumes to step 20. Equals one device training 20 steps: each process loaded
+  the examples of its rows, the checkpoint moved across topologies and the data stream continued
+  where it stopped."""
   moved, reference = tmp_path / "moved", tmp_path / "reference"
   log = _vitok(4, "launch", "local", "--processes=2", f"--config={TINY},steps=10",
-               f"--workdir={moved}", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
-               "--config.mesh.dcn_data=-1", *COMMON)
+               f"--workdir={moved}", "--config.mesh.data=-1", "--config.mesh.fsdp=1",
+               "--config.mesh.dcn_fsdp=-1", *COMMON)
   logs = [open(moved / "logs" / f"process_{i}.log").read() for i in range(2)]
   assert "Process 1 of 2, 4 local / 8 global devices" in logs[1], logs[1][-2000:] + log
-  assert "'data': 2, 'fsdp': 4" in logs[0], logs[0][-2000:]
+  assert "'data': 4, 'fsdp': 2" in logs[0], logs[0][-2000:]
   assert _params(moved)[0] == 10
 
   out = _vitok(8, "train", f"--config={TINY},steps=20", f"--workdir={moved}",

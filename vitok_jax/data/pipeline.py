@@ -2,8 +2,9 @@
 
 Training reads one global stream: a shuffled, repeated order of the examples, each augmented with
 randomness drawn from (seed, its position in the stream). Global batch k is stream positions
-[k·B·P, (k+1)·B·P) and process p of P takes the p-th block of B of them, so the rows of the global
-array (processes in mesh order) are in stream order. The stream, and where a run is in it, depend
+[k·B·P, (k+1)·B·P), and each process loads the positions of the rows of the global array it holds
+(`rows`; by default process p of P the p-th block of B), so the global array's rows are in stream
+order on any mesh. The stream, and where a run is in it, depend
 only on (seed, step), never on the number of processes: a run resumes exactly from its step alone,
 also on another topology (`start_batch`).
 """
@@ -40,8 +41,8 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
 
 def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int = 0,
                   process_index: int | None = None, process_count: int | None = None,
-                  start_batch: int = 0, one_pass: bool = False,
-                  source=None) -> grain.IterDataset:
+                  start_batch: int = 0, one_pass: bool = False, source=None,
+                  rows=None) -> grain.IterDataset:
   """The grain IterDataset of per-process batches (see build_iterator)."""
   config.validate(data_cfg, split)
   if batch_size <= 0:
@@ -64,9 +65,13 @@ def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int 
     ds = ds.repeat()
     # Augmentation before sharding: its randomness follows the global stream position.
     ds = ds.random_map(transforms.Augment(opt), seed=int(augment_seed))
-    # Blocks of B consecutive positions; global batch k = blocks k·P .. k·P + P - 1.
-    ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]
-    ds = ds[start_batch:]
+    if rows is None:  # Block p of each global batch.
+      rows = range(process_index * batch_size, (process_index + 1) * batch_size)
+    if len(rows) != batch_size:
+      raise ConfigError(f"rows: {len(rows)} rows of each global batch for a per-process batch "
+                        f"of {batch_size}")
+    ds = _GlobalBatchRows(ds, rows, batch_size * process_count)
+    ds = ds.batch(batch_size, drop_remainder=True)[start_batch:]
   else:
     ds = ds.shuffle(seed=_ONE_PASS_ORDER_SEED)
     # grain's ShardOptions(drop_remainder=True) semantics (equal shards, so every process runs
@@ -93,13 +98,13 @@ def build_dataset(data_cfg, split: str = "train", *, batch_size: int, seed: int 
 
 def build_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int = 0,
                    process_index: int | None = None, process_count: int | None = None,
-                   start_batch: int = 0, one_pass: bool = False,
-                   source=None) -> grain.DatasetIterator:
+                   start_batch: int = 0, one_pass: bool = False, source=None,
+                   rows=None) -> grain.DatasetIterator:
   """A checkpointable iterator of this process's batches.
 
   Yields {"image": float32 [B, H, W, C] (frames == 1) or [B, T, H, W, C] in [-1, 1],
-  "label": int32 [B]}. B = batch_size per process. train: process p of P reads block p of each
-  global batch; eval: every P-th example.
+  "label": int32 [B]}. B = batch_size per process. train: process p of P reads its `rows` of
+  each global batch (by default block p); eval: every P-th example.
   train: endless, reshuffled each epoch, augmented per data.crop/flip, full batches only; starts
   at global batch `start_batch` (the train step to resume from) on any number of processes.
   eval: one pass in a fixed order (the same permutation of the split for every run and seed), no
@@ -110,10 +115,39 @@ def build_iterator(data_cfg, split: str = "train", *, batch_size: int, seed: int
   process_index/count default to jax.process_index()/process_count().
   source: `sources.make_source(data_cfg, split)` made beforehand (a trainer makes it before the
   model, so a missing or unreadable dataset stops the run first); made here when None.
+  rows: train: the rows of each global batch (B·P) this process loads, ascending
+  (`mesh.process_rows`); default block p, [p·B, (p+1)·B).
   """
   return iter(build_dataset(data_cfg, split, batch_size=batch_size, seed=seed,
                             process_index=process_index, process_count=process_count,
-                            start_batch=start_batch, one_pass=one_pass, source=source))
+                            start_batch=start_batch, one_pass=one_pass, source=source,
+                            rows=rows))
+
+
+class _GlobalBatchRows(grain.MapDataset):
+  """Of a stream of positions, rows `rows` of each global batch of `global_batch` positions:
+  element i is position (i // R)·global_batch + rows[i mod R], R = len(rows)."""
+
+  def __init__(self, parent: grain.MapDataset, rows, global_batch: int):
+    super().__init__(parent)
+    self._rows, self._global_batch = tuple(int(r) for r in rows), global_batch
+    self._length = len(parent) // global_batch * len(self._rows)
+
+  def __len__(self) -> int:
+    return self._length
+
+  def _position(self, index: int) -> int:
+    batch, row = divmod(index, len(self._rows))
+    return batch * self._global_batch + self._rows[row]
+
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._position(index)]
+
+  def _getitems(self, indices):
+    positions = [self._position(i) for i in indices]
+    return self._parent._getitems(positions)  # pylint: disable=protected-access
 
 
 def held_out_images(data_cfg, batch_size: int, limit: int = 0, split: str = "eval"):

@@ -119,7 +119,7 @@ def check_batch_split(global_batch: int, shards: int, processes: int, where: str
 def per_process_batch(global_batch: int, mesh: Mesh) -> int:
   """Rows each process loads; raises when the global batch does not split over shards/processes,
   or when a batch shard spans processes (a tensor axis across hosts), which would have them load
-  the same rows (each process reads its own block of the stream)."""
+  the same rows (each process reads its own rows of the stream, `process_rows`)."""
   shards, processes = batch_shards(mesh), jax.process_count()
   check_batch_split(global_batch, shards, processes)
   if processes > 1 and isinstance(mesh, Mesh):  # Rows: batch shards; columns: their devices.
@@ -131,6 +131,18 @@ def per_process_batch(global_batch: int, mesh: Mesh) -> int:
           f"process loads its own; keep tensor within a process ({jax.local_device_count()} "
           f"devices) and split processes over data or fsdp (e.g. dcn_data=-1)")
   return global_batch // processes
+
+
+def process_rows(global_batch: int, mesh: Mesh) -> np.ndarray:
+  """The rows of a [global_batch, ...] batch array (`batch_sharding`) this process holds,
+  ascending: the order `global_batch` takes its local rows in. One block (process p: rows
+  p·B .. p·B + B − 1) when the processes split the batch axes' major part (dcn_data); strided
+  when fsdp runs across processes (dcn_fsdp), whose rows interleave."""
+  shape = (global_batch,)
+  rows = set()
+  for index in batch_sharding(mesh).addressable_devices_indices_map(shape).values():
+    rows.update(range(*index[0].indices(global_batch)))
+  return np.array(sorted(rows), np.int64)
 
 
 def shared_rows(x: np.ndarray, mesh: Mesh) -> jax.Array:

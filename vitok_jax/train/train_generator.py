@@ -93,16 +93,19 @@ class Batches:
   """The training stream: a pure function of (seed, global batch index), so resume is exact.
 
   Epoch e visits the rows in permutation(seed, e); global batch b is positions [b·B, (b+1)·B) of
-  the concatenated epochs; process p takes block p of it.
+  the concatenated epochs; a process takes the positions of its rows of the global array
+  (`rows`, ascending: `mesh.process_rows`), by default block p of B / P.
   """
 
   def __init__(self, arrays: dict[str, np.ndarray], global_batch: int, seed: int, *,
-               start_batch: int = 0, process_index: int = 0, process_count: int = 1):
+               start_batch: int = 0, process_index: int = 0, process_count: int = 1,
+               rows=None):
     self.arrays, self.global_batch, self.seed = arrays, global_batch, seed
     self.num_rows = len(next(iter(arrays.values())))
     self.batch_index = start_batch
-    self.local = global_batch // process_count
-    self.offset = process_index * self.local
+    local = global_batch // process_count
+    self.batch_rows = (np.arange(process_index * local, (process_index + 1) * local)
+                       if rows is None else np.asarray(rows))
     self._perms: dict[int, np.ndarray] = {}
 
   def _perm(self, epoch: int) -> np.ndarray:
@@ -111,7 +114,7 @@ class Batches:
     return self._perms[epoch]
 
   def rows(self, batch_index: int) -> np.ndarray:
-    positions = batch_index * self.global_batch + self.offset + np.arange(self.local)
+    positions = batch_index * self.global_batch + self.batch_rows
     epochs, index = np.divmod(positions, self.num_rows)
     return np.array([self._perm(int(e))[i] for e, i in zip(epochs, index)])
 
@@ -451,7 +454,7 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   if is_main and not int(state.step):  # The tokenizer checkpoint it trains on.
     _note_tokenizer_step(workdir, family.tokenizer)
   batches = Batches(train_arrays, config.batch_size, config.seed, start_batch=int(state.step),
-                    process_index=jax.process_index(), process_count=jax.process_count())
+                    rows=mesh_lib.process_rows(config.batch_size, mesh))
   batch_sharding = mesh_lib.batch_sharding(mesh)
   writer = (metrics_writer.MetricWriter(workdir, resume_step=int(state.step)) if is_main
             else None)

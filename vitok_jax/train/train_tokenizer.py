@@ -472,7 +472,8 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   _check_train_examples(workdir, len(train_source), first_step, is_main)
   # The training stream is a function of (seed, global batch index): resume at the step.
   train_iter = data.build_iterator(config.data, split="train", batch_size=local_batch,
-                                   seed=config.seed, start_batch=first_step, source=train_source)
+                                   seed=config.seed, start_batch=first_step, source=train_source,
+                                   rows=mesh_lib.process_rows(config.batch_size, mesh))
 
   eval_step = jit_eval_step(model, mesh, shardings.params)
   writer = (metrics_writer.MetricWriter(workdir, resume_step=int(state.step)) if is_main
