@@ -996,6 +996,8 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
       "--tpu_name=p", "--zone=z", "--accelerator_type=v5p-8"], "config.model has no field 'patc'"),
     (["launch", "slurm", "--config=vitok:Mu-Mu/4", "--config.mesh.data=3", "--gpus_per_node=4",
       "--workdir=NOPE"], "need 3 devices exactly, but there are 4; make their product equal 4"),
+    (["launch", "slurm", "--config=vitok:Mu-Mu/4", "--config.mesh.tensor=2", "--processes=8",
+      "--gpus_per_node=8", "--workdir=NOPE"], "mesh.tensor=2 spans processes (1 GPU(s) each)"),
     (["launch", "slurm", "--config=vitok:Mu-Mu/4,batch=12", "--nodes=2", "--gpus_per_node=8",
       "--workdir=NOPE"], "batch_size=12 must be divisible by the 16 batch shards (mesh data x "
      "fsdp) and 2 processes (the job has nodes × gpus_per_node = 2 × 8 GPUs)"),

@@ -142,8 +142,16 @@ def check_layout(config, *, nodes: int, gpus_per_node: int, processes_per_node: 
   shards and the job's processes."""
   shapes = check_mesh(config.mesh, nodes=nodes, gpus_per_node=gpus_per_node,
                       processes_per_node=processes_per_node)
+  from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  if shapes is not None:  # tensor is the minor mesh axis: its groups are consecutive devices.
+    tensor = shapes[0][mesh_lib.AXES.index("tensor")]
+    per_process = gpus_per_node // processes_per_node
+    if per_process % tensor:
+      raise ConfigError(
+          f"mesh.tensor={tensor} spans processes ({per_process} GPU(s) each), which would have to "
+          "load the same rows; keep tensor within a process (one process per node drives all its "
+          "GPUs) or use tensor=1")
   if shapes is not None and "batch_size" in config:
-    from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
     shards = math.prod(ici * dcn for axis, ici, dcn in zip(mesh_lib.AXES, *shapes)
                        if axis in mesh_lib.BATCH_AXES)
     mesh_lib.check_batch_split(
