@@ -4,9 +4,9 @@ Training reads one global stream: a shuffled, repeated order of the examples, ea
 randomness drawn from (seed, its position in the stream). Global batch k is stream positions
 [k·B·P, (k+1)·B·P), and each process loads the positions of the rows of the global array it holds
 (`rows`; by default process p of P the p-th block of B), so the global array's rows are in stream
-order on any mesh. The stream, and where a run is in it, depend
-only on (seed, step), never on the number of processes: a run resumes exactly from its step alone,
-also on another topology (`start_batch`).
+order on any mesh. The stream, and where a run is in it, depend only on (seed, step), never on the
+number of processes: a run resumes exactly from its step alone, also on another topology
+(`start_batch`).
 """
 from __future__ import annotations
 
