@@ -1,4 +1,5 @@
 """Multi-process training on 127.0.0.1 and checkpoints across topologies; launch scripts."""
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -135,6 +136,9 @@ def test_tpu_commands_use_queued_resources_and_all_workers():
   assert "--accelerator-type=v5litepod-64" in create
   assert "tpu-vm ssh pod --zone=us-east5-b --worker=all" in run
   assert "--distributed=auto" in run and "VITOK_COMPILATION_CACHE=gs://bucket/xla" in run
+  assert "test -f" not in run  # A config of configs/ is in the checkout.
+  _, run = render_tpu_commands(dataclasses.replace(spec, config="/gcs/bucket/cfg.py:L-L/16"))
+  assert "test -f /gcs/bucket/cfg.py ||" in run  # A config file every worker must see.
   with pytest.raises(ConfigError, match="a TPU launch needs"):
     render_tpu_commands(JobSpec(config="vitok", workdir="/w"))
   with pytest.raises(ConfigError, match="is a URL.*/gcs/bucket/ll"):  # Runs write local files.

@@ -144,5 +144,8 @@ def job_command(spec: JobSpec, *, require: Sequence[str] = ()) -> str:
 
 def render_tpu_commands(spec: JobSpec) -> list[str]:
   """Two bash snippets, run in order: provision_command (create, wait for ACTIVE, install) and
-  job_command (the job on --worker=all)."""
-  return [provision_command(spec), job_command(spec)]
+  job_command (the job on --worker=all; a --config PATH.py must be there on every worker, as a
+  path from repo_dir when relative)."""
+  config_file = spec.config.partition(":")[0]
+  return [provision_command(spec),
+          job_command(spec, require=[config_file] if config_file.endswith(".py") else [])]
