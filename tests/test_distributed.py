@@ -157,6 +157,11 @@ def test_compile_reports_memory_and_flags_a_config_that_does_not_fit():
                "--devices=8", "--config.mesh.data=1", "--config.mesh.fsdp=4",
                "--config.mesh.tensor=2", "--device_memory_gb=1")
   assert "GiB per device on mesh {'data': 1, 'fsdp': 4, 'tensor': 2}  fits" in out
+  # A two-node config (dcn_data=2 of fsdp=4 nodes), screened on one process's fake devices.
+  out = _vitok(8, "compile", "--config=vitok:Mu-Mi/4,c=8,res=32,data=mnist,batch=64",
+               "--devices=8", "--config.mesh.data=1", "--config.mesh.fsdp=4",
+               "--config.mesh.dcn_data=2")
+  assert "GiB per device on mesh {'data': 2, 'fsdp': 4, 'tensor': 1}" in out
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   tight = subprocess.run([sys.executable, "-m", "vitok_jax.cli", "compile",
                           "--config=vitok:Mu-Mi/4,c=8,res=32,data=mnist,batch=64", "--devices=8",

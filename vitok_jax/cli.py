@@ -171,7 +171,9 @@ def _cmd_compile(workdir: str) -> int:
   if config.get("kind") == "generator":
     raise ConfigError("vitok compile takes tokenizer configs (vitok:VARIANT); a generator's "
                       "memory shows in its run (`vitok train --config generator:...`)")
-  report = train_tokenizer.compile_train_step(config, mesh_lib.make_mesh(config.mesh))
+  # Fake devices are one process: a multi-host mesh (dcn_*) is laid out in one grid.
+  mesh = mesh_lib.flat_mesh(config.mesh) if FLAGS.devices else mesh_lib.make_mesh(config.mesh)
+  report = train_tokenizer.compile_train_step(config, mesh)
   report["variant"] = config.variant
   if FLAGS.device_memory_gb:
     report["device_memory_bytes"] = int(FLAGS.device_memory_gb * 2**30)

@@ -75,6 +75,18 @@ def check_dcn_groups(dcn: tuple[int, ...], granules: int, where: str) -> None:
         "all to 1 for a single ICI mesh")
 
 
+def flat_mesh(mesh_cfg, devices=None) -> Mesh:
+  """A mesh of `mesh_cfg`'s global shape (ICI × DCN sizes per axis) laid out in one grid of
+  `devices` (default: all), DCN groups or not: `vitok compile --devices N` screens a multi-host
+  config (dcn_data=2, say) on the fake devices of one process. Each device holds what it would
+  in the real layout; only which devices talk over DCN differs."""
+  devices = list(devices if devices is not None else jax.devices())
+  dcn_sizes = [mesh_cfg.get(f"dcn_{a}", 1) for a in AXES]
+  granules = 1 if -1 in dcn_sizes else math.prod(dcn_sizes)
+  ici, dcn = mesh_shapes(mesh_cfg, len(devices), granules)
+  return Mesh(np.asarray(devices).reshape([i * d for i, d in zip(ici, dcn)]), AXES)
+
+
 def make_mesh(mesh_cfg=None, devices=None) -> Mesh:
   """The (data, fsdp, tensor) mesh over `devices` (default: all); a hybrid mesh when DCN > 1."""
   mesh_cfg = mesh_cfg if mesh_cfg is not None else default_config()
