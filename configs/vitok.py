@@ -47,11 +47,13 @@ OPTIONS = {
 }
 
 # data=<preset> names for prepared tfds datasets, on top of vitok_jax.data's own source names.
+# Their res is the published one (ViTok: ImageNet at 256p, UCF-101 at 128p), unless the variant
+# gives res.
 DATA_PRESETS = {
     "imagenet": dict(name="tfds", tfds_name="imagenet2012", train_split="train",
-                     eval_split="validation", channels=3),
+                     eval_split="validation", channels=3, res=256),
     "ucf101": dict(name="tfds", tfds_name="ucf101", train_split="train", eval_split="test",
-                   image_key="video", channels=3),
+                   image_key="video", channels=3, res=128),
 }
 GRAYSCALE = ("mnist", "digits", "moving_mnist")
 
@@ -113,7 +115,7 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config_lib.apply_options(config, options, OPTIONS, arg)
   if config.model.bottleneck == "vq1k_ent":  # Only there: other runs' configs keep 0 (resume).
     config.loss.vq_entropy = 0.1
-  _set_data(config)
+  _set_data(config, options)
   train_tokenizer.validate(config)
   return config
 
@@ -141,9 +143,9 @@ def _set_model(config, head: str, arg: str) -> None:
     raise config_lib.ConfigError(f"patch {patch!r} in {arg!r} must be P or QxP, e.g. 16 or 4x8")
 
 
-def _set_data(config) -> None:
+def _set_data(config, options) -> None:
   preset = DATA_PRESETS.get(config.data.name)
   if preset:
-    config.data.update(preset)
+    config.data.update({k: v for k, v in preset.items() if k != "res" or "res" not in options})
   elif config.data.name in GRAYSCALE:
     config.data.channels = 1

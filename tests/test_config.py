@@ -23,6 +23,21 @@ def test_image_variant_decodes_sizes_patch_and_options():
   assert (c.optim.b1, c.optim.b2, c.optim.base_lr, c.optim.weight_decay) == (0.9, 0.95, 1e-4, 1e-4)
 
 
+def test_dataset_presets_take_their_published_resolution_unless_given():
+  """data=imagenet trains at ViTok's 256p, ucf101 at 128p (the data default, 32, made an ImageNet
+  S-B/16 of 4 tokens); a res option wins. The bottleneck sweep's base gets the res its E filter
+  assumes."""
+  assert load("c=4").data.res == load("S-B/16,data=imagenet").data.res == 256
+  assert load("S-B/4x8,data=ucf101").data.res == 128
+  assert load("S-B/16,res=64,data=imagenet").data.res == 64
+  from vitok_jax.scaling import sweep  # pylint: disable=g-import-not-at-top
+  runs = sweep.expand(sweep.load("bottleneck:data=imagenet,steps=50"))
+  assert {r.config.data.res for r in runs} == {256}
+  for r in runs:
+    E = (256 // r.config.model.patch[0]) ** 2 * r.config.model.channels
+    assert 64 <= E <= 16384
+
+
 def test_video_variant_uses_tubelets():
   c = load("S-B/4x8,c=16,frames=16,res=128,data=ucf101")
   assert tuple(c.model.patch) == (4, 8, 8) and c.data.frames == 16 and c.data.image_key == "video"

@@ -19,6 +19,8 @@ def get_config(arg: str = "res=32,data=mnist,batch=32,steps=500,lr=1e-3"):
   except ValueError:
     raise ConfigError(f"res={options['res']!r} in bottleneck:{arg!r} must be an integer "
                       "resolution, e.g. bottleneck:\"res=256,data=imagenet\"") from None
+  if "res" not in options:  # The base trains at the resolution the filter's E assumes.
+    arg = f"res={res},{arg}"
   sweep = ml_collections.ConfigDict()
   sweep.name = "bottleneck"
   sweep.base = f"vitok:S-B/16,{arg}" if res >= 128 else f"vitok:Mu-Mu/4,{arg}"
