@@ -221,6 +221,11 @@ def test_resuming_frees_the_initial_state_before_restoring_into_its_layout(tmp_p
   assert resumed.params["w"].sharding == saved.params["w"].sharding
   assert live_initial_during_restore == [[]]  # None of the initial arrays was alive then.
   assert all(x.is_deleted() for x in jax.tree.leaves(initial))
+  # A relaunch whose total_steps stops before the checkpoint is refused: its record would give
+  # total_steps steps for params trained more.
+  with pytest.raises(ConfigError, match="holds a run at step 3, past total_steps=2; resume it "
+                                        "with --config.total_steps >= 3"):
+    loop.open_run(tiny_config(steps=2), workdir, state(0))
 
 
 def test_a_stop_during_set_up_saves_step_0_and_a_sweep_resumes_it(tmp_path, monkeypatch):

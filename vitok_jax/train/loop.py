@@ -137,6 +137,11 @@ def open_run(config, workdir: str, state: TrainState):
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   if (latest := ckpt.latest_step()) is not None:
     _check_resumable(workdir, latest, config)
+    if latest > config.total_steps:  # Its record would say total_steps of params trained more.
+      ckpt.close()
+      raise ConfigError(f"{workdir} holds a run at step {latest}, past total_steps="
+                        f"{config.total_steps}; resume it with --config.total_steps >= {latest}, "
+                        "or use a new --workdir")
     layout = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         if isinstance(x, jax.Array) else x, state)
