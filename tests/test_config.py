@@ -58,7 +58,11 @@ def test_option_values_take_the_field_type():
     ("S-B/15,res=256,data=imagenet", r"patch size 15 does not divide data.res=256; use one of"),
     ("S-B/4x8,frames=10,res=128,data=ucf101", r"data.frames=10 is not divisible by the tubelet length 4"),
     ("S-B/16,colour=3", r"unknown variant option 'colour'"),
-    ("S-B/16,c=sixteen", r"c=sixteen: expected a int"),
+    ("S-B/16,c=sixteen", r"c=sixteen: expected a whole number"),
+    ("Mu-Mu/4,c=2.9e0,data=mnist", r"c=2.9e0: expected a whole number"),
+    ("Mu-Mu/4,lr=inf,data=mnist", r"lr=inf: expected a finite number"),
+    ("Mu-Mu/4,qk_norm=yes,data=mnist", r"qk_norm=yes: expected true or false"),
+    ("Mu-Mu/4,c=16,c=8,data=mnist", r"variant option 'c' is given twice"),
     ("S/16,data=mnist", r"must look like ENC-DEC/PATCH"),
     ("Mu-Mu/4,c=0,data=mnist,res=32", r"model.channels \(c\) must be >= 1"),
 ])

@@ -10,6 +10,7 @@ import contextlib
 import glob
 import importlib.util
 import json
+import math
 import os
 import pathlib
 
@@ -30,6 +31,8 @@ def split_variant(arg: str) -> tuple[str, dict[str, str]]:
     key, sep, value = option.partition("=")
     if not sep or not key:
       raise ConfigError(f"variant option {option!r} is not key=value (in {arg!r})")
+    if key.strip() in parsed:
+      raise ConfigError(f"variant option {key.strip()!r} is given twice in {arg!r}; keep one")
     parsed[key.strip()] = value.strip()
   return head, parsed
 
@@ -57,11 +60,21 @@ def _convert(value: str, like, where: str):
         raise ValueError
       return value.lower() in ("true", "1")
     if isinstance(like, int):
-      return int(float(value)) if "e" in value.lower() else int(value)
+      if "e" in value.lower():  # 1e3; not 2.9e0, which int() would truncate.
+        number = float(value)
+        if not number.is_integer():
+          raise ValueError
+        return int(number)
+      return int(value)
     if isinstance(like, float):
-      return float(value)
+      number = float(value)
+      if not math.isfinite(number):
+        raise ValueError
+      return number
   except ValueError:
-    raise ConfigError(f"{where}: expected a {type(like).__name__}") from None
+    kind = ("true or false" if isinstance(like, bool) else "a whole number"
+            if isinstance(like, int) else "a finite number")
+    raise ConfigError(f"{where}: expected {kind}") from None
   return value
 
 
