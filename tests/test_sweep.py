@@ -991,7 +991,7 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
     # A launch checks the config its processes will load before it writes or submits anything.
     (["launch", "slurm", "--config=vitok:Mu-Mu/4,c=abc", "--workdir=NOPE"], "c=abc: expected"),
     (["launch", "slurm", "--config=vitok:Mu-Mu/4", "--config.model.patch=(3, 3)",
-      "--workdir=NOPE"], "model.patch size 3 does not divide data.res=32"),
+      "--workdir=NOPE"], "model.patch size 3 does not divide data.res=256"),
     (["launch", "tpu", "--config=vitok:Mu-Mu/4", "--config.model.patc=4", "--workdir=NOPE",
       "--tpu_name=p", "--zone=z", "--accelerator_type=v5p-8"], "config.model has no field 'patc'"),
     (["launch", "slurm", "--config=vitok:Mu-Mu/4", "--config.mesh.data=3", "--gpus_per_node=4",
