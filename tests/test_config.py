@@ -72,6 +72,10 @@ def test_bad_variants_raise_config_errors_naming_the_field(arg, message):
 
 
 def test_overrides_are_revalidated_by_the_trainer():
+  c = load("Mu-Mu/4,c=8,res=32,data=mnist,steps=100")
+  c.optim.warmup_steps = 500  # The learning rate would peak at the last step.
+  with pytest.raises(ConfigError, match="optim.warmup_steps=500 is longer than the run"):
+    train_tokenizer.validate(c)
   c = load("Mu-Mu/4,c=8,res=32,data=mnist")
   c.model.patch = (3, 3)
   with pytest.raises(ConfigError, match="patch size 3 does not divide data.res=32"):

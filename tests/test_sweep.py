@@ -982,6 +982,7 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
     (["fit", "NOPE"], "NOPE is not a directory: pass a sweep directory"),
     (["compile", "--devices=abc"], "--devices=abc: pass a number of devices"),
     (["compile", "--devices=-4"], "--devices=-4: pass a number of devices >= 0"),
+    (["compile", "--device_memory_gb=-1"], "--device_memory_gb=-1: pass the memory of one device"),
     (["compile", "--config=generator:dit/Mi,tokenizer=NOPE"], "compile takes tokenizer configs"),
     (["tokenize", "--workdir=NOPE", "--max_examples=-5"], "--max_examples=-5 must be >= 0"),
     (["train", "--config", "vitok:Mu-Mi/4,c=8,foo=1"], "error: unknown variant option 'foo'"),

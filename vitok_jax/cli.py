@@ -168,6 +168,9 @@ def _cmd_compile(workdir: str) -> int:
   from vitok_jax.parallel import mesh as mesh_lib
   from vitok_jax.train import train_tokenizer
   config = _CONFIG.value
+  if FLAGS.device_memory_gb < 0:
+    raise ConfigError(f"--device_memory_gb={FLAGS.device_memory_gb:g}: pass the memory of one "
+                      "device in GiB (e.g. 80 for an H100), or 0 to skip the check")
   if config.get("kind") == "generator":
     raise ConfigError("vitok compile takes tokenizer configs (vitok:VARIANT); a generator's "
                       "memory shows in its run (`vitok train --config generator:...`)")

@@ -42,6 +42,10 @@ def validate_run(config) -> None:
   require(optim.warmup_steps is None or optim.warmup_steps >= 0,
           f"optim.warmup_steps must be >= 0 (or unset: min(1000, total_steps // 10)), got "
           f"{optim.warmup_steps}")
+  require(optim.warmup_steps is None or optim.warmup_steps <= config.total_steps,
+          f"optim.warmup_steps={optim.warmup_steps} is longer than the run (total_steps="
+          f"{config.total_steps}): the learning rate would peak at its end or never; lower it, "
+          "or unset it (min(1000, total_steps // 10))")
   require(0.0 <= optim.min_lr_ratio <= 1.0,
           f"optim.min_lr_ratio must be in [0, 1], got {optim.min_lr_ratio}")
   require(optim.clip_norm >= 0, f"optim.clip_norm must be >= 0 (0 = off), got {optim.clip_norm}")
