@@ -460,6 +460,10 @@ def test_a_run_of_the_wrong_kind_or_a_bad_sample_value_is_a_clear_error(tokenize
   monkeypatch.setattr(sys, "argv", argv)  # ml_collections finds --config.x overrides there.
   assert cli.main(argv) == 2
   assert "ref.npz' not found; tools/fid_reference.py computes them" in capsys.readouterr().err
+  argv = ["vitok", "eval", f"--workdir={workdir}", "--config.sample.cfg_scale=7"]
+  monkeypatch.setattr(sys, "argv", argv)  # A sample setting goes in --sample (tagged).
+  assert cli.main(argv) == 2
+  assert "it would change sample.cfg_scale: 1.5 → 7.0" in capsys.readouterr().err
   # Re-evaluated with another sample count than the run's (0): its FID is tagged with the count.
   eval_config = config_lib.read_config(workdir).eval
   eval_config.num_samples = 10

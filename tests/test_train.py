@@ -743,6 +743,11 @@ def test_vitok_eval_adds_fid_mnist_to_the_record(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(sys, "argv", argv)  # ml_collections finds --config.x overrides there.
   assert cli.main(argv) == 2
   assert "eval.lpips_weights='/no/lpips.npz' does not exist" in capsys.readouterr().err
+  # Other fields would score another model or data than the run's, into its record: refused.
+  argv = ["vitok", "eval", f"--workdir={workdir}", "--config.data.name=digits"]
+  monkeypatch.setattr(sys, "argv", argv)
+  assert cli.main(argv) == 2
+  assert "as it trained; it would change data.name: 'mnist' → 'digits'" in capsys.readouterr().err
 
 
 def test_checkpoint_from_before_a_new_empty_state_field_restores(tmp_path):

@@ -130,6 +130,12 @@ def _cmd_eval(workdir: str) -> int:
       raise ConfigError(f"--metrics={','.join(FLAGS.metrics)} applies to tokenizer runs; a "
                         "generator run reports its gen/* metrics (gFID with "
                         "--config.eval.inception_weights=PATH); drop --metrics")
+    if config is not None:
+      from vitok_jax.train import loop
+      saved = config_lib.read_config(workdir).sample
+      changed = [f"sample.{k}: {saved[k]!r} → {config.sample.get(k)!r}" for k in saved
+                 if config.sample.get(k) != saved[k]]
+      loop.check_evaluated_as_trained(workdir, config, "; ".join(changed))
     overrides = _sample_overrides(FLAGS.sample)
     print(json.dumps(train_generator.evaluate_workdir(
         workdir, overrides, eval_config=None if config is None else config.eval), indent=1))

@@ -176,6 +176,16 @@ def _check_resumable(workdir: str, step: int, config) -> None:
                     "with it)", saved.total_steps, config.total_steps, step)
 
 
+def check_evaluated_as_trained(workdir: str, config, what: str = "") -> None:
+  """ConfigError when `config`, the one a re-evaluation (`vitok eval`) of the run in `workdir`
+  would use, differs from its saved config beyond `RESUMABLE_FIELDS` (eval.*, eval_examples,
+  mesh, ...): its record would hold metrics of another model or data than the run's."""
+  if changes := config_changes(config_lib.read_config(workdir), config) + ([what] if what else []):
+    raise ConfigError(f"vitok eval scores {workdir} as it trained; it would change "
+                      f"{'; '.join(changes)}. Override eval.* fields only (a generator's sample "
+                      "settings: --sample k=v, which tags the metrics)")
+
+
 def finished_record(workdir: str, config) -> dict | None:
   """The record of a run that has finished: its latest checkpoint is at total_steps (or past) and
   its record.json is of that step (not of a shorter run it was extended from). A relaunch returns

@@ -533,6 +533,7 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
   e.g. ("fid_mnist", "lpips")) and adds the results to its record.json."""
   if config is None:
     config = config_lib.read_config(workdir)
+  loop.check_evaluated_as_trained(workdir, config)
   if metrics:
     config = ml_collections.ConfigDict(config.to_dict())
     config.eval.metrics = tuple(metrics)
