@@ -130,7 +130,7 @@ def test_a_bad_sweep_is_refused_when_it_expands(axes, says):
   """Every run's resolved config is checked as `vitok train` would check it, and a malformed axis
   or a base option the axes also set is named, before any run directory exists."""
   config = _sweep()
-  config.base += ",batch=16"
+  config.base = config.base.replace("batch=8", "batch=16")
   config.axes = axes
   with pytest.raises(ConfigError, match=says):
     sweep.expand(config)
