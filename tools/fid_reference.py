@@ -41,7 +41,7 @@ def main(argv=None) -> str:
   if args.data_path:
     config.data.path = args.data_path
   eval_cfg = ml_collections.ConfigDict({"inception_weights": args.inception_weights})
-  nets = perceptual_metrics.load_networks(train_generator.GFID_METRICS[:1], eval_cfg)
+  nets = perceptual_metrics.load_networks(("rfid",), eval_cfg)
   stats = train_generator.inception_stats(nets, config.data, args.batch_size, args.examples,
                                           args.split)
   with config_lib.atomic_write(args.out, "wb") as f:

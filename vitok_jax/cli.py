@@ -130,12 +130,9 @@ def _cmd_eval(workdir: str) -> int:
       raise ConfigError(f"--metrics={','.join(FLAGS.metrics)} applies to tokenizer runs; a "
                         "generator run reports its gen/* metrics (gFID with "
                         "--config.eval.inception_weights=PATH); drop --metrics")
-    if config is not None:
+    if config is not None:  # Sample settings go in --sample, which tags the metrics.
       from vitok_jax.train import loop
-      saved = config_lib.read_config(workdir).sample
-      changed = [f"sample.{k}: {saved[k]!r} → {config.sample.get(k)!r}" for k in saved
-                 if config.sample.get(k) != saved[k]]
-      loop.check_evaluated_as_trained(workdir, config, "; ".join(changed))
+      loop.check_evaluated_as_trained(workdir, config, fixed=("sample",))
     overrides = _sample_overrides(FLAGS.sample)
     print(json.dumps(train_generator.evaluate_workdir(
         workdir, overrides, eval_config=None if config is None else config.eval), indent=1))

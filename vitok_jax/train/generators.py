@@ -61,9 +61,11 @@ class FrozenTokenizer:
     """Codes (array, or the tuple of per-scale maps) -> pixels."""
     return self._decode_codes(self.params, codes)
 
-  def residual_apply(self, fn: Callable, *args):
-    """fn(residual_quantizer, *args) run with the tokenizer's multi-scale quantiser params."""
-    return self.model.apply({"params": self.params}, *args,
+  def residual_apply(self, fn: Callable, *args, params=None):
+    """fn(residual_quantizer, *args) run with the tokenizer's multi-scale quantiser params
+    (`params`, default this tokenizer's own)."""
+    params = self.params if params is None else params
+    return self.model.apply({"params": params}, *args,
                             method=lambda m, *a: fn(m.bottleneck_layer.residual, *a))
 
 
@@ -363,10 +365,10 @@ class VARFamily(Family):
     they are now (under `train_generator.make_sampler`, its traced argument). One function
     object per family, so the samplers' per-scale programs compile once."""
     if not hasattr(self, "_next_input_fn"):
-      model, side = self.tokenizer.model, self.tokenizer.grid[-1]
-      self._next_input_fn = lambda tokenizer_params, f_hat, code_k, k: model.apply(
-          {"params": tokenizer_params}, f_hat, code_k,
-          method=lambda m, f, c: m.bottleneck_layer.residual.next_scale_input(f, c, k, side))
+      side = self.tokenizer.grid[-1]
+      self._next_input_fn = lambda tokenizer_params, f_hat, code_k, k: (
+          self.tokenizer.residual_apply(lambda r, f, c: r.next_scale_input(f, c, k, side),
+                                        f_hat, code_k, params=tokenizer_params))
     return var.NextInput(self._next_input_fn, self.tokenizer.params)
 
   @classmethod

@@ -100,14 +100,16 @@ def added_field(config, key: str):
   return config[section].get(name, ADDED_FIELDS[key])
 
 
-def config_changes(saved, config) -> list[str]:
+def config_changes(saved, config, fixed: tuple[str, ...] = ()) -> list[str]:
   """"path: saved → new" for each field where `config` differs from the `saved` config of a run,
-  but `RESUMABLE_FIELDS` (compared as config.json stores them). A field only one of them has is
-  left out (added to or dropped from the code's config since the run started), unless the saved
-  config lacks one of `ADDED_FIELDS` and `config` holds another value than the run had."""
+  but `RESUMABLE_FIELDS` other than `fixed` (compared as config.json stores them). A field only
+  one of them has is left out (added to or dropped from the code's config since the run
+  started), unless the saved config lacks one of `ADDED_FIELDS` and `config` holds another value
+  than the run had."""
   flat = lambda c: _flatten(json.loads(json.dumps(c.to_dict(), default=str)))
   before, after = flat(saved), flat(config)
-  resumable = lambda key: any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS)
+  resumable = lambda key: any(key == f or key.startswith(f + ".")
+                              for f in RESUMABLE_FIELDS if f not in fixed)
   changes = [f"{key}: {before[key]!r} → {after[key]!r}" for key in sorted(set(before) & set(after))
              if not resumable(key) and before[key] != after[key]]
   return changes + [f"{key}: (absent: {had!r}) → {after[key]!r}"
@@ -176,11 +178,12 @@ def _check_resumable(workdir: str, step: int, config) -> None:
                     "with it)", saved.total_steps, config.total_steps, step)
 
 
-def check_evaluated_as_trained(workdir: str, config, what: str = "") -> None:
+def check_evaluated_as_trained(workdir: str, config, fixed: tuple[str, ...] = ()) -> None:
   """ConfigError when `config`, the one a re-evaluation (`vitok eval`) of the run in `workdir`
   would use, differs from its saved config beyond `RESUMABLE_FIELDS` (eval.*, eval_examples,
-  mesh, ...): its record would hold metrics of another model or data than the run's."""
-  if changes := config_changes(config_lib.read_config(workdir), config) + ([what] if what else []):
+  mesh, ...) other than `fixed`: its record would hold metrics of another model or data than
+  the run's."""
+  if changes := config_changes(config_lib.read_config(workdir), config, fixed):
     raise ConfigError(f"vitok eval scores {workdir} as it trained; it would change "
                       f"{'; '.join(changes)}. Override eval.* fields only (a generator's sample "
                       "settings: --sample k=v, which tags the metrics)")
