@@ -250,13 +250,14 @@ def test_hopper_kernel_lowers_for_cuda(mode, monkeypatch):
                     reason="on a GPU the export carries each Mosaic GPU kernel as serialized "
                     "bytecode, which differed between two lowerings of one kernel (H100, jax "
                     "0.11.2); the lowered text is compared on CPU")
-@pytest.mark.parametrize("name,default,named", [("DS_DURING_DV_HEAD_DIMS", (64,), 64),
-                                                ("DESCRIPTORS_IN_LOOP_HEAD_DIMS", (), 128)])
+@pytest.mark.parametrize("name,default,named", [
+    ("DS_DURING_DV_HEAD_DIMS", (64, 128), 64), ("DS_DURING_DV_HEAD_DIMS", (64, 128), 128),
+    ("DESCRIPTORS_IN_LOOP_HEAD_DIMS", (128,), 128)])
 def test_hopper_backward_variants_are_set_per_head_dim(name, default, named, monkeypatch):
   """Each of the backward's per-head-dim constants changes the lowered kernel at a head dim it
-  names and only there: `DS_DURING_DV_HEAD_DIMS` (64: dS while dV's matmul runs;
+  names and only there: `DS_DURING_DV_HEAD_DIMS` (64 and 128: dS while dV's matmul runs;
   `tools/bench_kernels.py`'s pallas_bwd_in_order empties it) and `DESCRIPTORS_IN_LOOP_HEAD_DIMS`
-  (none by default; pallas_bwd_descriptors_in_loop sets 64 and 128)."""
+  (128; pallas_bwd_descriptors_before_loop empties it)."""
   def lowered(head_dim, dims):
     monkeypatch.setattr(hopper, name, dims)
     x = jax.ShapeDtypeStruct((1, 256, 2, head_dim), jnp.bfloat16)

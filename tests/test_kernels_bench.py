@@ -22,7 +22,7 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   bench = _load_bench()
   out, png = tmp_path / "kernels.json", tmp_path / "kernels.png"
   impls = ("pallas,pallas_dense,xla,pallas_triton,pallas_padded,pallas_padded_skip_padded,"
-           "pallas_bwd_in_order,pallas_bwd_descriptors_in_loop")
+           "pallas_bwd_in_order,pallas_bwd_descriptors_before_loop")
   returned = bench.main(["--tiny", "--lengths", "64", "--head_dims", "32", "--impls", impls,
                          "--bsq", "256,32", "--bsq_more_tokens", "512", "--vq", "128,256,8",
                          "--warmup", "0", "--iters", "1", "--out", str(out), "--plot", str(png)])
@@ -49,7 +49,7 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   assert "fwd_bwd_ms" in var["impls"]["pallas_padded"]
   assert "fwd_bwd_ms" in var["impls"]["pallas_padded_skip_padded"]
   assert "fwd_bwd_ms" in var["impls"]["pallas_bwd_in_order"]
-  assert "fwd_bwd_ms" in var["impls"]["pallas_bwd_descriptors_in_loop"]
+  assert "fwd_bwd_ms" in var["impls"]["pallas_bwd_descriptors_before_loop"]
   flags = lambda: (bench.policy.HOPPER_SKIP_PADDED_QUERIES, bench.policy.HOPPER_UNPADDED)
   defaults, seen = flags(), []
   traced = bench._with_settings(lambda: seen.append(flags()),
@@ -58,11 +58,11 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   assert seen == [(True, False)] and flags() == defaults
   # The Hopper kernels' own constants: set for the whole step (the backward reads them).
   module, settings = bench._settings("pallas_bwd_in_order")
-  assert settings == {"DS_DURING_DV_HEAD_DIMS": ()} and module.DS_DURING_DV_HEAD_DIMS == (64,)
+  assert settings == {"DS_DURING_DV_HEAD_DIMS": ()} and module.DS_DURING_DV_HEAD_DIMS == (64, 128)
   bench._with_settings(lambda: seen.append(module.DS_DURING_DV_HEAD_DIMS), module, settings)()
-  assert seen[-1] == () and module.DS_DURING_DV_HEAD_DIMS == (64,)
-  assert bench._settings("pallas_bwd_descriptors_in_loop")[1] == {
-      "DESCRIPTORS_IN_LOOP_HEAD_DIMS": (64, 128)}
+  assert seen[-1] == () and module.DS_DURING_DV_HEAD_DIMS == (64, 128)
+  assert bench._settings("pallas_bwd_descriptors_before_loop")[1] == {
+      "DESCRIPTORS_IN_LOOP_HEAD_DIMS": ()}
   assert isinstance(report["vq"]["no_tokens_x_codes_buffer"], bool)  # Meaningful off-CPU only.
   assert report["bsq"]["speedup_vs_jnp"] > 0
   assert set(report["bsq"]["copy"]) == {"pallas", "xla"}  # The bandwidth ceilings of the shape.

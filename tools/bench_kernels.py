@@ -19,9 +19,10 @@ Attention (batch × heads × L × head_dim, self-attention): forward and forward
   pallas_padded_skip_padded  padded, but skipping the tiles of query padding alone,
   pallas_bwd_in_order  ours with the Hopper backward waiting for dV's and dP's matmuls before dS
                 at every head dim (`flash_attention_hopper.DS_DURING_DV_HEAD_DIMS` empty),
-  pallas_bwd_descriptors_in_loop  ours with the Hopper backward computing the wgmma descriptors of
-                its resident K and V tiles in each step, not before its loop
-                (`DESCRIPTORS_IN_LOOP_HEAD_DIMS` = (64, 128)),
+  pallas_bwd_descriptors_before_loop  ours with the Hopper backward computing the wgmma
+                descriptors of its resident K and V tiles before its loop at every head dim
+                (`DESCRIPTORS_IN_LOOP_HEAD_DIMS` empty; the default computes them in each step at
+                head dim 128, where before the loop they spill),
   xla, cudnn    `jax.nn.dot_product_attention(implementation=...)` (cuDNN: GPU, half precision),
   jax_pallas    jax's reference Pallas op (GPU: pallas.ops.gpu.attention.mha; TPU:
                 pallas.ops.tpu.flash_attention),
@@ -96,8 +97,7 @@ POLICY_IMPLS = {
 # Ours with constants of the Hopper kernels set otherwise while jit traces the whole step (the
 # backward reads them when it is traced): the orders they replaced, and variants not yet taken.
 HOPPER_KERNEL_IMPLS = {"pallas_bwd_in_order": dict(DS_DURING_DV_HEAD_DIMS=()),
-                       "pallas_bwd_descriptors_in_loop": dict(
-                           DESCRIPTORS_IN_LOOP_HEAD_DIMS=(64, 128))}
+                       "pallas_bwd_descriptors_before_loop": dict(DESCRIPTORS_IN_LOOP_HEAD_DIMS=())}
 ATTENTION_IMPLS = ("pallas", "pallas_hopper", "pallas_hopper_fwd", "pallas_triton",
                    "pallas_dense", *POLICY_IMPLS, *HOPPER_KERNEL_IMPLS, "xla", "cudnn",
                    "jax_pallas", "jax_mgpu")

@@ -1,23 +1,22 @@
 #!/usr/bin/env bash
 # The Hopper measurements that only an H100/H200 can make, in one run of at most 10 minutes (the
-# default step limits add up to 570 s), the unmet target first:
+# default step limits add up to 570 s; 320 s on an H200), the fwd+bwd-against-cuDNN target first:
 #   1. where the time goes at L = 4096, head dim 128 (the fwd+bwd ≥ 1.0× cuDNN target): each
 #      kernel of our step and of cuDNN's, and BSQ's at 1M tokens (`breakdown.json`); ptxas's
 #      registers and spills for each Mosaic GPU kernel compiled there (`breakdown.ptxas.txt`:
-#      the backward spilled 164 bytes a thread at head dim 128 when last run; its SASS
-#      `breakdown.bwd.sass.gz`; 70 s); then the same for the backward computing its resident
-#      tiles' wgmma descriptors in each step (`DESCRIPTORS_IN_LOOP_HEAD_DIMS`, not yet timed;
-#      `breakdown_descriptors_in_loop.*`, 70 s);
+#      none on an H200 when last run; its SASS `breakdown.bwd.sass.gz`; 70 s); then the same for
+#      the backward computing its resident tiles' wgmma descriptors before its loop, the path
+#      before `DESCRIPTORS_IN_LOOP_HEAD_DIMS` (164 bytes of spills a thread;
+#      `breakdown_descriptors_before_loop.*`, 70 s);
 #   2. the kernel tests of the Hopper paths that take lengths as they are and skip the tiles of
 #      query padding (`policy.HOPPER_UNPADDED`, `policy.HOPPER_SKIP_PADDED_QUERIES`), compiled,
 #      alone, so that a hang ends this step and the log names it (18 tests with the descriptor
-#      variant's, about 120 s, 150 s allowed; NEW_TESTS=EXPR selects others);
+#      variant's, 102 s on an H200, 150 s allowed; NEW_TESTS=EXPR selects others);
 #   3. block-causal attention at VAR's lengths (680, 2240): the default (pallas), cuDNN given the
 #      mask densely, our dense visit, the path the two flags replaced (padded to whole tiles,
 #      pallas_padded; 680 pads to 768); each GPU kernel's time in a fwd+bwd step (--breakdown);
-#      the backward waiting for dV's matmul before dS (pallas_bwd_in_order) and the one with its
-#      descriptors in the loop (head dim 64 here); BSQ and VQ at their default shapes
-#      (`var.json`; VAR_IMPLS=A,B times others);
+#      the backward waiting for dV's matmul before dS (pallas_bwd_in_order); BSQ and VQ at their
+#      default shapes (`var.json`; VAR_IMPLS=A,B times others);
 #   4. the other kernel tests, compiled (`-m "slow or not slow"`; the TPU lowering is the CPU's);
 #   5. with CAUSAL_TIMEOUT=N (seconds), causal attention, L = 256 … 8192, head dims 64 / 128: the
 #      default, the Hopper forward with the Triton backward, Triton alone and cuDNN, which
@@ -70,9 +69,9 @@ breakdown() {
   rm -rf "$dump"
 }
 breakdown breakdown pallas,cudnn --bsq_more_tokens=
-# The backward with its resident tiles' wgmma descriptors computed in each step: not yet timed
-# (the hand-edited PTX had no spills); its spills and SASS against breakdown's.
-breakdown breakdown_descriptors_in_loop pallas_bwd_descriptors_in_loop --bsq_more_tokens=
+# The backward with its resident tiles' wgmma descriptors computed before its loop (the path
+# before DESCRIPTORS_IN_LOOP_HEAD_DIMS): its spills and SASS against breakdown's.
+breakdown breakdown_descriptors_before_loop pallas_bwd_descriptors_before_loop --bsq_more_tokens=
 # The newest Hopper paths first, on their own and in one process (-v names each test as it
 # starts): a hang there (a warpgroup that walks no tile; TMA past an array's end) ends this step
 # alone and the log names it. Then VAR's lengths with and without them.
@@ -83,7 +82,6 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "${NEW_TEST_TIMEOUT:-150}" \
 new_rc=${PIPESTATUS[0]}
 echo "new-path tests rc=$new_rc" | tee -a "$out/tests_new_paths.log"
 var_impls=${VAR_IMPLS:-pallas,cudnn,pallas_dense,pallas_padded,pallas_bwd_in_order}
-var_impls=${VAR_IMPLS:-$var_impls,pallas_bwd_descriptors_in_loop}
 timeout "${VAR_TIMEOUT:-140}" python tools/bench_kernels.py --out "$out/var.json" \
   --lengths= --var_lengths 680,2240 --bsq_more_tokens= --warmup 2 --iters 5 --back_to_back 10 \
   --impls "$var_impls" \

@@ -48,7 +48,9 @@ import numpy as np
 
 BLOCK_Q = 64  # Query rows per compute warpgroup; a program covers 2·BLOCK_Q.
 BLOCK_K = 128  # Keys per pipeline step.
-STAGES = 2  # K/V tiles in flight.
+# K/V tiles in flight. Three do not fit at head dim 128 (232,568 bytes of shared memory against the
+# H200's 232,448; docs/kernels/hopper_bwd_variants_h200.json, pallas_fwd_stages3).
+STAGES = 2
 HEAD_DIMS = (64, 128)
 # Sequence lengths are multiples of this (TMA moves rows in groups of 8), not of the tiles: the
 # tiles that run past the end are read as zeros and their rows past the end are not written (TMA
@@ -433,30 +435,40 @@ BACKWARD_MIN_Q_LEN = 1024
 # 0.11.2, bf16, 16 heads; docs/kernels/bench_hopper_bwd_orders_h100.json, whose
 # `pallas_bwd_in_order` rows are the other order) at head dim 64 the backward kernel took 1.595
 # against 1.665 ms at L = 4096 and 0.298 / 0.594 against 0.305 / 0.610 ms block-causal at VAR's
-# 680 / 2240 tokens. At 128, where ptxas spills registers in this kernel (164 bytes of spill
+# 680 / 2240 tokens. At 128, while ptxas spilled registers in this kernel (164 bytes of spill
 # stores a thread in the other order, 172 in this one), it took 2.666 against 2.633 ms in a run of
 # variants (docs/kernels/hopper_bwd_overlap_variants_h100.json; it also holds two variants
 # dropped: the next query tile's Sᵀ issued before this tile's dQ, its exp during dQ's matmul, and
 # three ring slots, which at head dim 64 gave the fastest backward kernel but a slower forward).
-DS_DURING_DV_HEAD_DIMS = (64,)
+# Without those spills (`DESCRIPTORS_IN_LOOP_HEAD_DIMS`) it is faster at 128 too: on an H200 the
+# backward kernel took 2.499 / 5.008 against 2.542 / 5.149 ms at L = 4096 / 8192 (one process:
+# docs/kernels/hopper_bwd_variants_h200.json, `pallas_bwd_ds_during_dv_128` against `pallas`).
+DS_DURING_DV_HEAD_DIMS = (64, 128)
 # Registers a thread of the backward's (compute, streaming) warpgroups takes (setmaxnreg): the
 # launch gives each of its 3 warpgroups 168, so 2·compute + streaming may not pass 3·168 = 504.
-# At head dim 128 ptxas spills 164 bytes a thread. In the SASS (the kernel's PTX through ptxas and
-# cuobjdump, H100, jax 0.11.2) most spilled values are 8-byte wgmma shared-memory descriptors
-# (a base plus a constant per 16-deep step), computed before the query loop and reloaded from
-# local memory before each group of matmuls: 23 loads and 3 stores per query tile, against 32
-# wgmma instructions. Two ways to free registers were slower (backward kernel 2.85 / 2.88 ms at
-# L = 4096 in two runs; docs/kernels/hopper_bwd_register_variants_h100.json), and were removed:
-# dSᵀ from P rounded to bf16, so that the float32 P dies before the matmuls (3.03 ms, spills
-# unchanged; 3.07 ms and 168 bytes with dSᵀ during dV's matmul too; at head dim 64 0.318 / 0.648
-# against 0.299 / 0.593 ms at VAR's 680 / 2240 tokens), and (232, 40) here (3.02 ms, 208 bytes).
+# At head dim 128 ptxas spilled 164 bytes a thread before `DESCRIPTORS_IN_LOOP_HEAD_DIMS`. In the
+# SASS (the kernel's PTX through ptxas and cuobjdump, H100, jax 0.11.2) most spilled values were
+# 8-byte wgmma shared-memory descriptors (a base plus a constant per 16-deep step), computed
+# before the query loop and reloaded from local memory before each group of matmuls: 23 loads and
+# 3 stores per query tile, against 32 wgmma instructions. Two ways to free registers were slower
+# (backward kernel 2.85 / 2.88 ms at L = 4096 in two runs;
+# docs/kernels/hopper_bwd_register_variants_h100.json), and were removed: dSᵀ from P rounded to
+# bf16, so that the float32 P dies before the matmuls (3.03 ms, spills unchanged; 3.07 ms and 168
+# bytes with dSᵀ during dV's matmul too; at head dim 64 0.318 / 0.648 against 0.299 / 0.593 ms at
+# VAR's 680 / 2240 tokens), and (232, 40) here (3.02 ms, 208 bytes).
 BWD_MAX_REGISTERS = (240, 24)
 # Head dims at which each backward step addresses the shared-memory tiles that stay put (its K and
 # V rows, and K's column half for dQ) anew, through an index LLVM cannot see is 0, so that their
 # wgmma descriptors are computed inside the query loop rather than before it and spilled. The
 # H100 backward's PTX with those 24 descriptor computations moved into the loop by hand compiled
-# with no spills (ptxas 13.5: 176 bytes without the move, 0 with it). Not yet timed on a GPU.
-DESCRIPTORS_IN_LOOP_HEAD_DIMS = ()
+# with no spills (ptxas 13.5: 176 bytes without the move, 0 with it). On an H200 (jax 0.11.2, bf16,
+# 16 heads) at head dim 128 ptxas reported no spills (164 bytes before) and the backward kernel
+# took 2.662 against 2.920 ms at L = 4096 (two processes, docs/kernels/breakdown_4096_h200.json),
+# 2.542 / 5.149 against 2.802 / 5.602 ms at L = 4096 / 8192 (one process,
+# hopper_bwd_variants_h200.json; its `pallas_bwd_descriptors_before_loop` rows are the other way).
+# At head dim 64 (no spills either way) block-causal at VAR's 680 / 2240 tokens took 0.292 /
+# 0.595 against 0.291 / 0.591 ms (bench_var_h200.json), so 64 keeps them before the loop.
+DESCRIPTORS_IN_LOOP_HEAD_DIMS = (128,)
 
 
 def backward(q_BLHD, k_BSHD, v_BSHD, do_BLHD, lse_BHL, delta_BHL, *, scale: float,
