@@ -129,6 +129,43 @@ def test_a_saved_runs_unset_optional_fields_take_command_line_overrides(tmp_path
   assert flag.value.optim.warmup_steps == 5 and flag.value.model.drop_path == 0.2
 
 
+@pytest.mark.parametrize("override", [
+    "--config.total_steps=1e3", "--config.total_steps=2.0", "--config.total_steps=7",
+    "--config.eval.metrics=fid_mnist", "--config.eval.metrics=('fid_mnist', 'lpips')",
+    "--config.data.flip=yes", "--config.data.flip=1", "--config.optim.warmup_steps=100",
+    "--config.model.patch=(2, 2)", "--config.optim.b1=0.8"])
+def test_overrides_parse_as_the_trainer_parses_them(override, monkeypatch):
+  """`config_lib.apply_overrides` (what `vitok launch` checks before it submits) takes or refuses
+  each override as the trainer's own flags do, with the same value (it refused
+  eval.metrics=fid_mnist, which the trainer reads as a 1-tuple, and took total_steps=1e3, which
+  the trainer refuses)."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  spec = "vitok:Mu-Mi/4,c=8,res=32,data=mnist"
+  argv = ["vitok", f"--config={config_lib.resolve_config_path(spec)}", override]
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the overrides from sys.argv.
+  values = flags.FlagValues()  # The flag `vitok train` declares (cli.py), parsed as it is.
+  config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True)
+  field = override.split("=")[0][len("--config."):]
+  try:
+    values(argv)
+    trainer = values.config.to_dict()
+  except flags.Error as e:  # The trainer's refusal: the check must refuse too.
+    trainer = e
+  if isinstance(trainer, Exception):
+    with pytest.raises(ConfigError, match=f"--config.{field}"):
+      config_lib.apply_overrides(spec, [override])
+  else:
+    assert config_lib.apply_overrides(spec, [override]).to_dict() == trainer
+
+
+def test_metrics_given_as_one_comma_list_get_the_tuple_hint():
+  c = load("Mu-Mu/4,c=8,res=32,data=mnist")
+  c.eval.metrics = ("fid_mnist,lpips",)  # What --config.eval.metrics=fid_mnist,lpips gives.
+  with pytest.raises(ConfigError, match=r"several metrics are a tuple"):
+    train_tokenizer.validate(c)
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("loss.lpips", 1.0, r"loss.lpips > 0 needs perceptual.lpips_weights"),
     ("eval.metrics", ("fid",), r"unknown metrics \['fid'\]; use any of \['lpips'"),

@@ -584,8 +584,8 @@ def _check_overrides(args: list[str]) -> None:
   """Raises ConfigError for an --config.a.b=v override whose field the --config lacks."""
   spec = next((arg.split("=", 1)[1] for arg in args if arg.startswith("--config=")), None)
   if spec is not None:
-    config_lib.apply_overrides(config_lib.load_config(spec), [
-        arg for arg in args if arg.startswith("--config.") and "=" in arg])
+    config_lib.apply_overrides(
+        spec, [arg for arg in args if arg.startswith("--config.") and "=" in arg])
 
 
 if __name__ == "__main__":

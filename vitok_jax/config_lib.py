@@ -5,7 +5,6 @@ a model part then `key=value` options: "S-B/16,c=16,res=256,data=imagenet".
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import glob
 import importlib.util
@@ -14,7 +13,9 @@ import math
 import os
 import pathlib
 
+from absl import flags
 import ml_collections
+from ml_collections import config_flags
 
 from vitok_jax.errors import ConfigError
 
@@ -78,30 +79,29 @@ def _convert(value: str, like, where: str):
   return value
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collections.ConfigDict:
-  """Sets each "--config.a.b=value" of `overrides` in `config` (as `vitok train` would), the value
-  converted to the field's type (tuples as Python literals, e.g. "(8, 8)"); returns config.
-  Raises ConfigError for a field the config lacks or a value of the wrong type."""
+def apply_overrides(spec: str, overrides) -> ml_collections.ConfigDict:
+  """The config of `spec` with each "--config.a.b=value" of `overrides` set exactly as `vitok train`
+  sets it: by ml_collections' config flags, the trainer's own parser (an int field takes int()'s
+  text, a bool true/false/1/0, a tuple field a Python literal or one bare word as a 1-tuple).
+  Raises ConfigError for an override not of that form, a field the config lacks (naming the
+  fields beside it) or a value the trainer would refuse."""
+  config, overrides = load_config(spec), list(overrides)
   for override in overrides:
-    flag, sep, value = override.partition("=")
+    flag, sep, _ = override.partition("=")
     if not flag.startswith("--config.") or not sep:
       raise ConfigError(f"override {override!r} must look like --config.a.b=value")
-    node, leaf = field_parent(config, flag[len("--config."):], flag)
-    like = node[leaf]
-    if isinstance(like, (tuple, list)):
-      try:
-        parsed = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        raise ConfigError(f"{override}: expected a tuple, e.g. (8, 8)") from None
-      node[leaf] = tuple(parsed) if isinstance(parsed, (tuple, list)) else (parsed,)
-    elif like is None:  # An unset field (e.g. optim.warmup_steps): a Python literal, else text.
-      try:
-        node[leaf] = ast.literal_eval(value)
-      except (ValueError, SyntaxError):
-        node[leaf] = value
-    else:
-      node[leaf] = _convert(value, like, override)
-  return config
+    field_parent(config, flag[len("--config."):], flag)
+  if not overrides:
+    return config
+  argv = ["vitok", f"--config={resolve_config_path(spec)}", *overrides]
+  flag_values = flags.FlagValues()  # The trainer's flag, defined apart from the process's flags.
+  config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True,
+                                  sys_argv=argv)
+  try:
+    flag_values(argv)
+  except flags.Error as e:
+    raise ConfigError(str(e)) from None
+  return flag_values.config
 
 
 def field_parent(config: ml_collections.ConfigDict, path: str, what: str):

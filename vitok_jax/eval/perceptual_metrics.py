@@ -42,7 +42,9 @@ def check_weights(names: Sequence[str], eval_cfg, *, exist: bool = True) -> None
   trained and cached when missing. Trainers check this before they train, not at the first eval."""
   unknown = [n for n in names if n not in METRICS]
   if unknown:
-    raise ConfigError(f"unknown metrics {unknown}; use any of {list(METRICS)}")
+    hint = ("; several metrics are a tuple: --config.eval.metrics=\"('lpips', 'rfid')\""
+            if any("," in n for n in unknown) else "")
+    raise ConfigError(f"unknown metrics {unknown}; use any of {list(METRICS)}{hint}")
   for net in sorted({NETWORK_OF[n] for n in names} - {"mnist_classifier"}):
     path = eval_cfg.get(WEIGHTS_FIELD[net]) if eval_cfg is not None else None
     needs = [n for n in names if NETWORK_OF[n] == net]

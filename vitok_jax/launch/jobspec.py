@@ -96,7 +96,7 @@ class JobSpec:
     """Loads the job's config as its processes will (with the overrides) and raises ConfigError
     where `vitok train` would, and where its mesh does not fit the job's GPUs, before anything is
     written or submitted."""
-    config = config_lib.apply_overrides(config_lib.load_config(self.config), self.overrides)
+    config = config_lib.apply_overrides(self.config, self.overrides)
     if self.command == "train":
       from vitok_jax import train  # pylint: disable=g-import-not-at-top
       train.validate(config)
