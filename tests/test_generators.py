@@ -407,7 +407,20 @@ def test_config_errors_name_the_field(tokenizer_dirs, tmp_path, monkeypatch):
     train_generator.train(generator_config("dit", str(tmp_path / "missing")), str(tmp_path / "g"))
 
 
-def test_cli_tokenize_and_sample(tokenizer_dirs, tmp_path, monkeypatch):
+def test_cli_tokenize_and_sample(tokenizer_dirs, tmp_path, monkeypatch, capsys):
+  # An --out that cannot take the file is refused before anything is tokenized or sampled.
+  spy = lambda *a, **kw: pytest.fail("worked before checking --out")
+  monkeypatch.setattr(codes, "tokenize_workdir", spy)
+  monkeypatch.setattr(train_generator, "sample_workdir", spy)
+  for command, bad, says in [("tokenize", tmp_path, "is a directory"),
+                             ("tokenize", tmp_path / "store.png", "must end in .npz"),
+                             ("sample", tmp_path / "grid", "must end in .png or .jpg"),
+                             ("sample", tmp_path / "f.txt" / "grid.png", "cannot make")]:
+    (tmp_path / "f.txt").write_text("a file")
+    assert cli.main(["vitok", command, f"--workdir={tokenizer_dirs['gaussian']}",
+                     f"--out={bad}"]) == 2
+    assert says in capsys.readouterr().err
+  monkeypatch.undo()
   out = str(tmp_path / "store.npz")
   assert cli.main(["vitok", "tokenize", f"--workdir={tokenizer_dirs['gaussian']}", "--split=eval",
                    f"--out={out}", "--max_examples=20"]) == 0

@@ -98,10 +98,30 @@ def _cmd_train(workdir: str) -> int:
   return 0
 
 
+def _check_out(path: str, suffixes: tuple[str, ...]) -> None:
+  """Raises ConfigError, before any work, for an --out that cannot take the file: a directory,
+  another file type, or a directory that cannot be made or written."""
+  if not path:
+    return
+  if os.path.isdir(path):
+    raise ConfigError(f"--out={path} is a directory; give a file, e.g. "
+                      f"{os.path.join(path, 'out' + suffixes[0])}")
+  if not path.lower().endswith(suffixes):
+    raise ConfigError(f"--out={path} must end in {' or '.join(suffixes)}")
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f"--out={path}: cannot make its directory ({e})") from None
+  if not os.access(parent, os.W_OK):
+    raise ConfigError(f"--out={path}: its directory {parent} is not writable")
+
+
 def _cmd_sample(workdir: str) -> int:
   """Class-conditional samples of a trained generator --workdir as a PNG grid (--out), with
   --sample overrides (e.g. cfg_scale=3)."""
   from vitok_jax.train import train_generator
+  _check_out(FLAGS.out, (".png", ".jpg", ".jpeg"))
   overrides = _sample_overrides(FLAGS.sample)
   print(train_generator.sample_workdir(workdir, FLAGS.num_samples, FLAGS.out, **overrides))
   return 0
@@ -112,6 +132,7 @@ def _cmd_tokenize(workdir: str) -> int:
   from vitok_jax.train import codes
   if FLAGS.max_examples < 0:
     raise ConfigError(f"--max_examples={FLAGS.max_examples} must be >= 0 (0 = the whole split)")
+  _check_out(FLAGS.out, (".npz",))
   out = FLAGS.out or os.path.join(workdir, f"store_{FLAGS.split}.npz")
   print(codes.tokenize_workdir(workdir, out, split=FLAGS.split, max_examples=FLAGS.max_examples))
   return 0
