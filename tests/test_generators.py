@@ -364,6 +364,21 @@ def test_resumed_run_equals_an_uninterrupted_one(tokenizer_dirs, tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *params)
 
 
+def test_resuming_with_another_config_is_refused_before_tokenizing(tokenizer_dirs, tmp_path,
+                                                                    monkeypatch):
+  """A generator relaunched with a config that would train the rest differently (here the
+  learning rate) is refused before its tokenizer is loaded and its stores are read or made."""
+  workdir = str(tmp_path / "gen")
+  config = generator_config("dit", tokenizer_dirs["gaussian"], steps=2, **{"eval.num_samples": 0})
+  train_generator.train(config, workdir)
+  config.total_steps = 4
+  config.optim.base_lr *= 2
+  monkeypatch.setattr(generators, "FrozenTokenizer",
+                      lambda *a: pytest.fail("loaded the tokenizer before refusing the config"))
+  with pytest.raises(ConfigError, match=r"would change optim\.base_lr"):
+    train_generator.train(config, workdir)
+
+
 def test_a_run_on_a_tokenizer_trained_on_since_is_not_resumed(tokenizer_dirs, tmp_path):
   """The tokenizer trained two more steps after the generator started: the generator's codes
   would change mid-run, so resuming or evaluating it is an error, raised before the store is

@@ -311,20 +311,25 @@ def test_ctrl_c_saves_a_checkpoint_then_interrupts_and_a_second_one_at_once(tmp_
     signal.signal(signal.SIGINT, previous)
 
 
-def test_resuming_with_another_config_is_a_clear_error(tmp_path):
+def test_resuming_with_another_config_is_a_clear_error(tmp_path, monkeypatch):
   """A relaunch may change the run's length, when it logs, evaluates and checkpoints, and its
   mesh; anything else (here the decoder, then the batch and learning rate, whose arrays fit the
-  checkpoint) would train the rest differently from its start: an error naming the changes.
-  Without config.json, arrays that do not fit the checkpoint still raise."""
+  checkpoint) would train the rest differently from its start: an error naming the changes,
+  raised before the model is built. Without config.json, arrays that do not fit the checkpoint
+  still raise."""
   train_tokenizer.train(tiny_config(steps=4, ckpt_every=4), str(tmp_path))
   config = tiny_config(steps=4)
   config.model.decoder = "Mi"
+  setup_training = train_tokenizer.setup_training
+  monkeypatch.setattr(train_tokenizer, "setup_training",
+                      lambda *a: pytest.fail("built the model before refusing the config"))
   with pytest.raises(ConfigError, match=r"would change model\.decoder: 'Mu' → 'Mi'.*new --workdir"):
     train_tokenizer.train(config, str(tmp_path))
   same_shapes = tiny_config(steps=6, batch_size=32)
   same_shapes.optim.base_lr = 5e-3
   with pytest.raises(ConfigError, match=r"batch_size: 16 → 32; optim\.base_lr: 0\.002 → 0\.005"):
     train_tokenizer.train(same_shapes, str(tmp_path))
+  monkeypatch.setattr(train_tokenizer, "setup_training", setup_training)
   # The run's record of what ran (which eval, tokenize and generators read) is left as it was.
   assert config_lib.read_config(str(tmp_path)).model.decoder == "Mu"
   # When to evaluate and log, and the variant string, may change. The run is finished: its

@@ -142,12 +142,11 @@ def open_run(config, workdir: str, state: TrainState):
   is_main = jax.process_index() == 0
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
   if (latest := ckpt.latest_step()) is not None:
-    _check_resumable(workdir, latest, config)
-    if latest > config.total_steps:  # Its record would say total_steps of params trained more.
+    try:
+      check_resume(workdir, config, latest)
+    except ConfigError:
       ckpt.close()
-      raise ConfigError(f"{workdir} holds a run at step {latest}, past total_steps="
-                        f"{config.total_steps}; resume it with --config.total_steps >= {latest}, "
-                        "or use a new --workdir")
+      raise
     layout = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
         if isinstance(x, jax.Array) else x, state)
@@ -159,6 +158,22 @@ def open_run(config, workdir: str, state: TrainState):
   if is_main:
     config_lib.save_config(config, workdir)
   return is_main, ckpt, state, RunClock(workdir, int(state.step), is_main=is_main)
+
+
+def check_resume(workdir: str, config, step: int | None = None) -> None:
+  """ConfigError when the run in workdir (at checkpoint `step`, default its latest) cannot resume
+  with `config`: one that differs from its saved config.json beyond `RESUMABLE_FIELDS`, or a
+  total_steps below the step (its record would say total_steps of params trained more). The
+  trainers call it before they build anything (a generator, before it tokenizes); nothing to check
+  for a new run."""
+  step = checkpoint.latest_step(workdir) if step is None else step
+  if step is None:
+    return
+  _check_resumable(workdir, step, config)
+  if step > config.total_steps:
+    raise ConfigError(f"{workdir} holds a run at step {step}, past total_steps="
+                      f"{config.total_steps}; resume it with --config.total_steps >= {step}, "
+                      "or use a new --workdir")
 
 
 def _check_resumable(workdir: str, step: int, config) -> None:

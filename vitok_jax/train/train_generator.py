@@ -445,6 +445,7 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   if (record := loop.finished_record(workdir, config)) is not None:
     return record
   if checkpoint.latest_step(workdir):  # Before it tokenizes anything.
+    loop.check_resume(workdir, config)
     check_tokenizer_step(workdir, config.tokenizer, "resuming")
   family, train_arrays, eval_arrays, state, train_step, _ = setup(config, mesh)
   logging.info("%s/%s: %d params on %s; %d training examples", config.model.family,

@@ -458,6 +458,7 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   config_lib.check_workdir(workdir)
   if (record := loop.finished_record(workdir, config)) is not None:
     return record
+  loop.check_resume(workdir, config)  # Before the model and its state are built.
   mesh = mesh_lib.make_mesh(config.mesh)
   local_batch = mesh_lib.per_process_batch(config.batch_size, mesh)
   batch_sharding = mesh_lib.batch_sharding(mesh)
