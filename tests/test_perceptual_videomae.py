@@ -1,4 +1,5 @@
 """VideoMAE-v2 features and the TREPA loss: reference forwards, torch bicubic, loss properties."""
+import argparse
 import math
 
 import jax
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from vitok_jax.errors import ConfigError
-from vitok_jax.models.perceptual import reference, resize, videomae
+from vitok_jax.models.perceptual import reference, resize, videomae, weights
 
 SIZE = videomae.SIZES["Mu/8"]
 
@@ -114,10 +115,26 @@ def test_converter_cli_reads_a_nested_torch_checkpoint(params, tmp_path):
   from tools import convert_videomae  # pylint: disable=g-import-not-at-top
   state = {k: torch.from_numpy(np.array(v)) for k, v in videomae.params_to_torch(params, SIZE).items()}
   state["head.weight"] = torch.zeros(3, SIZE.width)  # The classifier head is dropped.
-  torch.save({"module": state}, tmp_path / "videomae.pth")
+  # A training checkpoint: the weights under "module" beside the run's arguments.
+  torch.save({"module": state, "args": argparse.Namespace(lr=1e-3)}, tmp_path / "videomae.pth")
   convert_videomae.main(["--pth", str(tmp_path / "videomae.pth"), "--size", "Mu/8",
                          "--out", str(tmp_path / "videomae.npz")])
   real = np.random.default_rng(3).uniform(-1, 1, (1, 4, 16, 16, 3)).astype(np.float32)
   trepa = videomae.load_trepa_fn(str(tmp_path / "videomae.npz"), "Mu/8")
   want = videomae.trepa_loss(params, SIZE, real * 0.5, real, resolution=16)
   np.testing.assert_allclose(trepa(real * 0.5, real, resolution=16), want, rtol=1e-6)
+  # bfloat16 weights read as float32; a pickle that would run code on load is refused.
+  torch.save({"w": torch.ones(2, dtype=torch.bfloat16)}, tmp_path / "bf16.pth")
+  assert weights.read_torch_state_dict(str(tmp_path / "bf16.pth"))["w"].dtype == np.float32
+  torch.save({"w": torch.ones(2), "x": _RunsCode()}, tmp_path / "code.pth")
+  with pytest.raises(ValueError, match="holds more than tensors"):
+    weights.read_torch_state_dict(str(tmp_path / "code.pth"))
+  assert not _RunsCode.ran
+
+
+class _RunsCode:
+  """An object whose unpickling would run code (here, set a flag)."""
+  ran = False
+
+  def __reduce__(self):
+    return (exec, ("_RunsCode.ran = True",))

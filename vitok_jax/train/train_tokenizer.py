@@ -135,6 +135,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     require(resolution > 0 and resolution % size.patch == 0,
             f"perceptual.trepa_resolution={resolution} is not a multiple of VideoMAE "
             f"{config.perceptual.trepa_size}'s patch {size.patch}; use e.g. 224")
+    # The published weights' fixed position table is for their own token grid: LatentSync
+    # interpolates it in time for other clip lengths, upstream VideoMAE-v2 refuses them.
+    require(not size.pretrained or (d.frames, resolution) == (videomae.PRETRAINED_FRAMES,
+                                                              videomae.RESOLUTION),
+            f"loss.trepa with VideoMAE {config.perceptual.trepa_size}: its weights' position "
+            f"table is for {videomae.PRETRAINED_FRAMES}-frame clips at {videomae.RESOLUTION} px; "
+            f"got data.frames={d.frames}, perceptual.trepa_resolution={resolution}")
   require(video or "fvd" not in config.eval.metrics,
           f"eval.metrics has fvd, which scores video clips, but data.frames={d.frames} (images); "
           "drop fvd (rfid scores images)")

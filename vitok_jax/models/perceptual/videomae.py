@@ -41,13 +41,22 @@ class VideoMAESize:
   mlp_dim: int
   patch: int = 14
   tubelet: int = 2
+  # Clips of PRETRAINED_FRAMES at RESOLUTION, the token grid the published weights' position
+  # table belongs to; False for a size without published weights (its table follows the clip).
+  pretrained: bool = True
+
+  def pretrained_grid(self) -> tuple[int, int, int]:
+    """(T, H, W) tokens of the clips the published weights were trained on (g/14: 8, 16, 16)."""
+    side = RESOLUTION // self.patch
+    return PRETRAINED_FRAMES // self.tubelet, side, side
 
 
+PRETRAINED_FRAMES = 16  # VideoMAE-v2's clip length, and LatentSync's.
 # LatentSync uses vit_giant_patch14_224 (ViT-g: 1408 wide, 40 deep, 16 heads, mlp_ratio 48/11).
 SIZES = {
     "g/14": VideoMAESize(1408, 40, 16, 6144),
     "B/16": VideoMAESize(768, 12, 12, 3072, patch=16),
-    "Mu/8": VideoMAESize(64, 2, 2, 128, patch=8),  # Tests and CPU smoke runs.
+    "Mu/8": VideoMAESize(64, 2, 2, 128, patch=8, pretrained=False),  # Tests and CPU smoke runs.
 }
 
 

@@ -6,6 +6,7 @@ training never need torch; only the converters in tools/ read PyTorch files (the
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import pickle
@@ -58,14 +59,22 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ImportError("reading PyTorch weights needs torch: pip install 'vitok_jax[torch]'") from e
-  state = torch.load(path, map_location="cpu", weights_only=False)
+  # weights_only: tensors and containers only (and the argparse.Namespace of the run's arguments
+  # that training checkpoints carry); a pickle that would run code is refused.
+  try:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      state = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    raise ValueError(f"{path} holds more than tensors (pickled objects, which could run code on "
+                     f"load), so it is not read; save its state_dict() alone: {e}") from None
   if hasattr(state, "state_dict"):  # A pickled or scripted module rather than its state dict.
     state = state.state_dict()
   for key in ("state_dict", "module", "model"):  # Training checkpoints nest the weights.
     if isinstance(state, dict) and isinstance(state.get(key), dict):
       state = state[key]
       break
-  return {k: v.detach().cpu().numpy() for k, v in state.items() if hasattr(v, "detach")}
+  return {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.detach().cpu().numpy()
+          for k, v in state.items() if hasattr(v, "detach")}  # bfloat16 has no numpy twin.
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):
