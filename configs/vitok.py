@@ -13,7 +13,7 @@ AdamW β=(0.9, 0.95), lr 1e-4 × batch/256, weight decay 1e-4, cosine with warm-
 import ml_collections
 
 from vitok_jax import config_lib, data
-from vitok_jax.models import vit
+from vitok_jax.models import larp, vit
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.train import gan, optimizer, train_tokenizer
 
@@ -115,6 +115,11 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   config_lib.apply_options(config, options, OPTIONS, arg)
   if config.model.bottleneck == "vq1k_ent":  # Only there: other runs' configs keep 0 (resume).
     config.loss.vq_entropy = 0.1
+  if config.model.bottleneck == larp.NAME:  # LARP's alone (the other kinds' run ids stay).
+    # Its AR prior: gptc-S beside the published encoder sizes, Mu beside the CPU ones; trained at
+    # 50× the learning rate (LARP's released training scripts: optimizer.prior_lr_mult 50).
+    config.model.prior_size = "Mu" if config.model.encoder in ("Mu", "Mi", "Ti") else "S"
+    config.optim.prior_lr_mult = 50.0
   _set_data(config, options)
   train_tokenizer.validate(config)
   return config

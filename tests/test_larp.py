@@ -260,6 +260,42 @@ def test_config_options_and_errors():
     config_lib.load_config("vitok:Mu-Mu/4,c=8,res=16,data=mnist,queries=8")
 
 
+def test_prior_size_and_learning_rate_follow_larps_training_scripts():
+  """LARP's prior is gptc-S (12 × 384, 6 heads) beside the published encoder sizes, Mu beside the
+  CPU ones, and trains at 50× the rate (its scripts' optimizer.prior_lr_mult): with equal
+  gradients its first AdamW update is 50× the others', weight decay included. Runs saved before
+  the fields resume as they trained (Mu, 1×); other kinds' configs have neither field."""
+  from vitok_jax.train import loop, optimizer  # pylint: disable=g-import-not-at-top
+  cpu = config_lib.load_config(f"vitok:{TINY}")
+  assert (cpu.model.prior_size, cpu.optim.prior_lr_mult) == ("Mu", 50.0)
+  published = config_lib.load_config("vitok:B-B/16,c=16,quantizer=larp,queries=256")
+  assert larp.from_config(published.model, 3).prior == vit.ViTSize(384, 12, 6)
+  assert larp.from_config(cpu.model, 1).prior == vit.ViTSize(64, 2, 2)
+  gaussian = config_lib.load_config("vitok:Mu-Mu/4,c=8,res=16,data=mnist")
+  assert "prior_size" not in gaussian.model and "prior_lr_mult" not in gaussian.optim
+  params = {"encoder": {"w": jnp.ones((3, 2))}, "bottleneck": {"prior": {"w": jnp.ones((3, 2))}}}
+  grads = jax.tree.map(lambda p: 0.1 * p, params)
+  cpu.optim.schedule, cpu.optim.warmup_steps = "constant", 0  # The full rate at the first step.
+  for mult, ratio in ((50.0, 50.0), (1.0, 1.0)):
+    cpu.optim.prior_lr_mult = mult
+    tx, _ = optimizer.make_optimizer(cpu.optim, 256, 10)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["bottleneck"]["prior"]["w"],
+                               ratio * updates["encoder"]["w"], rtol=1e-6)
+    assert float(jnp.abs(updates["encoder"]["w"]).min()) > 0
+  saved = config_lib.load_config(f"vitok:{TINY}")
+  del saved.model["prior_size"], saved.optim["prior_lr_mult"]  # A run saved before the fields.
+  assert larp.from_config(saved.model, 1).prior == vit.ViTSize(64, 2, 2)
+  assert loop.config_changes(saved, config_lib.load_config(f"vitok:{TINY}")) == [
+      "optim.prior_lr_mult: (absent: 1.0) → 50.0"]
+  for field, value, says in (("model.prior_size", "B", "model.prior_size='B' is not allowed"),
+                             ("optim.prior_lr_mult", 0.0, "prior_lr_mult must be > 0")):
+    bad = config_lib.load_config(f"vitok:{TINY}")
+    bad.update_from_flattened_dict({field: value})
+    with pytest.raises(ConfigError, match=says):
+      train_tokenizer.validate(bad)
+
+
 def test_flops_count_the_queries_and_the_prior():
   model = _model()
   parts = flops.tokenizer_forward_flops(model, (16, 16, 1))

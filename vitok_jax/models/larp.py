@@ -44,7 +44,9 @@ from vitok_jax.errors import ConfigError
 from vitok_jax.models import ar, bottlenecks, quantizers, tokenizer, vit
 
 NAME = "larp"                               # config.model.bottleneck of a LARP tokenizer.
-PRIOR_SIZE = vit.ViTSize(64, 2, 2)          # The prior for CPU runs (LARP uses GPT-S).
+PRIOR_SIZE = vit.decode_size("Mu", "larp_prior")  # The prior for CPU runs (LARP uses gptc-S).
+# model.prior_size of runs saved before the field: the prior they trained with.
+LEGACY_PRIOR_SIZE = "Mu"
 QUERY_INIT_STD = 0.02                       # LARP's query_init_std (timm's Gaussian init).
 SS_MAX_RATIO, SS_PEAK_PROGRESS = 0.5, 0.3   # LARP's mix_ss_max_ratio, mix_ss_peak_steps_ratio.
 
@@ -307,5 +309,6 @@ def from_config(model_cfg: ml_collections.ConfigDict, pixel_channels: int) -> LA
       attn_impl=model_cfg.attn_impl,
       remat=model_cfg.remat,
       dtype=jnp.dtype(model_cfg.dtype),
+      prior=vit.decode_size(model_cfg.get("prior_size", LEGACY_PRIOR_SIZE), "larp_prior"),
       **({"codebook_size": model_cfg.codebook_size} if model_cfg.get("codebook_size") else {}),
   )

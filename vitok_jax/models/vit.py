@@ -40,6 +40,8 @@ GENERATOR_SIZES: dict[str, dict[str, tuple[int, int, int]]] = {
                  "3B": (3200, 24, 32)},
     # VAR: width = 64·depth, heads = depth ("d16" … "d30"; d2/d4/d6 for CPU).
     "var": {f"d{d}": (64 * d, d, d) for d in (2, 4, 6, 16, 20, 24, 30)},
+    # LARP's AR prior (its GPT-C): gptc-S, as its tokenizers use; Mu for CPU runs.
+    "larp_prior": {"Mu": (64, 2, 2), "S": (384, 12, 6)},
 }
 MLP_KINDS = ("geglu", "swiglu", "gelu")
 ROPE_KINDS = ("1d", "axial", "none")

@@ -68,10 +68,28 @@ def decay_mask(params):
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+# Parameters under a module of this name (LARP's AR prior) train at optim.prior_lr_mult × the rate.
+PRIOR_SCOPE = "prior"
+
+
+def in_prior(params):
+  """A tree of labels, "prior" for the parameters under a `PRIOR_SCOPE` module, else "rest"."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "prior" if any(getattr(k, "key", None) == PRIOR_SCOPE for k in path)
+      else "rest", params)
+
+
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, batch_size: int, total_steps: int):
+  """(tx, schedule): global-norm clipping, then AdamW at `schedule`; with optim.prior_lr_mult
+  (LARP's configs alone have it) the prior's updates, weight decay included, are scaled by it,
+  as a parameter group of that many times the rate."""
   schedule = learning_rate_schedule(optim_cfg, batch_size, total_steps)
   tx = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
                    weight_decay=optim_cfg.weight_decay, mask=decay_mask)
+  prior_lr_mult = optim_cfg.get("prior_lr_mult", 1.0)
+  if prior_lr_mult != 1.0:
+    tx = optax.chain(tx, optax.multi_transform(
+        {"prior": optax.scale(prior_lr_mult), "rest": optax.identity()}, in_prior))
   if optim_cfg.clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(optim_cfg.clip_norm), tx)
   return tx, schedule

@@ -61,6 +61,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.bottleneck == "larp":
     require(m.get("num_queries", 0) >= 2, f"bottleneck=larp needs model.num_queries >= 2, got "
             f"{m.get('num_queries', 0)}; set the variant option queries=N, e.g. queries=32")
+    require_choice(loop.added_field(config, "model.prior_size"), "model.prior_size",
+                   vit.GENERATOR_SIZES["larp_prior"])
+    mult = loop.added_field(config, "optim.prior_lr_mult")
+    require(0 < mult < float("inf"), f"optim.prior_lr_mult must be > 0, got {mult}")
   else:
     require(not m.get("num_queries", 0), f"model.num_queries={m.num_queries} only applies to "
             f"bottleneck=larp; drop queries=N or set quantizer=larp")
