@@ -538,11 +538,12 @@ def test_slurm_script_survives_a_node_list_longer_than_a_pipe_and_gives_srun_the
       "--cpus-per-task=6"]
 
 
-@pytest.mark.parametrize("srun_exit, finished, requeued", [
-    (0, False, True), (0, True, False), (1, False, False)])
-def test_slurm_script_requeues_a_stopped_run(tmp_path, srun_exit, finished, requeued):
-  """After the time-limit SIGTERM the trainer exits 0 without record.json: the job requeues itself
-  (the job would end COMPLETED, which --requeue does not relaunch); finished or failed: not."""
+@pytest.mark.parametrize("srun_exit, record_steps, requeued", [
+    (0, None, True), (0, 5, False), (0, 3, True), (1, None, False)])
+def test_slurm_script_requeues_a_stopped_run(tmp_path, srun_exit, record_steps, requeued):
+  """After the time-limit SIGTERM the trainer exits 0 without record.json, or with the record of a
+  shorter run it extends (its steps before the newest checkpoint's): the job requeues itself (the
+  job would end COMPLETED, which --requeue does not relaunch); finished or failed: not."""
   bin_dir, workdir = tmp_path / "bin", tmp_path / "w"
   bin_dir.mkdir()
   # The trainer stand-in saves checkpoint step 5 when it stops (as SIGTERM makes it).
@@ -550,8 +551,8 @@ def test_slurm_script_requeues_a_stopped_run(tmp_path, srun_exit, finished, requ
   _script(bin_dir / "scontrol", f'#!/bin/bash\n[ "$1" = show ] && echo node1\n'
           f'[ "$1" = requeue ] && echo "$@" >> {tmp_path}/requeued\nexit 0\n')
   assert launch_args.main(["slurm", "--config=vitok", f"--workdir={workdir}"]) == 0
-  if finished:
-    (workdir / "record.json").write_text("{}")
+  if record_steps is not None:
+    (workdir / "record.json").write_text(json.dumps({"steps": record_steps}))
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42",
              SLURM_JOB_NODELIST="node1", SLURM_NTASKS="1")
   run = lambda: subprocess.run(["bash", str(workdir / "launch.sbatch")], env=env,

@@ -97,11 +97,15 @@ def render_sbatch(spec: JobSpec, *, sweep_log: str = "",
     return "\n".join(lines + [srun]) + "\n"
   # Requeued only when the stop saved a newer checkpoint than the job started from: a job stopped
   # again before training a step (a time limit shorter than start-up) would requeue for ever.
+  # Finished: record.json made at the newest checkpoint (the record of a run extended since, by a
+  # larger total_steps, is of an older step), as `loop.finished_record` decides.
   lines += ["newest_step() { ls \"$workdir/checkpoints\" 2>/dev/null | grep -E '^[0-9]+$' | "
             "sort -n | tail -n 1 || true; }",
+            "record_step() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))"
+            "[\"steps\"])' \"$workdir/record.json\" 2>/dev/null || true; }",
             "started_at=$(newest_step)",
             srun,
-            'if [ ! -f "$workdir/record.json" ]; then',
+            'if [ ! -f "$workdir/record.json" ] || [ "$(record_step)" != "$(newest_step)" ]; then',
             '  if [ "$(newest_step)" = "$started_at" ]; then',
             '    echo "vitok: stopped again at checkpoint step ${started_at:-none} without '
             'training a step (is --time shorter than start-up?): not requeueing" >&2',
