@@ -143,8 +143,23 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
   config = tiny_config(steps=40, ckpt_every=4)
   config.optim.base_lr = 1e12
   with pytest.raises(loop.TrainingDiverged,
-                     match=r"loss is (nan|inf) at step (9|1\d|2\d|3\d|40); last good checkpoint: step \d+ in "):
+                     match=r"(loss is (nan|inf) at step|the parameters after step) (9|1\d|2\d|3\d|40)"
+                     r"( hold NaN/Inf)?; its last checkpoint \(step \d+, finite\) is in .*new "
+                     r"--workdir"):
     train_tokenizer.train(config, str(tmp_path))
+
+
+def test_a_checkpoint_of_parameters_that_are_not_finite_is_refused(tmp_path):
+  """The loss of a step is computed before its update: an update that makes the parameters NaN
+  is caught when they would be saved, not saved as the run's last checkpoint."""
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), keep=1)
+  try:
+    loop.check_finite(3, {"loss": 0.5}, ckpt, {"w": jnp.ones(4), "step": jnp.zeros((), jnp.int32)})
+    with pytest.raises(loop.TrainingDiverged, match="the parameters after step 3 hold NaN/Inf; no "
+                                                    "checkpoint was written yet: start a new"):
+      loop.check_finite(3, {"loss": 0.5}, ckpt, {"w": jnp.array([1.0, jnp.inf])})
+  finally:
+    ckpt.close()
 
 
 def test_divergence_is_a_one_line_error_a_sweep_books_as_diverged(tmp_path, capsys):

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
@@ -309,18 +310,29 @@ class Preemption:
     return self.requested
 
 
-def check_finite(step: int, metrics: dict, ckpt) -> None:
-  """Raises TrainingDiverged when metrics["loss"] is NaN/Inf."""
+def check_finite(step: int, metrics: dict, ckpt, params=None) -> None:
+  """Raises TrainingDiverged when metrics["loss"] is NaN/Inf, or (given) `params` hold NaN/Inf."""
   if not np.isfinite(float(metrics["loss"])):
-    raise TrainingDiverged(divergence_message(step, metrics, ckpt))
+    raise TrainingDiverged(divergence_message(f"loss is {metrics['loss']} at step {step}", ckpt))
+  if params is not None and not _all_finite(params):
+    raise TrainingDiverged(divergence_message(f"the parameters after step {step} hold NaN/Inf",
+                                              ckpt))
 
 
-def divergence_message(step, metrics, ckpt) -> str:
+@jax.jit
+def _all_finite(tree):
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.inexact)] or [jnp.array(True)]))
+
+
+def divergence_message(what: str, ckpt) -> str:
+  """`what` went wrong, then where the run stands and what to change: optim.* is not resumable,
+  so a lower rate or longer warm-up is a new run."""
   last = ckpt.latest_step()
-  where = (f"last good checkpoint: step {last} in {ckpt.directory} (re-running resumes from it; "
-           "lower optim.base_lr or raise optim.warmup_steps first)") if last is not None else (
-               "no checkpoint was written yet; lower optim.base_lr or raise optim.warmup_steps")
-  return f"loss is {metrics['loss']} at step {step}; {where}"
+  where = (f"its last checkpoint (step {last}, finite) is in {ckpt.directory}, but a resume must "
+           "keep the run's config") if last is not None else "no checkpoint was written yet"
+  return (f"{what}; {where}: start a new --workdir with a lower optim.base_lr or a longer "
+          "optim.warmup_steps")
 
 
 def format_seconds(seconds: float) -> str:
@@ -375,7 +387,7 @@ def run(state, *, config, train_step: Callable, next_batch: Callable[[], Any], c
 
   def save(step, metrics):
     nonlocal saved_step
-    check_finite(step, metrics, ckpt)
+    check_finite(step, metrics, ckpt, state.params)  # A checkpoint is of finite parameters.
     if step != saved_step:  # A pre-emption can land on a step just saved.
       ckpt.save(step, state, force=True)
       saved_step = step
