@@ -10,4 +10,5 @@ class DataError(RuntimeError):
 
 
 class TrainingDiverged(FloatingPointError):
-  """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
+  """The loss or the parameters became NaN/Inf; the message names the step, the last checkpoint
+  and what to change."""
