@@ -149,6 +149,37 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
     train_tokenizer.train(config, str(tmp_path))
 
 
+@pytest.mark.parametrize("damage", ["truncated_metadata", "missing_data_files", "empty_step_dir"])
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, damage):
+  """A newest checkpoint whose files are damaged (a full disk, a broken copy) does not block the
+  run: it resumes from the newest step that restores, the damaged one moved aside to corrupt_N,
+  and trains to the same parameters as the run without that step. When no step restores, the
+  error is raised and nothing is moved."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir, whole = tmp_path / "run", tmp_path / "whole"
+  train_tokenizer.train(tiny_config(steps=8, ckpt_every=4), str(workdir))
+  shutil.copytree(workdir, whole)
+  harm = {"truncated_metadata": lambda step: open(workdir / "checkpoints" / step / "state" /
+                                                  "_METADATA", "w").close(),
+          "missing_data_files": lambda step: [os.remove(f) for f in glob.glob(
+              str(workdir / "checkpoints" / step / "state" / "ocdbt.process_0" / "d" / "*"))],
+          "empty_step_dir": lambda step: (shutil.rmtree(workdir / "checkpoints" / step),
+                                          (workdir / "checkpoints" / step).mkdir())}[damage]
+  harm("8")
+  assert train_tokenizer.train(tiny_config(steps=12, ckpt_every=4), str(workdir))["steps"] == 12
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8", "corrupt_8"]
+  shutil.rmtree(whole / "checkpoints" / "8")
+  train_tokenizer.train(tiny_config(steps=12, ckpt_every=4), str(whole))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               final_params(str(workdir))[1], final_params(str(whole))[1])
+  for step in ("12", "8", "4"):
+    harm(step)
+  with pytest.raises(Exception):  # pylint: disable=broad-exception-raised
+    train_tokenizer.train(tiny_config(steps=16, ckpt_every=4), str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8", "corrupt_8"]
+
+
 def test_a_checkpoint_of_parameters_that_are_not_finite_is_refused(tmp_path):
   """The loss of a step is computed before its update: an update that makes the parameters NaN
   is caught when they would be saved, not saved as the run's last checkpoint."""

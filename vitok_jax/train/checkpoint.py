@@ -7,7 +7,9 @@ the data iterator resumes, on any number of processes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+from typing import Callable
 
 import orbax.checkpoint as ocp
 
@@ -65,6 +67,37 @@ class Checkpointer:
           f"checkpoint step {step} in {self.directory} does not match this config (model or "
           f"optimizer changed since it was written); use a new --workdir or the run's own config "
           f"({os.path.dirname(self.directory)}/config.json)") from e
+
+  def restore_newest_intact(self, abstract_state, *, is_main: bool = True,
+                            barrier: Callable[[], None] = lambda: None):
+    """(step, state) of the newest checkpoint that restores into `abstract_state`. Newer steps
+    that fail to read (a damaged save: files missing or truncated after a full disk, a broken
+    copy) are moved aside to corrupt_STEP by the main process once an older step has restored,
+    so that the run goes on from there and saves those steps anew; `barrier` then waits for it on
+    every process. When no step restores, the newest's error is raised and nothing is moved. A
+    checkpoint that does not match the config (ConfigError) is raised at once."""
+    failed = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, abstract_state)
+      except ConfigError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except  Any damage to the files.
+        logging.warning("checkpoint step %d in %s does not restore (%s: %s); trying the one "
+                        "before", step, self.directory, type(e).__name__, str(e)[:300])
+        failed.append((step, e))
+        continue
+      if failed:
+        if is_main:
+          for bad, _ in failed:
+            os.rename(os.path.join(self.directory, str(bad)),
+                      os.path.join(self.directory, f"corrupt_{bad}"))
+        barrier()
+        self.manager.reload()
+        logging.warning("resuming from step %d; the damaged step(s) %s were moved to %s/corrupt_*",
+                        step, [bad for bad, _ in failed], self.directory)
+      return step, state
+    raise failed[0][1]
 
   def _restore(self, step: int, abstract_state):
     return self.manager.restore(

@@ -158,7 +158,9 @@ def open_run(config, workdir: str, state: TrainState):
     for x in jax.tree.leaves(state):
       if isinstance(x, jax.Array) and not x.is_deleted():
         x.delete()
-    state = ckpt.restore(latest, layout)
+    latest, state = ckpt.restore_newest_intact(
+        layout, is_main=is_main,
+        barrier=lambda: multihost_utils.sync_global_devices("vitok_checkpoints_moved_aside"))
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   if is_main:
     config_lib.save_config(config, workdir)
