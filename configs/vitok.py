@@ -116,9 +116,11 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   if config.model.bottleneck == "vq1k_ent":  # Only there: other runs' configs keep 0 (resume).
     config.loss.vq_entropy = 0.1
   if config.model.bottleneck == larp.NAME:  # LARP's alone (the other kinds' run ids stay).
-    # Its AR prior: gptc-S beside the published encoder sizes, Mu beside the CPU ones; trained at
-    # 50× the learning rate (LARP's released training scripts: optimizer.prior_lr_mult 50).
+    # Its AR prior: gptc-S beside the published encoder sizes, Mu beside the CPU ones, with GPT-C's
+    # dropout 0.1; trained at 50× the learning rate (LARP's released training scripts:
+    # optimizer.prior_lr_mult 50).
     config.model.prior_size = "Mu" if config.model.encoder in ("Mu", "Mi", "Ti") else "S"
+    config.model.prior_dropout = 0.1
     config.optim.prior_lr_mult = 50.0
   _set_data(config, options)
   train_tokenizer.validate(config)

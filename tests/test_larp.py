@@ -260,6 +260,19 @@ def test_config_options_and_errors():
     config_lib.load_config("vitok:Mu-Mu/4,c=8,res=16,data=mnist,queries=8")
 
 
+def test_prior_dropout_is_on_in_training_only():
+  """GPT-C's dropout in the prior: training outputs vary with the "sample" rng; eval, or a rate
+  of 0, gives the same outputs as a prior without it."""
+  x = jax.random.normal(jax.random.key(1), (2, 6, 8))
+  drop, plain = larp.ARPrior(SIZE, dropout=0.5), larp.ARPrior(SIZE)
+  params = plain.init(jax.random.key(0), x)
+  run = lambda model, train, key=0: model.apply(params, x, train=train,
+                                                rngs={"sample": jax.random.key(key)})
+  assert not np.allclose(run(drop, True, 1), run(drop, True, 2))
+  np.testing.assert_array_equal(run(drop, False), run(plain, False))
+  np.testing.assert_array_equal(run(larp.ARPrior(SIZE, dropout=0.0), True), run(plain, False))
+
+
 def test_prior_size_and_learning_rate_follow_larps_training_scripts():
   """LARP's prior is gptc-S (12 × 384, 6 heads) beside the published encoder sizes, Mu beside the
   CPU ones, and trains at 50× the rate (its scripts' optimizer.prior_lr_mult): with equal
@@ -284,10 +297,12 @@ def test_prior_size_and_learning_rate_follow_larps_training_scripts():
                                ratio * updates["encoder"]["w"], rtol=1e-6)
     assert float(jnp.abs(updates["encoder"]["w"]).min()) > 0
   saved = config_lib.load_config(f"vitok:{TINY}")
-  del saved.model["prior_size"], saved.optim["prior_lr_mult"]  # A run saved before the fields.
-  assert larp.from_config(saved.model, 1).prior == vit.ViTSize(64, 2, 2)
+  del saved.model["prior_size"], saved.model["prior_dropout"], saved.optim["prior_lr_mult"]
+  assert larp.from_config(saved.model, 1).prior == vit.ViTSize(64, 2, 2)  # Saved before them.
+  assert larp.from_config(saved.model, 1).prior_dropout == 0.0
+  assert larp.from_config(cpu.model, 1).prior_dropout == 0.1
   assert loop.config_changes(saved, config_lib.load_config(f"vitok:{TINY}")) == [
-      "optim.prior_lr_mult: (absent: 1.0) → 50.0"]
+      "model.prior_dropout: (absent: 0.0) → 0.1", "optim.prior_lr_mult: (absent: 1.0) → 50.0"]
   for field, value, says in (("model.prior_size", "B", "model.prior_size='B' is not allowed"),
                              ("optim.prior_lr_mult", 0.0, "prior_lr_mult must be > 0")):
     bad = config_lib.load_config(f"vitok:{TINY}")

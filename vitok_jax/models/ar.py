@@ -128,10 +128,12 @@ class LlamaBlock(nn.Module):
   attn_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
   dropout: float = 0.0
+  dropout_rng: str = "dropout"  # The rng stream its dropout draws from.
 
   @nn.compact
   def __call__(self, x_BSD, sin_SP, cos_SP, cache=None, index=None, train: bool = False):
-    drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
+    drop = lambda y: nn.Dropout(self.dropout, rng_collection=self.dropout_rng)(
+        y, deterministic=not train)
     x_BSD = vit.constrain(x_BSD, ("batch", "length", "act_embed"))
     y_BSD, cache = LlamaAttention(self.heads, self.attn_impl, self.dtype, name="attn")(
         _rms_norm(self.dtype, "attention_norm")(x_BSD), sin_SP, cos_SP, cache, index)

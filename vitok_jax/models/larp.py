@@ -141,17 +141,22 @@ class ARPrior(nn.Module):
   size: vit.ViTSize = PRIOR_SIZE
   attn_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
+  # Where train: dropout of the input embedding and of each block's attention and MLP outputs
+  # (GPT-C's embd_pdrop, resid_pdrop; its attention-probability dropout is not applied), drawn
+  # from the "sample" rng stream.
+  dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x_BLC):
+  def __call__(self, x_BLC, train: bool = False):
     channels, length = x_BLC.shape[-1], x_BLC.shape[1]
     h_BLD = vit.dense(self.size.width, ("latent", "embed"), self.dtype, "embed_in")(
         x_BLC.astype(self.dtype))
+    h_BLD = nn.Dropout(self.dropout, rng_collection="sample")(h_BLD, deterministic=not train)
     sin_LP, cos_LP = (jnp.asarray(t) for t in vit.rope_tables((length,), self.size.head_dim, "1d"))
     hidden = vit.mlp_dim(self.size.width, "swiglu")
     for i in range(self.size.depth):
-      h_BLD, _ = ar.LlamaBlock(self.size.heads, hidden, self.attn_impl, self.dtype,
-                               name=f"block{i}")(h_BLD, sin_LP, cos_LP)
+      h_BLD, _ = ar.LlamaBlock(self.size.heads, hidden, self.attn_impl, self.dtype, self.dropout,
+                               "sample", name=f"block{i}")(h_BLD, sin_LP, cos_LP, train=train)
     h_BLD = vit.layer_norm(self.dtype, "norm_out")(h_BLD)
     return vit.dense(channels, ("embed", "latent"), self.dtype, "to_latent")(h_BLD)
 
@@ -168,6 +173,7 @@ class LARPBottleneck(nn.Module):
   temperature: float = 0.03
   commit_weight: float = 0.25
   prior: vit.ViTSize = PRIOR_SIZE
+  prior_dropout: float = 0.0
   attn_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
 
@@ -175,13 +181,15 @@ class LARPBottleneck(nn.Module):
     self.to_latent = bottlenecks._to_latent(self.channels)  # pylint: disable=protected-access
     self.quantizer = quantizers.VectorQuantizer(self.channels, self.codebook_size, normalize=True,
                                                 codebook_init="kaiming")
-    self.prior_net = ARPrior(self.prior, self.attn_impl, self.dtype, name="prior")
+    self.prior_net = ARPrior(self.prior, self.attn_impl, self.dtype, self.prior_dropout,
+                             name="prior")
 
-  def prior_logits(self, zq_BNC):
+  def prior_logits(self, zq_BNC, train: bool = False):
     """[B, N − 1, K]: row i scores code i + 1 from z_q[:, :i + 1]: the cosine of the prior's
     l2-normalised prediction with each code (codebook under stop-gradient), as LARP's
-    `ar_predict` and `calculate_logits_and_ar_pred_cont`."""
-    out_BLC = quantizers.l2_normalize(self.prior_net(zq_BNC[:, :-1]).astype(jnp.float32))
+    `ar_predict` and `calculate_logits_and_ar_pred_cont`; with its dropout where train."""
+    out_BLC = quantizers.l2_normalize(
+        self.prior_net(zq_BNC[:, :-1], train=train).astype(jnp.float32))
     return out_BLC @ jax.lax.stop_gradient(self.quantizer.codes()).T
 
   def scheduled_round(self, zq_BNC, logits_BLK, progress):
@@ -206,14 +214,15 @@ class LARPBottleneck(nn.Module):
     codebook = jnp.mean((e_BNC - jax.lax.stop_gradient(z_BNC)) ** 2)
     commit = jnp.mean((jax.lax.stop_gradient(e_BNC) - z_BNC) ** 2)
     zq_BNC = quantizers.straight_through(z_BNC, e_BNC)
-    logits_BLK = self.prior_logits(zq_BNC)
+    logits_BLK = self.prior_logits(zq_BNC, train=sample)
     labels_BL = index_BN[:, 1:]
     prior_ce = optax.softmax_cross_entropy_with_integer_labels(logits_BLK, labels_BL).mean()
     metrics = {**quantizers.code_usage_metrics(index_BN, self.codebook_size, prefix="larp"),
                "larp/codebook": codebook, "larp/commit": commit,
                "larp/prior_accuracy": jnp.mean(jnp.argmax(logits_BLK, -1) == labels_BL)}
     if sample and progress is not None:  # LARP's second round, the loss averaged over both.
-      second_BLK = self.prior_logits(self.scheduled_round(zq_BNC, logits_BLK, progress))
+      second_BLK = self.prior_logits(self.scheduled_round(zq_BNC, logits_BLK, progress),
+                                     train=True)
       second_ce = optax.softmax_cross_entropy_with_integer_labels(second_BLK, labels_BL).mean()
       metrics.update({"larp/prior_ce_teacher_forced": prior_ce,
                       "larp/prior_ce_scheduled": second_ce})
@@ -244,6 +253,7 @@ class LARP(nn.Module):
   codebook_size: int = 8192
   temperature: float = 0.03       # Of the stochastic code sampling at train time.
   prior: vit.ViTSize = PRIOR_SIZE
+  prior_dropout: float = 0.0      # The prior's dropout in training (LARP's GPT-C: 0.1).
   mlp_kind: str = "geglu"
   qk_norm: bool = False
   attn_impl: str = "auto"
@@ -266,7 +276,8 @@ class LARP(nn.Module):
     self.encoder_net = QueryEncoder(self.encoder, self.num_queries, **common, name="encoder")
     self.bottleneck_layer = LARPBottleneck(
         self.latent_channels, self.codebook_size, self.temperature, prior=self.prior,
-        attn_impl=self.attn_impl, dtype=self.dtype, name="bottleneck")
+        prior_dropout=self.prior_dropout, attn_impl=self.attn_impl, dtype=self.dtype,
+        name="bottleneck")
     self.latent_embed = dense(self.decoder.width, ("latent", "embed"), "latent_embed")
     self.decoder_net = PatchDecoder(self.decoder, **common, name="decoder")
     self.to_pixels = dense(math.prod(self.patch) * self.pixel_channels, ("embed", "patch"),
@@ -310,5 +321,6 @@ def from_config(model_cfg: ml_collections.ConfigDict, pixel_channels: int) -> LA
       remat=model_cfg.remat,
       dtype=jnp.dtype(model_cfg.dtype),
       prior=vit.decode_size(model_cfg.get("prior_size", LEGACY_PRIOR_SIZE), "larp_prior"),
+      prior_dropout=model_cfg.get("prior_dropout", 0.0),
       **({"codebook_size": model_cfg.codebook_size} if model_cfg.get("codebook_size") else {}),
   )

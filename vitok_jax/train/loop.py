@@ -90,12 +90,12 @@ RESUMABLE_FIELDS = ("variant", "total_steps", "log_every", "eval_every", "ckpt_e
 # trained with: resuming one with a config that holds another value changes how it trains.
 ADDED_FIELDS = {"model.dropout": 0.0, "model.drop_path": 0.0, "objective.reweight_by_scale": False,
                 "loss.bsq_commit": 0.25, "model.prior_size": larp.LEGACY_PRIOR_SIZE,
-                "optim.prior_lr_mult": 1.0}
+                "model.prior_dropout": 0.0, "optim.prior_lr_mult": 1.0}
 # Added fields that only some runs read: config -> whether it trains with the field.
 _is_larp = lambda config: config.model.get("bottleneck") == larp.NAME
 _ADDED_FIELD_READ_BY = {
     "loss.bsq_commit": lambda config: config.model.get("bottleneck") in ("bsq", "msbsq"),
-    "model.prior_size": _is_larp, "optim.prior_lr_mult": _is_larp}
+    "model.prior_size": _is_larp, "model.prior_dropout": _is_larp, "optim.prior_lr_mult": _is_larp}
 
 
 def added_field(config, key: str):

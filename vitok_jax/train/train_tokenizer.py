@@ -65,6 +65,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                    vit.GENERATOR_SIZES["larp_prior"])
     mult = loop.added_field(config, "optim.prior_lr_mult")
     require(0 < mult < float("inf"), f"optim.prior_lr_mult must be > 0, got {mult}")
+    dropout = loop.added_field(config, "model.prior_dropout")
+    require(0 <= dropout < 1, f"model.prior_dropout must be in [0, 1), got {dropout}")
   else:
     require(not m.get("num_queries", 0), f"model.num_queries={m.num_queries} only applies to "
             f"bottleneck=larp; drop queries=N or set quantizer=larp")
