@@ -130,6 +130,9 @@ def test_converter_cli_reads_a_nested_torch_checkpoint(params, tmp_path):
   with pytest.raises(ValueError, match="holds more than tensors"):
     weights.read_torch_state_dict(str(tmp_path / "code.pth"))
   assert not _RunsCode.ran
+  torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "scripted.pt"))
+  with pytest.raises(ValueError, match="is a TorchScript archive"):
+    weights.read_torch_state_dict(str(tmp_path / "scripted.pt"))
 
 
 class _RunsCode:

@@ -539,7 +539,7 @@ def test_slurm_script_survives_a_node_list_longer_than_a_pipe_and_gives_srun_the
 
 
 @pytest.mark.parametrize("srun_exit, record_steps, requeued", [
-    (0, None, True), (0, 5, False), (0, 3, True), (1, None, False)])
+    (0, None, True), (0, 5, False), (0, 3, True), (1, None, False), (0, "no steps", False)])
 def test_slurm_script_requeues_a_stopped_run(tmp_path, srun_exit, record_steps, requeued):
   """After the time-limit SIGTERM the trainer exits 0 without record.json, or with the record of a
   shorter run it extends (its steps before the newest checkpoint's): the job requeues itself (the
@@ -551,8 +551,10 @@ def test_slurm_script_requeues_a_stopped_run(tmp_path, srun_exit, record_steps, 
   _script(bin_dir / "scontrol", f'#!/bin/bash\n[ "$1" = show ] && echo node1\n'
           f'[ "$1" = requeue ] && echo "$@" >> {tmp_path}/requeued\nexit 0\n')
   assert launch_args.main(["slurm", "--config=vitok", f"--workdir={workdir}"]) == 0
-  if record_steps is not None:
-    (workdir / "record.json").write_text(json.dumps({"steps": record_steps}))
+  if record_steps is not None:  # As the trainer writes it (indented); one without steps: done.
+    record = ({"config": {"total_steps": 9}, "steps": record_steps}
+              if record_steps != "no steps" else {})
+    (workdir / "record.json").write_text(json.dumps(record, indent=1))
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="42",
              SLURM_JOB_NODELIST="node1", SLURM_NTASKS="1")
   run = lambda: subprocess.run(["bash", str(workdir / "launch.sbatch")], env=env,

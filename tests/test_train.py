@@ -180,6 +180,42 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, damag
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8", "corrupt_8"]
 
 
+def test_restore_newest_intact_agrees_across_processes_retries_and_keeps_what_it_moves(
+    tmp_path, monkeypatch):
+  """A step another process cannot read is passed over on this one too (`all_ok`, which the
+  trainer backs by an all-gather), and the barrier is met; a read that fails once is retried, not
+  taken for damage; a step damaged again while corrupt_N exists goes to corrupt_N.1."""
+  directory = str(tmp_path / "checkpoints")
+  state = lambda v: {"w": jnp.full((4,), float(v))}
+  ckpt = checkpoint.Checkpointer(directory, keep=5, async_save=False)
+  for step in (4, 8):
+    ckpt.save(step, state(step), force=True)
+  layout = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state(0))
+  met = []
+  other_process_fails_at_8 = iter([False, True])  # Step 8's outcome, then step 4's.
+  step, restored = ckpt.restore_newest_intact(
+      layout, all_ok=lambda ok: ok and next(other_process_fails_at_8), barrier=lambda: met.append(1))
+  assert (step, float(restored["w"][0]), met) == (4, 4.0, [1])
+  assert sorted(os.listdir(directory)) == ["4", "corrupt_8"]
+  ckpt.save(8, state(8), force=True)  # Saved anew, then damaged again.
+  ckpt.wait()
+  restore, calls = checkpoint.Checkpointer._restore, []
+
+  def flaky_restore(self, step, layout):
+    calls.append(step)
+    if step == 8 and len(calls) == 1:
+      raise OSError(110, "timed out")  # Once: a retry reads it.
+    return restore(self, step, layout)
+  monkeypatch.setattr(checkpoint.Checkpointer, "_restore", flaky_restore)
+  assert ckpt.restore_newest_intact(layout)[0] == 8 and calls == [8, 8]
+  monkeypatch.setattr(checkpoint.Checkpointer, "_restore", lambda self, step, layout: (
+      (_ for _ in ()).throw(OSError("truncated")) if step == 8 else restore(self, step, layout)))
+  assert ckpt.restore_newest_intact(layout)[0] == 4
+  assert sorted(os.listdir(directory)) == ["4", "corrupt_8", "corrupt_8.1"]
+  ckpt.close()
+
+
 def test_a_checkpoint_of_parameters_that_are_not_finite_is_refused(tmp_path):
   """The loss of a step is computed before its update: an update that makes the parameters NaN
   is caught when they would be saved, not saved as the run's last checkpoint."""

@@ -101,11 +101,14 @@ def render_sbatch(spec: JobSpec, *, sweep_log: str = "",
   # larger total_steps, is of an older step), as `loop.finished_record` decides.
   lines += ["newest_step() { ls \"$workdir/checkpoints\" 2>/dev/null | grep -E '^[0-9]+$' | "
             "sort -n | tail -n 1 || true; }",
-            "record_step() { python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))"
-            "[\"steps\"])' \"$workdir/record.json\" 2>/dev/null || true; }",
+            # Its top-level "steps" (no other key of a record is named so); "" if it has none.
+            "record_step() { sed -n 's/.*\"steps\": *\\([0-9][0-9]*\\).*/\\1/p' "
+            "\"$workdir/record.json\" 2>/dev/null | head -n 1 || true; }",
             "started_at=$(newest_step)",
             srun,
-            'if [ ! -f "$workdir/record.json" ] || [ "$(record_step)" != "$(newest_step)" ]; then',
+            'recorded=$(record_step)',
+            'if [ ! -f "$workdir/record.json" ] || { [ -n "$recorded" ] && '
+            '[ "$recorded" != "$(newest_step)" ]; }; then',
             '  if [ "$(newest_step)" = "$started_at" ]; then',
             '    echo "vitok: stopped again at checkpoint step ${started_at:-none} without '
             'training a step (is --time shorter than start-up?): not requeueing" >&2',

@@ -69,35 +69,54 @@ class Checkpointer:
           f"({os.path.dirname(self.directory)}/config.json)") from e
 
   def restore_newest_intact(self, abstract_state, *, is_main: bool = True,
+                            all_ok: Callable[[bool], bool] = lambda ok: ok,
                             barrier: Callable[[], None] = lambda: None):
-    """(step, state) of the newest checkpoint that restores into `abstract_state`. Newer steps
-    that fail to read (a damaged save: files missing or truncated after a full disk, a broken
-    copy) are moved aside to corrupt_STEP by the main process once an older step has restored,
-    so that the run goes on from there and saves those steps anew; `barrier` then waits for it on
-    every process. When no step restores, the newest's error is raised and nothing is moved. A
-    checkpoint that does not match the config (ConfigError) is raised at once."""
+    """(step, state) of the newest checkpoint that restores into `abstract_state` on every process.
+
+    A step that fails to read twice (a damaged save: files missing or truncated after a full
+    disk, a broken copy), on any process (`all_ok` agrees a process's outcome across processes),
+    is passed over; once an older step restores, the main process moves the damaged newer ones
+    aside to corrupt_STEP (kept, not deleted) and `barrier` waits for it on every process, so the
+    run goes on from there and saves those steps anew. When no step restores, the newest's error
+    is raised and nothing is moved. A checkpoint that does not match the config (ConfigError) is
+    raised at once."""
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
-      try:
-        state = self.restore(step, abstract_state)
-      except ConfigError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except  Any damage to the files.
-        logging.warning("checkpoint step %d in %s does not restore (%s: %s); trying the one "
-                        "before", step, self.directory, type(e).__name__, str(e)[:300])
-        failed.append((step, e))
+      state, error = None, None
+      for _ in range(2):  # Once more: a read that failed for a moment is no damage.
+        try:
+          state, error = self.restore(step, abstract_state), None
+          break
+        except ConfigError:
+          raise
+        except Exception as e:  # pylint: disable=broad-except  Any damage to the files.
+          error = e
+      if not all_ok(error is None):
+        logging.warning("checkpoint step %d in %s does not restore%s; trying the one before",
+                        step, self.directory, f" ({type(error).__name__}: {str(error)[:300]})"
+                        if error is not None else " on another process")
+        failed.append((step, error))
         continue
       if failed:
         if is_main:
           for bad, _ in failed:
-            os.rename(os.path.join(self.directory, str(bad)),
-                      os.path.join(self.directory, f"corrupt_{bad}"))
+            self._move_aside(bad)
         barrier()
         self.manager.reload()
         logging.warning("resuming from step %d; the damaged step(s) %s were moved to %s/corrupt_*",
                         step, [bad for bad, _ in failed], self.directory)
       return step, state
-    raise failed[0][1]
+    error = failed[0][1] if failed else None
+    raise error or RuntimeError(f"checkpoint step {failed[0][0]} in {self.directory} does not "
+                                "restore on another process (see its log)")
+
+  def _move_aside(self, step: int) -> None:
+    """Renames step directory N to corrupt_N (corrupt_N.1, ... when that name is taken)."""
+    target, n = os.path.join(self.directory, f"corrupt_{step}"), 0
+    while os.path.exists(target):
+      n += 1
+      target = os.path.join(self.directory, f"corrupt_{step}.{n}")
+    os.rename(os.path.join(self.directory, str(step)), target)
 
   def _restore(self, step: int, abstract_state):
     return self.manager.restore(

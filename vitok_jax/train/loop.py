@@ -160,6 +160,7 @@ def open_run(config, workdir: str, state: TrainState):
         x.delete()
     latest, state = ckpt.restore_newest_intact(
         layout, is_main=is_main,
+        all_ok=lambda ok: bool(np.all(multihost_utils.process_allgather(np.array(ok)))),
         barrier=lambda: multihost_utils.sync_global_devices("vitok_checkpoints_moved_aside"))
     logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   if is_main:

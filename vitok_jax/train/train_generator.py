@@ -444,9 +444,10 @@ def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
   mesh_lib.per_process_batch(config.batch_size, mesh)  # Raises unless the batch splits evenly.
   if (record := loop.finished_record(workdir, config)) is not None:
     return record
-  if checkpoint.latest_step(workdir):  # Before it tokenizes anything.
-    loop.check_resume(workdir, config)
-    check_tokenizer_step(workdir, config.tokenizer, "resuming")
+  if (latest := checkpoint.latest_step(workdir)) is not None:  # Before it tokenizes anything.
+    loop.check_resume(workdir, config, latest)
+    if latest:  # A stop during set-up saves step 0, before the tokenizer's step is noted.
+      check_tokenizer_step(workdir, config.tokenizer, "resuming")
   family, train_arrays, eval_arrays, state, train_step, _ = setup(config, mesh)
   logging.info("%s/%s: %d params on %s; %d training examples", config.model.family,
                config.model.size, vit.param_count(state.params), dict(mesh.shape),

@@ -64,11 +64,14 @@ def read_torch_state_dict(path: str) -> dict[str, np.ndarray]:
   try:
     with torch.serialization.safe_globals([argparse.Namespace]):
       state = torch.load(path, map_location="cpu", weights_only=True)
+  except RuntimeError as e:  # torch.jit.save's archives hold code, not a state dict.
+    if "TorchScript" not in str(e):
+      raise
+    raise ValueError(f"{path} is a TorchScript archive; save the module's state_dict() with "
+                     "torch.save and convert that") from None
   except pickle.UnpicklingError as e:
     raise ValueError(f"{path} holds more than tensors (pickled objects, which could run code on "
                      f"load), so it is not read; save its state_dict() alone: {e}") from None
-  if hasattr(state, "state_dict"):  # A pickled or scripted module rather than its state dict.
-    state = state.state_dict()
   for key in ("state_dict", "module", "model"):  # Training checkpoints nest the weights.
     if isinstance(state, dict) and isinstance(state.get(key), dict):
       state = state[key]
