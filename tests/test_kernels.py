@@ -1051,6 +1051,32 @@ def test_pallas_rejects_a_dense_mask():
       kernels.dot_product_attention(q.astype(jnp.bfloat16), k, v, impl=impl)
 
 
+@pytest.mark.parametrize("impl", ["auto", "xla", "pallas"])
+def test_inputs_no_impl_takes_are_one_config_error_on_every_impl(impl):
+  """Shapes that do not pair up, integer or empty arrays and a non-boolean mask raise the same
+  ConfigError on every impl (XLA gave its own ValueError, naming the wrong array, took int32 and
+  computed in integers), before the call is written to the run record; a traced scale on the
+  Pallas kernels says what to do."""
+  q, k, v, _ = _qkv(2, 7, 7, 2, 2, 16, jnp.float32)
+  cases = [((q, k[..., :8], v[..., :8]), "k and v of shape \\[2, S, kv_heads, 16\\]"),
+           ((q, k[:1], v[:1]), "k and v of shape"),
+           ((q[:, :, :1].repeat(3, 2), k, v), "kv_heads=2 must divide heads=3"),
+           ((q[0], k[0], v[0]), "takes q \\[B, L, H, D\\]"),
+           ((q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32)), "floating-point"),
+           ((q, k[:, :0], v[:, :0]), "empty axis")]
+  with kernels.recorded_attention() as calls:
+    for args, says in cases:
+      with pytest.raises(ConfigError, match=says):
+        kernels.dot_product_attention(*args, impl=impl)
+    if impl != "pallas":
+      with pytest.raises(ConfigError, match="must be boolean"):
+        kernels.dot_product_attention(q, k, v, mask_BHLS=jnp.ones((7, 7), jnp.int32), impl=impl)
+  assert calls == []
+  if impl == "pallas":
+    with pytest.raises(ConfigError, match="scale as a Python number"):
+      jax.jit(lambda s: kernels.dot_product_attention(q, k, v, scale=s, impl=impl))(0.3)
+
+
 def test_block_sizes_are_checked():
   q, _, _, _ = _qkv(1, 64, 64, 1, 1, 16, jnp.float32)
   with pytest.raises(ConfigError, match="no separate dQ tiles"):

@@ -117,23 +117,24 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=F
   Returns:
     [batch, q_len, heads, head_dim] in q's dtype.
   """
+  flash.check_qkv(q_BLHD, k_BSHD, v_BSHD)
   batch, q_len, _, head_dim = q_BLHD.shape
   kv_len = k_BSHD.shape[1]
-  dtypes = [jnp.dtype(x.dtype).name for x in (q_BLHD, k_BSHD, v_BSHD)]
-  if len(set(dtypes)) > 1:  # XLA refuses them; the kernels would quietly compute in q's.
-    raise ConfigError(f"attention q, k, v have dtypes {', '.join(dtypes)}; cast them to one")
+  if mask_BHLS is not None and jnp.dtype(mask_BHLS.dtype) != jnp.bool_:
+    raise ConfigError(f"attention mask_BHLS must be boolean (True = attend), got "
+                      f"{jnp.dtype(mask_BHLS.dtype).name}")
   kind = mask_kind(mask_BHLS=mask_BHLS, is_causal=is_causal, segment_ids=segment_ids,
                    block_ids=block_ids)
   impl = resolve_impl(impl, q_BLHD.dtype, q_len=q_len, head_dim=head_dim, mask=kind,
                       kv_len=kv_len)
+  ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
+  if impl.startswith("pallas") and mask_BHLS is not None:
+    raise ConfigError(f"attention impl={impl!r} takes no dense mask_BHLS; express the mask as "
+                      "is_causal / segment_ids / block_ids, or use impl='xla'")
   recording.note(impl=impl, mask=kind, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
                  dtype=jnp.dtype(q_BLHD.dtype).name,
                  **({"kernel": None} if impl.startswith("pallas") else {}))  # flash_attention's.
-  ids = masks.make_ids(batch, q_len, kv_len, segment_ids=segment_ids, block_ids=block_ids)
   if impl.startswith("pallas"):
-    if mask_BHLS is not None:
-      raise ConfigError(f"attention impl={impl!r} takes no dense mask_BHLS; express the mask as "
-                        "is_causal / segment_ids / block_ids, or use impl='xla'")
     # Static block ids of one sequence (VAR's) stay numpy, so the kernel can see their layout.
     static_block_ids = masks.static_ids(block_ids)
     kernel = lambda q, k, v, ids: flash.flash_attention(

@@ -284,6 +284,29 @@ def default_backend() -> str:
   return "tpu" if jax.default_backend() == "tpu" else "gpu"
 
 
+def check_qkv(q_BLHD, k_BSHD, v_BSHD) -> None:
+  """ConfigError for q, k, v no attention implementation takes: not [B, L, H, D] and [B, S, Hk, D]
+  with one batch and head dim, Hk not dividing H, dtypes that differ or are not floating point,
+  or an empty axis."""
+  shapes = f"q {q_BLHD.shape}, k {k_BSHD.shape}, v {v_BSHD.shape}"
+  if any(x.ndim != 4 for x in (q_BLHD, k_BSHD, v_BSHD)):
+    raise ConfigError(f"attention takes q [B, L, H, D] and k, v [B, S, Hk, D]; got {shapes}")
+  dtypes = [jnp.dtype(x.dtype).name for x in (q_BLHD, k_BSHD, v_BSHD)]
+  if len(set(dtypes)) > 1:  # XLA refuses them; the kernels would quietly compute in q's.
+    raise ConfigError(f"attention q, k, v have dtypes {', '.join(dtypes)}; cast them to one")
+  if not jnp.issubdtype(q_BLHD.dtype, jnp.floating):
+    raise ConfigError(f"attention needs floating-point q, k, v; got {dtypes[0]}")
+  batch, _, heads, head_dim = q_BLHD.shape
+  if k_BSHD.shape != v_BSHD.shape or k_BSHD.shape[::3] != (batch, head_dim):
+    raise ConfigError(f"attention needs k and v of shape [{batch}, S, kv_heads, {head_dim}]; "
+                      f"got {shapes}")
+  if heads % k_BSHD.shape[2]:
+    raise ConfigError(f"kv_heads={k_BSHD.shape[2]} must divide heads={heads} (grouped-query "
+                      "attention)")
+  if 0 in q_BLHD.shape or 0 in k_BSHD.shape:
+    raise ConfigError(f"attention over an empty axis: {shapes}")
+
+
 def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids=None,
                     block_ids=None, scale: Optional[float] = None,
                     block_sizes: Optional[BlockSizes] = None, backend: Optional[str] = None,
@@ -320,13 +343,9 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   Returns:
     out_BLHD in q's dtype (0 for a query that sees no key), and lse_BHL if return_lse.
   """
+  check_qkv(q_BLHD, k_BSHD, v_BSHD)
   batch, q_len, heads, head_dim = q_BLHD.shape
   kv_len, kv_heads = k_BSHD.shape[1], k_BSHD.shape[2]
-  if k_BSHD.shape != v_BSHD.shape or k_BSHD.shape[::3] != (batch, head_dim):
-    raise ConfigError(f"flash attention needs k and v of shape [{batch}, S, kv_heads, {head_dim}]; "
-                      f"got q {q_BLHD.shape}, k {k_BSHD.shape}, v {v_BSHD.shape}")
-  if heads % kv_heads:
-    raise ConfigError(f"kv_heads={kv_heads} must divide heads={heads} (grouped-query attention)")
   backend = backend or default_backend()
   module = _kernel_module(backend)
   interpret = jax.default_backend() == "cpu" if interpret is None else interpret
@@ -340,7 +359,11 @@ def flash_attention(q_BLHD, k_BSHD, v_BSHD, *, causal: bool = False, segment_ids
   blocks = fit_block_sizes(block_sizes, q_len, kv_len, module.MIN_BLOCK)
   padded_q, padded_kv = padded_lengths(blocks, q_len, kv_len)
   padded_dim = module.padded_head_dim(head_dim)
-  scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+  try:
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+  except jax.errors.ConcretizationTypeError:
+    raise ConfigError("the Pallas attention kernels take scale as a Python number, not a traced "
+                      "value; scale q before the call (and pass scale=1.0) instead") from None
   hopper_possible = _hopper_possible(hopper, backend, interpret)
   if hopper and not skip_blocks and (causal or block_ids is not None):
     raise ConfigError(f"hopper={hopper!r} with skip_blocks=False: the Hopper kernels always skip "
