@@ -41,14 +41,10 @@ class VideoMAESize:
   mlp_dim: int
   patch: int = 14
   tubelet: int = 2
-  # Clips of PRETRAINED_FRAMES at RESOLUTION, the token grid the published weights' position
-  # table belongs to; False for a size without published weights (its table follows the clip).
+  # Published weights, trained on clips of PRETRAINED_FRAMES at RESOLUTION: their position table
+  # is that token grid's (g/14: 8 × 16 × 16). False: a size without them (its table follows the
+  # clip).
   pretrained: bool = True
-
-  def pretrained_grid(self) -> tuple[int, int, int]:
-    """(T, H, W) tokens of the clips the published weights were trained on (g/14: 8, 16, 16)."""
-    side = RESOLUTION // self.patch
-    return PRETRAINED_FRAMES // self.tubelet, side, side
 
 
 PRETRAINED_FRAMES = 16  # VideoMAE-v2's clip length, and LatentSync's.
