@@ -501,14 +501,15 @@ def test_loop_rate_leaves_out_compilation_eval_and_checkpoints_and_the_clock_spa
       del batch
       now[0] += 1.0 + (50.0 if not calls else 0.0)
       calls.append(1)
-      return types.SimpleNamespace(step=state.step + 1), {"loss": 1.0, "l2": 1.0}
+      return types.SimpleNamespace(step=state.step + 1, params={}), {"loss": 1.0, "l2": 1.0}
 
     def evaluate(state, step):
       del state, step
       now[0] += 100.0
       return {"eval/l2": 0.5}
 
-    result = loop.run(types.SimpleNamespace(step=first_step), config=config, train_step=train_step,
+    result = loop.run(types.SimpleNamespace(step=first_step, params={}), config=config,
+                      train_step=train_step,
                       next_batch=lambda: None, ckpt=_FakeCheckpointer(), writer=None,
                       evaluate=evaluate, clock=clock)
     return result, clock
