@@ -85,21 +85,24 @@ def apply_overrides(spec: str, overrides) -> ml_collections.ConfigDict:
   text, a bool true/false/1/0, a tuple field a Python literal or one bare word as a 1-tuple).
   Raises ConfigError for an override not of that form, a field the config lacks (naming the
   fields beside it) or a value the trainer would refuse."""
-  config, overrides = load_config(spec), list(overrides)
+  overrides = list(overrides)
   for override in overrides:
     flag, sep, _ = override.partition("=")
     if not flag.startswith("--config.") or not sep:
       raise ConfigError(f"override {override!r} must look like --config.a.b=value")
-    field_parent(config, flag[len("--config."):], flag)
   if not overrides:
-    return config
+    return load_config(spec)
   argv = ["vitok", f"--config={resolve_config_path(spec)}", *overrides]
   flag_values = flags.FlagValues()  # The trainer's flag, defined apart from the process's flags.
   config_flags.DEFINE_config_file("config", None, flag_values=flag_values, lock_config=True,
                                   sys_argv=argv)
   try:
     flag_values(argv)
-  except flags.Error as e:
+  except (flags.Error, AttributeError, KeyError) as e:  # The last two: a field the config lacks.
+    config = load_config(spec)  # Such a field is named with the fields beside it.
+    for override in overrides:
+      flag = override.partition("=")[0]
+      field_parent(config, flag[len("--config."):], flag)
     raise ConfigError(str(e)) from None
   return flag_values.config
 
