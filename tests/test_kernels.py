@@ -1150,14 +1150,16 @@ def test_bsq_kernel_wide(shape, dtype):
   _check_bsq(shape, dtype, inv_temperature=10.0)
 
 
-def _check_vq(num_tokens, num_codes, dim, normalize, block_codes=64, fma=None):
+def _check_vq(num_tokens, num_codes, dim, normalize, block_codes=64, fma=None,
+              sq_in_codebook=None):
   z = jax.random.normal(jax.random.key(1), (num_tokens, dim))
   codebook = jax.random.normal(jax.random.key(2), (num_codes, dim))
   # Exact ties: duplicated codes (first and last tile) and a token on one of them.
   codebook = codebook.at[5].set(codebook[3]).at[num_codes - 1].set(codebook[3])
   z = z.at[0].set(2.0 * codebook[3])
   index, dist = vq_pallas.vq_nearest(z, codebook, normalize=normalize, block_tokens=32,
-                                     block_codes=block_codes, fma=fma)
+                                     block_codes=block_codes, fma=fma,
+                                     sq_in_codebook=sq_in_codebook)
   ref_index, ref_dist = jax.jit(reference.vq_nearest, static_argnames="normalize")(
       z, codebook, normalize=normalize)
   np.testing.assert_array_equal(index, ref_index)
@@ -1169,6 +1171,14 @@ def _check_vq(num_tokens, num_codes, dim, normalize, block_codes=64, fma=None):
 @pytest.mark.parametrize("fma", [True, False])  # Multiply-adds (small dims) or a tiled dot.
 def test_vq_nearest_matches_reference(normalize, fma):
   _check_vq(100, 300, 8, normalize, fma=fma)
+
+
+@pytest.mark.parametrize("sq_in_codebook", [True, False])
+def test_vq_nearest_code_norms_in_the_dot_or_added(sq_in_codebook):
+  # |e|² as one more coordinate of the dot (with padded codes' huge |e|² in it) or added per tile.
+  _check_vq(100, 300, 8, False, sq_in_codebook=sq_in_codebook)
+  with pytest.raises(ConfigError, match="tiled dot"):
+    vq_pallas.vq_nearest(jnp.ones((4, 8)), jnp.ones((5, 8)), fma=True, sq_in_codebook=True)
 
 
 @pytest.mark.slow
