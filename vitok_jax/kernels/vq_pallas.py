@@ -28,7 +28,9 @@ from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import reference
 
 # GPU tiles from tools/tune_kernels.py on an H100 (65536 tokens, 16384 × 8 codes): the tiled dot
-# as TF32×3 took 0.81 ms against 1.37–2.93 ms for the multiply-adds (jnp: 2.96 ms).
+# as TF32×3 took 0.81 ms against 1.37–2.93 ms for the multiply-adds (jnp: 2.96 ms). On an H200
+# with |e|² in the dot these tiles stayed the fastest of six (docs/kernels/
+# vq_code_norms_in_dot_h200.json: kernel 0.640 ms; 64 × 128: 0.686).
 DEFAULT_BLOCK_TOKENS = 128
 DEFAULT_BLOCK_CODES = 64
 DEFAULT_NUM_WARPS = 4
