@@ -192,6 +192,22 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
 # The configs' optional fields (placeholders: None until set) and their types. config.json stores
 # an unset one as null, a field of no type that a --config.<path>=value override cannot reach
 # (absl: "Unknown command line flag"), so read_config restores the typed placeholder.
+# Fields added to the configs after runs were saved without them, with the value such a run
+# trained with (read through `added_field`, or with these as the default where only a section of
+# the config is at hand): resuming one with a config that holds another value changes how it
+# trains (`train.loop.config_changes`).
+ADDED_FIELDS = {"model.dropout": 0.0, "model.drop_path": 0.0, "objective.reweight_by_scale": False,
+                "loss.bsq_commit": 0.25, "model.prior_size": "Mu", "model.prior_dropout": 0.0,
+                "optim.prior_lr_mult": 1.0}
+
+
+def added_field(config: ml_collections.ConfigDict, key: str):
+  """config's value of `key`, one of `ADDED_FIELDS`; for a run saved before the field existed,
+  the value it trained with."""
+  section, name = key.split(".")
+  return config[section].get(name, ADDED_FIELDS[key])
+
+
 OPTIONAL_FIELDS = {"model.drop_path": float, "optim.warmup_steps": int}
 # Eval fields added after runs were saved without them, by run kind, with the value such a run
 # behaves as: `read_config` fills them in, so --config.eval.x=v reaches an older run too.

@@ -40,13 +40,12 @@ import ml_collections
 import numpy as np
 import optax
 
+from vitok_jax import config_lib
 from vitok_jax.errors import ConfigError
 from vitok_jax.models import ar, bottlenecks, quantizers, tokenizer, vit
 
 NAME = "larp"                               # config.model.bottleneck of a LARP tokenizer.
 PRIOR_SIZE = vit.decode_size("Mu", "larp_prior")  # The prior for CPU runs (LARP uses gptc-S).
-# model.prior_size of runs saved before the field: the prior they trained with.
-LEGACY_PRIOR_SIZE = "Mu"
 QUERY_INIT_STD = 0.02                       # LARP's query_init_std (timm's Gaussian init).
 SS_MAX_RATIO, SS_PEAK_PROGRESS = 0.5, 0.3   # LARP's mix_ss_max_ratio, mix_ss_peak_steps_ratio.
 
@@ -307,7 +306,9 @@ class LARP(nn.Module):
 
 
 def from_config(model_cfg: ml_collections.ConfigDict, pixel_channels: int) -> LARP:
-  """The LARP of config.model (bottleneck="larp", num_queries = N; rope is not used)."""
+  """The LARP of config.model (bottleneck="larp", num_queries = N; rope is not used). A run saved
+  before the prior's fields trains on as it did (`config_lib.ADDED_FIELDS`)."""
+  legacy = config_lib.ADDED_FIELDS
   return LARP(
       encoder=vit.decode_size(model_cfg.encoder),
       decoder=vit.decode_size(model_cfg.decoder),
@@ -320,7 +321,8 @@ def from_config(model_cfg: ml_collections.ConfigDict, pixel_channels: int) -> LA
       attn_impl=model_cfg.attn_impl,
       remat=model_cfg.remat,
       dtype=jnp.dtype(model_cfg.dtype),
-      prior=vit.decode_size(model_cfg.get("prior_size", LEGACY_PRIOR_SIZE), "larp_prior"),
-      prior_dropout=model_cfg.get("prior_dropout", 0.0),
+      prior=vit.decode_size(model_cfg.get("prior_size", legacy["model.prior_size"]),
+                            "larp_prior"),
+      prior_dropout=model_cfg.get("prior_dropout", legacy["model.prior_dropout"]),
       **({"codebook_size": model_cfg.codebook_size} if model_cfg.get("codebook_size") else {}),
   )

@@ -24,7 +24,6 @@ from vitok_jax.errors import ConfigError
 from vitok_jax.models import ar, bottlenecks, dit, flow, infinity, multiscale, sampling, var, vit
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.train import codes as codes_lib
-from vitok_jax.train import loop
 from vitok_jax.train import train_tokenizer
 
 
@@ -286,7 +285,7 @@ class LlamaGenFamily(Family):
     return ar.LlamaGen(self.size, vocab_size=codebook, num_classes=m.num_classes,
                        grid=tuple(self.tokenizer.grid), class_dropout=m.class_dropout,
                        mlp_multiple_of=m.mlp_multiple_of, attn_impl=m.attn_impl, dtype=self.dtype,
-                       dropout=loop.added_field(self.config, "model.dropout"))
+                       dropout=config_lib.added_field(self.config, "model.dropout"))
 
   def arrays(self, store):
     codes = store["codes"]
@@ -357,7 +356,7 @@ class VARFamily(Family):
   def token_weights(self, train: bool):
     """The training loss's token weights with objective.reweight_by_scale, else None (a plain
     mean, as held out: Infinity's validation loss is unweighted too)."""
-    reweight = train and loop.added_field(self.config, "objective.reweight_by_scale")
+    reweight = train and config_lib.added_field(self.config, "objective.reweight_by_scale")
     return var.scale_loss_weights(self.scales) if reweight else None
 
   def next_input(self) -> var.NextInput:
@@ -466,8 +465,8 @@ def check_bitwise_top_k(top_k: int) -> None:
 def drop_path_rate(family: str, config, depth: int) -> float:
   """The last block's stochastic-depth rate of a var / infinity model: model.drop_path; None: the
   family's published rate (VAR: 0.1·depth/24; Infinity: 0.1); absent, as in a run saved before
-  the field existed: the rate it trained with (`loop.ADDED_FIELDS`)."""
-  rate = loop.added_field(config, "model.drop_path")
+  the field existed: the rate it trained with (`config_lib.ADDED_FIELDS`)."""
+  rate = config_lib.added_field(config, "model.drop_path")
   if rate is None:
     return var.INFINITY_DROP_PATH if family == "infinity" else var.var_drop_path(depth)
   return rate

@@ -86,30 +86,20 @@ RESUMABLE_FIELDS = ("variant", "total_steps", "log_every", "eval_every", "ckpt_e
                     "data.worker_count")
 
 
-# Fields added to the configs after runs were saved without them, with the value such a run
-# trained with: resuming one with a config that holds another value changes how it trains.
-ADDED_FIELDS = {"model.dropout": 0.0, "model.drop_path": 0.0, "objective.reweight_by_scale": False,
-                "loss.bsq_commit": 0.25, "model.prior_size": larp.LEGACY_PRIOR_SIZE,
-                "model.prior_dropout": 0.0, "optim.prior_lr_mult": 1.0}
-# Added fields that only some runs read: config -> whether it trains with the field.
+# Added fields (`config_lib.ADDED_FIELDS`) that only some runs read: config -> whether it trains
+# with the field.
 _is_larp = lambda config: config.model.get("bottleneck") == larp.NAME
 _ADDED_FIELD_READ_BY = {
     "loss.bsq_commit": lambda config: config.model.get("bottleneck") in ("bsq", "msbsq"),
     "model.prior_size": _is_larp, "model.prior_dropout": _is_larp, "optim.prior_lr_mult": _is_larp}
 
 
-def added_field(config, key: str):
-  """config's value of `key`, one of `ADDED_FIELDS`; for a run saved before the field existed,
-  the value it trained with."""
-  section, name = key.split(".")
-  return config[section].get(name, ADDED_FIELDS[key])
-
-
 def config_changes(saved, config, fixed: tuple[str, ...] = ()) -> list[str]:
   """"path: saved → new" for each field where `config` differs from the `saved` config of a run,
   but `RESUMABLE_FIELDS` other than `fixed` (compared as config.json stores them). A field only
   one of them has is left out (added to or dropped from the code's config since the run
-  started), unless the saved config lacks one of `ADDED_FIELDS` and `config` holds another value
+  started), unless the saved config lacks one of `config_lib.ADDED_FIELDS` and `config` holds
+  another value
   than the run had."""
   flat = lambda c: _flatten(json.loads(json.dumps(c.to_dict(), default=str)))
   before, after = flat(saved), flat(config)
@@ -118,7 +108,7 @@ def config_changes(saved, config, fixed: tuple[str, ...] = ()) -> list[str]:
   changes = [f"{key}: {before[key]!r} → {after[key]!r}" for key in sorted(set(before) & set(after))
              if not resumable(key) and before[key] != after[key]]
   return changes + [f"{key}: (absent: {had!r}) → {after[key]!r}"
-                    for key, had in ADDED_FIELDS.items()
+                    for key, had in config_lib.ADDED_FIELDS.items()
                     if key not in before and key in after and after[key] != had
                     and _ADDED_FIELD_READ_BY.get(key, lambda _: True)(config)]
 

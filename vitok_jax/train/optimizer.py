@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from vitok_jax import config_lib
+
 # Warm-up when optim.warmup_steps is unset: a tenth of the run, at most this many steps.
 MAX_AUTO_WARMUP = 1000
 # schedule="linear" (VAR's "lin0"): the peak is held for this share of the steps after warm-up.
@@ -86,7 +88,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, batch_size: int, total_
   schedule = learning_rate_schedule(optim_cfg, batch_size, total_steps)
   tx = optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
                    weight_decay=optim_cfg.weight_decay, mask=decay_mask)
-  prior_lr_mult = optim_cfg.get("prior_lr_mult", 1.0)
+  prior_lr_mult = optim_cfg.get("prior_lr_mult", config_lib.ADDED_FIELDS["optim.prior_lr_mult"])
   if prior_lr_mult != 1.0:
     tx = optax.chain(tx, optax.multi_transform(
         {"prior": optax.scale(prior_lr_mult), "rest": optax.identity()}, in_prior))

@@ -56,19 +56,19 @@ def validate(config: ml_collections.ConfigDict, new_run: bool = False) -> None:
           f"objective.shortcut is DiT's few-step objective; model.family={m.family}")
   require(0.0 <= config.objective.flip_max < 1.0,
           f"objective.flip_max must be in [0, 1), got {config.objective.flip_max}")
-  dropout = loop.added_field(config, "model.dropout")
+  dropout = config_lib.added_field(config, "model.dropout")
   require(0.0 <= dropout < 1.0, f"model.dropout must be in [0, 1), got {dropout}")
   require(not dropout or m.family == "llamagen",
           f"model.dropout is LlamaGen's (its blocks and embeddings); model.family={m.family} "
           f"has none (leave it 0)")
-  drop_path = loop.added_field(config, "model.drop_path")
+  drop_path = config_lib.added_field(config, "model.drop_path")
   require(drop_path is None or 0.0 <= drop_path < 1.0,
           f"model.drop_path must be in [0, 1) or None (the family's published rate), got "
           f"{drop_path}")
   require(not drop_path or m.family in ("var", "infinity"),
           f"model.drop_path is VAR's and Infinity's stochastic depth; model.family={m.family} "
           f"has none (leave it 0)")
-  require(not loop.added_field(config, "objective.reweight_by_scale")
+  require(not config_lib.added_field(config, "objective.reweight_by_scale")
           or m.family in ("var", "infinity"),
           f"objective.reweight_by_scale weighs the scales of var / infinity; model.family="
           f"{m.family} has none")

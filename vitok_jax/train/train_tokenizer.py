@@ -61,11 +61,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if m.bottleneck == "larp":
     require(m.get("num_queries", 0) >= 2, f"bottleneck=larp needs model.num_queries >= 2, got "
             f"{m.get('num_queries', 0)}; set the variant option queries=N, e.g. queries=32")
-    require_choice(loop.added_field(config, "model.prior_size"), "model.prior_size",
+    require_choice(config_lib.added_field(config, "model.prior_size"), "model.prior_size",
                    vit.GENERATOR_SIZES["larp_prior"])
-    mult = loop.added_field(config, "optim.prior_lr_mult")
+    mult = config_lib.added_field(config, "optim.prior_lr_mult")
     require(0 < mult < float("inf"), f"optim.prior_lr_mult must be > 0, got {mult}")
-    dropout = loop.added_field(config, "model.prior_dropout")
+    dropout = config_lib.added_field(config, "model.prior_dropout")
     require(0 <= dropout < 1, f"model.prior_dropout must be in [0, 1), got {dropout}")
   else:
     require(not m.get("num_queries", 0), f"model.num_queries={m.num_queries} only applies to "
@@ -239,7 +239,7 @@ def state_shardings(parts: Components, config, mesh) -> TrainState:
 def loss_weights(config) -> dict[str, float]:
   """config.loss by term name; a run saved before BSQ's commitment had its own weight
   (`loss.bsq_commit`) trained it at the VQ commitment's 0.25."""
-  return {**config.loss, "bsq_commit": loop.added_field(config, "loss.bsq_commit")}
+  return {**config.loss, "bsq_commit": config_lib.added_field(config, "loss.bsq_commit")}
 
 
 def make_train_step(parts: Components, config):
