@@ -1,5 +1,6 @@
 """The tokenizer trainer end to end on bundled data: outputs, exact resume after SIGKILL, divergence."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -178,6 +179,26 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, damag
   with pytest.raises(Exception):  # pylint: disable=broad-exception-raised
     train_tokenizer.train(tiny_config(steps=16, ckpt_every=4), str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8", "corrupt_8"]
+
+
+def test_a_reader_of_a_damaged_newest_checkpoint_is_told_how_the_trainer_mends_it(tmp_path):
+  """Eval, tokenize and a generator's tokenizer read the newest step without moving anything: a
+  damaged one is a DataError that names it and how to mend it, after which it reads."""
+  workdir = tmp_path / "run"
+  config = tiny_config(steps=8, ckpt_every=4)
+  train_tokenizer.train(config, str(workdir))
+  open(workdir / "checkpoints" / "8" / "state" / "_METADATA", "w").close()
+  mesh = mesh_lib.make_mesh(config.mesh)
+  with pytest.raises(DataError, match=r"checkpoint step 8 in .*checkpoints does not restore \(.*"
+                                      r"damaged.*Move it aside \(`mv (\S+) (\S+)`\) and "
+                                      rf"relaunch .*`vitok train --workdir {workdir}`") as error:
+    train_tokenizer.restore_params(str(workdir), config, mesh)
+  # What the message says: the move, then the relaunch (from step 4, step 8 trained anew).
+  source, target = re.search(r"`mv (\S+) (\S+)`", str(error.value)).groups()
+  os.rename(source, target)
+  train_tokenizer.train(config, str(workdir))
+  assert train_tokenizer.restore_params(str(workdir), config, mesh)[0] == 8
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "8", "corrupt_8"]
 
 
 def test_restore_newest_intact_agrees_across_processes_retries_and_keeps_what_it_moves(

@@ -13,7 +13,7 @@ from typing import Callable
 
 import orbax.checkpoint as ocp
 
-from vitok_jax.errors import ConfigError
+from vitok_jax.errors import ConfigError, DataError
 
 
 class Checkpointer:
@@ -21,12 +21,14 @@ class Checkpointer:
   previous complete checkpoint (the trainer's Checkpointer removes such a half-written save).
 
   read_only: for readers of another run's checkpoints (eval, tokenize, a generator's tokenizer),
-  which may be open while that run trains: nothing is created or cleaned up.
+  which may be open while that run trains: nothing is created or cleaned up, and a step that does
+  not restore is a DataError that says how to mend it (a finished run's relaunch does not look).
   """
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True,
                read_only: bool = False):
     self.directory = os.path.abspath(directory)
+    self.read_only = read_only
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state",),
         options=ocp.CheckpointManagerOptions(
@@ -48,6 +50,24 @@ class Checkpointer:
     A state field that is empty in `abstract_state` (e.g. TrainState.code_counts without codebook
     restart) may be absent from a checkpoint written before the field existed.
     """
+    try:
+      return self._restore_matching(step, abstract_state)
+    except ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except  Any damage to the files.
+      if not self.read_only:  # The trainer passes over it (`restore_newest_intact`).
+        raise
+      detail = (str(e).strip().splitlines() or [""])[0][:200]
+      path = os.path.join(self.directory, str(step))
+      raise DataError(
+          f"checkpoint step {step} in {self.directory} does not restore ({type(e).__name__}: "
+          f"{detail}); it may be damaged (a full disk, a broken copy). Move it aside (`mv {path} "
+          f"{self.directory}/corrupt_{step}`) and relaunch the run's training (`vitok train "
+          f"--workdir {os.path.dirname(self.directory)}`): it trains on from the newest intact "
+          f"step") from e
+
+  def _restore_matching(self, step: int, abstract_state):
+    """`restore` but for damage: a state that does not match the config is a ConfigError."""
     try:
       return self._restore(step, abstract_state)
     except ValueError as e:
