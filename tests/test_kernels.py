@@ -1090,7 +1090,8 @@ def test_block_sizes_are_checked():
   assert flash.padded_lengths(blocks, 50, 300) == (64, 384)
 
 
-def _check_bsq(shape, dtype=jnp.float32, inv_temperature=100.0, integer_pack=None, steps=1):
+def _check_bsq(shape, dtype=jnp.float32, inv_temperature=100.0, integer_pack=None, steps=1,
+               prefetch=0):
   z = jax.random.normal(jax.random.key(1), shape, dtype)
   z = z.reshape(-1, shape[-1]).at[0, 3].set(0.0).reshape(shape)  # sign(0) → bit 0.
   weights = jax.random.normal(jax.random.key(2), shape)
@@ -1105,6 +1106,7 @@ def _check_bsq(shape, dtype=jnp.float32, inv_temperature=100.0, integer_pack=Non
 
   out, grad = stats_and_grad(lambda z: bsq_pallas.bsq(z, inv_temperature=inv_temperature,
                                                       block_tokens=16, steps=steps,
+                                                      prefetch=prefetch,
                                                       integer_pack=integer_pack))
   ref, ref_grad = stats_and_grad(lambda z: reference.bsq(z, inv_temperature=inv_temperature))
   np.testing.assert_array_equal(out.codes, ref.codes)
@@ -1123,9 +1125,11 @@ def test_bsq_kernel_matches_reference(shape, integer_pack):
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 16), (2, 32, 32)])  # Ragged last program; whole ones.
-def test_bsq_kernel_walking_several_tiles_per_program(shape):
-  """Programs of 3 tiles of 16 tokens: statistics accumulated across the loop."""
-  _check_bsq(shape, steps=3)
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_bsq_kernel_walking_several_tiles_per_program(shape, prefetch):
+  """Programs of 3 tiles of 16 tokens: statistics accumulated across the loop, each tile's math on
+  that tile whether it was loaded in its step or `prefetch` steps before."""
+  _check_bsq(shape, steps=3, prefetch=prefetch)
 
 
 def test_bsq_fast_math_only_on_triton():
@@ -1135,6 +1139,8 @@ def test_bsq_fast_math_only_on_triton():
     bsq_pallas.bsq(jnp.ones((4, 8)), interpret=True, fast_math=True)
   with pytest.raises(ValueError, match="num_stages=0"):
     bsq_pallas.bsq(jnp.ones((4, 8)), interpret=True, num_stages=0)
+  with pytest.raises(ValueError, match="prefetch=-1"):
+    bsq_pallas.bsq(jnp.ones((4, 8)), interpret=True, prefetch=-1)
 
 
 def test_bsq_codes_pack_bit0_most_significant():

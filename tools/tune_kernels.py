@@ -39,8 +39,9 @@ from vitok_jax.kernels import vq_pallas
 
 # Tiles of tokens × tiles walked per program × warps, with integer packing and PTX approximate
 # math (the GPU defaults; (32, 16, 2) won at 1M tokens on an H100, the rest of its neighbourhood
-# is for larger inputs), a few with the tile loop's pipelining depth set; the float packing and
-# the precise math once each for comparison.
+# is for larger inputs), a few with the tile loop's pipelining depth set, all loading two tiles
+# ahead (the default `prefetch`) but a few; the float packing and the precise math once each for
+# comparison.
 BSQ_CANDIDATES = ([dict(block_tokens=b, steps=s, num_warps=w, integer_pack=True)
                    for b, s, w in ((64, 1, 4), (128, 1, 4), (128, 1, 8), (256, 1, 4), (256, 1, 8),
                                    (512, 1, 8), (128, 4, 4), (64, 16, 4), (32, 16, 2),
@@ -49,6 +50,9 @@ BSQ_CANDIDATES = ([dict(block_tokens=b, steps=s, num_warps=w, integer_pack=True)
                   + [dict(block_tokens=b, steps=s, num_warps=w, num_stages=n, integer_pack=True)
                      for b, s, w, n in ((32, 16, 2, 2), (32, 16, 2, 4), (32, 32, 2, 4),
                                         (64, 8, 4, 4), (16, 32, 1, 4))]
+                  + [dict(block_tokens=b, steps=s, num_warps=w, prefetch=p, integer_pack=True)
+                     for b, s, w, p in ((32, 16, 2, 0), (8, 64, 1, 0), (8, 64, 1, 2),
+                                        (16, 32, 1, 3))]
                   + [dict(block_tokens=128, steps=1, num_warps=4, integer_pack=False),
                      dict(block_tokens=128, steps=1, num_warps=4, fast_math=False)])
 # Multiply-adds (LlamaGen's 8 dims) and the tiled dot (TF32×3 on GPU) over tiles and warps.

@@ -32,7 +32,13 @@ from vitok_jax.kernels import reference
 # (docs/kernels/tuned_bsq_kernel_times_h100.json) ranked them otherwise per call (0.08–0.15 ms,
 # mostly launch noise); timed by CUPTI, the kernel alone took 0.061 ms with this launch and
 # 0.058–0.062 for the best ten. Elsewhere (TPU, the CPU interpreter) one tile of 64 per program.
-DEFAULT_LAUNCH = {"gpu": (32, 16, 2), "other": (64, 1, 4)}
+# On an H200 (docs/kernels/bsq_prefetch_h200.json, CUPTI) loading tiles two steps ahead of their
+# math (`prefetch`) took this launch's kernel from 55% to 59% of HBM at 1M tokens and from 61% to
+# 67% at 16M, where 8 tokens × 64 tiles, 1 warp reached 70.5% (51% at 1M): inputs of
+# `LARGE_TOKENS` or more take that launch ("gpu_large"). Three tiles ahead or more was slower.
+DEFAULT_LAUNCH = {"gpu": (32, 16, 2), "gpu_large": (8, 64, 1), "other": (64, 1, 4)}
+LARGE_TOKENS = 1 << 22
+DEFAULT_PREFETCH = 2
 _STATS = ("prob", "entropy", "bit")  # The per-program sums, one row each.
 STAT_ROWS = 4  # Their rows in the kernel's output (Triton's blocks are powers of two).
 _LOG2_E, _LN_2 = 1.4426950408889634, 0.6931471805599453
@@ -62,7 +68,8 @@ PTX_APPROX_MATH = _Math(exp2=_ptx_approx("ex2"), log2=_ptx_approx("lg2"),
 
 
 def _bsq_kernel(z_ref, quantized_ref, codes_ref, sums_ref, *, dim: int, num_tokens: int,
-                padded: bool, logit_scale: float, integer_pack: bool, block: int, math_: _Math):
+                padded: bool, logit_scale: float, integer_pack: bool, block: int, prefetch: int,
+                math_: _Math):
   """z [steps·bn, dp] → quantized [steps·bn, dp], codes [steps·bn, words], sums [STAT_ROWS, dp]
   (rows: `_STATS`, then zeros).
 
@@ -71,7 +78,9 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, sums_ref, *, dim: int, num_toke
   [bn, dp] accumulators, reduced over tokens once at the end. Per-column and per-token quantities
   are built as [1, dp] / [bn, 1] rows and broadcast, so the per-element work is the quantisation
   and three transcendentals (`math_`). Padding (tokens past `num_tokens`, columns past `dim`) is
-  masked out of the sums only where the shapes have any.
+  masked out of the sums only where the shapes have any. With `prefetch` = k the loop carries the
+  next k tiles, loaded k steps before their math (the last steps load their own tile again), so
+  that a program keeps loads in flight while it computes, whatever the compiler pipelines.
   """
   rows, padded_dim = z_ref.shape
   steps = rows // block
@@ -99,9 +108,11 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, sums_ref, *, dim: int, num_toke
                     .astype(jnp.int32))
     return jnp.left_shift(halves[1], 16) | halves[0]
 
-  def tile(step, sums):
+  load = lambda step: z_ref[pl.ds(jnp.minimum(step, steps - 1) * block, block), :]
+
+  def tile(step, z_raw_ND, sums):
     tokens = pl.ds(step * block, block)
-    z_ND = z_ref[tokens, :].astype(jnp.float32)
+    z_ND = z_raw_ND.astype(jnp.float32)
     inv_norm_N1 = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(z_ND * z_ND, axis=1, keepdims=True)),
                                     reference.NORM_EPS)
     u_ND = z_ND * inv_norm_N1
@@ -127,7 +138,16 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, sums_ref, *, dim: int, num_toke
 
   first_token = pl.program_id(0) * rows  # Read outside the loop (the interpreter needs it so).
   zeros = (jnp.zeros((block, padded_dim), jnp.float32),) * 3
-  sums = tile(0, zeros) if steps == 1 else jax.lax.fori_loop(0, steps, tile, zeros)
+  if steps == 1:
+    sums = tile(0, load(0), zeros)
+  elif not prefetch:
+    sums = jax.lax.fori_loop(0, steps, lambda step, sums: tile(step, load(step), sums), zeros)
+  else:
+    def step_ahead(step, carry):
+      sums, ahead = carry  # ahead: tiles step … step + prefetch − 1.
+      return tile(step, ahead[0], sums), (*ahead[1:], load(step + prefetch))
+    sums, _ = jax.lax.fori_loop(0, steps, step_ahead,
+                                (zeros, tuple(load(i) for i in range(prefetch))))
   for row, total_ND in enumerate(sums):
     sums_ref[pl.ds(row, 1), :] = jnp.sum(total_ND, axis=0, keepdims=True)
   sums_ref[pl.ds(len(sums), STAT_ROWS - len(sums)), :] = jnp.zeros(
@@ -139,17 +159,18 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("inv_temperature", "block_tokens", "steps",
-                                             "num_warps", "num_stages", "interpret", "triton",
-                                             "integer_pack", "fast_math"))
+                                             "num_warps", "num_stages", "prefetch", "interpret",
+                                             "triton", "integer_pack", "fast_math"))
 def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, steps: int, num_warps: int,
-                 num_stages: Optional[int], interpret: bool, triton: bool, integer_pack: bool,
-                 fast_math: bool):
+                 num_stages: Optional[int], prefetch: int, interpret: bool, triton: bool,
+                 integer_pack: bool, fast_math: bool):
   """z [N, d] → quantized [N, d], codes [N, words] uint32, sums of p, H(p), bits: [d] each."""
   num_tokens, dim = z_ND.shape
   words = -(-dim // 32)
   block = min(block_tokens, max(8, pl.next_power_of_2(num_tokens)))
   steps = max(1, min(steps, -(-num_tokens // block)))
   rows = block * steps  # Tokens per program.
+  prefetch = min(prefetch, steps - 1)
   padded_n = _round_up(num_tokens, rows)
   # Triton tiles are powers of two; the extra zero coordinates are excluded from codes and sums.
   padded_dim = pl.next_power_of_2(dim) if triton else dim
@@ -160,7 +181,7 @@ def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, steps: int,
       functools.partial(_bsq_kernel, dim=dim, num_tokens=num_tokens,
                         padded=(padded_n, padded_dim) != (num_tokens, dim),
                         logit_scale=reference.bsq_logit_scale(dim, inv_temperature),
-                        integer_pack=integer_pack, block=block,
+                        integer_pack=integer_pack, block=block, prefetch=prefetch,
                         math_=PTX_APPROX_MATH if fast_math else PRECISE_MATH),
       grid=(programs,),
       in_specs=[pl.BlockSpec((rows, padded_dim), lambda t: (t, 0))],
@@ -219,7 +240,8 @@ _bsq.defvjp(_bsq_fwd, _bsq_bwd)
 
 def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = None,
              steps: Optional[int] = None, num_warps: Optional[int] = None,
-             num_stages: Optional[int] = None, interpret: Optional[bool] = None,
+             num_stages: Optional[int] = None, prefetch: int = DEFAULT_PREFETCH,
+             interpret: Optional[bool] = None,
              integer_pack: Optional[bool] = None, fast_math: Optional[bool] = None):
   """The kernel's outputs for z [..., d]: quantized [..., d], codes [..., words] uint32 and the
   sums over tokens of P(bit = 1), H(P(bit)) and the hard bits, [d] each (differentiable in z).
@@ -229,16 +251,18 @@ def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int
   backend = jax.default_backend()
   interpret = backend == "cpu" if interpret is None else interpret
   *lead, dim = z_ND.shape
-  defaults = DEFAULT_LAUNCH["gpu" if backend == "gpu" and not interpret else "other"]
-  block_tokens, steps, num_warps = (default if value is None else value for value, default in
-                                    zip((block_tokens, steps, num_warps), defaults))
   triton = backend == "gpu" and not interpret
+  kind = ("gpu_large" if math.prod(lead) >= LARGE_TOKENS else "gpu") if triton else "other"
+  block_tokens, steps, num_warps = (default if value is None else value for value, default in
+                                    zip((block_tokens, steps, num_warps), DEFAULT_LAUNCH[kind]))
   if fast_math and not triton:
     raise ConfigError("fast_math=True is PTX (Triton on GPU); leave it None elsewhere")
   if num_stages is not None and num_stages < 1:
     raise ConfigError(f"num_stages={num_stages}: a pipelining depth of at least 1, or None")
+  if prefetch < 0:
+    raise ConfigError(f"prefetch={prefetch}: the tiles loaded ahead, 0 or more")
   launch = dict(block_tokens=int(block_tokens), steps=int(steps), num_warps=int(num_warps),
-                num_stages=None if num_stages is None else int(num_stages),
+                num_stages=None if num_stages is None else int(num_stages), prefetch=int(prefetch),
                 interpret=bool(interpret), triton=triton,
                 integer_pack=backend != "tpu" if integer_pack is None else bool(integer_pack),
                 fast_math=triton if fast_math is None else bool(fast_math))
@@ -261,7 +285,8 @@ def output_from_sums(quantized, codes, prob_sum_D, entropy_sum_D, bit_sum_D,
 
 def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = None,
         steps: Optional[int] = None, num_warps: Optional[int] = None,
-        num_stages: Optional[int] = None, interpret: Optional[bool] = None,
+        num_stages: Optional[int] = None, prefetch: int = DEFAULT_PREFETCH,
+        interpret: Optional[bool] = None,
         integer_pack: Optional[bool] = None,
         fast_math: Optional[bool] = None) -> reference.BSQOutput:
   """Pallas BSQ of z [..., d]: the `reference.BSQOutput` of `reference.bsq`, in one fused pass.
@@ -271,10 +296,11 @@ def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = N
     inv_temperature: β of the soft bit probability σ(4·β·u/√d) (Infinity uses 100).
     block_tokens: tokens per tile (shrunk for small inputs).
     steps: tiles per program, walked in a loop (shrunk for small inputs).
-    (These two and num_warps default to `DEFAULT_LAUNCH` of the backend.)
+    (These two and num_warps default to `DEFAULT_LAUNCH` of the backend and size.)
     num_warps: warps per program (GPU).
     num_stages: Triton's software pipelining depth of the tile loop (GPU; default 3 with a loop,
       else 1).
+    prefetch: tiles the loop loads ahead of their math (`_bsq_kernel`).
     interpret: run in the Pallas interpreter; default: on CPU.
     integer_pack: pack the codes with one int32 sum per word (default: except on TPU, which
       packs with float sums per 16-bit half).
@@ -282,6 +308,7 @@ def bsq(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int] = N
       default: on GPU, the only place they exist) instead of the precise library calls.
   """
   sums = bsq_sums(z_ND, inv_temperature=inv_temperature, block_tokens=block_tokens,
-                  steps=steps, num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                  steps=steps, num_warps=num_warps, num_stages=num_stages, prefetch=prefetch,
+                  interpret=interpret,
                   integer_pack=integer_pack, fast_math=fast_math)
   return output_from_sums(*sums, num_tokens=math.prod(z_ND.shape[:-1]))
