@@ -1132,6 +1132,23 @@ def test_bsq_kernel_walking_several_tiles_per_program(shape, prefetch):
   _check_bsq(shape, steps=3, prefetch=prefetch)
 
 
+def test_bsq_gpu_launch_follows_the_input_size(monkeypatch):
+  """On GPU inputs of LARGE_TOKENS or more take the large launch; all load two tiles ahead."""
+  seen = []
+
+  def launch_only(z, inv_temperature, launch):
+    seen.append(dict(launch))
+    return z, jnp.zeros((z.shape[0], 1), jnp.uint32), *(jnp.zeros(z.shape[1]),) * 3
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(bsq_pallas, "_bsq", launch_only)
+  for tokens in (bsq_pallas.LARGE_TOKENS // 2, bsq_pallas.LARGE_TOKENS):
+    jax.eval_shape(lambda z: bsq_pallas.bsq_sums(z, interpret=False),
+                   jax.ShapeDtypeStruct((tokens // 4, 4, 32), jnp.bfloat16))
+  assert [(s["block_tokens"], s["steps"], s["num_warps"]) for s in seen] == [
+      bsq_pallas.DEFAULT_LAUNCH["gpu"], bsq_pallas.DEFAULT_LAUNCH["gpu_large"]]
+  assert all(s["prefetch"] == 2 and s["triton"] for s in seen)
+
+
 def test_bsq_fast_math_only_on_triton():
   """PTX approximations exist only on GPU: asking for them elsewhere is an early, clear error;
   so is a pipelining depth below 1."""
