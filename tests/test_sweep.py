@@ -788,6 +788,32 @@ def test_tpu_launch_reuses_an_existing_pod_and_stops_on_a_failed_one(gcloud, mon
   assert "queued resource pod is SUSPENDED and will not become ACTIVE" in err
 
 
+def test_tpu_layout_is_checked_before_a_pod_is_provisioned(gcloud, tmp_path, capsys):
+  """The slice's devices and hosts follow from its accelerator type (v4/v5p count TensorCores, two
+  per chip; v5e/v6e count chips; four chips per host beyond one host's 8); a mesh or batch the
+  trainer would refuse on them is refused before anything is created, as is a sweep's."""
+  assert [tpu.slice_devices(a) for a in ("v4-32", "v5p-128", "v5litepod-8", "v5litepod-16",
+                                         "v6e-64", "v3-8")] == [
+      (16, 4), (64, 16), (8, 1), (16, 4), (64, 16), None]
+  set_states, calls = gcloud
+  set_states("ACTIVE")
+  pod = [*TPU[:3], "--accelerator_type=v5litepod-16", *TPU[4:]]
+  for override, says in (
+      ("--config.mesh.fsdp=32", "16 devices"),
+      ("--config.mesh.dcn_data=2", "one TPU slice is one DCN group"),
+      ("--config.batch_size=12", "divisible by the 16 batch shards (mesh data x fsdp) and 4 "
+                                 "processes (a v5litepod-16 slice has 16 devices on 4 host(s))")):
+    assert launch_args.main([*pod, override]) == 2
+    assert says in capsys.readouterr().err
+  assert calls() == []  # Nothing provisioned.
+  assert launch_args.main([*pod, "--config.batch_size=32"]) == 0 and calls()
+  sweep_dir = str(tmp_path / "q")
+  assert cli.main(["vitok", "sweep", "quickstart", f"--sweep_dir={sweep_dir}", "--target=tpu",
+                   "--job=tpu_name=pod,zone=z,accelerator_type=v5p-128"]) == 2
+  assert "batch_size=32 must be divisible by the 64 batch shards" in capsys.readouterr().err
+  assert not os.path.exists(sweep_dir)
+
+
 def test_tpu_runtime_version_follows_the_accelerator():
   def version(accelerator, **kw):
     return tpu.runtime_version(JobSpec(config="vitok", workdir="/w", accelerator_type=accelerator,

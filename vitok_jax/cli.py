@@ -252,6 +252,10 @@ def _cmd_sweep(args: list[str]) -> int:
       jobspec.check_layout(run.config, nodes=job.get("nodes", 1),
                            gpus_per_node=job.get("gpus_per_node", 0),
                            processes_per_node=job.get("processes_per_node", 1))
+  if FLAGS.target == "tpu":  # Each run gets the whole pod.
+    from vitok_jax.launch import tpu
+    for run in runs:
+      tpu.check_layout(run.config, job["accelerator_type"])
   parallel = FLAGS.parallel if FLAGS.parallel is not None else sweep.get("parallel", 1)
   if FLAGS.target == "local" and parallel < 1:  # Before the sweep directory is written.
     raise ConfigError(f"--parallel={parallel}: run at least one run at a time (--parallel >= 1)")

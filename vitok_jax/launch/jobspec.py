@@ -94,14 +94,18 @@ class JobSpec:
 
   def check_config(self) -> None:
     """Loads the job's config as its processes will (with the overrides) and raises ConfigError
-    where `vitok train` would, and where its mesh does not fit the job's GPUs, before anything is
-    written or submitted."""
+    where `vitok train` would, and where its mesh does not fit the job's GPUs or TPU slice, before
+    anything is written, submitted or provisioned."""
     config = config_lib.apply_overrides(self.config, self.overrides)
     if self.command == "train":
       from vitok_jax import train  # pylint: disable=g-import-not-at-top
       train.validate(config)
-    check_layout(config, nodes=self.nodes, gpus_per_node=self.gpus_per_node,
-                 processes_per_node=self.processes_per_node)
+    if self.accelerator_type:
+      from vitok_jax.launch import tpu  # pylint: disable=g-import-not-at-top
+      tpu.check_layout(config, self.accelerator_type)
+    else:
+      check_layout(config, nodes=self.nodes, gpus_per_node=self.gpus_per_node,
+                   processes_per_node=self.processes_per_node)
 
   def base_env(self) -> dict[str, str]:
     env = dict(self.env)
@@ -151,12 +155,20 @@ def check_layout(config, *, nodes: int, gpus_per_node: int, processes_per_node: 
           f"mesh.tensor={tensor} spans processes ({per_process} GPU(s) each), which would have to "
           "load the same rows; keep tensor within a process (one process per node drives all its "
           "GPUs) or use tensor=1")
-  if shapes is not None and "batch_size" in config:
+  if shapes is not None:
+    check_batch_layout(config, shapes, nodes * processes_per_node,
+                       f"the job has nodes × gpus_per_node = {nodes} × {gpus_per_node} GPUs")
+
+
+def check_batch_layout(config, shapes: tuple[tuple[int, ...], tuple[int, ...]], processes: int,
+                       job: str) -> None:
+  """ConfigError unless config.batch_size splits over the batch shards of the mesh of `shapes`
+  (ICI, DCN) and over `processes`; `job` says what runs it."""
+  from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  if "batch_size" in config:
     shards = math.prod(ici * dcn for axis, ici, dcn in zip(mesh_lib.AXES, *shapes)
                        if axis in mesh_lib.BATCH_AXES)
-    mesh_lib.check_batch_split(
-        config.batch_size, shards, nodes * processes_per_node,
-        f" (the job has nodes × gpus_per_node = {nodes} × {gpus_per_node} GPUs)")
+    mesh_lib.check_batch_split(config.batch_size, shards, processes, f" ({job})")
 
 
 def check_mesh(mesh_cfg, *, nodes: int, gpus_per_node: int,

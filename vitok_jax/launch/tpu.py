@@ -14,6 +14,7 @@ import shlex
 from typing import Sequence
 
 from vitok_jax.errors import ConfigError
+from vitok_jax.launch import jobspec
 from vitok_jax.launch.jobspec import JobSpec
 
 # Default --runtime-version per accelerator family (the part of accelerator_type before "-N").
@@ -22,6 +23,10 @@ RUNTIME_VERSIONS = {"v4": "tpu-ubuntu2204-base", "v5litepod": "v2-alpha-tpuv5-li
 # Queued-resource states from which it never becomes ACTIVE.
 FAILED_STATES = ("FAILED", "SUSPENDING", "SUSPENDED", "DELETING")
 POLL_S = 30  # Seconds between state polls; the environment variable VITOK_TPU_POLL_S overrides.
+# Per family: (the N of FAMILY-N per JAX device, chips per host of a multi-host slice, the largest
+# single-host N). v4-N and v5p-N count TensorCores, two per chip, which is one JAX device
+# (megacore); v5litepod-N and v6e-N count chips. One process runs on each host.
+SLICE_LAYOUT = {"v4": (2, 4, 8), "v5p": (2, 4, 8), "v5litepod": (1, 4, 8), "v6e": (1, 4, 8)}
 
 
 def runtime_version(spec: JobSpec) -> str:
@@ -36,6 +41,36 @@ def runtime_version(spec: JobSpec) -> str:
         "tpu-ubuntu2204-base to `vitok launch tpu`, --job=runtime_version=tpu-ubuntu2204-base "
         "to `vitok sweep --target=tpu`")
   return RUNTIME_VERSIONS[family]
+
+
+def slice_devices(accelerator_type: str) -> tuple[int, int] | None:
+  """(JAX devices, hosts) of one TPU slice, e.g. v5p-128 → (64, 16), v5litepod-8 → (8, 1); None
+  for a family not in SLICE_LAYOUT."""
+  family, _, count = accelerator_type.rpartition("-")
+  if family not in SLICE_LAYOUT or not count.isdigit():
+    return None
+  per_device, chips_per_host, single_host = SLICE_LAYOUT[family]
+  devices = int(count) // per_device
+  return devices, 1 if int(count) <= single_host else max(1, devices // chips_per_host)
+
+
+def check_layout(config, accelerator_type: str) -> None:
+  """ConfigError where `vitok train` of `config` would fail on one slice of `accelerator_type`,
+  before it is provisioned: a mesh that does not fit its devices (one slice is one DCN group, so
+  every dcn_* size is 1), a batch that does not split over the mesh and the hosts. An unknown
+  family is not checked (its layout is not known here)."""
+  shape = slice_devices(accelerator_type)
+  if shape is None:
+    return
+  devices, hosts = shape
+  job = f"a {accelerator_type} slice has {devices} devices on {hosts} host(s)"
+  from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  try:
+    shapes = mesh_lib.mesh_shapes(config.mesh, devices, granules=1)
+    mesh_lib.check_dcn_groups(shapes[1], 1, "one TPU slice is one DCN group")
+  except ConfigError as e:
+    raise ConfigError(f"{e} ({job})") from None
+  jobspec.check_batch_layout(config, shapes, hosts, job)
 
 
 def _check(spec: JobSpec) -> None:
