@@ -1032,6 +1032,9 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
       "--workdir=NOPE"], "batch_size=12 must be divisible by the 16 batch shards (mesh data x "
      "fsdp) and 2 processes (the job has nodes × gpus_per_node = 2 × 8 GPUs)"),
     (["sweep", "quickstart", "--parallel=0"], "--parallel=0: run at least one run at a time"),
+    # A local sweep's generators read their tokenizer here: one missing fails no run.
+    (["sweep", "generator_size:NOPE"], "NOPE is not a tokenizer run (no checkpoints/); train one "
+     "first with `vitok train --workdir NOPE`"),
     (["sweep", "quickstart", "--target=slurm", "--job=gpus_per_node=3"],
      "batch_size=32 must be divisible by the 3 batch shards"),
     (["sweep", "MESH3", "--target=slurm", "--job=gpus_per_node=4"],
@@ -1059,8 +1062,8 @@ def test_cli_bad_arguments_say_what_to_change(tmp_path, capsys, args, says):
               axes=[("product", {{"model.channels": [2]}})], slurm={slurm}))
     """))
   files = {"MESH3": "mesh3.py", "SLURM_TYPO": "slurm_typo.py", "SLURM_STR": "slurm_str.py"}
-  args = [nope if arg == "NOPE" else str(tmp_path / files[arg]) if arg in files else arg
-          for arg in args]
+  args = [nope if arg == "NOPE" else str(tmp_path / files[arg]) if arg in files else
+          arg.replace(":NOPE", f":{nope}") for arg in args]
   says = says.replace("NOPE", nope)
   if args[0] == "sweep":
     args.append(f"--sweep_dir={sweep_dir}")

@@ -256,6 +256,11 @@ def _cmd_sweep(args: list[str]) -> int:
     from vitok_jax.launch import tpu
     for run in runs:
       tpu.check_layout(run.config, job["accelerator_type"])
+  if FLAGS.target == "local":  # Its generators' tokenizers are here (a cluster's may not be).
+    from vitok_jax.train import codes  # pylint: disable=g-import-not-at-top
+    for tokenizer in sorted({run.config.tokenizer for run in runs
+                             if run.config.get("kind") == "generator"}):
+      codes.check_tokenizer_run(tokenizer)
   parallel = FLAGS.parallel if FLAGS.parallel is not None else sweep.get("parallel", 1)
   if FLAGS.target == "local" and parallel < 1:  # Before the sweep directory is written.
     raise ConfigError(f"--parallel={parallel}: run at least one run at a time (--parallel >= 1)")

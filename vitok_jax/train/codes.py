@@ -131,15 +131,20 @@ def tokenize_workdir(workdir: str, out: str, *, split: str = "eval", max_example
   return out
 
 
+def check_tokenizer_run(workdir: str) -> None:
+  """DataError unless `workdir` holds a run's checkpoints/ (a tokenizer for a generator)."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise DataError(f"{workdir} is not a tokenizer run (no checkpoints/); train one first with "
+                    f"`vitok train --workdir {workdir}`")
+
+
 def load_or_tokenize(workdir: str, split: str, mesh=None) -> dict[str, np.ndarray]:
   """The store of `split` cached as WORKDIR/store_SPLIT.npz, (re)made (on `mesh`, see
   `tokenize_workdir`) when missing or older than the tokenizer's latest checkpoint. A job of
   several processes reads it and cannot make it (tokenizing is a single-process job): a missing
   or stale store there is a DataError that gives the command making it."""
   path = os.path.join(workdir, f"store_{split}.npz")
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise DataError(f"{workdir} is not a tokenizer run (no checkpoints/); train one first with "
-                    f"`vitok train --workdir {workdir}`")
+  check_tokenizer_run(workdir)
   latest = checkpoint.latest_step(workdir)
   if not latest:  # None, or the initial state a run stopped during set-up saves.
     raise DataError(f"tokenizer {workdir} has no trained checkpoint; train it first with "
