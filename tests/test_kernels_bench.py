@@ -72,7 +72,8 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   assert all(str(v).startswith("pending") for v in report["targets"].values())
   assert png.stat().st_size > 10_000
   # On a GPU, a run without the rows of a target (e.g. VAR lengths only) says so, not False.
-  gpu_run = {"backend": "gpu", "attention": [var], "bsq": {"pallas": {"fraction_of_peak": 0.5}},
+  gpu_run = {"backend": "gpu", "attention": [var],
+             "bsq": {"tokens": 1 << 20, "pallas": {"fraction_of_peak": 0.5}},
              "vq": {"speedup_vs_jnp": 3.5, "no_tokens_x_codes_buffer": True}}
   targets = bench.check_targets(gpu_run)
   unmeasured = "not measured (no such rows or baseline)"
@@ -86,7 +87,11 @@ def test_bench_kernels_writes_json_and_plot(tmp_path):
   gpu_run["attention"] = [big, {**var, "speedup_vs_xla": {"fwd_bwd": 4.0},
                                 "speedup_vs_cudnn": {"fwd_bwd": 1.8}}]
   gpu_run["bsq"]["pallas"]["bsq_kernel_fraction_of_peak"] = 0.72
+  # The largest of --bsq_more_tokens is checked on its own: here 0.69 at 16M tokens.
+  gpu_run["bsq_more_tokens"] = [{"tokens": n, "pallas": {"bsq_kernel_fraction_of_peak": f}}
+                                for n, f in ((1 << 24, 0.69), (1 << 22, 0.75))]
   targets = bench.check_targets(gpu_run)
+  assert targets["bsq_kernel_bandwidth>=0.7_largest_tokens"] is False
   assert (targets["fwd_bwd_vs_cudnn>=1.0"], targets["fwd_bwd_vs_xla>=2.0"]) == (False, unmeasured)
   assert targets["block_causal_vs_dense>=1.5"] is True  # The faster baseline: 1.8.
   assert targets["bsq_kernel_bandwidth>=0.7"] is True
