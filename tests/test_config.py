@@ -206,3 +206,21 @@ def test_quickstart_tokenizer_is_a_finished_run(tmp_path, monkeypatch):
     config_lib.quickstart_tokenizer()
   (runs / "c4-0aaa" / "record.json").write_text("{}")
   assert config_lib.quickstart_tokenizer() == "runs/quickstart/runs/c4-0aaa"
+
+
+def test_with_options_replaces_and_adds_variant_options():
+  base = "Mu-Mu/4,res=32,steps=300,lr=1e-3"
+  assert config_lib.with_options(base, "") == base
+  assert config_lib.with_options(base, "steps=50,seed=3") == (
+      "Mu-Mu/4,res=32,steps=50,lr=1e-3,seed=3")
+  assert config_lib.with_options("res=32", "res=16") == "res=16"
+  with pytest.raises(ConfigError, match="options only"):
+    config_lib.with_options(base, "S-B/16,c=4")
+
+
+def test_a_sweeps_documented_arg_replaces_its_base_options():
+  """quickstart:steps=50 and tokenizer_kinds:steps=50, as their docstrings give them."""
+  from vitok_jax.scaling import sweep  # pylint: disable=g-import-not-at-top
+  for name in ("quickstart", "tokenizer_kinds"):
+    runs = sweep.expand(sweep.load(f"{name}:steps=50"))
+    assert {run.config.total_steps for run in runs} == {50}

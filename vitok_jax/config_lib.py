@@ -38,6 +38,21 @@ def split_variant(arg: str) -> tuple[str, dict[str, str]]:
   return head, parsed
 
 
+def with_options(variant: str, arg: str) -> str:
+  """variant ("S-B/16,c=16,steps=500") with arg's options ("steps=50,lr=1e-3") replacing its own
+  and the rest added after them; `variant` itself when arg is empty. For a sweep's base: its
+  documented arg may set what the base already sets."""
+  if not arg:
+    return variant
+  head, options = split_variant(variant)
+  extra_head, extra = split_variant(arg)
+  if extra_head:
+    raise ConfigError(f"{arg!r} must be key=value options only (got the model part "
+                      f"{extra_head!r})")
+  options.update(extra)
+  return ",".join([head] * bool(head) + [f"{k}={v}" for k, v in options.items()])
+
+
 def apply_options(config: ml_collections.ConfigDict, options: dict[str, str],
                   aliases: dict[str, str], arg: str) -> None:
   """Sets config fields from variant options; `aliases` maps short keys to dotted config paths.

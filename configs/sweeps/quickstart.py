@@ -8,13 +8,15 @@ L2 falls). About 1 min per run on 2 idle CPU cores (~5 min in all), ~2.5 min per
 """
 import ml_collections
 
+from vitok_jax import config_lib
+
 
 def get_config(arg: str = ""):
-  """arg: optional extra variant options for every run, e.g. "steps=50"."""
+  """arg: optional variant options for every run, replacing the base's, e.g. "steps=50"."""
   sweep = ml_collections.ConfigDict()
   sweep.name = "quickstart"
-  sweep.base = "vitok:Mu-Mu/4,res=32,data=mnist,batch=32,steps=300,lr=1e-3" + (
-      f",{arg}" if arg else "")
+  sweep.base = "vitok:" + config_lib.with_options(
+      "Mu-Mu/4,res=32,data=mnist,batch=32,steps=300,lr=1e-3", arg)
   sweep.axes = [("product", {"c": [1, 2, 4, 8, 16]})]
   sweep.max_attempts = 2
   sweep.parallel = 1            # Each trainer already uses both cores.
