@@ -17,7 +17,7 @@ import pytest
 
 from vitok_jax import ConfigError, cli, config_lib, data
 from vitok_jax.eval import fid, perceptual_metrics, visualize
-from vitok_jax.models import infinity, var
+from vitok_jax.models import infinity, var, vit
 from vitok_jax.models.perceptual import mnist_classifier
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.scaling import flops
@@ -75,7 +75,9 @@ def test_every_family_trains_samples_and_writes_its_record(family, tokenizer_dir
   on_disk = record_lib.read(workdir)
   assert on_disk["kind"] == "generator" and on_disk["family"] == family
   assert on_disk["params"]["total"] == record["params"]["total"] > 0
-  assert on_disk["flops_per_example"]["train"] == 3 * on_disk["flops_per_example"]["forward_xla"] > 0
+  flop = on_disk["flops_per_example"]  # XLA's count less what the mask hides: 3 forwards a step.
+  assert flop["train"] == 3 * flop["forward"] > 0
+  assert flop["forward"] == flop["forward_xla"] - flop["masked_attention"]
   # What the forward's attention ran as (on CPU "auto" is XLA), with its family's mask.
   tokenizer_record = record_lib.read(tokenizer_dirs[FAMILY_TOKENIZER[family]])
   assert tokenizer_record["quantizer_impl"] == (None if family == "dit" else "xla")
@@ -83,6 +85,16 @@ def test_every_family_trains_samples_and_writes_its_record(family, tokenizer_dir
   mask = {"dit": "none", "llamagen": "causal", "var": "block_causal", "infinity": "block_causal"}
   assert (attention["impl"], attention["mask"]) == ("xla", mask[family])
   assert attention["q_len"] > 1 and attention["head_dim"] > 0
+  # The hidden pairs: none for DiT, the upper triangle for LlamaGen (4·width FLOPs a pair and layer:
+  # q·kᵀ and p·v), a block-causal share of L² for VAR and Infinity.
+  size = vit.decode_size(FAMILY_SIZE[family], generators.FAMILIES[family].size_family)
+  length = attention["q_len"]
+  hidden = {"dit": 0, "llamagen": 4 * size.width * size.depth * (length**2 - length * (length + 1)
+                                                                  // 2)}
+  if family in hidden:
+    assert flop["masked_attention"] == hidden[family]
+  else:
+    assert 0 < flop["masked_attention"] < 4 * size.width * size.depth * length**2
   metrics = on_disk["metrics"]
   assert np.isfinite(metrics["eval/loss"])
   assert 0.0 <= metrics["gen/class_accuracy"] <= 1.0 and np.isfinite(metrics["gen/fid_mnist"])

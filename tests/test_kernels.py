@@ -879,9 +879,29 @@ def test_recorded_attention_lists_what_each_traced_call_runs_as():
   common = {"q_len": 55, "kv_len": 55, "head_dim": 16, "dtype": "bfloat16"}
   auto = attention.resolve_impl("auto", jnp.bfloat16, q_len=55, head_dim=16, mask="causal")
   assert auto == {"cpu": "xla", "gpu": "cudnn"}.get(jax.default_backend(), auto)
-  assert calls == [{"impl": auto, "mask": "causal", **common},
-                   {"impl": "pallas_gpu", "mask": "block_causal", **common, "kernel": "triton",
-                    "hopper_mask": False}]
+  # With the fields FLOP counts read: batch, heads and the pairs each mask lets attend.
+  flop = {"batch": 1, "heads": 2}
+  assert calls == [{"impl": auto, "mask": "causal", **common, **flop,
+                    "visible_pairs": 55 * 56 // 2},
+                   {"impl": "pallas_gpu", "mask": "block_causal", **common, **flop,
+                    "visible_pairs": masks.visible_pairs(55, 55, block_ids=VAR_IDS),
+                    "kernel": "triton", "hopper_mask": False}]
+
+
+def test_visible_pairs_count_what_the_dense_masks_show():
+  """Against the dense masks the XLA path builds: causal (also with L ≠ S, jax's top-left
+  alignment), block-causal of VAR's static ids; None where tracing cannot know them."""
+  for q_len, kv_len in ((7, 7), (5, 9), (9, 5)):
+    dense = masks.dense_mask(masks.MaskIds(), q_len, kv_len, causal=True)
+    assert masks.visible_pairs(q_len, kv_len, causal=True) == int(dense.sum())
+    assert int(dense.sum()) == int(jnp.tril(jnp.ones((q_len, kv_len))).sum())
+    assert masks.visible_pairs(q_len, kv_len) == q_len * kv_len
+  ids = masks.make_ids(1, 55, 55, block_ids=VAR_IDS)
+  dense = masks.dense_mask(ids, 55, 55, causal=False)
+  assert masks.visible_pairs(55, 55, block_ids=VAR_IDS) == int(dense.sum()) < 55 * 55
+  assert masks.visible_pairs(55, 55, causal=True, block_ids=VAR_IDS) is None
+  assert jax.jit(lambda ids: jnp.zeros(()) if masks.visible_pairs(
+      55, 55, block_ids=ids) is None else jnp.ones(()))(jnp.asarray(VAR_IDS)) == 0  # Traced.
 
 
 def test_resolve_impl_policy(monkeypatch):

@@ -131,8 +131,11 @@ def dot_product_attention(q_BLHD, k_BSHD, v_BSHD, *, mask_BHLS=None, is_causal=F
   if impl.startswith("pallas") and mask_BHLS is not None:
     raise ConfigError(f"attention impl={impl!r} takes no dense mask_BHLS; express the mask as "
                       "is_causal / segment_ids / block_ids, or use impl='xla'")
+  visible = (None if mask_BHLS is not None or segment_ids is not None else
+             masks.visible_pairs(q_len, kv_len, causal=is_causal, block_ids=block_ids))
   recording.note(impl=impl, mask=kind, q_len=q_len, kv_len=kv_len, head_dim=head_dim,
-                 dtype=jnp.dtype(q_BLHD.dtype).name,
+                 dtype=jnp.dtype(q_BLHD.dtype).name, batch=batch, heads=q_BLHD.shape[2],
+                 visible_pairs=visible,
                  **({"kernel": None} if impl.startswith("pallas") else {}))  # flash_attention's.
   if impl.startswith("pallas"):
     # Static block ids of one sequence (VAR's) stay numpy, so the kernel can see their layout.

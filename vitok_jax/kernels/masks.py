@@ -60,6 +60,20 @@ def static_ids(ids) -> Optional[np.ndarray]:
   return ids.astype(np.int32) if ids.ndim == 1 else None  # int32, as `make_ids` reads them.
 
 
+def visible_pairs(q_len: int, kv_len: int, *, causal: bool = False,
+                  block_ids=None) -> Optional[int]:
+  """The (query, key) pairs of one sequence that a mask lets attend, for FLOP counts: L·S without
+  a mask; the causal triangle (query i sees keys ≤ i); block-causal of static ids [L] (L = S: key
+  j visible from query i iff ids[j] ≤ ids[i]). None where it is not known when tracing (traced or
+  per-example ids) or both masks are given."""
+  if block_ids is None:
+    return int(np.minimum(np.arange(1, q_len + 1), kv_len).sum()) if causal else q_len * kv_len
+  ids = static_ids(block_ids)
+  if causal or ids is None or not len(ids) == q_len == kv_len:
+    return None
+  return int(np.searchsorted(np.sort(ids), ids, side="right").sum())
+
+
 def _pair(ids, batch: int, q_len: int, kv_len: int, name: str):
   """Splits `ids` ([L], [B, L] or a (q_ids, kv_ids) tuple; a list is an array, not a pair) into
   [B, L] and [B, S] int32 arrays."""

@@ -3,7 +3,9 @@
   with recording.recorded_calls() as calls:
     jax.eval_shape(model_forward, ...)  # Each attention call appends a dict to `calls`.
 
-`kernels.dot_product_attention` notes each call (impl, mask, lengths, head dim, dtype) and
+`kernels.dot_product_attention` notes each call (impl, mask, lengths, head dim, dtype; for FLOP
+counts `FLOP_FIELDS`: batch, heads and the (query, key) pairs its mask lets attend per sequence
+and head, None where not known when tracing) and
 `flash_attention` adds which kernel took it ("kernel": triton / mosaic_gpu / mosaic_gpu_fwd /
 mosaic_tpu; "hopper_mask" for the masked Hopper kernels).
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 
+FLOP_FIELDS = ("batch", "heads", "visible_pairs")
 _OPEN: list[list[dict]] = []  # The lists of the `recorded_calls` contexts now open.
 
 

@@ -193,6 +193,17 @@ def train_flops_per_example(model: tokenizer.ViTok, pixel_shape: Sequence[int]) 
   return 3 * (parts["total"] + parts.get("prior", 0))
 
 
+def masked_attention_flops(calls: Sequence[dict]) -> int:
+  """FLOPs of the (query, key) pairs that the masks of traced attention calls hide (entries of a
+  `kernels.recorded_attention` list): 4·head_dim per pair and head (q·kᵀ and p·v), which XLA counts
+  for a masked dense attention and the convention leaves out (attention halved for causal, a
+  block-causal mask's share for VAR). A call whose mask is not known when tracing (segment ids, a
+  dense mask) counts none of its pairs as hidden."""
+  return sum(4 * c["batch"] * c["heads"] * c["head_dim"] * (c["q_len"] * c["kv_len"]
+                                                             - c["visible_pairs"])
+             for c in calls if c.get("visible_pairs") is not None)
+
+
 def xla_flops(fn: Callable[..., Any], *args) -> float:
   """FLOPs XLA's cost analysis reports for `jax.jit(fn)` lowered for `args` (whole call).
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from vitok_jax import config_lib, kernels
+from vitok_jax.kernels import recording
 from vitok_jax.models import vit
 from vitok_jax.scaling import flops
 
@@ -74,9 +75,11 @@ def run_fields(config, *, wall_time: float, examples_per_sec: float | None, metr
 
 
 def distinct_calls(calls: list[dict]) -> list[dict]:
-  """The distinct entries of a `kernels.recorded_attention` list, in first-seen order."""
+  """The distinct entries of a `kernels.recorded_attention` list, in first-seen order, without
+  the fields kept for FLOP counts (`recording.FLOP_FIELDS`)."""
   seen = {}
   for call in calls:
+    call = {k: v for k, v in call.items() if k not in recording.FLOP_FIELDS}
     seen.setdefault(tuple(sorted(call.items())), call)
   return list(seen.values())
 

@@ -394,18 +394,21 @@ def setup(config, mesh):
 
 def generator_record(config, family, params, *, wall_time, metrics, workdir, examples_per_sec,
                      example, train_examples: int) -> dict:
-  """Run record of a generator: params, FLOPs per example (XLA count of the forward; a training
-  step is `Family.train_forwards` of them), what its attention runs as (each distinct call of the
-  forward), the size of its training set, the tokenizer tokens of an example it models (`vitok
-  results` multiplies them into tokens_seen), metrics.
+  """Run record of a generator: params, FLOPs per example (XLA count of the forward, less the
+  attention pairs its masks hide: causal, block-causal; a training step is `Family.train_forwards`
+  of them), what its attention runs as (each distinct call of the forward), the size of its
+  training set, the tokenizer tokens of an example it models (`vitok results` multiplies them into
+  tokens_seen), metrics.
 
   The FLOPs are counted on the model with XLA attention: a cuDNN or Pallas attention (bf16 on a
   GPU) is a custom call that XLA's cost analysis counts as 0.
   """
   with kernels.recorded_attention() as attention_calls:
     jax.eval_shape(family.forward_fn(), params, example)
-  with generators.swapped(family, "model", family.model.clone(attn_impl="xla")):
-    forward = flops.xla_flops(family.forward_fn(), params, example)
+  with (generators.swapped(family, "model", family.model.clone(attn_impl="xla")),
+        kernels.recorded_attention() as counted_calls):
+    forward_xla = flops.xla_flops(family.forward_fn(), params, example)
+  masked = flops.masked_attention_flops(counted_calls)
   tok = family.tokenizer
   return {
       "workdir": os.path.abspath(workdir),
@@ -420,8 +423,10 @@ def generator_record(config, family, params, *, wall_time, metrics, workdir, exa
                     "codebook_size": tok.bottleneck_module.codebook_size
                                      if tok.bottleneck in bottlenecks.LEARNED_CODEBOOK else None,
                     "code_bits": flops.code_bits_per_example(tok.model, tok.pixel_shape)},
-      "flops_per_example": {"forward_xla": forward,
-                            "train": family.train_forwards(config.batch_size) * forward},
+      "flops_per_example": {"forward_xla": forward_xla, "masked_attention": masked,
+                            "forward": forward_xla - masked,
+                            "train": family.train_forwards(config.batch_size)
+                                     * (forward_xla - masked)},
       "attention_impl": record_lib.distinct_calls(attention_calls),
       "train_examples": train_examples,
       "tokens_per_example": family.tokens_per_example,
