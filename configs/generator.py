@@ -9,7 +9,9 @@ get_config(arg) takes a variant string: "FAMILY/SIZE" then key=value options, e.
 Sizes: vitok_jax.models.vit.GENERATOR_SIZES. Which tokenizer bottleneck each family needs is in
 vitok_jax.train.generators.FAMILIES. Per family, the published objective and sampler: DiT: SiT's
 uniform t (logit-normal with --config.objective.t_sampling=logit_normal), label dropout 0.1, Heun
-sampling, CFG; LlamaGen: CFG 2.0; VAR: CFG ramped over the scales (cfg_schedule=linear); Infinity:
+sampling, CFG; LlamaGen: CFG 2.0; VAR: CFG ramped over the scales (cfg_schedule=linear; VAR's FID
+sampler also keeps top_k=900, top_p=0.96 of its 4096 codes, which are not defaults here, where
+codebooks are 16–4096 codes: --sample top_k=900,top_p=0.96 at `vitok eval`); Infinity:
 constant CFG 3, bit flips up to 0.3, the loss reweighted by scale; stochastic depth (VAR:
 0.1·depth/24; Infinity: 0.1); LlamaGen's dropout 0.1 on its blocks' outputs and input embeddings;
 weight decay 0 (DiT) or 0.05 (the others). The optimiser is one for all

@@ -23,18 +23,25 @@ import numpy as np
 from vitok_jax.errors import ConfigError
 from vitok_jax.models import quantizers
 
-# Published schedules (side lengths of the square token maps).
+# Published schedules (side lengths of the square token maps) by the side of the last map; the
+# first of each family is the base of the other sides.
 SCHEDULES = {
-    "var": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),                         # VAR 256p: 680 tokens.
-    "infinity": (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64),      # Infinity 1024p.
+    "var": {16: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),                    # VAR 256p: 680 tokens.
+            32: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)},                  # VAR 512p: 2240 tokens.
+    "infinity": {64: (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)},  # Infinity 1024p.
 }
 
 
 def scale_schedule(name: str, size: int) -> tuple[int, ...]:
-  """The published schedule's sides below `size`, then `size` itself (exact at VAR's 16)."""
+  """The published schedule of a `size`-side map where there is one (VAR: 16 and 32, as its
+  arg_util's pn 256 and 512; Infinity: 64); else the base schedule's sides below `size`, then
+  `size` itself."""
   if name not in SCHEDULES:
     raise ConfigError(f"scale schedule {name!r} is unknown; use one of {list(SCHEDULES)}")
-  return tuple(s for s in SCHEDULES[name] if s < size) + (size,)
+  published = SCHEDULES[name]
+  if size in published:
+    return published[size]
+  return tuple(s for s in next(iter(published.values())) if s < size) + (size,)
 
 
 def token_count(schedule: Sequence[int]) -> int:
