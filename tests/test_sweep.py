@@ -333,7 +333,9 @@ def test_results_name_finished_runs_a_re_expanded_manifest_left_out(tmp_path, fa
   assert results.unlisted_runs(str(tmp_path)) == sorted(run.id for run in runs)
   assert cli.main(["vitok", "results", str(tmp_path)]) == 0
   assert "NOTE 2 finished run(s) in" in capsys.readouterr().out
-  assert [row["model.channels"] for row in results.gather(str(tmp_path / "runs"))] == [1, 2]
+  # Tabled as plain run dirs, every run is a row, the new one still pending.
+  assert [(row["model.channels"], row["status"]) for row in results.gather(
+      str(tmp_path / "runs"))] == [(1, sweep.DONE), (2, sweep.DONE), (4, sweep.PENDING)]
 
 
 def test_generator_rows_name_their_tokenizer(tmp_path):
@@ -369,6 +371,14 @@ def test_results_of_plain_run_dirs_and_running_status(tmp_path, fake):
   (tmp_path / "s" / "runs" / runs[0].id / "record.json").unlink()
   (tmp_path / "s" / "runs" / runs[0].id / sweep.PID).write_text(str(os.getpid()))
   assert sweep.run_status(runs[0].workdir, 2) == sweep.RUNNING
+  # Runs without a record are rows of a plain directory too: running, and failed with its flag.
+  (tmp_path / "s" / "runs" / runs[1].id / "record.json").unlink()
+  config_lib.write_json(os.path.join(runs[1].workdir, sweep.STATUS),
+                        {"status": sweep.FAILED, "attempts": 2, "error": "ValueError: boom"})
+  rows = results.gather(str(tmp_path / "s"))
+  assert [(r["model.channels"], r["status"]) for r in rows] == [(2, sweep.RUNNING),
+                                                                 (4, sweep.FAILED)]
+  assert any("failed (ValueError: boom)" in line for line in results.flags(rows))
 
 
 def test_a_pid_file_marks_its_own_process_not_a_later_one_of_that_number(tmp_path):

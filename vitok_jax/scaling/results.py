@@ -44,15 +44,18 @@ def _config_value(config: dict, path: str):
   return node
 
 
-def _row(record: dict, run_id: str, status: str, swept: Sequence[str], point: dict) -> dict:
+def _row(record: dict, run_id: str, status: str, swept: Sequence[str], point: dict,
+         config: dict | None = None) -> dict:
   """One table row. A generator's record names its frozen tokenizer: its E and c are that
-  tokenizer's, and the row says which tokenizer (workdir name, bottleneck) and family."""
+  tokenizer's, and the row says which tokenizer (workdir name, bottleneck) and family. Swept
+  values not in `point` come from `config` (default: the record's)."""
   params = record.get("params", {})
   flops = record.get("flops_per_example", {})
   seen = record.get("examples_seen")
   row = {"id": run_id, "status": status}
   for key in swept:
-    value = point.get(key, _config_value(record.get("config", {}), key))
+    value = point.get(key, _config_value(
+        record.get("config", {}) if config is None else config, key))
     row[key] = "x".join(map(str, value)) if isinstance(value, (list, tuple)) else value
   tok = record.get("tokenizer") if record.get("kind") == "generator" else None
   if tok:
@@ -83,7 +86,8 @@ def _row(record: dict, run_id: str, status: str, swept: Sequence[str], point: di
 
 
 def gather(sweep_dir: str, max_attempts: int | None = None) -> list[dict]:
-  """Table rows for every run of a sweep directory (or any directory of run dirs with records).
+  """Table rows for every run of a sweep directory (or any directory of run dirs: those with a
+  record, a config.json or a sweep status, so that failed and unfinished runs are rows too).
 
   max_attempts (when a run without a record counts as failed) defaults to the one the sweep's
   manifest records, else 2.
@@ -96,20 +100,29 @@ def gather(sweep_dir: str, max_attempts: int | None = None) -> list[dict]:
                for run in manifest["runs"]]
     swept = manifest.get("swept", [])
   else:  # Plain directories of runs: the swept keys are the config fields that differ.
-    dirs = sorted(os.path.dirname(p) for p in glob.glob(
-        os.path.join(sweep_dir, "**", "record.json"), recursive=True))
+    dirs = sorted({os.path.dirname(p) for name in ("record.json", "config.json", sweep_lib.STATUS)
+                   for p in glob.glob(os.path.join(sweep_dir, "**", name), recursive=True)})
     entries = [(os.path.relpath(d, sweep_dir), d, {}) for d in dirs]
-    swept = _varying_fields([_read(os.path.join(d, "record.json")).get("config", {}) for d in dirs])
+    swept = _varying_fields([_run_config(d) for d in dirs])
   max_attempts = max_attempts or manifest.get("max_attempts", 2)
   rows = []
   for run_id, workdir, point in entries:
     status = sweep_lib.run_status(workdir, max_attempts)
     record = _read(os.path.join(workdir, "record.json")) if status == sweep_lib.DONE else {}
-    row = _row(record, run_id, status, swept, point)
+    row = _row(record, run_id, status, swept, point, config=_run_config(workdir))
     if status in (sweep_lib.FAILED, sweep_lib.DIVERGED):
       row["error"] = sweep_lib.read_status(workdir).get("error", "").strip().splitlines()[-1:]
     rows.append(row)
   return rows
+
+
+def _run_config(workdir: str) -> dict:
+  """The config of a run dir as its record holds it, else its config.json, else {}."""
+  for name, read in (("record.json", lambda p: _read(p).get("config", {})),
+                     ("config.json", _read)):
+    if os.path.exists(path := os.path.join(workdir, name)):
+      return read(path)
+  return {}
 
 
 def _read(path: str) -> dict:
