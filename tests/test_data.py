@@ -4,6 +4,7 @@ import importlib.resources
 import io
 import logging
 import os
+import shutil
 import sys
 
 import grain
@@ -295,6 +296,20 @@ def test_image_folder(image_folder, caplog):
       [0 if "/cat/" in f else 1 for f in train_files])  # Sub-folder labels: cat = 0, dog = 1.
 
 
+def test_linked_class_folders_are_read_and_a_link_loop_once(image_folder, tmp_path):
+  """A class tree built of links to folders (dog → the fixture's dog) is read with its labels;
+  a link back to the root is not walked again."""
+  root = tmp_path / "linked"
+  shutil.copytree(os.path.join(image_folder, "cat"), root / "cat")
+  os.symlink(os.path.join(image_folder, "dog"), root / "dog")
+  os.symlink(root, root / "cat" / "loop")
+  good, _ = data.scan_folder(str(root))
+  assert [os.path.relpath(f, root).split(os.sep)[0] for f in good] == ["cat"] * 5 + ["dog"] * 5
+  cfg = _cfg("image_folder", path=str(root), res=16)
+  labels = [data.make_source(cfg, split).labels for split in ("train", "eval")]
+  assert sorted(sum(map(list, labels), [])) == [0] * 5 + [1] * 5
+
+
 def test_scan_finds_truncated_images(tmp_path):
   """PIL's verify passes a JPEG or BMP cut short; the scan decodes those and skips them."""
   x = np.random.default_rng(0).integers(0, 256, (48, 48, 3), dtype=np.uint8)
@@ -463,6 +478,65 @@ def test_clips_of_videos_with_b_frames_are_the_frames_shown(tmp_path, name, code
   for start, stride in ((0, 2), (10, 1), (20, 3), (27, 4)):
     clip = video_files.decode_clip(path, start, 4, stride)
     assert [index_of(f) for f in clip] == list(range(start, start + 4 * stride, stride))
+
+
+def test_clips_of_a_variable_frame_rate_video_are_the_frames_shown(tmp_path):
+  """A phone's 30 then 15 fps: frame k is the k-th shown, not the one at k / average rate."""
+  import av  # pylint: disable=g-import-not-at-top
+  from fractions import Fraction  # pylint: disable=g-import-not-at-top
+  from vitok_jax.data import video_files  # pylint: disable=g-import-not-at-top
+  bit_grid = lambda i: ((i >> np.arange(16)) & 1).reshape(4, 4)
+  index_of = lambda frame: int(((frame[..., 0].reshape(4, 8, 4, 8).mean((1, 3)) > 127).reshape(-1)
+                                * (1 << np.arange(16))).sum())
+  path, pts = str(tmp_path / "vfr.mp4"), 0
+  with av.open(path, "w") as container:
+    stream = container.add_stream("libx264", rate=30)
+    stream.width = stream.height = 32
+    stream.pix_fmt = "yuv420p"
+    stream.codec_context.gop_size = 8
+    stream.codec_context.time_base = Fraction(1, 90000)
+    for i in range(40):
+      frame = av.VideoFrame.from_ndarray(
+          np.kron(bit_grid(i), np.ones((8, 8))).astype(np.uint8)[..., None].repeat(3, -1) * 255,
+          format="rgb24")
+      frame.pts, frame.time_base = pts, Fraction(1, 90000)
+      pts += 3000 if i < 20 else 6000
+      for packet in stream.encode(frame):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  assert video_files.count_frames(path) == 40
+  for start, stride in ((0, 1), (10, 2), (24, 1), (30, 2), (36, 1)):
+    clip = video_files.decode_clip(path, start, 4, stride)
+    assert [index_of(f) for f in clip] == list(range(start, start + 4 * stride, stride))
+
+
+def test_a_video_cut_short_after_its_header_counts_the_frames_it_holds(tmp_path):
+  """A broken copy keeps the header's frame count: its clips come from the frames still there."""
+  import av  # pylint: disable=g-import-not-at-top
+  from vitok_jax.data import video_files  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "cut.mp4")
+  with av.open(path, "w", options={"movflags": "faststart"}) as container:
+    stream = container.add_stream("mpeg4", rate=10)
+    stream.width = stream.height = 32
+    stream.pix_fmt = "yuv420p"
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+      frame = av.VideoFrame.from_ndarray(rng.integers(0, 256, (32, 32, 3), np.uint8),
+                                         format="rgb24")
+      for packet in stream.encode(frame):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+  with av.open(path) as container:
+    assert container.streams.video[0].frames == 60  # The header, before the cut.
+  whole = open(path, "rb").read()
+  open(path, "wb").write(whole[:len(whole) // 3])
+  with av.open(path) as container:
+    assert container.streams.video[0].frames == 60  # The header still says so.
+  held = video_files.count_frames(path)
+  assert 0 < held < 60
+  assert len(video_files.decode_clip(path, held - 4, 4, 1)) == 4  # Its last frames decode.
 
 
 # --- tfds (ArrayRecord random access). ---

@@ -159,11 +159,14 @@ def _list_files(path: str, kind: str) -> list[str]:
   exts = IMAGE_EXTS if kind == "image" else VIDEO_EXTS
   if not os.path.isdir(path):
     raise DataError(f"data.path={path}: no such folder; point data.path at a folder of {kind}s")
-  files = []
-  for root, dirs, names in os.walk(path):
+  files, seen = [], set()
+  for root, dirs, names in os.walk(path, followlinks=True):  # Class folders may be links.
     # Sorted: os.walk order is the file system's, sorting makes splits reproducible. Hidden
-    # folders and files (.ipynb_checkpoints, ._x.jpg) are no data.
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    # folders and files (.ipynb_checkpoints, ._x.jpg) are no data. A folder reached again (a link
+    # to one above it) is walked once.
+    seen.add(os.path.realpath(root))
+    dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                     and os.path.realpath(os.path.join(root, d)) not in seen)
     files += [os.path.join(root, n) for n in sorted(names)
               if n.lower().endswith(exts) and not n.startswith(".")]
   if not files:
@@ -192,10 +195,10 @@ def _check_image(path: str) -> None:
 def scan_folder(path: str, kind: str = "image") -> tuple[list[str], list[str]]:
   """(readable files, unreadable files) under `path`, recursively, in sorted order.
 
-  Checks every header (PIL open + verify, or PyAV open + a frame count), and decodes a JPEG that
-  lacks its end marker (truncated) and a BMP in full: about 0.1-1 ms per image and a few ms per
-  video, so minutes for ImageNet-sized folders; use tfds for those. Unreadable
-  files are logged with a count; raises DataError when none is readable.
+  Checks every header (PIL open + verify, or PyAV open + a frame count by demuxing), and decodes a
+  JPEG that lacks its end marker (truncated) and a BMP in full: about 0.1-1 ms per image and a few
+  ms per video, so minutes for ImageNet-sized folders; use tfds for those. Unreadable files are
+  logged with a count; raises DataError when none is readable.
   """
   if kind not in ("image", "video"):
     raise ConfigError(f"scan_folder kind={kind!r} must be 'image' or 'video'")
