@@ -23,25 +23,21 @@ import numpy as np
 from vitok_jax.errors import ConfigError
 from vitok_jax.models import quantizers
 
-# Published schedules (side lengths of the square token maps) by the side of the last map; the
-# first of each family is the base of the other sides.
+# Published schedules (side lengths of the square token maps).
 SCHEDULES = {
-    "var": {16: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),                    # VAR 256p: 680 tokens.
-            32: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)},                  # VAR 512p: 2240 tokens.
-    "infinity": {64: (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64)},  # Infinity 1024p.
+    "var": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),                         # VAR 256p: 680 tokens.
+    "infinity": (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64),      # Infinity 1024p.
 }
 
 
 def scale_schedule(name: str, size: int) -> tuple[int, ...]:
-  """The published schedule of a `size`-side map where there is one (VAR: 16 and 32, as its
-  arg_util's pn 256 and 512; Infinity: 64); else the base schedule's sides below `size`, then
-  `size` itself."""
+  """The published schedule's sides below `size`, then `size` itself (exact at VAR's 16). At 32
+  VAR's 512p schedule is (1, 2, 3, 4, 6, 9, 13, 18, 24, 32) (`masks.VAR_SCALES[2240]`), this one
+  (1, …, 16, 32): the schedule is not in a run's config, so taking VAR's there needs a config field
+  with this one as its legacy value, and the token store to record its sides."""
   if name not in SCHEDULES:
     raise ConfigError(f"scale schedule {name!r} is unknown; use one of {list(SCHEDULES)}")
-  published = SCHEDULES[name]
-  if size in published:
-    return published[size]
-  return tuple(s for s in next(iter(published.values())) if s < size) + (size,)
+  return tuple(s for s in SCHEDULES[name] if s < size) + (size,)
 
 
 def token_count(schedule: Sequence[int]) -> int:
