@@ -1224,6 +1224,16 @@ def test_vq_nearest_code_norms_in_the_dot_or_added(sq_in_codebook):
     vq_pallas.vq_nearest(jnp.ones((4, 8)), jnp.ones((5, 8)), fma=True, sq_in_codebook=True)
 
 
+def test_vq_code_norms_in_the_dot_keep_triton_tiles_powers_of_two():
+  """Lowered for CUDA here: D + 1 coordinates pad to a power of two (Triton's tiles) at any D."""
+  for dim, sq_in_codebook in ((8, None), (16, True), (32, True), (32, None)):
+    nearest = functools.partial(vq_pallas._vq_nearest, normalize=True, block_tokens=128,
+                                block_codes=64, num_warps=4, fma=False,
+                                sq_in_codebook=sq_in_codebook, interpret=False, triton=True)
+    jax.jit(nearest).trace(jnp.zeros((256, dim)), jnp.zeros((512, dim))).lower(
+        lowering_platforms=("cuda",))
+
+
 @pytest.mark.slow
 def test_vq_nearest_llamagen_codebook():
   _check_vq(300, 16384, 8, True, block_codes=512)

@@ -1044,7 +1044,8 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
     (["sweep", "quickstart", "--parallel=0"], "--parallel=0: run at least one run at a time"),
     # A local sweep's generators read their tokenizer here: one missing fails no run.
     (["sweep", "generator_size:NOPE"], "NOPE is not a tokenizer run (no checkpoints/); train one "
-     "first with `vitok train --workdir NOPE`"),
+     "there first with the bottleneck the generator family reads (`vitok train --config "
+     "vitok:VARIANT --workdir NOPE`"),
     (["sweep", "quickstart", "--target=slurm", "--job=gpus_per_node=3"],
      "batch_size=32 must be divisible by the 3 batch shards"),
     (["sweep", "MESH3", "--target=slurm", "--job=gpus_per_node=4"],

@@ -181,17 +181,31 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, damag
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8", "corrupt_8"]
 
 
-def test_a_reader_of_a_damaged_newest_checkpoint_is_told_how_the_trainer_mends_it(tmp_path):
+def test_a_reader_of_a_damaged_newest_checkpoint_is_told_how_the_trainer_mends_it(tmp_path,
+                                                                                 monkeypatch):
   """Eval, tokenize and a generator's tokenizer read the newest step without moving anything: a
-  damaged one is a DataError that names it and how to mend it, after which it reads."""
+  read that fails once is retried; a damaged step is a DataError that names it and how to mend it
+  (and what the relaunch trains from), after which it reads."""
   workdir = tmp_path / "run"
   config = tiny_config(steps=8, ckpt_every=4)
   train_tokenizer.train(config, str(workdir))
-  open(workdir / "checkpoints" / "8" / "state" / "_METADATA", "w").close()
   mesh = mesh_lib.make_mesh(config.mesh)
+  restore, calls = checkpoint.Checkpointer._restore, []
+
+  def fails_once(self, step, layout):
+    calls.append(step)
+    if len(calls) == 1:
+      raise OSError(110, "timed out")
+    return restore(self, step, layout)
+  with monkeypatch.context() as patch:
+    patch.setattr(checkpoint.Checkpointer, "_restore", fails_once)
+    assert train_tokenizer.restore_params(str(workdir), config, mesh)[0] == 8 and calls == [8, 8]
+  open(workdir / "checkpoints" / "8" / "state" / "_METADATA", "w").close()
   with pytest.raises(DataError, match=r"checkpoint step 8 in .*checkpoints does not restore \(.*"
-                                      r"damaged.*Move it aside \(`mv (\S+) (\S+)`\) and "
-                                      rf"relaunch .*`vitok train --workdir {workdir}`") as error:
+                                      r"damaged.*move it aside \(`mv (\S+) (\S+)`\) and "
+                                      rf"relaunch .*`vitok train --workdir {workdir}`\): it trains "
+                                      r"on from the newest intact step \(the run holds steps \[4\]"
+                                      ) as error:
     train_tokenizer.restore_params(str(workdir), config, mesh)
   # What the message says: the move, then the relaunch (from step 4, step 8 trained anew).
   source, target = re.search(r"`mv (\S+) (\S+)`", str(error.value)).groups()

@@ -114,11 +114,13 @@ def _vq_nearest(z_ND, codebook_KD, *, normalize: bool, block_tokens: int, block_
   # Zero coordinates change no distance; Triton's dot wants power-of-two tiles of at least 16.
   padded_dim = max(16, pl.next_power_of_2(dim)) if triton and not fma else dim
   if sq_in_codebook is None:  # Free where Triton pads D with room to spare (H200, D = 8: the
-    # kernel 0.64 against 0.77 ms; where it has none, D = 32, it doubled the dot's width and time).
-    sq_in_codebook = not fma and (padded_dim > dim or not triton)
+    # kernel 0.64 against 0.77 ms; where it has none, D = 32, it doubled the dot's width and
+    # time); in the interpreter, where the tests run it. Not measured on a TPU: off there.
+    sq_in_codebook = not fma and ((triton and padded_dim > dim) or interpret)
   if sq_in_codebook and fma:
     raise ConfigError("sq_in_codebook=True is for the tiled dot: leave it None with fma=True")
-  padded_dim = max(padded_dim, dim + 1) if sq_in_codebook else padded_dim
+  if sq_in_codebook:  # Triton's tiles stay powers of two.
+    padded_dim = max(16, pl.next_power_of_2(dim + 1)) if triton else max(padded_dim, dim + 1)
   e_KD = reference.l2_normalize(codebook_KD) if normalize else codebook_KD.astype(jnp.float32)
   code_sq_K = jnp.pad(jnp.sum(e_KD * e_KD, axis=-1), (0, padded_k - num_codes),
                       constant_values=_FAR)  # Padded codes are never nearest.
@@ -162,7 +164,7 @@ def vq_nearest(z_ND, codebook_KD, *, normalize: bool = True,
   `num_warps` per program (GPU); `fma`: z·e as D multiply-adds instead of a tiled dot (on GPU the
   dot runs on the tensor cores as TF32×3, float32-accurate, and was the faster at LlamaGen's D = 8);
   `sq_in_codebook`: |e|² as one more coordinate of the dot rather than added per tile (default
-  where that coordinate is free: the dot's padding of D has room, or off GPU).
+  where that coordinate is free: Triton's padding of D has room; and in the interpreter).
   """
   backend = jax.default_backend()
   interpret = backend == "cpu" if interpret is None else interpret

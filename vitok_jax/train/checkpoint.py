@@ -50,21 +50,31 @@ class Checkpointer:
     A state field that is empty in `abstract_state` (e.g. TrainState.code_counts without codebook
     restart) may be absent from a checkpoint written before the field existed.
     """
-    try:
+    if not self.read_only:  # The trainer passes over a damaged step (`restore_newest_intact`).
       return self._restore_matching(step, abstract_state)
-    except ConfigError:
-      raise
-    except Exception as e:  # pylint: disable=broad-except  Any damage to the files.
-      if not self.read_only:  # The trainer passes over it (`restore_newest_intact`).
+    for attempt in range(2):  # Once more: a read that failed for a moment is no damage.
+      try:
+        return self._restore_matching(step, abstract_state)
+      except ConfigError:
         raise
-      detail = (str(e).strip().splitlines() or [""])[0][:200]
-      path = os.path.join(self.directory, str(step))
-      raise DataError(
-          f"checkpoint step {step} in {self.directory} does not restore ({type(e).__name__}: "
-          f"{detail}); it may be damaged (a full disk, a broken copy). Move it aside (`mv {path} "
-          f"{self.directory}/corrupt_{step}`) and relaunch the run's training (`vitok train "
-          f"--workdir {os.path.dirname(self.directory)}`): it trains on from the newest intact "
-          f"step") from e
+      except Exception as e:  # pylint: disable=broad-except  Any damage to the files.
+        if attempt:
+          raise self._not_restored(step, e) from e
+
+  def _not_restored(self, step: int, error: Exception) -> DataError:
+    """A reader's error for a step that failed twice, with the way to mend it if it is damage."""
+    detail = (str(error).strip().splitlines() or [""])[0][:200]
+    path = os.path.join(self.directory, str(step))
+    older = [s for s in self.manager.all_steps() if s < step]
+    then = (f"it trains on from the newest intact step (the run holds steps {sorted(older)} "
+            "before it)" if older else "with no older checkpoint it starts again from step 0")
+    return DataError(
+        f"checkpoint step {step} in {self.directory} does not restore ({type(error).__name__}: "
+        f"{detail}). If its files are damaged (a full disk, a broken copy: the error names missing "
+        f"or unreadable files), move it aside (`mv {path} {self.directory}/corrupt_{step}`) and "
+        f"relaunch the run's training (`vitok train --workdir "
+        f"{os.path.dirname(self.directory)}`): {then}; any other error (memory, permissions) is "
+        "the message's own")
 
   def _restore_matching(self, step: int, abstract_state):
     """`restore` but for damage: a state that does not match the config is a ConfigError."""

@@ -134,8 +134,9 @@ def tokenize_workdir(workdir: str, out: str, *, split: str = "eval", max_example
 def check_tokenizer_run(workdir: str) -> None:
   """DataError unless `workdir` holds a run's checkpoints/ (a tokenizer for a generator)."""
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise DataError(f"{workdir} is not a tokenizer run (no checkpoints/); train one first with "
-                    f"`vitok train --workdir {workdir}`")
+    raise DataError(f"{workdir} is not a tokenizer run (no checkpoints/); train one there first "
+                    f"with the bottleneck the generator family reads (`vitok train --config "
+                    f"vitok:VARIANT --workdir {workdir}`; generators.FAMILIES lists them)")
 
 
 def load_or_tokenize(workdir: str, split: str, mesh=None) -> dict[str, np.ndarray]:
