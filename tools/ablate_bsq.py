@@ -45,9 +45,8 @@ _SIGN = """    u_ND = z_ND * inv_norm_N1
 _LOGITS = """    a_ND = logit_scale * jnp.abs(u_ND)
     e_ND = math_.exp2(a_ND * -_LOG2_E)
 """
-_NORM = """    inv_norm_N1 = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(z_ND * z_ND, axis=1, keepdims=True)),
-                                    reference.NORM_EPS)
-"""
+_NORM = ("    inv_norm_N1 = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(z_ND * z_ND, axis=1, "
+         "keepdims=True)),\n                                    reference.NORM_EPS)\n")
 _FINAL = """  for row, total_ND in enumerate(sums):
     sums_ref[pl.ds(row, 1), :] = jnp.sum(total_ND, axis=0, keepdims=True)
 """
@@ -68,12 +67,12 @@ EDITS = {
     "no_bit_sum": ((_STATS, _STATS.replace(*_NO_BIT_SUM)),),
     "no_pack": (("      codes_ref[tokens, pl.ds(word, 1)] = pack(bit_ND, word)\n",
                  "      codes_ref[tokens, pl.ds(word, 1)] = jnp.zeros((block, 1), jnp.int32)\n"),),
-    "no_quantized": (("""    quantized_ref[tokens, :] = jnp.where(bit_ND, inv_sqrt_d, -inv_sqrt_d).astype(
-        quantized_ref.dtype)""", "    quantized_ref[tokens, :] = z_ref[tokens, :]"),),
+    "no_quantized": (("    quantized_ref[tokens, :] = jnp.where(bit_ND, inv_sqrt_d, "
+                      "-inv_sqrt_d).astype(\n        quantized_ref.dtype)",
+                      "    quantized_ref[tokens, :] = z_ref[tokens, :]"),),
     "sign_of_z": (("    bit_ND = u_ND > 0", "    bit_ND = z_ND > 0"),),
-    "rsqrt_norm": ((_NORM, """    inv_norm_N1 = jax.lax.rsqrt(jnp.maximum(jnp.sum(z_ND * z_ND, axis=1, keepdims=True),
-                                            reference.NORM_EPS ** 2))
-"""),),
+    "rsqrt_norm": ((_NORM, "    inv_norm_N1 = jax.lax.rsqrt(jnp.maximum(jnp.sum(z_ND * z_ND, "
+                           "axis=1, keepdims=True), reference.NORM_EPS ** 2))\n"),),
     "ys": _YS,
     "ys_no_bit_sum": _YS[:2] + ((_YS[2][0], _YS[2][1].replace(*_NO_BIT_SUM)),) + _YS[3:],
 }
