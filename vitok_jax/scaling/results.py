@@ -109,7 +109,8 @@ def gather(sweep_dir: str, max_attempts: int | None = None) -> list[dict]:
   for run_id, workdir, point in entries:
     status = sweep_lib.run_status(workdir, max_attempts)
     record = _read(os.path.join(workdir, "record.json")) if status == sweep_lib.DONE else {}
-    row = _row(record, run_id, status, swept, point, config=_run_config(workdir))
+    row = _row(record, run_id, status, swept, point,
+               config=record.get("config") if record else _run_config(workdir))
     if status in (sweep_lib.FAILED, sweep_lib.DIVERGED):
       row["error"] = sweep_lib.read_status(workdir).get("error", "").strip().splitlines()[-1:]
     rows.append(row)
