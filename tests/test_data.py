@@ -557,7 +557,7 @@ def test_tfds_images_and_video(tfds_dir):
                              [25, 100, 175], atol=1)
   # eval_size picks records of a sliced split too (evenly spaced, not a second slice).
   sliced = cfg.copy_and_resolve_references()
-  sliced.update(eval_split="train[:50%]", eval_size=3)
+  sliced.update(train_split="train[50%:]", eval_split="train[:50%]", eval_size=3)
   assert data.num_examples(sliced, "eval") == 3
   # A video too short for the clip names its record.
   video.frames = 4  # 10 frames at stride 3; the records hold 9.
@@ -601,6 +601,11 @@ def test_tfds_errors(tfds_dir, tmp_path):
     (dict(crop="middle"), ConfigError, "data.crop='middle'"),
     (dict(name="image_folder"), ConfigError, "needs data.path"),
     (dict(name="image_folder", path="/nonexistent/x"), DataError, "no such folder"),
+    # A held-out split inside the train split (tfds): the same one, or a slice of an unsliced one.
+    (dict(name="tfds", tfds_name="x", train_split="train", eval_split="train"), ConfigError,
+     r"eval_split='train' lies inside data.train_split='train'.*\[95%:\]"),
+    (dict(name="tfds", tfds_name="x", train_split="train", eval_split="train[80%:]"),
+     ConfigError, "lies inside"),
 ])
 def test_bad_config(kw, error, match):
   with pytest.raises(error, match=match):

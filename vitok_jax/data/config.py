@@ -65,3 +65,13 @@ def validate(cfg: ml_collections.ConfigDict, split: str = "train") -> None:
     raise ConfigError(f"data.name={cfg.name!r} needs data.path: the folder to read")
   if cfg.name == "tfds" and not cfg.tfds_name:
     raise ConfigError("data.name='tfds' needs data.tfds_name, e.g. 'imagenet2012'")
+  if cfg.name == "tfds":  # A held-out split inside the train split scores training data.
+    base = lambda s: s.split("[")[0].strip()
+    if base(cfg.train_split) == base(cfg.eval_split) and (
+        cfg.train_split == cfg.eval_split or "[" not in cfg.train_split
+        or "[" not in cfg.eval_split):
+      raise ConfigError(
+          f"data.eval_split={cfg.eval_split!r} lies inside data.train_split="
+          f"{cfg.train_split!r}: the held-out scores would be of training data; use another "
+          f"split, or slices that do not overlap (train_split='{base(cfg.train_split)}[:95%]', "
+          f"eval_split='{base(cfg.train_split)}[95%:]')")
