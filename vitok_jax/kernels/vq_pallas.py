@@ -5,9 +5,10 @@ One program per tile of tokens loops over the codebook in tiles of `block_codes`
 the winner at the end; where the dot has a spare padded coordinate, as LlamaGen's 8 padded to 16,
 |e|² rides in it: the product [z, 1]·[−2·e, |e|²]ᵀ is the whole term) and keeping an elementwise
 running minimum and the tile it came from per (token, column of the tile), reduced over the
-columns once at the end; the tokens × codebook matrix never exists (LlamaGen's 16384 codes × 65k tokens would be 4 GiB in
-float32). Ties go to the first index, as `jnp.argmin`. With `normalize` the tokens are
-l2-normalised inside the kernel and the (small) codebook once outside (cosine lookup).
+columns once at the end; the tokens × codebook matrix never exists (LlamaGen's 16384 codes ×
+65k tokens would be 4 GiB in float32). Ties go to the first index, as `jnp.argmin`. With
+`normalize` the tokens are l2-normalised inside the kernel and the (small) codebook once outside
+(cosine lookup).
 
 The same kernel lowers to Triton (GPU) and Mosaic (TPU). On GPU each program streams codebook
 tiles from global memory (the whole codebook is small enough to stay in L2: 16384 × 8 float32 is
