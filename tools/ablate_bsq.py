@@ -32,10 +32,10 @@ import types
 import jax
 import jax.numpy as jnp
 
-from vitok_jax.eval import timing
 from vitok_jax.kernels import bsq_pallas
 from vitok_jax.kernels import reference
 import bench_kernels
+import tune_kernels
 
 _STATS = ("    stats = (p_ND, a_ND * ep_ND + _LN_2 * math_.log2(1.0 + e_ND), "
           "bit_ND.astype(jnp.float32))\n")
@@ -110,15 +110,9 @@ def main(argv=None):
             "peak_bandwidth_gb_per_s": peak / 1e9, "peak_bandwidth_source": peak_source,
             "copy": [], "rows": []}
 
-  def timed(fn, args_, name):
-    _, seconds, compiled = timing.time_jitted(fn, args_, 3, args.iters)
-    row = {"ms": 1e3 * seconds}
-    try:
-      row["kernel_ms"] = timing.named_kernels_ms(
-          timing.kernel_times(compiled, args_, args.iters), name)
-    except Exception as e:  # noqa: BLE001  Off CUDA: no CUPTI; the edits are still checked.
-      row["kernel_error"] = timing.error_summary(e)
-    return row
+  # Per call, and on CUDA the named kernel alone (CUPTI), as tune_kernels times its candidates.
+  timed = lambda fn, args_, name: tune_kernels._time(fn, args_, tune_kernels.Runs(3, args.iters),
+                                                     name)
 
   modules = {name: variant(name) for name in args.variants.split(",")}
   launches = [tuple(int(x) for x in launch.split(",")) for launch in args.launches.split(";")]

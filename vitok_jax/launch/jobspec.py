@@ -178,12 +178,19 @@ def check_mesh(mesh_cfg, *, nodes: int, gpus_per_node: int,
   node its processes. None for a CPU job (nothing to check: its device count is the processes')."""
   if not gpus_per_node:
     return None
-  from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   granules, kind = (nodes, "nodes") if nodes > 1 else (processes_per_node, "processes")
-  job = f"the job has nodes × gpus_per_node = {nodes} × {gpus_per_node} GPUs"
+  return mesh_on(mesh_cfg, nodes * gpus_per_node, granules, f"its GPUs are in {granules} {kind}",
+                 f"the job has nodes × gpus_per_node = {nodes} × {gpus_per_node} GPUs")
+
+
+def mesh_on(mesh_cfg, devices: int, granules: int, where: str,
+            job: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """The mesh's (ICI shape, DCN shape) on `devices` in `granules` DCN groups (`where` says what
+  holds them), or the ConfigError `mesh.make_mesh` would raise, with `job` saying what runs it."""
+  from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   try:
-    ici, dcn = mesh_lib.mesh_shapes(mesh_cfg, nodes * gpus_per_node, granules=granules)
-    mesh_lib.check_dcn_groups(dcn, granules, f"its GPUs are in {granules} {kind}")
+    ici, dcn = mesh_lib.mesh_shapes(mesh_cfg, devices, granules=granules)
+    mesh_lib.check_dcn_groups(dcn, granules, where)
   except ConfigError as e:
     raise ConfigError(f"{e} ({job})") from None
   return ici, dcn

@@ -64,12 +64,7 @@ def check_layout(config, accelerator_type: str) -> None:
     return
   devices, hosts = shape
   job = f"a {accelerator_type} slice has {devices} devices on {hosts} host(s)"
-  from vitok_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  try:
-    shapes = mesh_lib.mesh_shapes(config.mesh, devices, granules=1)
-    mesh_lib.check_dcn_groups(shapes[1], 1, "one TPU slice is one DCN group")
-  except ConfigError as e:
-    raise ConfigError(f"{e} ({job})") from None
+  shapes = jobspec.mesh_on(config.mesh, devices, 1, "one TPU slice is one DCN group", job)
   jobspec.check_batch_layout(config, shapes, hosts, job)
 
 

@@ -52,14 +52,24 @@ class Checkpointer:
     """
     if not self.read_only:  # The trainer passes over a damaged step (`restore_newest_intact`).
       return self._restore_matching(step, abstract_state)
-    for attempt in range(2):  # Once more: a read that failed for a moment is no damage.
+    state, error = self._restore_twice(step, abstract_state)
+    if error is not None:
+      raise self._not_restored(step, error) from error
+    return state
+
+  def _restore_twice(self, step: int, abstract_state):
+    """(state, None), or (None, the error) of a step that fails to read twice: once more, since a
+    read that failed for a moment is no damage. A state that does not match the config
+    (ConfigError) is raised at once."""
+    error = None
+    for _ in range(2):
       try:
-        return self._restore_matching(step, abstract_state)
+        return self._restore_matching(step, abstract_state), None
       except ConfigError:
         raise
       except Exception as e:  # pylint: disable=broad-except  Any damage to the files.
-        if attempt:
-          raise self._not_restored(step, e) from e
+        error = e
+    return None, error
 
   def _not_restored(self, step: int, error: Exception) -> DataError:
     """A reader's error for a step that failed twice, with the way to mend it if it is damage."""
@@ -112,15 +122,7 @@ class Checkpointer:
     raised at once."""
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
-      state, error = None, None
-      for _ in range(2):  # Once more: a read that failed for a moment is no damage.
-        try:
-          state, error = self.restore(step, abstract_state), None
-          break
-        except ConfigError:
-          raise
-        except Exception as e:  # pylint: disable=broad-except  Any damage to the files.
-          error = e
+      state, error = self._restore_twice(step, abstract_state)
       if not all_ok(error is None):
         logging.warning("checkpoint step %d in %s does not restore%s; trying the one before",
                         step, self.directory, f" ({type(error).__name__}: {str(error)[:300]})"
