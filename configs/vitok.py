@@ -36,7 +36,8 @@ OPTIONS = {
     "dtype": "model.dtype",
     "seed": "seed",
     "kl": "loss.kl",
-    # Discrete bottlenecks (models/bottlenecks.py): vq, vq1k, bsq, msvq, msbsq; c = code dim / bits.
+    # Discrete bottlenecks (models/bottlenecks.py): vq, vq1k, bsq, msvq(512), msbsq;
+    # c = code dim / bits.
     "quantizer": "model.bottleneck",
     # VQ dead-code restart: codes unused for N steps move onto batch inputs (0 = off).
     "restart": "codebook_restart_every",

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from vitok_jax import ConfigError
+from vitok_jax.kernels import masks
 from vitok_jax.models import multiscale, tokenizer, vit
 
 
@@ -14,6 +15,22 @@ def test_schedules():
   assert multiscale.token_count(multiscale.scale_schedule("var", 16)) == 680
   assert multiscale.scale_schedule("infinity", 64) == multiscale.SCHEDULES["infinity"]
   assert multiscale.scale_schedule("var", 8) == (1, 2, 3, 4, 5, 6, 8)
+  assert multiscale.scale_schedule("var512", 32) == masks.VAR_SCALES[2240]
+  assert multiscale.token_count(multiscale.scale_schedule("var512", 32)) == 2240
+
+
+@pytest.mark.parametrize("bottleneck,scales", [("msvq", (1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 32)),
+                                               ("msvq512", masks.VAR_SCALES[2240])])
+def test_a_32_by_32_token_map_is_quantised_on_its_bottlenecks_schedule(bottleneck, scales):
+  """msvq keeps the schedule its runs trained with at side 32; msvq512 is VAR's 512p one."""
+  model = tokenizer.ViTok(vit.ViTSize(32, 1, 2), vit.ViTSize(32, 1, 2), (2, 2), 1, 4,
+                          bottleneck=bottleneck, codebook_size=16)
+  rngs = {"params": jax.random.key(0), "sample": jax.random.key(1)}
+  image = jnp.zeros((1, 64, 64, 1))
+  variables = jax.eval_shape(lambda: model.init(rngs, image, sample=False))
+  _, aux, _ = jax.eval_shape(lambda v: model.apply(v, image, sample=False, rngs=rngs,
+                                                method=model.encode), variables)
+  assert tuple(c.shape[1] for c in aux["codes"]) == scales
 
 
 def test_area_matrix_overlapping_windows():

@@ -9,6 +9,8 @@ z_BNC, so codes are data: encode -> codes -> store -> decode_codes -> ViTok.deco
   vq     LlamaGen VQ (16384 × c, cosine lookup); vq1k: 1024 codes; vq1k_ent: + entropy loss.
   bsq    BSQ: c bits per token, implicit 2^c codebook, codes packed to uint32 words.
   msvq   VAR multi-scale residual VQ (4096 codes, φ refiners); codes: per-scale maps.
+         Scales (1, 2, 3, 4, 5, 6, 8, 10, 13, 16): VAR's 256p (16 × 16 tokens).
+  msvq512  msvq on VAR's 512p scales (1, 2, 3, 4, 6, 9, 13, 18, 24, 32) (32 × 32 tokens).
   msbsq  Infinity multi-scale residual BSQ.
 """
 from __future__ import annotations
@@ -161,13 +163,14 @@ BOTTLENECKS = {
     "vq1k_ent": functools.partial(VQBottleneck, codebook_size=1024, with_entropy=True),
     "bsq": BSQBottleneck,
     "msvq": MultiScaleBottleneck,
+    "msvq512": functools.partial(MultiScaleBottleneck, schedule="var512"),
     "msbsq": functools.partial(MultiScaleBottleneck, quantizer="bsq", schedule="infinity",
                                upsample="bilinear", num_phi=0),
 }
 # Bottlenecks whose codebook is a parameter (dead-code restart applies: train/codebook.py).
-LEARNED_CODEBOOK = ("vq", "vq1k", "vq1k_ent", "msvq")
+LEARNED_CODEBOOK = ("vq", "vq1k", "vq1k_ent", "msvq", "msvq512")
 # Multi-scale bottlenecks: they quantise a square 2-D (h × h) token map, so images only.
-MULTI_SCALE = ("msvq", "msbsq")
+MULTI_SCALE = ("msvq", "msvq512", "msbsq")
 
 
 def build(kind: str, channels: int, codebook_size: int = 0, **kwargs) -> nn.Module:

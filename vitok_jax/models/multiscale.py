@@ -26,15 +26,16 @@ from vitok_jax.models import quantizers
 # Published schedules (side lengths of the square token maps).
 SCHEDULES = {
     "var": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),                         # VAR 256p: 680 tokens.
+    "var512": (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),                     # VAR 512p: 2240 tokens.
     "infinity": (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64),      # Infinity 1024p.
 }
 
 
 def scale_schedule(name: str, size: int) -> tuple[int, ...]:
-  """The published schedule's sides below `size`, then `size` itself (exact at VAR's 16). At 32
-  VAR's 512p schedule is (1, 2, 3, 4, 6, 9, 13, 18, 24, 32) (`masks.VAR_SCALES[2240]`), this one
-  (1, …, 16, 32): the schedule is not in a run's config, so taking VAR's there needs a config field
-  with this one as its legacy value, and the token store to record its sides."""
+  """The published schedule's sides below `size`, then `size` itself: exact at the size it was
+  published for ("var" at 16, "var512" at 32, "infinity" at 64). "var" at 32 is (1, …, 16, 32), not
+  VAR's 512p schedule: that is "var512" (bottleneck msvq512). The schedule follows from the
+  bottleneck's name in a run's config, so a run keeps the one it trained with."""
   if name not in SCHEDULES:
     raise ConfigError(f"scale schedule {name!r} is unknown; use one of {list(SCHEDULES)}")
   return tuple(s for s in SCHEDULES[name] if s < size) + (size,)

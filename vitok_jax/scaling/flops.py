@@ -23,7 +23,7 @@ from vitok_jax.models import bottlenecks, multiscale, tokenizer, vit
 # Outputs of the projection into the bottleneck per latent channel: (mean, logvar) for the Gaussian,
 # one value for the quantisers. Add an entry for every new bottleneck.
 BOTTLENECK_OUT_PER_CHANNEL = {"gaussian": 2, "vq": 1, "vq1k": 1, "vq1k_ent": 1, "bsq": 1,
-                              "msvq": 1, "msbsq": 1}
+                              "msvq": 1, "msvq512": 1, "msbsq": 1}
 
 
 def dense_flops(tokens: int, fan_in: int, fan_out: int) -> int:

@@ -4,7 +4,7 @@
 
 The store holds `labels` [N] and what the tokenizer's bottleneck gives a generator:
   discrete single-scale (vq, bsq): `codes` [N, tokens(, words)];
-  multi-scale (msvq, msbsq): `codes_0 … codes_{K−1}` per-scale maps [N, s, s(, words)];
+  multi-scale (msvq(512), msbsq): `codes_0 … codes_{K−1}` per-scale maps [N, s, s(, words)];
   continuous (gaussian): `latents` [N, tokens, c], the posterior mean;
   msvq and msbsq also keep `latents`, the map before quantisation (Infinity's self-correction
   re-quantises it);
@@ -22,7 +22,7 @@ import numpy as np
 
 from vitok_jax import config_lib, data
 from vitok_jax.errors import DataError
-from vitok_jax.models import quantizers
+from vitok_jax.models import bottlenecks, quantizers
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.train import checkpoint, train_tokenizer
 
@@ -73,7 +73,7 @@ def tokenize(config, params, *, split: str = "eval", max_examples: int = 0,
     store["latents"] = np.concatenate(latents)[:limit].astype(np.float32)
   if codes:
     merged = [np.concatenate(scale)[:limit] for scale in zip(*codes)]
-    if config.model.bottleneck in ("msvq", "msbsq"):
+    if config.model.bottleneck in bottlenecks.MULTI_SCALE:
       store.update({f"codes_{k}": c for k, c in enumerate(merged)})
     else:
       store["codes"] = merged[0]

@@ -6,7 +6,7 @@ tokenizer). Which tokenizer bottleneck each family needs:
 
   dit       gaussian        rectified flow on the latent grid (models/dit.py, models/flow.py)
   llamagen  vq, vq1k(_ent)  next-token AR over raster-order codes (models/ar.py, models/sampling.py)
-  var       msvq            next-scale AR over the multi-scale codes (models/var.py)
+  var       msvq(512)       next-scale AR over the multi-scale codes (models/var.py)
   infinity  msbsq           bitwise next-scale AR with self-correction (models/infinity.py)
 """
 from __future__ import annotations
@@ -309,7 +309,7 @@ class LlamaGenFamily(Family):
 
 class VARFamily(Family):
   """VAR over the per-scale VQ maps; teacher inputs come from the tokenizer's quantiser."""
-  name, size_family, bottlenecks = "var", "var", ("msvq",)
+  name, size_family, bottlenecks = "var", "var", ("msvq", "msvq512")
   sample_fields = ("cfg_scale", "cfg_schedule", "temperature", "top_k", "top_p")
   head = "softmax"
 
