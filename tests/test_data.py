@@ -15,6 +15,7 @@ import pytest
 
 from vitok_jax import data
 from vitok_jax.data import bundled
+from vitok_jax.data import config as data_config
 from vitok_jax.data import sources
 from vitok_jax.data import transforms
 from vitok_jax.errors import ConfigError, DataError
@@ -601,15 +602,35 @@ def test_tfds_errors(tfds_dir, tmp_path):
     (dict(crop="middle"), ConfigError, "data.crop='middle'"),
     (dict(name="image_folder"), ConfigError, "needs data.path"),
     (dict(name="image_folder", path="/nonexistent/x"), DataError, "no such folder"),
-    # A held-out split inside the train split (tfds): the same one, or a slice of an unsliced one.
+    # A held-out split that shares examples with the train split (tfds).
     (dict(name="tfds", tfds_name="x", train_split="train", eval_split="train"), ConfigError,
-     r"eval_split='train' lies inside data.train_split='train'.*\[95%:\]"),
-    (dict(name="tfds", tfds_name="x", train_split="train", eval_split="train[80%:]"),
-     ConfigError, "lies inside"),
+     r"eval_split='train' shares examples with data.train_split='train'.*\[95%:\]"),
+    (dict(name="tfds", tfds_name="x", train_split="train[:80%]", eval_split="train[70%:]"),
+     ConfigError, r"shares examples .*\(train\[70%:\]\)"),
+    (dict(name="tfds", tfds_name="x", eval_split="train[:80"), ConfigError,
+     r"data.eval_split='train\[:80' is not a tfds split"),
 ])
 def test_bad_config(kw, error, match):
   with pytest.raises(error, match=match):
     data.build_iterator(_cfg(**kw), "train", batch_size=4, **ONE)
+
+
+@pytest.mark.parametrize("train_split,eval_split,shared", [
+    ("train", "train[80%:]", "train[80%:]"),          # A slice of the whole train split.
+    ("train[:80%]", "train[80%:]", ""),               # Percent boundaries round alike.
+    ("train[:80%]", "train[-30%:]", "train[-30%:]"),  # -30% is 70%.
+    ("train[:80%]", "train[-20%:]", ""),
+    ("train[:1000]", "train[999:]", "train[999:]"),
+    ("train[:1000]", "train[1000:]", ""),
+    ("train[:90%]+extra", "test+extra[10:20]", "extra[10:20]"),
+    ("train", "all", "all"),
+    ("train", "validation", ""),
+    ("train[:80%]", "train[1000:2000]", ""),          # Units differ: needs the split's size.
+])
+def test_tfds_split_overlap(train_split, eval_split, shared):
+  """Which part of the eval split is known to share examples with the train split, from the
+  split specs alone (tfds's own parser)."""
+  assert data_config.tfds_overlap(train_split, eval_split) == shared
 
 
 def test_an_empty_split_is_a_data_error_before_the_first_batch():

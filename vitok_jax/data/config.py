@@ -65,13 +65,64 @@ def validate(cfg: ml_collections.ConfigDict, split: str = "train") -> None:
     raise ConfigError(f"data.name={cfg.name!r} needs data.path: the folder to read")
   if cfg.name == "tfds" and not cfg.tfds_name:
     raise ConfigError("data.name='tfds' needs data.tfds_name, e.g. 'imagenet2012'")
-  if cfg.name == "tfds":  # A held-out split inside the train split scores training data.
-    base = lambda s: s.split("[")[0].strip()
-    if base(cfg.train_split) == base(cfg.eval_split) and (
-        cfg.train_split == cfg.eval_split or "[" not in cfg.train_split
-        or "[" not in cfg.eval_split):
+  if cfg.name == "tfds":  # A held-out split that shares examples with train scores training data.
+    shared = tfds_overlap(cfg.train_split, cfg.eval_split)
+    if shared:
+      base = shared.split("[")[0]
+      slices = (f", or slices that do not overlap (train_split='{base}[:95%]', "
+                f"eval_split='{base}[95%:]')" if base != "all" else "")
       raise ConfigError(
-          f"data.eval_split={cfg.eval_split!r} lies inside data.train_split="
-          f"{cfg.train_split!r}: the held-out scores would be of training data; use another "
-          f"split, or slices that do not overlap (train_split='{base(cfg.train_split)}[:95%]', "
-          f"eval_split='{base(cfg.train_split)}[95%:]')")
+          f"data.eval_split={cfg.eval_split!r} shares examples with data.train_split="
+          f"{cfg.train_split!r} ({shared}): the held-out scores would be of training data; use "
+          f"another split{slices}")
+
+
+def _tfds_parts(spec: str, field: str) -> list:
+  """The ReadInstructions (or "all") of a tfds split spec such as 'train[:80%]+validation'."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    split = tfds.core.ReadInstruction.from_spec(spec)
+  except (ValueError, NotImplementedError) as e:
+    raise ConfigError(f"data.{field}={spec!r} is not a tfds split: {e}") from None
+  parts, stack = [], [split]
+  while stack:
+    node = stack.pop()
+    if hasattr(node, "left"):       # a + b.
+      stack += [node.right, node.left]
+    else:
+      parts.append(node if hasattr(node, "split_name") else "all")
+  return parts
+
+
+_WHOLE = ("%", 0.0, 100.0)
+
+
+def _interval(part) -> tuple[str, float, float] | None:
+  """(unit, start, end) of a ReadInstruction where that needs no split size (a whole split is
+  [0, 100)%, an open absolute end is ∞); None for a negative absolute end (counted from the
+  split's end)."""
+  if part.from_ is None and part.to is None:
+    return _WHOLE
+  if part.unit == "%":
+    start, end = part.from_ or 0.0, 100.0 if part.to is None else part.to
+    return "%", start % 100 if start < 0 else start, end % 100 if end < 0 else end
+  if (part.from_ or 0) < 0 or (part.to is not None and part.to < 0):
+    return None
+  return part.unit, part.from_ or 0, float("inf") if part.to is None else part.to
+
+
+def tfds_overlap(train_split: str, eval_split: str) -> str:
+  """A part of `eval_split` that shares examples with `train_split` ("" if none is known to): the
+  same split unsliced on either side, or slices in one unit that intersect. Slices in different
+  units (10% and 1000 examples) need the split's size and are not compared."""
+  for a in _tfds_parts(train_split, "train_split"):
+    for b in _tfds_parts(eval_split, "eval_split"):
+      if a == "all" or b == "all":
+        return "all"
+      if a.split_name != b.split_name:
+        continue
+      ia, ib = _interval(a), _interval(b)
+      if _WHOLE in (ia, ib) or (ia and ib and ia[0] == ib[0]
+                                and max(ia[1], ib[1]) < min(ia[2], ib[2])):
+        return repr(b).split("'")[1]  # ReadInstruction('train[70%:]', rounding=...).
+  return ""
