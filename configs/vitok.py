@@ -47,15 +47,6 @@ OPTIONS = {
     "queries": "model.num_queries",
 }
 
-# data=<preset> names for prepared tfds datasets, on top of vitok_jax.data's own source names.
-# Their res is the published one (ViTok: ImageNet at 256p, UCF-101 at 128p), unless the variant
-# gives res.
-DATA_PRESETS = {
-    "imagenet": dict(name="tfds", tfds_name="imagenet2012", train_split="train",
-                     eval_split="validation", channels=3, res=256),
-    "ucf101": dict(name="tfds", tfds_name="ucf101", train_split="train", eval_split="test",
-                   image_key="video", channels=3, res=128),
-}
 GRAYSCALE = ("mnist", "digits", "moving_mnist")
 
 
@@ -152,7 +143,7 @@ def _set_model(config, head: str, arg: str) -> None:
 
 
 def _set_data(config, options) -> None:
-  preset = DATA_PRESETS.get(config.data.name)
+  preset = data.PRESETS.get(config.data.name)
   if preset:
     config.data.update({k: v for k, v in preset.items() if k != "res" or "res" not in options})
   elif config.data.name in GRAYSCALE:

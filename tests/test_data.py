@@ -593,8 +593,12 @@ def test_tfds_errors(tfds_dir, tmp_path):
 
 
 @pytest.mark.parametrize("kw,error,match", [
-    (dict(name="imagenet"), ConfigError,
-     r"data.name='imagenet' is unknown; choose one of \['mnist'"),
+    (dict(name="imagenett"), ConfigError,
+     r"data.name='imagenett' is unknown; choose one of \['mnist'.*data=<imagenet\|ucf101>"),
+    # --config.data.name=imagenet: a preset of the variant, not a source.
+    (dict(name="imagenet"), ConfigError, r"is a preset, not a source: give it in the variant "
+     r"\(`--config vitok:...,data=imagenet`\), or set --config.data.name=tfds "
+     r"--config.data.tfds_name=imagenet2012"),
     (dict(res=0), ConfigError, "data.res=0 must be a positive int"),
     (dict(channels=2), ConfigError, "data.channels=2 must be 1 .* or 3"),
     (dict(frames=0), ConfigError, "data.frames=0 must be an int >= 1"),

@@ -9,6 +9,15 @@ IMAGE_NAMES = ("mnist", "digits", "photos", "lfw", "image_folder")
 VIDEO_NAMES = ("moving_mnist", "photo_pans", "video_folder")
 NAMES = IMAGE_NAMES + VIDEO_NAMES + ("tfds",)
 SPLITS = ("train", "eval")
+# The variant option data=<preset> (configs/vitok.py) for prepared tfds datasets, beside the
+# source names. Their res is the published one (ViTok: ImageNet at 256p, UCF-101 at 128p), unless
+# the variant gives res.
+PRESETS = {
+    "imagenet": dict(name="tfds", tfds_name="imagenet2012", train_split="train",
+                     eval_split="validation", channels=3, res=256),
+    "ucf101": dict(name="tfds", tfds_name="ucf101", train_split="train", eval_split="test",
+                   image_key="video", channels=3, res=128),
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -35,8 +44,14 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate(cfg: ml_collections.ConfigDict, split: str = "train") -> None:
   """Raises ConfigError naming the first bad field and the values it accepts."""
+  if cfg.name in PRESETS:  # e.g. --config.data.name=imagenet, after the variant set the fields.
+    fields = " ".join(f"--config.data.{k}={v}" for k, v in PRESETS[cfg.name].items()
+                      if k in ("name", "tfds_name"))
+    raise ConfigError(f"data.name={cfg.name!r} is a preset, not a source: give it in the "
+                      f"variant (`--config vitok:...,data={cfg.name}`), or set {fields}")
   if cfg.name not in NAMES:
-    raise ConfigError(f"data.name={cfg.name!r} is unknown; choose one of {list(NAMES)}")
+    raise ConfigError(f"data.name={cfg.name!r} is unknown; choose one of {list(NAMES)} (or a "
+                      f"preset in the variant: data=<{'|'.join(PRESETS)}>)")
   if split not in SPLITS:
     raise ConfigError(f"split={split!r} is unknown; choose one of {list(SPLITS)}")
   if not isinstance(cfg.res, int) or cfg.res <= 0:
