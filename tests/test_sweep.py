@@ -358,6 +358,28 @@ def test_generator_rows_name_their_tokenizer(tmp_path):
   assert not {"params_encoder", "eval/psnr", "tokens_seen"} & set(names)
 
 
+def test_older_masked_generator_records_have_no_flops_until_recounted(tmp_path):
+  """A LlamaGen / VAR / Infinity record written before `masked_attention` counts the pairs its
+  mask hides: its FLOP columns are empty (left out of compute fits) and flagged with the command
+  that recounts them; a DiT's (no mask) and a recounted record keep theirs."""
+  old = dict(forward_xla=10.0, train=30.0)
+  new = dict(forward_xla=10.0, masked_attention=4.0, forward=6.0, train=18.0)
+  for name, family, flop in (("dit_old", "dit", old), ("var_old", "var", old),
+                             ("var_new", "var", new)):
+    (tmp_path / name).mkdir()
+    record = dict(kind="generator", family=family, workdir=f"/runs/{name}",
+                  config=dict(model=dict(family=family)), params=dict(total=1000),
+                  tokenizer=dict(workdir="/runs/tok", bottleneck="msvq", c=4, E=256, grid=[8, 8]),
+                  flops_per_example=flop, examples_seen=64, metrics={"eval/loss": 0.5})
+    (tmp_path / name / "record.json").write_text(json.dumps(record))
+  rows = {r["id"]: r for r in results.gather(str(tmp_path))}
+  assert [(rows[n]["flops_forward"], rows[n]["compute"]) for n in ("dit_old", "var_old", "var_new")
+          ] == [(10.0, 30.0 * 64), (None, None), (6.0, 18.0 * 64)]
+  assert results.flags(list(rows.values())) == [
+      "var_old: done (FLOPs of an older record count the attention pairs its masks hide; "
+      "`vitok eval --workdir /runs/var_old` recounts them)"]
+
+
 def test_results_of_plain_run_dirs_and_running_status(tmp_path, fake):
   """Without a manifest the swept columns are the config fields that differ across records."""
   command, _ = fake

@@ -97,11 +97,13 @@ def write(record: dict, workdir: str) -> str:
   return path
 
 
-def add_metrics(workdir: str, metrics: dict) -> None:
-  """Merges `metrics` into workdir/record.json (from process 0; nothing when there is no record)."""
+def add_metrics(workdir: str, metrics: dict, fields: dict | None = None) -> None:
+  """Merges `metrics` into workdir/record.json and sets its top-level `fields` (from process 0;
+  nothing when there is no record)."""
   if jax.process_index() == 0 and os.path.exists(os.path.join(workdir, "record.json")):
     record = read(workdir)
     record["metrics"].update(metrics)
+    record.update(fields or {})
     write(record, workdir)
 
 

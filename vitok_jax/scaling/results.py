@@ -29,6 +29,10 @@ DIVERGENCE_METRICS = (*METRICS, "eval/loss")
 # Metrics where larger is better, by their last name (eval/psnr, gen/cfg_scale=3/class_accuracy):
 # the frontier needs the direction.
 HIGHER_IS_BETTER = {"psnr", "ssim", "class_accuracy", "inception_score"}
+# Generator families whose attention is masked (causal, block-causal). Their records written
+# before `masked_attention` counted the hidden pairs too: no FLOPs in the table until `vitok eval`
+# recounts them.
+MASKED_FAMILIES = ("llamagen", "var", "infinity")
 
 
 def higher_is_better(metric: str) -> bool:
@@ -73,13 +77,17 @@ def _row(record: dict, run_id: str, status: str, swept: Sequence[str], point: di
       steps=record.get("steps"), wall_time_s=record.get("wall_time_s"))
   # A swept column (e.g. c) keeps its swept value in rows without a record (pending, failed).
   row.update({k: v for k, v in measured.items() if v is not None or k not in swept})
+  if tok and flops and "masked_attention" not in flops and record.get("family") in MASKED_FAMILIES:
+    row.update(flops_forward=None, flops_train=None, compute=None, error=[
+        f"FLOPs of an older record count the attention pairs its masks hide; `vitok eval "
+        f"--workdir {record.get('workdir', run_id)}` recounts them"])
   metrics = record.get("metrics", {})
   for name in sorted(set(METRICS) | set(metrics)):
     row[name] = metrics.get(name)
   bad = sorted(k for k, v in metrics.items()
                if not isinstance(v, (int, float)) or not math.isfinite(v))
   if status == sweep_lib.DONE and bad:
-    row["error"] = [f"non-finite {', '.join(bad)}"]
+    row["error"] = [f"non-finite {', '.join(bad)}", *row.get("error", [])]
     if set(bad) & set(DIVERGENCE_METRICS):
       row["status"] = sweep_lib.DIVERGED
   return row

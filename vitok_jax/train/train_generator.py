@@ -394,21 +394,11 @@ def setup(config, mesh):
 
 def generator_record(config, family, params, *, wall_time, metrics, workdir, examples_per_sec,
                      example, train_examples: int) -> dict:
-  """Run record of a generator: params, FLOPs per example (XLA count of the forward, less the
-  attention pairs its masks hide: causal, block-causal; a training step is `Family.train_forwards`
-  of them), what its attention runs as (each distinct call of the forward), the size of its
-  training set, the tokenizer tokens of an example it models (`vitok results` multiplies them into
-  tokens_seen), metrics.
-
-  The FLOPs are counted on the model with XLA attention: a cuDNN or Pallas attention (bf16 on a
-  GPU) is a custom call that XLA's cost analysis counts as 0.
-  """
+  """Run record of a generator: params, FLOPs per example (`generator_flops`), what its attention
+  runs as (each distinct call of the forward), the size of its training set, the tokenizer tokens
+  of an example it models (`vitok results` multiplies them into tokens_seen), metrics."""
   with kernels.recorded_attention() as attention_calls:
     jax.eval_shape(family.forward_fn(), params, example)
-  with (generators.swapped(family, "model", family.model.clone(attn_impl="xla")),
-        kernels.recorded_attention() as counted_calls):
-    forward_xla = flops.xla_flops(family.forward_fn(), params, example)
-  masked = flops.masked_attention_flops(counted_calls)
   tok = family.tokenizer
   return {
       "workdir": os.path.abspath(workdir),
@@ -423,16 +413,29 @@ def generator_record(config, family, params, *, wall_time, metrics, workdir, exa
                     "codebook_size": tok.bottleneck_module.codebook_size
                                      if tok.bottleneck in bottlenecks.LEARNED_CODEBOOK else None,
                     "code_bits": flops.code_bits_per_example(tok.model, tok.pixel_shape)},
-      "flops_per_example": {"forward_xla": forward_xla, "masked_attention": masked,
-                            "forward": forward_xla - masked,
-                            "train": family.train_forwards(config.batch_size)
-                                     * (forward_xla - masked)},
+      "flops_per_example": generator_flops(config, family, params, example),
       "attention_impl": record_lib.distinct_calls(attention_calls),
       "train_examples": train_examples,
       "tokens_per_example": family.tokens_per_example,
       **record_lib.run_fields(config, wall_time=wall_time, examples_per_sec=examples_per_sec,
                               metrics=metrics),
   }
+
+
+def generator_flops(config, family, params, example) -> dict:
+  """FLOPs per example: XLA's count of the forward (`forward_xla`), the attention pairs its masks
+  hide (`masked_attention`; causal, block-causal), the forward less them, and a training step's
+  (`Family.train_forwards` forwards).
+
+  Counted on the model with XLA attention: a cuDNN or Pallas attention (bf16 on a GPU) is a custom
+  call that XLA's cost analysis counts as 0.
+  """
+  with (generators.swapped(family, "model", family.model.clone(attn_impl="xla")),
+        kernels.recorded_attention() as counted_calls):
+    forward_xla = flops.xla_flops(family.forward_fn(), params, example)
+  masked = flops.masked_attention_flops(counted_calls)
+  return {"forward_xla": forward_xla, "masked_attention": masked, "forward": forward_xla - masked,
+          "train": family.train_forwards(config.batch_size) * (forward_xla - masked)}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
@@ -524,7 +527,8 @@ def apply_sample_overrides(config: ml_collections.ConfigDict, overrides: dict) -
 
 def evaluate_workdir(workdir: str, sample_overrides: dict | None = None,
                      eval_config=None) -> dict:
-  """Re-evaluates a trained generator run, e.g. at another CFG scale; adds the metrics to its record.
+  """Re-evaluates a trained generator run, e.g. at another CFG scale; adds the metrics to its record
+  (and recounts its FLOPs when the record predates `masked_attention`).
 
   sample_overrides: config.sample fields (cfg_scale, num_steps, method, temperature, top_k, ...);
   the generation metrics are then tagged with them: gen/cfg_scale=3/class_accuracy.
@@ -542,10 +546,17 @@ def evaluate_workdir(workdir: str, sample_overrides: dict | None = None,
   overrides = dict(sample_overrides or {})
   apply_sample_overrides(config, overrides)
   tag = ",".join(f"{k}={v}" for k, v in sorted({**overrides, **tags}.items()))
-  family, _, eval_arrays, step, params = restore_run(workdir, config)
+  family, train_arrays, eval_arrays, step, params = restore_run(workdir, config)
   metrics = evaluate(family, params, config, eval_arrays, tag=tag, image_path=(
       os.path.join(workdir, "images", f"eval_{step:07d}_") if jax.process_index() == 0 else None))
-  record_lib.add_metrics(workdir, {k: v for k, v in metrics.items() if k.startswith("gen/")})
+  fields = {}
+  if (os.path.exists(os.path.join(workdir, "record.json")) and "masked_attention" not in
+      record_lib.read(workdir).get("flops_per_example", {})):
+    # A record from before the masked pairs were left out: recount them.
+    fields["flops_per_example"] = generator_flops(config, family, params,
+                                                  _example(train_arrays))
+  record_lib.add_metrics(workdir, {k: v for k, v in metrics.items() if k.startswith("gen/")},
+                         fields)
   return {"step": step, **metrics}
 
 
