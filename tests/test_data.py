@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 from PIL import Image
 import pytest
 
-from vitok_jax import data
+from vitok_jax import config_lib, data
 from vitok_jax.data import bundled
 from vitok_jax.data import config as data_config
 from vitok_jax.data import sources
@@ -295,6 +295,35 @@ def test_image_folder(image_folder, caplog):
   train_files = data.make_source(cfg, "train").files
   assert sorted(np.concatenate([b["label"] for b in epoch]).tolist()) == sorted(
       [0 if "/cat/" in f else 1 for f in train_files])  # Sub-folder labels: cat = 0, dog = 1.
+
+
+def test_adding_files_to_one_folder_moves_no_file_between_its_splits(tmp_path):
+  """The folder configs split one folder by path hashes: after files are added (to a class and as
+  a new class) every earlier file keeps its side. A run saved before the field split by position
+  in a permutation of the sorted files, which the same addition reshuffles."""
+  def add(names):
+    for name in names:
+      os.makedirs(os.path.dirname(tmp_path / name), exist_ok=True)
+      Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(tmp_path / name)
+  add([f"{c}/{i:02d}.png" for c in ("cat", "dog") for i in range(30)])
+  hashed = config_lib.load_config(f"vitok:Mu-Mu/4,res=8,data=image_folder,path={tmp_path}").data
+  assert hashed.folder_split == "hash"
+  legacy = hashed.copy_and_resolve_references()
+  del legacy["folder_split"]
+  sides = lambda cfg: {f: s for s in ("train", "eval") for f in data.make_source(cfg, s).files}
+  before = {"hash": sides(hashed), "position": sides(legacy)}
+  assert sorted(before["hash"]) == sorted(before["position"]) and len(before["hash"]) == 60
+  assert 1 <= list(before["hash"].values()).count("eval") < 60
+  add(["cat/zz.png", "bird/00.png", "bird/01.png"])
+  after = {"hash": sides(hashed), "position": sides(legacy)}
+  assert {f: after["hash"][f] for f in before["hash"]} == before["hash"]
+  assert {f: after["position"][f] for f in before["position"]} != before["position"]
+  # eval_size: that many files, the lowest hashes, so again no earlier file moves into eval.
+  hashed.eval_size = 5
+  assert len(data.make_source(hashed, "eval").files) == 5
+  hashed.eval_size = 63
+  with pytest.raises(ConfigError, match="eval_size=63 leaves no training data out of 63"):
+    data.make_source(hashed, "eval")
 
 
 def test_linked_class_folders_are_read_and_a_link_loop_once(image_folder, tmp_path):

@@ -492,6 +492,13 @@ def test_config_changes_leave_out_resumable_fields_and_fields_the_code_added():
     del old.loss["bsq_commit"]
     assert loop.config_changes(old, new) == (
         ["loss.bsq_commit: (absent: 0.25) → 0.0"] if changed else []), bottleneck
+  # A folder run saved before data.folder_split held out by position; only one folder is split.
+  for path, changed in (("/d", True), ("/d/{split}", False)):
+    new = config_lib.load_config(f"vitok:Mu-Mu/4,res=8,data=image_folder,path={path}")
+    old = new.copy_and_resolve_references()
+    del old.data["folder_split"]
+    assert loop.config_changes(old, new) == (
+        ["data.folder_split: (absent: 'position') → 'hash'"] if changed else []), path
 
 
 def test_a_url_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):

@@ -4,9 +4,11 @@
   batch = next(it)  # {"image": float32 [B, H, W, C] or [B, T, H, W, C] in [-1, 1],
                     #  "label": int32 [B]}
 """
-from vitok_jax.data.config import IMAGE_NAMES, NAMES, PRESETS, default_config, validate
+from vitok_jax.data.config import (FOLDER_NAMES, IMAGE_NAMES, NAMES, PRESETS, default_config,
+                                   validate)
 from vitok_jax.data.pipeline import build_dataset, build_iterator, held_out_images, num_examples
 from vitok_jax.data.sources import make_source, scan_folder
 
-__all__ = ["IMAGE_NAMES", "NAMES", "PRESETS", "build_dataset", "build_iterator", "default_config",
-           "held_out_images", "make_source", "num_examples", "scan_folder", "validate"]
+__all__ = ["FOLDER_NAMES", "IMAGE_NAMES", "NAMES", "PRESETS", "build_dataset", "build_iterator",
+           "default_config", "held_out_images", "make_source", "num_examples", "scan_folder",
+           "validate"]

@@ -8,7 +8,14 @@ from vitok_jax.errors import ConfigError
 IMAGE_NAMES = ("mnist", "digits", "photos", "lfw", "image_folder")
 VIDEO_NAMES = ("moving_mnist", "photo_pans", "video_folder")
 NAMES = IMAGE_NAMES + VIDEO_NAMES + ("tfds",)
+FOLDER_NAMES = ("image_folder", "video_folder")
 SPLITS = ("train", "eval")
+# data.folder_split, how one folder (no "{split}" in data.path) is split into train and eval:
+#   hash      a file is held out by a hash of its path under data.path, so adding or removing files
+#             moves no other file between the splits (the folder configs' setting);
+#   position  its position in a seeded permutation of the sorted files (runs saved before the field:
+#             a file added anywhere reshuffles both splits).
+FOLDER_SPLITS = ("hash", "position")
 # The variant option data=<preset> (configs/vitok.py) for prepared tfds datasets, beside the
 # source names. Their res is the published one (ViTok: ImageNet at 256p, UCF-101 at 128p), unless
 # the variant gives res.
@@ -76,7 +83,10 @@ def validate(cfg: ml_collections.ConfigDict, split: str = "train") -> None:
         f"data.worker_count={cfg.worker_count!r} must be an int >= 0 (0 = in-process)")
   if not isinstance(cfg.eval_size, int) or cfg.eval_size < 0:
     raise ConfigError(f"data.eval_size={cfg.eval_size!r} must be an int >= 0 (0 = default)")
-  if cfg.name in ("image_folder", "video_folder") and not cfg.path:
+  if cfg.get("folder_split", "position") not in FOLDER_SPLITS:
+    raise ConfigError(
+        f"data.folder_split={cfg.folder_split!r} must be one of {list(FOLDER_SPLITS)}")
+  if cfg.name in FOLDER_NAMES and not cfg.path:
     raise ConfigError(f"data.name={cfg.name!r} needs data.path: the folder to read")
   if cfg.name == "tfds" and not cfg.tfds_name:
     raise ConfigError("data.name='tfds' needs data.tfds_name, e.g. 'imagenet2012'")

@@ -8,12 +8,14 @@ bundled sets, which are resized once here.
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 
 import numpy as np
 from PIL import Image, ImageOps
 
+from vitok_jax import config_lib
 from vitok_jax.data import bundled
 from vitok_jax.data import transforms
 from vitok_jax.data import video
@@ -279,8 +281,33 @@ def _folder_split(cfg, split: str, kind: str) -> tuple[str, list[str], list[int]
     raise DataError(f"data.path={cfg.path}: {len(files)} readable {kind} file; holding out an eval "
                     "set needs >= 2, or give separate folders with data.path='.../{split}'")
   labels = _folder_labels(cfg.path, files)
-  idx = bundled.split_indices(len(files), split, cfg.eval_size)
+  if cfg.get("folder_split", config_lib.ADDED_FIELDS["data.folder_split"]) == "hash":
+    idx = hashed_split_indices([os.path.relpath(f, cfg.path) for f in files], split, cfg.eval_size)
+  else:
+    idx = bundled.split_indices(len(files), split, cfg.eval_size)
   return cfg.path, [files[i] for i in idx], [labels[i] for i in idx]
+
+
+def hashed_split_indices(names: list[str], split: str, eval_size: int = 0) -> np.ndarray:
+  """Indices of `split` among `names` (paths under the folder), ascending: eval holds the names
+  whose hash falls in its first `bundled.EVAL_FRACTION` (at least one name, never all), or the
+  `eval_size` lowest hashes. A name's side depends on the name alone (with eval_size, on how its
+  hash ranks), so files added to or removed from the folder move no other file across."""
+  n = len(names)
+  if eval_size >= n:
+    raise ConfigError(f"data.eval_size={eval_size} leaves no training data out of {n} examples; "
+                      f"set it below {n} (0 = {bundled.EVAL_FRACTION:.0%})")
+  digest = lambda name: hashlib.sha256(name.replace(os.sep, "/").encode()).digest()[:8]
+  rank = np.array([int.from_bytes(digest(name), "big") for name in names], np.uint64)
+  order = np.argsort(rank, kind="stable")
+  if eval_size:
+    n_eval = eval_size
+  else:
+    below = rank < np.uint64(int(bundled.EVAL_FRACTION * 2**64))
+    n_eval = min(max(int(below.sum()), 1), n - 1)
+  held_out = np.zeros(n, bool)
+  held_out[order[:n_eval]] = True
+  return np.flatnonzero(held_out if split == "eval" else ~held_out)
 
 
 def _video_folder(cfg, split: str) -> VideoClips:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vitok_jax import config_lib
+from vitok_jax import config_lib, data
 from vitok_jax.config_lib import require, require_choice
 from vitok_jax.errors import ConfigError, TrainingDiverged
 from vitok_jax.models import larp
@@ -91,7 +91,9 @@ RESUMABLE_FIELDS = ("variant", "total_steps", "log_every", "eval_every", "ckpt_e
 _is_larp = lambda config: config.model.get("bottleneck") == larp.NAME
 _ADDED_FIELD_READ_BY = {
     "loss.bsq_commit": lambda config: config.model.get("bottleneck") in ("bsq", "msbsq"),
-    "model.prior_size": _is_larp, "model.prior_dropout": _is_larp, "optim.prior_lr_mult": _is_larp}
+    "model.prior_size": _is_larp, "model.prior_dropout": _is_larp, "optim.prior_lr_mult": _is_larp,
+    "data.folder_split": lambda config: config.data.name in data.FOLDER_NAMES
+                                        and "{split}" not in config.data.path}
 
 
 def config_changes(saved, config, fixed: tuple[str, ...] = ()) -> list[str]:
