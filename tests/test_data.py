@@ -634,6 +634,8 @@ def test_tfds_errors(tfds_dir, tmp_path):
     (dict(frames=4), ConfigError, "holds images; set data.frames=1 or use a video source"),
     (dict(crop="middle"), ConfigError, "data.crop='middle'"),
     (dict(name="image_folder"), ConfigError, "needs data.path"),
+    (dict(name="image_folder", path="/x", folder_split="random"), ConfigError,
+     r"data.folder_split='random' must be one of \['hash', 'position'\]"),
     (dict(name="image_folder", path="/nonexistent/x"), DataError, "no such folder"),
     # A held-out split that shares examples with the train split (tfds).
     (dict(name="tfds", tfds_name="x", train_split="train", eval_split="train"), ConfigError,

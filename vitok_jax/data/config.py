@@ -83,7 +83,7 @@ def validate(cfg: ml_collections.ConfigDict, split: str = "train") -> None:
         f"data.worker_count={cfg.worker_count!r} must be an int >= 0 (0 = in-process)")
   if not isinstance(cfg.eval_size, int) or cfg.eval_size < 0:
     raise ConfigError(f"data.eval_size={cfg.eval_size!r} must be an int >= 0 (0 = default)")
-  if cfg.get("folder_split", "position") not in FOLDER_SPLITS:
+  if "folder_split" in cfg and cfg.folder_split not in FOLDER_SPLITS:
     raise ConfigError(
         f"data.folder_split={cfg.folder_split!r} must be one of {list(FOLDER_SPLITS)}")
   if cfg.name in FOLDER_NAMES and not cfg.path:
