@@ -129,6 +129,23 @@ def test_a_saved_runs_unset_optional_fields_take_command_line_overrides(tmp_path
   assert flag.value.optim.warmup_steps == 5 and flag.value.model.drop_path == 0.2
 
 
+def test_a_family_set_by_override_is_refused_for_a_new_run(tmp_path):
+  """--config.model.family=var on a dit variant would keep DiT's published defaults (constant CFG,
+  no weight decay, no stochastic depth): a new run is refused with the variant to use; a run
+  saved that way still resumes (its config is checked against the saved one instead)."""
+  from vitok_jax.train import train_generator  # pylint: disable=g-import-not-at-top
+  config = config_lib.load_config("generator:dit/Mi,tokenizer=/no/such/run")
+  config.model.family, config.model.size = "var", "d2"
+  with pytest.raises(ConfigError, match=r"model.family='var', but the variant 'dit/Mi,.*' made a "
+                     r"dit config.*--config generator:var/SIZE"):
+    train_generator.train(config, str(tmp_path / "new"))
+  assert not (tmp_path / "new").exists()
+  train_generator.validate(config, new_run=False)
+  var = config_lib.load_config("generator:var/d2,tokenizer=/no/such/run")
+  assert (var.sample.cfg_schedule, var.optim.weight_decay, var.model.drop_path) != (
+      config.sample.cfg_schedule, config.optim.weight_decay, config.model.drop_path)
+
+
 @pytest.mark.parametrize("override", [
     "--config.total_steps=1e3", "--config.total_steps=2.0", "--config.total_steps=7",
     "--config.eval.metrics=fid_mnist", "--config.eval.metrics=('fid_mnist', 'lpips')",

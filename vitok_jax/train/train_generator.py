@@ -42,6 +42,13 @@ def validate(config: ml_collections.ConfigDict, new_run: bool = False) -> None:
   checks that runs saved before them need not pass (`generators.check_new_sample_settings`)."""
   m = config.model
   require_choice(m.family, "model.family", generators.FAMILIES)
+  head = config_lib.split_variant(config.get("variant", ""))[0]
+  variant_family = head.partition("/")[0] or "dit"
+  require(not new_run or "variant" not in config or m.family == variant_family,
+          f"model.family={m.family!r}, but the variant {config.get('variant')!r} made a "
+          f"{variant_family} config, whose published defaults (CFG, weight decay, dropout, "
+          f"stochastic depth, loss weighting) are {variant_family}'s; name the family in the "
+          f"variant instead: --config generator:{m.family}/SIZE,...")
   size_family = generators.FAMILIES[m.family].size_family
   require_choice(m.size, f"model.size (the {size_family} table)", vit.GENERATOR_SIZES[size_family])
   require(bool(config.tokenizer), "config.tokenizer is empty; set it to a trained tokenizer's "
