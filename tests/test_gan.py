@@ -103,6 +103,23 @@ def test_generator_grads_combine_both_terms(adaptive):
   assert metrics["gan_weight"] == 0.0
 
 
+def test_discriminator_step_scores_real_and_fake_batches_apart():
+  """The minibatch-stddev groups of the D step are all real or all fake: its logits of the real
+  images do not depend on the reconstructions, and its fake logits are those the generator loss
+  sees (in one concatenated call each group held reals and their reconstructions)."""
+  stage = _stage()
+  real = jax.random.uniform(key(1), (4, 16, 16, 1), minval=-1, maxval=1)
+  recon_a, recon_b = real * 0.9, jax.random.uniform(key(2), real.shape, minval=-1, maxval=1)
+  state = stage.init(key(0), real)
+  disc = lambda images: stage.net.apply({"params": state.params}, images)
+  for recon in (recon_a, recon_b):
+    _, metrics = stage.discriminator_step(state, real, recon, jnp.int32(0))
+    np.testing.assert_allclose(metrics["d_logit_real"], disc(real).mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["d_logit_fake"], disc(recon).mean(), rtol=1e-5)
+    np.testing.assert_allclose(stage.generator_loss(state.params, recon),
+                               gan.hinge_g_loss(disc(recon)), rtol=1e-5)
+
+
 def test_discriminator_learns_real_from_fake_with_hinge_loss():
   stage = _stage(start_step=2)
   rng = np.random.default_rng(0)

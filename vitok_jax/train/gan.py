@@ -116,8 +116,10 @@ class GANStage:
     recon = jax.lax.stop_gradient(recon)
 
     def loss_fn(params):
-      logits = self.net.apply({"params": params}, jnp.concatenate([x, recon]))
-      real, fake = jnp.split(logits, 2)
+      # Real and fake in separate calls (as StyleGAN2-ADA's run_D), so the minibatch-stddev
+      # groups are all real or all fake, as in `generator_loss`'s call on reconstructions.
+      real = self.net.apply({"params": params}, x)
+      fake = self.net.apply({"params": params}, recon)
       return hinge_d_loss(real, fake), (jnp.mean(real), jnp.mean(fake))
 
     (loss, (real, fake)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
