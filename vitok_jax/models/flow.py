@@ -17,8 +17,12 @@ s(x_t, t, d) predicts the average velocity over a step of size d, so x_{t+d} ≈
     (the paper's `dt_base = log2(M)` for both). Levels are spread evenly over the bootstrap rows.
   * Sampling with n steps takes d = 1/n (d = 0 once n ≥ max_steps): x ← x + d·s(x, t, d).
 Departures from the paper's code: no ±4 clipping of the intermediate target point (it depends on the
-data scale), targets use the online parameters unless `target_velocity_fn` (e.g. EMA) is given, and
-the flow rows draw continuous t from `sample_t` rather than the 1/max_steps grid.
+data scale), targets use the online parameters unless `target_velocity_fn` (e.g. EMA) is given,
+the flow rows draw continuous t from `sample_t` rather than the 1/max_steps grid, and the DiT embeds
+d itself (sinusoidal features of d ∈ [0, 1], as t) where the code embeds the level log2(1/d)
+(log2(M) for d = 0): the finest steps start close together (features 0.04 apart for d = 1/64 and
+0, against 2.67 a level) and the network has to learn them apart. Changing it changes what a
+trained shortcut DiT's step input means, so it needs a config field (legacy: d).
 
 Shape suffixes: B batch; arrays without one have any [B, ...] shape.
 """

@@ -5,7 +5,7 @@ frame and returns an absolute sampling grid (identity + predicted offset) and an
 the flow resolution (the image side / 2^(levels − 1), e.g. 8×8 for 32×32 frames with three levels).
 The source frame's encoder features are warped by the grid at every level (grid and occlusion
 resized to the level), blended with the decoder's own features where occluded, and decoded into
-the driving frame. Trained with reconstruction loss only, as in LFDM.
+the driving frame (as the official LFAE generator's skips: skip·occ + previous·(1 − occ)).
 
 Stage 2: a rectified-flow DiT (models/dit.py, models/flow.py) generates the T − 1 flow + occlusion
 maps of a clip as channels of one [h, w, 3·(T − 1)] latent, conditioned on the first frame (the
@@ -22,9 +22,11 @@ to half a pixel towards the centre: `identity_grid` reproduces that, on purpose.
 maps of another size are bilinearly resized (align_corners=False, no antialias) and their values
 are *not* rescaled: they are absolute coordinates, valid at any resolution.
 
-Departures from the paper: no MRAA region predictor (a small conv net predicts the flow directly);
-the generator is a DiT on flow maps rather than a 3-D U-Net; LFAE features are warped at every
-encoder level with the occluded part filled by the decoder (`warp(..., prev=...)`).
+Departures from the paper and its official code (nihaomiao/CVPR23_LFDM): no MRAA region predictor
+(a small conv net predicts the flow directly); the generator is a DiT on flow maps rather than a
+3-D U-Net; the frame is the decoder's last conv, with no final pixel blend warp(source)·occ +
+out·(1 − occ) that would copy visible pixels through the warp; the LFAE trains on pixel L1 + L2
+(`lfae_loss`), not the official VGG-pyramid perceptual and equivariance losses.
 
 Shape suffixes: B batch, T frames, H/W image rows/columns, h/w flow rows/columns, C channels,
 F features, K grid channels (2: x, y) or occlusion channels (1), L tokens.
