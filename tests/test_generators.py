@@ -538,9 +538,10 @@ def test_a_partial_store_is_not_a_generators_training_set(tokenizer_dirs, tmp_pa
   assert record["train_examples"] == whole > 20
 
 
-def test_samples_of_a_short_last_batch_reuse_the_compiled_sampler():
+def test_samples_of_a_short_last_batch_reuse_the_compiled_sampler(monkeypatch):
   """20 samples in batches of 16: the last batch is padded to 16, so nothing recompiles inside
-  the timed loop (which inflated ms_per_sample)."""
+  the timed loop (which inflated ms_per_sample), and the time is per row run (32), not per sample
+  asked for (20)."""
   import types  # pylint: disable=g-import-not-at-top
   traces = []
 
@@ -552,9 +553,12 @@ def test_samples_of_a_short_last_batch_reuse_the_compiled_sampler():
   tokenizer = types.SimpleNamespace(params=0.0, mesh=mesh_lib.make_mesh(devices=jax.devices()[:1]))
   config = ml_collections.ConfigDict({"batch_size": 16})
   labels = train_generator.sample_labels(20, 10)
-  pixels, _ = train_generator.generate(sample_fn, 1.0, labels, config, jax.random.key(0),
-                                       tokenizer)
+  clock = iter(range(100))  # Each timed batch takes one "second".
+  monkeypatch.setattr(train_generator.time, "time", lambda: next(clock))
+  pixels, seconds = train_generator.generate(sample_fn, 1.0, labels, config, jax.random.key(0),
+                                             tokenizer)
   assert traces == [(16,)] and pixels.shape == (20, 3)
+  assert seconds == 2 / 32
   np.testing.assert_array_equal(pixels[:, 0], labels + 1.0)
 
 

@@ -264,11 +264,14 @@ def make_sampler(sample_fn, tokenizer):
 
 
 def generate(sample_fn, params, labels, config, rng, tokenizer) -> tuple[np.ndarray, float]:
-  """Samples for `labels` in batches of config.batch_size; returns (pixels, seconds per sample)."""
+  """Samples for `labels` in batches of config.batch_size; returns (pixels, seconds per sample).
+
+  A short last batch runs padded to the compiled batch; the time is per row run, padding included,
+  so a partial batch does not inflate it."""
   batch = min(config.batch_size, len(labels))
   sampler = make_sampler(sample_fn, tokenizer)
   fn = lambda params, labels_B, key: sampler(params, tokenizer.params, labels_B, key)
-  out, seconds = [], 0.0
+  out, seconds, rows = [], 0.0, 0
   for i in range(0, len(labels), batch):
     chunk = labels[i:i + batch]
     # A short last batch keeps the compiled shape.
@@ -279,8 +282,9 @@ def generate(sample_fn, params, labels, config, rng, tokenizer) -> tuple[np.ndar
     start = time.time()
     pixels = jax.block_until_ready(fn(params, padded, key))
     seconds += time.time() - start
+    rows += batch
     out.append(np.asarray(pixels)[:len(chunk)])
-  return np.concatenate(out), seconds / len(labels)
+  return np.concatenate(out), seconds / rows
 
 
 def _is_mnist(tokenizer) -> bool:
