@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitok_jax import ConfigError, DataError, config_lib
+from vitok_jax import ConfigError, DataError, config_lib, data
 from vitok_jax.scaling import record as record_lib
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.train import checkpoint, loop, optimizer, train_tokenizer
@@ -25,6 +25,8 @@ def tiny_config(steps=12, **overrides):
   config = config_lib.load_config(f"vitok:{TINY},steps={steps}")
   config.log_every, config.eval_every, config.ckpt_every = 4, 100, 100
   config.eval_examples = 64
+  if overrides.get("data.name") in data.FOLDER_NAMES:  # As the variant's data=image_folder sets.
+    config.data.folder_split = "hash"
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -154,8 +156,8 @@ def test_nan_loss_stops_with_step_and_last_checkpoint(tmp_path, monkeypatch):
 def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, damage):
   """A newest checkpoint whose files are damaged (a full disk, a broken copy) does not block the
   run: it resumes from the newest step that restores, the damaged one moved aside to corrupt_N,
-  and trains to the same parameters as the run without that step. When no step restores, the
-  error is raised and nothing is moved."""
+  and trains to the same parameters as the run without that step. When no step restores, a
+  DataError names them with the moves that start again from step 0, and nothing is moved."""
   import glob  # pylint: disable=g-import-not-at-top
   import shutil  # pylint: disable=g-import-not-at-top
   workdir, whole = tmp_path / "run", tmp_path / "whole"
@@ -176,7 +178,9 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, damag
                final_params(str(workdir))[1], final_params(str(whole))[1])
   for step in ("12", "8", "4"):
     harm(step)
-  with pytest.raises(Exception):  # pylint: disable=broad-exception-raised
+  with pytest.raises(DataError, match=r"checkpoint steps 12, 8, 4 in .* do not restore .* move them "
+                     r"aside \(`mv \S+/12 \S+/corrupt_12; mv \S+/8 \S+/corrupt_8\.1; mv .*`\) .*"
+                     r"with no older checkpoint it starts again from step 0"):
     train_tokenizer.train(tiny_config(steps=16, ckpt_every=4), str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8", "corrupt_8"]
 
@@ -630,12 +634,18 @@ def test_a_resumed_run_whose_train_split_changed_size_is_warned_about(tmp_path, 
   overrides = {"data.name": "image_folder", "data.path": str(tmp_path / "images"),
                "eval_examples": 2}
   workdir = str(tmp_path / "run")
-  train_tokenizer.train(tiny_config(steps=2, **overrides), workdir)
-  assert record_lib.read(workdir)["train_examples"] == 18  # 20 less the held-out 10%.
+  config = tiny_config(steps=2, **overrides)
+  train_tokenizer.train(config, workdir)
+  held_out = data.num_examples(config.data, "eval")
+  assert 1 <= held_out < 20  # 20 less those held out.
+  assert record_lib.read(workdir)["train_examples"] == 20 - held_out
   add_images(20, 10)
+  grown = data.num_examples(config.data, "train")
+  assert grown > 20 - held_out
   with caplog.at_level("WARNING"):
     train_tokenizer.train(tiny_config(steps=4, **overrides), workdir)
-  assert "the train split had 18 examples when" in caplog.text and "has 27 now" in caplog.text
+  assert (f"the train split had {20 - held_out} examples when" in caplog.text
+          and f"has {grown} now" in caplog.text)
 
 
 def test_data_and_metric_weights_are_checked_before_training(tmp_path):
@@ -658,6 +668,12 @@ def test_data_and_metric_weights_are_checked_before_training(tmp_path):
   # A dataset that is not there stops the run before the model is built or a file is written.
   no_data = tiny_config(**{"data.name": "image_folder", "data.path": str(tmp_path / "none")})
   with pytest.raises(DataError, match="no such folder"):
+    train_tokenizer.train(no_data, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+  # A folder named by override alone would split by position: refused with the variant to use.
+  del no_data.data["folder_split"]
+  with pytest.raises(ConfigError, match=r"data.name='image_folder' set by override .* give the "
+                     r"folder in the variant instead \(`--config vitok:...,data=image_folder"):
     train_tokenizer.train(no_data, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 

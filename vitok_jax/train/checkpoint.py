@@ -54,7 +54,7 @@ class Checkpointer:
       return self._restore_matching(step, abstract_state)
     state, error = self._restore_twice(step, abstract_state)
     if error is not None:
-      raise self._not_restored(step, error) from error
+      raise self._not_restored([step], error) from error
     return state
 
   def _restore_twice(self, step: int, abstract_state):
@@ -71,17 +71,20 @@ class Checkpointer:
         error = e
     return None, error
 
-  def _not_restored(self, step: int, error: Exception) -> DataError:
-    """A reader's error for a step that failed twice, with the way to mend it if it is damage."""
+  def _not_restored(self, steps: list[int], error: Exception) -> DataError:
+    """The error for `steps` (newest first) that each failed to read twice, with the way to mend
+    them if it is damage; `error` is the newest's."""
     detail = (str(error).strip().splitlines() or [""])[0][:200]
-    path = os.path.join(self.directory, str(step))
-    older = [s for s in self.manager.all_steps() if s < step]
+    moves = "; ".join(f"mv {os.path.join(self.directory, str(s))} {self._aside_path(s)}"
+                      for s in steps)
+    older = [s for s in self.manager.all_steps() if s < min(steps)]
     then = (f"it trains on from the newest intact step (the run holds steps {sorted(older)} "
             "before it)" if older else "with no older checkpoint it starts again from step 0")
     return DataError(
-        f"checkpoint step {step} in {self.directory} does not restore ({type(error).__name__}: "
-        f"{detail}). If its files are damaged (a full disk, a broken copy: the error names missing "
-        f"or unreadable files), move it aside (`mv {path} {self.directory}/corrupt_{step}`) and "
+        f"checkpoint step{'s' * (len(steps) > 1)} {', '.join(map(str, steps))} in "
+        f"{self.directory} do{'es' * (len(steps) == 1)} not restore ({type(error).__name__}: "
+        f"{detail}). If the files are damaged (a full disk, a broken copy: the error names missing "
+        f"or unreadable files), move {'them' if len(steps) > 1 else 'it'} aside (`{moves}`) and "
         f"relaunch the run's training (`vitok train --workdir "
         f"{os.path.dirname(self.directory)}`): {then}; any other error (memory, permissions) is "
         "the message's own")
@@ -117,9 +120,9 @@ class Checkpointer:
     disk, a broken copy), on any process (`all_ok` agrees a process's outcome across processes),
     is passed over; once an older step restores, the main process moves the damaged newer ones
     aside to corrupt_STEP (kept, not deleted) and `barrier` waits for it on every process, so the
-    run goes on from there and saves those steps anew. When no step restores, the newest's error
-    is raised and nothing is moved. A checkpoint that does not match the config (ConfigError) is
-    raised at once."""
+    run goes on from there and saves those steps anew. When no step restores, nothing is moved and
+    a DataError names them all, with the moves that start the run again from step 0. A checkpoint
+    that does not match the config (ConfigError) is raised at once."""
     failed = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       state, error = self._restore_twice(step, abstract_state)
@@ -139,16 +142,21 @@ class Checkpointer:
                         step, [bad for bad, _ in failed], self.directory)
       return step, state
     error = failed[0][1] if failed else None
-    raise error or RuntimeError(f"checkpoint step {failed[0][0]} in {self.directory} does not "
-                                "restore on another process (see its log)")
+    if error is None:
+      raise RuntimeError(f"checkpoint step {failed[0][0]} in {self.directory} does not restore on "
+                         "another process (see its log)")
+    raise self._not_restored([step for step, _ in failed], error) from error
 
-  def _move_aside(self, step: int) -> None:
-    """Renames step directory N to corrupt_N (corrupt_N.1, ... when that name is taken)."""
+  def _aside_path(self, step: int) -> str:
+    """Where step N's damaged directory goes: corrupt_N (corrupt_N.1, ... when that name is taken)."""
     target, n = os.path.join(self.directory, f"corrupt_{step}"), 0
     while os.path.exists(target):
       n += 1
       target = os.path.join(self.directory, f"corrupt_{step}.{n}")
-    os.rename(os.path.join(self.directory, str(step)), target)
+    return target
+
+  def _move_aside(self, step: int) -> None:
+    os.rename(os.path.join(self.directory, str(step)), self._aside_path(step))
 
   def _restore(self, step: int, abstract_state):
     return self.manager.restore(

@@ -48,9 +48,16 @@ class Components:
   trepa_fn: Any = None  # (recon, x) -> scalar TREPA on clips, when loss.trepa > 0.
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first invalid field of a tokenizer config and what is allowed."""
+def validate(config: ml_collections.ConfigDict, new_run: bool = False) -> None:
+  """Raises ConfigError naming the first invalid field of a tokenizer config and what is allowed;
+  new_run: also the checks that runs saved before them need not pass."""
   m, d = config.model, config.data
+  require(not new_run or d.name not in data.FOLDER_NAMES or "{split}" in d.path
+          or "folder_split" in d,
+          f"data.name={d.name!r} set by override holds out part of {d.path or 'its folder'} by "
+          f"position in the sorted files, which adding files reshuffles; give the folder in the "
+          f"variant instead (`--config vitok:...,data={d.name},path=...`: split by path hashes), "
+          f"or separate folders with path=.../{{split}}")
   require(len(m.patch) != 3 or d.name not in data.IMAGE_NAMES,
           f"model.patch={tuple(m.patch)} is a tubelet (video) but data.name={d.name!r} holds "
           f"images; use a P patch (e.g. Mu-Mu/4) for images, or a video source")
@@ -466,7 +473,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
 
 
 def _train(config, workdir: str, preemption: loop.Preemption) -> dict | None:
-  validate(config)
+  validate(config, new_run=not os.path.exists(os.path.join(workdir, "config.json")))
   check_files(config)
   config_lib.check_workdir(workdir)
   if (record := loop.finished_record(workdir, config)) is not None:
