@@ -148,7 +148,7 @@ class Checkpointer:
     raise self._not_restored([step for step, _ in failed], error) from error
 
   def _aside_path(self, step: int) -> str:
-    """Where step N's damaged directory goes: corrupt_N (corrupt_N.1, ... when that name is taken)."""
+    """Where step N's damaged directory goes: corrupt_N (corrupt_N.1, ... when taken)."""
     target, n = os.path.join(self.directory, f"corrupt_{step}"), 0
     while os.path.exists(target):
       n += 1
