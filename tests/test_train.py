@@ -179,7 +179,8 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, damag
   for step in ("12", "8", "4"):
     harm(step)
   with pytest.raises(DataError, match=r"checkpoint steps 12, 8, 4 in .* do not restore .* "
-                     r"move them aside \(`mv \S+/12 \S+/corrupt_12; mv \S+/8 \S+/corrupt_8\.1; mv .*`\) .*"
+                     r"move them aside \(`mv \S+/12 \S+/corrupt_12; "
+                     r"mv \S+/8 \S+/corrupt_8\.1; mv .*`\) .*"
                      r"with no older checkpoint it starts again from step 0"):
     train_tokenizer.train(tiny_config(steps=16, ckpt_every=4), str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8", "corrupt_8"]
