@@ -1139,6 +1139,16 @@ def test_cli_fit_refuses_unknown_columns(tmp_path, fake, capsys):
     assert says in err and "Traceback" not in err, err
   assert not os.path.exists(os.path.join(sweep_dir, "fits.json"))
   assert cli.main(["vitok", "fit", sweep_dir, "--x=E", "--y=eval/psnr", "--n_boot=10"]) == 0
+  # A fit asked for that fails (L(N, D) on 3 runs) exits 1 and is not stored, so the next
+  # `vitok fit` (and sweep report) does not fail it again.
+  fits_json = os.path.join(sweep_dir, "fits.json")
+  stored = open(fits_json).read()
+  capsys.readouterr()
+  assert cli.main(["vitok", "fit", sweep_dir, "--two_variable=params_total,tokens_seen",
+                   "--n_boot=10"]) == 1
+  assert "needs >= 6 runs" in capsys.readouterr().out and open(fits_json).read() == stored
+  assert cli.main(["vitok", "fit", sweep_dir, "--n_boot=10"]) == 0
+  assert "fit failed" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv", [["--devices", "4"], ["--devices=4"]])

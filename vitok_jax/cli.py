@@ -445,7 +445,9 @@ def _cmd_fit(args: list[str]) -> int:
     print("fit:", results.describe_fit(result))
   print(f"wrote {args[0]}/fits.json" + (f" and {len(out['plots'])} plot files in "
                                         f"{args[0]}/plots" if out["plots"] else ""))
-  return 0
+  for result in out["failed_new"]:
+    print(f"fit: {results.describe_fit(result)} (not stored in fits.json)")
+  return 1 if out["failed_new"] else 0
 
 
 def _check_fit_columns(rows, sweep_dir: str, flag_columns: dict[str, list[str]]) -> None:

@@ -278,15 +278,17 @@ def save_fits(fit_results: Sequence[dict], path: str) -> list[dict]:
   return list(fit_results)
 
 
+def _spec_key(spec: dict) -> str:
+  """A fit spec as sorted JSON, a power law's offset defaulting to False."""
+  defaults = {} if spec.get("kind") == "two_variable" else {"offset": False}
+  return json.dumps({**defaults, **spec}, sort_keys=True)
+
+
 def _unique(specs: Sequence[dict]) -> list[dict]:
-  """specs without repeats (equal as sorted JSON once a power law's offset defaults to False),
-  first occurrence first."""
-  def key(spec):
-    defaults = {} if spec.get("kind") == "two_variable" else {"offset": False}
-    return json.dumps({**defaults, **spec}, sort_keys=True)
+  """specs without repeats (equal `_spec_key`), first occurrence first."""
   seen, out = set(), []
   for spec in specs:
-    if (k := key(spec)) not in seen:
+    if (k := _spec_key(spec)) not in seen:
       seen.add(k)
       out.append(dict(spec))
   return out
@@ -295,12 +297,15 @@ def _unique(specs: Sequence[dict]) -> list[dict]:
 def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = True,
            n_boot: int = 100, max_attempts: int | None = None,
            rows: Sequence[dict] | None = None) -> dict:
-  """Writes results.csv/.md, fits.json and plots/ into sweep_dir; returns {"rows", "fits", "plots"}.
+  """Writes results.csv/.md, fits.json and plots/ into sweep_dir; returns {"rows", "fits",
+  "plots", "failed_new"}.
 
   The fits are those stored in sweep_dir/fits.json, then `fits` (default: the sweep manifest's),
   all fitted again on the current rows (`gather(sweep_dir, max_attempts)` unless given), so
-  fits.json never mixes fits over different sets of runs. The manifest's heatmap and frontier
-  specs are plotted too.
+  fits.json never mixes fits over different sets of runs. A fit given in `fits` that is not stored
+  yet and fails is not stored (`failed_new`), so it does not fail again on every later report;
+  the stored and the manifest's fits are kept, failed or not (more finished runs may mend them).
+  The manifest's heatmap and frontier specs are plotted too.
   """
   rows = gather(sweep_dir, max_attempts) if rows is None else rows
   write_csv(rows, os.path.join(sweep_dir, "results.csv"))
@@ -310,12 +315,17 @@ def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = T
               if os.path.exists(os.path.join(sweep_dir, sweep_lib.MANIFEST)) else {})
   path = os.path.join(sweep_dir, "fits.json")
   requested = fits if fits is not None else manifest.get("fits", [dict(x="E", y="eval/l2")])
-  specs = _unique([*stored_specs(path), *requested])
+  stored = stored_specs(path)
+  specs = _unique([*stored, *requested])
   fit_results = fit_rows(rows, specs, n_boot=n_boot)
+  kept = {_spec_key(s) for s in stored} | (
+      set() if fits is not None else {_spec_key(s) for s in requested})
+  failed_new = [r for r in fit_results if "error" in r and _spec_key(r["spec"]) not in kept]
+  fit_results = [r for r in fit_results if not any(r is f for f in failed_new)]
   save_fits(fit_results, path)
   paths = []
   if plot:
     from vitok_jax.scaling import plots
     paths = plots.plot_sweep(rows, fit_results, os.path.join(sweep_dir, "plots"),
                              heatmap=manifest.get("heatmap"), frontier=manifest.get("frontier"))
-  return {"rows": rows, "fits": fit_results, "plots": paths}
+  return {"rows": rows, "fits": fit_results, "plots": paths, "failed_new": failed_new}
