@@ -1107,6 +1107,26 @@ def test_cli_bad_arguments_say_what_to_change(tmp_path, capsys, args, says):
   assert not os.path.exists(nope)
 
 
+def test_a_sweep_dir_of_another_sweep_is_refused_before_anything_is_written(tmp_path, capsys):
+  """`vitok sweep tokenizer_kinds --sweep_dir` a quickstart sweep's directory would replace its
+  manifest (its runs then left out of the table and fits): refused, also for --dry_run; the same
+  sweep with other axes is its documented re-expansion."""
+  sweep_dir = str(tmp_path / "s")
+  sweep.prepare(_sweep((1, 2)), sweep_dir)
+  manifest = open(os.path.join(sweep_dir, sweep.MANIFEST)).read()
+  other = _sweep((1, 2))
+  other.name = "other"
+  with pytest.raises(ConfigError, match=r"holds the sweep 'test', not 'other'.*another --sweep_dir"
+                     ):
+    sweep.prepare(other, sweep_dir)
+  for extra in ([], ["--dry_run"]):
+    assert cli.main(["vitok", "sweep", "quickstart:steps=5", f"--sweep_dir={sweep_dir}",
+                     *extra]) == 2
+    assert "holds the sweep 'test', not 'quickstart'" in capsys.readouterr().err
+  assert open(os.path.join(sweep_dir, sweep.MANIFEST)).read() == manifest
+  assert len(sweep.prepare(_sweep((1, 2, 4)), sweep_dir)) == 3
+
+
 def test_cli_results_and_fit_need_runs(tmp_path, fake, capsys):
   """results and fit of a directory without runs, and fit of a sweep none of whose runs has
   finished, are errors (exit 2) that say so, not an empty table or a failed fit (exit 0)."""

@@ -236,6 +236,7 @@ def _cmd_sweep(args: list[str]) -> int:
   sweep = sweep_lib.load(spec)
   sweep_dir = FLAGS.sweep_dir or os.path.join("runs", sweep.get("name", "sweep"))
   config_lib.check_workdir(sweep_dir, "--sweep_dir")  # Not gs://..., on any target.
+  sweep_lib.check_sweep_dir(sweep, sweep_dir)
   job = _job_fields(sweep, spec, sweep_dir)
   max_attempts = FLAGS.max_attempts if FLAGS.max_attempts is not None else sweep.get(
       "max_attempts", 2)

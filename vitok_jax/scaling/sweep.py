@@ -208,6 +208,7 @@ def prepare(sweep: ml_collections.ConfigDict, sweep_dir: str, spec: str = "",
 
   The manifest records max_attempts (default: the sweep's, else 2) for `vitok results`/`fit`.
   """
+  check_sweep_dir(sweep, sweep_dir)
   runs = list(runs) if runs is not None else expand(sweep, sweep_dir)
   os.makedirs(sweep_dir, exist_ok=True)
   manifest = {"spec": spec, "name": sweep.get("name", ""), "base": sweep.base,
@@ -220,6 +221,19 @@ def prepare(sweep: ml_collections.ConfigDict, sweep_dir: str, spec: str = "",
     if not os.path.exists(os.path.join(run.workdir, "config.json")):
       config_lib.save_config(run.config, run.workdir)
   return runs
+
+
+def check_sweep_dir(sweep: ml_collections.ConfigDict, sweep_dir: str) -> None:
+  """ConfigError when sweep_dir holds another sweep (its manifest names another): its manifest
+  would be replaced and its runs dropped from the table and fits. The same sweep with other
+  arguments (other axes) is fine: its earlier runs stay, listed by `results.unlisted_runs`."""
+  path = os.path.join(sweep_dir, MANIFEST)
+  if not os.path.exists(path):
+    return
+  held, name = read_manifest(sweep_dir).get("name", ""), sweep.get("name", "")
+  if held and name and held != name:
+    raise ConfigError(f"{sweep_dir} holds the sweep {held!r}, not {name!r}: running {name!r} there "
+                      f"would replace its manifest; use another --sweep_dir (default runs/{name})")
 
 
 def read_manifest(sweep_dir: str) -> dict:
