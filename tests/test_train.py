@@ -905,6 +905,15 @@ def test_vitok_eval_adds_fid_mnist_to_the_record(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(sys, "argv", argv)
   assert cli.main(argv) == 2
   assert "as it trained; it would change data.name: 'mnist' → 'digits'" in capsys.readouterr().err
+  # On fewer held-out examples the metrics are tagged: the run's own stay as they were.
+  own = record_lib.read(workdir)["metrics"]
+  config = config_lib.read_config(workdir)
+  config.eval_examples = 16
+  fewer = train_tokenizer.evaluate_workdir(workdir, config)
+  assert set(fewer) == {"step", *(f"eval/eval_examples=16/{k}" for k in ("psnr", "ssim", "l2"))}
+  after = record_lib.read(workdir)["metrics"]
+  assert {k: after[k] for k in own} == own
+  assert after["eval/eval_examples=16/psnr"] == fewer["eval/eval_examples=16/psnr"]
 
 
 def test_checkpoint_from_before_a_new_empty_state_field_restores(tmp_path):

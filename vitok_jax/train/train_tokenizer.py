@@ -551,9 +551,11 @@ def restore_params(workdir: str, config, mesh):
 def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = None,
                      metrics: tuple[str, ...] = ()) -> dict:
   """Evaluates the latest checkpoint of a run on its held-out split (PSNR/SSIM/L2 and `metrics`,
-  e.g. ("fid_mnist", "lpips")) and adds the results to its record.json."""
-  if config is None:
-    config = config_lib.read_config(workdir)
+  e.g. ("fid_mnist", "lpips")) and adds the results to its record.json. On another number of
+  held-out examples than the run's (`--config.eval_examples`) the metrics are tagged with it,
+  eval/eval_examples=50/psnr, beside the run's own."""
+  saved = config_lib.read_config(workdir)
+  config = saved if config is None else config
   loop.check_evaluated_as_trained(workdir, config)
   if metrics:
     config = ml_collections.ConfigDict(config.to_dict())
@@ -564,5 +566,8 @@ def evaluate_workdir(workdir: str, config: ml_collections.ConfigDict | None = No
   eval_step = jit_eval_step(build_model(config), mesh, shardings.params)
   metrics = evaluate(eval_step, params, config, mesh, workdir=workdir, image_path=(
       os.path.join(workdir, "images", f"eval_{step:07d}") if jax.process_index() == 0 else None))
+  if config.eval_examples != saved.eval_examples:
+    metrics = {k.replace("/", f"/eval_examples={config.eval_examples}/", 1): v
+               for k, v in metrics.items()}
   record_lib.add_metrics(workdir, metrics)
   return {"step": step, **metrics}
