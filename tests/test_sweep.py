@@ -1171,6 +1171,27 @@ def test_cli_fit_refuses_unknown_columns(tmp_path, fake, capsys):
   assert "fit failed" not in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv,says", [
+    (["train", "--config=vitok:Mu-Mi/4,c=4,res=32,data=mnist,steps=5", "--dry_run"],
+     "--dry_run does not apply to `vitok train` (it is for sweep)"),
+    (["sweep", "quickstart:steps=5", "--dry_run"],
+     "--workdir does not apply to `vitok sweep` (it is for train, eval, sample, tokenize); "
+     "`vitok sweep` takes --sweep_dir"),
+    (["fit", "runs/quickstart", "--sweep_dir=x"], "--sweep_dir does not apply to `vitok fit`"),
+    (["tokenize", "--sample=cfg_scale=3"], "--sample does not apply to `vitok tokenize` (it is "
+     "for eval, sample)"),
+])
+def test_a_flag_of_another_subcommand_is_an_error_not_ignored(tmp_path, capsys, argv, says):
+  """`vitok train --dry_run` trained; `vitok sweep --workdir` swept into runs/NAME."""
+  workdir = str(tmp_path / "w")
+  if argv[0] in ("train", "tokenize", "sweep"):
+    argv = [*argv, f"--workdir={workdir}"]
+  assert cli.main(["vitok", *argv]) == 2
+  err = capsys.readouterr().err
+  assert says in err and "Traceback" not in err, err
+  assert not os.path.exists(workdir)
+
+
 @pytest.mark.parametrize("argv", [["--devices", "4"], ["--devices=4"]])
 def test_cli_devices_takes_both_flag_forms(monkeypatch, argv):
   """`vitok compile --devices 64` (as the usage shows it) fakes the devices like --devices=64."""

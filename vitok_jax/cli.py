@@ -158,6 +158,9 @@ def _cmd_eval(workdir: str) -> int:
     print(json.dumps(train_generator.evaluate_workdir(
         workdir, overrides, eval_config=None if config is None else config.eval), indent=1))
     return 0
+  if FLAGS.sample:
+    raise ConfigError(f"--sample={FLAGS.sample} applies to generator runs; {workdir} is a "
+                      "tokenizer run (its eval settings: --config.eval.x=v, --metrics)")
   metrics = train_tokenizer.evaluate_workdir(workdir, config, tuple(FLAGS.metrics))
   print(json.dumps(metrics, indent=1))
   return 0
@@ -463,6 +466,41 @@ def _check_fit_columns(rows, sweep_dir: str, flag_columns: dict[str, list[str]])
                           f"{known}")
 
 
+# The flags each subcommand reads (launch parses its own); another of ours given to it is an error,
+# not silently ignored (`vitok train --dry_run` trained).
+_RUNTIME_FLAGS = ("config", "workdir", "coordinator", "num_processes", "process_id", "distributed",
+                  "compilation_cache")
+COMMAND_FLAGS = {
+    "train": _RUNTIME_FLAGS,
+    "eval": (*_RUNTIME_FLAGS, "metrics", "sample"),
+    "sample": (*_RUNTIME_FLAGS, "sample", "num_samples", "out"),
+    "tokenize": (*_RUNTIME_FLAGS, "out", "split", "max_examples"),
+    "compile": (*(f for f in _RUNTIME_FLAGS if f != "workdir"), "devices", "device_memory_gb"),
+    "sweep": ("sweep_dir", "parallel", "max_attempts", "target", "dry_run", "job"),
+    "results": ("max_attempts",),
+    "fit": ("max_attempts", "x", "y", "offset", "two_variable", "n_boot"),
+    "sweep_book": ("max_attempts",),
+    "sweep_claim": ("max_attempts",),
+}
+# What was likely meant by a flag of another subcommand.
+_FLAG_HINTS = {("sweep", "workdir"): "--sweep_dir", ("results", "workdir"): "SWEEP_DIR",
+               ("fit", "workdir"): "SWEEP_DIR"}
+
+
+def _check_flags(command: str) -> None:
+  """ConfigError for a flag of ours that `command` does not read (config overrides included)."""
+  ours = {name for names in COMMAND_FLAGS.values() for name in names}
+  given = sorted({name.split(".")[0] for name in FLAGS
+                  if FLAGS[name].present and name.split(".")[0] in ours})
+  for name in given:
+    if name not in COMMAND_FLAGS[command]:
+      users = [c for c, names in COMMAND_FLAGS.items() if name in names]
+      hint = _FLAG_HINTS.get((command, name))
+      raise ConfigError(f"--{name} does not apply to `vitok {command}` (it is for "
+                        f"{', '.join(users)})" + (f"; `vitok {command}` takes {hint}" if hint
+                                                  else ""))
+
+
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample,
             "tokenize": _cmd_tokenize, "compile": _cmd_compile, "launch": _cmd_launch,
             "sweep": _cmd_sweep, "results": _cmd_results, "fit": _cmd_fit,
@@ -572,14 +610,16 @@ def main(argv: list[str] | None = None) -> int:
     default = None if named else (
         (_run_config(rest) if command in ("train", "eval") else None)
         or (DEFAULT_CONFIG if command in ("train", "compile") else None))
-    if FLAGS.is_parsed():  # Defaults again when main() is called twice in one process (tests).
-      FLAGS.unparse_flags()
+    # Defaults again when main() is called twice in one process (tests), also after a parse that
+    # failed half-way (its flags stay `present`).
+    FLAGS.unparse_flags()
     args = _resolve_config_arg(rest, default)
     try:
       positional = FLAGS([argv[0], *args])[1:]
     except (AttributeError, KeyError, flags.UnrecognizedFlagError):  # A --config.a.b=v typo?
       _check_overrides(args)
       raise
+    _check_flags(command)
     if command in POSITIONAL_COMMANDS:  # Each run is its own process; nothing to start here.
       return COMMANDS[command](positional)
     _start_runtime()
