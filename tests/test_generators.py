@@ -419,6 +419,22 @@ def test_a_run_on_a_tokenizer_trained_on_since_is_not_resumed(tokenizer_dirs, tm
     train_generator.evaluate_workdir(workdir)
 
 
+def test_codes_of_an_unfinished_tokenizer_are_warned_about(tokenizer_dirs, tmp_path, caplog):
+  """A tokenizer stopped before its total_steps gives codes of that step: a generator of them is
+  warned that it cannot resume once the tokenizer trains on; a finished one is not warned."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  finished, tok = tokenizer_dirs["gaussian"], str(tmp_path / "tok")
+  shutil.copytree(finished, tok)
+  config = config_lib.read_config(tok)
+  config.total_steps = 40  # As a run stopped at step 12 of 40.
+  config_lib.save_config(config, tok)
+  with caplog.at_level("WARNING"):
+    codes.load_or_tokenize(finished, "eval")
+    assert "unfinished" not in caplog.text
+    codes.load_or_tokenize(tok, "eval")
+  assert f"tokenizer {tok} is at step 12 of its 40 (unfinished)" in caplog.text
+
+
 def test_config_errors_name_the_field(tokenizer_dirs, tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="FAMILY/SIZE"):
     config_lib.load_config("generator:gan/B,tokenizer=x")

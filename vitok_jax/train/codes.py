@@ -139,6 +139,9 @@ def check_tokenizer_run(workdir: str) -> None:
                     f"vitok:VARIANT --workdir {workdir}`; generators.FAMILIES lists them)")
 
 
+_WARNED_UNFINISHED = set()  # (tokenizer workdir, step): warned once per process.
+
+
 def load_or_tokenize(workdir: str, split: str, mesh=None) -> dict[str, np.ndarray]:
   """The store of `split` cached as WORKDIR/store_SPLIT.npz, (re)made (on `mesh`, see
   `tokenize_workdir`) when missing or older than the tokenizer's latest checkpoint. A job of
@@ -150,6 +153,12 @@ def load_or_tokenize(workdir: str, split: str, mesh=None) -> dict[str, np.ndarra
   if not latest:  # None, or the initial state a run stopped during set-up saves.
     raise DataError(f"tokenizer {workdir} has no trained checkpoint; train it first with "
                     f"`vitok train --workdir {workdir}`")
+  total = config_lib.read_config(workdir).total_steps
+  if latest < total and (workdir, latest) not in _WARNED_UNFINISHED:
+    _WARNED_UNFINISHED.add((workdir, latest))
+    logging.warning("tokenizer %s is at step %d of its %d (unfinished): its codes are of step %d, "
+                    "and once it trains on, a generator of these codes can no longer resume or "
+                    "be evaluated", workdir, latest, total, latest)
   stale = not os.path.exists(path) or not _whole_split_at(path, latest)
   if stale and jax.process_count() > 1:
     raise DataError(
