@@ -273,8 +273,11 @@ def test_gfid_reference_errors_and_tags(tokenizer_dirs, tmp_path):
   with pytest.raises(ConfigError, match="gFID also needs --config.eval.inception_weights"):
     train_generator.validate(config)
   weights_file = tmp_path / "inception.npz"
-  weights_file.write_bytes(b"")
   config.eval.inception_weights = str(weights_file)
+  with pytest.raises(ConfigError, match=r"^gFID and Inception Score: eval.inception_weights=.* "
+                     r"does not exist"):  # Not the tokenizer metric names rfid, inception_score.
+    train_generator.check_gfid_files(config.eval)
+  weights_file.write_bytes(b"")
   train_generator.validate(config)
   with pytest.raises(ConfigError, match="not found; tools/fid_reference.py computes them"):
     train_generator.check_gfid_files(config.eval)
@@ -417,6 +420,10 @@ def test_a_run_on_a_tokenizer_trained_on_since_is_not_resumed(tokenizer_dirs, tm
     assert int(store["step"]) == 12
   with pytest.raises(ConfigError, match=r"so evaluating or sampling it would mix"):
     train_generator.evaluate_workdir(workdir)
+  # A generator pointed at its tokenizer's workdir: the tokenizer run is named, not a diff.
+  with pytest.raises(ConfigError, match=rf"^{tok} holds a tokenizer run; this generator needs a "
+                     r"new --workdir$"):
+    train_generator.train(config, tok)
 
 
 def test_codes_of_an_unfinished_tokenizer_are_warned_about(tokenizer_dirs, tmp_path, caplog):

@@ -151,6 +151,10 @@ def test_canonical_sweeps_expand():
   assert [r.config.model.bottleneck for r in kinds] == [
       "gaussian", "vq1k", "bsq", "msvq", "msbsq", "larp"]
   assert {r.config.model.bottleneck: r.config.codebook_restart_every for r in kinds}["msvq"] == 50
+  # generator_size's argument is the tokenizer's workdir, bare or as in a generator variant.
+  for arg in ("/runs/tok", "tokenizer=/runs/tok"):
+    assert {r.config.tokenizer for r in sweep.expand(sweep.load(f"generator_size:{arg}"))} == {
+        "/runs/tok"}
 
 
 def test_run_local_skips_finished_runs(tmp_path, fake):

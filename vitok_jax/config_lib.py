@@ -282,7 +282,8 @@ def quickstart_tokenizer() -> str:
   found = [path for path in glob.glob(QUICKSTART_TOKENIZER)
            if os.path.exists(os.path.join(path, "record.json"))]
   if not found:
-    raise ConfigError(f"no tokenizer=WORKDIR given and no finished quickstart tokenizer at "
-                      f"{QUICKSTART_TOKENIZER}: run `vitok sweep quickstart` first, or pass "
-                      f"tokenizer=<a trained tokenizer's workdir>")
+    raise ConfigError(f"no tokenizer given and no finished quickstart tokenizer at "
+                      f"{QUICKSTART_TOKENIZER}: run `vitok sweep quickstart` first, or pass a "
+                      f"trained tokenizer's workdir (`--config generator:...,tokenizer=WORKDIR`; "
+                      f"`vitok sweep generator_size:WORKDIR`)")
   return max(found, key=lambda path: os.path.getmtime(os.path.join(path, "record.json")))

