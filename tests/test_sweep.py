@@ -1056,6 +1056,8 @@ def test_cli_sweep_dry_run_slurm_and_tpu(tmp_path, capsys):
     (["train", "--config", "vitok:Mu-Mi/4,c=8", "--config.nope=1"], "config has no field 'nope'"),
     # A launch checks the config its processes will load before it writes or submits anything.
     (["launch", "slurm", "--config=vitok:Mu-Mu/4,c=abc", "--workdir=NOPE"], "c=abc: expected"),
+    (["launch", "slurm", "--config=vitok:Mu-Mu/4", "--workdir=NOPE", "--dry-run"],
+     "--dry-run: did you mean --dry_run?"),
     (["launch", "slurm", "--config=vitok:Mu-Mu/4", "--config.model.patch=(3, 3)",
       "--workdir=NOPE"], "model.patch size 3 does not divide data.res=256"),
     (["launch", "tpu", "--config=vitok:Mu-Mu/4", "--config.model.patc=4", "--workdir=NOPE",

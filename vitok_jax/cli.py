@@ -82,7 +82,7 @@ DEFAULT_CONFIG = "vitok"
 def _cmd_train(workdir: str) -> int:
   """Train a tokenizer or a generator from --config into --workdir (resumes from checkpoints).
 
-  Without --config: the config of the run already in --workdir, else `DEFAULT_CONFIG`'s default.
+  Without --config: the config of the run already in --workdir, else the vitok config's default.
   """
   config = _CONFIG.value
   if config.get("kind") == "generator":
@@ -118,8 +118,10 @@ def _check_out(path: str, suffixes: tuple[str, ...]) -> None:
 
 
 def _cmd_sample(workdir: str) -> int:
-  """Class-conditional samples of a trained generator --workdir as a PNG grid (--out), with
-  --sample overrides (e.g. cfg_scale=3)."""
+  """Class-conditional samples of a generator run --workdir: a PNG grid (--out, --sample k=v).
+
+  --sample overrides config.sample, e.g. cfg_scale=3.
+  """
   from vitok_jax.train import train_generator
   _check_out(FLAGS.out, (".png", ".jpg", ".jpeg"))
   overrides = _sample_overrides(FLAGS.sample)
@@ -417,8 +419,10 @@ def _run_max_attempts(run_dir: str) -> int:
 
 
 def _cmd_sweep_claim(args: list[str]) -> int:
-  """A SLURM array task's claim on its run (RUN_DIR JOB_ID SECONDS): prints "claimed", or the
-  run's status when the task is to train nothing (done, running elsewhere, failed)."""
+  """A SLURM array task's claim on its run (RUN_DIR JOB_ID SECONDS); prints "claimed" or a status.
+
+  The status when the task is to train nothing: done, running elsewhere, failed.
+  """
   from vitok_jax.scaling import sweep as sweep_lib
   if len(args) != 3 or not args[2].isdigit():
     raise ConfigError("usage: vitok sweep_claim RUN_DIR JOB_ID SECONDS (the SLURM sweep script "
@@ -509,7 +513,7 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "sample": _cmd_sample,
 POSITIONAL_COMMANDS = ("sweep", "results", "fit", "sweep_book", "sweep_claim")
 
 
-def _usage() -> str:
+def _usage() -> str:  # One line per subcommand: its docstring's first.
   lines = [__doc__.strip(), "", "Subcommands:"]
   width = max(map(len, COMMANDS)) + 2
   lines += [f"  {name:{width}s}{fn.__doc__.splitlines()[0]}" for name, fn in COMMANDS.items()]

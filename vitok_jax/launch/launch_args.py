@@ -49,6 +49,13 @@ def parse(argv: list[str]) -> tuple[str, jobspec.JobSpec, argparse.Namespace]:
   parser.add_argument("--submit", action="store_true",
                       help="slurm: sbatch the script (without it: write WORKDIR/launch.sbatch)")
   args, overrides = parser.parse_known_args(argv)
+  for override in overrides:  # --dry-run: a flag of ours misspelt, not an override.
+    flag = override.partition("=")[0]
+    meant = "--" + flag.lstrip("-").replace("-", "_")
+    # pylint: disable-next=protected-access
+    if not flag.startswith("--config.") and meant in parser._option_string_actions:
+      raise ConfigError(f"{flag}: did you mean {meant}? (vitok launch's flags are spelt with "
+                        "underscores)")
   spec = jobspec.JobSpec(
       config=args.config, workdir=args.workdir, command=args.command, overrides=tuple(overrides),
       nodes=args.nodes, processes_per_node=args.processes, gpus_per_node=args.gpus_per_node,
