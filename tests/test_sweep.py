@@ -362,6 +362,19 @@ def test_generator_rows_name_their_tokenizer(tmp_path):
   assert not {"params_encoder", "eval/psnr", "tokens_seen"} & set(names)
 
 
+def test_plain_dirs_of_tokenizers_and_generators_table_fields_not_sections(tmp_path):
+  """A section only generators have (sample) is tabled field by field, not as a dict cell."""
+  for name, config in (("tok", dict(model=dict(channels=4))),
+                       ("gen", dict(model=dict(channels=8), sample=dict(cfg_scale=3.0)))):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "record.json").write_text(json.dumps(dict(
+        config=config, metrics={"eval/loss": 0.5}, examples_seen=64)))
+  rows = {r["id"]: r for r in results.gather(str(tmp_path))}
+  assert (rows["tok"]["model.channels"], rows["gen"]["model.channels"]) == (4, 8)
+  assert (rows["tok"]["sample.cfg_scale"], rows["gen"]["sample.cfg_scale"]) == (None, 3.0)
+  assert not any(isinstance(v, dict) for r in rows.values() for v in r.values())
+
+
 def test_older_masked_generator_records_have_no_flops_until_recounted(tmp_path):
   """A LlamaGen / VAR / Infinity record written before `masked_attention` counts the pairs its
   mask hides: its FLOP columns are empty (left out of compute fits) and flagged with the command

@@ -140,13 +140,15 @@ def _read(path: str) -> dict:
 
 
 def _varying_fields(configs: Sequence[dict], prefix: str = "") -> list[str]:
-  """Dotted config paths whose values differ across `configs` (e.g. "model.channels")."""
+  """Dotted config paths whose values differ across `configs` (e.g. "model.channels"); a section
+  some configs lack (a generator's `sample` beside tokenizers) is compared field by field too."""
   keys = sorted({k for c in configs for k in c})
   out = []
   for key in keys:
     values = [c.get(key) for c in configs]
-    if all(isinstance(v, dict) for v in values):
-      out += _varying_fields(values, f"{prefix}{key}.")
+    if any(isinstance(v, dict) for v in values) and all(isinstance(v, (dict, type(None)))
+                                                        for v in values):
+      out += _varying_fields([v or {} for v in values], f"{prefix}{key}.")
     elif len({json.dumps(v, sort_keys=True) for v in values}) > 1 and key != "variant":
       out.append(prefix + key)
   return out
