@@ -135,6 +135,25 @@ def test_power_law_ci_is_the_least_squares_t_interval():
   assert result["dof"] == 3
 
 
+def test_an_undetermined_offset_fit_warns_and_saves_strict_json(tmp_path):
+  """Flat noisy data do not determine c + a·x^b: its covariance is not positive, so no interval
+  (NaN, null in fits.json, which stays strict JSON) and a warning that says so; a determined fit
+  has none."""
+  import json  # pylint: disable=g-import-not-at-top
+  from vitok_jax.scaling import results  # pylint: disable=g-import-not-at-top
+  x = np.array([1, 2, 4, 8, 16.0])
+  y = 1 + 0.05 * np.random.default_rng(1).random(5)
+  flat = fit.fit_power_law(x, y, offset=True)
+  assert np.isnan(flat["ci"]["b"]).all() and "do not determine c + a*x^b" in flat["warnings"][0]
+  assert fit.fit_power_law(x, 2 * x**-0.5)["warnings"] == []
+  path = str(tmp_path / "fits.json")
+  results.save_fits([{"spec": dict(x="E", y="eval/l2", offset=True), **flat}], path)
+  saved = json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(f"non-JSON {c}"))
+  assert saved[0]["ci"]["b"] == [None, None]
+  assert "WARNING: the data do not determine" in results.describe_fit(
+      {"spec": dict(x="E", y="eval/l2", offset=True), **flat})
+
+
 def test_offset_ci_is_scipys_curve_fit_covariance():
   """c + a·x^b: the standard errors are scipy's curve_fit ones on log y (a's through the delta
   method: ours is of log|a|)."""

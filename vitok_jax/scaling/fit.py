@@ -58,7 +58,8 @@ def _fit_offset(x: np.ndarray, log_y: np.ndarray) -> dict:
   for sign in (1.0, -1.0):
     def residual(theta, sign=sign):
       c, log_abs_a, b = theta
-      pred = c + sign * np.exp(log_abs_a) * xs ** b
+      with np.errstate(over="ignore"):  # Steps of the search far out: an inf, not a warning.
+        pred = c + sign * np.exp(log_abs_a) * xs ** b
       return log_y - np.log(np.maximum(pred, 1e-300))
     # Floor (ceiling) just below (above) the data; a few exponents.
     c0 = 0.5 * y.min() if sign > 0 else 1.5 * y.max()
@@ -104,7 +105,13 @@ def fit_power_law(x, y, *, offset: bool = False, ci: float = 0.95) -> dict:
   dof = len(x) - _num_params(offset)
   covariance = _covariance(_log_jacobian(best, x), log_y - log_prediction, dof)
   t = stats.t.ppf(0.5 + ci / 2, dof)
-  half = t * np.sqrt(np.diag(covariance))
+  variance = np.diag(covariance)
+  with np.errstate(invalid="ignore"):  # A negative or undefined variance: no interval (NaN).
+    half = t * np.sqrt(variance)
+  warnings = [] if np.all(np.isfinite(variance) & (variance >= 0)) else [
+      f"the data do not determine {'c + a*x^b' if offset else 'a*x^b'}: its parameters' "
+      f"covariance is not positive, so their intervals are undefined"
+      + (" (try it without the offset)" if offset else "")]
   log_abs_a = math.log(abs(best["a"]))
   with np.errstate(over="ignore"):  # A badly determined a: an interval out to ±inf.
     a_ends = np.sign(best["a"]) * np.exp([log_abs_a - half[0], log_abs_a + half[0]])
@@ -114,7 +121,7 @@ def fit_power_law(x, y, *, offset: bool = False, ci: float = 0.95) -> dict:
     intervals["c"] = [best["c"] - half[2], best["c"] + half[2]]
   return {"form": "c + a*x^b" if offset else "a*x^b", **best, "r2": _r2(log_y, log_prediction),
           "n": int(len(x)), "ci": {k: [float(v) for v in lo_hi] for k, lo_hi in intervals.items()},
-          "ci_level": ci, "dof": int(dof), "covariance": covariance.tolist()}
+          "ci_level": ci, "dof": int(dof), "covariance": covariance.tolist(), "warnings": warnings}
 
 
 def _num_params(offset: bool) -> int:

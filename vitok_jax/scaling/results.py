@@ -16,6 +16,7 @@ import csv
 import glob
 import json
 import math
+import numbers
 import os
 from typing import Any, Sequence
 
@@ -260,10 +261,11 @@ def describe_fit(result: dict) -> str:
             f"{result['B']:.3g}/D^{result['beta']:.3f} (N={spec['n']}, D={spec['d']}, "
             f"R² {result['r2']:.3f}{left_text}); N* ∝ C^{result['a_exponent']:.3f}{warnings}")
   ci = result["ci"]["b"]
-  ci_text = f"b {100 * result['ci_level']:.0f}% CI [{ci[0]:.3g}, {ci[1]:.3g}], "
+  ci_text = f"b {100 * result['ci_level']:.0f}% CI [{_format(ci[0])}, {_format(ci[1])}], "
   offset = f"{result['c']:.4g} + " if "c" in result else ""
+  warnings = "".join(f"\n  WARNING: {w}" for w in result.get("warnings", ()))
   return (f"{spec['y']} = {offset}{result['a']:.4g}·{spec['x']}^{result['b']:.4g} "
-          f"({ci_text}R² {result['r2']:.3f}, n={result['n']}{left_text})")
+          f"({ci_text}R² {result['r2']:.3f}, n={result['n']}{left_text}){warnings}")
 
 
 def stored_specs(path: str) -> list[dict]:
@@ -275,9 +277,19 @@ def save_fits(fit_results: Sequence[dict], path: str) -> list[dict]:
   """Writes `fit_results` as the JSON list at `path`, replacing what was there: every fit in the
   file is over the same rows. report() refits the stored specs too, so `vitok fit --x … --y …`
   calls still add up. Returns the list."""
-  with open(path, "w") as f:
-    json.dump(list(fit_results), f, indent=1, default=float)
+  with open(path, "w") as f:  # Strict JSON: a value that is not finite (no interval) is null.
+    json.dump(_finite_or_none(list(fit_results)), f, indent=1, default=float, allow_nan=False)
   return list(fit_results)
+
+
+def _finite_or_none(node):
+  if isinstance(node, dict):
+    return {k: _finite_or_none(v) for k, v in node.items()}
+  if isinstance(node, (list, tuple)):
+    return [_finite_or_none(v) for v in node]
+  if isinstance(node, numbers.Real) and not isinstance(node, int) and not math.isfinite(node):
+    return None
+  return node
 
 
 def _spec_key(spec: dict) -> str:
