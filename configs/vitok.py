@@ -148,8 +148,8 @@ def _set_data(config, options) -> None:
     config.data.update({k: v for k, v in preset.items() if k != "res" or "res" not in options})
   elif config.data.name in GRAYSCALE:
     config.data.channels = 1
-  if config.data.name in data.FOLDER_NAMES:
+  if data.single_folder(config.data):
     # One folder's eval split by path hashes: adding files moves none between the splits. Only
-    # folder configs carry the field, so other run ids are unchanged; a folder run saved without
+    # these configs carry the field, so other run ids are unchanged; a folder run saved without
     # it split by position (config_lib.ADDED_FIELDS).
     config.data.folder_split = "hash"

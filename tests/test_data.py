@@ -653,8 +653,9 @@ def test_bad_config(kw, error, match):
 @pytest.mark.parametrize("train_split,eval_split,shared", [
     ("train", "train[80%:]", "train[80%:]"),          # A slice of the whole train split.
     ("train[:80%]", "train[80%:]", ""),               # Percent boundaries round alike.
-    ("train[:80%]", "train[-30%:]", "train[-30%:]"),  # -30% is 70%.
-    ("train[:80%]", "train[-20%:]", ""),
+    ("train[:80%]", "train[-30%:]", "train[-30%:]"),  # -30% is about 70%.
+    ("train[:80%]", "train[-10%:]", ""),
+    ("train[:50%]", "train[-50%:]", "train[-50%:]"),  # Of 7 examples: [0, 4) and [3, 7).
     ("train[:1000]", "train[999:]", "train[999:]"),
     ("train[:1000]", "train[1000:]", ""),
     ("train[:90%]+extra", "test+extra[10:20]", "extra[10:20]"),

@@ -1201,7 +1201,8 @@ def test_cli_fit_refuses_unknown_columns(tmp_path, fake, capsys):
      "for eval, sample)"),
 ])
 def test_a_flag_of_another_subcommand_is_an_error_not_ignored(tmp_path, capsys, argv, says):
-  """`vitok train --dry_run` trained; `vitok sweep --workdir` swept into runs/NAME."""
+  """`vitok train --dry_run` trained; `vitok sweep --workdir` swept into runs/NAME. A sweep reads
+  the fit flags (its last step is `vitok fit`)."""
   workdir = str(tmp_path / "w")
   if argv[0] in ("train", "tokenize", "sweep"):
     argv = [*argv, f"--workdir={workdir}"]
@@ -1209,6 +1210,29 @@ def test_a_flag_of_another_subcommand_is_an_error_not_ignored(tmp_path, capsys, 
   err = capsys.readouterr().err
   assert says in err and "Traceback" not in err, err
   assert not os.path.exists(workdir)
+  assert cli.main(["vitok", "sweep", "quickstart:steps=5", f"--sweep_dir={tmp_path / 's'}",
+                   "--dry_run", "--n_boot=10", "--x=E", "--y=eval/l2", "--offset"]) == 0
+
+
+def test_a_sweeps_new_runs_get_the_new_run_checks(tmp_path):
+  """A folder named by override (position split) or a family set by override is refused when the
+  sweep expands, as `vitok train` refuses such a new run; a run already written keeps its config."""
+  images = tmp_path / "images"
+  images.mkdir()
+  for base, point, says in (
+      ("vitok:Mu-Mu/4,res=16,batch=6,steps=2",
+       {"data.name": "image_folder", "data.path": str(images)}, "data.name='image_folder' set by "
+       "override"),
+      ("generator:dit/Mi,tokenizer=/no/tok,batch=6,steps=2",
+       {"model.family": "var", "model.size": "d2"}, "model.family='var', but the variant")):
+    config = ml_collections.ConfigDict(dict(name="t", base=base, axes=[("product", {
+        k: [v] for k, v in point.items()})]))
+    with pytest.raises(ConfigError, match=says):
+      sweep.expand(config, str(tmp_path / "s"))
+  resolved = sweep.resolve(base, point)  # A run written before the check: it expands as it was.
+  run_id = f"{sweep.label(point)}-{sweep.config_hash(resolved)[:10]}"
+  config_lib.save_config(resolved, str(tmp_path / "s" / "runs" / run_id))
+  assert [r.id for r in sweep.expand(config, str(tmp_path / "s"))] == [run_id]
 
 
 @pytest.mark.parametrize("argv", [["--devices", "4"], ["--devices=4"]])

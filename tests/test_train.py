@@ -500,6 +500,8 @@ def test_config_changes_leave_out_resumable_fields_and_fields_the_code_added():
   # A folder run saved before data.folder_split held out by position; only one folder is split.
   for path, changed in (("/d", True), ("/d/{split}", False)):
     new = config_lib.load_config(f"vitok:Mu-Mu/4,res=8,data=image_folder,path={path}")
+    assert ("folder_split" in new.data) == changed  # Split folders do not carry it: same ids.
+    new.data.folder_split = "hash"  # As an override would, on a config that has it.
     old = new.copy_and_resolve_references()
     del old.data["folder_split"]
     assert loop.config_changes(old, new) == (

@@ -480,7 +480,8 @@ COMMAND_FLAGS = {
     "sample": (*_RUNTIME_FLAGS, "sample", "num_samples", "out"),
     "tokenize": (*_RUNTIME_FLAGS, "out", "split", "max_examples"),
     "compile": (*(f for f in _RUNTIME_FLAGS if f != "workdir"), "devices", "device_memory_gb"),
-    "sweep": ("sweep_dir", "parallel", "max_attempts", "target", "dry_run", "job"),
+    "sweep": ("sweep_dir", "parallel", "max_attempts", "target", "dry_run", "job",
+              "x", "y", "offset", "two_variable", "n_boot"),  # Its last step is `vitok fit`.
     "results": ("max_attempts",),
     "fit": ("max_attempts", "x", "y", "offset", "two_variable", "n_boot"),
     "sweep_book": ("max_attempts",),
@@ -616,7 +617,8 @@ def main(argv: list[str] | None = None) -> int:
         or (DEFAULT_CONFIG if command in ("train", "compile") else None))
     # Defaults again when main() is called twice in one process (tests), also after a parse that
     # failed half-way (its flags stay `present`).
-    FLAGS.unparse_flags()
+    if FLAGS.is_parsed() or any(FLAGS[name].present for name in FLAGS):
+      FLAGS.unparse_flags()
     args = _resolve_config_arg(rest, default)
     try:
       positional = FLAGS([argv[0], *args])[1:]

@@ -30,12 +30,18 @@ PHOTO_MAX_SIDE = 512
 DIGITS_SIZE = 1797  # len(sklearn.datasets.load_digits().images), known without importing sklearn.
 
 
-def split_indices(n: int, split: str, eval_size: int = 0) -> np.ndarray:
-  """Indices of `split` in a fixed permutation of range(n); eval is its last eval_size (or 10%)."""
-  n_eval = eval_size or max(1, int(round(n * EVAL_FRACTION)))
+def check_eval_size(n: int, n_eval: int, eval_size: int) -> None:
+  """ConfigError when holding out n_eval of n examples (data.eval_size, 0 = the default share)
+  leaves none to train on."""
   if n_eval >= n:
     raise ConfigError(f"data.eval_size={eval_size} leaves no training data out of {n} examples; "
                       f"set it below {n} (0 = {EVAL_FRACTION:.0%})")
+
+
+def split_indices(n: int, split: str, eval_size: int = 0) -> np.ndarray:
+  """Indices of `split` in a fixed permutation of range(n); eval is its last eval_size (or 10%)."""
+  n_eval = eval_size or max(1, int(round(n * EVAL_FRACTION)))
+  check_eval_size(n, n_eval, eval_size)
   perm = np.random.default_rng(SPLIT_SEED).permutation(n)
   return perm[n - n_eval:] if split == "eval" else perm[:n - n_eval]
 

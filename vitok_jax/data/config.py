@@ -12,7 +12,8 @@ FOLDER_NAMES = ("image_folder", "video_folder")
 SPLITS = ("train", "eval")
 # data.folder_split, how one folder (no "{split}" in data.path) is split into train and eval:
 #   hash      a file is held out by a hash of its path under data.path, so adding or removing files
-#             moves no other file between the splits (the folder configs' setting);
+#             moves no other file between the splits (with eval_size, the eval_size lowest
+#             hashes: files near that rank can move); the folder configs' setting;
 #   position  its position in a seeded permutation of the sorted files (runs saved before the field:
 #             a file added anywhere reshuffles both splits).
 FOLDER_SPLITS = ("hash", "position")
@@ -25,6 +26,11 @@ PRESETS = {
     "ucf101": dict(name="tfds", tfds_name="ucf101", train_split="train", eval_split="test",
                    image_key="video", channels=3, res=128),
 }
+
+
+def single_folder(cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the data is one folder that `folder_split` splits (no "{split}" in data.path)."""
+  return cfg.name in FOLDER_NAMES and "{split}" not in cfg.path
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -119,27 +125,30 @@ def _tfds_parts(spec: str, field: str) -> list:
   return parts
 
 
-_WHOLE = ("%", 0.0, 100.0)
+_WHOLE = ("%", 0.0, 100.0, False)
 
 
-def _interval(part) -> tuple[str, float, float] | None:
-  """(unit, start, end) of a ReadInstruction where that needs no split size (a whole split is
-  [0, 100)%, an open absolute end is ∞); None for a negative absolute end (counted from the
-  split's end)."""
+def _interval(part) -> tuple[str, float, float, bool] | None:
+  """(unit, start, end, from_end) of a ReadInstruction where that needs no split size (a whole
+  split is [0, 100)%, an open absolute end is ∞); from_end: a percent boundary counted from the
+  split's end, which tfds rounds apart from its positive twin (−50% of 7 examples is 3, 50% is 4).
+  None for a negative absolute boundary."""
   if part.from_ is None and part.to is None:
     return _WHOLE
   if part.unit == "%":
     start, end = part.from_ or 0.0, 100.0 if part.to is None else part.to
-    return "%", start % 100 if start < 0 else start, end % 100 if end < 0 else end
+    return ("%", start % 100 if start < 0 else start, end % 100 if end < 0 else end,
+            start < 0 or end < 0)
   if (part.from_ or 0) < 0 or (part.to is not None and part.to < 0):
     return None
-  return part.unit, part.from_ or 0, float("inf") if part.to is None else part.to
+  return part.unit, part.from_ or 0, float("inf") if part.to is None else part.to, False
 
 
 def tfds_overlap(train_split: str, eval_split: str) -> str:
   """A part of `eval_split` that shares examples with `train_split` ("" if none is known to): the
-  same split unsliced on either side, or slices in one unit that intersect. Slices in different
-  units (10% and 1000 examples) need the split's size and are not compared."""
+  same split unsliced on either side, or slices in one unit that intersect (or touch, when one
+  counts from the split's end). Slices in different units (10% and 1000 examples) need the split's
+  size and are not compared."""
   for a in _tfds_parts(train_split, "train_split"):
     for b in _tfds_parts(eval_split, "eval_split"):
       if a == "all" or b == "all":
@@ -147,7 +156,9 @@ def tfds_overlap(train_split: str, eval_split: str) -> str:
       if a.split_name != b.split_name:
         continue
       ia, ib = _interval(a), _interval(b)
-      if _WHOLE in (ia, ib) or (ia and ib and ia[0] == ib[0]
-                                and max(ia[1], ib[1]) < min(ia[2], ib[2])):
+      touch = ia and ib and (ia[3] or ib[3])  # Rounded apart: one example may be shared.
+      if _WHOLE in (ia, ib) or (ia and ib and ia[0] == ib[0] and (
+          max(ia[1], ib[1]) < min(ia[2], ib[2])
+          or touch and max(ia[1], ib[1]) <= min(ia[2], ib[2]))):
         return repr(b).split("'")[1]  # ReadInstruction('train[70%:]', rounding=...).
   return ""

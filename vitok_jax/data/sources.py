@@ -291,12 +291,12 @@ def _folder_split(cfg, split: str, kind: str) -> tuple[str, list[str], list[int]
 def hashed_split_indices(names: list[str], split: str, eval_size: int = 0) -> np.ndarray:
   """Indices of `split` among `names` (paths under the folder), ascending: eval holds the names
   whose hash falls in its first `bundled.EVAL_FRACTION` (at least one name, never all), or the
-  `eval_size` lowest hashes. A name's side depends on the name alone (with eval_size, on how its
-  hash ranks), so files added to or removed from the folder move no other file across."""
+  `eval_size` lowest hashes. By default a name's side depends on the name alone, so files added to
+  or removed from the folder move no other file across. With eval_size it depends on how its hash
+  ranks: an added file can push an eval file into train, a removed eval file pull a train file
+  into eval."""
   n = len(names)
-  if eval_size >= n:
-    raise ConfigError(f"data.eval_size={eval_size} leaves no training data out of {n} examples; "
-                      f"set it below {n} (0 = {bundled.EVAL_FRACTION:.0%})")
+  bundled.check_eval_size(n, eval_size, eval_size)
   digest = lambda name: hashlib.sha256(name.replace(os.sep, "/").encode()).digest()[:8]
   rank = np.array([int.from_bytes(digest(name), "big") for name in names], np.uint64)
   order = np.argsort(rank, kind="stable")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import shlex
 from typing import Mapping
@@ -99,7 +100,8 @@ class JobSpec:
     config = config_lib.apply_overrides(self.config, self.overrides)
     if self.command == "train":
       from vitok_jax import train  # pylint: disable=g-import-not-at-top
-      train.validate(config)
+      new_run = not os.path.exists(os.path.join(self.workdir, "config.json"))
+      train.validate(config, new_run=new_run)
     if self.accelerator_type:
       from vitok_jax.launch import tpu  # pylint: disable=g-import-not-at-top
       tpu.check_layout(config, self.accelerator_type)

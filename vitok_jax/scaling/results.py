@@ -255,15 +255,14 @@ def describe_fit(result: dict) -> str:
     return f"{spec}: fit failed: {result['error']}"
   left_out = result.get("left_out")
   left_text = f"; left out: {', '.join(left_out)}" if left_out else ""
+  warnings = "".join(f"\n  WARNING: {w}" for w in result.get("warnings", ()))
   if spec.get("kind") == "two_variable":
-    warnings = "".join(f"\n  WARNING: {w}" for w in result.get("warnings", ()))
     return (f"{spec['y']} = {result['E']:.3g} + {result['A']:.3g}/N^{result['alpha']:.3f} + "
             f"{result['B']:.3g}/D^{result['beta']:.3f} (N={spec['n']}, D={spec['d']}, "
             f"R² {result['r2']:.3f}{left_text}); N* ∝ C^{result['a_exponent']:.3f}{warnings}")
   ci = result["ci"]["b"]
   ci_text = f"b {100 * result['ci_level']:.0f}% CI [{_format(ci[0])}, {_format(ci[1])}], "
   offset = f"{result['c']:.4g} + " if "c" in result else ""
-  warnings = "".join(f"\n  WARNING: {w}" for w in result.get("warnings", ()))
   return (f"{spec['y']} = {offset}{result['a']:.4g}·{spec['x']}^{result['b']:.4g} "
           f"({ci_text}R² {result['r2']:.3f}, n={result['n']}{left_text}){warnings}")
 

@@ -52,8 +52,7 @@ def validate(config: ml_collections.ConfigDict, new_run: bool = False) -> None:
   """Raises ConfigError naming the first invalid field of a tokenizer config and what is allowed;
   new_run: also the checks that runs saved before them need not pass."""
   m, d = config.model, config.data
-  require(not new_run or d.name not in data.FOLDER_NAMES or "{split}" in d.path
-          or "folder_split" in d,
+  require(not new_run or not data.single_folder(d) or "folder_split" in d,
           f"data.name={d.name!r} set by override holds out part of {d.path or 'its folder'} by "
           f"position in the sorted files, which adding files reshuffles; give the folder in the "
           f"variant instead (`--config vitok:...,data={d.name},path=...`: split by path hashes), "
