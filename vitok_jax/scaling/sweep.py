@@ -185,7 +185,7 @@ def expand(sweep: ml_collections.ConfigDict, sweep_dir: str = "") -> list[Run]:
     if run_id not in seen:
       seen.add(run_id)
       workdir = os.path.join(os.path.abspath(sweep_dir), "runs", run_id) if sweep_dir else ""
-      if not os.path.exists(os.path.join(workdir, "config.json")):  # `vitok train`'s new run.
+      if not workdir or not os.path.exists(os.path.join(workdir, "config.json")):  # A new run.
         from vitok_jax import train  # pylint: disable=g-import-not-at-top
         train.validate(config, new_run=True)
       runs.append(Run(run_id, label(point), point, config, workdir))
