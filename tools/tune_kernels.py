@@ -38,15 +38,15 @@ from vitok_jax.kernels import reference
 from vitok_jax.kernels import vq_pallas
 
 # Tiles of tokens × tiles walked per program × warps, with integer packing and PTX approximate
-# math (the GPU defaults; (32, 16, 2) won at 1M tokens on an H100, the rest of its neighbourhood
-# is for larger inputs), a few with the tile loop's pipelining depth set, all loading two tiles
-# ahead (the default `prefetch`) but a few; the float packing and the precise math once each for
-# comparison.
+# math (the GPU defaults: (32, 1, 1) at 1M tokens, (8, 64, 1) from LARGE_TOKENS on; the rest of
+# the neighbourhood is for other sizes and devices), a few with the tile loop's pipelining depth
+# set, all loading two tiles ahead (the default `prefetch`) but a few; the float packing and the
+# precise math once each for comparison.
 BSQ_CANDIDATES = ([dict(block_tokens=b, steps=s, num_warps=w, integer_pack=True)
-                   for b, s, w in ((64, 1, 4), (128, 1, 4), (128, 1, 8), (256, 1, 4), (256, 1, 8),
-                                   (512, 1, 8), (128, 4, 4), (64, 16, 4), (32, 16, 2),
-                                   (32, 8, 2), (32, 32, 2), (32, 64, 2), (64, 16, 2), (64, 32, 2),
-                                   (16, 32, 1), (32, 16, 1))]
+                   for b, s, w in ((32, 1, 1), (64, 1, 2), (64, 1, 4), (128, 1, 4), (128, 1, 8),
+                                   (256, 1, 4), (256, 1, 8), (512, 1, 8), (128, 4, 4), (64, 16, 4),
+                                   (32, 16, 2), (32, 8, 2), (32, 32, 2), (32, 64, 2), (64, 16, 2),
+                                   (64, 32, 2), (16, 32, 1), (32, 16, 1))]
                   + [dict(block_tokens=b, steps=s, num_warps=w, num_stages=n, integer_pack=True)
                      for b, s, w, n in ((32, 16, 2, 2), (32, 16, 2, 4), (32, 32, 2, 4),
                                         (64, 8, 4, 4), (16, 32, 1, 4))]
@@ -125,6 +125,22 @@ def _sweep(name, candidates, kernel, args, check, runs, kernel_name: str = ""):
     results.append({**params, **checked, **_time(fn, args, runs, kernel_name)})
     print(name, results[-1], flush=True)
   return results
+
+
+def bsq_launches(text: str, error) -> list[dict]:
+  """'b,s,w[,p];...' → BSQ candidates (block_tokens, steps, num_warps, prefetch); `error(msg)` on
+  a malformed entry."""
+  keys = ("block_tokens", "steps", "num_warps", "prefetch")
+  candidates = []
+  for entry in text.split(";"):
+    try:
+      values = [int(x) for x in entry.split(",")]
+    except ValueError:
+      values = []
+    if not 3 <= len(values) <= 4 or min(values[:3]) < 1 or min(values[3:], default=0) < 0:
+      error(f"--bsq_launches entry {entry!r}: block_tokens,steps,num_warps[,prefetch], integers")
+    candidates.append(dict(zip(keys, values), integer_pack=True))
+  return candidates
 
 
 def tune_bsq(runs, candidates, tokens=1 << 20, dim=32):
@@ -230,6 +246,9 @@ def main(argv=None):
                       help="unmasked attention at --length per head dim ('' for none)")
   parser.add_argument("--length", type=int, default=4096)
   parser.add_argument("--bsq_tokens", type=int, default=1 << 20, help="BSQ's problem size")
+  parser.add_argument("--bsq_launches", default="",
+                      help="BSQ candidates instead of BSQ_CANDIDATES: block_tokens,steps,"
+                           "num_warps[,prefetch];... (e.g. '32,16,2,2;32,4,2,1')")
   parser.add_argument("--var_lengths", default="",
                       help="also tune block-causal attention at these VAR lengths (680,2240), "
                            "head dim 64: JSON keys block_causal_<L>, used by bench_kernels.py")
@@ -259,7 +278,9 @@ def main(argv=None):
 
   kernels = args.kernels.split(",")
   if "bsq" in kernels:
-    report["bsq"] = tune_bsq(runs, pick(BSQ_CANDIDATES), **bsq_size)
+    candidates = (bsq_launches(args.bsq_launches, parser.error) if args.bsq_launches
+                  else BSQ_CANDIDATES)
+    report["bsq"] = tune_bsq(runs, pick(candidates), **bsq_size)
     save()
   if "vq" in kernels:
     report["vq"] = tune_vq(runs, pick(VQ_CANDIDATES), **vq_size)
