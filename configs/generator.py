@@ -32,7 +32,7 @@ import ml_collections
 
 from vitok_jax import config_lib
 from vitok_jax.parallel import mesh as mesh_lib
-from vitok_jax.train import optimizer, train_generator
+from vitok_jax.train import generators, optimizer, train_generator
 
 # The embedded default: DiT-Mi on the c=4 tokenizer of `vitok sweep quickstart` (used whenever no
 # tokenizer=WORKDIR is given).
@@ -83,8 +83,10 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
 
   # The trained tokenizer's workdir; its store (codes / latents) is made once, next to it.
   config.tokenizer = ""
+  # Settings only some families read take the values the others keep (FAMILY_TRAINING_SETTINGS).
+  kept = {path: value for path, (_, value) in generators.FAMILY_TRAINING_SETTINGS.items()}
   config.model = ml_collections.ConfigDict(dict(
-      family="dit", size="Mi", patch=1, class_dropout=0.1, num_classes=10,
+      family="dit", size="Mi", patch=kept["model.patch"], class_dropout=0.1, num_classes=10,
       mlp_multiple_of=8, attn_impl="auto", dtype="float32",
       dropout=0.0,   # llamagen: its blocks' and input embeddings' dropout (0.1 in LlamaGen).
       # var, infinity: the last block's stochastic-depth rate; None: the published one (VAR's
@@ -96,7 +98,8 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   # var, infinity: reweight_by_scale = weigh a scale-k token's loss by s_K/s_k (Infinity's released
   # training; VAR's is a plain mean, L_mean).
   config.objective = ml_collections.ConfigDict(dict(
-      t_sampling="uniform", shortcut=False, flip_max=0.3, reweight_by_scale=False))
+      t_sampling=kept["objective.t_sampling"], shortcut=False,
+      flip_max=kept["objective.flip_max"], reweight_by_scale=False))
   # Each family's sampler reads only some fields (generators.FAMILIES[f].sample_fields); the others
   # must keep the neutral values below (top_k 0, top_p 1, temperature 1, cfg_schedule constant).
   # dit: num_steps (grid points), method, few_steps; llamagen/var/infinity: temperature, top_k

@@ -756,7 +756,6 @@ def test_sample_settings_a_family_ignores_are_config_errors():
   config = config_lib.load_config("generator:llamagen/Mu,tokenizer=x")
   config.sample.update(top_k=50, top_p=0.9, temperature=0.7, cfg_schedule="linear")
   train_generator.validate(config)
-  # DiT's ODE settings on the AR families: saved in the run's config, read by no sampler.
   # DiT's ODE settings on the AR families: in a new run's config, saved but read by no sampler;
   # a run saved before this check keeps them (resumed, evaluated, sampled).
   for key, value in (("method", "euler"), ("num_steps", 7), ("few_steps", (1,))):
@@ -776,6 +775,28 @@ def test_sample_settings_a_family_ignores_are_config_errors():
   with pytest.raises(ConfigError, match="'top_p' has no effect on model.family=dit"):
     generators.check_sample_overrides("dit", {"cfg_scale": 2, "top_p": 0.9})
   generators.check_sample_overrides("infinity", {"top_p": 0.9, "cfg_schedule": "linear"})
+
+
+def test_training_settings_a_family_ignores_are_config_errors_for_new_runs():
+  """flip_max (Infinity), t_sampling and patch (DiT) set on another family: refused for a new run
+  (the variant's options included), kept by a run saved before the check; the families that read
+  them take them."""
+  changes = {"objective.flip_max": 0.1, "objective.t_sampling": "logit_normal", "model.patch": 2}
+  for path, value in changes.items():
+    readers, kept = generators.FAMILY_TRAINING_SETTINGS[path]
+    section, key = path.split(".")
+    for family in ("dit/Mu", "llamagen/Mu", "var/d2", "infinity/d2"):
+      config = config_lib.load_config(f"generator:{family},tokenizer=x")
+      assert config[section][key] == kept
+      config[section][key] = value
+      if family.partition("/")[0] in readers:
+        train_generator.validate(config, new_run=True)
+        continue
+      with pytest.raises(ConfigError, match=f"{path}={value!r} has no effect on model.family="):
+        train_generator.validate(config, new_run=True)
+      train_generator.validate(config)  # Saved before the check: resumed as it is.
+  with pytest.raises(ConfigError, match="objective.flip_max=0.2 has no effect on model.family=var"):
+    config_lib.load_config("generator:var/d2,tokenizer=x,flip=0.2")
 
 
 def test_a_top_k_that_keeps_the_whole_codebook_is_a_config_error():

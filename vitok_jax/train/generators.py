@@ -88,6 +88,15 @@ NEUTRAL_SAMPLE_SETTINGS = {"top_k": 0, "top_p": 1.0, "temperature": 1.0, "cfg_sc
 # (`check_new_sample_settings`); runs saved before that check keep whatever they hold.
 ODE_SAMPLE_DEFAULTS = {"num_steps": 50, "method": "heun", "few_steps": (1, 2, 4)}
 
+# Training settings only some families read: field -> (those families, the value every config
+# carries, configs/generator.py). Another family's new run must keep that value
+# (`check_new_training_settings`): set, it would be saved in the run's config with no effect.
+FAMILY_TRAINING_SETTINGS = {
+    "objective.flip_max": (("infinity",), 0.3),  # Bitwise self-correction's largest flip rate.
+    "objective.t_sampling": (("dit",), "uniform"),  # Flow matching's time distribution.
+    "model.patch": (("dit",), 1),  # DiT's patch size on the latent grid.
+}
+
 # config.sample.cfg_schedule -> var.cfg_weights schedule: "linear" is VAR's ramp
 # w_k = 1 + cfg·k/(K − 1) (the first scale unguided), "constant" is w_k = cfg (Infinity's).
 VAR_CFG_SCHEDULES = {"linear": "var", "constant": "constant"}
@@ -489,6 +498,17 @@ def check_new_sample_settings(family: str, sample) -> None:
   the run's config with no effect."""
   check_sample_settings(family, sample)
   _check_unread(family, sample, ODE_SAMPLE_DEFAULTS)
+
+
+def check_new_training_settings(family: str, config) -> None:
+  """Raises ConfigError for a `FAMILY_TRAINING_SETTINGS` field that `family` does not read, set
+  away from the value its config carries (runs saved before this check keep what they hold)."""
+  for path, (readers, default) in FAMILY_TRAINING_SETTINGS.items():
+    section, key = path.split(".")
+    value = config[section][key]
+    if family not in readers and value != default:
+      raise ConfigError(f"{path}={value!r} has no effect on model.family={family} (it is read "
+                        f"by {' and '.join(readers)} only); leave it at {default!r}")
 
 
 def _check_unread(family: str, sample, neutral_values: dict) -> None:

@@ -87,9 +87,12 @@ def validate(config: ml_collections.ConfigDict, new_run: bool = False) -> None:
   require(s.temperature > 0, f"sample.temperature must be > 0, got {s.temperature}")
   require(0 < s.top_p <= 1, f"sample.top_p must be in (0, 1], got {s.top_p}")
   require(s.top_k >= 0, f"sample.top_k must be >= 0 (0 disables it), got {s.top_k}")
-  # No setting the family's sampler ignores (for a new run, DiT's ODE settings included).
+  # No setting the family's sampler ignores (for a new run, DiT's ODE settings included), nor,
+  # for a new run, a training setting it ignores.
   (generators.check_new_sample_settings if new_run else generators.check_sample_settings)(
       m.family, s)
+  if new_run:
+    generators.check_new_training_settings(m.family, config)
   require(config.eval.num_samples >= 0, f"eval.num_samples must be >= 0, got {config.eval.num_samples}")
   require(not config.eval.get("gfid_reference") or config.eval.get("inception_weights"),
           f"eval.gfid_reference={config.eval.get('gfid_reference')!r} holds gFID's real "
