@@ -1190,6 +1190,38 @@ def test_cli_fit_refuses_unknown_columns(tmp_path, fake, capsys):
   assert "fit failed" not in capsys.readouterr().out
 
 
+def test_cli_fit_drop_removes_a_stored_fit(tmp_path, fake, capsys):
+  """`vitok fit --drop` with the flags that added a fit removes it from fits.json (and its plot
+  from the next report); a fit not stored, one of the sweep's own (every report adds it back) or
+  --drop without a fit is an error that writes nothing."""
+  command, _ = fake
+  sweep_dir = str(tmp_path / "s")
+  runs = sweep.prepare(_sweep(), sweep_dir)  # 4 runs: an offset fit takes 4.
+  sweep.run_local(runs, sweep_dir, command=command(), log=lambda _: None, poll_s=0.05)
+  fits_json = os.path.join(sweep_dir, "fits.json")
+  added = ["--x=E", "--y=eval/psnr", "--offset"]
+  assert cli.main(["vitok", "fit", sweep_dir, "--n_boot=10"]) == 0  # The sweep's own two.
+  assert cli.main(["vitok", "fit", sweep_dir, "--n_boot=10", *added]) == 0
+  specs = lambda: [r["spec"] for r in json.load(open(fits_json))]
+  assert dict(x="E", y="eval/psnr", offset=True) in specs() and len(specs()) == 3
+  plot = os.path.join(sweep_dir, "plots", "fit_eval_psnr_vs_E_offset.png")
+  assert os.path.exists(plot)
+  capsys.readouterr()
+  assert cli.main(["vitok", "fit", sweep_dir, "--n_boot=10", "--drop", *added]) == 0
+  assert "dropped from fits.json: --x E --y eval/psnr --offset" in capsys.readouterr().out
+  assert specs() == [dict(x="E", y="eval/psnr"), dict(x="E", y="eval/l2")]  # The manifest's.
+  assert not os.path.exists(plot) and os.path.exists(plot.replace("_offset", ""))
+  stored = open(fits_json).read()
+  for args, says in ((added, "no such fit in"),
+                     (added, "stored: --x E --y eval/psnr; --x E --y eval/l2"),
+                     (["--x=E", "--y=eval/l2"], "the sweep's own"),
+                     ([], "--drop removes one stored fit: name it")):
+    assert cli.main(["vitok", "fit", sweep_dir, "--n_boot=10", "--drop", *args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err, err
+  assert open(fits_json).read() == stored
+
+
 @pytest.mark.parametrize("argv,says", [
     (["train", "--config=vitok:Mu-Mi/4,c=4,res=32,data=mnist,steps=5", "--dry_run"],
      "--dry_run does not apply to `vitok train` (it is for sweep)"),

@@ -73,6 +73,8 @@ flags.DEFINE_string("y", None, "fit: metric column (e.g. eval/psnr, eval/l2).")
 flags.DEFINE_bool("offset", False, "fit: also fit an irreducible term, y = c + a·x^b.")
 flags.DEFINE_string("two_variable", None, "fit: N,D columns for L(N, D) = E + A/N^α + B/D^β with "
                     "--y as L, e.g. params_total,tokens_seen.")
+flags.DEFINE_bool("drop", False, "fit: remove the fit named by --x/--y[/--offset] or "
+                  "--two_variable from fits.json instead of adding it.")
 flags.DEFINE_integer("n_boot", 100, "fit: bootstrap resamples for the confidence intervals of "
                      "the two-variable fit L(N, D) (a single power law has t intervals).")
 
@@ -435,7 +437,7 @@ def _cmd_fit(args: list[str]) -> int:
   """Power-law fits (with confidence intervals) of a sweep's results -> fits.json and plots/."""
   from vitok_jax.scaling import results
   if len(args) != 1:
-    raise ConfigError("usage: vitok fit SWEEP_DIR [--x E --y eval/psnr [--offset]]")
+    raise ConfigError("usage: vitok fit SWEEP_DIR [--x E --y eval/psnr [--offset]] [--drop]")
   rows = _gather_runs(args[0], finished=True)
   fits = None
   if FLAGS.two_variable:
@@ -448,7 +450,13 @@ def _cmd_fit(args: list[str]) -> int:
   elif FLAGS.x or FLAGS.y:
     fits = [dict(x=FLAGS.x or "E", y=FLAGS.y or "eval/l2", offset=FLAGS.offset)]
     _check_fit_columns(rows, args[0], {"--x": [fits[0]["x"]], "--y": [fits[0]["y"]]})
-  out = results.report(args[0], fits=fits, n_boot=FLAGS.n_boot, rows=rows)
+  if FLAGS.drop and not fits:
+    raise ConfigError("--drop removes one stored fit: name it with --x/--y (and --offset if it "
+                      "has one) or --two_variable N,D, as it was added")
+  out = results.report(args[0], fits=[] if FLAGS.drop else fits, n_boot=FLAGS.n_boot, rows=rows,
+                       drop=fits if FLAGS.drop else ())
+  for spec in out["dropped"]:
+    print(f"dropped from fits.json: {results.describe_spec(spec)}")
   for result in out["fits"]:
     print("fit:", results.describe_fit(result))
   print(f"wrote {args[0]}/fits.json" + (f" and {len(out['plots'])} plot files in "
@@ -483,7 +491,7 @@ COMMAND_FLAGS = {
     "sweep": ("sweep_dir", "parallel", "max_attempts", "target", "dry_run", "job",
               "x", "y", "offset", "two_variable", "n_boot"),  # Its last step is `vitok fit`.
     "results": ("max_attempts",),
-    "fit": ("max_attempts", "x", "y", "offset", "two_variable", "n_boot"),
+    "fit": ("max_attempts", "x", "y", "offset", "two_variable", "n_boot", "drop"),
     "sweep_book": ("max_attempts",),
     "sweep_claim": ("max_attempts",),
 }

@@ -78,9 +78,14 @@ def plot_fit(result: dict, out_dir: str) -> list[str]:
           label=f"{offset}{result['a']:.3g}·x^{result['b']:.3f}  (R² {result['r2']:.3f})")
   _log_log(ax, xlabel=spec["x"], ylabel=spec["y"], title=f"{spec['y']} vs {spec['x']}")
   ax.legend(fontsize=8)
-  # An offset fit of the same columns gets its own file (it would overwrite the plain one).
-  suffix = "_offset" if "c" in result else ""
-  return _save(fig, out_dir, f"fit_{_safe(spec['y'])}_vs_{_safe(spec['x'])}{suffix}")
+  return _save(fig, out_dir, fit_plot_name(spec))
+
+
+def fit_plot_name(spec: dict) -> str:
+  """The file name (no extension) of a power-law fit's plot. An offset fit of the same columns
+  gets its own file (it would overwrite the plain one)."""
+  suffix = "_offset" if spec.get("offset") else ""
+  return f"fit_{_safe(spec['y'])}_vs_{_safe(spec['x'])}{suffix}"
 
 
 def plot_heatmap(rows: Sequence[dict], x: str, y: str, value: str, out_dir: str) -> list[str]:

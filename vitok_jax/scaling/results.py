@@ -20,6 +20,7 @@ import numbers
 import os
 from typing import Any, Sequence
 
+from vitok_jax.errors import ConfigError
 from vitok_jax.scaling import fit as fit_lib
 from vitok_jax.scaling import sweep as sweep_lib
 
@@ -248,6 +249,13 @@ def fit_rows(rows: Sequence[dict], specs: Sequence[dict], *, n_boot: int = 100) 
   return out
 
 
+def describe_spec(spec: dict) -> str:
+  """A fit spec as the `vitok fit` flags that name it: "--x E --y eval/l2 --offset"."""
+  if spec.get("kind") == "two_variable":
+    return f"--two_variable {spec['n']},{spec['d']} --y {spec['y']}"
+  return f"--x {spec['x']} --y {spec['y']}" + (" --offset" if spec.get("offset") else "")
+
+
 def describe_fit(result: dict) -> str:
   """"eval/psnr = 9.1·E^0.094 (b 95% CI [0.08, 0.11], R² 0.98, n=5)"."""
   spec = result["spec"]
@@ -309,26 +317,37 @@ def _unique(specs: Sequence[dict]) -> list[dict]:
 
 def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = True,
            n_boot: int = 100, max_attempts: int | None = None,
-           rows: Sequence[dict] | None = None) -> dict:
+           rows: Sequence[dict] | None = None, drop: Sequence[dict] = ()) -> dict:
   """Writes results.csv/.md, fits.json and plots/ into sweep_dir; returns {"rows", "fits",
-  "plots", "failed_new"}.
+  "plots", "failed_new", "dropped"}.
 
   The fits are those stored in sweep_dir/fits.json, then `fits` (default: the sweep manifest's),
   all fitted again on the current rows (`gather(sweep_dir, max_attempts)` unless given), so
   fits.json never mixes fits over different sets of runs. A fit given in `fits` that is not stored
   yet and fails is not stored (`failed_new`), so it does not fail again on every later report;
   the stored and the manifest's fits are kept, failed or not (more finished runs may mend them).
-  The manifest's heatmap and frontier specs are plotted too.
+  The manifest's heatmap and frontier specs are plotted too. `drop`: stored fits to remove first
+  (ConfigError, before anything is written, for one not stored or one of the manifest's, which
+  every report would add back).
   """
+  manifest = (sweep_lib.read_manifest(sweep_dir)
+              if os.path.exists(os.path.join(sweep_dir, sweep_lib.MANIFEST)) else {})
+  path = os.path.join(sweep_dir, "fits.json")
+  stored = stored_specs(path)
+  dropped = _unique(drop)
+  for spec in dropped:
+    if _spec_key(spec) not in {_spec_key(s) for s in stored}:
+      raise ConfigError(f"vitok fit --drop {describe_spec(spec)}: no such fit in {path}; stored: "
+                        + ("; ".join(describe_spec(s) for s in stored) or "none"))
+    if _spec_key(spec) in {_spec_key(s) for s in manifest.get("fits", [])}:
+      raise ConfigError(f"vitok fit --drop {describe_spec(spec)}: it is one of the sweep's own "
+                        f"fits (its manifest), which every report fits again")
+  stored = [s for s in stored if _spec_key(s) not in {_spec_key(d) for d in dropped}]
   rows = gather(sweep_dir, max_attempts) if rows is None else rows
   write_csv(rows, os.path.join(sweep_dir, "results.csv"))
   with open(os.path.join(sweep_dir, "results.md"), "w") as f:
     f.write(to_markdown(rows) + "\n")
-  manifest = (sweep_lib.read_manifest(sweep_dir)
-              if os.path.exists(os.path.join(sweep_dir, sweep_lib.MANIFEST)) else {})
-  path = os.path.join(sweep_dir, "fits.json")
   requested = fits if fits is not None else manifest.get("fits", [dict(x="E", y="eval/l2")])
-  stored = stored_specs(path)
   specs = _unique([*stored, *requested])
   fit_results = fit_rows(rows, specs, n_boot=n_boot)
   kept = {_spec_key(s) for s in stored} | (
@@ -339,6 +358,13 @@ def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = T
   paths = []
   if plot:
     from vitok_jax.scaling import plots
+    for spec in dropped:  # Its plot goes too (two-variable fits have none).
+      if spec.get("kind") != "two_variable":
+        for ext in ("png", "svg"):
+          stale = os.path.join(sweep_dir, "plots", f"{plots.fit_plot_name(spec)}.{ext}")
+          if os.path.exists(stale):
+            os.remove(stale)
     paths = plots.plot_sweep(rows, fit_results, os.path.join(sweep_dir, "plots"),
                              heatmap=manifest.get("heatmap"), frontier=manifest.get("frontier"))
-  return {"rows": rows, "fits": fit_results, "plots": paths, "failed_new": failed_new}
+  return {"rows": rows, "fits": fit_results, "plots": paths, "failed_new": failed_new,
+          "dropped": dropped}
