@@ -230,14 +230,14 @@ def test_bsq_ablation_edits_apply_and_change_what_they_name(tmp_path, monkeypatc
   ablate = _load_tool("ablate_bsq")
   for name in ablate.EDITS:  # Every edit still finds its line in the kernel, exactly once.
     ablate.variant(name)
-  report = ablate.main(["--tokens", "64", "--variants", "base,no_pack,no_stats,both",
+  report = ablate.main(["--tokens", "64", "--variants", "base,no_pack,no_stats,ys",
                         "--launches", "16,2,1", "--iters", "1", "--out", str(tmp_path / "a.json")])
   rows = {row["variant"]: row for row in report["rows"]}
   assert json.loads((tmp_path / "a.json").read_text())["rows"] == json.loads(
       json.dumps(report["rows"]))
-  assert rows["base"]["codes_equal"] and rows["both"]["codes_equal"]
+  assert rows["base"]["codes_equal"] and rows["ys"]["codes_equal"]
   assert not rows["no_pack"]["codes_equal"]
-  assert rows["base"]["token_entropy_error"] < 1e-5 and rows["both"]["token_entropy_error"] < 1e-5
+  assert rows["base"]["token_entropy_error"] < 1e-5 and rows["ys"]["token_entropy_error"] < 1e-5
   assert rows["no_stats"]["token_entropy_error"] > 1e-2  # The entropy is gone, not approximated.
   with pytest.raises(ValueError, match="not once"):
     monkeypatch.setitem(ablate.EDITS, "stale", (("no such line", ""),))

@@ -4,17 +4,21 @@ r"""Where the BSQ kernel's time goes: the kernel against copies of itself with o
 
 Each variant is `kernels/bsq_pallas.py` with one edit to its source (asserted to apply exactly
 once, so a kernel that has moved on fails loudly here rather than timing something else):
-  base             the kernel as it is;
-  no_stats         no σ or entropy: the two sums are the hard bits (the copy + norm + sign + pack
-                   floor of the kernel);
-  no_entropy       σ but no entropy (its log2 and multiply-add);
-  no_pack          codes written as zeros;
-  no_quantized     z copied to the quantised output instead of ±1/√d;
-  sign_of_z        the bit as z > 0 instead of u > 0 (the same bit; an earlier point in the tile);
-  rsqrt_norm       1/‖z‖ as rsqrt instead of sqrt and a division;
-  entropy_per_bit  the entropies summed per bit (a [tokens, d] accumulator) instead of per token;
-  bit_sum          the hard bits also counted in the kernel (a third accumulator);
-  both             the last two: the kernel's statistics as they were before `bsq_ladder_h200`.
+  base          the kernel as it is;
+  no_stats      no σ or entropy: the three sums are the hard bits (the copy + norm + sign + pack
+                floor of the kernel);
+  no_entropy    σ but no entropy (its log2 and multiply-add);
+  no_bit_sum    no sum of the hard bits (p summed twice);
+  no_pack       codes written as zeros;
+  no_quantized  z copied to the quantised output instead of ±1/√d;
+  sign_of_z     the bit as z > 0 instead of u > 0 (the same bit; an earlier point in the tile);
+  rsqrt_norm    1/‖z‖ as rsqrt instead of sqrt and a division;
+  ys            the logit's scale, log₂e and 1/‖z‖ as one factor per token and the entropy summed
+                in bits (three multiplies fewer per element);
+  ys_no_bit_sum both;
+  tile_sums     each tile's statistics summed over its tokens at once, into [1, d] accumulators
+                (instead of [tokens, d] ones reduced at the end: fewer registers, a reduction per
+                tile).
 Each row holds the variant's kernel time and its fraction of the peak bandwidth for the bytes the
 real kernel moves (z in, quantised + codes out), whether its codes still equal the reference's,
 and its token entropy's error; at 1M and 16M tokens × 32 bits, bf16, over a few launches. Beside
@@ -36,42 +40,39 @@ from vitok_jax.kernels import reference
 import bench_kernels
 import tune_kernels
 
-_STATS = "    stats = (p_ND, a_ND * ep_ND + _LN_2 * math_.log2(1.0 + e_ND))\n"
+_STATS = ("    stats = (p_ND, a_ND * ep_ND + _LN_2 * math_.log2(1.0 + e_ND), "
+          "bit_ND.astype(jnp.float32))\n")
+_SIGN = """    u_ND = z_ND * inv_norm_N1
+    bit_ND = u_ND > 0  # sign(0) → −1: a zero coordinate is bit 0, as Infinity's quantiser.
+"""
+_LOGITS = """    a_ND = logit_scale * jnp.abs(u_ND)
+    e_ND = math_.exp2(a_ND * -_LOG2_E)
+"""
 _NORM = ("    inv_norm_N1 = 1.0 / jnp.maximum(jnp.sqrt(jnp.sum(z_ND * z_ND, axis=1, "
          "keepdims=True)),\n                                    reference.NORM_EPS)\n")
-_ZEROS = ("  zeros = (jnp.zeros((block, padded_dim), jnp.float32), jnp.zeros((block, 1), "
-          "jnp.float32))\n")
-_ACCUMULATE = ("    return sums[0] + prob_ND, sums[1] + jnp.sum(entropy_ND, axis=1, "
-               "keepdims=True)\n")
-_FINAL = """  prob_ND, entropy_N1 = sums
-  sums_ref[pl.ds(0, 1), :] = jnp.sum(prob_ND, axis=0, keepdims=True)
-  sums_ref[pl.ds(1, 1), :] = jnp.where(column_1D == 0, jnp.sum(entropy_N1, axis=0, keepdims=True),
-                                       0.0)
+_FINAL = """  for row, total_ND in enumerate(sums):
+    sums_ref[pl.ds(row, 1), :] = jnp.sum(total_ND, axis=0, keepdims=True)
 """
-_ROWS = (("STAT_ROWS = 2\n", "STAT_ROWS = 4\n"),
-         ("  prob_sum_D, entropy_row = sums.sum(0)", "  prob_sum_D, entropy_row, *_ = sums.sum(0)"))
-_THIRD_ROWS = """  sums_ref[pl.ds(2, 1), :] = jnp.sum(bit_ND, axis=0, keepdims=True)
-  sums_ref[pl.ds(3, 1), :] = jnp.zeros((1, padded_dim), jnp.float32)
-"""
-# Entropies summed per bit (a [tokens, d] accumulator, a row of d sums), as the kernel once did.
-_ENTROPY_PER_BIT = (
-    (_ZEROS, "  zeros = (jnp.zeros((block, padded_dim), jnp.float32),) * 2\n"),
-    (_ACCUMULATE, "    return sums[0] + prob_ND, sums[1] + entropy_ND\n"),
-    (_FINAL, """  prob_ND, entropy_ND = sums
-  sums_ref[pl.ds(0, 1), :] = jnp.sum(prob_ND, axis=0, keepdims=True)
-  sums_ref[pl.ds(1, 1), :] = jnp.sum(entropy_ND, axis=0, keepdims=True)
+_YS = ((_SIGN, """    ys_ND = z_ND * (inv_norm_N1 * (-logit_scale * _LOG2_E))  # −log₂e·x
+    bit_ND = ys_ND < 0
+"""), (_LOGITS, """    ay_ND = jnp.abs(ys_ND)  # log₂e·|x|
+    e_ND = math_.exp2(-ay_ND)
+"""), (_STATS, ("    stats = (p_ND, math_.log2(1.0 + e_ND) + ay_ND * ep_ND, "
+                "bit_ND.astype(jnp.float32))\n")),
+       (_FINAL, """  for row, (total_ND, unit) in enumerate(zip(sums, (1.0, _LN_2, 1.0))):
+    sums_ref[pl.ds(row, 1), :] = unit * jnp.sum(total_ND, axis=0, keepdims=True)
 """))
-# The hard bits counted in the kernel too (a third accumulator and row), as it once did; the
-# count is stored (row 2) but not used.
-_BIT_SUM = _ROWS + (
-    (_ZEROS, _ZEROS[:-2] + ",\n           jnp.zeros((block, padded_dim), jnp.float32))\n"),
-    (_ACCUMULATE, "    return (sums[0] + prob_ND, sums[1] + jnp.sum(entropy_ND, axis=1, "
-                  "keepdims=True),\n            sums[2] + bit_ND.astype(jnp.float32))\n"),
-    (_FINAL, _FINAL.replace("entropy_N1 = sums", "entropy_N1, bit_ND = sums") + _THIRD_ROWS))
+_TILE_SUMS = (("  zeros = (jnp.zeros((block, padded_dim), jnp.float32),) * 3\n",
+               "  zeros = (jnp.zeros((1, padded_dim), jnp.float32),) * 3\n"),
+              ("    return tuple(total + v for total, v in zip(sums, stats))\n",
+               "    return tuple(total + jnp.sum(v, axis=0, keepdims=True) "
+               "for total, v in zip(sums, stats))\n"))
+_NO_BIT_SUM = ("bit_ND.astype(jnp.float32))\n", "p_ND)\n")
 EDITS = {
     "base": (),
-    "no_stats": ((_STATS, "    stats = (bit_ND.astype(jnp.float32),) * 2\n"),),
-    "no_entropy": ((_STATS, "    stats = (p_ND, p_ND)\n"),),
+    "no_stats": ((_STATS, "    stats = (bit_ND.astype(jnp.float32),) * 3\n"),),
+    "no_entropy": ((_STATS, "    stats = (p_ND, p_ND, bit_ND.astype(jnp.float32))\n"),),
+    "no_bit_sum": ((_STATS, _STATS.replace(*_NO_BIT_SUM)),),
     "no_pack": (("      codes_ref[tokens, pl.ds(word, 1)] = pack(bit_ND, word)\n",
                  "      codes_ref[tokens, pl.ds(word, 1)] = jnp.zeros((block, 1), jnp.int32)\n"),),
     "no_quantized": (("    quantized_ref[tokens, :] = jnp.where(bit_ND, inv_sqrt_d, "
@@ -80,17 +81,12 @@ EDITS = {
     "sign_of_z": (("    bit_ND = u_ND > 0", "    bit_ND = z_ND > 0"),),
     "rsqrt_norm": ((_NORM, "    inv_norm_N1 = jax.lax.rsqrt(jnp.maximum(jnp.sum(z_ND * z_ND, "
                            "axis=1, keepdims=True), reference.NORM_EPS ** 2))\n"),),
-    "entropy_per_bit": _ENTROPY_PER_BIT,
-    "bit_sum": _BIT_SUM,
-    "both": _ROWS + (
-        (_ZEROS, "  zeros = (jnp.zeros((block, padded_dim), jnp.float32),) * 3\n"),
-        (_ACCUMULATE, "    return (sums[0] + prob_ND, sums[1] + entropy_ND, "
-                      "sums[2] + bit_ND.astype(jnp.float32))\n"),
-        (_FINAL, _ENTROPY_PER_BIT[2][1].replace("entropy_ND = sums", "entropy_ND, bit_ND = sums")
-         + _THIRD_ROWS)),
+    "ys": _YS,
+    "tile_sums": _TILE_SUMS,
+    "ys_no_bit_sum": _YS[:2] + ((_YS[2][0], _YS[2][1].replace(*_NO_BIT_SUM)),) + _YS[3:],
 }
 # (block_tokens, steps, num_warps): the GPU default first.
-LAUNCHES = ((32, 1, 1), (8, 64, 1), (32, 16, 2))
+LAUNCHES = ((32, 16, 2), (16, 32, 1), (8, 64, 1))
 
 
 def variant(name: str) -> types.ModuleType:

@@ -4,8 +4,8 @@ r"""Sweeps the Pallas kernels' tiles and launch settings on this device; keeps t
   PYTHONPATH=. python tools/bench_kernels.py --tiles tuned.json ...     # benchmark with them
 
 Every candidate is first checked against `kernels.reference` on the tuning problem (BSQ: identical
-codes; VQ: identical indices; attention: outputs and gradients within bf16 tolerance) and only
-then timed (median of --iters samples of --back_to_back calls after --warmup, compile excluded,
+codes and bit usage, bit probabilities and token entropy within 1e-4; VQ: identical indices;
+attention: outputs and gradients within bf16 tolerance) and only then timed (median of --iters samples of --back_to_back calls after --warmup, compile excluded,
 `eval.timing.time_jitted`). Problems:
   bsq        --bsq_tokens (default 1M) tokens × 32 bits, bf16 (Infinity's latent); on CUDA each
              candidate's Pallas kernel is also timed alone (CUPTI: "kernel_ms");
@@ -38,7 +38,7 @@ from vitok_jax.kernels import reference
 from vitok_jax.kernels import vq_pallas
 
 # Tiles of tokens × tiles walked per program × warps, with integer packing and PTX approximate
-# math (the GPU defaults: (32, 1, 1) at 1M tokens, (8, 64, 1) from LARGE_TOKENS on; the rest of
+# math (the GPU defaults: (32, 16, 2) at 1M tokens, (8, 64, 1) from LARGE_TOKENS on; the rest of
 # the neighbourhood is for other sizes and devices), a few with the tile loop's pipelining depth
 # set, all loading two tiles ahead (the default `prefetch`) but a few; the float packing and the
 # precise math once each for comparison.
@@ -147,7 +147,9 @@ def tune_bsq(runs, candidates, tokens=1 << 20, dim=32):
   z = jax.random.normal(jax.random.key(0), (tokens, dim), jnp.bfloat16)
   ref = jax.jit(reference.bsq)(z)
   check = lambda out: {"correct": bool(jnp.array_equal(out.codes, ref.codes)) and bool(
-      jnp.allclose(out.bit_prob, ref.bit_prob, atol=1e-4))}
+      jnp.allclose(out.bit_prob, ref.bit_prob, atol=1e-4)) and bool(
+          jnp.allclose(out.token_entropy, ref.token_entropy, rtol=1e-4, atol=1e-5)) and bool(
+              jnp.array_equal(out.bit_usage, ref.bit_usage))}
   results = _sweep("bsq", candidates, bsq_pallas.bsq, (z,), check, runs, kernel_name="bsq")
   return {"problem": {"tokens": tokens, "dim": dim, "dtype": "bfloat16"},
           "reference_ms": _time(reference.bsq, (z,), runs).get("ms"),

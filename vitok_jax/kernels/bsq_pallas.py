@@ -1,13 +1,11 @@
 """Fused binary spherical quantisation (BSQ): one Pallas pass over the latents.
 
 Per tile of tokens the kernel reads z once and writes: the quantised latents sign(u)/√d (u = z/‖z‖),
-the packed codes, and per-program sums of the soft bit probabilities (per bit) and of their binary
-entropies (one total: the penalty needs no more), as rows of one array that the wrapper adds up in
-one reduction. The hard bits' counts are read off the codes outside the kernel (4 bytes a token):
-summed inside, they cost the kernel an eighth of its time (docs/kernels/bsq_ladder_h200.json). The
-backward is the straight-through estimator (sign(u) ≈ u, then the 1/√d scale) through the l2
-normalisation plus the exact gradient of the statistics; it is elementwise per token, so plain
-jnp (one XLA fusion) does it in one pass too.
+the packed codes, and per-program sums of the soft bit probabilities, their binary entropies and
+the hard bits (the entropy penalty's statistics) as rows of one array, which the wrapper adds up
+in one reduction. The backward is the straight-through estimator (sign(u) ≈ u, then the 1/√d
+scale) through the l2 normalisation plus the exact gradient of the statistics; it is elementwise
+per token, so plain jnp (one XLA fusion) does it in one pass too.
 
 The same kernel lowers to Triton (GPU) and Mosaic (TPU): 2-D blocks whose last two dims are whole
 (codes, stats) or tile multiples, and with `steps` = 1 (the default off GPU) no in-kernel loop.
@@ -27,22 +25,22 @@ from jax.experimental.pallas import triton as pltriton
 from vitok_jax.errors import ConfigError
 from vitok_jax.kernels import reference
 
-# Launch (block_tokens, steps, num_warps) per backend, from tools/tune_kernels.py with each
-# candidate's kernel timed alone (CUPTI) on an H200 at 1M and 16M tokens × 32 bits, bf16
-# (docs/kernels/bsq_stats_h200.json): one tile of 32 tokens per program, 1 warp, took 0.0410 ms
-# at 1M (70.3% of HBM; 32 tokens × 16 tiles, 2 warps, the default before: 0.0507 ms, 57%).
-# Inputs of `LARGE_TOKENS` or more take 8 tokens × 64 tiles, 1 warp ("gpu_large"): 0.625 ms at
-# 16M (73.6–73.9%; one tile per program would write a statistics row per 32 tokens). Per call the
-# launches are within the noise (0.075–0.108 ms for one launch). Earlier sweeps:
-# docs/kernels/tuned_bsq_*.json (H100), bsq_prefetch_h200.json (loading tiles two steps ahead,
-# `prefetch`, gained 4–6 points; three or more was slower). Elsewhere (TPU, the CPU interpreter)
-# one tile of 64 per program.
-DEFAULT_LAUNCH = {"gpu": (32, 1, 1), "gpu_large": (8, 64, 1), "other": (64, 1, 4)}
+# Launch (block_tokens, steps, num_warps) from tools/tune_kernels.py on an H100 (1M × 32 bf16,
+# docs/kernels/tuned_bsq_h100.json): 32 tokens × 16 tiles per program, 2 warps, 0.093 ms per call;
+# one tile of 64 or 128 tokens per program, 4 warps, 0.105 ms (0.085 ms in another run: tiles are
+# within the noise); the precise math 0.128 ms; the jnp version 0.46 ms. A later sweep
+# (docs/kernels/tuned_bsq_kernel_times_h100.json) ranked them otherwise per call (0.08–0.15 ms,
+# mostly launch noise); timed by CUPTI, the kernel alone took 0.061 ms with this launch and
+# 0.058–0.062 for the best ten. Elsewhere (TPU, the CPU interpreter) one tile of 64 per program.
+# On an H200 (docs/kernels/bsq_prefetch_h200.json, CUPTI) loading tiles two steps ahead of their
+# math (`prefetch`) took this launch's kernel from 55% to 59% of HBM at 1M tokens and from 61% to
+# 67% at 16M, where 8 tokens × 64 tiles, 1 warp reached 70.5% (51% at 1M): inputs of
+# `LARGE_TOKENS` or more take that launch ("gpu_large"). Three tiles ahead or more was slower.
+DEFAULT_LAUNCH = {"gpu": (32, 16, 2), "gpu_large": (8, 64, 1), "other": (64, 1, 4)}
 LARGE_TOKENS = 1 << 22
 DEFAULT_PREFETCH = 2
-# The kernel's per-program sums, one row each: P(bit = 1) per bit, and the binary entropies' total
-# (in the row's first column). A power of two: Triton's blocks are.
-STAT_ROWS = 2
+_STATS = ("prob", "entropy", "bit")  # The per-program sums, one row each.
+STAT_ROWS = 4  # Their rows in the kernel's output (Triton's blocks are powers of two).
 _LOG2_E, _LN_2 = 1.4426950408889634, 0.6931471805599453
 
 
@@ -73,17 +71,16 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, sums_ref, *, dim: int, num_toke
                 padded: bool, logit_scale: float, integer_pack: bool, block: int, prefetch: int,
                 math_: _Math):
   """z [steps·bn, dp] → quantized [steps·bn, dp], codes [steps·bn, words], sums [STAT_ROWS, dp]
-  (rows: Σ P(bit = 1) per bit; Σ H(P(bit)) over tokens and bits in column 0, zeros beside it).
+  (rows: `_STATS`, then zeros).
 
   The program walks its `steps` tiles of `block` tokens (a loop the compiler can pipeline: the
-  next tile's load overlaps this one's math). It adds each tile's probabilities elementwise into a
-  [bn, dp] accumulator and its entropies, summed per token, into a [bn, 1] one, both reduced over
-  tokens once at the end. Per-column and per-token quantities are built as [1, dp] / [bn, 1] rows
-  and broadcast, so the per-element work is the quantisation and three transcendentals (`math_`).
-  Padding (tokens past `num_tokens`, columns past `dim`) is masked out of the sums only where the
-  shapes have any. With `prefetch` = k the loop carries the next k tiles, loaded k steps before
-  their math (the last steps load their own tile again), so that a program keeps loads in flight
-  while it computes, whatever the compiler pipelines.
+  next tile's load overlaps this one's math) and adds each tile's statistics elementwise into
+  [bn, dp] accumulators, reduced over tokens once at the end. Per-column and per-token quantities
+  are built as [1, dp] / [bn, 1] rows and broadcast, so the per-element work is the quantisation
+  and three transcendentals (`math_`). Padding (tokens past `num_tokens`, columns past `dim`) is
+  masked out of the sums only where the shapes have any. With `prefetch` = k the loop carries the
+  next k tiles, loaded k steps before their math (the last steps load their own tile again), so
+  that a program keeps loads in flight while it computes, whatever the compiler pipelines.
   """
   rows, padded_dim = z_ref.shape
   steps = rows // block
@@ -131,17 +128,16 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, sums_ref, *, dim: int, num_toke
     inv_1pe_ND = math_.reciprocal(1.0 + e_ND)
     ep_ND = e_ND * inv_1pe_ND
     p_ND = jnp.where(bit_ND, inv_1pe_ND, ep_ND)
-    stats = (p_ND, a_ND * ep_ND + _LN_2 * math_.log2(1.0 + e_ND))
+    stats = (p_ND, a_ND * ep_ND + _LN_2 * math_.log2(1.0 + e_ND), bit_ND.astype(jnp.float32))
     if padded:
       token_N1 = (first_token + step * block
                   + jax.lax.broadcasted_iota(jnp.int32, (block, 1), 0))
       counted_ND = jnp.logical_and(token_N1 < num_tokens, column_1D < dim)  # Not padding.
       stats = tuple(jnp.where(counted_ND, v, 0.0) for v in stats)
-    prob_ND, entropy_ND = stats
-    return sums[0] + prob_ND, sums[1] + jnp.sum(entropy_ND, axis=1, keepdims=True)
+    return tuple(total + v for total, v in zip(sums, stats))
 
   first_token = pl.program_id(0) * rows  # Read outside the loop (the interpreter needs it so).
-  zeros = (jnp.zeros((block, padded_dim), jnp.float32), jnp.zeros((block, 1), jnp.float32))
+  zeros = (jnp.zeros((block, padded_dim), jnp.float32),) * 3
   if steps == 1:
     sums = tile(0, load(0), zeros)
   elif not prefetch:
@@ -152,10 +148,10 @@ def _bsq_kernel(z_ref, quantized_ref, codes_ref, sums_ref, *, dim: int, num_toke
       return tile(step, ahead[0], sums), (*ahead[1:], load(step + prefetch))
     sums, _ = jax.lax.fori_loop(0, steps, step_ahead,
                                 (zeros, tuple(load(i) for i in range(prefetch))))
-  prob_ND, entropy_N1 = sums
-  sums_ref[pl.ds(0, 1), :] = jnp.sum(prob_ND, axis=0, keepdims=True)
-  sums_ref[pl.ds(1, 1), :] = jnp.where(column_1D == 0, jnp.sum(entropy_N1, axis=0, keepdims=True),
-                                       0.0)
+  for row, total_ND in enumerate(sums):
+    sums_ref[pl.ds(row, 1), :] = jnp.sum(total_ND, axis=0, keepdims=True)
+  sums_ref[pl.ds(len(sums), STAT_ROWS - len(sums)), :] = jnp.zeros(
+      (STAT_ROWS - len(sums), padded_dim), jnp.float32)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -168,7 +164,7 @@ def _round_up(x: int, multiple: int) -> int:
 def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, steps: int, num_warps: int,
                  num_stages: Optional[int], prefetch: int, interpret: bool, triton: bool,
                  integer_pack: bool, fast_math: bool):
-  """z [N, d] → quantized [N, d], codes [N, words] uint32, Σ P(bit = 1) [d], Σ H(P(bit)) []."""
+  """z [N, d] → quantized [N, d], codes [N, words] uint32, sums of p, H(p), bits: [d] each."""
   num_tokens, dim = z_ND.shape
   words = -(-dim // 32)
   block = min(block_tokens, max(8, pl.next_power_of_2(num_tokens)))
@@ -203,10 +199,9 @@ def _bsq_forward(z_ND, *, inv_temperature: float, block_tokens: int, steps: int,
       interpret=interpret,
       name="bsq",
   )(z_ND)
-  prob_sum_D, entropy_row = sums.sum(0)  # One reduction over the programs.
+  totals = sums.sum(0)[:len(_STATS), :dim]  # One reduction over the programs.
   return (quantized[:num_tokens, :dim],
-          jax.lax.bitcast_convert_type(codes[:num_tokens, :words], jnp.uint32),
-          prob_sum_D[:dim], entropy_row.sum())
+          jax.lax.bitcast_convert_type(codes[:num_tokens, :words], jnp.uint32), *totals)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -223,7 +218,7 @@ def _bsq_bwd(inv_temperature, launch, z_ND, cotangents):
   """Straight-through to u = z/‖z‖ for the quantised output (d q/du = I/√d), exact for the
   statistics."""
   del launch
-  g_quantized_ND, _, g_prob_sum_D, g_entropy_sum = cotangents
+  g_quantized_ND, _, g_prob_sum_D, g_entropy_sum_D, _ = cotangents
   dim = z_ND.shape[-1]
   z32_ND = z_ND.astype(jnp.float32)
   norm_N1 = jnp.maximum(jnp.sqrt(jnp.sum(z32_ND * z32_ND, axis=-1, keepdims=True)),
@@ -234,7 +229,7 @@ def _bsq_bwd(inv_temperature, launch, z_ND, cotangents):
   p_ND = jax.nn.sigmoid(x_ND)
   # dσ(x)/dx = p(1 − p); dH(σ(x))/dx = −x·p(1 − p).
   g_u_ND = (g_quantized_ND.astype(jnp.float32) / math.sqrt(dim)
-            + logit_scale * p_ND * (1 - p_ND) * (g_prob_sum_D - x_ND * g_entropy_sum))
+            + logit_scale * p_ND * (1 - p_ND) * (g_prob_sum_D - x_ND * g_entropy_sum_D))
   # Jacobian of z/‖z‖ is (I − u·uᵀ)/‖z‖.
   g_z_ND = (g_u_ND - u_ND * jnp.sum(u_ND * g_u_ND, axis=-1, keepdims=True)) / norm_N1
   return (g_z_ND.astype(z_ND.dtype),)
@@ -248,9 +243,8 @@ def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int
              num_stages: Optional[int] = None, prefetch: int = DEFAULT_PREFETCH,
              interpret: Optional[bool] = None,
              integer_pack: Optional[bool] = None, fast_math: Optional[bool] = None):
-  """The kernel's outputs for z [..., d]: quantized [..., d], codes [..., words] uint32, the sum
-  over tokens of P(bit = 1) [d], the sum over tokens and bits of H(P(bit)) [] (both differentiable
-  in z) and the count of tokens with each hard bit set [d] (float32, from the codes).
+  """The kernel's outputs for z [..., d]: quantized [..., d], codes [..., words] uint32 and the
+  sums over tokens of P(bit = 1), H(P(bit)) and the hard bits, [d] each (differentiable in z).
 
   Sums rather than means so that shards add up (`quantize.bsq` under a mesh); see `bsq`.
   """
@@ -272,20 +266,19 @@ def bsq_sums(z_ND, *, inv_temperature: float = 100.0, block_tokens: Optional[int
                 interpret=bool(interpret), triton=triton,
                 integer_pack=backend != "tpu" if integer_pack is None else bool(integer_pack),
                 fast_math=triton if fast_math is None else bool(fast_math))
-  quantized, codes, prob_sum, entropy_sum = _bsq(
+  quantized, codes, prob_sum, entropy_sum, bit_sum = _bsq(
       z_ND.reshape(-1, dim), float(inv_temperature), tuple(sorted(launch.items())))
-  bit_sum = reference.unpack_bits(codes, dim).sum(0, dtype=jnp.int32).astype(jnp.float32)
   return (quantized.reshape(z_ND.shape), codes.reshape(*lead, codes.shape[-1]), prob_sum,
           entropy_sum, bit_sum)
 
 
-def output_from_sums(quantized, codes, prob_sum_D, entropy_sum, bit_sum_D,
+def output_from_sums(quantized, codes, prob_sum_D, entropy_sum_D, bit_sum_D,
                      num_tokens: int) -> reference.BSQOutput:
   """`reference.BSQOutput` from `bsq_sums`' outputs over `num_tokens` tokens in all."""
   bit_prob = prob_sum_D / max(1, num_tokens)
   return reference.BSQOutput(
       quantized=quantized, codes=codes, bit_prob=bit_prob,
-      token_entropy=entropy_sum / max(1, num_tokens),
+      token_entropy=entropy_sum_D.sum() / max(1, num_tokens),
       codebook_entropy=reference.binary_entropy(bit_prob).sum(),
       bit_usage=jax.lax.stop_gradient(bit_sum_D) / max(1, num_tokens))
 

@@ -89,28 +89,16 @@ def binary_entropy(p):
   return -(xlogx(p) + xlogx(1.0 - p))
 
 
-def _bit_shifts(dim: int):
-  """For bits 0…dim−1: (their word [d], their shift in it [d] uint32), first bit most
-  significant."""
-  index_D = jnp.arange(dim)
-  word_bits_D = jnp.minimum(32, dim - 32 * (index_D // 32))  # Bits held by that bit's word.
-  return index_D // 32, (word_bits_D - 1 - index_D % 32).astype(jnp.uint32)
-
-
 def pack_bits(bits_ND):
   """bool [..., d] → uint32 [..., ceil(d/32)], each word's first bit most significant."""
   dim = bits_ND.shape[-1]
   words = -(-dim // 32)
-  _, shift_D = _bit_shifts(dim)
+  index_D = jnp.arange(dim)
+  word_bits_D = jnp.minimum(32, dim - 32 * (index_D // 32))  # Bits held by that bit's word.
+  shift_D = (word_bits_D - 1 - index_D % 32).astype(jnp.uint32)
   shifted_ND = bits_ND.astype(jnp.uint32) << shift_D
   padded = jnp.pad(shifted_ND, [(0, 0)] * (bits_ND.ndim - 1) + [(0, 32 * words - dim)])
   return padded.reshape(*bits_ND.shape[:-1], words, 32).sum(-1, dtype=jnp.uint32)
-
-
-def unpack_bits(codes_NW, dim: int):
-  """uint32 [..., words] of `pack_bits` → bool [..., dim]."""
-  word_D, shift_D = _bit_shifts(dim)
-  return (codes_NW[..., word_D] >> shift_D) & 1 == 1
 
 
 def l2_normalize(x, axis=-1):
