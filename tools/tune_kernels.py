@@ -5,8 +5,9 @@ r"""Sweeps the Pallas kernels' tiles and launch settings on this device; keeps t
 
 Every candidate is first checked against `kernels.reference` on the tuning problem (BSQ: identical
 codes and bit usage, bit probabilities and token entropy within 1e-4; VQ: identical indices;
-attention: outputs and gradients within bf16 tolerance) and only then timed (median of --iters samples of --back_to_back calls after --warmup, compile excluded,
-`eval.timing.time_jitted`). Problems:
+attention: outputs and gradients within bf16 tolerance) and only then timed (median of --iters
+samples of --back_to_back calls after --warmup, compile excluded, `eval.timing.time_jitted`).
+Problems:
   bsq        --bsq_tokens (default 1M) tokens × 32 bits, bf16 (Infinity's latent); on CUDA each
              candidate's Pallas kernel is also timed alone (CUPTI: "kernel_ms");
   vq         65536 tokens, 16384 codes × 8 (LlamaGen's codebook);
