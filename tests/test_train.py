@@ -186,6 +186,58 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(tmp_path, damag
   assert sorted(os.listdir(workdir / "checkpoints")) == ["12", "4", "8", "corrupt_8"]
 
 
+def test_the_echoes_of_a_failed_checkpoint_read_are_dropped_and_other_errors_kept(monkeypatch,
+                                                                                 capsys):
+  """The CLI drops what orbax's other reads print after one has failed (their error, and
+  TensorStore's callbacks into the closed event loop: hundreds of lines after the one-line
+  DataError), from `sys.unraisablehook` and asyncio's log; any other error is printed."""
+  import logging  # pylint: disable=g-import-not-at-top
+  from vitok_jax import cli  # pylint: disable=g-import-not-at-top
+  printed = []
+  monkeypatch.setattr(sys, "unraisablehook", printed.append)
+  asyncio_log = logging.getLogger("asyncio")
+  monkeypatch.setattr(asyncio_log, "filters", [])
+  cli._quiet_damaged_checkpoint_reads()
+
+  def call_soon_threadsafe():  # As asyncio's, called back into a closed loop.
+    try:
+      raise RuntimeError("Event loop is closed")
+    except RuntimeError as e:
+      return e
+  closed = call_soon_threadsafe()
+  read = Exception("Encountered error while reading array index: (slice(0, 8, 1),). See full "
+                   "TensorStore details: <bound method ...")
+  other = RuntimeError("Event loop is closed")  # Raised elsewhere: not an echo.
+  for exc in (read, closed, other, ValueError("something else")):
+    sys.unraisablehook(types.SimpleNamespace(exc_type=type(exc), exc_value=exc,
+                                             exc_traceback=exc.__traceback__, err_msg=None,
+                                             object=None))
+  assert [u.exc_value for u in printed] == [other, printed[1].exc_value]
+  assert str(printed[1].exc_value) == "something else"
+  records = [logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Task exception was never "
+                               "retrieved", None, (type(e), e, None)) for e in (read, other)]
+  assert [asyncio_log.filter(r) for r in records] == [False, True]
+  cli._quiet_damaged_checkpoint_reads()  # Twice: one filter.
+  assert len(asyncio_log.filters) == 1
+
+
+def test_a_failed_checkpoint_read_is_described_by_its_innermost_cause():
+  """Orbax's error names an array index and dumps TensorStore's spec; the file is in its cause."""
+  try:
+    try:
+      raise ValueError('FAILED_PRECONDITION: Error reading "params.w/0.0" in OCDBT database at '
+                       'local file "/run/checkpoints/8/state/": Truncated stream\nmore')
+    except ValueError as cause:
+      raise Exception("Encountered error while reading array index: (slice(0, 8, 1),). See full "
+                      "TensorStore details: <bound method spec of TensorStore({") from cause
+  except Exception as e:  # pylint: disable=broad-except
+    text = checkpoint.describe_error(e)
+  assert text == ("Exception: Encountered error while reading array index: (slice(0, 8, 1),). "
+                  '(from ValueError: FAILED_PRECONDITION: Error reading "params.w/0.0" in OCDBT '
+                  'database at local file "/run/checkpoints/8/state/": Truncated stream)')
+  assert checkpoint.describe_error(KeyError("x")) == "KeyError: 'x'"
+
+
 def test_a_reader_of_a_damaged_newest_checkpoint_is_told_how_the_trainer_mends_it(tmp_path,
                                                                                  monkeypatch):
   """Eval, tokenize and a generator's tokenizer read the newest step without moving anything: a

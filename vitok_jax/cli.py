@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import traceback
 from typing import Any
 
 from absl import flags
@@ -597,6 +598,37 @@ def _start_runtime() -> None:
     distributed.initialize(FLAGS.coordinator, FLAGS.num_processes, FLAGS.process_id)
 
 
+# Orbax reads a checkpoint's arrays in asyncio tasks; when one read fails, orbax raises and closes
+# its event loop while the others are in flight. Each of them then prints its own error after the
+# run has said which step failed and why: asyncio (a task's exception never retrieved) or Python (a
+# coroutine collected) with TensorStore's spec, a hundred lines apiece, and TensorStore's callbacks
+# that the loop is closed (unraisable errors).
+_DAMAGED_READ = "Encountered error while reading array index"
+
+
+def _quiet_damaged_checkpoint_reads() -> None:
+  """Drops the echoes of a failed checkpoint read (`_DAMAGED_READ` errors of orbax's other reads;
+  TensorStore's callbacks into its closed event loop) from asyncio's log and
+  `sys.unraisablehook`, one debug line each; every other error is printed as before."""
+  def echo(exc, tb=None) -> bool:
+    closed_loop = (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+                   and tb is not None and traceback.extract_tb(tb)[0].name == "call_soon_threadsafe")
+    if closed_loop or (isinstance(exc, BaseException) and str(exc).startswith(_DAMAGED_READ)):
+      logging.debug("after a failed checkpoint read: %s",
+                    str(exc).split(" See full TensorStore details")[0])
+      return True
+    return False
+
+  unraisable_hook = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if echo(u.exc_value, u.exc_traceback) else unraisable_hook(u)
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(getattr(f, "damaged_reads", False) for f in asyncio_log.filters):
+    quiet = logging.Filter()
+    quiet.filter = lambda record: not (record.exc_info and echo(record.exc_info[1]))
+    quiet.damaged_reads = True
+    asyncio_log.addFilter(quiet)
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv if argv is None else argv)
   if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
@@ -615,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
   for noisy in ("absl", "jax._src", "orbax", "grain"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+  _quiet_damaged_checkpoint_reads()
   try:
     _fake_devices_first(rest)
     # Without --config, train and eval take the run's own config (train resumes the run, not the

@@ -16,6 +16,19 @@ import orbax.checkpoint as ocp
 from vitok_jax.errors import ConfigError, DataError
 
 
+def describe_error(error: BaseException, limit: int = 300) -> str:
+  """"Type: first line" of a failed checkpoint read, then its innermost cause's, which names the
+  file (TensorStore's own message ends in a dump of its spec, left out)."""
+  def first_line(e):
+    text = (str(e).strip().splitlines() or [""])[0]
+    return text.split(" See full TensorStore details")[0][:limit]
+  root, depth = error, 0
+  while (root.__cause__ or root.__context__) is not None and depth < 10:
+    root, depth = root.__cause__ or root.__context__, depth + 1
+  text = f"{type(error).__name__}: {first_line(error)}"
+  return text + (f" (from {type(root).__name__}: {first_line(root)})" if root is not error else "")
+
+
 class Checkpointer:
   """A step directory is committed atomically by orbax, so a run killed mid-save resumes from the
   previous complete checkpoint (the trainer's Checkpointer removes such a half-written save).
@@ -74,7 +87,7 @@ class Checkpointer:
   def _not_restored(self, steps: list[int], error: Exception) -> DataError:
     """The error for `steps` (newest first) that each failed to read twice, with the way to mend
     them if it is damage; `error` is the newest's."""
-    detail = (str(error).strip().splitlines() or [""])[0][:200]
+    detail = describe_error(error)
     moves = "; ".join(f"mv {os.path.join(self.directory, str(s))} {self._aside_path(s)}"
                       for s in steps)
     older = [s for s in self.manager.all_steps() if s < min(steps)]
@@ -82,9 +95,8 @@ class Checkpointer:
             "before it)" if older else "with no older checkpoint it starts again from step 0")
     return DataError(
         f"checkpoint step{'s' * (len(steps) > 1)} {', '.join(map(str, steps))} in "
-        f"{self.directory} do{'es' * (len(steps) == 1)} not restore ({type(error).__name__}: "
-        f"{detail}). If the files are damaged (a full disk, a broken copy: the error names missing "
-        f"or unreadable files), move {'them' if len(steps) > 1 else 'it'} aside (`{moves}`) and "
+        f"{self.directory} do{'es' * (len(steps) == 1)} not restore ({detail}). If the files are "
+        f"damaged (a full disk, a broken copy: the error names missing or unreadable files), move {'them' if len(steps) > 1 else 'it'} aside (`{moves}`) and "
         f"relaunch the run's training (`vitok train --workdir "
         f"{os.path.dirname(self.directory)}`): {then}; any other error (memory, permissions) is "
         "the message's own")
@@ -128,7 +140,7 @@ class Checkpointer:
       state, error = self._restore_twice(step, abstract_state)
       if not all_ok(error is None):
         logging.warning("checkpoint step %d in %s does not restore%s; trying the one before",
-                        step, self.directory, f" ({type(error).__name__}: {str(error)[:300]})"
+                        step, self.directory, f" ({describe_error(error)})"
                         if error is not None else " on another process")
         failed.append((step, error))
         continue
