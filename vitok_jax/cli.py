@@ -612,7 +612,8 @@ def _quiet_damaged_checkpoint_reads() -> None:
   `sys.unraisablehook`, one debug line each; every other error is printed as before."""
   def echo(exc, tb=None) -> bool:
     closed_loop = (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-                   and tb is not None and traceback.extract_tb(tb)[0].name == "call_soon_threadsafe")
+                   and tb is not None
+                   and traceback.extract_tb(tb)[0].name == "call_soon_threadsafe")
     if closed_loop or (isinstance(exc, BaseException) and str(exc).startswith(_DAMAGED_READ)):
       logging.debug("after a failed checkpoint read: %s",
                     str(exc).split(" See full TensorStore details")[0])

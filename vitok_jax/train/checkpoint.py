@@ -96,7 +96,8 @@ class Checkpointer:
     return DataError(
         f"checkpoint step{'s' * (len(steps) > 1)} {', '.join(map(str, steps))} in "
         f"{self.directory} do{'es' * (len(steps) == 1)} not restore ({detail}). If the files are "
-        f"damaged (a full disk, a broken copy: the error names missing or unreadable files), move {'them' if len(steps) > 1 else 'it'} aside (`{moves}`) and "
+        f"damaged (a full disk, a broken copy: the error names missing or unreadable files), "
+        f"move {'them' if len(steps) > 1 else 'it'} aside (`{moves}`) and "
         f"relaunch the run's training (`vitok train --workdir "
         f"{os.path.dirname(self.directory)}`): {then}; any other error (memory, permissions) is "
         "the message's own")
