@@ -122,6 +122,11 @@ def get_config(arg: str = DEFAULT) -> ml_collections.ConfigDict:
   if head:
     _set_model(config, head, arg)
   config_lib.apply_options(config, options, OPTIONS, arg)
+  if config.objective.shortcut:
+    # How the DiT embeds the step size: its level log2(1/d), as the paper's code. Only shortcut
+    # configs carry the field, so other run ids are unchanged; a shortcut run saved without it
+    # embeds d itself (config_lib.ADDED_FIELDS).
+    config.objective.shortcut_input = "level"
   # Absolute, so a launched run finds it from any directory.
   config.tokenizer = os.path.abspath(config.tokenizer or config_lib.quickstart_tokenizer())
   train_generator.validate(config, new_run=True)

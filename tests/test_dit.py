@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from vitok_jax import ConfigError
-from vitok_jax.models import dit, vit
+from vitok_jax.models import dit, flow, vit
 
 NUM_CLASSES = 10
 STEP = jnp.array([0.0, 0.5])  # Shortcut step sizes of the two examples.
@@ -85,7 +85,7 @@ def test_output_depends_on_t_label_step_and_x_and_labels_drop_only_in_training()
   v_train = jax.jit(lambda *a: model.apply(params, *a[:3], train=True, step_size_B=a[3],
                                            rngs={"dropout": jax.random.key(3)}))(*batched)
   v_train = v_train.reshape(len(variants), *x.shape)
-  np.testing.assert_allclose(v_train[0], v_eval[-1], rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(v_train[0], v_eval[-1], rtol=1e-3, atol=1e-3)
 
 
 def test_step_size_argument_is_checked():
@@ -97,6 +97,30 @@ def test_step_size_argument_is_checked():
   plain = dit.DiT(vit.decode_size("Mu", "dit"), patch=2, in_channels=4, num_classes=NUM_CLASSES)
   with pytest.raises(ConfigError, match="set use_step_size=True"):
     plain.init({"params": jax.random.key(0)}, x, t, labels, train=False, step_size_B=STEP)
+
+
+def test_the_step_size_is_embedded_by_its_level_as_the_papers_code():
+  """step_input "level" feeds the step embedder log2(1/d) (log2(128) for d = 0), "d" (runs saved
+  before the choice) d itself: the same parameters give the same output when the "d" model is
+  handed the levels."""
+  model, params, apply = _setup(2)
+  assert model.step_input == "level"
+  np.testing.assert_array_equal(flow.step_level(jnp.array([1.0, 0.5, 1 / 64, 0.0])),
+                                [0.0, 1.0, 6.0, 7.0])
+  x, t, labels = _inputs()
+  by_d = dit.DiT(vit.decode_size("Mu", "dit"), patch=2, in_channels=4, num_classes=NUM_CLASSES,
+                 class_dropout=1.0, use_step_size=True, step_input="d")
+  params = _perturb(params)  # The step embedding reaches the output only off the zero init.
+  level_out = apply(params, x, t, labels, STEP)
+  np.testing.assert_allclose(level_out, by_d.apply(params, x, t, labels, train=False,
+                                                   step_size_B=flow.step_level(STEP)),
+                             rtol=1e-5, atol=1e-4)
+  assert not np.allclose(level_out, by_d.apply(params, x, t, labels, train=False,
+                                               step_size_B=STEP), atol=1e-3)
+  with pytest.raises(ConfigError, match="step_input='log' must be one of"):
+    dit.DiT(vit.decode_size("Mu", "dit"), patch=2, in_channels=4, num_classes=NUM_CLASSES,
+            use_step_size=True, step_input="log").init({"params": jax.random.key(0)}, x, t, labels,
+                                                       train=False, step_size_B=STEP)
 
 
 def test_position_table_matches_dit():

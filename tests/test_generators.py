@@ -22,7 +22,7 @@ from vitok_jax.models.perceptual import mnist_classifier
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.scaling import flops
 from vitok_jax.scaling import record as record_lib
-from vitok_jax.train import codes, generators, train_generator, train_tokenizer
+from vitok_jax.train import codes, generators, loop, train_generator, train_tokenizer
 from vitok_jax.train.metrics_writer import read_jsonl
 
 # quantizer -> the tokenizer each family trains on (8×8 token grid, so multi-scale schedules fit).
@@ -54,9 +54,10 @@ def tokenizer_dirs(tmp_path_factory):
 
 def generator_config(family, tokenizer_dir, steps=6, **overrides):
   ode_steps = ",sample_steps=4" if family == "dit" else ""  # The others' samplers have none.
+  shortcut = ",shortcut=true" if overrides.pop("objective.shortcut", False) else ""  # As users do.
   config = config_lib.load_config(
       f"generator:{family}/{FAMILY_SIZE[family]},tokenizer={tokenizer_dir},batch=16,"
-      f"steps={steps},lr=1e-3,samples=20{ode_steps}")
+      f"steps={steps},lr=1e-3,samples=20{ode_steps}{shortcut}")
   config.log_every, config.eval_every, config.ckpt_every = 3, 1000, 1000
   config.optim.schedule = "constant"
   config.update_from_flattened_dict(overrides)
@@ -797,6 +798,33 @@ def test_training_settings_a_family_ignores_are_config_errors_for_new_runs():
       train_generator.validate(config)  # Saved before the check: resumed as it is.
   with pytest.raises(ConfigError, match="objective.flip_max=0.2 has no effect on model.family=var"):
     config_lib.load_config("generator:var/d2,tokenizer=x,flip=0.2")
+
+
+def test_a_new_shortcut_run_embeds_the_step_level_and_a_saved_one_keeps_d():
+  """shortcut=true in the variant sets objective.shortcut_input="level" (the paper's code); only
+  those configs carry it (other run ids unchanged). A shortcut run saved without it trains on
+  with d (ADDED_FIELDS), and relaunching it with a new config is a config change. Turned on or
+  off by override, a new run is refused (it would embed d, or carry an unread field)."""
+  config = config_lib.load_config("generator:dit/Mu,tokenizer=x,shortcut=true")
+  assert config.objective.shortcut_input == "level"
+  plain = config_lib.load_config("generator:dit/Mu,tokenizer=x")
+  assert "shortcut_input" not in plain.objective
+  saved = ml_collections.ConfigDict(config.to_dict())
+  del saved.objective["shortcut_input"]
+  assert config_lib.added_field(saved, "objective.shortcut_input") == "d"
+  train_generator.validate(saved)  # Resumed as it is.
+  assert loop.config_changes(saved, config) == [
+      "objective.shortcut_input: (absent: 'd') → 'level'"]
+  assert loop.config_changes(plain, plain) == []
+  plain.objective.shortcut = True
+  with pytest.raises(ConfigError, match="objective.shortcut set by override embeds the step size"):
+    train_generator.validate(plain, new_run=True)
+  config.objective.shortcut = False
+  with pytest.raises(ConfigError, match="objective.shortcut_input has no effect without"):
+    train_generator.validate(config, new_run=True)
+  config.objective.update(shortcut=True, shortcut_input="log")
+  with pytest.raises(ConfigError, match="objective.shortcut_input"):
+    train_generator.validate(config)
 
 
 def test_a_top_k_that_keeps_the_whole_codebook_is_a_config_error():

@@ -213,7 +213,8 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> str:
 # trains (`train.loop.config_changes`).
 ADDED_FIELDS = {"model.dropout": 0.0, "model.drop_path": 0.0, "objective.reweight_by_scale": False,
                 "loss.bsq_commit": 0.25, "model.prior_size": "Mu", "model.prior_dropout": 0.0,
-                "optim.prior_lr_mult": 1.0, "data.folder_split": "position"}
+                "optim.prior_lr_mult": 1.0, "data.folder_split": "position",
+                "objective.shortcut_input": "d"}
 
 
 def added_field(config: ml_collections.ConfigDict, key: str):

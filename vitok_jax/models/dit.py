@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from vitok_jax.errors import ConfigError
-from vitok_jax.models import vit
+from vitok_jax.models import flow, vit
 
 FREQ_DIM = 256  # Width of the sinusoidal timestep features, as in DiT.
+STEP_INPUTS = ("level", "d")  # How a shortcut DiT embeds its step size d (DiT.step_input).
 
 
 def timestep_embedding(t_B, dim: int = FREQ_DIM, max_period: float = 10_000.0):
@@ -136,7 +137,9 @@ class DiT(nn.Module):
   """Class-conditional DiT on [B, H, W, C] latents predicting a velocity of the same shape.
 
   Labels are ints in [0, num_classes); label `num_classes` is the null class (dropout and CFG).
-  With use_step_size the model also takes the step size d of a shortcut model (flow.shortcut_loss).
+  With use_step_size the model also takes the step size d of a shortcut model (flow.shortcut_loss),
+  embedded by its level (step_input "level": `flow.step_level`, the paper's code) or as d itself
+  ("d", runs saved before the choice).
   """
   size: vit.ViTSize
   patch: int
@@ -144,6 +147,7 @@ class DiT(nn.Module):
   num_classes: int
   class_dropout: float = 0.1
   use_step_size: bool = False
+  step_input: str = "level"
   attn_impl: str = "auto"
   dtype: jnp.dtype = jnp.float32
 
@@ -170,7 +174,8 @@ class DiT(nn.Module):
     c_BD = jnp.asarray(class_table, self.dtype)[labels_B]
     c_BD = c_BD + ScalarEmbedder(width, self.dtype, name="t_embed")(t_B)
     if self.use_step_size:
-      c_BD = c_BD + ScalarEmbedder(width, self.dtype, name="step_embed")(step_size_B)
+      step_B = flow.step_level(step_size_B) if self.step_input == "level" else step_size_B
+      c_BD = c_BD + ScalarEmbedder(width, self.dtype, name="step_embed")(step_B)
 
     for i in range(self.size.depth):
       x_BLD = DiTBlock(self.size.heads, self.attn_impl, self.dtype, name=f"block{i}")(x_BLD, c_BD)
@@ -196,6 +201,8 @@ class DiT(nn.Module):
         raise ConfigError(f"DiT patch={self.patch} does not divide latent {axis}={size}; use patch=1")
     if self.size.width % self.size.heads:
       raise ConfigError(f"DiT width {self.size.width} is not divisible by heads {self.size.heads}")
+    if self.step_input not in STEP_INPUTS:
+      raise ConfigError(f"DiT step_input={self.step_input!r} must be one of {list(STEP_INPUTS)}")
     if self.use_step_size and step_size_B is None:
       raise ConfigError("DiT(use_step_size=True) needs step_size_B (the shortcut step size d)")
     if not self.use_step_size and step_size_B is not None:

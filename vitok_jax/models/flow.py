@@ -18,11 +18,11 @@ s(x_t, t, d) predicts the average velocity over a step of size d, so x_{t+d} ≈
   * Sampling with n steps takes d = 1/n (d = 0 once n ≥ max_steps): x ← x + d·s(x, t, d).
 Departures from the paper's code: no ±4 clipping of the intermediate target point (it depends on the
 data scale), targets use the online parameters unless `target_velocity_fn` (e.g. EMA) is given,
-the flow rows draw continuous t from `sample_t` rather than the 1/max_steps grid, and the DiT embeds
-d itself (sinusoidal features of d ∈ [0, 1], as t) where the code embeds the level log2(1/d)
-(log2(M) for d = 0): the finest steps start close together (features 0.04 apart for d = 1/64 and
-0, against 2.67 a level) and the network has to learn them apart. Changing it changes what a
-trained shortcut DiT's step input means, so it needs a config field (legacy: d).
+and the flow rows draw continuous t from `sample_t` rather than the 1/max_steps grid. The DiT
+embeds the step as the code does, by its level log2(1/d) (log2(M) for d = 0: `step_level`); runs
+saved before `objective.shortcut_input` embed d itself (sinusoidal features of d ∈ [0, 1], as t),
+where the finest steps start close together (features 0.04 apart for d = 1/64 and 0, against 2.67
+a level) and the network has to learn them apart.
 
 Shape suffixes: B batch; arrays without one have any [B, ...] shape.
 """
@@ -143,11 +143,20 @@ def _num_levels(max_steps: int) -> int:
 
 # The share of a shortcut batch trained on self-consistency targets (Frans et al.: 1/4).
 BOOTSTRAP_FRACTION = 0.25
+# The finest step 1/M of a shortcut model (the paper's M = 128), queried as d = 0.
+SHORTCUT_MAX_STEPS = 128
+
+
+def step_level(d_B, max_steps: int = SHORTCUT_MAX_STEPS):
+  """The shortcut step d [B] as the paper's code feeds it to the model (`dt_base`): its level
+  log2(1/d), and log2(max_steps) for d = 0 (the instantaneous velocity); float32 [B]."""
+  d_B = jnp.asarray(d_B, jnp.float32)
+  return jnp.where(d_B > 0, -jnp.log2(jnp.where(d_B > 0, d_B, 1.0)), float(math.log2(max_steps)))
 
 
 def shortcut_loss(velocity_fn: ShortcutFn, x1, rng, *, cond=None,
                   bootstrap_fraction: float = BOOTSTRAP_FRACTION,
-                  max_steps: int = 128, t_kind: str = "uniform",
+                  max_steps: int = SHORTCUT_MAX_STEPS, t_kind: str = "uniform",
                   target_velocity_fn: ShortcutFn | None = None):
   """Shortcut-model loss on data x1 [B, ...]: flow matching at d = 0 plus self-consistency.
 
@@ -205,7 +214,7 @@ def shortcut_loss(velocity_fn: ShortcutFn, x1, rng, *, cond=None,
 
 
 def sample_shortcut(velocity_fn: ShortcutFn, noise, num_steps: int, *, cond=None,
-                    max_steps: int = 128):
+                    max_steps: int = SHORTCUT_MAX_STEPS):
   """n = num_steps equal steps x ← x + d·s(x, t, d) from t = 0 to 1 with d = 1/n (n velocity calls).
 
   Unlike `sample_ode`, num_steps counts steps: 1, 2, 4 … (powers of two up to max_steps are the

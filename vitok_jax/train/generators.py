@@ -196,8 +196,9 @@ class DiTFamily(Family):
                         "or a divisor")
     return dit.DiT(self.size, patch=m.patch, in_channels=self.tokenizer.channels,
                    num_classes=m.num_classes, class_dropout=m.class_dropout,
-                   use_step_size=self.config.objective.shortcut, attn_impl=m.attn_impl,
-                   dtype=self.dtype)
+                   use_step_size=self.config.objective.shortcut,
+                   step_input=config_lib.added_field(self.config, "objective.shortcut_input"),
+                   attn_impl=m.attn_impl, dtype=self.dtype)
 
   def _grid(self, latents_NLC):
     if len(self.tokenizer.grid) != 2:

@@ -92,7 +92,8 @@ _is_larp = lambda config: config.model.get("bottleneck") == larp.NAME
 _ADDED_FIELD_READ_BY = {
     "loss.bsq_commit": lambda config: config.model.get("bottleneck") in ("bsq", "msbsq"),
     "model.prior_size": _is_larp, "model.prior_dropout": _is_larp, "optim.prior_lr_mult": _is_larp,
-    "data.folder_split": lambda config: data.single_folder(config.data)}
+    "data.folder_split": lambda config: data.single_folder(config.data),
+    "objective.shortcut_input": lambda config: bool(config.objective.get("shortcut"))}
 
 
 def config_changes(saved, config, fixed: tuple[str, ...] = ()) -> list[str]:

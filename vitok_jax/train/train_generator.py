@@ -27,7 +27,7 @@ import optax
 from vitok_jax import config_lib, data, kernels
 from vitok_jax.config_lib import require, require_choice
 from vitok_jax.eval import fid, mnist_metrics, perceptual_metrics, visualize
-from vitok_jax.models import bottlenecks, vit
+from vitok_jax.models import bottlenecks, dit, vit
 from vitok_jax.models.perceptual import mnist_classifier
 from vitok_jax.parallel import mesh as mesh_lib
 from vitok_jax.parallel import sharding
@@ -61,6 +61,15 @@ def validate(config: ml_collections.ConfigDict, new_run: bool = False) -> None:
   require_choice(config.objective.t_sampling, "objective.t_sampling", ("uniform", "logit_normal"))
   require(not config.objective.shortcut or m.family == "dit",
           f"objective.shortcut is DiT's few-step objective; model.family={m.family}")
+  require_choice(config_lib.added_field(config, "objective.shortcut_input"),
+                 "objective.shortcut_input", dit.STEP_INPUTS)
+  require(not new_run or not config.objective.shortcut or "shortcut_input" in config.objective,
+          "objective.shortcut set by override embeds the step size d as runs from before "
+          "objective.shortcut_input did; turn it on in the variant instead (`--config "
+          "generator:dit/SIZE,...,shortcut=true`: the step's level log2(1/d), as the paper's code)")
+  require(not new_run or config.objective.shortcut or "shortcut_input" not in config.objective,
+          "objective.shortcut_input has no effect without objective.shortcut; drop "
+          "shortcut=true from the variant rather than overriding objective.shortcut")
   require(0.0 <= config.objective.flip_max < 1.0,
           f"objective.flip_max must be in [0, 1), got {config.objective.flip_max}")
   dropout = config_lib.added_field(config, "model.dropout")
