@@ -244,7 +244,7 @@ def test_bsq_ablation_edits_apply_and_change_what_they_name(tmp_path, monkeypatc
     ablate.variant("stale")
 
 
-def test_tune_bsq_launches_from_the_command_line(tmp_path):
+def test_tune_bsq_launches_from_the_command_line(tmp_path, capsys):
   """--bsq_launches replaces the BSQ candidates (each still checked against the reference); a
   malformed entry is a usage error naming it."""
   tune = _load_tool("tune_kernels")
@@ -257,3 +257,7 @@ def test_tune_bsq_launches_from_the_command_line(tmp_path):
   for bad in ("32,16", "32,0,2", "32,a,2", "32,16,2,-1"):
     with pytest.raises(SystemExit):
       tune.main(["--tiny", "--kernels", "bsq", "--bsq_launches", bad])
+    assert f"--bsq_launches entry {bad!r}" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    tune.main(["--tiny", "--kernels", "vq", "--bsq_launches", "32,1,1"])
+  assert "--bsq_launches needs bsq in --kernels" in capsys.readouterr().err

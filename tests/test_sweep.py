@@ -1191,9 +1191,10 @@ def test_cli_fit_refuses_unknown_columns(tmp_path, fake, capsys):
 
 
 def test_cli_fit_drop_removes_a_stored_fit(tmp_path, fake, capsys):
-  """`vitok fit --drop` with the flags that added a fit removes it from fits.json (and its plot
-  from the next report); a fit not stored, one of the sweep's own (every report adds it back) or
-  --drop without a fit is an error that writes nothing."""
+  """`vitok fit --drop` with the flags that added a fit removes it from fits.json, and its plot; a
+  stored fit whose column has gone can be dropped too. A fit not stored, one of the sweep's own
+  (every report adds it back; without a manifest, the default fit) or --drop without a fit is an
+  error that writes nothing."""
   command, _ = fake
   sweep_dir = str(tmp_path / "s")
   runs = sweep.prepare(_sweep(), sweep_dir)  # 4 runs: an offset fit takes 4.
@@ -1220,6 +1221,19 @@ def test_cli_fit_drop_removes_a_stored_fit(tmp_path, fake, capsys):
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err, err
   assert open(fits_json).read() == stored
+  gone = dict(x="E", y="eval/gone", offset=False)  # Kept, failing, once its column has gone.
+  json.dump([*json.load(open(fits_json)), {"spec": gone, "error": "KeyError"}], open(fits_json, "w"))
+  assert cli.main(["vitok", "fit", sweep_dir, "--n_boot=10", "--drop", "--x=E",
+                   "--y=eval/gone"]) == 0
+  assert open(fits_json).read() == stored
+  runs_dir = os.path.join(sweep_dir, "runs")  # No manifest: its own fit is the default one.
+  assert cli.main(["vitok", "fit", runs_dir, "--n_boot=10"]) == 0
+  assert cli.main(["vitok", "fit", runs_dir, "--n_boot=10", "--drop", "--x=E",
+                   "--y=eval/l2"]) == 2
+  assert "the sweep's own fits (its manifest's, or --x E --y eval/l2 without one)" in (
+      capsys.readouterr().err)
+  assert results.describe_spec(dict(x="E", y="l2", offset=True, note="hi")) == (
+      "--x E --y l2 --offset (note='hi')")
 
 
 @pytest.mark.parametrize("argv,says", [

@@ -212,13 +212,14 @@ def test_the_echoes_of_a_failed_checkpoint_read_are_dropped_and_other_errors_kep
     sys.unraisablehook(types.SimpleNamespace(exc_type=type(exc), exc_value=exc,
                                              exc_traceback=exc.__traceback__, err_msg=None,
                                              object=None))
-  assert [u.exc_value for u in printed] == [other, printed[1].exc_value]
+  assert printed[0].exc_value is other and len(printed) == 2
   assert str(printed[1].exc_value) == "something else"
+  hook = sys.unraisablehook
   records = [logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Task exception was never "
                                "retrieved", None, (type(e), e, None)) for e in (read, other)]
   assert [asyncio_log.filter(r) for r in records] == [False, True]
-  cli._quiet_damaged_checkpoint_reads()  # Twice: one filter.
-  assert len(asyncio_log.filters) == 1
+  cli._quiet_damaged_checkpoint_reads()  # Twice: one filter, one hook.
+  assert len(asyncio_log.filters) == 1 and sys.unraisablehook is hook
 
 
 def test_a_failed_checkpoint_read_is_described_by_its_innermost_cause():
@@ -232,10 +233,17 @@ def test_a_failed_checkpoint_read_is_described_by_its_innermost_cause():
                       "TensorStore details: <bound method spec of TensorStore({") from cause
   except Exception as e:  # pylint: disable=broad-except
     text = checkpoint.describe_error(e)
-  assert text == ("Exception: Encountered error while reading array index: (slice(0, 8, 1),). "
+  assert text == ("Exception: Encountered error while reading array index: (slice(0, 8, 1),) "
                   '(from ValueError: FAILED_PRECONDITION: Error reading "params.w/0.0" in OCDBT '
                   'database at local file "/run/checkpoints/8/state/": Truncated stream)')
   assert checkpoint.describe_error(KeyError("x")) == "KeyError: 'x'"
+  try:  # A context hidden with `from None` stays hidden.
+    try:
+      raise KeyError("params")
+    except KeyError:
+      raise FileNotFoundError("No checkpoint at /x") from None
+  except FileNotFoundError as e:
+    assert checkpoint.describe_error(e) == "FileNotFoundError: No checkpoint at /x"
 
 
 def test_a_reader_of_a_damaged_newest_checkpoint_is_told_how_the_trainer_mends_it(tmp_path,

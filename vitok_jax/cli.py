@@ -9,7 +9,7 @@
   vitok launch  local|slurm|tpu --config ... --workdir ... [--processes N ...] [--dry_run]
   vitok sweep   quickstart --sweep_dir runs/quickstart [--parallel N] [--target local|slurm|tpu]
   vitok results runs/quickstart
-  vitok fit     runs/quickstart [--x E --y eval/psnr [--offset]]
+  vitok fit     runs/quickstart [--x E --y eval/psnr [--offset]] [--drop]
 
 --config takes NAME:VARIANT (a file in configs/) or PATH.py:VARIANT; --config.a.b=v overrides a field.
 """
@@ -447,10 +447,12 @@ def _cmd_fit(args: list[str]) -> int:
       raise ConfigError(f"--two_variable={FLAGS.two_variable}: pass two columns N,D, e.g. "
                         "params_total,tokens_seen")
     fits = [dict(kind="two_variable", n=names[0], d=names[1], y=FLAGS.y or "eval/l2")]
-    _check_fit_columns(rows, args[0], {"--two_variable": names, "--y": [fits[0]["y"]]})
+    if not FLAGS.drop:  # A stored fit whose column has gone can still be dropped.
+      _check_fit_columns(rows, args[0], {"--two_variable": names, "--y": [fits[0]["y"]]})
   elif FLAGS.x or FLAGS.y:
     fits = [dict(x=FLAGS.x or "E", y=FLAGS.y or "eval/l2", offset=FLAGS.offset)]
-    _check_fit_columns(rows, args[0], {"--x": [fits[0]["x"]], "--y": [fits[0]["y"]]})
+    if not FLAGS.drop:
+      _check_fit_columns(rows, args[0], {"--x": [fits[0]["x"]], "--y": [fits[0]["y"]]})
   if FLAGS.drop and not fits:
     raise ConfigError("--drop removes one stored fit: name it with --x/--y (and --offset if it "
                       "has one) or --two_variable N,D, as it was added")
@@ -620,8 +622,11 @@ def _quiet_damaged_checkpoint_reads() -> None:
       return True
     return False
 
-  unraisable_hook = sys.unraisablehook
-  sys.unraisablehook = lambda u: None if echo(u.exc_value, u.exc_traceback) else unraisable_hook(u)
+  if not getattr(sys.unraisablehook, "damaged_reads", False):  # Once per process.
+    unraisable_hook = sys.unraisablehook
+    quiet_hook = lambda u: None if echo(u.exc_value, u.exc_traceback) else unraisable_hook(u)
+    quiet_hook.damaged_reads = True
+    sys.unraisablehook = quiet_hook
   asyncio_log = logging.getLogger("asyncio")
   if not any(getattr(f, "damaged_reads", False) for f in asyncio_log.filters):
     quiet = logging.Filter()

@@ -250,10 +250,14 @@ def fit_rows(rows: Sequence[dict], specs: Sequence[dict], *, n_boot: int = 100) 
 
 
 def describe_spec(spec: dict) -> str:
-  """A fit spec as the `vitok fit` flags that name it: "--x E --y eval/l2 --offset"."""
+  """A fit spec as the `vitok fit` flags that name it: "--x E --y eval/l2 --offset" (and any other
+  key it holds, which no flag sets)."""
   if spec.get("kind") == "two_variable":
-    return f"--two_variable {spec['n']},{spec['d']} --y {spec['y']}"
-  return f"--x {spec['x']} --y {spec['y']}" + (" --offset" if spec.get("offset") else "")
+    text, named = f"--two_variable {spec['n']},{spec['d']} --y {spec['y']}", {"kind", "n", "d", "y"}
+  else:
+    text = f"--x {spec['x']} --y {spec['y']}" + (" --offset" if spec.get("offset") else "")
+    named = {"x", "y", "offset"}
+  return text + "".join(f" ({k}={v!r})" for k, v in spec.items() if k not in named)
 
 
 def describe_fit(result: dict) -> str:
@@ -315,6 +319,10 @@ def _unique(specs: Sequence[dict]) -> list[dict]:
   return out
 
 
+# The fit of a sweep dir without a manifest (or one that names none).
+DEFAULT_FITS = (dict(x="E", y="eval/l2"),)
+
+
 def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = True,
            n_boot: int = 100, max_attempts: int | None = None,
            rows: Sequence[dict] | None = None, drop: Sequence[dict] = ()) -> dict:
@@ -333,21 +341,23 @@ def report(sweep_dir: str, *, fits: Sequence[dict] | None = None, plot: bool = T
   manifest = (sweep_lib.read_manifest(sweep_dir)
               if os.path.exists(os.path.join(sweep_dir, sweep_lib.MANIFEST)) else {})
   path = os.path.join(sweep_dir, "fits.json")
+  own = manifest.get("fits", DEFAULT_FITS)
   stored = stored_specs(path)
   dropped = _unique(drop)
   for spec in dropped:
     if _spec_key(spec) not in {_spec_key(s) for s in stored}:
       raise ConfigError(f"vitok fit --drop {describe_spec(spec)}: no such fit in {path}; stored: "
                         + ("; ".join(describe_spec(s) for s in stored) or "none"))
-    if _spec_key(spec) in {_spec_key(s) for s in manifest.get("fits", [])}:
+    if _spec_key(spec) in {_spec_key(s) for s in own}:
       raise ConfigError(f"vitok fit --drop {describe_spec(spec)}: it is one of the sweep's own "
-                        f"fits (its manifest), which every report fits again")
+                        f"fits (its manifest's, or {describe_spec(DEFAULT_FITS[0])} without one), "
+                        "which every report fits again")
   stored = [s for s in stored if _spec_key(s) not in {_spec_key(d) for d in dropped}]
   rows = gather(sweep_dir, max_attempts) if rows is None else rows
   write_csv(rows, os.path.join(sweep_dir, "results.csv"))
   with open(os.path.join(sweep_dir, "results.md"), "w") as f:
     f.write(to_markdown(rows) + "\n")
-  requested = fits if fits is not None else manifest.get("fits", [dict(x="E", y="eval/l2")])
+  requested = fits if fits is not None else own
   specs = _unique([*stored, *requested])
   fit_results = fit_rows(rows, specs, n_boot=n_boot)
   kept = {_spec_key(s) for s in stored} | (

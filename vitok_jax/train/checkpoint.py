@@ -22,11 +22,15 @@ def describe_error(error: BaseException, limit: int = 300) -> str:
   def first_line(e):
     text = (str(e).strip().splitlines() or [""])[0]
     return text.split(" See full TensorStore details")[0][:limit]
+  def cause(e):  # As the traceback shows it: `raise ... from None` hides the context.
+    return e.__cause__ or (None if e.__suppress_context__ else e.__context__)
   root, depth = error, 0
-  while (root.__cause__ or root.__context__) is not None and depth < 10:
-    root, depth = root.__cause__ or root.__context__, depth + 1
+  while cause(root) is not None and depth < 10:
+    root, depth = cause(root), depth + 1
   text = f"{type(error).__name__}: {first_line(error)}"
-  return text + (f" (from {type(root).__name__}: {first_line(root)})" if root is not error else "")
+  if root is error:
+    return text
+  return f"{text.rstrip('.')} (from {type(root).__name__}: {first_line(root)})"
 
 
 class Checkpointer:
