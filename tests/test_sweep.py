@@ -1222,7 +1222,8 @@ def test_cli_fit_drop_removes_a_stored_fit(tmp_path, fake, capsys):
     assert says in err and "Traceback" not in err, err
   assert open(fits_json).read() == stored
   gone = dict(x="E", y="eval/gone", offset=False)  # Kept, failing, once its column has gone.
-  json.dump([*json.load(open(fits_json)), {"spec": gone, "error": "KeyError"}], open(fits_json, "w"))
+  with_gone = [*json.load(open(fits_json)), {"spec": gone, "error": "KeyError"}]
+  json.dump(with_gone, open(fits_json, "w"))
   assert cli.main(["vitok", "fit", sweep_dir, "--n_boot=10", "--drop", "--x=E",
                    "--y=eval/gone"]) == 0
   assert open(fits_json).read() == stored
