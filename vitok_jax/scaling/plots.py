@@ -78,7 +78,7 @@ def plot_fit(result: dict, out_dir: str) -> list[str]:
           label=f"{offset}{result['a']:.3g}·x^{result['b']:.3f}  (R² {result['r2']:.3f})")
   _log_log(ax, xlabel=spec["x"], ylabel=spec["y"], title=f"{spec['y']} vs {spec['x']}")
   ax.legend(fontsize=8)
-  return _save(fig, out_dir, fit_plot_name(spec))
+  return _save(fig, out_dir, fit_plot_name({**spec, "offset": "c" in result}))
 
 
 def fit_plot_name(spec: dict) -> str:
